@@ -1,0 +1,9 @@
+"""qat: block-quantisation-aware fine-tuning for Hugging Face transformers."""
+
+from qat.formats import make_format
+from qat.quant_config import QuantConfig, QuantConfigError
+from qat.quantize import quantize_model, quantization_summary
+
+__version__ = "0.1.0"
+__all__ = ["QuantConfig", "QuantConfigError", "make_format", "quantization_summary",
+           "quantize_model"]

@@ -1,0 +1,137 @@
+"""The contract every number format follows, and the block helpers they share.
+
+A format is a frozen dataclass of its parameters. ``quantize(x, dim)`` fake-quantises
+(returns dequantised values in ``x``'s dtype and shape); ``bits_per_element`` is the
+storage cost including shared scales. Formats know nothing of models or trainers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+
+class FormatError(ValueError):
+    """A format spec is invalid; the message names the parameter and the valid choices."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Format:
+    """Base class of all number formats.
+
+    Subclasses implement ``_quantize_lastdim(x)`` on a float32 tensor whose last dim is the
+    blocking dim, and ``bits_per_element``. This base moves ``dim`` to the end, upcasts to
+    float32, handles non-finite inputs and restores dtype and layout.
+
+    Non-finite inputs: NaN and +-inf are passed through unchanged at their positions and are
+    treated as 0 when the block's scale is chosen, so one bad activation does not poison its
+    whole block (the trainer's NaN guard is what reports them).
+    """
+
+    name: ClassVar[str] = "format"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise FormatError for invalid parameters. Subclasses extend."""
+
+    @property
+    def bits_per_element(self) -> float:
+        raise NotImplementedError
+
+    def _quantize_lastdim(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def quantize(self, x: Tensor, dim: int = -1) -> Tensor:
+        """Fake-quantise ``x`` with blocks running along ``dim``."""
+        if not torch.is_floating_point(x):
+            raise TypeError(f"{self.name}: expected a floating-point tensor, got {x.dtype}")
+        if x.numel() == 0:
+            return x
+        dtype = x.dtype
+        xf = x.float()
+        ndim = xf.dim()
+        if ndim == 0:
+            xf = xf.reshape(1)
+        d = dim % max(ndim, 1)
+        moved = ndim > 1 and d != ndim - 1
+        if moved:
+            xf = xf.movedim(d, -1)
+        finite = torch.isfinite(xf)
+        all_finite = bool(finite.all())
+        src = xf if all_finite else torch.where(finite, xf, torch.zeros_like(xf))
+        q = self._quantize_lastdim(src.contiguous())
+        if not all_finite:
+            q = torch.where(finite, q, xf)
+        if moved:
+            q = q.movedim(-1, d)
+        return q.reshape(x.shape).to(dtype)
+
+    def spec(self) -> dict[str, Any]:
+        """The dict that ``make_format`` turns back into this format."""
+        return {"format": self.name, **dataclasses.asdict(self)}
+
+    def __str__(self) -> str:
+        params = ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(self).items())
+        return f"{self.name}({params})"
+
+
+# --- block helpers -------------------------------------------------------------------------
+
+
+def to_blocks(x: Tensor, block_size: int) -> tuple[Tensor, int]:
+    """Reshape ``[..., n]`` to ``[..., ceil(n/B), B]``, zero-padding a ragged last block.
+
+    Returns the blocked tensor and the original length ``n`` for ``from_blocks``.
+    """
+    n = x.shape[-1]
+    nblocks = math.ceil(n / block_size)
+    pad = nblocks * block_size - n
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad))
+    return x.reshape(*x.shape[:-1], nblocks, block_size), n
+
+
+def from_blocks(xb: Tensor, n: int) -> Tensor:
+    """Inverse of ``to_blocks``: flatten the block dims and trim the padding."""
+    x = xb.reshape(*xb.shape[:-2], xb.shape[-2] * xb.shape[-1])
+    return x[..., :n]
+
+
+def round_half_even(x: Tensor) -> Tensor:
+    """Round to nearest, ties to even (``torch.round`` already does this; named for clarity)."""
+    return torch.round(x)
+
+
+def ceil_log2(x: Tensor) -> Tensor:
+    """Exact ``ceil(log2(x))`` for positive float32 ``x`` (frexp avoids log2 rounding errors)."""
+    mantissa, exponent = torch.frexp(x)  # x = m * 2^e with m in [0.5, 1)
+    # x is an exact power of two when m == 0.5: then ceil(log2 x) = e - 1.
+    return torch.where(mantissa == 0.5, exponent - 1, exponent).to(torch.int32)
+
+
+def floor_log2(x: Tensor) -> Tensor:
+    """Exact ``floor(log2(x))`` for positive float32 ``x``."""
+    _, exponent = torch.frexp(x)
+    return (exponent - 1).to(torch.int32)
+
+
+def check_int(cls_name: str, key: str, value: Any, lo: int, hi: int | None = None) -> None:
+    """Raise FormatError unless ``value`` is an int in [lo, hi]."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise FormatError(f"{cls_name}.{key} must be an integer, got {value!r}")
+    if value < lo or (hi is not None and value > hi):
+        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise FormatError(f"{cls_name}.{key} must be {rng}, got {value!r}")
+
+
+def check_choice(cls_name: str, key: str, value: Any, choices: tuple[Any, ...]) -> None:
+    if value not in choices:
+        raise FormatError(
+            f"{cls_name}.{key} must be one of {', '.join(map(str, choices))}; got {value!r}"
+        )

@@ -1,0 +1,67 @@
+"""Block floating point: one shared exponent per block, sign-magnitude integer mantissas.
+
+METHODS.md section 2: ``M = width - 1``;
+``e_b = clamp(ceil(log2(max|x|)), -(2^(E-1)-1), 2^(E-1))``;
+``q = sign(x) * clamp(round_half_even(|x| * 2^(M - e_b)), 0, 2^M - 1) * 2^(e_b - M)``.
+Because ``e_b`` rounds the exponent up, the block max lands in ``(2^(M-1), 2^M]`` and an exact
+power of two saturates to ``2^M - 1`` (the paper's definition, kept as is). Unlike the
+reference code, tiny values (|x| <= 1e-8) are quantised like every other element.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor
+
+from qat.formats.base import Format, ceil_log2, check_int, from_blocks, to_blocks
+from qat.formats.registry import register_format
+
+
+def shared_exponent(amax: Tensor, exponent_width: int) -> Tensor:
+    """Per-block ``clamp(ceil(log2 amax))`` as int32; all-zero blocks get the minimum."""
+    lo, hi = -(2 ** (exponent_width - 1) - 1), 2 ** (exponent_width - 1)
+    safe = torch.where(amax > 0, amax, torch.ones_like(amax))
+    e = ceil_log2(safe)
+    e = torch.where(amax > 0, e, torch.full_like(e, lo))
+    return e.clamp(lo, hi)
+
+
+def bfp_mantissas(x: Tensor, width: int, exponent_width: int, block_size: int
+                  ) -> tuple[Tensor, Tensor, int]:
+    """Integer mantissas ``[..., nblocks, B]`` (float-valued ints) and exponents ``[..., nblocks]``.
+
+    Shared with packed export: ``x ~= mantissa * 2^(exponent - M)``.
+    """
+    m_bits = width - 1
+    xb, n = to_blocks(x, block_size)
+    e = shared_exponent(xb.abs().amax(dim=-1), exponent_width)
+    # Scale in two exact power-of-two steps so 2^(M - e) cannot overflow float32 for e = -127.
+    scaled = xb.abs() * torch.exp2(-e.float()).unsqueeze(-1) * (2.0**m_bits)
+    mant = torch.round(scaled).clamp(0, 2**m_bits - 1) * torch.sign(xb)
+    return mant, e, n
+
+
+@register_format("bfp")
+@dataclasses.dataclass(frozen=True)
+class BFP(Format):
+    """Block floating point. ``width`` counts sign + mantissa bits."""
+
+    width: int = 4
+    exponent_width: int = 8
+    block_size: int = 16
+
+    def validate(self) -> None:
+        check_int("bfp", "width", self.width, 2, 24)
+        check_int("bfp", "exponent_width", self.exponent_width, 1, 8)
+        check_int("bfp", "block_size", self.block_size, 1)
+
+    @property
+    def bits_per_element(self) -> float:
+        return self.width + self.exponent_width / self.block_size
+
+    def _quantize_lastdim(self, x: Tensor) -> Tensor:
+        mant, e, n = bfp_mantissas(x, self.width, self.exponent_width, self.block_size)
+        scale = torch.exp2((e - (self.width - 1)).float()).unsqueeze(-1)
+        return from_blocks(mant * scale, n)

@@ -1,0 +1,59 @@
+"""Format names -> classes, and ``make_format(spec)`` with errors that list what is valid."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Mapping
+from typing import Any
+
+from qat.formats.base import Format, FormatError
+
+FORMATS: dict[str, type[Format]] = {}
+
+
+def register_format(name: str):
+    """Class decorator: make a Format selectable as ``{format: name}``."""
+
+    def wrap(cls: type[Format]) -> type[Format]:
+        if name in FORMATS:
+            raise ValueError(f"format {name!r} registered twice")
+        cls.name = name
+        FORMATS[name] = cls
+        return cls
+
+    return wrap
+
+
+def format_params(name: str) -> list[str]:
+    """The parameter names a format accepts."""
+    return [f.name for f in dataclasses.fields(FORMATS[name])]
+
+
+def make_format(spec: Mapping[str, Any] | Format) -> Format:
+    """Build a format from ``{"format": name, **params}``; a Format passes through."""
+    if isinstance(spec, Format):
+        return spec
+    if not isinstance(spec, Mapping):
+        raise FormatError(f"a format spec must be a mapping with a 'format' key, got {spec!r}")
+    params = dict(spec)
+    name = params.pop("format", None)
+    if name is None:
+        raise FormatError(f"format spec {dict(spec)!r} has no 'format' key; valid formats: "
+                          f"{', '.join(sorted(FORMATS))}")
+    if name not in FORMATS:
+        close = difflib.get_close_matches(str(name), FORMATS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise FormatError(
+            f"unknown format {name!r}{hint}; valid formats: {', '.join(sorted(FORMATS))}"
+        )
+    valid = format_params(name)
+    for key in params:
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise FormatError(
+                f"format {name!r} has no parameter {key!r}{hint}; valid parameters: "
+                f"{', '.join(valid) or '(none)'}"
+            )
+    return FORMATS[name](**params)

@@ -1,0 +1,166 @@
+"""GLUE: the task table, loading (Hub or local TSV), tokenisation and the official metrics.
+
+Metrics are computed with the scikit-learn / scipy functions the official ``glue`` metric uses
+(``evaluate.load("glue")`` needs the Hub), so evaluation works offline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy.stats import pearsonr, spearmanr
+from sklearn.metrics import f1_score, matthews_corrcoef
+
+HUB_DATASET = "nyu-mll/glue"
+DATA_DIR_ENV = "QAT_DATA_DIR"
+
+
+class DataError(ValueError):
+    """Bad or missing task data; the message names the file and what is wrong."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GlueTask:
+    name: str
+    text_keys: tuple[str, ...]
+    num_labels: int  # 1 = regression (STS-B)
+    metric_names: tuple[str, ...]
+    validation_splits: tuple[str, ...] = ("validation",)
+
+    @property
+    def is_regression(self) -> bool:
+        return self.num_labels == 1
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return (*self.text_keys, "label")
+
+    def compute_metrics(self, predictions: np.ndarray, references: np.ndarray) -> dict[str, float]:
+        """The official GLUE metric for this task from logits (or scores) and labels."""
+        preds = np.asarray(predictions)
+        refs = np.asarray(references)
+        if self.is_regression:
+            preds = preds.reshape(-1).astype(np.float64)
+            return {"pearson": float(pearsonr(preds, refs)[0]),
+                    "spearmanr": float(spearmanr(preds, refs)[0])}
+        if preds.ndim > 1:
+            preds = preds.argmax(-1)
+        out: dict[str, float] = {}
+        if "matthews_correlation" in self.metric_names:
+            out["matthews_correlation"] = float(matthews_corrcoef(refs, preds))
+        if "accuracy" in self.metric_names:
+            out["accuracy"] = float((preds == refs).mean())
+        if "f1" in self.metric_names:
+            out["f1"] = float(f1_score(y_true=refs, y_pred=preds))
+        return out
+
+    def trainer_metrics(self, eval_pred) -> dict[str, float]:
+        """``compute_metrics`` in the form ``transformers.Trainer`` calls it."""
+        logits = eval_pred.predictions
+        if isinstance(logits, tuple):
+            logits = logits[0]
+        return self.compute_metrics(logits, eval_pred.label_ids)
+
+
+GLUE_TASKS: dict[str, GlueTask] = {
+    t.name: t
+    for t in [
+        GlueTask("cola", ("sentence",), 2, ("matthews_correlation",)),
+        GlueTask("sst2", ("sentence",), 2, ("accuracy",)),
+        GlueTask("mrpc", ("sentence1", "sentence2"), 2, ("accuracy", "f1")),
+        GlueTask("qqp", ("question1", "question2"), 2, ("accuracy", "f1")),
+        GlueTask("stsb", ("sentence1", "sentence2"), 1, ("pearson", "spearmanr")),
+        GlueTask("mnli", ("premise", "hypothesis"), 3, ("accuracy",),
+                 ("validation_matched", "validation_mismatched")),
+        GlueTask("qnli", ("question", "sentence"), 2, ("accuracy",)),
+        GlueTask("rte", ("sentence1", "sentence2"), 2, ("accuracy",)),
+        GlueTask("wnli", ("sentence1", "sentence2"), 2, ("accuracy",)),
+    ]
+}
+
+
+def get_task(name: str) -> GlueTask:
+    if name not in GLUE_TASKS:
+        raise DataError(f"unknown task_name {name!r}; valid tasks: {', '.join(GLUE_TASKS)}")
+    return GLUE_TASKS[name]
+
+
+def resolve_data_dir(data_dir: str | None) -> str | None:
+    """The recipe's ``data_dir``, else ``$QAT_DATA_DIR``, else None (the Hub)."""
+    return data_dir or os.environ.get(DATA_DIR_ENV) or None
+
+
+def read_split_tsv(task: GlueTask, path: Path):
+    """Read one local split as a ``datasets.Dataset``, checking columns and labels."""
+    import pandas as pd
+    from datasets import Dataset
+
+    if not path.is_file():
+        raise DataError(f"{task.name}: data file {str(path)!r} does not exist")
+    try:
+        df = pd.read_csv(path, sep="\t", keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{task.name}: data file {str(path)!r} is empty") from None
+    if len(df) == 0:
+        raise DataError(f"{task.name}: data file {str(path)!r} has a header but no rows")
+    missing = [c for c in task.columns if c not in df.columns]
+    if missing:
+        raise DataError(f"{task.name}: data file {str(path)!r} lacks column(s) "
+                        f"{', '.join(missing)}; it has {', '.join(map(str, df.columns))}")
+    labels = pd.to_numeric(df["label"], errors="coerce")
+    if labels.isna().any():
+        row = int(labels.isna().to_numpy().argmax())
+        raise DataError(f"{task.name}: {str(path)!r} row {row + 2}: label "
+                        f"{df['label'].iloc[row]!r} is not a number")
+    if task.is_regression:
+        df["label"] = labels.astype("float32")
+    else:
+        bad = ~labels.isin(range(task.num_labels))
+        if bad.any():
+            row = int(bad.to_numpy().argmax())
+            raise DataError(f"{task.name}: {str(path)!r} row {row + 2}: label "
+                            f"{df['label'].iloc[row]!r} is out of range; expected 0.."
+                            f"{task.num_labels - 1}")
+        df["label"] = labels.astype("int64")
+    for col in task.text_keys:
+        df[col] = df[col].astype(str)
+    return Dataset.from_pandas(df[list(task.columns)], preserve_index=False)
+
+
+def load_glue(task_name: str, data_dir: str | None = None, splits: tuple[str, ...] | None = None):
+    """Load ``train`` and the task's validation split(s) as a ``datasets.DatasetDict``.
+
+    With a data dir (argument or ``$QAT_DATA_DIR``) read ``<dir>/<task>/<split>.tsv``;
+    otherwise ``load_dataset("nyu-mll/glue", task)`` from the Hub.
+    """
+    from datasets import DatasetDict, load_dataset
+
+    task = get_task(task_name)
+    splits = splits or ("train", *task.validation_splits)
+    root = resolve_data_dir(data_dir)
+    if root is not None:
+        base = Path(root).expanduser() / task.name
+        return DatasetDict({s: read_split_tsv(task, base / f"{s}.tsv") for s in splits})
+    try:
+        ds = load_dataset(HUB_DATASET, task.name)
+    except Exception as e:  # noqa: BLE001 - any Hub failure gets the same advice
+        raise DataError(
+            f"could not load {HUB_DATASET}/{task.name} from the Hugging Face Hub ({e}); to use "
+            f"local files set data_dir in the recipe or {DATA_DIR_ENV} to a folder holding "
+            f"{task.name}/train.tsv and {task.name}/validation.tsv") from None
+    return DatasetDict({s: ds[s] for s in splits})
+
+
+def tokenize_glue(ds, task: GlueTask, tokenizer: Any, max_length: int):
+    """Tokenise text columns (no padding: the collator pads per batch) and keep ``label``."""
+
+    def enc(batch):
+        texts = [batch[k] for k in task.text_keys]
+        return tokenizer(*texts, truncation=True, max_length=max_length)
+
+    remove = [c for c in next(iter(ds.values())).column_names if c != "label"]
+    return ds.map(enc, batched=True, remove_columns=remove, desc="tokenising")
