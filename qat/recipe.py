@@ -168,6 +168,19 @@ def _type_ok(value: Any, annotation: Any) -> bool:
     return True  # enums and richer types: TrainingArguments validates them itself
 
 
+def _coerce(value: Any, field: dataclasses.Field) -> Any:
+    """YAML 1.1 reads ``5e-5`` as a string; accept numeric strings for numeric fields."""
+    if isinstance(value, str) and not _type_ok(value, field.type):
+        for conv in (int, float):
+            try:
+                converted = conv(value)
+            except ValueError:
+                continue
+            if _type_ok(converted, field.type):
+                return converted
+    return value
+
+
 def _check_type(key: str, value: Any, field: dataclasses.Field, where: str) -> None:
     if not _type_ok(value, field.type):
         raise RecipeError(f"{where}{key} has the wrong type: got {value!r} "
@@ -200,8 +213,8 @@ def build_recipe(data: dict[str, Any], source: str | None = None) -> Recipe:
     for key, field in _OUR_FIELDS.items():
         if key not in data or key in ("lora", "quant"):
             continue
-        _check_type(key, data[key], field, where)
-        ours[key] = data[key]
+        ours[key] = _coerce(data[key], field)
+        _check_type(key, ours[key], field, where)
     for req in ("model_name_or_path", "task_name"):
         if not ours.get(req):
             raise RecipeError(f"{where}recipe key {req!r} is required")
@@ -226,7 +239,8 @@ def build_recipe(data: dict[str, Any], source: str | None = None) -> Recipe:
         raise RecipeError(f"{where}{e}") from None
     targs = {k: v for k, v in data.items() if k in _TA_FIELDS}
     for key, value in targs.items():
-        _check_type(key, value, _TA_FIELDS[key], where)
+        targs[key] = _coerce(value, _TA_FIELDS[key])
+        _check_type(key, targs[key], _TA_FIELDS[key], where)
     if not targs.get("output_dir"):
         stem = Path(source).stem if source else "run"
         targs["output_dir"] = str(Path("outputs") / stem)

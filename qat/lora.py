@@ -1,0 +1,62 @@
+"""LoRA on quantised linears: the weight quantiser sees the effective weight ``W + BA``.
+
+peft's own ``lora.Linear`` adds ``B(A(x))`` in float beside the quantised base layer, so a
+merged model would quantise a different weight than the one trained. ``QuantLoraLinear``
+quantises ``W + scale * B @ A`` instead; merging then yields exactly the trained model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from peft import LoraConfig
+from peft.tuners.lora import Linear as PeftLoraLinear
+from torch import nn
+
+from qat.modules import QuantConv1D, QuantLinear
+
+
+class QuantLoraLinear(PeftLoraLinear):
+    """peft LoRA layer for ``QuantLinear`` / ``QuantConv1D`` base layers."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, **kwargs: Any) -> None:
+        if kwargs.get("use_dora"):
+            raise ValueError("DoRA is not supported on quantised linears")
+        if isinstance(base_layer, QuantConv1D):
+            kwargs["fan_in_fan_out"] = True
+        super().__init__(base_layer, adapter_name, **kwargs)
+        if not isinstance(self.lora_dropout[adapter_name], nn.Identity):
+            raise ValueError("lora.dropout must be 0 with quantised LoRA")
+
+    def effective_weight(self) -> torch.Tensor:
+        """``W + sum_a scale_a * B_a A_a`` over the active adapters (what gets quantised)."""
+        weight = self.get_base_layer().weight
+        for name in self.active_adapters:
+            if name in self.lora_A:
+                weight = weight + self.get_delta_weight(name)
+        return weight
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x)
+        if self.merged:
+            return self.base_layer(x)
+        return self.get_base_layer().forward_with_weight(x, self.effective_weight())
+
+
+def make_lora_config(model: nn.Module, r: int, alpha: int, dropout: float,
+                     target_modules: list[str] | None, modules_to_save: list[str]) -> LoraConfig:
+    """A ``LoraConfig`` for sequence classification whose quantised targets use
+    ``QuantLoraLinear``. ``target_modules=None`` targets every quantised linear."""
+    if target_modules is None:
+        target_modules = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                                 if isinstance(m, (QuantLinear, QuantConv1D))})
+        if not target_modules:
+            target_modules = "all-linear"
+    config = LoraConfig(task_type="SEQ_CLS", r=r, lora_alpha=alpha, lora_dropout=dropout,
+                        target_modules=target_modules, modules_to_save=modules_to_save)
+    config._register_custom_module({QuantLinear: QuantLoraLinear, QuantConv1D: QuantLoraLinear})
+    return config
