@@ -2,7 +2,7 @@
 
 from qat.formats import make_format
 from qat.quant_config import QuantConfig, QuantConfigError
-from qat.quantize import quantize_model, quantization_summary
+from qat.quantize import quantization_summary, quantize_model
 
 __version__ = "0.1.0"
 __all__ = ["QuantConfig", "QuantConfigError", "make_format", "quantization_summary",

@@ -11,8 +11,7 @@ HEAD_NAMES = ("score", "classifier")
 
 def head_names(model: nn.Module) -> list[str]:
     """Names of the classification head modules (newly initialised, kept float)."""
-    base = getattr(model, "base_model", model)
-    names = [n for n, _ in base.named_children() if n in HEAD_NAMES]
+    names = [n for n, _ in model.named_children() if n in HEAD_NAMES]
     if not names:
         raise ValueError(f"{type(model).__name__} has no classification head named "
                          f"{' or '.join(HEAD_NAMES)}")

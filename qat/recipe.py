@@ -168,8 +168,17 @@ def _type_ok(value: Any, annotation: Any) -> bool:
     return True  # enums and richer types: TrainingArguments validates them itself
 
 
+def _admits_bool(annotation: Any) -> bool:
+    if isinstance(annotation, str):
+        annotation = eval(annotation, vars(typing) | {"types": types})  # noqa: S307
+    return annotation is bool or bool in typing.get_args(annotation)
+
+
 def _coerce(value: Any, field: dataclasses.Field) -> Any:
-    """YAML 1.1 reads ``5e-5`` as a string; accept numeric strings for numeric fields."""
+    """YAML 1.1 reads ``5e-5`` as a string and ``no`` as false; accept numeric strings for
+    numeric fields and read false as "no" for string fields (``save_strategy: no``)."""
+    if value is False and _type_ok("no", field.type) and not _admits_bool(field.type):
+        return "no"
     if isinstance(value, str) and not _type_ok(value, field.type):
         for conv in (int, float):
             try:
@@ -238,6 +247,8 @@ def build_recipe(data: dict[str, Any], source: str | None = None) -> Recipe:
     except QuantConfigError as e:
         raise RecipeError(f"{where}{e}") from None
     targs = {k: v for k, v in data.items() if k in _TA_FIELDS}
+    if isinstance(targs.get("resume_from_checkpoint"), bool):  # `true`: the last checkpoint
+        targs["resume_from_checkpoint"] = "true" if targs["resume_from_checkpoint"] else None
     for key, value in targs.items():
         targs[key] = _coerce(value, _TA_FIELDS[key])
         _check_type(key, targs[key], _TA_FIELDS[key], where)

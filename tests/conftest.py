@@ -1,0 +1,19 @@
+"""Test-wide settings: offline Hub, offline W&B, local GLUE data."""
+
+import os
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_GLUE = REPO.parent / "shared" / "data" / "glue"
+SHARED_WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2-raw"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("DISABLE_MLFLOW_INTEGRATION", "TRUE")
+if SHARED_GLUE.is_dir():
+    os.environ.setdefault("QAT_DATA_DIR", str(SHARED_GLUE))
+if SHARED_WIKITEXT.is_dir():
+    os.environ.setdefault("QAT_WIKITEXT_DIR", str(SHARED_WIKITEXT))

