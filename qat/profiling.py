@@ -1,0 +1,227 @@
+"""``qat profile``: per-layer statistics of weights and activations, SQNR, plots, density.
+
+    qat profile recipes/minilm_sst2.yaml --num_batches 4 --output_dir profile/minilm
+
+For every linear layer (quantised or not): variance, max |x|, kurtosis (Pearson; 3 for a
+Gaussian) of its weight and of its input activations over a few batches of the task's
+validation text, and the SQNR ``10 log10(sum x^2 / sum (x - Q(x))^2)`` of its configured weight
+and activation formats. The forward pass runs with every quantiser off, so each layer's
+inputs are the float ones and each SQNR measures that layer's quantiser alone (not the error
+accumulated upstream). Writes ``layers.csv``, ``variance_vs_depth.png`` (the seed paper's
+figure: variance grows with depth, the reason block scaling is needed) and ``sqnr.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from qat.eval_cmd import CommandError, split_options, user_errors
+
+OPTIONS: dict[str, type] = {"num_batches": int, "batch_size": int, "output_dir": str}
+USAGE = """usage: qat profile RECIPE.yaml|CHECKPOINT_DIR [--num_batches 4] [--batch_size 8]
+                   [--output_dir DIR] [--key value ...]
+
+Per-layer variance, max, kurtosis and SQNR (under the recipe's or checkpoint's quant config)
+of weights and activations, to DIR/layers.csv with DIR/variance_vs_depth.png and DIR/sqnr.png
+(default DIR: <output_dir>/profile). Prints the density report."""
+COLUMNS = ["layer", "depth", "tensor", "numel", "mean", "variance", "abs_max", "kurtosis",
+           "format", "bits_per_element", "sqnr_db"]
+_DEPTH = re.compile(r"\.(?:layer|layers|h|block|blocks)\.(\d+)\.")
+
+
+class Moments:
+    """Running float64 sums for mean, variance, kurtosis, max and quantisation error."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.s = [0.0, 0.0, 0.0, 0.0]
+        self.abs_max = 0.0
+        self.err = 0.0
+
+    def add(self, x: Tensor, q: Tensor | None) -> None:
+        x64 = x.detach().double().reshape(-1)
+        self.n += x64.numel()
+        p = x64
+        for i in range(4):
+            self.s[i] += float(p.sum())
+            p = p * x64
+        self.abs_max = max(self.abs_max, float(x64.abs().max()) if x64.numel() else 0.0)
+        if q is not None:
+            self.err += float((x64 - q.detach().double().reshape(-1)).square().sum())
+
+    def row(self, with_sqnr: bool) -> dict[str, float]:
+        n = max(self.n, 1)
+        m1, m2, m3, m4 = (s / n for s in self.s)
+        var = max(m2 - m1 * m1, 0.0)
+        c4 = m4 - 4 * m1 * m3 + 6 * m1 * m1 * m2 - 3 * m1**4
+        kurt = c4 / var**2 if var > 0 else float("nan")
+        sqnr = float("nan")
+        if with_sqnr:
+            sqnr = float("inf") if self.err == 0 else 10 * math.log10(self.s[1] / self.err)
+        return {"numel": self.n, "mean": m1, "variance": var, "abs_max": self.abs_max,
+                "kurtosis": kurt, "sqnr_db": sqnr}
+
+
+def layer_depth(name: str) -> int:
+    """Transformer block index from a module name (``...layer.3...``); -1 outside blocks."""
+    m = _DEPTH.search(f".{name}.")
+    return int(m.group(1)) if m else -1
+
+
+def _linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    from transformers.pytorch_utils import Conv1D
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
+
+
+def _set_quantizers(model: nn.Module, enabled: bool) -> None:
+    from qat.ste import FakeQuantizer
+
+    for m in model.modules():
+        if isinstance(m, FakeQuantizer):
+            m.enabled = enabled
+
+
+def profile_model(model: nn.Module, batches: list[dict[str, Tensor]]) -> list[dict[str, Any]]:
+    """Statistics rows (one per linear weight and one per linear input) over ``batches``."""
+    from tqdm.auto import tqdm
+
+    layers = _linears(model)
+    acts = {name: Moments() for name, _ in layers}
+    hooks = []
+    for name, mod in layers:
+        aq = getattr(mod, "input_quantizer", None)
+
+        def hook(module, args, name=name, aq=aq):
+            x = args[0]
+            acts[name].add(x, aq.fmt.quantize(x, aq.dim) if aq is not None else None)
+
+        hooks.append(mod.register_forward_pre_hook(hook))
+    _set_quantizers(model, False)
+    try:
+        with torch.no_grad():
+            for batch in tqdm(batches, desc="profile", unit="batch"):
+                model(**batch)
+    finally:
+        _set_quantizers(model, True)
+        for h in hooks:
+            h.remove()
+    rows = []
+    for name, mod in layers:
+        wq, aq = getattr(mod, "weight_quantizer", None), getattr(mod, "input_quantizer", None)
+        wm = Moments()
+        with torch.no_grad():
+            wm.add(mod.weight, wq.fmt.quantize(mod.weight, wq.dim) if wq is not None else None)
+        for kind, mom, q in (("weight", wm, wq), ("activation", acts[name], aq)):
+            rows.append({"layer": name, "depth": layer_depth(name), "tensor": kind,
+                         "format": str(q.fmt) if q is not None else "float",
+                         "bits_per_element": q.fmt.bits_per_element if q is not None else "",
+                         **mom.row(q is not None)})
+    return rows
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def plot(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+    """``variance_vs_depth.png`` (mean per block, log scale) and ``sqnr.png`` (per layer)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for kind, marker in (("weight", "o"), ("activation", "s")):
+        by_depth: dict[int, list[float]] = {}
+        for r in rows:
+            if r["tensor"] == kind and r["depth"] >= 0:
+                by_depth.setdefault(r["depth"], []).append(r["variance"])
+        xs = sorted(by_depth)
+        ax.plot(xs, [sum(by_depth[d]) / len(by_depth[d]) for d in xs], marker=marker,
+                label=f"{kind}s (mean over the block's linears)")
+    ax.set(xlabel="layer depth", ylabel="variance", yscale="log",
+           title="Variance of linear-layer weights and inputs vs depth")
+    ax.legend()
+    fig.tight_layout()
+    paths.append(out_dir / "variance_vs_depth.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(max(7, len(rows) * 0.08), 4))
+    for kind in ("weight", "activation"):
+        sel = [(i, r["sqnr_db"]) for i, r in enumerate(r for r in rows if r["tensor"] == kind)
+               if math.isfinite(r["sqnr_db"])]
+        if sel:
+            ax.plot([i for i, _ in sel], [s for _, s in sel], marker=".", label=kind)
+    ax.set(xlabel="linear layer (model order)", ylabel="SQNR (dB)",
+           title="Per-layer SQNR under the configured formats")
+    if ax.lines:
+        ax.legend()
+    fig.tight_layout()
+    paths.append(out_dir / "sqnr.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def run(path: str, argv: list[str]) -> dict[str, Any]:
+    from transformers import DataCollatorWithPadding
+
+    from qat.density import density_report
+    from qat.eval_cmd import load_model, resolve_source
+    from qat.glue import get_task, load_glue, tokenize_glue
+
+    opts, overrides = split_options(argv, OPTIONS)
+    nb, bs = opts.get("num_batches", 4), opts.get("batch_size", 8)
+    if nb < 1 or bs < 1:
+        raise CommandError("--num_batches and --batch_size must be >= 1")
+    src = resolve_source(path, overrides)
+    args = src.recipe.args
+    task = get_task(args.task_name)
+    split = task.validation_splits[0]
+    raw = load_glue(task.name, args.data_dir, splits=(split,))
+    model, tokenizer = load_model(src, task.num_labels)
+    data = tokenize_glue(raw, task, tokenizer, args.max_length)[split].remove_columns("label")
+    collate = DataCollatorWithPadding(tokenizer)
+    batches = [collate([data[i] for i in range(s, min(s + bs, len(data)))])
+               for s in range(0, min(nb * bs, len(data)), bs)]
+    rows = profile_model(model, batches)
+    out = Path(opts.get("output_dir") or Path(src.recipe.training_args.output_dir) / "profile")
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, out / "layers.csv")
+    pngs = plot(rows, out)
+    density = density_report(model)
+    print(density.format())
+    return {"csv": out / "layers.csv", "plots": pngs, "rows": rows, "density": density}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    try:
+        r = run(argv[0], argv[1:])
+    except user_errors() as e:
+        print(f"qat profile: error: {e}", file=sys.stderr)
+        return 2
+    print(f"qat profile: {len(r['rows'])} rows -> {r['csv']}; plots: "
+          + ", ".join(str(p) for p in r["plots"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
