@@ -47,22 +47,42 @@ def test_run_writes_recipe_and_quant_config(qat_run):
     assert config["qat_config"] == state["quant"]
 
 
+def wandb_records(path: Path):
+    """Records of a W&B transaction log (.wandb): a 7-byte header, then LevelDB-style log
+    blocks of 32 KiB holding chunks (crc32, length, type: full/first/middle/last)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    raw, pos, buf, block = path.read_bytes(), 7, b"", 32768
+    assert raw[:4] == b":W&B"
+    while pos + 7 <= len(raw):
+        left = block - pos % block
+        _, length, kind = struct.unpack("<IHB", raw[pos:pos + 7]) if left >= 7 else (0, 0, 0)
+        if left < 7 or (kind == 0 and length == 0):
+            pos += left
+            continue
+        data, pos = raw[pos + 7:pos + 7 + length], pos + 7 + length
+        buf = data if kind in (1, 2) else buf + data
+        if kind in (1, 4):
+            rec = wandb_internal_pb2.Record()
+            rec.ParseFromString(buf)
+            yield rec
+
+
 def test_wandb_offline_run_has_metrics_and_quant_config(qat_run):
     out, _ = qat_run
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
-    config = yaml.safe_load((runs[0] / "files/config.yaml").read_text())
-    assert config["qat"]["value"]["quant"]["weight"]["format"] == "bfp"
-    assert config["qat"]["value"]["quant"]["weight"]["width"] == 4
-    from wandb.proto import wandb_internal_pb2
-    from wandb.sdk.internal.datastore import DataStore
-
-    ds = DataStore()
-    ds.open_for_scan(str(next(runs[0].glob("*.wandb"))))
-    logged = set()
-    while (data := ds.scan_data()) is not None:
-        rec = wandb_internal_pb2.Record()
-        rec.ParseFromString(data)
-        if rec.WhichOneof("record_type") == "history":
-            logged |= {item.key or "/".join(item.nested_key) for item in rec.history.item}
+    config, logged = {}, set()
+    for rec in wandb_records(next(runs[0].glob("*.wandb"))):
+        kind = rec.WhichOneof("record_type")
+        if kind == "config":
+            config.update({i.key: json.loads(i.value_json) for i in rec.config.update})
+        elif kind == "history":
+            logged |= {i.key or "/".join(i.nested_key) for i in rec.history.item}
+    assert config["qat"]["quant"]["weight"] == {"format": "bfp", "width": 4,
+                                                 "exponent_width": 8, "block_size": 16}
+    assert config["qat"]["finetune"] == "full"
+    assert config["qat_config"]["overrides"] == {".*output.dense": {"weight": {"width": 6}}}
     assert {"train/loss", "eval/accuracy"} <= logged, logged
