@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,23 @@ def user_errors() -> tuple[type[Exception], ...]:
 
     return (CommandError, RecipeError, DataError, ModelLoadError, QuantConfigError, FormatError,
             FileNotFoundError)
+
+
+def run_cli(name: str, usage: str, argv: list[str] | None,
+            body: Callable[[list[str]], None], extra_errors: tuple[type[Exception], ...] = ()
+            ) -> int:
+    """Shared ``main`` of the commands: ``--help``, then ``body(argv)``; bad input becomes one
+    ``qat NAME: error: ...`` line and exit code 2."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage)
+        return 0
+    try:
+        body(argv)
+    except (*user_errors(), *extra_errors) as e:
+        print(f"qat {name}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 @dataclasses.dataclass
@@ -220,20 +238,14 @@ def run(path: str, overrides: list[str], output: str | None = None) -> dict[str,
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
-        return 0
-    try:
+    def body(argv: list[str]) -> None:
         opts, rest = split_options(argv[1:], {"output": str})
         results = run(argv[0], rest, opts.get("output"))
-    except user_errors() as e:
-        print(f"qat eval: error: {e}", file=sys.stderr)
-        return 2
-    for split, m in results["metrics"].items():
-        print(f"qat eval: {split}: " + ", ".join(f"{k}={v:.4f}" for k, v in m.items()))
-    print(f"qat eval: wrote {results['output']}")
-    return 0
+        for split, m in results["metrics"].items():
+            print(f"qat eval: {split}: " + ", ".join(f"{k}={v:.4f}" for k, v in m.items()))
+        print(f"qat eval: wrote {results['output']}")
+
+    return run_cli("eval", USAGE, argv, body)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from qat.eval_cmd import CommandError, split_options, user_errors
+from qat.eval_cmd import CommandError, run_cli, split_options
 from qat.formats import Format
 from qat.formats.base import from_blocks, to_blocks
 
@@ -300,18 +300,12 @@ def run(path: str, argv: list[str]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
-        return 0
-    try:
+    def body(argv: list[str]) -> None:
         info = run(argv[0], argv[1:])
-    except (*user_errors(), ExportError) as e:
-        print(f"qat export: error: {e}", file=sys.stderr)
-        return 2
-    print(f"qat export: wrote {info['out']} (model.safetensors: "
-          f"{info['weight_file_bytes'] / 2**20:.2f} MiB)")
-    return 0
+        print(f"qat export: wrote {info['out']} (model.safetensors: "
+              f"{info['weight_file_bytes'] / 2**20:.2f} MiB)")
+
+    return run_cli("export", USAGE, argv, body, (ExportError,))
 
 
 if __name__ == "__main__":

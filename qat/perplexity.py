@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from qat.eval_cmd import CommandError, split_options, user_errors
+from qat.eval_cmd import CommandError, run_cli, split_options
 
 WIKITEXT_ENV = "QAT_WIKITEXT_DIR"
 OPTIONS: dict[str, type] = {"max_chunks": int, "chunk_size": int, "split": str, "output": str}
@@ -158,20 +158,14 @@ def run(path: str, argv: list[str]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
-        return 0
-    try:
+    def body(argv: list[str]) -> None:
         r = run(argv[0], argv[1:])
-    except user_errors() as e:
-        print(f"qat perplexity: error: {e}", file=sys.stderr)
-        return 2
-    print(f"qat perplexity: {r['chunks']} of {r['total_chunks']} chunks of {r['chunk_size']} "
-          f"tokens ({r['tokens_scored']} scored), mean loss {r['mean_loss']:.4f}; "
-          f"wrote {r['output']}")
-    print(f"perplexity={r['perplexity']:.4f}")
-    return 0
+        print(f"qat perplexity: {r['chunks']} of {r['total_chunks']} chunks of "
+              f"{r['chunk_size']} tokens ({r['tokens_scored']} scored), mean loss "
+              f"{r['mean_loss']:.4f}; wrote {r['output']}")
+        print(f"perplexity={r['perplexity']:.4f}")
+
+    return run_cli("perplexity", USAGE, argv, body)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from qat.eval_cmd import CommandError, split_options, user_errors
+from qat.eval_cmd import CommandError, run_cli, split_options
 
 OPTIONS: dict[str, type] = {"num_batches": int, "batch_size": int, "output_dir": str}
 USAGE = """usage: qat profile RECIPE.yaml|CHECKPOINT_DIR [--num_batches 4] [--batch_size 8]
@@ -209,18 +209,12 @@ def run(path: str, argv: list[str]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
-        return 0
-    try:
+    def body(argv: list[str]) -> None:
         r = run(argv[0], argv[1:])
-    except user_errors() as e:
-        print(f"qat profile: error: {e}", file=sys.stderr)
-        return 2
-    print(f"qat profile: {len(r['rows'])} rows -> {r['csv']}; plots: "
-          + ", ".join(str(p) for p in r["plots"]))
-    return 0
+        print(f"qat profile: {len(r['rows'])} rows -> {r['csv']}; plots: "
+              + ", ".join(str(p) for p in r["plots"]))
+
+    return run_cli("profile", USAGE, argv, body)
 
 
 if __name__ == "__main__":
