@@ -231,6 +231,11 @@ def run(path: str, overrides: list[str], output: str | None = None) -> dict[str,
         "metrics": metrics, "density": density.to_dict(),
     }
     out = Path(output) if output else (src.checkpoint or Path(targs.output_dir)) / "eval_qat.json"
+    return write_results(results, out)
+
+
+def write_results(results: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Write a command's results as JSON to ``out`` and record where in ``results["output"]``."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     results["output"] = str(out)

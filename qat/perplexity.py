@@ -12,14 +12,13 @@ through the quant config's ``exclude`` list.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from qat.eval_cmd import CommandError, run_cli, split_options
+from qat.eval_cmd import CommandError, run_cli, split_options, write_results
 
 WIKITEXT_ENV = "QAT_WIKITEXT_DIR"
 OPTIONS: dict[str, type] = {"max_chunks": int, "chunk_size": int, "split": str, "output": str}
@@ -151,10 +150,7 @@ def run(path: str, argv: list[str]) -> dict[str, Any]:
     }
     out = Path(opts["output"]) if opts.get("output") else Path(
         recipe.training_args.output_dir) / "perplexity.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    results["output"] = str(out)
-    return results
+    return write_results(results, out)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -121,6 +121,29 @@ def floor_log2(x: Tensor) -> Tensor:
     return (exponent - 1).to(torch.int32)
 
 
+def block_exponent(amax: Tensor, lo: int, hi: int, *, ceil: bool) -> Tensor:
+    """Per-block ``clamp(ceil|floor(log2 amax), lo, hi)`` as int32; all-zero blocks get ``lo``.
+
+    The shared-exponent rule of the block formats: BFP and block log round the exponent up,
+    block minifloat down.
+    """
+    nonzero = amax > 0
+    safe = torch.where(nonzero, amax, torch.ones_like(amax))
+    e = ceil_log2(safe) if ceil else floor_log2(safe)
+    return torch.where(nonzero, e, torch.full_like(e, lo)).clamp(lo, hi)
+
+
+def read_json_file(path: str, what: str) -> Any:
+    """A format's side file (codebooks) as JSON; FormatError naming ``what`` if unreadable."""
+    import json
+
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise FormatError(f"{what} {path!r} could not be read: {e}") from None
+
+
 def check_int(cls_name: str, key: str, value: Any, lo: int, hi: int | None = None) -> None:
     """Raise FormatError unless ``value`` is an int in [lo, hi]."""
     if isinstance(value, bool) or not isinstance(value, int):

@@ -15,17 +15,14 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from qat.formats.base import Format, ceil_log2, check_int, from_blocks, to_blocks
+from qat.formats.base import Format, block_exponent, check_int, from_blocks, to_blocks
 from qat.formats.registry import register_format
 
 
 def shared_exponent(amax: Tensor, exponent_width: int) -> Tensor:
     """Per-block ``clamp(ceil(log2 amax))`` as int32; all-zero blocks get the minimum."""
     lo, hi = -(2 ** (exponent_width - 1) - 1), 2 ** (exponent_width - 1)
-    safe = torch.where(amax > 0, amax, torch.ones_like(amax))
-    e = ceil_log2(safe)
-    e = torch.where(amax > 0, e, torch.full_like(e, lo))
-    return e.clamp(lo, hi)
+    return block_exponent(amax, lo, hi, ceil=True)
 
 
 def bfp_mantissas(x: Tensor, width: int, exponent_width: int, block_size: int

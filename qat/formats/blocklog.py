@@ -25,16 +25,13 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from qat.formats.base import Format, ceil_log2, check_int, from_blocks, to_blocks
+from qat.formats.base import Format, block_exponent, check_int, from_blocks, to_blocks
 from qat.formats.registry import register_format
 
 
 def block_top_log(amax: Tensor, bias_width: int) -> Tensor:
     """Per-block ``clamp(ceil(log2 amax))`` in a ``bias_width``-bit two's complement (int32)."""
-    lo, hi = -(2 ** (bias_width - 1)), 2 ** (bias_width - 1) - 1
-    safe = torch.where(amax > 0, amax, torch.ones_like(amax))
-    t = torch.where(amax > 0, ceil_log2(safe), torch.full_like(amax, lo, dtype=torch.int32))
-    return t.clamp(lo, hi)
+    return block_exponent(amax, -(2 ** (bias_width - 1)), 2 ** (bias_width - 1) - 1, ceil=True)
 
 
 @register_format("block_log")

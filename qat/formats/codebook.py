@@ -18,13 +18,20 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 
 import torch
 from torch import Tensor
 
-from qat.formats.base import Format, FormatError, check_choice, check_int, from_blocks, to_blocks
+from qat.formats.base import (
+    Format,
+    FormatError,
+    check_choice,
+    check_int,
+    from_blocks,
+    read_json_file,
+    to_blocks,
+)
 from qat.formats.opq import opq_bits, split_outliers
 from qat.formats.registry import register_format
 
@@ -88,11 +95,7 @@ def quantize_blocks(xb: Tensor, levels: tuple[float, ...], normalization: str) -
 
 def load_codebook_file(path: str) -> dict:
     """Read a ``qat codebook`` JSON file; FormatError if missing or malformed."""
-    try:
-        with open(path) as f:
-            doc = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise FormatError(f"codebook_file {path!r} could not be read: {e}") from None
+    doc = read_json_file(path, "codebook_file")
     levels = doc.get("levels") if isinstance(doc, dict) else None
     if (not isinstance(levels, list) or len(levels) != 16
             or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in levels)

@@ -30,7 +30,7 @@ import os
 import torch
 from torch import Tensor
 
-from qat.formats.base import FormatError, to_blocks
+from qat.formats.base import FormatError, read_json_file, to_blocks
 from qat.formats.lobcq import (
     ENTRY_MAX,
     NUM_ENTRIES,
@@ -146,11 +146,7 @@ def save_codebooks(path: str, codebooks: Tensor, block_len: int, array_len: int,
 
 def load_codebooks(path: str) -> tuple[Tensor, dict]:
     """``(codebooks [N_c, 16], metadata)``; entries rounded to integers in [-31, 31]."""
-    try:
-        with open(path) as f:
-            doc = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise FormatError(f"lobcq codebook_file {path!r} could not be read: {e}") from None
+    doc = read_json_file(path, "lobcq codebook_file")
     rows = doc.get("codebooks") if isinstance(doc, dict) else None
     if (not isinstance(rows, list) or not rows
             or not all(isinstance(r, list) and len(r) == NUM_ENTRIES for r in rows)

@@ -27,17 +27,21 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from qat.formats.base import Format, FormatError, check_int, floor_log2, from_blocks, to_blocks
+from qat.formats.base import (
+    Format,
+    FormatError,
+    block_exponent,
+    check_int,
+    from_blocks,
+    to_blocks,
+)
 from qat.formats.floatcast import round_to_float
 from qat.formats.registry import register_format
 
 
 def block_top_exponent(amax: Tensor, bias_width: int) -> Tensor:
     """Per-block ``clamp(floor(log2 amax))`` in a ``bias_width``-bit two's complement (int32)."""
-    lo, hi = -(2 ** (bias_width - 1)), 2 ** (bias_width - 1) - 1
-    safe = torch.where(amax > 0, amax, torch.ones_like(amax))
-    e = torch.where(amax > 0, floor_log2(safe), torch.full_like(amax, lo, dtype=torch.int32))
-    return e.clamp(lo, hi)
+    return block_exponent(amax, -(2 ** (bias_width - 1)), 2 ** (bias_width - 1) - 1, ceil=False)
 
 
 @register_format("block_minifloat")
