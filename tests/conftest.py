@@ -7,6 +7,17 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED_GLUE = REPO.parent / "shared" / "data" / "glue"
 SHARED_WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2-raw"
 
+# Triton kernels run on CPU tensors only under the interpreter, which triton reads when a
+# kernel is defined: set it before anything imports triton, unless a GPU is there to use.
+try:
+    import torch
+
+    _cuda = torch.cuda.is_available()
+except ImportError:
+    _cuda = False
+if not _cuda:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")

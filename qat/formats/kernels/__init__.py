@@ -1,0 +1,77 @@
+"""Fused Triton fake-quantisers, equal bit for bit to the reference ``Format.quantize``.
+
+``triton_fake_quantize(x, fmt, dim)`` runs one kernel (one read, one write of ``x``; float32
+maths in registers; blocks along any dim without a transposed copy) through the custom ops
+``torch.ops.qat.{bfp,mx,codebook}_fake_quantize``. It runs on CUDA tensors, and on CPU tensors
+only under Triton's interpreter (``TRITON_INTERPRET=1``, set before triton is imported; tests).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+from torch import Tensor
+
+from qat.formats.base import Format
+from qat.formats.bfp import BFP
+from qat.formats.codebook import AF4, BOF4, BOF4S, NF4
+from qat.formats.mx import MXFP4, MXFP6E2M3, MXFP6E3M2, MXFP8E4M3, MXFP8E5M2, MXINT8
+
+__all__ = ["MAX_BLOCK_SIZE", "supports_triton", "triton_available", "triton_fake_quantize"]
+
+# A block lives in registers; beyond this it would spill (no format in use comes close).
+MAX_BLOCK_SIZE = 8192
+_MX_TYPES = (MXFP8E4M3, MXFP8E5M2, MXFP6E2M3, MXFP6E3M2, MXFP4, MXINT8)
+_CODEBOOK_TYPES = (NF4, AF4, BOF4, BOF4S)
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def triton_available() -> bool:
+    """Whether triton can be imported (never raises)."""
+    try:
+        return importlib.util.find_spec("triton") is not None and _load_ops() is not None
+    except Exception:
+        return False
+
+
+def supports_triton(fmt: Format) -> bool:
+    """Whether a fused kernel implements ``fmt`` (BFP, the six MX, 4-bit codebooks w/o OPQ)."""
+    block = getattr(fmt, "block_size", None)
+    if not isinstance(block, int) or not 1 <= block <= MAX_BLOCK_SIZE:
+        return False
+    # Exact types: a subclass may change the maths.
+    if type(fmt) is BFP or type(fmt) in _MX_TYPES:
+        return True
+    if type(fmt) in _CODEBOOK_TYPES:
+        return fmt.outliers == "none" and len(fmt.levels) == 16
+    return False
+
+
+def _load_ops():
+    """Import the custom ops (registers them with torch.library on first import)."""
+    return importlib.import_module("qat.formats.kernels._ops")
+
+
+def triton_fake_quantize(x: Tensor, fmt: Format, dim: int = -1) -> Tensor:
+    """``fmt.quantize(x, dim)`` bit for bit, in one fused kernel (see the module docstring)."""
+    if not supports_triton(fmt):
+        raise ValueError(f"no triton kernel for format {fmt}; use fmt.quantize")
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"{fmt.name}: triton kernels take float32, float16 or bfloat16 tensors, "
+                        f"got {x.dtype}")
+    if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(f"triton kernels run on CUDA tensors, got a {x.device.type} tensor "
+                           f"(set TRITON_INTERPRET=1 before importing triton to interpret them)")
+    if not triton_available():
+        raise RuntimeError("triton is not installed (pip install triton)")
+    _load_ops()
+    q = torch.ops.qat
+    if type(fmt) is BFP:
+        return q.bfp_fake_quantize(x, dim, fmt.width, fmt.exponent_width, fmt.block_size)
+    if type(fmt) in _MX_TYPES:
+        return q.mx_fake_quantize(x, dim, fmt.block_size, fmt.mantissa_bits, fmt.emax, fmt.emin,
+                                  fmt.max_value, type(fmt) is MXINT8)
+    return q.codebook_fake_quantize(x, dim, fmt.block_size, list(fmt.levels),
+                                    fmt.normalization == "signed_absmax")

@@ -1,0 +1,192 @@
+"""Triton kernels that fake-quantise one tile of blocks in registers (imported only with triton).
+
+Every helper mirrors the float32 operation order of the reference in ``qat/formats`` so the
+results agree bit for bit. Rules that keep them exact on a GPU as well as under the interpreter:
+
+- no ``exp2``/``log2``: exponents come from the float32 bit pattern and powers of two are built
+  from bits (subnormal ones included), so scaling by ``2^k`` is exact;
+- dividing by a power of two is multiplying by its exact reciprocal (same real value, same
+  rounding); the codebook scale is not a power of two, so it uses ``div_rn``;
+- round half to even is ``(v + 2^23) - 2^23`` for ``0 <= v < 2^23`` (exact in float32), and the
+  launcher passes ``enable_fp_fusion=False`` so a multiply is never fused into that add.
+"""
+
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _pow2(k):
+    """Exact float32 ``2^k`` for int32 ``k``: normal, subnormal (-149..-127), 0 below, inf above."""
+    k = tl.minimum(k, 128)
+    normal = ((k + 127) << 23).to(tl.float32, bitcast=True)
+    shift = tl.minimum(tl.maximum(k + 149, 0), 22)
+    sub = (tl.full(k.shape, 1, tl.int32) << shift).to(tl.float32, bitcast=True)
+    return tl.where(k >= -126, normal, tl.where(k >= -149, sub, 0.0))
+
+
+@triton.jit
+def _floor_log2(a):
+    """``floor(log2 a)`` and ``a is not a power of two`` for finite float32 ``a > 0``."""
+    # Subnormals have no implicit bit: scale by 2^64 (exact) to read a normal exponent field.
+    sub = a < 1.1754943508222875e-38
+    b = tl.where(sub, a * 18446744073709551616.0, a).to(tl.int32, bitcast=True)
+    fl = ((b >> 23) & 0xFF) - 127 - tl.where(sub, 64, 0)
+    return fl, (b & 0x7FFFFF) != 0
+
+
+@triton.jit
+def _rne_pos(v):
+    """Round half to even of float32 ``v >= 0`` (``torch.round``); inf stays inf."""
+    return tl.where(v < 8388608.0, (v + 8388608.0) - 8388608.0, v)
+
+
+@triton.jit
+def _copysign(mag, s):
+    """``mag`` (>= 0) with the sign bit of ``s`` (-0.0 counts as negative, like copysign)."""
+    return tl.where(s.to(tl.int32, bitcast=True) < 0, -mag, mag)
+
+
+@triton.jit
+def _bfp(src, AXIS: tl.constexpr, M_BITS: tl.constexpr, M_POW: tl.constexpr,
+         MANT_MAX: tl.constexpr, E_LO: tl.constexpr, E_HI: tl.constexpr):
+    # qat/formats/bfp.py: e = clamp(ceil(log2 amax)); |x| * 2^-e * 2^M; round; clamp; * sign;
+    # * 2^(e - M).
+    a = tl.abs(src)
+    amax = tl.max(a, axis=AXIS, keep_dims=True)
+    fl, frac = _floor_log2(amax)
+    e = tl.where(amax > 0, fl + frac.to(tl.int32), E_LO)
+    e = tl.minimum(tl.maximum(e, E_LO), E_HI)
+    t = (a * _pow2(-e)) * M_POW
+    r = tl.minimum(_rne_pos(t), MANT_MAX)
+    sgn = tl.where(src > 0, 1.0, tl.where(src < 0, -1.0, 0.0))
+    return (r * sgn) * _pow2(e - M_BITS)
+
+
+@triton.jit
+def _mx(src, AXIS: tl.constexpr, M_BITS: tl.constexpr, EMAX: tl.constexpr,
+        STEP_MIN: tl.constexpr, MAXV: tl.constexpr, IS_INT: tl.constexpr):
+    # qat/formats/mx.py + floatcast.py: e = clamp(floor(log2 amax) - emax, -127, 127);
+    # v = x / 2^e; round v to the element grid (saturating); * 2^e.
+    a = tl.abs(src)
+    amax = tl.max(a, axis=AXIS, keep_dims=True)
+    fl, _ = _floor_log2(amax)
+    e = tl.where(amax > 0, fl, 0) - EMAX
+    e = tl.minimum(tl.maximum(e, -127), 127)
+    v = src * _pow2(-e)
+    if IS_INT:
+        w = v * 64.0
+        r = tl.minimum(_rne_pos(tl.abs(w)), 127.0)
+        el = _copysign(r, w) * 0.015625
+    else:
+        mag = tl.abs(v)
+        flm, _ = _floor_log2(mag)
+        step_e = tl.maximum(flm - M_BITS, STEP_MIN)
+        r = _rne_pos(mag * _pow2(-step_e)) * _pow2(step_e)
+        el = _copysign(tl.minimum(r, MAXV), v)
+    return el * _pow2(e)
+
+
+@triton.jit
+def _codebook(src, kidx, lv_ptr, mid_ptr, AXIS: tl.constexpr, NLEV: tl.constexpr,
+              SIGNED: tl.constexpr, HAS_ZERO: tl.constexpr, BP: tl.constexpr):
+    # qat/formats/codebook.py quantize_blocks: s = absmax or the signed first largest |x|;
+    # x / s; level = lv[count of midpoints <= x / s]; level * s.
+    a = tl.abs(src)
+    amax = tl.max(a, axis=AXIS, keep_dims=True)
+    if SIGNED:
+        first = tl.min(tl.where(a == amax, kidx, BP), axis=AXIS, keep_dims=True)
+        s = tl.sum(tl.where(kidx == first, src, 0.0), axis=AXIS, keep_dims=True)
+    else:
+        s = amax
+    zero = s == 0
+    safe = tl.broadcast_to(tl.where(zero, 1.0, s), src.shape)
+    v = tl.math.div_rn(src, safe)
+    q = tl.zeros(src.shape, tl.float32) + tl.load(lv_ptr)
+    # Midpoints are sorted, so the last one <= v selects lv[count of midpoints <= v].
+    for i in tl.static_range(NLEV - 1):
+        q = tl.where(v >= tl.load(mid_ptr + i), tl.load(lv_ptr + i + 1), q)
+    q = q * safe
+    if not HAS_ZERO:
+        q = tl.where(zero, 0.0, q)
+    return q
+
+
+@triton.jit
+def _to_f32(x):
+    """Exact widening to float32 (bfloat16 by its bits: the interpreter's cast is approximate)."""
+    if x.dtype == tl.bfloat16:
+        b = (x.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) << 16
+        return b.to(tl.float32, bitcast=True)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _from_f32(q, DT: tl.constexpr):
+    """Round finite float32 ``q`` to DT to nearest even, as ``Tensor.to`` does."""
+    if DT == tl.bfloat16:
+        # Round to nearest even on the bits (the interpreter's own cast truncates).
+        b = q.to(tl.int32, bitcast=True)
+        r = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+        return r.to(tl.int16).to(tl.bfloat16, bitcast=True)
+    return q.to(DT)
+
+
+@triton.jit
+def _quantize_tile(xf, kidx, lv_ptr, mid_ptr, AXIS: tl.constexpr, KIND: tl.constexpr,
+                   BP: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
+                   P3: tl.constexpr, P4: tl.constexpr):
+    # Non-finite values count as 0 for the block's scale and pass through unchanged.
+    finite = tl.abs(xf) < float("inf")
+    src = tl.where(finite, xf, 0.0)
+    if KIND == 0:
+        q = _bfp(src, AXIS, P0, P1, P2, P3, P4)
+    elif KIND == 1:
+        q = _mx(src, AXIS, P0, P1, P2, P3, P4)
+    else:
+        q = _codebook(src, kidx, lv_ptr, mid_ptr, AXIS, P0, P1, P2, BP)
+    return q, finite
+
+
+@triton.jit
+def fake_quantize_kernel(
+    x_ptr, y_ptr, lv_ptr, mid_ptr, n, inner, nb, n_tiles, total,
+    KIND: tl.constexpr, BLOCK: tl.constexpr, BP: tl.constexpr, TILE: tl.constexpr,
+    INNER_ONE: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
+    P3: tl.constexpr, P4: tl.constexpr,
+):
+    """x viewed as [outer, n, inner] (contiguous); blocks of BLOCK run along n.
+
+    INNER_ONE: a [TILE, BP] tile of TILE consecutive blocks (``total`` = outer * nb of them),
+    reduced along axis 1. Otherwise a [BP, TILE] tile: one block position ``(o, j)`` times TILE
+    consecutive inner columns, so each row of the tile is a contiguous (coalesced) load.
+    """
+    # Block and tile indices fit int32; element offsets are int64 (tensors may pass 2^31).
+    pid = tl.program_id(0)
+    k = tl.arange(0, BP)
+    if INNER_ONE:
+        g = pid * TILE + tl.arange(0, TILE)
+        row = g // nb
+        p = (g % nb) * BLOCK
+        pos = p[:, None] + k[None, :]
+        mask = (g < total)[:, None] & (k < BLOCK)[None, :] & (pos < n)
+        offs = row.to(tl.int64)[:, None] * n + pos
+        kidx = tl.broadcast_to(k[None, :], (TILE, BP))
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        q, finite = _quantize_tile(_to_f32(x), kidx, lv_ptr, mid_ptr, 1, KIND, BP, P0, P1,
+                                   P2, P3, P4)
+    else:
+        blk = pid // n_tiles
+        c = (pid % n_tiles) * TILE + tl.arange(0, TILE)
+        o = blk // nb
+        pos = (blk % nb) * BLOCK + k
+        mask = ((k < BLOCK) & (pos < n))[:, None] & (c < inner)[None, :]
+        offs = (o.to(tl.int64) * n + pos)[:, None] * inner + c[None, :]
+        kidx = tl.broadcast_to(k[:, None], (BP, TILE))
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        q, finite = _quantize_tile(_to_f32(x), kidx, lv_ptr, mid_ptr, 0, KIND, BP, P0, P1,
+                                   P2, P3, P4)
+    # Non-finite inputs are stored back as they came (their bits untouched).
+    y = tl.where(finite, _from_f32(q, y_ptr.dtype.element_ty), x)
+    tl.store(y_ptr + offs, y, mask=mask)
