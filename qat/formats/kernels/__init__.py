@@ -28,12 +28,24 @@ _CODEBOOK_TYPES = (NF4, AF4, BOF4, BOF4S)
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def _load_ops() -> bool:
+    """Import triton and register the custom ops; False if triton is missing or broken."""
+    try:
+        importlib.import_module("qat.formats.kernels._ops")
+    except Exception:  # ImportError, or a triton that fails on import: no kernels then
+        return False
+    return True
+
+
+# Resolved once at import: the wrapper below must stay traceable by torch.compile (no imports
+# or environment reads inside it). Triton itself reads TRITON_INTERPRET when kernels are defined.
+_AVAILABLE = importlib.util.find_spec("triton") is not None and _load_ops()
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def triton_available() -> bool:
     """Whether triton can be imported (never raises)."""
-    try:
-        return importlib.util.find_spec("triton") is not None and _load_ops() is not None
-    except Exception:
-        return False
+    return _AVAILABLE
 
 
 def supports_triton(fmt: Format) -> bool:
@@ -49,11 +61,6 @@ def supports_triton(fmt: Format) -> bool:
     return False
 
 
-def _load_ops():
-    """Import the custom ops (registers them with torch.library on first import)."""
-    return importlib.import_module("qat.formats.kernels._ops")
-
-
 def triton_fake_quantize(x: Tensor, fmt: Format, dim: int = -1) -> Tensor:
     """``fmt.quantize(x, dim)`` bit for bit, in one fused kernel (see the module docstring)."""
     if not supports_triton(fmt):
@@ -61,12 +68,11 @@ def triton_fake_quantize(x: Tensor, fmt: Format, dim: int = -1) -> Tensor:
     if x.dtype not in _DTYPES:
         raise TypeError(f"{fmt.name}: triton kernels take float32, float16 or bfloat16 tensors, "
                         f"got {x.dtype}")
-    if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if x.device.type != "cuda" and not _INTERPRET:
         raise RuntimeError(f"triton kernels run on CUDA tensors, got a {x.device.type} tensor "
                            f"(set TRITON_INTERPRET=1 before importing triton to interpret them)")
-    if not triton_available():
+    if not _AVAILABLE:
         raise RuntimeError("triton is not installed (pip install triton)")
-    _load_ops()
     q = torch.ops.qat
     if type(fmt) is BFP:
         return q.bfp_fake_quantize(x, dim, fmt.width, fmt.exponent_width, fmt.block_size)

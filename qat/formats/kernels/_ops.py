@@ -37,20 +37,16 @@ def _launch(x: Tensor, dim: int, kind: int, block: int, params: tuple,
     y = torch.empty_like(xc)
     bp = triton.next_power_of_2(block)
     nb = triton.cdiv(n, block)
-    if inner == 1:
-        tile = max(1, _TILE_ELEMS // bp)
-        total = outer * nb
-        n_tiles = 1
-        grid = (triton.cdiv(total, tile),)
-    else:
-        tile = min(triton.next_power_of_2(inner), max(1, _TILE_ELEMS // bp))
-        total = outer * nb
-        n_tiles = triton.cdiv(inner, tile)
-        grid = (total * n_tiles,)
+    # inner == 1: tiles of whole blocks; else tiles of block columns (see the kernel).
+    tile = max(1, _TILE_ELEMS // bp)
+    total = outer * nb * inner
+    if total >= 2**31:
+        raise ValueError(f"triton kernels take fewer than 2^31 blocks, got {total}")
+    grid = (triton.cdiv(total, tile),)
     lv, mids = tables if tables is not None else (xc, xc)  # unused pointers for bfp/mx
     warps = 4 if bp * tile <= _TILE_ELEMS else 8
     fake_quantize_kernel[grid](
-        xc, y, lv, mids, n, inner, nb, n_tiles, total,
+        xc, y, lv, mids, n, inner, nb, total,
         KIND=kind, BLOCK=block, BP=bp, TILE=tile, INNER_ONE=inner == 1,
         P0=params[0], P1=params[1], P2=params[2], P3=params[3], P4=params[4],
         num_warps=warps, enable_fp_fusion=False,

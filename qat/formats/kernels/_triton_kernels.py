@@ -31,7 +31,8 @@ def _floor_log2(a):
     """``floor(log2 a)`` and ``a is not a power of two`` for finite float32 ``a > 0``."""
     # Subnormals have no implicit bit: scale by 2^64 (exact) to read a normal exponent field.
     sub = a < 1.1754943508222875e-38
-    b = tl.where(sub, a * 18446744073709551616.0, a).to(tl.int32, bitcast=True)
+    b = tl.where(sub, tl.where(sub, a, 0.0) * 18446744073709551616.0, a)
+    b = b.to(tl.int32, bitcast=True)
     fl = ((b >> 23) & 0xFF) - 127 - tl.where(sub, 64, 0)
     return fl, (b & 0x7FFFFF) != 0
 
@@ -151,7 +152,7 @@ def _quantize_tile(xf, kidx, lv_ptr, mid_ptr, AXIS: tl.constexpr, KIND: tl.const
 
 @triton.jit
 def fake_quantize_kernel(
-    x_ptr, y_ptr, lv_ptr, mid_ptr, n, inner, nb, n_tiles, total,
+    x_ptr, y_ptr, lv_ptr, mid_ptr, n, inner, nb, total,
     KIND: tl.constexpr, BLOCK: tl.constexpr, BP: tl.constexpr, TILE: tl.constexpr,
     INNER_ONE: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
     P3: tl.constexpr, P4: tl.constexpr,
@@ -159,8 +160,8 @@ def fake_quantize_kernel(
     """x viewed as [outer, n, inner] (contiguous); blocks of BLOCK run along n.
 
     INNER_ONE: a [TILE, BP] tile of TILE consecutive blocks (``total`` = outer * nb of them),
-    reduced along axis 1. Otherwise a [BP, TILE] tile: one block position ``(o, j)`` times TILE
-    consecutive inner columns, so each row of the tile is a contiguous (coalesced) load.
+    reduced along axis 1. Otherwise a [BP, TILE] tile of TILE block columns (``total`` =
+    outer * nb * inner of them) reduced along axis 0: each tile row is a contiguous load.
     """
     # Block and tile indices fit int32; element offsets are int64 (tensors may pass 2^31).
     pid = tl.program_id(0)
@@ -177,12 +178,15 @@ def fake_quantize_kernel(
         q, finite = _quantize_tile(_to_f32(x), kidx, lv_ptr, mid_ptr, 1, KIND, BP, P0, P1,
                                    P2, P3, P4)
     else:
-        blk = pid // n_tiles
-        c = (pid % n_tiles) * TILE + tl.arange(0, TILE)
-        o = blk // nb
-        pos = (blk % nb) * BLOCK + k
-        mask = ((k < BLOCK) & (pos < n))[:, None] & (c < inner)[None, :]
-        offs = (o.to(tl.int64) * n + pos)[:, None] * inner + c[None, :]
+        # Columns are the (o, j, c) block positions with c fastest, so neighbouring columns are
+        # neighbouring addresses (coalesced); a tile may span several (o, j) when inner is small.
+        col = pid * TILE + tl.arange(0, TILE)
+        c = col % inner
+        blk = col // inner
+        pos = (blk % nb) * BLOCK
+        pos = pos[None, :] + k[:, None]
+        mask = (col < total)[None, :] & (k < BLOCK)[:, None] & (pos < n)
+        offs = ((blk // nb).to(tl.int64)[None, :] * n + pos) * inner + c[None, :]
         kidx = tl.broadcast_to(k[:, None], (BP, TILE))
         x = tl.load(x_ptr + offs, mask=mask, other=0.0)
         q, finite = _quantize_tile(_to_f32(x), kidx, lv_ptr, mid_ptr, 0, KIND, BP, P0, P1,

@@ -1,0 +1,310 @@
+"""Fused Triton quantisers equal the reference ``Format.quantize`` bit for bit.
+
+On a machine without CUDA these run under Triton's interpreter (``TRITON_INTERPRET=1``, set in
+conftest.py before triton is imported); with CUDA they run the compiled kernels on the GPU.
+Every comparison is on the raw bits, so a -0.0 for a +0.0 or a one-ulp difference fails.
+"""
+
+import json
+import os
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from qat.formats import kernels, make_format  # noqa: E402
+from qat.formats.codebook import level_tensors  # noqa: E402
+from qat.formats.kernels import (  # noqa: E402
+    supports_triton,
+    triton_available,
+    triton_fake_quantize,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no CUDA and TRITON_INTERPRET is not 1", allow_module_level=True)
+
+_TRITON_VERSION = tuple(int(p) for p in triton.__version__.split(".")[:2])
+BF16_SKIP = pytest.mark.skipif(
+    DEVICE == "cpu" and _TRITON_VERSION < (3, 9),
+    reason=f"bfloat16 needs triton >= 3.9's interpreter (have {triton.__version__})")
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+BFP_SPECS = [{"format": "bfp", "width": w, "exponent_width": e, "block_size": b}
+             for w in range(2, 9) for e in (4, 8) for b in (1, 7, 16, 32)]
+MX_SPECS = [{"format": n} for n in ("mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e2m3", "mxfp6_e3m2",
+                                    "mxfp4", "mxint8")]
+CODEBOOK_SPECS = [{"format": n, "block_size": b} for n in ("nf4", "af4", "bof4s")
+                  for b in (32, 64)] + [{"format": "bof4", "block_size": 64},
+                                        {"format": "nf4", "block_size": 32,
+                                         "normalization": "signed_absmax"}]
+
+
+def spec_id(spec: dict) -> str:
+    return "-".join(str(v) for v in spec.values())
+
+
+def assert_bits_equal(got: torch.Tensor, x: torch.Tensor, fmt, dim: int) -> None:
+    """Kernel vs reference on the raw bits; NaNs must be the input's own bits.
+
+    The reference widens to float32 and back, and torch's CPU bfloat16 cast turns the NaN
+    0x7FC0 into 0xFFFF: NaN positions are compared with the input (the kernel passes them
+    through untouched), every other position with the reference.
+    """
+    want = fmt.quantize(x, dim)
+    assert got.shape == x.shape and got.dtype == x.dtype
+    iv = INT_VIEW[x.dtype]
+    nan = torch.isnan(x)
+    assert torch.equal(torch.isnan(want), nan)
+    g, w = got.view(iv), want.view(iv)
+    assert torch.equal(g[nan], x.view(iv)[nan])
+    bad = (g != w) & ~nan
+    if bad.any():
+        i = bad.nonzero()[0].tolist()
+        raise AssertionError(f"{fmt} dim={dim} {x.dtype}: {int(bad.sum())} elements differ, "
+                             f"first at {i}: x={x[tuple(i)].item()!r} kernel="
+                             f"{got[tuple(i)].item()!r} reference={want[tuple(i)].item()!r}")
+
+
+# --- test data: one row per kind of input, blocks of B along the row ----------------------
+
+
+def element_grid(fmt) -> torch.Tensor:
+    """Non-negative values of an MX element format (float64)."""
+    if fmt.name == "mxint8":
+        return torch.arange(128, dtype=torch.float64) / 64
+    m, emin = fmt.mantissa_bits, fmt.emin
+    vals = [k * 2.0 ** (emin - m) for k in range(2**m)]
+    e = emin
+    while True:
+        row = [2.0**e * (1 + k / 2**m) for k in range(2**m)]
+        vals += [v for v in row if v <= fmt.max_value]
+        if row[-1] >= fmt.max_value:
+            break
+        e += 1
+    return torch.tensor(sorted(set(vals)), dtype=torch.float64)
+
+
+def tie_row(fmt, n: int, gen: torch.Generator) -> torch.Tensor:
+    """Values on the exact midpoints (and points) of the format's rounding grid."""
+    sign = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0).double()
+    if fmt.name == "bfp":
+        # With every |x| < 1 (and one near 1) the shared exponent is 0 and the mantissa grid is
+        # the integers / 2^M: half-integers / 2^M are ties.
+        m = fmt.width - 1
+        k = torch.randint(0, 2**m, (n,), generator=gen).double()
+        v = (k + 0.5) / 2**m
+        v[:: fmt.block_size] = 0.96875
+    elif fmt.name.startswith("mx"):
+        grid = element_grid(fmt)
+        cand = torch.cat([grid, (grid[1:] + grid[:-1]) / 2, grid[-1:] + 0.25])
+        v = cand[torch.randint(0, len(cand), (n,), generator=gen)]
+        v[:: fmt.block_size] = fmt.max_value  # sets the block's scale to 2^0
+    else:
+        lv, mids = level_tensors(fmt.levels, torch.device("cpu"))
+        cand = torch.cat([mids, lv]).double()
+        v = cand[torch.randint(0, len(cand), (n,), generator=gen)].abs()
+        v[:: fmt.block_size] = 1.0  # scale 1: x / s is exactly the midpoint
+        sign[1 :: fmt.block_size] = -1.0  # ...and a tie in |x| for signed absmax
+        v[1 :: fmt.block_size] = 1.0
+        sign[:: 2 * fmt.block_size] = -1.0
+    scale = 2.0 ** torch.randint(-3, 4, (1,), generator=gen).double()
+    return v * sign * scale
+
+
+def rows(fmt, n: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    """[9, n] rows in ``dtype``: normal, heavy tails, ties x2, zero blocks (with -0.0), tiny and
+    subnormal, huge, NaN/inf-laced, and per-block scales spread over 2^-30..2^30."""
+    gen = torch.Generator().manual_seed(seed)
+    b = fmt.block_size
+    fi = torch.finfo(dtype)
+    normal = torch.randn(n, generator=gen, dtype=torch.float64)
+    heavy = _student_t(n, gen)
+    zeros = torch.randn(n, generator=gen, dtype=torch.float64)
+    zeros[: min(b, n)] = 0.0
+    zeros[1 : min(b, n) : 2] = -0.0
+    if n > 2 * b:
+        zeros[2 * b : 3 * b] = -0.0
+    tiny = torch.rand(n, generator=gen, dtype=torch.float64) * 4 * fi.tiny
+    tiny[::3] *= -fi.eps  # deep in the subnormals (or flushed to 0)
+    huge = (0.5 + torch.rand(n, generator=gen, dtype=torch.float64) / 2) * fi.max
+    huge[::2] *= -1
+    nonfinite = torch.randn(n, generator=gen, dtype=torch.float64)
+    pick = torch.rand(n, generator=gen)
+    nonfinite[pick < 0.1] = float("nan")
+    nonfinite[(pick >= 0.1) & (pick < 0.15)] = float("inf")
+    nonfinite[(pick >= 0.15) & (pick < 0.2)] = -float("inf")
+    nonfinite[:b] = float("nan")  # a block with no finite element
+    nonfinite[b : b + 2] = torch.tensor([float("inf"), 1e4])  # inf beside the block's max
+    spread = torch.randn(n, generator=gen, dtype=torch.float64)
+    nblocks = -(-n // b)
+    exps = torch.randint(-30, 31, (nblocks,), generator=gen).double()
+    spread *= (2.0 ** exps).repeat_interleave(b)[:n]
+    out = torch.stack([normal, heavy, tie_row(fmt, n, gen), tie_row(fmt, n, gen), zeros, tiny,
+                       huge, nonfinite, spread])
+    return out.to(dtype)
+
+
+def _student_t(n: int, gen: torch.Generator) -> torch.Tensor:
+    """Student-t samples (1.5 degrees of freedom) from a seeded generator."""
+    z = torch.randn(n, generator=gen, dtype=torch.float64)
+    chi2 = torch.randn(2, n, generator=gen, dtype=torch.float64).pow(2).sum(0) * 0.75
+    return z / (chi2 / 1.5).sqrt()
+
+
+def layouts(base: torch.Tensor):
+    """The [9, n] rows blocked along the last, a middle and the first dim (contiguous copies)."""
+    r, n = base.shape
+    yield base, -1
+    yield base.reshape(3, 3, n).transpose(1, 2).contiguous(), 1  # [3, n, 3], blocks along 1
+    yield base.t().contiguous(), 0  # [n, 9], blocks along 0
+
+
+def length(fmt) -> int:
+    """Three blocks and a ragged one (block size 1 has no ragged block)."""
+    b = fmt.block_size
+    return 3 * b + max(b // 2, 1) if b > 1 else 5
+
+
+def check_format(spec: dict, dtype: torch.dtype) -> None:
+    fmt = make_format(spec)
+    assert supports_triton(fmt)
+    base = rows(fmt, length(fmt), dtype).to(DEVICE)
+    for x, dim in layouts(base):
+        assert_bits_equal(triton_fake_quantize(x, fmt, dim), x, fmt, dim)
+
+
+# --- equality with the reference ----------------------------------------------------------
+# The interpreter costs ~0.1 s a launch: every BFP shape in float32, the 16-bit dtypes on a
+# spread of BFP shapes and on every MX and codebook format; every case in all three layouts.
+
+BFP_SPREAD = [{"format": "bfp", "width": w, "exponent_width": e, "block_size": b}
+              for w, e, b in ((2, 8, 1), (3, 4, 7), (4, 8, 16), (8, 4, 32))]
+
+
+@pytest.mark.parametrize("spec", BFP_SPECS, ids=spec_id)
+def test_bfp_matches_reference(spec):
+    check_format(spec, torch.float32)
+
+
+def case(spec: dict, dtype: torch.dtype):
+    marks = [BF16_SKIP] if dtype == torch.bfloat16 else []
+    return pytest.param(spec, dtype, id=f"{spec_id(spec)}-{str(dtype)[6:]}", marks=marks)
+
+
+@pytest.mark.parametrize("spec,dtype",
+                         [case(s, d) for s in BFP_SPREAD for d in DTYPES[1:]]
+                         + [case(s, d) for s in MX_SPECS + CODEBOOK_SPECS for d in DTYPES])
+def test_formats_match_reference_in_every_dtype(spec, dtype):
+    check_format(spec, dtype)
+
+
+@pytest.mark.parametrize("with_zero", [True, False])
+def test_codebook_from_file_matches_reference(tmp_path, with_zero):
+    """A fitted table (bof4 at block 32 has no built-in one), also one without a 0 level."""
+    levels = [-1.0 + 2 * i / 15 for i in range(16)]
+    if with_zero:
+        levels[7] = 0.0
+    path = tmp_path / "bof4.json"
+    path.write_text(json.dumps({"kind": "bof4", "metric": "mse", "block_size": 32,
+                                "levels": levels}))
+    check_format({"format": "bof4", "block_size": 32, "codebook_file": str(path)},
+                 torch.float32)
+
+
+@pytest.mark.parametrize("shape,dim", [((), 0), ((1,), 0), ((0, 4), 1), ((4, 5), 7)])
+def test_degenerate_shapes(shape, dim):
+    """Scalars, one element, empty tensors and a dim that wraps around, as the reference."""
+    fmt = make_format({"format": "bfp", "width": 4, "block_size": 4})
+    x = (torch.randn(shape) * 3).to(DEVICE)
+    got = triton_fake_quantize(x, fmt, dim)
+    assert_bits_equal(got, x, fmt, dim)
+
+
+def test_non_contiguous_input():
+    fmt = make_format({"format": "mxfp4"})
+    x = torch.randn(64, 48, device=DEVICE).t()[:, ::2]
+    assert not x.is_contiguous()
+    assert_bits_equal(triton_fake_quantize(x, fmt, -1), x, fmt, -1)
+
+
+# --- autograd, compile, op registration ---------------------------------------------------
+
+
+def test_backward_is_identity_and_saves_nothing():
+    fmt = make_format({"format": "nf4", "block_size": 32})
+    x = torch.randn(4, 64, device=DEVICE, requires_grad=True)
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+        y = triton_fake_quantize(x, fmt, -1)
+    assert packed == []
+    upstream = torch.randn(4, 64, device=DEVICE)
+    upstream[0, 0] = float("nan")  # passes unchanged, like every other value
+    y.backward(upstream)
+    assert torch.equal(x.grad.view(torch.int32), upstream.view(torch.int32))
+
+
+def test_compile_fullgraph():
+    fmt = make_format({"format": "bfp", "width": 4, "block_size": 16})
+    mx = make_format({"format": "mxfp8_e4m3"})
+
+    def fn(x):
+        # No pointwise maths around the ops: the test is about tracing, not C++ codegen time.
+        return triton_fake_quantize(x, fmt, -1), triton_fake_quantize(x, mx, 0)
+
+    x = torch.randn(32, 48, device=DEVICE)
+    got = torch.compile(fn, fullgraph=True)(x)
+    assert torch.equal(got[0].view(torch.int32), fmt.quantize(x, -1).view(torch.int32))
+    assert torch.equal(got[1].view(torch.int32), mx.quantize(x, 0).view(torch.int32))
+
+
+def test_custom_ops_pass_opcheck():
+    """Schema, fake (meta) kernel and autograd registration agree with the real kernel."""
+    x = torch.randn(8, 32, device=DEVICE)
+    ops = torch.ops.qat
+    torch.library.opcheck(ops.bfp_fake_quantize, (x, -1, 4, 8, 16))
+    torch.library.opcheck(ops.mx_fake_quantize, (x, 0, 32, 1, 2, 0, 6.0, False))
+    torch.library.opcheck(ops.codebook_fake_quantize,
+                          (x, -1, 32, list(make_format({"format": "nf4"}).levels), False))
+
+
+# --- what has no kernel -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", [
+    {"format": "bof4", "outliers": "opq"},
+    {"format": "nf4", "outliers": "opq"},
+    {"format": "int", "width": 4},
+    {"format": "lobcq"},
+    {"format": "block_minifloat"},
+    {"format": "block_log"},
+    {"format": "bfp", "block_size": 100000},
+], ids=spec_id)
+def test_unsupported_formats(spec):
+    fmt = make_format(spec)
+    assert not supports_triton(fmt)
+    with pytest.raises(ValueError, match=r"^no triton kernel for format .*; use fmt.quantize$"):
+        triton_fake_quantize(torch.randn(4, 8, device=DEVICE), fmt)
+
+
+def test_supported_formats():
+    assert triton_available()
+    for spec in BFP_SPECS + MX_SPECS + CODEBOOK_SPECS:
+        assert supports_triton(make_format(spec)), spec
+
+
+def test_bad_dtype_is_one_clear_error():
+    fmt = make_format({"format": "mxfp4"})
+    with pytest.raises(TypeError, match=r"^mxfp4: triton kernels take float32, float16 or "
+                                        r"bfloat16 tensors, got torch.float64$"):
+        triton_fake_quantize(torch.randn(4, 32, dtype=torch.float64, device=DEVICE), fmt)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="checks the CPU guard")
+def test_cpu_tensor_needs_the_interpreter(monkeypatch):
+    monkeypatch.setattr(kernels, "_INTERPRET", False)
+    fmt = make_format({"format": "mxfp4"})
+    with pytest.raises(RuntimeError, match=r"^triton kernels run on CUDA tensors, got a cpu "):
+        triton_fake_quantize(torch.randn(4, 32), fmt)
