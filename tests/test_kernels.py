@@ -155,11 +155,13 @@ def _student_t(n: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def layouts(base: torch.Tensor):
-    """The [9, n] rows blocked along the last, a middle and the first dim (contiguous copies)."""
+    """The [9, n] rows blocked along the last dim, a middle dim (3 columns after it) and the
+    first dim (16 columns after it, the kernel's wide layout): contiguous copies."""
     r, n = base.shape
     yield base, -1
     yield base.reshape(3, 3, n).transpose(1, 2).contiguous(), 1  # [3, n, 3], blocks along 1
-    yield base.t().contiguous(), 0  # [n, 9], blocks along 0
+    wide = torch.cat([base, -base[:7].flip(1)])  # 16 rows
+    yield wide.t().contiguous(), 0  # [n, 16], blocks along 0
 
 
 def length(fmt) -> int:

@@ -18,6 +18,8 @@ from qat.formats.kernels._triton_kernels import fake_quantize_kernel
 
 # Elements per program: a few KiB of registers per warp group, enough to keep loads wide.
 _TILE_ELEMS = 4096
+# From this many columns on, a tile takes a contiguous run of them (16-byte vector loads).
+_WIDE_INNER = 16
 KIND_BFP, KIND_MX, KIND_CODEBOOK = 0, 1, 2
 
 
@@ -37,17 +39,27 @@ def _launch(x: Tensor, dim: int, kind: int, block: int, params: tuple,
     y = torch.empty_like(xc)
     bp = triton.next_power_of_2(block)
     nb = triton.cdiv(n, block)
-    # inner == 1: tiles of whole blocks; else tiles of block columns (see the kernel).
-    tile = max(1, _TILE_ELEMS // bp)
-    total = outer * nb * inner
+    n_col_tiles = 1
+    if inner == 1:  # tiles of whole blocks
+        layout, tile = 0, max(1, _TILE_ELEMS // bp)
+        total = outer * nb
+    elif inner >= _WIDE_INNER:  # one block position x a run of contiguous columns
+        # At least a 16-column run while that keeps the tile within 4 x _TILE_ELEMS.
+        tile = max(_WIDE_INNER, _TILE_ELEMS // bp), max(1, 4 * _TILE_ELEMS // bp)
+        layout, tile = 1, min(triton.next_power_of_2(inner), *tile)
+        n_col_tiles = triton.cdiv(inner, tile)
+        total = outer * nb * n_col_tiles
+    else:  # a few columns: tiles of (position, column) pairs
+        layout, tile = 2, max(1, _TILE_ELEMS // bp)
+        total = outer * nb * inner
     if total >= 2**31:
         raise ValueError(f"triton kernels take fewer than 2^31 blocks, got {total}")
-    grid = (triton.cdiv(total, tile),)
+    grid = (triton.cdiv(total, tile) if layout != 1 else total,)
     lv, mids = tables if tables is not None else (xc, xc)  # unused pointers for bfp/mx
-    warps = 4 if bp * tile <= _TILE_ELEMS else 8
+    warps = 4 if bp * tile <= _TILE_ELEMS else 8 if bp * tile <= 4 * _TILE_ELEMS else 16
     fake_quantize_kernel[grid](
-        xc, y, lv, mids, n, inner, nb, total,
-        KIND=kind, BLOCK=block, BP=bp, TILE=tile, INNER_ONE=inner == 1,
+        xc, y, lv, mids, n, inner, nb, total, n_col_tiles,
+        KIND=kind, BLOCK=block, BP=bp, TILE=tile, LAYOUT=layout,
         P0=params[0], P1=params[1], P2=params[2], P3=params[3], P4=params[4],
         num_warps=warps, enable_fp_fusion=False,
     )

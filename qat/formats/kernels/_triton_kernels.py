@@ -152,21 +152,24 @@ def _quantize_tile(xf, kidx, lv_ptr, mid_ptr, AXIS: tl.constexpr, KIND: tl.const
 
 @triton.jit
 def fake_quantize_kernel(
-    x_ptr, y_ptr, lv_ptr, mid_ptr, n, inner, nb, total,
+    x_ptr, y_ptr, lv_ptr, mid_ptr, n, inner, nb, total, n_col_tiles,
     KIND: tl.constexpr, BLOCK: tl.constexpr, BP: tl.constexpr, TILE: tl.constexpr,
-    INNER_ONE: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
+    LAYOUT: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
     P3: tl.constexpr, P4: tl.constexpr,
 ):
     """x viewed as [outer, n, inner] (contiguous); blocks of BLOCK run along n.
 
-    INNER_ONE: a [TILE, BP] tile of TILE consecutive blocks (``total`` = outer * nb of them),
-    reduced along axis 1. Otherwise a [BP, TILE] tile of TILE block columns (``total`` =
-    outer * nb * inner of them) reduced along axis 0: each tile row is a contiguous load.
+    LAYOUT 0 (inner == 1): a [TILE, BP] tile of TILE consecutive blocks (``total`` = outer * nb
+    of them), reduced along axis 1. LAYOUT 1 (wide inner): a [BP, TILE] tile, one block
+    position ``(o, j)`` times TILE consecutive inner columns (vectorisable rows), reduced along
+    axis 0; ``total`` = outer * nb positions times ``n_col_tiles``. LAYOUT 2 (narrow inner): a
+    [BP, TILE] tile of TILE block columns ``(o, j, c)``, c fastest (``total`` = outer * nb *
+    inner of them), so a tile spans several positions instead of idling masked lanes.
     """
     # Block and tile indices fit int32; element offsets are int64 (tensors may pass 2^31).
     pid = tl.program_id(0)
     k = tl.arange(0, BP)
-    if INNER_ONE:
+    if LAYOUT == 0:
         g = pid * TILE + tl.arange(0, TILE)
         row = g // nb
         p = (g % nb) * BLOCK
@@ -178,15 +181,19 @@ def fake_quantize_kernel(
         q, finite = _quantize_tile(_to_f32(x), kidx, lv_ptr, mid_ptr, 1, KIND, BP, P0, P1,
                                    P2, P3, P4)
     else:
-        # Columns are the (o, j, c) block positions with c fastest, so neighbouring columns are
-        # neighbouring addresses (coalesced); a tile may span several (o, j) when inner is small.
-        col = pid * TILE + tl.arange(0, TILE)
-        c = col % inner
-        blk = col // inner
-        pos = (blk % nb) * BLOCK
-        pos = pos[None, :] + k[:, None]
-        mask = (col < total)[None, :] & (k < BLOCK)[:, None] & (pos < n)
-        offs = ((blk // nb).to(tl.int64)[None, :] * n + pos) * inner + c[None, :]
+        if LAYOUT == 1:
+            blk = pid // n_col_tiles
+            c = (pid % n_col_tiles) * TILE + tl.arange(0, TILE)
+            pos = (blk % nb) * BLOCK + k
+            mask = ((k < BLOCK) & (pos < n))[:, None] & (c < inner)[None, :]
+            offs = ((blk // nb).to(tl.int64) * n + pos)[:, None] * inner + c[None, :]
+        else:
+            col = pid * TILE + tl.arange(0, TILE)
+            c = col % inner
+            blk = col // inner
+            pos = ((blk % nb) * BLOCK)[None, :] + k[:, None]
+            mask = (col < total)[None, :] & (k < BLOCK)[:, None] & (pos < n)
+            offs = ((blk // nb).to(tl.int64)[None, :] * n + pos) * inner + c[None, :]
         kidx = tl.broadcast_to(k[:, None], (BP, TILE))
         x = tl.load(x_ptr + offs, mask=mask, other=0.0)
         q, finite = _quantize_tile(_to_f32(x), kidx, lv_ptr, mid_ptr, 0, KIND, BP, P0, P1,
