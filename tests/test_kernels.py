@@ -7,6 +7,8 @@ Every comparison is on the raw bits, so a -0.0 for a +0.0 or a one-ulp differenc
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -21,6 +23,7 @@ from qat.formats.kernels import (  # noqa: E402
     triton_fake_quantize,
 )
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no CUDA and TRITON_INTERPRET is not 1", allow_module_level=True)
@@ -270,6 +273,70 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(ops.mx_fake_quantize, (x, 0, 32, 1, 2, 0, 6.0, False))
     torch.library.opcheck(ops.codebook_fake_quantize,
                           (x, -1, 32, list(make_format({"format": "nf4"}).levels), False))
+
+
+# --- the GPU build (compiled for an H100 without one) -------------------------------------
+
+PTX_SCRIPT = r"""
+import importlib.util, json, re, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+def load(name):  # by path: importing the qat package would pull in transformers (slow)
+    spec = importlib.util.spec_from_file_location(name, f"{sys.argv[1]}/{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+plan = load("_plan")
+kernel = load("_triton_kernels").fake_quantize_kernel
+cases = [  # (dtype, kind, params, block, shape, dim): one per layout
+    ("bf16", plan.KIND_BFP, plan.bfp_params(4, 8), 16, (4096, 4096), -1),
+    ("fp16", plan.KIND_MX, plan.mx_params(1, 2, 0, 6.0, False), 32, (512, 4096), 0),
+    ("fp32", plan.KIND_CODEBOOK, plan.codebook_params((-1.0, 0.0, 1.0), True), 64, (512, 4), 0),
+]
+out = []
+for dt, kind, params, block, shape, dim in cases:
+    p = plan.plan(shape, dim, block)
+    sig = {"x_ptr": "*" + dt, "y_ptr": "*" + dt, "lv_ptr": "*fp32", "mid_ptr": "*fp32",
+           "n": "i32", "inner": "i32", "nb": "i32", "total": "i32", "n_col_tiles": "i32"}
+    const = dict(KIND=kind, BLOCK=block, BP=p.bp, TILE=p.tile, LAYOUT=p.layout,
+                 **{f"P{i}": v for i, v in enumerate(params)})
+    sig.update({c: "constexpr" for c in const})
+    # What triton's launcher assumes for 16-byte aligned pointers and sizes divisible by 16.
+    attrs = {(i,): [["tt.divisibility", 16]] for i in range(6)}
+    src = ASTSource(kernel, sig, constexprs=const, attrs=attrs)
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                         options={"num_warps": p.num_warps, "enable_fp_fusion": False}).asm["ptx"]
+    out.append({"layout": p.layout, "kind": kind,
+                "ops": sorted(set(re.findall(r"\b(?:fma|ex2|lg2|div|rcp|sqrt)\.[a-z0-9.]+", ptx))),
+                "ftz": ".ftz" in ptx,
+                "mem": sorted(set(re.findall(r"\b(?:ld|st)\.global[a-z0-9.]*", ptx)))})
+print(json.dumps(out))
+"""
+
+
+def test_gpu_build_is_exact_by_construction():
+    """The kernel compiled for sm_90 (no GPU needed): no FMA contraction, no approximate
+    exp2/log2/division/reciprocal, no flush-to-zero, IEEE division for the codebook scale, and
+    16-byte vector loads and stores on the last-dim and wide-column layouts."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    kdir = os.path.join(REPO, "qat", "formats", "kernels")
+    res = subprocess.run([sys.executable, "-c", PTX_SCRIPT, kdir], env=env, capture_output=True,
+                         text=True, timeout=300)
+    if res.returncode != 0 and ("ptxas" in res.stderr or "backend" in res.stderr.lower()):
+        pytest.skip(f"triton cannot compile for CUDA here: {res.stderr.strip().splitlines()[-1]}")
+    assert res.returncode == 0, res.stderr
+    cases = json.loads(res.stdout.strip().splitlines()[-1])
+    assert [c["layout"] for c in cases] == [0, 1, 2]
+    for c in cases:
+        assert not c["ftz"], c
+        allowed = {"div.rn.f32", "div.s32", "div.s64"}
+        assert set(c["ops"]) <= allowed, c
+    assert "div.rn.f32" in cases[2]["ops"]  # the codebook's x / s, correctly rounded
+    for c in cases[:2]:
+        assert "ld.global.v4.b32" in c["mem"] and "st.global.v4.b32" in c["mem"], c
 
 
 # --- what has no kernel -------------------------------------------------------------------
