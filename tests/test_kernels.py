@@ -275,6 +275,23 @@ def test_custom_ops_pass_opcheck():
                           (x, -1, 32, list(make_format({"format": "nf4"}).levels), False))
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA's sync debug mode needs a GPU")
+def test_no_host_sync_on_cuda():
+    """Launching never waits for the GPU (after the first call cached the codebook tables)."""
+    x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
+    fmts = [make_format(s) for s in (BFP_SPECS[0], MX_SPECS[0], CODEBOOK_SPECS[0])]
+    for fmt in fmts:
+        triton_fake_quantize(x, fmt, -1)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for fmt in fmts:
+            for dim in (-1, 0):
+                triton_fake_quantize(x, fmt, dim)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 # --- the GPU build (compiled for an H100 without one) -------------------------------------
 
 PTX_SCRIPT = r"""

@@ -31,6 +31,8 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def _load_ops() -> bool:
     """Import triton and register the custom ops; False if triton is missing or broken."""
     try:
+        if importlib.util.find_spec("triton") is None:
+            return False
         importlib.import_module("qat.formats.kernels._ops")
     except Exception:  # ImportError, or a triton that fails on import: no kernels then
         return False
@@ -39,7 +41,7 @@ def _load_ops() -> bool:
 
 # Resolved once at import: the wrapper below must stay traceable by torch.compile (no imports
 # or environment reads inside it). Triton itself reads TRITON_INTERPRET when kernels are defined.
-_AVAILABLE = importlib.util.find_spec("triton") is not None and _load_ops()
+_AVAILABLE = _load_ops()
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -68,11 +70,11 @@ def triton_fake_quantize(x: Tensor, fmt: Format, dim: int = -1) -> Tensor:
     if x.dtype not in _DTYPES:
         raise TypeError(f"{fmt.name}: triton kernels take float32, float16 or bfloat16 tensors, "
                         f"got {x.dtype}")
+    if not _AVAILABLE:
+        raise RuntimeError("triton is not installed (pip install triton)")
     if x.device.type != "cuda" and not _INTERPRET:
         raise RuntimeError(f"triton kernels run on CUDA tensors, got a {x.device.type} tensor "
                            f"(set TRITON_INTERPRET=1 before importing triton to interpret them)")
-    if not _AVAILABLE:
-        raise RuntimeError("triton is not installed (pip install triton)")
     q = torch.ops.qat
     if type(fmt) is BFP:
         return q.bfp_fake_quantize(x, dim, fmt.width, fmt.exponent_width, fmt.block_size)
