@@ -77,9 +77,9 @@ class MatmulQuantizer(nn.Module):
     or, if asked, along the sequence (the reduction dim of ``P @ V``).
     """
 
-    def __init__(self, fmt, v_block_axis: str = "head_dim") -> None:
+    def __init__(self, fmt, v_block_axis: str = "head_dim", backend: str = "auto") -> None:
         super().__init__()
-        self.q = FakeQuantizer(fmt, dim=-1)
-        self.k = FakeQuantizer(fmt, dim=-1)
-        self.p = FakeQuantizer(fmt, dim=-1)
-        self.v = FakeQuantizer(fmt, dim=-1 if v_block_axis == "head_dim" else -2)
+        self.q = FakeQuantizer(fmt, dim=-1, backend=backend)
+        self.k = FakeQuantizer(fmt, dim=-1, backend=backend)
+        self.p = FakeQuantizer(fmt, dim=-1, backend=backend)
+        self.v = FakeQuantizer(fmt, dim=-1 if v_block_axis == "head_dim" else -2, backend=backend)

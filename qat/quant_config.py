@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -40,6 +41,8 @@ class QuantConfig:
     pattern to partial specs per role, e.g. ``{".*fc2": {"weight": {"width": 6}}}``; the first
     matching pattern wins. ``v_block_axis`` blocks V of ``P @ V`` along ``head_dim`` (default,
     causal-safe) or along ``seq`` (the reduction dim; leaks later tokens in decoders).
+    ``backend`` picks the implementation (``auto``, ``triton``, ``compile``, ``reference``;
+    see ``qat.backends``); every backend gives the same values.
     """
 
     weight: dict[str, Any] | None = None
@@ -49,6 +52,7 @@ class QuantConfig:
         default_factory=lambda: ["score", "classifier", "lm_head"])
     overrides: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     v_block_axis: str = "head_dim"
+    backend: str = "auto"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -104,6 +108,11 @@ class QuantConfig:
                     raise QuantConfigError(f"quant.overrides[{pat!r}].{role} must be a mapping "
                                            f"or null, got {sub!r}")
                 _build(merge_spec(getattr(self, role), sub), f"quant.overrides[{pat!r}].{role}")
+        from qat.backends import BACKENDS
+
+        if self.backend not in BACKENDS:
+            raise QuantConfigError(f"quant.backend must be one of {', '.join(BACKENDS)}; "
+                                   f"got {self.backend!r}")
         if self.v_block_axis not in V_AXES:
             raise QuantConfigError(f"quant.v_block_axis must be one of {', '.join(V_AXES)}; "
                                    f"got {self.v_block_axis!r}")
@@ -127,8 +136,16 @@ class QuantConfig:
         return spec
 
     def format_for(self, role: str, name: str) -> Format | None:
+        """The format of ``role`` for module ``name``; equal specs share one Format object
+        (built once, so a ``codebook_file`` is read once, not once per layer)."""
         spec = self.spec_for(role, name)
-        return None if spec is None else make_format(spec)
+        if spec is None:
+            return None
+        key = json.dumps(spec, sort_keys=True, default=str)
+        cache = self.__dict__.setdefault("_formats", {})
+        if key not in cache:
+            cache[key] = make_format(spec)
+        return cache[key]
 
 
 def _plain(v: Any) -> Any:

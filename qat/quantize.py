@@ -13,7 +13,7 @@ from transformers.pytorch_utils import Conv1D
 from qat import attention
 from qat.modules import MatmulQuantizer, QuantConv1D, QuantLinear
 from qat.quant_config import QuantConfig, QuantConfigError
-from qat.ste import FakeQuantizer
+from qat.ste import FakeQuantizer, SharedInput
 
 CONFIG_ATTR = "qat_config"  # key under which the quant config is kept in model.config
 
@@ -68,8 +68,8 @@ def quantize_model(model: nn.Module, config: QuantConfig | Mapping[str, Any] | N
             if wf is None and af is None:
                 continue
             wdim = 0 if isinstance(module, Conv1D) else -1
-            wq = FakeQuantizer(wf, dim=wdim) if wf is not None else None
-            aq = FakeQuantizer(af, dim=-1) if af is not None else None
+            wq = FakeQuantizer(wf, dim=wdim, backend=config.backend) if wf is not None else None
+            aq = FakeQuantizer(af, dim=-1, backend=config.backend) if af is not None else None
             if isinstance(module, Conv1D):
                 replacements.append((name, QuantConv1D.from_conv1d(module, wq, aq)))
             else:
@@ -79,7 +79,7 @@ def quantize_model(model: nn.Module, config: QuantConfig | Mapping[str, Any] | N
                 used_overrides.add(pat)
             mf = config.format_for("matmul", name)
             if mf is not None:
-                module.qat_matmul = MatmulQuantizer(mf, config.v_block_axis)
+                module.qat_matmul = MatmulQuantizer(mf, config.v_block_axis, config.backend)
                 uses_matmul = True
     unused = [p for p in config.overrides if p not in used_overrides]
     if unused:
@@ -91,6 +91,7 @@ def quantize_model(model: nn.Module, config: QuantConfig | Mapping[str, Any] | N
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, new)
+    share_sibling_inputs([(n, m) for n, m in replacements])
     if uses_matmul:
         if not hasattr(model, "set_attn_implementation"):
             raise QuantConfigError("quant.matmul needs a transformers PreTrainedModel; "
@@ -100,6 +101,23 @@ def quantize_model(model: nn.Module, config: QuantConfig | Mapping[str, Any] | N
         setattr(model.config, CONFIG_ATTR, config.to_dict())
     model.qat_quant_config = config
     return model
+
+
+def share_sibling_inputs(linears: list[tuple[str, nn.Module]]) -> None:
+    """Let quantised linears under one parent with equal input formats share one input
+    quantisation per forward (q/k/v, gate/up read the same hidden state): see ``SharedInput``.
+    Siblings that are handed different tensors simply miss the cache."""
+    groups: dict[tuple, list[FakeQuantizer]] = {}
+    for name, m in linears:
+        aq = m.input_quantizer
+        if aq is not None:
+            key = (name.rpartition(".")[0], aq.fmt, aq.dim, aq.backend)
+            groups.setdefault(key, []).append(aq)
+    for members in groups.values():
+        if len(members) > 1:
+            shared = SharedInput()
+            for aq in members:
+                aq.shared = shared
 
 
 def quantization_summary(model: nn.Module) -> dict[str, int]:

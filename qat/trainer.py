@@ -88,10 +88,24 @@ class QATTrainer(Trainer):
             # True, Trainer would multiply it by the world size under DDP (2x the gradients).
             self.model_accepts_loss_kwargs = False
         trainable, total = trainable_parameters(self.model)
-        logger.info("qat: %s; finetune=%s; trainable %d / %d parameters",
-                    quantization_summary(self.model), finetune, trainable, total)
+        logger.info("qat: %s; finetune=%s; trainable %d / %d parameters; %s",
+                    quantization_summary(self.model), finetune, trainable, total,
+                    self._backend_summary())
         self.add_callback(_WandbQATConfig(self.qat_state()))
         self.add_callback(_EndSkippedStep(self))
+
+    def _backend_summary(self) -> str:
+        """Which quantiser implementation runs here, e.g. ``backend auto -> compile on cpu``."""
+        if self.quant_config is None:
+            return "float"
+        from qat.backends import resolve_backend
+        from qat.ste import FakeQuantizer
+
+        fq = next((m for m in self.model.modules() if isinstance(m, FakeQuantizer)), None)
+        if fq is None:
+            return "no quantisers"
+        impl = resolve_backend(fq.backend, fq.fmt, self.args.device)
+        return f"quantiser backend {fq.backend} -> {impl} on {self.args.device.type}"
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """Trainer's step, then the non-finite guard: ``stop`` raises NonFiniteError before the

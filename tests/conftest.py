@@ -24,6 +24,9 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DISABLE_MLFLOW_INTEGRATION", "TRUE")
+# quant.backend auto would torch.compile every format of hundreds of tiny models; the compile
+# and triton backends have tests of their own that name them.
+os.environ.setdefault("QAT_BACKEND", "reference")
 if SHARED_GLUE.is_dir():
     os.environ.setdefault("QAT_DATA_DIR", str(SHARED_GLUE))
 if SHARED_WIKITEXT.is_dir():

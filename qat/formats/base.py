@@ -48,26 +48,31 @@ class Format:
         raise NotImplementedError
 
     def quantize(self, x: Tensor, dim: int = -1) -> Tensor:
-        """Fake-quantise ``x`` with blocks running along ``dim``."""
+        """Fake-quantise ``x`` with blocks running along ``dim``.
+
+        Sync-free (no data-dependent Python branch), so it runs on a GPU without stalling the
+        queue and compiles into one graph. A finite input always gives a finite output in
+        ``x.dtype``: values the format would round past the dtype's largest finite value
+        saturate to it (docs/formats.md, "Non-finite values and saturation").
+        """
         if not torch.is_floating_point(x):
             raise TypeError(f"{self.name}: expected a floating-point tensor, got {x.dtype}")
+        ndim = x.dim()
+        if not -max(ndim, 1) <= dim < max(ndim, 1):
+            raise IndexError(f"{self.name}: dim {dim} is out of range for a {ndim}-D tensor "
+                             f"(expected -{max(ndim, 1)} <= dim < {max(ndim, 1)})")
         if x.numel() == 0:
             return x
         dtype = x.dtype
-        xf = x.float()
-        ndim = xf.dim()
-        if ndim == 0:
-            xf = xf.reshape(1)
+        xf = x.float().reshape(1) if ndim == 0 else x.float()
         d = dim % max(ndim, 1)
         moved = ndim > 1 and d != ndim - 1
         if moved:
             xf = xf.movedim(d, -1)
         finite = torch.isfinite(xf)
-        all_finite = bool(finite.all())
-        src = xf if all_finite else torch.where(finite, xf, torch.zeros_like(xf))
-        q = self._quantize_lastdim(src.contiguous())
-        if not all_finite:
-            q = torch.where(finite, q, xf)
+        q = self._quantize_lastdim(torch.where(finite, xf, 0.0).contiguous())
+        big = torch.finfo(dtype).max
+        q = torch.where(finite, q.clamp(-big, big), xf)
         if moved:
             q = q.movedim(-1, d)
         return q.reshape(x.shape).to(dtype)
@@ -102,10 +107,6 @@ def from_blocks(xb: Tensor, n: int) -> Tensor:
     x = xb.reshape(*xb.shape[:-2], xb.shape[-2] * xb.shape[-1])
     return x[..., :n]
 
-
-def round_half_even(x: Tensor) -> Tensor:
-    """Round to nearest, ties to even (``torch.round`` already does this; named for clarity)."""
-    return torch.round(x)
 
 
 def ceil_log2(x: Tensor) -> Tensor:

