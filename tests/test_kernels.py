@@ -219,13 +219,24 @@ def test_codebook_from_file_matches_reference(tmp_path, with_zero):
                  torch.float32)
 
 
-@pytest.mark.parametrize("shape,dim", [((), 0), ((1,), 0), ((0, 4), 1), ((4, 5), 7)])
+@pytest.mark.parametrize("shape,dim", [((), 0), ((), -1), ((1,), 0), ((0, 4), 1), ((4, 5), -2)])
 def test_degenerate_shapes(shape, dim):
-    """Scalars, one element, empty tensors and a dim that wraps around, as the reference."""
+    """Scalars, one element, empty tensors and negative dims, as the reference."""
     fmt = make_format({"format": "bfp", "width": 4, "block_size": 4})
     x = (torch.randn(shape) * 3).to(DEVICE)
     got = triton_fake_quantize(x, fmt, dim)
     assert_bits_equal(got, x, fmt, dim)
+
+
+@pytest.mark.parametrize("shape,dim", [((4, 5), 2), ((4, 5), -3), ((), 1)])
+def test_dim_out_of_range_is_the_references_error(shape, dim):
+    fmt = make_format({"format": "bfp"})
+    x = torch.randn(shape, device=DEVICE)
+    with pytest.raises(IndexError) as want:
+        fmt.quantize(x, dim)
+    with pytest.raises(IndexError) as got:
+        triton_fake_quantize(x, fmt, dim)
+    assert str(got.value) == str(want.value)
 
 
 def test_non_contiguous_input():

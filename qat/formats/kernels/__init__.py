@@ -70,6 +70,10 @@ def triton_fake_quantize(x: Tensor, fmt: Format, dim: int = -1) -> Tensor:
     if x.dtype not in _DTYPES:
         raise TypeError(f"{fmt.name}: triton kernels take float32, float16 or bfloat16 tensors, "
                         f"got {x.dtype}")
+    nd = max(x.dim(), 1)
+    if not -nd <= dim < nd:  # the reference's check and message
+        raise IndexError(f"{fmt.name}: dim {dim} is out of range for a {x.dim()}-D tensor "
+                         f"(expected -{nd} <= dim < {nd})")
     if not _AVAILABLE:
         raise RuntimeError("triton is not installed (pip install triton)")
     if x.device.type != "cuda" and not _INTERPRET:

@@ -125,7 +125,15 @@ def _to_f32(x):
 
 @triton.jit
 def _from_f32(q, DT: tl.constexpr):
-    """Round finite float32 ``q`` to DT to nearest even, as ``Tensor.to`` does."""
+    """Finite float32 ``q`` saturated to DT's largest finite value (as the reference does, so
+    a finite input never gives inf) and rounded to DT to nearest even, as ``Tensor.to`` does."""
+    if DT == tl.bfloat16:
+        big: tl.constexpr = 3.3895313892515355e38
+    elif DT == tl.float16:
+        big: tl.constexpr = 65504.0
+    else:
+        big: tl.constexpr = 3.4028234663852886e38
+    q = tl.minimum(tl.maximum(q, -big), big)
     if DT == tl.bfloat16:
         # Round to nearest even on the bits (the interpreter's own cast truncates).
         b = q.to(tl.int32, bitcast=True)
