@@ -206,17 +206,37 @@ def test_formats_match_reference_in_every_dtype(spec, dtype):
     check_format(spec, dtype)
 
 
+def bof4_file(tmp_path, levels: list[float]) -> str:
+    path = tmp_path / "bof4.json"
+    path.write_text(json.dumps({"kind": "bof4", "metric": "mse", "block_size": 32,
+                                "levels": levels}))
+    return str(path)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_saturates_to_the_dtype_like_the_reference(tmp_path, dtype):
+    """A fitted codebook may have levels beyond +-1, so ``level * s`` can pass the dtype's
+    largest finite value: both paths then give that value, never inf."""
+    levels = [1.5 * (-1.0 + 2 * i / 15) for i in range(16)]
+    fmt = make_format({"format": "bof4", "block_size": 32,
+                       "codebook_file": bof4_file(tmp_path, levels)})
+    big = torch.finfo(dtype).max
+    x = torch.linspace(-1, 1, 64, dtype=torch.float64).reshape(2, 32) * big
+    x = x.to(dtype).to(DEVICE)
+    got = triton_fake_quantize(x, fmt, -1)
+    assert torch.isfinite(got).all()
+    assert got.abs().max().item() == big
+    assert_bits_equal(got, x, fmt, -1)
+
+
 @pytest.mark.parametrize("with_zero", [True, False])
 def test_codebook_from_file_matches_reference(tmp_path, with_zero):
     """A fitted table (bof4 at block 32 has no built-in one), also one without a 0 level."""
     levels = [-1.0 + 2 * i / 15 for i in range(16)]
     if with_zero:
         levels[7] = 0.0
-    path = tmp_path / "bof4.json"
-    path.write_text(json.dumps({"kind": "bof4", "metric": "mse", "block_size": 32,
-                                "levels": levels}))
-    check_format({"format": "bof4", "block_size": 32, "codebook_file": str(path)},
-                 torch.float32)
+    path = bof4_file(tmp_path, levels)
+    check_format({"format": "bof4", "block_size": 32, "codebook_file": path}, torch.float32)
 
 
 @pytest.mark.parametrize("shape,dim", [((), 0), ((), -1), ((1,), 0), ((0, 4), 1), ((4, 5), -2)])
