@@ -128,3 +128,29 @@ def test_shared_cache_is_invalidated_by_in_place_change_and_holds_no_dead_input(
     del x
     gc.collect()
     assert cache._out is None  # the result dies with its input
+
+
+def test_triton_backend_in_a_model_equals_reference():
+    """quant.backend triton (interpreted on the CPU) gives the reference model's logits and
+    gradients bit for bit; formats without a kernel (int here) fall back to compile."""
+    import os
+
+    from qat.formats.kernels import triton_available
+
+    if not triton_available() or os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs triton's interpreter (TRITON_INTERPRET=1, no GPU)")
+    quant = {"weight": {"format": "nf4", "block_size": 32},
+             "activation": {"format": "bfp", "width": 4}, "matmul": {"format": "mxfp4"}}
+    models = {}
+    for backend in ("triton", "reference"):
+        m = quantize_model(tiny_model("llama", seed=2), {**quant, "backend": backend}).eval()
+        out = m(**tiny_batch())
+        out.loss.backward()
+        models[backend] = (m, out)
+    (mt, ot), (mr, orf) = models["triton"], models["reference"]
+    assert torch.equal(ot.logits, orf.logits)
+    for (n, a), (_, b) in zip(mt.named_parameters(), mr.named_parameters()):
+        if a.grad is not None:
+            assert torch.equal(a.grad, b.grad), n
+    fq = mt.model.layers[0].self_attn.q_proj.weight_quantizer
+    assert fq._impl == {"cpu": "triton"}
