@@ -164,10 +164,10 @@ def resolve_source(path: str, overrides: list[str]) -> Source:
         raise CommandError(f"{path!r} is not a regular file or a directory (expected a recipe "
                            ".yaml or a checkpoint directory)")
     if not (p / QAT_CONFIG_FILE).is_file():
-        raise CommandError(f"{path!r} is a directory without {QAT_CONFIG_FILE}: not a qat "
-                           "checkpoint (written by qat train); give a recipe .yaml file, or to "
-                           "evaluate a plain model, a recipe whose model_name_or_path points "
-                           "at it")
+        raise CommandError(f"{path!r} is a directory that holds no {QAT_CONFIG_FILE}: not a "
+                           "qat checkpoint (written by qat train); give a recipe .yaml file, "
+                           "or to evaluate a plain model, a recipe whose model_name_or_path "
+                           "points at it")
     state = read_qat_config(p)
     yaml_path = _find_recipe_yaml(p)
     data: dict[str, Any] = dict(load_recipe_dict(yaml_path)) if yaml_path else {}

@@ -284,7 +284,6 @@ def run(path: str, argv: list[str]) -> dict[str, Any]:
     from qat.density import density_report
     from qat.eval_cmd import load_model, resolve_source
     from qat.glue import get_task
-
     from qat.models import resolve_device
 
     opts, overrides = split_options(argv, {"out": str, "device": str})

@@ -254,8 +254,9 @@ def load_recipe_dict(path: str | os.PathLike) -> dict[str, Any]:
         line = raw[:e.start].count(b"\n") + 1
         raise RecipeError(f"recipe file {str(p)!r} line {line}: not valid UTF-8 (byte "
                           f"0x{raw[e.start]:02x})") from None
+    loader = _RecipeLoader(text)  # a SafeLoader: no Python tags
     try:
-        data = yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+        data = loader.get_single_data()
     except _RecipeSyntaxError as e:
         raise RecipeError(f"recipe file {str(p)!r} {e}") from None
     except yaml.YAMLError as e:
@@ -264,6 +265,8 @@ def load_recipe_dict(path: str | os.PathLike) -> dict[str, Any]:
     except RecursionError:
         raise RecipeError(f"recipe file {str(p)!r} is nested too deeply to be a recipe"
                           ) from None
+    finally:
+        loader.dispose()
     if data is None:
         data = {}
     if not isinstance(data, dict):
