@@ -206,6 +206,10 @@ def load_glue(task_name: str, data_dir: str | None = None, splits: tuple[str, ..
     root = resolve_data_dir(data_dir)
     if root is not None:
         base = Path(root).expanduser() / task.name
+        if not Path(root).expanduser().exists():
+            raise DataError(f"data_dir {root!r} does not exist (from "
+                            f"{'the recipe' if data_dir else DATA_DIR_ENV}); it should hold "
+                            f"{task.name}/train.tsv and {task.name}/validation.tsv")
         for folder, what in ((Path(root).expanduser(), "data_dir"), (base, "task folder")):
             if folder.exists() and not folder.is_dir():
                 raise DataError(f"{what} {str(folder)!r} is a file, expected a folder holding "

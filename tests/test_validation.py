@@ -159,6 +159,8 @@ DISK_ROWS: list[tuple[str, dict[str, Any], list[str], Disk | None, list[str]]] =
      ["data_dir", "datafile'", "is a file, expected a folder holding sst2/train.tsv"]),
     ("task folder is a file", {"data_dir": "{tmp}/d2"}, [], _task_file,
      ["task folder", "d2/sst2'", "is a file, expected a folder"]),
+    ("data_dir does not exist", {"data_dir": "{tmp}/nodata"}, [], None,
+     ["data_dir", "nodata' does not exist (from the recipe); it should hold sst2/train.tsv"]),
     ("train.tsv is a directory", {}, [], _train_dir,
      ["sst2/train.tsv'", "is a directory, expected a TSV file"]),
     ("TSV quote that closes on a later line", {}, [], _train_bytes(MERGED),
@@ -291,6 +293,16 @@ def _setup_wikitext_bytes(tmp: Path) -> list[str]:
     return []
 
 
+def _setup_not_a_model(tmp: Path) -> list[str]:
+    (tmp / "emptymodel").mkdir()
+    return ["--model_name_or_path", str(tmp / "emptymodel")]
+
+
+def _setup_model_file(tmp: Path) -> list[str]:
+    (tmp / "model.bin").write_bytes(b"\0" * 16)
+    return ["--model_name_or_path", str(tmp / "model.bin")]
+
+
 def _setup_fifo(tmp: Path) -> list[str]:
     os.mkfifo(tmp / "pipe")
     return []
@@ -314,6 +326,10 @@ WRONG_KIND = [
     ("perplexity chunk longer than the positions", "perplexity", None,
      ["--chunk_size 4096 is beyond the position limit", "(128 positions)"]),
     ("eval device string", "eval", None, ["--device 'gpu' is not one of cpu, cuda, cuda:N"]),
+    ("eval model folder that is not a model", "eval", _setup_not_a_model,
+     ["model_name_or_path", "emptymodel'", "is a folder without config.json"]),
+    ("profile model path that is a file", "profile", _setup_model_file,
+     ["model_name_or_path", "model.bin'", "is a file, expected a model folder"]),
 ]
 
 
