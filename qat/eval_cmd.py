@@ -20,12 +20,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-USAGE = """usage: qat eval RECIPE.yaml|CHECKPOINT_DIR [--output FILE] [--key value ...]
+USAGE = """usage: qat eval RECIPE.yaml|CHECKPOINT_DIR [--output FILE] [--device D] [--key value ...]
 
 Evaluates on the task's validation split(s) without training and prints the metrics and the
 density report. Recipe keys override the recipe (or the checkpoint's recipe.yaml), e.g.
 --quant null, --quant.weight.width 6, --max_eval_samples 200, --per_device_eval_batch_size 64.
---output FILE  metrics JSON (default: <checkpoint dir or output_dir>/eval_qat.json)"""
+--output FILE  metrics JSON (default: <checkpoint dir or output_dir>/eval_qat.json)
+--device D     cpu, cuda, cuda:N or auto (default: cuda when there is one, cpu with use_cpu)"""
 
 
 class CommandError(ValueError):
@@ -67,12 +68,12 @@ def user_errors() -> tuple[type[Exception], ...]:
     """The exceptions a command reports as one ``error:`` line (bad input, not bugs)."""
     from qat.formats import FormatError
     from qat.glue import DataError
-    from qat.models import ModelLoadError
+    from qat.models import DeviceError, ModelLoadError
     from qat.quant_config import QuantConfigError
     from qat.recipe import RecipeError
 
     return (CommandError, RecipeError, DataError, ModelLoadError, QuantConfigError, FormatError,
-            FileNotFoundError)
+            DeviceError, FileNotFoundError)
 
 
 def run_cli(name: str, usage: str, argv: list[str] | None,
@@ -101,6 +102,40 @@ class Source:
     finetune: str = "full"
 
 
+def _first_existing(p: Path) -> Path:
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def check_output_file(path: str | Path, option: str = "--output") -> Path:
+    """An output file path must not be a directory, nor lie under a file; checked before any
+    work so a long evaluation does not end in a traceback (and nothing is written here)."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise CommandError(f"{option} {str(path)!r} is a directory, expected a file path "
+                           f"(e.g. {str(p / 'results.json')!r})")
+    if p.exists() and not p.is_file():
+        raise CommandError(f"{option} {str(path)!r} is not a regular file")
+    base = _first_existing(p.parent)
+    if not base.is_dir():
+        raise CommandError(f"{option} {str(path)!r} cannot be written: {str(base)!r} is a "
+                           "file, not a folder")
+    return p
+
+
+def check_output_folder(path: str | Path, option: str = "--output_dir") -> Path:
+    """An output folder must be a folder (or creatable: no file on its path)."""
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise CommandError(f"{option} {str(path)!r} is a file, expected a folder")
+    base = _first_existing(p)
+    if not base.is_dir():
+        raise CommandError(f"{option} {str(path)!r} cannot be created: {str(base)!r} is a "
+                           "file, not a folder")
+    return p
+
+
 def _find_recipe_yaml(ckpt: Path) -> Path | None:
     for d in (ckpt, ckpt.parent):
         if (d / "recipe.yaml").is_file():
@@ -125,10 +160,14 @@ def resolve_source(path: str, overrides: list[str]) -> Source:
     if not p.exists():
         raise CommandError(f"{path!r} does not exist (expected a recipe .yaml or a checkpoint "
                            "directory)")
+    if not p.is_dir():
+        raise CommandError(f"{path!r} is not a regular file or a directory (expected a recipe "
+                           ".yaml or a checkpoint directory)")
     if not (p / QAT_CONFIG_FILE).is_file():
-        raise CommandError(f"{path!r} holds no {QAT_CONFIG_FILE}: not a qat checkpoint (written "
-                           "by qat train); to evaluate a plain model, use a recipe whose "
-                           "model_name_or_path points at it")
+        raise CommandError(f"{path!r} is a directory that holds no {QAT_CONFIG_FILE}: not a "
+                           "qat checkpoint (written by qat train); give a recipe .yaml file, "
+                           "or to evaluate a plain model, a recipe whose model_name_or_path "
+                           "points at it")
     state = read_qat_config(p)
     yaml_path = _find_recipe_yaml(p)
     data: dict[str, Any] = dict(load_recipe_dict(yaml_path)) if yaml_path else {}
@@ -151,14 +190,20 @@ def resolve_source(path: str, overrides: list[str]) -> Source:
     return Source(build_recipe(data, str(yaml_path or p)), p, finetune)
 
 
-def load_model(src: Source, num_labels: int):
-    """The sequence classifier of ``src``, quantised as its config says, in eval mode."""
+def load_model(src: Source, num_labels: int, device: Any = None):
+    """The sequence classifier of ``src``, quantised as its config says, in eval mode, on
+    ``device`` (a ``torch.device``; None: ``resolve_device("auto")``, the GPU when there is
+    one, as ``qat train`` does)."""
     import qat.attention  # noqa: F401 - registers the "qat" attention a saved run may name
-    from qat.models import load_sequence_classifier, load_tokenizer
+    from qat import models
+    from qat.models import check_max_length, load_sequence_classifier, load_tokenizer, preflight
     from qat.quantize import quantize_model
 
     args = src.recipe.args
     ckpt = src.checkpoint
+    if device is None:
+        device = models.resolve_device(None, src.recipe.training_args.use_cpu)
+    config = preflight(args)
     tok_name = args.tokenizer_name_or_path or args.model_name_or_path
     gguf = None if args.tokenizer_name_or_path else args.gguf_file
     if ckpt is not None and (ckpt / "tokenizer_config.json").is_file():
@@ -166,11 +211,13 @@ def load_model(src: Source, num_labels: int):
     tokenizer = load_tokenizer(tok_name, gguf)
     model = load_sequence_classifier(args.model_name_or_path, num_labels, args.gguf_file,
                                      args.torch_dtype, pad_token_id=tokenizer.pad_token_id)
+    if config is None:  # GGUF: the config comes with the model
+        check_max_length(model.config, args.max_length, args.model_name_or_path)
     if args.quant is not None:
         quantize_model(model, args.quant)
     if ckpt is not None and src.finetune == "lora":
         model = _attach_lora(model, ckpt)
-    return model.eval(), tokenizer
+    return model.to(device).eval(), tokenizer
 
 
 def _attach_lora(model, ckpt: Path):
@@ -188,40 +235,53 @@ def _attach_lora(model, ckpt: Path):
 
 
 def evaluate(model, tokenizer, task, data, batch_size: int) -> dict[str, float]:
-    """Run ``model`` over one tokenised split and compute the task's metrics."""
+    """Run ``model`` over one tokenised split and compute the task's metrics. Batches go to
+    the model's device; logits stay there until the end (one copy back, no per-batch sync)."""
     import numpy as np
     import torch
     from tqdm.auto import tqdm
     from transformers import DataCollatorWithPadding
 
     collate = DataCollatorWithPadding(tokenizer)
+    device = next(model.parameters()).device
     preds, labels = [], []
     rows = data.with_format(None)
     with torch.no_grad():
         for start in tqdm(range(0, len(rows), batch_size), desc="eval", unit="batch"):
             batch = collate([rows[i] for i in range(start, min(start + batch_size, len(rows)))])
             labels.append(batch.pop("labels").numpy())
-            preds.append(model(**batch).logits.float().numpy())
-    return task.compute_metrics(np.concatenate(preds), np.concatenate(labels))
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            preds.append(model(**batch).logits.float())
+    logits = torch.cat(preds).cpu().numpy()
+    return task.compute_metrics(logits, np.concatenate(labels))
 
 
-def run(path: str, overrides: list[str], output: str | None = None) -> dict[str, Any]:
-    """Evaluate ``path`` (recipe or checkpoint); returns and writes the results."""
+def run(path: str, overrides: list[str], output: str | None = None,
+        device: str | None = None) -> dict[str, Any]:
+    """Evaluate ``path`` (recipe or checkpoint) on ``device`` (``--device``; None: auto);
+    returns and writes the results."""
+    from qat import models
     from qat.density import density_report
     from qat.glue import get_task, load_glue, tokenize_glue
 
+    if output is not None:
+        check_output_file(output)
     src = resolve_source(path, overrides)
     args, targs = src.recipe.args, src.recipe.training_args
+    out = Path(output) if output else (src.checkpoint or Path(targs.output_dir)) / "eval_qat.json"
+    check_output_file(out)
+    dev = models.resolve_device(device, targs.use_cpu)
     task = get_task(args.task_name)
     raw = load_glue(task.name, args.data_dir, splits=task.validation_splits)
-    model, tokenizer = load_model(src, task.num_labels)
+    if args.max_eval_samples:  # before tokenising
+        for s in task.validation_splits:
+            raw[s] = raw[s].select(range(min(args.max_eval_samples, len(raw[s]))))
+    model, tokenizer = load_model(src, task.num_labels, dev)
     data = tokenize_glue(raw, task, tokenizer, args.max_length)
     metrics: dict[str, dict[str, float]] = {}
     for split in task.validation_splits:
-        ds = data[split]
-        if args.max_eval_samples:
-            ds = ds.select(range(min(args.max_eval_samples, len(ds))))
-        metrics[split] = evaluate(model, tokenizer, task, ds, targs.per_device_eval_batch_size)
+        metrics[split] = evaluate(model, tokenizer, task, data[split],
+                                  targs.per_device_eval_batch_size)
     density = density_report(model)
     print(density.format())
     results = {
@@ -230,7 +290,6 @@ def run(path: str, overrides: list[str], output: str | None = None) -> dict[str,
         "quant": None if args.quant is None else args.quant.to_dict(),
         "metrics": metrics, "density": density.to_dict(),
     }
-    out = Path(output) if output else (src.checkpoint or Path(targs.output_dir)) / "eval_qat.json"
     return write_results(results, out)
 
 
@@ -244,8 +303,8 @@ def write_results(results: dict[str, Any], out: Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     def body(argv: list[str]) -> None:
-        opts, rest = split_options(argv[1:], {"output": str})
-        results = run(argv[0], rest, opts.get("output"))
+        opts, rest = split_options(argv[1:], {"output": str, "device": str})
+        results = run(argv[0], rest, opts.get("output"), opts.get("device"))
         for split, m in results["metrics"].items():
             print(f"qat eval: {split}: " + ", ".join(f"{k}={v:.4f}" for k, v in m.items()))
         print(f"qat eval: wrote {results['output']}")

@@ -37,7 +37,8 @@ USAGE = """usage: qat export RECIPE.yaml|CHECKPOINT_DIR --out DIR [--key value .
 Writes DIR/model.safetensors (packed codes + scales; float for unquantised modules),
 DIR/config.json with quantization_config {quant_method: qat, ...} and the tokenizer.
 Load it back with `import qat` then AutoModelForSequenceClassification.from_pretrained(DIR).
-Recipe keys override the recipe (or the checkpoint's recipe.yaml), e.g. --quant.weight.width 6."""
+Recipe keys override the recipe (or the checkpoint's recipe.yaml), e.g. --quant.weight.width 6.
+--device D  where the model is loaded: cpu, cuda, cuda:N or auto (default)"""
 
 
 class ExportError(ValueError):
@@ -283,13 +284,15 @@ def run(path: str, argv: list[str]) -> dict[str, Any]:
     from qat.density import density_report
     from qat.eval_cmd import load_model, resolve_source
     from qat.glue import get_task
+    from qat.models import resolve_device
 
-    opts, overrides = split_options(argv, {"out": str})
+    opts, overrides = split_options(argv, {"out": str, "device": str})
     if not opts.get("out"):
         raise CommandError("--out DIR is required")
     src = resolve_source(path, overrides)
     task = get_task(src.recipe.args.task_name)
-    model, tokenizer = load_model(src, task.num_labels)
+    device = resolve_device(opts.get("device"), src.recipe.training_args.use_cpu)
+    model, tokenizer = load_model(src, task.num_labels, device)
     out = export_model(model, opts["out"], tokenizer)
     density = density_report(model)
     print(density.format(per_layer=False))

@@ -94,41 +94,103 @@ def resolve_data_dir(data_dir: str | None) -> str | None:
     return data_dir or os.environ.get(DATA_DIR_ENV) or None
 
 
+def _decode(task: GlueTask, path: Path, raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8-sig")  # a BOM would otherwise rename the first column
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{task.name}: {str(path)!r} line {line}: not valid UTF-8 (byte "
+                        f"0x{raw[e.start]:02x}); save the file as UTF-8") from None
+
+
+def read_tsv_records(task: GlueTask, path: Path) -> tuple[list[str], list[list[str]]]:
+    """Header and records of a GLUE TSV, one record per physical line.
+
+    The files are tab-separated; a field may be wrapped in double quotes with inner quotes
+    doubled (``csv`` QUOTE_MINIMAL, as ../shared/data writes a field holding a quote). A
+    quoted field never spans lines in GLUE, so a record that does (an unclosed quote) would
+    silently merge rows: it is an error naming the line, as are non-UTF-8 bytes and a row whose
+    field count differs from the header's.
+    """
+    import csv
+
+    where = f"{task.name}: {str(path)!r}"
+    text = _decode(task, path, path.read_bytes())
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()  # the final newline ends the last record, it does not start one
+    if not lines:
+        raise DataError(f"{task.name}: data file {str(path)!r} is empty")
+    reader = csv.reader(iter(lines), delimiter="\t", strict=True)
+    records: list[list[str]] = []
+    done = 0  # physical lines consumed so far
+    while True:
+        try:
+            rec = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:
+            raise DataError(f"{where} line {done + 1}: malformed quoting ({e}); a field that "
+                            "starts with a double quote must end with one, with inner quotes "
+                            "doubled") from None
+        if reader.line_num != done + 1:
+            raise DataError(f"{where} line {done + 1}: a quote opened on this line closes on "
+                            f"line {reader.line_num}; records must not span lines")
+        done = reader.line_num
+        records.append(rec)
+    header, rows = records[0], records[1:]
+    if len(set(header)) != len(header):
+        dup = next(h for h in header if header.count(h) > 1)
+        raise DataError(f"{where} line 1: column {dup!r} appears twice in the header")
+    for i, rec in enumerate(rows):
+        if len(rec) != len(header):
+            what = "blank" if rec == [] else f"has {len(rec)} fields"
+            raise DataError(f"{where} line {i + 2} {what}, expected {len(header)} "
+                            f"({', '.join(header)}); a tab inside a field?")
+    return header, rows
+
+
 def read_split_tsv(task: GlueTask, path: Path):
-    """Read one local split as a ``datasets.Dataset``, checking columns and labels."""
+    """Read one local split as a ``datasets.Dataset``, checking rows, columns and labels."""
     import pandas as pd
     from datasets import Dataset
 
+    if path.is_dir():
+        raise DataError(f"{task.name}: data file {str(path)!r} is a directory, expected a "
+                        "TSV file")
     if not path.is_file():
         raise DataError(f"{task.name}: data file {str(path)!r} does not exist")
-    try:
-        df = pd.read_csv(path, sep="\t", keep_default_na=False)
-    except pd.errors.EmptyDataError:
-        raise DataError(f"{task.name}: data file {str(path)!r} is empty") from None
-    if len(df) == 0:
+    header, rows = read_tsv_records(task, path)
+    if not rows:
         raise DataError(f"{task.name}: data file {str(path)!r} has a header but no rows")
-    missing = [c for c in task.columns if c not in df.columns]
+    missing = [c for c in task.columns if c not in header]
     if missing:
         raise DataError(f"{task.name}: data file {str(path)!r} lacks column(s) "
-                        f"{', '.join(missing)}; it has {', '.join(map(str, df.columns))}")
-    labels = pd.to_numeric(df["label"], errors="coerce")
-    if labels.isna().any():
-        row = int(labels.isna().to_numpy().argmax())
+                        f"{', '.join(missing)}; it has {', '.join(header)}")
+    cols = {c: [r[header.index(c)] for r in rows] for c in task.columns}
+    labels = pd.to_numeric(pd.Series(cols["label"]), errors="coerce")
+    finite = labels.notna() & labels.abs().lt(float("inf"))
+    if not finite.all():
+        row = int((~finite).to_numpy().argmax())
         raise DataError(f"{task.name}: {str(path)!r} row {row + 2}: label "
-                        f"{str(df['label'].iloc[row])!r} is not a number")
+                        f"{cols['label'][row]!r} is not a number")
     if task.is_regression:
-        df["label"] = labels.astype("float32")
+        cols["label"] = labels.astype("float32").tolist()
     else:
         bad = ~labels.isin(range(task.num_labels))
         if bad.any():
             row = int(bad.to_numpy().argmax())
             raise DataError(f"{task.name}: {str(path)!r} row {row + 2}: label "
-                            f"{str(df['label'].iloc[row])!r} is out of range; expected 0.."
+                            f"{cols['label'][row]!r} is out of range; expected 0.."
                             f"{task.num_labels - 1}")
-        df["label"] = labels.astype("int64")
-    for col in task.text_keys:
-        df[col] = df[col].astype(str)
-    return Dataset.from_pandas(df[list(task.columns)], preserve_index=False)
+        cols["label"] = labels.astype("int64").tolist()
+    features = None
+    if task.is_regression:
+        from datasets import Features, Value
+
+        features = Features({**{k: Value("string") for k in task.text_keys},
+                             "label": Value("float32")})
+    return Dataset.from_dict(cols, features=features)
 
 
 def load_glue(task_name: str, data_dir: str | None = None, splits: tuple[str, ...] | None = None):
@@ -144,6 +206,14 @@ def load_glue(task_name: str, data_dir: str | None = None, splits: tuple[str, ..
     root = resolve_data_dir(data_dir)
     if root is not None:
         base = Path(root).expanduser() / task.name
+        if not Path(root).expanduser().exists():
+            raise DataError(f"data_dir {root!r} does not exist (from "
+                            f"{'the recipe' if data_dir else DATA_DIR_ENV}); it should hold "
+                            f"{task.name}/train.tsv and {task.name}/validation.tsv")
+        for folder, what in ((Path(root).expanduser(), "data_dir"), (base, "task folder")):
+            if folder.exists() and not folder.is_dir():
+                raise DataError(f"{what} {str(folder)!r} is a file, expected a folder holding "
+                                f"{task.name}/train.tsv and {task.name}/validation.tsv")
         return DatasetDict({s: read_split_tsv(task, base / f"{s}.tsv") for s in splits})
     try:
         ds = load_dataset(HUB_DATASET, task.name)

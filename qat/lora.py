@@ -48,10 +48,29 @@ class QuantLoraLinear(PeftLoraLinear):
         return self.get_base_layer().forward_with_weight(x, self.effective_weight())
 
 
+def check_target_modules(linear_names: list[str], targets: list[str] | None) -> None:
+    """Every ``lora.target_modules`` entry must name a linear layer the way peft matches a
+    list (the full name, or its last dotted parts); peft itself only says "not found" once
+    every entry misses, and not at all while one of them matches."""
+    from qat.recipe import RecipeError
+
+    if targets is None:
+        return
+    for target in targets:
+        if not any(n == target or n.endswith("." + target) for n in linear_names):
+            suffixes = sorted({n.rsplit(".", 1)[-1] for n in linear_names})
+            raise RecipeError(f"lora.target_modules entry {target!r} matches no linear layer "
+                              f"of the model; linear layer names end in: {', '.join(suffixes)}")
+
+
 def make_lora_config(model: nn.Module, r: int, alpha: int, dropout: float,
                      target_modules: list[str] | None, modules_to_save: list[str]) -> LoraConfig:
     """A ``LoraConfig`` for sequence classification whose quantised targets use
     ``QuantLoraLinear``. ``target_modules=None`` targets every quantised linear."""
+    from transformers.pytorch_utils import Conv1D
+
+    check_target_modules([n for n, m in model.named_modules()
+                          if isinstance(m, (nn.Linear, Conv1D))], target_modules)
     if target_modules is None:
         target_modules = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
                                  if isinstance(m, (QuantLinear, QuantConv1D))})

@@ -103,3 +103,120 @@ def load_causal_lm(name: str, gguf_file: str | None = None, torch_dtype: str | N
     if torch_dtype is not None:
         kwargs["dtype"] = resolve_dtype(torch_dtype)
     return _from_pretrained(AutoModelForCausalLM, name, "model", **kwargs)
+
+
+class DeviceError(ValueError):
+    """A ``--device`` that is malformed or not present on this machine."""
+
+
+DEVICE_CHOICES = "cpu, cuda, cuda:N, auto"
+
+
+def resolve_device(spec: str | None = None, use_cpu: bool = False) -> torch.device:
+    """``--device``: cpu, cuda, cuda:N, or auto / None (cuda when there is one, as ``qat
+    train`` does; cpu when the recipe sets ``use_cpu``)."""
+    if spec is None or spec == "auto":
+        if use_cpu or not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda")
+    if spec == "cpu":
+        return torch.device("cpu")
+    kind, _, index = spec.partition(":")
+    if kind != "cuda" or (index and not index.isdigit()) or spec.endswith(":"):
+        raise DeviceError(f"--device {spec!r} is not one of {DEVICE_CHOICES}")
+    if not torch.cuda.is_available():
+        raise DeviceError(f"--device {spec!r}: no CUDA GPU is available on this machine; use "
+                          "--device cpu (or auto)")
+    if index and int(index) >= torch.cuda.device_count():
+        raise DeviceError(f"--device {spec!r}: this machine has {torch.cuda.device_count()} "
+                          "CUDA device(s), numbered from 0")
+    return torch.device(spec)
+
+
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
+
+
+def check_model_path(name: str, gguf_file: str | None = None) -> None:
+    """A local ``model_name_or_path`` must be a model folder (``config.json`` and weights) or,
+    with ``gguf_file``, the folder holding that file; say what it is when it is not. Hub ids
+    and missing paths are left to ``_from_pretrained``, which explains those."""
+    path = Path(resolve_model_path(name)).expanduser()
+    if not path.exists():
+        return
+    key = f"model_name_or_path {name!r}"
+    if gguf_file:
+        if not path.is_dir():
+            raise ModelLoadError(f"{key} is a file; with gguf_file it must be the folder "
+                                 f"holding {gguf_file!r}")
+        gguf = path / gguf_file
+        if not gguf.is_file():
+            what = "is a directory" if gguf.is_dir() else "does not exist"
+            raise ModelLoadError(f"gguf_file {gguf_file!r}: {str(gguf)!r} {what}, expected a "
+                                 ".gguf file")
+        return
+    if not path.is_dir():
+        hint = (f"; for a GGUF file set gguf_file: {path.name} and model_name_or_path to its "
+                "folder") if path.suffix == ".gguf" else ""
+        raise ModelLoadError(f"{key} is a file, expected a model folder (save_pretrained "
+                             f"output){hint}")
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{key} is a folder without config.json: not a model folder "
+                             "(expected save_pretrained output)")
+    if not any(any(path.glob(p)) for p in WEIGHT_PATTERNS):
+        raise ModelLoadError(f"{key} holds config.json but no weights (model.safetensors or "
+                             "pytorch_model.bin): not a saved model")
+
+
+def position_limit(config: Any) -> int | None:
+    """The longest input a model's position embeddings cover, where its config says."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_max_length(config: Any, max_length: int, name: str) -> None:
+    limit = position_limit(config)
+    if limit is not None and max_length > limit:
+        raise ModelLoadError(f"max_length {max_length} is beyond the position limit of model "
+                             f"{name!r} ({limit} positions); set max_length <= {limit}")
+
+
+def load_config(name: str, gguf_file: str | None = None) -> Any:
+    """The model's config, after ``check_model_path``; None for a GGUF file (reading its config
+    costs as much as loading it: callers check ``model.config`` after loading instead)."""
+    from transformers import AutoConfig
+
+    check_model_path(name, gguf_file)
+    if gguf_file:
+        return None
+    return _from_pretrained(AutoConfig, name, "config")
+
+
+def preflight(args: Any) -> Any:
+    """Checks of the recipe against the model that need only its config (cheap): a model
+    folder that is not one, ``max_length`` beyond the position limit. Returns the config."""
+    config = load_config(args.model_name_or_path, args.gguf_file)
+    if config is not None:
+        check_max_length(config, args.max_length, args.model_name_or_path)
+    return config
+
+
+def linear_module_names(config: Any, num_labels: int) -> list[str] | None:
+    """Names of the linear layers of the sequence classifier ``config`` describes, built on
+    the meta device (no memory, no weights read); None where that model cannot be built so."""
+    import copy
+
+    from torch import nn
+    from transformers import AutoModelForSequenceClassification
+    from transformers.pytorch_utils import Conv1D
+
+    cfg = copy.deepcopy(config)
+    cfg.num_labels = num_labels
+    try:
+        with torch.device("meta"):
+            model = AutoModelForSequenceClassification.from_config(cfg)
+    except Exception:  # noqa: BLE001 - a pre-check only: the real load reports real errors
+        return None
+    return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))]

@@ -21,9 +21,10 @@ from typing import Any
 from qat.eval_cmd import CommandError, run_cli, split_options, write_results
 
 WIKITEXT_ENV = "QAT_WIKITEXT_DIR"
-OPTIONS: dict[str, type] = {"max_chunks": int, "chunk_size": int, "split": str, "output": str}
+OPTIONS: dict[str, type] = {"max_chunks": int, "chunk_size": int, "split": str, "output": str,
+                            "device": str}
 USAGE = f"""usage: qat perplexity RECIPE.yaml [--max_chunks N] [--chunk_size 2048] [--split test]
-                      [--output FILE] [--key value ...]
+                      [--output FILE] [--device D] [--key value ...]
 
 WikiText-2 (raw) perplexity of the recipe's model (a causal LM) under its quant config.
 Recipe keys override the recipe as in `qat train` (--quant null for float,
@@ -32,6 +33,7 @@ Recipe keys override the recipe as in `qat train` (--quant null for float,
 --chunk_size T   tokens per chunk (default 2048)
 --split S        test (default) or validation
 --output FILE    results JSON (default: <output_dir>/perplexity.json)
+--device D       cpu, cuda, cuda:N or auto (default: cuda when there is one, cpu with use_cpu)
 The last line printed reads perplexity=<value>."""
 
 
@@ -39,12 +41,15 @@ def load_wikitext(split: str = "test") -> str:
     """The raw WikiText-2 split as one string (local folder or the Hub)."""
     if split not in ("test", "validation", "train"):
         raise CommandError(f"--split must be test, validation or train; got {split!r}")
-    root = os.environ.get(WIKITEXT_ENV)
-    if root:
-        path = Path(root).expanduser() / f"{split}.txt"
-        if not path.is_file():
-            raise CommandError(f"{WIKITEXT_ENV}={root!r} holds no {split}.txt")
-        return path.read_text(encoding="utf-8")
+    path = wikitext_path(split)
+    if path is not None:
+        raw = path.read_bytes()
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw[:e.start].count(b"\n") + 1
+            raise CommandError(f"{str(path)!r} line {line}: not valid UTF-8 (byte "
+                               f"0x{raw[e.start]:02x})") from None
     try:
         from datasets import load_dataset
 
@@ -53,6 +58,24 @@ def load_wikitext(split: str = "test") -> str:
         raise CommandError(f"could not load wikitext/wikitext-2-raw-v1 from the Hub ({e}); "
                            f"set {WIKITEXT_ENV} to a folder holding {split}.txt") from None
     return "".join(ds["text"])
+
+
+def wikitext_path(split: str) -> Path | None:
+    """``$QAT_WIKITEXT_DIR/<split>.txt``, checked (None: no folder set, use the Hub)."""
+    root = os.environ.get(WIKITEXT_ENV)
+    if not root:
+        return None
+    folder = Path(root).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise CommandError(f"{WIKITEXT_ENV}={root!r} is a file, expected a folder holding "
+                           f"{split}.txt")
+    path = folder / f"{split}.txt"
+    if path.is_dir():
+        raise CommandError(f"{WIKITEXT_ENV}={root!r}: {split}.txt is a directory, expected the "
+                           "raw text file")
+    if not path.is_file():
+        raise CommandError(f"{WIKITEXT_ENV}={root!r} holds no {split}.txt")
+    return path
 
 
 def check_causal(config: Any, name: str) -> None:
@@ -92,51 +115,78 @@ def perplexity(model: Any, chunks: list[Any]) -> tuple[float, float, int]:
     import torch.nn.functional as F
     from tqdm.auto import tqdm
 
-    total, count = 0.0, 0
     model.eval()
+    device = next(model.parameters()).device
+    # The loss sum stays on the device (float64) so no chunk waits for the host (hence no
+    # running perplexity on the bar; the result line gives it).
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
     with torch.no_grad():
         bar = tqdm(chunks, desc="perplexity", unit="chunk")
         for chunk in bar:
-            ids = chunk.unsqueeze(0)
+            ids = chunk.unsqueeze(0).to(device, non_blocking=True)
             logits = model(input_ids=ids).logits[0, :-1].float()
-            nll = F.cross_entropy(logits, ids[0, 1:], reduction="sum")
-            total += float(nll)
+            total += F.cross_entropy(logits, ids[0, 1:], reduction="sum").double()
             count += ids.shape[1] - 1
-            bar.set_postfix(ppl=f"{math.exp(total / count):.3f}")
-    mean = total / count
+    mean = float(total) / count
     return math.exp(mean), mean, count
 
 
-def load_lm(args: Any):
-    """Config check first (cheap), then the causal LM and its tokenizer."""
-    from transformers import AutoConfig
+def check_chunk_size(config: Any, chunk_size: int, name: str) -> None:
+    """A chunk longer than the model's positions would fail (or read garbage) mid-run."""
+    from qat.models import position_limit
 
-    from qat.models import _from_pretrained, load_causal_lm, load_tokenizer
+    limit = position_limit(config)
+    if limit is not None and chunk_size > limit:
+        raise CommandError(f"--chunk_size {chunk_size} is beyond the position limit of model "
+                           f"{name!r} ({limit} positions); pass --chunk_size {limit} or less")
 
-    if not args.gguf_file:  # reading a GGUF's config costs as much as its tokenizer: check later
-        config = _from_pretrained(AutoConfig, args.model_name_or_path, "config")
+
+def load_lm(args: Any, chunk_size: int = 2):
+    """Config checks first (cheap), then the causal LM and its tokenizer."""
+    from qat.models import load_causal_lm, load_config, load_tokenizer
+
+    # reading a GGUF's config costs as much as its tokenizer: load_config returns None, check
+    # the loaded model's config instead
+    config = load_config(args.model_name_or_path, args.gguf_file)
+    if config is not None:
         check_causal(config, args.model_name_or_path)
+        check_chunk_size(config, chunk_size, args.model_name_or_path)
     tok_name = args.tokenizer_name_or_path or args.model_name_or_path
     tokenizer = load_tokenizer(tok_name, None if args.tokenizer_name_or_path else args.gguf_file)
     model = load_causal_lm(args.model_name_or_path, args.gguf_file, args.torch_dtype)
     check_causal(model.config, args.model_name_or_path)
+    check_chunk_size(model.config, chunk_size, args.model_name_or_path)
     return model, tokenizer
 
 
 def run(path: str, argv: list[str]) -> dict[str, Any]:
+    from qat import models
     from qat.density import density_report
+    from qat.eval_cmd import check_output_file
     from qat.quantize import quantize_model
     from qat.recipe import load_recipe
 
     opts, overrides = split_options(argv, OPTIONS)
+    chunk_size = opts.get("chunk_size", 2048)
+    if chunk_size < 2:
+        raise CommandError(f"--chunk_size must be >= 2, got {chunk_size}")
+    if opts.get("max_chunks") is not None and opts["max_chunks"] < 1:
+        raise CommandError(f"--max_chunks must be >= 1, got {opts['max_chunks']}")
+    if opts.get("output"):
+        check_output_file(opts["output"])
     recipe = load_recipe(path, overrides)
     args = recipe.args
-    chunk_size = opts.get("chunk_size", 2048)
+    out = Path(opts["output"]) if opts.get("output") else Path(
+        recipe.training_args.output_dir) / "perplexity.json"
+    check_output_file(out)
+    device = models.resolve_device(opts.get("device"), recipe.training_args.use_cpu)
     text = load_wikitext(opts.get("split", "test"))
-    model, tokenizer = load_lm(args)
+    model, tokenizer = load_lm(args, chunk_size)
     if args.quant is not None:
         quantize_model(model, args.quant)
-    ids = tokenizer(text, return_tensors="pt", verbose=False)["input_ids"][0]
+    model.to(device)
+    ids = tokenizer(text, return_tensors="pt", verbose=False)["input_ids"][0].to(device)
     chunks = chunk_ids(ids, chunk_size, opts.get("max_chunks"))
     ppl, loss, count = perplexity(model, chunks)
     density = density_report(model)
@@ -148,8 +198,6 @@ def run(path: str, argv: list[str]) -> dict[str, Any]:
         "mean_loss": loss, "perplexity": ppl,
         "bits_per_element": density.quantized_bits_per_element or None,
     }
-    out = Path(opts["output"]) if opts.get("output") else Path(
-        recipe.training_args.output_dir) / "perplexity.json"
     return write_results(results, out)
 
 

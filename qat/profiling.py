@@ -25,40 +25,48 @@ from torch import Tensor, nn
 
 from qat.eval_cmd import CommandError, run_cli, split_options
 
-OPTIONS: dict[str, type] = {"num_batches": int, "batch_size": int, "output_dir": str}
+OPTIONS: dict[str, type] = {"num_batches": int, "batch_size": int, "output_dir": str,
+                            "device": str}
 USAGE = """usage: qat profile RECIPE.yaml|CHECKPOINT_DIR [--num_batches 4] [--batch_size 8]
-                   [--output_dir DIR] [--key value ...]
+                   [--output_dir DIR] [--device D] [--key value ...]
 
 Per-layer variance, max, kurtosis and SQNR (under the recipe's or checkpoint's quant config)
 of weights and activations, to DIR/layers.csv with DIR/variance_vs_depth.png and DIR/sqnr.png
-(default DIR: <output_dir>/profile). Prints the density report."""
+(default DIR: <output_dir>/profile). Prints the density report.
+--device D  cpu, cuda, cuda:N or auto (default: cuda when there is one, cpu with use_cpu)"""
 COLUMNS = ["layer", "depth", "tensor", "numel", "mean", "variance", "abs_max", "kurtosis",
            "format", "bits_per_element", "sqnr_db"]
 _DEPTH = re.compile(r"\.(?:layer|layers|h|block|blocks)\.(\d+)\.")
 
 
 class Moments:
-    """Running float64 sums for mean, variance, kurtosis, max and quantisation error."""
+    """Running float64 sums for mean, variance, kurtosis, max and quantisation error.
+
+    The sums stay tensors on the data's device until ``row`` (no host sync per batch)."""
 
     def __init__(self) -> None:
         self.n = 0
-        self.s = [0.0, 0.0, 0.0, 0.0]
-        self.abs_max = 0.0
-        self.err = 0.0
+        self.s: list[Any] = [0.0, 0.0, 0.0, 0.0]
+        self.abs_max: Any = 0.0
+        self.err: Any = 0.0
 
     def add(self, x: Tensor, q: Tensor | None) -> None:
         x64 = x.detach().double().reshape(-1)
+        if x64.numel() == 0:
+            return
         self.n += x64.numel()
         p = x64
         for i in range(4):
-            self.s[i] += float(p.sum())
+            self.s[i] = self.s[i] + p.sum()
             p = p * x64
-        self.abs_max = max(self.abs_max, float(x64.abs().max()) if x64.numel() else 0.0)
+        self.abs_max = torch.clamp(x64.abs().max(), min=self.abs_max)
         if q is not None:
-            self.err += float((x64 - q.detach().double().reshape(-1)).square().sum())
+            self.err = self.err + (x64 - q.detach().double().reshape(-1)).square().sum()
 
     def row(self, with_sqnr: bool) -> dict[str, float]:
         n = max(self.n, 1)
+        self.s = [float(s) for s in self.s]
+        self.abs_max, self.err = float(self.abs_max), float(self.err)
         m1, m2, m3, m4 = (s / n for s in self.s)
         var = max(m2 - m1 * m1, 0.0)
         c4 = m4 - 4 * m1 * m3 + 6 * m1 * m1 * m2 - 3 * m1**4
@@ -180,26 +188,33 @@ def plot(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
 def run(path: str, argv: list[str]) -> dict[str, Any]:
     from transformers import DataCollatorWithPadding
 
+    from qat import models
     from qat.density import density_report
-    from qat.eval_cmd import load_model, resolve_source
+    from qat.eval_cmd import check_output_folder, load_model, resolve_source
     from qat.glue import get_task, load_glue, tokenize_glue
 
     opts, overrides = split_options(argv, OPTIONS)
     nb, bs = opts.get("num_batches", 4), opts.get("batch_size", 8)
     if nb < 1 or bs < 1:
         raise CommandError("--num_batches and --batch_size must be >= 1")
+    if opts.get("output_dir"):
+        check_output_folder(opts["output_dir"])
     src = resolve_source(path, overrides)
     args = src.recipe.args
+    out = check_output_folder(opts.get("output_dir") or Path(
+        src.recipe.training_args.output_dir) / "profile")
+    device = models.resolve_device(opts.get("device"), src.recipe.training_args.use_cpu)
     task = get_task(args.task_name)
     split = task.validation_splits[0]
     raw = load_glue(task.name, args.data_dir, splits=(split,))
-    model, tokenizer = load_model(src, task.num_labels)
+    raw[split] = raw[split].select(range(min(nb * bs, len(raw[split]))))  # before tokenising
+    model, tokenizer = load_model(src, task.num_labels, device)
     data = tokenize_glue(raw, task, tokenizer, args.max_length)[split].remove_columns("label")
     collate = DataCollatorWithPadding(tokenizer)
-    batches = [collate([data[i] for i in range(s, min(s + bs, len(data)))])
-               for s in range(0, min(nb * bs, len(data)), bs)]
+    batches = [{k: v.to(device) for k, v in
+                collate([data[i] for i in range(s, min(s + bs, len(data)))]).items()}
+               for s in range(0, len(data), bs)]
     rows = profile_model(model, batches)
-    out = Path(opts.get("output_dir") or Path(src.recipe.training_args.output_dir) / "profile")
     out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out / "layers.csv")
     pngs = plot(rows, out)

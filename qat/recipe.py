@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -196,14 +197,76 @@ def _check_type(key: str, value: Any, field: dataclasses.Field, where: str) -> N
                           f"({type(value).__name__}), expected {field.type}")
 
 
+MAX_RECIPE_BYTES = 1 << 20  # recipes are a few KB; a bigger file is not a recipe
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """``safe_load`` without aliases (``*name`` can expand a small file without bound: the
+    "billion laughs") and with duplicate keys refused (YAML's default is "last one wins")."""
+
+    def compose_node(self, parent, index):  # type: ignore[no-untyped-def]
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise _RecipeSyntaxError(
+                f"line {event.start_mark.line + 1}: YAML alias *{event.anchor} is not allowed "
+                "in a recipe (aliases can expand without bound); write the value out")
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):  # type: ignore[no-untyped-def]
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.get(key)
+                seen[key] = line
+            except TypeError:  # an unhashable key: SafeConstructor reports it
+                break
+            if first is not None:
+                raise _RecipeSyntaxError(f"line {line}: duplicate key {key!r} (first on line "
+                                         f"{first}); a key may appear once per mapping")
+        return super().construct_mapping(node, deep=deep)
+
+
+class _RecipeSyntaxError(Exception):
+    pass
+
+
 def load_recipe_dict(path: str | os.PathLike) -> dict[str, Any]:
     p = Path(path)
-    if not p.is_file():
+    if p.is_dir():
+        raise RecipeError(f"recipe {str(p)!r} is a directory, expected a recipe .yaml file")
+    if not p.exists():
         raise RecipeError(f"recipe file {str(p)!r} does not exist")
+    if not p.is_file():  # a FIFO or /dev/zero would block or never end
+        raise RecipeError(f"recipe {str(p)!r} is not a regular file, expected a recipe .yaml "
+                          "file")
+    with p.open("rb") as f:
+        raw = f.read(MAX_RECIPE_BYTES + 1)
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"recipe file {str(p)!r} is larger than {MAX_RECIPE_BYTES} bytes; "
+                          "not a recipe")
     try:
-        data = yaml.safe_load(p.read_text())
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise RecipeError(f"recipe file {str(p)!r} line {line}: not valid UTF-8 (byte "
+                          f"0x{raw[e.start]:02x})") from None
+    loader = _RecipeLoader(text)  # a SafeLoader: no Python tags
+    try:
+        data = loader.get_single_data()
+    except _RecipeSyntaxError as e:
+        raise RecipeError(f"recipe file {str(p)!r} {e}") from None
     except yaml.YAMLError as e:
-        raise RecipeError(f"recipe file {str(p)!r} is not valid YAML: {e}") from None
+        reason = " ".join(str(e).split())  # one line
+        raise RecipeError(f"recipe file {str(p)!r} is not valid YAML: {reason}") from None
+    except RecursionError:
+        raise RecipeError(f"recipe file {str(p)!r} is nested too deeply to be a recipe"
+                          ) from None
+    finally:
+        loader.dispose()
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -233,8 +296,10 @@ def build_recipe(data: dict[str, Any], source: str | None = None) -> Recipe:
     if ours.get("on_nonfinite", "stop") not in ("stop", "skip"):
         raise RecipeError(f"{where}on_nonfinite must be 'stop' or 'skip'; "
                           f"got {ours['on_nonfinite']!r}")
-    if "max_length" in ours and ours["max_length"] < 1:
-        raise RecipeError(f"{where}max_length must be >= 1, got {ours['max_length']!r}")
+    for key in ("max_length", "max_train_samples", "max_eval_samples"):
+        if ours.get(key) is not None and ours[key] < 1:
+            rule = ">= 1" if key == "max_length" else ">= 1 (or null for every row)"
+            raise RecipeError(f"{where}{key} must be {rule}, got {ours[key]!r}")
     from qat.glue import GLUE_TASKS
 
     if ours["task_name"] not in GLUE_TASKS:
@@ -255,6 +320,7 @@ def build_recipe(data: dict[str, Any], source: str | None = None) -> Recipe:
     if not targs.get("output_dir"):
         stem = Path(source).stem if source else "run"
         targs["output_dir"] = str(Path("outputs") / stem)
+    _check_training_values(targs, where)
     try:
         training_args = TrainingArguments(**targs)
     except (ValueError, TypeError) as e:
@@ -263,6 +329,55 @@ def build_recipe(data: dict[str, Any], source: str | None = None) -> Recipe:
     resolved["output_dir"] = targs["output_dir"]
     resolved["quant"] = None if ours["quant"] is None else ours["quant"].to_dict()
     return Recipe(RecipeArguments(**ours), training_args, resolved, source)
+
+
+def _check_training_values(targs: dict[str, Any], where: str) -> None:
+    """Values TrainingArguments accepts but that fail (or silently do nothing) later: checked
+    here so the error names the key before any model is loaded."""
+    def get(key: str) -> Any:
+        return targs.get(key, _TA_FIELDS[key].default)
+
+    def bad(key: str, rule: str) -> RecipeError:
+        return RecipeError(f"{where}{key} must be {rule}, got {get(key)!r}")
+
+    for key, value in targs.items():
+        if isinstance(value, float) and math.isnan(value):
+            raise bad(key, "a number")
+    lr = get("learning_rate")
+    if not (0 <= lr < math.inf):
+        raise bad("learning_rate", "finite and >= 0")
+    for key in ("per_device_train_batch_size", "per_device_eval_batch_size",
+                "gradient_accumulation_steps"):
+        if get(key) < 1:
+            raise bad(key, ">= 1")
+    for key in ("seed", "data_seed"):
+        if get(key) is not None and not 0 <= get(key) < 2**32:
+            raise bad(key, "in [0, 2**32) (numpy's seed range)")
+    max_steps, epochs = get("max_steps"), get("num_train_epochs")
+    if max_steps == 0 or max_steps < -1:
+        raise bad("max_steps", ">= 1, or -1 to train for num_train_epochs")
+    if max_steps < 0 and not (0 < epochs < math.inf):
+        raise RecipeError(f"{where}num_train_epochs must be > 0 and finite when max_steps is "
+                          f"not set, got {epochs!r}")
+    if get("warmup_steps") is not None and get("warmup_steps") < 0:
+        raise bad("warmup_steps", ">= 0")
+    for key in ("eval_accumulation_steps", "save_total_limit"):
+        if get(key) is not None and get(key) < 1:
+            raise bad(key, ">= 1 (or null)")
+    if get("dataloader_num_workers") < 0:
+        raise bad("dataloader_num_workers", ">= 0")
+    for key in ("adam_beta1", "adam_beta2", "label_smoothing_factor"):
+        if not 0 <= get(key) < 1:
+            raise bad(key, "in [0, 1)")
+    if not 0 <= get("adam_epsilon") < math.inf:
+        raise bad("adam_epsilon", "finite and >= 0")
+    strategies = {"logging_steps": "logging_strategy", "save_steps": "save_strategy",
+                  "eval_steps": "eval_strategy"}
+    for key, strategy in strategies.items():
+        if str(get(strategy)).lower().endswith("steps") and get(key) is not None \
+                and not get(key) > 0:
+            raise RecipeError(f"{where}{key} must be > 0 when {strategy} is 'steps', "
+                              f"got {get(key)!r}")
 
 
 def _build_lora(d: Any, where: str) -> LoraArguments:
@@ -277,6 +392,14 @@ def _build_lora(d: Any, where: str) -> LoraArguments:
     lora = LoraArguments(**d)
     if lora.r < 1:
         raise RecipeError(f"{where}lora.r must be >= 1, got {lora.r}")
+    if lora.alpha < 1:
+        raise RecipeError(f"{where}lora.alpha must be >= 1, got {lora.alpha}")
+    if lora.target_modules is not None:
+        names = lora.target_modules
+        if not names or not all(isinstance(n, str) and n for n in names):
+            raise RecipeError(f"{where}lora.target_modules must be a non-empty list of module "
+                              f"names (strings) or null for every quantised linear; got "
+                              f"{names!r}")
     if lora.dropout != 0:
         raise RecipeError(f"{where}lora.dropout must be 0 with quantised LoRA (the quantiser "
                           f"sees W + BA, which input dropout has no form for); got {lora.dropout}")

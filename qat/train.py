@@ -121,7 +121,14 @@ def run(recipe) -> dict:
     from transformers import DataCollatorWithPadding, set_seed
 
     from qat.glue import get_task, load_glue, tokenize_glue
-    from qat.models import load_sequence_classifier, load_tokenizer
+    from qat.lora import check_target_modules
+    from qat.models import (
+        check_max_length,
+        linear_module_names,
+        load_sequence_classifier,
+        load_tokenizer,
+        preflight,
+    )
     from qat.trainer import QATTrainer
 
     args, targs = recipe.args, recipe.training_args
@@ -131,20 +138,30 @@ def run(recipe) -> dict:
         apply_checkpoint_state(recipe, checkpoint)
     set_seed(targs.seed)
     task = get_task(args.task_name)
+    config = preflight(args)  # cheap checks against the model's config, before any loading
+    if config is not None and args.finetune == "lora" and args.lora.target_modules:
+        names = linear_module_names(config, task.num_labels)
+        if names is not None:
+            check_target_modules(names, args.lora.target_modules)
     raw = load_glue(task.name, args.data_dir)
+    # Subset before tokenising (same rows as shuffling the tokenised set: the permutation
+    # depends only on the seed and the length), so 64 rows of SST-2 tokenise 64 rows.
+    if args.max_train_samples:
+        raw["train"] = raw["train"].shuffle(seed=targs.seed).select(
+            range(min(args.max_train_samples, len(raw["train"]))))
+    if args.max_eval_samples:
+        for s in task.validation_splits:
+            raw[s] = raw[s].select(range(min(args.max_eval_samples, len(raw[s]))))
     tok_name = args.tokenizer_name_or_path or args.model_name_or_path
     tokenizer = load_tokenizer(tok_name, None if args.tokenizer_name_or_path else args.gguf_file)
     model = load_sequence_classifier(args.model_name_or_path, task.num_labels, args.gguf_file,
                                      args.torch_dtype, pad_token_id=tokenizer.pad_token_id)
+    if config is None:  # GGUF: its config is known only now, still before tokenising
+        check_max_length(model.config, args.max_length, args.model_name_or_path)
     with targs.main_process_first(desc="tokenising"):
         data = tokenize_glue(raw, task, tokenizer, args.max_length)
     train = data["train"]
-    if args.max_train_samples:
-        train = train.shuffle(seed=targs.seed).select(range(min(args.max_train_samples,
-                                                                len(train))))
     evals = {s: data[s] for s in task.validation_splits}
-    if args.max_eval_samples:
-        evals = {s: d.select(range(min(args.max_eval_samples, len(d)))) for s, d in evals.items()}
     eval_dataset = evals if len(evals) > 1 else next(iter(evals.values()))
     trainer = QATTrainer(
         model=model, args=targs, quant_config=args.quant, finetune=args.finetune,

@@ -89,3 +89,84 @@ def test_missing_recipe_file(tmp_path):
 def test_unsafe_yaml_is_rejected(tmp_path):
     with pytest.raises(RecipeError, match="not valid YAML"):
         load_recipe(write(tmp_path, BASE + "x: !!python/object/apply:os.system ['true']\n"))
+
+
+def test_billion_laughs_is_refused_at_the_first_alias(tmp_path):
+    """Nine levels of nine aliases would expand to 387 million strings; refused while parsing,
+    before any expansion (this test would hang and eat memory otherwise)."""
+    levels = "abcdefghi"
+    text = BASE + "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+        f"{c}: &{c} [{', '.join(['*' + p] * 9)}]\n" for p, c in zip(levels, levels[1:]))
+    with pytest.raises(RecipeError) as e:
+        load_recipe(write(tmp_path, text))
+    assert str(e.value) == (f"recipe file {str(tmp_path / 'r.yaml')!r} line 4: YAML alias *a is "
+                            "not allowed in a recipe (aliases can expand without bound); write "
+                            "the value out")
+
+
+def test_anchor_without_alias_and_inline_merge_are_fine(tmp_path):
+    r = load_recipe(write(tmp_path, BASE + "quant: &q\n  weight: {<<: {format: bfp}, width: 5}\n"))
+    assert r.args.quant.weight["width"] == 5 and r.args.quant.weight["format"] == "bfp"
+
+
+@pytest.mark.parametrize("body,message", [
+    ("seed: 1\nseed: 2\n", "line 4: duplicate key 'seed' (first on line 3)"),
+    ("quant:\n  weight: {format: bfp, width: 4, width: 6}\n",
+     "line 4: duplicate key 'width' (first on line 4)"),
+    ("lora:\n  r: 4\n  r: 8\n", "line 5: duplicate key 'r' (first on line 4)"),
+    ("task_name: rte\n", "line 3: duplicate key 'task_name' (first on line 2)"),
+])
+def test_duplicate_keys_name_key_and_line(tmp_path, body, message):
+    with pytest.raises(RecipeError) as e:
+        load_recipe(write(tmp_path, BASE + body))
+    assert str(e.value) == (f"recipe file {str(tmp_path / 'r.yaml')!r} {message}; a key may "
+                            "appear once per mapping")
+
+
+def test_same_key_in_different_mappings_is_not_a_duplicate(tmp_path):
+    r = load_recipe(write(tmp_path, BASE + "quant:\n  weight: {format: bfp, width: 4}\n"
+                                           "  activation: {format: bfp, width: 4}\n"))
+    assert r.args.quant.activation["width"] == 4
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda p: p.write_text("a: " + "[" * 3000 + "]" * 3000 + "\n"),
+     "is nested too deeply to be a recipe"),
+    (lambda p: p.write_bytes(BASE.encode() + b"output_dir: caf\xe9\n"),
+     "line 3: not valid UTF-8 (byte 0xe9)"),
+    (lambda p: p.write_text(BASE + "# padding\n" * 200_000),
+     "is larger than 1048576 bytes; not a recipe"),
+    (lambda p: p.mkdir(), "is a directory, expected a recipe .yaml file"),
+])
+def test_hostile_recipe_files(tmp_path, make, message):
+    path = tmp_path / "r.yaml"
+    make(path)
+    with pytest.raises(RecipeError) as e:
+        load_recipe(path)
+    assert message in str(e.value) and str(path) in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_recipe_loader_is_a_safe_loader():
+    from qat.recipe import _RecipeLoader
+
+    assert issubclass(_RecipeLoader, yaml.SafeLoader)
+    assert not issubclass(_RecipeLoader, yaml.FullLoader)
+
+
+@pytest.mark.parametrize("override,message", [
+    (["--learning_rate", "-1e-4"], "learning_rate must be finite and >= 0, got -0.0001"),
+    (["--learning_rate", ".nan"], "learning_rate must be a number, got nan"),
+    (["--max_grad_norm", "nan"], "max_grad_norm must be a number, got nan"),
+    (["--num_train_epochs", "inf"],
+     "num_train_epochs must be > 0 and finite when max_steps is not set, got inf"),
+    (["--data_seed", "-3"], "data_seed must be in [0, 2**32) (numpy's seed range), got -3"),
+    (["--eval_accumulation_steps", "0"], "eval_accumulation_steps must be >= 1 (or null), got 0"),
+    (["--label_smoothing_factor", "1"], "label_smoothing_factor must be in [0, 1), got 1"),
+    (["--adam_epsilon", "-1e-8"], "adam_epsilon must be finite and >= 0, got -1e-08"),
+    (["--max_eval_samples", "0"], "max_eval_samples must be >= 1 (or null for every row), got 0"),
+])
+def test_values_that_would_fail_later(tmp_path, override, message):
+    with pytest.raises(RecipeError) as e:
+        load_recipe(write(tmp_path, BASE), override)
+    assert str(e.value) == f"{str(tmp_path / 'r.yaml')}: {message}"

@@ -1,0 +1,173 @@
+"""``--device`` (issue #8 item 6): eval, perplexity, profile and export put the model and its
+batches on the resolved device (the GPU when there is one, as ``qat train`` does).
+
+This machine has no GPU, so the move itself is checked with a resolver patched to return the
+``meta`` device: a forward pre-hook sees where the model's inputs and weights are, then stops
+the run (a meta tensor has no values to compute metrics from).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from tiny import make_tiny_model_dir, tiny_recipe
+
+import qat.eval_cmd
+import qat.export
+import qat.models
+import qat.perplexity
+import qat.profiling
+from qat.models import DeviceError, resolve_device
+
+
+@pytest.fixture()
+def no_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+@pytest.fixture()
+def one_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+
+
+def test_resolve_without_a_gpu(no_cuda) -> None:
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_device(None) == torch.device("cpu")
+    with pytest.raises(DeviceError, match=r"^--device 'cuda': no CUDA GPU is available on this "
+                                          r"machine; use --device cpu \(or auto\)$"):
+        resolve_device("cuda")
+    with pytest.raises(DeviceError, match="'cuda:0': no CUDA GPU"):
+        resolve_device("cuda:0")
+
+
+def test_resolve_with_a_gpu(one_cuda) -> None:
+    assert resolve_device("auto") == torch.device("cuda")
+    assert resolve_device(None, use_cpu=True) == torch.device("cpu")  # the recipe's use_cpu
+    assert resolve_device("cuda:0") == torch.device("cuda:0")
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(DeviceError, match=r"'cuda:1': this machine has 1 CUDA device\(s\)"):
+        resolve_device("cuda:1")
+
+
+@pytest.mark.parametrize("spec", ["gpu", "cuda:", "cuda:x", "cuda:0:1", "CPU", "", "tpu"])
+def test_malformed_device_strings(spec: str) -> None:
+    with pytest.raises(DeviceError, match=f"^--device {spec!r} is not one of cpu, cuda, "
+                                          "cuda:N, auto$"):
+        resolve_device(spec)
+
+
+def _one_line(err: str, command: str) -> str:
+    lines = [x for x in err.splitlines() if x.startswith(f"qat {command}: error:")]
+    assert len(lines) == 1, err[-2000:]
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", ["eval", "perplexity", "profile", "export"])
+def test_cuda_without_a_gpu_is_one_clear_error(tmp_path, no_cuda, monkeypatch, capsys,
+                                               command) -> None:
+    import importlib
+
+    def fail(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("model loaded despite an unusable --device")
+
+    monkeypatch.setattr(qat.models, "load_sequence_classifier", fail)
+    monkeypatch.setattr(qat.models, "load_causal_lm", fail)
+    monkeypatch.setenv("QAT_WIKITEXT_DIR", str(tmp_path))
+    (tmp_path / "test.txt").write_text("some text " * 50)
+    module = {"eval": "qat.eval_cmd", "perplexity": "qat.perplexity",
+              "profile": "qat.profiling", "export": "qat.export"}[command]
+    extra = ["--out", str(tmp_path / "packed")] if command == "export" else []
+    argv = [tiny_recipe(tmp_path), "--device", "cuda", *extra]
+    assert importlib.import_module(module).main(argv) == 2
+    line = _one_line(capsys.readouterr().err, command)
+    assert line == (f"qat {command}: error: --device 'cuda': no CUDA GPU is available on this "
+                    "machine; use --device cpu (or auto)")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "packed").exists()
+
+
+def test_eval_on_cpu_runs_and_writes(tmp_path, capsys) -> None:
+    from qat.eval_cmd import main
+
+    out = tmp_path / "r.json"
+    assert main([tiny_recipe(tmp_path), "--device", "cpu", "--max_eval_samples", "8",
+                 "--output", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert 0.0 <= res["metrics"]["validation"]["accuracy"] <= 1.0
+
+
+class _Seen(Exception):
+    """Raised by the hook once it has recorded what the model received."""
+
+
+def _spy_on_forward(monkeypatch: pytest.MonkeyPatch, seen: dict[str, Any]) -> None:
+    """Resolve every device to ``meta`` and hook the loaded model's forward."""
+    monkeypatch.setattr(qat.models, "resolve_device",
+                        lambda spec=None, use_cpu=False: torch.device("meta"))
+    real_load_model = qat.eval_cmd.load_model
+
+    def hook(module, args, kwargs):
+        tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+        seen["inputs"] = {str(t.device) for t in tensors}
+        seen["params"] = {str(p.device) for p in module.parameters()}
+        raise _Seen
+
+    def load_model(src, num_labels, device=None):
+        seen["device_arg"] = device
+        model, tok = real_load_model(src, num_labels, device)
+        model.register_forward_pre_hook(hook, with_kwargs=True)
+        return model, tok
+
+    monkeypatch.setattr(qat.eval_cmd, "load_model", load_model)
+    real_load_lm = qat.perplexity.load_lm
+
+    def load_lm(args, chunk_size=2):
+        model, tok = real_load_lm(args, chunk_size)
+        model.register_forward_pre_hook(hook, with_kwargs=True)
+        return model, tok
+
+    monkeypatch.setattr(qat.perplexity, "load_lm", load_lm)
+
+
+@pytest.mark.parametrize("command", ["eval", "perplexity", "profile"])
+def test_model_and_batches_go_to_the_resolved_device(tmp_path, monkeypatch, command) -> None:
+    seen: dict[str, Any] = {}
+    _spy_on_forward(monkeypatch, seen)
+    arch = "llama" if command == "perplexity" else "bert"
+    recipe = tiny_recipe(tmp_path, model_name_or_path=make_tiny_model_dir(tmp_path, arch))
+    (tmp_path / "test.txt").write_text("The tower is 324 metres tall . " * 100)
+    monkeypatch.setenv("QAT_WIKITEXT_DIR", str(tmp_path))
+    with pytest.raises(_Seen):
+        if command == "eval":
+            qat.eval_cmd.run(recipe, ["--max_eval_samples", "8"], device="cpu")
+        elif command == "perplexity":
+            qat.perplexity.run(recipe, ["--chunk_size", "16", "--max_chunks", "1",
+                                        "--device", "cpu"])
+        else:
+            qat.profiling.run(recipe, ["--num_batches", "1", "--device", "cpu"])
+    assert seen["inputs"] == {"meta"}, seen  # input_ids, attention_mask, ... all moved
+    assert seen["params"] == {"meta"}, seen
+    if command != "perplexity":
+        assert seen["device_arg"] == torch.device("meta")
+
+
+def test_export_loads_on_the_resolved_device(tmp_path, monkeypatch) -> None:
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(qat.models, "resolve_device",
+                        lambda spec=None, use_cpu=False: torch.device("meta"))
+
+    def load_model(src, num_labels, device=None):
+        seen["device"] = device
+        raise _Seen
+
+    monkeypatch.setattr(qat.eval_cmd, "load_model", load_model)
+    with pytest.raises(_Seen):
+        qat.export.run(tiny_recipe(tmp_path), ["--out", str(tmp_path / "packed"),
+                                               "--device", "cpu"])
+    assert seen["device"] == torch.device("meta")
+    assert not Path(tmp_path / "packed").exists()
