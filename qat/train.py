@@ -17,8 +17,10 @@ if __name__ == "__main__" and not __package__:
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
     sys.path.insert(0, str(_here.parent))
 
+import contextlib  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
 
 USAGE = """usage: qat train RECIPE.yaml [--key value ...]
 
@@ -74,50 +76,108 @@ def apply_checkpoint_state(recipe, checkpoint: str) -> None:
 
 
 def last_complete_checkpoint(output_dir: str) -> str | None:
-    """The newest ``checkpoint-N`` in ``output_dir`` that was written to the end.
+    """The newest ``checkpoint-N`` in ``output_dir`` whose every file a resume needs exists and
+    reads (``qat.checkpoints.verify_checkpoint``); newer damaged ones are skipped with a
+    warning naming the file and what is wrong with it."""
+    from qat.checkpoints import last_good_checkpoint
 
-    Trainer writes ``trainer_state.json`` last, so a job killed while saving leaves a folder
-    without it (or with a truncated one); such folders are skipped with a warning.
-    """
-    import json
+    return last_good_checkpoint(output_dir)
 
-    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-    if not os.path.isdir(output_dir):
-        return None
-    found = []
-    for name in os.listdir(output_dir):
-        step = name[len(PREFIX_CHECKPOINT_DIR) + 1:]
-        if name.startswith(PREFIX_CHECKPOINT_DIR + "-") and step.isdigit():
-            found.append((int(step), os.path.join(output_dir, name)))
-    for _, path in sorted(found, reverse=True):
-        try:
-            json.loads(Path(path, "trainer_state.json").read_text())
-            return path
-        except (OSError, ValueError):
-            logger.warning("skipping incomplete checkpoint %s (no readable trainer_state.json; "
-                           "the job was probably killed while saving it)", path)
-    return None
+def _wants_resume(recipe) -> bool:
+    return recipe.training_args.resume_from_checkpoint not in (None, False, "false", "False", "")
 
 
 def resolve_resume(recipe) -> str | None:
-    """``resume_from_checkpoint``: a path, or true/"last" for the newest complete checkpoint."""
+    """``resume_from_checkpoint``: a path, or true/"last" for the newest good checkpoint."""
+    from qat.checkpoints import checkpoints, holds_run, verify_checkpoint
+
     value = recipe.training_args.resume_from_checkpoint
-    if value in (None, False, "false", "False", ""):
+    if not _wants_resume(recipe):
         return None
     if value in (True, "true", "True", "last", "auto"):
         out = recipe.training_args.output_dir
         last = last_complete_checkpoint(out)
         if last is None:
+            found = holds_run(out)
+            if found:  # starting fresh would overwrite the run that is there
+                what = (f"none of its {len(checkpoints(out))} checkpoints is complete (see the "
+                        "warnings above)" if checkpoints(out) else "no checkpoint")
+                raise UserError(f"resume_from_checkpoint: output_dir {out!r} holds a run "
+                                f"({', '.join(found)}) but {what}; start over with "
+                                "--overwrite_output_dir true")
             logger.warning("resume requested but %s holds no checkpoint: starting fresh", out)
         return last
-    if not os.path.isdir(value):
+    if not os.path.exists(value):
         raise UserError(f"resume_from_checkpoint {value!r} does not exist")
+    if not os.path.isdir(value):
+        raise UserError(f"resume_from_checkpoint {value!r} is a file, not a checkpoint folder")
+    verify_checkpoint(value)  # CheckpointError: one line naming the damaged file
     return value
+
+
+def check_run_folder(recipe, checkpoint: str | None) -> None:
+    """Trainer's old ``overwrite_output_dir`` convention: a new run into a folder that holds a
+    run is refused (say how to resume or overwrite); resuming a checkpoint of that folder is
+    not a new run. Checked on every rank before anything is written."""
+    from qat.checkpoints import holds_run
+
+    out = recipe.training_args.output_dir
+    found = holds_run(out)
+    if not found:
+        return
+    inside = checkpoint is not None and Path(checkpoint).resolve().parent == Path(out).resolve()
+    if inside and recipe.args.overwrite_output_dir:
+        raise UserError("resume_from_checkpoint and overwrite_output_dir are both set: "
+                        f"overwriting {out!r} would delete {checkpoint!r}, the checkpoint to "
+                        "resume; drop one of them")
+    if inside or recipe.args.overwrite_output_dir:
+        return
+    raise UserError(f"output_dir {out!r} already holds a run ({', '.join(found)}); resume it "
+                    "with --resume_from_checkpoint true, or start over with "
+                    "--overwrite_output_dir true (deletes its checkpoints)")
 
 
 def run(recipe) -> dict:
     """Train and evaluate as ``recipe`` says; returns the final metrics."""
+    from qat.checkpoints import clear_run
+
+    targs = recipe.training_args
+    check_output_dir(targs.output_dir)
+    with _run_lock(recipe):  # a second run into the folder fails here, before reading it
+        checkpoint = resolve_resume(recipe)
+        check_run_folder(recipe, checkpoint)
+        if checkpoint:
+            apply_checkpoint_state(recipe, checkpoint)
+        elif recipe.args.overwrite_output_dir and targs.process_index == 0:
+            removed = clear_run(targs.output_dir)
+            if removed:
+                logger.warning("overwrite_output_dir: removed the old run's %s",
+                               ", ".join(removed))
+        return _train(recipe, checkpoint)
+
+
+@contextlib.contextmanager
+def _run_lock(recipe) -> Iterator[None]:
+    """Hold ``output_dir``'s lock file (process 0 only) for the whole run."""
+    from qat.checkpoints import RunLock
+
+    targs = recipe.training_args
+    if targs.process_index != 0:
+        yield
+        return
+    created = not os.path.exists(targs.output_dir)
+    lock = RunLock(targs.output_dir)
+    lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+        if created and os.path.isdir(targs.output_dir) and not os.listdir(targs.output_dir):
+            os.rmdir(targs.output_dir)  # failed before writing anything: leave no trace
+
+
+def _train(recipe, checkpoint: str | None) -> dict:
     from transformers import DataCollatorWithPadding, set_seed
 
     from qat.glue import get_task, load_glue, tokenize_glue
@@ -125,10 +185,6 @@ def run(recipe) -> dict:
     from qat.trainer import QATTrainer
 
     args, targs = recipe.args, recipe.training_args
-    check_output_dir(targs.output_dir)
-    checkpoint = resolve_resume(recipe)
-    if checkpoint:
-        apply_checkpoint_state(recipe, checkpoint)
     set_seed(targs.seed)
     task = get_task(args.task_name)
     raw = load_glue(task.name, args.data_dir)
@@ -164,6 +220,8 @@ def run(recipe) -> dict:
     trainer.save_metrics("eval", eval_metrics)
     metrics.update(eval_metrics)
     if trainer.args.should_save:
+        # A saved recipe that says "overwrite" would let a rerun wipe this run unasked.
+        recipe.resolved.pop("overwrite_output_dir", None)
         recipe.save(targs.output_dir)
     return metrics
 
@@ -173,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0
+    from qat.checkpoints import CheckpointError, RunFolderError
     from qat.glue import DataError
     from qat.models import ModelLoadError
     from qat.nonfinite import NonFiniteError
@@ -185,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         recipe = load_recipe(argv[0], argv[1:])
         metrics = run(recipe)
     except (RecipeError, QuantConfigError, DataError, ModelLoadError, UserError,
-            FileNotFoundError) as e:
+            FileNotFoundError, CheckpointError, RunFolderError) as e:
         print(f"qat train: error: {e}", file=sys.stderr)
         return 2
     except NonFiniteError as e:

@@ -27,12 +27,15 @@ QAT_CONFIG_FILE = "qat_config.json"
 
 
 def read_qat_config(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
-    """The ``qat_config.json`` a QATTrainer saved with a checkpoint."""
+    """The ``qat_config.json`` a QATTrainer saved with a checkpoint, validated: a damaged one
+    raises ``CheckpointError`` naming the file."""
+    from qat.checkpoints import check_qat_config
+
     path = Path(checkpoint_dir) / QAT_CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{str(checkpoint_dir)!r} holds no {QAT_CONFIG_FILE}: not a qat "
                                 "checkpoint (was it written by qat train?)")
-    return json.loads(path.read_text())
+    return check_qat_config(path)
 
 
 class _WandbQATConfig(TrainerCallback):
