@@ -264,3 +264,50 @@ def test_damaged_run_folder_is_one_line_naming_the_file(run, tmp_path, capsys, d
     assert len(err) == 1 and err[0].startswith(f"qat {cmd}: error: {run}/{line}"), err
     assert _hashes(run) == before
     assert not (tmp_path / "eval.json").exists() and not (tmp_path / "export").exists()
+
+
+# --- accelerate launch: one line, exit 2 ----------------------------------------------------
+
+CPU_LAUNCH = """compute_environment: LOCAL_MACHINE
+distributed_type: "NO"
+num_machines: 1
+num_processes: 1
+mixed_precision: "no"
+use_cpu: true
+"""
+
+
+def _train_script(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    script = Path(__file__).resolve().parent.parent / "qat" / "train.py"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, str(script), *args], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600,
+                          stdin=subprocess.DEVNULL)
+
+
+def test_launch_reports_bad_input_as_one_line_and_exit_2(tmp_path):
+    """Bad input found before launching (no process started) and bad input found by the
+    launched process (an empty data_dir) both end as exit 2 with one line and no traceback:
+    accelerate's own CalledProcessError (exit 1) is silenced with --quiet and the child's
+    status is passed on."""
+    cfg = tmp_path / "cpu.yaml"
+    cfg.write_text(CPU_LAUNCH)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model_name_or_path: x\n")
+    proc = _train_script([str(bad), "--launch", str(cfg)], tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert [ln for ln in proc.stderr.splitlines() if ln.startswith("qat ")] == [
+        f"qat train: error: {bad}: recipe key 'task_name' is required"]
+    assert "Traceback" not in proc.stderr and "accelerate" not in proc.stderr
+    (tmp_path / "empty-data").mkdir()
+    recipe = tiny_recipe(tmp_path, data_dir=str(tmp_path / "empty-data"))
+    proc = _train_script([recipe, "--launch", str(cfg)], tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("qat ")]
+    assert len(lines) == 1 and lines[0].startswith("qat train: error: ") and \
+        "empty-data" in lines[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "CalledProcessError" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+    proc = _train_script([recipe, "--launch", str(tmp_path)], tmp_path)
+    assert proc.returncode == 2
+    assert f"--launch {str(tmp_path)!r} is a folder" in proc.stderr
