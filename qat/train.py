@@ -61,6 +61,15 @@ def check_output_dir(path: str) -> None:
                         f"{e.strerror})") from None
 
 
+def check_fsdp_device(targs) -> None:
+    """accelerate enables FSDP only on accelerator devices: on the CPU (MULTI_CPU) it drops
+    the FSDP plugin without a word and trains as DDP, so an FSDP recipe on the CPU is refused
+    rather than run as something else."""
+    if getattr(targs, "fsdp_plugin_args", None) is not None and targs.device.type == "cpu":
+        raise UserError("recipe key fsdp needs GPUs: on the CPU accelerate silently trains "
+                        "without FSDP (as DDP); drop the fsdp keys or run on GPUs")
+
+
 def apply_checkpoint_state(recipe, checkpoint: str) -> None:
     """On resume, the checkpoint's quant config, mode and LoRA settings win over the recipe."""
     from qat.quant_config import QuantConfig
@@ -149,6 +158,7 @@ def run(recipe) -> dict:
 
     targs = recipe.training_args
     check_output_dir(targs.output_dir)
+    check_fsdp_device(targs)
     with _run_lock(recipe):  # a second run into the folder fails here, before reading it
         checkpoint = resolve_resume(recipe)
         check_run_folder(recipe, checkpoint)
