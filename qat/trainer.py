@@ -137,4 +137,7 @@ class QATTrainer(Trainer):
         if self.args.should_save:
             out = Path(output_dir or self.args.output_dir)
             out.mkdir(parents=True, exist_ok=True)
-            (out / QAT_CONFIG_FILE).write_text(json.dumps(self.qat_state(), indent=2))
+            # write-then-rename: a kill mid-write never leaves a truncated qat_config.json
+            tmp = out / f".{QAT_CONFIG_FILE}.tmp-{os.getpid()}"
+            tmp.write_text(json.dumps(self.qat_state(), indent=2))
+            os.replace(tmp, out / QAT_CONFIG_FILE)
