@@ -293,9 +293,9 @@ def write_atomically(out: Path, write: Callable[[Path], None], overwrite: bool =
         if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
             out.rmdir()
         if out.exists() or out.is_symlink():
-            if not overwrite:  # appeared while we were writing
-                raise CommandError(f"--out {str(out)!r} appeared during the export; pass "
-                                   "--overwrite to replace it")
+            if not overwrite:  # e.g. created by someone else while we were writing
+                raise CommandError(f"--out {str(out)!r} exists and is not an empty folder; "
+                                   "pass --overwrite to replace it")
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             old.rmdir()
             os.rename(out, old)
