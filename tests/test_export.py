@@ -330,3 +330,29 @@ def test_out_holding_the_recipe_model_or_cwd_is_refused(tmp_path, capsys, monkey
     assert main([recipe, "--out", str(work), "--overwrite"]) == 2
     assert "contains the current directory" in _error(capsys)[0]
     assert _hashes(tmp_path) == {**before, "work/x": hashlib.sha256(b"x").hexdigest()}
+
+
+def test_tampered_export_fails_naming_what(tmp_path):
+    """A config from another packing version, or a packed tensor of the wrong size, is an error
+    that names the file and layer, not a model with garbage weights."""
+    from safetensors.torch import load_file, save_file
+
+    model, tok = load_model(resolve_source(tiny_recipe(tmp_path), []), 2)
+    out = export_model(model, tmp_path / "export", tok)
+    cfg_path = out / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["qat_packing"]["version"] = 1
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="qat_packing version 1 is not 2"):
+        AutoModelForSequenceClassification.from_pretrained(out)
+    cfg["qat_packing"]["version"] = 2
+    cfg_path.write_text(json.dumps(cfg))
+    state = load_file(out / "qat_packed.safetensors")
+    key = "bert.encoder.layer.0.output.dense.weight_codes"
+    state[key] = state[key][:-5].clone()
+    save_file(state, str(out / "qat_packed.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="layer bert.encoder.layer.0.output.dense: packed "
+                                         "tensor 'codes' has shape"):
+        AutoModelForSequenceClassification.from_pretrained(out)
+    with pytest.raises(TypeError, match="take no device_map"):
+        AutoModelForSequenceClassification.from_pretrained(out, device_map="cpu")
