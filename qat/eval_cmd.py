@@ -66,6 +66,7 @@ def split_options(argv: list[str], options: dict[str, type]) -> tuple[dict[str, 
 
 def user_errors() -> tuple[type[Exception], ...]:
     """The exceptions a command reports as one ``error:`` line (bad input, not bugs)."""
+    from qat.checkpoints import CheckpointError
     from qat.formats import FormatError
     from qat.glue import DataError
     from qat.models import DeviceError, ModelLoadError
@@ -73,7 +74,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     from qat.recipe import RecipeError
 
     return (CommandError, RecipeError, DataError, ModelLoadError, QuantConfigError, FormatError,
-            DeviceError, FileNotFoundError)
+            DeviceError, FileNotFoundError, CheckpointError)
 
 
 def run_cli(name: str, usage: str, argv: list[str] | None,
@@ -145,6 +146,7 @@ def _find_recipe_yaml(ckpt: Path) -> Path | None:
 
 def resolve_source(path: str, overrides: list[str]) -> Source:
     """A recipe file, or a run/checkpoint directory with ``qat_config.json``."""
+    from qat.checkpoints import check_weights
     from qat.recipe import (
         apply_override,
         build_recipe,
@@ -169,6 +171,7 @@ def resolve_source(path: str, overrides: list[str]) -> Source:
                            "or to evaluate a plain model, a recipe whose model_name_or_path "
                            "points at it")
     state = read_qat_config(p)
+    check_weights(p, state["finetune"])  # a truncated file: one line naming it, not a traceback
     yaml_path = _find_recipe_yaml(p)
     data: dict[str, Any] = dict(load_recipe_dict(yaml_path)) if yaml_path else {}
     finetune = state.get("finetune") or "full"

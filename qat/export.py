@@ -7,15 +7,20 @@ Each quantised linear's weight is stored as its format's integer codes, bit-pack
 shared scales: BFP as ``width``-bit mantissas + ``exponent_width``-bit exponents, OCP MX as
 element codes + E8M0 exponents, codebook formats (NF4, AF4, BOF4, BOF4-S) as 4-bit level
 indices + per-block scales (+ OPQ outlier positions and bf16 values). Everything else stays
-float. ``config.json`` gets a ``quantization_config`` with ``quant_method: qat``; after
-``import qat`` (see ``qat.hf_quantizer``) ``AutoModelFor...from_pretrained(dir)`` unpacks the
-codes and rebuilds the fake-quantised model. Unpacking repeats the format's own float32
-arithmetic, so the rebuilt weights are bit-identical to ``fmt.quantize(w)``.
+float, in ``qat_packed.safetensors``. ``config.json`` has ``model_type: qat_packed``, the
+original config under ``base_config`` and the packing table under ``qat_packing``; the export
+carries ``modeling_qat_packed.py``, so ``AutoModelFor...from_pretrained(dir,
+trust_remote_code=True)`` (or, after ``import qat``, without it) unpacks the codes and rebuilds
+the fake-quantised model. Unpacking repeats the format's own float32 arithmetic, so the rebuilt
+weights are bit-identical to ``fmt.quantize(w)``. Loading without either fails with
+transformers' "pass trust_remote_code=True" error, never as a random model.
+
+The destination must be new or empty (``--overwrite`` replaces it), may never be, lie inside or
+contain the source checkpoint, and is written atomically (a temporary folder, then a rename).
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import sys
 from collections.abc import Callable
@@ -29,16 +34,18 @@ from torch import Tensor
 from qat.eval_cmd import CommandError, run_cli, split_options
 from qat.formats import Format
 from qat.formats.base import from_blocks, to_blocks
+from qat.modeling_qat_packed import unpack_bits  # noqa: F401 - the inverse of pack_bits
 
 QUANT_METHOD = "qat"
-PACK_VERSION = 1
-USAGE = """usage: qat export RECIPE.yaml|CHECKPOINT_DIR --out DIR [--key value ...]
+USAGE = """usage: qat export RECIPE.yaml|CHECKPOINT_DIR --out DIR [--overwrite] [--key value ...]
 
-Writes DIR/model.safetensors (packed codes + scales; float for unquantised modules),
-DIR/config.json with quantization_config {quant_method: qat, ...} and the tokenizer.
-Load it back with `import qat` then AutoModelForSequenceClassification.from_pretrained(DIR).
-Recipe keys override the recipe (or the checkpoint's recipe.yaml), e.g. --quant.weight.width 6.
---device D  where the model is loaded: cpu, cuda, cuda:N or auto (default)"""
+Writes DIR/qat_packed.safetensors (packed codes + scales; float for unquantised modules),
+DIR/config.json (model_type qat_packed), DIR/modeling_qat_packed.py and the tokenizer. Load it
+with AutoModelForSequenceClassification.from_pretrained(DIR, trust_remote_code=True), or
+without trust_remote_code after `import qat`. DIR must be new or empty unless --overwrite;
+it can never be, lie inside or contain the source checkpoint.
+--device D  where the model is loaded: cpu, cuda, cuda:N or auto (default)
+Recipe keys override the recipe (or the checkpoint's recipe.yaml), e.g. --quant.weight.width 6."""
 
 
 class ExportError(ValueError):
@@ -57,15 +64,6 @@ def pack_bits(codes: Tensor, bits: int) -> Tensor:
     return torch.from_numpy(np.packbits(planes.reshape(-1), bitorder="little"))
 
 
-def unpack_bits(stream: Tensor, bits: int, count: int) -> Tensor:
-    """Inverse of ``pack_bits``: ``count`` codes as int64."""
-    s = stream.numpy()
-    if bits == 8:
-        return torch.from_numpy(s[:count].astype(np.int64))
-    planes = np.unpackbits(s, count=count * bits, bitorder="little").reshape(count, bits)
-    return torch.from_numpy((planes.astype(np.int64) << np.arange(bits)).sum(-1))
-
-
 # --- per-family packers: (fmt, blocked float32 [rows, nblocks, B]) -> tensors, and back -------
 
 Packed = dict[str, Tensor]
@@ -82,16 +80,6 @@ def _pack_bfp(fmt: Any, xb: Tensor, n: int) -> Packed:
             "exponents": pack_bits(e.to(torch.int64) + bias, fmt.exponent_width)}
 
 
-def _unpack_bfp(fmt: Any, t: Packed, shape: tuple[int, int, int]) -> Tensor:
-    rows, nb, bs = shape
-    m_bits = fmt.width - 1
-    mant = unpack_bits(t["codes"], fmt.width, rows * nb * bs) - 2**m_bits
-    e = unpack_bits(t["exponents"], fmt.exponent_width, rows * nb)
-    e = e - (2 ** (fmt.exponent_width - 1) - 1)
-    scale = torch.exp2((e.reshape(rows, nb).to(torch.int32) - m_bits).float()).unsqueeze(-1)
-    return mant.reshape(shape).float() * scale
-
-
 def _mx_magnitudes(fmt: Any) -> Tensor:
     """Every non-negative value of an MX element format, ascending (< 2^(bits-1) of them)."""
     if fmt.name == "mxint8":
@@ -100,6 +88,19 @@ def _mx_magnitudes(fmt: Any) -> Tensor:
     sub = [k * 2.0 ** (emin - m) for k in range(2**m)]
     normals = [2.0**e * (1 + k / 2**m) for e in range(emin, fmt.emax + 1) for k in range(2**m)]
     return torch.tensor(sub + [v for v in normals if v <= fmt.max_value], dtype=torch.float32)
+
+
+def _bfp_codec(fmt: Any) -> dict[str, Any]:
+    return {"family": "bfp", "width": fmt.width, "exponent_width": fmt.exponent_width}
+
+
+def _mx_codec(fmt: Any) -> dict[str, Any]:
+    return {"family": "mx", "elem_bits": fmt.elem_bits,
+            "magnitudes": _mx_magnitudes(fmt).tolist()}
+
+
+def _codebook_codec(fmt: Any) -> dict[str, Any]:
+    return {"family": "codebook", "levels": [float(v) for v in fmt.levels]}
 
 
 def _pack_mx(fmt: Any, xb: Tensor, n: int) -> Packed:
@@ -114,18 +115,6 @@ def _pack_mx(fmt: Any, xb: Tensor, n: int) -> Packed:
     sign = (elems < 0).to(torch.int64) << (fmt.elem_bits - 1)
     return {"codes": pack_bits(idx + sign, fmt.elem_bits),
             "exponents": pack_bits(e.to(torch.int64) - E8M0_MIN, 8)}  # E8M0 code = e + 127
-
-
-def _unpack_mx(fmt: Any, t: Packed, shape: tuple[int, int, int]) -> Tensor:
-    from qat.formats.mx import E8M0_MIN
-
-    rows, nb, bs = shape
-    code = unpack_bits(t["codes"], fmt.elem_bits, rows * nb * bs)
-    half = 1 << (fmt.elem_bits - 1)
-    mag = _mx_magnitudes(fmt)[code % half]
-    elems = torch.where(code >= half, -mag, mag).reshape(shape)
-    e = unpack_bits(t["exponents"], 8, rows * nb) + E8M0_MIN
-    return elems * torch.exp2(e.reshape(rows, nb).float()).unsqueeze(-1)
 
 
 def _pack_codebook(fmt: Any, xb: Tensor, n: int) -> Packed:
@@ -158,35 +147,21 @@ def _pack_codebook(fmt: Any, xb: Tensor, n: int) -> Packed:
     return out
 
 
-def _unpack_codebook(fmt: Any, t: Packed, shape: tuple[int, int, int]) -> Tensor:
-    from qat.formats.codebook import level_tensors
-
-    rows, nb, bs = shape
-    lv, _ = level_tensors(fmt.levels, torch.device("cpu"))
-    code = unpack_bits(t["codes"], 4, rows * nb * bs).reshape(shape)
-    s = t["scales"].float().reshape(rows, nb, 1)
-    q = torch.where(s == 0, torch.zeros(shape), lv[code] * s)
-    if "outlier_index" in t:
-        q = q.reshape(-1).clone()
-        q[t["outlier_index"].long()] = t["outlier_values"].float()
-        q = q.reshape(shape)
-    return q
-
-
 def _packers() -> dict[str, tuple[Callable, Callable]]:
     from qat.formats import FORMATS
 
-    table: dict[str, tuple[Callable, Callable]] = {"bfp": (_pack_bfp, _unpack_bfp)}
+    table: dict[str, tuple[Callable, Callable]] = {"bfp": (_pack_bfp, _bfp_codec)}
     for name, cls in FORMATS.items():
         mod = cls.__module__.rsplit(".", 1)[-1]
         if mod == "mx":
-            table[name] = (_pack_mx, _unpack_mx)
+            table[name] = (_pack_mx, _mx_codec)
         elif mod == "codebook":
-            table[name] = (_pack_codebook, _unpack_codebook)
+            table[name] = (_pack_codebook, _codebook_codec)
     return table
 
 
 def _packer(fmt: Format) -> tuple[Callable, Callable]:
+    """(packer, codec): ``codec(fmt)`` is what ``modeling_qat_packed`` needs to unpack."""
     table = _packers()
     if fmt.name not in table:
         raise ExportError(f"packed export not supported for format {fmt.name!r} yet; "
@@ -196,50 +171,62 @@ def _packer(fmt: Format) -> tuple[Callable, Callable]:
 
 def pack_weight(fmt: Format, w: Tensor, dim: int) -> tuple[Packed, dict[str, Any]]:
     """Packed tensors of ``w`` blocked along ``dim``, and the metadata to unpack them."""
-    pack, _ = _packer(fmt)
+    pack, codec = _packer(fmt)
     x = w.detach().float().cpu().movedim(dim, -1).contiguous()
     rows = x.reshape(-1, x.shape[-1])
     xb, n = to_blocks(rows, getattr(fmt, "block_size", rows.shape[-1]))
     tensors = pack(fmt, xb, n)
-    meta = {"format": fmt.spec(), "shape": list(w.shape), "dim": dim,
+    meta = {"format": fmt.spec(), "codec": codec(fmt), "shape": list(w.shape), "dim": dim,
             "dtype": str(w.dtype).removeprefix("torch."), "blocks": list(xb.shape),
             "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
                         for k, v in tensors.items()}}
     return tensors, meta
 
 
-def unpack_weight(meta: dict[str, Any], tensors: Packed) -> Tensor:
-    """Rebuild the fake-quantised weight from ``pack_weight``'s output (bit-exact)."""
-    from qat.formats import make_format
+def unpack_weight(meta: dict[str, Any], tensors: Packed,
+                  codecs: dict[str, dict[str, Any]] | None = None) -> Tensor:
+    """Rebuild the fake-quantised weight from ``pack_weight``'s output (bit-exact).
 
-    fmt = make_format(meta["format"])
-    _, unpack = _packer(fmt)
-    shape = [int(s) for s in meta["shape"]]
-    dim = int(meta["dim"])
-    moved = list(shape)
-    moved.append(moved.pop(dim % len(shape)))
-    q = from_blocks(unpack(fmt, {k: v.cpu() for k, v in tensors.items()},
-                           tuple(meta["blocks"])), moved[-1])
-    return q.reshape(moved).movedim(-1, dim).to(getattr(torch, meta["dtype"]))
+    ``meta["codec"]`` is the codec itself or its key in ``codecs``; version-1 exports have
+    none, and the codec is derived from ``meta["format"]``."""
+    from qat.formats import make_format
+    from qat.modeling_qat_packed import unpack_weight as unpack
+
+    codec = meta.get("codec")
+    if isinstance(codec, str):
+        codec = (codecs or {})[codec]
+    if codec is None:
+        fmt = make_format(meta["format"])
+        codec = _packer(fmt)[1](fmt)
+    return unpack(meta, tensors, codec)
 
 
 # --- writing --------------------------------------------------------------------------------
 
 
-def packed_state_dict(model: torch.nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """The model's state dict with every quantised weight replaced by its packed tensors."""
+def packed_state_dict(model: torch.nn.Module
+                      ) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Any]]:
+    """The model's state dict with every quantised weight replaced by its packed tensors, the
+    per-layer metadata, and the codec table the metadata refers to."""
     from tqdm.auto import tqdm
 
     from qat.modules import QuantConv1D, QuantLinear
 
     state = model.state_dict()
     packed: dict[str, Any] = {}
+    codecs: dict[str, Any] = {}
     mods = [(n, m) for n, m in model.named_modules()
             if isinstance(m, (QuantLinear, QuantConv1D)) and m.weight_quantizer is not None]
     for name, m in tqdm(mods, desc="packing", unit="layer"):
         wq = m.weight_quantizer
         tensors, meta = pack_weight(wq.fmt, m.weight, wq.dim)
         meta["kind"] = "conv1d" if isinstance(m, QuantConv1D) else "linear"
+        key = json.dumps(meta["codec"], sort_keys=True)  # one table entry per distinct codec
+        ids = {json.dumps(v, sort_keys=True): k for k, v in codecs.items()}
+        if key not in ids:
+            ids[key] = f"c{len(codecs)}"
+            codecs[ids[key]] = meta["codec"]
+        meta["codec"] = ids[key]
         packed[name] = meta
         del state[f"{name}.weight"]
         state.update({f"{name}.weight_{k}": v for k, v in tensors.items()})
@@ -251,12 +238,95 @@ def packed_state_dict(model: torch.nn.Module) -> tuple[dict[str, Tensor], dict[s
             continue
         seen.add(ident)
         out[key] = t.detach().cpu().contiguous()
-    return out, packed
+    return out, packed, codecs
 
 
-def export_model(model: torch.nn.Module, out_dir: str | Path, tokenizer: Any = None) -> Path:
-    """Write ``model`` (fake-quantised by ``quantize_model``) packed to ``out_dir``."""
+def check_destination(out: str | Path, overwrite: bool) -> Path:
+    """``--out`` must be a new or empty folder, or ``overwrite`` must be given."""
+    p = Path(out).expanduser()
+    if p.exists() and not p.is_dir():
+        raise CommandError(f"--out {str(out)!r} exists and is not a directory")
+    if p.is_dir() and any(p.iterdir()) and not overwrite:
+        n = sum(1 for _ in p.iterdir())
+        raise CommandError(f"--out {str(out)!r} is not empty ({n} entries); pass --overwrite "
+                           "to replace it, or choose a new folder")
+    return p
+
+
+def _within(a: Path, b: Path) -> bool:
+    """``a`` is ``b`` or lies inside it (both resolved)."""
+    return a == b or b in a.parents
+
+
+def check_not_source(out: Path, sources: dict[str, Path], keep: dict[str, Path]) -> None:
+    """Refuse (even with --overwrite) an ``out`` that is, lies inside or contains a source
+    folder, or that contains a file/folder to keep (recipe, data, the current directory)."""
+    o = out.expanduser().resolve()
+    for what, src in sources.items():
+        s = src.expanduser().resolve()
+        if _within(o, s) or _within(s, o):
+            rel = "is" if o == s else "lies inside" if _within(o, s) else "contains"
+            raise CommandError(f"--out {str(out)!r} {rel} the {what} {str(src)!r}; exporting "
+                               "there would replace what is exported: choose another folder")
+    for what, k in keep.items():
+        if _within(k.expanduser().resolve(), o):
+            raise CommandError(f"--out {str(out)!r} contains the {what} {str(k)!r}; choose "
+                               "another folder")
+
+
+def write_atomically(out: Path, write: Callable[[Path], None], overwrite: bool = False) -> None:
+    """``write(tmp)`` into a fresh folder beside ``out``, then rename it to ``out``.
+
+    An interrupted export leaves only a hidden ``.NAME.tmp-*`` folder, never a half-written
+    ``out``; with ``overwrite`` the old ``out`` is moved away only once the new one is complete
+    (and put back if the final rename fails)."""
+    import os
+    import shutil
+    import tempfile
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700
+        write(tmp)
+        if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
+            out.rmdir()
+        if out.exists() or out.is_symlink():
+            if not overwrite:  # e.g. created by someone else while we were writing
+                raise CommandError(f"--out {str(out)!r} exists and is not an empty folder; "
+                                   "pass --overwrite to replace it")
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            old.rmdir()
+            os.rename(out, old)
+            try:
+                os.rename(tmp, out)
+            except OSError:
+                os.rename(old, out)
+                raise
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old)
+            else:
+                old.unlink()
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def export_model(model: torch.nn.Module, out_dir: str | Path, tokenizer: Any = None, *,
+                 overwrite: bool = False, info: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` (fake-quantised by ``quantize_model``) packed to ``out_dir``.
+
+    ``out_dir`` must be new or empty unless ``overwrite``; it is written atomically. ``info``
+    (if given) is written as ``qat_export.json`` with ``weight_file_bytes`` filled in."""
+    import shutil
+
     from safetensors.torch import save_file
+
+    from qat import modeling_qat_packed as mqp
 
     if hasattr(model, "merge_and_unload"):  # LoRA: W + BA is what the quantiser sees
         model = model.merge_and_unload()
@@ -264,20 +334,57 @@ def export_model(model: torch.nn.Module, out_dir: str | Path, tokenizer: Any = N
     if quant is None:
         raise ExportError("the model is not quantised (quant: null): nothing to pack; set a "
                           "quant section or --quant.weight ...")
-    out = Path(out_dir).expanduser()
-    if out.exists() and not out.is_dir():
-        raise CommandError(f"--out {str(out)!r} exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
-    state, packed = packed_state_dict(model)
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    config = copy.deepcopy(model.config)
-    config.architectures = [type(model).__name__]
-    config.quantization_config = {"quant_method": QUANT_METHOD, "version": PACK_VERSION,
-                                  "quant": quant.to_dict(), "packed": packed}
-    config.save_pretrained(str(out))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(out))
+    out = check_destination(out_dir, overwrite)
+    state, packed, codecs = packed_state_dict(model)
+    arch = type(model).__name__
+    base = model.config.to_dict()
+    for key in ("quantization_config", "_name_or_path"):  # no local paths in a shared export
+        base.pop(key, None)
+    base["architectures"] = [arch]
+    auto = mqp.auto_map(arch)
+    config = mqp.QatPackedConfig(
+        base_config=base, architectures=[auto[next(k for k in auto if k != "AutoConfig")]
+                                         .rsplit(".", 1)[1]], auto_map=auto,
+        qat_packing={"version": mqp.PACK_VERSION, "quant": quant.to_dict(), "codecs": codecs,
+                     "packed": packed})
+
+    def write(tmp: Path) -> None:
+        save_file(state, str(tmp / mqp.WEIGHTS_NAME), metadata={"format": "pt"})
+        config.save_pretrained(str(tmp))
+        shutil.copyfile(mqp.__file__, tmp / "modeling_qat_packed.py")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        if info is not None:
+            info["weight_file_bytes"] = (tmp / mqp.WEIGHTS_NAME).stat().st_size
+            (tmp / "qat_export.json").write_text(json.dumps(info, indent=2))
+
+    write_atomically(out, write, overwrite)
     return out
+
+
+def _protected(path: str, src: Any) -> tuple[dict[str, Path], dict[str, Path]]:
+    """(sources --out may not touch at all, paths --out may not contain)."""
+    import os
+
+    from qat.eval_cmd import _find_recipe_yaml
+
+    args = src.recipe.args
+    sources: dict[str, Path] = {}
+    keep: dict[str, Path] = {"current directory": Path(os.getcwd())}
+    if src.checkpoint is not None:
+        sources["source checkpoint"] = src.checkpoint
+        yaml_path = _find_recipe_yaml(src.checkpoint)
+        if yaml_path is not None:
+            keep["run folder"] = yaml_path.parent
+    else:
+        keep["recipe"] = Path(path)
+    for what, value in (("model", args.model_name_or_path),
+                        ("tokenizer", args.tokenizer_name_or_path)):
+        if value and Path(value).expanduser().exists():
+            keep[what] = Path(value)
+    if getattr(args, "data_dir", None):
+        keep["data folder"] = Path(args.data_dir)
+    return sources, keep
 
 
 def run(path: str, argv: list[str]) -> dict[str, Any]:
@@ -286,26 +393,28 @@ def run(path: str, argv: list[str]) -> dict[str, Any]:
     from qat.glue import get_task
     from qat.models import resolve_device
 
-    opts, overrides = split_options(argv, {"out": str, "device": str})
+    opts, overrides = split_options(argv, {"out": str, "overwrite": bool, "device": str})
     if not opts.get("out"):
         raise CommandError("--out DIR is required")
+    overwrite = bool(opts.get("overwrite"))
     src = resolve_source(path, overrides)
+    check_not_source(Path(opts["out"]), *_protected(path, src))  # before the slow part
+    check_destination(opts["out"], overwrite)
     task = get_task(src.recipe.args.task_name)
     device = resolve_device(opts.get("device"), src.recipe.training_args.use_cpu)
     model, tokenizer = load_model(src, task.num_labels, device)
-    out = export_model(model, opts["out"], tokenizer)
     density = density_report(model)
+    info: dict[str, Any] = {"out": str(opts["out"]), "density": density.to_dict()}
+    out = export_model(model, opts["out"], tokenizer, overwrite=overwrite, info=info)
     print(density.format(per_layer=False))
-    size = (out / "model.safetensors").stat().st_size
-    info = {"out": str(out), "weight_file_bytes": size, "density": density.to_dict()}
-    (out / "qat_export.json").write_text(json.dumps(info, indent=2))
+    info["out"] = str(out)
     return info
 
 
 def main(argv: list[str] | None = None) -> int:
     def body(argv: list[str]) -> None:
         info = run(argv[0], argv[1:])
-        print(f"qat export: wrote {info['out']} (model.safetensors: "
+        print(f"qat export: wrote {info['out']} (qat_packed.safetensors: "
               f"{info['weight_file_bytes'] / 2**20:.2f} MiB)")
 
     return run_cli("export", USAGE, argv, body, (ExportError,))

@@ -1,7 +1,9 @@
 """The ``qat`` quant method for transformers' quantizer hooks (``HfQuantizer``).
 
-A directory written by ``qat export`` has ``quantization_config: {quant_method: qat, quant,
-packed}`` in its ``config.json``. With this module imported (``import qat`` does it),
+Kept to load version-1 exports; current exports (``model_type: qat_packed``) load through
+``qat.modeling_qat_packed``, registered here too. A version-1
+directory has ``quantization_config: {quant_method: qat, quant, packed}`` in its
+``config.json``. With this module imported (``import qat`` does it),
 ``AutoModelFor...from_pretrained(dir)`` goes through ``QatHfQuantizer``: before the weights
 load, every packed linear becomes a ``PackedLinear`` placeholder whose buffers match the
 packed tensors' names, shapes and dtypes; after loading, the codes are unpacked to float
@@ -132,7 +134,11 @@ class QatHfQuantizer(HfQuantizer):
 
 
 def register() -> None:
-    """Register the ``qat`` quant method with transformers (idempotent)."""
+    """Register the ``qat`` quant method (version-1 exports) and the ``qat_packed`` model type
+    (current exports) with transformers (idempotent)."""
+    from qat.modeling_qat_packed import register as register_packed
+
+    register_packed()
     if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
         register_quantization_config(QUANT_METHOD)(QatQuantizationConfig)
     if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:

@@ -58,6 +58,9 @@ class RecipeArguments:
     lora: LoraArguments = dataclasses.field(default_factory=LoraArguments)
     quant: QuantConfig | None = None
     on_nonfinite: str = "stop"
+    # Trainer's convention (dropped from TrainingArguments in transformers 5): a new run into a
+    # folder that holds a run is refused unless this is true (qat.train.check_run_folder).
+    overwrite_output_dir: bool = False
 
 
 @dataclasses.dataclass

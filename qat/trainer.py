@@ -27,12 +27,15 @@ QAT_CONFIG_FILE = "qat_config.json"
 
 
 def read_qat_config(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
-    """The ``qat_config.json`` a QATTrainer saved with a checkpoint."""
+    """The ``qat_config.json`` a QATTrainer saved with a checkpoint, validated: a damaged one
+    raises ``CheckpointError`` naming the file."""
+    from qat.checkpoints import check_qat_config
+
     path = Path(checkpoint_dir) / QAT_CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{str(checkpoint_dir)!r} holds no {QAT_CONFIG_FILE}: not a qat "
                                 "checkpoint (was it written by qat train?)")
-    return json.loads(path.read_text())
+    return check_qat_config(path)
 
 
 class _WandbQATConfig(TrainerCallback):
@@ -148,4 +151,7 @@ class QATTrainer(Trainer):
         if self.args.should_save:
             out = Path(output_dir or self.args.output_dir)
             out.mkdir(parents=True, exist_ok=True)
-            (out / QAT_CONFIG_FILE).write_text(json.dumps(self.qat_state(), indent=2))
+            # write-then-rename: a kill mid-write never leaves a truncated qat_config.json
+            tmp = out / f".{QAT_CONFIG_FILE}.tmp-{os.getpid()}"
+            tmp.write_text(json.dumps(self.qat_state(), indent=2))
+            os.replace(tmp, out / QAT_CONFIG_FILE)

@@ -98,3 +98,65 @@ def test_formats_hold_no_random_state(name: str) -> None:
     first = fmt.quantize(x)
     torch.manual_seed(2)
     torch.testing.assert_close(fmt.quantize(x), first, rtol=0, atol=0)
+
+
+def test_fsdp_on_the_cpu_is_refused_not_run_as_ddp(tmp_path: Path, capsys) -> None:
+    """accelerate keeps the FSDP plugin only for GPU-like devices (AcceleratorState: MULTI_CPU
+    is not in its FSDP list), so `fsdp:` on the CPU would train as plain DDP: checked by
+    running 2 gloo processes here, which exited 0 with DDP-style checkpoints (model.safetensors,
+    optimizer.pt, no pytorch_model_fsdp_0/). qat refuses it up front instead."""
+    recipe = tiny_recipe(tmp_path, fsdp="full_shard auto_wrap",
+                         fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["BertLayer"]})
+    assert main([recipe]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("qat ")]
+    assert err == ["qat train: error: recipe key fsdp needs GPUs: on the CPU "
+                   "accelerate silently trains without FSDP (as DDP); drop the fsdp keys or run "
+                   "on GPUs"]
+    assert not (tmp_path / "out").exists()
+
+
+def _consolidated(dcp_dir: Path) -> dict[str, torch.Tensor]:
+    """A sharded (torch.distributed.checkpoint) model folder as one flat state dict."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    flat = dcp_dir.parent / (dcp_dir.name + ".pt")
+    dcp_to_torch_save(str(dcp_dir), str(flat))
+    state = torch.load(flat, weights_only=True)
+    state = state.get("model", state)
+    return {k.removeprefix("model."): v for k, v in state.items()}
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason=(
+    "FSDP needs 2 GPUs: on the CPU accelerate drops the FSDP plugin (MULTI_CPU is not an FSDP "
+    "distributed type) and trains as DDP, see test_fsdp_on_the_cpu_is_refused_not_run_as_ddp"))
+def test_fsdp_two_gpus_match_one_process_and_resume_a_sharded_checkpoint(tmp_path: Path) -> None:
+    """launch/fsdp.yaml (FSDP2, SHARDED_STATE_DICT) on 2 GPUs, W4A4 BFP: the weights after 6
+    steps equal a 1-process run with the same global batch (atol 1e-5, as for DDP), and a
+    resume from the sharded checkpoint-3 ends with the same weights (atol 1e-6)."""
+    model_dir = make_tiny_model_dir(tmp_path, no_dropout=True)
+    recipe = tiny_recipe(tmp_path, max_steps=6, learning_rate=1e-4, use_cpu=False,
+                         model_name_or_path=model_dir, save_strategy="steps", save_steps=3)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+
+    def fsdp(out: Path, *extra: str) -> None:
+        proc = subprocess.run(
+            [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+             str(REPO / "launch" / "fsdp.yaml"), "--num_processes", "2", "--main_process_port",
+             str(_free_port()), "qat/train.py", recipe, "--output_dir", str(out),
+             "--per_device_train_batch_size", "4", *extra],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+
+    single, full, resumed = tmp_path / "single", tmp_path / "fsdp", tmp_path / "resumed"
+    assert main([recipe, "--output_dir", str(single), "--per_device_train_batch_size", "8",
+                 "--save_strategy", "no"]) == 0
+    fsdp(full)
+    ckpt = full / "checkpoint-6" / "pytorch_model_fsdp_0"
+    assert ckpt.is_dir() and (full / "checkpoint-3" / "optimizer_0").is_dir()
+    a, b = load_file(single / "model.safetensors"), _consolidated(ckpt)
+    for k in a:
+        torch.testing.assert_close(b[k].float().cpu(), a[k], atol=WEIGHT_ATOL, rtol=0, msg=k)
+    fsdp(resumed, "--resume_from_checkpoint", str(full / "checkpoint-3"))
+    c = _consolidated(resumed / "checkpoint-6" / "pytorch_model_fsdp_0")
+    for k in a:
+        torch.testing.assert_close(c[k], b[k], atol=1e-6, rtol=0, msg=k)

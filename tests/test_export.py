@@ -1,8 +1,14 @@
-"""Packed export: exact pack/unpack, HfQuantizer round trip (torch.equal logits), file size."""
+"""Packed export: exact pack/unpack, round trips (torch.equal logits) with and without
+``import qat`` (transformers' trust_remote_code), loading refused rather than random, file
+size, and destinations that are never overwritten unasked nor inside the source."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +17,7 @@ from safetensors import safe_open
 from tiny import tiny_recipe
 from transformers import AutoModelForSequenceClassification
 
-import qat.hf_quantizer  # noqa: F401 - registers quant_method "qat" (qat/__init__ should too)
+import qat  # noqa: F401 - registers the qat_packed model type
 from qat.eval_cmd import load_model, resolve_source
 from qat.export import (
     ExportError,
@@ -77,8 +83,11 @@ def test_from_pretrained_rebuilds_identical_logits(tmp_path, weight):
     recipe = tiny_recipe(tmp_path)
     model, tok = load_model(resolve_source(recipe, ["--quant.weight", json.dumps(weight)]), 2)
     out = export_model(model, tmp_path / "export", tok)
-    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert cfg["quant_method"] == "qat" and cfg["quant"]["weight"]["format"] == weight["format"]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "qat_packed" and "AutoModelForSequenceClassification" in \
+        cfg["auto_map"]
+    assert cfg["qat_packing"]["quant"]["weight"]["format"] == weight["format"]
+    assert not (out / "model.safetensors").exists()
     loaded = AutoModelForSequenceClassification.from_pretrained(out)
     assert isinstance(loaded.bert.encoder.layer[1].output.dense, QuantLinear)
     assert loaded.config._attn_implementation == "qat"
@@ -112,7 +121,7 @@ def _sizes(model, path: Path) -> tuple[float, float, int, int]:
 def test_tiny_export_size(tmp_path):
     model, tok = load_model(resolve_source(tiny_recipe(tmp_path), []), 2)
     out = export_model(model, tmp_path / "export", tok)
-    exp_packed, exp_file, written, size = _sizes(model, out / "model.safetensors")
+    exp_packed, exp_file, written, size = _sizes(model, out / "qat_packed.safetensors")
     assert written == pytest.approx(exp_packed, rel=1e-3)  # BFP: exactly W + E/B bits
     assert size == pytest.approx(exp_file, rel=0.05)
 
@@ -133,10 +142,217 @@ def test_export_command(tmp_path, capsys):
 def test_real_minilm_export(tmp_path):
     model, tok = load_model(resolve_source(str(REPO / "recipes" / "minilm_sst2.yaml"), []), 2)
     out = export_model(model, tmp_path / "minilm", tok)
-    exp_packed, exp_file, written, size = _sizes(model, out / "model.safetensors")
+    exp_packed, exp_file, written, size = _sizes(model, out / "qat_packed.safetensors")
     assert written == pytest.approx(exp_packed, rel=1e-3)  # 10764288 x 4.5 / 8 bytes
     assert size == pytest.approx(exp_file, rel=0.05)
     loaded = AutoModelForSequenceClassification.from_pretrained(out)
     batch = _batch(tok)
     with torch.no_grad():
         assert torch.equal(loaded(**batch).logits, model(**batch).logits)
+
+
+# --- loading without `import qat` (fresh interpreters) ----------------------------------------
+
+_LOADER = r"""
+import json, sys
+import torch
+if sys.argv[2] == "block-qat":
+    sys.modules["qat"] = None  # as if qat were not installed
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+out = {}
+def attempt(name, fn):
+    try:
+        out[name] = fn()
+    except Exception as e:
+        out[name] = f"{type(e).__name__}: {e}"
+d = sys.argv[1]
+tok = AutoTokenizer.from_pretrained(d, trust_remote_code=True)  # it reads config.json too
+batch = tok(["a gripping, funny film", "flat"], return_tensors="pt", padding=True)
+def logits(**kw):
+    m = AutoModelForSequenceClassification.from_pretrained(d, **kw)
+    with torch.no_grad():
+        return m(**batch).logits.tolist()
+if sys.argv[2] == "block-qat":
+    attempt("plain", logits)
+    def direct():
+        from transformers import BertForSequenceClassification
+        BertForSequenceClassification.from_pretrained(d)
+        return "loaded"
+    attempt("direct", direct)
+attempt("remote", lambda: logits(trust_remote_code=True))
+out["qat_imported"] = "qat.quantize" in sys.modules
+print("RESULT " + json.dumps(out))
+"""
+
+
+def _load_in_fresh_python(export: Path, mode: str) -> dict:
+    """Load ``export`` in a new interpreter that never imports qat itself."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-c", _LOADER, str(export), mode], env=env,
+                          capture_output=True, text=True, cwd=export.parent, timeout=300,
+                          stdin=subprocess.DEVNULL)
+    # (transformers' "run the custom code? [y/N]" prompt may precede it on the same line)
+    lines = [ln.split("RESULT ", 1)[1] for ln in proc.stdout.splitlines() if "RESULT " in ln]
+    assert proc.returncode == 0 and lines, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return json.loads(lines[-1])
+
+
+def _logits(model, tok) -> list:
+    with torch.no_grad():
+        return model(**_batch(tok)).logits.tolist()
+
+
+def test_export_loads_with_trust_remote_code_without_importing_qat(tmp_path):
+    """W4A4 (activations and attention quantised): the export's own modelling file imports the
+    installed qat for the quantisers; the caller never does. Logits are bit-identical."""
+    model, tok = load_model(resolve_source(tiny_recipe(tmp_path), []), 2)
+    out = export_model(model, tmp_path / "export", tok)
+    got = _load_in_fresh_python(out, "qat-installed")
+    assert got["remote"] == _logits(model, tok)
+    assert got["qat_imported"]
+
+
+def test_export_without_qat_loads_exactly_or_refuses(tmp_path):
+    """qat not importable at all: no trust_remote_code -> transformers' error saying to pass
+    it; the base class directly -> no weights file; trust_remote_code on a weights-only
+    export -> identical logits from the carried unpacking code; on a W4A4 export -> an
+    ImportError saying to install qat. Never a random model."""
+    w_only = ["--quant.activation", "null", "--quant.matmul", "null", "--quant.weight",
+              '{format: mxfp4}']
+    model, tok = load_model(resolve_source(tiny_recipe(tmp_path), w_only), 2)
+    out = export_model(model, tmp_path / "w-only", tok)
+    got = _load_in_fresh_python(out, "block-qat")
+    assert got["plain"].startswith("ValueError") and "trust_remote_code=True" in got["plain"]
+    assert got["direct"].startswith("OSError"), got["direct"]
+    assert got["remote"] == _logits(model, tok)
+    assert not got["qat_imported"]
+    model, tok = load_model(resolve_source(tiny_recipe(tmp_path), []), 2)
+    out = export_model(model, tmp_path / "w4a4", tok)
+    got = _load_in_fresh_python(out, "block-qat")
+    assert got["remote"].startswith("ImportError") and "pip install qat" in got["remote"]
+    assert "trust_remote_code=True" in got["plain"]
+
+
+# --- destinations: never overwritten unasked, never the source, written atomically ------------
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> Path:
+    """A finished tiny ``qat train`` run (model.safetensors, qat_config.json, recipe.yaml)."""
+    from qat.train import main as train
+
+    tmp = tmp_path_factory.mktemp("run")
+    assert train([tiny_recipe(tmp), "--max_steps", "2", "--output_dir", str(tmp / "run")]) == 0
+    return tmp / "run"
+
+
+def _error(capsys) -> list[str]:
+    return [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("qat ")]
+
+
+def test_self_export_is_refused_and_the_run_survives(trained_run, capsys, tmp_path):
+    from qat.eval_cmd import main as eval_main
+
+    before = _hashes(trained_run)
+    cases = [(str(trained_run), "is the source checkpoint"),
+             (str(trained_run / "exported"), "lies inside the source checkpoint"),
+             (str(trained_run.parent), "contains the source checkpoint")]
+    for out, what in cases:
+        for extra in ([], ["--overwrite"]):
+            capsys.readouterr()
+            assert main([str(trained_run), "--out", out, *extra]) == 2
+            err = _error(capsys)
+            assert len(err) == 1 and what in err[0], err
+            assert _hashes(trained_run) == before
+    assert not (trained_run / "exported").exists()
+    link = tmp_path / "link"
+    link.symlink_to(trained_run)  # a symlink to the source is the source
+    assert main([str(trained_run), "--out", str(link), "--overwrite"]) == 2
+    assert "is the source checkpoint" in _error(capsys)[0]
+    assert _hashes(trained_run) == before
+    assert eval_main([str(trained_run), "--output", str(tmp_path / "eval.json")]) == 0
+
+
+def test_non_empty_out_needs_overwrite_and_is_replaced_atomically(trained_run, capsys,
+                                                                  tmp_path, monkeypatch):
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main([str(trained_run), "--out", str(out)]) == 2
+    err = _error(capsys)
+    assert err == [f"qat export: error: --out {str(out)!r} is not empty (1 entries); pass "
+                   "--overwrite to replace it, or choose a new folder"]
+    assert (out / "notes.txt").read_text() == "mine"
+    # A failure while writing leaves the old folder untouched and no temporary folder behind.
+    import safetensors.torch
+
+    def broken(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    with pytest.raises(OSError, match="No space left"):
+        main([str(trained_run), "--out", str(out), "--overwrite"])
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+    assert _hashes(out) == {"notes.txt": hashlib.sha256(b"mine").hexdigest()}
+    assert main([str(trained_run), "--out", str(out), "--overwrite"]) == 0
+    assert not (out / "notes.txt").exists() and (out / "qat_packed.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+    info = json.loads((out / "qat_export.json").read_text())
+    assert info["weight_file_bytes"] == (out / "qat_packed.safetensors").stat().st_size
+    # an empty folder is fine without --overwrite; a file is not a folder
+    (tmp_path / "empty").mkdir()
+    assert main([str(trained_run), "--out", str(tmp_path / "empty")]) == 0
+    (tmp_path / "file").write_text("x")
+    assert main([str(trained_run), "--out", str(tmp_path / "file"), "--overwrite"]) == 2
+    assert _error(capsys) == [f"qat export: error: --out {str(tmp_path / 'file')!r} exists "
+                              "and is not a directory"]
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_out_holding_the_recipe_model_or_cwd_is_refused(tmp_path, capsys, monkeypatch):
+    recipe = tiny_recipe(tmp_path)
+    before = _hashes(tmp_path)
+    assert main([recipe, "--out", str(tmp_path), "--overwrite"]) == 2
+    assert "contains the recipe" in _error(capsys)[0]
+    model_dir = tmp_path / "tiny-bert"
+    assert main([recipe, "--out", str(model_dir), "--overwrite"]) == 2
+    assert "contains the model" in _error(capsys)[0]
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "x").write_text("x")
+    monkeypatch.chdir(work)
+    assert main([recipe, "--out", str(work), "--overwrite"]) == 2
+    assert "contains the current directory" in _error(capsys)[0]
+    assert _hashes(tmp_path) == {**before, "work/x": hashlib.sha256(b"x").hexdigest()}
+
+
+def test_tampered_export_fails_naming_what(tmp_path):
+    """A config from another packing version, or a packed tensor of the wrong size, is an error
+    that names the file and layer, not a model with garbage weights."""
+    from safetensors.torch import load_file, save_file
+
+    model, tok = load_model(resolve_source(tiny_recipe(tmp_path), []), 2)
+    out = export_model(model, tmp_path / "export", tok)
+    cfg_path = out / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["qat_packing"]["version"] = 1
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="qat_packing version 1 is not 2"):
+        AutoModelForSequenceClassification.from_pretrained(out)
+    cfg["qat_packing"]["version"] = 2
+    cfg_path.write_text(json.dumps(cfg))
+    state = load_file(out / "qat_packed.safetensors")
+    key = "bert.encoder.layer.0.output.dense.weight_codes"
+    state[key] = state[key][:-5].clone()
+    save_file(state, str(out / "qat_packed.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="layer bert.encoder.layer.0.output.dense: packed "
+                                         "tensor 'codes' has shape"):
+        AutoModelForSequenceClassification.from_pretrained(out)
+    with pytest.raises(TypeError, match="take no device_map"):
+        AutoModelForSequenceClassification.from_pretrained(out, device_map="cpu")

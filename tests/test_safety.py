@@ -1,0 +1,313 @@
+"""Nothing lost, nothing silent: reused output_dir, the run lock, damaged checkpoints and run
+files. Every case asserts the exit code, the one error line and that no file changed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from tiny import tiny_recipe
+
+from qat.checkpoints import LOCK_FILE, CheckpointError, last_good_checkpoint, verify_checkpoint
+from qat.eval_cmd import main as eval_main
+from qat.export import main as export_main
+from qat.train import main as train_main
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _errors(capsys) -> list[str]:
+    return [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("qat ")]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A finished tiny run with checkpoint-1..3 (each: weights, optimizer, scheduler, ...)."""
+    tmp = tmp_path_factory.mktemp("safety")
+    recipe = tiny_recipe(tmp, max_steps=3, save_strategy="steps", save_steps=1)
+    assert train_main([recipe, "--output_dir", str(tmp / "run")]) == 0
+    return tmp / "run"
+
+
+@pytest.fixture()
+def run(run_dir, tmp_path) -> Path:
+    """A private copy of ``run_dir`` to damage."""
+    dst = tmp_path / "run"
+    shutil.copytree(run_dir, dst)
+    return dst
+
+
+# --- reused output_dir ----------------------------------------------------------------------
+
+
+def test_new_run_into_a_run_folder_is_refused(run, capsys):
+    before = _hashes(run)
+    recipe = str(run / "recipe.yaml")
+    capsys.readouterr()
+    assert train_main([recipe, "--output_dir", str(run)]) == 2
+    err = _errors(capsys)
+    assert len(err) == 1 and err[0].startswith(
+        f"qat train: error: output_dir {str(run)!r} already holds a run (model.safetensors, "
+        "qat_config.json, recipe.yaml, trainer_state.json, checkpoint-3"), err
+    assert err[0].endswith("resume it with --resume_from_checkpoint true, or start over with "
+                           "--overwrite_output_dir true (deletes its checkpoints)")
+    assert _hashes(run) == before
+
+
+def test_overwrite_output_dir_leaves_no_stale_checkpoint(run, capsys):
+    recipe = str(run / "recipe.yaml")
+    # resume and overwrite together would delete the checkpoint to resume
+    before = _hashes(run)
+    assert train_main([recipe, "--output_dir", str(run), "--overwrite_output_dir", "true",
+                       "--resume_from_checkpoint", "true"]) == 2
+    assert "resume_from_checkpoint and overwrite_output_dir are both set" in _errors(capsys)[0]
+    assert _hashes(run) == before
+    assert train_main([recipe, "--output_dir", str(run), "--overwrite_output_dir", "true",
+                       "--save_strategy", "no", "--max_steps", "2"]) == 0
+    assert not list(run.glob("checkpoint-*"))
+    state = json.loads((run / "trainer_state.json").read_text())
+    assert state["global_step"] == 2
+    import yaml
+
+    saved = yaml.safe_load((run / "recipe.yaml").read_text())
+    assert "overwrite_output_dir" not in saved  # a rerun of the saved recipe must not wipe it
+    assert not (run / LOCK_FILE).exists()
+    # nothing to resume in a finished run without checkpoints: refused, not restarted over it
+    before = _hashes(run)
+    assert train_main([recipe, "--output_dir", str(run), "--resume_from_checkpoint",
+                       "true"]) == 2
+    err = _errors(capsys)
+    assert len(err) == 1 and "holds a run" in err[0] and "but no checkpoint" in err[0]
+    assert _hashes(run) == before
+
+
+# --- the lock -------------------------------------------------------------------------------
+
+
+def _write_lock(folder: Path, pid: int, host: str) -> Path:
+    lock = folder / LOCK_FILE
+    lock.write_text(json.dumps({"pid": pid, "host": host, "started": "2026-01-01 00:00:00"}))
+    return lock
+
+
+def test_a_live_lock_refuses_a_second_run(tmp_path, capsys):
+    recipe = tiny_recipe(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        lock = _write_lock(out, holder.pid, socket.gethostname())
+        before = _hashes(out)
+        assert train_main([recipe, "--output_dir", str(out)]) == 2
+        assert _errors(capsys) == [
+            f"qat train: error: output_dir {str(out)!r} is in use by another run (pid "
+            f"{holder.pid} on {socket.gethostname()}, since 2026-01-01 00:00:00); wait for it "
+            f"or use another output_dir (lock file {str(lock)!r})"]
+        assert _hashes(out) == before
+        # a lock from another host that is still refreshed stands too
+        _write_lock(out, 1, "some-other-node")
+        assert train_main([recipe, "--output_dir", str(out)]) == 2
+        assert "is in use by another run (pid 1 on some-other-node" in _errors(capsys)[0]
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_stale_lock_is_taken_over_with_a_warning(tmp_path, capsys, caplog):
+    recipe = tiny_recipe(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    _write_lock(out, dead.pid, socket.gethostname())
+    with caplog.at_level(logging.WARNING):
+        assert train_main([recipe, "--output_dir", str(out)]) == 0
+    assert f"taking over the stale lock {out / LOCK_FILE} of process {dead.pid}" in caplog.text
+    assert not (out / LOCK_FILE).exists() and (out / "model.safetensors").is_file()
+    out2 = tmp_path / "out2"
+    out2.mkdir()
+    lock = _write_lock(out2, 1, "some-other-node")
+    old = time.time() - 3600  # not refreshed for an hour: its job is gone
+    os.utime(lock, (old, old))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert train_main([recipe, "--output_dir", str(out2)]) == 0
+    assert "not refreshed for" in caplog.text and not lock.exists()
+
+
+def test_concurrent_runs_into_one_folder(tmp_path, capsys):
+    """A real second ``qat train`` process while the first holds the folder."""
+    recipe = tiny_recipe(tmp_path, max_steps=400)
+    out = tmp_path / "out"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    first = subprocess.Popen([sys.executable, str(Path(__file__).parent.parent / "qat" /
+                                                  "train.py"), recipe, "--output_dir", str(out)],
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / LOCK_FILE).exists() and first.poll() is None \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (out / LOCK_FILE).exists(), "the first run never took the lock"
+        assert train_main([recipe, "--output_dir", str(out)]) == 2
+        err = _errors(capsys)
+        assert len(err) == 1 and f"is in use by another run (pid {first.pid} on" in err[0]
+    finally:
+        first.kill()
+        first.wait()
+
+
+# --- damaged checkpoints --------------------------------------------------------------------
+
+
+def _truncate(path: Path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep)])
+
+
+@pytest.mark.parametrize("damage, what", [
+    (lambda c: _truncate(c / "model.safetensors"), "model.safetensors: truncated"),
+    (lambda c: (c / "model.safetensors").unlink(), "model.safetensors: missing"),
+    (lambda c: _truncate(c / "optimizer.pt"), "optimizer.pt: truncated"),
+    (lambda c: (c / "optimizer.pt").unlink(), "optimizer.pt: missing"),
+    (lambda c: _truncate(c / "scheduler.pt", 0.9), "scheduler.pt: truncated"),
+    (lambda c: _truncate(c / "trainer_state.json"), "trainer_state.json: not valid JSON"),
+    (lambda c: (c / "qat_config.json").write_text("[1, 2]"),
+     "qat_config.json: expected a JSON object, got list"),
+    (lambda c: (c / "qat_config.json").write_text('{"quant": null, "finetune": "all"}'),
+     "qat_config.json: finetune must be one of full, lora, classifier; got 'all'"),
+    (lambda c: _truncate(c / "rng_state.pth"), "rng_state.pth: truncated"),
+], ids=["weights-truncated", "weights-missing", "optimizer-truncated", "optimizer-missing",
+        "scheduler-truncated", "state-truncated", "qat-config-list", "qat-config-bad-value",
+        "rng-truncated"])
+def test_every_checkpoint_file_is_verified(run, damage, what):
+    ckpt = run / "checkpoint-3"
+    verify_checkpoint(ckpt)
+    damage(ckpt)
+    with pytest.raises(CheckpointError) as e:
+        verify_checkpoint(ckpt)
+    assert str(e.value).startswith(f"{ckpt}/{what}"), str(e.value)
+
+
+def test_resume_falls_back_to_the_newest_good_checkpoint(run, capsys, caplog):
+    _truncate(run / "checkpoint-3" / "model.safetensors")
+    (run / "checkpoint-2" / "optimizer.pt").unlink()
+    with caplog.at_level(logging.WARNING):
+        assert last_good_checkpoint(run) == str(run / "checkpoint-1")
+    assert f"skipping checkpoint {run / 'checkpoint-3'}: {run / 'checkpoint-3'}/" \
+           "model.safetensors: truncated" in caplog.text
+    assert f"{run / 'checkpoint-2'}/optimizer.pt: missing" in caplog.text
+    capsys.readouterr()
+    assert train_main([str(run / "recipe.yaml"), "--output_dir", str(run),
+                       "--resume_from_checkpoint", "true", "--save_strategy", "no"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("'loss'") == 2  # steps 2 and 3 again, from checkpoint-1
+    # an explicit damaged checkpoint is an error naming the file, not a fallback
+    before = _hashes(run)
+    assert train_main([str(run / "recipe.yaml"), "--output_dir", str(run),
+                       "--resume_from_checkpoint", str(run / "checkpoint-3")]) == 2
+    assert _errors(capsys) == [f"qat train: error: {run / 'checkpoint-3'}/model.safetensors: "
+                               "truncated: "
+                               + _errors_tail(run / "checkpoint-3" / "model.safetensors")]
+    assert _hashes(run) == before
+
+
+def _errors_tail(path: Path) -> str:
+    try:
+        from qat.checkpoints import check_safetensors
+
+        check_safetensors(path)
+    except CheckpointError as e:
+        return e.what.split("truncated: ", 1)[1]
+    raise AssertionError("not truncated")
+
+
+# --- damaged run folders given to eval / export ---------------------------------------------
+
+
+@pytest.mark.parametrize("damage, line", [
+    (lambda r: (r / "qat_config.json").write_text('{"quant": '),
+     "qat_config.json: not valid JSON (Expecting value at line 1 column 11); truncated or "
+     "edited?"),
+    (lambda r: (r / "qat_config.json").write_text("[]"),
+     "qat_config.json: expected a JSON object, got list"),
+    (lambda r: (r / "qat_config.json").write_text(
+        '{"quant": {"weight": {"format": "bfp", "width": "four"}}, "finetune": "full"}'),
+     "qat_config.json: quant: "),
+    (lambda r: _truncate(r / "model.safetensors"), "model.safetensors: truncated: "),
+], ids=["bad-json", "list", "bad-value", "weights-truncated"])
+@pytest.mark.parametrize("cmd", ["eval", "export"])
+def test_damaged_run_folder_is_one_line_naming_the_file(run, tmp_path, capsys, damage, line,
+                                                        cmd):
+    damage(run)
+    before = _hashes(run)
+    capsys.readouterr()
+    if cmd == "eval":
+        rc = eval_main([str(run), "--output", str(tmp_path / "eval.json")])
+    else:
+        rc = export_main([str(run), "--out", str(tmp_path / "export")])
+    assert rc == 2
+    err = _errors(capsys)
+    assert len(err) == 1 and err[0].startswith(f"qat {cmd}: error: {run}/{line}"), err
+    assert _hashes(run) == before
+    assert not (tmp_path / "eval.json").exists() and not (tmp_path / "export").exists()
+
+
+# --- accelerate launch: one line, exit 2 ----------------------------------------------------
+
+CPU_LAUNCH = """compute_environment: LOCAL_MACHINE
+distributed_type: "NO"
+num_machines: 1
+num_processes: 1
+mixed_precision: "no"
+use_cpu: true
+"""
+
+
+def _train_script(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    script = Path(__file__).resolve().parent.parent / "qat" / "train.py"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, str(script), *args], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600,
+                          stdin=subprocess.DEVNULL)
+
+
+def test_launch_reports_bad_input_as_one_line_and_exit_2(tmp_path):
+    """Bad input found before launching (no process started) and bad input found by the
+    launched process (an empty data_dir) both end as exit 2 with one line and no traceback:
+    accelerate's own CalledProcessError (exit 1) is silenced with --quiet and the child's
+    status is passed on."""
+    cfg = tmp_path / "cpu.yaml"
+    cfg.write_text(CPU_LAUNCH)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model_name_or_path: x\n")
+    proc = _train_script([str(bad), "--launch", str(cfg)], tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert [ln for ln in proc.stderr.splitlines() if ln.startswith("qat ")] == [
+        f"qat train: error: {bad}: recipe key 'task_name' is required"]
+    assert "Traceback" not in proc.stderr and "accelerate" not in proc.stderr
+    (tmp_path / "empty-data").mkdir()
+    recipe = tiny_recipe(tmp_path, data_dir=str(tmp_path / "empty-data"))
+    proc = _train_script([recipe, "--launch", str(cfg)], tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("qat ")]
+    assert len(lines) == 1 and lines[0].startswith("qat train: error: ") and \
+        "empty-data" in lines[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "CalledProcessError" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+    proc = _train_script([recipe, "--launch", str(tmp_path)], tmp_path)
+    assert proc.returncode == 2
+    assert f"--launch {str(tmp_path)!r} is a folder" in proc.stderr
