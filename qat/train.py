@@ -135,7 +135,8 @@ def run(recipe) -> dict:
     tok_name = args.tokenizer_name_or_path or args.model_name_or_path
     tokenizer = load_tokenizer(tok_name, None if args.tokenizer_name_or_path else args.gguf_file)
     model = load_sequence_classifier(args.model_name_or_path, task.num_labels, args.gguf_file,
-                                     args.torch_dtype, pad_token_id=tokenizer.pad_token_id)
+                                     args.torch_dtype, pad_token_id=tokenizer.pad_token_id,
+                                     id2label=task.id2label)
     with targs.main_process_first(desc="tokenising"):
         data = tokenize_glue(raw, task, tokenizer, args.max_length)
     train = data["train"]
