@@ -18,12 +18,12 @@ import math
 import re
 import sys
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import Tensor, nn
+from typing import TYPE_CHECKING, Any
 
 from qat.eval_cmd import CommandError, run_cli, split_options
+
+if TYPE_CHECKING:  # torch loads on use, so `qat profile --help` answers at once
+    from torch import Tensor, nn
 
 OPTIONS: dict[str, type] = {"num_batches": int, "batch_size": int, "output_dir": str}
 USAGE = """usage: qat profile RECIPE.yaml|CHECKPOINT_DIR [--num_batches 4] [--batch_size 8]
@@ -77,6 +77,7 @@ def layer_depth(name: str) -> int:
 
 
 def _linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    from torch import nn
     from transformers.pytorch_utils import Conv1D
 
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
@@ -92,6 +93,7 @@ def _set_quantizers(model: nn.Module, enabled: bool) -> None:
 
 def profile_model(model: nn.Module, batches: list[dict[str, Tensor]]) -> list[dict[str, Any]]:
     """Statistics rows (one per linear weight and one per linear input) over ``batches``."""
+    import torch
     from tqdm.auto import tqdm
 
     layers = _linears(model)
