@@ -9,6 +9,7 @@ and the trainer computes its metrics through that module.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -128,9 +129,11 @@ def glue_scores(task_name: str, predictions: Any, references: Any) -> dict[str, 
     return out
 
 
+@functools.cache
 def load_metric(task_name: str):
     """The GLUE metric of ``task_name`` as an ``evaluate`` module, loaded offline from the
-    package (``evaluate.load(<qat/glue_metric>, task)``; kept in memory, no cache files)."""
+    package (``evaluate.load(<qat/glue_metric>, task)``; kept in memory, no cache files).
+    Loaded once per process: the trainer calls it at every evaluation."""
     import evaluate
 
     return evaluate.load(str(METRIC_DIR), get_task(task_name).name, keep_in_memory=True)

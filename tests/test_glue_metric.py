@@ -84,3 +84,10 @@ def test_evaluate_load_works_offline_from_the_folder(tmp_path):
     out = subprocess.run([sys.executable, "-c", code, str(METRIC_DIR)], env=env,
                          capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "{'accuracy': 0.5, 'f1': 0.6666666666666666}"
+
+
+def test_the_cached_module_starts_fresh_at_every_compute():
+    metric = load_metric("sst2")
+    assert metric is load_metric("sst2")  # loaded once per process (the trainer evaluates often)
+    assert metric.compute(predictions=[1, 1, 1, 1], references=[1, 1, 1, 1]) == {"accuracy": 1.0}
+    assert metric.compute(predictions=[0, 0], references=[1, 1]) == {"accuracy": 0.0}
