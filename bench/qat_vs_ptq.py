@@ -4,6 +4,8 @@ QAT classifier-only, and PTQ (the float run quantised after training, no QAT).
     QAT_DATA_DIR=../shared/data/glue python bench/qat_vs_ptq.py --steps 200 --seeds 42 43
 
 Prints a table (mean and spread over seeds) and writes results.json and a PNG into --out.
+Quantised modes are labelled from the recipe's own quant section (``quant_label``: "W4A4
+bfp+mm" for the MiniLM recipe, "W3A4 bfp" for a 3-bit weight recipe without matmuls).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import statistics
 import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -21,13 +24,48 @@ sys.path.insert(0, str(REPO))
 
 from qat.recipe import load_recipe  # noqa: E402
 
-# mode -> overrides on top of the recipe; learning rates follow each mode's usual range
-MODES = {
-    "float (full FT)": ["--quant", "null"],
-    "W4A4 QAT full": [],
-    "W4A4 QAT LoRA": ["--finetune", "lora", "--learning_rate", "5e-4"],
-    "W4A4 QAT classifier": ["--finetune", "classifier", "--learning_rate", "2e-3"],
+# mode -> (display name; {q} is the recipe's quant label, overrides on top of the recipe);
+# learning rates follow each mode's usual range
+MODES: dict[str, tuple[str, list[str]]] = {
+    "float": ("float (full FT)", ["--quant", "null"]),
+    "qat-full": ("{q} QAT full", []),
+    "qat-lora": ("{q} QAT LoRA", ["--finetune", "lora", "--learning_rate", "5e-4"]),
+    "qat-classifier": ("{q} QAT classifier",
+                       ["--finetune", "classifier", "--learning_rate", "2e-3"]),
 }
+
+
+def element_bits(fmt: Any) -> int:
+    """Bits of one element's code: the 4 of "W4A4" (shared scales and selectors not counted)."""
+    for attr in ("width", "elem_bits"):  # BFP, minifloat, block log, int, fixed; MX
+        if isinstance(getattr(fmt, attr, None), int):
+            return getattr(fmt, attr)
+    table = getattr(fmt, "levels", None) or (getattr(fmt, "codebooks", None) or [None])[0]
+    if table:  # codebook formats (NF4, AF4, BOF4), LO-BCQ: index into a table of levels
+        return max(1, (len(table) - 1).bit_length())
+    return int(fmt.bits_per_element)
+
+
+def quant_label(quant: dict[str, Any] | None) -> str:
+    """A truthful short name for a recipe's ``quant:`` section, e.g. "W4A4 bfp+mm", "W3A4 bfp",
+    "W4 nf4", "W4A8 mxfp4/mxint8+mm8 mxfp8_e4m3". "+mm" marks quantised attention matmuls
+    in the format of a linear role (else their width and format); "*" marks per-layer
+    overrides."""
+    from qat.formats import make_format
+
+    if not quant or not any(quant.get(r) for r in ("weight", "activation", "matmul")):
+        return "float"
+    fmts = {role: make_format(quant[role]) for role in ("weight", "activation", "matmul")
+            if quant.get(role)}
+    widths = "".join(f"{tag}{element_bits(fmts[role])}"
+                     for tag, role in (("W", "weight"), ("A", "activation")) if role in fmts)
+    names = list(dict.fromkeys(fmts[r].name for r in ("weight", "activation") if r in fmts))
+    label = " ".join(x for x in (widths, "/".join(names)) if x)
+    if "matmul" in fmts:
+        mm = fmts["matmul"]
+        same = any(mm == fmts[r] for r in ("weight", "activation") if r in fmts)
+        label += "+mm" if same else f"+mm{element_bits(mm)} {mm.name}"
+    return label + ("*" if quant.get("overrides") else "")
 
 
 def ptq_eval(float_dir: Path, recipe_path: str, overrides: list[str]) -> dict:
@@ -65,33 +103,37 @@ def main(argv: list[str] | None = None) -> int:
     from qat.train import run
 
     out = Path(a.out)
-    modes = {m: MODES[m] for m in a.modes}
-    ptq = ["W4A4 PTQ of float"] if "float (full FT)" in modes else []
-    results: dict[str, list[float]] = {m: [] for m in [*modes, *ptq]}
+    recipe = yaml.safe_load(Path(a.recipe).read_text())
+    label = quant_label(recipe.get("quant"))
+    modes = {m: (MODES[m][0].format(q=label), MODES[m][1]) for m in a.modes}
+    ptq_name = f"{label} PTQ of float"
+    ptq = [ptq_name] if "float" in a.modes else []
+    results: dict[str, list[float]] = {name: [] for name, _ in modes.values()}
+    results.update({name: [] for name in ptq})
     for seed in a.seeds:
         common = ["--max_steps", str(a.steps), "--seed", str(seed), "--save_strategy", "no",
                   "--report_to", "none"]
-        for mode, extra in modes.items():
-            run_dir = out / f"{mode.replace(' ', '_').replace('(', '').replace(')', '')}_{seed}"
+        for mode_id, (mode, extra) in modes.items():
+            run_dir = out / f"{mode_id}_{seed}"
             metrics = run(load_recipe(a.recipe, [*common, *extra, "--output_dir", str(run_dir)]))
             results[mode].append(metrics[a.metric])
             print(f"[{mode} seed {seed}] {a.metric}={metrics[a.metric]:.4f}", flush=True)
-            if mode.startswith("float"):
+            if mode_id == "float":
                 ptq_metrics = ptq_eval(run_dir, a.recipe, common)
-                results["W4A4 PTQ of float"].append(ptq_metrics[a.metric])
+                results[ptq_name].append(ptq_metrics[a.metric])
                 print(f"[PTQ seed {seed}] {a.metric}={ptq_metrics[a.metric]:.4f}", flush=True)
-    recipe = yaml.safe_load(Path(a.recipe).read_text())
     print(f"\n{Path(a.recipe).name}: {a.steps} steps x batch "
-          f"{recipe.get('per_device_train_batch_size')}, seeds {a.seeds}, quant W4A4 = "
-          f"{recipe['quant']['weight']}")
+          f"{recipe.get('per_device_train_batch_size')}, seeds {a.seeds}, quant {label} = "
+          f"{recipe.get('quant')}")
     print(f"{'mode':<24} {a.metric:>14} {'spread (min..max)':>20}  per-seed")
     for mode, vals in results.items():
         mean = statistics.mean(vals)
         print(f"{mode:<24} {mean:>14.4f} {min(vals):>9.4f}..{max(vals):.4f}  "
               + " ".join(f"{v:.4f}" for v in vals))
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"steps": a.steps, "seeds": a.seeds,
-                                                  "results": results}, indent=2))
+    (out / "results.json").write_text(json.dumps({
+        "recipe": str(a.recipe), "quant_label": label, "quant": recipe.get("quant"),
+        "steps": a.steps, "seeds": a.seeds, "results": results}, indent=2))
     import matplotlib
 
     matplotlib.use("Agg")
@@ -105,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     ax.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=8)
     ax.set_ylabel(a.metric)
     ax.set_ylim(0.45, 1.0)
-    ax.set_title(f"{Path(a.recipe).stem}: {a.steps} steps, seeds {a.seeds}")
+    ax.set_title(f"{Path(a.recipe).stem} ({label}): {a.steps} steps, seeds {a.seeds}")
     fig.tight_layout()
     fig.savefig(out / "qat_vs_ptq.png", dpi=120)
     print(f"wrote {out / 'results.json'} and {out / 'qat_vs_ptq.png'}")

@@ -1,19 +1,20 @@
 """GLUE: the task table, loading (Hub or local TSV), tokenisation and the official metrics.
 
 Metrics are computed with the scikit-learn / scipy functions the official ``glue`` metric uses
-(``evaluate.load("glue")`` needs the Hub), so evaluation works offline.
+(``evaluate.load("glue")`` needs the Hub), so evaluation works offline. ``glue_scores`` is the
+one implementation; the ``evaluate`` module in ``qat/glue_metric/`` (``load_metric``) wraps it,
+and the trainer computes its metrics through that module.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy.stats import pearsonr, spearmanr
-from sklearn.metrics import f1_score, matthews_corrcoef
 
 HUB_DATASET = "nyu-mll/glue"
 DATA_DIR_ENV = "QAT_DATA_DIR"
@@ -30,57 +31,112 @@ class GlueTask:
     num_labels: int  # 1 = regression (STS-B)
     metric_names: tuple[str, ...]
     validation_splits: tuple[str, ...] = ("validation",)
+    # The Hub dataset's class names in label-id order; () for regression. Saved models carry
+    # them as config.id2label, so pipelines print "positive", not "LABEL_1".
+    label_names: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if len(self.label_names) != (0 if self.num_labels == 1 else self.num_labels):
+            raise ValueError(f"{self.name}: {len(self.label_names)} label names for "
+                             f"{self.num_labels} labels")
 
     @property
     def is_regression(self) -> bool:
         return self.num_labels == 1
 
     @property
+    def id2label(self) -> dict[int, str] | None:
+        """``config.id2label`` for a classifier of this task; None for regression (STS-B)."""
+        return dict(enumerate(self.label_names)) or None
+
+    @property
+    def label2id(self) -> dict[str, int] | None:
+        return {name: i for i, name in enumerate(self.label_names)} or None
+
+    @property
     def columns(self) -> tuple[str, ...]:
         return (*self.text_keys, "label")
 
+    def predictions(self, logits: np.ndarray) -> np.ndarray:
+        """Class ids (argmax over the last axis) or, for regression, the flat scores."""
+        preds = np.asarray(logits)
+        if self.is_regression:
+            return preds.reshape(-1).astype(np.float64)
+        return preds.argmax(-1) if preds.ndim > 1 else preds
+
     def compute_metrics(self, predictions: np.ndarray, references: np.ndarray) -> dict[str, float]:
         """The official GLUE metric for this task from logits (or scores) and labels."""
-        preds = np.asarray(predictions)
-        refs = np.asarray(references)
-        if self.is_regression:
-            preds = preds.reshape(-1).astype(np.float64)
-            return {"pearson": float(pearsonr(preds, refs)[0]),
-                    "spearmanr": float(spearmanr(preds, refs)[0])}
-        if preds.ndim > 1:
-            preds = preds.argmax(-1)
-        out: dict[str, float] = {}
-        if "matthews_correlation" in self.metric_names:
-            out["matthews_correlation"] = float(matthews_corrcoef(refs, preds))
-        if "accuracy" in self.metric_names:
-            out["accuracy"] = float((preds == refs).mean())
-        if "f1" in self.metric_names:
-            out["f1"] = float(f1_score(y_true=refs, y_pred=preds))
-        return out
+        return glue_scores(self.name, self.predictions(predictions), references)
 
     def trainer_metrics(self, eval_pred) -> dict[str, float]:
-        """``compute_metrics`` in the form ``transformers.Trainer`` calls it."""
+        """``compute_metrics`` in the form ``transformers.Trainer`` calls it, through the
+        ``evaluate`` module (``load_metric``)."""
         logits = eval_pred.predictions
         if isinstance(logits, tuple):
             logits = logits[0]
-        return self.compute_metrics(logits, eval_pred.label_ids)
+        return load_metric(self.name).compute(predictions=self.predictions(logits),
+                                              references=np.asarray(eval_pred.label_ids))
 
 
 GLUE_TASKS: dict[str, GlueTask] = {
     t.name: t
     for t in [
-        GlueTask("cola", ("sentence",), 2, ("matthews_correlation",)),
-        GlueTask("sst2", ("sentence",), 2, ("accuracy",)),
-        GlueTask("mrpc", ("sentence1", "sentence2"), 2, ("accuracy", "f1")),
-        GlueTask("qqp", ("question1", "question2"), 2, ("accuracy", "f1")),
+        GlueTask("cola", ("sentence",), 2, ("matthews_correlation",),
+                 label_names=("unacceptable", "acceptable")),
+        GlueTask("sst2", ("sentence",), 2, ("accuracy",), label_names=("negative", "positive")),
+        GlueTask("mrpc", ("sentence1", "sentence2"), 2, ("accuracy", "f1"),
+                 label_names=("not_equivalent", "equivalent")),
+        GlueTask("qqp", ("question1", "question2"), 2, ("accuracy", "f1"),
+                 label_names=("not_duplicate", "duplicate")),
         GlueTask("stsb", ("sentence1", "sentence2"), 1, ("pearson", "spearmanr")),
         GlueTask("mnli", ("premise", "hypothesis"), 3, ("accuracy",),
-                 ("validation_matched", "validation_mismatched")),
-        GlueTask("qnli", ("question", "sentence"), 2, ("accuracy",)),
-        GlueTask("rte", ("sentence1", "sentence2"), 2, ("accuracy",)),
-        GlueTask("wnli", ("sentence1", "sentence2"), 2, ("accuracy",)),
+                 ("validation_matched", "validation_mismatched"),
+                 label_names=("entailment", "neutral", "contradiction")),
+        GlueTask("qnli", ("question", "sentence"), 2, ("accuracy",),
+                 label_names=("entailment", "not_entailment")),
+        GlueTask("rte", ("sentence1", "sentence2"), 2, ("accuracy",),
+                 label_names=("entailment", "not_entailment")),
+        GlueTask("wnli", ("sentence1", "sentence2"), 2, ("accuracy",),
+                 label_names=("not_entailment", "entailment")),
     ]
 }
+
+METRIC_DIR = Path(__file__).resolve().parent / "glue_metric"
+
+
+def glue_scores(task_name: str, predictions: Any, references: Any) -> dict[str, float]:
+    """The official GLUE metric of one task from class ids (scores for STS-B) and labels.
+
+    The one implementation behind ``GlueTask.compute_metrics`` and the ``evaluate`` module.
+    """
+    from scipy.stats import pearsonr, spearmanr
+    from sklearn.metrics import f1_score, matthews_corrcoef
+
+    task = get_task(task_name)
+    preds = np.asarray(predictions)
+    refs = np.asarray(references)
+    if task.is_regression:
+        preds = preds.astype(np.float64)
+        return {"pearson": float(pearsonr(preds, refs)[0]),
+                "spearmanr": float(spearmanr(preds, refs)[0])}
+    out: dict[str, float] = {}
+    if "matthews_correlation" in task.metric_names:
+        out["matthews_correlation"] = float(matthews_corrcoef(refs, preds))
+    if "accuracy" in task.metric_names:
+        out["accuracy"] = float((preds == refs).mean())
+    if "f1" in task.metric_names:
+        out["f1"] = float(f1_score(y_true=refs, y_pred=preds))
+    return out
+
+
+@functools.cache
+def load_metric(task_name: str):
+    """The GLUE metric of ``task_name`` as an ``evaluate`` module, loaded offline from the
+    package (``evaluate.load(<qat/glue_metric>, task)``; kept in memory, no cache files).
+    Loaded once per process: the trainer calls it at every evaluation."""
+    import evaluate
+
+    return evaluate.load(str(METRIC_DIR), get_task(task_name).name, keep_in_memory=True)
 
 
 def get_task(name: str) -> GlueTask:

@@ -77,13 +77,21 @@ def load_tokenizer(name: str, gguf_file: str | None = None):
 
 
 def load_sequence_classifier(name: str, num_labels: int, gguf_file: str | None = None,
-                             torch_dtype: str | None = None, pad_token_id: int | None = None):
-    """``AutoModelForSequenceClassification`` with a fresh head of ``num_labels`` outputs."""
+                             torch_dtype: str | None = None, pad_token_id: int | None = None,
+                             id2label: dict[int, str] | None = None):
+    """``AutoModelForSequenceClassification`` with a fresh head of ``num_labels`` outputs.
+
+    ``id2label`` (the task's class names) goes into the config, so the saved model and
+    ``pipeline("text-classification")`` speak of "positive", not "LABEL_1".
+    """
     from transformers import AutoModelForSequenceClassification
 
     kwargs: dict[str, Any] = {"num_labels": num_labels}
     if num_labels == 1:
         kwargs["problem_type"] = "regression"
+    if id2label:
+        kwargs["id2label"] = dict(id2label)
+        kwargs["label2id"] = {label: i for i, label in id2label.items()}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
     if torch_dtype is not None:

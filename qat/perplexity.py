@@ -4,7 +4,7 @@
 
 The raw split is joined, tokenised once and cut into non-overlapping chunks of
 ``chunk_size`` tokens (the ragged tail is dropped); PPL = exp(mean token loss) over every
-predicted token of every chunk (METHODS.md section 4). The text comes from the Hub
+predicted token of every chunk (docs/formats.md, reference protocol). The text comes from the Hub
 (``wikitext`` / ``wikitext-2-raw-v1``) unless ``$QAT_WIKITEXT_DIR`` names a folder holding
 ``<split>.txt``. The recipe's ``task_name`` is irrelevant here; ``lm_head`` stays float
 through the quant config's ``exclude`` list.

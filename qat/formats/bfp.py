@@ -1,6 +1,6 @@
 """Block floating point: one shared exponent per block, sign-magnitude integer mantissas.
 
-METHODS.md section 2: ``M = width - 1``;
+Definition (docs/formats.md): ``M = width - 1``;
 ``e_b = clamp(ceil(log2(max|x|)), -(2^(E-1)-1), 2^(E-1))``;
 ``q = sign(x) * clamp(round_half_even(|x| * 2^(M - e_b)), 0, 2^M - 1) * 2^(e_b - M)``.
 Because ``e_b`` rounds the exponent up, the block max lands in ``(2^(M-1), 2^M]`` and an exact

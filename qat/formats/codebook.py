@@ -1,4 +1,4 @@
-"""4-bit codebook formats: NF4, AF4, BOF4, BOF4-S (METHODS.md section 2), optionally with OPQ.
+"""4-bit codebook formats: NF4, AF4, BOF4, BOF4-S (docs/formats.md), optionally with OPQ.
 
 Per block of ``block_size`` elements: ``s_b = max|w|`` (``absmax``) or the signed value of the
 largest-magnitude element (``signed_absmax``: that element maps to exactly +1; on a tie in

@@ -1,4 +1,4 @@
-"""Lloyd/EM optimiser for BOF4 / BOF4-S codebook levels (METHODS.md section 2); ``qat codebook``.
+"""Lloyd/EM optimiser for BOF4 / BOF4-S codebook levels (docs/formats.md); ``qat codebook``.
 
 The levels minimise the error on Gaussian weights ``w = s * x`` (not on ``x``), where ``s`` is the
 block's scale (absmax for BOF4, signed absmax for BOF4-S) and ``x = w / s``:

@@ -1,4 +1,4 @@
-"""LO-BCQ, block clustered quantisation (Elangovan et al., arXiv 2502.05376; METHODS.md section 2).
+"""LO-BCQ, block clustered quantisation (Elangovan et al., arXiv 2502.05376; docs/formats.md).
 
 The last dim is cut into block arrays of ``array_len`` (L_A) scalars, each cut into blocks of
 ``block_len`` (L_b) scalars. Per array:

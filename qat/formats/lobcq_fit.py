@@ -1,4 +1,4 @@
-"""Calibrate LO-BCQ codebooks (METHODS.md section 2) and ``qat fit-lobcq``.
+"""Calibrate LO-BCQ codebooks (docs/formats.md) and ``qat fit-lobcq``.
 
 Alternating fit on the normalised scalars ``y`` (each block array scaled by its E8M0 scale, as
 in ``qat.formats.lobcq``, so entries live in the 6-bit integer domain):

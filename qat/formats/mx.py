@@ -5,7 +5,7 @@ code 255 is NaN and never produced); each element is ``x / X`` rounded to neares
 element format, subnormals included, and saturated to the element's largest finite value;
 the result is ``X * element``. A block of zeros gives zeros (its scale is irrelevant).
 
-Elements (OCP table 2 / METHODS.md section 2):
+Elements (OCP table 2; docs/formats.md):
 
 ========== ===== ======== ========= ========
 format     bits  emax     max       emin

@@ -1,4 +1,4 @@
-"""Outlier-preserving quantisation (OPQ, BOF4 paper; METHODS.md section 2).
+"""Outlier-preserving quantisation (OPQ, BOF4 paper; docs/formats.md).
 
 In each block of ``I`` elements, ``w`` is an outlier when ``|w| > sigma_b * F_M^-1(q)``:
 ``sigma_b`` is the block's sample standard deviation (``1/(I-1)``, over all its elements,

@@ -1,0 +1,56 @@
+"""bench/qat_vs_ptq.py names each quantised mode from the recipe's actual quant section."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from tiny import W4A4_BFP, tiny_recipe
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_qat_vs_ptq",
+                                                  REPO / "bench" / "qat_vs_ptq.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+W3A4 = {"weight": {"format": "bfp", "width": 3}, "activation": {"format": "bfp", "width": 4}}
+
+
+@pytest.mark.parametrize("quant,label", [
+    (W4A4_BFP, "W4A4 bfp+mm"),
+    (W3A4, "W3A4 bfp"),
+    ({**W3A4, "overrides": {"fc2": {"weight": {"width": 6}}}}, "W3A4 bfp*"),
+    ({"weight": {"format": "nf4"}}, "W4 nf4"),
+    ({"weight": {"format": "mxfp4"}, "activation": {"format": "mxint8"},
+      "matmul": {"format": "mxfp8_e4m3"}}, "W4A8 mxfp4/mxint8+mm8 mxfp8_e4m3"),
+    ({"weight": {"format": "lobcq"}, "activation": {"format": "block_minifloat", "width": 6}},
+     "W4A6 lobcq/block_minifloat"),
+    ({**W3A4, "matmul": {"format": "bfp", "width": 8}}, "W3A4 bfp+mm8 bfp"),
+    ({"weight": None, "activation": None}, "float"),
+    (None, "float"),
+])
+def test_quant_label(quant, label):
+    assert _bench().quant_label(quant) == label
+
+
+def test_table_results_and_plot_use_the_recipe_widths(tmp_path, capsys):
+    w3 = {role: {**spec, "width": 3} if role == "weight" else spec
+          for role, spec in W4A4_BFP.items()}
+    recipe = tiny_recipe(tmp_path, quant=w3, max_steps=1)
+    out = tmp_path / "bench"
+    assert _bench().main(["--recipe", recipe, "--steps", "1", "--seeds", "3", "--out", str(out),
+                          "--modes", "float", "qat-full"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["quant_label"] == "W3A4 bfp+mm"
+    assert list(results["results"]) == ["float (full FT)", "W3A4 bfp+mm QAT full",
+                                        "W3A4 bfp+mm PTQ of float"]
+    table = capsys.readouterr().out
+    assert "W3A4 bfp+mm QAT full" in table and "W4A4" not in table
+    assert (out / "qat_vs_ptq.png").stat().st_size > 0

@@ -1,0 +1,77 @@
+"""Saved models speak the task's language: config.id2label from the GLUE task, through
+``pipeline("text-classification")`` on a trained run and on its packed export."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tiny import tiny_recipe
+
+from qat.glue import GLUE_TASKS, get_task
+
+REPO = Path(__file__).resolve().parent.parent
+EXPECTED = {
+    "cola": ["unacceptable", "acceptable"], "sst2": ["negative", "positive"],
+    "mrpc": ["not_equivalent", "equivalent"], "qqp": ["not_duplicate", "duplicate"],
+    "stsb": [], "mnli": ["entailment", "neutral", "contradiction"],
+    "qnli": ["entailment", "not_entailment"], "rte": ["entailment", "not_entailment"],
+    "wnli": ["not_entailment", "entailment"],
+}
+
+
+def test_every_task_names_its_labels_in_id_order():
+    assert {n: list(t.label_names) for n, t in GLUE_TASKS.items()} == EXPECTED
+    assert get_task("mnli").id2label == {0: "entailment", 1: "neutral", 2: "contradiction"}
+    assert get_task("rte").label2id == {"entailment": 0, "not_entailment": 1}
+    assert get_task("stsb").id2label is None and get_task("stsb").label2id is None
+
+
+# The export is loaded in a fresh interpreter: only `import qat` may register the quant method.
+PIPE = """
+import json, sys
+import qat  # noqa: F401
+from transformers import pipeline
+clf = pipeline("text-classification", model=sys.argv[1], device="cpu")
+print(json.dumps(clf(["a gripping, funny film", "flat and dull"], top_k=None)))
+"""
+
+
+def _labels(model_dir: Path) -> list[set[str]]:
+    out = subprocess.run([sys.executable, "-c", PIPE, str(model_dir)], capture_output=True,
+                         text=True, check=True).stdout
+    return [{d["label"] for d in row} for row in json.loads(out.strip().splitlines()[-1])]
+
+
+def test_trained_run_and_its_export_print_label_names(tmp_path):
+    from qat.export import main as export_main
+    from qat.train import main as train_main
+
+    run_dir = tmp_path / "out"
+    assert train_main([tiny_recipe(tmp_path, max_steps=2)]) == 0
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["id2label"] == {"0": "negative", "1": "positive"}
+    assert config["label2id"] == {"negative": 0, "positive": 1}
+    assert _labels(run_dir) == [{"negative", "positive"}] * 2
+
+    export_dir = tmp_path / "export"
+    assert export_main([str(run_dir), "--out", str(export_dir)]) == 0
+    assert json.loads((export_dir / "config.json").read_text())["id2label"] == {
+        "0": "negative", "1": "positive"}
+    assert _labels(export_dir) == [{"negative", "positive"}] * 2
+
+
+@pytest.mark.parametrize("task", ["rte"])
+def test_pair_task_run_config(tmp_path, task):
+    from tiny import make_tiny_glue_dir
+
+    from qat.train import main as train_main
+
+    recipe = tiny_recipe(tmp_path, task_name=task, data_dir=make_tiny_glue_dir(tmp_path, task),
+                         max_steps=1)
+    assert train_main([recipe]) == 0
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["id2label"] == {"0": "entailment", "1": "not_entailment"}
