@@ -37,37 +37,54 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'qat' has no attribute {name!r}")
 
 
-# The package holding transformers' quant-method registry (quantizers/auto.py); hooked as a
-# whole because registering while only auto.py has run meets a half-initialised package.
-_REGISTRY = "transformers.quantizers"
+# Registration hooks: the quant method needs transformers' quantizer registry; the packed model
+# class (qat_packed exports) needs PreTrainedModel, complete only once modeling_utils has run.
+_HOOKED = ("transformers.quantizers", "transformers.modeling_utils")
+
+
+def _register() -> None:
+    importlib.import_module("qat.hf_quantizer").register()
 
 
 class _RegisterWhenImported(importlib.abc.MetaPathFinder):
-    """Runs ``qat.hf_quantizer`` (the registration) right after transformers' quantizers
-    package has executed, whoever imports it; loading is left to the normal finders."""
+    """Registers qat with transformers right after each hooked module has executed, whoever
+    imports it; loading is left to the normal finders."""
+
+    def __init__(self, names: set[str]) -> None:
+        self.pending = names
+        self.busy = False
 
     def find_spec(self, fullname: str, path: Any, target: Any = None):
-        if fullname != _REGISTRY:
+        if self.busy or fullname not in self.pending:
             return None
-        sys.meta_path.remove(self)  # once; also keeps the lookup below from finding us
-        spec = importlib.util.find_spec(fullname)
+        self.pending.discard(fullname)
+        if not self.pending:
+            sys.meta_path.remove(self)
+        self.busy = True  # the lookup below must not find us again
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            self.busy = False
         if spec is None or spec.loader is None:
             return spec
         exec_module = spec.loader.exec_module
 
         def exec_then_register(module: Any) -> None:
             exec_module(module)
-            importlib.import_module("qat.hf_quantizer")
+            _register()
 
         spec.loader.exec_module = exec_then_register
         return spec
 
 
 def _register_quant_method() -> None:
-    if _REGISTRY in sys.modules:
-        importlib.import_module("qat.hf_quantizer")
-    elif not any(isinstance(f, _RegisterWhenImported) for f in sys.meta_path):
-        sys.meta_path.insert(0, _RegisterWhenImported())
+    if any(isinstance(f, _RegisterWhenImported) for f in sys.meta_path):
+        return
+    if _HOOKED[0] in sys.modules:
+        _register()
+    waiting = {n for n in _HOOKED if n not in sys.modules}
+    if waiting:
+        sys.meta_path.insert(0, _RegisterWhenImported(waiting))
 
 
 _register_quant_method()

@@ -18,6 +18,7 @@ model that was exported. (Re-quantising is not always a no-op: a BFP block whose
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -136,13 +137,18 @@ class QatHfQuantizer(HfQuantizer):
 def register() -> None:
     """Register the ``qat`` quant method (version-1 exports) and the ``qat_packed`` model type
     (current exports) with transformers (idempotent)."""
-    from qat.modeling_qat_packed import register as register_packed
-
-    register_packed()
     if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
         register_quantization_config(QUANT_METHOD)(QatQuantizationConfig)
     if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
         register_quantizer(QUANT_METHOD)(QatHfQuantizer)
+    # The packed model class derives from PreTrainedModel: only once modeling_utils is complete,
+    # and not while qat.modeling_qat_packed is itself half-imported (it registers at its end).
+    utils = sys.modules.get("transformers.modeling_utils")
+    packed = sys.modules.get("qat.modeling_qat_packed")
+    if hasattr(utils, "PreTrainedModel") and (packed is None or hasattr(packed, "register")):
+        from qat.modeling_qat_packed import register as register_packed
+
+        register_packed()
 
 
 register()

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from typing import Any
 
 import torch
@@ -267,3 +268,10 @@ def register() -> None:
                                                 exist_ok=True)
     AutoModelForCausalLM.register(QatPackedConfig, QatPackedForCausalLM, exist_ok=True)
     AutoModel.register(QatPackedConfig, QatPackedModel, exist_ok=True)
+
+
+# Imported by qat itself, this module may have been half-built when qat's registration ran
+# (importing PreTrainedModel runs that hook): register now. Inside an export folder, loaded by
+# trust_remote_code without qat, transformers registers the classes from auto_map instead.
+if "qat.hf_quantizer" in sys.modules:
+    register()

@@ -59,8 +59,10 @@ def test_trained_run_and_its_export_print_label_names(tmp_path):
 
     export_dir = tmp_path / "export"
     assert export_main([str(run_dir), "--out", str(export_dir)]) == 0
-    assert json.loads((export_dir / "config.json").read_text())["id2label"] == {
-        "0": "negative", "1": "positive"}
+    # A packed export keeps the trained model's config under base_config (model_type qat_packed)
+    exported = json.loads((export_dir / "config.json").read_text())
+    assert exported["model_type"] == "qat_packed"
+    assert exported["base_config"]["id2label"] == {"0": "negative", "1": "positive"}
     assert _labels(export_dir) == [{"negative", "positive"}] * 2
 
 
