@@ -127,7 +127,7 @@ def build_model(name: str, quant: dict | None, device: torch.device, backend: st
     else:
         raise SystemExit(f"unknown model {name!r}: minilm, opt350m, opt350m-2layer")
     if quant is not None:
-        quantize_model(model, {**quant, "backend": backend})
+        quantize_model(model, quant if backend == "auto" else {**quant, "backend": backend})
     return model.to(device).train()
 
 

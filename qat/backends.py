@@ -3,7 +3,9 @@
 - ``triton``: the fused kernels of ``qat.formats.kernels`` (one read, one write; CUDA tensors;
   bit-identical to the reference). Formats without a kernel fall back to ``compile``.
 - ``compile``: ``torch.compile`` of the reference (inductor fuses it into a couple of loops; C++
-  on the CPU, Triton on a GPU). Compiled once per format and process, shapes dynamic.
+  on the CPU, Triton on a GPU), applied to a ``[rows, block]`` view so that one graph per format
+  serves every shape. Formats without independent blocks (int, fixed, LO-BCQ, OPQ) run the
+  reference.
 - ``reference``: the readable definition in ``qat.formats`` (eager PyTorch).
 - ``auto``: ``triton`` on CUDA where a kernel exists, else ``compile`` where a compiler works,
   else ``reference``. ``$QAT_BACKEND`` replaces what ``auto`` picks (the test suite sets it to
@@ -47,28 +49,41 @@ def _reference(fmt: Format, dim: int) -> Callable[[Tensor], Tensor]:
 
 
 @functools.cache
-def _compiled_2d(fmt: Format) -> Callable[[Tensor], Tensor]:
-    """``fmt.quantize`` over the last dim of a 2-D tensor, compiled once per distinct format.
+def _compiled_blocks(fmt: Format) -> Callable[[Tensor], Tensor]:
+    """``fmt.quantize`` of a ``[rows, B]`` tensor of whole blocks, compiled once per distinct
+    format (formats are frozen, hashable dataclasses, so equal formats share it).
 
-    Equal formats share one compiled function (formats are frozen, hashable dataclasses), and
-    every call is reshaped to 2-D so ranks do not multiply the graphs.
+    Only the row count is dynamic: with the block length static inductor emits one vectorised
+    loop, where fully dynamic shapes gave code slower than eager (measured in bench/speed.py).
     """
     import torch._dynamo
 
     # Every format's graph hangs off the one code object Format.quantize: allow many.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    return torch.compile(functools.partial(fmt.quantize, dim=-1), dynamic=True)
+    return torch.compile(functools.partial(fmt.quantize, dim=-1), dynamic=False)
 
 
 def _compiled(fmt: Format, dim: int) -> Callable[[Tensor], Tensor]:
-    fn = _compiled_2d(fmt)
+    """Compiled quantiser for block formats; others (row or tensor scales, LO-BCQ, OPQ) run
+    the reference, whose compiled form would need fully dynamic shapes."""
+    block = fmt.independent_block
+    if block is None:
+        return _reference(fmt, dim)
+    fn = _compiled_blocks(fmt)
 
     def run(x: Tensor) -> Tensor:
-        if x.dim() == 0:
-            return fn(x.reshape(1, 1)).reshape(())
-        moved = x.movedim(dim, -1)
-        out = fn(moved.reshape(-1, moved.shape[-1]))
-        return out.reshape(moved.shape).movedim(-1, dim)
+        moved = x.movedim(dim, -1) if x.dim() else x.reshape(1)
+        n = moved.shape[-1]
+        pad = -n % block
+        flat = moved.reshape(-1, n)
+        if pad:  # a ragged last block: zero padding is neutral for these formats
+            flat = torch.nn.functional.pad(flat, (0, pad))
+        blocks = flat.reshape(-1, block)
+        torch._dynamo.maybe_mark_dynamic(blocks, 0)
+        out = fn(blocks).reshape(flat.shape)
+        if pad:
+            out = out[:, :n]
+        return out.reshape(moved.shape).movedim(-1, dim) if x.dim() else out.reshape(())
 
     return run
 

@@ -44,6 +44,13 @@ class Format:
     def bits_per_element(self) -> float:
         raise NotImplementedError
 
+    @property
+    def independent_block(self) -> int | None:
+        """``B`` when every block of ``B`` elements is quantised on its own and zero padding
+        of a ragged last block changes nothing else (so a row may be cut into ``[-1, B]``);
+        None for formats whose scale spans a row or tensor, or that count real elements."""
+        return None
+
     def _quantize_lastdim(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 

@@ -58,6 +58,10 @@ class BFP(Format):
     def bits_per_element(self) -> float:
         return self.width + self.exponent_width / self.block_size
 
+    @property
+    def independent_block(self) -> int:
+        return self.block_size
+
     def _quantize_lastdim(self, x: Tensor) -> Tensor:
         mant, e, n = bfp_mantissas(x, self.width, self.exponent_width, self.block_size)
         scale = torch.exp2((e - (self.width - 1)).float()).unsqueeze(-1)

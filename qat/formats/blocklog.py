@@ -52,6 +52,10 @@ class BlockLog(Format):
     def bits_per_element(self) -> float:
         return self.width + self.bias_width / self.block_size
 
+    @property
+    def independent_block(self) -> int:
+        return self.block_size
+
     def _quantize_lastdim(self, x: Tensor) -> Tensor:
         levels = 2 ** (self.width - 1) - 1
         xb, n = to_blocks(x, self.block_size)

@@ -137,6 +137,11 @@ class CodebookFormat(Format):
         extra = opq_bits(self.block_size, self.outlier_quantile) if self.outliers == "opq" else 0
         return 4 + SCALE_BITS / self.block_size + extra
 
+    @property
+    def independent_block(self) -> int | None:
+        # OPQ's outlier threshold counts a ragged block's real elements: not padding-neutral.
+        return self.block_size if self.outliers == "none" else None
+
     def _quantize_lastdim(self, x: Tensor) -> Tensor:
         xb, n = to_blocks(x, self.block_size)
         if self.outliers == "opq":

@@ -73,6 +73,10 @@ class BlockMinifloat(Format):
     def bits_per_element(self) -> float:
         return self.width + self.bias_width / self.block_size
 
+    @property
+    def independent_block(self) -> int:
+        return self.block_size
+
     def _quantize_lastdim(self, x: Tensor) -> Tensor:
         m = self.mantissa_bits
         xb, n = to_blocks(x, self.block_size)

@@ -65,6 +65,10 @@ class _MX(Format):
     def bits_per_element(self) -> float:
         return self.elem_bits + 8 / self.block_size
 
+    @property
+    def independent_block(self) -> int:
+        return self.block_size
+
     def _round_elements(self, v: Tensor) -> Tensor:
         return round_to_float(v, self.mantissa_bits, self.emin, self.max_value)
 
