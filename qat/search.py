@@ -186,10 +186,43 @@ def read_recipe_and_spec(path: str, overrides: list[str]):
     if recipe.args.quant is None:
         raise SearchError("the recipe's quant section is null: the search needs it as the base "
                           "formats whose fields it varies")
+    space_combos(spec, recipe.args.quant)
     return recipe, spec, data
 
 
 # --------------------------------------------------------------------------- the space
+
+
+def _format(spec: dict[str, Any] | None, where: str):
+    from qat.formats import FormatError, make_format
+
+    try:
+        return make_format(spec)
+    except (FormatError, TypeError) as e:
+        raise SearchError(f"{where}: {e}") from None
+
+
+def space_combos(spec: SearchSpec, base) -> dict[str, list[dict[str, Any]]]:
+    """Check every choice against the recipe's base formats (before the model loads) and
+    return, per role, every combination of its field choices (each a valid format)."""
+    from qat.quant_config import merge_spec
+
+    out = {}
+    for role, fields in spec.space.items():
+        role_base = getattr(base, role)
+        if role_base is None and "format" not in fields:
+            raise SearchError(f"search.space.{role}: the recipe's quant.{role} is null "
+                              f"(float); give it a base format or search a format field")
+        for field, choices in fields.items():
+            for c in choices:
+                _format(merge_spec(role_base, {field: c}), f"search.space.{role}.{field}")
+        out[role] = []
+        for values in itertools.product(*fields.values()):
+            choice = dict(zip(fields, values))
+            _format(merge_spec(role_base, choice), f"search.space.{role} choice {choice}")
+            out[role].append(choice)
+    return out
+
 
 
 @dataclasses.dataclass
@@ -230,46 +263,17 @@ class Space:
             key = f"layer.{depth}" if depth >= 0 else name
             unit = units.setdefault(key, Unit(key, [], []))
             (unit.attention if name in self.attention else unit.linears).append(name)
-        self.units = list(units.values())
+        # a unit with no searched role (attention when only linears are searched) is no unit
+        self.units = [u for u in units.values() if any(u.modules_for(r) for r in spec.space)]
         self._check_roles()
-        self.combos = {role: self._combos(role) for role in spec.space}
+        self.combos = space_combos(spec, self.base)
 
     def _check_roles(self) -> None:
-        from qat.quant_config import merge_spec
-
-        for role, fields in self.spec.space.items():
+        for role in self.spec.space:
             if not any(u.modules_for(role) for u in self.units):
                 what = "attention" if role == "matmul" else "linear"
                 raise SearchError(f"search.space.{role}: the model has no quantised {what} "
                                   "module to search")
-            base = getattr(self.base, role)
-            if base is None and "format" not in fields:
-                raise SearchError(f"search.space.{role}: the recipe's quant.{role} is null "
-                                  f"(float); give it a base format or search a format field")
-            for field, choices in fields.items():
-                for c in choices:
-                    self._format(merge_spec(base, {field: c}), f"search.space.{role}.{field}")
-
-    def _format(self, spec: dict[str, Any] | None, where: str):
-        from qat.formats import FormatError, make_format
-
-        try:
-            return make_format(spec)
-        except (FormatError, TypeError) as e:
-            raise SearchError(f"{where}: {e}") from None
-
-    def _combos(self, role: str) -> list[dict[str, Any]]:
-        """Every combination of the role's field choices (each must be a valid format)."""
-        from qat.quant_config import merge_spec
-
-        fields = self.spec.space[role]
-        out = []
-        for values in itertools.product(*fields.values()):
-            choice = dict(zip(fields, values))
-            self._format(merge_spec(getattr(self.base, role), choice),
-                         f"search.space.{role} choice {choice}")
-            out.append(choice)
-        return out
 
     def params(self) -> dict[str, list[Any]]:
         """Optuna parameter name -> choices, one per unit, role and field."""
@@ -280,8 +284,8 @@ class Space:
     def bits_of(self, role: str, name: str, choice: dict[str, Any]) -> float:
         from qat.quant_config import merge_spec
 
-        return self._format(merge_spec(self.base.spec_for(role, name), choice),
-                            role).bits_per_element
+        return _format(merge_spec(self.base.spec_for(role, name), choice),
+                       role).bits_per_element
 
     def extreme(self, low: bool) -> dict[str, dict[str, Any]]:
         """Per role, the choice with the fewest (``low``) or most bits."""
@@ -533,21 +537,24 @@ def _requeue_interrupted(study) -> None:
 
 def seed_mixes(space: Space, sensitivity_csv: str, n: int) -> list[dict[str, Any]]:
     """Sensitivity-ordered mixes: the k least sensitive units at their lowest choices and the
-    rest at the recipe's, for ``n`` budgets k = N/n, 2N/n, ..., N."""
+    rest at the recipe's, for ``n`` budgets k = ceil(N/n), ceil(2N/n), ..., N."""
     with open(sensitivity_csv, newline="") as f:
         rows = list(csv.DictReader(f))
-    drops = {r["unit"]: float(r["drop"]) for r in rows}
+    if not rows or not {"unit", "rank"} <= set(rows[0]):
+        raise SearchError(f"search.sensitivity: {sensitivity_csv!r} is not a sensitivity table "
+                          "(no unit and rank columns); write it with qat sensitivity")
+    ranks = {r["unit"]: int(r["rank"]) for r in rows}
     names = [u.name for u in space.units]
-    missing = [u for u in names if u not in drops]
-    if missing or "drop" not in (rows[0] if rows else {}):
+    missing = [u for u in names if u not in ranks]
+    if missing:
         raise SearchError(f"search.sensitivity: {sensitivity_csv!r} does not cover unit "
-                          f"{missing[0] if missing else '?'} of this model and granularity; "
+                          f"{missing[0]} of this model and granularity; "
                           "rerun qat sensitivity with the same recipe")
-    order = sorted(names, key=lambda u: drops[u])
+    order = sorted(names, key=lambda u: -ranks[u])  # least sensitive (last rank) first
     low, keep = space.extreme(low=True), space.base_choice()
     mixes = []
     for i in range(1, n + 1):
-        k = max(1, round(i * len(order) / n))
+        k = -(-i * len(order) // n)  # ceil: the last mix lowers every unit
         per_unit = {u: (low if j < k else keep) for j, u in enumerate(order)}
         mixes.append(space.params_for(per_unit))
     return mixes
