@@ -484,7 +484,7 @@ def _sampler(spec: SearchSpec):
     if spec.sampler == "tpe":
         # TPE fitted to one or two points keeps re-proposing them: start with random trials
         return optuna.samplers.TPESampler(seed=spec.seed, constraints_func=cf,
-                                          n_startup_trials=max(1, min(10, spec.trials // 2)))
+                                          n_startup_trials=min(10, spec.trials))
     if spec.sampler == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=spec.seed, constraints_func=cf)
     return optuna.samplers.RandomSampler(seed=spec.seed)
