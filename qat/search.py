@@ -474,7 +474,9 @@ def choose(rows: list[dict[str, Any]], max_bits: float | None) -> dict[str, Any]
     return max(ok, key=lambda r: (r["accuracy"], -r["bits"])) if ok else None
 
 
-def _sampler(spec: SearchSpec):
+def _sampler(spec: SearchSpec, offset: int = 0):
+    """The sampler, seeded with ``seed + offset``: a resumed study passes its trial count, so
+    the new process does not replay the first process's proposals."""
     import optuna
 
     def constraints(trial) -> list[float]:
@@ -483,11 +485,11 @@ def _sampler(spec: SearchSpec):
     cf = constraints if spec.max_bits is not None else None
     if spec.sampler == "tpe":
         # TPE fitted to one or two points keeps re-proposing them: start with random trials
-        return optuna.samplers.TPESampler(seed=spec.seed, constraints_func=cf,
+        return optuna.samplers.TPESampler(seed=spec.seed + offset, constraints_func=cf,
                                           n_startup_trials=min(10, spec.trials))
     if spec.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=spec.seed, constraints_func=cf)
-    return optuna.samplers.RandomSampler(seed=spec.seed)
+        return optuna.samplers.NSGAIISampler(seed=spec.seed + offset, constraints_func=cf)
+    return optuna.samplers.RandomSampler(seed=spec.seed + offset)
 
 
 def check_study_file(out: Path, resume: bool) -> None:
@@ -509,9 +511,11 @@ def open_study(out: Path, spec: SearchSpec, space: Space, resume: bool):
     out.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     directions = ["maximize" if o == "accuracy" else "minimize" for o in spec.objectives]
-    study = optuna.create_study(storage=f"sqlite:///{db}", study_name=STUDY_NAME,
-                                directions=directions, sampler=_sampler(spec),
-                                load_if_exists=resume)
+    storage = f"sqlite:///{db}"
+    offset = len(optuna.load_study(study_name=STUDY_NAME, storage=storage).trials) if resume \
+        else 0
+    study = optuna.create_study(storage=storage, study_name=STUDY_NAME, directions=directions,
+                                sampler=_sampler(spec, offset), load_if_exists=resume)
     key = json.dumps({"space": spec.space, "granularity": spec.granularity,
                       "objectives": spec.objectives, "units": [u.name for u in space.units]},
                      sort_keys=True)
@@ -622,9 +626,11 @@ def run(path: str, argv: list[str], resume: bool = False) -> dict[str, Any]:
     rows = _trial_rows(study, spec)
     uniform = _uniform(study, scorer, spec)
     best = choose(rows, spec.max_bits)
-    if best is None:
+    if best is None:  # keep what was found; there is no best.yaml to write
+        write_tables(out, rows, uniform, None, spec, scorer)
         raise SearchError(f"no finished trial meets search.constraint.max_bits "
-                          f"{spec.max_bits:g}; run more trials (--search.trials)")
+                          f"{spec.max_bits:g}; trials.csv has them all; run more with "
+                          "--resume --search.trials N")
     best_quant = space.quant_dict(best["params"])
     val = scorer.score(best_quant, "validation")
     results = write_outputs(out, rows, uniform, best, best_quant, val, spec, data, scorer)
@@ -684,11 +690,9 @@ def _uniform(study, scorer: Scorer, spec: SearchSpec) -> list[dict[str, Any]]:
     return rows
 
 
-def write_outputs(out: Path, rows, uniform, best, best_quant, val, spec: SearchSpec,
-                  data: dict[str, Any], scorer: Scorer) -> dict[str, Any]:
-    """trials.csv, pareto.csv, uniform.csv, pareto.png, best.yaml, search_results.json."""
-    import yaml
-
+def write_tables(out: Path, rows, uniform, best, spec: SearchSpec, scorer: Scorer
+                 ) -> list[dict[str, Any]]:
+    """trials.csv, pareto.csv, uniform.csv and pareto.png; returns the front."""
     param_names = list(scorer.space.params())
     cols = ["number", "source", "accuracy", "bits", "weight_bits", "activation_bits",
             "matmul_bits", "feasible"]
@@ -704,14 +708,23 @@ def write_outputs(out: Path, rows, uniform, best, best_quant, val, spec: SearchS
         w.writeheader()
         w.writerows(uniform)
     plot_front(rows, front, uniform, best, spec.max_bits, out / "pareto.png")
+    return front
+
+
+def write_outputs(out: Path, rows, uniform, best, best_quant, val, spec: SearchSpec,
+                  data: dict[str, Any], scorer: Scorer) -> dict[str, Any]:
+    """The tables and plot, then best.yaml and search_results.json."""
+    import yaml
+
+    front = write_tables(out, rows, uniform, best, spec, scorer)
     best_recipe = {**data, "quant": best_quant, "output_dir": str(out / "train_best")}
     (out / "best.yaml").write_text(
         f"# qat search: trial {best['number']}, held-out {scorer.metric} "
         f"{best['accuracy']:.4f}, {best['bits']:.4f} average bits; validation "
         f"{scorer.metric} {val['accuracy']:.4f}\n" + yaml.safe_dump(best_recipe, sort_keys=False))
-    results = {"metric": scorer.metric, "trials": len(rows),
-               "best": {k: v for k, v in best.items()}, "best_validation": val,
-               "pareto": front, "uniform": uniform, "spec": spec.to_dict()}
+    results = {"metric": scorer.metric, "trials": len(rows), "best": dict(best),
+               "best_validation": val, "pareto": front, "uniform": uniform,
+               "spec": spec.to_dict()}
     (out / "search_results.json").write_text(json.dumps(results, indent=2))
     return results
 
@@ -733,8 +746,9 @@ def plot_front(rows, front, uniform, best, max_bits: float | None, path: Path) -
         for u in uniform:
             ax.annotate(u["name"], (u["bits"], u["accuracy"]), textcoords="offset points",
                         xytext=(4, -10), fontsize=8, color="C0")
-    ax.scatter([best["bits"]], [best["accuracy"]], marker="*", s=160, c="C2", zorder=5,
-               label="chosen")
+    if best is not None:
+        ax.scatter([best["bits"]], [best["accuracy"]], marker="*", s=160, c="C2", zorder=5,
+                   label="chosen")
     if max_bits is not None:
         ax.axvline(max_bits, ls=":", c="0.4", label=f"max_bits {max_bits:g}")
     ax.set_xlabel("average bits per element")
