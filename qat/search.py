@@ -313,9 +313,6 @@ class Space:
                 for role, choice in roles.items() for field, v in choice.items()
                 if any(x.name == u and x.modules_for(role) for x in self.units)}
 
-    def uniform_params(self, roles: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        return self.params_for({u.name: roles for u in self.units})
-
     def quant_dict(self, params: dict[str, Any] | None = None,
                    fields_override: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
         """The recipe's quant section with one exact-name override per module whose resolved
