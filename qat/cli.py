@@ -14,6 +14,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("qat.export", "write a packed quantised model (safetensors)"),
     "codebook": ("qat.formats.codebook_fit", "fit BOF4 / BOF4-S codebook levels to a file"),
     "fit-lobcq": ("qat.formats.lobcq_fit", "calibrate frozen LO-BCQ codebooks to a file"),
+    "search": ("qat.search", "mixed-precision search (Optuna): Pareto front, best.yaml"),
+    "sensitivity": ("qat.sensitivity", "accuracy drop of lowering one module at a time"),
 }
 
 
