@@ -354,19 +354,6 @@ class Space:
 # --------------------------------------------------------------------------- scoring
 
 
-class _OnDevice:
-    """Moves ``evaluate``'s CPU batches to the model's device and the logits back."""
-
-    def __init__(self, model, device) -> None:
-        self.model, self.device = model, device
-
-    def __call__(self, **batch):
-        import types
-
-        out = self.model(**{k: v.to(self.device) for k, v in batch.items()})
-        return types.SimpleNamespace(logits=out.logits.cpu())
-
-
 class Scorer:
     """Loads the float model and the data once; scores quant configs by PTQ."""
 
@@ -417,7 +404,7 @@ class Scorer:
             self._data[which] = self.split(which)
         data = self._data[which]
         model = self.quantized(quant)
-        metrics = evaluate(_OnDevice(model, self.device), self.tokenizer, self.task, data,
+        metrics = evaluate(model, self.tokenizer, self.task, data,
                            self.recipe.training_args.per_device_eval_batch_size)
         return {"accuracy": metrics[self.metric], **average_bits(model, self.space.max_length)}
 
