@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -74,8 +75,15 @@ def test_wandb_offline_run_has_metrics_and_quant_config(qat_run):
     out, _ = qat_run
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
+    log = next(runs[0].glob("*.wandb"))
+    # wandb-core, a process of its own, may still be writing when the training process has
+    # exited: read the log once it holds the run's closing "exit" record (bounded wait).
+    for _ in range(120):
+        if any(r.WhichOneof("record_type") == "exit" for r in wandb_records(log)):
+            break
+        time.sleep(0.5)
     config, logged = {}, set()
-    for rec in wandb_records(next(runs[0].glob("*.wandb"))):
+    for rec in wandb_records(log):
         kind = rec.WhichOneof("record_type")
         if kind == "config":
             config.update({i.key: json.loads(i.value_json) for i in rec.config.update})
