@@ -63,6 +63,7 @@ def _compiled_blocks(fmt: Format) -> Callable[[Tensor], Tensor]:
     return torch.compile(functools.partial(fmt.quantize, dim=-1), dynamic=False)
 
 
+@functools.cache
 def _compiled(fmt: Format, dim: int) -> Callable[[Tensor], Tensor]:
     """Compiled quantiser for block formats; others (row or tensor scales, LO-BCQ, OPQ) run
     the reference, whose compiled form would need fully dynamic shapes."""
@@ -132,7 +133,12 @@ def resolve_backend(backend: str, fmt: Format, device: torch.device) -> str:
 
 def fake_quantize(x: Tensor, fmt: Format, dim: int = -1, backend: str = "auto") -> Tensor:
     """STE fake quantisation of ``x`` with ``fmt`` blocked along ``dim`` by ``backend``."""
-    impl = resolve_backend(backend, fmt, x.device)
+    return run_backend(resolve_backend(backend, fmt, x.device), x, fmt, dim)
+
+
+def run_backend(impl: str, x: Tensor, fmt: Format, dim: int) -> Tensor:
+    """``fake_quantize`` with an already resolved backend (``FakeQuantizer`` resolves once per
+    device, so the training step does no resolution work)."""
     if impl == "triton":
         from qat.formats.kernels import triton_fake_quantize
 

@@ -7,7 +7,7 @@ import weakref
 import torch
 from torch import Tensor, nn
 
-from qat.backends import fake_quantize, resolve_backend
+from qat.backends import fake_quantize, resolve_backend, run_backend
 from qat.formats import Format
 
 
@@ -84,7 +84,7 @@ class FakeQuantizer(nn.Module):
             hit = shared.get(x)
             if hit is not None:
                 return hit
-        out = fake_quantize(x, self.fmt, self.dim, self._backend_for(x))
+        out = run_backend(self._backend_for(x), x, self.fmt, self.dim)
         if shared is not None:
             shared.put(x, out)
         return out
