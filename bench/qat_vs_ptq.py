@@ -22,7 +22,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from qat.recipe import load_recipe  # noqa: E402
+from qat.runs.recipe import load_recipe  # noqa: E402
 
 # mode -> (display name; {q} is the recipe's quant label, overrides on top of the recipe);
 # learning rates follow each mode's usual range
@@ -73,8 +73,8 @@ def ptq_eval(float_dir: Path, recipe_path: str, overrides: list[str]) -> dict:
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
     from qat import quantize_model
-    from qat.glue import get_task, load_glue, tokenize_glue
     from qat.models import load_sequence_classifier, load_tokenizer
+    from qat.tasks.glue import get_task, load_glue, tokenize_glue
 
     recipe = load_recipe(recipe_path, overrides)
     task = get_task(recipe.args.task_name)
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES),
                    help="which fine-tuning runs (PTQ comes with the float run)")
     a = p.parse_args(argv)
-    from qat.train import run
+    from qat.training.run import run
 
     out = Path(a.out)
     recipe = yaml.safe_load(Path(a.recipe).read_text())

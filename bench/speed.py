@@ -69,8 +69,8 @@ def timeit(fn, device: torch.device, reps: int, warmup: int = 2) -> float:
 
 
 def bench_kernels(size: int, device: torch.device, reps: int) -> list[dict]:
-    from qat.backends import fake_quantize, resolve_backend
     from qat.formats import make_format
+    from qat.quant.backends import fake_quantize, resolve_backend
 
     rows = []
     for dtype in (torch.bfloat16, torch.float32):
@@ -223,7 +223,7 @@ def profile_attention(device: torch.device, backend: str) -> dict:
     from torch.profiler import ProfilerActivity, profile, record_function
     from transformers import AttentionInterface
 
-    import qat.attention as attention
+    import qat.quant.attention as attention
 
     model = build_model("opt350m-2layer", W4A4, device, backend)
     data = {"input_ids": torch.randint(1000, 50000, (1, 2048), device=device),

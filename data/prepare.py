@@ -54,7 +54,7 @@ def make_parser() -> argparse.ArgumentParser:
 def glue_targets(out: Path, task_names: Iterable[str]) -> list[tuple[str, str, Path]]:
     """(task, split, file) for every GLUE file to write: train + the task's validation
     split(s); the test splits are left out (their labels are hidden: all -1)."""
-    from qat.glue import get_task
+    from qat.tasks.glue import get_task
 
     return [(t, split, out / "glue" / t / f"{split}.tsv")
             for t in task_names for split in ("train", *get_task(t).validation_splits)]
@@ -78,7 +78,7 @@ def write_glue_split(task_name: str, split, path: Path) -> int:
     ``idx`` when the Hub has it, in the Hub's order. Returns the row count."""
     import numpy as np
 
-    from qat.glue import get_task
+    from qat.tasks.glue import get_task
 
     task = get_task(task_name)
     have = list(split.column_names)
@@ -122,7 +122,7 @@ def write_wikitext_split(texts: Iterable[str], path: Path) -> int:
 def _check_tasks(names: list[str] | None) -> list[str]:
     import difflib
 
-    from qat.glue import GLUE_TASKS
+    from qat.tasks.glue import GLUE_TASKS
 
     if names is None:
         return list(GLUE_TASKS)
@@ -150,7 +150,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     import datasets
     from tqdm.auto import tqdm
 
-    from qat.glue import HUB_DATASET
+    from qat.tasks.glue import HUB_DATASET
 
     written: list[Path] = []
     # a context manager, so a failure closes the bar before the error line is printed

@@ -19,14 +19,14 @@ __version__ = "0.1.0"
 __all__ = ["QuantConfig", "QuantConfigError", "make_format", "quantization_summary",
            "quantize_model"]
 
-_LAZY = {"QuantConfig": "qat.quant_config", "QuantConfigError": "qat.quant_config",
-         "make_format": "qat.formats", "quantization_summary": "qat.quantize",
-         "quantize_model": "qat.quantize"}
+_LAZY = {"QuantConfig": "qat.quant.config", "QuantConfigError": "qat.quant.config",
+         "make_format": "qat.formats", "quantization_summary": "qat.quant.quantize",
+         "quantize_model": "qat.quant.quantize"}
 
 if TYPE_CHECKING:
     from qat.formats import make_format
-    from qat.quant_config import QuantConfig, QuantConfigError
-    from qat.quantize import quantization_summary, quantize_model
+    from qat.quant.config import QuantConfig, QuantConfigError
+    from qat.quant.quantize import quantization_summary, quantize_model
 
 
 def __getattr__(name: str) -> Any:
@@ -43,7 +43,7 @@ _HOOKED = ("transformers.quantizers", "transformers.modeling_utils")
 
 
 def _register() -> None:
-    importlib.import_module("qat.hf_quantizer").register()
+    importlib.import_module("qat.export.hf_quantizer").register()
 
 
 class _RegisterWhenImported(importlib.abc.MetaPathFinder):

@@ -9,12 +9,14 @@ from typing import Any
 
 import torch
 
+from qat.errors import QatError
+
 PKG_SCHEME = "pkg://"
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(QatError):
     """A model path or Hub id could not be loaded; the message says what to do."""
 
 
@@ -113,7 +115,7 @@ def load_causal_lm(name: str, gguf_file: str | None = None, torch_dtype: str | N
     return _from_pretrained(AutoModelForCausalLM, name, "model", **kwargs)
 
 
-class DeviceError(ValueError):
+class DeviceError(QatError):
     """A ``--device`` that is malformed or not present on this machine."""
 
 
@@ -228,3 +230,50 @@ def linear_module_names(config: Any, num_labels: int) -> list[str] | None:
     except Exception:  # noqa: BLE001 - a pre-check only: the real load reports real errors
         return None
     return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
+
+
+def weight_block_arrays(path: str, array_len: int, max_arrays: int, seed: int) -> torch.Tensor:
+    """Block arrays ``[R, L_A]`` from every 2-D floating weight of a safetensors checkpoint,
+    subsampled uniformly (seeded) to at most ``max_arrays`` rows in total."""
+    import math
+
+    import torch
+    from safetensors import safe_open
+
+    from qat.formats.base import to_blocks
+
+    if path.startswith("pkg://"):
+        path = resolve_model_path(path)
+    if os.path.isdir(path):
+        single = os.path.join(path, "model.safetensors")
+        files = [single] if os.path.exists(single) else sorted(
+            os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
+    else:
+        files = [path]
+    if not files or not all(os.path.isfile(f) for f in files):
+        raise ModelLoadError(f"no safetensors weights at {path!r}")
+    gen = torch.Generator().manual_seed(seed)
+    shapes = {}
+    for f in files:
+        with safe_open(f, "pt") as sf:
+            for k in sf.keys():
+                shape = sf.get_slice(k).get_shape()
+                if len(shape) == 2:
+                    shapes[(f, k)] = shape
+    total = sum(r * math.ceil(c / array_len) for r, c in shapes.values())
+    frac = min(1.0, max_arrays / max(total, 1))
+    out = []
+    for f in files:
+        with safe_open(f, "pt") as sf:
+            for (ff, k) in shapes:
+                if ff != f:
+                    continue
+                w = sf.get_tensor(k)
+                if not torch.is_floating_point(w):
+                    continue
+                arrays = to_blocks(w.float(), array_len)[0].reshape(-1, array_len)
+                keep = max(1, round(arrays.shape[0] * frac))
+                out.append(arrays[torch.randperm(arrays.shape[0], generator=gen)[:keep]])
+    if not out:
+        raise ModelLoadError(f"no 2-D floating-point weights in {path!r}")
+    return torch.cat(out)

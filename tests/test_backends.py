@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-import qat.backends as backends
+import qat.quant.backends as backends
 from qat import QuantConfig, QuantConfigError, quantize_model
-from qat.backends import fake_quantize, resolve_backend
 from qat.formats import make_format
-from qat.ste import FakeQuantizer
+from qat.quant.backends import fake_quantize, resolve_backend
+from qat.quant.ste import FakeQuantizer
 from tests.tiny_models import tiny_batch, tiny_model
 
 W4A4 = {"weight": {"format": "bfp", "width": 4}, "activation": {"format": "bfp", "width": 4},
@@ -69,16 +69,16 @@ def test_fake_quantizer_shows_and_uses_backend():
 
 
 def _count_quantise_calls(monkeypatch):
-    import qat.ste
+    import qat.quant.ste
 
     calls = []
-    real = qat.ste.run_backend
+    real = qat.quant.ste.run_backend
 
     def counting(impl, x, fmt, dim):
         calls.append(tuple(x.shape))
         return real(impl, x, fmt, dim)
 
-    monkeypatch.setattr(qat.ste, "run_backend", counting)
+    monkeypatch.setattr(qat.quant.ste, "run_backend", counting)
     return calls
 
 
@@ -114,7 +114,7 @@ def test_qkv_share_one_input_quantisation(arch, monkeypatch):
 def test_shared_cache_is_invalidated_by_in_place_change_and_holds_no_dead_input():
     import gc
 
-    from qat.ste import SharedInput
+    from qat.quant.ste import SharedInput
 
     fmt = make_format({"format": "bfp", "width": 3})
     a, b = FakeQuantizer(fmt), FakeQuantizer(fmt)

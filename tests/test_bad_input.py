@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from tiny import tiny_recipe, write_tsv
 
-from qat.train import main
-from qat.trainer import QATTrainer
+from qat.cli.train import main
+from qat.training.trainer import QATTrainer
 
 # (id, recipe keys to change, command-line overrides, disk change, fragments the message has)
 Row = tuple[str, dict[str, Any], list[str], Callable[[Path], None] | None, list[str]]

@@ -13,7 +13,7 @@ from qat.cli import COMMANDS
 
 # These commands' modules still import torch at import time (the formats package); the qat/cli/
 # split of issue #12 gives every command a thin parser. strict: a pass here is news.
-HEAVY = {"export", "codebook", "fit-lobcq"}
+HEAVY: set[str] = set()
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
@@ -62,3 +62,16 @@ def test_import_qat_is_light_and_still_registers_the_quant_method():
             "print('qat' in M)\n")
     r = _run("-c", code)
     assert (r.returncode, r.stdout.strip()) == (0, "True"), r.stderr
+
+
+def test_fit_commands_spell_the_library_constants():
+    """qat codebook / fit-lobcq parse options without importing torch, so they spell the
+    library's choices and defaults themselves: they must agree."""
+    from qat.cli import codebook as cli_codebook
+    from qat.cli import fit_lobcq as cli_lobcq
+    from qat.formats.fit import codebook, lobcq
+
+    assert cli_codebook.KINDS == tuple(codebook.KINDS)
+    for name in ("METRICS", "METHODS", "DEFAULT_SAMPLES", "DEFAULT_ITERS", "DEFAULT_TOL"):
+        assert getattr(cli_codebook, name) == getattr(codebook, name), name
+    assert cli_lobcq.DEFAULT_MAX_BLOCKS == lobcq.DEFAULT_MAX_BLOCKS

@@ -7,9 +7,10 @@ import json
 import pytest
 import torch
 
+from qat.cli.codebook import main
 from qat.formats import FormatError, make_format
 from qat.formats.codebook import BOF4_TABLES
-from qat.formats.codebook_fit import fit_codebook, main
+from qat.formats.fit.codebook import fit_codebook
 
 
 @pytest.mark.parametrize("kind,block", [("bof4", 64), ("bof4s", 64), ("bof4s", 32),

@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
-from qat.density import density_report
-from qat.quantize import quantize_model
+from qat.quant.density import density_report
+from qat.quant.quantize import quantize_model
 
 
 def bfp(width: int) -> dict:

@@ -16,11 +16,13 @@ import pytest
 import torch
 from tiny import make_tiny_model_dir, tiny_recipe
 
-import qat.eval_cmd
-import qat.export
+import qat.cli.eval
+import qat.cli.export
+import qat.cli.perplexity
+import qat.cli.profile
 import qat.models
-import qat.perplexity
-import qat.profiling
+import qat.runs.build
+import qat.tasks.language_modeling
 from qat.models import DeviceError, resolve_device
 
 
@@ -80,8 +82,8 @@ def test_cuda_without_a_gpu_is_one_clear_error(tmp_path, no_cuda, monkeypatch, c
     monkeypatch.setattr(qat.models, "load_causal_lm", fail)
     monkeypatch.setenv("QAT_WIKITEXT_DIR", str(tmp_path))
     (tmp_path / "test.txt").write_text("some text " * 50)
-    module = {"eval": "qat.eval_cmd", "perplexity": "qat.perplexity",
-              "profile": "qat.profiling", "export": "qat.export"}[command]
+    module = {"eval": "qat.cli.eval", "perplexity": "qat.tasks.language_modeling",
+              "profile": "qat.analysis.profile", "export": "qat.export.packed"}[command]
     extra = ["--out", str(tmp_path / "packed")] if command == "export" else []
     argv = [tiny_recipe(tmp_path), "--device", "cuda", *extra]
     assert importlib.import_module(module).main(argv) == 2
@@ -92,7 +94,7 @@ def test_cuda_without_a_gpu_is_one_clear_error(tmp_path, no_cuda, monkeypatch, c
 
 
 def test_eval_on_cpu_runs_and_writes(tmp_path, capsys) -> None:
-    from qat.eval_cmd import main
+    from qat.cli.eval import main
 
     out = tmp_path / "r.json"
     assert main([tiny_recipe(tmp_path), "--device", "cpu", "--max_eval_samples", "8",
@@ -109,7 +111,7 @@ def _spy_on_forward(monkeypatch: pytest.MonkeyPatch, seen: dict[str, Any]) -> No
     """Resolve every device to ``meta`` and hook the loaded model's forward."""
     monkeypatch.setattr(qat.models, "resolve_device",
                         lambda spec=None, use_cpu=False: torch.device("meta"))
-    real_load_model = qat.eval_cmd.load_model
+    real_load_model = qat.runs.build.load_model
 
     def hook(module, args, kwargs):
         tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
@@ -123,15 +125,15 @@ def _spy_on_forward(monkeypatch: pytest.MonkeyPatch, seen: dict[str, Any]) -> No
         model.register_forward_pre_hook(hook, with_kwargs=True)
         return model, tok
 
-    monkeypatch.setattr(qat.eval_cmd, "load_model", load_model)
-    real_load_lm = qat.perplexity.load_lm
+    monkeypatch.setattr(qat.runs.build, "load_model", load_model)
+    real_load_lm = qat.tasks.language_modeling.load_lm
 
     def load_lm(args, chunk_size=2):
         model, tok = real_load_lm(args, chunk_size)
         model.register_forward_pre_hook(hook, with_kwargs=True)
         return model, tok
 
-    monkeypatch.setattr(qat.perplexity, "load_lm", load_lm)
+    monkeypatch.setattr(qat.tasks.language_modeling, "load_lm", load_lm)
 
 
 @pytest.mark.parametrize("command", ["eval", "perplexity", "profile"])
@@ -144,12 +146,12 @@ def test_model_and_batches_go_to_the_resolved_device(tmp_path, monkeypatch, comm
     monkeypatch.setenv("QAT_WIKITEXT_DIR", str(tmp_path))
     with pytest.raises(_Seen):
         if command == "eval":
-            qat.eval_cmd.run(recipe, ["--max_eval_samples", "8"], device="cpu")
+            qat.cli.eval.run(recipe, ["--max_eval_samples", "8"], device="cpu")
         elif command == "perplexity":
-            qat.perplexity.run(recipe, ["--chunk_size", "16", "--max_chunks", "1",
+            qat.cli.perplexity.run(recipe, ["--chunk_size", "16", "--max_chunks", "1",
                                         "--device", "cpu"])
         else:
-            qat.profiling.run(recipe, ["--num_batches", "1", "--device", "cpu"])
+            qat.cli.profile.run(recipe, ["--num_batches", "1", "--device", "cpu"])
     assert seen["inputs"] == {"meta"}, seen  # input_ids, attention_mask, ... all moved
     assert seen["params"] == {"meta"}, seen
     if command != "perplexity":
@@ -165,9 +167,9 @@ def test_export_loads_on_the_resolved_device(tmp_path, monkeypatch) -> None:
         seen["device"] = device
         raise _Seen
 
-    monkeypatch.setattr(qat.eval_cmd, "load_model", load_model)
+    monkeypatch.setattr(qat.runs.build, "load_model", load_model)
     with pytest.raises(_Seen):
-        qat.export.run(tiny_recipe(tmp_path), ["--out", str(tmp_path / "packed"),
+        qat.cli.export.run(tiny_recipe(tmp_path), ["--out", str(tmp_path / "packed"),
                                                "--device", "cpu"])
     assert seen["device"] == torch.device("meta")
     assert not Path(tmp_path / "packed").exists()

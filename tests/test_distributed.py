@@ -5,7 +5,7 @@ launch`` is the documented launcher for GPUs (launch/*.yaml), but on CPU it star
 local processes only through ``mpirun`` (its MULTI_CPU launcher needs an MPI hostfile), which
 this machine does not have; torchrun is what a CPU user runs, and Trainer picks up its
 environment the same way (WORLD_SIZE / RANK, gloo backend). The reference is one process with
-per_device_train_batch_size 8, run through ``qat.train.main`` in this process.
+per_device_train_batch_size 8, run through ``qat.cli.train.main`` in this process.
 
 Tolerance: the two runs see the same samples in the same order (rank r takes every other
 batch of 4 from the same seeded permutation), and the gradient is the mean over the same 8
@@ -29,8 +29,8 @@ import torch
 from safetensors.torch import load_file
 from tiny import make_tiny_model_dir, tiny_recipe
 
+from qat.cli.train import main
 from qat.formats.registry import FORMATS, make_format
-from qat.train import main
 
 REPO = Path(__file__).resolve().parent.parent
 WEIGHT_ATOL, LOSS_ATOL = 1e-5, 1e-4

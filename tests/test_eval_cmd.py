@@ -10,10 +10,12 @@ import pytest
 import torch
 from tiny import tiny_recipe
 
-from qat.eval_cmd import load_model, main, resolve_source, split_options
-from qat.modules import QuantLinear
-from qat.recipe import load_recipe
-from qat.trainer import QAT_CONFIG_FILE
+from qat.cli.base import split_options
+from qat.cli.eval import main
+from qat.quant.modules import QuantLinear
+from qat.runs.build import load_model, resolve_source
+from qat.runs.checkpoints import QAT_CONFIG_FILE
+from qat.runs.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -70,7 +72,7 @@ def test_full_checkpoint_rebuilds_the_quantised_model(tmp_path):
 def test_lora_checkpoint_attaches_adapter_on_quantised_base(tmp_path):
     from peft import get_peft_model
 
-    from qat.lora import QuantLoraLinear, make_lora_config
+    from qat.quant.lora import QuantLoraLinear, make_lora_config
 
     recipe_path = tiny_recipe(tmp_path, finetune="lora")
     recipe = load_recipe(recipe_path)

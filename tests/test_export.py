@@ -18,19 +18,19 @@ from tiny import tiny_recipe
 from transformers import AutoModelForSequenceClassification
 
 import qat  # noqa: F401 - registers the qat_packed model type
-from qat.eval_cmd import load_model, resolve_source
-from qat.export import (
+from qat.cli.export import main
+from qat.export.packed import (
     ExportError,
     _packers,
     export_model,
-    main,
     pack_bits,
     pack_weight,
     unpack_bits,
     unpack_weight,
 )
 from qat.formats import make_format
-from qat.modules import QuantLinear
+from qat.quant.modules import QuantLinear
+from qat.runs.build import load_model, resolve_source
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -180,7 +180,7 @@ if sys.argv[2] == "block-qat":
         return "loaded"
     attempt("direct", direct)
 attempt("remote", lambda: logits(trust_remote_code=True))
-out["qat_imported"] = "qat.quantize" in sys.modules
+out["qat_imported"] = "qat.quant.quantize" in sys.modules
 print("RESULT " + json.dumps(out))
 """
 
@@ -244,7 +244,7 @@ def _hashes(folder: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory) -> Path:
     """A finished tiny ``qat train`` run (model.safetensors, qat_config.json, recipe.yaml)."""
-    from qat.train import main as train
+    from qat.cli.train import main as train
 
     tmp = tmp_path_factory.mktemp("run")
     assert train([tiny_recipe(tmp), "--max_steps", "2", "--output_dir", str(tmp / "run")]) == 0
@@ -256,7 +256,7 @@ def _error(capsys) -> list[str]:
 
 
 def test_self_export_is_refused_and_the_run_survives(trained_run, capsys, tmp_path):
-    from qat.eval_cmd import main as eval_main
+    from qat.cli.eval import main as eval_main
 
     before = _hashes(trained_run)
     cases = [(str(trained_run), "is the source checkpoint"),

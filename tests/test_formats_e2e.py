@@ -9,8 +9,8 @@ from tiny_models import tiny_model
 from transformers import TrainingArguments
 
 from qat.formats import FORMATS
-from qat.modules import QuantLinear
-from qat.trainer import QATTrainer
+from qat.quant.modules import QuantLinear
+from qat.training.trainer import QATTrainer
 
 
 def tiny_dataset(n=16, seq=12):
@@ -42,8 +42,8 @@ def test_format_trains_end_to_end(tmp_path, name):
 
 
 def test_lobcq_from_fitted_codebook_file_in_a_recipe(tmp_path):
-    from qat.formats.lobcq_fit import fit_lobcq, save_codebooks
-    from qat.recipe import load_recipe
+    from qat.formats.fit.lobcq import fit_lobcq, save_codebooks
+    from qat.runs.recipe import load_recipe
 
     torch.manual_seed(0)
     codebooks, history = fit_lobcq(torch.randn(64 * 256), num_codebooks=4, iters=3)

@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qat.glue import GLUE_TASKS, DataError, get_task, load_glue, tokenize_glue
+from qat.errors import DataError
+from qat.tasks.glue import GLUE_TASKS, get_task, load_glue, tokenize_glue
 
 SHARED = Path(os.environ.get("QAT_DATA_DIR", ""))
 # (task, train rows, validation rows) as ../shared/data/README.md lists them
@@ -120,7 +121,7 @@ def test_every_real_file_reads_row_for_row():
     CSV reader (the files are QUOTE_MINIMAL TSV), one record per physical line."""
     import csv
 
-    from qat.glue import read_tsv_records
+    from qat.tasks.glue import read_tsv_records
 
     found = {(p.parent.name, p.stem) for p in SHARED.glob("*/*.tsv")}
     assert found == set(README_COUNTS)

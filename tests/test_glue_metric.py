@@ -15,7 +15,7 @@ from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 from tiny import GLUE_DIR
 from transformers import EvalPrediction
 
-from qat.glue import METRIC_DIR, get_task, load_metric
+from qat.tasks.glue import METRIC_DIR, get_task, load_metric
 
 
 def _labels(task: str) -> np.ndarray:

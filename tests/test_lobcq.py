@@ -9,9 +9,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from qat.cli.fit_lobcq import main
 from qat.formats import FormatError, make_format
-from qat.formats.lobcq import DEFAULT_CODEBOOKS, array_exponent
-from qat.formats.lobcq_fit import fit_lobcq, load_codebooks, main, save_codebooks
+from qat.formats.fit.lobcq import fit_lobcq, save_codebooks
+from qat.formats.lobcq import DEFAULT_CODEBOOKS, array_exponent, load_codebooks
 
 CB0 = list(range(-8, 8))  # 16 consecutive integers
 CB1 = list(range(-30, 31, 4))  # -30, -26, ..., 30
@@ -127,7 +128,7 @@ def test_fit_history_non_increasing():
         assert cbs.abs().max() <= 31 and torch.equal(cbs, cbs.sort(dim=-1).values)
         assert all(b <= a * (1 + 1e-9) for a, b in zip(hist, hist[1:])), hist
     # the 1/16-grid phase on its own is monotone too and ends below its start
-    from qat.formats.lobcq_fit import _blocks, _initial, lloyd
+    from qat.formats.fit.lobcq import _blocks, _initial, lloyd
 
     y = _blocks(x, 8, 64)
     _, hist = lloyd(y, _initial(y, 4), 15, res=16)

@@ -71,7 +71,7 @@ def test_quantised_model_step_without_sync(arch):
     transformers' own code (mask construction) may inspect tensors, so the patch is active
     inside our quantised linears, quantisers and attention function, and for the whole
     backward pass."""
-    from qat import attention
+    from qat.quant import attention
 
     model = quantize_model(tiny_model(arch), W4A4)
     batch = tiny_batch()
@@ -85,8 +85,8 @@ def test_quantised_model_step_without_sync(arch):
     def leave(*_):
         active.pop().__exit__(None, None, None)
 
-    from qat.modules import QuantConv1D, QuantLinear
-    from qat.ste import FakeQuantizer
+    from qat.quant.modules import QuantConv1D, QuantLinear
+    from qat.quant.ste import FakeQuantizer
 
     hooks = []
     for m in model.modules():

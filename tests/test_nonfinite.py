@@ -23,11 +23,12 @@ from transformers import (
     TrainingArguments,
 )
 
-from qat.glue import get_task, load_glue, tokenize_glue
-from qat.nonfinite import NonFiniteError, find_first_nonfinite
-from qat.quantize import quantize_model
-from qat.train import last_complete_checkpoint, main
-from qat.trainer import QATTrainer
+from qat.cli.train import main
+from qat.quant.quantize import quantize_model
+from qat.tasks.glue import get_task, load_glue, tokenize_glue
+from qat.training.nonfinite import NonFiniteError, find_first_nonfinite
+from qat.training.run import last_complete_checkpoint
+from qat.training.trainer import QATTrainer
 
 BAD = "bert.encoder.layer.1.output.dense.weight_quantizer"
 

@@ -12,8 +12,9 @@ import torch
 from tiny import make_tiny_model_dir, tiny_recipe
 from transformers import BertConfig, LlamaConfig, LlamaForCausalLM
 
-from qat.eval_cmd import CommandError
-from qat.perplexity import check_causal, chunk_ids, main, perplexity
+from qat.cli.perplexity import main
+from qat.errors import UsageError as CommandError
+from qat.tasks.language_modeling import check_causal, chunk_ids, perplexity
 
 REPO = Path(__file__).resolve().parent.parent
 TEXT = ("The tower is 324 metres tall , about the same height as an 81 @-@ storey building . "

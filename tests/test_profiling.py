@@ -11,7 +11,8 @@ import torch
 from scipy.stats import kurtosis
 from tiny import tiny_recipe
 
-from qat.profiling import COLUMNS, Moments, layer_depth, main
+from qat.analysis.profile import COLUMNS, Moments, layer_depth
+from qat.cli.profile import main
 
 REPO = Path(__file__).resolve().parent.parent
 

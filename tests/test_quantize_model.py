@@ -5,9 +5,9 @@ import torch
 from tiny_models import ARCHS, tiny_batch, tiny_model
 
 from qat import QuantConfig, QuantConfigError, quantization_summary, quantize_model
-from qat.finetune import prepare_finetuning
-from qat.modules import MatmulQuantizer, QuantConv1D, QuantLinear
-from qat.recipe import LoraArguments
+from qat.quant.modules import MatmulQuantizer, QuantConv1D, QuantLinear
+from qat.runs.recipe import LoraArguments
+from qat.training.finetune import prepare_finetuning
 
 W4 = {"format": "bfp", "width": 4, "exponent_width": 8, "block_size": 16}
 
@@ -154,7 +154,7 @@ def test_lora_quantises_effective_weight_and_merges_exactly(arch):
 
 
 def test_lora_dropout_is_rejected():
-    from qat.recipe import RecipeError, _build_lora
+    from qat.runs.recipe import RecipeError, _build_lora
 
     with pytest.raises(RecipeError, match="lora.dropout"):
         _build_lora({"dropout": 0.1}, "")

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qat.recipe import RecipeError, load_recipe, parse_overrides
+from qat.runs.recipe import RecipeError, load_recipe, parse_overrides
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
@@ -14,7 +14,7 @@ RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_every_shipped_recipe_parses(path):
     if "search" in yaml.safe_load(path.read_text()):  # a `qat search` recipe
-        from qat.search import read_recipe_and_spec
+        from qat.analysis.search import read_recipe_and_spec
 
         recipe, spec, _ = read_recipe_and_spec(str(path), [])
         assert spec.trials >= 64
@@ -154,7 +154,7 @@ def test_hostile_recipe_files(tmp_path, make, message):
 
 
 def test_recipe_loader_is_a_safe_loader():
-    from qat.recipe import _RecipeLoader
+    from qat.runs.recipe import _RecipeLoader
 
     assert issubclass(_RecipeLoader, yaml.SafeLoader)
     assert not issubclass(_RecipeLoader, yaml.FullLoader)

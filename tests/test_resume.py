@@ -4,7 +4,7 @@ A real ``python qat/train.py`` subprocess is SIGKILLed (by a watcher thread) as 
 checkpoint-8 is complete on disk; it may by then be anywhere after that, even half-way through
 writing checkpoint-12. It is restarted with the same recipe and must end with the weights, eval
 metrics and per-step training losses of an uninterrupted run of that recipe. The reference run
-and the restart go through ``qat.train.main`` in this process (the CLI minus the 8 s of
+and the restart go through ``qat.cli.train.main`` in this process (the CLI minus the 8 s of
 imports a fresh interpreter pays), both single-threaded like the subprocess.
 
 Tolerance: same seed, same data order, one thread, so the runs are bit-identical in practice;
@@ -29,7 +29,8 @@ import torch
 from safetensors.torch import load_file
 from tiny import tiny_recipe
 
-from qat.train import last_complete_checkpoint, main
+from qat.cli.train import main
+from qat.training.run import last_complete_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN = str(REPO / "qat" / "train.py")

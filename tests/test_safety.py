@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 from tiny import tiny_recipe
 
-from qat.checkpoints import LOCK_FILE, CheckpointError, last_good_checkpoint, verify_checkpoint
-from qat.eval_cmd import main as eval_main
-from qat.export import main as export_main
-from qat.train import main as train_main
+from qat.cli.eval import main as eval_main
+from qat.cli.export import main as export_main
+from qat.cli.train import main as train_main
+from qat.runs.checkpoints import LOCK_FILE, CheckpointError, last_good_checkpoint, verify_checkpoint
 
 
 def _hashes(folder: Path) -> dict[str, str]:
@@ -227,7 +227,7 @@ def test_resume_falls_back_to_the_newest_good_checkpoint(run, capsys, caplog):
 
 def _errors_tail(path: Path) -> str:
     try:
-        from qat.checkpoints import check_safetensors
+        from qat.runs.checkpoints import check_safetensors
 
         check_safetensors(path)
     except CheckpointError as e:

@@ -12,8 +12,8 @@ import torch
 import yaml
 from tiny import make_tiny_glue_dir, tiny_recipe
 
-from qat import search as search_mod
-from qat.search import average_bits, choose, pareto_front
+from qat.analysis import search as search_mod
+from qat.analysis.search import average_bits, choose, pareto_front
 
 BASE = {k: {"format": "bfp", "width": 12, "exponent_width": 8, "block_size": 16}
         for k in ("weight", "activation", "matmul")}
@@ -27,14 +27,14 @@ def runs(tmp_path_factory) -> dict[str, str]:
     fragile without changing its float function: a huge constant input feature (LayerNorm
     bias + K) cancelled by the pooler's bias. At width 3 that feature flushes every other
     input of its block to zero, so the pooler's output no longer depends on the sentence."""
-    import qat.train
+    import qat.cli.train
 
     tmp = tmp_path_factory.mktemp("search_runs")
     data = make_tiny_glue_dir(tmp, n_train=64, n_val=32)
     recipe = tiny_recipe(tmp, "float.yaml", quant=None, max_steps=60, learning_rate=3e-3,
                          per_device_train_batch_size=16, data_dir=data,
                          output_dir=str(tmp / "float"))
-    assert qat.train.main([recipe]) == 0
+    assert qat.cli.train.main([recipe]) == 0
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(tmp / "float")
@@ -69,8 +69,8 @@ def _rows(path: Path) -> list[dict[str, str]]:
 
 def test_search_resumes_writes_every_output_and_best_trains(tmp_path, runs, monkeypatch,
                                                            capsys):
-    import qat.eval_cmd
-    import qat.train
+    import qat.cli.eval
+    import qat.cli.train
 
     recipe = _recipe(tmp_path, runs, constraint={"max_bits": 12.0})  # all at W12: 12.5
     out = tmp_path / "out"
@@ -128,17 +128,17 @@ def test_search_resumes_writes_every_output_and_best_trains(tmp_path, runs, monk
     assert "search" not in best and best["model_name_or_path"] == runs["float"]
     assert all(p.startswith("^") and p.endswith("$") for p in best["quant"]["overrides"])
     train_out = tmp_path / "train_best"
-    assert qat.train.main([str(out / "best.yaml"), "--max_steps", "2",
+    assert qat.cli.train.main([str(out / "best.yaml"), "--max_steps", "2",
                            "--output_dir", str(train_out)]) == 0
     saved = json.loads((train_out / "qat_config.json").read_text())["quant"]
     assert saved["overrides"] == best["quant"]["overrides"]
-    assert qat.eval_cmd.main([str(out / "best.yaml"), "--max_eval_samples", "8",
+    assert qat.cli.eval.main([str(out / "best.yaml"), "--max_eval_samples", "8",
                               "--output", str(tmp_path / "e.json")]) == 0
 
 
 def test_sensitivity_ranks_the_fragile_layer_first_and_seeds_the_search(tmp_path, runs,
                                                                        capsys):
-    from qat.sensitivity import main
+    from qat.cli.sensitivity import main
 
     recipe = _recipe(tmp_path, runs, model="fragile", granularity="module",
                      held_out_samples=64)
@@ -221,7 +221,7 @@ def test_average_bits_weights_elements_by_count(tmp_path):
     from tiny import make_tiny_model_dir
     from transformers import AutoModelForSequenceClassification
 
-    from qat.quantize import quantize_model
+    from qat.quant.quantize import quantize_model
 
     model = AutoModelForSequenceClassification.from_pretrained(make_tiny_model_dir(tmp_path))
     w4 = {k: {"format": "bfp", "width": 4, "block_size": 16} for k in BASE}

@@ -3,7 +3,7 @@
 import torch
 
 from qat.formats import make_format
-from qat.ste import FakeQuantizer, ste_quantize
+from qat.quant.ste import FakeQuantizer, ste_quantize
 
 FMT = make_format({"format": "bfp", "width": 3, "block_size": 4})
 

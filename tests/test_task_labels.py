@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from tiny import tiny_recipe
 
-from qat.glue import GLUE_TASKS, get_task
+from qat.tasks.glue import GLUE_TASKS, get_task
 
 REPO = Path(__file__).resolve().parent.parent
 EXPECTED = {
@@ -47,8 +47,8 @@ def _labels(model_dir: Path) -> list[set[str]]:
 
 
 def test_trained_run_and_its_export_print_label_names(tmp_path):
-    from qat.export import main as export_main
-    from qat.train import main as train_main
+    from qat.cli.export import main as export_main
+    from qat.cli.train import main as train_main
 
     run_dir = tmp_path / "out"
     assert train_main([tiny_recipe(tmp_path, max_steps=2)]) == 0
@@ -70,7 +70,7 @@ def test_trained_run_and_its_export_print_label_names(tmp_path):
 def test_pair_task_run_config(tmp_path, task):
     from tiny import make_tiny_glue_dir
 
-    from qat.train import main as train_main
+    from qat.cli.train import main as train_main
 
     recipe = tiny_recipe(tmp_path, task_name=task, data_dir=make_tiny_glue_dir(tmp_path, task),
                          max_steps=1)

@@ -18,7 +18,7 @@ import pytest
 from tiny import make_tiny_model_dir, tiny_recipe
 
 import qat.models
-from qat.trainer import QATTrainer
+from qat.training.trainer import QATTrainer
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -189,7 +189,7 @@ def _fill(value: Any, tmp: Path) -> Any:
 @pytest.mark.parametrize("row", ROWS + DISK_ROWS, ids=[r[0] for r in ROWS + DISK_ROWS])
 def test_train_refuses_before_loading_the_model(row, tmp_path: Path, no_model,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
-    from qat.train import main
+    from qat.cli.train import main
 
     _, keys, overrides, disk, fragments = row
     recipe = tiny_recipe(tmp_path, **{k: _fill(v, tmp_path) for k, v in keys.items()})
@@ -205,7 +205,7 @@ def test_train_refuses_before_loading_the_model(row, tmp_path: Path, no_model,
 
 
 def test_recipe_that_is_a_directory(tmp_path: Path, no_model, capsys) -> None:
-    from qat.train import main
+    from qat.cli.train import main
 
     assert main([str(tmp_path)]) == 2
     line = one_error_line(capsys.readouterr().err, "train")
@@ -220,7 +220,7 @@ def test_recipe_that_is_a_directory(tmp_path: Path, no_model, capsys) -> None:
      "line 2: YAML alias *a is not allowed in a recipe"),
 ])
 def test_hostile_recipe_files(tmp_path: Path, no_model, capsys, name, text, fragment) -> None:
-    from qat.train import main
+    from qat.cli.train import main
 
     recipe = Path(tiny_recipe(tmp_path))
     recipe.write_text(text + recipe.read_text().replace("seed: 7\n", ""))
@@ -243,17 +243,17 @@ def wikitext(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def _eval(argv: list[str]) -> int:
-    from qat.eval_cmd import main
+    from qat.cli.eval import main
     return main(argv)
 
 
 def _ppl(argv: list[str]) -> int:
-    from qat.perplexity import main
+    from qat.cli.perplexity import main
     return main(argv)
 
 
 def _profile(argv: list[str]) -> int:
-    from qat.profiling import main
+    from qat.cli.profile import main
     return main(argv)
 
 
@@ -365,7 +365,7 @@ def test_source_that_is_a_fifo(tmp_path: Path, no_model, capsys, command) -> Non
 
 
 def test_train_recipe_that_is_a_fifo(tmp_path: Path, no_model, capsys) -> None:
-    from qat.train import main
+    from qat.cli.train import main
 
     _setup_fifo(tmp_path)
     assert main([str(tmp_path / "pipe")]) == 2
@@ -390,10 +390,10 @@ class _Stop(Exception):
 def test_max_train_samples_is_taken_before_tokenising(tmp_path, monkeypatch) -> None:
     """64 rows on disk, 5 asked for: 5 are tokenised, the same 5 as shuffling the tokenised
     set (the behaviour before the subset moved)."""
-    import qat.glue
-    from qat.glue import get_task, load_glue, tokenize_glue
+    import qat.tasks.glue
+    from qat.cli.train import main
     from qat.models import load_tokenizer
-    from qat.train import main
+    from qat.tasks.glue import get_task, load_glue, tokenize_glue
 
     recipe = tiny_recipe(tmp_path, max_train_samples=5, max_eval_samples=3)
     seen: dict[str, Any] = {}
@@ -403,7 +403,7 @@ def test_max_train_samples_is_taken_before_tokenising(tmp_path, monkeypatch) -> 
                     out=tokenize_glue(ds, task, tokenizer, max_length))
         raise _Stop
 
-    monkeypatch.setattr(qat.glue, "tokenize_glue", spy)
+    monkeypatch.setattr(qat.tasks.glue, "tokenize_glue", spy)
     with pytest.raises(_Stop):
         main([recipe])
     assert seen["sizes"] == {"train": 5, "validation": 3}
@@ -417,8 +417,8 @@ def test_max_train_samples_is_taken_before_tokenising(tmp_path, monkeypatch) -> 
 
 
 def test_eval_subsets_before_tokenising(tmp_path, monkeypatch) -> None:
-    import qat.glue
-    from qat.eval_cmd import main
+    import qat.tasks.glue
+    from qat.cli.eval import main
 
     recipe = tiny_recipe(tmp_path)
     sizes = []
@@ -427,7 +427,7 @@ def test_eval_subsets_before_tokenising(tmp_path, monkeypatch) -> None:
         sizes.append({k: len(v) for k, v in ds.items()})
         raise _Stop
 
-    monkeypatch.setattr(qat.glue, "tokenize_glue", spy)
+    monkeypatch.setattr(qat.tasks.glue, "tokenize_glue", spy)
     with pytest.raises(_Stop):
         main([recipe, "--max_eval_samples", "4"])
     assert sizes == [{"validation": 4}]
@@ -435,7 +435,7 @@ def test_eval_subsets_before_tokenising(tmp_path, monkeypatch) -> None:
 
 def test_valid_values_still_pass(tmp_path) -> None:
     """The boundaries that stay legal: lr 0, seed 0, epochs with max_steps -1, 1 sample."""
-    from qat.recipe import load_recipe
+    from qat.runs.recipe import load_recipe
 
     r = load_recipe(tiny_recipe(tmp_path, learning_rate=0, seed=0, max_steps=-1,
                                 num_train_epochs=0.5, max_train_samples=1, max_eval_samples=1,

@@ -14,8 +14,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from qat.errors import QatError
 
-class FormatError(ValueError):
+
+class FormatError(QatError):
     """A format spec is invalid; the message names the parameter and the valid choices."""
 
 

@@ -15,9 +15,9 @@ The last dim is cut into block arrays of ``array_len`` (L_A) scalars, each cut i
 Bits per scalar: ``4 + ceil(log2 N_c)/L_b + 8/L_A`` (16, 8, 64: 4.625).
 
 Codebooks: ``codebook_file`` (written by ``qat fit-lobcq``; entries rounded to integers in
-[-31, 31] on load), else a deterministic default fitted on seeded Gaussian data: stored as a
-constant for (16, 8, 64) (``DEFAULT_CODEBOOKS``), fitted on first use for other (N_c, L_b, L_A)
-(``DEFAULT_FIT``, seconds) and cached in memory.
+[-31, 31] on load), else, for (16, 8, 64) only, a deterministic default fitted on seeded
+Gaussian data and stored as a constant (``DEFAULT_CODEBOOKS``). Other (N_c, L_b, L_A) need a
+file: like the codebook formats, nothing is fitted behind the user's back at first use.
 
 Why a lookup table: entries are integers, so midpoints are multiples of 0.5 and the nearest
 entry depends only on ``floor(2y)``: one gather per codebook instead of a distance matrix.
@@ -32,7 +32,15 @@ import math
 import torch
 from torch import Tensor
 
-from qat.formats.base import Format, FormatError, ceil_log2, check_int, from_blocks, to_blocks
+from qat.formats.base import (
+    Format,
+    FormatError,
+    ceil_log2,
+    check_int,
+    from_blocks,
+    read_json_file,
+    to_blocks,
+)
 from qat.formats.registry import register_format
 
 ENTRY_MAX = 31  # 6-bit signed integer entries, symmetric range [-31, 31]
@@ -61,8 +69,6 @@ DEFAULT_CODEBOOKS: tuple[tuple[int, ...], ...] = (
     (-24, -18, -13, -10, -7, -5, -3, -1, 1, 3, 5, 7, 9, 13, 18, 24),
     (-28, -20, -14, -11, -8, -5, -3, -1, 1, 3, 5, 8, 11, 15, 21, 28),
 )
-# Other (N_c, L_b, L_A) without a file: fitted on first use with these settings, then cached.
-DEFAULT_FIT = {"gaussian": 1 << 17, "iters": 30, "warm_iters": 30, "seed": 0}
 
 
 def array_exponent(amax: Tensor) -> Tensor:
@@ -139,20 +145,17 @@ def round_codebooks(codebooks: Tensor, res: int = 1) -> Tensor:
     return (torch.round(codebooks.double() * res) / res).clamp(-ENTRY_MAX, ENTRY_MAX).float()
 
 
-@functools.lru_cache(maxsize=8)
-def default_codebooks(num_codebooks: int, block_len: int, array_len: int
-                      ) -> tuple[tuple[int, ...], ...]:
-    """The stored default, or codebooks fitted on seeded Gaussian data (``DEFAULT_FIT``),
-    computed once per process."""
-    from qat.formats.lobcq_fit import fit_lobcq
-
-    if (num_codebooks, block_len, array_len) == (16, 8, 64):
-        return DEFAULT_CODEBOOKS
-    gen = torch.Generator().manual_seed(DEFAULT_FIT["seed"])
-    data = torch.randn(DEFAULT_FIT["gaussian"] // array_len, array_len, generator=gen)
-    cbs, _ = fit_lobcq(data, num_codebooks, block_len, array_len, DEFAULT_FIT["iters"],
-                       DEFAULT_FIT["seed"], warm_iters=DEFAULT_FIT["warm_iters"])
-    return tuple(tuple(int(v) for v in row) for row in cbs.tolist())
+def load_codebooks(path: str) -> tuple[Tensor, dict]:
+    """``(codebooks [N_c, 16], metadata)``; entries rounded to integers in [-31, 31]."""
+    doc = read_json_file(path, "lobcq codebook_file")
+    rows = doc.get("codebooks") if isinstance(doc, dict) else None
+    if (not isinstance(rows, list) or not rows
+            or not all(isinstance(r, list) and len(r) == NUM_ENTRIES for r in rows)
+            or not all(isinstance(v, (int, float)) and math.isfinite(v) for r in rows for v in r)):
+        raise FormatError(f"lobcq codebook_file {path!r}: 'codebooks' must be a list of lists "
+                          f"of {NUM_ENTRIES} finite numbers (write it with `qat fit-lobcq`)")
+    meta = {k: v for k, v in doc.items() if k != "codebooks"}
+    return round_codebooks(torch.tensor(rows, dtype=torch.float64)), meta
 
 
 @register_format("lobcq")
@@ -172,9 +175,16 @@ class LOBCQ(Format):
         if self.array_len % self.block_len:
             raise FormatError(f"lobcq.array_len ({self.array_len}) must be a multiple of "
                               f"block_len ({self.block_len})")
-        if self.codebook_file is not None:
-            from qat.formats.lobcq_fit import load_codebooks
-
+        if self.codebook_file is None:
+            if (self.num_codebooks, self.block_len, self.array_len) != (16, 8, 64):
+                # Like the codebook formats: no silent fit at first use, the user fits once.
+                raise FormatError(
+                    f"lobcq: no stored codebooks for num_codebooks={self.num_codebooks}, "
+                    f"block_len={self.block_len}, array_len={self.array_len} (the default is "
+                    "16, 8, 64); fit them once with `qat fit-lobcq --gaussian 131072 "
+                    f"--num-codebooks {self.num_codebooks} --block-len {self.block_len} "
+                    f"--array-len {self.array_len} --out FILE` and set codebook_file: FILE")
+        else:
             if not isinstance(self.codebook_file, str):
                 raise FormatError(f"lobcq.codebook_file must be a path string or null, "
                                   f"got {self.codebook_file!r}")
@@ -191,11 +201,7 @@ class LOBCQ(Format):
     @property
     def codebooks(self) -> tuple[tuple[int, ...], ...]:
         """``N_c`` rows of 16 integer entries (from the file, or the Gaussian default)."""
-        table = getattr(self, "_codebooks", None)
-        if table is None:
-            table = default_codebooks(self.num_codebooks, self.block_len, self.array_len)
-            object.__setattr__(self, "_codebooks", table)
-        return table
+        return getattr(self, "_codebooks", DEFAULT_CODEBOOKS)
 
     @property
     def bits_per_element(self) -> float:

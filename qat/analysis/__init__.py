@@ -1,0 +1,1 @@
+"""Analysis of quantised models: per-layer profiles, sensitivity, mixed-precision search."""

@@ -1,0 +1,106 @@
+"""What every ``qat`` command shares: its own options out of argv, ``--help``, and bad input
+turned into one ``qat NAME: error: ...`` line and exit code 2 (the library raises ``QatError``;
+only this layer prints and picks exit codes). Imports nothing heavy: ``--help`` answers at once."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from qat.errors import QatError, UsageError
+
+
+def split_options(argv: list[str], options: dict[str, type]) -> tuple[dict[str, Any], list[str]]:
+    """Take this command's own ``--name value`` options out of ``argv`` (the rest are recipe
+    overrides, which ``load_recipe`` would reject as unknown keys)."""
+    opts: dict[str, Any] = {}
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        key, eq, val = tok[2:].partition("=") if tok.startswith("--") else ("", "", "")
+        key = key.replace("-", "_")
+        if key in options:
+            if not eq:
+                if options[key] is bool:
+                    opts[key] = True
+                    i += 1
+                    continue
+                if i + 1 >= len(argv):
+                    raise UsageError(f"option --{key} needs a value")
+                val, i = argv[i + 1], i + 1
+            try:
+                opts[key] = options[key](val) if options[key] is not bool else val.lower() in (
+                    "1", "true", "yes")
+            except ValueError:
+                raise UsageError(f"option --{key}: {val!r} is not a valid "
+                                   f"{options[key].__name__}") from None
+        else:
+            rest.append(tok)
+        i += 1
+    return opts, rest
+
+
+def run_cli(name: str, usage: str, argv: list[str] | None,
+            body: Callable[[list[str]], None], extra_errors: tuple[type[Exception], ...] = ()
+            ) -> int:
+    """Shared ``main`` of the commands: ``--help``, then ``body(argv)``; bad input becomes one
+    ``qat NAME: error: ...`` line and exit code 2."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage)
+        return 0
+    try:
+        body(argv)
+    except (QatError, FileNotFoundError, *extra_errors) as e:
+        print(f"qat {name}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+
+def _first_existing(p: Path) -> Path:
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def check_output_file(path: str | Path, option: str = "--output") -> Path:
+    """An output file path must not be a directory, nor lie under a file; checked before any
+    work so a long evaluation does not end in a traceback (and nothing is written here)."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise UsageError(f"{option} {str(path)!r} is a directory, expected a file path "
+                           f"(e.g. {str(p / 'results.json')!r})")
+    if p.exists() and not p.is_file():
+        raise UsageError(f"{option} {str(path)!r} is not a regular file")
+    base = _first_existing(p.parent)
+    if not base.is_dir():
+        raise UsageError(f"{option} {str(path)!r} cannot be written: {str(base)!r} is a "
+                           "file, not a folder")
+    return p
+
+
+def check_output_folder(path: str | Path, option: str = "--output_dir") -> Path:
+    """An output folder must be a folder (or creatable: no file on its path)."""
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise UsageError(f"{option} {str(path)!r} is a file, expected a folder")
+    base = _first_existing(p)
+    if not base.is_dir():
+        raise UsageError(f"{option} {str(path)!r} cannot be created: {str(base)!r} is a "
+                           "file, not a folder")
+    return p
+
+
+def write_results(results: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Write a command's results as JSON to ``out`` and record where in ``results["output"]``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    results["output"] = str(out)
+    return results
+
+

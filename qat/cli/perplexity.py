@@ -1,0 +1,88 @@
+"""``qat perplexity``: WikiText-2 perplexity of a causal LM under a recipe's quant config.
+
+    qat perplexity recipes/smollm2_sst2.yaml --quant null --max_chunks 4
+
+The recipe's ``task_name`` is irrelevant here; ``lm_head`` stays float through the quant
+config's ``exclude`` list. Chunking and the formula: ``qat.tasks.language_modeling``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from qat.cli.base import check_output_file, run_cli, split_options, write_results
+from qat.errors import UsageError
+
+WIKITEXT_ENV = "QAT_WIKITEXT_DIR"  # qat.tasks.language_modeling.WIKITEXT_ENV, without importing it
+OPTIONS: dict[str, type] = {"max_chunks": int, "chunk_size": int, "split": str, "output": str,
+                            "device": str}
+USAGE = f"""usage: qat perplexity RECIPE.yaml [--max_chunks N] [--chunk_size 2048] [--split test]
+                      [--output FILE] [--device D] [--key value ...]
+
+WikiText-2 (raw) perplexity of the recipe's model (a causal LM) under its quant config.
+Recipe keys override the recipe as in `qat train` (--quant null for float,
+--quant.weight.width 6, ...). ${WIKITEXT_ENV} may point at a folder holding test.txt.
+--max_chunks N   evaluate only the first N chunks (quick runs)
+--chunk_size T   tokens per chunk (default 2048)
+--split S        test (default) or validation
+--output FILE    results JSON (default: <output_dir>/perplexity.json)
+--device D       cpu, cuda, cuda:N or auto (default: cuda when there is one, cpu with use_cpu)
+The last line printed reads perplexity=<value>."""
+
+
+def run(path: str, argv: list[str]) -> dict[str, Any]:
+    from qat import models
+    from qat.quant.density import density_report
+    from qat.quant.quantize import quantize_model
+    from qat.runs.recipe import load_recipe
+    from qat.tasks.language_modeling import chunk_ids, load_lm, load_wikitext, perplexity
+
+    opts, overrides = split_options(argv, OPTIONS)
+    chunk_size = opts.get("chunk_size", 2048)
+    if chunk_size < 2:
+        raise UsageError(f"--chunk_size must be >= 2, got {chunk_size}")
+    if opts.get("max_chunks") is not None and opts["max_chunks"] < 1:
+        raise UsageError(f"--max_chunks must be >= 1, got {opts['max_chunks']}")
+    if opts.get("output"):
+        check_output_file(opts["output"])
+    recipe = load_recipe(path, overrides)
+    args = recipe.args
+    out = Path(opts["output"]) if opts.get("output") else Path(
+        recipe.training_args.output_dir) / "perplexity.json"
+    check_output_file(out)
+    device = models.resolve_device(opts.get("device"), recipe.training_args.use_cpu)
+    text = load_wikitext(opts.get("split", "test"))
+    model, tokenizer = load_lm(args, chunk_size)
+    if args.quant is not None:
+        quantize_model(model, args.quant)
+    model.to(device)
+    ids = tokenizer(text, return_tensors="pt", verbose=False)["input_ids"][0].to(device)
+    chunks = chunk_ids(ids, chunk_size, opts.get("max_chunks"))
+    ppl, loss, count = perplexity(model, chunks)
+    density = density_report(model)
+    results = {
+        "model_name_or_path": args.model_name_or_path, "gguf_file": args.gguf_file,
+        "quant": None if args.quant is None else args.quant.to_dict(),
+        "split": opts.get("split", "test"), "chunk_size": chunk_size, "chunks": len(chunks),
+        "total_chunks": ids.numel() // chunk_size, "tokens_scored": count,
+        "mean_loss": loss, "perplexity": ppl,
+        "bits_per_element": density.quantized_bits_per_element or None,
+    }
+    return write_results(results, out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    def body(argv: list[str]) -> None:
+        r = run(argv[0], argv[1:])
+        print(f"qat perplexity: {r['chunks']} of {r['total_chunks']} chunks of "
+              f"{r['chunk_size']} tokens ({r['tokens_scored']} scored), mean loss "
+              f"{r['mean_loss']:.4f}; wrote {r['output']}")
+        print(f"perplexity={r['perplexity']:.4f}")
+
+    return run_cli("perplexity", USAGE, argv, body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

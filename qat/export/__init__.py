@@ -1,0 +1,1 @@
+"""Deployment: bit packing, packed export, and the transformers HfQuantizer that loads it."""

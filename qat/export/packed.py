@@ -1,0 +1,348 @@
+"""Packed export: a quantised model written as its formats' integer codes (safetensors +
+config.json).
+
+Each quantised linear's weight is stored as its format's integer codes, bit-packed, plus its
+shared scales: BFP as ``width``-bit mantissas + ``exponent_width``-bit exponents, OCP MX as
+element codes + E8M0 exponents, codebook formats (NF4, AF4, BOF4, BOF4-S) as 4-bit level
+indices + per-block scales (+ OPQ outlier positions and bf16 values). Everything else stays
+float, in ``qat_packed.safetensors``. ``config.json`` has ``model_type: qat_packed``, the
+original config under ``base_config`` and the packing table under ``qat_packing``; the export
+carries ``modeling_qat_packed.py``, so ``AutoModelFor...from_pretrained(dir,
+trust_remote_code=True)`` (or, after ``import qat``, without it) unpacks the codes and rebuilds
+the fake-quantised model. Unpacking repeats the format's own float32 arithmetic, so the rebuilt
+weights are bit-identical to ``fmt.quantize(w)``. Loading without either fails with
+transformers' "pass trust_remote_code=True" error, never as a random model.
+
+The destination must be new or empty (``--overwrite`` replaces it), may never be, lie inside or
+contain the source checkpoint, and is written atomically (a temporary folder, then a rename).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from qat.errors import QatError
+from qat.export.modeling_qat_packed import unpack_bits  # noqa: F401 - the inverse of pack_bits
+from qat.formats import Format
+from qat.formats.base import from_blocks, to_blocks
+
+QUANT_METHOD = "qat"
+class ExportError(QatError):
+    """A model or format that cannot be written in packed form."""
+
+
+# --- bit packing ----------------------------------------------------------------------------
+
+
+def pack_bits(codes: Tensor, bits: int) -> Tensor:
+    """Unsigned integer codes (< 2^bits) -> a little-endian bit stream in uint8."""
+    c = codes.reshape(-1).to(torch.int64).numpy()
+    if bits == 8:
+        return torch.from_numpy(c.astype(np.uint8))
+    planes = ((c[:, None] >> np.arange(bits)) & 1).astype(np.uint8)
+    return torch.from_numpy(np.packbits(planes.reshape(-1), bitorder="little"))
+
+
+# --- per-family packers: (fmt, blocked float32 [rows, nblocks, B]) -> tensors, and back -------
+
+Packed = dict[str, Tensor]
+
+
+def _pack_bfp(fmt: Any, xb: Tensor, n: int) -> Packed:
+    from qat.formats.bfp import bfp_mantissas
+
+    m_bits = fmt.width - 1
+    mant, e, _ = bfp_mantissas(from_blocks(xb, n), fmt.width, fmt.exponent_width, fmt.block_size)
+    mant = mant.to(torch.int64)
+    bias = 2 ** (fmt.exponent_width - 1) - 1
+    return {"codes": pack_bits(mant + 2**m_bits, fmt.width),
+            "exponents": pack_bits(e.to(torch.int64) + bias, fmt.exponent_width)}
+
+
+def _mx_magnitudes(fmt: Any) -> Tensor:
+    """Every non-negative value of an MX element format, ascending (< 2^(bits-1) of them)."""
+    if fmt.name == "mxint8":
+        return torch.arange(128, dtype=torch.float32) / 64.0
+    m, emin = fmt.mantissa_bits, fmt.emin
+    sub = [k * 2.0 ** (emin - m) for k in range(2**m)]
+    normals = [2.0**e * (1 + k / 2**m) for e in range(emin, fmt.emax + 1) for k in range(2**m)]
+    return torch.tensor(sub + [v for v in normals if v <= fmt.max_value], dtype=torch.float32)
+
+
+def _bfp_codec(fmt: Any) -> dict[str, Any]:
+    return {"family": "bfp", "width": fmt.width, "exponent_width": fmt.exponent_width}
+
+
+def _mx_codec(fmt: Any) -> dict[str, Any]:
+    return {"family": "mx", "elem_bits": fmt.elem_bits,
+            "magnitudes": _mx_magnitudes(fmt).tolist()}
+
+
+def _codebook_codec(fmt: Any) -> dict[str, Any]:
+    return {"family": "codebook", "levels": [float(v) for v in fmt.levels]}
+
+
+def _pack_mx(fmt: Any, xb: Tensor, n: int) -> Packed:
+    from qat.formats.mx import E8M0_MIN, mx_scale_exponent
+
+    e = mx_scale_exponent(xb.abs().amax(dim=-1), fmt.emax)
+    elems = fmt._round_elements(xb / torch.exp2(e.float()).unsqueeze(-1))
+    mags = _mx_magnitudes(fmt)
+    idx = torch.searchsorted(mags, elems.abs())
+    if not torch.equal(mags[idx.clamp(max=len(mags) - 1)], elems.abs()):
+        raise ExportError(f"{fmt.name}: an element is not on the format's grid")
+    sign = (elems < 0).to(torch.int64) << (fmt.elem_bits - 1)
+    return {"codes": pack_bits(idx + sign, fmt.elem_bits),
+            "exponents": pack_bits(e.to(torch.int64) - E8M0_MIN, 8)}  # E8M0 code = e + 127
+
+
+def _pack_codebook(fmt: Any, xb: Tensor, n: int) -> Packed:
+    from qat.formats.codebook import level_tensors
+
+    out: Packed = {}
+    if fmt.outliers == "opq":
+        from qat.formats.opq import split_outliers
+
+        xb, mask, kept = split_outliers(xb, n, fmt.outlier_quantile)
+        flat = mask.reshape(-1).nonzero().reshape(-1)
+        out["outlier_index"] = flat.to(torch.int32)
+        out["outlier_values"] = kept.reshape(-1)[flat].to(torch.bfloat16)
+    _, mids = level_tensors(fmt.levels, xb.device)
+    if fmt.normalization == "absmax":
+        s = xb.abs().amax(dim=-1, keepdim=True)
+    else:
+        s = xb.gather(-1, xb.abs().argmax(dim=-1, keepdim=True))
+    safe = torch.where(s == 0, torch.ones_like(s), s)
+    code = torch.bucketize(xb / safe, mids, right=True)
+    code = torch.where(s == 0, torch.full_like(code, fmt.levels.index(0.0)), code)
+    out["codes"] = pack_bits(code, 4)
+    # The format computes with a float32 scale; keep 16 bits only where that is exact.
+    for dt in (torch.float16, torch.bfloat16):
+        if torch.equal(s.to(dt).float(), s):
+            out["scales"] = s.reshape(-1).to(dt)
+            break
+    else:
+        out["scales"] = s.reshape(-1)
+    return out
+
+
+def _packers() -> dict[str, tuple[Callable, Callable]]:
+    from qat.formats import FORMATS
+
+    table: dict[str, tuple[Callable, Callable]] = {"bfp": (_pack_bfp, _bfp_codec)}
+    for name, cls in FORMATS.items():
+        mod = cls.__module__.rsplit(".", 1)[-1]
+        if mod == "mx":
+            table[name] = (_pack_mx, _mx_codec)
+        elif mod == "codebook":
+            table[name] = (_pack_codebook, _codebook_codec)
+    return table
+
+
+def _packer(fmt: Format) -> tuple[Callable, Callable]:
+    """(packer, codec): ``codec(fmt)`` is what ``modeling_qat_packed`` needs to unpack."""
+    table = _packers()
+    if fmt.name not in table:
+        raise ExportError(f"packed export not supported for format {fmt.name!r} yet; "
+                          f"supported: {', '.join(sorted(table))}")
+    return table[fmt.name]
+
+
+def pack_weight(fmt: Format, w: Tensor, dim: int) -> tuple[Packed, dict[str, Any]]:
+    """Packed tensors of ``w`` blocked along ``dim``, and the metadata to unpack them."""
+    pack, codec = _packer(fmt)
+    x = w.detach().float().cpu().movedim(dim, -1).contiguous()
+    rows = x.reshape(-1, x.shape[-1])
+    xb, n = to_blocks(rows, getattr(fmt, "block_size", rows.shape[-1]))
+    tensors = pack(fmt, xb, n)
+    meta = {"format": fmt.spec(), "codec": codec(fmt), "shape": list(w.shape), "dim": dim,
+            "dtype": str(w.dtype).removeprefix("torch."), "blocks": list(xb.shape),
+            "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
+                        for k, v in tensors.items()}}
+    return tensors, meta
+
+
+def unpack_weight(meta: dict[str, Any], tensors: Packed,
+                  codecs: dict[str, dict[str, Any]] | None = None) -> Tensor:
+    """Rebuild the fake-quantised weight from ``pack_weight``'s output (bit-exact).
+
+    ``meta["codec"]`` is the codec itself or its key in ``codecs``; version-1 exports have
+    none, and the codec is derived from ``meta["format"]``."""
+    from qat.export.modeling_qat_packed import unpack_weight as unpack
+    from qat.formats import make_format
+
+    codec = meta.get("codec")
+    if isinstance(codec, str):
+        codec = (codecs or {})[codec]
+    if codec is None:
+        fmt = make_format(meta["format"])
+        codec = _packer(fmt)[1](fmt)
+    return unpack(meta, tensors, codec)
+
+
+# --- writing --------------------------------------------------------------------------------
+
+
+def packed_state_dict(model: torch.nn.Module
+                      ) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Any]]:
+    """The model's state dict with every quantised weight replaced by its packed tensors, the
+    per-layer metadata, and the codec table the metadata refers to."""
+    from tqdm.auto import tqdm
+
+    from qat.quant.modules import QuantConv1D, QuantLinear
+
+    state = model.state_dict()
+    packed: dict[str, Any] = {}
+    codecs: dict[str, Any] = {}
+    mods = [(n, m) for n, m in model.named_modules()
+            if isinstance(m, (QuantLinear, QuantConv1D)) and m.weight_quantizer is not None]
+    for name, m in tqdm(mods, desc="packing", unit="layer"):
+        wq = m.weight_quantizer
+        tensors, meta = pack_weight(wq.fmt, m.weight, wq.dim)
+        meta["kind"] = "conv1d" if isinstance(m, QuantConv1D) else "linear"
+        key = json.dumps(meta["codec"], sort_keys=True)  # one table entry per distinct codec
+        ids = {json.dumps(v, sort_keys=True): k for k, v in codecs.items()}
+        if key not in ids:
+            ids[key] = f"c{len(codecs)}"
+            codecs[ids[key]] = meta["codec"]
+        meta["codec"] = ids[key]
+        packed[name] = meta
+        del state[f"{name}.weight"]
+        state.update({f"{name}.weight_{k}": v for k, v in tensors.items()})
+    out: dict[str, Tensor] = {}
+    seen: set[tuple[int, int]] = set()
+    for key, t in state.items():  # tied weights (lm_head = embeddings) are written once
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.numel() else (0, id(t))
+        if t.numel() and ident in seen:
+            continue
+        seen.add(ident)
+        out[key] = t.detach().cpu().contiguous()
+    return out, packed, codecs
+
+
+def check_destination(out: str | Path, overwrite: bool) -> Path:
+    """``--out`` must be a new or empty folder, or ``overwrite`` must be given."""
+    p = Path(out).expanduser()
+    if p.exists() and not p.is_dir():
+        raise ExportError(f"--out {str(out)!r} exists and is not a directory")
+    if p.is_dir() and any(p.iterdir()) and not overwrite:
+        n = sum(1 for _ in p.iterdir())
+        raise ExportError(f"--out {str(out)!r} is not empty ({n} entries); pass --overwrite "
+                           "to replace it, or choose a new folder")
+    return p
+
+
+def _within(a: Path, b: Path) -> bool:
+    """``a`` is ``b`` or lies inside it (both resolved)."""
+    return a == b or b in a.parents
+
+
+def check_not_source(out: Path, sources: dict[str, Path], keep: dict[str, Path]) -> None:
+    """Refuse (even with --overwrite) an ``out`` that is, lies inside or contains a source
+    folder, or that contains a file/folder to keep (recipe, data, the current directory)."""
+    o = out.expanduser().resolve()
+    for what, src in sources.items():
+        s = src.expanduser().resolve()
+        if _within(o, s) or _within(s, o):
+            rel = "is" if o == s else "lies inside" if _within(o, s) else "contains"
+            raise ExportError(f"--out {str(out)!r} {rel} the {what} {str(src)!r}; exporting "
+                               "there would replace what is exported: choose another folder")
+    for what, k in keep.items():
+        if _within(k.expanduser().resolve(), o):
+            raise ExportError(f"--out {str(out)!r} contains the {what} {str(k)!r}; choose "
+                               "another folder")
+
+
+def write_atomically(out: Path, write: Callable[[Path], None], overwrite: bool = False) -> None:
+    """``write(tmp)`` into a fresh folder beside ``out``, then rename it to ``out``.
+
+    An interrupted export leaves only a hidden ``.NAME.tmp-*`` folder, never a half-written
+    ``out``; with ``overwrite`` the old ``out`` is moved away only once the new one is complete
+    (and put back if the final rename fails)."""
+    import os
+    import shutil
+    import tempfile
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700
+        write(tmp)
+        if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
+            out.rmdir()
+        if out.exists() or out.is_symlink():
+            if not overwrite:  # e.g. created by someone else while we were writing
+                raise ExportError(f"--out {str(out)!r} exists and is not an empty folder; "
+                                   "pass --overwrite to replace it")
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            old.rmdir()
+            os.rename(out, old)
+            try:
+                os.rename(tmp, out)
+            except OSError:
+                os.rename(old, out)
+                raise
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old)
+            else:
+                old.unlink()
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def export_model(model: torch.nn.Module, out_dir: str | Path, tokenizer: Any = None, *,
+                 overwrite: bool = False, info: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` (fake-quantised by ``quantize_model``) packed to ``out_dir``.
+
+    ``out_dir`` must be new or empty unless ``overwrite``; it is written atomically. ``info``
+    (if given) is written as ``qat_export.json`` with ``weight_file_bytes`` filled in."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from qat.export import modeling_qat_packed as mqp
+
+    if hasattr(model, "merge_and_unload"):  # LoRA: W + BA is what the quantiser sees
+        model = model.merge_and_unload()
+    quant = getattr(model, "qat_quant_config", None)
+    if quant is None:
+        raise ExportError("the model is not quantised (quant: null): nothing to pack; set a "
+                          "quant section or --quant.weight ...")
+    out = check_destination(out_dir, overwrite)
+    state, packed, codecs = packed_state_dict(model)
+    arch = type(model).__name__
+    base = model.config.to_dict()
+    for key in ("quantization_config", "_name_or_path"):  # no local paths in a shared export
+        base.pop(key, None)
+    base["architectures"] = [arch]
+    auto = mqp.auto_map(arch)
+    config = mqp.QatPackedConfig(
+        base_config=base, architectures=[auto[next(k for k in auto if k != "AutoConfig")]
+                                         .rsplit(".", 1)[1]], auto_map=auto,
+        qat_packing={"version": mqp.PACK_VERSION, "quant": quant.to_dict(), "codecs": codecs,
+                     "packed": packed})
+
+    def write(tmp: Path) -> None:
+        save_file(state, str(tmp / mqp.WEIGHTS_NAME), metadata={"format": "pt"})
+        config.save_pretrained(str(tmp))
+        shutil.copyfile(mqp.__file__, tmp / "modeling_qat_packed.py")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        if info is not None:
+            info["weight_file_bytes"] = (tmp / mqp.WEIGHTS_NAME).stat().st_size
+            (tmp / "qat_export.json").write_text(json.dumps(info, indent=2))
+
+    write_atomically(out, write, overwrite)
+    return out

@@ -1,0 +1,2 @@
+"""Fitting codebooks to data or distributions: library functions
+(the commands live in ``qat.cli``)."""

@@ -1,0 +1,94 @@
+"""The straight-through estimator: quantise in the forward pass, identity in the backward."""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import Tensor, nn
+
+from qat.formats import Format
+from qat.quant.backends import fake_quantize, resolve_backend, run_backend
+
+
+def ste_quantize(x: Tensor, fmt: Format, dim: int = -1, backend: str = "auto") -> Tensor:
+    """Fake-quantise ``x`` with ``fmt``; gradients pass through unchanged."""
+    return fake_quantize(x, fmt, dim, backend)
+
+
+class SharedInput:
+    """A one-entry cache shared by sibling quantisers that may be handed the same tensor.
+
+    q, k and v projections (and gate / up) read one hidden state; with equal input formats the
+    first quantises it and the others reuse the result. The entry is keyed on the tensor's
+    identity and version (an in-place change invalidates it) and on the grad mode; it holds the
+    input only weakly and drops the result when the input dies, so it keeps nothing alive that
+    the forward pass itself would not. Under ``torch.compile`` it steps aside (the compiler
+    deduplicates the identical ops itself).
+    """
+
+    __slots__ = ("_key", "_out", "__weakref__")
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._out: Tensor | None = None
+
+    def get(self, x: Tensor) -> Tensor | None:
+        key = self._key
+        if key is None or key[0]() is not x or key[1] != x._version \
+                or key[2] != torch.is_grad_enabled():
+            return None
+        return self._out
+
+    def put(self, x: Tensor, out: Tensor) -> None:
+        this = weakref.ref(self)
+
+        def drop(_ref: weakref.ref) -> None:
+            cache = this()
+            if cache is not None and cache._key is not None and cache._key[0] is _ref:
+                cache._key = cache._out = None
+
+        self._key = (weakref.ref(x, drop), x._version, torch.is_grad_enabled())
+        self._out = out
+
+
+class FakeQuantizer(nn.Module):
+    """A format bound to a blocking dim and a backend, as a module so it shows up in
+    ``print(model)``.
+
+    Holds no parameters: every call re-quantises what it is given, so training always sees
+    the current weights. ``shared`` (set by ``quantize_model``) lets sibling input quantisers
+    with the same format quantise a common input once.
+    """
+
+    def __init__(self, fmt: Format, dim: int = -1, backend: str = "auto") -> None:
+        super().__init__()
+        self.fmt = fmt
+        self.dim = dim
+        self.backend = backend
+        self.enabled = True
+        self.shared: SharedInput | None = None
+        self._impl: dict[str, str] = {}  # device type -> resolved backend
+
+    def _backend_for(self, x: Tensor) -> str:
+        impl = self._impl.get(x.device.type)
+        if impl is None:
+            impl = self._impl[x.device.type] = resolve_backend(self.backend, self.fmt, x.device)
+        return impl
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.enabled:
+            return x
+        shared = None if torch.compiler.is_compiling() else self.shared
+        if shared is not None:
+            hit = shared.get(x)
+            if hit is not None:
+                return hit
+        out = run_backend(self._backend_for(x), x, self.fmt, self.dim)
+        if shared is not None:
+            shared.put(x, out)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"{self.fmt}, dim={self.dim}, backend={self.backend}"
+

@@ -1,0 +1,1 @@
+"""Tasks: data loading and metrics (GLUE, language modelling)."""

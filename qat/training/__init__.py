@@ -1,0 +1,2 @@
+"""Fine-tuning: ``QATTrainer``, fine-tuning modes, the non-finite guard, and the train loop
+behind ``qat train``."""

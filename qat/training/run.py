@@ -1,0 +1,213 @@
+"""The train loop behind ``qat train``: output folder and resume checks, then load, quantise,
+tokenise, train with ``QATTrainer``, evaluate and save (command: ``qat.cli.train``)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from qat.errors import UsageError
+from qat.runs.checkpoints import check_output_dir  # noqa: F401 - re-used by qat.cli.train
+
+logger = logging.getLogger("qat.training.run")
+
+
+def check_fsdp_device(targs) -> None:
+    """accelerate enables FSDP only on accelerator devices: on the CPU (MULTI_CPU) it drops
+    the FSDP plugin without a word and trains as DDP, so an FSDP recipe on the CPU is refused
+    rather than run as something else."""
+    if getattr(targs, "fsdp_plugin_args", None) is not None and targs.device.type == "cpu":
+        raise UsageError("recipe key fsdp needs GPUs: on the CPU accelerate silently trains "
+                        "without FSDP (as DDP); drop the fsdp keys or run on GPUs")
+
+
+def apply_checkpoint_state(recipe, checkpoint: str) -> None:
+    """On resume, the checkpoint's quant config, mode and LoRA settings win over the recipe."""
+    from qat.quant.config import QuantConfig
+    from qat.runs.checkpoints import read_qat_config
+    from qat.runs.recipe import LoraArguments
+
+    state = read_qat_config(checkpoint)
+    args = recipe.args
+    quant = QuantConfig.from_dict(state["quant"])
+    if (None if quant is None else quant.to_dict()) != (
+            None if args.quant is None else args.quant.to_dict()) or state["finetune"] != \
+            args.finetune:
+        logger.warning("resuming from %s: using its quant config and finetune mode (%s), "
+                       "not the recipe's", checkpoint, state["finetune"])
+    args.quant, args.finetune = quant, state["finetune"]
+    if state.get("lora"):
+        args.lora = LoraArguments(**state["lora"])
+
+
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest ``checkpoint-N`` in ``output_dir`` whose every file a resume needs exists and
+    reads (``qat.runs.checkpoints.verify_checkpoint``); newer damaged ones are skipped with a
+    warning naming the file and what is wrong with it."""
+    from qat.runs.checkpoints import last_good_checkpoint
+
+    return last_good_checkpoint(output_dir)
+
+
+def _wants_resume(recipe) -> bool:
+    return recipe.training_args.resume_from_checkpoint not in (None, False, "false", "False", "")
+
+
+def resolve_resume(recipe) -> str | None:
+    """``resume_from_checkpoint``: a path, or true/"last" for the newest good checkpoint."""
+    from qat.runs.checkpoints import checkpoints, holds_run, verify_checkpoint
+
+    value = recipe.training_args.resume_from_checkpoint
+    if not _wants_resume(recipe):
+        return None
+    if value in (True, "true", "True", "last", "auto"):
+        out = recipe.training_args.output_dir
+        last = last_complete_checkpoint(out)
+        if last is None:
+            found = holds_run(out)
+            if found:  # starting fresh would overwrite the run that is there
+                what = (f"none of its {len(checkpoints(out))} checkpoints is complete (see the "
+                        "warnings above)" if checkpoints(out) else "no checkpoint")
+                raise UsageError(f"resume_from_checkpoint: output_dir {out!r} holds a run "
+                                f"({', '.join(found)}) but {what}; start over with "
+                                "--overwrite_output_dir true")
+            logger.warning("resume requested but %s holds no checkpoint: starting fresh", out)
+        return last
+    if not os.path.exists(value):
+        raise UsageError(f"resume_from_checkpoint {value!r} does not exist")
+    if not os.path.isdir(value):
+        raise UsageError(f"resume_from_checkpoint {value!r} is a file, not a checkpoint folder")
+    verify_checkpoint(value)  # CheckpointError: one line naming the damaged file
+    return value
+
+
+def check_run_folder(recipe, checkpoint: str | None) -> None:
+    """Trainer's old ``overwrite_output_dir`` convention: a new run into a folder that holds a
+    run is refused (say how to resume or overwrite); resuming a checkpoint of that folder is
+    not a new run. Checked on every rank before anything is written."""
+    from qat.runs.checkpoints import holds_run
+
+    out = recipe.training_args.output_dir
+    found = holds_run(out)
+    if not found:
+        return
+    inside = checkpoint is not None and Path(checkpoint).resolve().parent == Path(out).resolve()
+    if inside and recipe.args.overwrite_output_dir:
+        raise UsageError("resume_from_checkpoint and overwrite_output_dir are both set: "
+                        f"overwriting {out!r} would delete {checkpoint!r}, the checkpoint to "
+                        "resume; drop one of them")
+    if inside or recipe.args.overwrite_output_dir:
+        return
+    raise UsageError(f"output_dir {out!r} already holds a run ({', '.join(found)}); resume it "
+                    "with --resume_from_checkpoint true, or start over with "
+                    "--overwrite_output_dir true (deletes its checkpoints)")
+
+
+def run(recipe) -> dict:
+    """Train and evaluate as ``recipe`` says; returns the final metrics."""
+    from qat.runs.checkpoints import clear_run
+
+    targs = recipe.training_args
+    check_output_dir(targs.output_dir)
+    check_fsdp_device(targs)
+    with _run_lock(recipe):  # a second run into the folder fails here, before reading it
+        checkpoint = resolve_resume(recipe)
+        check_run_folder(recipe, checkpoint)
+        if checkpoint:
+            apply_checkpoint_state(recipe, checkpoint)
+        elif recipe.args.overwrite_output_dir and targs.process_index == 0:
+            removed = clear_run(targs.output_dir)
+            if removed:
+                logger.warning("overwrite_output_dir: removed the old run's %s",
+                               ", ".join(removed))
+        return _train(recipe, checkpoint)
+
+
+@contextlib.contextmanager
+def _run_lock(recipe) -> Iterator[None]:
+    """Hold ``output_dir``'s lock file (process 0 only) for the whole run."""
+    from qat.runs.checkpoints import RunLock
+
+    targs = recipe.training_args
+    if targs.process_index != 0:
+        yield
+        return
+    created = not os.path.exists(targs.output_dir)
+    lock = RunLock(targs.output_dir)
+    lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+        if created and os.path.isdir(targs.output_dir) and not os.listdir(targs.output_dir):
+            os.rmdir(targs.output_dir)  # failed before writing anything: leave no trace
+
+
+def _train(recipe, checkpoint: str | None) -> dict:
+    from transformers import DataCollatorWithPadding, set_seed
+
+    from qat.models import (
+        check_max_length,
+        linear_module_names,
+        load_sequence_classifier,
+        load_tokenizer,
+        preflight,
+    )
+    from qat.quant.lora import check_target_modules
+    from qat.tasks.glue import get_task, load_glue, tokenize_glue
+    from qat.training.trainer import QATTrainer
+
+    args, targs = recipe.args, recipe.training_args
+    set_seed(targs.seed)
+    task = get_task(args.task_name)
+    config = preflight(args)  # cheap checks against the model's config, before any loading
+    if config is not None and args.finetune == "lora" and args.lora.target_modules:
+        names = linear_module_names(config, task.num_labels)
+        if names is not None:
+            check_target_modules(names, args.lora.target_modules)
+    raw = load_glue(task.name, args.data_dir)
+    # Subset before tokenising (same rows as shuffling the tokenised set: the permutation
+    # depends only on the seed and the length), so 64 rows of SST-2 tokenise 64 rows.
+    if args.max_train_samples:
+        raw["train"] = raw["train"].shuffle(seed=targs.seed).select(
+            range(min(args.max_train_samples, len(raw["train"]))))
+    if args.max_eval_samples:
+        for s in task.validation_splits:
+            raw[s] = raw[s].select(range(min(args.max_eval_samples, len(raw[s]))))
+    tok_name = args.tokenizer_name_or_path or args.model_name_or_path
+    tokenizer = load_tokenizer(tok_name, None if args.tokenizer_name_or_path else args.gguf_file)
+    model = load_sequence_classifier(args.model_name_or_path, task.num_labels, args.gguf_file,
+                                     args.torch_dtype, pad_token_id=tokenizer.pad_token_id,
+                                     id2label=task.id2label)
+    if config is None:  # GGUF: its config is known only now, still before tokenising
+        check_max_length(model.config, args.max_length, args.model_name_or_path)
+    with targs.main_process_first(desc="tokenising"):
+        data = tokenize_glue(raw, task, tokenizer, args.max_length)
+    train = data["train"]
+    evals = {s: data[s] for s in task.validation_splits}
+    eval_dataset = evals if len(evals) > 1 else next(iter(evals.values()))
+    trainer = QATTrainer(
+        model=model, args=targs, quant_config=args.quant, finetune=args.finetune,
+        lora=args.lora, on_nonfinite=args.on_nonfinite, train_dataset=train,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=task.trainer_metrics,
+    )
+    metrics: dict = {}
+    if targs.do_train or not targs.do_eval:
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+        trainer.save_model()
+        metrics.update(result.metrics)
+        trainer.save_metrics("train", result.metrics)
+        trainer.save_state()
+    eval_metrics = trainer.evaluate()
+    trainer.save_metrics("eval", eval_metrics)
+    metrics.update(eval_metrics)
+    if trainer.args.should_save:
+        # A saved recipe that says "overwrite" would let a rerun wipe this run unasked.
+        recipe.resolved.pop("overwrite_output_dir", None)
+        recipe.save(targs.output_dir)
+    return metrics
