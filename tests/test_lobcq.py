@@ -49,10 +49,22 @@ def two_books(tmp_path):
     return str(path)
 
 
-def test_bits_per_element():
+def test_bits_per_element(tmp_path):
     assert make_format({"format": "lobcq"}).bits_per_element == 4.625
-    assert make_format({"format": "lobcq", "num_codebooks": 8}).bits_per_element == 4.5
-    assert make_format({"format": "lobcq", "array_len": 128}).bits_per_element == 4.5625
+    eight = tmp_path / "eight.json"
+    save_codebooks(str(eight), torch.zeros(8, 16), 8, 64)
+    assert make_format({"format": "lobcq", "num_codebooks": 8,
+                        "codebook_file": str(eight)}).bits_per_element == 4.5
+    wide = tmp_path / "wide.json"
+    save_codebooks(str(wide), torch.zeros(16, 16), 8, 128)
+    assert make_format({"format": "lobcq", "array_len": 128,
+                        "codebook_file": str(wide)}).bits_per_element == 4.5625
+
+
+def test_other_shapes_need_a_fitted_file_not_a_silent_fit():
+    with pytest.raises(FormatError, match=r"no stored codebooks for num_codebooks=8.*"
+                       r"qat fit-lobcq --gaussian 131072 --num-codebooks 8"):
+        make_format({"format": "lobcq", "num_codebooks": 8})
 
 
 def test_array_exponent_hand_values():
