@@ -10,6 +10,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("qat.train", "fine-tune a model from a recipe (QAT, LoRA, classifier-only)"),
     "eval": ("qat.eval_cmd", "GLUE evaluation of a recipe (PTQ) or a QAT checkpoint"),
     "perplexity": ("qat.perplexity", "WikiText-2 perplexity of a causal LM under a quant config"),
+    "generate": ("qat.generate", "stream greedy generation; tokens/s without and with QDEC"),
     "profile": ("qat.profiling", "per-layer statistics, SQNR and plots"),
     "export": ("qat.export", "write a packed quantised model (safetensors)"),
     "codebook": ("qat.formats.codebook_fit", "fit BOF4 / BOF4-S codebook levels to a file"),

@@ -379,3 +379,32 @@ def load_qdec(model: nn.Module, directory: str | Path,
         _install(model, name, m, tensors[f"{name}.codes"], tensors[f"{name}.scale"], config)
     model.qdec_config = config
     return model
+
+
+def check_quant_for_qdec(quant: Any, qdec: QDECConfig | None) -> None:
+    """Before any work: QDEC asked for on a quant config without weight quantisation."""
+    if qdec is None:
+        return
+    weights = quant is not None and (quant.weight is not None or any(
+        (o or {}).get("weight") is not None for o in quant.overrides.values()))
+    if not weights:
+        raise QDECError("qdec needs quantised weights, but quant.weight is null (the model's "
+                        "weights stay float); set quant.weight, e.g. {format: bfp, width: 3}")
+
+
+def apply_qdec(model: nn.Module, config: QDECConfig | None, model_dir: str | Path | None
+               ) -> QDECConfig | None:
+    """What the commands do: residuals saved in ``model_dir`` (by ``save_qdec``, same
+    ``residual_bits``) are loaded, others computed; a saved QDEC is used even without a
+    ``qdec`` section (with its saved settings). Returns the config in use (None: no QDEC)."""
+    saved = model_dir is not None and has_saved_qdec(model_dir)
+    if saved:
+        meta = json.loads((Path(model_dir) / QDEC_CONFIG).read_text())
+        bits = (meta.get("config") or {}).get("residual_bits")
+        if config is None or config.residual_bits == bits:
+            load_qdec(model, model_dir, config)
+            return model.qdec_config
+    if config is None:
+        return None
+    attach_qdec(model, config)
+    return config
