@@ -38,13 +38,17 @@ def _generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int, labe
     from transformers import TextStreamer
 
     device = next(model.parameters()).device
-    enc = tokenizer(prompt, return_tensors="pt").to(device)
+    enc = tokenizer(prompt, return_tensors="pt")
+    # only what a causal LM takes (BERT-style tokenizers add token_type_ids)
+    enc = {k: enc[k].to(device) for k in ("input_ids", "attention_mask") if k in enc}
     print(f"--- {label} ---", flush=True)
     streamer = TextStreamer(tokenizer, skip_special_tokens=True)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
-    with torch.inference_mode():
+    # no_grad, not inference_mode: qat.ste.SharedInput reads tensor versions, which
+    # inference tensors do not track
+    with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                              streamer=streamer, pad_token_id=tokenizer.pad_token_id)
     if device.type == "cuda":
