@@ -238,6 +238,8 @@ def _hook(module: QuantLinear, args: tuple, output: Tensor) -> Tensor:
     if torch.is_grad_enabled():
         raise QDECError("QDEC is inference-only: run the model under torch.no_grad() or "
                         "torch.inference_mode(), or detach_qdec(model) before training")
+    if state.k == 0:
+        return output
     prefill = state.config.prefill or getattr(module, "_qdec_prefill", None) or "step"
     delta = state.compensation(module.quantized_input(args[0]), prefill)
     return output if delta is None else output + delta.to(output.dtype)
@@ -286,10 +288,24 @@ def detach_qdec(model: nn.Module) -> nn.Module:
     for m in model.modules():
         state = m.__dict__.pop("_qdec", None)
         m.__dict__.pop("_qdec_prefill", None)
-        if state is not None:
+        if state is not None and state.handle is not None:
             state.handle.remove()
     model.__dict__.pop("qdec_config", None)
     return model
+
+
+def enable_qdec(model: nn.Module, on: bool) -> None:
+    """Switch an attached QDEC's hooks off (the residuals stay) or back on; off, the model
+    runs exactly as without QDEC (no hook is called)."""
+    for m in model.modules():
+        state = m.__dict__.get("_qdec")
+        if state is None:
+            continue
+        if on and state.handle is None:
+            state.handle = m.register_forward_hook(_hook)
+        elif not on and state.handle is not None:
+            state.handle.remove()
+            state.handle = None
 
 
 def set_k_chunk(model: nn.Module, k_chunk: int) -> None:

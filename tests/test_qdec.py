@@ -24,6 +24,7 @@ from qat.qdec import (
     QDECError,
     attach_qdec,
     detach_qdec,
+    enable_qdec,
     k_for,
     load_qdec,
     quantize_residual,
@@ -83,7 +84,12 @@ def test_k_zero_is_the_plain_quantised_layer():
         attach_qdec(model, {"k_chunk": 0})
         assert torch.equal(model(x), plain)
         set_k_chunk(model, 1024)
-        assert not torch.equal(model(x), plain)
+        full = model(x)
+        assert not torch.equal(full, plain)
+        enable_qdec(model, False)  # hooks off, residuals kept
+        assert torch.equal(model(x), plain)
+        enable_qdec(model, True)
+        assert torch.equal(model(x), full)
         detach_qdec(model)
         assert torch.equal(model(x), plain)
 
