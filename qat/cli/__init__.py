@@ -11,6 +11,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("qat.cli.eval", "GLUE evaluation of a recipe (PTQ) or a QAT checkpoint"),
     "perplexity": ("qat.cli.perplexity",
                    "WikiText-2 perplexity of a causal LM under a quant config"),
+    "generate": ("qat.cli.generate", "stream greedy generation; tokens/s without and with QDEC"),
     "profile": ("qat.cli.profile", "per-layer statistics, SQNR and plots"),
     "export": ("qat.cli.export", "write a packed quantised model (safetensors)"),
     "codebook": ("qat.cli.codebook", "fit BOF4 / BOF4-S codebook levels to a file"),

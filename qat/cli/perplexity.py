@@ -29,12 +29,15 @@ Recipe keys override the recipe as in `qat train` (--quant null for float,
 --split S        test (default) or validation
 --output FILE    results JSON (default: <output_dir>/perplexity.json)
 --device D       cpu, cuda, cuda:N or auto (default: cuda when there is one, cpu with use_cpu)
+--qdec.k_chunk K QDEC dynamic error compensation (k_chunk per 1024 inputs; also
+                 --qdec.residual_bits B, --qdec.prefill step|token; default token here)
 The last line printed reads perplexity=<value>."""
 
 
 def run(path: str, argv: list[str]) -> dict[str, Any]:
     from qat import models
     from qat.quant.density import density_report
+    from qat.quant.qdec import check_quant_for_qdec
     from qat.quant.quantize import quantize_model
     from qat.runs.recipe import load_recipe
     from qat.tasks.language_modeling import chunk_ids, load_lm, load_wikitext, perplexity
@@ -49,6 +52,7 @@ def run(path: str, argv: list[str]) -> dict[str, Any]:
         check_output_file(opts["output"])
     recipe = load_recipe(path, overrides)
     args = recipe.args
+    check_quant_for_qdec(args.quant, args.qdec)
     out = Path(opts["output"]) if opts.get("output") else Path(
         recipe.training_args.output_dir) / "perplexity.json"
     check_output_file(out)
@@ -58,6 +62,7 @@ def run(path: str, argv: list[str]) -> dict[str, Any]:
     if args.quant is not None:
         quantize_model(model, args.quant)
     model.to(device)
+    qdec = _apply_qdec(model, args)
     ids = tokenizer(text, return_tensors="pt", verbose=False)["input_ids"][0].to(device)
     chunks = chunk_ids(ids, chunk_size, opts.get("max_chunks"))
     ppl, loss, count = perplexity(model, chunks)
@@ -69,8 +74,22 @@ def run(path: str, argv: list[str]) -> dict[str, Any]:
         "total_chunks": ids.numel() // chunk_size, "tokens_scored": count,
         "mean_loss": loss, "perplexity": ppl,
         "bits_per_element": density.quantized_bits_per_element or None,
+        "qdec": None if qdec is None else {**qdec.to_dict(), "prefill": qdec.prefill or "token"},
     }
     return write_results(results, out)
+
+
+def _apply_qdec(model: Any, args: Any) -> Any:
+    """QDEC from the recipe's ``qdec`` section or saved beside the model; scored per token
+    (``prefill: token``) unless the section says otherwise, so the perplexity is the one
+    token-by-token decoding would give."""
+    from qat.quant.qdec import apply_qdec, set_default_prefill
+
+    src = Path(args.model_name_or_path)
+    qdec = apply_qdec(model, args.qdec, src if src.is_dir() else None)
+    if qdec is not None:
+        set_default_prefill(model, "token")
+    return qdec
 
 
 def main(argv: list[str] | None = None) -> int:

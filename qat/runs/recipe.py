@@ -58,6 +58,7 @@ class RecipeArguments:
     finetune: str = "full"
     lora: LoraArguments = dataclasses.field(default_factory=LoraArguments)
     quant: QuantConfig | None = None
+    qdec: Any = None  # qat.quant.qdec.QDECConfig | None: inference-time error compensation
     on_nonfinite: str = "stop"
     # Trainer's convention (dropped from TrainingArguments in transformers 5): a new run into a
     # folder that holds a run is refused unless this is true (qat.training.run.check_run_folder).
@@ -287,7 +288,7 @@ def build_recipe(data: dict[str, Any], source: str | None = None) -> Recipe:
             raise RecipeError(f"{where}unknown recipe key {key!r}{_suggest(key, _ALL_KEYS)}")
     ours: dict[str, Any] = {}
     for key, field in _OUR_FIELDS.items():
-        if key not in data or key in ("lora", "quant"):
+        if key not in data or key in ("lora", "quant", "qdec"):
             continue
         ours[key] = _coerce(data[key], field)
         _check_type(key, ours[key], field, where)
@@ -315,6 +316,12 @@ def build_recipe(data: dict[str, Any], source: str | None = None) -> Recipe:
         ours["quant"] = QuantConfig.from_dict(data.get("quant"))
     except QuantConfigError as e:
         raise RecipeError(f"{where}{e}") from None
+    from qat.quant.qdec import QDECConfig
+
+    try:
+        ours["qdec"] = QDECConfig.from_dict(data.get("qdec"))
+    except QuantConfigError as e:
+        raise RecipeError(f"{where}{e}") from None
     targs = {k: v for k, v in data.items() if k in _TA_FIELDS}
     if isinstance(targs.get("resume_from_checkpoint"), bool):  # `true`: the last checkpoint
         targs["resume_from_checkpoint"] = "true" if targs["resume_from_checkpoint"] else None
@@ -332,6 +339,8 @@ def build_recipe(data: dict[str, Any], source: str | None = None) -> Recipe:
     resolved = dict(data)
     resolved["output_dir"] = targs["output_dir"]
     resolved["quant"] = None if ours["quant"] is None else ours["quant"].to_dict()
+    if ours["qdec"] is not None:
+        resolved["qdec"] = ours["qdec"].to_dict()
     return Recipe(RecipeArguments(**ours), training_args, resolved, source)
 
 

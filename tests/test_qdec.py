@@ -1,0 +1,350 @@
+"""QDEC dynamic error compensation: the compensated layer's algebra, channel selection, the
+residual quantiser, save / reload, the commands and their bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny import TOKENIZER_FILES, _tiny_config, bert_tokenizer_dir, tiny_recipe
+from tiny_models import tiny_model
+from torch import nn
+
+from qat.cli.generate import main as generate_main
+from qat.cli.perplexity import main as perplexity_main
+from qat.quant import qdec as qdec_mod
+from qat.quant.qdec import (
+    QDECConfig,
+    QDECError,
+    attach_qdec,
+    detach_qdec,
+    enable_qdec,
+    k_for,
+    load_qdec,
+    quantize_residual,
+    save_qdec,
+    select_channels,
+    set_k_chunk,
+)
+from qat.quant.quantize import quantize_model
+from qat.runs.recipe import RecipeError, load_recipe
+
+BFP3 = {"format": "bfp", "width": 3, "exponent_width": 8, "block_size": 16}
+BFP4 = {"format": "bfp", "width": 4, "exponent_width": 8, "block_size": 16}
+
+
+def _layer(d_in: int = 64, d_out: int = 24, activation: dict | None = None) -> nn.Sequential:
+    """One quantised linear (BFP W3) inside a container, as quantize_model leaves it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(d_in, d_out))
+    quantize_model(model, {"weight": BFP3, "activation": activation, "exclude": []})
+    return model
+
+
+def _plain_and_parts(model: nn.Sequential, x: torch.Tensor):
+    ql = model[0]
+    qx = ql.quantized_input(x)
+    return F.linear(qx, ql.quantized_weight(), ql.bias), qx, ql._qdec.residual()
+
+
+# --- the compensated layer's algebra ------------------------------------------------------
+
+@pytest.mark.parametrize("activation", [None, BFP4], ids=["weight-only", "W3A4"])
+@pytest.mark.parametrize("shape", [(3, 1, 64), (2, 5, 64), (4, 64)],
+                         ids=["decode", "prefill", "2d"])
+def test_k_equal_d_in_is_the_layer_with_weight_q_plus_r_hat(activation, shape):
+    model = _layer(activation=activation)
+    attach_qdec(model, {"k_chunk": 1024})
+    assert model[0]._qdec.k == 64
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y = model(x)
+        _, qx, r_hat = _plain_and_parts(model, x)
+        ref = F.linear(qx, model[0].quantized_weight() + r_hat, model[0].bias)
+    assert y.shape == ref.shape
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    # the residual is a close 4-bit copy of W - Q(W), not zero
+    with torch.no_grad():
+        r = model[0].weight - model[0].quantized_weight()
+    assert r.abs().max() > 0.01
+    assert (r - r_hat).abs().max() < 0.2 * r.abs().max()
+
+
+def test_k_zero_is_the_plain_quantised_layer():
+    model = _layer(activation=BFP4)
+    x = torch.randn(2, 3, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        plain = model(x)
+        attach_qdec(model, {"k_chunk": 0})
+        assert torch.equal(model(x), plain)
+        set_k_chunk(model, 1024)
+        full = model(x)
+        assert not torch.equal(full, plain)
+        enable_qdec(model, False)  # hooks off, residuals kept
+        assert torch.equal(model(x), plain)
+        enable_qdec(model, True)
+        assert torch.equal(model(x), full)
+        detach_qdec(model)
+        assert torch.equal(model(x), plain)
+
+
+def test_k_rounding():
+    assert k_for(32, 576) == 18
+    assert k_for(8, 64) == 0 and k_for(24, 64) == 2  # 0.5 and 1.5: half to even
+    assert k_for(40, 64) == 2  # 2.5 -> 2
+    assert k_for(2048, 10) == 10 and k_for(0, 4096) == 0
+
+
+# --- channel selection --------------------------------------------------------------------
+
+def test_selection_picks_the_largest_abs_x():
+    x = torch.zeros(2, 1, 8)
+    x[0, 0] = torch.tensor([0.1, -5.0, 0.2, 3.0, -0.3, 0.0, 4.0, 0.05])
+    x[1, 0] = torch.tensor([-9.0, 1.0, 0.0, 0.0, 2.0, -3.0, 0.5, 0.0])
+    assert sorted(select_channels(x, 3)[0].tolist()) == [1, 3, 6]
+    assert sorted(select_channels(x, 3)[1].tolist()) == [0, 4, 5]
+    # several tokens of one sequence: channels by max |x| over the step's tokens
+    xs = torch.tensor([[[1.0, 0.0, 0.0, -0.5], [0.0, -3.0, 0.1, 0.0], [0.2, 0.0, 0.0, 2.0]]])
+    assert sorted(select_channels(xs, 2)[0].tolist()) == [1, 3]
+
+
+def _hand_x(T: int) -> torch.Tensor:
+    x = torch.full((1, T, 64), 0.01)
+    x[0, 0, [5, 17, 40]] = torch.tensor([4.0, -6.0, 3.0])
+    if T > 1:
+        x[0, 1, [9, 17, 63]] = torch.tensor([-5.0, 1.0, 7.0])
+    return x
+
+
+def test_decode_step_compensates_exactly_the_top_k_channels():
+    model = _layer()
+    attach_qdec(model, {"k_chunk": 48})  # k = round(48 * 64 / 1024) = 3
+    x = _hand_x(1)
+    with torch.no_grad():
+        y = model(x)
+        plain, qx, r_hat = _plain_and_parts(model, x)
+    s = [5, 17, 40]
+    torch.testing.assert_close(y, plain + qx[..., s] @ r_hat[:, s].t(), rtol=1e-5, atol=1e-6)
+
+
+def test_prefill_rules_step_and_token():
+    x = _hand_x(2)
+    model = _layer()
+    attach_qdec(model, {"k_chunk": 48})
+    with torch.no_grad():
+        y = model(x)
+        plain, qx, r_hat = _plain_and_parts(model, x)
+    s = [63, 17, 9]  # max over both tokens: 7, 6, 5 beat 4 and 3
+    torch.testing.assert_close(y, plain + qx[..., s] @ r_hat[:, s].t(), rtol=1e-5, atol=1e-6)
+    detach_qdec(model)
+    attach_qdec(model, {"k_chunk": 48, "prefill": "token"})
+    with torch.no_grad():
+        y = model(x)
+    for t, s in ((0, [5, 17, 40]), (1, [9, 17, 63])):  # each token its own top 3
+        ref = plain[0, t] + qx[0, t, s] @ r_hat[:, s].t()
+        torch.testing.assert_close(y[0, t], ref, rtol=1e-5, atol=1e-6)
+
+
+# --- the residual quantiser ---------------------------------------------------------------
+
+def test_mse_scale_search_lowers_mse_against_max_abs():
+    g = torch.Generator().manual_seed(3)
+    r = torch.randn(32, 256, generator=g) * 0.01
+    r[:, 7] *= 12  # an outlier per row: max-abs wastes most of the grid on it
+    r[5] = 0.0  # an all-zero row
+
+    def mse(codes, scale):
+        return float(((codes.float() * scale[:, None] - r) ** 2).mean())
+
+    codes, scale = quantize_residual(r, 4)
+    codes_max, scale_max = quantize_residual(r, 4, fractions=(1.0,))
+    assert codes.dtype == torch.int8 and codes.abs().max() <= 7
+    assert torch.equal(scale_max, r.abs().amax(1) / 7)
+    assert mse(codes, scale) < 0.9 * mse(codes_max, scale_max)
+    # per row never worse (max-abs is one of the candidates)
+    row = ((codes.float() * scale[:, None] - r) ** 2).sum(1)
+    row_max = ((codes_max.float() * scale_max[:, None] - r) ** 2).sum(1)
+    assert bool((row <= row_max).all())
+    assert scale[5] == 0 and codes[5].abs().sum() == 0
+    codes2, _ = quantize_residual(r, 2)
+    assert set(codes2.unique().tolist()) <= {-1, 0, 1}
+
+
+# --- model level: inference only, nothing moved, save / reload ----------------------------
+
+def test_grad_mode_is_refused_and_the_residual_is_no_parameter_or_buffer():
+    model = tiny_model("llama")
+    quantize_model(model, {"weight": BFP3})
+    attach_qdec(model, {"k_chunk": 64})
+    n = sum(1 for m in model.modules() if "_qdec" in m.__dict__)
+    assert n == 14  # q k v o gate up down x 2 layers
+    names = set(model.state_dict()) | {n for n, _ in model.named_buffers()}
+    assert not any("qdec" in k for k in names)
+    ids = torch.randint(2, 100, (1, 5))
+    with pytest.raises(QDECError, match="inference-only"):
+        model(input_ids=ids)
+    with torch.no_grad():
+        model(input_ids=ids)
+
+
+def test_unquantised_model_is_refused():
+    model = tiny_model("llama")
+    with pytest.raises(QDECError) as e:
+        attach_qdec(model, {"k_chunk": 32})
+    assert str(e.value) == ("QDEC needs quantised weights, and this model has no linear layer "
+                            "with a weight quantiser; set quant.weight (e.g. {format: bfp, "
+                            "width: 3})")
+    quantize_model(model, {"activation": BFP4})  # activations only: still no weights
+    with pytest.raises(QDECError, match="QDEC needs quantised weights"):
+        attach_qdec(model, {"k_chunk": 32})
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"k_chunk": -1}, "qdec.k_chunk must be an integer >= 0 (channels per 1024 inputs), got -1"),
+    ({"k_chunk": 2.5}, "qdec.k_chunk must be an integer >= 0 (channels per 1024 inputs), got 2.5"),
+    ({"residual_bits": 1}, "qdec.residual_bits must be an integer in 2..8, got 1"),
+    ({"residual_bits": 9}, "qdec.residual_bits must be an integer in 2..8, got 9"),
+    ({"residual_device": "gpu"}, "qdec.residual_device must be one of cpu, same; got 'gpu'"),
+    ({"k_chnk": 3}, "unknown key qdec.k_chnk (did you mean qdec.k_chunk?); valid keys: "
+                    "k_chunk, residual_bits, residual_device, prefill"),
+])
+def test_config_validation(bad, message):
+    with pytest.raises(QDECError) as e:
+        QDECConfig.from_dict(bad)
+    assert str(e.value) == message
+
+
+def _tiny_causal_dir(tmp_path: Path) -> Path:
+    from transformers import LlamaForCausalLM
+
+    out = tmp_path / "tiny-llama-lm"
+    if (out / "config.json").is_file():
+        return out
+    torch.manual_seed(0)
+    LlamaForCausalLM(_tiny_config("llama")).save_pretrained(out)
+    for name in TOKENIZER_FILES:
+        if (bert_tokenizer_dir() / name).is_file():
+            shutil.copy(bert_tokenizer_dir() / name, out / name)
+    return out
+
+
+def _load_quantised(path: Path):
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(path).eval()
+    return quantize_model(model, {"weight": BFP3, "activation": BFP4})
+
+
+def test_save_and_reload_keeps_residuals_and_logits_and_generate_works(tmp_path, monkeypatch,
+                                                                        capsys):
+    path = _tiny_causal_dir(tmp_path)
+    ids = torch.randint(200, 30000, (2, 9), generator=torch.Generator().manual_seed(4))
+    model = attach_qdec(_load_quantised(path), {"k_chunk": 128})
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    save_qdec(model, path)
+    assert sorted(p.name for p in path.glob("qdec*")) == ["qdec.safetensors",
+                                                          "qdec_config.json"]
+    with pytest.raises(QDECError, match="already exists"):
+        save_qdec(model, path)
+    # reloading must read the residuals, not recompute them
+    monkeypatch.setattr(qdec_mod, "quantize_residual", None)
+    again = load_qdec(_load_quantised(path), path)
+    for (n, a), (_, b) in zip(model.named_modules(), again.named_modules()):
+        if "_qdec" in a.__dict__:
+            assert torch.equal(a._qdec.codes_t, b._qdec.codes_t), n
+            assert torch.equal(a._qdec.scale, b._qdec.scale), n
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids).logits, logits)
+        detach_qdec(again)
+        plain_free = again(input_ids=ids).logits
+    assert not torch.equal(plain_free, logits)
+    assert json.loads((path / "qdec_config.json").read_text())["config"]["k_chunk"] == 128
+    # the command finds the saved residuals beside the model
+    recipe = tiny_recipe(tmp_path, model_name_or_path=str(path),
+                         quant={"weight": BFP3, "activation": BFP4})
+    capsys.readouterr()
+    assert generate_main([recipe, "--prompt", "the tower is", "--max_new_tokens", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "--- without QDEC ---" in out
+    assert "--- with QDEC (k_chunk 128, 4-bit residual) ---" in out
+    assert "qat generate: with QDEC: 5 tokens in" in out and "tokens/s" in out
+
+
+def test_perplexity_with_qdec(tmp_path, capsys):
+    path = _tiny_causal_dir(tmp_path)
+    d = tmp_path / "wikitext"
+    d.mkdir()
+    (d / "test.txt").write_text("the tower is 324 metres tall , about as high as a building . "
+                                * 30)
+    recipe = tiny_recipe(tmp_path, model_name_or_path=str(path),
+                         quant={"weight": BFP3, "exclude": ["lm_head"]})
+    ppl = {}
+    for name, extra in (("plain", []), ("k0", ["--qdec.k_chunk", "0"]),
+                        ("k1024", ["--qdec.k_chunk", "1024"])):
+        out = tmp_path / f"{name}.json"
+        rc = perplexity_main([recipe, "--chunk_size", "32", "--max_chunks", "2", "--output",
+                              str(out), *extra])
+        assert rc == 0, capsys.readouterr().err
+        ppl[name] = json.loads(out.read_text())
+    assert ppl["plain"]["qdec"] is None
+    assert ppl["k1024"]["qdec"] == {"k_chunk": 1024, "residual_bits": 4,
+                                    "residual_device": "cpu", "prefill": "token"}
+    assert ppl["k0"]["perplexity"] == pytest.approx(ppl["plain"]["perplexity"], rel=1e-6)
+    assert ppl["k1024"]["perplexity"] != pytest.approx(ppl["plain"]["perplexity"], rel=1e-6)
+
+
+# --- bad input through the commands: one line, exit 2, nothing written --------------------
+
+@pytest.mark.parametrize("extra, message", [
+    (["--qdec.k_chunk", "-1"],
+     "qdec.k_chunk must be an integer >= 0 (channels per 1024 inputs), got -1"),
+    (["--qdec.k_chunk", "2.5"],
+     "qdec.k_chunk must be an integer >= 0 (channels per 1024 inputs), got 2.5"),
+    (["--qdec.residual_bits", "1"], "qdec.residual_bits must be an integer in 2..8, got 1"),
+    (["--qdec.residual_bits", "9"], "qdec.residual_bits must be an integer in 2..8, got 9"),
+    (["--quant", "null", "--qdec.k_chunk", "32"],
+     "qdec needs quantised weights, but quant.weight is null (the model's weights stay float); "
+     "set quant.weight, e.g. {format: bfp, width: 3}"),
+])
+@pytest.mark.parametrize("command", ["perplexity", "generate"])
+def test_bad_qdec_input_is_one_line_and_exit_2(tmp_path, capsys, command, extra, message):
+    recipe = tiny_recipe(tmp_path, model_name_or_path=str(tmp_path / "never-loaded"))
+    out = tmp_path / "result.json"
+    capsys.readouterr()  # building the fixture model prints a progress bar
+    if command == "perplexity":
+        rc = perplexity_main([recipe, "--output", str(out), *extra])
+    else:
+        rc = generate_main([recipe, "--prompt", "hi", *extra])
+    err = capsys.readouterr().err
+    assert rc == 2
+    where = f"{recipe}: " if "needs quantised" not in message else ""
+    assert err == f"qat {command}: error: {where}{message}\n"
+    assert not out.exists()
+
+
+def test_recipe_section_is_validated_and_kept(tmp_path):
+    recipe = tiny_recipe(tmp_path, qdec={"k_chunk": 16, "residual_bits": 3})
+    r = load_recipe(recipe)
+    assert r.args.qdec == QDECConfig(k_chunk=16, residual_bits=3)
+    assert r.resolved["qdec"]["k_chunk"] == 16
+    assert load_recipe(recipe, ["--qdec.k_chunk", "64"]).args.qdec.k_chunk == 64
+    assert load_recipe(tiny_recipe(tmp_path, name="r2.yaml")).args.qdec is None
+    with pytest.raises(RecipeError, match=r"qdec.residual_bits must be an integer in 2..8"):
+        load_recipe(recipe, ["--qdec.residual_bits", "12"])
+
+
+def test_generate_help_is_fast_and_light():
+    code = ("import sys\nfrom qat.cli import main\nrc = main(['generate', '--help'])\n"
+            "print('HEAVY', 'torch' in sys.modules)\nsys.exit(rc)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120)
+    assert (r.returncode, r.stderr) == (0, "")
+    assert r.stdout.startswith("usage: qat generate RECIPE.yaml|RUN_DIR --prompt TEXT")
+    assert r.stdout.rstrip().endswith("HEAVY False")
