@@ -13,6 +13,7 @@ import yaml
 from tiny import make_tiny_glue_dir, tiny_recipe
 
 from qat.analysis import search as search_mod
+from qat.cli import search as search_cli
 from qat.analysis.search import average_bits, choose, pareto_front
 
 BASE = {k: {"format": "bfp", "width": 12, "exponent_width": 8, "block_size": 16}
@@ -87,19 +88,19 @@ def test_search_resumes_writes_every_output_and_best_trains(tmp_path, runs, monk
     monkeypatch.setattr(search_mod.Scorer, "score", score)
     interrupt = True
     with pytest.raises(_Interrupt):
-        search_mod.main([recipe, "--search.trials", "5"])
+        search_cli.main([recipe, "--search.trials", "5"])
     assert (out / "search.db").is_file() and not (out / "trials.csv").exists()
     first_run = list(scored)
 
     # A second search into the same folder without --resume is refused; nothing is replaced.
     db_bytes = (out / "search.db").read_bytes()
-    assert search_mod.main([recipe, "--search.trials", "5"]) == 2
+    assert search_cli.main([recipe, "--search.trials", "5"]) == 2
     assert "already holds a search (search.db); pass --resume" in capsys.readouterr().err
     assert (out / "search.db").read_bytes() == db_bytes
 
     interrupt = False
     scored.clear()
-    assert search_mod.main([recipe, "--search.trials", "5", "--resume"]) == 0
+    assert search_cli.main([recipe, "--search.trials", "5", "--resume"]) == 0
     # the killed trial's choices run first again; the two finished trials never do
     assert scored[0] == first_run[2]
     assert not set(first_run[:2]) & set(scored)
@@ -154,7 +155,7 @@ def test_sensitivity_ranks_the_fragile_layer_first_and_seeds_the_search(tmp_path
     assert "pass --overwrite" in capsys.readouterr().err
 
     table = str(tmp_path / "sens" / "sensitivity.csv")
-    assert search_mod.main([recipe, "--search.trials", "2", "--search.seed_trials", "2",
+    assert search_cli.main([recipe, "--search.trials", "2", "--search.seed_trials", "2",
                             "--search.sensitivity", table, "--report_to", "wandb"]) == 0
     trials = _rows(tmp_path / "out" / "trials.csv")
     assert [t["source"] for t in trials] == ["sensitivity", "sensitivity"]
@@ -189,7 +190,7 @@ def test_bad_specs_fail_before_any_trial(tmp_path, runs, monkeypatch, capsys, se
                          data_dir=runs["data"], output_dir=str(tmp_path / "out"),
                          search={"held_out_samples": 8, **search})
     capsys.readouterr()  # drop what building the fixtures printed
-    assert search_mod.main([recipe]) == 2
+    assert search_cli.main([recipe]) == 2
     # one error line, and the last (loading the model prints progress bars before it)
     err = [x for x in capsys.readouterr().err.strip().splitlines() if "error" in x]
     assert len(err) == 1 and err[0].startswith("qat search: error: ")
@@ -199,7 +200,7 @@ def test_bad_specs_fail_before_any_trial(tmp_path, runs, monkeypatch, capsys, se
 
 def test_missing_search_section_and_override_of_a_search_key(tmp_path, runs, capsys):
     recipe = tiny_recipe(tmp_path, quant=BASE, model_name_or_path=runs["float"])
-    assert search_mod.main([recipe]) == 2
+    assert search_cli.main([recipe]) == 2
     assert "the recipe has no search: section" in capsys.readouterr().err
     spec, _ = search_mod.read_recipe_and_spec(
         _recipe(tmp_path, runs), ["--search.trials", "7", "--search.constraint.max_bits",
