@@ -13,8 +13,8 @@ import yaml
 from tiny import make_tiny_glue_dir, tiny_recipe
 
 from qat.analysis import search as search_mod
-from qat.cli import search as search_cli
 from qat.analysis.search import average_bits, choose, pareto_front
+from qat.cli import search as search_cli
 
 BASE = {k: {"format": "bfp", "width": 12, "exponent_width": 8, "block_size": 16}
         for k in ("weight", "activation", "matmul")}
