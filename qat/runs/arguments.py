@@ -62,7 +62,8 @@ class QATArguments:
     max_eval_samples: int | None = dataclasses.field(
         default=None, metadata=_help("evaluate on this many rows (>= 1; null: all)"))
     finetune: FinetuneMode = dataclasses.field(
-        default="full", metadata=_help(f"what trains: {', '.join(FINETUNE_MODES)}"))
+        default="full", metadata=_help("what trains: the whole model, LoRA adapters and the "
+                                       "head, or the classifier head alone"))
     lora: LoraArguments = dataclasses.field(
         default_factory=LoraArguments,
         metadata=_help("LoRA settings for finetune: lora (r, alpha, dropout, target_modules)"))
@@ -71,7 +72,8 @@ class QATArguments:
         default=None, metadata=_help("formats per role (weight, activation, matmul), "
                                      "exclude, overrides, backend; null: float"))
     on_nonfinite: OnNonfinite = dataclasses.field(
-        default="stop", metadata=_help("on a NaN/inf loss or gradient: stop, or skip the step"))
+        default="stop",
+        metadata=_help("on a NaN/inf loss or gradient: stop the run, or skip the step"))
     # Trainer's convention (dropped from TrainingArguments in transformers 5): a new run into a
     # folder that holds a run is refused unless this is true (qat.training.run.check_run_folder).
     overwrite_output_dir: bool = dataclasses.field(
@@ -84,10 +86,11 @@ def keys_help() -> str:
     from the field metadata; for ``qat train --help``."""
     rows = []
     for cls, prefix in ((QATArguments, ""), (LoraArguments, "lora.")):
+        hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             if f.name == "lora":
                 continue  # its nested keys follow
-            kind = "mapping | None" if f.name == "quant" else _SHOWN_TYPES.get(f.type, f.type)
+            kind = "mapping | None" if f.name == "quant" else _type_text(hints[f.name])
             shown = "" if f.default in (None, dataclasses.MISSING) else f" [{f.default!r}]"
             rows.append((f"  --{prefix}{f.name} {kind}", f.metadata["help"] + shown))
     pad = max(len(left) for left, _ in rows) + 2
@@ -95,5 +98,9 @@ def keys_help() -> str:
                                    subsequent_indent=" " * pad) for left, text in rows)
 
 
-# the annotation strings of the Literal aliases above, as a reader of --help would write them
-_SHOWN_TYPES = {"FinetuneMode": "str", "OnNonfinite": "str"}
+def _type_text(annotation: Any) -> str:
+    if typing.get_origin(annotation) is Literal:
+        return "|".join(map(str, typing.get_args(annotation)))
+    if isinstance(annotation, type) and typing.get_origin(annotation) is None:
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
