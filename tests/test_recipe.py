@@ -176,3 +176,104 @@ def test_values_that_would_fail_later(tmp_path, override, message):
     with pytest.raises(RecipeError) as e:
         load_recipe(write(tmp_path, BASE), override)
     assert str(e.value) == f"{str(tmp_path / 'r.yaml')}: {message}"
+
+
+# --- the typed config (issue #12 item 3) ---------------------------------------------------
+
+def test_recipe_args_is_one_training_arguments_config():
+    from transformers import TrainingArguments
+
+    from qat.runs.recipe import QATConfig
+
+    r = load_recipe(REPO / "recipes/minilm_sst2.yaml", ["--max_steps", "7"])
+    assert isinstance(r.args, QATConfig) and isinstance(r.args, TrainingArguments)
+    assert r.training_args is r.args and r.args.max_steps == 7
+    # what qat.analysis.search does for its float model: training_args follows args
+    import dataclasses
+
+    floated = dataclasses.replace(r, args=dataclasses.replace(r.args, quant=None))
+    assert floated.training_args.quant is None and floated.training_args.max_steps == 7
+    assert r.args.quant is not None
+    # rebuilding from a built config (its TrainingArguments already normalised) changes nothing
+    assert dataclasses.replace(r.args) == r.args
+
+
+def test_config_to_dict_is_plain_data():
+    import json
+
+    r = load_recipe(REPO / "recipes/minilm_sst2.yaml", ["--finetune", "lora", "--lora.r", "4"])
+    d = json.loads(json.dumps(r.training_args.to_dict()))
+    assert d["quant"] == r.args.quant.to_dict() and d["lora"]["r"] == 4
+    assert d["finetune"] == "lora" and d["output_dir"] == "outputs/minilm_sst2"
+
+
+def test_config_built_in_python_is_checked_too():
+    from qat.quant.config import QuantConfig
+    from qat.runs.recipe import QATConfig
+
+    c = QATConfig(model_name_or_path="x", task_name="sst2", output_dir="o",
+                  quant={"weight": {"format": "bfp", "width": 5}}, lora={"r": 2})
+    assert isinstance(c.quant, QuantConfig) and c.quant.weight["width"] == 5 and c.lora.r == 2
+    with pytest.raises(RecipeError) as e:
+        QATConfig(model_name_or_path="x", task_name="sst2", output_dir="o", on_nonfinite="x")
+    assert str(e.value) == "on_nonfinite must be 'stop' or 'skip'; got 'x'"
+
+
+@pytest.mark.parametrize("body,message", [
+    ("max_length: long\n", "max_length has the wrong type: got 'long' (str), expected int"),
+    ("finetune: 5\n", "finetune has the wrong type: got 5 (int), expected "
+                      "Literal['full', 'lora', 'classifier']"),
+    ("max_train_samples: [1]\n",
+     "max_train_samples has the wrong type: got [1] (list), expected int | None"),
+    ("lora: {r: 2.5}\n", "lora.r has the wrong type: got 2.5 (float), expected int"),
+    ("learning_rate: fast\n",
+     "learning_rate has the wrong type: got 'fast' (str), expected float"),
+])
+def test_type_errors_name_key_value_and_resolved_type(tmp_path, body, message):
+    with pytest.raises(RecipeError) as e:
+        load_recipe(write(tmp_path, BASE + body))
+    assert str(e.value) == f"{tmp_path / 'r.yaml'}: {message}"
+
+
+def test_yaml_coercions_still_apply(tmp_path):
+    r = load_recipe(write(tmp_path, BASE + "learning_rate: 5e-5\nsave_strategy: no\n"
+                                           "resume_from_checkpoint: true\n"))
+    assert r.training_args.learning_rate == 5e-5
+    assert r.training_args.save_strategy == "no"
+    assert r.training_args.resume_from_checkpoint == "true"
+
+
+def test_recipe_module_never_calls_eval():
+    import ast
+
+    import qat.runs.recipe
+
+    tree = ast.parse(Path(qat.runs.recipe.__file__).read_text())
+    calls = [n.func.id for n in ast.walk(tree)
+             if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)]
+    assert "eval" not in calls and "exec" not in calls
+
+
+def test_parser_argparse_side_raises_instead_of_exiting():
+    from qat.runs.recipe import QATParser
+
+    with pytest.raises(RecipeError, match="argument --max_steps/--max-steps: invalid int value"):
+        QATParser().parse_args_into_dataclasses(["--max_steps", "ten"], look_for_args_file=False)
+
+
+def test_every_qat_key_has_help_and_is_listed_by_train_help(capsys):
+    import dataclasses
+
+    from qat.cli.train import main
+    from qat.runs.arguments import LoraArguments, QATArguments
+    from qat.runs.recipe import QATConfig
+
+    assert main(["--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())  # help text wraps
+    config_fields = {f.name for f in dataclasses.fields(QATConfig)}
+    for cls, prefix in ((QATArguments, ""), (LoraArguments, "lora.")):
+        for f in dataclasses.fields(cls):
+            assert f.name in config_fields or prefix
+            assert f.metadata.get("help"), f.name
+            if f.name != "lora":
+                assert f"--{prefix}{f.name} " in out and f.metadata["help"] in out, f.name

@@ -72,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
+        from qat.runs.arguments import keys_help  # torch-free: the fields' help metadata
+
+        print(f"{USAGE}\n\nqat's recipe keys:\n{keys_help()}")
         return 0
     from qat.runs.recipe import load_recipe
     from qat.training.nonfinite import NonFiniteError

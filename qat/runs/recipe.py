@@ -1,15 +1,30 @@
-"""Recipes: flat YAML (TRL / alignment-handbook style) + command-line overrides -> dataclasses.
+"""Recipes: flat YAML (TRL / alignment-handbook style) + command-line overrides -> ``QATConfig``.
 
-Keys are the field names of ``RecipeArguments`` (ours) and of ``transformers.TrainingArguments``,
-so ``learning_rate: 2e-5`` in a file and ``--learning_rate 2e-5`` on the command line are the
-same thing. Nested keys take dots on the command line (``--quant.weight.width 6``). Everything
-is validated before a model is loaded, with messages that name the key and value.
+``QATConfig`` is ``transformers.TrainingArguments`` plus qat's own keys (``QATArguments`` in
+``qat.runs.arguments``), the way TRL's ``SFTConfig`` extends it, so ``learning_rate: 2e-5`` in a
+file and ``--learning_rate 2e-5`` on the command line are the same thing. A recipe becomes one:
+
+1. ``load_recipe_dict``: safe YAML, no aliases, no duplicate keys, bounded size, UTF-8.
+2. ``parse_overrides`` + ``apply_override``: command-line values are read as YAML and merged in
+   the order given; nested keys take dots (``--quant.weight.width 6``).
+3. ``QATParser`` (an ``HfArgumentParser``): unknown keys (with "did you mean"), then the given
+   values against ``typing.get_type_hints(QATConfig)``, then ``parse_dict`` -> ``QATConfig``,
+   whose ``__post_init__`` builds ``quant`` / ``lora`` and checks values before Trainer's own.
+
+The command line does not go through argparse: its one converter per option cannot read
+``--quant null``, ``--max_train_samples null`` or a mapping value, and knows no dotted keys, so
+overrides join the recipe mapping first and ``HfArgumentParser`` parses the result as it parses a
+config file (TRL's ``TrlParser`` route for ``--config``). Every message names the key and value.
+
+``Recipe.args`` *is* the ``QATConfig`` (qat's keys and Trainer's in one object) and
+``Recipe.training_args`` is the same object, the one handed to ``Trainer``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import os
 import types
@@ -18,12 +33,15 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from transformers import TrainingArguments
+from transformers import HfArgumentParser, TrainingArguments
 
 from qat.errors import ConfigError
 from qat.quant.config import QuantConfig, QuantConfigError
+from qat.runs.arguments import FINETUNE_MODES, ON_NONFINITE, LoraArguments, QATArguments
 
-FINETUNE_MODES = ("full", "lora", "classifier")
+__all__ = ["FINETUNE_MODES", "LoraArguments", "QATArguments", "QATConfig", "QATParser", "Recipe",
+           "RecipeError", "apply_override", "build_recipe", "load_recipe", "load_recipe_dict",
+           "parse_overrides", "parse_value"]
 
 
 class RecipeError(ConfigError):
@@ -31,48 +49,86 @@ class RecipeError(ConfigError):
 
 
 @dataclasses.dataclass
-class LoraArguments:
-    """LoRA settings (``finetune: lora``). ``target_modules: null`` targets every quantised
-    linear. Dropout must stay 0: the quantiser sees the effective weight ``W + BA``, and input
-    dropout on the adapter path has no such form."""
+class QATConfig(QATArguments, TrainingArguments):
+    """Every recipe key: ``TrainingArguments`` fields and qat's (``QATArguments``).
 
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
-    target_modules: list[str] | None = None
+    Built by ``QATParser`` from a recipe mapping; ``__post_init__`` turns ``quant`` into a
+    ``QuantConfig`` and ``lora`` into ``LoraArguments`` and refuses values that would fail (or
+    silently do nothing) later, each with one line naming the key. Type checks belong to the
+    parser: after construction ``TrainingArguments`` holds its own richer objects (enums,
+    ``AcceleratorConfig``), which no longer match its annotations.
+    """
 
+    # The recipe's mapping, built once into the config that every module reads.
+    quant: QuantConfig | None = dataclasses.field(
+        default=None, metadata=QATArguments.__dataclass_fields__["quant"].metadata)
+    qdec: Any = dataclasses.field(  # qat.quant.qdec.QDECConfig | None
+        default=None, metadata=QATArguments.__dataclass_fields__["qdec"].metadata)
 
-@dataclasses.dataclass
-class RecipeArguments:
-    """The recipe keys that are not TrainingArguments."""
+    def __post_init__(self) -> None:
+        try:
+            self.quant = QuantConfig.from_dict(self.quant)
+        except QuantConfigError as e:
+            raise RecipeError(str(e)) from None
+        from qat.quant.qdec import QDECConfig
 
-    model_name_or_path: str | None = None
-    task_name: str | None = None
-    gguf_file: str | None = None
-    tokenizer_name_or_path: str | None = None
-    torch_dtype: str | None = None
-    max_length: int = 128
-    data_dir: str | None = None
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
-    finetune: str = "full"
-    lora: LoraArguments = dataclasses.field(default_factory=LoraArguments)
-    quant: QuantConfig | None = None
-    qdec: Any = None  # qat.quant.qdec.QDECConfig | None: inference-time error compensation
-    on_nonfinite: str = "stop"
-    # Trainer's convention (dropped from TrainingArguments in transformers 5): a new run into a
-    # folder that holds a run is refused unless this is true (qat.training.run.check_run_folder).
-    overwrite_output_dir: bool = False
+        try:
+            self.qdec = QDECConfig.from_dict(self.qdec)
+        except QuantConfigError as e:
+            raise RecipeError(str(e)) from None
+        self.lora = _build_lora(self.lora)
+        self._check_qat_values()
+        _check_training_values(self)
+        try:
+            super().__post_init__()
+        except (ValueError, TypeError) as e:
+            raise RecipeError(f"invalid training arguments: {' '.join(str(e).split())}"
+                              ) from None
+
+    def _check_qat_values(self) -> None:
+        for req in ("model_name_or_path", "task_name"):
+            if not getattr(self, req):
+                raise RecipeError(f"recipe key {req!r} is required")
+        if self.finetune not in FINETUNE_MODES:
+            raise RecipeError(f"finetune must be one of {', '.join(FINETUNE_MODES)}; "
+                              f"got {self.finetune!r}")
+        if self.on_nonfinite not in ON_NONFINITE:
+            raise RecipeError(f"on_nonfinite must be 'stop' or 'skip'; "
+                              f"got {self.on_nonfinite!r}")
+        for key in ("max_length", "max_train_samples", "max_eval_samples"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                rule = ">= 1" if key == "max_length" else ">= 1 (or null for every row)"
+                raise RecipeError(f"{key} must be {rule}, got {value!r}")
+        from qat.tasks.glue import GLUE_TASKS
+
+        if self.task_name not in GLUE_TASKS:
+            raise RecipeError(f"unknown task_name {self.task_name!r}"
+                              f"{_suggest(str(self.task_name), list(GLUE_TASKS))}; valid tasks: "
+                              f"{', '.join(GLUE_TASKS)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Trainer's dict (logged to W&B / TensorBoard) with ``quant`` and ``lora`` as plain
+        data."""
+        d = super().to_dict()
+        d["quant"] = None if self.quant is None else self.quant.to_dict()
+        d["lora"] = dataclasses.asdict(self.lora)
+        d["qdec"] = None if self.qdec is None else self.qdec.to_dict()
+        return d
 
 
 @dataclasses.dataclass
 class Recipe:
-    """A parsed recipe: our arguments, Trainer's arguments, and the resolved dict to save."""
+    """A parsed recipe: the one ``QATConfig`` and the resolved mapping to save."""
 
-    args: RecipeArguments
-    training_args: TrainingArguments
+    args: QATConfig
     resolved: dict[str, Any]
     source: str | None = None
+
+    @property
+    def training_args(self) -> QATConfig:
+        """The same ``QATConfig`` as ``args``: what ``Trainer`` receives."""
+        return self.args
 
     def save(self, output_dir: str | os.PathLike) -> Path:
         """Write the resolved recipe (file + overrides) as ``recipe.yaml``."""
@@ -82,14 +138,118 @@ class Recipe:
         return path
 
 
-_TA_FIELDS = {f.name: f for f in dataclasses.fields(TrainingArguments) if f.init}
-_OUR_FIELDS = {f.name: f for f in dataclasses.fields(RecipeArguments)}
-_ALL_KEYS = sorted(set(_TA_FIELDS) | set(_OUR_FIELDS))
+_FIELDS = {f.name: f for f in dataclasses.fields(QATConfig) if f.init}
+_ALL_KEYS = sorted(_FIELDS)
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    """Resolved annotations (``from __future__ import annotations`` leaves strings)."""
+    return typing.get_type_hints(cls)
 
 
 def _suggest(key: str, valid: list[str]) -> str:
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+class QATParser(HfArgumentParser):
+    """``HfArgumentParser`` for ``QATConfig`` that checks a recipe mapping before building it.
+
+    ``parse_recipe`` is the entry; the argparse side (``parse_args_into_dataclasses``) works as
+    in transformers, except that a bad option raises ``RecipeError`` instead of exiting.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(QATConfig, prog="qat train", allow_abbrev=False)
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise RecipeError(message)  # argparse would print usage and exit: commands do that
+
+    def parse_recipe(self, data: dict[str, Any], source: str | None = None) -> QATConfig:
+        """Check ``data``'s keys and value types, then build the config; errors are prefixed
+        with ``source``."""
+        where = f"{source}: " if source else ""
+        for key in data:
+            if key not in _FIELDS:
+                raise RecipeError(f"{where}unknown recipe key {key!r}{_suggest(key, _ALL_KEYS)}")
+        values = dict(data)
+        if isinstance(values.get("resume_from_checkpoint"), bool):  # `true`: the last one
+            values["resume_from_checkpoint"] = "true" if values["resume_from_checkpoint"] else None
+        hints = _hints(QATConfig)
+        for key, value in values.items():
+            if key in ("quant", "lora", "qdec"):  # their builders name their own keys
+                continue
+            values[key] = _coerce(value, hints[key])
+            _check_type(key, values[key], hints[key], where)
+        if not values.get("output_dir"):
+            stem = Path(source).stem if source else "run"
+            values["output_dir"] = str(Path("outputs") / stem)
+        try:
+            (config,) = self.parse_dict(values)
+        except RecipeError as e:
+            raise RecipeError(f"{where}{e}") from None
+        return config
+
+
+@functools.cache
+def _parser() -> QATParser:
+    return QATParser()
+
+
+def _type_ok(value: Any, annotation: Any) -> bool:
+    """Loose runtime check of YAML values against a resolved annotation."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(annotation))
+    if origin is typing.Literal:  # the allowed values are checked with their own message
+        return any(_type_ok(value, type(a)) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is Any:
+        return True
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    if origin in (list, tuple):
+        return isinstance(value, (list, tuple))
+    if origin is dict or annotation is dict:
+        return isinstance(value, dict)
+    return True  # enums and richer types: TrainingArguments validates them itself
+
+
+def _type_name(annotation: Any) -> str:
+    if isinstance(annotation, type) and typing.get_origin(annotation) is None:
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
+def _coerce(value: Any, annotation: Any) -> Any:
+    """YAML 1.1 reads ``5e-5`` as a string and ``no`` as false; accept numeric strings for
+    numeric fields and read false as "no" for string fields (``save_strategy: no``)."""
+    admits_bool = annotation is bool or bool in typing.get_args(annotation)
+    if value is False and _type_ok("no", annotation) and not admits_bool:
+        return "no"
+    if isinstance(value, str) and not _type_ok(value, annotation):
+        for conv in (int, float):
+            try:
+                converted = conv(value)
+            except ValueError:
+                continue
+            if _type_ok(converted, annotation):
+                return converted
+    return value
+
+
+def _check_type(key: str, value: Any, annotation: Any, where: str = "") -> None:
+    if not _type_ok(value, annotation):
+        raise RecipeError(f"{where}{key} has the wrong type: got {value!r} "
+                          f"({type(value).__name__}), expected {_type_name(annotation)}")
 
 
 def parse_value(text: str) -> Any:
@@ -146,60 +306,6 @@ def apply_override(d: dict[str, Any], dotted: str, value: Any) -> None:
             raise RecipeError(f"--{dotted}: {'.'.join(parts[: i + 1])} is {nxt!r}, not a mapping")
         cur = nxt
     cur[parts[-1]] = value
-
-
-def _type_ok(value: Any, annotation: Any) -> bool:
-    """Loose runtime check of YAML scalars against a dataclass annotation."""
-    if isinstance(annotation, str):
-        annotation = eval(annotation, vars(typing) | {"types": types})  # noqa: S307
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, a) for a in typing.get_args(annotation))
-    if annotation is type(None):
-        return value is None
-    if annotation is Any:
-        return True
-    if annotation is bool:
-        return isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if annotation is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if annotation is str:
-        return isinstance(value, str)
-    if origin in (list, tuple):
-        return isinstance(value, (list, tuple))
-    if origin is dict or annotation is dict:
-        return isinstance(value, dict)
-    return True  # enums and richer types: TrainingArguments validates them itself
-
-
-def _admits_bool(annotation: Any) -> bool:
-    if isinstance(annotation, str):
-        annotation = eval(annotation, vars(typing) | {"types": types})  # noqa: S307
-    return annotation is bool or bool in typing.get_args(annotation)
-
-
-def _coerce(value: Any, field: dataclasses.Field) -> Any:
-    """YAML 1.1 reads ``5e-5`` as a string and ``no`` as false; accept numeric strings for
-    numeric fields and read false as "no" for string fields (``save_strategy: no``)."""
-    if value is False and _type_ok("no", field.type) and not _admits_bool(field.type):
-        return "no"
-    if isinstance(value, str) and not _type_ok(value, field.type):
-        for conv in (int, float):
-            try:
-                converted = conv(value)
-            except ValueError:
-                continue
-            if _type_ok(converted, field.type):
-                return converted
-    return value
-
-
-def _check_type(key: str, value: Any, field: dataclasses.Field, where: str) -> None:
-    if not _type_ok(value, field.type):
-        raise RecipeError(f"{where}{key} has the wrong type: got {value!r} "
-                          f"({type(value).__name__}), expected {field.type}")
 
 
 MAX_RECIPE_BYTES = 1 << 20  # recipes are a few KB; a bigger file is not a recipe
@@ -280,80 +386,17 @@ def load_recipe_dict(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def build_recipe(data: dict[str, Any], source: str | None = None) -> Recipe:
-    """Validate a recipe mapping and build the argument dataclasses."""
-    where = f"{source}: " if source else ""
-    for key in data:
-        if key not in _OUR_FIELDS and key not in _TA_FIELDS:
-            raise RecipeError(f"{where}unknown recipe key {key!r}{_suggest(key, _ALL_KEYS)}")
-    ours: dict[str, Any] = {}
-    for key, field in _OUR_FIELDS.items():
-        if key not in data or key in ("lora", "quant", "qdec"):
-            continue
-        ours[key] = _coerce(data[key], field)
-        _check_type(key, ours[key], field, where)
-    for req in ("model_name_or_path", "task_name"):
-        if not ours.get(req):
-            raise RecipeError(f"{where}recipe key {req!r} is required")
-    if ours.get("finetune", "full") not in FINETUNE_MODES:
-        raise RecipeError(f"{where}finetune must be one of {', '.join(FINETUNE_MODES)}; "
-                          f"got {ours['finetune']!r}")
-    if ours.get("on_nonfinite", "stop") not in ("stop", "skip"):
-        raise RecipeError(f"{where}on_nonfinite must be 'stop' or 'skip'; "
-                          f"got {ours['on_nonfinite']!r}")
-    for key in ("max_length", "max_train_samples", "max_eval_samples"):
-        if ours.get(key) is not None and ours[key] < 1:
-            rule = ">= 1" if key == "max_length" else ">= 1 (or null for every row)"
-            raise RecipeError(f"{where}{key} must be {rule}, got {ours[key]!r}")
-    from qat.tasks.glue import GLUE_TASKS
-
-    if ours["task_name"] not in GLUE_TASKS:
-        raise RecipeError(f"{where}unknown task_name {ours['task_name']!r}"
-                          f"{_suggest(str(ours['task_name']), list(GLUE_TASKS))}; valid tasks: "
-                          f"{', '.join(GLUE_TASKS)}")
-    ours["lora"] = _build_lora(data.get("lora") or {}, where)
-    try:
-        ours["quant"] = QuantConfig.from_dict(data.get("quant"))
-    except QuantConfigError as e:
-        raise RecipeError(f"{where}{e}") from None
-    from qat.quant.qdec import QDECConfig
-
-    try:
-        ours["qdec"] = QDECConfig.from_dict(data.get("qdec"))
-    except QuantConfigError as e:
-        raise RecipeError(f"{where}{e}") from None
-    targs = {k: v for k, v in data.items() if k in _TA_FIELDS}
-    if isinstance(targs.get("resume_from_checkpoint"), bool):  # `true`: the last checkpoint
-        targs["resume_from_checkpoint"] = "true" if targs["resume_from_checkpoint"] else None
-    for key, value in targs.items():
-        targs[key] = _coerce(value, _TA_FIELDS[key])
-        _check_type(key, targs[key], _TA_FIELDS[key], where)
-    if not targs.get("output_dir"):
-        stem = Path(source).stem if source else "run"
-        targs["output_dir"] = str(Path("outputs") / stem)
-    _check_training_values(targs, where)
-    try:
-        training_args = TrainingArguments(**targs)
-    except (ValueError, TypeError) as e:
-        raise RecipeError(f"{where}invalid training arguments: {e}") from None
-    resolved = dict(data)
-    resolved["output_dir"] = targs["output_dir"]
-    resolved["quant"] = None if ours["quant"] is None else ours["quant"].to_dict()
-    if ours["qdec"] is not None:
-        resolved["qdec"] = ours["qdec"].to_dict()
-    return Recipe(RecipeArguments(**ours), training_args, resolved, source)
-
-
-def _check_training_values(targs: dict[str, Any], where: str) -> None:
+def _check_training_values(cfg: TrainingArguments) -> None:
     """Values TrainingArguments accepts but that fail (or silently do nothing) later: checked
-    here so the error names the key before any model is loaded."""
+    before its own ``__post_init__`` so the error names the key before any model is loaded."""
     def get(key: str) -> Any:
-        return targs.get(key, _TA_FIELDS[key].default)
+        return getattr(cfg, key)
 
     def bad(key: str, rule: str) -> RecipeError:
-        return RecipeError(f"{where}{key} must be {rule}, got {get(key)!r}")
+        return RecipeError(f"{key} must be {rule}, got {get(key)!r}")
 
-    for key, value in targs.items():
+    for key in _FIELDS:
+        value = get(key)
         if isinstance(value, float) and math.isnan(value):
             raise bad(key, "a number")
     lr = get("learning_rate")
@@ -370,8 +413,8 @@ def _check_training_values(targs: dict[str, Any], where: str) -> None:
     if max_steps == 0 or max_steps < -1:
         raise bad("max_steps", ">= 1, or -1 to train for num_train_epochs")
     if max_steps < 0 and not (0 < epochs < math.inf):
-        raise RecipeError(f"{where}num_train_epochs must be > 0 and finite when max_steps is "
-                          f"not set, got {epochs!r}")
+        raise RecipeError(f"num_train_epochs must be > 0 and finite when max_steps is not set, "
+                          f"got {epochs!r}")
     if get("warmup_steps") is not None and get("warmup_steps") < 0:
         raise bad("warmup_steps", ">= 0")
     for key in ("eval_accumulation_steps", "save_total_limit"):
@@ -389,34 +432,48 @@ def _check_training_values(targs: dict[str, Any], where: str) -> None:
     for key, strategy in strategies.items():
         if str(get(strategy)).lower().endswith("steps") and get(key) is not None \
                 and not get(key) > 0:
-            raise RecipeError(f"{where}{key} must be > 0 when {strategy} is 'steps', "
-                              f"got {get(key)!r}")
+            raise RecipeError(f"{key} must be > 0 when {strategy} is 'steps', got {get(key)!r}")
 
 
-def _build_lora(d: Any, where: str) -> LoraArguments:
+def _build_lora(d: Any) -> LoraArguments:
+    """``lora:`` as a mapping (or null, or already built) -> checked ``LoraArguments``."""
+    if d is None:
+        d = {}
+    if isinstance(d, LoraArguments):
+        d = dataclasses.asdict(d)
     if not isinstance(d, dict):
-        raise RecipeError(f"{where}lora must be a mapping, got {d!r}")
-    fields = {f.name: f for f in dataclasses.fields(LoraArguments)}
+        raise RecipeError(f"lora must be a mapping, got {d!r}")
+    hints = _hints(LoraArguments)
     for key, value in d.items():
-        if key not in fields:
-            raise RecipeError(f"{where}unknown key lora.{key}{_suggest(key, list(fields))}; "
-                              f"valid keys: {', '.join(fields)}")
-        _check_type(f"lora.{key}", value, fields[key], where)
+        if key not in hints:
+            raise RecipeError(f"unknown key lora.{key}{_suggest(key, list(hints))}; "
+                              f"valid keys: {', '.join(hints)}")
+        _check_type(f"lora.{key}", value, hints[key])
     lora = LoraArguments(**d)
     if lora.r < 1:
-        raise RecipeError(f"{where}lora.r must be >= 1, got {lora.r}")
+        raise RecipeError(f"lora.r must be >= 1, got {lora.r}")
     if lora.alpha < 1:
-        raise RecipeError(f"{where}lora.alpha must be >= 1, got {lora.alpha}")
+        raise RecipeError(f"lora.alpha must be >= 1, got {lora.alpha}")
     if lora.target_modules is not None:
         names = lora.target_modules
         if not names or not all(isinstance(n, str) and n for n in names):
-            raise RecipeError(f"{where}lora.target_modules must be a non-empty list of module "
-                              f"names (strings) or null for every quantised linear; got "
-                              f"{names!r}")
+            raise RecipeError("lora.target_modules must be a non-empty list of module names "
+                              f"(strings) or null for every quantised linear; got {names!r}")
     if lora.dropout != 0:
-        raise RecipeError(f"{where}lora.dropout must be 0 with quantised LoRA (the quantiser "
-                          f"sees W + BA, which input dropout has no form for); got {lora.dropout}")
+        raise RecipeError("lora.dropout must be 0 with quantised LoRA (the quantiser sees W + BA, "
+                          f"which input dropout has no form for); got {lora.dropout}")
     return lora
+
+
+def build_recipe(data: dict[str, Any], source: str | None = None) -> Recipe:
+    """Validate a recipe mapping and build its ``QATConfig``; raises RecipeError."""
+    config = _parser().parse_recipe(data, source)
+    resolved = dict(data)
+    resolved["output_dir"] = config.output_dir
+    resolved["quant"] = None if config.quant is None else config.quant.to_dict()
+    if config.qdec is not None:
+        resolved["qdec"] = config.qdec.to_dict()
+    return Recipe(config, resolved, source)
 
 
 def load_recipe(path: str | os.PathLike, overrides: list[str] | dict[str, Any] | None = None
@@ -427,7 +484,7 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | dict[str, Any] |
         overrides = parse_overrides(overrides)
     for key, value in (overrides or {}).items():
         top = key.split(".")[0]
-        if top not in _OUR_FIELDS and top not in _TA_FIELDS:
+        if top not in _FIELDS:
             raise RecipeError(f"unknown option --{key}{_suggest(top, _ALL_KEYS)}")
         apply_override(data, key, value)
     return build_recipe(data, str(path))
