@@ -23,6 +23,11 @@ so the two's complement code -128 is never produced. Matches torchao's
 ``MXTensor.to_mx(..., ScaleCalculationMode.FLOOR)`` bit for bit on normal-range data (tested);
 torchao additionally clamps the float32 scale to 2^-126, which only matters for blocks whose
 max is below 2^(emax_elem - 126) (2^-124 for FP4, 2^-111 for E5M2).
+
+Codes (``encode``): ``elem_bits``-bit sign-magnitude element codes, the sign in the top bit and
+the magnitude code below it (for the FP elements the OCP bit pattern: exponent field, then
+mantissa; for INT8 ``|k|``); a negative zero keeps its sign bit. Scales: the shared exponents
+(int32, the E8M0 code minus 127).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import torch
 from torch import Tensor
 
 from qat.formats.base import Format, check_int, floor_log2, from_blocks, to_blocks
-from qat.formats.floatcast import round_to_float
+from qat.formats.floatcast import code_values, float_codes, max_code, round_to_float
 from qat.formats.registry import register_format
 
 E8M0_MIN, E8M0_MAX = -127, 127
@@ -70,16 +75,45 @@ class _MX(Format):
         return self.block_size
 
     def _round_elements(self, v: Tensor) -> Tensor:
+        """The fused element cast: ``element_values`` of ``element_codes``, signed."""
         return round_to_float(v, self.mantissa_bits, self.emin, self.max_value)
 
-    def _quantize_lastdim(self, x: Tensor) -> Tensor:
+    def element_codes(self, v: Tensor) -> Tensor:
+        """int32 magnitude codes of scaled elements ``v`` (rounded, saturated)."""
+        return float_codes(v, self.mantissa_bits, self.emin,
+                           max_code(self.mantissa_bits, self.emin, self.max_value))
+
+    def element_values(self, codes: Tensor | None = None) -> Tensor:
+        """float32 magnitudes of magnitude ``codes``; all of them, ascending, if None."""
+        if codes is None:
+            top = max_code(self.mantissa_bits, self.emin, self.max_value)
+            codes = torch.arange(top + 1, dtype=torch.int32)
+        return code_values(codes, self.mantissa_bits, self.emin)
+
+    def _blocks(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
+        """Scaled elements ``x / 2^e`` in blocks, ``e`` (int32), ``2^e`` and the row length."""
         xb, n = to_blocks(x, self.block_size)
-        e = mx_scale_exponent(xb.abs().amax(dim=-1), self.emax).unsqueeze(-1)
+        e = mx_scale_exponent(xb.abs().amax(dim=-1), self.emax)
         # 2^e for e in [-127, 127] is exact in float32 (2^-127 is a subnormal power of two),
         # and x / 2^e cannot overflow because e >= floor(log2 amax) - emax.
-        scale = torch.exp2(e.float())
-        q = self._round_elements(xb / scale) * scale
-        return from_blocks(q, n)
+        scale = torch.exp2(e.float()).unsqueeze(-1)
+        return xb / scale, e, scale, n
+
+    def _quantize_lastdim(self, x: Tensor) -> Tensor:
+        v, _, scale, n = self._blocks(x)
+        return from_blocks(self._round_elements(v) * scale, n)
+
+    def _encode_lastdim(self, x: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        v, e, _, _ = self._blocks(x)
+        sign = torch.signbit(v).to(torch.int32) << (self.elem_bits - 1)
+        return self.element_codes(v) | sign, e, {}
+
+    def _decode_lastdim(self, codes: Tensor, scales: Tensor, extra: dict[str, Tensor], n: int
+                        ) -> Tensor:
+        half = 1 << (self.elem_bits - 1)
+        mag = self.element_values(codes & (half - 1))
+        elems = torch.where(codes >= half, -mag, mag)
+        return from_blocks(elems * torch.exp2(scales.float()).unsqueeze(-1), n)
 
 
 @register_format("mxfp8_e4m3")
@@ -156,3 +190,11 @@ class MXINT8(_MX):
     def _round_elements(self, v: Tensor) -> Tensor:
         # A fixed grid of step 2^-6: round half to even on k, clamp symmetrically.
         return torch.round(v * 64.0).clamp(-127, 127) / 64.0
+
+    def element_codes(self, v: Tensor) -> Tensor:
+        return torch.round(v.abs() * 64.0).clamp_max(127).to(torch.int32)
+
+    def element_values(self, codes: Tensor | None = None) -> Tensor:
+        if codes is None:
+            codes = torch.arange(128, dtype=torch.int32)
+        return codes.float() / 64.0
