@@ -9,9 +9,10 @@ float, in ``qat_packed.safetensors``. ``config.json`` has ``model_type: qat_pack
 original config under ``base_config`` and the packing table under ``qat_packing``; the export
 carries ``modeling_qat_packed.py``, so ``AutoModelFor...from_pretrained(dir,
 trust_remote_code=True)`` (or, after ``import qat``, without it) unpacks the codes and rebuilds
-the fake-quantised model. Unpacking repeats the format's own float32 arithmetic, so the rebuilt
-weights are bit-identical to ``fmt.quantize(w)``. Loading without either fails with
-transformers' "pass trust_remote_code=True" error, never as a random model.
+the fake-quantised model. The codes and scales are the format's own (``Format.encode``; this
+module only lays them out in bits), and unpacking repeats ``Format.decode``'s float32
+arithmetic, so the rebuilt weights are bit-identical to ``fmt.quantize(w)``. Loading without
+either fails with transformers' "pass trust_remote_code=True" error, never as a random model.
 
 The destination must be new or empty (``--overwrite`` replaces it), may never be, lie inside or
 contain the source checkpoint, and is written atomically (a temporary folder, then a rename).
@@ -112,9 +113,9 @@ def _codebook_codec(fmt: Any) -> dict[str, Any]:
 def _families() -> tuple[tuple[type, Callable, Callable], ...]:
     from qat.formats.bfp import BFP
     from qat.formats.codebook import CodebookFormat
-    from qat.formats.mx import _MX
+    from qat.formats.mx import MXFormat
 
-    return ((BFP, _pack_bfp, _bfp_codec), (_MX, _pack_mx, _mx_codec),
+    return ((BFP, _pack_bfp, _bfp_codec), (MXFormat, _pack_mx, _mx_codec),
             (CodebookFormat, _pack_codebook, _codebook_codec))
 
 

@@ -52,7 +52,7 @@ def mx_scale_exponent(amax: Tensor, emax_elem: int) -> Tensor:
 
 
 @dataclasses.dataclass(frozen=True)
-class _MX(Format):
+class MXFormat(Format):
     """Shared machinery; subclasses set the element format as class constants."""
 
     block_size: int = 32
@@ -118,7 +118,7 @@ class _MX(Format):
 
 @register_format("mxfp8_e4m3")
 @dataclasses.dataclass(frozen=True)
-class MXFP8E4M3(_MX):
+class MXFP8E4M3(MXFormat):
     """MX with FP8 E4M3 elements (bias 7, no inf, max 448)."""
 
     elem_bits: ClassVar[int] = 8
@@ -130,7 +130,7 @@ class MXFP8E4M3(_MX):
 
 @register_format("mxfp8_e5m2")
 @dataclasses.dataclass(frozen=True)
-class MXFP8E5M2(_MX):
+class MXFP8E5M2(MXFormat):
     """MX with FP8 E5M2 elements (bias 15, IEEE-like, max 57344; inf/NaN never produced)."""
 
     elem_bits: ClassVar[int] = 8
@@ -142,7 +142,7 @@ class MXFP8E5M2(_MX):
 
 @register_format("mxfp6_e2m3")
 @dataclasses.dataclass(frozen=True)
-class MXFP6E2M3(_MX):
+class MXFP6E2M3(MXFormat):
     """MX with FP6 E2M3 elements (bias 1, max 7.5)."""
 
     elem_bits: ClassVar[int] = 6
@@ -154,7 +154,7 @@ class MXFP6E2M3(_MX):
 
 @register_format("mxfp6_e3m2")
 @dataclasses.dataclass(frozen=True)
-class MXFP6E3M2(_MX):
+class MXFP6E3M2(MXFormat):
     """MX with FP6 E3M2 elements (bias 3, max 28)."""
 
     elem_bits: ClassVar[int] = 6
@@ -166,7 +166,7 @@ class MXFP6E3M2(_MX):
 
 @register_format("mxfp4")
 @dataclasses.dataclass(frozen=True)
-class MXFP4(_MX):
+class MXFP4(MXFormat):
     """MX with FP4 E2M1 elements: 0, 0.5, 1, 1.5, 2, 3, 4, 6 and their negatives."""
 
     elem_bits: ClassVar[int] = 4
@@ -178,7 +178,7 @@ class MXFP4(_MX):
 
 @register_format("mxint8")
 @dataclasses.dataclass(frozen=True)
-class MXINT8(_MX):
+class MXINT8(MXFormat):
     """MX with INT8 elements: ``k / 64`` for integer ``k`` in [-127, 127] (emax 0)."""
 
     elem_bits: ClassVar[int] = 8

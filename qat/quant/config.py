@@ -81,9 +81,16 @@ class QuantConfig:
         self.validate()
 
     def __setattr__(self, key: str, value: Any) -> None:
+        if "_resolved" not in self.__dict__ or key not in _FIELDS:  # still in __init__
+            super().__setattr__(key, value)
+            return
+        old = getattr(self, key)
         super().__setattr__(key, value)
-        if "_resolved" in self.__dict__ and key in _FIELDS:
+        try:
             self.__post_init__()
+        except Exception:
+            super().__setattr__(key, old)  # a refused value leaves the config as it was
+            raise
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None, prefix: str = "quant") -> QuantConfig | None:
