@@ -56,5 +56,5 @@ def test_lobcq_from_fitted_codebook_file_in_a_recipe(tmp_path):
     quant = load_recipe(recipe).args.quant
     assert quant.weight == spec and quant.activation == spec
     trainer = train_two_steps(tmp_path / "run", quant.weight)
-    fmt = trainer.model.model.decoder.layers[0].fc1.input_quantizer.fmt
+    fmt = trainer.model.model.decoder.layers[0].fc1.activation_quantizer.fmt
     assert fmt.codebook_file == str(path) and fmt.bits_per_element == 4 + 2 / 8 + 8 / 64

@@ -67,7 +67,8 @@ def test_overrides_and_exclude():
                       exclude=["score", r"layers\.0\.fc1"])
     quantize_model(model, cfg)
     layer0, layer1 = model.model.decoder.layers
-    assert layer0.fc2.weight_quantizer.fmt.width == 6 and layer0.fc2.input_quantizer.fmt.width == 4
+    assert layer0.fc2.weight_quantizer.fmt.width == 6
+    assert layer0.fc2.activation_quantizer.fmt.width == 4
     assert not isinstance(layer0.fc1, QuantLinear)
     assert isinstance(layer0.self_attn.qat_matmul, MatmulQuantizer)
     assert not hasattr(layer1.self_attn, "qat_matmul")

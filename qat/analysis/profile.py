@@ -95,7 +95,7 @@ def profile_model(model: nn.Module, batches: list[dict[str, Tensor]]) -> list[di
     acts = {name: Moments() for name, _ in layers}
     hooks = []
     for name, mod in layers:
-        aq = getattr(mod, "input_quantizer", None)
+        aq = getattr(mod, "activation_quantizer", None)
 
         def hook(module, args, name=name, aq=aq):
             x = args[0]
@@ -113,7 +113,7 @@ def profile_model(model: nn.Module, batches: list[dict[str, Tensor]]) -> list[di
             h.remove()
     rows = []
     for name, mod in layers:
-        wq, aq = getattr(mod, "weight_quantizer", None), getattr(mod, "input_quantizer", None)
+        wq, aq = getattr(mod, "weight_quantizer", None), getattr(mod, "activation_quantizer", None)
         wm = Moments()
         with torch.no_grad():
             wm.add(mod.weight, wq.fmt.quantize(mod.weight, wq.dim) if wq is not None else None)

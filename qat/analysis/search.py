@@ -237,17 +237,18 @@ class Space:
         from transformers.pytorch_utils import Conv1D
 
         from qat.analysis.profile import layer_depth
-        from qat.quant.quantize import is_attention_module
+        from qat.quant.quantize import attention_modules
 
         self.spec, self.base = spec, recipe.args.quant
         self.max_length = recipe.args.max_length
         self.linears, self.attention = [], []
+        attention = dict(attention_modules(model))
         for name, m in model.named_modules():
             if not name or self.base.is_excluded(name):
                 continue
             if isinstance(m, (nn.Linear, Conv1D)):
                 self.linears.append(name)
-            elif is_attention_module(m):
+            elif name in attention:
                 self.attention.append(name)
         units: dict[str, Unit] = {}
         for name in self.linears + self.attention:
@@ -413,9 +414,9 @@ def average_bits(model, seq_len: int) -> dict[str, float]:
     hidden = getattr(cfg, "hidden_size", 0)
     heads = getattr(cfg, "num_attention_heads", 0)
     for m in model.modules():
-        if isinstance(m, (QuantLinear, QuantConv1D)) and m.input_quantizer is not None:
+        if isinstance(m, (QuantLinear, QuantConv1D)) and m.activation_quantizer is not None:
             n = m.weight.shape[1 if isinstance(m, QuantLinear) else 0] * seq_len
-            parts["activation"][0] += m.input_quantizer.fmt.bits_per_element * n
+            parts["activation"][0] += m.activation_quantizer.fmt.bits_per_element * n
             parts["activation"][1] += n
         elif isinstance(m, MatmulQuantizer):
             n = 3 * hidden * seq_len + heads * seq_len * seq_len

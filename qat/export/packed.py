@@ -9,9 +9,10 @@ float, in ``qat_packed.safetensors``. ``config.json`` has ``model_type: qat_pack
 original config under ``base_config`` and the packing table under ``qat_packing``; the export
 carries ``modeling_qat_packed.py``, so ``AutoModelFor...from_pretrained(dir,
 trust_remote_code=True)`` (or, after ``import qat``, without it) unpacks the codes and rebuilds
-the fake-quantised model. Unpacking repeats the format's own float32 arithmetic, so the rebuilt
-weights are bit-identical to ``fmt.quantize(w)``. Loading without either fails with
-transformers' "pass trust_remote_code=True" error, never as a random model.
+the fake-quantised model. The codes and scales are the format's own (``Format.encode``; this
+module only lays them out in bits), and unpacking repeats ``Format.decode``'s float32
+arithmetic, so the rebuilt weights are bit-identical to ``fmt.quantize(w)``. Loading without
+either fails with transformers' "pass trust_remote_code=True" error, never as a random model.
 
 The destination must be new or empty (``--overwrite`` replaces it), may never be, lie inside or
 contain the source checkpoint, and is written atomically (a temporary folder, then a rename).
@@ -20,6 +21,7 @@ contain the source checkpoint, and is written atomically (a temporary folder, th
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,9 +33,11 @@ from torch import Tensor
 from qat.errors import QatError
 from qat.export.modeling_qat_packed import unpack_bits  # noqa: F401 - the inverse of pack_bits
 from qat.formats import Format
-from qat.formats.base import from_blocks, to_blocks
+from qat.formats.base import Encoded
 
 QUANT_METHOD = "qat"
+
+
 class ExportError(QatError):
     """A model or format that cannot be written in packed form."""
 
@@ -50,79 +54,39 @@ def pack_bits(codes: Tensor, bits: int) -> Tensor:
     return torch.from_numpy(np.packbits(planes.reshape(-1), bitorder="little"))
 
 
-# --- per-family packers: (fmt, blocked float32 [rows, nblocks, B]) -> tensors, and back -------
+# --- per-family packers: (fmt, its Encoded, rows) -> tensors; codec: what unpacking needs --
 
 Packed = dict[str, Tensor]
 
 
-def _pack_bfp(fmt: Any, xb: Tensor, n: int) -> Packed:
-    from qat.formats.bfp import bfp_mantissas
-
+def _pack_bfp(fmt: Any, enc: Encoded) -> Packed:
+    # Sign-magnitude codes -> offset binary (mantissa + 2^M), the layout of version-2 exports.
     m_bits = fmt.width - 1
-    mant, e, _ = bfp_mantissas(from_blocks(xb, n), fmt.width, fmt.exponent_width, fmt.block_size)
-    mant = mant.to(torch.int64)
+    mag = (enc.codes & (2**m_bits - 1)).to(torch.int64)
+    mant = torch.where((enc.codes >> m_bits).bool(), -mag, mag)
     bias = 2 ** (fmt.exponent_width - 1) - 1
     return {"codes": pack_bits(mant + 2**m_bits, fmt.width),
-            "exponents": pack_bits(e.to(torch.int64) + bias, fmt.exponent_width)}
+            "exponents": pack_bits(enc.scales.to(torch.int64) + bias, fmt.exponent_width)}
 
 
-def _mx_magnitudes(fmt: Any) -> Tensor:
-    """Every non-negative value of an MX element format, ascending (< 2^(bits-1) of them)."""
-    if fmt.name == "mxint8":
-        return torch.arange(128, dtype=torch.float32) / 64.0
-    m, emin = fmt.mantissa_bits, fmt.emin
-    sub = [k * 2.0 ** (emin - m) for k in range(2**m)]
-    normals = [2.0**e * (1 + k / 2**m) for e in range(emin, fmt.emax + 1) for k in range(2**m)]
-    return torch.tensor(sub + [v for v in normals if v <= fmt.max_value], dtype=torch.float32)
+def _pack_mx(fmt: Any, enc: Encoded) -> Packed:
+    from qat.formats.mx import E8M0_MIN
+
+    # Exports hold one code for zero: a negative zero is written as +0.
+    half = 1 << (fmt.elem_bits - 1)
+    codes = torch.where(enc.codes & (half - 1) == 0, 0, enc.codes)
+    return {"codes": pack_bits(codes, fmt.elem_bits),
+            "exponents": pack_bits(enc.scales.to(torch.int64) - E8M0_MIN, 8)}  # E8M0 = e + 127
 
 
-def _bfp_codec(fmt: Any) -> dict[str, Any]:
-    return {"family": "bfp", "width": fmt.width, "exponent_width": fmt.exponent_width}
-
-
-def _mx_codec(fmt: Any) -> dict[str, Any]:
-    return {"family": "mx", "elem_bits": fmt.elem_bits,
-            "magnitudes": _mx_magnitudes(fmt).tolist()}
-
-
-def _codebook_codec(fmt: Any) -> dict[str, Any]:
-    return {"family": "codebook", "levels": [float(v) for v in fmt.levels]}
-
-
-def _pack_mx(fmt: Any, xb: Tensor, n: int) -> Packed:
-    from qat.formats.mx import E8M0_MIN, mx_scale_exponent
-
-    e = mx_scale_exponent(xb.abs().amax(dim=-1), fmt.emax)
-    elems = fmt._round_elements(xb / torch.exp2(e.float()).unsqueeze(-1))
-    mags = _mx_magnitudes(fmt)
-    idx = torch.searchsorted(mags, elems.abs())
-    if not torch.equal(mags[idx.clamp(max=len(mags) - 1)], elems.abs()):
-        raise ExportError(f"{fmt.name}: an element is not on the format's grid")
-    sign = (elems < 0).to(torch.int64) << (fmt.elem_bits - 1)
-    return {"codes": pack_bits(idx + sign, fmt.elem_bits),
-            "exponents": pack_bits(e.to(torch.int64) - E8M0_MIN, 8)}  # E8M0 code = e + 127
-
-
-def _pack_codebook(fmt: Any, xb: Tensor, n: int) -> Packed:
-    from qat.formats.codebook import level_tensors
-
+def _pack_codebook(fmt: Any, enc: Encoded) -> Packed:
     out: Packed = {}
-    if fmt.outliers == "opq":
-        from qat.formats.opq import split_outliers
-
-        xb, mask, kept = split_outliers(xb, n, fmt.outlier_quantile)
-        flat = mask.reshape(-1).nonzero().reshape(-1)
+    if "outlier_mask" in enc.extra:
+        flat = enc.extra["outlier_mask"].reshape(-1).nonzero().reshape(-1)
         out["outlier_index"] = flat.to(torch.int32)
-        out["outlier_values"] = kept.reshape(-1)[flat].to(torch.bfloat16)
-    _, mids = level_tensors(fmt.levels, xb.device)
-    if fmt.normalization == "absmax":
-        s = xb.abs().amax(dim=-1, keepdim=True)
-    else:
-        s = xb.gather(-1, xb.abs().argmax(dim=-1, keepdim=True))
-    safe = torch.where(s == 0, torch.ones_like(s), s)
-    code = torch.bucketize(xb / safe, mids, right=True)
-    code = torch.where(s == 0, torch.full_like(code, fmt.levels.index(0.0)), code)
-    out["codes"] = pack_bits(code, 4)
+        out["outlier_values"] = enc.extra["outlier_values"].reshape(-1)[flat].to(torch.bfloat16)
+    out["codes"] = pack_bits(enc.codes, 4)
+    s = enc.scales
     # The format computes with a float32 scale; keep 16 bits only where that is exact.
     for dt in (torch.float16, torch.bfloat16):
         if torch.equal(s.to(dt).float(), s):
@@ -133,37 +97,56 @@ def _pack_codebook(fmt: Any, xb: Tensor, n: int) -> Packed:
     return out
 
 
+def _bfp_codec(fmt: Any) -> dict[str, Any]:
+    return {"family": "bfp", "width": fmt.width, "exponent_width": fmt.exponent_width}
+
+
+def _mx_codec(fmt: Any) -> dict[str, Any]:
+    return {"family": "mx", "elem_bits": fmt.elem_bits,
+            "magnitudes": fmt.element_values().tolist()}
+
+
+def _codebook_codec(fmt: Any) -> dict[str, Any]:
+    return {"family": "codebook", "levels": [float(v) for v in fmt.levels]}
+
+
+def _families() -> tuple[tuple[type, Callable, Callable], ...]:
+    from qat.formats.bfp import BFP
+    from qat.formats.codebook import CodebookFormat
+    from qat.formats.mx import MXFormat
+
+    return ((BFP, _pack_bfp, _bfp_codec), (MXFormat, _pack_mx, _mx_codec),
+            (CodebookFormat, _pack_codebook, _codebook_codec))
+
+
 def _packers() -> dict[str, tuple[Callable, Callable]]:
+    """Format name -> (packer, codec) for every registered format export can pack."""
     from qat.formats import FORMATS
 
-    table: dict[str, tuple[Callable, Callable]] = {"bfp": (_pack_bfp, _bfp_codec)}
-    for name, cls in FORMATS.items():
-        mod = cls.__module__.rsplit(".", 1)[-1]
-        if mod == "mx":
-            table[name] = (_pack_mx, _mx_codec)
-        elif mod == "codebook":
-            table[name] = (_pack_codebook, _codebook_codec)
-    return table
+    return {name: (pack, codec) for name, cls in FORMATS.items()
+            for family, pack, codec in _families() if issubclass(cls, family)}
 
 
 def _packer(fmt: Format) -> tuple[Callable, Callable]:
     """(packer, codec): ``codec(fmt)`` is what ``modeling_qat_packed`` needs to unpack."""
-    table = _packers()
-    if fmt.name not in table:
-        raise ExportError(f"packed export not supported for format {fmt.name!r} yet; "
-                          f"supported: {', '.join(sorted(table))}")
-    return table[fmt.name]
+    for family, pack, codec in _families():
+        if isinstance(fmt, family):
+            return pack, codec
+    raise ExportError(f"packed export not supported for format {fmt.name!r} yet; "
+                      f"supported: {', '.join(sorted(_packers()))}")
 
 
 def pack_weight(fmt: Format, w: Tensor, dim: int) -> tuple[Packed, dict[str, Any]]:
     """Packed tensors of ``w`` blocked along ``dim``, and the metadata to unpack them."""
     pack, codec = _packer(fmt)
-    x = w.detach().float().cpu().movedim(dim, -1).contiguous()
-    rows = x.reshape(-1, x.shape[-1])
-    xb, n = to_blocks(rows, getattr(fmt, "block_size", rows.shape[-1]))
-    tensors = pack(fmt, xb, n)
+    enc = fmt.encode(w.detach().cpu(), dim)
+    if not torch.isfinite(enc.nonfinite).all():
+        raise ExportError(f"{fmt.name}: the weight holds NaN or inf, which packed codes cannot "
+                          "store")
+    blocks = [math.prod(enc.codes.shape[:-2]), *enc.codes.shape[-2:]]
+    tensors = pack(fmt, enc)
     meta = {"format": fmt.spec(), "codec": codec(fmt), "shape": list(w.shape), "dim": dim,
-            "dtype": str(w.dtype).removeprefix("torch."), "blocks": list(xb.shape),
+            "dtype": str(w.dtype).removeprefix("torch."), "blocks": blocks,
             "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
                         for k, v in tensors.items()}}
     return tensors, meta

@@ -2,7 +2,10 @@
 
 A format is a frozen dataclass of its parameters. ``quantize(x, dim)`` fake-quantises
 (returns dequantised values in ``x``'s dtype and shape); ``bits_per_element`` is the
-storage cost including shared scales. Formats know nothing of models or trainers.
+storage cost including shared scales. Families with a packed form (BFP, MX, the codebooks)
+also give ``encode(x, dim)`` (integer codes + per-block scales, an ``Encoded``) and
+``decode(enc)``, with ``decode(encode(x))`` equal to ``quantize(x)`` bit for bit.
+Formats know nothing of models or trainers.
 """
 
 from __future__ import annotations
@@ -19,6 +22,32 @@ from qat.errors import QatError
 
 class FormatError(QatError):
     """A format spec is invalid; the message names the parameter and the valid choices."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Encoded:
+    """What a format stores for a tensor: integer codes and per-block scales.
+
+    Laid out with the blocking dim moved last and cut into blocks: ``codes`` is
+    ``[..., nblocks, B]`` (a ragged last block is zero-padded), ``scales`` is
+    ``[..., nblocks]``; what a code and a scale mean is the family's (see its ``encode``).
+    ``extra`` holds family-specific tensors (OPQ outliers). ``nonfinite`` is ``x``'s NaN and
+    +-inf at their positions (float32, same layout as the unpadded row, 0 elsewhere): they pass
+    through, as in ``quantize``. ``shape``, ``dim`` and ``dtype`` restore the input's layout.
+    """
+
+    codes: Tensor
+    scales: Tensor
+    nonfinite: Tensor
+    shape: tuple[int, ...]
+    dim: int
+    dtype: torch.dtype
+    extra: dict[str, Tensor] = dataclasses.field(default_factory=dict)
+
+    @property
+    def length(self) -> int:
+        """Elements per row along the blocking dim (before padding)."""
+        return self.nonfinite.shape[-1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +85,43 @@ class Format:
     def _quantize_lastdim(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def _encode_lastdim(self, x: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """``(codes [..., nblocks, B], scales [..., nblocks], extra)`` of finite float32 ``x``."""
+        raise FormatError(f"format {self.name!r} has no integer encoding (encode/decode); "
+                          "it can only fake-quantise")
+
+    def _decode_lastdim(self, codes: Tensor, scales: Tensor, extra: dict[str, Tensor], n: int
+                        ) -> Tensor:
+        """float32 ``[..., n]`` values of ``_encode_lastdim``'s output for rows of ``n``."""
+        raise FormatError(f"format {self.name!r} has no integer encoding (encode/decode)")
+
+    def _check(self, x: Tensor, dim: int) -> int:
+        """``dim`` normalised, after checking ``x``'s dtype and that ``dim`` is in range."""
+        if not torch.is_floating_point(x):
+            raise TypeError(f"{self.name}: expected a floating-point tensor, got {x.dtype}")
+        ndim = x.dim()
+        if not -max(ndim, 1) <= dim < max(ndim, 1):
+            raise IndexError(f"{self.name}: dim {dim} is out of range for a {ndim}-D tensor "
+                             f"(expected -{max(ndim, 1)} <= dim < {max(ndim, 1)})")
+        return dim % max(ndim, 1)
+
+    @staticmethod
+    def _lastdim(x: Tensor, d: int) -> Tensor:
+        """float32 ``x`` with dim ``d`` last (a scalar becomes ``[1]``)."""
+        xf = x.float().reshape(1) if x.dim() == 0 else x.float()
+        return xf.movedim(d, -1) if x.dim() > 1 and d != x.dim() - 1 else xf
+
+    @staticmethod
+    def _restore(q: Tensor, xf: Tensor, finite: Tensor, shape: torch.Size, d: int,
+                 dtype: torch.dtype) -> Tensor:
+        """Saturate finite values at ``dtype``'s max, pass non-finite ``xf`` through, and put
+        ``d`` and the shape back."""
+        big = torch.finfo(dtype).max
+        q = torch.where(finite, q.clamp(-big, big), xf)
+        if len(shape) > 1 and d != len(shape) - 1:
+            q = q.movedim(-1, d)
+        return q.reshape(shape).to(dtype)
+
     def quantize(self, x: Tensor, dim: int = -1) -> Tensor:
         """Fake-quantise ``x`` with blocks running along ``dim``.
 
@@ -64,27 +130,33 @@ class Format:
         ``x.dtype``: values the format would round past the dtype's largest finite value
         saturate to it (docs/formats.md, "Non-finite values and saturation").
         """
-        if not torch.is_floating_point(x):
-            raise TypeError(f"{self.name}: expected a floating-point tensor, got {x.dtype}")
-        ndim = x.dim()
-        if not -max(ndim, 1) <= dim < max(ndim, 1):
-            raise IndexError(f"{self.name}: dim {dim} is out of range for a {ndim}-D tensor "
-                             f"(expected -{max(ndim, 1)} <= dim < {max(ndim, 1)})")
+        d = self._check(x, dim)
         if x.numel() == 0:
             return x
-        dtype = x.dtype
-        xf = x.float().reshape(1) if ndim == 0 else x.float()
-        d = dim % max(ndim, 1)
-        moved = ndim > 1 and d != ndim - 1
-        if moved:
-            xf = xf.movedim(d, -1)
+        xf = self._lastdim(x, d)
         finite = torch.isfinite(xf)
         q = self._quantize_lastdim(torch.where(finite, xf, 0.0).contiguous())
-        big = torch.finfo(dtype).max
-        q = torch.where(finite, q.clamp(-big, big), xf)
-        if moved:
-            q = q.movedim(-1, d)
-        return q.reshape(x.shape).to(dtype)
+        return self._restore(q, xf, finite, x.shape, d, x.dtype)
+
+    def encode(self, x: Tensor, dim: int = -1) -> Encoded:
+        """Integer codes and per-block scales of ``x`` blocked along ``dim`` (see ``Encoded``);
+        ``decode(encode(x, dim))`` equals ``quantize(x, dim)`` bit for bit. FormatError for a
+        family without an integer encoding."""
+        d = self._check(x, dim)
+        xf = self._lastdim(x, d)
+        finite = torch.isfinite(xf)
+        codes, scales, extra = self._encode_lastdim(torch.where(finite, xf, 0.0).contiguous())
+        return Encoded(codes=codes, scales=scales, nonfinite=torch.where(finite, 0.0, xf),
+                       shape=tuple(x.shape), dim=d, dtype=x.dtype, extra=extra)
+
+    def decode(self, enc: Encoded) -> Tensor:
+        """The values ``enc`` stands for, in the encoded tensor's dtype and shape."""
+        shape = torch.Size(enc.shape)
+        if shape.numel() == 0:
+            return torch.empty(shape, dtype=enc.dtype, device=enc.codes.device)
+        q = self._decode_lastdim(enc.codes, enc.scales, enc.extra, enc.length)
+        finite = torch.isfinite(enc.nonfinite)
+        return self._restore(q, enc.nonfinite, finite, shape, enc.dim, enc.dtype)
 
     def spec(self) -> dict[str, Any]:
         """The dict that ``make_format`` turns back into this format."""
@@ -115,7 +187,6 @@ def from_blocks(xb: Tensor, n: int) -> Tensor:
     """Inverse of ``to_blocks``: flatten the block dims and trim the padding."""
     x = xb.reshape(*xb.shape[:-2], xb.shape[-2] * xb.shape[-1])
     return x[..., :n]
-
 
 
 def ceil_log2(x: Tensor) -> Tensor:

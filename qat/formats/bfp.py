@@ -6,6 +6,10 @@ Definition (docs/formats.md): ``M = width - 1``;
 Because ``e_b`` rounds the exponent up, the block max lands in ``(2^(M-1), 2^M]`` and an exact
 power of two saturates to ``2^M - 1`` (the paper's definition, kept as is). Unlike the
 reference code, tiny values (|x| <= 1e-8) are quantised like every other element.
+
+Codes (``encode``): ``width``-bit sign-magnitude mantissas, the sign in bit ``M`` (a mantissa
+rounded to zero keeps its sign, so a negative zero decodes as ``-0.0`` like ``quantize``);
+scales: the shared exponents ``e_b`` (int32).
 """
 
 from __future__ import annotations
@@ -15,7 +19,13 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from qat.formats.base import Format, block_exponent, check_int, from_blocks, to_blocks
+from qat.formats.base import (
+    Format,
+    block_exponent,
+    check_int,
+    from_blocks,
+    to_blocks,
+)
 from qat.formats.registry import register_format
 
 
@@ -27,10 +37,9 @@ def shared_exponent(amax: Tensor, exponent_width: int) -> Tensor:
 
 def bfp_mantissas(x: Tensor, width: int, exponent_width: int, block_size: int
                   ) -> tuple[Tensor, Tensor, int]:
-    """Integer mantissas ``[..., nblocks, B]`` (float-valued ints) and exponents ``[..., nblocks]``.
-
-    Shared with packed export: ``x ~= mantissa * 2^(exponent - M)``.
-    """
+    """Signed integer mantissas ``[..., nblocks, B]`` (float-valued ints, so a mantissa rounded
+    to zero keeps its sign), exponents ``[..., nblocks]`` and the row length:
+    ``x ~= mantissa * 2^(exponent - M)``."""
     m_bits = width - 1
     xb, n = to_blocks(x, block_size)
     e = shared_exponent(xb.abs().amax(dim=-1), exponent_width)
@@ -62,7 +71,21 @@ class BFP(Format):
     def independent_block(self) -> int:
         return self.block_size
 
-    def _quantize_lastdim(self, x: Tensor) -> Tensor:
-        mant, e, n = bfp_mantissas(x, self.width, self.exponent_width, self.block_size)
+    def _values(self, mant: Tensor, e: Tensor, n: int) -> Tensor:
         scale = torch.exp2((e - (self.width - 1)).float()).unsqueeze(-1)
         return from_blocks(mant * scale, n)
+
+    def _quantize_lastdim(self, x: Tensor) -> Tensor:
+        # Fused: the float mantissas go straight to values, without integer codes.
+        return self._values(*bfp_mantissas(x, self.width, self.exponent_width, self.block_size))
+
+    def _encode_lastdim(self, x: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        mant, e, _ = bfp_mantissas(x, self.width, self.exponent_width, self.block_size)
+        sign = torch.signbit(mant).to(torch.int32) << (self.width - 1)
+        return mant.abs().to(torch.int32) | sign, e, {}
+
+    def _decode_lastdim(self, codes: Tensor, scales: Tensor, extra: dict[str, Tensor], n: int
+                        ) -> Tensor:
+        m_bits = self.width - 1
+        mag = (codes & (2**m_bits - 1)).float()
+        return self._values(torch.where((codes >> m_bits).bool(), -mag, mag), scales, n)

@@ -12,6 +12,11 @@ BOF4-S are built in for ``(mse, 64)`` and BOF4-S also ``(mse, 32)``, ``(mse, 128
 ``(metric, block_size)`` needs ``codebook_file:`` from ``qat codebook`` (fitting takes seconds,
 too slow to do silently inside a forward pass, and a file keeps runs reproducible).
 The table is resolved when the format is built, so a bad file fails at recipe load time.
+
+Codes (``encode``): 4-bit level indices (int32); scales: ``s_b`` in float32 (0 for an all-zero
+block, whose elements decode to 0 whatever their index); with OPQ, ``extra`` holds
+``outlier_mask`` (bool, blocked like the codes) and ``outlier_values`` (the kept bf16-rounded
+values in float32, zero elsewhere).
 """
 
 from __future__ import annotations
@@ -78,19 +83,32 @@ def level_tensors(levels: tuple[float, ...], device: torch.device) -> tuple[Tens
     return lv, (lv[1:] + lv[:-1]) / 2
 
 
-def quantize_blocks(xb: Tensor, levels: tuple[float, ...], normalization: str) -> Tensor:
-    """Codebook-quantise ``[..., nblocks, B]`` float32 blocks (zeros in, zeros out)."""
-    lv, mids = level_tensors(levels, xb.device)
+def encode_blocks(xb: Tensor, levels: tuple[float, ...], normalization: str
+                  ) -> tuple[Tensor, Tensor]:
+    """Level indices (int32) of ``[..., nblocks, B]`` float32 blocks and their scales
+    ``[..., nblocks, 1]`` (``s_b``; 0 for an all-zero block)."""
+    _, mids = level_tensors(levels, xb.device)
     if normalization == "absmax":
         s = xb.abs().amax(dim=-1, keepdim=True)
     else:
         s = xb.gather(-1, xb.abs().argmax(dim=-1, keepdim=True))
+    safe = torch.where(s == 0, torch.ones_like(s), s)
+    code = torch.bucketize(xb / safe, mids, right=True, out_int32=True)  # a tie goes up
+    return code, s
+
+
+def decode_blocks(code: Tensor, s: Tensor, levels: tuple[float, ...]) -> Tensor:
+    """Values of level indices ``code`` with block scales ``s`` (``[..., nblocks, 1]``)."""
+    lv, _ = level_tensors(levels, code.device)
     zero = s == 0
-    safe = torch.where(zero, torch.ones_like(s), s)
-    code = torch.bucketize(xb / safe, mids, right=True)  # right=True: a tie goes up
-    q = lv[code] * safe
+    q = lv[code] * torch.where(zero, torch.ones_like(s), s)
     # A zero block has x = 0, exact when 0 is a level (all built-in tables); else force it.
     return q if 0.0 in levels else torch.where(zero, torch.zeros_like(q), q)
+
+
+def quantize_blocks(xb: Tensor, levels: tuple[float, ...], normalization: str) -> Tensor:
+    """Codebook-quantise ``[..., nblocks, B]`` float32 blocks (zeros in, zeros out)."""
+    return decode_blocks(*encode_blocks(xb, levels, normalization), levels)
 
 
 def load_codebook_file(path: str) -> dict:
@@ -143,12 +161,23 @@ class CodebookFormat(Format):
         return self.block_size if self.outliers == "none" else None
 
     def _quantize_lastdim(self, x: Tensor) -> Tensor:
+        return self._decode_lastdim(*self._encode_lastdim(x), x.shape[-1])
+
+    def _encode_lastdim(self, x: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         xb, n = to_blocks(x, self.block_size)
+        extra: dict[str, Tensor] = {}
         if self.outliers == "opq":
-            inliers, mask, kept = split_outliers(xb, n, self.outlier_quantile)
-            q = torch.where(mask, kept, quantize_blocks(inliers, self.levels, self.normalization))
-        else:
-            q = quantize_blocks(xb, self.levels, self.normalization)
+            xb, mask, kept = split_outliers(xb, n, self.outlier_quantile)
+            extra = {"outlier_mask": mask,
+                     "outlier_values": torch.where(mask, kept, torch.zeros_like(kept))}
+        code, s = encode_blocks(xb, self.levels, self.normalization)
+        return code, s.squeeze(-1), extra
+
+    def _decode_lastdim(self, codes: Tensor, scales: Tensor, extra: dict[str, Tensor], n: int
+                        ) -> Tensor:
+        q = decode_blocks(codes, scales.unsqueeze(-1), self.levels)
+        if "outlier_mask" in extra:
+            q = torch.where(extra["outlier_mask"], extra["outlier_values"], q)
         return from_blocks(q, n)
 
 

@@ -23,6 +23,11 @@ so the two's complement code -128 is never produced. Matches torchao's
 ``MXTensor.to_mx(..., ScaleCalculationMode.FLOOR)`` bit for bit on normal-range data (tested);
 torchao additionally clamps the float32 scale to 2^-126, which only matters for blocks whose
 max is below 2^(emax_elem - 126) (2^-124 for FP4, 2^-111 for E5M2).
+
+Codes (``encode``): ``elem_bits``-bit sign-magnitude element codes, the sign in the top bit and
+the magnitude code below it (for the FP elements the OCP bit pattern: exponent field, then
+mantissa; for INT8 ``|k|``); a negative zero keeps its sign bit. Scales: the shared exponents
+(int32, the E8M0 code minus 127).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import torch
 from torch import Tensor
 
 from qat.formats.base import Format, check_int, floor_log2, from_blocks, to_blocks
-from qat.formats.floatcast import round_to_float
+from qat.formats.floatcast import code_values, float_codes, max_code, round_to_float
 from qat.formats.registry import register_format
 
 E8M0_MIN, E8M0_MAX = -127, 127
@@ -47,7 +52,7 @@ def mx_scale_exponent(amax: Tensor, emax_elem: int) -> Tensor:
 
 
 @dataclasses.dataclass(frozen=True)
-class _MX(Format):
+class MXFormat(Format):
     """Shared machinery; subclasses set the element format as class constants."""
 
     block_size: int = 32
@@ -70,21 +75,50 @@ class _MX(Format):
         return self.block_size
 
     def _round_elements(self, v: Tensor) -> Tensor:
+        """The fused element cast: ``element_values`` of ``element_codes``, signed."""
         return round_to_float(v, self.mantissa_bits, self.emin, self.max_value)
 
-    def _quantize_lastdim(self, x: Tensor) -> Tensor:
+    def element_codes(self, v: Tensor) -> Tensor:
+        """int32 magnitude codes of scaled elements ``v`` (rounded, saturated)."""
+        return float_codes(v, self.mantissa_bits, self.emin,
+                           max_code(self.mantissa_bits, self.emin, self.max_value))
+
+    def element_values(self, codes: Tensor | None = None) -> Tensor:
+        """float32 magnitudes of magnitude ``codes``; all of them, ascending, if None."""
+        if codes is None:
+            top = max_code(self.mantissa_bits, self.emin, self.max_value)
+            codes = torch.arange(top + 1, dtype=torch.int32)
+        return code_values(codes, self.mantissa_bits, self.emin)
+
+    def _blocks(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
+        """Scaled elements ``x / 2^e`` in blocks, ``e`` (int32), ``2^e`` and the row length."""
         xb, n = to_blocks(x, self.block_size)
-        e = mx_scale_exponent(xb.abs().amax(dim=-1), self.emax).unsqueeze(-1)
+        e = mx_scale_exponent(xb.abs().amax(dim=-1), self.emax)
         # 2^e for e in [-127, 127] is exact in float32 (2^-127 is a subnormal power of two),
         # and x / 2^e cannot overflow because e >= floor(log2 amax) - emax.
-        scale = torch.exp2(e.float())
-        q = self._round_elements(xb / scale) * scale
-        return from_blocks(q, n)
+        scale = torch.exp2(e.float()).unsqueeze(-1)
+        return xb / scale, e, scale, n
+
+    def _quantize_lastdim(self, x: Tensor) -> Tensor:
+        v, _, scale, n = self._blocks(x)
+        return from_blocks(self._round_elements(v) * scale, n)
+
+    def _encode_lastdim(self, x: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        v, e, _, _ = self._blocks(x)
+        sign = torch.signbit(v).to(torch.int32) << (self.elem_bits - 1)
+        return self.element_codes(v) | sign, e, {}
+
+    def _decode_lastdim(self, codes: Tensor, scales: Tensor, extra: dict[str, Tensor], n: int
+                        ) -> Tensor:
+        half = 1 << (self.elem_bits - 1)
+        mag = self.element_values(codes & (half - 1))
+        elems = torch.where(codes >= half, -mag, mag)
+        return from_blocks(elems * torch.exp2(scales.float()).unsqueeze(-1), n)
 
 
 @register_format("mxfp8_e4m3")
 @dataclasses.dataclass(frozen=True)
-class MXFP8E4M3(_MX):
+class MXFP8E4M3(MXFormat):
     """MX with FP8 E4M3 elements (bias 7, no inf, max 448)."""
 
     elem_bits: ClassVar[int] = 8
@@ -96,7 +130,7 @@ class MXFP8E4M3(_MX):
 
 @register_format("mxfp8_e5m2")
 @dataclasses.dataclass(frozen=True)
-class MXFP8E5M2(_MX):
+class MXFP8E5M2(MXFormat):
     """MX with FP8 E5M2 elements (bias 15, IEEE-like, max 57344; inf/NaN never produced)."""
 
     elem_bits: ClassVar[int] = 8
@@ -108,7 +142,7 @@ class MXFP8E5M2(_MX):
 
 @register_format("mxfp6_e2m3")
 @dataclasses.dataclass(frozen=True)
-class MXFP6E2M3(_MX):
+class MXFP6E2M3(MXFormat):
     """MX with FP6 E2M3 elements (bias 1, max 7.5)."""
 
     elem_bits: ClassVar[int] = 6
@@ -120,7 +154,7 @@ class MXFP6E2M3(_MX):
 
 @register_format("mxfp6_e3m2")
 @dataclasses.dataclass(frozen=True)
-class MXFP6E3M2(_MX):
+class MXFP6E3M2(MXFormat):
     """MX with FP6 E3M2 elements (bias 3, max 28)."""
 
     elem_bits: ClassVar[int] = 6
@@ -132,7 +166,7 @@ class MXFP6E3M2(_MX):
 
 @register_format("mxfp4")
 @dataclasses.dataclass(frozen=True)
-class MXFP4(_MX):
+class MXFP4(MXFormat):
     """MX with FP4 E2M1 elements: 0, 0.5, 1, 1.5, 2, 3, 4, 6 and their negatives."""
 
     elem_bits: ClassVar[int] = 4
@@ -144,7 +178,7 @@ class MXFP4(_MX):
 
 @register_format("mxint8")
 @dataclasses.dataclass(frozen=True)
-class MXINT8(_MX):
+class MXINT8(MXFormat):
     """MX with INT8 elements: ``k / 64`` for integer ``k`` in [-127, 127] (emax 0)."""
 
     elem_bits: ClassVar[int] = 8
@@ -156,3 +190,11 @@ class MXINT8(_MX):
     def _round_elements(self, v: Tensor) -> Tensor:
         # A fixed grid of step 2^-6: round half to even on k, clamp symmetrically.
         return torch.round(v * 64.0).clamp(-127, 127) / 64.0
+
+    def element_codes(self, v: Tensor) -> Tensor:
+        return torch.round(v.abs() * 64.0).clamp_max(127).to(torch.int32)
+
+    def element_values(self, codes: Tensor | None = None) -> Tensor:
+        if codes is None:
+            codes = torch.arange(128, dtype=torch.int32)
+        return codes.float() / 64.0

@@ -1,4 +1,4 @@
-"""QuantConfig: which formats go where. Plain data, validated eagerly with key paths."""
+"""QuantConfig: which formats go where. Specs in, Format objects resolved once, key-path errors."""
 
 from __future__ import annotations
 
@@ -33,6 +33,18 @@ def merge_spec(base: Mapping[str, Any] | None, partial: Mapping[str, Any] | None
     return {**base, **partial}
 
 
+@dataclasses.dataclass(frozen=True)
+class ModuleFormats:
+    """The resolved formats of one module (``None``: that role stays float)."""
+
+    weight: Format | None = None
+    activation: Format | None = None
+    matmul: Format | None = None
+
+
+FLOAT = ModuleFormats()
+
+
 @dataclasses.dataclass
 class QuantConfig:
     """Formats for weights, activations (linear inputs) and attention matmuls.
@@ -44,6 +56,12 @@ class QuantConfig:
     causal-safe) or along ``seq`` (the reduction dim; leaks later tokens in decoders).
     ``backend`` picks the implementation (``auto``, ``triton``, ``compile``, ``reference``;
     see ``qat.quant.backends``); every backend gives the same values.
+
+    The fields are the specs as written (``to_dict`` gives them back, the JSON of
+    ``qat_config.json``); a ``Format`` object may stand in for a spec. Building the config
+    merges each override into the base specs once and builds one ``Format`` per distinct
+    spec (a ``codebook_file`` is read once); ``formats_for(name)`` only looks them up.
+    Assigning a field re-resolves, so the formats never go stale.
     """
 
     weight: dict[str, Any] | None = None
@@ -56,7 +74,23 @@ class QuantConfig:
     backend: str = "auto"
 
     def __post_init__(self) -> None:
+        for role in ROLES:  # a Format given in place of its spec
+            fmt = getattr(self, role)
+            if isinstance(fmt, Format):
+                object.__setattr__(self, role, fmt.spec())
         self.validate()
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        if "_resolved" not in self.__dict__ or key not in _FIELDS:  # still in __init__
+            super().__setattr__(key, value)
+            return
+        old = getattr(self, key)
+        super().__setattr__(key, value)
+        try:
+            self.__post_init__()
+        except Exception:
+            super().__setattr__(key, old)  # a refused value leaves the config as it was
+            raise
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None, prefix: str = "quant") -> QuantConfig | None:
@@ -82,12 +116,17 @@ class QuantConfig:
         return dataclasses.asdict(self)
 
     def validate(self) -> None:
+        """Check every key and build the formats (kept: see ``formats_for``)."""
+        built: dict[str, Format] = {}  # canonical spec JSON -> its one Format
+        base: dict[str, dict[str, Any] | None] = {}
         for role in ROLES:
             spec = getattr(self, role)
             if spec is not None and not isinstance(spec, Mapping):
                 raise QuantConfigError(f"quant.{role} must be a format spec mapping or null, "
                                        f"got {spec!r}")
-            _build(spec, f"quant.{role}")
+            base[role] = None if spec is None else dict(spec)
+        specs: dict[str | None, dict[str, dict[str, Any] | None]] = {None: base}
+        formats = {None: {role: _build(base[role], f"quant.{role}", built) for role in ROLES}}
         if isinstance(self.exclude, str) or not isinstance(self.exclude, list):
             raise QuantConfigError(f"quant.exclude must be a list of regexes, got {self.exclude!r}")
         for pat in self.exclude:
@@ -97,6 +136,7 @@ class QuantConfig:
                                    f"got {self.overrides!r}")
         for pat, partial in self.overrides.items():
             _compile(pat, f"quant.overrides[{pat!r}]")
+            specs[pat], formats[pat] = dict(base), dict(formats[None])
             if not isinstance(partial, Mapping):
                 raise QuantConfigError(f"quant.overrides[{pat!r}] must map roles "
                                        f"({', '.join(ROLES)}) to specs, got {partial!r}")
@@ -108,7 +148,9 @@ class QuantConfig:
                 if sub is not None and not isinstance(sub, Mapping):
                     raise QuantConfigError(f"quant.overrides[{pat!r}].{role} must be a mapping "
                                            f"or null, got {sub!r}")
-                _build(merge_spec(getattr(self, role), sub), f"quant.overrides[{pat!r}].{role}")
+                specs[pat][role] = merge_spec(base[role], sub)
+                formats[pat][role] = _build(specs[pat][role], f"quant.overrides[{pat!r}].{role}",
+                                            built)
         from qat.quant.backends import BACKENDS
 
         if self.backend not in BACKENDS:
@@ -117,6 +159,10 @@ class QuantConfig:
         if self.v_block_axis not in V_AXES:
             raise QuantConfigError(f"quant.v_block_axis must be one of {', '.join(V_AXES)}; "
                                    f"got {self.v_block_axis!r}")
+        resolved = {pat: ModuleFormats(**roles) for pat, roles in formats.items()}
+        # Plain attributes, not fields: to_dict, == and repr see only the specs.
+        object.__setattr__(self, "_specs", specs)
+        object.__setattr__(self, "_resolved", resolved)
 
     def is_excluded(self, name: str) -> bool:
         return any(re.search(p, name) for p in self.exclude)
@@ -129,24 +175,28 @@ class QuantConfig:
         return None
 
     def spec_for(self, role: str, name: str) -> dict[str, Any] | None:
-        """The resolved spec of ``role`` for module ``name`` (overrides applied)."""
-        spec = getattr(self, role)
-        pat = self.override_for(name)
-        if pat is not None and role in self.overrides[pat]:
-            spec = merge_spec(spec, self.overrides[pat][role])
-        return spec
+        """The spec of ``role`` for module ``name`` (its override merged in; a copy)."""
+        spec = self._specs[self.override_for(name)][role]  # type: ignore[attr-defined]
+        return None if spec is None else dict(spec)
+
+    def formats_for(self, name: str) -> ModuleFormats:
+        """The formats of module ``name``: its override's, else the base ones; all None
+        (float) for an excluded module. Equal specs share one Format object."""
+        if self.is_excluded(name):
+            return FLOAT
+        return self._resolved[self.override_for(name)]  # type: ignore[attr-defined]
+
+    @property
+    def base_formats(self) -> ModuleFormats:
+        """The formats of a module that no override matches."""
+        return self._resolved[None]  # type: ignore[attr-defined]
 
     def format_for(self, role: str, name: str) -> Format | None:
-        """The format of ``role`` for module ``name``; equal specs share one Format object
-        (built once, so a ``codebook_file`` is read once, not once per layer)."""
-        spec = self.spec_for(role, name)
-        if spec is None:
-            return None
-        key = json.dumps(spec, sort_keys=True, default=str)
-        cache = self.__dict__.setdefault("_formats", {})
-        if key not in cache:
-            cache[key] = make_format(spec)
-        return cache[key]
+        """The format of ``role`` for module ``name`` (see ``formats_for``)."""
+        return getattr(self.formats_for(name), role)
+
+
+_FIELDS = frozenset(f.name for f in dataclasses.fields(QuantConfig))
 
 
 def _plain(v: Any) -> Any:
@@ -158,13 +208,18 @@ def _plain(v: Any) -> Any:
     return v
 
 
-def _build(spec: Mapping[str, Any] | None, where: str) -> Format | None:
+def _build(spec: Mapping[str, Any] | None, where: str, built: dict[str, Format]
+           ) -> Format | None:
+    """The Format of ``spec``, shared through ``built`` with every equal spec."""
     if spec is None:
         return None
-    try:
-        return make_format(spec)
-    except (FormatError, TypeError) as e:
-        raise QuantConfigError(f"{where}: {e}") from None
+    key = json.dumps(spec, sort_keys=True, default=str)
+    if key not in built:
+        try:
+            built[key] = make_format(spec)
+        except (FormatError, TypeError) as e:
+            raise QuantConfigError(f"{where}: {e}") from None
+    return built[key]
 
 
 def _compile(pat: Any, where: str) -> None:

@@ -88,7 +88,7 @@ def density_report(model: nn.Module) -> DensityReport:
     for name, m in model.named_modules():
         if not isinstance(m, (QuantLinear, QuantConv1D)):
             continue
-        wq, aq = m.weight_quantizer, m.input_quantizer
+        wq, aq = m.weight_quantizer, m.activation_quantizer
         wbits = wq.fmt.bits_per_element if wq is not None else float(_dtype_bits(m.weight))
         abits = aq.fmt.bits_per_element if aq is not None else 32.0
         layers.append(LayerDensity(

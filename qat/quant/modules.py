@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
@@ -9,24 +10,37 @@ from transformers.pytorch_utils import Conv1D
 from qat.quant.ste import FakeQuantizer
 
 
+def _share_parameters(new: nn.Module, old: nn.Module) -> None:
+    """Give ``new`` (built on the meta device) ``old``'s weight and bias objects: no copy, and
+    the state-dict keys, tied weights and optimiser references stay as they were."""
+    new.weight, new.bias = old.weight, old.bias
+    new.train(old.training)
+
+
 class QuantLinear(nn.Linear):
-    """``nn.Linear`` whose input and weight are fake-quantised on every forward.
+    """``nn.Linear`` whose input (activation) and weight are fake-quantised on every forward.
 
     The weight is blocked along ``in_features`` (the reduction dim), as is the input's last dim.
-    Parameters are shared with the module it replaces, so state-dict keys are unchanged.
+    ``from_linear`` shares the parameters of the module it replaces, so state-dict keys are
+    unchanged.
     """
 
-    weight_quantizer: FakeQuantizer | None
-    input_quantizer: FakeQuantizer | None
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None, *,
+                 weight_quantizer: FakeQuantizer | None = None,
+                 activation_quantizer: FakeQuantizer | None = None) -> None:
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self.weight_quantizer = weight_quantizer
+        self.activation_quantizer = activation_quantizer
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, weight_q: FakeQuantizer | None,
-                    input_q: FakeQuantizer | None) -> QuantLinear:
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        new.in_features, new.out_features = linear.in_features, linear.out_features
-        new.weight, new.bias = linear.weight, linear.bias
-        new.weight_quantizer, new.input_quantizer = weight_q, input_q
+    def from_linear(cls, linear: nn.Linear, weight_quantizer: FakeQuantizer | None,
+                    activation_quantizer: FakeQuantizer | None) -> QuantLinear:
+        """A QuantLinear that uses ``linear``'s own weight and bias."""
+        new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                  device="meta", weight_quantizer=weight_quantizer,
+                  activation_quantizer=activation_quantizer)
+        _share_parameters(new, linear)
         return new
 
     def quantized_weight(self, weight: Tensor | None = None) -> Tensor:
@@ -34,7 +48,7 @@ class QuantLinear(nn.Linear):
         return w if self.weight_quantizer is None else self.weight_quantizer(w)
 
     def quantized_input(self, x: Tensor) -> Tensor:
-        return x if self.input_quantizer is None else self.input_quantizer(x)
+        return x if self.activation_quantizer is None else self.activation_quantizer(x)
 
     def forward_with_weight(self, x: Tensor, weight: Tensor) -> Tensor:
         """Forward with an effective weight (LoRA's ``W + BA``) in place of ``self.weight``."""
@@ -47,21 +61,24 @@ class QuantLinear(nn.Linear):
 class QuantConv1D(Conv1D):
     """GPT-2's ``Conv1D`` (weight ``[in, out]``), quantised along ``in`` (dim 0)."""
 
-    weight_quantizer: FakeQuantizer | None
-    input_quantizer: FakeQuantizer | None
+    def __init__(self, nf: int, nx: int, *, weight_quantizer: FakeQuantizer | None = None,
+                 activation_quantizer: FakeQuantizer | None = None) -> None:
+        super().__init__(nf, nx)
+        self.weight_quantizer = weight_quantizer
+        self.activation_quantizer = activation_quantizer
 
     @classmethod
-    def from_conv1d(cls, conv: Conv1D, weight_q: FakeQuantizer | None,
-                    input_q: FakeQuantizer | None) -> QuantConv1D:
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        new.nf, new.nx = conv.nf, getattr(conv, "nx", conv.weight.shape[0])
-        new.weight, new.bias = conv.weight, conv.bias
-        new.weight_quantizer, new.input_quantizer = weight_q, input_q
+    def from_conv1d(cls, conv: Conv1D, weight_quantizer: FakeQuantizer | None,
+                    activation_quantizer: FakeQuantizer | None) -> QuantConv1D:
+        """A QuantConv1D that uses ``conv``'s own weight and bias."""
+        with torch.device("meta"):  # Conv1D takes no device; skip allocating a throwaway init
+            new = cls(conv.nf, conv.weight.shape[0], weight_quantizer=weight_quantizer,
+                      activation_quantizer=activation_quantizer)
+        _share_parameters(new, conv)
         return new
 
     def forward_with_weight(self, x: Tensor, weight: Tensor) -> Tensor:
-        qx = x if self.input_quantizer is None else self.input_quantizer(x)
+        qx = x if self.activation_quantizer is None else self.activation_quantizer(x)
         qw = weight if self.weight_quantizer is None else self.weight_quantizer(weight)
         out = qx.reshape(-1, qx.size(-1)) @ qw + self.bias
         return out.reshape(*x.shape[:-1], self.nf)

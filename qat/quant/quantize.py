@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import functools
-import inspect
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from qat.quant import attention
+from qat.quant import attention as attention_impl
 from qat.quant.config import QuantConfig, QuantConfigError
 from qat.quant.modules import MatmulQuantizer, QuantConv1D, QuantLinear
 from qat.quant.ste import FakeQuantizer, SharedInput
@@ -18,18 +16,37 @@ from qat.quant.ste import FakeQuantizer, SharedInput
 CONFIG_ATTR = "qat_config"  # key under which the quant config is kept in model.config
 
 
-@functools.cache
-def _routes_through_attention_interface(cls: type) -> bool:
-    """True for modules whose forward dispatches to transformers' attention registry."""
-    try:
-        src = inspect.getsource(cls.forward)
-    except (OSError, TypeError):
-        return False
-    return "ALL_ATTENTION_FUNCTIONS" in src
+def attention_classes(model: nn.Module) -> tuple[set[type], set[str]]:
+    """The attention module classes ``model`` declares, as classes and as class names.
+
+    Read from transformers' own registry of them, ``_can_record_outputs`` (the modules whose
+    outputs ``output_attentions`` records: its ``attentions`` / ``cross_attentions`` entries, a
+    class, a class name, an ``OutputRecorder`` or a list of these), on every PreTrainedModel
+    in ``model`` (the task head and its base model). Whether those modules really call the
+    attention interface is transformers' check, in ``set_attn_implementation``.
+    """
+    classes: set[type] = set()
+    names: set[str] = set()
+    for m in model.modules():
+        for key, entry in (getattr(type(m), "_can_record_outputs", None) or {}).items():
+            if not key.endswith("attentions"):
+                continue
+            for item in entry if isinstance(entry, (list, tuple)) else [entry]:
+                target = getattr(item, "target_class", None) or getattr(item, "class_name", None)
+                item = target or item
+                if isinstance(item, type):
+                    classes.add(item)
+                elif isinstance(item, str):
+                    names.add(item)
+    return classes, names
 
 
-def is_attention_module(module: nn.Module) -> bool:
-    return _routes_through_attention_interface(type(module))
+def attention_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``(name, module)`` of every attention module of ``model`` (see ``attention_classes``)."""
+    classes, names = attention_classes(model)
+    for name, m in model.named_modules():
+        if name and (isinstance(m, tuple(classes)) or type(m).__name__ in names):
+            yield name, m
 
 
 def is_quantized(model: nn.Module) -> bool:
@@ -54,6 +71,7 @@ def quantize_model(model: nn.Module, config: QuantConfig | Mapping[str, Any] | N
     replacements: list[tuple[str, nn.Module]] = []
     uses_matmul = False
     names = []
+    attention = dict(attention_modules(model))
     for name, module in model.named_modules():
         if not name:
             continue
@@ -61,10 +79,11 @@ def quantize_model(model: nn.Module, config: QuantConfig | Mapping[str, Any] | N
         if config.is_excluded(name):
             continue
         pat = config.override_for(name)
+        formats = config.formats_for(name)
         if isinstance(module, (nn.Linear, Conv1D)):
             if pat is not None:
                 used_overrides.add(pat)
-            wf, af = config.format_for("weight", name), config.format_for("activation", name)
+            wf, af = formats.weight, formats.activation
             if wf is None and af is None:
                 continue
             wdim = 0 if isinstance(module, Conv1D) else -1
@@ -74,13 +93,18 @@ def quantize_model(model: nn.Module, config: QuantConfig | Mapping[str, Any] | N
                 replacements.append((name, QuantConv1D.from_conv1d(module, wq, aq)))
             else:
                 replacements.append((name, QuantLinear.from_linear(module, wq, aq)))
-        elif is_attention_module(module):
+        elif name in attention:
             if pat is not None:
                 used_overrides.add(pat)
-            mf = config.format_for("matmul", name)
-            if mf is not None:
-                module.qat_matmul = MatmulQuantizer(mf, config.v_block_axis, config.backend)
+            if formats.matmul is not None:
+                module.qat_matmul = MatmulQuantizer(formats.matmul, config.v_block_axis,
+                                                    config.backend)
                 uses_matmul = True
+    wants_matmul = any(config.formats_for(n).matmul is not None for n in names)
+    if wants_matmul and not attention:
+        raise QuantConfigError(f"quant.matmul is set but {type(model).__name__} declares no "
+                               "attention modules (transformers' _can_record_outputs); set "
+                               "quant.matmul: null")
     unused = [p for p in config.overrides if p not in used_overrides]
     if unused:
         sample = ", ".join(names[:8])
@@ -96,7 +120,18 @@ def quantize_model(model: nn.Module, config: QuantConfig | Mapping[str, Any] | N
         if not hasattr(model, "set_attn_implementation"):
             raise QuantConfigError("quant.matmul needs a transformers PreTrainedModel; "
                                    "set quant.matmul: null for other models")
-        model.set_attn_implementation(attention.ATTN_IMPLEMENTATION)
+        impl = attention_impl.ATTN_IMPLEMENTATION
+        try:
+            model.set_attn_implementation(impl)
+        except ValueError as e:
+            raise QuantConfigError(f"quant.matmul: {type(model).__name__} cannot run the qat "
+                                   f"attention ({str(e).splitlines()[0]}); set quant.matmul: "
+                                   "null") from None
+        # transformers only warns when a model's attention bypasses its interface.
+        if getattr(model.config, "_attn_implementation", None) != impl:
+            raise QuantConfigError(f"quant.matmul: {type(model).__name__}'s attention does not "
+                                   "go through transformers' attention interface; set "
+                                   "quant.matmul: null")
     if hasattr(model, "config"):
         setattr(model.config, CONFIG_ATTR, config.to_dict())
     model.qat_quant_config = config
@@ -109,7 +144,7 @@ def share_sibling_inputs(linears: list[tuple[str, nn.Module]]) -> None:
     Siblings that are handed different tensors simply miss the cache."""
     groups: dict[tuple, list[FakeQuantizer]] = {}
     for name, m in linears:
-        aq = m.input_quantizer
+        aq = m.activation_quantizer
         if aq is not None:
             key = (name.rpartition(".")[0], aq.fmt, aq.dim, aq.backend)
             groups.setdefault(key, []).append(aq)
