@@ -81,8 +81,8 @@ def test_cuda_without_a_gpu_is_one_clear_error(tmp_path, no_cuda, monkeypatch, c
     monkeypatch.setattr(qat.models, "load_causal_lm", fail)
     monkeypatch.setenv("QAT_WIKITEXT_DIR", str(tmp_path))
     (tmp_path / "test.txt").write_text("some text " * 50)
-    module = {"eval": "qat.cli.eval", "perplexity": "qat.tasks.language_modeling",
-              "profile": "qat.analysis.profile", "export": "qat.export.packed"}[command]
+    module = {"eval": "qat.cli.eval", "perplexity": "qat.cli.perplexity",
+              "profile": "qat.cli.profile", "export": "qat.cli.export"}[command]
     extra = ["--out", str(tmp_path / "packed")] if command == "export" else []
     argv = [tiny_recipe(tmp_path), "--device", "cuda", *extra]
     assert importlib.import_module(module).main(argv) == 2
