@@ -84,8 +84,8 @@ def test_resume_applies_the_checkpoint_state_and_warns_when_it_differs(tmp_path,
         apply_checkpoint_state(recipe, ckpt)
     assert "using its quant config and finetune mode (lora), not the recipe's" in caplog.text
     args = recipe.args
-    assert args.finetune == "lora" and args.quant.weight["width"] == 6
-    assert args.quant.activation is None and (args.lora.r, args.lora.alpha) == (4, 8)
+    assert args.finetune == "lora" and args.quant.to_dict()["weight"]["width"] == 6
+    assert args.quant.to_dict()["activation"] is None and (args.lora.r, args.lora.alpha) == (4, 8)
     assert args.model_name_or_path == make_tiny_model_dir(tmp_path)  # not the checkpoint
 
 
@@ -139,6 +139,9 @@ def test_recipe_object_with_overrides(tmp_path):
     assert not _quantised(built.model) and built.recipe.args.quant is None
     assert recipe.args.quant is not None  # the caller's recipe is left as it was
     assert _quantised(build_model(recipe).model)
+    w6 = build_model(recipe, ["--quant.weight.width", "6"])
+    assert w6.recipe.args.quant.to_dict()["weight"]["width"] == 6
+    assert recipe.resolved["quant"]["weight"]["width"] == 4  # nested override did not leak
     with pytest.raises(ConfigError, match="quant.wieght"):
         build_model(recipe, ["--quant.wieght.width", "4"])
 

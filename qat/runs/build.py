@@ -11,6 +11,7 @@ The rule "what a checkpoint's state overrides" lives here once: ``checkpoint_ove
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -180,7 +181,7 @@ def _resolve(source: Any, overrides: Sequence[str] | Mapping[str, Any]
     if isinstance(source, Recipe):
         recipe = source
         if overrides:  # rebuild from the resolved mapping, so the overrides are validated
-            data = dict(recipe.resolved)
+            data = copy.deepcopy(recipe.resolved)  # nested overrides must not reach the caller's
             for key, value in _parsed(overrides).items():
                 apply_override(data, key, value)
             recipe = build_recipe(data, recipe.source)
