@@ -72,19 +72,18 @@ def ptq_eval(float_dir: Path, recipe_path: str, overrides: list[str]) -> dict:
     """Quantise a trained float model with the recipe's quant config and evaluate it."""
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
-    from qat import quantize_model
-    from qat.models import load_sequence_classifier, load_tokenizer
+    from qat.runs.build import build_model
     from qat.tasks.glue import get_task, load_glue, tokenize_glue
 
     recipe = load_recipe(recipe_path, overrides)
-    task = get_task(recipe.args.task_name)
-    tok = load_tokenizer(str(float_dir))
-    model = load_sequence_classifier(str(float_dir), task.num_labels)
-    quantize_model(model, recipe.args.quant)
-    data = tokenize_glue(load_glue(task.name, recipe.args.data_dir,
-                                   splits=task.validation_splits), task, tok,
-                         recipe.args.max_length)
-    trainer = Trainer(model=model, args=TrainingArguments(
+    # the float run (its weights, tokenizer and recipe.yaml) under the recipe's quant config
+    built = build_model(float_dir, {"quant": recipe.resolved["quant"]})
+    args = built.recipe.args
+    task = get_task(args.task_name)
+    tok = built.tokenizer
+    data = tokenize_glue(load_glue(task.name, args.data_dir, splits=task.validation_splits),
+                         task, tok, args.max_length)
+    trainer = Trainer(model=built.model, args=TrainingArguments(
         output_dir=str(float_dir / "ptq"), per_device_eval_batch_size=128, report_to=[]),
         data_collator=DataCollatorWithPadding(tok), compute_metrics=task.trainer_metrics)
     return trainer.evaluate(data[task.validation_splits[0]])

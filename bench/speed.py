@@ -36,10 +36,12 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from qat.models import HEAD_NAMES  # noqa: E402
+
 W4A4 = {"weight": {"format": "bfp", "width": 4, "exponent_width": 8, "block_size": 16},
         "activation": {"format": "bfp", "width": 4, "exponent_width": 8, "block_size": 16},
         "matmul": {"format": "bfp", "width": 4, "exponent_width": 8, "block_size": 16},
-        "exclude": ["score", "classifier", "lm_head"]}
+        "exclude": list(HEAD_NAMES)}
 KERNEL_FORMATS = [{"format": "bfp", "width": 4}, {"format": "bfp", "width": 6},
                   {"format": "mxfp8_e4m3"}, {"format": "mxfp8_e5m2"}, {"format": "mxfp6_e2m3"},
                   {"format": "mxfp6_e3m2"}, {"format": "mxfp4"}, {"format": "mxint8"},

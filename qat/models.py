@@ -12,6 +12,12 @@ import torch
 from qat.errors import QatError
 
 PKG_SCHEME = "pkg://"
+# The task heads every supported architecture names its output layer with: classification
+# heads (sequence classifiers: BERT's ``classifier``, decoders' ``score``) and the LM head.
+# They are freshly initialised or tied to the embeddings, so quantisation leaves them float
+# (``QuantConfig.exclude``) and ``finetune: classifier`` / LoRA's ``modules_to_save`` train them.
+CLASSIFIER_HEADS = ("score", "classifier")
+HEAD_NAMES = (*CLASSIFIER_HEADS, "lm_head")
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
@@ -76,6 +82,26 @@ def load_tokenizer(name: str, gguf_file: str | None = None):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     return tok
+
+
+def tokenizer_source(model_name_or_path: str, gguf_file: str | None = None,
+                     tokenizer_name_or_path: str | None = None,
+                     checkpoint: str | os.PathLike | None = None) -> tuple[str, str | None]:
+    """Where the tokenizer comes from, as ``(name, gguf_file)``: a checkpoint's own tokenizer
+    wins (saved by ``qat train``); then ``tokenizer_name_or_path`` (never from the GGUF file);
+    then the model's own (from its GGUF file when the model is one)."""
+    if checkpoint is not None and (Path(checkpoint) / "tokenizer_config.json").is_file():
+        return str(checkpoint), None
+    if tokenizer_name_or_path:
+        return tokenizer_name_or_path, None
+    return model_name_or_path, gguf_file
+
+
+def load_tokenizer_for(args: Any, checkpoint: str | os.PathLike | None = None):
+    """The tokenizer of the model ``args`` names (``model_name_or_path``, ``gguf_file``,
+    ``tokenizer_name_or_path``), resolved by ``tokenizer_source``."""
+    return load_tokenizer(*tokenizer_source(args.model_name_or_path, args.gguf_file,
+                                            args.tokenizer_name_or_path, checkpoint))
 
 
 def load_sequence_classifier(name: str, num_labels: int, gguf_file: str | None = None,

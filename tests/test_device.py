@@ -22,7 +22,6 @@ import qat.cli.perplexity
 import qat.cli.profile
 import qat.models
 import qat.runs.build
-import qat.tasks.language_modeling
 from qat.models import DeviceError, resolve_device
 
 
@@ -111,7 +110,7 @@ def _spy_on_forward(monkeypatch: pytest.MonkeyPatch, seen: dict[str, Any]) -> No
     """Resolve every device to ``meta`` and hook the loaded model's forward."""
     monkeypatch.setattr(qat.models, "resolve_device",
                         lambda spec=None, use_cpu=False: torch.device("meta"))
-    real_load_model = qat.runs.build.load_model
+    real_build_model = qat.runs.build.build_model
 
     def hook(module, args, kwargs):
         tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
@@ -119,21 +118,13 @@ def _spy_on_forward(monkeypatch: pytest.MonkeyPatch, seen: dict[str, Any]) -> No
         seen["params"] = {str(p.device) for p in module.parameters()}
         raise _Seen
 
-    def load_model(src, num_labels, device=None):
-        seen["device_arg"] = device
-        model, tok = real_load_model(src, num_labels, device)
-        model.register_forward_pre_hook(hook, with_kwargs=True)
-        return model, tok
+    def build_model(source, overrides=(), **kwargs):
+        seen["device_arg"] = kwargs.get("device")
+        built = real_build_model(source, overrides, **kwargs)
+        built.model.register_forward_pre_hook(hook, with_kwargs=True)
+        return built
 
-    monkeypatch.setattr(qat.runs.build, "load_model", load_model)
-    real_load_lm = qat.tasks.language_modeling.load_lm
-
-    def load_lm(args, chunk_size=2):
-        model, tok = real_load_lm(args, chunk_size)
-        model.register_forward_pre_hook(hook, with_kwargs=True)
-        return model, tok
-
-    monkeypatch.setattr(qat.tasks.language_modeling, "load_lm", load_lm)
+    monkeypatch.setattr(qat.runs.build, "build_model", build_model)
 
 
 @pytest.mark.parametrize("command", ["eval", "perplexity", "profile"])
@@ -154,8 +145,7 @@ def test_model_and_batches_go_to_the_resolved_device(tmp_path, monkeypatch, comm
             qat.cli.profile.run(recipe, ["--num_batches", "1", "--device", "cpu"])
     assert seen["inputs"] == {"meta"}, seen  # input_ids, attention_mask, ... all moved
     assert seen["params"] == {"meta"}, seen
-    if command != "perplexity":
-        assert seen["device_arg"] == torch.device("meta")
+    assert seen["device_arg"] == torch.device("meta")
 
 
 def test_export_loads_on_the_resolved_device(tmp_path, monkeypatch) -> None:
@@ -163,11 +153,11 @@ def test_export_loads_on_the_resolved_device(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(qat.models, "resolve_device",
                         lambda spec=None, use_cpu=False: torch.device("meta"))
 
-    def load_model(src, num_labels, device=None):
-        seen["device"] = device
+    def build_model(source, overrides=(), **kwargs):
+        seen["device"] = kwargs.get("device")
         raise _Seen
 
-    monkeypatch.setattr(qat.runs.build, "load_model", load_model)
+    monkeypatch.setattr(qat.runs.build, "build_model", build_model)
     with pytest.raises(_Seen):
         qat.cli.export.run(tiny_recipe(tmp_path), ["--out", str(tmp_path / "packed"),
                                                "--device", "cpu"])

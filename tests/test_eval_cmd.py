@@ -13,7 +13,7 @@ from tiny import tiny_recipe
 from qat.cli.base import split_options
 from qat.cli.eval import main
 from qat.quant.modules import QuantLinear
-from qat.runs.build import load_model, resolve_source
+from qat.runs.build import build_model, resolve_source
 from qat.runs.checkpoints import QAT_CONFIG_FILE
 from qat.runs.recipe import load_recipe
 
@@ -44,7 +44,8 @@ def test_ptq_from_recipe_writes_metrics_and_density(tmp_path, capsys):
 def _save_full_run(tmp_path: Path) -> tuple[Path, torch.nn.Module, dict]:
     """What `qat train` leaves: weights of a quantised model, qat_config.json, recipe.yaml."""
     recipe = load_recipe(tiny_recipe(tmp_path))
-    model, tok = load_model(resolve_source(recipe.source, []), 2)
+    built = build_model(recipe.source, [], num_labels=2)
+    model, tok = built.model, built.tokenizer
     run = tmp_path / "run"
     model.save_pretrained(run)
     tok.save_pretrained(run)
@@ -60,7 +61,7 @@ def test_full_checkpoint_rebuilds_the_quantised_model(tmp_path):
     assert "qat_config" in json.loads((run / "config.json").read_text())
     src = resolve_source(str(run), [])
     assert src.checkpoint == run and src.recipe.args.model_name_or_path == str(run)
-    rebuilt, _ = load_model(src, 2)
+    rebuilt = build_model(src, num_labels=2).model
     assert isinstance(rebuilt.bert.encoder.layer[0].attention.self.query, QuantLinear)
     with torch.no_grad():
         assert torch.equal(rebuilt(**batch).logits, model(**batch).logits)
@@ -76,7 +77,8 @@ def test_lora_checkpoint_attaches_adapter_on_quantised_base(tmp_path):
 
     recipe_path = tiny_recipe(tmp_path, finetune="lora")
     recipe = load_recipe(recipe_path)
-    base, tok = load_model(resolve_source(recipe_path, []), 2)
+    built = build_model(recipe_path, [], num_labels=2)
+    base, tok = built.model, built.tokenizer
     cfg = make_lora_config(base, 4, 8, 0.0, None, modules_to_save=["classifier"])
     model = get_peft_model(base, cfg)
     for name, p in model.named_parameters():  # non-zero B so the adapter matters
@@ -88,7 +90,7 @@ def test_lora_checkpoint_attaches_adapter_on_quantised_base(tmp_path):
         {"quant": recipe.args.quant.to_dict(), "finetune": "lora",
          "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": None}}))
     recipe.save(run)
-    rebuilt, _ = load_model(resolve_source(str(run), []), 2)
+    rebuilt = build_model(str(run), [], num_labels=2).model
     assert any(isinstance(m, QuantLoraLinear) for m in rebuilt.modules())
     batch = tok(["a fine film", "dull"], return_tensors="pt", padding=True)
     model.eval()

@@ -30,7 +30,7 @@ from qat.export.packed import (
 )
 from qat.formats import make_format
 from qat.quant.modules import QuantLinear
-from qat.runs.build import load_model, resolve_source
+from qat.runs.build import build_model
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -81,7 +81,8 @@ def test_from_pretrained_rebuilds_identical_logits(tmp_path, weight):
     if weight["format"] not in _packers():
         pytest.skip(f"{weight['format']} not registered")
     recipe = tiny_recipe(tmp_path)
-    model, tok = load_model(resolve_source(recipe, ["--quant.weight", json.dumps(weight)]), 2)
+    built = build_model(recipe, ["--quant.weight", json.dumps(weight)], num_labels=2)
+    model, tok = built.model, built.tokenizer
     out = export_model(model, tmp_path / "export", tok)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model_type"] == "qat_packed" and "AutoModelForSequenceClassification" in \
@@ -119,7 +120,8 @@ def _sizes(model, path: Path) -> tuple[float, float, int, int]:
 
 
 def test_tiny_export_size(tmp_path):
-    model, tok = load_model(resolve_source(tiny_recipe(tmp_path), []), 2)
+    built = build_model(tiny_recipe(tmp_path), [], num_labels=2)
+    model, tok = built.model, built.tokenizer
     out = export_model(model, tmp_path / "export", tok)
     exp_packed, exp_file, written, size = _sizes(model, out / "qat_packed.safetensors")
     assert written == pytest.approx(exp_packed, rel=1e-3)  # BFP: exactly W + E/B bits
@@ -140,7 +142,8 @@ def test_export_command(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_real_minilm_export(tmp_path):
-    model, tok = load_model(resolve_source(str(REPO / "recipes" / "minilm_sst2.yaml"), []), 2)
+    built = build_model(str(REPO / "recipes" / "minilm_sst2.yaml"), [], num_labels=2)
+    model, tok = built.model, built.tokenizer
     out = export_model(model, tmp_path / "minilm", tok)
     exp_packed, exp_file, written, size = _sizes(model, out / "qat_packed.safetensors")
     assert written == pytest.approx(exp_packed, rel=1e-3)  # 10764288 x 4.5 / 8 bytes
@@ -205,7 +208,8 @@ def _logits(model, tok) -> list:
 def test_export_loads_with_trust_remote_code_without_importing_qat(tmp_path):
     """W4A4 (activations and attention quantised): the export's own modelling file imports the
     installed qat for the quantisers; the caller never does. Logits are bit-identical."""
-    model, tok = load_model(resolve_source(tiny_recipe(tmp_path), []), 2)
+    built = build_model(tiny_recipe(tmp_path), [], num_labels=2)
+    model, tok = built.model, built.tokenizer
     out = export_model(model, tmp_path / "export", tok)
     got = _load_in_fresh_python(out, "qat-installed")
     assert got["remote"] == _logits(model, tok)
@@ -219,14 +223,16 @@ def test_export_without_qat_loads_exactly_or_refuses(tmp_path):
     ImportError saying to install qat. Never a random model."""
     w_only = ["--quant.activation", "null", "--quant.matmul", "null", "--quant.weight",
               '{format: mxfp4}']
-    model, tok = load_model(resolve_source(tiny_recipe(tmp_path), w_only), 2)
+    built = build_model(tiny_recipe(tmp_path), w_only, num_labels=2)
+    model, tok = built.model, built.tokenizer
     out = export_model(model, tmp_path / "w-only", tok)
     got = _load_in_fresh_python(out, "block-qat")
     assert got["plain"].startswith("ValueError") and "trust_remote_code=True" in got["plain"]
     assert got["direct"].startswith("OSError"), got["direct"]
     assert got["remote"] == _logits(model, tok)
     assert not got["qat_imported"]
-    model, tok = load_model(resolve_source(tiny_recipe(tmp_path), []), 2)
+    built = build_model(tiny_recipe(tmp_path), [], num_labels=2)
+    model, tok = built.model, built.tokenizer
     out = export_model(model, tmp_path / "w4a4", tok)
     got = _load_in_fresh_python(out, "block-qat")
     assert got["remote"].startswith("ImportError") and "pip install qat" in got["remote"]
@@ -337,7 +343,8 @@ def test_tampered_export_fails_naming_what(tmp_path):
     that names the file and layer, not a model with garbage weights."""
     from safetensors.torch import load_file, save_file
 
-    model, tok = load_model(resolve_source(tiny_recipe(tmp_path), []), 2)
+    built = build_model(tiny_recipe(tmp_path), [], num_labels=2)
+    model, tok = built.model, built.tokenizer
     out = export_model(model, tmp_path / "export", tok)
     cfg_path = out / "config.json"
     cfg = json.loads(cfg_path.read_text())

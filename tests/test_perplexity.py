@@ -13,7 +13,7 @@ from tiny import make_tiny_model_dir, tiny_recipe
 from transformers import BertConfig, LlamaConfig, LlamaForCausalLM
 
 from qat.cli.perplexity import main
-from qat.errors import UsageError as CommandError
+from qat.errors import DataError, UsageError
 from qat.tasks.language_modeling import check_causal, chunk_ids, perplexity
 
 REPO = Path(__file__).resolve().parent.parent
@@ -35,7 +35,7 @@ def test_chunks_are_non_overlapping_and_drop_the_tail():
     chunks = chunk_ids(ids, 4, None)
     assert [c.tolist() for c in chunks] == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert len(chunk_ids(ids, 4, 1)) == 1
-    with pytest.raises(CommandError, match="fewer than one chunk"):
+    with pytest.raises(DataError, match="fewer than one chunk"):
         chunk_ids(ids, 16, None)
 
 
@@ -53,7 +53,7 @@ def test_perplexity_is_exp_of_mean_token_loss():
 
 
 def test_encoders_are_refused():
-    with pytest.raises(CommandError, match="not a causal"):
+    with pytest.raises(UsageError, match="not a causal"):
         check_causal(BertConfig(), "bert-thing")
     check_causal(LlamaConfig(), "llama-thing")
 

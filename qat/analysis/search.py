@@ -353,15 +353,14 @@ class Scorer:
     def __init__(self, recipe, spec: SearchSpec) -> None:
         import torch
 
-        from qat.runs.build import Source, load_model
+        from qat.runs.build import build_model
         from qat.tasks.glue import get_task
 
-        args = recipe.args
         self.recipe, self.spec = recipe, spec
-        self.task = get_task(args.task_name)
+        self.task = get_task(recipe.args.task_name)
         self.metric = self.task.metric_names[0]
-        float_recipe = dataclasses.replace(recipe, args=dataclasses.replace(args, quant=None))
-        self.model, self.tokenizer = load_model(Source(float_recipe), self.task.num_labels)
+        built = build_model(recipe, {"quant": None}, num_labels=self.task.num_labels)  # float
+        self.model, self.tokenizer = built.model, built.tokenizer
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.space = Space(self.model, recipe, spec)
         self._data: dict[str, Any] = {}

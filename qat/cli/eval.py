@@ -33,7 +33,7 @@ def run(path: str, overrides: list[str], output: str | None = None,
     returns and writes the results."""
     from qat import models
     from qat.quant.density import density_report
-    from qat.runs.build import load_model, resolve_source
+    from qat.runs.build import build_model, resolve_source
     from qat.tasks.glue import evaluate_split, get_task, load_glue, tokenize_glue
 
     if output is not None:
@@ -48,7 +48,8 @@ def run(path: str, overrides: list[str], output: str | None = None,
     if args.max_eval_samples:  # before tokenising
         for s in task.validation_splits:
             raw[s] = raw[s].select(range(min(args.max_eval_samples, len(raw[s]))))
-    model, tokenizer = load_model(src, task.num_labels, dev)
+    built = build_model(src, device=dev, num_labels=task.num_labels)
+    model, tokenizer = built.model, built.tokenizer
     data = tokenize_glue(raw, task, tokenizer, args.max_length)
     metrics: dict[str, dict[str, float]] = {}
     for split in task.validation_splits:

@@ -54,7 +54,7 @@ def run(path: str, argv: list[str]) -> dict[str, Any]:
     from qat.export.packed import check_destination, check_not_source, export_model
     from qat.models import resolve_device
     from qat.quant.density import density_report
-    from qat.runs.build import load_model, resolve_source
+    from qat.runs.build import build_model, resolve_source
     from qat.tasks.glue import get_task
 
     opts, overrides = split_options(argv, {"out": str, "overwrite": bool, "device": str})
@@ -66,7 +66,8 @@ def run(path: str, argv: list[str]) -> dict[str, Any]:
     check_destination(opts["out"], overwrite)
     task = get_task(src.recipe.args.task_name)
     device = resolve_device(opts.get("device"), src.recipe.training_args.use_cpu)
-    model, tokenizer = load_model(src, task.num_labels, device)
+    built = build_model(src, device=device, num_labels=task.num_labels)
+    model, tokenizer = built.model, built.tokenizer
     density = density_report(model)
     info: dict[str, Any] = {"out": str(opts["out"]), "density": density.to_dict()}
     out = export_model(model, opts["out"], tokenizer, overwrite=overwrite, info=info)

@@ -63,9 +63,7 @@ def run(path: str, argv: list[str]) -> dict[str, Any]:
 
     from qat import models
     from qat.quant.qdec import apply_qdec, check_quant_for_qdec
-    from qat.quant.quantize import quantize_model
-    from qat.runs.build import resolve_source
-    from qat.tasks.language_modeling import load_lm
+    from qat.runs.build import build_model, resolve_source
 
     opts, overrides = split_options(argv, OPTIONS)
     prompt = opts.get("prompt")
@@ -77,14 +75,12 @@ def run(path: str, argv: list[str]) -> dict[str, Any]:
     src = resolve_source(path, overrides)
     if src.finetune == "lora":
         raise UsageError(f"{path!r} is a LoRA run; qat generate needs a full model "
-                           "(merge the adapter first)")
+                         "(merge the adapter first)")
     args = src.recipe.args
     check_quant_for_qdec(args.quant, args.qdec)
     device = models.resolve_device(opts.get("device"), src.recipe.training_args.use_cpu)
-    model, tokenizer = load_lm(args)
-    if args.quant is not None:
-        quantize_model(model, args.quant)
-    model.to(device).eval()
+    built = build_model(src, head="causal_lm", device=device)
+    model, tokenizer = built.model, built.tokenizer
     results: dict[str, Any] = {}
     n, secs = _generate(model, tokenizer, prompt, max_new, "without QDEC")
     results["plain"] = {"tokens": n, "seconds": secs, "tokens_per_s": n / secs}

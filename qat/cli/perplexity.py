@@ -38,9 +38,14 @@ def run(path: str, argv: list[str]) -> dict[str, Any]:
     from qat import models
     from qat.quant.density import density_report
     from qat.quant.qdec import check_quant_for_qdec
-    from qat.quant.quantize import quantize_model
+    from qat.runs.build import build_model
     from qat.runs.recipe import load_recipe
-    from qat.tasks.language_modeling import chunk_ids, load_lm, load_wikitext, perplexity
+    from qat.tasks.language_modeling import (
+        check_chunk_size,
+        chunk_ids,
+        load_wikitext,
+        perplexity,
+    )
 
     opts, overrides = split_options(argv, OPTIONS)
     chunk_size = opts.get("chunk_size", 2048)
@@ -58,10 +63,9 @@ def run(path: str, argv: list[str]) -> dict[str, Any]:
     check_output_file(out)
     device = models.resolve_device(opts.get("device"), recipe.training_args.use_cpu)
     text = load_wikitext(opts.get("split", "test"))
-    model, tokenizer = load_lm(args, chunk_size)
-    if args.quant is not None:
-        quantize_model(model, args.quant)
-    model.to(device)
+    built = build_model(recipe, head="causal_lm", device=device, check=lambda config:
+                        check_chunk_size(config, chunk_size, args.model_name_or_path))
+    model, tokenizer = built.model, built.tokenizer
     qdec = _apply_qdec(model, args)
     ids = tokenizer(text, return_tensors="pt", verbose=False)["input_ids"][0].to(device)
     chunks = chunk_ids(ids, chunk_size, opts.get("max_chunks"))

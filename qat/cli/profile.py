@@ -30,7 +30,7 @@ def run(path: str, argv: list[str]) -> dict[str, Any]:
     from qat import models
     from qat.analysis.profile import plot, profile_model, write_csv
     from qat.quant.density import density_report
-    from qat.runs.build import load_model, resolve_source
+    from qat.runs.build import build_model, resolve_source
     from qat.tasks.glue import get_task, load_glue, tokenize_glue
 
     opts, overrides = split_options(argv, OPTIONS)
@@ -48,7 +48,8 @@ def run(path: str, argv: list[str]) -> dict[str, Any]:
     split = task.validation_splits[0]
     raw = load_glue(task.name, args.data_dir, splits=(split,))
     raw[split] = raw[split].select(range(min(nb * bs, len(raw[split]))))  # before tokenising
-    model, tokenizer = load_model(src, task.num_labels, device)
+    built = build_model(src, device=device, num_labels=task.num_labels)
+    model, tokenizer = built.model, built.tokenizer
     data = tokenize_glue(raw, task, tokenizer, args.max_length)[split].remove_columns("label")
     collate = DataCollatorWithPadding(tokenizer)
     batches = [{k: v.to(device) for k, v in

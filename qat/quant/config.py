@@ -10,6 +10,7 @@ from typing import Any
 
 from qat.errors import QatError
 from qat.formats import Format, FormatError, make_format
+from qat.models import HEAD_NAMES
 
 ROLES = ("weight", "activation", "matmul")
 V_AXES = ("head_dim", "seq")
@@ -67,8 +68,7 @@ class QuantConfig:
     weight: dict[str, Any] | None = None
     activation: dict[str, Any] | None = None
     matmul: dict[str, Any] | None = None
-    exclude: list[str] = dataclasses.field(
-        default_factory=lambda: ["score", "classifier", "lm_head"])
+    exclude: list[str] = dataclasses.field(default_factory=lambda: list(HEAD_NAMES))
     overrides: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     v_block_axis: str = "head_dim"
     backend: str = "auto"

@@ -49,6 +49,18 @@ class QuantLoraLinear(PeftLoraLinear):
         return self.get_base_layer().forward_with_weight(x, self.effective_weight())
 
 
+# peft's custom-module hook: LoRA on our quantised layers uses QuantLoraLinear (the one place
+# this mapping is written; fresh adapters and saved ones loaded for evaluation both use it).
+QUANT_LORA_MODULES: dict[type, type] = {QuantLinear: QuantLoraLinear,
+                                        QuantConv1D: QuantLoraLinear}
+
+
+def use_quant_lora(config: LoraConfig) -> LoraConfig:
+    """Make ``config`` put ``QuantLoraLinear`` on quantised linears; returns ``config``."""
+    config._register_custom_module(QUANT_LORA_MODULES)
+    return config
+
+
 def check_target_modules(linear_names: list[str], targets: list[str] | None) -> None:
     """Every ``lora.target_modules`` entry must name a linear layer the way peft matches a
     list (the full name, or its last dotted parts); peft itself only says "not found" once
@@ -77,5 +89,4 @@ def make_lora_config(model: nn.Module, r: int, alpha: int, dropout: float,
             target_modules = "all-linear"
     config = LoraConfig(task_type="SEQ_CLS", r=r, lora_alpha=alpha, lora_dropout=dropout,
                         target_modules=target_modules, modules_to_save=modules_to_save)
-    config._register_custom_module({QuantLinear: QuantLoraLinear, QuantConv1D: QuantLoraLinear})
-    return config
+    return use_quant_lora(config)

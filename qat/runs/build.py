@@ -1,16 +1,27 @@
-"""One model builder for every source: a recipe (its model quantised as its ``quant`` section
-says, for post-training quantisation) or a run / checkpoint directory (``qat_config.json``: the
-checkpoint's quant config, fine-tuning mode and LoRA adapter rebuild the trained model).
+"""One model builder for every source: ``build_model``.
 
-The rule "what a checkpoint's state overrides" lives here once: ``checkpoint_overrides``."""
+A source is a Hub id, a model folder or ``pkg://`` path (loaded as it is), a recipe (its model,
+or GGUF file, quantised as its ``quant`` section says: post-training quantisation), or a run /
+checkpoint directory (``qat_config.json``: the checkpoint's quant config, fine-tuning mode and
+LoRA adapter rebuild the trained model). ``qat train``, ``eval``, ``perplexity``, ``profile``,
+``export``, ``search`` and the benches all build through it.
+
+The rule "what a checkpoint's state overrides" lives here once: ``checkpoint_overrides``.
+"""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import os
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from qat.errors import UsageError
+from qat.errors import ConfigError, UsageError
+
+HEADS = ("sequence_classification", "causal_lm")
+RECIPE_SUFFIXES = (".yaml", ".yml")
 
 
 @dataclasses.dataclass
@@ -22,6 +33,50 @@ class Source:
     finetune: str = "full"
 
 
+@dataclasses.dataclass
+class ModelArgs:
+    """The model keys of a recipe, for a source that is a bare model name (no recipe)."""
+
+    model_name_or_path: str
+    gguf_file: str | None = None
+    tokenizer_name_or_path: str | None = None
+    torch_dtype: str | None = None
+    max_length: int | None = None
+    quant: Any = None  # QuantConfig | None
+    finetune: str = "full"
+    lora: Any = None
+    task_name: str | None = None
+
+
+@dataclasses.dataclass
+class Built:
+    """What ``build_model`` returns. ``recipe`` is None for a bare model name; ``checkpoint``
+    is the run / checkpoint directory the weights came from, if any."""
+
+    model: Any
+    tokenizer: Any
+    recipe: Any
+    checkpoint: Path | None
+    finetune: str
+    args: Any  # recipe.args, or ModelArgs for a bare model name
+
+
+def checkpoint_overrides(state: Mapping[str, Any], checkpoint: str | os.PathLike | None = None
+                         ) -> dict[str, Any]:
+    """The recipe keys a checkpoint's ``qat_config.json`` (``state``) overrides: its quant
+    config, fine-tuning mode and LoRA settings always win over the recipe. With ``checkpoint``
+    (building a model from it, not resuming a Trainer that reloads the weights itself), a
+    non-LoRA run's folder also becomes ``model_name_or_path`` (it holds the whole model; a
+    LoRA run holds only the adapter, whose base stays the recipe's model)."""
+    finetune = state.get("finetune") or "full"
+    out: dict[str, Any] = {"quant": state.get("quant"), "finetune": finetune}
+    if state.get("lora"):
+        out["lora"] = dict(state["lora"])
+    if checkpoint is not None and finetune != "lora":
+        out.update(model_name_or_path=str(checkpoint), gguf_file=None)
+    return out
+
+
 def find_recipe_yaml(ckpt: Path) -> Path | None:
     for d in (ckpt, ckpt.parent):
         if (d / "recipe.yaml").is_file():
@@ -29,95 +84,195 @@ def find_recipe_yaml(ckpt: Path) -> Path | None:
     return None
 
 
-def resolve_source(path: str, overrides: list[str]) -> Source:
+def _parsed(overrides: Sequence[str] | Mapping[str, Any]) -> dict[str, Any]:
+    from qat.runs.recipe import parse_overrides
+
+    if isinstance(overrides, Mapping):
+        return dict(overrides)
+    return parse_overrides(list(overrides))
+
+
+def resolve_source(path: str | os.PathLike, overrides: Sequence[str] | Mapping[str, Any] = ()
+                   ) -> Source:
     """A recipe file, or a run/checkpoint directory with ``qat_config.json``."""
     from qat.runs.checkpoints import QAT_CONFIG_FILE, check_weights, read_qat_config
-    from qat.runs.recipe import (
-        apply_override,
-        build_recipe,
-        load_recipe,
-        load_recipe_dict,
-        parse_overrides,
-    )
+    from qat.runs.recipe import apply_override, build_recipe, load_recipe, load_recipe_dict
 
+    path = str(path)
     p = Path(path).expanduser()
     if p.is_file():
-        return Source(load_recipe(p, overrides))
+        return Source(load_recipe(p, _parsed(overrides)))
     if not p.exists():
         raise UsageError(f"{path!r} does not exist (expected a recipe .yaml or a checkpoint "
-                           "directory)")
+                         "directory)")
     if not p.is_dir():
         raise UsageError(f"{path!r} is not a regular file or a directory (expected a recipe "
-                           ".yaml or a checkpoint directory)")
+                         ".yaml or a checkpoint directory)")
     if not (p / QAT_CONFIG_FILE).is_file():
         raise UsageError(f"{path!r} is a directory that holds no {QAT_CONFIG_FILE}: not a "
-                           "qat checkpoint (written by qat train); give a recipe .yaml file, "
-                           "or to evaluate a plain model, a recipe whose model_name_or_path "
-                           "points at it")
+                         "qat checkpoint (written by qat train); give a recipe .yaml file, "
+                         "or to evaluate a plain model, a recipe whose model_name_or_path "
+                         "points at it")
     state = read_qat_config(p)
     check_weights(p, state["finetune"])  # a truncated file: one line naming it, not a traceback
     yaml_path = find_recipe_yaml(p)
     data: dict[str, Any] = dict(load_recipe_dict(yaml_path)) if yaml_path else {}
-    finetune = state.get("finetune") or "full"
-    # The checkpoint's quant config and mode win over its recipe; the user's overrides win last.
-    ckpt_keys: dict[str, Any] = {"quant": state.get("quant"), "finetune": finetune}
-    if state.get("lora"):
-        ckpt_keys["lora"] = state["lora"]
-    if finetune != "lora":  # the run dir holds the whole model; a LoRA run holds the adapter
-        ckpt_keys.update(model_name_or_path=str(p), gguf_file=None)
     data.setdefault("output_dir", str(p))
-    for key, value in {**ckpt_keys, **parse_overrides(overrides)}.items():
+    ckpt_keys = checkpoint_overrides(state, p)
+    # the user's overrides win last
+    for key, value in {**ckpt_keys, **_parsed(overrides)}.items():
         apply_override(data, key, value)  # build_recipe rejects unknown keys
     if not data.get("task_name"):
         raise UsageError(f"{path!r}: no recipe.yaml in it or its parent says which task; "
-                           "pass --task_name")
+                         "pass --task_name")
+    finetune = ckpt_keys["finetune"]
     if finetune == "lora" and not data.get("model_name_or_path"):
         raise UsageError(f"{path!r} is a LoRA checkpoint, but no recipe.yaml names the base "
-                           "model; pass --model_name_or_path")
+                         "model; pass --model_name_or_path")
     return Source(build_recipe(data, str(yaml_path or p)), p, finetune)
 
 
-def load_model(src: Source, num_labels: int, device: Any = None):
-    """The sequence classifier of ``src``, quantised as its config says, in eval mode, on
-    ``device`` (a ``torch.device``; None: ``resolve_device("auto")``, the GPU when there is
-    one, as ``qat train`` does)."""
+def _is_model_name(path: str) -> bool:
+    """A Hub id, ``pkg://`` path or model folder, rather than a recipe or a checkpoint."""
+    from qat.models import PKG_SCHEME
+    from qat.runs.checkpoints import QAT_CONFIG_FILE
+
+    if path.startswith(PKG_SCHEME):
+        return True
+    p = Path(path).expanduser()
+    if p.is_dir():
+        return (p / "config.json").is_file() and not (p / QAT_CONFIG_FILE).is_file()
+    # a missing ``*.yaml`` is a recipe that resolve_source reports; other names go to the Hub
+    return not p.exists() and p.suffix not in RECIPE_SUFFIXES and not path.startswith(
+        ("/", "./", "../", "~"))
+
+
+_MODEL_KEYS = {f.name for f in dataclasses.fields(ModelArgs)} - {"finetune", "lora",
+                                                                    "task_name"}
+
+
+def _model_args(name: str, overrides: Sequence[str] | Mapping[str, Any]) -> ModelArgs:
+    """A bare model name plus model-key overrides (``--quant.weight.width 6``, ...)."""
+    from qat.quant.config import QuantConfig, QuantConfigError
+    from qat.runs.recipe import apply_override
+
+    data: dict[str, Any] = {"model_name_or_path": name}
+    for key, value in _parsed(overrides).items():
+        if key.split(".")[0] not in _MODEL_KEYS:
+            raise ConfigError(f"--{key}: a model name takes only the model keys "
+                              f"{', '.join(sorted(_MODEL_KEYS))}; give a recipe for the rest")
+        apply_override(data, key, value)
+    try:
+        data["quant"] = QuantConfig.from_dict(data.get("quant"))
+    except QuantConfigError as e:
+        raise ConfigError(str(e)) from None
+    return ModelArgs(**data)
+
+
+def _resolve(source: Any, overrides: Sequence[str] | Mapping[str, Any]
+             ) -> tuple[Any, Any, Path | None, str]:
+    """``(recipe or None, args, checkpoint, finetune)`` of any source kind."""
+    from qat.runs.recipe import Recipe, apply_override, build_recipe
+
+    if isinstance(source, Source):
+        if overrides:
+            raise UsageError("build_model: a resolved Source takes no overrides")
+        return source.recipe, source.recipe.args, source.checkpoint, source.finetune
+    if isinstance(source, Recipe):
+        recipe = source
+        if overrides:  # rebuild from the resolved mapping, so the overrides are validated
+            data = copy.deepcopy(recipe.resolved)  # nested overrides must not reach the caller's
+            for key, value in _parsed(overrides).items():
+                apply_override(data, key, value)
+            recipe = build_recipe(data, recipe.source)
+        return recipe, recipe.args, None, recipe.args.finetune
+    path = os.fspath(source)
+    if _is_model_name(path):
+        args = _model_args(path, overrides)
+        return None, args, None, "full"
+    src = resolve_source(path, overrides)
+    return src.recipe, src.recipe.args, src.checkpoint, src.finetune
+
+
+def build_model(source: Any, overrides: Sequence[str] | Mapping[str, Any] = (), *,
+                head: str = "sequence_classification", device: Any = None,
+                num_labels: int | None = None,
+                check: Callable[[Any], None] | None = None) -> Built:
+    """Load, quantise and (for a LoRA checkpoint) attach the adapter of ``source``: a Hub id,
+    model folder or ``pkg://`` path, a recipe file or ``Recipe``, a run / checkpoint
+    directory, or a ``Source``; ``overrides`` are recipe keys (``["--quant", "null"]`` or a
+    mapping). The model's config is checked first (a folder that is not a model, ``max_length``
+    beyond its positions, an encoder as a causal LM, then ``check(config)``), before anything
+    heavy loads; a GGUF model's config is checked once loaded.
+
+    ``head``: ``sequence_classification`` (``num_labels`` outputs; default: the recipe task's,
+    whose class names go into the config) or ``causal_lm``. ``device``: a ``torch.device``
+    to move the model to; None leaves it where it loaded (the CPU), for a Trainer to place.
+    The model comes back in eval mode.
+    """
     import qat.quant.attention  # noqa: F401 - registers the "qat" attention a saved run may name
     from qat import models
-    from qat.models import check_max_length, load_sequence_classifier, load_tokenizer, preflight
     from qat.quant.quantize import quantize_model
 
-    args = src.recipe.args
-    ckpt = src.checkpoint
-    if device is None:
-        device = models.resolve_device(None, src.recipe.training_args.use_cpu)
-    config = preflight(args)
-    tok_name = args.tokenizer_name_or_path or args.model_name_or_path
-    gguf = None if args.tokenizer_name_or_path else args.gguf_file
-    if ckpt is not None and (ckpt / "tokenizer_config.json").is_file():
-        tok_name, gguf = str(ckpt), None
-    tokenizer = load_tokenizer(tok_name, gguf)
-    model = load_sequence_classifier(args.model_name_or_path, num_labels, args.gguf_file,
-                                     args.torch_dtype, pad_token_id=tokenizer.pad_token_id)
-    if config is None:  # GGUF: the config comes with the model
-        check_max_length(model.config, args.max_length, args.model_name_or_path)
+    if head not in HEADS:
+        raise UsageError(f"head must be one of {', '.join(HEADS)}; got {head!r}")
+    recipe, args, ckpt, finetune = _resolve(source, overrides)
+    id2label = None
+    if head == "sequence_classification":
+        task_name = getattr(args, "task_name", None)
+        if task_name is not None:
+            from qat.tasks.glue import get_task
+
+            task = get_task(task_name)
+            if num_labels in (None, task.num_labels):
+                num_labels, id2label = task.num_labels, task.id2label
+        if num_labels is None:
+            raise UsageError(f"model {args.model_name_or_path!r}: a sequence classifier needs "
+                             "num_labels (or a recipe with a task_name)")
+    config = models.load_config(args.model_name_or_path, args.gguf_file)
+    if config is not None:  # GGUF: its config is known only once loaded (below)
+        _check_config(config, args, head, check)
+    tokenizer = models.load_tokenizer_for(args, ckpt)
+    if head == "causal_lm":
+        model = models.load_causal_lm(args.model_name_or_path, args.gguf_file, args.torch_dtype)
+    else:
+        model = models.load_sequence_classifier(
+            args.model_name_or_path, num_labels, args.gguf_file, args.torch_dtype,
+            pad_token_id=tokenizer.pad_token_id, id2label=id2label)
+    if config is None:
+        _check_config(model.config, args, head, check)
     if args.quant is not None:
         quantize_model(model, args.quant)
-    if ckpt is not None and src.finetune == "lora":
+    if ckpt is not None and finetune == "lora":
         model = _attach_lora(model, ckpt)
-    return model.to(device).eval(), tokenizer
+    if device is not None:
+        model = model.to(device)
+    # eval mode throughout: quantize_model's new modules start in train mode (a Trainer puts
+    # the model back into train mode itself)
+    return Built(model.eval(), tokenizer, recipe, ckpt, finetune, args)
 
 
-def _attach_lora(model, ckpt: Path):
+def _check_config(config: Any, args: Any, head: str, check: Callable[[Any], None] | None
+                  ) -> None:
+    from qat.models import check_max_length
+
+    if head == "causal_lm":
+        from qat.tasks.language_modeling import check_causal
+
+        check_causal(config, args.model_name_or_path)
+    elif args.max_length is not None:
+        check_max_length(config, args.max_length, args.model_name_or_path)
+    if check is not None:
+        check(config)
+
+
+def _attach_lora(model: Any, ckpt: Path) -> Any:
     """Load a saved adapter onto the quantised base with ``QuantLoraLinear`` layers."""
     from peft import LoraConfig, PeftModel
 
-    from qat.quant.lora import QuantLoraLinear
-    from qat.quant.modules import QuantConv1D, QuantLinear
+    from qat.quant.lora import use_quant_lora
 
     if not (ckpt / "adapter_config.json").is_file():
         raise UsageError(f"{str(ckpt)!r} is a LoRA run but holds no adapter_config.json")
-    config = LoraConfig.from_pretrained(str(ckpt))
-    config._register_custom_module({QuantLinear: QuantLoraLinear, QuantConv1D: QuantLoraLinear})
+    config = use_quant_lora(LoraConfig.from_pretrained(str(ckpt)))
     return PeftModel.from_pretrained(model, str(ckpt), config=config)
-
-

@@ -121,23 +121,3 @@ def check_chunk_size(config: Any, chunk_size: int, name: str) -> None:
     if limit is not None and chunk_size > limit:
         raise UsageError(f"--chunk_size {chunk_size} is beyond the position limit of model "
                            f"{name!r} ({limit} positions); pass --chunk_size {limit} or less")
-
-
-def load_lm(args: Any, chunk_size: int = 2):
-    """Config checks first (cheap), then the causal LM and its tokenizer."""
-    from qat.models import load_causal_lm, load_config, load_tokenizer
-
-    # reading a GGUF's config costs as much as its tokenizer: load_config returns None, check
-    # the loaded model's config instead
-    config = load_config(args.model_name_or_path, args.gguf_file)
-    if config is not None:
-        check_causal(config, args.model_name_or_path)
-        check_chunk_size(config, chunk_size, args.model_name_or_path)
-    tok_name = args.tokenizer_name_or_path or args.model_name_or_path
-    tokenizer = load_tokenizer(tok_name, None if args.tokenizer_name_or_path else args.gguf_file)
-    model = load_causal_lm(args.model_name_or_path, args.gguf_file, args.torch_dtype)
-    check_causal(model.config, args.model_name_or_path)
-    check_chunk_size(model.config, chunk_size, args.model_name_or_path)
-    return model, tokenizer
-
-

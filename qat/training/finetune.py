@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from qat.models import CLASSIFIER_HEADS as HEAD_NAMES
 from qat.quant.lora import make_lora_config
-
-HEAD_NAMES = ("score", "classifier")
 
 
 def head_names(model: nn.Module) -> list[str]:

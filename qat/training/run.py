@@ -25,22 +25,25 @@ def check_fsdp_device(targs) -> None:
 
 
 def apply_checkpoint_state(recipe, checkpoint: str) -> None:
-    """On resume, the checkpoint's quant config, mode and LoRA settings win over the recipe."""
+    """On resume, what the checkpoint overrides (``qat.runs.build.checkpoint_overrides``: its
+    quant config, mode and LoRA settings) wins over the recipe, with a warning when they differ.
+    The weights stay the Trainer's to restore."""
     from qat.quant.config import QuantConfig
+    from qat.runs.build import checkpoint_overrides
     from qat.runs.checkpoints import read_qat_config
     from qat.runs.recipe import LoraArguments
 
-    state = read_qat_config(checkpoint)
+    keys = checkpoint_overrides(read_qat_config(checkpoint))
     args = recipe.args
-    quant = QuantConfig.from_dict(state["quant"])
+    quant = QuantConfig.from_dict(keys["quant"])
     if (None if quant is None else quant.to_dict()) != (
-            None if args.quant is None else args.quant.to_dict()) or state["finetune"] != \
+            None if args.quant is None else args.quant.to_dict()) or keys["finetune"] != \
             args.finetune:
         logger.warning("resuming from %s: using its quant config and finetune mode (%s), "
-                       "not the recipe's", checkpoint, state["finetune"])
-    args.quant, args.finetune = quant, state["finetune"]
-    if state.get("lora"):
-        args.lora = LoraArguments(**state["lora"])
+                       "not the recipe's", checkpoint, keys["finetune"])
+    args.quant, args.finetune = quant, keys["finetune"]
+    if "lora" in keys:
+        args.lora = LoraArguments(**keys["lora"])
 
 
 def last_complete_checkpoint(output_dir: str) -> str | None:
@@ -149,14 +152,9 @@ def _run_lock(recipe) -> Iterator[None]:
 def _train(recipe, checkpoint: str | None) -> dict:
     from transformers import DataCollatorWithPadding, set_seed
 
-    from qat.models import (
-        check_max_length,
-        linear_module_names,
-        load_sequence_classifier,
-        load_tokenizer,
-        preflight,
-    )
+    from qat.models import linear_module_names, preflight
     from qat.quant.lora import check_target_modules
+    from qat.runs.build import build_model
     from qat.tasks.glue import get_task, load_glue, tokenize_glue
     from qat.training.trainer import QATTrainer
 
@@ -177,13 +175,10 @@ def _train(recipe, checkpoint: str | None) -> dict:
     if args.max_eval_samples:
         for s in task.validation_splits:
             raw[s] = raw[s].select(range(min(args.max_eval_samples, len(raw[s]))))
-    tok_name = args.tokenizer_name_or_path or args.model_name_or_path
-    tokenizer = load_tokenizer(tok_name, None if args.tokenizer_name_or_path else args.gguf_file)
-    model = load_sequence_classifier(args.model_name_or_path, task.num_labels, args.gguf_file,
-                                     args.torch_dtype, pad_token_id=tokenizer.pad_token_id,
-                                     id2label=task.id2label)
-    if config is None:  # GGUF: its config is known only now, still before tokenising
-        check_max_length(model.config, args.max_length, args.model_name_or_path)
+    # quantised here (QATTrainer leaves a quantised model as it is); on resume the Trainer
+    # restores the weights and the adapter, the recipe already holds the checkpoint's settings
+    built = build_model(recipe, num_labels=task.num_labels)  # GGUF: checked before tokenising
+    model, tokenizer = built.model, built.tokenizer
     with targs.main_process_first(desc="tokenising"):
         data = tokenize_glue(raw, task, tokenizer, args.max_length)
     train = data["train"]
