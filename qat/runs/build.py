@@ -77,10 +77,10 @@ def resolve_source(path: str, overrides: list[str]) -> Source:
     return Source(build_recipe(data, str(yaml_path or p)), p, finetune)
 
 
-def load_model(src: Source, num_labels: int, device: Any = None):
-    """The sequence classifier of ``src``, quantised as its config says, in eval mode, on
-    ``device`` (a ``torch.device``; None: ``resolve_device("auto")``, the GPU when there is
-    one, as ``qat train`` does)."""
+def load_model(src: Source, num_labels: int | None, device: Any = None):
+    """The sequence classifier of ``src`` (``num_labels`` None: its causal LM), quantised as its
+    config says, in eval mode, on ``device`` (a ``torch.device``; None:
+    ``resolve_device("auto")``, the GPU when there is one, as ``qat train`` does)."""
     import qat.quant.attention  # noqa: F401 - registers the "qat" attention a saved run may name
     from qat import models
     from qat.models import check_max_length, load_sequence_classifier, load_tokenizer, preflight
@@ -96,8 +96,11 @@ def load_model(src: Source, num_labels: int, device: Any = None):
     if ckpt is not None and (ckpt / "tokenizer_config.json").is_file():
         tok_name, gguf = str(ckpt), None
     tokenizer = load_tokenizer(tok_name, gguf)
-    model = load_sequence_classifier(args.model_name_or_path, num_labels, args.gguf_file,
-                                     args.torch_dtype, pad_token_id=tokenizer.pad_token_id)
+    if num_labels is None:  # a decoder (task_name causal_lm / chat)
+        model = models.load_causal_lm(args.model_name_or_path, args.gguf_file, args.torch_dtype)
+    else:
+        model = load_sequence_classifier(args.model_name_or_path, num_labels, args.gguf_file,
+                                         args.torch_dtype, pad_token_id=tokenizer.pad_token_id)
     if config is None:  # GGUF: the config comes with the model
         check_max_length(model.config, args.max_length, args.model_name_or_path)
     if args.quant is not None:

@@ -62,6 +62,16 @@ class RecipeArguments:
     # Trainer's convention (dropped from TrainingArguments in transformers 5): a new run into a
     # folder that holds a run is refused unless this is true (qat.training.run.check_run_folder).
     overwrite_output_dir: bool = False
+    # --- decoders (task_name causal_lm / chat; qat.tasks.language_modeling, qat.tasks.chat) ---
+    dataset_name: str | None = None  # a Hub dataset; null or "wikitext": WikiText-2 raw
+    dataset_config: str | None = None
+    text_column: str = "text"
+    train_file: str | None = None  # local .txt / .jsonl / .json, instead of dataset_name
+    validation_file: str | None = None
+    train_split: str = "train"
+    eval_split: str = "validation"
+    block_size: int = 1024  # tokens per training / evaluation chunk (chat: per row, at most)
+    trainer: str = "qat"  # qat (QATTrainer) | sft (TRL's SFTTrainer: qat.integrations.trl)
 
 
 @dataclasses.dataclass
@@ -305,11 +315,14 @@ def build_recipe(data: dict[str, Any], source: str | None = None) -> Recipe:
             rule = ">= 1" if key == "max_length" else ">= 1 (or null for every row)"
             raise RecipeError(f"{where}{key} must be {rule}, got {ours[key]!r}")
     from qat.tasks.glue import GLUE_TASKS
+    from qat.tasks.language_modeling import LM_TASKS
 
-    if ours["task_name"] not in GLUE_TASKS:
+    tasks = [*GLUE_TASKS, *LM_TASKS]
+    if ours["task_name"] not in tasks:
         raise RecipeError(f"{where}unknown task_name {ours['task_name']!r}"
-                          f"{_suggest(str(ours['task_name']), list(GLUE_TASKS))}; valid tasks: "
-                          f"{', '.join(GLUE_TASKS)}")
+                          f"{_suggest(str(ours['task_name']), tasks)}; valid tasks: "
+                          f"{', '.join(tasks)}")
+    _check_decoder_values(ours, where)
     ours["lora"] = _build_lora(data.get("lora") or {}, where)
     try:
         ours["quant"] = QuantConfig.from_dict(data.get("quant"))
@@ -333,6 +346,32 @@ def build_recipe(data: dict[str, Any], source: str | None = None) -> Recipe:
     resolved["output_dir"] = targs["output_dir"]
     resolved["quant"] = None if ours["quant"] is None else ours["quant"].to_dict()
     return Recipe(RecipeArguments(**ours), training_args, resolved, source)
+
+
+def _check_decoder_values(ours: dict[str, Any], where: str) -> None:
+    """The decoder keys (task_name causal_lm / chat): values, and combinations that cannot work."""
+    if ours.get("block_size", 1024) < 2:
+        raise RecipeError(f"{where}block_size must be >= 2, got {ours['block_size']!r}")
+    if ours.get("trainer", "qat") not in ("qat", "sft"):
+        raise RecipeError(f"{where}trainer must be 'qat' or 'sft'; got {ours['trainer']!r}")
+    if "text_column" in ours and not ours["text_column"]:
+        raise RecipeError(f"{where}text_column must name a column, got "
+                          f"{ours.get('text_column')!r}")
+    if ours["task_name"] not in ("causal_lm", "chat"):
+        if ours.get("trainer", "qat") != "qat":
+            raise RecipeError(f"{where}trainer {ours['trainer']!r} needs task_name causal_lm "
+                              f"or chat, not {ours['task_name']!r}")
+        return
+    if ours["task_name"] == "chat" and not (ours.get("dataset_name") or ours.get("train_file")):
+        raise RecipeError(f"{where}task_name chat needs dataset_name or train_file (rows with "
+                          "messages, or prompt and completion)")
+    if bool(ours.get("train_file")) != bool(ours.get("validation_file")):
+        raise RecipeError(f"{where}train_file and validation_file go together (got only "
+                          f"{'train_file' if ours.get('train_file') else 'validation_file'}); "
+                          "give both, or neither and a dataset_name")
+    if ours.get("finetune") == "classifier":
+        raise RecipeError(f"{where}finetune classifier trains a classification head, which "
+                          f"task_name {ours['task_name']} has none of; use full or lora")
 
 
 def _check_training_values(targs: dict[str, Any], where: str) -> None:
