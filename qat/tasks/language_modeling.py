@@ -245,7 +245,7 @@ def lm_text(args: Any, which: str) -> tuple[str, str]:
 def lm_dataset(text: str, tokenizer: Any, block_size: int, max_chunks: int | None,
                where: str):
     """``text`` tokenised as ``qat perplexity`` does and packed into ``block_size`` chunks:
-    a ``datasets.Dataset`` of ``input_ids`` and ``labels`` (= input_ids)."""
+    a ``datasets.Dataset`` of ``input_ids``, ``attention_mask`` and ``labels`` (= input_ids)."""
     import torch
     from datasets import Dataset
 
@@ -255,7 +255,9 @@ def lm_dataset(text: str, tokenizer: Any, block_size: int, max_chunks: int | Non
     except DataError as e:
         raise DataError(f"{where}: {e}; lower block_size or give more text") from None
     block = torch.stack(chunks).numpy()
-    return Dataset.from_dict({"input_ids": block, "labels": block})
+    # an all-ones mask changes nothing for the model; TRL's SFTTrainer counts tokens with it
+    return Dataset.from_dict({"input_ids": block, "attention_mask": block * 0 + 1,
+                              "labels": block})
 
 
 def check_block_size(config: Any, block_size: int, name: str) -> None:

@@ -74,6 +74,10 @@ def train_decoder(recipe: Any, checkpoint: str | None,
         model.config.pad_token_id = tokenizer.pad_token_id
     logger.info("qat: %s, %d train and %d eval sequences of <= %d tokens", args.task_name,
                 len(train), len(evals), args.block_size)
+    if trainer_cls is not None:
+        # TRL keeps only input_ids and labels of a tokenised dataset and pads them with its own
+        # collator (labels as given, -100 padding, the attention mask rebuilt)
+        collator = None
     build = trainer_cls or QATTrainer
     trainer = build(model=model, args=targs, quant_config=args.quant, finetune=args.finetune,
                     lora=args.lora, on_nonfinite=args.on_nonfinite, train_dataset=train,
