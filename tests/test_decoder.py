@@ -149,3 +149,32 @@ def test_chat_needs_a_chat_template(tmp_path, capsys):
     model = make_tiny_causal_lm_dir(tmp_path)  # no template
     err = _bad(tmp_path, capsys, {"model_name_or_path": model}, chat=True)
     assert err.startswith(f"qat train: error: tokenizer {model!r} has no chat template")
+
+
+def test_decoder_recipe_keys_are_checked(tmp_path):
+    from qat.runs.recipe import RecipeError, load_recipe
+
+    recipe = lm_recipe(tmp_path)
+    cases = {
+        ("--trainer", "trl"): "trainer must be 'qat' or 'sft'; got 'trl'",
+        ("--block_size", "1"): "block_size must be >= 2, got 1",
+        ("--train_file", "a.jsonl"): "train_file and validation_file go together (got only "
+                                     "train_file)",
+        ("--finetune", "classifier"): "finetune classifier trains a classification head",
+        ("--task_name", "causal-lm"): "unknown task_name 'causal-lm' (did you mean "
+                                      "'causal_lm'?)",
+    }
+    for argv, message in cases.items():
+        with pytest.raises(RecipeError) as e:
+            load_recipe(recipe, list(argv))
+        assert message in str(e.value)
+
+
+def test_glue_commands_point_decoders_at_perplexity(tmp_path, capsys):
+    from qat.cli.eval import main as eval_main
+
+    assert eval_main([lm_recipe(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("qat eval: error: task_name 'causal_lm' trains a decoder, not a GLUE "
+                       "classifier; measure it with qat perplexity (or qat train --do_train "
+                       "false)")
