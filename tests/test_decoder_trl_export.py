@@ -97,3 +97,26 @@ def test_decoder_export_round_trip_with_generate(tmp_path, name, capsys):
         gen = packed.generate(ids, **kw)
         assert gen.shape[1] == ids.shape[1] + 6
         assert torch.equal(gen, ref.generate(ids, **kw))
+
+
+def test_lora_decoder_run_exports_and_generates(tmp_path):
+    """QAT LoRA on a decoder (a CAUSAL_LM adapter on W + BA), then the run folder exported:
+    the merged, packed model has the logits of the quantised base + adapter."""
+    from transformers import AutoModelForCausalLM
+
+    from qat.runs.build import load_model, resolve_source
+
+    recipe = lm_recipe(tmp_path, finetune="lora", lora={"r": 4, "alpha": 8}, max_steps=2)
+    assert train_main([recipe]) == 0
+    run_dir = tmp_path / "out"
+    assert json.loads((run_dir / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
+    out = tmp_path / "export"
+    assert export_main([str(run_dir), "--out", str(out), "--device", "cpu"]) == 0
+    ref, tok = load_model(resolve_source(str(run_dir), []), None, torch.device("cpu"))
+    packed = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = tok("the tower is tall", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(packed(input_ids=ids).logits, ref(input_ids=ids).logits,
+                                   rtol=1e-4, atol=1e-4)  # merging W + BA rounds once
+        assert packed.generate(ids, max_new_tokens=4, do_sample=False,
+                               pad_token_id=0).shape[1] == ids.shape[1] + 4
