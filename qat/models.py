@@ -126,8 +126,12 @@ def drop_dequantized_gguf(model: Any) -> Any:
     if any(type(m).__name__.startswith("Gguf") for m in model.modules()):
         return model  # packed GGUF kernels: really quantised, leave it as transformers made it
     model.hf_quantizer = None
+    model.is_quantized = False  # what transformers' own remove_quantization_config does
     if getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config
+    for m in model.modules():  # the flag transformers sets on every submodel's config
+        if getattr(getattr(m, "config", None), "_is_quantized", False):
+            m.config._is_quantized = False
     return model
 
 

