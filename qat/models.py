@@ -124,7 +124,8 @@ def load_sequence_classifier(name: str, num_labels: int, gguf_file: str | None =
         kwargs["gguf_file"] = gguf_file
     if torch_dtype is not None:
         kwargs["dtype"] = resolve_dtype(torch_dtype)
-    model = _from_pretrained(AutoModelForSequenceClassification, name, "model", **kwargs)
+    model = drop_dequantized_gguf(
+        _from_pretrained(AutoModelForSequenceClassification, name, "model", **kwargs))
     if pad_token_id is not None and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = pad_token_id
     return model
@@ -138,7 +139,26 @@ def load_causal_lm(name: str, gguf_file: str | None = None, torch_dtype: str | N
         kwargs["gguf_file"] = gguf_file
     if torch_dtype is not None:
         kwargs["dtype"] = resolve_dtype(torch_dtype)
-    return _from_pretrained(AutoModelForCausalLM, name, "model", **kwargs)
+    return drop_dequantized_gguf(_from_pretrained(AutoModelForCausalLM, name, "model", **kwargs))
+
+
+def drop_dequantized_gguf(model: Any) -> Any:
+    """A GGUF file read into plain float linears still carries transformers' GGUF quantizer,
+    which makes Trainer refuse to fine-tune it ("purely quantized models") and save_pretrained
+    refuse to save it; with no packed GGUF layer left, it is an ordinary float model."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if type(quantizer).__name__ != "GgufHfQuantizer":
+        return model
+    if any(type(m).__name__.startswith("Gguf") for m in model.modules()):
+        return model  # packed GGUF kernels: really quantised, leave it as transformers made it
+    model.hf_quantizer = None
+    model.is_quantized = False  # what transformers' own remove_quantization_config does
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    for m in model.modules():  # the flag transformers sets on every submodel's config
+        if getattr(getattr(m, "config", None), "_is_quantized", False):
+            m.config._is_quantized = False
+    return model
 
 
 class DeviceError(QatError):

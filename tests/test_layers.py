@@ -22,6 +22,7 @@ LAYERS: list[set[str]] = [
     {"tasks"},
     {"runs"},
     {"training", "export", "analysis"},  # peers: none imports another
+    {"integrations"},  # other trainers (TRL) given qat's behaviour
     {"cli"},
     {"__init__", "train"},  # the lazy package namespace and the accelerate launch script
 ]

@@ -17,8 +17,9 @@ USAGE = """usage: qat export RECIPE.yaml|CHECKPOINT_DIR --out DIR [--overwrite] 
 
 Writes DIR/qat_packed.safetensors (packed codes + scales; float for unquantised modules),
 DIR/config.json (model_type qat_packed), DIR/modeling_qat_packed.py and the tokenizer. Load it
-with AutoModelForSequenceClassification.from_pretrained(DIR, trust_remote_code=True), or
-without trust_remote_code after `import qat`. DIR must be new or empty unless --overwrite;
+with AutoModelForSequenceClassification.from_pretrained(DIR, trust_remote_code=True) (a decoder,
+task_name causal_lm / chat: AutoModelForCausalLM, and model.generate works), or without
+trust_remote_code after `import qat`. DIR must be new or empty unless --overwrite;
 it can never be, lie inside or contain the source checkpoint.
 --device D  where the model is loaded: cpu, cuda, cuda:N or auto (default)
 Recipe keys override the recipe (or the checkpoint's recipe.yaml), e.g. --quant.weight.width 6."""
@@ -56,6 +57,7 @@ def run(path: str, argv: list[str]) -> dict[str, Any]:
     from qat.quant.density import density_report
     from qat.runs.build import build_model, resolve_source
     from qat.tasks.glue import get_task
+    from qat.tasks.language_modeling import LM_TASKS
 
     opts, overrides = split_options(argv, {"out": str, "overwrite": bool, "device": str})
     if not opts.get("out"):
@@ -64,9 +66,11 @@ def run(path: str, argv: list[str]) -> dict[str, Any]:
     src = resolve_source(path, overrides)
     check_not_source(Path(opts["out"]), *_protected(path, src))  # before the slow part
     check_destination(opts["out"], overwrite)
-    task = get_task(src.recipe.args.task_name)
+    decoder = src.recipe.args.task_name in LM_TASKS  # a causal LM: no classification head
+    num_labels = None if decoder else get_task(src.recipe.args.task_name).num_labels
     device = resolve_device(opts.get("device"), src.recipe.training_args.use_cpu)
-    built = build_model(src, device=device, num_labels=task.num_labels)
+    built = build_model(src, head="causal_lm" if decoder else "sequence_classification",
+                        device=device, num_labels=num_labels)
     model, tokenizer = built.model, built.tokenizer
     density = density_report(model)
     info: dict[str, Any] = {"out": str(opts["out"]), "density": density.to_dict()}

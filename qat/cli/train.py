@@ -1,5 +1,5 @@
-"""``qat train``: fine-tune a model on a GLUE task from a recipe, with block-quantisation-aware
-training (the loop: ``qat.training.run``).
+"""``qat train``: fine-tune a model on a GLUE task, or a decoder on text or chat data, from a
+recipe, with block-quantisation-aware training (the loop: ``qat.training.run``).
 
     accelerate launch qat/train.py recipes/opt350m_sst2.yaml [--key value ...]
     qat train recipes/opt350m_sst2.yaml --launch launch/fsdp.yaml   # checked first; exit 2
@@ -61,6 +61,15 @@ def launch(config: str, argv: list[str]) -> int:
     return int(text) if text.isdigit() else rc
 
 
+def _trainer_cls(recipe):
+    """``trainer: sft`` runs TRL's SFTTrainer with qat's behaviour (qat.integrations.trl)."""
+    if recipe.args.trainer != "sft":
+        return None
+    from qat.integrations.trl import QATSFTTrainer  # raises UsageError without trl
+
+    return QATSFTTrainer
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     rc = _main(argv)
@@ -89,7 +98,7 @@ def _main(argv: list[str]) -> int:
                 raise UsageError("--launch needs an accelerate config file")
             return launch(argv[i + 1], argv[:i] + argv[i + 2:])
         recipe = load_recipe(argv[0], argv[1:])
-        metrics = run(recipe)
+        metrics = run(recipe, trainer_cls=_trainer_cls(recipe))
     except (QatError, FileNotFoundError) as e:
         print(f"qat train: error: {e}", file=sys.stderr)
         return 2

@@ -75,8 +75,9 @@ def check_target_modules(linear_names: list[str], targets: list[str] | None) -> 
 
 
 def make_lora_config(model: nn.Module, r: int, alpha: int, dropout: float,
-                     target_modules: list[str] | None, modules_to_save: list[str]) -> LoraConfig:
-    """A ``LoraConfig`` for sequence classification whose quantised targets use
+                     target_modules: list[str] | None, modules_to_save: list[str] | None
+                     ) -> LoraConfig:
+    """A ``LoraConfig`` for sequence classification (or a causal LM) whose quantised targets use
     ``QuantLoraLinear``. ``target_modules=None`` targets every quantised linear."""
     from transformers.pytorch_utils import Conv1D
 
@@ -87,6 +88,8 @@ def make_lora_config(model: nn.Module, r: int, alpha: int, dropout: float,
                                  if isinstance(m, (QuantLinear, QuantConv1D))})
         if not target_modules:
             target_modules = "all-linear"
-    config = LoraConfig(task_type="SEQ_CLS", r=r, lora_alpha=alpha, lora_dropout=dropout,
+    # a decoder's LoRA is a CAUSAL_LM one (its PeftModel keeps generate and the LM loss)
+    task = "CAUSAL_LM" if type(model).__name__.endswith("ForCausalLM") else "SEQ_CLS"
+    config = LoraConfig(task_type=task, r=r, lora_alpha=alpha, lora_dropout=dropout,
                         target_modules=target_modules, modules_to_save=modules_to_save)
     return use_quant_lora(config)

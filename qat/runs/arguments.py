@@ -83,6 +83,28 @@ class QATArguments:
     overwrite_output_dir: bool = dataclasses.field(
         default=False, metadata=_help("start over in a folder that holds a run (deletes its "
                                       "checkpoints)"))
+    # --- decoders (task_name causal_lm / chat; qat.tasks.language_modeling, qat.tasks.chat) ---
+    dataset_name: str | None = dataclasses.field(
+        default=None, metadata=_help("decoders: a Hub dataset; null or 'wikitext': WikiText-2 "
+                                     "raw"))
+    dataset_config: str | None = dataclasses.field(
+        default=None, metadata=_help("decoders: the Hub dataset's config name"))
+    text_column: str = dataclasses.field(
+        default="text", metadata=_help("causal_lm: the column holding the text"))
+    train_file: str | None = dataclasses.field(
+        default=None, metadata=_help("decoders: local .txt / .jsonl / .json training data"))
+    validation_file: str | None = dataclasses.field(
+        default=None, metadata=_help("decoders: local evaluation data (with train_file)"))
+    train_split: str = dataclasses.field(
+        default="train", metadata=_help("decoders: the dataset split to train on"))
+    eval_split: str = dataclasses.field(
+        default="validation", metadata=_help("decoders: the dataset split to evaluate on"))
+    block_size: int = dataclasses.field(
+        default=1024, metadata=_help("decoders: tokens per training / evaluation chunk (chat: "
+                                     "per row, at most)"))
+    trainer: Literal["qat", "sft"] = dataclasses.field(
+        default="qat", metadata=_help("qat (QATTrainer) or sft (TRL's SFTTrainer with qat's "
+                                      "quantisers: qat.integrations.trl)"))
 
 
 def keys_help() -> str:

@@ -101,11 +101,37 @@ class QATConfig(QATArguments, TrainingArguments):
                 rule = ">= 1" if key == "max_length" else ">= 1 (or null for every row)"
                 raise RecipeError(f"{key} must be {rule}, got {value!r}")
         from qat.tasks.glue import GLUE_TASKS
+        from qat.tasks.language_modeling import LM_TASKS
 
-        if self.task_name not in GLUE_TASKS:
+        tasks = [*GLUE_TASKS, *LM_TASKS]
+        if self.task_name not in tasks:
             raise RecipeError(f"unknown task_name {self.task_name!r}"
-                              f"{_suggest(str(self.task_name), list(GLUE_TASKS))}; valid tasks: "
-                              f"{', '.join(GLUE_TASKS)}")
+                              f"{_suggest(str(self.task_name), tasks)}; valid tasks: "
+                              f"{', '.join(tasks)}")
+        self._check_decoder_values()
+
+    def _check_decoder_values(self) -> None:
+        """The decoder keys (task_name causal_lm / chat): values, and combinations that
+        cannot work."""
+        if self.block_size < 2:
+            raise RecipeError(f"block_size must be >= 2, got {self.block_size!r}")
+        if not self.text_column:
+            raise RecipeError(f"text_column must name a column, got {self.text_column!r}")
+        if self.task_name not in ("causal_lm", "chat"):
+            if self.trainer != "qat":
+                raise RecipeError(f"trainer {self.trainer!r} needs task_name causal_lm or chat, "
+                                  f"not {self.task_name!r}")
+            return
+        if self.task_name == "chat" and not (self.dataset_name or self.train_file):
+            raise RecipeError("task_name chat needs dataset_name or train_file (rows with "
+                              "messages, or prompt and completion)")
+        if bool(self.train_file) != bool(self.validation_file):
+            raise RecipeError("train_file and validation_file go together (got only "
+                              f"{'train_file' if self.train_file else 'validation_file'}); "
+                              "give both, or neither and a dataset_name")
+        if self.finetune == "classifier":
+            raise RecipeError("finetune classifier trains a classification head, which "
+                              f"task_name {self.task_name} has none of; use full or lora")
 
     def to_dict(self) -> dict[str, Any]:
         """Trainer's dict (logged to W&B / TensorBoard) with ``quant`` and ``lora`` as plain

@@ -138,6 +138,9 @@ def load_metric(task_name: str):
 
 
 def get_task(name: str) -> GlueTask:
+    if name in ("causal_lm", "chat"):  # qat.tasks.language_modeling.LM_TASKS
+        raise DataError(f"task_name {name!r} trains a decoder, not a GLUE classifier; measure "
+                        "it with qat perplexity (or qat train --do_train false)")
     if name not in GLUE_TASKS:
         raise DataError(f"unknown task_name {name!r}; valid tasks: {', '.join(GLUE_TASKS)}")
     return GLUE_TASKS[name]

@@ -1,9 +1,14 @@
-"""Language modelling: WikiText-2 text, fixed-length chunks and perplexity.
+"""Language modelling: text datasets, fixed-length chunks and perplexity.
 
 The raw split is joined, tokenised once and cut into non-overlapping chunks of ``chunk_size``
 tokens (the ragged tail is dropped); PPL = exp(mean token loss) over every predicted token of
 every chunk (docs/formats.md, reference protocol). The text comes from the Hub (``wikitext`` /
 ``wikitext-2-raw-v1``) unless ``$QAT_WIKITEXT_DIR`` names a folder holding ``<split>.txt``.
+
+Training (``task_name: causal_lm``) reads its text the same way (``load_split_text``: WikiText-2,
+a Hub dataset's ``text_column``, or a local .txt / .jsonl / .json file) and packs it with the
+same ``chunk_ids``, so the evaluation loss of a run is the ``qat perplexity`` loss of its model on
+the same split and chunks (labels = input ids; the model shifts them).
 """
 
 from __future__ import annotations
@@ -16,6 +21,9 @@ from typing import Any
 from qat.errors import DataError, UsageError
 
 WIKITEXT_ENV = "QAT_WIKITEXT_DIR"
+WIKITEXT = "wikitext"  # dataset_name for WikiText-2 raw (and the default of causal_lm)
+LM_TASKS = ("causal_lm", "chat")  # task_name values handled as decoder training
+DOC_SEPARATOR = "\n\n"  # between the rows of a dataset, before tokenising them as one text
 
 
 def load_wikitext(split: str = "test") -> str:
@@ -121,3 +129,124 @@ def check_chunk_size(config: Any, chunk_size: int, name: str) -> None:
     if limit is not None and chunk_size > limit:
         raise UsageError(f"--chunk_size {chunk_size} is beyond the position limit of model "
                            f"{name!r} ({limit} positions); pass --chunk_size {limit} or less")
+
+
+
+# --- text datasets for training (task_name: causal_lm) -----------------------------------------
+
+
+def _split_of(args: Any, which: str) -> tuple[str | None, str]:
+    """(local file or None, split name) of the recipe's ``train`` or ``eval`` data."""
+    if which == "train":
+        return args.train_file, args.train_split
+    return args.validation_file, args.eval_split
+
+
+def read_rows_file(path: str) -> list[dict[str, Any]]:
+    """Rows of a local .jsonl (one JSON object a line) or .json (a list of objects) file."""
+    import json
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise DataError(f"data file {path!r} does not exist" if not p.exists() else
+                        f"data file {path!r} is not a regular file")
+    text = p.read_text(encoding="utf-8", errors="strict")
+    if p.suffix == ".json":
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"data file {path!r} is not valid JSON: {e}") from None
+        if not isinstance(rows, list):
+            raise DataError(f"data file {path!r} must hold a list of objects")
+        lines = list(enumerate(rows, 1))
+    else:
+        lines = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    lines.append((n, json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"data file {path!r} line {n}: not valid JSON ({e})"
+                                    ) from None
+    for n, row in lines:
+        if not isinstance(row, dict):
+            raise DataError(f"data file {path!r} row {n}: expected a JSON object, got "
+                            f"{type(row).__name__}")
+    return [row for _, row in lines]
+
+
+def load_rows(args: Any, which: str) -> tuple[list[dict[str, Any]] | None, str, str]:
+    """``(rows, text, where)`` of the recipe's train or eval data: rows of a .jsonl/.json file
+    or Hub dataset, or (rows None) the raw text of a .txt file or of WikiText-2."""
+    file, split = _split_of(args, which)
+    if file:
+        if Path(file).suffix in (".json", ".jsonl"):
+            return read_rows_file(file), "", f"data file {file!r}"
+        p = Path(file).expanduser()
+        if not p.is_file():
+            raise DataError(f"data file {file!r} does not exist" if not p.exists() else
+                            f"data file {file!r} is not a regular file")
+        return None, p.read_text(encoding="utf-8"), f"data file {file!r}"
+    name = args.dataset_name or WIKITEXT
+    if name == WIKITEXT and args.dataset_config in (None, "wikitext-2-raw-v1"):
+        return None, load_wikitext(split), f"WikiText-2 {split}"
+    try:
+        from datasets import load_dataset
+
+        ds = load_dataset(name, args.dataset_config, split=split)
+    except Exception as e:  # noqa: BLE001 - any Hub failure gets the same advice
+        reason = " ".join(str(e).split())
+        raise DataError(f"could not load dataset {name!r} (config {args.dataset_config!r}, "
+                        f"split {split!r}): {reason}") from None
+    return ds.to_list(), "", f"dataset {name!r} split {split!r}"
+
+
+def rows_text(rows: list[dict[str, Any]], column: str, where: str) -> str:
+    """The ``column`` of every row joined into one text; an unknown column is refused."""
+    if rows and column not in rows[0]:
+        raise DataError(f"{where} has no text_column {column!r}; its columns: "
+                        f"{', '.join(map(str, rows[0]))}")
+    for i, row in enumerate(rows):
+        if not isinstance(row.get(column), str):
+            raise DataError(f"{where} row {i + 1}: text_column {column!r} is "
+                            f"{type(row.get(column)).__name__}, not text")
+    return DOC_SEPARATOR.join(row[column] for row in rows)
+
+
+def lm_text(args: Any, which: str) -> tuple[str, str]:
+    """``(text, where)``: the recipe's train or eval text as one string."""
+    rows, text, where = load_rows(args, which)
+    if rows is not None:
+        text = rows_text(rows, args.text_column, where)
+    if not text.strip():
+        raise DataError(f"{where} is empty: no text to train or evaluate on")
+    return text, where
+
+
+def lm_dataset(text: str, tokenizer: Any, block_size: int, max_chunks: int | None,
+               where: str):
+    """``text`` tokenised as ``qat perplexity`` does and packed into ``block_size`` chunks:
+    a ``datasets.Dataset`` of ``input_ids``, ``attention_mask`` and ``labels`` (= input_ids)."""
+    import torch
+    from datasets import Dataset
+
+    ids = tokenizer(text, return_tensors="pt", verbose=False)["input_ids"][0]
+    try:
+        chunks = chunk_ids(ids, block_size, max_chunks)
+    except DataError as e:
+        raise DataError(f"{where}: {e}; lower block_size or give more text") from None
+    block = torch.stack(chunks).numpy()
+    # an all-ones mask changes nothing for the model; TRL's SFTTrainer counts tokens with it
+    return Dataset.from_dict({"input_ids": block, "attention_mask": block * 0 + 1,
+                              "labels": block})
+
+
+def check_block_size(config: Any, block_size: int, name: str) -> None:
+    """``block_size`` (tokens per training chunk) must fit the model's positions."""
+    from qat.errors import ConfigError
+    from qat.models import position_limit
+
+    limit = position_limit(config)
+    if limit is not None and block_size > limit:
+        raise ConfigError(f"block_size {block_size} is beyond the context of model {name!r} "
+                          f"({limit} positions); set block_size <= {limit}")

@@ -17,13 +17,18 @@ def head_names(model: nn.Module) -> list[str]:
     return names
 
 
+def is_causal_lm(model: nn.Module) -> bool:
+    return type(model).__name__.endswith("ForCausalLM")
+
+
 def prepare_finetuning(model: nn.Module, mode: str, lora: object | None = None) -> nn.Module:
     """Set ``requires_grad`` (or wrap with peft) for ``mode``; returns the model to train."""
     if mode == "full":
         for p in model.parameters():
             p.requires_grad_(True)
         return model
-    heads = head_names(model)
+    # a causal LM has no new head: LoRA trains the adapters only (its lm_head is pretrained)
+    heads = head_names(model) if mode == "classifier" or not is_causal_lm(model) else []
     if mode == "classifier":
         for name, p in model.named_parameters():
             p.requires_grad_(name.split(".")[0] in heads)
@@ -34,7 +39,7 @@ def prepare_finetuning(model: nn.Module, mode: str, lora: object | None = None) 
         if lora is None:
             raise ValueError("finetune: lora needs a lora section")
         config = make_lora_config(model, lora.r, lora.alpha, lora.dropout,
-                                  lora.target_modules, modules_to_save=heads)
+                                  lora.target_modules, modules_to_save=heads or None)
         return get_peft_model(model, config)
     raise ValueError(f"finetune must be one of full, lora, classifier; got {mode!r}")
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from qat.errors import UsageError
 from qat.runs.checkpoints import check_output_dir  # noqa: F401 - re-used by qat.cli.train
+from qat.tasks.language_modeling import LM_TASKS
 
 logger = logging.getLogger("qat.training.run")
 
@@ -109,8 +110,9 @@ def check_run_folder(recipe, checkpoint: str | None) -> None:
                     "--overwrite_output_dir true (deletes its checkpoints)")
 
 
-def run(recipe) -> dict:
-    """Train and evaluate as ``recipe`` says; returns the final metrics."""
+def run(recipe, trainer_cls=None) -> dict:
+    """Train and evaluate as ``recipe`` says; returns the final metrics. ``trainer_cls``
+    replaces ``QATTrainer`` for decoder tasks (``trainer: sft`` passes TRL's, from above)."""
     from qat.runs.checkpoints import clear_run
 
     targs = recipe.training_args
@@ -126,6 +128,10 @@ def run(recipe) -> dict:
             if removed:
                 logger.warning("overwrite_output_dir: removed the old run's %s",
                                ", ".join(removed))
+        if recipe.args.task_name in LM_TASKS:  # decoders: their own loop
+            from qat.training.causal_lm import train_decoder
+
+            return train_decoder(recipe, checkpoint, trainer_cls)
         return _train(recipe, checkpoint)
 
 

@@ -1,0 +1,2 @@
+"""Integrations with other training libraries (above the middle layers, below the commands):
+``qat.integrations.trl`` gives TRL's ``SFTTrainer`` qat's quantisation-aware training."""

@@ -1,0 +1,66 @@
+"""QAT inside TRL: ``QATSFTTrainer`` is TRL's ``SFTTrainer`` with ``QATTrainer``'s behaviour.
+
+    from qat.integrations.trl import QATSFTTrainer
+    trainer = QATSFTTrainer(model=model, args=SFTConfig(...), train_dataset=ds,
+                            processing_class=tok, quant_config={"weight": {...}, ...},
+                            finetune="lora", lora=LoraArguments(r=16))
+
+``QATTrainer`` only extends ``Trainer`` through cooperative ``super()`` calls, so it composes
+with ``SFTTrainer`` by inheritance (MRO: QATSFTTrainer -> QATTrainer -> SFTTrainer -> Trainer):
+the fake-quantisers are inserted and LoRA (on ``W + BA``) attached before TRL sees the model,
+the quant config is written into every checkpoint (``qat_config.json``) and the W&B config, and
+the non-finite guard wraps TRL's training step. Pass LoRA through ``finetune="lora"`` rather
+than TRL's ``peft_config`` (TRL's adapter would sit outside the quantiser). Plain
+``TrainingArguments`` are turned into an ``SFTConfig`` that keeps every value; the datasets may
+be raw (TRL tokenises them) or, as ``qat train`` with ``trainer: sft`` passes them, already
+tokenised with ``labels`` (TRL's preparation is then skipped).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from qat.errors import UsageError
+
+try:
+    from trl import SFTConfig, SFTTrainer
+except ImportError:  # an optional extra: say how to get it, in one line
+    raise UsageError("trainer: sft and qat.integrations.trl need TRL: pip install 'qat[trl]'"
+                     ) from None
+from transformers import TrainingArguments
+
+from qat.training.trainer import QATTrainer
+
+
+def sft_config(args: TrainingArguments | None, **extra: Any) -> SFTConfig | None:
+    """``args`` as an ``SFTConfig`` with every TrainingArguments value kept (TRL's own defaults
+    differ, e.g. the learning rate), plus ``extra`` SFT settings."""
+    if args is None or isinstance(args, SFTConfig):
+        return args
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingArguments)
+              if f.init and hasattr(args, f.name)}
+    # post-init turned these into objects; give back what the constructor takes
+    values.update({k: v for k, v in args.to_dict().items() if k in values
+                   and k in ("fsdp", "fsdp_config", "report_to", "accelerator_config")})
+    return SFTConfig(**values, **extra)
+
+
+class QATSFTTrainer(QATTrainer, SFTTrainer):
+    """TRL's ``SFTTrainer`` with quantisation-aware training (see the module docstring).
+
+    Keyword arguments beyond SFTTrainer's: ``quant_config``, ``finetune``, ``lora``,
+    ``on_nonfinite``, as for ``QATTrainer``."""
+
+    def __init__(self, model: Any = None, args: TrainingArguments | None = None,
+                 **kwargs: Any) -> None:
+        if kwargs.get("peft_config") is not None:
+            raise UsageError("QATSFTTrainer: pass finetune='lora' and lora=... instead of "
+                             "peft_config, so the quantiser sees W + BA")
+        extra: dict[str, Any] = {}
+        train = kwargs.get("train_dataset")
+        if train is not None and "input_ids" in getattr(train, "column_names", []) \
+                and "labels" in train.column_names:
+            # tokenised and labelled by qat (chunks, or chat with the prompt masked)
+            extra = {"dataset_kwargs": {"skip_prepare_dataset": True}, "max_length": None}
+        super().__init__(model=model, args=sft_config(args, **extra), **kwargs)

@@ -1,0 +1,112 @@
+"""Chat / instruction data (``task_name: chat``): rows formatted with the tokenizer's chat
+template, the loss on the assistant's turns only.
+
+A row is either ``{"messages": [{"role": ..., "content": ...}, ...]}`` or
+``{"prompt": ..., "completion": ...}`` (strings, read as one user turn and one assistant turn, or
+lists of messages). Each assistant turn's tokens are found as the difference between the
+template of the conversation up to that turn and of the conversation before it (with the
+generation prompt), so the labels are the input ids on assistant tokens (the template's
+end-of-turn marker included: the model learns to stop) and -100 elsewhere. Rows are truncated to
+``block_size`` tokens; a row left with no assistant token is dropped (with a warning).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from qat.errors import DataError
+
+logger = logging.getLogger(__name__)
+IGNORE_INDEX = -100  # labels the loss skips (transformers' cross-entropy ignore_index)
+
+
+def check_chat_template(tokenizer: Any, name: str) -> None:
+    """Chat data needs a chat template to format its turns."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"tokenizer {name!r} has no chat template, which task_name chat needs "
+                        "to format messages; use a chat/instruct tokenizer "
+                        "(tokenizer_name_or_path) or task_name causal_lm for plain text")
+
+
+def _as_messages(value: Any, role: str) -> list[dict[str, Any]]:
+    return [{"role": role, "content": value}] if isinstance(value, str) else list(value)
+
+
+def row_messages(row: dict[str, Any], n: int, where: str) -> list[dict[str, Any]]:
+    """The conversation of one row (``messages``, or ``prompt`` + ``completion``), checked."""
+    if "messages" in row:
+        msgs = row["messages"]
+    elif "prompt" in row and "completion" in row:
+        msgs = _as_messages(row["prompt"], "user") + _as_messages(row["completion"], "assistant")
+    else:
+        raise DataError(f"{where} row {n}: expected a 'messages' column or 'prompt' and "
+                        f"'completion' columns; got {', '.join(map(str, row)) or 'none'}")
+    if not isinstance(msgs, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str) for m in msgs):
+        raise DataError(f"{where} row {n}: messages must be a list of {{role, content}} "
+                        "objects with string values")
+    if not any(m["role"] == "assistant" for m in msgs):
+        raise DataError(f"{where} row {n}: no assistant turn, so nothing to learn (each row "
+                        "needs at least one message with role 'assistant')")
+    return msgs
+
+
+def _ids(tokenizer: Any, text: str) -> list[int]:
+    # the template writes the special tokens (BOS, turn markers) itself
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_chat(tokenizer: Any, msgs: list[dict[str, Any]]) -> tuple[list[int], list[int]]:
+    """``(input_ids, labels)`` of one conversation: labels are -100 outside assistant turns."""
+    def template(m: list[dict[str, Any]], gen: bool = False) -> str:
+        return tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=gen)
+
+    ids = _ids(tokenizer, template(msgs))
+    labels = [IGNORE_INDEX] * len(ids)
+    for i, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        start = len(_ids(tokenizer, template(msgs[:i], gen=True))) if i else 0
+        end = len(_ids(tokenizer, template(msgs[:i + 1])))
+        labels[start:end] = ids[start:end]
+    return ids, labels
+
+
+def chat_dataset(rows: list[dict[str, Any]], tokenizer: Any, block_size: int,
+                 max_rows: int | None, where: str):
+    """A ``datasets.Dataset`` of ``input_ids``, ``attention_mask`` and ``labels`` (prompt
+    masked); every row is checked before any is tokenised."""
+    from datasets import Dataset
+
+    if max_rows is not None:
+        rows = rows[:max_rows]
+    if not rows:
+        raise DataError(f"{where} is empty: no rows to train or evaluate on")
+    convs = [row_messages(row, n, where) for n, row in enumerate(rows, 1)]
+    out: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "labels": []}
+    dropped = 0
+    for msgs in convs:
+        ids, labels = encode_chat(tokenizer, msgs)
+        ids, labels = ids[:block_size], labels[:block_size]
+        if all(t == IGNORE_INDEX for t in labels[1:]):  # nothing predicted after truncation
+            dropped += 1
+            continue
+        out["input_ids"].append(ids)
+        out["attention_mask"].append([1] * len(ids))
+        out["labels"].append(labels)
+    if dropped:
+        logger.warning("%s: dropped %d of %d rows whose assistant turns start beyond block_size "
+                       "%d tokens", where, dropped, len(convs), block_size)
+    if not out["input_ids"]:
+        raise DataError(f"{where}: every row's assistant turn starts beyond block_size "
+                        f"{block_size} tokens; raise block_size")
+    return Dataset.from_dict(out)
+
+
+def chat_collator(tokenizer: Any):
+    """Pads ``input_ids`` with the pad token, ``labels`` with -100, on the right."""
+    from transformers import DataCollatorForSeq2Seq
+
+    return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX)

@@ -1,0 +1,101 @@
+"""The train loop for decoders (``task_name: causal_lm`` or ``chat``), called by
+``qat.training.run`` after its output-folder and resume checks.
+
+Order: cheap config checks (a decoder, ``block_size`` within its context), the tokenizer (and
+its chat template for chat data), every row of both splits read, checked and tokenised, and
+only then the model: bad data fails in seconds with one line, not after loading a model.
+Evaluation reports ``eval_loss`` and ``eval_perplexity`` = exp(eval_loss); for ``causal_lm`` the
+chunks are those of ``qat perplexity`` on the same split, so the two numbers agree.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+def decoder_data(args: Any, targs: Any, tokenizer: Any) -> tuple[Any, Any, Any]:
+    """``(train, eval, collator)`` datasets of the recipe's decoder task, tokenised."""
+    from transformers import default_data_collator
+
+    from qat.errors import DataError
+    from qat.tasks.chat import chat_collator, chat_dataset, check_chat_template
+    from qat.tasks.language_modeling import lm_dataset, lm_text, load_rows
+
+    name = args.tokenizer_name_or_path or args.model_name_or_path
+    if args.task_name == "chat":
+        check_chat_template(tokenizer, name)
+        out = []
+        for which, limit in (("train", args.max_train_samples), ("eval", args.max_eval_samples)):
+            rows, _, where = load_rows(args, which)
+            if rows is None:
+                raise DataError(f"{where} is plain text; task_name chat needs rows with "
+                                "messages, or prompt and completion (.jsonl, .json or a Hub "
+                                "dataset)")
+            out.append(chat_dataset(rows, tokenizer, args.block_size, limit, where))
+        return out[0], out[1], chat_collator(tokenizer)
+    texts = {which: lm_text(args, which) for which in ("train", "eval")}  # all read first
+    limits = {"train": args.max_train_samples, "eval": args.max_eval_samples}
+    with targs.main_process_first(desc="tokenising"):
+        train, evals = (lm_dataset(texts[w][0], tokenizer, args.block_size, limits[w],
+                                   texts[w][1]) for w in ("train", "eval"))
+    return train, evals, default_data_collator  # equal-length chunks: nothing to pad
+
+
+def train_decoder(recipe: Any, checkpoint: str | None,
+                  trainer_cls: Callable[..., Any] | None = None) -> dict:
+    """Train and evaluate a causal LM as ``recipe`` says; ``trainer_cls`` builds the trainer
+    (default ``QATTrainer``; ``qat.integrations.trl.QATSFTTrainer`` for ``trainer: sft``)."""
+    from transformers import set_seed
+
+    from qat.models import load_causal_lm, load_config, load_tokenizer
+    from qat.tasks.language_modeling import check_block_size, check_causal
+    from qat.training.trainer import QATTrainer
+
+    args, targs = recipe.args, recipe.training_args
+    set_seed(targs.seed)
+    name = args.model_name_or_path
+    config = load_config(name, args.gguf_file)  # cheap checks before any data or weights
+    if config is not None:
+        check_causal(config, name)
+        check_block_size(config, args.block_size, name)
+    tok_name = args.tokenizer_name_or_path or name
+    tokenizer = load_tokenizer(tok_name, None if args.tokenizer_name_or_path else args.gguf_file)
+    train, evals, collator = decoder_data(args, targs, tokenizer)
+    model = load_causal_lm(name, args.gguf_file, args.torch_dtype)
+    if config is None:  # GGUF: its config is known only now, still before training
+        check_causal(model.config, name)
+        check_block_size(model.config, args.block_size, name)
+    if model.config.pad_token_id is None:  # generate() and padding agree with the tokenizer
+        model.config.pad_token_id = tokenizer.pad_token_id
+    logger.info("qat: %s, %d train and %d eval sequences of <= %d tokens", args.task_name,
+                len(train), len(evals), args.block_size)
+    if trainer_cls is not None:
+        # TRL keeps only input_ids and labels of a tokenised dataset and pads them with its own
+        # collator (labels as given, -100 padding, the attention mask rebuilt)
+        collator = None
+    build = trainer_cls or QATTrainer
+    trainer = build(model=model, args=targs, quant_config=args.quant, finetune=args.finetune,
+                    lora=args.lora, on_nonfinite=args.on_nonfinite, train_dataset=train,
+                    eval_dataset=evals, processing_class=tokenizer, data_collator=collator)
+    metrics: dict = {}
+    if targs.do_train or not targs.do_eval:
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+        trainer.save_model()
+        metrics.update(result.metrics)
+        trainer.save_metrics("train", result.metrics)
+        trainer.save_state()
+    eval_metrics = trainer.evaluate()
+    eval_metrics["eval_perplexity"] = math.exp(min(eval_metrics["eval_loss"], 700.0))
+    trainer.log({"eval_perplexity": eval_metrics["eval_perplexity"]})
+    trainer.save_metrics("eval", eval_metrics)
+    metrics.update(eval_metrics)
+    if trainer.args.should_save:
+        # A saved recipe that says "overwrite" would let a rerun wipe this run unasked.
+        recipe.resolved.pop("overwrite_output_dir", None)
+        recipe.save(targs.output_dir)
+    return metrics
