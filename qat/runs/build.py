@@ -197,7 +197,7 @@ def _resolve(source: Any, overrides: Sequence[str] | Mapping[str, Any]
 def build_model(source: Any, overrides: Sequence[str] | Mapping[str, Any] = (), *,
                 head: str = "sequence_classification", device: Any = None,
                 num_labels: int | None = None,
-                check: Callable[[Any], None] | None = None) -> Built:
+                check: Callable[[Any], None] | None = None, tokenizer: Any = None) -> Built:
     """Load, quantise and (for a LoRA checkpoint) attach the adapter of ``source``: a Hub id,
     model folder or ``pkg://`` path, a recipe file or ``Recipe``, a run / checkpoint
     directory, or a ``Source``; ``overrides`` are recipe keys (``["--quant", "null"]`` or a
@@ -208,7 +208,8 @@ def build_model(source: Any, overrides: Sequence[str] | Mapping[str, Any] = (), 
     ``head``: ``sequence_classification`` (``num_labels`` outputs; default: the recipe task's,
     whose class names go into the config) or ``causal_lm``. ``device``: a ``torch.device``
     to move the model to; None leaves it where it loaded (the CPU), for a Trainer to place.
-    The model comes back in eval mode.
+    The model comes back in eval mode. ``tokenizer``: one the caller already loaded (the train
+    loop reads its data before the weights), used instead of loading it again.
     """
     import qat.quant.attention  # noqa: F401 - registers the "qat" attention a saved run may name
     from qat import models
@@ -232,7 +233,8 @@ def build_model(source: Any, overrides: Sequence[str] | Mapping[str, Any] = (), 
     config = models.load_config(args.model_name_or_path, args.gguf_file)
     if config is not None:  # GGUF: its config is known only once loaded (below)
         _check_config(config, args, head, check)
-    tokenizer = models.load_tokenizer_for(args, ckpt)
+    if tokenizer is None:
+        tokenizer = models.load_tokenizer_for(args, ckpt)
     if head == "causal_lm":
         model = models.load_causal_lm(args.model_name_or_path, args.gguf_file, args.torch_dtype)
     else:

@@ -52,7 +52,8 @@ def train_decoder(recipe: Any, checkpoint: str | None,
     (default ``QATTrainer``; ``qat.integrations.trl.QATSFTTrainer`` for ``trainer: sft``)."""
     from transformers import set_seed
 
-    from qat.models import load_causal_lm, load_config, load_tokenizer
+    from qat.models import load_config, load_tokenizer_for
+    from qat.runs.build import build_model
     from qat.tasks.language_modeling import check_block_size, check_causal
     from qat.training.trainer import QATTrainer
 
@@ -63,13 +64,12 @@ def train_decoder(recipe: Any, checkpoint: str | None,
     if config is not None:
         check_causal(config, name)
         check_block_size(config, args.block_size, name)
-    tok_name = args.tokenizer_name_or_path or name
-    tokenizer = load_tokenizer(tok_name, None if args.tokenizer_name_or_path else args.gguf_file)
-    train, evals, collator = decoder_data(args, targs, tokenizer)
-    model = load_causal_lm(name, args.gguf_file, args.torch_dtype)
-    if config is None:  # GGUF: its config is known only now, still before training
-        check_causal(model.config, name)
-        check_block_size(model.config, args.block_size, name)
+    tokenizer = load_tokenizer_for(args)
+    train, evals, collator = decoder_data(args, targs, tokenizer)  # bad data fails before weights
+    # quantised by build_model (QATTrainer leaves a quantised model as it is); a GGUF model's
+    # config is checked there once loaded, still before training
+    model = build_model(recipe, head="causal_lm", tokenizer=tokenizer, check=lambda c:
+                        check_block_size(c, args.block_size, name)).model
     if model.config.pad_token_id is None:  # generate() and padding agree with the tokenizer
         model.config.pad_token_id = tokenizer.pad_token_id
     logger.info("qat: %s, %d train and %d eval sequences of <= %d tokens", args.task_name,
