@@ -115,6 +115,8 @@ class QATConfig(QATArguments, TrainingArguments):
         cannot work."""
         if self.block_size < 2:
             raise RecipeError(f"block_size must be >= 2, got {self.block_size!r}")
+        if self.trainer not in ("qat", "sft"):
+            raise RecipeError(f"trainer must be 'qat' or 'sft'; got {self.trainer!r}")
         if not self.text_column:
             raise RecipeError(f"text_column must name a column, got {self.text_column!r}")
         if self.task_name not in ("causal_lm", "chat"):
