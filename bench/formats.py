@@ -1,12 +1,14 @@
 """SQNR vs bits per element for every registered format, on Gaussian data and MiniLM weights.
 
-    python bench/formats.py [--out DIR]
+    python bench/formats.py [--out DIR] [--figure PNG]
 
-Prints a table and writes ``DIR/formats_sqnr.png`` and ``.csv`` (DIR: outputs/bench). Generic over
+Prints a table, writes ``DIR/formats_sqnr.csv`` (DIR: outputs/bench) and the README's picture
+``docs/sqnr_vs_bits.png`` (``--figure`` to write it elsewhere). Generic over
 ``qat.formats.FORMATS``: formats registered later appear automatically with their defaults;
 one that cannot be built from defaults is skipped with a note. SQNR (dB) is
-``10 log10(sum x^2 / sum (x - q)^2)``; for MiniLM the error is pooled over all 2-D encoder
-weight matrices, each quantised along its last (input) dim as a Linear weight is.
+``10 log10(sum x^2 / sum (x - q)^2)`` (``qat.quant.error``); for MiniLM the error is pooled
+over all 2-D encoder weight matrices, each quantised along its last (input) dim as a Linear
+weight is.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ from pathlib import Path
 import torch
 
 from qat.formats import FORMATS, Format, make_format
+from qat.quant.error import error_sums, sqnr_db_value
+
+REPO = Path(__file__).resolve().parent.parent
 
 EXTRA_SPECS = [{"format": "bfp", "width": w} for w in (8, 6, 4, 3)]
 
@@ -33,9 +38,9 @@ def specs() -> list[dict]:
 
 
 def sqnr_db(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    signal = sum(float(x.double().pow(2).sum()) for x, _ in pairs)
-    noise = sum(float((x.double() - q.double()).pow(2).sum()) for x, q in pairs)
-    return math.inf if noise == 0 else 10 * math.log10(signal / noise)
+    """SQNR pooled over several tensors: the sums add before the ratio is taken."""
+    sums = [error_sums(x, q) for x, q in pairs]
+    return sqnr_db_value(sum(float(s) for s, _ in sums), sum(float(n) for _, n in sums))
 
 
 def minilm_weights() -> list[torch.Tensor]:
@@ -84,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("outputs/bench"),
                     help="output folder (default outputs/bench, git-ignored)")
+    ap.add_argument("--figure", type=Path, default=REPO / "docs" / "sqnr_vs_bits.png",
+                    help="the SQNR vs bits picture (default docs/sqnr_vs_bits.png, in README)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -119,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         writer = csv.writer(fh)
         writer.writerow(["format", "bits_per_element", "sqnr_gauss_db", "sqnr_minilm_db"])
         writer.writerows(rows)
-    plot(rows, args.out / "formats_sqnr.png")
-    print(f"wrote {args.out / 'formats_sqnr.png'} and {args.out / 'formats_sqnr.csv'}")
+    plot(rows, args.figure)
+    print(f"wrote {args.figure} and {args.out / 'formats_sqnr.csv'}")
     return 0
 
 

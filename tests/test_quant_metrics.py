@@ -225,3 +225,28 @@ def test_wandb_offline_run_has_charts_table_and_summary(dash_run):
     last = next(h for h in reversed(history) if "qat/sqnr/weight_all" in h)
     by_key = {(r[0], r[1]): r[4] for r in table["data"]}
     assert by_key[(names[0], "weight")] == pytest.approx(last[f"qat/sqnr/weight/{names[0]}"])
+
+
+# -- torchao's import noise ----------------------------------------------------------------------
+
+def test_no_torchao_enum_warning_when_qat_loads_transformers():
+    """transformers imports torchao when it is installed; torch then warns about torchao's
+    enums. qat filters exactly that warning (qat/__init__.py)."""
+    pytest.importorskip("torchao")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+
+    def stderr(code: str) -> str:
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stderr
+
+    bare = stderr("import transformers.modeling_utils")
+    if "is an Enum subclass" not in bare:
+        pytest.skip("this torch / torchao pair does not warn")
+    assert "is an Enum subclass" not in stderr("import qat.training.trainer")
+    # the filter is that narrow: torch's warning for any other Enum still shows
+    other = stderr("import qat, enum, torch.utils._pytree as p\n"
+                   "E = enum.Enum('E', 'A')\n"
+                   "p._private_register_pytree_node(E, None, None)\n")
+    assert "is an Enum subclass" in other
