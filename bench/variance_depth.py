@@ -1,6 +1,6 @@
 """Per-layer variance vs depth of the real all-MiniLM-L6-v2: the README's picture.
 
-    QAT_DATA_DIR=../shared/data/glue python bench/variance_depth.py [--num_batches 8]
+    QAT_DATA_DIR=../shared/data/glue python bench/variance_depth.py [--num_batches 4]
 
 Runs ``qat profile recipes/minilm_sst2.yaml`` on the CPU (float forward passes over the first
 SST-2 validation sentences; W4A4 BFP only for the SQNR columns) into --out
@@ -24,7 +24,7 @@ from qat.cli.profile import run  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipe", default=str(REPO / "recipes/minilm_sst2.yaml"))
-    ap.add_argument("--num_batches", type=int, default=8)
+    ap.add_argument("--num_batches", type=int, default=4)
     ap.add_argument("--out", type=Path, default=REPO / "outputs/bench/profile_minilm")
     ap.add_argument("--figure", type=Path, default=REPO / "docs/variance_vs_depth.png")
     a = ap.parse_args(argv)
