@@ -1,12 +1,14 @@
 """SQNR vs bits per element for every registered format, on Gaussian data and MiniLM weights.
 
-    python bench/formats.py [--out DIR]
+    python bench/formats.py [--out DIR] [--figure PNG]
 
-Prints a table and writes ``DIR/formats_sqnr.png`` and ``.csv`` (DIR: outputs/bench). Generic over
+Prints a table, writes ``DIR/formats_sqnr.csv`` (DIR: outputs/bench) and the README's picture
+``docs/sqnr_vs_bits.png`` (``--figure`` to write it elsewhere). Generic over
 ``qat.formats.FORMATS``: formats registered later appear automatically with their defaults;
 one that cannot be built from defaults is skipped with a note. SQNR (dB) is
-``10 log10(sum x^2 / sum (x - q)^2)``; for MiniLM the error is pooled over all 2-D encoder
-weight matrices, each quantised along its last (input) dim as a Linear weight is.
+``10 log10(sum x^2 / sum (x - q)^2)`` (``qat.quant.error``); for MiniLM the error is pooled
+over all 2-D encoder weight matrices, each quantised along its last (input) dim as a Linear
+weight is.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ from pathlib import Path
 import torch
 
 from qat.formats import FORMATS, Format, make_format
+from qat.quant.error import error_sums, sqnr_db_value
+
+REPO = Path(__file__).resolve().parent.parent
 
 EXTRA_SPECS = [{"format": "bfp", "width": w} for w in (8, 6, 4, 3)]
 
@@ -33,9 +38,9 @@ def specs() -> list[dict]:
 
 
 def sqnr_db(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    signal = sum(float(x.double().pow(2).sum()) for x, _ in pairs)
-    noise = sum(float((x.double() - q.double()).pow(2).sum()) for x, q in pairs)
-    return math.inf if noise == 0 else 10 * math.log10(signal / noise)
+    """SQNR pooled over several tensors: the sums add before the ratio is taken."""
+    sums = [error_sums(x, q) for x, q in pairs]
+    return sqnr_db_value(sum(float(s) for s, _ in sums), sum(float(n) for _, n in sums))
 
 
 def minilm_weights() -> list[torch.Tensor]:
@@ -57,26 +62,50 @@ def evaluate(fmt: Format, gauss: torch.Tensor, weights: list[torch.Tensor]) -> t
     return g, w
 
 
+def short_name(fmt: Format) -> str:
+    """Short, truthful name: the format and its element width where the name lacks it
+    (``bfp4``, ``int8``, ``fixed8.4``; ``mxfp4`` and ``nf4`` already say it)."""
+    width = getattr(fmt, "width", None)
+    if fmt.name == "fixed":
+        return f"fixed{width}.{fmt.frac_width}"
+    if isinstance(width, int) and not fmt.name[-1].isdigit():
+        return f"{fmt.name}{width}"
+    return fmt.name
+
+
+def _clusters(pts: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
+    """Points at the same bits within 1 dB of each other share one label (top point)."""
+    out: list[tuple[float, float, str]] = []
+    for bits, db, name in sorted(pts):
+        if out and out[-1][0] == bits and db - out[-1][1] < 1.0:
+            out[-1] = (bits, db, f"{name}, {out[-1][2]}")
+        else:
+            out.append((bits, db, name))
+    return out
+
+
 def plot(rows: list[tuple[str, float, float, float]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(15, 7), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 6), sharey=True)
     for col, (ax, title) in enumerate(zip(axes, ["Gaussian N(0,1), 1024x1024",
-                                                 "MiniLM-L6 encoder weights"])):
+                                                 "MiniLM-L6 encoder weights (36 matrices)"])):
         pts = [(r[1], r[2 + col], r[0]) for r in rows if math.isfinite(r[2 + col])]
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=f"C{col}")
-        for bits, db, name in pts:
-            ax.annotate(name, (bits, db), fontsize=7, xytext=(3, 2), textcoords="offset points")
-        ax.set_xlabel("bits per element")
+        for bits, db, name in _clusters(pts):
+            ax.annotate(name, (bits, db), fontsize=8, xytext=(4, 2), textcoords="offset points")
+        ax.set_xlabel("bits per element (shared scales included)")
+        ax.set_xlim(right=max(p[0] for p in pts) + 1.2)
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("SQNR (dB)")
-    fig.suptitle("Quantisation SQNR vs storage cost (default parameters)")
+    fig.suptitle("Quantisation SQNR vs storage cost, every format at its default parameters "
+                 "(+ BFP widths 3, 6, 8)")
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -84,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("outputs/bench"),
                     help="output folder (default outputs/bench, git-ignored)")
+    ap.add_argument("--figure", type=Path, default=REPO / "docs" / "sqnr_vs_bits.png",
+                    help="the SQNR vs bits picture (default docs/sqnr_vs_bits.png, in README)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -101,26 +132,25 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # any format that needs more than its defaults
             print(f"note: skipping {spec}: {type(exc).__name__}: {exc}")
             continue
-        extra = "".join(f" {k}={v}" for k, v in spec.items() if k != "format")
-        built.setdefault(str(fmt), (fmt, fmt.name + extra))
+        built.setdefault(str(fmt), (fmt, short_name(fmt)))
 
     rows: list[tuple[str, float, float, float]] = []
     width = max(len(k) for k in built)
     header = f"{'format':<{width}} {'bits':>6} {'gauss dB':>9} {'MiniLM dB':>9} {'time s':>7}"
     print(header + "\n" + "-" * len(header))
-    for key, (fmt, label) in built.items():
+    for key, (fmt, name) in built.items():
         t0 = time.perf_counter()
         g, w = evaluate(fmt, gauss, weights)
         dt = time.perf_counter() - t0
-        rows.append((label, fmt.bits_per_element, g, w))
+        rows.append((name, fmt.bits_per_element, g, w))
         print(f"{key:<{width}} {fmt.bits_per_element:>6.3f} {g:>9.2f} {w:>9.2f} {dt:>7.2f}")
 
     with open(args.out / "formats_sqnr.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["format", "bits_per_element", "sqnr_gauss_db", "sqnr_minilm_db"])
         writer.writerows(rows)
-    plot(rows, args.out / "formats_sqnr.png")
-    print(f"wrote {args.out / 'formats_sqnr.png'} and {args.out / 'formats_sqnr.csv'}")
+    plot(rows, args.figure)
+    print(f"wrote {args.figure} and {args.out / 'formats_sqnr.csv'}")
     return 0
 
 

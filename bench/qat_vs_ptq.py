@@ -2,10 +2,13 @@
 QAT classifier-only, and PTQ (the float run quantised after training, no QAT).
 
     QAT_DATA_DIR=../shared/data/glue python bench/qat_vs_ptq.py --steps 200 --seeds 42 43
+    python bench/qat_vs_ptq.py --plot outputs/bench_qat_vs_ptq/results.json  # README picture
 
 Prints a table (mean and spread over seeds) and writes results.json and a PNG into --out.
-Quantised modes are labelled from the recipe's own quant section (``quant_label``: "W4A4
-bfp+mm" for the MiniLM recipe, "W3A4 bfp" for a 3-bit weight recipe without matmuls).
+``--plot RESULTS_JSON`` only draws a results.json written earlier, to docs/qat_vs_ptq.png
+(``--figure``), the picture in README. Quantised modes are labelled from the recipe's own quant
+section (``quant_label``: "W4A4 bfp+mm" for the MiniLM recipe, "W3A4 bfp" for a 3-bit weight
+recipe without matmuls), and the figure spells out every format with its parameters.
 """
 
 from __future__ import annotations
@@ -68,6 +71,55 @@ def quant_label(quant: dict[str, Any] | None) -> str:
     return label + ("*" if quant.get("overrides") else "")
 
 
+def format_lines(quant: dict[str, Any] | None) -> list[str]:
+    """Each quantised role with its full format, e.g. "weight: bfp(width=4, ...)"; overrides
+    and excluded modules as recorded."""
+    from qat.formats import make_format
+
+    if not quant:
+        return []
+    lines = [f"{role}: {make_format(quant[role])}" for role in ("weight", "activation", "matmul")
+             if quant.get(role)]
+    if quant.get("overrides"):
+        lines.append(f"overrides: {quant['overrides']}")
+    return lines
+
+
+def plot(results: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Draw a results.json (as ``main`` writes it) to ``path``; returns what was written on it
+    (``labels`` per bar, ``title``, ``formats``) so the words can be checked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values: dict[str, list[float]] = results["results"]
+    metric = results.get("metric", "eval_accuracy")
+    names = list(values)
+    formats = format_lines(results.get("quant"))
+    what = " on ".join(str(x) for x in (results.get("model"), results.get("task")) if x)
+    title = (f"{Path(results['recipe']).stem} ({results['quant_label']}): "
+             f"{what + ', ' if what else ''}{results['steps']} steps, seeds {results['seeds']}")
+    fig, ax = plt.subplots(figsize=(8, 4.2 + 0.18 * len(formats)))
+    for i, name in enumerate(names):
+        ax.scatter([i] * len(values[name]), values[name], color="tab:blue", zorder=3)
+        ax.bar(i, statistics.mean(values[name]), color="tab:blue", alpha=0.3)
+    ax.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel(metric)
+    every = [v for vals in values.values() for v in vals]
+    top = max(every) + 0.05
+    ax.set_ylim(min(every) - 0.05, min(top, 1.0) if max(every) <= 1 else top)
+    ax.set_title(title, fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    if formats:
+        fig.text(0.01, 0.01, "\n".join(formats), fontsize=7, va="bottom", family="monospace")
+    fig.tight_layout(rect=(0, 0.03 * len(formats), 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return {"labels": names, "title": title, "formats": formats}
+
+
 def ptq_eval(float_dir: Path, recipe_path: str, overrides: list[str]) -> dict:
     """Quantise a trained float model with the recipe's quant config and evaluate it."""
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
@@ -98,7 +150,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--metric", default="eval_accuracy")
     p.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES),
                    help="which fine-tuning runs (PTQ comes with the float run)")
+    p.add_argument("--plot", metavar="RESULTS_JSON", type=Path,
+                   help="only draw this results.json (no training) to --figure")
+    p.add_argument("--figure", type=Path, default=REPO / "docs/qat_vs_ptq.png",
+                   help="where --plot draws (default docs/qat_vs_ptq.png, in README)")
     a = p.parse_args(argv)
+    if a.plot is not None:
+        if not a.plot.is_file():
+            p.error(f"--plot {str(a.plot)!r}: no such file")
+        plot(json.loads(a.plot.read_text()), a.figure)
+        print(f"wrote {a.figure}")
+        return 0
     from qat.training.run import run
 
     out = Path(a.out)
@@ -131,24 +193,11 @@ def main(argv: list[str] | None = None) -> int:
               + " ".join(f"{v:.4f}" for v in vals))
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({
-        "recipe": str(a.recipe), "quant_label": label, "quant": recipe.get("quant"),
-        "steps": a.steps, "seeds": a.seeds, "results": results}, indent=2))
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    names = list(results)
-    for i, name in enumerate(names):
-        ax.scatter([i] * len(results[name]), results[name], color="tab:blue")
-        ax.bar(i, statistics.mean(results[name]), color="tab:blue", alpha=0.3)
-    ax.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=8)
-    ax.set_ylabel(a.metric)
-    ax.set_ylim(0.45, 1.0)
-    ax.set_title(f"{Path(a.recipe).stem} ({label}): {a.steps} steps, seeds {a.seeds}")
-    fig.tight_layout()
-    fig.savefig(out / "qat_vs_ptq.png", dpi=120)
+        "recipe": str(a.recipe), "model": recipe.get("model_name_or_path"),
+        "task": recipe.get("task_name"), "metric": a.metric, "quant_label": label,
+        "quant": recipe.get("quant"), "steps": a.steps, "seeds": a.seeds, "results": results},
+        indent=2))
+    plot(json.loads((out / "results.json").read_text()), out / "qat_vs_ptq.png")
     print(f"wrote {out / 'results.json'} and {out / 'qat_vs_ptq.png'}")
     return 0
 

@@ -88,3 +88,25 @@ def _register_quant_method() -> None:
 
 
 _register_quant_method()
+
+
+def _quiet_torchao_enum_warning() -> None:
+    """Drop torch's "<enum 'KernelPreference'> is an Enum subclass ..." warnings about torchao.
+
+    qat never imports torchao, but transformers does whenever it is installed
+    (``transformers.quantizers.quantizer_torchao``, imported with ``modeling_utils``), and
+    torchao's import registers its enums with torch's pytree, which torch now warns about:
+    noise on every qat command that loads a model. Only that warning, and only for torchao's
+    classes, is filtered; it is a logging filter, so nothing is imported here.
+    """
+    import logging
+
+    def keep(record: logging.LogRecord) -> bool:
+        cls = record.args[0] if isinstance(record.args, tuple) and record.args else None
+        return not (str(record.msg).startswith("%s is an Enum subclass")
+                    and getattr(cls, "__module__", "").startswith("torchao"))
+
+    logging.getLogger("torch.utils._pytree").addFilter(keep)
+
+
+_quiet_torchao_enum_warning()

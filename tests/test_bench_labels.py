@@ -54,3 +54,25 @@ def test_table_results_and_plot_use_the_recipe_widths(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "W3A4 bfp+mm QAT full" in table and "W4A4" not in table
     assert (out / "qat_vs_ptq.png").stat().st_size > 0
+
+
+def test_plot_from_results_json_names_the_formats(tmp_path, capsys):
+    bench = _bench()
+    w3 = {"weight": {"format": "bfp", "width": 3}, "activation": {"format": "mxint8"}}
+    results = {"recipe": "recipes/x.yaml", "model": "m", "task": "sst2", "quant_label":
+               bench.quant_label(w3), "quant": w3, "steps": 10, "seeds": [1, 2],
+               "results": {"float (full FT)": [0.8, 0.82], "W3A8 bfp/mxint8 QAT full": [0.7, 0.75]}}
+    src = tmp_path / "results.json"
+    src.write_text(json.dumps(results))
+    png = tmp_path / "fig" / "qat_vs_ptq.png"
+    assert bench.main(["--plot", str(src), "--figure", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    drawn = bench.plot(results, tmp_path / "again.png")
+    assert drawn["labels"] == list(results["results"])
+    assert "(W3A8 bfp/mxint8)" in drawn["title"] and "m on sst2" in drawn["title"]
+    assert drawn["formats"] == ["weight: bfp(width=3, exponent_width=8, block_size=16)",
+                                "activation: mxint8(block_size=32)"]
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--plot", str(tmp_path / "missing.json"), "--figure", str(png)])
+    assert e.value.code == 2
+    assert "--plot" in capsys.readouterr().err

@@ -19,6 +19,7 @@ from qat.quant.quantize import is_quantized, quantization_summary, quantize_mode
 from qat.runs.checkpoints import write_qat_config
 from qat.training.finetune import prepare_finetuning, trainable_parameters
 from qat.training.nonfinite import NonFiniteError, check_policy, find_first_nonfinite, is_finite
+from qat.training.quant_metrics import QuantMetricsCallback
 
 logger = logging.getLogger(__name__)
 class _WandbQATConfig(TrainerCallback):
@@ -79,6 +80,7 @@ class QATTrainer(Trainer):
                     self._backend_summary())
         self.add_callback(_WandbQATConfig(self.qat_state()))
         self.add_callback(_EndSkippedStep(self))
+        self.add_callback(QuantMetricsCallback(self.callback_handler.callbacks))
 
     def _backend_summary(self) -> str:
         """Which quantiser implementation runs here, e.g. ``backend auto -> compile on cpu``."""
