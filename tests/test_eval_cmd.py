@@ -58,7 +58,7 @@ def _save_full_run(tmp_path: Path) -> tuple[Path, torch.nn.Module, dict]:
 
 def test_full_checkpoint_rebuilds_the_quantised_model(tmp_path):
     run, model, batch = _save_full_run(tmp_path)
-    assert "qat_config" in json.loads((run / "config.json").read_text())
+    assert "qat_quant" in json.loads((run / "config.json").read_text())
     src = resolve_source(str(run), [])
     assert src.checkpoint == run and src.recipe.args.model_name_or_path == str(run)
     rebuilt = build_model(src, num_labels=2).model

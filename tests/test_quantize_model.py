@@ -72,7 +72,7 @@ def test_overrides_and_exclude():
     assert not isinstance(layer0.fc1, QuantLinear)
     assert isinstance(layer0.self_attn.qat_matmul, MatmulQuantizer)
     assert not hasattr(layer1.self_attn, "qat_matmul")
-    assert model.config.qat_config["overrides"][r".*fc2"] == {"weight": {"width": 6}}
+    assert model.config.qat_quant["overrides"][r".*fc2"] == {"weight": {"width": 6}}
 
 
 def test_override_matching_nothing_is_an_error():
@@ -158,4 +158,4 @@ def test_lora_dropout_is_rejected():
     from qat.runs.recipe import RecipeError, _build_lora
 
     with pytest.raises(RecipeError, match="lora.dropout"):
-        _build_lora({"dropout": 0.1}, "")
+        _build_lora({"dropout": 0.1})

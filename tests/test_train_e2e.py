@@ -45,7 +45,7 @@ def test_run_writes_recipe_and_quant_config(qat_run):
     state = json.loads((out / "model/qat_config.json").read_text())
     assert state["finetune"] == "full" and state["quant"]["activation"]["width"] == 4
     config = json.loads((out / "model/config.json").read_text())
-    assert config["qat_config"] == state["quant"]
+    assert config["qat_quant"] == state["quant"]
 
 
 def wandb_records(path: Path):
@@ -95,5 +95,5 @@ def test_wandb_offline_run_has_metrics_and_quant_config(qat_run):
     assert config["qat"]["quant"]["weight"] == {"format": "bfp", "width": 4,
                                                  "exponent_width": 8, "block_size": 16}
     assert config["qat"]["finetune"] == "full"
-    assert config["qat_config"]["overrides"] == {".*output.dense": {"weight": {"width": 6}}}
+    assert config["qat_quant"]["overrides"] == {".*output.dense": {"weight": {"width": 6}}}
     assert {"train/loss", "eval/accuracy"} <= logged, logged

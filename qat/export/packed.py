@@ -299,7 +299,7 @@ def export_model(model: torch.nn.Module, out_dir: str | Path, tokenizer: Any = N
 
     if hasattr(model, "merge_and_unload"):  # LoRA: W + BA is what the quantiser sees
         model = model.merge_and_unload()
-    quant = getattr(model, "qat_quant_config", None)
+    quant = getattr(model, "qat_quant", None)
     if quant is None:
         raise ExportError("the model is not quantised (quant: null): nothing to pack; set a "
                           "quant section or --quant.weight ...")

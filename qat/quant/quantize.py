@@ -13,7 +13,7 @@ from qat.quant.config import QuantConfig, QuantConfigError
 from qat.quant.modules import MatmulQuantizer, QuantConv1D, QuantLinear
 from qat.quant.ste import FakeQuantizer, SharedInput
 
-CONFIG_ATTR = "qat_config"  # key under which the quant config is kept in model.config
+CONFIG_ATTR = "qat_quant"  # config.json key of the quant config (the recipe's `quant` section)
 
 
 def attention_classes(model: nn.Module) -> tuple[set[type], set[str]]:
@@ -134,7 +134,7 @@ def quantize_model(model: nn.Module, config: QuantConfig | Mapping[str, Any] | N
                                    "quant.matmul: null")
     if hasattr(model, "config"):
         setattr(model.config, CONFIG_ATTR, config.to_dict())
-    model.qat_quant_config = config
+    model.qat_quant = config  # the QuantConfig itself (config.json holds its dict)
     return model
 
 
