@@ -68,7 +68,7 @@ def quantised_layers(model: nn.Module) -> list[QuantLayer]:
     for name, mod in modules.items():
         if not isinstance(mod, (QuantLinear, QuantConv1D)):
             continue
-        if mod.weight_quantizer is None and mod.input_quantizer is None:
+        if mod.weight_quantizer is None and mod.activation_quantizer is None:
             continue
         outer = mod
         if name.endswith(".base_layer") and hasattr(modules.get(name[:-11]), "effective_weight"):
@@ -87,7 +87,7 @@ def measure(layers: list[QuantLayer], inputs: dict[str, Tensor]) -> list[dict[st
     with torch.no_grad():
         for layer in layers:
             for tensor, q, x in (("weight", layer.inner.weight_quantizer, None),
-                                 ("activation", layer.inner.input_quantizer,
+                                 ("activation", layer.inner.activation_quantizer,
                                   inputs.get(layer.name))):
                 if q is None:
                     continue
@@ -154,7 +154,7 @@ class QuantMetricsCallback(TrainerCallback):
         self._disarm()
         self.inputs = {}
         for layer in self.layers:
-            if layer.inner.input_quantizer is not None:
+            if layer.inner.activation_quantizer is not None:
                 self._hooks.append(layer.outer.register_forward_pre_hook(self._sampler(layer)))
 
     def _sampler(self, layer: QuantLayer):
