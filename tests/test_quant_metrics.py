@@ -8,7 +8,6 @@ import math
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -186,17 +185,11 @@ def test_tensorboard_has_per_layer_sqnr_and_density(dash_run):
 
 
 def test_wandb_offline_run_has_charts_table_and_summary(dash_run):
-    from tests.test_train_e2e import wandb_records
+    from tests.test_train_e2e import wait_for_wandb_exit, wandb_records
 
     (run,) = list((dash_run / "wandb").glob("offline-run-*"))
     log = next(run.glob("*.wandb"))
-    for _ in range(120):  # wandb-core may still be writing: wait for its exit record
-        try:
-            if any(r.WhichOneof("record_type") == "exit" for r in wandb_records(log)):
-                break
-        except Exception:  # noqa: BLE001 - a record still being written; look again
-            pass
-        time.sleep(0.5)
+    wait_for_wandb_exit(log)
     history: list[dict] = []
     summary: dict = {}
     for rec in wandb_records(log):

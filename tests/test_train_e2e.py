@@ -71,20 +71,24 @@ def wandb_records(path: Path):
             yield rec
 
 
+def wait_for_wandb_exit(log) -> None:
+    """wandb-core, a process of its own, may still be writing when the training process has
+    exited: return once the log holds the run's closing "exit" record (bounded wait)."""
+    for _ in range(120):
+        try:
+            if any(r.WhichOneof("record_type") == "exit" for r in wandb_records(log)):
+                return
+        except Exception:  # noqa: BLE001 - a record still being written; look again
+            pass
+        time.sleep(0.5)
+
+
 def test_wandb_offline_run_has_metrics_and_quant_config(qat_run):
     out, _ = qat_run
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     log = next(runs[0].glob("*.wandb"))
-    # wandb-core, a process of its own, may still be writing when the training process has
-    # exited: read the log once it holds the run's closing "exit" record (bounded wait).
-    for _ in range(120):
-        try:
-            if any(r.WhichOneof("record_type") == "exit" for r in wandb_records(log)):
-                break
-        except Exception:  # noqa: BLE001 - a record still being written; look again
-            pass
-        time.sleep(0.5)
+    wait_for_wandb_exit(log)
     config, logged = {}, set()
     for rec in wandb_records(log):
         kind = rec.WhichOneof("record_type")

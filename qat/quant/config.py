@@ -20,6 +20,21 @@ class QuantConfigError(QatError):
     """An invalid ``quant:`` section; the message names the key path and value."""
 
 
+def check_section(d: Any, cls: type, prefix: str, error: type[Exception]) -> None:
+    """A recipe section (``quant:``, ``qdec:``) must be a mapping whose keys are ``cls``'s
+    dataclass fields; else one ``error`` line naming the key, with a did-you-mean."""
+    if not isinstance(d, Mapping):
+        raise error(f"{prefix} must be a mapping or null, got {d!r}")
+    valid = [f.name for f in dataclasses.fields(cls)]
+    for key in d:
+        if key not in valid:
+            import difflib
+
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            hint = f" (did you mean {prefix}.{close[0]}?)" if close else ""
+            raise error(f"unknown key {prefix}.{key}{hint}; valid keys: {', '.join(valid)}")
+
+
 def merge_spec(base: Mapping[str, Any] | None, partial: Mapping[str, Any] | None
                ) -> dict[str, Any] | None:
     """Apply an override's partial spec to a base spec.
@@ -99,17 +114,7 @@ class QuantConfig:
             return None
         if isinstance(d, QuantConfig):
             return d
-        if not isinstance(d, Mapping):
-            raise QuantConfigError(f"{prefix} must be a mapping or null, got {d!r}")
-        valid = [f.name for f in dataclasses.fields(cls)]
-        for key in d:
-            if key not in valid:
-                import difflib
-
-                close = difflib.get_close_matches(str(key), valid, n=1)
-                hint = f" (did you mean {prefix}.{close[0]}?)" if close else ""
-                raise QuantConfigError(
-                    f"unknown key {prefix}.{key}{hint}; valid keys: {', '.join(valid)}")
+        check_section(d, cls, prefix, QuantConfigError)
         return cls(**{k: _plain(v) for k, v in d.items()})
 
     def to_dict(self) -> dict[str, Any]:

@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from qat.quant.config import QuantConfigError
+from qat.quant.config import QuantConfigError, check_section
 from qat.quant.modules import QuantLinear
 
 RESIDUAL_DEVICES = ("cpu", "same")
@@ -101,16 +101,7 @@ class QDECConfig:
         """From a recipe's ``qdec:`` mapping; ``None`` (no QDEC) passes through."""
         if d is None or isinstance(d, QDECConfig):
             return d
-        if not isinstance(d, Mapping):
-            raise QDECError(f"qdec must be a mapping or null, got {d!r}")
-        valid = [f.name for f in dataclasses.fields(cls)]
-        for key in d:
-            if key not in valid:
-                import difflib
-
-                close = difflib.get_close_matches(str(key), valid, n=1)
-                hint = f" (did you mean qdec.{close[0]}?)" if close else ""
-                raise QDECError(f"unknown key qdec.{key}{hint}; valid keys: {', '.join(valid)}")
+        check_section(d, cls, "qdec", QDECError)
         return cls(**dict(d))
 
     def to_dict(self) -> dict[str, Any]:

@@ -55,6 +55,7 @@ def train_decoder(recipe: Any, checkpoint: str | None,
     from qat.models import load_config, load_tokenizer_for
     from qat.runs.build import build_model
     from qat.tasks.language_modeling import check_block_size, check_causal
+    from qat.training.run import train_and_evaluate
     from qat.training.trainer import QATTrainer
 
     args, targs = recipe.args, recipe.training_args
@@ -82,20 +83,5 @@ def train_decoder(recipe: Any, checkpoint: str | None,
     trainer = build(model=model, args=targs, quant_config=args.quant, finetune=args.finetune,
                     lora=args.lora, on_nonfinite=args.on_nonfinite, train_dataset=train,
                     eval_dataset=evals, processing_class=tokenizer, data_collator=collator)
-    metrics: dict = {}
-    if targs.do_train or not targs.do_eval:
-        result = trainer.train(resume_from_checkpoint=checkpoint)
-        trainer.save_model()
-        metrics.update(result.metrics)
-        trainer.save_metrics("train", result.metrics)
-        trainer.save_state()
-    eval_metrics = trainer.evaluate()
-    eval_metrics["eval_perplexity"] = math.exp(min(eval_metrics["eval_loss"], 700.0))
-    trainer.log({"eval_perplexity": eval_metrics["eval_perplexity"]})
-    trainer.save_metrics("eval", eval_metrics)
-    metrics.update(eval_metrics)
-    if trainer.args.should_save:
-        # A saved recipe that says "overwrite" would let a rerun wipe this run unasked.
-        recipe.resolved.pop("overwrite_output_dir", None)
-        recipe.save(targs.output_dir)
-    return metrics
+    return train_and_evaluate(trainer, recipe, checkpoint, lambda m: {
+        "eval_perplexity": math.exp(min(m["eval_loss"], 700.0))})

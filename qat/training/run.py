@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from qat.errors import UsageError
@@ -197,6 +197,15 @@ def _train(recipe, checkpoint: str | None) -> dict:
         processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=task.trainer_metrics,
     )
+    return train_and_evaluate(trainer, recipe, checkpoint)
+
+
+def train_and_evaluate(trainer, recipe, checkpoint: str | None,
+                       add_eval: Callable[[dict], dict] | None = None) -> dict:
+    """What every train loop ends with: train (unless only evaluating) and save the model,
+    metrics and state; evaluate (``add_eval`` adds derived metrics, e.g. perplexity); save the
+    resolved recipe. Returns the train and eval metrics."""
+    targs = recipe.training_args
     metrics: dict = {}
     if targs.do_train or not targs.do_eval:
         result = trainer.train(resume_from_checkpoint=checkpoint)
@@ -205,6 +214,10 @@ def _train(recipe, checkpoint: str | None) -> dict:
         trainer.save_metrics("train", result.metrics)
         trainer.save_state()
     eval_metrics = trainer.evaluate()
+    if add_eval is not None:
+        extra = add_eval(eval_metrics)
+        eval_metrics.update(extra)
+        trainer.log(extra)
     trainer.save_metrics("eval", eval_metrics)
     metrics.update(eval_metrics)
     if trainer.args.should_save:
