@@ -74,7 +74,21 @@ def main(argv: list[str] | None = None) -> int:
               "null" if a.eval_chunks is None else str(a.eval_chunks),
               "--save_strategy", "no", "--report_to", "none", "--overwrite_output_dir", "true",
               *extra]
+    targs = load_recipe(a.recipe, budget).training_args
+    tokens = a.steps * a.batch * a.block_size * targs.gradient_accumulation_steps \
+        * max(1, targs.world_size)
     results: list[dict[str, Any]] = []
+    path = out / "results.json"
+
+    def write() -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({
+            "recipe": a.recipe, "codebook_recipe": a.codebook_recipe,
+            "budget": {"steps": a.steps, "block_size": a.block_size, "batch": a.batch,
+                       "seed": a.seed, "training_tokens": tokens, "eval_chunks": a.eval_chunks,
+                       "lora_lr": a.lora_lr, "overrides": extra},
+            "results": results}, indent=2))
+
     for row_id, name, recipe_path, overrides in rows(a.recipe, a.codebook_recipe, a.lora_lr):
         if a.only and row_id not in a.only:
             continue
@@ -88,10 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                "train_loss": metrics.get("train_loss"), "seconds": round(time.time() - t0, 1)}
         results.append(row)
         print(f"[{row['name']}] perplexity={row['perplexity']:.3f}", flush=True)
-    r0 = load_recipe(a.recipe, budget)
-    targs = r0.training_args
-    tokens = a.steps * a.batch * a.block_size * targs.gradient_accumulation_steps \
-        * max(1, targs.world_size)
+        write()  # after every row: a long CPU run that dies keeps what it measured
     after = next((r["perplexity"] for r in results if r["id"] == "float-after"), None)
     print(f"\n{Path(a.recipe).name}: {a.steps} steps x {a.batch} x {a.block_size} tokens "
           f"(x{targs.gradient_accumulation_steps} accumulation) = {tokens} training tokens, "
@@ -104,14 +115,6 @@ def main(argv: list[str] | None = None) -> int:
         rel = f"{r['perplexity'] / after - 1:+.1%}" if after and math.isfinite(
             r["perplexity"]) else ""
         print(f"| {r['name']} | {r['perplexity']:.2f} | {rel} |")
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "results.json"
-    path.write_text(json.dumps({
-        "recipe": a.recipe, "codebook_recipe": a.codebook_recipe,
-        "budget": {"steps": a.steps, "block_size": a.block_size, "batch": a.batch,
-                   "seed": a.seed, "training_tokens": tokens, "eval_chunks": a.eval_chunks,
-                   "lora_lr": a.lora_lr, "overrides": extra},
-        "results": results}, indent=2))
     print(f"\nwrote {path}")
     return 0
 
