@@ -90,14 +90,15 @@ def _register_quant_method() -> None:
 _register_quant_method()
 
 
-def _quiet_torchao_enum_warning() -> None:
-    """Drop torch's "<enum 'KernelPreference'> is an Enum subclass ..." warnings about torchao.
+def _quiet_torchao_import_noise() -> None:
+    """Drop torch's "<enum 'KernelPreference'> is an Enum subclass ..." warnings about torchao,
+    and torchao's own "Failed to load .../torchao/_C....so" warnings.
 
     qat never imports torchao, but transformers does whenever it is installed
     (``transformers.quantizers.quantizer_torchao``, imported with ``modeling_utils``), and
     torchao's import registers its enums with torch's pytree, which torch now warns about:
-    noise on every qat command that loads a model. Only that warning, and only for torchao's
-    classes, is filtered; it is a logging filter, so nothing is imported here.
+    noise on every qat command that loads a model. Only those warnings, and only about torchao,
+    are filtered; they are logging filters, so nothing is imported here.
     """
     import logging
 
@@ -108,5 +109,13 @@ def _quiet_torchao_enum_warning() -> None:
 
     logging.getLogger("torch.utils._pytree").addFilter(keep)
 
+    def keep_torchao(record: logging.LogRecord) -> bool:
+        # A torchao wheel built for CUDA (or another Python) fails to load its _C*.so
+        # extensions on import and says so once per file; qat uses none of them.
+        msg = str(record.msg)
+        return not (msg.startswith("Failed to load") and "torchao" in msg and "_C" in msg)
 
-_quiet_torchao_enum_warning()
+    logging.getLogger("torchao").addFilter(keep_torchao)
+
+
+_quiet_torchao_import_noise()

@@ -163,3 +163,36 @@ def test_export_loads_on_the_resolved_device(tmp_path, monkeypatch) -> None:
                                                "--device", "cpu"])
     assert seen["device"] == torch.device("meta")
     assert not Path(tmp_path / "packed").exists()
+
+
+def test_cpu_training_does_not_ask_for_pinned_memory(tmp_path) -> None:
+    """Trainer pins batches by default; with no accelerator torch warns on every loader."""
+    import warnings
+
+    from tiny import make_tiny_glue_dir
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        TrainingArguments,
+    )
+
+    from qat.tasks.glue import get_task, load_glue, tokenize_glue
+    from qat.training.trainer import QATTrainer
+
+    model_dir = make_tiny_model_dir(tmp_path)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
+    data = tokenize_glue(load_glue("sst2", make_tiny_glue_dir(tmp_path)), get_task("sst2"),
+                         tok, 32)
+    # no use_cpu (which drops pinning itself): a recipe on a machine without a GPU
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), report_to="none",
+                             per_device_train_batch_size=4)
+    assert args.dataloader_pin_memory and args.device.type == "cpu"
+    trainer = QATTrainer(model, args, quant_config=None, train_dataset=data["train"],
+                         data_collator=DataCollatorWithPadding(tok))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        next(iter(trainer.get_train_dataloader()))
+    assert not [w for w in seen if "pin_memory" in str(w.message)]
+    assert trainer.args.dataloader_pin_memory is False

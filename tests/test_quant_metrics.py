@@ -222,9 +222,10 @@ def test_wandb_offline_run_has_charts_table_and_summary(dash_run):
 
 # -- torchao's import noise ----------------------------------------------------------------------
 
-def test_no_torchao_enum_warning_when_qat_loads_transformers():
+def test_no_torchao_import_noise_when_qat_loads_transformers():
     """transformers imports torchao when it is installed; torch then warns about torchao's
-    enums. qat filters exactly that warning (qat/__init__.py)."""
+    enums, and a torchao wheel whose C++ extensions do not load here says so per file. qat
+    filters exactly those warnings (qat/__init__.py)."""
     pytest.importorskip("torchao")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
 
@@ -235,11 +236,14 @@ def test_no_torchao_enum_warning_when_qat_loads_transformers():
         return proc.stderr
 
     bare = stderr("import transformers.modeling_utils")
-    if "is an Enum subclass" not in bare:
+    noise = [m for m in ("is an Enum subclass", "Failed to load") if m in bare]
+    if not noise:
         pytest.skip("this torch / torchao pair does not warn")
-    assert "is an Enum subclass" not in stderr("import qat.training.trainer")
+    with_qat = stderr("import qat.training.trainer")
+    assert not [m for m in noise if m in with_qat], with_qat[-2000:]
     # the filter is that narrow: torch's warning for any other Enum still shows
     other = stderr("import qat, enum, torch.utils._pytree as p\n"
                    "E = enum.Enum('E', 'A')\n"
                    "p._private_register_pytree_node(E, None, None)\n")
-    assert "is an Enum subclass" in other
+    if "is an Enum subclass" in noise:
+        assert "is an Enum subclass" in other

@@ -67,6 +67,9 @@ class QATTrainer(Trainer):
         if self.quant_config is not None and not is_quantized(model):
             quantize_model(model, self.quant_config)
         model = prepare_finetuning(model, finetune, lora)
+        if args is not None and args.dataloader_pin_memory and args.device.type == "cpu":
+            # Nothing to pin for without an accelerator; torch would warn on every loader.
+            args.dataloader_pin_memory = False
         super().__init__(model=model, args=args, **kwargs)
         base = self.accelerator.unwrap_model(self.model)
         base = base.get_base_model() if hasattr(base, "get_base_model") else base
