@@ -10,7 +10,10 @@ config; the budget comes from the command line and is the same for every trained
 float before FT, float after FT, PTQ (the recipe's quant on the untrained model), QAT full,
 QAT LoRA, and with ``--codebook_recipe`` that recipe's PTQ and QAT full. Extra ``--key value``
 pairs override every run's recipe (e.g. ``--use_cpu true``). Prints a markdown table and writes
-``results.json`` into ``--out``.
+``results.json`` into ``--out`` after every row; ``--plot PNG`` draws the perplexities.
+
+    python bench/decoder_qat.py --table OUT_A/results.json OUT_B/results.json \\
+        --plot docs/decoder_qat.png     # rows run apart (--only) in one table and picture
 """
 
 from __future__ import annotations
@@ -50,21 +53,109 @@ def rows(recipe: str, codebook: str | None, lora_lr: float) -> list[tuple[str, s
     return out
 
 
+def load_results(paths: list[Path]) -> dict[str, Any]:
+    """One result set from results.json files of runs split across processes or machines
+    (``--only``); their budgets must be the same."""
+    merged: dict[str, Any] | None = None
+    for path in paths:
+        if not path.is_file():
+            raise SystemExit(f"decoder_qat: {str(path)!r}: no such results file")
+        data = json.loads(path.read_text())
+        if merged is None:
+            merged = {**data, "results": list(data["results"])}
+        elif data["budget"] != merged["budget"]:
+            raise SystemExit(f"decoder_qat: {str(path)!r} has another budget "
+                             f"({data['budget']} vs {merged['budget']})")
+        else:
+            merged["results"] += data["results"]
+    assert merged is not None
+    order = [r[0] for r in rows("", "", 0.0)]
+    merged["results"].sort(key=lambda r: order.index(r["id"]) if r["id"] in order else 99)
+    return merged
+
+
+def report(paths: list[Path], figure: Path | None) -> None:
+    """Print the markdown table (and draw ``figure``) of the results in ``paths``."""
+    data = load_results(paths)
+    b, results = data["budget"], data["results"]
+    after = next((r["perplexity"] for r in results if r["id"] == "float-after"), None)
+    chunks = "all" if b["eval_chunks"] is None else f"the first {b['eval_chunks']}"
+    print(f"\n{Path(data['recipe']).name}: {b['steps']} steps x {b['batch']} x "
+          f"{b['block_size']} tokens = {b['training_tokens']} training tokens, seed {b['seed']}; "
+          f"WikiText-2 test, {chunks} chunks of {b['block_size']} tokens\n")
+    print("| model | WikiText-2 test PPL | vs float after FT | train loss | seconds |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for r in results:
+        ok = after and math.isfinite(r["perplexity"])
+        rel = f"{r['perplexity'] / after - 1:+.1%}" if ok else ""
+        tl = "" if r.get("train_loss") is None else f"{r['train_loss']:.3f}"
+        print(f"| {r['name']} | {r['perplexity']:.2f} | {rel} | {tl} | {r['seconds']:.0f} |")
+    if figure is not None:
+        plot(data, figure)
+        print(f"\ndrew {figure}")
+
+
+def plot(data: dict[str, Any], path: Path) -> None:
+    """Bars of perplexity per row, log scale (PTQ is often several times the others)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results, b = data["results"], data["budget"]
+    colour = {"float": "#4c72b0", "ptq": "#c44e52", "qat": "#55a868"}
+
+    def kind(row_id: str) -> str:
+        return "float" if row_id.startswith("float") else "ptq" if "ptq" in row_id else "qat"
+
+    fig, ax = plt.subplots(figsize=(8, 0.9 + 0.45 * len(results)))
+    names = [r["name"] for r in results][::-1]
+    ppl = [r["perplexity"] for r in results][::-1]
+    bars = ax.barh(names, ppl, color=[colour[kind(r["id"])] for r in results][::-1])
+    for bar, v in zip(bars, ppl):
+        ax.text(bar.get_width() * 1.02, bar.get_y() + bar.get_height() / 2, f"{v:.1f}",
+                va="center", fontsize=9)
+    after = next((r["perplexity"] for r in results if r["id"] == "float-after"), None)
+    if after:
+        ax.axvline(after * 1.25, color="grey", ls="--", lw=1)
+        ax.text(after * 1.25, len(results) - 0.4, " float after FT +25%", color="grey",
+                fontsize=8, va="top")
+    ax.set_xscale("log")
+    ax.set_xlabel("WikiText-2 test perplexity (log scale, lower is better)")
+    ax.set_title(f"{Path(data['recipe']).stem}: {b['steps']} steps, {b['training_tokens']} "
+                 f"tokens, seed {b['seed']}", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--recipe", default=str(REPO / "recipes/smollm2_wikitext_w4a4.yaml"))
     p.add_argument("--codebook_recipe", default=None,
                    help="a second recipe (e.g. BOF4-S+OPQ weights): its PTQ and QAT full rows")
-    p.add_argument("--steps", type=int, required=True)
-    p.add_argument("--block_size", type=int, required=True)
-    p.add_argument("--batch", type=int, required=True, help="per-device train batch (chunks)")
-    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--block_size", type=int)
+    p.add_argument("--batch", type=int, help="per-device train batch (chunks)")
+    p.add_argument("--seed", type=int)
     p.add_argument("--eval_chunks", type=int, default=None,
                    help="first N chunks of the test split (default: all of them)")
     p.add_argument("--lora_lr", type=float, default=2e-4)
     p.add_argument("--out", default=str(REPO / "outputs/bench_decoder_qat"))
     p.add_argument("--only", nargs="+", default=None, help="row ids to run (default: all)")
+    p.add_argument("--table", nargs="+", type=Path, metavar="RESULTS_JSON", default=None,
+                   help="only print the table of results.json files written earlier "
+                        "(rows split across runs with --only are merged)")
+    p.add_argument("--plot", type=Path, default=None, metavar="PNG",
+                   help="also draw the perplexities (e.g. docs/decoder_qat.png)")
     a, extra = p.parse_known_args(argv)
+    if a.table:
+        report(a.table, a.plot)
+        return 0
+    missing = [k for k in ("steps", "block_size", "batch", "seed") if getattr(a, k) is None]
+    if missing:  # the budget is always stated, never a silent default
+        p.error("the budget needs " + ", ".join(f"--{k}" for k in missing))
     from qat.training.run import run
 
     out = Path(a.out)
@@ -103,19 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append(row)
         print(f"[{row['name']}] perplexity={row['perplexity']:.3f}", flush=True)
         write()  # after every row: a long CPU run that dies keeps what it measured
-    after = next((r["perplexity"] for r in results if r["id"] == "float-after"), None)
-    print(f"\n{Path(a.recipe).name}: {a.steps} steps x {a.batch} x {a.block_size} tokens "
-          f"(x{targs.gradient_accumulation_steps} accumulation) = {tokens} training tokens, "
-          f"seed {a.seed}; WikiText-2 test, "
-          f"{'all' if a.eval_chunks is None else f'the first {a.eval_chunks}'} chunks of "
-          f"{a.block_size} tokens\n")
-    print("| model | WikiText-2 test PPL | vs float after FT |")
-    print("| --- | ---: | ---: |")
-    for r in results:
-        rel = f"{r['perplexity'] / after - 1:+.1%}" if after and math.isfinite(
-            r["perplexity"]) else ""
-        print(f"| {r['name']} | {r['perplexity']:.2f} | {rel} |")
-    print(f"\nwrote {path}")
+    report([path], a.plot)
     return 0
 
 

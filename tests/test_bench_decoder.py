@@ -1,0 +1,64 @@
+"""bench/decoder_qat.py on a tiny Llama: every row trains or evaluates under one budget, rows
+run apart (``--only``) merge into one table and picture, and mixed budgets are refused."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+from tiny_lm import WIKITEXT_DIR, lm_recipe
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_decoder_qat",
+                                                  REPO / "bench" / "decoder_qat.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_rows_run_apart_merge_into_one_table(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("QAT_WIKITEXT_DIR", str(WIKITEXT_DIR))
+    bench = _bench()
+    recipe = lm_recipe(tmp_path)
+    budget = ["--recipe", recipe, "--steps", "3", "--block_size", "32", "--batch", "2",
+              "--seed", "5", "--eval_chunks", "4"]
+    assert bench.main([*budget, "--only", "qat-full", "float-before",
+                       "--out", str(tmp_path / "a")]) == 0
+    assert bench.main([*budget, "--only", "ptq", "--out", str(tmp_path / "b")]) == 0
+    a = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert a["budget"]["training_tokens"] == 3 * 2 * 32
+    by_id = {r["id"]: r for r in a["results"]}
+    assert set(by_id) == {"float-before", "qat-full"}
+    for r in by_id.values():
+        assert r["perplexity"] == pytest.approx(math.exp(r["eval_loss"]))
+    assert by_id["float-before"]["train_loss"] is None  # evaluated only
+    assert by_id["qat-full"]["train_loss"] > 0
+    assert by_id["qat-full"]["name"] == "W4A4 bfp+mm QAT full"
+
+    capsys.readouterr()
+    figure = tmp_path / "fig" / "decoder.png"
+    assert bench.main(["--table", str(tmp_path / "b" / "results.json"),
+                       str(tmp_path / "a" / "results.json"), "--plot", str(figure)]) == 0
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    # the bench's row order, whatever order the files came in
+    assert [line.split(" | ")[0][2:] for line in table[2:]] == [
+        "float, before FT", "W4A4 bfp+mm PTQ", "W4A4 bfp+mm QAT full"]
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_table_refuses_results_of_other_budgets(tmp_path):
+    bench = _bench()
+    for name, steps in (("a", 3), ("b", 4)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps({
+            "recipe": "r.yaml", "budget": {"steps": steps}, "results": []}))
+    with pytest.raises(SystemExit, match="another budget"):
+        bench.load_results([tmp_path / "a" / "results.json", tmp_path / "b" / "results.json"])
+    with pytest.raises(SystemExit, match="no such results file"):
+        bench.load_results([tmp_path / "missing.json"])
