@@ -76,6 +76,41 @@ def test_k_equal_d_in_is_the_layer_with_weight_q_plus_r_hat(activation, shape):
     assert (r - r_hat).abs().max() < 0.2 * r.abs().max()
 
 
+def test_gpt2_conv1d_layers_are_compensated_and_saved_in_their_own_layout(tmp_path):
+    """GPT-2 keeps its weights as Conv1D ``[in, out]``: the residual is W - Q(W) of that
+    layout, transposed to ``[out, in]``, and k counts input channels (dim 0)."""
+    from qat.quant.modules import QuantConv1D
+
+    torch.manual_seed(0)
+    model = quantize_model(tiny_model("gpt2"), {"weight": BFP3, "activation": BFP4})
+    convs = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantConv1D)]
+    assert convs
+    attach_qdec(model, {"k_chunk": 1024})
+    assert all("_qdec" in m.__dict__ for _, m in convs)
+    name, conv = next((n, m) for n, m in convs if m.weight.shape[0] != m.weight.shape[1])
+    d_in, d_out = conv.weight.shape
+    assert conv._qdec.k == d_in and conv._qdec.codes_t.shape == (d_in, d_out)
+    x = torch.randn(2, 3, d_in, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y = conv(x)
+        qx = conv.quantized_input(x)
+        r_hat = conv._qdec.residual()  # [out, in]
+        r = (conv.weight - conv.quantized_weight()).t()
+        ref = qx @ (conv.quantized_weight() + r_hat.t()) + conv.bias
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    assert (r - r_hat).abs().max() < 0.2 * r.abs().max()
+    # save and reload: the shapes are checked in the Conv1D layout
+    ids = torch.randint(0, 100, (1, 6), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    save_qdec(model, tmp_path)
+    torch.manual_seed(0)
+    again = load_qdec(quantize_model(tiny_model("gpt2"),
+                                     {"weight": BFP3, "activation": BFP4}), tmp_path)
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids).logits, logits)
+
+
 def test_k_zero_is_the_plain_quantised_layer():
     model = _layer(activation=BFP4)
     x = torch.randn(2, 3, 64, generator=torch.Generator().manual_seed(2))

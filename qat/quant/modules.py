@@ -77,9 +77,15 @@ class QuantConv1D(Conv1D):
         _share_parameters(new, conv)
         return new
 
+    def quantized_weight(self, weight: Tensor | None = None) -> Tensor:
+        w = self.weight if weight is None else weight
+        return w if self.weight_quantizer is None else self.weight_quantizer(w)
+
+    def quantized_input(self, x: Tensor) -> Tensor:
+        return x if self.activation_quantizer is None else self.activation_quantizer(x)
+
     def forward_with_weight(self, x: Tensor, weight: Tensor) -> Tensor:
-        qx = x if self.activation_quantizer is None else self.activation_quantizer(x)
-        qw = weight if self.weight_quantizer is None else self.weight_quantizer(weight)
+        qx, qw = self.quantized_input(x), self.quantized_weight(weight)
         out = qx.reshape(-1, qx.size(-1)) @ qw + self.bias
         return out.reshape(*x.shape[:-1], self.nf)
 

@@ -1,8 +1,9 @@
 """QDEC: dynamic error compensation of quantised linears at inference (METHODS.md section 3).
 
-For every ``QuantLinear`` with a weight quantiser, the residual ``R = W - Q(W)`` is computed
-once with the model's own weight quantiser and quantised to ``residual_bits`` (symmetric, one
-scale per output channel, scale by an MSE grid search over fractions of the row's max |R|).
+For every ``QuantLinear`` (or GPT-2 ``QuantConv1D``) with a weight quantiser, the residual
+``R = W - Q(W)`` is computed once with the model's own weight quantiser and quantised to
+``residual_bits`` (symmetric, one scale per output channel, scale by an MSE grid search over
+fractions of the row's max |R|).
 At inference each layer adds ``R_hat[:, S] @ x[S]`` to its output, ``S`` being the ``k`` input
 channels of largest |x| (``x`` as the layer multiplies it: after its input quantiser, so that
 ``k = d_in`` gives exactly the layer with weight ``Q(W) + R_hat``).
@@ -48,7 +49,9 @@ import torch
 from torch import Tensor, nn
 
 from qat.quant.config import QuantConfigError, check_section
-from qat.quant.modules import QuantLinear
+from qat.quant.modules import QuantConv1D, QuantLinear
+
+QuantLayer = QuantLinear | QuantConv1D
 
 RESIDUAL_DEVICES = ("cpu", "same")
 PREFILL_RULES = ("step", "token")
@@ -224,7 +227,7 @@ class QDECState:
         return out.reshape(*shape[:-1], -1)
 
 
-def _hook(module: QuantLinear, args: tuple, output: Tensor) -> Tensor:
+def _hook(module: QuantLayer, args: tuple, output: Tensor) -> Tensor:
     state: QDECState = module._qdec
     if torch.is_grad_enabled():
         raise QDECError("QDEC is inference-only: run the model under torch.no_grad() or "
@@ -236,13 +239,28 @@ def _hook(module: QuantLinear, args: tuple, output: Tensor) -> Tensor:
     return output if delta is None else output + delta.to(output.dtype)
 
 
-def qdec_layers(model: nn.Module) -> list[tuple[str, QuantLinear]]:
-    """The layers QDEC serves: ``QuantLinear`` modules with an enabled weight quantiser."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)
+def qdec_layers(model: nn.Module) -> list[tuple[str, QuantLayer]]:
+    """The layers QDEC serves: ``QuantLinear`` / ``QuantConv1D`` modules with an enabled
+    weight quantiser."""
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, (QuantLinear, QuantConv1D))
             and m.weight_quantizer is not None and m.weight_quantizer.enabled]
 
 
-def _layers_or_raise(model: nn.Module) -> list[tuple[str, QuantLinear]]:
+def layer_shape(m: QuantLayer) -> tuple[int, int]:
+    """``(d_in, d_out)``: a Conv1D stores its weight as ``[in, out]``, a Linear ``[out, in]``."""
+    d0, d1 = m.weight.shape
+    return (d0, d1) if isinstance(m, QuantConv1D) else (d1, d0)
+
+
+def weight_residual(m: QuantLayer) -> Tensor:
+    """``W - Q(W)`` as ``[d_out, d_in]`` in fp32, quantised as the layer quantises it."""
+    w = m.weight.detach()
+    r = w.float() - m.weight_quantizer(w).float()
+    return r.t() if isinstance(m, QuantConv1D) else r
+
+
+def _layers_or_raise(model: nn.Module) -> list[tuple[str, QuantLayer]]:
     if any(hasattr(m, "_qdec") for m in model.modules()):
         raise QDECError("QDEC is already attached to this model; detach_qdec(model) first")
     layers = qdec_layers(model)
@@ -252,9 +270,9 @@ def _layers_or_raise(model: nn.Module) -> list[tuple[str, QuantLinear]]:
     return layers
 
 
-def _install(model: nn.Module, name: str, module: QuantLinear, codes_t: Tensor, scale: Tensor,
+def _install(model: nn.Module, name: str, module: QuantLayer, codes_t: Tensor, scale: Tensor,
              config: QDECConfig) -> None:
-    state = QDECState(codes_t, scale, k_for(config.k_chunk, module.in_features), config)
+    state = QDECState(codes_t, scale, k_for(config.k_chunk, layer_shape(module)[0]), config)
     module.__dict__["_qdec"] = state  # plain attribute: model.to() / state_dict() skip it
     state.handle = module.register_forward_hook(_hook)
 
@@ -266,9 +284,7 @@ def attach_qdec(model: nn.Module, config: QDECConfig | Mapping[str, Any] | None 
     layers = _layers_or_raise(model)
     with torch.no_grad():
         for name, m in layers:
-            w = m.weight.detach()
-            r = w.float() - m.weight_quantizer(w).float()
-            codes, scale = quantize_residual(r, config.residual_bits)
+            codes, scale = quantize_residual(weight_residual(m), config.residual_bits)
             _install(model, name, m, codes.t().cpu(), scale.cpu(), config)
     model.qdec_config = config
     return model
@@ -306,7 +322,7 @@ def set_k_chunk(model: nn.Module, k_chunk: int) -> None:
     for m in model.modules():
         state = m.__dict__.get("_qdec")
         if state is not None:
-            state.k, state.config = k_for(k_chunk, m.in_features), config
+            state.k, state.config = k_for(k_chunk, layer_shape(m)[0]), config
 
 
 def set_default_prefill(model: nn.Module, rule: str | None) -> None:
@@ -377,9 +393,9 @@ def load_qdec(model: nn.Module, directory: str | Path,
         raise QDECError(f"{str(d / QDEC_WEIGHTS)!r}: cannot be read ({e})") from None
     for name, m in layers.items():
         codes, scale = tensors.get(f"{name}.codes"), tensors.get(f"{name}.scale")
-        want = (m.in_features, m.out_features)
+        want = layer_shape(m)
         if codes is None or scale is None or tuple(codes.shape) != want \
-                or tuple(scale.shape) != (m.out_features,):
+                or tuple(scale.shape) != (want[1],):
             raise QDECError(f"{str(d / QDEC_WEIGHTS)!r}: layer {name!r} is missing or has the "
                             f"wrong shape (expected codes {list(want)})")
     for name, m in layers.items():
