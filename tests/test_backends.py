@@ -130,6 +130,29 @@ def test_shared_cache_is_invalidated_by_in_place_change_and_holds_no_dead_input(
     assert cache._out is None  # the result dies with its input
 
 
+def test_inference_mode_runs_and_sees_in_place_changes():
+    """Inference tensors track no version: the shared cache must step aside, not crash, and
+    a quantised model gives the same logits under inference_mode as under no_grad."""
+    from qat.quant.ste import SharedInput
+
+    fmt = make_format({"format": "bfp", "width": 3})
+    a, b = FakeQuantizer(fmt), FakeQuantizer(fmt)
+    a.shared = b.shared = SharedInput()
+    with torch.inference_mode():
+        x = torch.randn(4, 32)
+        qa = a(x)
+        x.mul_(2)
+        assert torch.equal(b(x), FakeQuantizer(fmt)(x))  # x as it is now, not the stale qa
+        assert not torch.equal(b(x), qa)
+    model = quantize_model(tiny_model("llama", seed=3), W4A4).eval()
+    ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    with torch.inference_mode():
+        got = model(input_ids=ids).logits
+    assert torch.equal(got, want)
+
+
 def test_triton_backend_in_a_model_equals_reference():
     """quant.backend triton (interpreted on the CPU) gives the reference model's logits and
     gradients bit for bit; formats without a kernel (int here) fall back to compile."""

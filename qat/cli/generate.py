@@ -47,8 +47,8 @@ def _generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int, labe
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
-    # no_grad, not inference_mode: qat.quant.ste.SharedInput reads tensor versions, which
-    # inference tensors do not track
+    # no_grad, not inference_mode: under inference_mode qat.quant.ste.SharedInput cannot
+    # track in-place changes (no version counters), so q/k/v would each quantise their input
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                              streamer=streamer, pad_token_id=tokenizer.pad_token_id)

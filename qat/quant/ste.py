@@ -24,7 +24,7 @@ class SharedInput:
     identity and version (an in-place change invalidates it) and on the grad mode; it holds the
     input only weakly and drops the result when the input dies, so it keeps nothing alive that
     the forward pass itself would not. Under ``torch.compile`` it steps aside (the compiler
-    deduplicates the identical ops itself).
+    deduplicates the identical ops itself), and so it does for inference tensors.
     """
 
     __slots__ = ("_key", "_out", "__weakref__")
@@ -35,12 +35,16 @@ class SharedInput:
 
     def get(self, x: Tensor) -> Tensor | None:
         key = self._key
-        if key is None or key[0]() is not x or key[1] != x._version \
-                or key[2] != torch.is_grad_enabled():
+        if key is None or key[0]() is not x or x.is_inference() \
+                or key[1] != x._version or key[2] != torch.is_grad_enabled():
             return None
         return self._out
 
     def put(self, x: Tensor, out: Tensor) -> None:
+        if x.is_inference():
+            # Inference tensors (torch.inference_mode) track no version, so an in-place change
+            # could not be seen: such inputs are quantised by each sibling, never cached.
+            return
         this = weakref.ref(self)
 
         def drop(_ref: weakref.ref) -> None:
