@@ -89,7 +89,7 @@ def test_gpt2_conv1d_layers_are_compensated_and_saved_in_their_own_layout(tmp_pa
     assert all("_qdec" in m.__dict__ for _, m in convs)
     name, conv = next((n, m) for n, m in convs if m.weight.shape[0] != m.weight.shape[1])
     d_in, d_out = conv.weight.shape
-    assert conv._qdec.k == d_in and conv._qdec.codes_t.shape == (d_in, d_out)
+    assert conv._qdec.k == d_in and conv._qdec.codes().shape == (d_in, d_out)
     x = torch.randn(2, 3, d_in, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         y = conv(x)
@@ -109,6 +109,53 @@ def test_gpt2_conv1d_layers_are_compensated_and_saved_in_their_own_layout(tmp_pa
                                      {"weight": BFP3, "activation": BFP4}), tmp_path)
     with torch.no_grad():
         assert torch.equal(again(input_ids=ids).logits, logits)
+
+
+def test_nibble_packing_round_trips_every_code():
+    codes = torch.arange(-8, 8, dtype=torch.int8).repeat(3, 1)[:, :15]  # odd width
+    packed = qdec_mod.pack_nibbles(codes)
+    assert packed.dtype == torch.uint8 and packed.shape == (3, 8)
+    # hand-computed: codes -8, -7 -> nibbles 0, 1 -> byte 0x10; the padded tail is code 0 (8)
+    assert packed[0, 0].item() == 0x10 and packed[0, 7].item() == (6 + 8) | (8 << 4)
+    assert torch.equal(qdec_mod.unpack_nibbles(packed, 15), codes)
+
+
+@pytest.mark.parametrize("bits, packed", [(2, True), (4, True), (5, False), (8, False)])
+def test_residuals_of_at_most_4_bits_are_held_two_a_byte(bits, packed):
+    model = _layer(d_in=64, d_out=23, activation=BFP4)  # odd d_out: a padded nibble per row
+    attach_qdec(model, {"k_chunk": 256, "residual_bits": bits})
+    state = model[0]._qdec
+    assert state.packed is packed
+    assert state.codes_t.shape == ((64, 12) if packed else (64, 23))
+    # the same codes held unpacked compensate bit for bit as the packed ones
+    plain = qdec_mod.QDECState(state.codes(), state.scale, state.k,
+                               QDECConfig(k_chunk=256, residual_bits=8))
+    assert not plain.packed
+    x = torch.randn(3, 2, 64, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.equal(state.compensation(x, "step"), plain.compensation(x, "step"))
+        assert torch.equal(state.compensation(x, "token"), plain.compensation(x, "token"))
+
+
+def test_packed_residuals_save_half_the_bytes_and_version_1_files_still_load(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = _layer(d_in=64, d_out=24)
+    attach_qdec(model, {"k_chunk": 128})
+    save_qdec(model, tmp_path / "v2")
+    saved = load_file(str(tmp_path / "v2" / "qdec.safetensors"))
+    assert saved["0.codes"].dtype == torch.uint8 and saved["0.codes"].shape == (64, 12)
+    meta = json.loads((tmp_path / "v2" / "qdec_config.json").read_text())
+    assert meta["version"] == 2 and meta["layers"] == {"0": [64, 24]}
+    # a version-1 file (int8 codes, one a byte) loads to the same residual
+    v1 = tmp_path / "v1"
+    v1.mkdir()
+    save_file({"0.codes": model[0]._qdec.codes(), "0.scale": saved["0.scale"]},
+              str(v1 / "qdec.safetensors"))
+    (v1 / "qdec_config.json").write_text(json.dumps({**meta, "version": 1}))
+    again = load_qdec(_layer(d_in=64, d_out=24), v1)
+    assert again[0]._qdec.packed
+    assert torch.equal(again[0]._qdec.residual(), model[0]._qdec.residual())
 
 
 def test_k_zero_is_the_plain_quantised_layer():

@@ -150,21 +150,55 @@ def select_channels(x: Tensor, k: int) -> Tensor:
     return x.abs().amax(dim=1).topk(k, dim=-1, sorted=False).indices
 
 
+def pack_nibbles(codes: Tensor) -> Tensor:
+    """int8 codes in ``[-8, 7]``, ``[n, m]`` -> uint8 ``[n, ceil(m / 2)]``: column ``2j`` in the
+    low nibble, ``2j + 1`` in the high one, each stored as ``code + 8`` (an odd ``m`` is padded
+    with code 0)."""
+    c = (codes.to(torch.int16) + 8).to(torch.uint8)
+    if c.shape[-1] % 2:
+        c = torch.cat([c, c.new_full((*c.shape[:-1], 1), 8)], dim=-1)
+    return c[..., 0::2] | (c[..., 1::2] << 4)
+
+
+def unpack_nibbles(packed: Tensor, m: int, dtype: torch.dtype = torch.int8) -> Tensor:
+    """Inverse of ``pack_nibbles`` for the first ``m`` columns, as ``dtype``."""
+    lo = (packed & 15).to(dtype) - 8
+    hi = (packed >> 4).to(dtype) - 8
+    return torch.stack((lo, hi), dim=-1).flatten(-2)[..., :m]
+
+
 class QDECState:
-    """One layer's residual (plain attributes, deliberately not a module or buffer)."""
+    """One layer's residual (plain attributes, deliberately not a module or buffer).
+
+    Residuals of at most 4 bits are held two codes per byte (``pack_nibbles``): half the host
+    memory, and half the bytes each decode step moves to the GPU; they are unpacked after
+    the gather, on the device.
+    """
 
     def __init__(self, codes_t: Tensor, scale: Tensor, k: int, config: QDECConfig) -> None:
-        self.codes_t = codes_t.contiguous()  # int8 [d_in, d_out], on the CPU until used
         self.scale = scale.float().contiguous()  # fp32 [d_out]
+        self.d_out = self.scale.shape[0]
+        if codes_t.dtype == torch.int8 and config.residual_bits <= 4:
+            codes_t = pack_nibbles(codes_t)
+        # int8 [d_in, d_out], or uint8 [d_in, ceil(d_out / 2)] packed; on the CPU until used
+        self.codes_t = codes_t.contiguous()
+        self.packed = codes_t.dtype == torch.uint8
         self.k = k
         self.config = config
         self.handle: Any = None
-        self._staging: Tensor | None = None  # pinned [n, d_out] int8, reused every step
+        self._staging: Tensor | None = None  # pinned rows of codes_t, reused every step
         self._staging_done: Any = None  # CUDA event: the last copy out of the staging buffer
+
+    def _unpack(self, rows: Tensor, dtype: torch.dtype) -> Tensor:
+        return unpack_nibbles(rows, self.d_out, dtype) if self.packed else rows.to(dtype)
+
+    def codes(self) -> Tensor:
+        """The residual's codes, int8 ``[d_in, d_out]`` (unpacked)."""
+        return self._unpack(self.codes_t, torch.int8)
 
     def residual(self) -> Tensor:
         """``R_hat [d_out, d_in]`` in fp32 (on the residual's device)."""
-        return (self.codes_t.float() * self.scale).t()
+        return (self._unpack(self.codes_t, torch.float32) * self.scale).t()
 
     def _place(self, device: torch.device) -> None:
         """Lazily settle where the residual lives for inputs on ``device``."""
@@ -186,12 +220,11 @@ class QDECState:
         """
         device = idx.device
         if self.codes_t.device == device:
-            rows = self.codes_t[idx]
-            return rows.to(dtype), self.scale.to(dtype)
+            return self._unpack(self.codes_t[idx], dtype), self.scale.to(dtype)
         flat = idx.reshape(-1).to("cpu")  # host sync (see the docstring)
         n = flat.numel()
         if self._staging is None or self._staging.shape[0] < n:
-            self._staging = torch.empty((n, self.codes_t.shape[1]), dtype=torch.int8,
+            self._staging = torch.empty((n, self.codes_t.shape[1]), dtype=self.codes_t.dtype,
                                         pin_memory=device.type == "cuda")
             self._staging_done = None
         if self._staging_done is not None:
@@ -203,7 +236,7 @@ class QDECState:
         if device.type == "cuda":
             self._staging_done = torch.cuda.Event()
             self._staging_done.record()
-        return rows.view(*idx.shape, -1).to(dtype), scale.to(dtype)
+        return self._unpack(rows.view(*idx.shape, -1), dtype), scale.to(dtype)
 
     def compensation(self, qx: Tensor, prefill: str) -> Tensor | None:
         """``R_hat[:, S] @ x[S]`` for the input ``qx`` (shape of the layer's input, last dim
@@ -334,8 +367,9 @@ def set_default_prefill(model: nn.Module, rule: str | None) -> None:
 
 
 def save_qdec(model: nn.Module, directory: str | Path, overwrite: bool = False) -> Path:
-    """Write ``qdec.safetensors`` (``<layer>.codes`` int8 ``[d_in, d_out]``, ``<layer>.scale``
-    fp32) and ``qdec_config.json`` into ``directory`` (beside a saved model)."""
+    """Write ``qdec.safetensors`` (``<layer>.codes``: int8 ``[d_in, d_out]``, or for residuals
+    of at most 4 bits uint8 ``[d_in, ceil(d_out / 2)]`` two codes a byte; ``<layer>.scale``
+    fp32 ``[d_out]``) and ``qdec_config.json`` into ``directory`` (beside a saved model)."""
     from safetensors.torch import save_file
 
     states = {n: m.__dict__["_qdec"] for n, m in model.named_modules() if "_qdec" in m.__dict__}
@@ -352,8 +386,8 @@ def save_qdec(model: nn.Module, directory: str | Path, overwrite: bool = False) 
         tensors[f"{n}.codes"] = s.codes_t.cpu().contiguous()
         tensors[f"{n}.scale"] = s.scale.cpu().contiguous()
     save_file(tensors, str(out / QDEC_WEIGHTS))
-    meta = {"version": 1, "config": model.qdec_config.to_dict(),
-            "layers": {n: list(s.codes_t.shape) for n, s in states.items()}}
+    meta = {"version": 2, "config": model.qdec_config.to_dict(),
+            "layers": {n: [s.codes_t.shape[0], s.d_out] for n, s in states.items()}}
     (out / QDEC_CONFIG).write_text(json.dumps(meta, indent=2))
     return out
 
@@ -393,9 +427,12 @@ def load_qdec(model: nn.Module, directory: str | Path,
         raise QDECError(f"{str(d / QDEC_WEIGHTS)!r}: cannot be read ({e})") from None
     for name, m in layers.items():
         codes, scale = tensors.get(f"{name}.codes"), tensors.get(f"{name}.scale")
-        want = layer_shape(m)
+        d_in, d_out = layer_shape(m)
+        # version 1 files hold int8 codes only; version 2 packs residuals of <= 4 bits
+        want = (d_in, (d_out + 1) // 2) if codes is not None and codes.dtype == torch.uint8 \
+            else (d_in, d_out)
         if codes is None or scale is None or tuple(codes.shape) != want \
-                or tuple(scale.shape) != (want[1],):
+                or tuple(scale.shape) != (d_out,) or codes.dtype not in (torch.int8, torch.uint8):
             raise QDECError(f"{str(d / QDEC_WEIGHTS)!r}: layer {name!r} is missing or has the "
                             f"wrong shape (expected codes {list(want)})")
     for name, m in layers.items():
