@@ -3,28 +3,20 @@ run apart (``--only``) merge into one table and picture, and mixed budgets are r
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
+from tiny import load_bench
 from tiny_lm import WIKITEXT_DIR, lm_recipe
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_decoder_qat",
-                                                  REPO / "bench" / "decoder_qat.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_rows_run_apart_merge_into_one_table(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("QAT_WIKITEXT_DIR", str(WIKITEXT_DIR))
-    bench = _bench()
+    bench = load_bench("decoder_qat")
     recipe = lm_recipe(tmp_path)
     budget = ["--recipe", recipe, "--steps", "3", "--block_size", "32", "--batch", "2",
               "--seed", "5", "--eval_chunks", "4"]
@@ -53,7 +45,7 @@ def test_rows_run_apart_merge_into_one_table(tmp_path, monkeypatch, capsys):
 
 
 def test_table_refuses_results_of_other_budgets(tmp_path):
-    bench = _bench()
+    bench = load_bench("decoder_qat")
     for name, steps in (("a", 3), ("b", 4)):
         (tmp_path / name).mkdir()
         (tmp_path / name / "results.json").write_text(json.dumps({

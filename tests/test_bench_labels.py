@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
-from tiny import W4A4_BFP, tiny_recipe
+from tiny import W4A4_BFP, load_bench, tiny_recipe
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_qat_vs_ptq",
-                                                  REPO / "bench" / "qat_vs_ptq.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 W3A4 = {"weight": {"format": "bfp", "width": 3}, "activation": {"format": "bfp", "width": 4}}
@@ -37,7 +28,7 @@ W3A4 = {"weight": {"format": "bfp", "width": 3}, "activation": {"format": "bfp",
     (None, "float"),
 ])
 def test_quant_label(quant, label):
-    assert _bench().quant_label(quant) == label
+    assert load_bench("qat_vs_ptq").quant_label(quant) == label
 
 
 def test_table_results_and_plot_use_the_recipe_widths(tmp_path, capsys):
@@ -45,8 +36,9 @@ def test_table_results_and_plot_use_the_recipe_widths(tmp_path, capsys):
           for role, spec in W4A4_BFP.items()}
     recipe = tiny_recipe(tmp_path, quant=w3, max_steps=1)
     out = tmp_path / "bench"
-    assert _bench().main(["--recipe", recipe, "--steps", "1", "--seeds", "3", "--out", str(out),
-                          "--modes", "float", "qat-full"]) == 0
+    bench = load_bench("qat_vs_ptq")
+    assert bench.main(["--recipe", recipe, "--steps", "1", "--seeds", "3", "--out", str(out),
+                       "--modes", "float", "qat-full"]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["quant_label"] == "W3A4 bfp+mm"
     assert list(results["results"]) == ["float (full FT)", "W3A4 bfp+mm QAT full",
@@ -57,7 +49,7 @@ def test_table_results_and_plot_use_the_recipe_widths(tmp_path, capsys):
 
 
 def test_plot_from_results_json_names_the_formats(tmp_path, capsys):
-    bench = _bench()
+    bench = load_bench("qat_vs_ptq")
     w3 = {"weight": {"format": "bfp", "width": 3}, "activation": {"format": "mxint8"}}
     results = {"recipe": "recipes/x.yaml", "model": "m", "task": "sst2", "quant_label":
                bench.quant_label(w3), "quant": w3, "steps": 10, "seeds": [1, 2],

@@ -160,3 +160,14 @@ def tiny_recipe(tmp_path: str | os.PathLike, name: str = "recipe.yaml", **overri
     }
     keys.update(overrides)
     return write_recipe(tmp / name, **keys)
+
+
+def load_bench(name: str):
+    """``bench/<name>.py`` as a module (bench/ is scripts, not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
