@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 from tiny import load_bench
 from tiny_lm import WIKITEXT_DIR, lm_recipe
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def test_rows_run_apart_merge_into_one_table(tmp_path, monkeypatch, capsys):

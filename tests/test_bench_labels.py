@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from tiny import W4A4_BFP, load_bench, tiny_recipe
-
-REPO = Path(__file__).resolve().parent.parent
-
 
 W3A4 = {"weight": {"format": "bfp", "width": 3}, "activation": {"format": "bfp", "width": 4}}
 
