@@ -54,6 +54,26 @@ def test_evaluation_agrees_with_qat_perplexity(tmp_path, capsys):
     assert ev["eval_perplexity"] == pytest.approx(ppl["perplexity"], rel=1e-4)
 
 
+@pytest.mark.parametrize("finetune", ["full", "lora"])
+def test_qat_perplexity_of_a_trained_run_folder_is_the_runs_own_evaluation(tmp_path, finetune):
+    """`qat perplexity RUN_DIR` rebuilds the trained model (its quant config; the LoRA adapter
+    on the recipe's base) and scores the run's eval chunks as the run itself did."""
+    recipe = lm_recipe(tmp_path, max_steps=3, max_eval_samples=5, finetune=finetune,
+                       do_train=True, do_eval=True)
+    assert train_main([recipe]) == 0
+    run_dir = tmp_path / "out"
+    ev = json.loads((run_dir / "eval_results.json").read_text())
+    assert perplexity_main([str(run_dir), "--chunk_size", "32", "--max_chunks", "5"]) == 0
+    ppl = json.loads((run_dir / "perplexity.json").read_text())  # beside the run by default
+    assert ppl["quant"]["weight"]["format"] == "bfp"
+    assert ev["eval_loss"] == pytest.approx(ppl["mean_loss"], rel=1e-5)
+    # and it is the trained model, not the recipe's untrained one
+    base = tmp_path / "base.json"
+    assert perplexity_main([recipe, "--chunk_size", "32", "--max_chunks", "5",
+                            "--output", str(base)]) == 0
+    assert json.loads(base.read_text())["mean_loss"] != pytest.approx(ppl["mean_loss"], rel=1e-3)
+
+
 def _chat_tokenizer(tmp_path):
     from qat.models import load_tokenizer
 

@@ -1,6 +1,7 @@
 """``qat perplexity``: WikiText-2 perplexity of a causal LM under a recipe's quant config.
 
     qat perplexity recipes/smollm2_sst2.yaml --quant null --max_chunks 4
+    qat perplexity outputs/smollm2_wikitext_w4a4       # a run or checkpoint folder (LoRA too)
 
 The recipe's ``task_name`` is irrelevant here; ``lm_head`` stays float through the quant
 config's ``exclude`` list. Chunking and the formula: ``qat.tasks.language_modeling``.
@@ -18,16 +19,17 @@ from qat.errors import UsageError
 WIKITEXT_ENV = "QAT_WIKITEXT_DIR"  # qat.tasks.language_modeling.WIKITEXT_ENV, without importing it
 OPTIONS: dict[str, type] = {"max_chunks": int, "chunk_size": int, "split": str, "output": str,
                             "device": str}
-USAGE = f"""usage: qat perplexity RECIPE.yaml [--max_chunks N] [--chunk_size 2048] [--split test]
-                      [--output FILE] [--device D] [--key value ...]
+USAGE = f"""usage: qat perplexity RECIPE.yaml|RUN_DIR [--max_chunks N] [--chunk_size 2048]
+                      [--split test] [--output FILE] [--device D] [--key value ...]
 
-WikiText-2 (raw) perplexity of the recipe's model (a causal LM) under its quant config.
+WikiText-2 (raw) perplexity of the recipe's model (a causal LM) under its quant config, or
+of a trained run / checkpoint folder (its quant config, LoRA adapter included).
 Recipe keys override the recipe as in `qat train` (--quant null for float,
 --quant.weight.width 6, ...). ${WIKITEXT_ENV} may point at a folder holding test.txt.
 --max_chunks N   evaluate only the first N chunks (quick runs)
 --chunk_size T   tokens per chunk (default 2048)
 --split S        test (default) or validation
---output FILE    results JSON (default: <output_dir>/perplexity.json)
+--output FILE    results JSON (default: <output_dir or RUN_DIR>/perplexity.json)
 --device D       cpu, cuda, cuda:N or auto (default: cuda when there is one, cpu with use_cpu)
 --qdec.k_chunk K QDEC dynamic error compensation (k_chunk per 1024 inputs; also
                  --qdec.residual_bits B, --qdec.prefill step|token; default token here)
@@ -38,8 +40,7 @@ def run(path: str, argv: list[str]) -> dict[str, Any]:
     from qat import models
     from qat.quant.density import density_report
     from qat.quant.qdec import check_quant_for_qdec
-    from qat.runs.build import build_model
-    from qat.runs.recipe import load_recipe
+    from qat.runs.build import build_model, resolve_source
     from qat.tasks.language_modeling import (
         check_chunk_size,
         chunk_ids,
@@ -55,15 +56,15 @@ def run(path: str, argv: list[str]) -> dict[str, Any]:
         raise UsageError(f"--max_chunks must be >= 1, got {opts['max_chunks']}")
     if opts.get("output"):
         check_output_file(opts["output"])
-    recipe = load_recipe(path, overrides)
-    args = recipe.args
+    src = resolve_source(path, overrides)
+    recipe, args = src.recipe, src.recipe.args
     check_quant_for_qdec(args.quant, args.qdec)
-    out = Path(opts["output"]) if opts.get("output") else Path(
-        recipe.training_args.output_dir) / "perplexity.json"
+    out = Path(opts["output"]) if opts.get("output") else (
+        src.checkpoint or Path(recipe.training_args.output_dir)) / "perplexity.json"
     check_output_file(out)
     device = models.resolve_device(opts.get("device"), recipe.training_args.use_cpu)
     text = load_wikitext(opts.get("split", "test"))
-    built = build_model(recipe, head="causal_lm", device=device, check=lambda config:
+    built = build_model(src, head="causal_lm", device=device, check=lambda config:
                         check_chunk_size(config, chunk_size, args.model_name_or_path))
     model, tokenizer = built.model, built.tokenizer
     qdec = _apply_qdec(model, args)
