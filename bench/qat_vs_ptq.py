@@ -121,11 +121,10 @@ def plot(results: dict[str, Any], path: Path) -> dict[str, Any]:
 
 
 def ptq_eval(float_dir: Path, recipe_path: str, overrides: list[str]) -> dict:
-    """Quantise a trained float model with the recipe's quant config and evaluate it."""
-    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
-
+    """Quantise a trained float model with the recipe's quant config and evaluate it as
+    ``qat eval`` does (metrics named as the Trainer names them: ``eval_accuracy``, ...)."""
     from qat.runs.build import build_model
-    from qat.tasks.glue import get_task, load_glue, tokenize_glue
+    from qat.tasks.glue import evaluate_split, get_task, load_glue, tokenize_glue
 
     recipe = load_recipe(recipe_path, overrides)
     # the float run (its weights, tokenizer and recipe.yaml) under the recipe's quant config
@@ -133,12 +132,11 @@ def ptq_eval(float_dir: Path, recipe_path: str, overrides: list[str]) -> dict:
     args = built.recipe.args
     task = get_task(args.task_name)
     tok = built.tokenizer
-    data = tokenize_glue(load_glue(task.name, args.data_dir, splits=task.validation_splits),
-                         task, tok, args.max_length)
-    trainer = Trainer(model=built.model, args=TrainingArguments(
-        output_dir=str(float_dir / "ptq"), per_device_eval_batch_size=128, report_to=[]),
-        data_collator=DataCollatorWithPadding(tok), compute_metrics=task.trainer_metrics)
-    return trainer.evaluate(data[task.validation_splits[0]])
+    split = task.validation_splits[0]
+    data = tokenize_glue(load_glue(task.name, args.data_dir, splits=[split]), task, tok,
+                         args.max_length)
+    metrics = evaluate_split(built.model, tok, task, data[split], batch_size=128)
+    return {f"eval_{k}": v for k, v in metrics.items()}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -214,6 +214,8 @@ def bof4_file(tmp_path, levels: list[float]) -> str:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+# the interpreter runs the kernel in numpy, which warns where the test drives it past the max
+@pytest.mark.filterwarnings("ignore:overflow encountered in multiply:RuntimeWarning")
 def test_saturates_to_the_dtype_like_the_reference(tmp_path, dtype):
     """A fitted codebook may have levels beyond +-1, so ``level * s`` can pass the dtype's
     largest finite value: both paths then give that value, never inf."""

@@ -76,11 +76,21 @@ OUTLIERS = ("none", "opq")
 SCALE_BITS = 16
 
 
-@functools.lru_cache(maxsize=64)
-def level_tensors(levels: tuple[float, ...], device: torch.device) -> tuple[Tensor, Tensor]:
-    """float32 levels and the 15 float32 midpoints between neighbours, cached per device."""
+def _level_tensors(levels: tuple[float, ...], device: torch.device) -> tuple[Tensor, Tensor]:
     lv = torch.tensor(levels, dtype=torch.float32, device=device)
     return lv, (lv[1:] + lv[:-1]) / 2
+
+
+_cached_level_tensors = functools.lru_cache(maxsize=64)(_level_tensors)
+
+
+def level_tensors(levels: tuple[float, ...], device: torch.device) -> tuple[Tensor, Tensor]:
+    """float32 levels and the 15 float32 midpoints between neighbours, cached per device.
+    Under torch.compile the tensors are built in the graph (constants to the compiler); the
+    cache is for eager calls, and dynamo would only warn that it skips it."""
+    if torch.compiler.is_compiling():
+        return _level_tensors(levels, device)
+    return _cached_level_tensors(levels, device)
 
 
 def encode_blocks(xb: Tensor, levels: tuple[float, ...], normalization: str
