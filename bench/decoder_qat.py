@@ -74,11 +74,16 @@ def load_results(paths: list[Path]) -> dict[str, Any]:
     return merged
 
 
+def float_after(results: list[dict[str, Any]]) -> float | None:
+    """The fine-tuned float model's perplexity, the rows' reference (None if not run)."""
+    return next((r["perplexity"] for r in results if r["id"] == "float-after"), None)
+
+
 def report(paths: list[Path], figure: Path | None) -> None:
     """Print the markdown table (and draw ``figure``) of the results in ``paths``."""
     data = load_results(paths)
     b, results = data["budget"], data["results"]
-    after = next((r["perplexity"] for r in results if r["id"] == "float-after"), None)
+    after = float_after(results)
     chunks = "all" if b["eval_chunks"] is None else f"the first {b['eval_chunks']}"
     print(f"\n{Path(data['recipe']).name}: {b['steps']} steps x {b['batch']} x "
           f"{b['block_size']} tokens = {b['training_tokens']} training tokens, seed {b['seed']}; "
@@ -115,7 +120,7 @@ def plot(data: dict[str, Any], path: Path) -> None:
     for bar, v in zip(bars, ppl):
         ax.text(bar.get_width() * 1.02, bar.get_y() + bar.get_height() / 2, f"{v:.1f}",
                 va="center", fontsize=9)
-    after = next((r["perplexity"] for r in results if r["id"] == "float-after"), None)
+    after = float_after(results)
     if after:
         ax.axvline(after * 1.25, color="grey", ls="--", lw=1)
         ax.text(after * 1.25, -0.9, " float after FT +25%", color="grey", fontsize=8,

@@ -17,7 +17,23 @@ def _share_parameters(new: nn.Module, old: nn.Module) -> None:
     new.train(old.training)
 
 
-class QuantLinear(nn.Linear):
+class _QuantizedOperands:
+    """The two quantised operands of a layer that owns ``weight_quantizer`` and
+    ``activation_quantizer`` (either may be None: that operand stays float)."""
+
+    weight: Tensor
+    weight_quantizer: FakeQuantizer | None
+    activation_quantizer: FakeQuantizer | None
+
+    def quantized_weight(self, weight: Tensor | None = None) -> Tensor:
+        w = self.weight if weight is None else weight
+        return w if self.weight_quantizer is None else self.weight_quantizer(w)
+
+    def quantized_input(self, x: Tensor) -> Tensor:
+        return x if self.activation_quantizer is None else self.activation_quantizer(x)
+
+
+class QuantLinear(_QuantizedOperands, nn.Linear):
     """``nn.Linear`` whose input (activation) and weight are fake-quantised on every forward.
 
     The weight is blocked along ``in_features`` (the reduction dim), as is the input's last dim.
@@ -43,13 +59,6 @@ class QuantLinear(nn.Linear):
         _share_parameters(new, linear)
         return new
 
-    def quantized_weight(self, weight: Tensor | None = None) -> Tensor:
-        w = self.weight if weight is None else weight
-        return w if self.weight_quantizer is None else self.weight_quantizer(w)
-
-    def quantized_input(self, x: Tensor) -> Tensor:
-        return x if self.activation_quantizer is None else self.activation_quantizer(x)
-
     def forward_with_weight(self, x: Tensor, weight: Tensor) -> Tensor:
         """Forward with an effective weight (LoRA's ``W + BA``) in place of ``self.weight``."""
         return F.linear(self.quantized_input(x), self.quantized_weight(weight), self.bias)
@@ -58,7 +67,7 @@ class QuantLinear(nn.Linear):
         return F.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
 
 
-class QuantConv1D(Conv1D):
+class QuantConv1D(_QuantizedOperands, Conv1D):
     """GPT-2's ``Conv1D`` (weight ``[in, out]``), quantised along ``in`` (dim 0)."""
 
     def __init__(self, nf: int, nx: int, *, weight_quantizer: FakeQuantizer | None = None,
@@ -76,13 +85,6 @@ class QuantConv1D(Conv1D):
                       activation_quantizer=activation_quantizer)
         _share_parameters(new, conv)
         return new
-
-    def quantized_weight(self, weight: Tensor | None = None) -> Tensor:
-        w = self.weight if weight is None else weight
-        return w if self.weight_quantizer is None else self.weight_quantizer(w)
-
-    def quantized_input(self, x: Tensor) -> Tensor:
-        return x if self.activation_quantizer is None else self.activation_quantizer(x)
 
     def forward_with_weight(self, x: Tensor, weight: Tensor) -> Tensor:
         qx, qw = self.quantized_input(x), self.quantized_weight(weight)

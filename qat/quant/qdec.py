@@ -182,12 +182,15 @@ class QDECState:
             codes_t = pack_nibbles(codes_t)
         # int8 [d_in, d_out], or uint8 [d_in, ceil(d_out / 2)] packed; on the CPU until used
         self.codes_t = codes_t.contiguous()
-        self.packed = codes_t.dtype == torch.uint8
         self.k = k
         self.config = config
         self.handle: Any = None
         self._staging: Tensor | None = None  # pinned rows of codes_t, reused every step
         self._staging_done: Any = None  # CUDA event: the last copy out of the staging buffer
+
+    @property
+    def packed(self) -> bool:
+        return self.codes_t.dtype == torch.uint8
 
     def _unpack(self, rows: Tensor, dtype: torch.dtype) -> Tensor:
         return unpack_nibbles(rows, self.d_out, dtype) if self.packed else rows.to(dtype)

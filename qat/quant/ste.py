@@ -35,8 +35,9 @@ class SharedInput:
 
     def get(self, x: Tensor) -> Tensor | None:
         key = self._key
-        if key is None or key[0]() is not x or x.is_inference() \
-                or key[1] != x._version or key[2] != torch.is_grad_enabled():
+        # an inference tensor is never put (below), so it never matches key[0]
+        if key is None or key[0]() is not x or key[1] != x._version \
+                or key[2] != torch.is_grad_enabled():
             return None
         return self._out
 
