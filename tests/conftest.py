@@ -2,6 +2,9 @@
 
 import os
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_GLUE = REPO.parent / "shared" / "data" / "glue"
@@ -31,3 +34,18 @@ if SHARED_GLUE.is_dir():
     os.environ.setdefault("QAT_DATA_DIR", str(SHARED_GLUE))
 if SHARED_WIKITEXT.is_dir():
     os.environ.setdefault("QAT_WIKITEXT_DIR", str(SHARED_WIKITEXT))
+
+
+@pytest.fixture()
+def no_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if a tokenizer or model is ever loaded, or training starts (checks on bad
+    input must come first)."""
+    import qat.models
+    from qat.training.trainer import QATTrainer
+
+    def fail(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a model, tokenizer or training was reached despite bad input")
+
+    for name in ("load_tokenizer", "load_sequence_classifier", "load_causal_lm"):
+        monkeypatch.setattr(qat.models, name, fail)
+    monkeypatch.setattr(QATTrainer, "train", fail)

@@ -14,7 +14,6 @@ import pytest
 import torch
 from tiny import W4A4_BFP, make_tiny_model_dir, tiny_recipe
 
-import qat.models
 from qat.errors import ConfigError, UsageError
 from qat.models import (
     CLASSIFIER_HEADS,
@@ -34,16 +33,6 @@ LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": None}
 
 def _quantised(model: torch.nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
-
-
-@pytest.fixture()
-def no_load(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fail if a tokenizer or model is loaded (checks must come first)."""
-    def fail(*args: Any, **kwargs: Any) -> None:
-        raise AssertionError("loaded despite a failing check")
-
-    for name in ("load_tokenizer", "load_sequence_classifier", "load_causal_lm"):
-        monkeypatch.setattr(qat.models, name, fail)
 
 
 # --- checkpoint_overrides -------------------------------------------------------------------
@@ -174,7 +163,7 @@ def test_causal_lm_head_and_the_config_check(tmp_path, monkeypatch):
         build_model(folder, head="masked_lm")
 
 
-def test_encoder_as_causal_lm_is_refused_before_loading(tmp_path, no_load):
+def test_encoder_as_causal_lm_is_refused_before_loading(tmp_path, no_model):
     with pytest.raises(UsageError, match="not a causal"):
         build_model(make_tiny_model_dir(tmp_path, "bert"), head="causal_lm")
     with pytest.raises(ModelLoadError, match="max_length 512 is beyond the position limit"):
@@ -195,7 +184,7 @@ def test_pkg_path_loads_the_packaged_model():
     assert built.tokenizer("a fine film")["input_ids"][0] == 101  # the real [CLS]
 
 
-def test_gguf_recipe_checks_the_file_before_loading(tmp_path, no_load):
+def test_gguf_recipe_checks_the_file_before_loading(tmp_path, no_model):
     folder = make_tiny_model_dir(tmp_path, "llama")
     recipe = tiny_recipe(tmp_path, model_name_or_path=folder, gguf_file="missing.gguf")
     with pytest.raises(ModelLoadError, match=r"gguf_file 'missing.gguf': .* does not exist"):

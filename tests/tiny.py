@@ -134,6 +134,19 @@ W4A4_BFP = {
 }
 
 
+# Every tiny recipe's run settings: on the CPU, in-process data loading, a log line per step,
+# nothing evaluated or saved on the way, no tracker, no progress bars.
+QUIET_CPU_RUN = {
+    "logging_steps": 1,
+    "eval_strategy": "no",
+    "save_strategy": "no",
+    "report_to": "none",
+    "dataloader_num_workers": 0,
+    "use_cpu": True,
+    "disable_tqdm": True,
+}
+
+
 def tiny_recipe(tmp_path: str | os.PathLike, name: str = "recipe.yaml", **overrides) -> str:
     """A complete W4A4-BFP sst2 recipe on the tiny BERT and tiny data; keys override."""
     tmp = Path(tmp_path)
@@ -150,13 +163,7 @@ def tiny_recipe(tmp_path: str | os.PathLike, name: str = "recipe.yaml", **overri
         "per_device_train_batch_size": 8,
         "per_device_eval_batch_size": 32,
         "learning_rate": 1e-3,
-        "logging_steps": 1,
-        "eval_strategy": "no",
-        "save_strategy": "no",
-        "report_to": "none",
-        "dataloader_num_workers": 0,
-        "use_cpu": True,
-        "disable_tqdm": True,
+        **QUIET_CPU_RUN,
     }
     keys.update(overrides)
     return write_recipe(tmp / name, **keys)

@@ -8,7 +8,14 @@ import json
 import os
 from pathlib import Path
 
-from tiny import FIXTURES, TOKENIZER_FILES, W4A4_BFP, bert_tokenizer_dir, write_recipe
+from tiny import (
+    FIXTURES,
+    QUIET_CPU_RUN,
+    TOKENIZER_FILES,
+    W4A4_BFP,
+    bert_tokenizer_dir,
+    write_recipe,
+)
 
 CHAT_DIR = FIXTURES / "chat"  # train.jsonl, validation.jsonl: {"messages": [...]} rows
 WIKITEXT_DIR = FIXTURES / "wikitext-2-raw"
@@ -65,13 +72,7 @@ def lm_recipe(tmp_path: str | os.PathLike, name: str = "lm.yaml", chat: bool = F
         "per_device_eval_batch_size": 8,
         "learning_rate": 2e-2,
         "max_eval_samples": 8,
-        "logging_steps": 1,
-        "eval_strategy": "no",
-        "save_strategy": "no",
-        "report_to": "none",
-        "dataloader_num_workers": 0,
-        "use_cpu": True,
-        "disable_tqdm": True,
+        **QUIET_CPU_RUN,
     }
     if chat:
         keys.update(train_file=str(CHAT_DIR / "train.jsonl"),
