@@ -61,22 +61,49 @@ def load_results(paths: list[Path]) -> dict[str, Any]:
         if not path.is_file():
             raise SystemExit(f"decoder_qat: {str(path)!r}: no such results file")
         data = json.loads(path.read_text())
+        lever = data.get("lever")
+        for r in data["results"]:  # a lever's rows keep its overrides and label
+            r.setdefault("lever", lever)
+            r.setdefault("overrides", data["budget"].get("overrides", []))
         if merged is None:
             merged = {**data, "results": list(data["results"])}
-        elif data["budget"] != merged["budget"]:
+        elif _budget(data) != _budget(merged):
             raise SystemExit(f"decoder_qat: {str(path)!r} has another budget "
                              f"({data['budget']} vs {merged['budget']})")
         else:
             merged["results"] += data["results"]
     assert merged is not None
     order = [r[0] for r in rows("", "", 0.0)]
-    merged["results"].sort(key=lambda r: order.index(r["id"]) if r["id"] in order else 99)
+    merged["results"].sort(key=lambda r: (order.index(r["id"]) if r["id"] in order else 99,
+                                          r.get("lever") or ""))
     return merged
+
+
+def _budget(data: dict[str, Any]) -> dict[str, Any]:
+    """What must agree for rows to share a table: the budget, less the levers' overrides."""
+    return {k: v for k, v in data["budget"].items() if k != "overrides"}
+
+
+def recovered(row: dict[str, Any], results: list[dict[str, Any]], after: float | None
+              ) -> float | None:
+    """(PTQ - QAT) / (PTQ - float after FT) of a QAT row, against the PTQ row of the same
+    lever (else the plain PTQ row): the share of the quantisation damage training recovered."""
+    if "qat" not in row["id"] or after is None:
+        return None
+    ptq_id = "cb-ptq" if row["id"].startswith("cb-") else "ptq"
+    ptqs = [r for r in results if r["id"] == ptq_id]
+    ptq = next((r for r in ptqs if r.get("lever") == row.get("lever")), None) or \
+        next((r for r in ptqs if not r.get("lever")), None)
+    if ptq is None or not math.isfinite(ptq["perplexity"]) or ptq["perplexity"] <= after:
+        return None
+    return (ptq["perplexity"] - row["perplexity"]) / (ptq["perplexity"] - after)
 
 
 def float_after(results: list[dict[str, Any]]) -> float | None:
     """The fine-tuned float model's perplexity, the rows' reference (None if not run)."""
-    return next((r["perplexity"] for r in results if r["id"] == "float-after"), None)
+    rows = [r for r in results if r["id"] == "float-after"]
+    row = next((r for r in rows if not r.get("lever")), rows[0] if rows else None)
+    return None if row is None else row["perplexity"]
 
 
 def report(paths: list[Path], figure: Path | None) -> None:
@@ -88,13 +115,17 @@ def report(paths: list[Path], figure: Path | None) -> None:
     print(f"\n{Path(data['recipe']).name}: {b['steps']} steps x {b['batch']} x "
           f"{b['block_size']} tokens = {b['training_tokens']} training tokens, seed {b['seed']}; "
           f"WikiText-2 test, {chunks} chunks of {b['block_size']} tokens\n")
-    print("| model | WikiText-2 test PPL | vs float after FT | train loss | seconds |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    print("| model | WikiText-2 test PPL | vs float after FT | recovered | train loss | "
+          "seconds |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for r in results:
         ok = after and math.isfinite(r["perplexity"])
         rel = f"{r['perplexity'] / after - 1:+.1%}" if ok else ""
         tl = "" if r.get("train_loss") is None else f"{r['train_loss']:.3f}"
-        print(f"| {r['name']} | {r['perplexity']:.2f} | {rel} | {tl} | {r['seconds']:.0f} |")
+        share = recovered(r, results, after)
+        rec = "" if share is None else f"{share:.0%}"
+        print(f"| {r['name']} | {r['perplexity']:.2f} | {rel} | {rec} | {tl} | "
+              f"{r['seconds']:.0f} |")
     if figure is not None:
         plot(data, figure)
         print(f"\ndrew {figure}")
@@ -149,6 +180,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="first N chunks of the test split (default: all of them)")
     p.add_argument("--lora_lr", type=float, default=2e-4)
     p.add_argument("--out", default=str(REPO / "outputs/bench_decoder_qat"))
+    p.add_argument("--lever", default=None, metavar="LABEL",
+                   help="name the extra --key value overrides (e.g. 'rotation 64 + KD'): "
+                        "appended to every row's name, so runs of several levers under one "
+                        "budget merge into one table (--table)")
     p.add_argument("--only", nargs="+", default=None, help="row ids to run (default: all)")
     p.add_argument("--table", nargs="+", type=Path, metavar="RESULTS_JSON", default=None,
                    help="only print the table of results.json files written earlier "
@@ -180,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     def write() -> None:
         out.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({
-            "recipe": a.recipe, "codebook_recipe": a.codebook_recipe,
+            "recipe": a.recipe, "codebook_recipe": a.codebook_recipe, "lever": a.lever,
             "budget": {"steps": a.steps, "block_size": a.block_size, "batch": a.batch,
                        "seed": a.seed, "training_tokens": tokens, "eval_chunks": a.eval_chunks,
                        "lora_lr": a.lora_lr, "overrides": extra},
@@ -194,7 +229,9 @@ def main(argv: list[str] | None = None) -> int:
         label = quant_label(None if recipe.args.quant is None else recipe.args.quant.to_dict())
         t0 = time.time()
         metrics = run(recipe)
-        row = {"id": row_id, "name": name.format(q=label), "recipe": recipe_path,
+        shown = name.format(q=label) + (f" + {a.lever}" if a.lever else "")
+        row = {"id": row_id, "name": shown, "recipe": recipe_path, "lever": a.lever,
+               "overrides": extra,
                "eval_loss": metrics["eval_loss"], "perplexity": metrics["eval_perplexity"],
                "train_loss": metrics.get("train_loss"), "seconds": round(time.time() - t0, 1)}
         results.append(row)

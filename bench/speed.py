@@ -3,6 +3,7 @@
     python bench/speed.py                       # both parts, defaults for this device
     python bench/speed.py --part kernels --size 4096
     python bench/speed.py --part steps --models minilm opt350m --batch 32 --seq 128
+    python bench/speed.py --part steps --rotation 16 64     # + W4A4 with block rotations
 
 Part (a), per format: the time to fake-quantise a ``size x size`` tensor (bf16 and fp32) with
 each available backend (reference, compile; triton on CUDA), against a floor: the bytes one read
@@ -168,7 +169,7 @@ def make_step(model, batch, device: torch.device):
 
 
 def bench_steps(names: list[str], batch: int, seq: int, steps: int, device: torch.device,
-                backends: list[str]) -> list[dict]:
+                backends: list[str], rotations: tuple[int, ...] = ()) -> list[dict]:
     rows = []
     for name in names:
         g = torch.Generator().manual_seed(0)
@@ -179,6 +180,8 @@ def bench_steps(names: list[str], batch: int, seq: int, steps: int, device: torc
         variants = {"float": (None, "auto")}
         for b in backends:
             variants[f"W4A4 ({b})"] = (W4A4, b)
+            for size in rotations:  # block Hadamard on every linear's operands and on Q, K
+                variants[f"W4A4 rot{size} ({b})"] = ({**W4A4, "rotation": {"size": size}}, b)
         runs = {}
         for label, (quant, b) in variants.items():
             model = build_model(name, quant, device, b)
@@ -303,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--backends", nargs="+", default=["auto"],
                    help="W4A4 variants to time beside float (auto, triton, compile, reference)")
+    p.add_argument("--rotation", type=int, nargs="+", default=[],
+                   help="also time W4A4 with quant.rotation of these sizes (e.g. 16 64)")
     p.add_argument("--profile_attention", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=str(REPO / "outputs/bench_speed"))
@@ -320,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         models = args.models or (["minilm", "opt350m"] if gpu else ["minilm"])
         seq = args.seq or (128 if gpu else 64)
         result["steps"] = bench_steps(models, args.batch, seq, args.steps, device,
-                                      args.backends)
+                                      args.backends, tuple(args.rotation))
     if args.profile_attention:
         result["attention"] = profile_attention(device, args.backends[0])
     (out / "speed.json").write_text(json.dumps(result, indent=2))

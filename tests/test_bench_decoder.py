@@ -51,3 +51,43 @@ def test_table_refuses_results_of_other_budgets(tmp_path):
         bench.load_results([tmp_path / "a" / "results.json", tmp_path / "b" / "results.json"])
     with pytest.raises(SystemExit, match="no such results file"):
         bench.load_results([tmp_path / "missing.json"])
+
+
+def _results(path, lever, rows, budget=None):
+    path.mkdir()
+    (path / "results.json").write_text(json.dumps({
+        "recipe": "r.yaml", "lever": lever,
+        "budget": {"steps": 40, "batch": 4, "block_size": 256, "training_tokens": 40960,
+                   "seed": 42, "eval_chunks": 16,
+                   "overrides": [] if lever is None else ["--x", lever],
+                   **(budget or {})},
+        "results": [{"id": i, "name": n, "perplexity": p, "eval_loss": math.log(p),
+                     "train_loss": None, "seconds": 1.0} for i, n, p in rows]}))
+    return path / "results.json"
+
+
+def test_levers_merge_under_one_budget_with_the_recovered_share(tmp_path, capsys):
+    """Rows of several levers (other overrides, same budget) share a table; each QAT row's
+    recovered share is (PTQ - QAT) / (PTQ - float after FT) against its own lever's PTQ."""
+    bench = load_bench("decoder_qat")
+    plain = _results(tmp_path / "plain", None, [("float-after", "float", 30.0),
+                                                ("ptq", "W4 PTQ", 150.0),
+                                                ("qat-full", "W4 QAT", 75.0)])
+    rot = _results(tmp_path / "rot", "rot", [("ptq", "W4 PTQ + rot", 90.0),
+                                             ("qat-full", "W4 QAT + rot", 60.0)])
+    merged = bench.load_results([rot, plain])
+    by = {(r["id"], r["lever"]): r for r in merged["results"]}
+    after = bench.float_after(merged["results"])
+    assert after == 30.0
+    assert bench.recovered(by[("qat-full", None)], merged["results"], after) == \
+        pytest.approx((150 - 75) / (150 - 30))
+    assert bench.recovered(by[("qat-full", "rot")], merged["results"], after) == \
+        pytest.approx((90 - 60) / (90 - 30))
+    assert bench.recovered(by[("ptq", None)], merged["results"], after) is None
+    capsys.readouterr()
+    bench.report([plain, rot], None)
+    out = capsys.readouterr().out
+    assert "| W4 QAT + rot | 60.00 | +100.0% | 50% |" in out
+    other = _results(tmp_path / "other", "x", [], budget={"steps": 41})
+    with pytest.raises(SystemExit, match="another budget"):
+        bench.load_results([plain, other])

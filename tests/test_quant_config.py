@@ -28,7 +28,7 @@ def test_to_dict_is_the_specs_as_written_and_round_trips_through_json() -> None:
     cfg = QuantConfig.from_dict(d)
     # The same JSON as before formats were resolved: specs as given, no defaults filled in.
     assert cfg.to_dict() == {**d, "exclude": ["score", "classifier", "lm_head"],
-                             "v_block_axis": "head_dim", "backend": "auto"}
+                             "v_block_axis": "head_dim", "backend": "auto", "rotation": None}
     again = QuantConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert again == cfg and again.to_dict() == cfg.to_dict()
     assert again.formats_for("x.fc2").weight == make_format({"format": "bfp", "width": 6})

@@ -104,7 +104,10 @@ def profile_model(model: nn.Module, batches: list[dict[str, Tensor]]) -> list[di
 
         def hook(module, args, name=name, aq=aq):
             x = args[0]
-            acts[name].add(x, aq.fmt.quantize(x, aq.dim) if aq is not None else None)
+            if aq is None:
+                acts[name].add(x, None)
+            else:  # what the quantiser sees: the input rotated, if the layer rotates
+                acts[name].add(*aq.error_pair(x))
 
         hooks.append(mod.register_forward_pre_hook(hook))
     _set_quantizers(model, False)
@@ -121,7 +124,10 @@ def profile_model(model: nn.Module, batches: list[dict[str, Tensor]]) -> list[di
         wq, aq = getattr(mod, "weight_quantizer", None), getattr(mod, "activation_quantizer", None)
         wm = Moments()
         with torch.no_grad():
-            wm.add(mod.weight, wq.fmt.quantize(mod.weight, wq.dim) if wq is not None else None)
+            if wq is None:
+                wm.add(mod.weight, None)
+            else:
+                wm.add(*wq.error_pair(mod.weight))
         for kind, mom, q in (("weight", wm, wq), ("activation", acts[name], aq)):
             rows.append({"layer": name, "depth": layer_depth(name), "tensor": kind,
                          "format": str(q.fmt) if q is not None else "float",

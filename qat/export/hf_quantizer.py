@@ -123,6 +123,7 @@ class QatHfQuantizer(HfQuantizer):
             wq = getattr(model.get_submodule(name), "weight_quantizer", None)
             if wq is not None:
                 wq.enabled = False  # the weights are already quantised (see module docstring)
+                wq.rotation = None  # and rotated, where the quant config rotates
         model.eval()
         return model
 

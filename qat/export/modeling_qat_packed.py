@@ -140,7 +140,9 @@ def _only_weights_quantised(quant: dict[str, Any] | None) -> bool:
     if not quant:
         return True
     parts = [quant] + list((quant.get("overrides") or {}).values())
-    return all(p.get(role) is None for p in parts for role in ("activation", "matmul"))
+    # a rotation needs qat too: the input is rotated before the stored (rotated) weight
+    return all(p.get(role) is None for p in parts for role in ("activation", "matmul",
+                                                                "rotation"))
 
 
 def load_packed(path: str | os.PathLike, config: QatPackedConfig | None = None,
@@ -195,10 +197,11 @@ def load_packed(path: str | os.PathLike, config: QatPackedConfig | None = None,
             wq = getattr(model.get_submodule(name), "weight_quantizer", None)
             if wq is not None:
                 wq.enabled = False  # already on the grid; re-quantising BFP is not a no-op
+                wq.rotation = None  # stored rotated (W H); the input is still rotated
     elif not _only_weights_quantised(quant):
-        raise ImportError(f"{path} quantises activations or attention matmuls, which needs the "
-                          "qat package to run: pip install qat (weights-only exports load "
-                          "without it)")
+        raise ImportError(f"{path} quantises activations or attention matmuls (or rotates "
+                          "inputs), which needs the qat package to run: pip install qat "
+                          "(weights-only exports load without it)")
     return model.eval()
 
 

@@ -188,7 +188,9 @@ def packed_state_dict(model: torch.nn.Module
             if isinstance(m, (QuantLinear, QuantConv1D)) and m.weight_quantizer is not None]
     for name, m in tqdm(mods, desc="packing", unit="layer"):
         wq = m.weight_quantizer
-        tensors, meta = pack_weight(wq.fmt, m.weight, wq.dim)
+        # a rotated layer stores its rotated weight (W H), quantised: what it computed with
+        w = m.weight if wq.rotation is None else wq.rotation(m.weight.detach(), wq.dim)
+        tensors, meta = pack_weight(wq.fmt, w, wq.dim)
         meta["kind"] = "conv1d" if isinstance(m, QuantConv1D) else "linear"
         key = json.dumps(meta["codec"], sort_keys=True)  # one table entry per distinct codec
         ids = {json.dumps(v, sort_keys=True): k for k, v in codecs.items()}

@@ -11,6 +11,7 @@ from typing import Any
 from qat.errors import QatError
 from qat.formats import Format, FormatError, make_format
 from qat.models import HEAD_NAMES
+from qat.quant.rotation import check_rotation_spec
 
 ROLES = ("weight", "activation", "matmul")
 V_AXES = ("head_dim", "seq")
@@ -71,7 +72,10 @@ class QuantConfig:
     matching pattern wins. ``v_block_axis`` blocks V of ``P @ V`` along ``head_dim`` (default,
     causal-safe) or along ``seq`` (the reduction dim; leaks later tokens in decoders).
     ``backend`` picks the implementation (``auto``, ``triton``, ``compile``, ``reference``;
-    see ``qat.quant.backends``); every backend gives the same values.
+    see ``qat.quant.backends``); every backend gives the same values. ``rotation``
+    (``{kind: hadamard, size: 64 | block}``, null = off; ``qat.quant.rotation``) rotates both
+    operands of every quantised linear along ``in_features``, and Q and K along head_dim; an
+    override may set its own (``{".*down_proj": {rotation: {size: 128}}}``, or ``null``).
 
     The fields are the specs as written (``to_dict`` gives them back, the JSON of
     ``qat_config.json``); a ``Format`` object may stand in for a spec. Building the config
@@ -87,6 +91,7 @@ class QuantConfig:
     overrides: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     v_block_axis: str = "head_dim"
     backend: str = "auto"
+    rotation: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         for role in ROLES:  # a Format given in place of its spec
@@ -130,6 +135,7 @@ class QuantConfig:
                 raise QuantConfigError(f"quant.{role} must be a format spec mapping or null, "
                                        f"got {spec!r}")
             base[role] = None if spec is None else dict(spec)
+        base["rotation"] = check_rotation_spec(self.rotation, "quant.rotation", QuantConfigError)
         specs: dict[str | None, dict[str, dict[str, Any] | None]] = {None: base}
         formats = {None: {role: _build(base[role], f"quant.{role}", built) for role in ROLES}}
         if isinstance(self.exclude, str) or not isinstance(self.exclude, list):
@@ -146,10 +152,14 @@ class QuantConfig:
                 raise QuantConfigError(f"quant.overrides[{pat!r}] must map roles "
                                        f"({', '.join(ROLES)}) to specs, got {partial!r}")
             for role, sub in partial.items():
+                if role == "rotation":
+                    specs[pat][role] = check_rotation_spec(
+                        sub, f"quant.overrides[{pat!r}].rotation", QuantConfigError)
+                    continue
                 if role not in ROLES:
                     raise QuantConfigError(
                         f"quant.overrides[{pat!r}] has unknown role {role!r}; valid roles: "
-                        f"{', '.join(ROLES)}")
+                        f"{', '.join(ROLES)} (and rotation)")
                 if sub is not None and not isinstance(sub, Mapping):
                     raise QuantConfigError(f"quant.overrides[{pat!r}].{role} must be a mapping "
                                            f"or null, got {sub!r}")
@@ -182,6 +192,13 @@ class QuantConfig:
     def spec_for(self, role: str, name: str) -> dict[str, Any] | None:
         """The spec of ``role`` for module ``name`` (its override merged in; a copy)."""
         spec = self._specs[self.override_for(name)][role]  # type: ignore[attr-defined]
+        return None if spec is None else dict(spec)
+
+    def rotation_for(self, name: str) -> dict[str, Any] | None:
+        """The rotation spec (``{kind, size}``) of module ``name``, None when off or excluded."""
+        if self.is_excluded(name):
+            return None
+        spec = self._specs[self.override_for(name)]["rotation"]  # type: ignore[attr-defined]
         return None if spec is None else dict(spec)
 
     def formats_for(self, name: str) -> ModuleFormats:

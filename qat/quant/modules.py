@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
+from qat.quant.rotation import Rotation
 from qat.quant.ste import FakeQuantizer
 
 
@@ -19,18 +20,34 @@ def _share_parameters(new: nn.Module, old: nn.Module) -> None:
 
 class _QuantizedOperands:
     """The two quantised operands of a layer that owns ``weight_quantizer`` and
-    ``activation_quantizer`` (either may be None: that operand stays float)."""
+    ``activation_quantizer`` (either may be None: that operand stays float), and optionally a
+    ``rotation`` of both along ``in_features`` (the quantisers apply it before quantising; an
+    operand without a quantiser is rotated here, so the product stays that of the float layer).
+    """
 
     weight: Tensor
     weight_quantizer: FakeQuantizer | None
     activation_quantizer: FakeQuantizer | None
+    rotation: Rotation | None  # set in __init__: a class default would shadow the submodule
+    weight_dim: int = -1
+
+    def set_rotation(self, rotation: Rotation | None) -> None:
+        """Rotate both operands by ``rotation`` (registered here, referenced by the quantisers)."""
+        self.rotation = rotation
+        for q in (self.weight_quantizer, self.activation_quantizer):
+            if q is not None:
+                object.__setattr__(q, "rotation", rotation)
 
     def quantized_weight(self, weight: Tensor | None = None) -> Tensor:
         w = self.weight if weight is None else weight
-        return w if self.weight_quantizer is None else self.weight_quantizer(w)
+        if self.weight_quantizer is not None:
+            return self.weight_quantizer(w)
+        return w if self.rotation is None else self.rotation(w, self.weight_dim)
 
     def quantized_input(self, x: Tensor) -> Tensor:
-        return x if self.activation_quantizer is None else self.activation_quantizer(x)
+        if self.activation_quantizer is not None:
+            return self.activation_quantizer(x)
+        return x if self.rotation is None else self.rotation(x, -1)
 
 
 class QuantLinear(_QuantizedOperands, nn.Linear):
@@ -48,6 +65,7 @@ class QuantLinear(_QuantizedOperands, nn.Linear):
         super().__init__(in_features, out_features, bias, device, dtype)
         self.weight_quantizer = weight_quantizer
         self.activation_quantizer = activation_quantizer
+        self.rotation = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, weight_quantizer: FakeQuantizer | None,
@@ -70,11 +88,14 @@ class QuantLinear(_QuantizedOperands, nn.Linear):
 class QuantConv1D(_QuantizedOperands, Conv1D):
     """GPT-2's ``Conv1D`` (weight ``[in, out]``), quantised along ``in`` (dim 0)."""
 
+    weight_dim = 0
+
     def __init__(self, nf: int, nx: int, *, weight_quantizer: FakeQuantizer | None = None,
                  activation_quantizer: FakeQuantizer | None = None) -> None:
         super().__init__(nf, nx)
         self.weight_quantizer = weight_quantizer
         self.activation_quantizer = activation_quantizer
+        self.rotation = None
 
     @classmethod
     def from_conv1d(cls, conv: Conv1D, weight_quantizer: FakeQuantizer | None,
@@ -100,11 +121,16 @@ class MatmulQuantizer(nn.Module):
 
     Q and K are blocked along head_dim, P along the key dim (one query row), V along head_dim
     or, if asked, along the sequence (the reduction dim of ``P @ V``).
+
+    With a ``rotation``, Q and K are rotated along head_dim before they are quantised (their
+    product is unchanged in float); P and V are not.
     """
 
-    def __init__(self, fmt, v_block_axis: str = "head_dim", backend: str = "auto") -> None:
+    def __init__(self, fmt, v_block_axis: str = "head_dim", backend: str = "auto",
+                 rotation: Rotation | None = None) -> None:
         super().__init__()
-        self.q = FakeQuantizer(fmt, dim=-1, backend=backend)
-        self.k = FakeQuantizer(fmt, dim=-1, backend=backend)
+        self.rotation = rotation
+        self.q = FakeQuantizer(fmt, dim=-1, backend=backend, rotation=rotation)
+        self.k = FakeQuantizer(fmt, dim=-1, backend=backend, rotation=rotation)
         self.p = FakeQuantizer(fmt, dim=-1, backend=backend)
         self.v = FakeQuantizer(fmt, dim=-1 if v_block_axis == "head_dim" else -2, backend=backend)

@@ -292,7 +292,10 @@ def layer_shape(m: QuantLayer) -> tuple[int, int]:
 def weight_residual(m: QuantLayer) -> Tensor:
     """``W - Q(W)`` as ``[d_out, d_in]`` in fp32, quantised as the layer quantises it."""
     w = m.weight.detach()
-    r = w.float() - m.weight_quantizer(w).float()
+    wq = m.weight_quantizer
+    # a rotated layer computes with W H (its quantiser rotates): the residual is W H - Q(W H)
+    target = w if wq.rotation is None else wq.rotation(w, wq.dim)
+    r = target.float() - wq(w).float()
     return r.t() if isinstance(m, QuantConv1D) else r
 
 

@@ -11,6 +11,7 @@ from transformers.pytorch_utils import Conv1D
 from qat.quant import attention as attention_impl
 from qat.quant.config import QuantConfig, QuantConfigError
 from qat.quant.modules import MatmulQuantizer, QuantConv1D, QuantLinear
+from qat.quant.rotation import Rotation, resolve_size
 from qat.quant.ste import FakeQuantizer, SharedInput
 
 CONFIG_ATTR = "qat_quant"  # config.json key of the quant config (the recipe's `quant` section)
@@ -90,15 +91,27 @@ def quantize_model(model: nn.Module, config: QuantConfig | Mapping[str, Any] | N
             wq = FakeQuantizer(wf, dim=wdim, backend=config.backend) if wf is not None else None
             aq = FakeQuantizer(af, dim=-1, backend=config.backend) if af is not None else None
             if isinstance(module, Conv1D):
-                replacements.append((name, QuantConv1D.from_conv1d(module, wq, aq)))
+                new = QuantConv1D.from_conv1d(module, wq, aq)
             else:
-                replacements.append((name, QuantLinear.from_linear(module, wq, aq)))
+                new = QuantLinear.from_linear(module, wq, aq)
+            rot = config.rotation_for(name)
+            if rot is not None:
+                size = resolve_size(rot, [wf, af], module.weight.shape[wdim], name,
+                                    "input features", QuantConfigError)
+                new.set_rotation(Rotation(size).to(module.weight.device))
+            replacements.append((name, new))
         elif name in attention:
             if pat is not None:
                 used_overrides.add(pat)
             if formats.matmul is not None:
+                rot = config.rotation_for(name)
+                rotation = None
+                if rot is not None:
+                    size = resolve_size(rot, [formats.matmul], _head_dim(module, model), name,
+                                        "head_dim of Q and K", QuantConfigError)
+                    rotation = Rotation(size).to(_device_of(module))
                 module.qat_matmul = MatmulQuantizer(formats.matmul, config.v_block_axis,
-                                                    config.backend)
+                                                    config.backend, rotation)
                 uses_matmul = True
     wants_matmul = any(config.formats_for(n).matmul is not None for n in names)
     if wants_matmul and not attention:
@@ -138,6 +151,23 @@ def quantize_model(model: nn.Module, config: QuantConfig | Mapping[str, Any] | N
     return model
 
 
+def _head_dim(attention: nn.Module, model: nn.Module) -> int:
+    """Q's and K's last dim in ``attention`` (the attribute names transformers' models use)."""
+    for attr in ("head_dim", "attention_head_size"):
+        d = getattr(attention, attr, None)
+        if isinstance(d, int):
+            return d
+    cfg = getattr(model, "config", None)
+    cfg = getattr(cfg, "get_text_config", lambda: cfg)()
+    d = getattr(cfg, "head_dim", None)
+    return d if isinstance(d, int) else cfg.hidden_size // cfg.num_attention_heads
+
+
+def _device_of(module: nn.Module):
+    p = next(module.parameters(), None)
+    return p.device if p is not None else "cpu"
+
+
 def share_sibling_inputs(linears: list[tuple[str, nn.Module]]) -> None:
     """Let quantised linears under one parent with equal input formats share one input
     quantisation per forward (q/k/v, gate/up read the same hidden state): see ``SharedInput``.
@@ -146,7 +176,8 @@ def share_sibling_inputs(linears: list[tuple[str, nn.Module]]) -> None:
     for name, m in linears:
         aq = m.activation_quantizer
         if aq is not None:
-            key = (name.rpartition(".")[0], aq.fmt, aq.dim, aq.backend)
+            rot = None if aq.rotation is None else aq.rotation.size
+            key = (name.rpartition(".")[0], aq.fmt, aq.dim, aq.backend, rot)
             groups.setdefault(key, []).append(aq)
     for members in groups.values():
         if len(members) > 1:

@@ -64,15 +64,22 @@ class FakeQuantizer(nn.Module):
     Holds no parameters: every call re-quantises what it is given, so training always sees
     the current weights. ``shared`` (set by ``quantize_model``) lets sibling input quantisers
     with the same format quantise a common input once.
+
+    ``rotation`` (a ``qat.quant.rotation.Rotation`` owned by the layer, held here as a plain
+    reference so it is registered once) rotates the input along ``dim`` before it is quantised,
+    inside the shared cache. ``enabled = False`` turns quantisation off but keeps the rotation:
+    the layer rotates both operands, so its float product is unchanged either way.
     """
 
-    def __init__(self, fmt: Format, dim: int = -1, backend: str = "auto") -> None:
+    def __init__(self, fmt: Format, dim: int = -1, backend: str = "auto",
+                 rotation: nn.Module | None = None) -> None:
         super().__init__()
         self.fmt = fmt
         self.dim = dim
         self.backend = backend
         self.enabled = True
         self.shared: SharedInput | None = None
+        object.__setattr__(self, "rotation", rotation)  # not a submodule: the layer owns it
         self._impl: dict[str, str] = {}  # device type -> resolved backend
 
     def _backend_for(self, x: Tensor) -> str:
@@ -83,17 +90,26 @@ class FakeQuantizer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.enabled:
-            return x
+            return x if self.rotation is None else self.rotation(x, self.dim)
         shared = None if torch.compiler.is_compiling() else self.shared
         if shared is not None:
             hit = shared.get(x)
             if hit is not None:
                 return hit
-        out = run_backend(self._backend_for(x), x, self.fmt, self.dim)
+        rx = x if self.rotation is None else self.rotation(x, self.dim)
+        out = run_backend(self._backend_for(rx), rx, self.fmt, self.dim)
         if shared is not None:
             shared.put(x, out)
         return out
 
+    def error_pair(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(target, quantised)`` for measuring this quantiser's error on ``x`` (no STE, no
+        cache): ``x`` rotated as the layer rotates it, and its quantised value. A rotation is
+        orthonormal, so the error (SQNR) is that of the layer's own product."""
+        rx = x if self.rotation is None else self.rotation(x, self.dim)
+        return rx, self.fmt.quantize(rx, self.dim)
+
     def extra_repr(self) -> str:
-        return f"{self.fmt}, dim={self.dim}, backend={self.backend}"
+        rot = "" if self.rotation is None else f", rotation={self.rotation.extra_repr()}"
+        return f"{self.fmt}, dim={self.dim}, backend={self.backend}{rot}"
 

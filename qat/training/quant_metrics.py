@@ -95,7 +95,7 @@ def measure(layers: list[QuantLayer], inputs: dict[str, Tensor]) -> list[dict[st
                     x = layer.weight()
                 elif x is None:
                     continue
-                sums.append(error_sums(x, q.fmt.quantize(x, q.dim)))
+                sums.append(error_sums(*q.error_pair(x)))
                 rows.append({"layer": layer.name, "tensor": tensor, "format": str(q.fmt),
                              "bits_per_element": float(q.fmt.bits_per_element)})
         if not rows:

@@ -1,6 +1,6 @@
 """Fused Triton quantisers vs the reference vs the copy-bandwidth floor, on one GPU.
 
-    python bench/kernels.py [--size 4096] [--iters 50] [--json PATH]
+    python bench/kernel_speed.py [--size 4096] [--iters 50] [--json PATH]
 
 For a ``size x size`` tensor in bfloat16 and float32, blocked along the last and the first dim,
 and every format with a kernel (``supports_triton``), times with CUDA events: the kernel
@@ -64,10 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
-        print("bench/kernels.py: the Triton kernels need a CUDA GPU; none here, nothing timed")
+        print("bench/kernel_speed.py: the Triton kernels need a CUDA GPU; none here, nothing timed")
         return 0
     if not triton_available():
-        print("bench/kernels.py: triton is not installed; nothing timed")
+        print("bench/kernel_speed.py: triton is not installed; nothing timed")
         return 0
     dev = torch.cuda.get_device_name()
     print(f"{dev}, {args.size}x{args.size}, {args.iters} calls per time")

@@ -1,0 +1,182 @@
+"""What each accuracy lever buys a decoder after post-training quantisation: block rotations,
+least-error scales, 8-bit attention matmuls, per format (W6A6 / W4A4 BFP, MXFP4 W4A4).
+
+    QAT_WIKITEXT_DIR=../shared/data/wikitext-2-raw python bench/decoder_levers.py \\
+        --out outputs/bench_levers [--rows w4a4 w4a4-rot64 ...] [--test_chunks 2] \\
+        [--val_chunks 1] [--chunk_size 2048]
+
+The float model (the recipe's, default SmolLM2-135M) is loaded once; every row quantises a
+copy with its quant config and scores WikiText-2 perplexity on the first ``--test_chunks``
+chunks of the test split (what ``qat perplexity --max_chunks N`` scores) and on the first
+``--val_chunks`` of the validation split (where settings are chosen). ``results.json`` is
+written after every row; ``--table`` prints the markdown table of one or more of them and
+``--plot`` draws it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def _bfp(width: int, **extra: Any) -> dict[str, Any]:
+    return {"format": "bfp", "width": width, "exponent_width": 8, "block_size": 16, **extra}
+
+
+def _quant(w: dict, a: dict, mm: dict | None, rotation: int | None = None) -> dict[str, Any]:
+    q: dict[str, Any] = {"weight": w, "activation": a, "matmul": mm, "exclude": ["lm_head"]}
+    if rotation:
+        q["rotation"] = {"kind": "hadamard", "size": rotation}
+    return q
+
+
+def grid() -> dict[str, tuple[str, dict[str, Any] | None]]:
+    """Row id -> (display name, quant config); ``None`` is the float model."""
+    rows: dict[str, tuple[str, dict[str, Any] | None]] = {"float": ("float", None)}
+    mx4 = {"format": "mxfp4"}
+    families = {"w6a6": ("W6A6 BFP", _bfp(6)), "w4a4": ("W4A4 BFP", _bfp(4)),
+                "mxfp4": ("MXFP4 W4A4", mx4)}
+    for key, (label, fmt) in families.items():
+        mse = {**fmt, "scale": "mse"}
+        rows[key] = (label, _quant(fmt, fmt, fmt))
+        for size in (16, 32, 64, 128):
+            rows[f"{key}-rot{size}"] = (f"{label} + rotation {size}",
+                                        _quant(fmt, fmt, fmt, size))
+        rows[f"{key}-mse"] = (f"{label} + mse scales", _quant(mse, mse, mse))
+        for size in (16, 32, 64):
+            rows[f"{key}-rot{size}-mse"] = (f"{label} + rotation {size} + mse",
+                                            _quant(mse, mse, mse, size))
+    rows["w4a4-mm8"] = ("W4A4 BFP, 8-bit matmuls", _quant(_bfp(4), _bfp(4), _bfp(8)))
+    rows["w4a4-mmfloat"] = ("W4A4 BFP, float matmuls", _quant(_bfp(4), _bfp(4), None))
+    rows["w4-only"] = ("W4 BFP weight-only", _quant(_bfp(4), None, None))
+    rows["w4-only-rot16"] = ("W4 BFP weight-only + rotation 16",
+                             _quant(_bfp(4), None, None, 16))
+    return rows
+
+
+def score(model: Any, chunks: list[Any]) -> float:
+    from qat.tasks.language_modeling import perplexity
+
+    return perplexity(model, chunks)[0]
+
+
+def run(a: argparse.Namespace) -> None:
+    from qat.quant.quantize import quantize_model
+    from qat.runs.build import build_model
+    from qat.tasks.language_modeling import chunk_ids, load_wikitext
+
+    rows = grid()
+    unknown = [r for r in a.rows or [] if r not in rows]
+    if unknown:
+        raise SystemExit(f"decoder_levers: unknown row(s) {unknown}; rows: {', '.join(rows)}")
+    built = build_model(a.recipe, ["--quant", "null"], head="causal_lm", device="cpu")
+    base, tok = built.model.eval(), built.tokenizer
+    chunks = {}
+    for split, n in (("test", a.test_chunks), ("validation", a.val_chunks)):
+        ids = tok(load_wikitext(split), return_tensors="pt", verbose=False)["input_ids"][0]
+        chunks[split] = chunk_ids(ids, a.chunk_size, n)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "results.json"
+    done = json.loads(path.read_text())["results"] if path.is_file() else []
+    have = {r["id"] for r in done}
+    for row_id in a.rows or list(rows):
+        if row_id in have:
+            continue
+        name, quant = rows[row_id]
+        t0 = time.time()
+        try:
+            model = base if quant is None else quantize_model(copy.deepcopy(base), quant)
+        except Exception as e:  # noqa: BLE001 - a row the model cannot take is reported
+            print(f"{row_id}: skipped: {e}", flush=True)
+            done.append({"id": row_id, "name": name, "quant": quant, "skipped": str(e)})
+        else:
+            val = score(model, chunks["validation"])
+            test = score(model, chunks["test"])
+            done.append({"id": row_id, "name": name, "quant": quant, "validation_ppl": val,
+                         "test_ppl": test, "seconds": round(time.time() - t0, 1)})
+            print(f"{row_id}: validation {val:.3f}, test {test:.3f}", flush=True)
+            del model
+        path.write_text(json.dumps({
+            "recipe": a.recipe, "chunk_size": a.chunk_size, "test_chunks": a.test_chunks,
+            "val_chunks": a.val_chunks, "results": done}, indent=2))
+
+
+def report(paths: list[Path], figure: Path | None) -> None:
+    results: list[dict[str, Any]] = []
+    meta: dict[str, Any] = {}
+    for p in paths:
+        data = json.loads(p.read_text())
+        meta = meta or data
+        results += data["results"]
+    ref = next((r for r in results if r["id"] == "float"), None)
+    print(f"\nWikiText-2, chunks of {meta['chunk_size']} tokens: test = first "
+          f"{meta['test_chunks']}, validation = first {meta['val_chunks']}\n")
+    print("| model | validation PPL | test PPL | test vs float |")
+    print("| --- | ---: | ---: | ---: |")
+    for r in results:
+        if "skipped" in r:
+            print(f"| {r['name']} | n/a | n/a | {r['skipped'][:60]} |")
+            continue
+        rel = "" if ref is None else f"{r['test_ppl'] / ref['test_ppl'] - 1:+.1%}"
+        print(f"| {r['name']} | {r['validation_ppl']:.2f} | {r['test_ppl']:.2f} | {rel} |")
+    if figure is not None:
+        plot(results, figure)
+
+
+def plot(results: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results if "test_ppl" in r]
+    fig, ax = plt.subplots(figsize=(8, 0.9 + 0.32 * len(rows)))
+    names = [r["name"] for r in rows][::-1]
+    ppl = [r["test_ppl"] for r in rows][::-1]
+    bars = ax.barh(names, ppl, color=["#4c72b0" if r["id"] == "float" else "#c44e52"
+                                      if "rot" not in r["id"] and "mse" not in r["id"]
+                                      else "#55a868" for r in rows][::-1])
+    for bar, v in zip(bars, ppl):
+        ax.text(bar.get_width() * 1.01, bar.get_y() + bar.get_height() / 2, f"{v:.1f}",
+                va="center", fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("WikiText-2 test perplexity, PTQ (log scale; lower is better)")
+    ax.set_title("SmolLM2-135M post-training quantisation: plain (red) vs levers (green)",
+                 fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"drew {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--recipe", default=str(REPO / "recipes/smollm2_wikitext_w4a4.yaml"))
+    p.add_argument("--out", default=str(REPO / "outputs/bench_levers"))
+    p.add_argument("--rows", nargs="+", default=None, help=f"row ids (default: all): "
+                   f"{', '.join(grid())}")
+    p.add_argument("--chunk_size", type=int, default=2048)
+    p.add_argument("--test_chunks", type=int, default=2)
+    p.add_argument("--val_chunks", type=int, default=1)
+    p.add_argument("--table", nargs="+", type=Path, default=None, metavar="RESULTS_JSON")
+    p.add_argument("--plot", type=Path, default=None, metavar="PNG")
+    a = p.parse_args(argv)
+    if a.table:
+        report(a.table, a.plot)
+        return 0
+    run(a)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
