@@ -216,3 +216,17 @@ def test_cli_refuses_an_unknown_rotation_kind_before_loading(tmp_path, capsys, n
     recipe = tiny_recipe(tmp_path)
     assert main([recipe, "--quant.rotation", '{"kind": "fft", "size": 8}']) == 2
     assert "quant.rotation.kind must be one of hadamard; got 'fft'" in capsys.readouterr().err
+
+
+def test_cli_refuses_a_size_that_does_not_divide_before_loading(tmp_path, capsys, no_model):
+    """The layer check runs on a weightless (meta) skeleton of the model's config."""
+    from qat.cli.train import main
+
+    recipe = tiny_recipe(tmp_path)
+    assert main([recipe, "--quant.rotation", '{"size": 64}']) == 2
+    err = capsys.readouterr().err
+    assert "quant.rotation.size 64 does not divide the head_dim of Q and K (16) of module " \
+           "'bert.encoder.layer.0.attention.self'" in err
+    assert main([recipe, "--quant.rotation", '{"size": 64}', "--quant.matmul", "null"]) == 2
+    assert "quant.rotation.size 64 does not divide the input features (32) of module " \
+           "'bert.encoder.layer.0.attention.self.query'" in capsys.readouterr().err

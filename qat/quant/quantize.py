@@ -168,6 +168,26 @@ def _device_of(module: nn.Module):
     return p.device if p is not None else "cpu"
 
 
+def check_quantizable(config: Any, quant: QuantConfig | Mapping[str, Any] | None,
+                      causal_lm: bool) -> None:
+    """Quantise a weightless skeleton of the model ``config`` describes (meta device), so that
+    errors only a module can show (a rotation size that does not divide a layer, an override
+    that matches nothing, matmul quantisation of a model without attention) are reported
+    before any weight loads. Skeletons transformers cannot build are left to the real call."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if quant is None:
+        return
+    cls = AutoModelForCausalLM if causal_lm else AutoModelForSequenceClassification
+    try:
+        with torch.device("meta"):
+            skeleton = cls.from_config(config)
+    except Exception:  # noqa: BLE001 - only a pre-check: loading reports its own errors
+        return
+    quantize_model(skeleton, quant)
+
+
 def share_sibling_inputs(linears: list[tuple[str, nn.Module]]) -> None:
     """Let quantised linears under one parent with equal input formats share one input
     quantisation per forward (q/k/v, gate/up read the same hidden state): see ``SharedInput``.

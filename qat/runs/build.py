@@ -266,6 +266,10 @@ def _check_config(config: Any, args: Any, head: str, check: Callable[[Any], None
         check_max_length(config, args.max_length, args.model_name_or_path)
     if check is not None:
         check(config)
+    if args.quant is not None and not args.gguf_file:
+        from qat.quant.quantize import check_quantizable
+
+        check_quantizable(config, args.quant, head == "causal_lm")
 
 
 def _attach_lora(model: Any, ckpt: Path) -> Any:
