@@ -172,6 +172,10 @@ def test_triton_kernel_takes_mse():
 
     for name in ("bfp", "mxfp4", "mxfp8_e4m3", "mxint8"):
         assert supports_triton(mse({"format": name}))
+    x = torch.randn(8, 32)
+    ops = torch.ops.qat  # the ops' schema, fake kernel and autograd with the mse flag set
+    torch.library.opcheck(ops.bfp_fake_quantize, (x, -1, 4, 8, 16, True))
+    torch.library.opcheck(ops.mx_fake_quantize, (x, 0, 32, 1, 2, 0, 6.0, False, True))
 
 
 # --- packed codes and export --------------------------------------------------------------
