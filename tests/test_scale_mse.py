@@ -166,6 +166,23 @@ def test_backends_agree_bit_for_bit(backend, name):
                            make_format({"format": name}).quantize(x).view(torch.int32))
 
 
+KERNEL_SPECS = [{"format": "bfp", "width": w, "exponent_width": e, "block_size": b}
+                for w, e, b in ((2, 8, 1), (3, 4, 7), (4, 8, 16), (8, 4, 32))] + [
+    {"format": n} for n in MSE_FORMATS[3:]]
+
+
+@pytest.mark.parametrize("spec", KERNEL_SPECS, ids=lambda s: "-".join(map(str, s.values())))
+def test_kernel_matches_reference_on_every_kind_of_block(spec):
+    """test_kernels' rows (ties, zero blocks, subnormals, huge, NaN/inf, spread scales) in its
+    three layouts, float32 and bfloat16, with scale: mse."""
+    pytest.importorskip("triton")
+    from tests.test_kernels import _TRITON_VERSION, DEVICE, check_format
+
+    bf16 = DEVICE == "cuda" or _TRITON_VERSION >= (3, 9)  # the interpreter's bf16 (test_kernels)
+    for dtype in (torch.float32, torch.bfloat16) if bf16 else (torch.float32,):
+        check_format({**spec, "scale": "mse"}, dtype)
+
+
 def test_triton_kernel_takes_mse():
     pytest.importorskip("triton")
     from qat.formats.kernels import supports_triton
@@ -176,6 +193,17 @@ def test_triton_kernel_takes_mse():
     ops = torch.ops.qat  # the ops' schema, fake kernel and autograd with the mse flag set
     torch.library.opcheck(ops.bfp_fake_quantize, (x, -1, 4, 8, 16, True))
     torch.library.opcheck(ops.mx_fake_quantize, (x, 0, 32, 1, 2, 0, 6.0, False, True))
+
+
+@pytest.mark.parametrize("name", MSE_FORMATS)
+def test_mse_quantises_without_host_sync(name):
+    from tests.test_no_sync import no_host_sync
+
+    fmt = mse({"format": name})
+    x = _rows(fmt.block_size)
+    with no_host_sync():
+        for dim in (-1, 0):
+            assert fmt.quantize(x, dim).shape == x.shape
 
 
 # --- packed codes and export --------------------------------------------------------------
