@@ -104,7 +104,7 @@ class MXFormat(Format):
             e = best_exponent(xb, e, E8M0_MIN, E8M0_MAX - self.emax, MSE_OFFSETS,
                               self._block_values)
         # 2^e for e in [-127, 127] is exact in float32 (2^-127 is a subnormal power of two),
-        # and x / 2^e cannot overflow because e >= floor(log2 amax) - emax - 2.
+        # and x / 2^e cannot overflow because e >= floor(log2 amax) - emax - 1.
         scale = torch.exp2(e.float()).unsqueeze(-1)
         return xb / scale, e, scale, n
 
