@@ -1,9 +1,12 @@
 """SQNR vs bits per element for every registered format, on Gaussian data and MiniLM weights.
 
     python bench/formats.py [--out DIR] [--figure PNG]
+    python bench/formats.py --scales [--out DIR]
 
 Prints a table, writes ``DIR/formats_sqnr.csv`` (DIR: outputs/bench) and the README's picture
-``docs/sqnr_vs_bits.png`` (``--figure`` to write it elsewhere). Generic over
+``docs/sqnr_vs_bits.png`` (``--figure`` to write it elsewhere). ``--scales`` instead compares
+``scale: max`` with ``scale: mse`` (docs/formats.md, "Scale choice") for the formats that have
+the choice and writes ``DIR/formats_scale_sqnr.csv``. Generic over
 ``qat.formats.FORMATS``: formats registered later appear automatically with their defaults;
 one that cannot be built from defaults is skipped with a note. SQNR (dB) is
 ``10 log10(sum x^2 / sum (x - q)^2)`` (``qat.quant.error``); for MiniLM the error is pooled
@@ -29,6 +32,9 @@ from qat.quant.error import error_sums, sqnr_db_value
 REPO = Path(__file__).resolve().parent.parent
 
 EXTRA_SPECS = [{"format": "bfp", "width": w} for w in (8, 6, 4, 3)]
+SCALE_SPECS = [{"format": "bfp", "width": w} for w in (3, 4, 6, 8)] + [
+    {"format": n} for n in ("mxfp4", "mxfp6_e2m3", "mxfp6_e3m2", "mxfp8_e4m3", "mxfp8_e5m2",
+                            "mxint8", "block_minifloat", "block_log")]
 
 
 def specs() -> list[dict]:
@@ -109,6 +115,32 @@ def plot(rows: list[tuple[str, float, float, float]], path: Path) -> None:
     plt.close(fig)
 
 
+def compare_scales(gauss: torch.Tensor, weights: list[torch.Tensor], out: Path) -> None:
+    """SQNR of ``scale: max`` and ``scale: mse`` side by side (and the share of blocks whose
+    exponent mse moved, on the Gaussian data)."""
+    width = max(len(str(make_format(spec))) for spec in SCALE_SPECS)
+    header = (f"{'format':<{width}} {'bits':>6} {'gauss max':>9} {'gauss mse':>9} {'moved':>6} "
+              f"{'MiniLM max':>10} {'MiniLM mse':>10}")
+    print(header + "\n" + "-" * len(header))
+    rows = []
+    for spec in SCALE_SPECS:
+        fmax, fmse = make_format(spec), make_format({**spec, "scale": "mse"})
+        (gmax, wmax), (gmse, wmse) = evaluate(fmax, gauss, weights), evaluate(fmse, gauss, weights)
+        moved = math.nan  # block minifloat and block log have no encode() to read e from
+        if type(fmax)._encode_lastdim is not Format._encode_lastdim:
+            moved = (fmse.encode(gauss).scales != fmax.encode(gauss).scales).float().mean().item()
+        rows.append((str(fmax), fmax.bits_per_element, gmax, gmse, moved, wmax, wmse))
+        shown = "-" if math.isnan(moved) else f"{moved:.1%}"
+        print(f"{str(fmax):<{width}} {fmax.bits_per_element:>6.3f} {gmax:>9.2f} {gmse:>9.2f} "
+              f"{shown:>6} {wmax:>10.2f} {wmse:>10.2f}")
+    with open(out / "formats_scale_sqnr.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["format", "bits_per_element", "sqnr_gauss_max_db", "sqnr_gauss_mse_db",
+                         "blocks_moved", "sqnr_minilm_max_db", "sqnr_minilm_mse_db"])
+        writer.writerows(rows)
+    print(f"wrote {out / 'formats_scale_sqnr.csv'}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("outputs/bench"),
@@ -116,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--figure", type=Path, default=REPO / "docs" / "sqnr_vs_bits.png",
                     help="the SQNR vs bits picture (default docs/sqnr_vs_bits.png, in README)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--scales", action="store_true",
+                    help="compare scale: max with scale: mse instead (no figure)")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -124,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     nweights = sum(w.numel() for w in weights)
     print(f"Gaussian: 1024x1024 (seed {args.seed}); MiniLM: {len(weights)} encoder matrices, "
           f"{nweights} weights")
+    if args.scales:
+        compare_scales(gauss, weights, args.out)
+        return 0
 
     built: dict[str, tuple[Format, str]] = {}
     for spec in specs():

@@ -345,6 +345,9 @@ cases = [  # (dtype, kind, params, block, shape, dim): one per layout
     ("bf16", plan.KIND_BFP, plan.bfp_params(4, 8), 16, (4096, 4096), -1),
     ("fp16", plan.KIND_MX, plan.mx_params(1, 2, 0, 6.0, False), 32, (512, 4096), 0),
     ("fp32", plan.KIND_CODEBOOK, plan.codebook_params((-1.0, 0.0, 1.0), True), 64, (512, 4), 0),
+    # scale: mse (P5 = the error's fraction bits for the block size)
+    ("bf16", plan.KIND_BFP, plan.bfp_params(4, 8, 29), 16, (4096, 4096), -1),
+    ("fp16", plan.KIND_MX, plan.mx_params(1, 2, 0, 6.0, False, 28), 32, (512, 4096), 0),
 ]
 out = []
 for dt, kind, params, block, shape, dim in cases:
@@ -370,7 +373,8 @@ print(json.dumps(out))
 def test_gpu_build_is_exact_by_construction():
     """The kernel compiled for sm_90 (no GPU needed): no FMA contraction, no approximate
     exp2/log2/division/reciprocal, no flush-to-zero, IEEE division for the codebook scale, and
-    16-byte vector loads and stores on the last-dim and wide-column layouts."""
+    16-byte vector loads and stores on the last-dim and wide-column layouts; with scale: mse
+    as well."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     kdir = os.path.join(REPO, "qat", "formats", "kernels")
     res = subprocess.run([sys.executable, "-c", PTX_SCRIPT, kdir], env=env, capture_output=True,
@@ -379,13 +383,13 @@ def test_gpu_build_is_exact_by_construction():
         pytest.skip(f"triton cannot compile for CUDA here: {res.stderr.strip().splitlines()[-1]}")
     assert res.returncode == 0, res.stderr
     cases = json.loads(res.stdout.strip().splitlines()[-1])
-    assert [c["layout"] for c in cases] == [0, 1, 2]
+    assert [c["layout"] for c in cases] == [0, 1, 2, 0, 1]
     for c in cases:
         assert not c["ftz"], c
         allowed = {"div.rn.f32", "div.s32", "div.s64"}
         assert set(c["ops"]) <= allowed, c
     assert "div.rn.f32" in cases[2]["ops"]  # the codebook's x / s, correctly rounded
-    for c in cases[:2]:
+    for c in cases[:2] + cases[3:]:
         assert "ld.global.v4.b32" in c["mem"] and "st.global.v4.b32" in c["mem"], c
 
 

@@ -163,7 +163,10 @@ class Format:
         return {"format": self.name, **dataclasses.asdict(self)}
 
     def __str__(self) -> str:
-        params = ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(self).items())
+        # scale=max is every format's rule from before the scale choice existed: leaving it
+        # out keeps the labels of earlier runs and benches (spec() still has it).
+        params = ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(self).items()
+                           if not (k == "scale" and v == "max"))
         return f"{self.name}({params})"
 
 
@@ -200,6 +203,11 @@ def floor_log2(x: Tensor) -> Tensor:
     """Exact ``floor(log2(x))`` for positive float32 ``x``."""
     _, exponent = torch.frexp(x)
     return (exponent - 1).to(torch.int32)
+
+
+def twos_complement_range(bits: int) -> tuple[int, int]:
+    """``(-2^(bits-1), 2^(bits-1) - 1)``: the range of a ``bits``-bit shared exponent."""
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
 
 def block_exponent(amax: Tensor, lo: int, hi: int, *, ceil: bool) -> Tensor:

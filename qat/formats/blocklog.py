@@ -15,7 +15,9 @@ Element: sign + ``width - 1`` exponent-code bits. Code 0 is reserved for zero, l
 Why linear rounding: picking the nearest representable value minimises each element's absolute
 error and therefore the MSE that SQNR and the training loss see. Rounding in the log domain
 (threshold ``sqrt(2) * 2^k``) sends ``|x|`` in ``(1.414, 1.5) * 2^k`` to ``2^(k+1)``, a larger
-error, for no gain in a fake-quantised forward pass. Storage: ``width + bias_width/block_size``.
+error, for no gain in a fake-quantised forward pass. ``scale: mse`` (default ``max``, the rule
+above) takes ``t``, ``t - 1`` or ``t + 1`` (clamped), whichever gives the block the least
+squared error (``qat.formats.scale``). Storage: ``width + bias_width/block_size``.
 """
 
 from __future__ import annotations
@@ -25,13 +27,22 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from qat.formats.base import Format, block_exponent, check_int, from_blocks, to_blocks
+from qat.formats.base import (
+    Format,
+    block_exponent,
+    check_choice,
+    check_int,
+    from_blocks,
+    to_blocks,
+    twos_complement_range,
+)
 from qat.formats.registry import register_format
+from qat.formats.scale import MSE_OFFSETS, SCALES, best_exponent
 
 
 def block_top_log(amax: Tensor, bias_width: int) -> Tensor:
     """Per-block ``clamp(ceil(log2 amax))`` in a ``bias_width``-bit two's complement (int32)."""
-    return block_exponent(amax, -(2 ** (bias_width - 1)), 2 ** (bias_width - 1) - 1, ceil=True)
+    return block_exponent(amax, *twos_complement_range(bias_width), ceil=True)
 
 
 @register_format("block_log")
@@ -42,11 +53,13 @@ class BlockLog(Format):
     width: int = 4
     block_size: int = 16
     bias_width: int = 8
+    scale: str = "max"
 
     def validate(self) -> None:
         check_int("block_log", "width", self.width, 2, 9)
         check_int("block_log", "block_size", self.block_size, 1)
         check_int("block_log", "bias_width", self.bias_width, 1, 8)
+        check_choice("block_log", "scale", self.scale, SCALES)
 
     @property
     def bits_per_element(self) -> float:
@@ -56,11 +69,11 @@ class BlockLog(Format):
     def independent_block(self) -> int:
         return self.block_size
 
-    def _quantize_lastdim(self, x: Tensor) -> Tensor:
+    def _block_values(self, xb: Tensor, t: Tensor) -> Tensor:
+        """Quantised blocks ``xb`` with block tops ``t`` (int32 ``[..., nblocks]``)."""
         levels = 2 ** (self.width - 1) - 1
-        xb, n = to_blocks(x, self.block_size)
         mag = xb.abs()
-        t = block_top_log(mag.amax(dim=-1), self.bias_width).unsqueeze(-1)
+        t = t.unsqueeze(-1)
         kmin = t - (levels - 1)
         # |x| = frac * 2^exp, frac in [0.5, 1): the binade is e = exp - 1 and m = 2 * frac.
         # Round up when m > 1.5, or m == 1.5 and e is odd (exp even); zeros give frac 0.
@@ -71,4 +84,12 @@ class BlockLog(Format):
         # (s/2, s) round to s, which the max with kmin above already gives.
         half_s = torch.exp2(kmin.float() - 1)
         q = torch.where(mag > half_s, torch.exp2(k.float()), torch.zeros_like(mag))
-        return from_blocks(torch.copysign(q, xb), n)
+        return torch.copysign(q, xb)
+
+    def _quantize_lastdim(self, x: Tensor) -> Tensor:
+        xb, n = to_blocks(x, self.block_size)
+        t = block_top_log(xb.abs().amax(dim=-1), self.bias_width)
+        if self.scale == "mse":
+            t = best_exponent(xb, t, *twos_complement_range(self.bias_width), MSE_OFFSETS,
+                              self._block_values)
+        return from_blocks(self._block_values(xb, t), n)

@@ -31,17 +31,20 @@ from qat.formats.base import (
     Format,
     FormatError,
     block_exponent,
+    check_choice,
     check_int,
     from_blocks,
     to_blocks,
+    twos_complement_range,
 )
 from qat.formats.floatcast import round_to_float
 from qat.formats.registry import register_format
+from qat.formats.scale import MSE_OFFSETS, SCALES, best_exponent
 
 
 def block_top_exponent(amax: Tensor, bias_width: int) -> Tensor:
     """Per-block ``clamp(floor(log2 amax))`` in a ``bias_width``-bit two's complement (int32)."""
-    return block_exponent(amax, -(2 ** (bias_width - 1)), 2 ** (bias_width - 1) - 1, ceil=False)
+    return block_exponent(amax, *twos_complement_range(bias_width), ceil=False)
 
 
 @register_format("block_minifloat")
@@ -53,12 +56,14 @@ class BlockMinifloat(Format):
     exponent_width: int = 4
     block_size: int = 16
     bias_width: int = 8
+    scale: str = "max"
 
     def validate(self) -> None:
         check_int("block_minifloat", "width", self.width, 2, 16)
         check_int("block_minifloat", "exponent_width", self.exponent_width, 1, 6)
         check_int("block_minifloat", "block_size", self.block_size, 1)
         check_int("block_minifloat", "bias_width", self.bias_width, 1, 8)
+        check_choice("block_minifloat", "scale", self.scale, SCALES)
         if self.exponent_width > self.width - 1:
             raise FormatError(
                 f"block_minifloat.exponent_width must be in [1, width - 1 = {self.width - 1}] "
@@ -77,13 +82,19 @@ class BlockMinifloat(Format):
     def independent_block(self) -> int:
         return self.block_size
 
-    def _quantize_lastdim(self, x: Tensor) -> Tensor:
+    def _block_values(self, xb: Tensor, e_b: Tensor) -> Tensor:
+        """Quantised blocks ``xb`` with top exponents ``e_b``."""
         m = self.mantissa_bits
-        xb, n = to_blocks(x, self.block_size)
-        e_b = block_top_exponent(xb.abs().amax(dim=-1), self.bias_width).unsqueeze(-1)
         # Work in the block's normalised domain (top binade [1, 2)); 2^-e_b for e_b in
         # [-128, 127] is an exact float32 power of two, so the scaling is exact.
-        scale = torch.exp2(e_b.float())
+        scale = torch.exp2(e_b.float()).unsqueeze(-1)
         emin = -(2**self.exponent_width - 2)
-        v = round_to_float(xb / scale, m, emin, 2.0 - 2.0**-m)
-        return from_blocks(v * scale, n)
+        return round_to_float(xb / scale, m, emin, 2.0 - 2.0**-m) * scale
+
+    def _quantize_lastdim(self, x: Tensor) -> Tensor:
+        xb, n = to_blocks(x, self.block_size)
+        e_b = block_top_exponent(xb.abs().amax(dim=-1), self.bias_width)
+        if self.scale == "mse":
+            e_b = best_exponent(xb, e_b, *twos_complement_range(self.bias_width), MSE_OFFSETS,
+                                self._block_values)
+        return from_blocks(self._block_values(xb, e_b), n)

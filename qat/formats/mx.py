@@ -3,7 +3,9 @@
 Per block: ``X = 2^(clamp(floor(log2(max|x|)) - emax_elem, -127, 127))`` (E8M0's finite range;
 code 255 is NaN and never produced); each element is ``x / X`` rounded to nearest-even in the
 element format, subnormals included, and saturated to the element's largest finite value;
-the result is ``X * element``. A block of zeros gives zeros (its scale is irrelevant).
+the result is ``X * element``. A block of zeros gives zeros (its scale is irrelevant). That is
+``scale: max`` (the default); ``scale: mse`` takes the exponent, one less or one more
+(clamped), whichever gives the block the least squared error (``qat.formats.scale``).
 
 Elements (OCP table 2; docs/formats.md):
 
@@ -38,9 +40,10 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from qat.formats.base import Format, check_int, floor_log2, from_blocks, to_blocks
+from qat.formats.base import Format, check_choice, check_int, floor_log2, from_blocks, to_blocks
 from qat.formats.floatcast import code_values, float_codes, max_code, round_to_float
 from qat.formats.registry import register_format
+from qat.formats.scale import MSE_OFFSETS, SCALES, best_exponent
 
 E8M0_MIN, E8M0_MAX = -127, 127
 
@@ -56,6 +59,7 @@ class MXFormat(Format):
     """Shared machinery; subclasses set the element format as class constants."""
 
     block_size: int = 32
+    scale: str = "max"
 
     elem_bits: ClassVar[int]
     mantissa_bits: ClassVar[int]
@@ -65,6 +69,7 @@ class MXFormat(Format):
 
     def validate(self) -> None:
         check_int(self.name, "block_size", self.block_size, 1)
+        check_choice(self.name, "scale", self.scale, SCALES)
 
     @property
     def bits_per_element(self) -> float:
@@ -94,10 +99,19 @@ class MXFormat(Format):
         """Scaled elements ``x / 2^e`` in blocks, ``e`` (int32), ``2^e`` and the row length."""
         xb, n = to_blocks(x, self.block_size)
         e = mx_scale_exponent(xb.abs().amax(dim=-1), self.emax)
+        if self.scale == "mse":
+            # Above 127 - emax a block's top element value would pass float32's range.
+            e = best_exponent(xb, e, E8M0_MIN, E8M0_MAX - self.emax, MSE_OFFSETS,
+                              self._block_values)
         # 2^e for e in [-127, 127] is exact in float32 (2^-127 is a subnormal power of two),
-        # and x / 2^e cannot overflow because e >= floor(log2 amax) - emax.
+        # and x / 2^e cannot overflow because e >= floor(log2 amax) - emax - 1.
         scale = torch.exp2(e.float()).unsqueeze(-1)
         return xb / scale, e, scale, n
+
+    def _block_values(self, xb: Tensor, e: Tensor) -> Tensor:
+        """Quantised blocks ``xb`` with shared exponents ``e``."""
+        scale = torch.exp2(e.float()).unsqueeze(-1)
+        return self._round_elements(xb / scale) * scale
 
     def _quantize_lastdim(self, x: Tensor) -> Tensor:
         v, _, scale, n = self._blocks(x)

@@ -49,6 +49,12 @@ def make_format(spec: Mapping[str, Any] | Format) -> Format:
         )
     valid = format_params(name)
     for key in params:
+        if key == "scale" and key not in valid:
+            with_scale = sorted(n for n in FORMATS if "scale" in format_params(n))
+            raise FormatError(
+                f"format {name!r} has no scale choice (got scale: {params[key]!r}); "
+                f"scale: max | mse works with {', '.join(with_scale)}"
+            )
         if key not in valid:
             close = difflib.get_close_matches(key, valid, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""

@@ -51,7 +51,8 @@ def triton_available() -> bool:
 
 
 def supports_triton(fmt: Format) -> bool:
-    """Whether a fused kernel implements ``fmt`` (BFP, the six MX, 4-bit codebooks w/o OPQ)."""
+    """Whether a fused kernel implements ``fmt`` (BFP, the six MX, either scale choice; 4-bit
+    codebooks w/o OPQ)."""
     block = getattr(fmt, "block_size", None)
     if not isinstance(block, int) or not 1 <= block <= MAX_BLOCK_SIZE:
         return False
@@ -81,9 +82,10 @@ def triton_fake_quantize(x: Tensor, fmt: Format, dim: int = -1) -> Tensor:
                            f"(set TRITON_INTERPRET=1 before importing triton to interpret them)")
     q = torch.ops.qat
     if type(fmt) is BFP:
-        return q.bfp_fake_quantize(x, dim, fmt.width, fmt.exponent_width, fmt.block_size)
+        return q.bfp_fake_quantize(x, dim, fmt.width, fmt.exponent_width, fmt.block_size,
+                                   fmt.scale == "mse")
     if type(fmt) in _MX_TYPES:
         return q.mx_fake_quantize(x, dim, fmt.block_size, fmt.mantissa_bits, fmt.emax, fmt.emin,
-                                  fmt.max_value, type(fmt) is MXINT8)
+                                  fmt.max_value, type(fmt) is MXINT8, fmt.scale == "mse")
     return q.codebook_fake_quantize(x, dim, fmt.block_size, list(fmt.levels),
                                     fmt.normalization == "signed_absmax")

@@ -21,6 +21,7 @@ from qat.formats.kernels._plan import (
     plan,
 )
 from qat.formats.kernels._triton_kernels import fake_quantize_kernel
+from qat.formats.scale import fixed_point_bits
 
 
 def _launch(x: Tensor, dim: int, kind: int, block: int, params: tuple,
@@ -35,7 +36,7 @@ def _launch(x: Tensor, dim: int, kind: int, block: int, params: tuple,
     fake_quantize_kernel[(p.grid,)](
         xc, y, lv, mids, p.n, p.inner, p.nb, p.total, p.n_col_tiles,
         KIND=kind, BLOCK=block, BP=p.bp, TILE=p.tile, LAYOUT=p.layout,
-        P0=params[0], P1=params[1], P2=params[2], P3=params[3], P4=params[4],
+        P0=params[0], P1=params[1], P2=params[2], P3=params[3], P4=params[4], P5=params[5],
         num_warps=p.num_warps, enable_fp_fusion=False,
     )
     return y.view(x.shape)
@@ -58,16 +59,19 @@ def _ste_backward(nargs: int):
 
 @torch.library.custom_op("qat::bfp_fake_quantize", mutates_args=())
 def bfp_fake_quantize(x: Tensor, dim: int, width: int, exponent_width: int,
-                      block_size: int) -> Tensor:
+                      block_size: int, scale_mse: bool = False) -> Tensor:
     """BFP fake quantisation (``qat.formats.bfp.BFP.quantize``) in one kernel."""
-    return _launch(x, dim, KIND_BFP, block_size, bfp_params(width, exponent_width))
+    frac = fixed_point_bits(block_size) if scale_mse else 0
+    return _launch(x, dim, KIND_BFP, block_size, bfp_params(width, exponent_width, frac))
 
 
 @torch.library.custom_op("qat::mx_fake_quantize", mutates_args=())
 def mx_fake_quantize(x: Tensor, dim: int, block_size: int, mantissa_bits: int, emax: int,
-                     emin: int, max_value: float, is_int: bool) -> Tensor:
+                     emin: int, max_value: float, is_int: bool, scale_mse: bool = False
+                     ) -> Tensor:
     """OCP MX fake quantisation (``qat.formats.mx``) in one kernel."""
-    params = mx_params(mantissa_bits, emax, emin, max_value, is_int)
+    frac = fixed_point_bits(block_size) if scale_mse else 0
+    params = mx_params(mantissa_bits, emax, emin, max_value, is_int, frac)
     return _launch(x, dim, KIND_MX, block_size, params)
 
 
@@ -82,7 +86,7 @@ def codebook_fake_quantize(x: Tensor, dim: int, block_size: int, levels: list[fl
     return _launch(x, dim, KIND_CODEBOOK, block_size, params, tables)
 
 
-for _op, _nargs in ((bfp_fake_quantize, 5), (mx_fake_quantize, 8),
+for _op, _nargs in ((bfp_fake_quantize, 6), (mx_fake_quantize, 9),
                     (codebook_fake_quantize, 5)):
     _op.register_fake(_fake)
     _op.register_autograd(_ste_backward(_nargs), setup_context=_setup_context)

@@ -11,22 +11,26 @@ _WIDE_INNER = 16
 KIND_BFP, KIND_MX, KIND_CODEBOOK = 0, 1, 2
 
 
-def bfp_params(width: int, exponent_width: int) -> tuple:
-    """Kernel constants P0..P4 for BFP: M, 2^M, 2^M - 1, exponent range."""
+def bfp_params(width: int, exponent_width: int, frac: int = 0) -> tuple:
+    """Kernel constants P0..P5 for BFP: M, 2^M, 2^M - 1, exponent range, and P5 = ``frac``:
+    0 for ``scale: max``, else ``scale: mse`` with that many error fraction bits
+    (``qat.formats.scale.fixed_point_bits``)."""
     m = width - 1
     return m, float(2**m), float(2**m - 1), -(2 ** (exponent_width - 1) - 1), 2 ** (
-        exponent_width - 1)
+        exponent_width - 1), frac
 
 
-def mx_params(mantissa_bits: int, emax: int, emin: int, max_value: float, is_int: bool) -> tuple:
-    """Kernel constants for MX: element mantissa bits, emax, smallest step exponent, max."""
+def mx_params(mantissa_bits: int, emax: int, emin: int, max_value: float, is_int: bool,
+              frac: int = 0) -> tuple:
+    """Kernel constants for MX: element mantissa bits, emax, smallest step exponent, max,
+    INT8 or not, and ``frac`` as for BFP."""
     step_min = max(emin - mantissa_bits, -149)
-    return mantissa_bits, emax, step_min, float(max_value), bool(is_int)
+    return mantissa_bits, emax, step_min, float(max_value), bool(is_int), frac
 
 
 def codebook_params(levels: tuple[float, ...], signed_absmax: bool) -> tuple:
     """Kernel constants for a codebook: number of levels, normalisation, whether 0 is a level."""
-    return len(levels), bool(signed_absmax), 0.0 in levels, 0, 0
+    return len(levels), bool(signed_absmax), 0.0 in levels, 0, 0, 0
 
 
 class Plan(NamedTuple):

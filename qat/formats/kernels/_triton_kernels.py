@@ -50,15 +50,29 @@ def _copysign(mag, s):
 
 
 @triton.jit
-def _bfp(src, AXIS: tl.constexpr, M_BITS: tl.constexpr, M_POW: tl.constexpr,
-         MANT_MAX: tl.constexpr, E_LO: tl.constexpr, E_HI: tl.constexpr):
-    # qat/formats/bfp.py: e = clamp(ceil(log2 amax)); |x| * 2^-e * 2^M; round; clamp; * sign;
-    # * 2^(e - M).
-    a = tl.abs(src)
-    amax = tl.max(a, axis=AXIS, keep_dims=True)
-    fl, frac = _floor_log2(amax)
-    e = tl.where(amax > 0, fl + frac.to(tl.int32), E_LO)
-    e = tl.minimum(tl.maximum(e, E_LO), E_HI)
+def _block_error(src, q, amax, AXIS: tl.constexpr, FRAC: tl.constexpr):
+    # qat/formats/scale.py block_error: sum(round(|q - x| * 2^(F - E))^2) in int64, E the frexp
+    # exponent of amax; exact integers, so the reduction order cannot change the choice.
+    fl, _ = _floor_log2(amax)
+    k = FRAC - tl.where(amax > 0, fl + 1, 0)
+    k1 = tl.minimum(tl.maximum(k, -126), 127)
+    t = (tl.abs(q - src) * _pow2(k1)) * _pow2(k - k1)
+    n = _rne_pos(t).to(tl.int64)
+    return tl.sum(n * n, axis=AXIS, keep_dims=True)
+
+
+@triton.jit
+def _pick(src, amax, q_c, best_q, err, AXIS: tl.constexpr, FRAC: tl.constexpr):
+    """One ``scale: mse`` candidate's values ``q_c`` against the best so far: taken only when
+    its block error is strictly smaller (so ties keep the earlier candidate)."""
+    err_c = _block_error(src, q_c, amax, AXIS, FRAC)
+    better = err_c < err
+    return tl.where(better, q_c, best_q), tl.where(better, err_c, err)
+
+
+@triton.jit
+def _bfp_values(src, a, e, M_BITS: tl.constexpr, M_POW: tl.constexpr,
+                MANT_MAX: tl.constexpr):
     t = (a * _pow2(-e)) * M_POW
     r = tl.minimum(_rne_pos(t), MANT_MAX)
     sgn = tl.where(src > 0, 1.0, tl.where(src < 0, -1.0, 0.0))
@@ -66,15 +80,30 @@ def _bfp(src, AXIS: tl.constexpr, M_BITS: tl.constexpr, M_POW: tl.constexpr,
 
 
 @triton.jit
-def _mx(src, AXIS: tl.constexpr, M_BITS: tl.constexpr, EMAX: tl.constexpr,
-        STEP_MIN: tl.constexpr, MAXV: tl.constexpr, IS_INT: tl.constexpr):
-    # qat/formats/mx.py + floatcast.py: e = clamp(floor(log2 amax) - emax, -127, 127);
-    # v = x / 2^e; round v to the element grid (saturating); * 2^e.
+def _bfp(src, AXIS: tl.constexpr, M_BITS: tl.constexpr, M_POW: tl.constexpr,
+         MANT_MAX: tl.constexpr, E_LO: tl.constexpr, E_HI: tl.constexpr, FRAC: tl.constexpr):
+    # qat/formats/bfp.py: e = clamp(ceil(log2 amax)); |x| * 2^-e * 2^M; round; clamp; * sign;
+    # * 2^(e - M). FRAC > 0 (scale: mse): the best of e, e - 1, e + 1 (qat/formats/scale.py).
     a = tl.abs(src)
     amax = tl.max(a, axis=AXIS, keep_dims=True)
-    fl, _ = _floor_log2(amax)
-    e = tl.where(amax > 0, fl, 0) - EMAX
-    e = tl.minimum(tl.maximum(e, -127), 127)
+    fl, frac = _floor_log2(amax)
+    e = tl.where(amax > 0, fl + frac.to(tl.int32), E_LO)
+    e = tl.minimum(tl.maximum(e, E_LO), E_HI)
+    q = _bfp_values(src, a, e, M_BITS, M_POW, MANT_MAX)
+    if FRAC > 0:
+        err = _block_error(src, q, amax, AXIS, FRAC)
+        c = tl.maximum(e - 1, E_LO)
+        q_c = _bfp_values(src, a, c, M_BITS, M_POW, MANT_MAX)
+        q, err = _pick(src, amax, q_c, q, err, AXIS, FRAC)
+        c = tl.minimum(e + 1, E_HI)
+        q_c = _bfp_values(src, a, c, M_BITS, M_POW, MANT_MAX)
+        q, err = _pick(src, amax, q_c, q, err, AXIS, FRAC)
+    return q
+
+
+@triton.jit
+def _mx_values(src, e, M_BITS: tl.constexpr, STEP_MIN: tl.constexpr, MAXV: tl.constexpr,
+               IS_INT: tl.constexpr):
     v = src * _pow2(-e)
     if IS_INT:
         w = v * 64.0
@@ -87,6 +116,29 @@ def _mx(src, AXIS: tl.constexpr, M_BITS: tl.constexpr, EMAX: tl.constexpr,
         r = _rne_pos(mag * _pow2(-step_e)) * _pow2(step_e)
         el = _copysign(tl.minimum(r, MAXV), v)
     return el * _pow2(e)
+
+
+@triton.jit
+def _mx(src, AXIS: tl.constexpr, M_BITS: tl.constexpr, EMAX: tl.constexpr,
+        STEP_MIN: tl.constexpr, MAXV: tl.constexpr, IS_INT: tl.constexpr, FRAC: tl.constexpr):
+    # qat/formats/mx.py + floatcast.py: e = clamp(floor(log2 amax) - emax, -127, 127);
+    # v = x / 2^e; round v to the element grid (saturating); * 2^e. FRAC > 0 (scale: mse):
+    # the best of e, e - 1, e + 1 (qat/formats/scale.py).
+    a = tl.abs(src)
+    amax = tl.max(a, axis=AXIS, keep_dims=True)
+    fl, _ = _floor_log2(amax)
+    e = tl.where(amax > 0, fl, 0) - EMAX
+    e = tl.minimum(tl.maximum(e, -127), 127)
+    q = _mx_values(src, e, M_BITS, STEP_MIN, MAXV, IS_INT)
+    if FRAC > 0:
+        err = _block_error(src, q, amax, AXIS, FRAC)
+        c = tl.maximum(e - 1, -127)
+        q_c = _mx_values(src, c, M_BITS, STEP_MIN, MAXV, IS_INT)
+        q, err = _pick(src, amax, q_c, q, err, AXIS, FRAC)
+        c = tl.minimum(e + 1, 127 - EMAX)
+        q_c = _mx_values(src, c, M_BITS, STEP_MIN, MAXV, IS_INT)
+        q, err = _pick(src, amax, q_c, q, err, AXIS, FRAC)
+    return q
 
 
 @triton.jit
@@ -145,14 +197,14 @@ def _from_f32(q, DT: tl.constexpr):
 @triton.jit
 def _quantize_tile(xf, kidx, lv_ptr, mid_ptr, AXIS: tl.constexpr, KIND: tl.constexpr,
                    BP: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
-                   P3: tl.constexpr, P4: tl.constexpr):
+                   P3: tl.constexpr, P4: tl.constexpr, P5: tl.constexpr):
     # Non-finite values count as 0 for the block's scale and pass through unchanged.
     finite = tl.abs(xf) < float("inf")
     src = tl.where(finite, xf, 0.0)
     if KIND == 0:
-        q = _bfp(src, AXIS, P0, P1, P2, P3, P4)
+        q = _bfp(src, AXIS, P0, P1, P2, P3, P4, P5)
     elif KIND == 1:
-        q = _mx(src, AXIS, P0, P1, P2, P3, P4)
+        q = _mx(src, AXIS, P0, P1, P2, P3, P4, P5)
     else:
         q = _codebook(src, kidx, lv_ptr, mid_ptr, AXIS, P0, P1, P2, BP)
     return q, finite
@@ -163,7 +215,7 @@ def fake_quantize_kernel(
     x_ptr, y_ptr, lv_ptr, mid_ptr, n, inner, nb, total, n_col_tiles,
     KIND: tl.constexpr, BLOCK: tl.constexpr, BP: tl.constexpr, TILE: tl.constexpr,
     LAYOUT: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
-    P3: tl.constexpr, P4: tl.constexpr,
+    P3: tl.constexpr, P4: tl.constexpr, P5: tl.constexpr,
 ):
     """x viewed as [outer, n, inner] (contiguous); blocks of BLOCK run along n.
 
@@ -187,7 +239,7 @@ def fake_quantize_kernel(
         kidx = tl.broadcast_to(k[None, :], (TILE, BP))
         x = tl.load(x_ptr + offs, mask=mask, other=0.0)
         q, finite = _quantize_tile(_to_f32(x), kidx, lv_ptr, mid_ptr, 1, KIND, BP, P0, P1,
-                                   P2, P3, P4)
+                                   P2, P3, P4, P5)
     else:
         if LAYOUT == 1:
             blk = pid // n_col_tiles
@@ -205,7 +257,7 @@ def fake_quantize_kernel(
         kidx = tl.broadcast_to(k[:, None], (BP, TILE))
         x = tl.load(x_ptr + offs, mask=mask, other=0.0)
         q, finite = _quantize_tile(_to_f32(x), kidx, lv_ptr, mid_ptr, 0, KIND, BP, P0, P1,
-                                   P2, P3, P4)
+                                   P2, P3, P4, P5)
     # Non-finite inputs are stored back as they came (their bits untouched).
     y = tl.where(finite, _from_f32(q, y_ptr.dtype.element_ty), x)
     tl.store(y_ptr + offs, y, mask=mask)
