@@ -16,25 +16,54 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["QuantConfig", "QuantConfigError", "make_format", "quantization_summary",
-           "quantize_model"]
-
-_LAZY = {"QuantConfig": "qat.quant.config", "QuantConfigError": "qat.quant.config",
-         "make_format": "qat.formats", "quantization_summary": "qat.quant.quantize",
-         "quantize_model": "qat.quant.quantize"}
+# public name -> (module, attribute there)
+_LAZY = {
+    "QuantConfig": ("qat.quant.config", "QuantConfig"),
+    "QuantConfigError": ("qat.quant.config", "QuantConfigError"),
+    "make_format": ("qat.formats", "make_format"),
+    "quantization_summary": ("qat.quant.quantize", "quantization_summary"),
+    "quantize_model": ("qat.quant.quantize", "quantize_model"),
+    "QATTrainer": ("qat.training.trainer", "QATTrainer"),
+    "QATSFTTrainer": ("qat.integrations.trl", "QATSFTTrainer"),
+    "QATConfig": ("qat.runs.recipe", "QATConfig"),
+    "LoraArguments": ("qat.runs.arguments", "LoraArguments"),
+    "load_recipe": ("qat.runs.recipe", "load_recipe"),
+    "build_model": ("qat.runs.build", "build_model"),
+    "train": ("qat.training.run", "train"),
+    "export_packed": ("qat.export.packed", "export_model"),
+    "attach_qdec": ("qat.quant.qdec", "attach_qdec"),
+    "QatError": ("qat.errors", "QatError"),
+}
+__all__ = ["LoraArguments", "QATConfig", "QATSFTTrainer", "QATTrainer", "QatError", "QuantConfig",
+           "QuantConfigError", "attach_qdec", "build_model", "export_packed", "load_recipe",
+           "make_format", "quantization_summary", "quantize_model", "train"]
 
 if TYPE_CHECKING:
+    from qat.errors import QatError
+    from qat.export.packed import export_model as export_packed
     from qat.formats import make_format
+    from qat.integrations.trl import QATSFTTrainer
     from qat.quant.config import QuantConfig, QuantConfigError
+    from qat.quant.qdec import attach_qdec
     from qat.quant.quantize import quantization_summary, quantize_model
+    from qat.runs.arguments import LoraArguments
+    from qat.runs.build import build_model
+    from qat.runs.recipe import QATConfig, load_recipe
+    from qat.training.run import train
+    from qat.training.trainer import QATTrainer
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(module), attr)
         globals()[name] = value  # later lookups skip this hook
         return value
     raise AttributeError(f"module 'qat' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 
 # Registration hooks: the quant method needs transformers' quantizer registry; the packed model

@@ -8,6 +8,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from qat.errors import UsageError
 from qat.runs.checkpoints import check_output_dir  # noqa: F401 - re-used by qat.cli.train
@@ -225,3 +226,26 @@ def train_and_evaluate(trainer, recipe, checkpoint: str | None,
         recipe.resolved.pop("overwrite_output_dir", None)
         recipe.save(targs.output_dir)
     return metrics
+
+
+def train(recipe: Any, overrides: list[str] | dict[str, Any] | None = None) -> dict:
+    """Run a recipe end to end, as ``qat train RECIPE [--key value ...]`` does: the run folder
+    checks, training, evaluation and the saved model; returns the final metrics.
+
+    ``recipe``: a recipe file or a ``Recipe``; ``overrides``: recipe keys, as command-line
+    tokens or a mapping.
+
+    >>> import qat
+    >>> metrics = qat.train("recipes/minilm_sst2.yaml",
+    ...                     {"max_steps": 2, "max_train_samples": 16, "max_eval_samples": 8,
+    ...                      "output_dir": str(tmp_path / "run"), "use_cpu": True})
+    >>> sorted(k for k in metrics if k.startswith("eval_"))[:2]
+    ['eval_accuracy', 'eval_loss']
+    """
+    from qat.runs.recipe import Recipe, load_recipe
+
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe, overrides)
+    elif overrides:
+        raise TypeError("overrides apply to a recipe file; a Recipe is already resolved")
+    return run(recipe)
