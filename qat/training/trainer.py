@@ -166,8 +166,10 @@ class QATTrainer(Trainer):
             shift_labels=shift_labels)
         distill = self._normalise_like_task(total, count, num_items_in_batch)
         loss = task + self.distill.weight * distill
-        ga = 1.0 if self._scaled_for_ga(num_items_in_batch) else \
-            1.0 / self.current_gradient_accumulation_steps
+        # set by Trainer's loop (the last accumulation window may be shorter)
+        steps = getattr(self, "current_gradient_accumulation_steps",
+                        self.args.gradient_accumulation_steps)
+        ga = 1.0 if self._scaled_for_ga(num_items_in_batch) else 1.0 / steps
         self._distill_step = (task.detach().mean() * ga, distill.detach() * ga)
         return (loss, outputs) if return_outputs else loss
 
