@@ -414,3 +414,13 @@ def test_null_distill_section_says_how_to_set_it(tmp_path):
     recipe = lm_recipe(tmp_path, distill=None)
     with pytest.raises(RecipeError, match=r"--distill '\{teacher: self\}'"):
         load_recipe(recipe, ["--distill.weight", "2"])
+
+
+def test_train_help_lists_the_distill_keys(capsys):
+    from qat.cli.train import main as train_main
+
+    assert train_main(["--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for key in ("--distill mapping | None", "--distill.teacher str", "--distill.loss kl|jsd",
+                "--distill.temperature float", "--distill.weight float"):
+        assert key in out, key

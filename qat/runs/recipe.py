@@ -60,10 +60,11 @@ class QATConfig(QATArguments, TrainingArguments):
     """Every recipe key: ``TrainingArguments`` fields and qat's (``QATArguments``).
 
     Built by ``QATParser`` from a recipe mapping; ``__post_init__`` turns ``quant`` into a
-    ``QuantConfig`` and ``lora`` into ``LoraArguments`` and refuses values that would fail (or
-    silently do nothing) later, each with one line naming the key. Type checks belong to the
-    parser: after construction ``TrainingArguments`` holds its own richer objects (enums,
-    ``AcceleratorConfig``), which no longer match its annotations.
+    ``QuantConfig``, ``lora`` into ``LoraArguments`` and ``distill`` into ``DistillArguments``
+    (or None), and refuses values that would fail (or silently do nothing) later, each with
+    one line naming the key. Type checks belong to the parser: after construction
+    ``TrainingArguments`` holds its own richer objects (enums, ``AcceleratorConfig``), which
+    no longer match its annotations.
     """
 
     # The recipe's mapping, built once into the config that every module reads.

@@ -73,7 +73,8 @@ def distill_loss_sum(student_logits: Tensor, teacher_logits: Tensor, labels: Ten
     ``[batch, classes]``, every example counts."""
     if not causal:
         per_row = divergence(student_logits, teacher_logits, kind, temperature)
-        return per_row.sum(), torch.tensor(per_row.numel(), device=per_row.device)
+        # a fill on the device, not a copy from the host (which would wait for the stream)
+        return per_row.sum(), torch.full((), per_row.numel(), device=per_row.device)
     if shift_labels is None:
         if labels is None:
             raise ValueError("distillation of a causal LM needs the batch's labels (to know "

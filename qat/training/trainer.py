@@ -186,7 +186,10 @@ class QATTrainer(Trainer):
         factor) when the model takes ``num_items_in_batch``, else a mean over the rows."""
         if not (self.model_accepts_loss_kwargs and num_items_in_batch is not None):
             return total / count.clamp(min=1)
-        out = total / torch.as_tensor(num_items_in_batch, device=total.device).clamp(min=1)
+        if isinstance(num_items_in_batch, torch.Tensor):
+            num_items_in_batch = num_items_in_batch.to(total.device).clamp(min=1)
+        out = total / (num_items_in_batch if isinstance(num_items_in_batch, torch.Tensor)
+                       else max(int(num_items_in_batch), 1))
         if self.args.average_tokens_across_devices:  # as Trainer.compute_loss scales its loss
             out = out * (self.accelerator.num_processes // self.get_tp_size()
                          if self.args.n_gpu <= 1 else self.args.n_gpu)
