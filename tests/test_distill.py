@@ -424,3 +424,27 @@ def test_train_help_lists_the_distill_keys(capsys):
     for key in ("--distill mapping | None", "--distill.teacher str", "--distill.loss kl|jsd",
                 "--distill.temperature float", "--distill.weight float"):
         assert key in out, key
+
+
+@pytest.mark.parametrize("finetune", ["full", "lora"])
+def test_the_distillation_part_of_a_step_makes_no_host_sync(tmp_path, finetune):
+    """The divergence, its normalisation, backward and bookkeeping stay on the device (the
+    models' forwards are transformers' business: its causal mask may sync); only ``log`` reads
+    the sums back, where Trainer reads ``loss`` too."""
+    from test_no_sync import no_host_sync
+
+    trainer = _trainer(tmp_path, finetune=finetune, distill=DistillArguments(loss="jsd"))
+    batch = _batch(trainer)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    teacher = trainer.teacher.logits(trainer.model, inputs)
+    trainer.model.train()
+    student = trainer.model(**inputs).logits
+    num_items = (batch["labels"][:, 1:] != -100).sum()
+    with no_host_sync():
+        total, count = distill_loss_sum(student, teacher, batch["labels"], causal=True,
+                                        kind="jsd", temperature=2.0)
+        term = trainer._normalise_like_task(total, count, num_items)
+        term.backward()
+        trainer._distill_step = (term.detach(), term.detach())
+        trainer._add_distill_terms(keep=True)
+    assert trainer._distill_sums.shape == (2,) and float(trainer._distill_sums[0]) > 0
