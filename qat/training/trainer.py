@@ -156,6 +156,8 @@ class QATTrainer(Trainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         labels, shift_labels = inputs.get("labels"), inputs.get("shift_labels")
         teacher_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels")}
+        if self._distill_causal:
+            teacher_inputs["use_cache"] = False  # one forward: a KV cache would be thrown away
         with self.accelerator.autocast():
             teacher_logits = self.teacher.logits(model, teacher_inputs)
         task, outputs = self._task_loss_and_outputs(model, inputs, num_items_in_batch)
