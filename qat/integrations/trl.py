@@ -14,6 +14,11 @@ than TRL's ``peft_config`` (TRL's adapter would sit outside the quantiser). Plai
 ``TrainingArguments`` are turned into an ``SFTConfig`` that keeps every value; the datasets may
 be raw (TRL tokenises them) or, as ``qat train`` with ``trainer: sft`` passes them, already
 tokenised with ``labels`` (TRL's preparation is then skipped).
+
+With ``distill`` the student's loss comes from Trainer's path, not TRL's: TRL's fused LM head
+never builds the logits that distillation compares with the teacher's. The task loss is the
+same (token-mean cross-entropy, TRL's ``loss_type: nll``; other loss types are refused), and
+TRL's per-step ``entropy`` / ``mean_token_accuracy`` are not logged while distilling.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ try:
 except ImportError:  # an optional extra: say how to get it, in one line
     raise UsageError("trainer: sft and qat.integrations.trl need TRL: pip install 'qat[trl]'"
                      ) from None
-from transformers import TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 from qat.training.trainer import QATTrainer
 
@@ -50,7 +55,7 @@ class QATSFTTrainer(QATTrainer, SFTTrainer):
     """TRL's ``SFTTrainer`` with quantisation-aware training (see the module docstring).
 
     Keyword arguments beyond SFTTrainer's: ``quant_config``, ``finetune``, ``lora``,
-    ``on_nonfinite``, as for ``QATTrainer``."""
+    ``on_nonfinite``, ``distill``, as for ``QATTrainer``."""
 
     def __init__(self, model: Any = None, args: TrainingArguments | None = None,
                  **kwargs: Any) -> None:
@@ -63,4 +68,14 @@ class QATSFTTrainer(QATTrainer, SFTTrainer):
                 and "labels" in train.column_names:
             # tokenised and labelled by qat (chunks, or chat with the prompt masked)
             extra = {"dataset_kwargs": {"skip_prepare_dataset": True}, "max_length": None}
-        super().__init__(model=model, args=sft_config(args, **extra), **kwargs)
+        args = sft_config(args, **extra)
+        if kwargs.get("distill") is not None and args is not None and args.loss_type != "nll":
+            raise UsageError(f"QATSFTTrainer: distill needs loss_type nll (the task loss of "
+                             f"Trainer's path), got {args.loss_type!r}")
+        super().__init__(model=model, args=args, **kwargs)
+
+    def _task_loss_and_outputs(self, model, inputs, num_items_in_batch):
+        # Trainer's own path with the full logits (TRL's fused head computes none); like TRL,
+        # no KV cache while training
+        return Trainer.compute_loss(self, model, {**inputs, "use_cache": False},
+                                    return_outputs=True, num_items_in_batch=num_items_in_batch)

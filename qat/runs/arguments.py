@@ -18,6 +18,8 @@ FinetuneMode = Literal["full", "lora", "classifier"]
 FINETUNE_MODES: tuple[str, ...] = typing.get_args(FinetuneMode)
 OnNonfinite = Literal["stop", "skip"]
 ON_NONFINITE: tuple[str, ...] = typing.get_args(OnNonfinite)
+DistillLoss = Literal["kl", "jsd"]
+DISTILL_LOSSES: tuple[str, ...] = typing.get_args(DistillLoss)
 
 
 def _help(text: str) -> dict[str, str]:
@@ -37,6 +39,24 @@ class LoraArguments:
     target_modules: list[str] | None = dataclasses.field(
         default=None, metadata=_help("module name endings to adapt; null: every quantised "
                                      "linear"))
+
+
+@dataclasses.dataclass
+class DistillArguments:
+    """Knowledge distillation from the float model while it trains quantised (``distill:``;
+    absent or null: off). The training loss is ``task_loss + weight * distill_loss``."""
+
+    teacher: str = dataclasses.field(
+        default="self", metadata=_help("self (the float model the run starts from; with LoRA, "
+                                       "the same model with adapters and quantisers off) or a "
+                                       "model folder / Hub id"))
+    loss: DistillLoss = dataclasses.field(
+        default="kl", metadata=_help("kl (KL(teacher || student)) or jsd (Jensen-Shannon)"))
+    temperature: float = dataclasses.field(
+        default=1.0, metadata=_help("softens both distributions (> 0); the loss is scaled by "
+                                    "T^2"))
+    weight: float = dataclasses.field(
+        default=1.0, metadata=_help("multiplies the distillation loss (>= 0)"))
 
 
 @dataclasses.dataclass
@@ -75,6 +95,9 @@ class QATArguments:
     qdec: dict[str, Any] | None = dataclasses.field(
         default=None, metadata=_help("QDEC error compensation at inference (k_chunk, "
                                      "residual_bits, residual_device, prefill); null: off"))
+    distill: DistillArguments | None = dataclasses.field(
+        default=None, metadata=_help("knowledge distillation from the float model (teacher, "
+                                     "loss, temperature, weight); null: off"))
     on_nonfinite: OnNonfinite = dataclasses.field(
         default="stop",
         metadata=_help("on a NaN/inf loss or gradient: stop the run, or skip the step"))
@@ -107,16 +130,22 @@ class QATArguments:
                                       "quantisers: qat.integrations.trl)"))
 
 
+# The dataclasses whose fields are recipe keys, and the prefix their keys take.
+NESTED_SECTIONS: tuple[tuple[type, str], ...] = (
+    (QATArguments, ""), (LoraArguments, "lora."), (DistillArguments, "distill."))
+
+
 def keys_help() -> str:
-    """One line per qat recipe key (``lora``'s nested keys dotted): name, type, help and default,
-    from the field metadata; for ``qat train --help``."""
+    """One line per qat recipe key (``lora``'s and ``distill``'s nested keys dotted): name, type,
+    help and default, from the field metadata; for ``qat train --help``."""
     rows = []
-    for cls, prefix in ((QATArguments, ""), (LoraArguments, "lora.")):
+    for cls, prefix in NESTED_SECTIONS:
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             if f.name == "lora":
                 continue  # its nested keys follow
-            kind = "mapping | None" if f.name in ("quant", "qdec") else _type_text(hints[f.name])
+            mapping = f.name in ("quant", "qdec", "distill")
+            kind = "mapping | None" if mapping else _type_text(hints[f.name])
             shown = "" if f.default in (None, dataclasses.MISSING) else f" [{f.default!r}]"
             rows.append((f"  --{prefix}{f.name} {kind}", f.metadata["help"] + shown))
     pad = max(len(left) for left, _ in rows) + 2

@@ -37,11 +37,18 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from qat.errors import ConfigError
 from qat.quant.config import QuantConfig, QuantConfigError
-from qat.runs.arguments import FINETUNE_MODES, ON_NONFINITE, LoraArguments, QATArguments
+from qat.runs.arguments import (
+    DISTILL_LOSSES,
+    FINETUNE_MODES,
+    ON_NONFINITE,
+    DistillArguments,
+    LoraArguments,
+    QATArguments,
+)
 
-__all__ = ["FINETUNE_MODES", "LoraArguments", "QATArguments", "QATConfig", "QATParser", "Recipe",
-           "RecipeError", "apply_override", "build_recipe", "load_recipe", "load_recipe_dict",
-           "parse_overrides", "parse_value"]
+__all__ = ["FINETUNE_MODES", "DistillArguments", "LoraArguments", "QATArguments", "QATConfig",
+           "QATParser", "Recipe", "RecipeError", "apply_override", "build_distill",
+           "build_recipe", "load_recipe", "load_recipe_dict", "parse_overrides", "parse_value"]
 
 
 class RecipeError(ConfigError):
@@ -53,10 +60,11 @@ class QATConfig(QATArguments, TrainingArguments):
     """Every recipe key: ``TrainingArguments`` fields and qat's (``QATArguments``).
 
     Built by ``QATParser`` from a recipe mapping; ``__post_init__`` turns ``quant`` into a
-    ``QuantConfig`` and ``lora`` into ``LoraArguments`` and refuses values that would fail (or
-    silently do nothing) later, each with one line naming the key. Type checks belong to the
-    parser: after construction ``TrainingArguments`` holds its own richer objects (enums,
-    ``AcceleratorConfig``), which no longer match its annotations.
+    ``QuantConfig``, ``lora`` into ``LoraArguments`` and ``distill`` into ``DistillArguments``
+    (or None), and refuses values that would fail (or silently do nothing) later, each with
+    one line naming the key. Type checks belong to the parser: after construction
+    ``TrainingArguments`` holds its own richer objects (enums, ``AcceleratorConfig``), which
+    no longer match its annotations.
     """
 
     # The recipe's mapping, built once into the config that every module reads.
@@ -77,6 +85,7 @@ class QATConfig(QATArguments, TrainingArguments):
         except QuantConfigError as e:
             raise RecipeError(str(e)) from None
         self.lora = _build_lora(self.lora)
+        self.distill = build_distill(self.distill)
         self._check_qat_values()
         _check_training_values(self)
         try:
@@ -108,6 +117,13 @@ class QATConfig(QATArguments, TrainingArguments):
             raise RecipeError(f"unknown task_name {self.task_name!r}"
                               f"{_suggest(str(self.task_name), tasks)}; valid tasks: "
                               f"{', '.join(tasks)}")
+        if self.distill is not None and self.task_name in GLUE_TASKS:
+            from qat.tasks.glue import get_task
+
+            if get_task(self.task_name).num_labels == 1:
+                raise RecipeError(f"distill needs class probabilities; task_name "
+                                  f"{self.task_name} is a regression (one output, whose softmax "
+                                  "is always 1): drop the distill section")
         self._check_decoder_values()
 
     def _check_decoder_values(self) -> None:
@@ -142,6 +158,7 @@ class QATConfig(QATArguments, TrainingArguments):
         d["quant"] = None if self.quant is None else self.quant.to_dict()
         d["lora"] = dataclasses.asdict(self.lora)
         d["qdec"] = None if self.qdec is None else self.qdec.to_dict()
+        d["distill"] = None if self.distill is None else dataclasses.asdict(self.distill)
         return d
 
 
@@ -206,7 +223,7 @@ class QATParser(HfArgumentParser):
             values["resume_from_checkpoint"] = "true" if values["resume_from_checkpoint"] else None
         hints = _hints(QATConfig)
         for key, value in values.items():
-            if key in ("quant", "lora", "qdec"):  # their builders name their own keys
+            if key in ("quant", "lora", "qdec", "distill"):  # their builders name their own keys
                 continue
             values[key] = _coerce(value, hints[key])
             _check_type(key, values[key], hints[key], where)
@@ -324,10 +341,11 @@ def apply_override(d: dict[str, Any], dotted: str, value: Any) -> None:
             if part not in cur and i == 0 and part == "lora":
                 nxt = cur[part] = {}
             elif part in cur or i == 0 and part == "quant":
+                example = "'{teacher: self}'" if i == 0 and part == "distill" else \
+                    "'{format: bfp, width: 4}'"
                 raise RecipeError(
                     f"--{dotted}: {'.'.join(parts[: i + 1])} is null in this recipe; set the "
-                    f"whole section, e.g. --{'.'.join(parts[: i + 1])} "
-                    "'{format: bfp, width: 4}'")
+                    f"whole section, e.g. --{'.'.join(parts[: i + 1])} {example}")
             else:
                 nxt = cur[part] = {}
         if not isinstance(nxt, dict):
@@ -491,6 +509,42 @@ def _build_lora(d: Any) -> LoraArguments:
         raise RecipeError("lora.dropout must be 0 with quantised LoRA (the quantiser sees W + BA, "
                           f"which input dropout has no form for); got {lora.dropout}")
     return lora
+
+
+def build_distill(d: Any) -> DistillArguments | None:
+    """``distill:`` as a mapping (or null: off, or already built) -> checked
+    ``DistillArguments``. Only the values are checked here; the teacher's folder and config
+    are checked against the model by the train loop (``qat.training.teacher.check_distill``)."""
+    if d is None:
+        return None
+    if isinstance(d, DistillArguments):
+        d = dataclasses.asdict(d)
+    if not isinstance(d, dict):
+        raise RecipeError(f"distill must be a mapping (teacher, loss, temperature, weight) or "
+                          f"null, got {d!r}")
+    hints = _hints(DistillArguments)
+    for key, value in d.items():
+        if key not in hints:
+            close = difflib.get_close_matches(str(key), list(hints), n=1, cutoff=0.6)
+            hint = f" (did you mean distill.{close[0]}?)" if close else ""
+            raise RecipeError(f"unknown key distill.{key}{hint}; valid keys: "
+                              f"{', '.join(hints)}")
+        d = {**d, key: _coerce(value, hints[key])}
+        _check_type(f"distill.{key}", d[key], hints[key])
+    distill = DistillArguments(**d)
+    if not distill.teacher.strip():
+        raise RecipeError("distill.teacher must be self or a model folder / Hub id, got ''")
+    if distill.loss not in DISTILL_LOSSES:
+        raise RecipeError(f"distill.loss must be one of {', '.join(DISTILL_LOSSES)}; got "
+                          f"{distill.loss!r}{_suggest(str(distill.loss), list(DISTILL_LOSSES))}")
+    distill.temperature = float(distill.temperature)
+    if not 0 < distill.temperature < math.inf:
+        raise RecipeError(f"distill.temperature must be finite and > 0, got "
+                          f"{distill.temperature!r}")
+    distill.weight = float(distill.weight)
+    if not 0 <= distill.weight < math.inf:
+        raise RecipeError(f"distill.weight must be finite and >= 0, got {distill.weight!r}")
+    return distill
 
 
 def build_recipe(data: dict[str, Any], source: str | None = None) -> Recipe:

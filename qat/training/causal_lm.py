@@ -56,6 +56,7 @@ def train_decoder(recipe: Any, checkpoint: str | None,
     from qat.runs.build import build_model
     from qat.tasks.language_modeling import check_block_size, check_causal
     from qat.training.run import train_and_evaluate
+    from qat.training.teacher import check_distill
     from qat.training.trainer import QATTrainer
 
     args, targs = recipe.args, recipe.training_args
@@ -65,6 +66,7 @@ def train_decoder(recipe: Any, checkpoint: str | None,
     if config is not None:
         check_causal(config, name)
         check_block_size(config, args.block_size, name)
+    check_distill(args.distill, config, causal=True)  # the teacher's config, before any weights
     tokenizer = load_tokenizer_for(args)
     train, evals, collator = decoder_data(args, targs, tokenizer)  # bad data fails before weights
     # quantised by build_model (QATTrainer leaves a quantised model as it is); a GGUF model's
@@ -81,7 +83,8 @@ def train_decoder(recipe: Any, checkpoint: str | None,
         collator = None
     build = trainer_cls or QATTrainer
     trainer = build(model=model, args=targs, quant_config=args.quant, finetune=args.finetune,
-                    lora=args.lora, on_nonfinite=args.on_nonfinite, train_dataset=train,
-                    eval_dataset=evals, processing_class=tokenizer, data_collator=collator)
+                    lora=args.lora, on_nonfinite=args.on_nonfinite, distill=args.distill,
+                    train_dataset=train, eval_dataset=evals, processing_class=tokenizer,
+                    data_collator=collator)
     return train_and_evaluate(trainer, recipe, checkpoint, lambda m: {
         "eval_perplexity": math.exp(min(m["eval_loss"], 700.0))})

@@ -163,6 +163,7 @@ def _train(recipe, checkpoint: str | None) -> dict:
     from qat.quant.lora import check_target_modules
     from qat.runs.build import build_model
     from qat.tasks.glue import get_task, load_glue, tokenize_glue
+    from qat.training.teacher import check_distill
     from qat.training.trainer import QATTrainer
 
     args, targs = recipe.args, recipe.training_args
@@ -173,6 +174,8 @@ def _train(recipe, checkpoint: str | None) -> dict:
         names = linear_module_names(config, task.num_labels)
         if names is not None:
             check_target_modules(names, args.lora.target_modules)
+    check_distill(args.distill, config, causal=False, num_labels=task.num_labels,
+                  finetune=args.finetune)  # the teacher's config too, before any weights
     raw = load_glue(task.name, args.data_dir)
     # Subset before tokenising (same rows as shuffling the tokenised set: the permutation
     # depends only on the seed and the length), so 64 rows of SST-2 tokenise 64 rows.
@@ -193,8 +196,8 @@ def _train(recipe, checkpoint: str | None) -> dict:
     eval_dataset = evals if len(evals) > 1 else next(iter(evals.values()))
     trainer = QATTrainer(
         model=model, args=targs, quant_config=args.quant, finetune=args.finetune,
-        lora=args.lora, on_nonfinite=args.on_nonfinite, train_dataset=train,
-        eval_dataset=eval_dataset,
+        lora=args.lora, on_nonfinite=args.on_nonfinite, distill=args.distill,
+        train_dataset=train, eval_dataset=eval_dataset,
         processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=task.trainer_metrics,
     )

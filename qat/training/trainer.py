@@ -2,7 +2,9 @@
 
 It composes: ``quantize_model`` inserts the STE fake-quantisers, ``prepare_finetuning`` picks
 what trains, and the quant config travels with every checkpoint (``qat_config.json``) and into
-the run's W&B config so evaluation and resume rebuild the same quantised model.
+the run's W&B config so evaluation and resume rebuild the same quantised model. With
+``distill`` the training loss is ``task_loss + weight * distill_loss`` against a float teacher
+(``qat.training.teacher``, ``qat.training.distill``); both parts are logged apart.
 """
 
 from __future__ import annotations
@@ -14,14 +16,18 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
+from qat.errors import UsageError
 from qat.quant.config import QuantConfig
 from qat.quant.quantize import is_quantized, quantization_summary, quantize_model
 from qat.runs.checkpoints import write_qat_config
-from qat.training.finetune import prepare_finetuning, trainable_parameters
+from qat.training.distill import distill_loss_sum
+from qat.training.finetune import is_causal_lm, prepare_finetuning, trainable_parameters
 from qat.training.nonfinite import NonFiniteError, check_policy, find_first_nonfinite, is_finite
 from qat.training.quant_metrics import QuantMetricsCallback
 
 logger = logging.getLogger(__name__)
+
+
 class _WandbQATConfig(TrainerCallback):
     """Adds the quant config to the W&B run's config once the run exists."""
 
@@ -51,22 +57,38 @@ class QATTrainer(Trainer):
     """Trainer for block-quantisation-aware fine-tuning.
 
     Args beyond ``Trainer``'s: ``quant_config`` (QuantConfig, its dict, or None for float),
-    ``finetune`` (``full`` | ``lora`` | ``classifier``), ``lora`` (LoraArguments) and
-    ``on_nonfinite`` (``stop`` | ``skip``: what a NaN/inf training loss does). The model
-    is quantised (unless it already is) and prepared for the mode before the optimizer exists.
+    ``finetune`` (``full`` | ``lora`` | ``classifier``), ``lora`` (LoraArguments),
+    ``on_nonfinite`` (``stop`` | ``skip``: what a NaN/inf training loss does) and ``distill``
+    (DistillArguments, its dict, or None: no distillation). The model is quantised (unless it
+    already is) and prepared for the mode before the optimizer exists; a distillation teacher
+    is set up then too (a ``self`` copy holds the weights training starts from).
     """
 
     def __init__(self, model=None, args=None, *, quant_config: QuantConfig | dict | None = None,
                  finetune: str = "full", lora: Any = None, on_nonfinite: str = "stop",
-                 **kwargs: Any) -> None:
+                 distill: Any = None, **kwargs: Any) -> None:
+        from qat.runs.recipe import build_distill
+        from qat.training.teacher import make_teacher
+
         self.on_nonfinite = check_policy(on_nonfinite)
         self._skipping_step = False
         self.quant_config = QuantConfig.from_dict(quant_config)
         self.finetune = finetune
         self.lora = lora
+        self.distill = build_distill(distill)
+        if self.distill is not None and kwargs.get("compute_loss_func") is not None:
+            raise UsageError("distill and compute_loss_func cannot be combined: the "
+                             "distillation term is added to the model's own task loss")
         if self.quant_config is not None and not is_quantized(model):
             quantize_model(model, self.quant_config)
         model = prepare_finetuning(model, finetune, lora)
+        self.teacher = None if self.distill is None else make_teacher(self.distill, model,
+                                                                        finetune)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self._distill_causal = is_causal_lm(base)
+        self._distill_step: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._distill_sums: torch.Tensor | None = None  # task, distill since the last log
+        self._distill_logged_step: int | None = None
         if args is not None and args.dataloader_pin_memory and args.device.type == "cpu":
             # Nothing to pin for without an accelerator; torch would warn on every loader.
             args.dataloader_pin_memory = False
@@ -108,6 +130,7 @@ class QATTrainer(Trainer):
         if self.args.world_size > 1:  # all ranks must take the same decision, or DDP hangs
             flag = torch.tensor(float(bad), device=loss.device)
             bad = bool(self.accelerator.reduce(flag, reduction="sum") > 0)
+        self._add_distill_terms(keep=not bad)
         if bad and not self._skipping_step:
             step = self.state.global_step + 1
             unwrapped = self.accelerator.unwrap_model(model)
@@ -122,6 +145,87 @@ class QATTrainer(Trainer):
         if self._skipping_step:
             model.zero_grad(set_to_none=True)
         return loss
+
+    # --- distillation: loss, and its logging -------------------------------------------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Trainer's loss; with ``distill``, while training, plus ``weight`` times the
+        divergence from the teacher's logits on the same batch. Evaluation keeps the task loss
+        alone (``eval_loss``, and perplexity, mean the task)."""
+        if self.teacher is None or not model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        labels, shift_labels = inputs.get("labels"), inputs.get("shift_labels")
+        teacher_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels")}
+        if self._distill_causal:
+            teacher_inputs["use_cache"] = False  # one forward: a KV cache would be thrown away
+        with self.accelerator.autocast():
+            teacher_logits = self.teacher.logits(model, teacher_inputs)
+        task, outputs = self._task_loss_and_outputs(model, inputs, num_items_in_batch)
+        student_logits = outputs["logits"] if isinstance(outputs, dict) else outputs[1]
+        total, count = distill_loss_sum(
+            student_logits, teacher_logits, labels, causal=self._distill_causal,
+            kind=self.distill.loss, temperature=self.distill.temperature,
+            shift_labels=shift_labels)
+        distill = self._normalise_like_task(total, count, num_items_in_batch)
+        loss = task + self.distill.weight * distill
+        # set by Trainer's loop (the last accumulation window may be shorter)
+        steps = getattr(self, "current_gradient_accumulation_steps",
+                        self.args.gradient_accumulation_steps)
+        ga = 1.0 if self._scaled_for_ga(num_items_in_batch) else 1.0 / steps
+        self._distill_step = (task.detach().mean() * ga, distill.detach() * ga)
+        return (loss, outputs) if return_outputs else loss
+
+    def _task_loss_and_outputs(self, model, inputs, num_items_in_batch):
+        """``(task loss, outputs with logits)``; QATSFTTrainer takes Trainer's path (TRL's own
+        builds no logits)."""
+        return super().compute_loss(model, inputs, return_outputs=True,
+                                    num_items_in_batch=num_items_in_batch)
+
+    def _normalise_like_task(self, total: torch.Tensor, count: torch.Tensor,
+                             num_items_in_batch: Any) -> torch.Tensor:
+        """The divergence sum over this micro-batch's rows, normalised as Trainer normalises
+        the task loss: by the accumulated batch's token count (and Trainer's multi-process
+        factor) when the model takes ``num_items_in_batch``, else a mean over the rows."""
+        if not (self.model_accepts_loss_kwargs and num_items_in_batch is not None):
+            return total / count.clamp(min=1)
+        if isinstance(num_items_in_batch, torch.Tensor):
+            num_items_in_batch = num_items_in_batch.to(total.device).clamp(min=1)
+        out = total / (num_items_in_batch if isinstance(num_items_in_batch, torch.Tensor)
+                       else max(int(num_items_in_batch), 1))
+        if self.args.average_tokens_across_devices:  # as Trainer.compute_loss scales its loss
+            out = out * (self.accelerator.num_processes // self.get_tp_size()
+                         if self.args.n_gpu <= 1 else self.args.n_gpu)
+        return out
+
+    def _scaled_for_ga(self, num_items_in_batch: Any) -> bool:
+        """Trainer.training_step's rule: True when it will not divide the loss by the
+        gradient accumulation steps."""
+        explicit = getattr(self, "loss_is_scaled_for_ga", None)
+        if explicit is not None:
+            return explicit
+        return self.model_accepts_loss_kwargs and num_items_in_batch is not None
+
+    def _add_distill_terms(self, keep: bool) -> None:
+        step, self._distill_step = self._distill_step, None
+        if self._distill_logged_step is None:
+            self._distill_logged_step = self.state.global_step  # train start (or resume)
+        if step is None or not keep:
+            return
+        terms = torch.stack(step).float()
+        self._distill_sums = terms if self._distill_sums is None else self._distill_sums + terms
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Adds ``task_loss`` and ``distill_loss`` (means over the logging interval, on the
+        scale of ``loss``: ``loss = task_loss + weight * distill_loss``) to training logs; the
+        one host transfer happens here, where Trainer syncs for ``loss`` anyway."""
+        if self._distill_sums is not None and "loss" in logs:
+            steps = max(self.state.global_step - (self._distill_logged_step or 0), 1)
+            sums = self.accelerator.gather(self._distill_sums[None]).mean(dim=0)
+            task, distill = (sums / steps).tolist()
+            logs = {**logs, "task_loss": task, "distill_loss": distill}
+            self._distill_sums = None
+            self._distill_logged_step = self.state.global_step
+        super().log(logs, start_time)
 
     def qat_state(self) -> dict[str, Any]:
         """What a checkpoint needs to rebuild this quantised model."""
