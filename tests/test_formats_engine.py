@@ -205,3 +205,16 @@ def test_ggml_q8_0_activation_on_a_tiny_model() -> None:
         lin.bias)
     with torch.no_grad():
         assert torch.equal(lin(x), want)
+
+
+@pytest.mark.parametrize("name", ["ggml_q4_0", "ggml_q8_0"])
+def test_compile_backend_equals_the_reference(name: str) -> None:
+    # inductor drops a .half().float() round trip and may fuse x * id + 8.5 into an FMA; the
+    # format rounds by arithmetic so the compiled quantiser stays bit-equal.
+    from qat.quant.backends import _compiled, compile_works
+
+    if not compile_works():
+        pytest.skip("torch.compile cannot build CPU code here")
+    fmt = make_format({"format": name})
+    x = torch.cat([_edge_rows(), torch.randn(8, 64) * 3])
+    assert torch.equal(_compiled(fmt, -1)(x).view(torch.int32), fmt.quantize(x).view(torch.int32))

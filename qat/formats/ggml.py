@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from qat.formats.base import Format, from_blocks, to_blocks
+from qat.formats.floatcast import round_to_float
 from qat.formats.registry import register_format
 
 GGML_BLOCK = 32
@@ -32,8 +33,10 @@ FP16_MAX = 65504.0
 
 
 def fp16_scale(d: Tensor) -> Tensor:
-    """``d`` rounded to fp16 (nearest-even, subnormals kept), saturated at +-65504."""
-    return d.clamp(-FP16_MAX, FP16_MAX).to(torch.float16)
+    """float32 ``d`` rounded to fp16 (nearest-even, subnormals kept), saturated at +-65504,
+    as float32. By arithmetic, not a dtype cast: inductor drops a ``.half().float()`` round
+    trip (it does not emulate low-precision casts by default), which would keep float32 ``d``."""
+    return round_to_float(d, 10, -14, FP16_MAX)
 
 
 def roundf(v: Tensor) -> Tensor:
@@ -85,7 +88,7 @@ class GGMLFormat(Format):
     def _encode_lastdim(self, x: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         xb, _ = to_blocks(x, GGML_BLOCK)
         codes, d16 = self._codes(xb)
-        return codes.to(torch.int32), d16, {}
+        return codes.to(torch.int32), d16.to(torch.float16), {}  # exact: d16 is on fp16's grid
 
     def _decode_lastdim(self, codes: Tensor, scales: Tensor, extra: dict[str, Tensor], n: int
                         ) -> Tensor:

@@ -43,8 +43,9 @@ def global_scale(x: Tensor) -> Tensor:
 
 
 def e4m3(x: Tensor) -> Tensor:
-    """float32 ``x`` rounded to FP8 E4M3 (nearest-even, saturated at +-448), as float32."""
-    return x.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float()
+    """float32 ``x`` rounded to FP8 E4M3 (nearest-even, subnormals, saturated at +-448), as
+    float32; by arithmetic (a compiler may drop a low-precision cast round trip)."""
+    return round_to_float(x, 3, -6, E4M3_MAX)
 
 
 @register_format("nvfp4")
