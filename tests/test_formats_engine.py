@@ -218,3 +218,14 @@ def test_compile_backend_equals_the_reference(name: str) -> None:
     fmt = make_format({"format": name})
     x = torch.cat([_edge_rows(), torch.randn(8, 64) * 3])
     assert torch.equal(_compiled(fmt, -1)(x).view(torch.int32), fmt.quantize(x).view(torch.int32))
+
+
+def test_mxfp4_scale_just_below_a_power_of_two_differs_from_ggml() -> None:
+    # ggml takes floor(log2f(amax)); float32 log2 of 8 - 1ulp rounds to 3.0, so ggml's scale is
+    # 2 and the max becomes 8; OCP's exact floor gives scale 1 and the max saturates to 6.
+    x = torch.zeros(1, 32)
+    x[0, 0] = float(np.nextafter(np.float32(8.0), np.float32(0.0)))
+    ggml = gguf_quants.quantize(x.numpy(), GGML.MXFP4)
+    assert ggml[0, 0] == 128 and gguf_quants.dequantize(ggml, GGML.MXFP4)[0, 0] == 8.0
+    enc = make_format({"format": "mxfp4"}).encode(x)
+    assert enc.scales.tolist() == [[0]] and make_format({"format": "mxfp4"}).quantize(x)[0, 0] == 6
