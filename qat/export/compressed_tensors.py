@@ -54,8 +54,7 @@ def check_ct_format(weight: Format | None, activation: Format | None, matmul: bo
         raise ExportError(f"--to compressed-tensors: {got} has no compressed-tensors type; "
                           "formats with one: nvfp4 (nvfp4-pack-quantized), mxfp4 with "
                           "block_size 32 (mxfp4-pack-quantized)")
-    if activation is not None and activation.name != weight.name or (
-            activation is not None and activation != weight):
+    if activation is not None and activation != weight:
         raise ExportError(f"--to compressed-tensors: vLLM runs {weight.name} weights with "
                           f"{weight.name} activations (W4A4) or float ones (W4A16), not "
                           f"activation format {activation}; set quant.activation to "

@@ -141,11 +141,8 @@ def _copy_field(writer: Any, field: Any) -> None:
     import gguf
 
     vtype = field.types[0]
-    if vtype == gguf.GGUFValueType.ARRAY:
-        sub = field.types[-1]
-        values = [field.contents(i) for i in range(len(field.data))]
-        writer.add_array(field.name, values) if sub != gguf.GGUFValueType.STRING else \
-            writer.add_array(field.name, [str(v) for v in values])
+    if vtype == gguf.GGUFValueType.ARRAY:  # element types follow the Python values' types
+        writer.add_array(field.name, [field.contents(i) for i in range(len(field.data))])
     else:
         writer.add_key_value(field.name, field.contents(), vtype)
 
