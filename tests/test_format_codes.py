@@ -86,6 +86,14 @@ def edge_rows(fmt: Format, n: int, dtype: torch.dtype) -> torch.Tensor:
         cand = torch.cat([grid, (grid[1:] + grid[:-1]) / 2])
         ties = cand[torch.randint(0, len(cand), (n,), generator=g)]
         ties[::b] = fmt.element_values()[-1]
+    elif fmt.name == "nvfp4":  # E2M1 grid points and midpoints at the block max 6
+        grid = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+        cand = torch.cat([grid, (grid[1:] + grid[:-1]) / 2])
+        ties = cand[torch.randint(0, len(cand), (n,), generator=g)]
+        ties[::b] = 6.0
+    elif fmt.name.startswith("ggml"):  # half steps of d = 1/8 (Q4_0) and 1/127 (Q8_0)
+        ties = (torch.randint(0, 8, (n,), generator=g) + 0.5) / 8
+        ties[::b] = 1.0
     else:
         lv, mids = level_tensors(fmt.levels, torch.device("cpu"))
         cand = torch.cat([mids, lv]).abs()

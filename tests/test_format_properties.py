@@ -24,6 +24,10 @@ SETTINGS = settings(max_examples=50, deadline=None)
 # array scale does the same: [-1.0001, -0.725] -> [-0.9375, -0.75] (scale 2^-4) -> scale 2^-5,
 # where no codebook holds both -30 and -24 -> [-0.8125, -0.8125].
 SETTLES_AFTER_TWO_PASSES = {"bfp", "lobcq"}
+# nvfp4 recomputes its global scale 2688 / amax from the tensor it is given; the quantised
+# tensor's max can differ from the input's by roundings, which moves the E4M3 block scales (and
+# hypothesis finds inputs where two passes are not enough either).
+NOT_IDEMPOTENT = {"nvfp4"}
 
 
 def _default(name: str) -> Format | None:
@@ -69,6 +73,8 @@ def tensors(draw: st.DrawFn) -> torch.Tensor:
 @given(x=tensors())
 def test_idempotent(name: str, x: torch.Tensor) -> None:
     fmt = _fmt(name)
+    if name in NOT_IDEMPOTENT:
+        pytest.skip(f"{name} is not idempotent (its per-tensor scale moves)")
     q = fmt.quantize(x)
     if name in SETTLES_AFTER_TWO_PASSES:
         q = fmt.quantize(q)

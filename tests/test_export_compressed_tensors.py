@@ -1,0 +1,153 @@
+"""``--to compressed-tensors``: a tiny Llama written as nvfp4/mxfp4-pack-quantized and loaded back
+through transformers' compressed-tensors quantizer (its ModelCompressor decompresses with the
+format's own compressor) equals qat's fake-quantised weights bit for bit."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from tiny_lm import make_tiny_causal_lm_dir
+
+from qat import QuantConfig, quantize_model
+from qat.export.compressed_tensors import export_compressed_tensors
+from qat.export.packed import ExportError
+from qat.quant.modules import QuantLinear
+
+pytest.importorskip("compressed_tensors")
+pytestmark = pytest.mark.filterwarnings("ignore:You passed `quantization_config`:UserWarning")
+
+
+def _model(tmp_path, weight: str | None, act: str | None = None, **quant):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(make_tiny_causal_lm_dir(tmp_path),
+                                                 torch_dtype=torch.bfloat16)
+    spec = {"weight": weight and {"format": weight},
+            "activation": act and {"format": act}, **quant}
+    quantize_model(model, QuantConfig(**spec))
+    return model
+
+
+def _decompressed(out, act_scales: bool):
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    model, info = AutoModelForCausalLM.from_pretrained(
+        out, quantization_config=CompressedTensorsConfig(run_compressed=False),
+        output_loading_info=True)
+    # Every tensor name and shape as the loader expects; a loader that dequantises to a float
+    # model drops activation quantisation, so it has no use for input_global_scale.
+    unexpected = info.pop("unexpected_keys")
+    assert all(k.endswith(".input_global_scale") for k in unexpected) and (
+        bool(unexpected) == act_scales)
+    assert not any(info.values()), info
+    return model.state_dict()
+
+
+def _ct_expects_input_global_scale(out) -> bool:
+    """Whether compressed-tensors' own initialisation of this config (what a runtime loader
+    does before reading the checkpoint) registers ``input_global_scale`` on a linear."""
+    from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(out)
+    qcfg = QuantizationConfig.model_validate(config.quantization_config)
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config)
+    apply_quantization_config(model, qcfg)
+    return hasattr(model.model.layers[0].self_attn.q_proj, "input_global_scale")
+
+
+@pytest.mark.parametrize("fmt,act", [("nvfp4", None), ("mxfp4", None), ("mxfp4", "mxfp4"),
+                                     ("nvfp4", "nvfp4")])
+def test_decompressed_weights_equal_qat_quantised_weights(tmp_path, fmt, act):
+    model = _model(tmp_path, fmt, act)
+    linears = {n: m for n, m in model.named_modules()
+               if isinstance(m, QuantLinear) and m.weight_quantizer is not None}
+    amax = {n: 3.0 for n in linears} if act == "nvfp4" else None
+    out = export_compressed_tensors(model, tmp_path / "ct", input_amax=amax)
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert cfg["format"] == f"{fmt}-pack-quantized" and cfg["ignore"] == ["lm_head"]
+    group = cfg["config_groups"]["group_0"]
+    assert (group["input_activations"] is None) == (act is None)
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        name = "model.layers.0.mlp.down_proj"
+        assert f.get_tensor(f"{name}.weight_packed").dtype == torch.uint8
+        assert f.get_tensor(f"{name}.weight_packed").shape == (32, 32)  # [out, in / 2]
+        scale = f.get_tensor(f"{name}.weight_scale")
+        assert scale.dtype == (torch.float8_e4m3fn if fmt == "nvfp4" else torch.uint8)
+        assert scale.shape == (32, 64 // (16 if fmt == "nvfp4" else 32))
+        keys = set(f.keys())
+    assert (f"{name}.weight_global_scale" in keys) == (fmt == "nvfp4")
+    assert (f"{name}.input_global_scale" in keys) == (act == "nvfp4")
+    if act == "nvfp4":
+        with safe_open(str(out / "model.safetensors"), "pt") as f:
+            assert f.get_tensor(f"{name}.input_global_scale").tolist() == [2688 / 3.0]
+    assert _ct_expects_input_global_scale(out) == (act == "nvfp4")
+    state = _decompressed(out, act == "nvfp4")
+    for n, m in linears.items():
+        want = m.quantized_weight().detach()
+        got = state[f"{n}.weight"]
+        assert got.dtype == want.dtype == torch.bfloat16
+        # Bits, with -0 read as +0 (the checkpoint has one code for zero, as vLLM's).
+        assert torch.equal((got + 0.0).view(torch.int16), (want + 0.0).view(torch.int16)), n
+    assert torch.equal(state["lm_head.weight"], model.lm_head.weight)
+
+
+@pytest.mark.parametrize("quant,match", [
+    ({"weight": {"format": "int", "width": 4}}, "nvfp4.*mxfp4"),
+    ({"weight": {"format": "mxfp4", "block_size": 16}}, "mxfp4 with block_size 32"),
+    ({"weight": {"format": "nvfp4"}, "activation": {"format": "mxfp4"}},
+     "nvfp4 activations .* or float"),
+    ({"weight": {"format": "mxfp4"}, "matmul": {"format": "mxfp4"}}, "quant.matmul"),
+])
+def test_formats_vllm_cannot_run_fail_clearly(tmp_path, quant, match):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(make_tiny_causal_lm_dir(tmp_path))
+    quantize_model(model, QuantConfig(**quant))
+    with pytest.raises(ExportError, match=match):
+        export_compressed_tensors(model, tmp_path / "ct")
+    assert not (tmp_path / "ct").exists()
+
+
+def test_nvfp4_activations_need_a_calibrated_range(tmp_path):
+    model = _model(tmp_path, "nvfp4", "nvfp4")
+    with pytest.raises(ExportError, match="input_global_scale"):
+        export_compressed_tensors(model, tmp_path / "ct")
+
+
+def test_export_command_calibrates_nvfp4_activations(tmp_path, capsys):
+    from tiny_lm import lm_recipe
+
+    from qat.cli.export import main
+
+    recipe = lm_recipe(tmp_path, quant={"weight": {"format": "nvfp4"},
+                                        "activation": {"format": "nvfp4"}, "exclude": ["lm_head"]})
+    out = tmp_path / "ct"
+    assert main([recipe, "--to", "compressed-tensors", "--out", str(out),
+                 "--calibration_samples", "4"]) == 0
+    assert "model.safetensors" in capsys.readouterr().out
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        g = f.get_tensor("model.layers.0.self_attn.q_proj.input_global_scale")
+    assert g.dtype == torch.float32 and g.shape == (1,) and 0 < g.item() < 2688 / 1e-3
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--to", "onnx"], "--to 'onnx' is not one of packed, compressed-tensors"),
+    (["--to", "compressed-tensors"], "has no compressed-tensors type; formats with one: nvfp4"),
+    (["--to", "compressed-tensors", "--quant.weight", "{format: mxfp4}"],
+     "vLLM runs mxfp4 weights with mxfp4 activations"),
+])
+def test_bad_export_target_is_one_line_before_loading(tmp_path, capsys, no_model, argv, match):
+    from tiny_lm import lm_recipe
+
+    from qat.cli.export import main
+
+    recipe = lm_recipe(tmp_path)  # W4A4 BFP
+    capsys.readouterr()  # the tiny model's own save messages
+    assert main([recipe, "--out", str(tmp_path / "ct"), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert match in err and len(err.splitlines()) == 1
