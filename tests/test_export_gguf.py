@@ -148,6 +148,11 @@ def test_export_command_writes_gguf(tmp_path, capsys):
      "llama.cpp quantises the input of a Q4_0 matmul to Q8_0 blocks"),
     (["--to", "gguf", "--quant", "{weight: {format: ggml_q4_0}}", "--gguf_embeddings", "q4"],
      "--gguf_embeddings 'q4' is not one of f16, q8_0, f32"),
+    (["--to", "gguf", "--quant", "{weight: {format: ggml_q4_0}, rotation: {size: 16}}"],
+     "--to gguf: llama.cpp does not rotate a layer's input"),
+    (["--to", "compressed-tensors", "--quant",
+      "{weight: {format: nvfp4}, overrides: {mlp: {rotation: {size: 16}}}}"],
+     "--to compressed-tensors: vLLM does not rotate a layer's input"),
 ])
 def test_bad_gguf_export_is_one_line_before_loading(tmp_path, capsys, no_model, argv, match):
     from tiny_lm import lm_recipe

@@ -230,3 +230,18 @@ def test_cli_refuses_a_size_that_does_not_divide_before_loading(tmp_path, capsys
     assert main([recipe, "--quant.rotation", '{"size": 64}', "--quant.matmul", "null"]) == 2
     assert "quant.rotation.size 64 does not divide the input features (32) of module " \
            "'bert.encoder.layer.0.attention.self.query'" in capsys.readouterr().err
+
+
+def test_distillation_teacher_of_a_rotated_student_is_the_float_model():
+    """The teachers switch the quantisers off (qat.training.teacher.quantizers_off): with a
+    rotation the layer still rotates both operands, so the teacher stays the float model."""
+    from qat.training.teacher import quantizers_off
+
+    float_model = tiny_model("llama").eval()
+    student = quantize_model(copy.deepcopy(float_model), _config({"size": 8})).eval()
+    batch = tiny_batch()
+    with torch.no_grad(), quantizers_off(student):
+        teacher = student(**batch).logits
+    with torch.no_grad():
+        assert (teacher - float_model(**batch).logits).abs().max() < 1e-5
+        assert not torch.allclose(student(**batch).logits, teacher, atol=1e-3)

@@ -96,6 +96,10 @@ def check_model(model: torch.nn.Module) -> tuple[str, Format, Format | None]:
         raise ExportError("--to compressed-tensors writes one scheme for every quantised "
                           f"linear; this model mixes {sorted(map(str, pairs))}")
     (weight, act), = pairs
+    if any(getattr(m, "rotation", None) is not None for m in model.modules()):
+        raise ExportError("--to compressed-tensors: the model rotates layer inputs "
+                          "(quant.rotation), which the engine does not; export --to packed, or "
+                          "train without rotation")
     matmul = any(isinstance(m, MatmulQuantizer) for m in model.modules())
     for name, m in quantised:
         if m.weight.shape[1] % (16 if weight.name == "nvfp4" else 32):

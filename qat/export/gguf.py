@@ -231,6 +231,9 @@ def export_gguf(model: Any, out_dir: str | Path, tokenizer: Any = None, *,
                  if isinstance(m, QuantLinear) and m.weight_quantizer is not None]
     if not quantised:
         raise ExportError("--to gguf: the model has no quantised linear layer")
+    if any(getattr(m, "rotation", None) is not None for m in model.modules()):
+        raise ExportError("--to gguf: the model rotates layer inputs (quant.rotation), which "
+                          "the engine does not; export --to packed, or train without rotation")
     matmul = any(isinstance(m, MatmulQuantizer) for m in model.modules())
     for m in quantised:
         act = None if m.activation_quantizer is None else m.activation_quantizer.fmt
