@@ -190,3 +190,56 @@ def test_long_chat_row_stops_at_the_block(tmp_path):
     assert len(calls) <= 1 + 2 * 6  # the whole once, then two per turn within 32 tokens
     full_ids, full_labels = encode_chat(tok, msgs)
     assert labels[:32] == full_labels[:32]
+
+
+# --- codebook side files -----------------------------------------------------------------------
+
+def _make_format_within(spec: dict, seconds: float = 30.0):
+    """``make_format(spec)`` in a daemon thread: a hang fails the test instead of blocking it."""
+    import threading
+
+    from qat.formats import make_format
+
+    box: dict = {}
+
+    def go():
+        try:
+            box["fmt"] = make_format(spec)
+        except Exception as e:  # noqa: BLE001 - handed to the test
+            box["err"] = e
+
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), "make_format hung"
+    return box
+
+
+@pytest.mark.parametrize("fmt", ["bof4", "lobcq"])
+def test_codebook_file_that_is_a_fifo_is_refused_without_blocking(tmp_path, fmt):
+    fifo = tmp_path / "levels.json"
+    os.mkfifo(fifo)
+    box = _make_format_within({"format": fmt, "codebook_file": str(fifo)})
+    assert "is not a regular file" in str(box["err"]) and str(fifo) in str(box["err"])
+
+
+@pytest.mark.parametrize("data, reason", [
+    (b"\x89PNG\r\n\x1a\n\x00\x00\xff", "'utf-8' codec can't decode byte 0x89"),
+    (b"[" * 100_000, "JSON nested too deeply"),
+    (b" " * ((1 << 20) + 1), "too large for a codebook file"),
+])
+def test_codebook_file_that_is_binary_deep_or_huge_is_one_line(tmp_path, data, reason):
+    from qat.formats.base import FormatError
+
+    f = tmp_path / "levels.json"
+    f.write_bytes(data)
+    err = _make_format_within({"format": "bof4", "codebook_file": str(f)})["err"]
+    assert isinstance(err, FormatError) and reason in str(err) and "\n" not in str(err)
+
+
+def test_fifo_codebook_file_through_qat_train(tmp_path, capsys):
+    fifo = tmp_path / "levels.json"
+    os.mkfifo(fifo)
+    quant = {"weight": {"format": "bof4", "codebook_file": str(fifo)}}
+    err = _bad(tmp_path, capsys, quant=quant)
+    assert err.endswith(f"codebook_file {str(fifo)!r} is not a regular file")

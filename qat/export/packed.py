@@ -219,7 +219,24 @@ def check_destination(out: str | Path, overwrite: bool) -> Path:
         n = sum(1 for _ in p.iterdir())
         raise ExportError(f"--out {str(out)!r} is not empty ({n} entries); pass --overwrite "
                            "to replace it, or choose a new folder")
+    if p.is_dir() and any(p.iterdir()) and not holds_export(p):
+        # --overwrite replaces an old export, never a training run or anything else
+        raise ExportError(f"--out {str(out)!r} is not empty and holds no qat export "
+                          "(config.json with model_type qat_packed and its weights); "
+                          "--overwrite replaces only an export: choose a new folder")
     return p
+
+
+def holds_export(folder: Path) -> bool:
+    """``folder`` holds a packed export (what ``--overwrite`` may replace)."""
+    from qat.export import modeling_qat_packed as mqp
+
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(config, dict) and config.get("model_type") == mqp.MODEL_TYPE \
+        and (folder / mqp.WEIGHTS_NAME).is_file()
 
 
 def _within(a: Path, b: Path) -> bool:
