@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -294,6 +295,22 @@ def test_non_empty_out_needs_overwrite_and_is_replaced_atomically(trained_run, c
     assert err == [f"qat export: error: --out {str(out)!r} is not empty (1 entries); pass "
                    "--overwrite to replace it, or choose a new folder"]
     assert (out / "notes.txt").read_text() == "mine"
+    # --overwrite replaces only an export: a folder of notes, or another run, stays (#21)
+    other_run = tmp_path / "other_run"
+    shutil.copytree(trained_run, other_run)
+    for folder in (out, other_run):
+        before = _hashes(folder)
+        assert main([str(trained_run), "--out", str(folder), "--overwrite"]) == 2
+        assert _error(capsys) == [
+            f"qat export: error: --out {str(folder)!r} is not empty and holds no qat export "
+            "(config.json with model_type qat_packed and its weights); --overwrite replaces "
+            "only an export: choose a new folder"]
+        assert _hashes(folder) == before
+    shutil.rmtree(other_run)
+    (out / "notes.txt").unlink()
+    assert main([str(trained_run), "--out", str(out)]) == 0  # an export, then a note in it
+    (out / "notes.txt").write_text("mine")
+    before = _hashes(out)
     # A failure while writing leaves the old folder untouched and no temporary folder behind.
     import safetensors.torch
 
@@ -305,7 +322,7 @@ def test_non_empty_out_needs_overwrite_and_is_replaced_atomically(trained_run, c
         main([str(trained_run), "--out", str(out), "--overwrite"])
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
-    assert _hashes(out) == {"notes.txt": hashlib.sha256(b"mine").hexdigest()}
+    assert _hashes(out) == before
     assert main([str(trained_run), "--out", str(out), "--overwrite"]) == 0
     assert not (out / "notes.txt").exists() and (out / "qat_packed.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
