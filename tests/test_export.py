@@ -380,3 +380,32 @@ def test_tampered_export_fails_naming_what(tmp_path):
         AutoModelForSequenceClassification.from_pretrained(out)
     with pytest.raises(TypeError, match="take no device_map"):
         AutoModelForSequenceClassification.from_pretrained(out, device_map="cpu")
+
+
+@pytest.mark.parametrize("field, value", [("width", 3), ("exponent_width", 7)])
+def test_edited_codec_fields_are_refused_by_the_checksum(tmp_path, field, value):
+    """Issue #21: width 4 -> 3 or exponent width 8 -> 7 in config.json would unpack the same
+    bytes into other weights (or NaNs); the packing table carries a checksum."""
+    built = build_model(tiny_recipe(tmp_path), [], num_labels=2)
+    out = export_model(built.model, tmp_path / "export", built.tokenizer)
+    cfg_path = out / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    codec = next(iter(cfg["qat_packing"]["codecs"].values()))
+    assert codec["family"] == "bfp" and codec[field] != value
+    codec[field] = value
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="qat_packing does not match its checksum"):
+        AutoModelForSequenceClassification.from_pretrained(out)
+    del cfg["qat_packing"]["checksum"]  # dropping the checksum does not help
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="qat_packing does not match its checksum"):
+        AutoModelForSequenceClassification.from_pretrained(out)
+
+
+def test_a_packed_stream_must_have_exactly_its_size():
+    codes = torch.randint(0, 16, (101,))
+    stream = pack_bits(codes, 4)
+    with pytest.raises(ValueError, match="packed stream holds 52 bytes, 51 expected"):
+        unpack_bits(torch.cat([stream, stream[:1]]), 4, 101)
+    with pytest.raises(ValueError, match="38 expected for 101 codes of 3 bits"):
+        unpack_bits(stream, 3, 101)  # the same bytes read as another width

@@ -302,6 +302,14 @@ def write_atomically(out: Path, write: Callable[[Path], None], overwrite: bool =
         raise
 
 
+def _with_checksum(packing: dict[str, Any]) -> dict[str, Any]:
+    from qat.export import modeling_qat_packed as mqp
+
+    # as config.json will hold it (tuples become lists), so the loader computes the same hash
+    packing = json.loads(json.dumps(packing))
+    return {**packing, "checksum": mqp.packing_checksum(packing)}
+
+
 def export_model(model: torch.nn.Module, out_dir: str | Path, tokenizer: Any = None, *,
                  overwrite: bool = False, info: dict[str, Any] | None = None) -> Path:
     """Write ``model`` (fake-quantised by ``quantize_model``) packed to ``out_dir``.
@@ -331,8 +339,8 @@ def export_model(model: torch.nn.Module, out_dir: str | Path, tokenizer: Any = N
     config = mqp.QatPackedConfig(
         base_config=base, architectures=[auto[next(k for k in auto if k != "AutoConfig")]
                                          .rsplit(".", 1)[1]], auto_map=auto,
-        qat_packing={"version": mqp.PACK_VERSION, "quant": quant.to_dict(), "codecs": codecs,
-                     "packed": packed})
+        qat_packing=_with_checksum({"version": mqp.PACK_VERSION, "quant": quant.to_dict(),
+                                    "codecs": codecs, "packed": packed}))
 
     def write(tmp: Path) -> None:
         save_file(state, str(tmp / mqp.WEIGHTS_NAME), metadata={"format": "pt"})
