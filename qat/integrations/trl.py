@@ -28,7 +28,7 @@ try:
 except ImportError:  # an optional extra: say how to get it, in one line
     raise UsageError("trainer: sft and qat.integrations.trl need TRL: pip install 'qat[trl]'"
                      ) from None
-from transformers import TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 from qat.training.trainer import QATTrainer
 
@@ -64,3 +64,25 @@ class QATSFTTrainer(QATTrainer, SFTTrainer):
             # tokenised and labelled by qat (chunks, or chat with the prompt masked)
             extra = {"dataset_kwargs": {"skip_prepare_dataset": True}, "max_length": None}
         super().__init__(model=model, args=sft_config(args, **extra), **kwargs)
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        """TRL's loss multiplies the hidden states by ``lm_head.weight`` directly (its fused
+        head), which skips a quantised head's weight and input quantisers: then the model's
+        own forward and loss, as ``qat``'s trainer computes them, are used instead (TRL's
+        token metrics are not logged for such a run)."""
+        if _quantised_head(model):
+            return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                    num_items_in_batch=num_items_in_batch)
+
+
+def _quantised_head(model: Any) -> bool:
+    """The output projection (``lm_head``) carries an enabled weight or input quantiser."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = getattr(base, "module", base)  # DDP / FSDP wrappers
+    get = getattr(base, "get_output_embeddings", None)
+    head = get() if get is not None else None
+    return any(getattr(q, "enabled", False) for q in (
+        getattr(head, "weight_quantizer", None), getattr(head, "activation_quantizer", None)))
