@@ -67,6 +67,16 @@ def wikitext_path(split: str) -> Path | None:
     return path
 
 
+def check_not_export(model_type: Any, name: str) -> None:
+    """A ``qat export`` folder holds packed codes for ``from_pretrained``, not a model the
+    commands quantise and run: say so instead of "not a causal language model"."""
+    if model_type == "qat_packed":  # qat.export.modeling_qat_packed.MODEL_TYPE
+        raise UsageError(f"model {name!r} is a qat export (packed weights, model_type "
+                         "qat_packed): exports are for transformers' from_pretrained and "
+                         "inference engines; give the run folder or checkpoint it was "
+                         "exported from")
+
+
 def check_causal(config: Any, name: str) -> None:
     """Refuse encoders (BERT & co.) with a clear message: perplexity needs a decoder."""
     from transformers.models.auto.modeling_auto import (
@@ -75,6 +85,7 @@ def check_causal(config: Any, name: str) -> None:
     )
 
     mtype = getattr(config, "model_type", None)
+    check_not_export(mtype, name)
     causal = mtype in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and (
         getattr(config, "is_decoder", False)
         or mtype not in MODEL_FOR_MASKED_LM_MAPPING_NAMES)
