@@ -103,11 +103,13 @@ def test_quoted_value_is_the_string(tmp_path):
     assert parse_overrides(["--run_name", "'a: b: c'"]) == {"run_name": "a: b: c"}
 
 
-def test_help_into_a_closed_pipe_is_quiet():
+@pytest.mark.parametrize("cmd", [["-m", "qat.cli", "train", "--help"],
+                                 ["qat/train.py", "--help"]])
+def test_help_into_a_closed_pipe_is_quiet(cmd):
     r, w = os.pipe()
     os.close(r)  # the reader is gone before qat writes: every write is EPIPE
     env = dict(os.environ, PYTHONPATH=os.getcwd())
-    p = subprocess.run([sys.executable, "-m", "qat.cli", "train", "--help"], stdout=w,
+    p = subprocess.run([sys.executable, *cmd], stdout=w, cwd=os.getcwd(),
                        stderr=subprocess.PIPE, text=True, env=env, timeout=120)
     os.close(w)
     assert p.stderr == "" and p.returncode == 141
