@@ -95,7 +95,10 @@ def assistant_spans(tokenizer: Any, msgs: list[dict[str, Any]],
             start = len(template(msgs[:i], gen=True))
         else:  # no prompt to render before it: the turn starts where its content does
             first = template(msgs[:1])
-            start = first.rfind(m["content"]) if m["content"] else len(first)
+            # a template may trim the content; not found at all: learn none of this turn
+            # rather than what precedes it
+            at = first.rfind(m["content"].strip()) if m["content"].strip() else -1
+            start = at if at >= 0 else len(first)
         if limit is not None and start >= limit:
             return
         yield start, len(template(msgs[:i + 1]))
