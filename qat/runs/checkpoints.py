@@ -263,6 +263,8 @@ def verify_checksums(checkpoint: str | os.PathLike) -> None:
         raise CheckpointError(d / CHECKSUMS_FILE, "no 'files' mapping")
     for name, want in files.items():
         p = d / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:  # only the checkpoint's own
+            raise CheckpointError(d / CHECKSUMS_FILE, f"lists {name!r}, outside the checkpoint")
         if not isinstance(want, dict) or not p.is_file():
             raise CheckpointError(p, "missing (listed in qat_checksums.json)")
         if p.stat().st_size != want.get("size") or _sha256(p) != want.get("sha256"):
