@@ -68,10 +68,16 @@ def __dir__() -> list[str]:
 
 # Registration hooks: the quant method needs transformers' quantizer registry; the packed model
 # class (qat_packed exports) needs PreTrainedModel, complete only once modeling_utils has run.
-_HOOKED = ("transformers.quantizers", "transformers.modeling_utils")
+# The Auto classes (``from transformers import AutoModel...``) import neither: they read an
+# export's config.json first, and without qat_packed registered by then ask for
+# trust_remote_code, so their package is hooked too and brings modeling_utils in.
+_AUTO = "transformers.models.auto"
+_HOOKED = ("transformers.quantizers", "transformers.modeling_utils", _AUTO)
 
 
-def _register() -> None:
+def _register(name: str = "") -> None:
+    if name == _AUTO:  # about to load a model: PreTrainedModel is needed now
+        importlib.import_module("transformers.modeling_utils")
     importlib.import_module("qat.export.hf_quantizer").register()
 
 
@@ -100,7 +106,7 @@ class _RegisterWhenImported(importlib.abc.MetaPathFinder):
 
         def exec_then_register(module: Any) -> None:
             exec_module(module)
-            _register()
+            _register(fullname)
 
         spec.loader.exec_module = exec_then_register
         return spec
@@ -111,6 +117,8 @@ def _register_quant_method() -> None:
         return
     if _HOOKED[0] in sys.modules:
         _register()
+    if _AUTO in sys.modules:
+        _register(_AUTO)
     waiting = {n for n in _HOOKED if n not in sys.modules}
     if waiting:
         sys.meta_path.insert(0, _RegisterWhenImported(waiting))

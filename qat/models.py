@@ -35,7 +35,7 @@ def resolve_model_path(name: str) -> str:
     if not name.startswith(PKG_SCHEME):
         return name
     pkg, _, sub = name[len(PKG_SCHEME):].partition("/")
-    spec = importlib.util.find_spec(pkg)
+    spec = _find_package(pkg)
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(f"model_name_or_path {name!r}: package {pkg!r} is not installed "
                              f"(pip install {pkg.replace('_', '-')})")
@@ -43,6 +43,22 @@ def resolve_model_path(name: str) -> str:
     if not path.exists():
         raise ModelLoadError(f"model_name_or_path {name!r}: {str(path)!r} does not exist")
     return str(path)
+
+
+def _find_package(dotted: str) -> Any:
+    """The spec of package ``a.b.c``, found without importing ``a`` or ``a.b``
+    (``importlib.util.find_spec`` imports the parents of a dotted name, running their code)."""
+    from importlib.machinery import PathFinder
+
+    parts = dotted.split(".")
+    if not all(p.isidentifier() for p in parts):
+        return None
+    spec = importlib.util.find_spec(parts[0])  # a top-level name: located, not imported
+    for part in parts[1:]:
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        spec = PathFinder.find_spec(part, list(spec.submodule_search_locations))
+    return spec
 
 
 def _looks_local(name: str) -> bool:

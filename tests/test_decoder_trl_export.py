@@ -122,3 +122,39 @@ def test_lora_decoder_run_exports_and_generates(tmp_path):
                                    rtol=1e-4, atol=1e-4)  # merging W + BA rounds once
         assert packed.generate(ids, max_new_tokens=4, do_sample=False,
                                pad_token_id=0).shape[1] == ids.shape[1] + 4
+
+
+@pytest.mark.parametrize("head_quantised", [True, False])
+def test_sft_and_qat_trainers_compute_the_same_loss(tmp_path, head_quantised):
+    """Issue #21: TRL's fused head multiplies by lm_head.weight directly; with a quantised head
+    QATSFTTrainer must still score the quantised model, as QATTrainer does."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, TrainingArguments
+    from trl import SFTTrainer
+
+    from qat.integrations.trl import QATSFTTrainer
+    from qat.models import load_tokenizer
+    from qat.training.trainer import QATTrainer
+
+    path = make_tiny_causal_lm_dir(tmp_path)
+    ids = torch.randint(1000, 2000, (2, 16), generator=torch.Generator().manual_seed(0))
+    data = Dataset.from_dict({"input_ids": ids.numpy(), "labels": ids.numpy()})
+    quant = {"weight": {"format": "bfp", "width": 3, "block_size": 16},
+             "activation": {"format": "bfp", "width": 3, "block_size": 16},
+             "exclude": [] if head_quantised else ["lm_head"]}
+    losses = {}
+    for name, cls in (("qat", QATTrainer), ("sft", QATSFTTrainer)):
+        args = TrainingArguments(output_dir=str(tmp_path / name), use_cpu=True,
+                                 report_to="none", max_steps=1, save_strategy="no")
+        trainer = cls(model=AutoModelForCausalLM.from_pretrained(path), args=args,
+                      train_dataset=data, processing_class=load_tokenizer(path),
+                      quant_config=quant)
+        trainer.model.eval()
+        batch = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
+        with torch.no_grad():
+            losses[name] = trainer.compute_loss(trainer.model, dict(batch)).item()
+            if name == "sft" and head_quantised:  # TRL's own path: a float head's loss
+                fused = SFTTrainer.compute_loss(trainer, trainer.model, dict(batch)).item()
+    assert losses["sft"] == pytest.approx(losses["qat"], rel=1e-5)
+    if head_quantised:
+        assert abs(fused - losses["qat"]) > 1e-3  # the bypass this guards against is real

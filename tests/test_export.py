@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -294,6 +295,22 @@ def test_non_empty_out_needs_overwrite_and_is_replaced_atomically(trained_run, c
     assert err == [f"qat export: error: --out {str(out)!r} is not empty (1 entries); pass "
                    "--overwrite to replace it, or choose a new folder"]
     assert (out / "notes.txt").read_text() == "mine"
+    # --overwrite replaces only an export: a folder of notes, or another run, stays (#21)
+    other_run = tmp_path / "other_run"
+    shutil.copytree(trained_run, other_run)
+    for folder in (out, other_run):
+        before = _hashes(folder)
+        assert main([str(trained_run), "--out", str(folder), "--overwrite"]) == 2
+        assert _error(capsys) == [
+            f"qat export: error: --out {str(folder)!r} is not empty and holds no qat export "
+            "(config.json with model_type qat_packed and its weights); --overwrite replaces "
+            "only an export: choose a new folder"]
+        assert _hashes(folder) == before
+    shutil.rmtree(other_run)
+    (out / "notes.txt").unlink()
+    assert main([str(trained_run), "--out", str(out)]) == 0  # an export, then a note in it
+    (out / "notes.txt").write_text("mine")
+    before = _hashes(out)
     # A failure while writing leaves the old folder untouched and no temporary folder behind.
     import safetensors.torch
 
@@ -305,7 +322,7 @@ def test_non_empty_out_needs_overwrite_and_is_replaced_atomically(trained_run, c
         main([str(trained_run), "--out", str(out), "--overwrite"])
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
-    assert _hashes(out) == {"notes.txt": hashlib.sha256(b"mine").hexdigest()}
+    assert _hashes(out) == before
     assert main([str(trained_run), "--out", str(out), "--overwrite"]) == 0
     assert not (out / "notes.txt").exists() and (out / "qat_packed.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
@@ -363,3 +380,32 @@ def test_tampered_export_fails_naming_what(tmp_path):
         AutoModelForSequenceClassification.from_pretrained(out)
     with pytest.raises(TypeError, match="take no device_map"):
         AutoModelForSequenceClassification.from_pretrained(out, device_map="cpu")
+
+
+@pytest.mark.parametrize("field, value", [("width", 3), ("exponent_width", 7)])
+def test_edited_codec_fields_are_refused_by_the_checksum(tmp_path, field, value):
+    """Issue #21: width 4 -> 3 or exponent width 8 -> 7 in config.json would unpack the same
+    bytes into other weights (or NaNs); the packing table carries a checksum."""
+    built = build_model(tiny_recipe(tmp_path), [], num_labels=2)
+    out = export_model(built.model, tmp_path / "export", built.tokenizer)
+    cfg_path = out / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    codec = next(iter(cfg["qat_packing"]["codecs"].values()))
+    assert codec["family"] == "bfp" and codec[field] != value
+    codec[field] = value
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="qat_packing does not match its checksum"):
+        AutoModelForSequenceClassification.from_pretrained(out)
+    del cfg["qat_packing"]["checksum"]  # dropping the checksum does not help
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="qat_packing does not match its checksum"):
+        AutoModelForSequenceClassification.from_pretrained(out)
+
+
+def test_a_packed_stream_must_have_exactly_its_size():
+    codes = torch.randint(0, 16, (101,))
+    stream = pack_bits(codes, 4)
+    with pytest.raises(ValueError, match="packed stream holds 52 bytes, 51 expected"):
+        unpack_bits(torch.cat([stream, stream[:1]]), 4, 101)
+    with pytest.raises(ValueError, match="38 expected for 101 codes of 3 bits"):
+        unpack_bits(stream, 3, 101)  # the same bytes read as another width

@@ -146,7 +146,7 @@ def test_packed_residuals_save_half_the_bytes_and_version_1_files_still_load(tmp
     saved = load_file(str(tmp_path / "v2" / "qdec.safetensors"))
     assert saved["0.codes"].dtype == torch.uint8 and saved["0.codes"].shape == (64, 12)
     meta = json.loads((tmp_path / "v2" / "qdec_config.json").read_text())
-    assert meta["version"] == 2 and meta["layers"] == {"0": [64, 24]}
+    assert meta["version"] == 3 and meta["layers"] == {"0": [64, 24]}
     # a version-1 file (int8 codes, one a byte) loads to the same residual
     v1 = tmp_path / "v1"
     v1.mkdir()
@@ -430,3 +430,71 @@ def test_generate_help_is_fast_and_light():
     assert (r.returncode, r.stderr) == (0, "")
     assert r.stdout.startswith("usage: qat generate RECIPE.yaml|RUN_DIR --prompt TEXT")
     assert r.stdout.rstrip().endswith("HEAVY False")
+
+
+# --- issue #21: saved residuals tied to their weights and quantiser ----------------------------
+
+BFP4_W = {"weight": BFP4, "exclude": []}
+
+
+def _saved_w3(tmp_path: Path) -> Path:
+    model = attach_qdec(_layer(), {"k_chunk": 1024})
+    save_qdec(model, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def test_saved_residuals_of_another_quantiser_are_refused_and_recomputed(tmp_path):
+    d = _saved_w3(tmp_path)
+    torch.manual_seed(0)
+    other = nn.Sequential(nn.Linear(64, 24))
+    quantize_model(other, BFP4_W)  # same weights, W4 instead of W3
+    with pytest.raises(QDECError, match="computed from other weights or another weight "
+                                        "quantiser"):
+        load_qdec(other, d)
+    cfg = qdec_mod.apply_qdec(other, None, d)  # the commands: recompute, with the saved settings
+    assert cfg.k_chunk == 1024
+    fresh = attach_qdec(_layer_w4(), {"k_chunk": 1024})
+    assert torch.equal(other[0]._qdec.codes_t, fresh[0]._qdec.codes_t)
+
+
+def _layer_w4() -> nn.Sequential:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 24))
+    quantize_model(model, BFP4_W)
+    return model
+
+
+def test_saved_residuals_of_retrained_weights_are_recomputed(tmp_path):
+    d = _saved_w3(tmp_path)
+    model = _layer()
+    with torch.no_grad():
+        model[0].weight.add_(0.01)  # a retrained run in the same folder
+    with pytest.raises(QDECError, match="other weights"):
+        load_qdec(model, d)
+    qdec_mod.apply_qdec(model, None, d)
+    r = weight_residual_of(model)
+    assert (r - model[0]._qdec.residual()).abs().max() < 0.2 * r.abs().max()
+    same = load_qdec(_layer(), d)  # the model it was computed from still loads
+    assert same[0]._qdec is not None
+
+
+def weight_residual_of(model: nn.Sequential) -> torch.Tensor:
+    return qdec_mod.weight_residual(model[0])
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", '{"config": 3, "layers": {}}',
+                                  "[" * 100_000])
+def test_damaged_qdec_config_is_one_line(tmp_path, capsys, text):
+    path = _tiny_causal_dir(tmp_path)
+    (path / "qdec_config.json").write_text(text)
+    (path / "qdec.safetensors").write_bytes(b"")
+    recipe = tiny_recipe(tmp_path, model_name_or_path=str(path),
+                         quant={"weight": BFP3, "exclude": ["lm_head"]})
+    capsys.readouterr()
+    rc = generate_main([recipe, "--prompt", "hi", "--max_new_tokens", "2"])
+    text_err = capsys.readouterr().err
+    err = [line for line in text_err.splitlines() if "qat generate" in line]
+    assert rc == 2 and len(err) == 1 and "Traceback" not in text_err, text_err
+    assert err[0].startswith(f"qat generate: error: {str(path / 'qdec_config.json')!r} is not "
+                             "a valid QDEC config (")
+    assert err[0].endswith("); delete the qdec.* files to recompute the residuals")

@@ -236,3 +236,135 @@ def test_average_bits_weights_elements_by_count(tmp_path):
     n_m = 2 * (3 * 32 * 8 + 2 * 8 * 8)  # Q, K, V + P (2 heads) per attention module
     assert got["weight_bits"] == 8.5 and got["activation_bits"] == 4.5
     assert got["bits"] == pytest.approx((8.5 * n_w + 4.5 * (n_a + n_m)) / (n_w + n_a + n_m))
+
+
+# --- issue #21: bad tables, foreign or blank study files, resumes scored differently ----------
+
+def _no_trials(monkeypatch) -> None:
+    def no_trials(*args, **kwargs):
+        raise AssertionError("a trial ran")
+
+    monkeypatch.setattr(search_mod.Scorer, "score", no_trials)
+
+
+def _one_error(capsys) -> str:
+    err = [x for x in capsys.readouterr().err.strip().splitlines() if "error" in x]
+    assert len(err) == 1 and err[0].startswith("qat search: error: "), err
+    return err[0]
+
+
+def test_max_bits_nan_is_refused_before_the_model_loads(tmp_path, runs, monkeypatch, capsys):
+    _no_trials(monkeypatch)
+    monkeypatch.setattr(search_mod, "Scorer", None)  # never built
+    recipe = _recipe(tmp_path, runs, constraint={"max_bits": float("nan")})
+    assert "max_bits: .nan" in Path(recipe).read_text()
+    capsys.readouterr()
+    assert search_cli.main([recipe]) == 2
+    assert _one_error(capsys).endswith("search.constraint.max_bits must be a finite number > 0, "
+                                       "got nan")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("body, message", [
+    (b"rank,unit\n1,layer.0\nx,layer.1\n", "line 3: rank 'x' of unit 'layer.1' is not an "
+                                           "integer"),
+    (b"rank,unit\n1,layer.0\n2\n", "line 3: no unit name"),
+    (b"rank,unit\n\xff\xfe,1\n", "cannot be read as CSV ('utf-8' codec can't decode byte 0xff"),
+    (b"a,b\n1,2\n", "is not a sensitivity table (no unit and rank columns)"),
+    (b"", "is not a sensitivity table"),
+])
+def test_bad_sensitivity_table_fails_before_the_model_loads(tmp_path, runs, monkeypatch, capsys,
+                                                            body, message):
+    monkeypatch.setattr(search_mod, "Scorer", None)
+    table = tmp_path / "sensitivity.csv"
+    table.write_bytes(body)
+    recipe = _recipe(tmp_path, runs, sensitivity=str(table))
+    capsys.readouterr()
+    assert search_cli.main([recipe]) == 2
+    assert _one_error(capsys).startswith(
+        f"qat search: error: search.sensitivity: {str(table)!r} {message}")
+
+
+def test_sensitivity_output_dir_naming_a_file_fails_before_scoring(tmp_path, runs, monkeypatch,
+                                                                  capsys):
+    from qat.analysis import sensitivity as sens_mod
+    from qat.cli import sensitivity as sens_cli
+
+    monkeypatch.setattr(sens_mod, "Scorer", None)
+    f = tmp_path / "afile"
+    f.write_text("keep me")
+    recipe = _recipe(tmp_path, runs)
+    capsys.readouterr()
+    assert sens_cli.main([recipe, "--output_dir", str(f)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"qat sensitivity: error: output_dir {str(f)!r} is not writable: "
+                   f"{str(f)!r} is a file, not a folder"]
+    assert f.read_text() == "keep me"
+
+
+def _foreign_sqlite(db: Path) -> None:
+    import sqlite3
+
+    con = sqlite3.connect(db)
+    con.execute("CREATE TABLE notes (body TEXT)")
+    con.execute("INSERT INTO notes VALUES ('mine')")
+    con.commit()
+    con.close()
+
+
+@pytest.mark.parametrize("make", ["text", "sqlite", "other_study"])
+@pytest.mark.parametrize("resume", [True, False])
+def test_a_search_db_that_is_not_ours_is_left_untouched(tmp_path, runs, monkeypatch, capsys,
+                                                        make, resume):
+    _no_trials(monkeypatch)
+    db = tmp_path / "out" / "search.db"
+    db.parent.mkdir()
+    if make == "text":
+        db.write_text("not a database\n")
+    elif make == "sqlite":
+        _foreign_sqlite(db)
+    else:
+        import optuna
+
+        optuna.create_study(storage=f"sqlite:///{db}", study_name="someone-else")
+    before = db.read_bytes()
+    capsys.readouterr()
+    assert search_cli.main([_recipe(tmp_path, runs), *(["--resume"] if resume else [])]) == 2
+    assert _one_error(capsys) == (
+        f"qat search: error: {str(db)!r} is not a qat search study (not an optuna SQLite "
+        "database holding study 'qat-search'); it was left as it is: move it away or choose "
+        "another --output_dir")
+    assert db.read_bytes() == before
+
+
+@pytest.mark.parametrize("make", ["empty", "half_written"])
+def test_an_empty_or_half_written_search_db_starts_afresh(tmp_path, runs, capsys, make):
+    db = tmp_path / "out" / "search.db"
+    db.parent.mkdir()
+    if make == "empty":
+        db.write_bytes(b"")
+    else:  # killed after optuna created the study, before qat recorded its key
+        import optuna
+
+        optuna.create_study(storage=f"sqlite:///{db}", study_name="qat-search")
+    assert search_cli.main([_recipe(tmp_path, runs), "--search.trials", "1", "--resume"]) == 0
+    assert len(_rows(tmp_path / "out" / "trials.csv")) == 1
+
+
+@pytest.mark.parametrize("override, key", [
+    (["--search.seed", "1"], "seed"),
+    (["--search.held_out_samples", "16"], "held_out_samples"),
+    (["--quant.weight.width", "8"], "quant"),
+])
+def test_resume_scored_differently_is_refused_before_scoring(tmp_path, runs, monkeypatch,
+                                                             capsys, override, key):
+    recipe = _recipe(tmp_path, runs)
+    assert search_cli.main([recipe, "--search.trials", "1"]) == 0
+    db = tmp_path / "out" / "search.db"
+    before = db.read_bytes()
+    monkeypatch.setattr(search_mod, "Scorer", None)
+    capsys.readouterr()
+    assert search_cli.main([recipe, "--search.trials", "2", "--resume", *override]) == 2
+    assert _one_error(capsys).startswith(
+        f"qat search: error: --resume: the study in {str(db)!r} was scored with another {key} (")
+    assert db.read_bytes() == before

@@ -135,8 +135,10 @@ def parse_spec(d: Any) -> SearchSpec:
             raise SearchError(f"unknown key search.constraint.{key}"
                               f"{_close(str(key), ['max_bits'], 'search.constraint.')}; "
                               "valid keys: max_bits")
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
-            raise SearchError(f"search.constraint.max_bits must be a number > 0, got {v!r}")
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) \
+                or v <= 0:
+            raise SearchError(f"search.constraint.max_bits must be a finite number > 0, got "
+                              f"{v!r}")
     for key, low in (("trials", 1), ("held_out_samples", 1), ("seed", 0), ("seed_trials", 0)):
         _int(d, key, low)
     if d.get("sampler", "tpe") not in SAMPLERS:
@@ -146,9 +148,8 @@ def parse_spec(d: Any) -> SearchSpec:
     if sens is not None and not isinstance(sens, str):
         raise SearchError(f"search.sensitivity must be the path of a sensitivity.csv, got "
                           f"{sens!r}")
-    if sens is not None and not Path(sens).is_file():
-        raise SearchError(f"search.sensitivity: {sens!r} does not exist (write it with "
-                          "qat sensitivity)")
+    if sens is not None:
+        read_sensitivity(sens)  # a bad table fails here, before the model loads
     widths = d.get("uniform_widths", [3, 4, 5, 6, 8])
     if not isinstance(widths, list) or not all(isinstance(w, int) for w in widths):
         raise SearchError(f"search.uniform_widths must be a list of integers, got {widths!r}")
@@ -468,22 +469,31 @@ def _sampler(spec: SearchSpec, offset: int = 0):
     return optuna.samplers.RandomSampler(seed=spec.seed + offset)
 
 
-def check_study_file(out: Path, resume: bool) -> None:
-    """A new search never overwrites an old one; ``--resume`` needs one to resume."""
-    db = out / DB_FILE
-    if db.exists() and not resume:
-        raise SearchError(f"{str(out)!r} already holds a search ({DB_FILE}); pass --resume to "
-                          "continue it, or choose another --output_dir")
-    if resume and not db.exists():
-        raise SearchError(f"--resume: {str(out)!r} holds no {DB_FILE} to resume")
+def scores_key(recipe, spec: SearchSpec) -> dict[str, Any]:
+    """What a trial's scores depend on besides its own choices: a resumed study must match."""
+    args = recipe.args
+    key = {"model": args.model_name_or_path, "task": args.task_name,
+           "data_dir": args.data_dir, "max_length": args.max_length,
+           "held_out_samples": spec.held_out_samples, "seed": spec.seed,
+           "quant": args.quant.to_dict()}
+    return json.loads(json.dumps(key, default=str))  # as the study stores it (tuples: lists)
 
 
-def open_study(out: Path, spec: SearchSpec, space: Space, resume: bool):
+def check_study_file(out: Path, resume: bool, scores: dict[str, Any]) -> bool:
+    """A new search never overwrites an old one; ``--resume`` needs one of ours to resume, scored
+    the same way (``qat.analysis.study_file``). Returns whether to resume."""
+    from qat.analysis.study_file import check_study_file as check
+
+    return check(out / DB_FILE, STUDY_NAME, resume, scores)
+
+
+def open_study(out: Path, spec: SearchSpec, space: Space, resume: bool,
+               scores: dict[str, Any]):
     """Create the SQLite-backed study, or reopen it with ``--resume``."""
     import optuna
 
     db = out / DB_FILE
-    check_study_file(out, resume)
+    resume = check_study_file(out, resume, scores)
     out.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     directions = ["maximize" if o == "accuracy" else "minimize" for o in spec.objectives]
@@ -501,7 +511,8 @@ def open_study(out: Path, spec: SearchSpec, space: Space, resume: bool):
                               "space, granularity, objectives or model; use a new output_dir")
         _requeue_interrupted(study)
     else:
-        study.set_user_attr("key", key)
+        study.set_user_attr("scores", scores)
+        study.set_user_attr("key", key)  # last: a study without it was never fully created
     return study
 
 
@@ -515,15 +526,38 @@ def _requeue_interrupted(study) -> None:
                                                                             "sampler")})
 
 
+def read_sensitivity(path: str) -> dict[str, int]:
+    """``{unit: rank}`` of a ``qat sensitivity`` table, checked (one line for a bad file)."""
+    where = f"search.sensitivity: {path!r}"
+    p = Path(path)
+    if not p.is_file():
+        raise SearchError(f"{where} does not exist (write it with qat sensitivity)"
+                          if not p.exists() else f"{where} is not a regular file")
+    try:
+        with open(p, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise SearchError(f"{where} cannot be read as CSV ({e})") from None
+    if not rows or not {"unit", "rank"} <= set(rows[0]):
+        raise SearchError(f"{where} is not a sensitivity table (no unit and rank columns); "
+                          "write it with qat sensitivity")
+    ranks: dict[str, int] = {}
+    for n, r in enumerate(rows, 2):  # line 1 is the header
+        unit, rank = r.get("unit"), r.get("rank")
+        try:
+            ranks[str(unit)] = int(str(rank))
+        except ValueError:
+            raise SearchError(f"{where} line {n}: rank {rank!r} of unit {unit!r} is not an "
+                              "integer") from None
+        if not unit:
+            raise SearchError(f"{where} line {n}: no unit name")
+    return ranks
+
+
 def seed_mixes(space: Space, sensitivity_csv: str, n: int) -> list[dict[str, Any]]:
     """Sensitivity-ordered mixes: the k least sensitive units at their lowest choices and the
     rest at the recipe's, for ``n`` budgets k = ceil(N/n), ceil(2N/n), ..., N."""
-    with open(sensitivity_csv, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or not {"unit", "rank"} <= set(rows[0]):
-        raise SearchError(f"search.sensitivity: {sensitivity_csv!r} is not a sensitivity table "
-                          "(no unit and rank columns); write it with qat sensitivity")
-    ranks = {r["unit"]: int(r["rank"]) for r in rows}
+    ranks = read_sensitivity(sensitivity_csv)
     names = [u.name for u in space.units]
     missing = [u for u in names if u not in ranks]
     if missing:
@@ -564,7 +598,8 @@ def run(path: str, argv: list[str], resume: bool = False) -> dict[str, Any]:
     recipe, spec, data = read_recipe_and_spec(path, argv)
     out = Path(recipe.training_args.output_dir)
     check_output_dir(str(out))
-    check_study_file(out, resume)  # before the model loads
+    scores = scores_key(recipe, spec)
+    resume = check_study_file(out, resume, scores)  # before the model loads
     scorer = Scorer(recipe, spec)
     space = scorer.space
     if spec.max_bits is not None:
@@ -574,7 +609,7 @@ def run(path: str, argv: list[str], resume: bool = False) -> dict[str, Any]:
             raise SearchError(f"search.constraint.max_bits {spec.max_bits:g} cannot be met: "
                               f"every unit at its lowest choice gives {lowest:.4f} average bits")
     seeds = seed_mixes(space, spec.sensitivity, spec.seed_trials) if spec.sensitivity else []
-    study = open_study(out, spec, space, resume)
+    study = open_study(out, spec, space, resume, scores)
     dists = {k: CategoricalDistribution(v) for k, v in space.params().items()}
     if not resume:
         for p in seeds:

@@ -27,8 +27,11 @@ def run(path: str, argv: list[str], output_dir: str | None = None,
     """Measure every unit's drop; returns the rows, most sensitive first."""
     from tqdm.auto import tqdm
 
+    from qat.runs.checkpoints import check_output_dir
+
     recipe, spec, _ = read_recipe_and_spec(path, argv)
     out = Path(output_dir or recipe.training_args.output_dir)
+    check_output_dir(str(out))  # a file in the way fails now, not after all the scoring
     table = out / "sensitivity.csv"
     if table.exists() and not overwrite:
         raise SearchError(f"{str(table)!r} exists; pass --overwrite to replace it or choose "

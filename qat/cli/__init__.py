@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+from collections.abc import Callable
 
 # name -> (module, one-line help). Modules are imported only when their command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -29,6 +31,22 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return quiet_broken_pipe(lambda: _main(argv))
+
+
+def quiet_broken_pipe(run: Callable[[], int]) -> int:
+    """``run()``, except that a reader that left (``qat train --help | head``) ends the
+    command quietly, with the shell's SIGPIPE status, instead of a BrokenPipeError traceback."""
+    try:
+        return run()
+    except BrokenPipeError:
+        # stdout is flushed again at exit: point it at /dev/null so that flush cannot fail
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())

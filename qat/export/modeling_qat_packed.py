@@ -49,10 +49,11 @@ _PASSTHROUGH = {"cache_dir", "force_download", "proxies", "revision", "token", "
 def unpack_bits(stream: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     """``count`` unsigned codes of ``bits`` bits from a little-endian uint8 bit stream."""
     s = stream.reshape(-1).to(torch.uint8)
+    if s.numel() != -(-count * bits // 8):  # exactly: a stream of another width is not ours
+        raise ValueError(f"packed stream holds {s.numel()} bytes, {-(-count * bits // 8)} "
+                         f"expected for {count} codes of {bits} bits")
     if bits == 8:
-        return s[:count].to(torch.int64)
-    if s.numel() * 8 < count * bits:
-        raise ValueError(f"packed stream holds {s.numel() * 8} bits, {count * bits} needed")
+        return s.to(torch.int64)
     planes = (s.to(torch.int64).unsqueeze(-1) >> torch.arange(8)) & 1  # little-endian bits
     planes = planes.reshape(-1)[:count * bits].reshape(count, bits)
     return (planes << torch.arange(bits)).sum(-1)
@@ -136,6 +137,16 @@ class QatPackedConfig(PretrainedConfig):
         super().__init__(**kwargs)
 
 
+def packing_checksum(packing: dict[str, Any]) -> str:
+    """SHA-256 of the packing table (version, quant, codecs, per-layer layout): an edited codec
+    field (a width, an exponent width) would unpack the same bytes into other weights."""
+    import hashlib
+
+    body = {k: packing.get(k) for k in ("version", "quant", "codecs", "packed")}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"))
+                          .encode()).hexdigest()
+
+
 def _only_weights_quantised(quant: dict[str, Any] | None) -> bool:
     if not quant:
         return True
@@ -159,6 +170,10 @@ def load_packed(path: str | os.PathLike, config: QatPackedConfig | None = None,
     if packing.get("version") != PACK_VERSION:
         raise ValueError(f"{path}: qat_packing version {packing.get('version')!r} is not "
                          f"{PACK_VERSION}; load it with the qat version that wrote it")
+    if packing.get("checksum") != packing_checksum(packing):
+        raise ValueError(f"{path}: config.json's qat_packing does not match its checksum (its "
+                         "codec or layout fields were edited or damaged); export the model "
+                         "again")
     base = dict(config.base_config)
     base_type = base.pop("model_type")
     arch = (base.get("architectures") or [None])[0]

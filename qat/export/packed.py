@@ -221,7 +221,24 @@ def check_destination(out: str | Path, overwrite: bool) -> Path:
         n = sum(1 for _ in p.iterdir())
         raise ExportError(f"--out {str(out)!r} is not empty ({n} entries); pass --overwrite "
                            "to replace it, or choose a new folder")
+    if p.is_dir() and any(p.iterdir()) and not holds_export(p):
+        # --overwrite replaces an old export, never a training run or anything else
+        raise ExportError(f"--out {str(out)!r} is not empty and holds no qat export "
+                          "(config.json with model_type qat_packed and its weights); "
+                          "--overwrite replaces only an export: choose a new folder")
     return p
+
+
+def holds_export(folder: Path) -> bool:
+    """``folder`` holds a packed export (what ``--overwrite`` may replace)."""
+    from qat.export import modeling_qat_packed as mqp
+
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(config, dict) and config.get("model_type") == mqp.MODEL_TYPE \
+        and (folder / mqp.WEIGHTS_NAME).is_file()
 
 
 def _within(a: Path, b: Path) -> bool:
@@ -287,6 +304,14 @@ def write_atomically(out: Path, write: Callable[[Path], None], overwrite: bool =
         raise
 
 
+def _with_checksum(packing: dict[str, Any]) -> dict[str, Any]:
+    from qat.export import modeling_qat_packed as mqp
+
+    # as config.json will hold it (tuples become lists), so the loader computes the same hash
+    packing = json.loads(json.dumps(packing))
+    return {**packing, "checksum": mqp.packing_checksum(packing)}
+
+
 def export_model(model: torch.nn.Module, out_dir: str | Path, tokenizer: Any = None, *,
                  overwrite: bool = False, info: dict[str, Any] | None = None) -> Path:
     """Write ``model`` (fake-quantised by ``quantize_model``) packed to ``out_dir``.
@@ -316,8 +341,8 @@ def export_model(model: torch.nn.Module, out_dir: str | Path, tokenizer: Any = N
     config = mqp.QatPackedConfig(
         base_config=base, architectures=[auto[next(k for k in auto if k != "AutoConfig")]
                                          .rsplit(".", 1)[1]], auto_map=auto,
-        qat_packing={"version": mqp.PACK_VERSION, "quant": quant.to_dict(), "codecs": codecs,
-                     "packed": packed})
+        qat_packing=_with_checksum({"version": mqp.PACK_VERSION, "quant": quant.to_dict(),
+                                    "codecs": codecs, "packed": packed}))
 
     def write(tmp: Path) -> None:
         save_file(state, str(tmp / mqp.WEIGHTS_NAME), metadata={"format": "pt"})

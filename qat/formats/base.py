@@ -222,15 +222,31 @@ def block_exponent(amax: Tensor, lo: int, hi: int, *, ceil: bool) -> Tensor:
     return torch.where(nonzero, e, torch.full_like(e, lo)).clamp(lo, hi)
 
 
+MAX_SIDE_FILE_BYTES = 1 << 20  # a codebook file is a few KB; anything bigger is not one
+
+
 def read_json_file(path: str, what: str) -> Any:
-    """A format's side file (codebooks) as JSON; FormatError naming ``what`` if unreadable."""
+    """A format's side file (codebooks) as JSON; FormatError naming ``what`` if unreadable.
+    Only a regular file is opened (a FIFO would block the read for ever), of bounded size,
+    as UTF-8."""
     import json
+    import os
+    import stat
 
     try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise FormatError(f"{what} {path!r} is not a regular file")
+        if st.st_size > MAX_SIDE_FILE_BYTES:
+            raise FormatError(f"{what} {path!r} is {st.st_size} bytes, too large for a "
+                              f"codebook file (at most {MAX_SIDE_FILE_BYTES})")
+        with open(path, "rb") as f:
+            return json.loads(f.read(MAX_SIDE_FILE_BYTES + 1).decode("utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise FormatError(f"{what} {path!r} could not be read: {e}") from None
+    except RecursionError:
+        raise FormatError(f"{what} {path!r} could not be read: JSON nested too deeply"
+                          ) from None
 
 
 def check_int(cls_name: str, key: str, value: Any, lo: int, hi: int | None = None) -> None:

@@ -79,3 +79,26 @@ class QATSFTTrainer(QATTrainer, SFTTrainer):
         # no KV cache while training
         return Trainer.compute_loss(self, model, {**inputs, "use_cache": False},
                                     return_outputs=True, num_items_in_batch=num_items_in_batch)
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        """TRL's loss multiplies the hidden states by ``lm_head.weight`` directly (its fused
+        head), which skips a quantised head's weight and input quantisers: then the model's
+        own forward and loss, as ``qat``'s trainer computes them, are used instead (TRL's
+        token metrics are not logged for such a run)."""
+        distilling = getattr(self, "teacher", None) is not None and model.training
+        if _quantised_head(model) and not distilling:  # distillation takes Trainer's path
+            return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                    num_items_in_batch=num_items_in_batch)
+
+
+def _quantised_head(model: Any) -> bool:
+    """The output projection (``lm_head``) carries an enabled weight or input quantiser."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = getattr(base, "module", base)  # DDP / FSDP wrappers
+    get = getattr(base, "get_output_embeddings", None)
+    head = get() if get is not None else None
+    return any(getattr(q, "enabled", False) for q in (
+        getattr(head, "weight_quantizer", None), getattr(head, "activation_quantizer", None)))

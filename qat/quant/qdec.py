@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -52,6 +53,7 @@ from qat.quant.config import QuantConfigError, check_section
 from qat.quant.modules import QuantConv1D, QuantLinear
 
 QuantLayer = QuantLinear | QuantConv1D
+logger = logging.getLogger(__name__)
 
 RESIDUAL_DEVICES = ("cpu", "same")
 PREFILL_RULES = ("step", "token")
@@ -392,14 +394,49 @@ def save_qdec(model: nn.Module, directory: str | Path, overwrite: bool = False) 
         tensors[f"{n}.codes"] = s.codes_t.cpu().contiguous()
         tensors[f"{n}.scale"] = s.scale.cpu().contiguous()
     save_file(tensors, str(out / QDEC_WEIGHTS))
-    meta = {"version": 2, "config": model.qdec_config.to_dict(),
-            "layers": {n: [s.codes_t.shape[0], s.d_out] for n, s in states.items()}}
+    meta = {"version": 3, "config": model.qdec_config.to_dict(),
+            "layers": {n: [s.codes_t.shape[0], s.d_out] for n, s in states.items()},
+            "fingerprint": qdec_fingerprint(model)}
     (out / QDEC_CONFIG).write_text(json.dumps(meta, indent=2))
     return out
 
 
 def has_saved_qdec(directory: str | Path) -> bool:
     return (Path(directory) / QDEC_CONFIG).is_file()
+
+
+def qdec_fingerprint(model: nn.Module) -> str:
+    """A hash of what the residuals ``W - Q(W)`` depend on: every served layer's name, weight
+    bytes and weight quantiser (format and block dimension). Saved residuals are used only for
+    the model they were computed from: a retrained model or another quantiser gets new ones."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, m in qdec_layers(model):
+        q = m.weight_quantizer
+        w = m.weight.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}|{q.fmt!r}|dim={q.dim}|{w.dtype}|{tuple(m.weight.shape)}\n".encode())
+        h.update(w.view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
+def read_qdec_meta(directory: str | Path) -> dict[str, Any]:
+    """``qdec_config.json`` checked: a damaged or foreign file is one ``QDECError`` line."""
+    path = Path(directory) / QDEC_CONFIG
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(meta, dict) or not isinstance(meta.get("layers"), dict) \
+                or not isinstance(meta.get("config"), dict):
+            raise ValueError("expected an object with 'config' and 'layers'")
+        QDECConfig.from_dict(meta["config"])
+    except FileNotFoundError:
+        raise QDECError(f"{str(directory)!r} holds no {QDEC_CONFIG} (written by save_qdec)"
+                        ) from None
+    except (ValueError, KeyError, TypeError, RecursionError, OSError) as e:
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise QDECError(f"{str(path)!r} is not a valid QDEC config ({reason}); delete the "
+                        "qdec.* files to recompute the residuals") from None
+    return meta
 
 
 def load_qdec(model: nn.Module, directory: str | Path,
@@ -410,14 +447,8 @@ def load_qdec(model: nn.Module, directory: str | Path,
     from safetensors.torch import load_file
 
     d = Path(directory)
-    try:
-        meta = json.loads((d / QDEC_CONFIG).read_text())
-        saved = QDECConfig.from_dict(meta["config"])
-        shapes = meta["layers"]
-    except FileNotFoundError:
-        raise QDECError(f"{str(d)!r} holds no {QDEC_CONFIG} (written by save_qdec)") from None
-    except (ValueError, KeyError, TypeError) as e:
-        raise QDECError(f"{str(d / QDEC_CONFIG)!r} is not a valid QDEC config ({e})") from None
+    meta = read_qdec_meta(d)
+    saved, shapes = QDECConfig.from_dict(meta["config"]), meta["layers"]
     config = QDECConfig.from_dict(config) if config is not None else saved
     if config.residual_bits != saved.residual_bits:
         raise QDECError(f"qdec.residual_bits {config.residual_bits} differs from the saved "
@@ -427,6 +458,10 @@ def load_qdec(model: nn.Module, directory: str | Path,
         missing = sorted(set(shapes) ^ set(layers))
         raise QDECError(f"{str(d)!r}: saved QDEC layers do not match the model's quantised "
                         f"linears (first difference: {missing[0]!r})")
+    if meta.get("fingerprint") != qdec_fingerprint(model):
+        raise QDECError(f"{str(d)!r}: the saved QDEC residuals were computed from other "
+                        "weights or another weight quantiser than this model's; recompute "
+                        "them (attach_qdec) or delete the qdec.* files")
     try:
         tensors = load_file(str(d / QDEC_WEIGHTS))
     except (FileNotFoundError, SafetensorError, OSError) as e:
@@ -465,9 +500,13 @@ def apply_qdec(model: nn.Module, config: QDECConfig | None, model_dir: str | Pat
     ``qdec`` section (with its saved settings). Returns the config in use (None: no QDEC)."""
     saved = model_dir is not None and has_saved_qdec(model_dir)
     if saved:
-        meta = json.loads((Path(model_dir) / QDEC_CONFIG).read_text())
-        bits = (meta.get("config") or {}).get("residual_bits")
-        if config is None or config.residual_bits == bits:
+        meta = read_qdec_meta(model_dir)
+        if meta.get("fingerprint") != qdec_fingerprint(model):
+            # a retrained model or another quantiser: those residuals would be wrong
+            logger.warning("%s: the saved QDEC residuals belong to other weights or another "
+                           "weight quantiser; recomputing them", model_dir)
+            config = config if config is not None else QDECConfig.from_dict(meta["config"])
+        elif config is None or config.residual_bits == meta["config"].get("residual_bits"):
             load_qdec(model, model_dir, config)
             return model.qdec_config
     if config is None:

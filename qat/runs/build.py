@@ -92,6 +92,20 @@ def _parsed(overrides: Sequence[str] | Mapping[str, Any]) -> dict[str, Any]:
     return parse_overrides(list(overrides))
 
 
+def _refuse_export(folder: Path, path: str) -> None:
+    """A ``qat export`` folder given to a command: say what exports are for."""
+    import json
+
+    from qat.tasks.language_modeling import check_not_export
+
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return
+    if isinstance(config, dict):
+        check_not_export(config.get("model_type"), path)
+
+
 def resolve_source(path: str | os.PathLike, overrides: Sequence[str] | Mapping[str, Any] = ()
                    ) -> Source:
     """A recipe file, or a run/checkpoint directory with ``qat_config.json``."""
@@ -109,6 +123,7 @@ def resolve_source(path: str | os.PathLike, overrides: Sequence[str] | Mapping[s
         raise UsageError(f"{path!r} is not a regular file or a directory (expected a recipe "
                          ".yaml or a checkpoint directory)")
     if not (p / QAT_CONFIG_FILE).is_file():
+        _refuse_export(p, path)
         raise UsageError(f"{path!r} is a directory that holds no {QAT_CONFIG_FILE}: not a "
                          "qat checkpoint (written by qat train); give a recipe .yaml file, "
                          "or to evaluate a plain model, a recipe whose model_name_or_path "

@@ -8,9 +8,11 @@ a checkpoint costs milliseconds, not a model load.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
 import socket
 import struct
 import time
@@ -176,6 +178,7 @@ def verify_checkpoint(path: str | os.PathLike) -> None:
     check_torch_zip(d / "scheduler.pt", load=True)
     for rng in d.glob("rng_state*.pth"):  # optional, but Trainer crashes on a damaged one
         check_torch_zip(rng)
+    verify_checksums(d)
 
 
 def checkpoints(output_dir: str | os.PathLike) -> list[Path]:
@@ -202,6 +205,72 @@ def last_good_checkpoint(output_dir: str | os.PathLike) -> str | None:
     return None
 
 
+# --- what a killed save leaves, and bytes that rot ------------------------------------------
+
+CHECKSUMS_FILE = "qat_checksums.json"
+# safetensors writes ``.tmpXXXXXX`` beside the file and renames it; write_qat_config writes
+# ``.qat_config.json.tmp-PID``: a kill in between leaves the temporary file behind
+_TEMP_NAME = re.compile(r"^\.tmp[A-Za-z0-9]{6}$|^\.qat_config\.json\.tmp-\d+$")
+
+
+def remove_stale_temps(output_dir: str | os.PathLike) -> list[str]:
+    """Remove the temporary files of saves that were killed half-way, in ``output_dir`` and
+    its checkpoints (called under the run lock: no save of ours is running). Returns them."""
+    d = Path(output_dir)
+    if not d.is_dir():
+        return []
+    removed = []
+    for folder in (d, *checkpoints(d)):
+        for p in folder.iterdir():
+            if _TEMP_NAME.match(p.name) and p.is_file() and not p.is_symlink():
+                p.unlink()
+                removed.append(str(p.relative_to(d)))
+    return removed
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_checksums(checkpoint: str | os.PathLike) -> Path:
+    """Record the size and SHA-256 of every file of a just-saved checkpoint (write-then-rename),
+    so bytes that change later (rot, a bad copy) are found on resume, not trained on."""
+    d = Path(checkpoint)
+    files = {str(p.relative_to(d)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(d.rglob("*"))
+             if p.is_file() and p.name != CHECKSUMS_FILE and not _TEMP_NAME.match(p.name)}
+    tmp = d / f".{CHECKSUMS_FILE}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps({"algorithm": "sha256", "files": files}, indent=1))
+    os.replace(tmp, d / CHECKSUMS_FILE)
+    return d / CHECKSUMS_FILE
+
+
+def verify_checksums(checkpoint: str | os.PathLike) -> None:
+    """Every file recorded in ``qat_checksums.json`` still has its size and hash (a checkpoint
+    saved without one, by an older qat, is not checked)."""
+    d = Path(checkpoint)
+    if not (d / CHECKSUMS_FILE).exists():
+        return
+    record = read_json(d / CHECKSUMS_FILE)
+    files = record.get("files")
+    if not isinstance(files, dict):
+        raise CheckpointError(d / CHECKSUMS_FILE, "no 'files' mapping")
+    for name, want in files.items():
+        p = d / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:  # only the checkpoint's own
+            raise CheckpointError(d / CHECKSUMS_FILE, f"lists {name!r}, outside the checkpoint")
+        if not isinstance(want, dict) or not p.is_file():
+            raise CheckpointError(p, "missing (listed in qat_checksums.json)")
+        if p.stat().st_size != want.get("size") or _sha256(p) != want.get("sha256"):
+            raise CheckpointError(p, "changed since it was saved (checksum mismatch)")
+
+
 # --- the run folder -------------------------------------------------------------------------
 
 
@@ -226,7 +295,8 @@ def clear_run(output_dir: str | os.PathLike) -> list[str]:
         shutil.rmtree(p)
         removed.append(p.name)
     for name in (*RUN_FILES, "adapter_config.json", "config.json", "train_results.json",
-                 "eval_results.json", "all_results.json", "eval_qat.json"):
+                 "eval_results.json", "all_results.json", "eval_qat.json",
+                 "qdec.safetensors", "qdec_config.json"):  # residuals of the old weights
         if name != "recipe.yaml" and (d / name).is_file():  # the recipe may be the input
             (d / name).unlink()
             removed.append(name)
@@ -285,28 +355,55 @@ class RunLock:
         threading.Thread(target=beat, name="qat-lock-heartbeat", daemon=True).start()
 
     def _take_over_or_fail(self) -> None:
+        """Take over a stale lock, or fail naming its holder. Takeovers run one at a time
+        under an ``flock`` of the folder (released by the kernel if the process dies), and
+        each re-reads the lock inside it: of several processes that found the same stale
+        lock, the first replaces it and the others then find a fresh one and fail."""
+        import fcntl
+
+        dfd = os.open(self.path.parent, os.O_RDONLY)
         try:
+            fcntl.flock(dfd, fcntl.LOCK_EX)
+            for _ in range(3):  # the holder may release it while we look
+                if self._create():
+                    return
+                found = self._owner()
+                if found is not None:
+                    break
+            else:
+                raise RunFolderError(f"output_dir {str(self.path.parent)!r} is in use by "
+                                     "runs that keep taking and releasing its lock")
+            pid, host, owner, ino, idle = found
+            dead = host == socket.gethostname() and not _alive(pid)
+            if dead or idle > self.STALE_S:
+                why = "which is gone" if dead else f"not refreshed for {idle:.0f} s"
+                logger.warning("taking over the stale lock %s of process %d on %s (%s)",
+                               self.path, pid, host, why)
+                with contextlib.suppress(FileNotFoundError):
+                    if os.stat(self.path).st_ino == ino:  # still the lock judged stale
+                        os.unlink(self.path)
+                if self._create():
+                    return
+        finally:
+            os.close(dfd)  # drops the flock
+        raise RunFolderError(f"output_dir {str(self.path.parent)!r} is in use by another run "
+                             f"(pid {pid} on {host}, since {owner.get('started', '?')}); wait "
+                             f"for it or use another output_dir (lock file {str(self.path)!r})")
+
+    def _owner(self) -> tuple[int, str, dict[str, Any], int, float] | None:
+        """``(pid, host, record, inode, seconds since refreshed)`` of the lock file (None:
+        gone)."""
+        try:
+            st = os.stat(self.path)
             owner = json.loads(self.path.read_text())
             pid, host = int(owner["pid"]), str(owner["host"])
+        except FileNotFoundError:
+            return None
         except (OSError, ValueError, KeyError, TypeError):
             raise RunFolderError(f"output_dir {str(self.path.parent)!r} is locked by "
                                 f"{str(self.path)!r}, which cannot be read; delete it if no run "
                                 "is using this folder") from None
-        try:
-            idle = time.time() - self.path.stat().st_mtime
-        except OSError:
-            idle = 0.0
-        dead = host == socket.gethostname() and not _alive(pid)
-        if dead or idle > self.STALE_S:
-            why = "which is gone" if dead else f"not refreshed for {idle:.0f} s"
-            logger.warning("taking over the stale lock %s of process %d on %s (%s)",
-                           self.path, pid, host, why)
-            self.path.unlink(missing_ok=True)
-            if self._create():
-                return
-        raise RunFolderError(f"output_dir {str(self.path.parent)!r} is in use by another run "
-                             f"(pid {pid} on {host}, since {owner.get('started', '?')}); wait "
-                             f"for it or use another output_dir (lock file {str(self.path)!r})")
+        return pid, host, owner, st.st_ino, time.time() - st.st_mtime
 
     def release(self) -> None:
         if self._stop is not None:

@@ -299,7 +299,12 @@ def _check_type(key: str, value: Any, annotation: Any, where: str = "") -> None:
 
 def parse_value(text: str) -> Any:
     """A command-line value as YAML would read it, plus numbers like ``1e-4``."""
-    value = yaml.safe_load(text) if text != "" else ""
+    try:
+        value = yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError as e:  # e.g. 'a: b: c'; YAML's own message spans several lines
+        problem = getattr(e, "problem", None) or "not valid YAML"
+        raise RecipeError(f"value {text!r} is not valid YAML ({problem}); quote it for a "
+                          f"string, e.g. \"'{text}'\"") from None
     if isinstance(value, str):
         for conv in (int, float):
             try:
@@ -327,7 +332,11 @@ def parse_overrides(argv: list[str]) -> dict[str, Any]:
         else:
             text = "true"  # a bare flag, as for store_true options
             i += 1
-        out[key.replace("-", "_") if "." not in key else key] = parse_value(text)
+        key = key.replace("-", "_") if "." not in key else key
+        try:
+            out[key] = parse_value(text)
+        except RecipeError as e:
+            raise RecipeError(f"--{key}: {e}") from None
     return out
 
 

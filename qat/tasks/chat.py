@@ -3,16 +3,19 @@ template, the loss on the assistant's turns only.
 
 A row is either ``{"messages": [{"role": ..., "content": ...}, ...]}`` or
 ``{"prompt": ..., "completion": ...}`` (strings, read as one user turn and one assistant turn, or
-lists of messages). Each assistant turn's tokens are found as the difference between the
+lists of messages). Each assistant turn's text is found as the difference between the
 template of the conversation up to that turn and of the conversation before it (with the
-generation prompt), so the labels are the input ids on assistant tokens (the template's
-end-of-turn marker included: the model learns to stop) and -100 elsewhere. Rows are truncated to
+generation prompt; a conversation that opens with an assistant turn starts at that turn's
+content), and mapped to the tokens of the conversation, tokenised once; the labels are the
+input ids on assistant tokens (the template's end-of-turn marker included: the model learns to
+stop) and -100 elsewhere. Rows are truncated to
 ``block_size`` tokens; a row left with no assistant token is dropped (with a warning).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 from qat.errors import DataError
@@ -29,8 +32,9 @@ def check_chat_template(tokenizer: Any, name: str) -> None:
                         "(tokenizer_name_or_path) or task_name causal_lm for plain text")
 
 
-def _as_messages(value: Any, role: str) -> list[dict[str, Any]]:
-    return [{"role": role, "content": value}] if isinstance(value, str) else list(value)
+def _as_messages(value: Any, role: str) -> Any:
+    # a string is one turn; anything else must be a list of messages (checked by the caller)
+    return [{"role": role, "content": value}] if isinstance(value, str) else value
 
 
 def row_messages(row: dict[str, Any], n: int, where: str) -> list[dict[str, Any]]:
@@ -38,7 +42,13 @@ def row_messages(row: dict[str, Any], n: int, where: str) -> list[dict[str, Any]
     if "messages" in row:
         msgs = row["messages"]
     elif "prompt" in row and "completion" in row:
-        msgs = _as_messages(row["prompt"], "user") + _as_messages(row["completion"], "assistant")
+        prompt, completion = (_as_messages(row[k], r) for k, r in (("prompt", "user"),
+                                                                     ("completion", "assistant")))
+        for key, value in (("prompt", prompt), ("completion", completion)):
+            if not isinstance(value, list):
+                raise DataError(f"{where} row {n}: {key} is {type(value).__name__}; expected "
+                                "a string or a list of {role, content} messages")
+        msgs = prompt + completion
     else:
         raise DataError(f"{where} row {n}: expected a 'messages' column or 'prompt' and "
                         f"'completion' columns; got {', '.join(map(str, row)) or 'none'}")
@@ -58,19 +68,63 @@ def _ids(tokenizer: Any, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def encode_chat(tokenizer: Any, msgs: list[dict[str, Any]]) -> tuple[list[int], list[int]]:
-    """``(input_ids, labels)`` of one conversation: labels are -100 outside assistant turns."""
+def _token_starts(tokenizer: Any, text: str) -> tuple[list[int], list[int] | None]:
+    """``(ids, first character of each token)`` of ``text`` in one pass (fast tokenizers);
+    the starts are None for a tokenizer that cannot map tokens to characters."""
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except (NotImplementedError, ValueError, TypeError):
+        return _ids(tokenizer, text), None
+    return enc["input_ids"], [a for a, _ in enc["offset_mapping"]]
+
+
+def assistant_spans(tokenizer: Any, msgs: list[dict[str, Any]],
+                    limit: int | None = None) -> Iterator[tuple[int, int]]:
+    """``(start, end)`` character spans of the assistant turns in the rendered conversation:
+    from after the generation prompt to the end of the turn (its end-of-turn marker
+    included). A conversation that opens with an assistant turn learns only that turn's own
+    text, not what the template writes before it (a default system prompt). Stops at
+    ``limit`` characters: turns beyond the block are cut off anyway."""
     def template(m: list[dict[str, Any]], gen: bool = False) -> str:
         return tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=gen)
 
-    ids = _ids(tokenizer, template(msgs))
-    labels = [IGNORE_INDEX] * len(ids)
     for i, m in enumerate(msgs):
         if m["role"] != "assistant":
             continue
-        start = len(_ids(tokenizer, template(msgs[:i], gen=True))) if i else 0
-        end = len(_ids(tokenizer, template(msgs[:i + 1])))
-        labels[start:end] = ids[start:end]
+        if i:
+            start = len(template(msgs[:i], gen=True))
+        else:  # no prompt to render before it: the turn starts where its content does
+            first = template(msgs[:1])
+            # a template may trim the content; not found at all: learn none of this turn
+            # rather than what precedes it
+            at = first.rfind(m["content"].strip()) if m["content"].strip() else -1
+            start = at if at >= 0 else len(first)
+        if limit is not None and start >= limit:
+            return
+        yield start, len(template(msgs[:i + 1]))
+
+
+def encode_chat(tokenizer: Any, msgs: list[dict[str, Any]],
+                max_tokens: int | None = None) -> tuple[list[int], list[int]]:
+    """``(input_ids, labels)`` of one conversation: labels are -100 outside assistant turns.
+
+    The conversation is tokenised once and each turn's character span mapped to its tokens
+    (re-tokenising every prefix made long conversations quadratic); ``max_tokens`` stops at
+    the block, where the row is cut anyway."""
+    import bisect
+
+    full = tokenizer.apply_chat_template(msgs, tokenize=False)
+    ids, starts = _token_starts(tokenizer, full)
+    labels = [IGNORE_INDEX] * len(ids)
+    if starts is None:  # slow tokenizer: count each span's tokens by tokenising its prefix
+        for a, b in assistant_spans(tokenizer, msgs):
+            i, j = len(_ids(tokenizer, full[:a])) if a else 0, len(_ids(tokenizer, full[:b]))
+            labels[i:j] = ids[i:j]
+        return ids, labels
+    limit = starts[max_tokens] if max_tokens is not None and max_tokens < len(ids) else None
+    for a, b in assistant_spans(tokenizer, msgs, limit):
+        i, j = bisect.bisect_left(starts, a), bisect.bisect_left(starts, b)
+        labels[i:j] = ids[i:j]
     return ids, labels
 
 
@@ -88,7 +142,7 @@ def chat_dataset(rows: list[dict[str, Any]], tokenizer: Any, block_size: int,
     out: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "labels": []}
     dropped = 0
     for msgs in convs:
-        ids, labels = encode_chat(tokenizer, msgs)
+        ids, labels = encode_chat(tokenizer, msgs, block_size)
         ids, labels = ids[:block_size], labels[:block_size]
         if all(t == IGNORE_INDEX for t in labels[1:]):  # nothing predicted after truncation
             dropped += 1

@@ -67,6 +67,16 @@ def wikitext_path(split: str) -> Path | None:
     return path
 
 
+def check_not_export(model_type: Any, name: str) -> None:
+    """A ``qat export`` folder holds packed codes for ``from_pretrained``, not a model the
+    commands quantise and run: say so instead of "not a causal language model"."""
+    if model_type == "qat_packed":  # qat.export.modeling_qat_packed.MODEL_TYPE
+        raise UsageError(f"model {name!r} is a qat export (packed weights, model_type "
+                         "qat_packed): exports are for transformers' from_pretrained and "
+                         "inference engines; give the run folder or checkpoint it was "
+                         "exported from")
+
+
 def check_causal(config: Any, name: str) -> None:
     """Refuse encoders (BERT & co.) with a clear message: perplexity needs a decoder."""
     from transformers.models.auto.modeling_auto import (
@@ -75,6 +85,7 @@ def check_causal(config: Any, name: str) -> None:
     )
 
     mtype = getattr(config, "model_type", None)
+    check_not_export(mtype, name)
     causal = mtype in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and (
         getattr(config, "is_decoder", False)
         or mtype not in MODEL_FOR_MASKED_LM_MAPPING_NAMES)
@@ -142,32 +153,58 @@ def _split_of(args: Any, which: str) -> tuple[str | None, str]:
     return args.validation_file, args.eval_split
 
 
-def read_rows_file(path: str) -> list[dict[str, Any]]:
-    """Rows of a local .jsonl (one JSON object a line) or .json (a list of objects) file."""
-    import json
+DATA_SUFFIXES = (".txt", ".json", ".jsonl")  # train_file / validation_file kinds, any case
 
+
+def data_file_kind(path: str) -> str:
+    """``.txt``, ``.json`` or ``.jsonl`` (case-insensitive) of a data file; anything else is
+    refused, not read as raw text (a .csv trained on as text is a silent wrong run)."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in DATA_SUFFIXES:
+        raise DataError(f"data file {path!r}: unrecognised suffix {Path(path).suffix!r}; "
+                        f"expected one of {', '.join(DATA_SUFFIXES)} (plain text, a JSON list "
+                        "of objects, one JSON object a line)")
+    return suffix
+
+
+def _read_text(path: str) -> str:
+    """The UTF-8 text of a data file (a missing, non-regular or non-UTF-8 file: one line)."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise DataError(f"data file {path!r} does not exist" if not p.exists() else
                         f"data file {path!r} is not a regular file")
-    text = p.read_text(encoding="utf-8", errors="strict")
-    if p.suffix == ".json":
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"data file {path!r} is not valid JSON: {e}") from None
+    raw = p.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"data file {path!r} line {line}: not valid UTF-8 (byte "
+                        f"0x{raw[e.start]:02x})") from None
+
+
+def _json(text: str, where: str) -> Any:
+    import json
+
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: not valid JSON ({e})") from None
+    except RecursionError:  # json recurses once per level: '[[[[...' overflows the stack
+        raise DataError(f"{where}: JSON nested too deeply to read") from None
+
+
+def read_rows_file(path: str) -> list[dict[str, Any]]:
+    """Rows of a local .jsonl (one JSON object a line) or .json (a list of objects) file."""
+    kind = data_file_kind(path)
+    text = _read_text(path)
+    if kind == ".json":
+        rows = _json(text, f"data file {path!r}")
         if not isinstance(rows, list):
             raise DataError(f"data file {path!r} must hold a list of objects")
         lines = list(enumerate(rows, 1))
     else:
-        lines = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    lines.append((n, json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"data file {path!r} line {n}: not valid JSON ({e})"
-                                    ) from None
+        lines = [(n, _json(line, f"data file {path!r} line {n}"))
+                 for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     for n, row in lines:
         if not isinstance(row, dict):
             raise DataError(f"data file {path!r} row {n}: expected a JSON object, got "
@@ -180,13 +217,9 @@ def load_rows(args: Any, which: str) -> tuple[list[dict[str, Any]] | None, str, 
     or Hub dataset, or (rows None) the raw text of a .txt file or of WikiText-2."""
     file, split = _split_of(args, which)
     if file:
-        if Path(file).suffix in (".json", ".jsonl"):
+        if data_file_kind(file) in (".json", ".jsonl"):
             return read_rows_file(file), "", f"data file {file!r}"
-        p = Path(file).expanduser()
-        if not p.is_file():
-            raise DataError(f"data file {file!r} does not exist" if not p.exists() else
-                            f"data file {file!r} is not a regular file")
-        return None, p.read_text(encoding="utf-8"), f"data file {file!r}"
+        return None, _read_text(file), f"data file {file!r}"
     name = args.dataset_name or WIKITEXT
     if name == WIKITEXT and args.dataset_config in (None, "wikitext-2-raw-v1"):
         return None, load_wikitext(split), f"WikiText-2 {split}"

@@ -96,6 +96,7 @@ def check_run_folder(recipe, checkpoint: str | None) -> None:
     from qat.runs.checkpoints import holds_run
 
     out = recipe.training_args.output_dir
+    check_model_outside(recipe)
     found = holds_run(out)
     if not found:
         return
@@ -111,29 +112,84 @@ def check_run_folder(recipe, checkpoint: str | None) -> None:
                     "--overwrite_output_dir true (deletes its checkpoints)")
 
 
+def check_model_outside(recipe) -> None:
+    """``overwrite_output_dir`` deletes the old run: refuse when the model (or tokenizer) to
+    fine-tune lies inside that folder, which would delete the input of this very run."""
+    if not recipe.args.overwrite_output_dir:
+        return
+    out = Path(recipe.training_args.output_dir).expanduser().resolve()
+    for key in ("model_name_or_path", "tokenizer_name_or_path"):
+        value = getattr(recipe.args, key, None)
+        if not value or not Path(value).expanduser().exists():
+            continue  # a Hub name
+        p = Path(value).expanduser().resolve()
+        if p == out or out in p.parents:
+            raise UsageError(f"{key} {value!r} lies inside output_dir {str(out)!r}, which "
+                             "overwrite_output_dir would delete; write the new run to another "
+                             "output_dir")
+
+
+def clear_old_run(recipe, checkpoint: str | None) -> None:
+    """``overwrite_output_dir``: remove the old run, only once the model and data of the new
+    one have loaded (bad input found before this leaves the old run as it was)."""
+    from qat.runs.checkpoints import clear_run
+
+    targs = recipe.training_args
+    if checkpoint or not recipe.args.overwrite_output_dir or targs.process_index != 0:
+        return
+    removed = clear_run(targs.output_dir)
+    if removed:
+        logger.warning("overwrite_output_dir: removed the old run's %s", ", ".join(removed))
+
+
 def run(recipe, trainer_cls=None) -> dict:
     """Train and evaluate as ``recipe`` says; returns the final metrics. ``trainer_cls``
     replaces ``QATTrainer`` for decoder tasks (``trainer: sft`` passes TRL's, from above)."""
-    from qat.runs.checkpoints import clear_run
-
     targs = recipe.training_args
     check_output_dir(targs.output_dir)
     check_fsdp_device(targs)
     with _run_lock(recipe):  # a second run into the folder fails here, before reading it
+        _remove_stale_temps(targs)
         checkpoint = resolve_resume(recipe)
         check_run_folder(recipe, checkpoint)
         if checkpoint:
             apply_checkpoint_state(recipe, checkpoint)
-        elif recipe.args.overwrite_output_dir and targs.process_index == 0:
-            removed = clear_run(targs.output_dir)
-            if removed:
-                logger.warning("overwrite_output_dir: removed the old run's %s",
-                               ", ".join(removed))
         if recipe.args.task_name in LM_TASKS:  # decoders: their own loop
             from qat.training.causal_lm import train_decoder
 
             return train_decoder(recipe, checkpoint, trainer_cls)
         return _train(recipe, checkpoint)
+
+
+def _remove_stale_temps(targs) -> None:
+    """What saves killed half-way left (we hold the lock: no save of ours is running)."""
+    from qat.runs.checkpoints import remove_stale_temps
+
+    if targs.process_index == 0:
+        removed = remove_stale_temps(targs.output_dir)
+        if removed:
+            logger.warning("removed %d temporary file(s) of an interrupted save: %s",
+                           len(removed), ", ".join(removed))
+
+
+def checksum_callback():
+    """A ``TrainerCallback`` that records every saved checkpoint's checksums once the whole
+    checkpoint is written (``qat.runs.checkpoints.write_checksums``; verified on resume)."""
+    from transformers import TrainerCallback
+
+    from qat.runs.checkpoints import CHECKPOINT_PREFIX, write_checksums
+
+    class ChecksumOnSave(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if args.world_size > 1:  # every rank's shards are written first
+                from accelerate import PartialState
+
+                PartialState().wait_for_everyone()
+            folder = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}"
+            if state.is_world_process_zero and folder.is_dir():
+                write_checksums(folder)
+
+    return ChecksumOnSave()
 
 
 @contextlib.contextmanager
@@ -210,6 +266,8 @@ def train_and_evaluate(trainer, recipe, checkpoint: str | None,
     metrics and state; evaluate (``add_eval`` adds derived metrics, e.g. perplexity); save the
     resolved recipe. Returns the train and eval metrics."""
     targs = recipe.training_args
+    clear_old_run(recipe, checkpoint)  # every check passed, model and data loaded
+    trainer.add_callback(checksum_callback())
     metrics: dict = {}
     if targs.do_train or not targs.do_eval:
         result = trainer.train(resume_from_checkpoint=checkpoint)
