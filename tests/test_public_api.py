@@ -48,3 +48,46 @@ def test_readme_python_example_runs(tmp_path):
 
 def test_all_lists_exactly_the_lazy_names():
     assert sorted(qat.__all__) == sorted(qat._LAZY)
+
+
+def _tiny_dataset():
+    from datasets import Dataset
+
+    ids = [[5 + (i * 7 + j) % 90 for j in range(12)] for i in range(16)]
+    return Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * 12] * 16,
+                              "labels": [i % 2 for i in range(16)]})
+
+
+def test_qat_trainer_takes_a_peft_lora_config(tmp_path):
+    """A peft.LoraConfig trains and saves as qat's own LoRA does: adapters on the quantised
+    linears quantise W + BA, the head trains, the user's config is left as it was."""
+    import json
+
+    import pytest
+    from peft import LoraConfig
+    from tiny_models import tiny_model
+    from transformers import TrainingArguments
+
+    from qat.errors import ConfigError
+    from qat.quant.lora import QuantLoraLinear
+
+    w4 = {"format": "bfp", "width": 4, "block_size": 8}
+    user = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    args = TrainingArguments(str(tmp_path / "run"), max_steps=3, report_to=[],
+                             per_device_train_batch_size=8, learning_rate=1e-2)
+    trainer = qat.QATTrainer(model=tiny_model("llama"), args=args, train_dataset=_tiny_dataset(),
+                             quant_config={"weight": w4, "activation": w4}, finetune="lora",
+                             lora=user)
+    layers = [m for m in trainer.model.modules() if isinstance(m, QuantLoraLinear)]
+    assert len(layers) == 4  # q_proj, v_proj of 2 layers
+    assert user.modules_to_save is None and user.task_type is None  # not changed in place
+    trainer.train()
+    trainer.save_model()
+    saved = json.loads((tmp_path / "run" / "qat_config.json").read_text())
+    assert saved["finetune"] == "lora" and saved["lora"]["r"] == 4
+    assert saved["lora"]["target_modules"] == ["q_proj", "v_proj"]
+    assert (tmp_path / "run" / "adapter_config.json").is_file()
+    with pytest.raises(ConfigError, match="lora_dropout must be 0"):
+        qat.QATTrainer(model=tiny_model("llama"), args=args, train_dataset=_tiny_dataset(),
+                       quant_config={"weight": w4}, finetune="lora",
+                       lora=LoraConfig(r=4, lora_dropout=0.1, target_modules=["q_proj"]))

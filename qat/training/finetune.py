@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+from typing import Any
+
+from peft import LoraConfig
 from torch import nn
 
+from qat.errors import ConfigError
 from qat.models import CLASSIFIER_HEADS as HEAD_NAMES
-from qat.quant.lora import make_lora_config
+from qat.quant.lora import check_target_modules, make_lora_config, use_quant_lora
 
 
 def head_names(model: nn.Module) -> list[str]:
@@ -38,10 +43,50 @@ def prepare_finetuning(model: nn.Module, mode: str, lora: object | None = None) 
 
         if lora is None:
             raise ValueError("finetune: lora needs a lora section")
-        config = make_lora_config(model, lora.r, lora.alpha, lora.dropout,
-                                  lora.target_modules, modules_to_save=heads or None)
+        if isinstance(lora, LoraConfig):
+            config = _from_peft_config(model, lora, heads)
+        else:
+            config = make_lora_config(model, lora.r, lora.alpha, lora.dropout,
+                                      lora.target_modules, modules_to_save=heads or None)
         return get_peft_model(model, config)
     raise ValueError(f"finetune must be one of full, lora, classifier; got {mode!r}")
+
+
+def _from_peft_config(model: nn.Module, lora: LoraConfig, heads: list[str]) -> LoraConfig:
+    """A copy of a user's ``peft.LoraConfig`` (never changed in place) whose adapters on
+    quantised linears quantise ``W + BA``; a classifier's new head trains beside them."""
+    if lora.use_dora:
+        raise ConfigError("peft LoraConfig: use_dora is not supported on quantised linears")
+    if lora.lora_dropout:
+        raise ConfigError(f"peft LoraConfig: lora_dropout must be 0 (the quantiser sees W + BA; "
+                          f"dropout on the adapter's input has no such form), got "
+                          f"{lora.lora_dropout}")
+    config = copy.deepcopy(lora)
+    targets = config.target_modules
+    if isinstance(targets, (list, set, tuple)):
+        from transformers.pytorch_utils import Conv1D
+
+        check_target_modules([n for n, m in model.named_modules()
+                              if isinstance(m, (nn.Linear, Conv1D))], sorted(targets))
+    if heads and not config.modules_to_save:
+        config.modules_to_save = list(heads)
+    if config.task_type is None:
+        config.task_type = "CAUSAL_LM" if is_causal_lm(model) else "SEQ_CLS"
+    return use_quant_lora(config)
+
+
+def lora_summary(lora: Any) -> dict[str, Any] | None:
+    """The LoRA settings recorded in ``qat_config.json`` (qat's arguments or a peft config)."""
+    import dataclasses
+
+    if lora is None:
+        return None
+    if isinstance(lora, LoraConfig):
+        targets = lora.target_modules
+        return {"r": lora.r, "alpha": lora.lora_alpha, "dropout": lora.lora_dropout,
+                "target_modules": sorted(targets) if isinstance(targets, (set, list, tuple))
+                else targets, "peft_config": True}
+    return dataclasses.asdict(lora) if dataclasses.is_dataclass(lora) else lora
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:

@@ -9,7 +9,6 @@ the run's W&B config so evaluation and resume rebuild the same quantised model. 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import Any
 
@@ -21,7 +20,12 @@ from qat.quant.config import QuantConfig
 from qat.quant.quantize import is_quantized, quantization_summary, quantize_model
 from qat.runs.checkpoints import write_qat_config
 from qat.training.distill import distill_loss_sum
-from qat.training.finetune import is_causal_lm, prepare_finetuning, trainable_parameters
+from qat.training.finetune import (
+    is_causal_lm,
+    lora_summary,
+    prepare_finetuning,
+    trainable_parameters,
+)
 from qat.training.nonfinite import NonFiniteError, check_policy, find_first_nonfinite, is_finite
 from qat.training.quant_metrics import QuantMetricsCallback
 
@@ -229,9 +233,7 @@ class QATTrainer(Trainer):
 
     def qat_state(self) -> dict[str, Any]:
         """What a checkpoint needs to rebuild this quantised model."""
-        lora = self.lora
-        if dataclasses.is_dataclass(lora):
-            lora = dataclasses.asdict(lora)
+        lora = lora_summary(self.lora)
         return {
             "quant": None if self.quant_config is None else self.quant_config.to_dict(),
             "finetune": self.finetune,
