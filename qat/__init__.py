@@ -75,7 +75,16 @@ _AUTO = "transformers.models.auto"
 _HOOKED = ("transformers.quantizers", "transformers.modeling_utils", _AUTO)
 
 
+def _initialising(name: str) -> bool:
+    module = sys.modules.get(name)
+    return bool(getattr(getattr(module, "__spec__", None), "_initializing", False))
+
+
 def _register(name: str = "") -> None:
+    if any(_initialising(n) for n in _HOOKED[:2] if n != name):
+        # e.g. the Auto package finishing inside transformers.quantizers' own import: that
+        # module's hook registers once it has run (importing it now would be circular)
+        return
     if name == _AUTO:  # about to load a model: PreTrainedModel is needed now
         importlib.import_module("transformers.modeling_utils")
     importlib.import_module("qat.export.hf_quantizer").register()
