@@ -177,3 +177,29 @@ def test_saved_memory_grows_linearly_with_length(blocks, monkeypatch):
     # what it keeps is Q(Q), Q(K), Q(V): 3 x batch x heads x seq x dim float32
     assert lean[1] == 3 * 2 * 2 * 512 * 8 * 4
     assert lean[1] < eager[1] / 20
+
+
+def test_block_path_equals_eager_under_bf16_autocast(blocks, monkeypatch):
+    # the backward recomputes each block under the forward's autocast state, so the
+    # recomputed P is the forward's (float32 q, k, v; bf16 matmuls)
+    seq = 23
+    module = _Attn(W4)
+    q, k, v = _qkv(seq)
+    mask = _masks(seq)["additive"]
+    results = []
+    for threshold in (1 << 60, 0):
+        monkeypatch.setattr(attention, "LONG_SCORES", threshold)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, _ = attention.qat_attention_forward(module, q, k, v, mask, scaling=0.3)
+        assert out.dtype == torch.bfloat16
+        out.float().square().sum().backward()
+        results.append((out.detach(), [t.grad.clone() for t in (q, k, v)]))
+        for t in (q, k, v):
+            t.grad = None
+    (ref, ref_grads), (got, grads) = results
+    assert len(blocks) == 1
+    assert torch.equal(got, ref)
+    assert torch.equal(grads[0], ref_grads[0])
+    for name, g, r in zip("kv", grads[1:], ref_grads[1:]):
+        # bf16 products summed over blocks in float32 vs one bf16 matmul: bf16 rounding
+        assert torch.allclose(g, r, rtol=1e-2, atol=1e-2 * float(r.abs().max())), name

@@ -73,12 +73,15 @@ class BlockAttention(torch.autograd.Function):
         ctx.scaling, ctx.quantize_p, ctx.rows = scaling, quantize_p, rows
         dev = q.device.type  # the backward recomputes under the forward's autocast state
         ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
-        out = q.new_empty(*q.shape[:-1], v.shape[-1])
+        out = None
         for start in range(0, q.shape[-2], rows):
             stop = min(start + rows, q.shape[-2])
-            out[..., start:stop, :] = _scores_to_out(
-                q[..., start:stop, :], k, v, _mask_rows(mask, start, stop), scaling, quantize_p)
-        return out
+            block = _scores_to_out(q[..., start:stop, :], k, v, _mask_rows(mask, start, stop),
+                                   scaling, quantize_p)
+            if out is None:  # the blocks' dtype: autocast may have chosen another than q's
+                out = block.new_empty(*q.shape[:-1], v.shape[-1])
+            out[..., start:stop, :] = block
+        return q.new_empty(*q.shape[:-1], v.shape[-1]) if out is None else out  # no query rows
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # noqa: D102
