@@ -203,3 +203,16 @@ def test_block_path_equals_eager_under_bf16_autocast(blocks, monkeypatch):
     for name, g, r in zip("kv", grads[1:], ref_grads[1:]):
         # bf16 products summed over blocks in float32 vs one bf16 matmul: bf16 rounding
         assert torch.allclose(g, r, rtol=1e-2, atol=1e-2 * float(r.abs().max())), name
+
+
+def test_block_path_never_syncs_with_the_host(blocks, monkeypatch):
+    from test_no_sync import no_host_sync
+
+    monkeypatch.setattr(attention, "LONG_SCORES", 0)
+    module = _Attn(W4, groups=2)
+    q, k, v = _qkv(23, kv_heads=2)
+    attention.qat_attention_forward(module, q, k, v, _masks(23)["bool"])  # warm-up
+    with no_host_sync():
+        out, _ = attention.qat_attention_forward(module, q, k, v, _masks(23)["bool"])
+        out.sum().backward()
+    assert len(blocks) == 2 and all(t.grad is not None for t in (q, k, v))
