@@ -71,7 +71,9 @@ def qat_attention_forward(
             value = mq.v(value)
         out = block_attention(query, key, value, mask, scaling, None if mq is None else mq.p)
         return out.transpose(1, 2).contiguous(), None
-    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    scores = torch.matmul(query, key.transpose(-1, -2))
+    if scaling != 1.0:  # x * 1.0 == x: skip an L x L pass (OPT passes 1.0)
+        scores = scores * scaling
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:
             scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)

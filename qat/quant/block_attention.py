@@ -39,7 +39,9 @@ def _scores_to_out(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scaling
     """One block of eager quantised attention (the same ops, in the same order, as
     ``qat.quant.attention.qat_attention_forward`` without dropout): ``q`` is a block of
     (quantised) query rows, ``mask`` its rows of the mask."""
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scaling
+    scores = torch.matmul(q, k.transpose(-1, -2))
+    if scaling != 1.0:  # OPT scales q itself and passes 1.0: x * 1.0 == x, so skip the pass
+        scores = scores * scaling
     if mask is not None:
         if mask.dtype == torch.bool:
             scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
