@@ -216,3 +216,22 @@ def test_block_path_never_syncs_with_the_host(blocks, monkeypatch):
         out, _ = attention.qat_attention_forward(module, q, k, v, _masks(23)["bool"])
         out.sum().backward()
     assert len(blocks) == 2 and all(t.grad is not None for t in (q, k, v))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_boolean_mask_gives_the_float_masks_values_and_gradients(arch):
+    # the "qat" mask is transformers' eager mask kept boolean; the float one gave the same
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    model = tiny_model(arch)
+    quantize_model(model, QuantConfig(weight=W4, activation=W4, matmul=W4))
+    batch = tiny_batch()
+    got_logits, got_grads = _step(model, batch)
+    AttentionMaskInterface.register(attention.ATTN_IMPLEMENTATION, eager_mask)
+    try:
+        ref_logits, ref_grads = _step(model, batch)
+    finally:
+        AttentionMaskInterface.register(attention.ATTN_IMPLEMENTATION, attention.qat_mask)
+    assert torch.equal(got_logits, ref_logits)
+    for name, g in ref_grads.items():
+        assert torch.equal(got_grads[name], g), name

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, eager_mask
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from qat.quant.block_attention import block_attention
 
@@ -88,4 +88,14 @@ def qat_attention_forward(
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, qat_attention_forward)
-AttentionMaskInterface.register(ATTN_IMPLEMENTATION, eager_mask)
+def qat_mask(*args, **kwargs) -> Tensor | None:
+    """transformers' eager mask (the full ``[batch, 1, q_len, kv_len]`` mask, no causal skip),
+    kept boolean: a quarter of the float mask's bytes, which matters since the block path keeps
+    it for backward. ``masked_fill`` of the dtype's minimum gives the scores that adding the
+    float mask (0 or the minimum) gives; a fully masked row stays uniform either way."""
+    kwargs.pop("dtype", None)
+    kwargs["allow_is_causal_skip"] = False
+    return sdpa_mask(*args, **kwargs)
+
+
+AttentionMaskInterface.register(ATTN_IMPLEMENTATION, qat_mask)
