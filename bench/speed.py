@@ -267,7 +267,7 @@ def bench_steps(names: list[str], batch: int, seq: int, steps: int, device: torc
 class AttentionOnly(torch.nn.Module):
     """One causal attention (OPT-350M's 16 heads x 64, batch 1) on parameter Q, K, V, as a
     "model" for ``make_step``: float SDPA (what float training runs) when ``quant`` is None,
-    else the ``"qat"`` attention with W4A4's matmul format and transformers' 4-D additive mask.
+    else the ``"qat"`` attention with W4A4's matmul format and a 4-D boolean causal mask.
     """
 
     def __init__(self, seq: int, quant: dict | None, backend: str, device: torch.device) -> None:
@@ -282,9 +282,8 @@ class AttentionOnly(torch.nn.Module):
         self.quantized = quant is not None
         if self.quantized:
             self.attn.qat_matmul = MatmulQuantizer(make_format(quant["matmul"]), backend=backend)
-            causal = torch.ones(seq, seq, dtype=torch.bool, device=device).tril()
-            self.register_buffer("mask", torch.zeros(1, 1, seq, seq, device=device).masked_fill(
-                ~causal, torch.finfo(torch.float32).min))
+            causal = torch.ones(1, 1, seq, seq, dtype=torch.bool, device=device).tril()
+            self.register_buffer("mask", causal)  # as the "qat" mask function builds it
 
     def forward(self, **_):
         from types import SimpleNamespace
