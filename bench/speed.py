@@ -4,6 +4,7 @@
     python bench/speed.py --part kernels --size 4096
     python bench/speed.py --part steps --models minilm opt350m --batch 32 --seq 128
     python bench/speed.py --part steps --rotation 16 64     # + W4A4 with block rotations
+    python bench/speed.py --part attention --seqs 512 2048  # long-sequence attention
 
 Part (a), per format: the time to fake-quantise a ``size x size`` tensor (bf16 and fp32) with
 each available backend (reference, compile; triton on CUDA), against a floor: the bytes one read
@@ -15,6 +16,10 @@ OPT-350M-shaped model (``OPTConfig`` with opt-350m's sizes, random weights: no H
 steps alternate so that drift on a shared machine hits both alike; medians are reported. Memory
 is the peak allocated on CUDA; on the CPU, the bytes autograd saves for backward (activation
 memory, which is what the STE must not grow). bf16 autocast on a GPU, float32 on the CPU.
+
+Part (c), ``--part attention``: float SDPA vs the ``"qat"`` attention's eager path (P and Q(P)
+kept for backward) and its block path (``qat.quant.block_attention``: P recomputed) at each of
+``--seqs``, for the attention alone and for a 2-layer OPT-350M-shaped model (batch 1).
 
 ``--profile_attention`` profiles one W4A4 step of a 2-layer OPT-350M-shaped model at 2048
 tokens and prints the share of time spent in attention (issue #8, item 9).
@@ -106,7 +111,8 @@ def bench_kernels(size: int, device: torch.device, reps: int) -> list[dict]:
 # --- (b) training steps -----------------------------------------------------------------------
 
 
-def build_model(name: str, quant: dict | None, device: torch.device, backend: str):
+def build_model(name: str, quant: dict | None, device: torch.device, backend: str,
+                positions: int = 2048):
     from transformers import (
         AutoModelForSequenceClassification,
         OPTConfig,
@@ -124,7 +130,7 @@ def build_model(name: str, quant: dict | None, device: torch.device, backend: st
         layers = 2 if name == "opt350m-2layer" else 24
         cfg = OPTConfig(hidden_size=1024, num_hidden_layers=layers, ffn_dim=4096,
                         num_attention_heads=16, word_embed_proj_dim=512, vocab_size=50272,
-                        max_position_embeddings=2048, num_labels=2, pad_token_id=1,
+                        max_position_embeddings=positions, num_labels=2, pad_token_id=1,
                         dropout=0.0, attention_dropout=0.0)
         model = OPTForSequenceClassification(cfg)
     else:
@@ -168,6 +174,72 @@ def make_step(model, batch, device: torch.device):
     return step
 
 
+def measure_variants(builds: dict, data: dict, steps: int, device: torch.device,
+                     info: dict) -> list[dict]:
+    """Step time (median of ``steps``, variants interleaved) and memory of each variant:
+    ``builds`` maps a label to (a function building its model, the attention path it runs:
+    None, "eager" or "block"). The first variant is the baseline of the ratios."""
+    runs = {}
+    for label, (build, path) in builds.items():
+        model = build()
+        step = with_attention_path(make_step(model, data, device), path)
+        t0 = time.perf_counter()
+        step()  # warm-up: compilation, allocator, optimizer state
+        sync(device)
+        first = time.perf_counter() - t0
+        saved = SavedBytes()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        step(saved)
+        sync(device)
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        runs[label] = {"step": step, "first_s": first, "saved_bytes": saved.total,
+                       "peak_bytes": peak, "times": []}
+    for _ in range(steps):  # interleave variants: drift hits all alike
+        for r in runs.values():
+            t = time.perf_counter()
+            r["step"]()
+            sync(device)
+            r["times"].append(time.perf_counter() - t)
+    first = next(iter(runs.values()))
+    base = statistics.median(first["times"])
+    base_mem = first["peak_bytes"] or first["saved_bytes"]
+    rows = []
+    for label, r in runs.items():
+        med = statistics.median(r["times"])
+        mem = r["peak_bytes"] or r["saved_bytes"]
+        row = {**info, "variant": label, "device": str(device), "step_s": med,
+               "step_s_min": min(r["times"]), "step_s_max": max(r["times"]),
+               "ratio_vs_float": med / base, "first_step_s": r["first_s"],
+               "memory_kind": "peak_allocated" if r["peak_bytes"] else "saved_for_backward",
+               "memory_bytes": mem, "memory_ratio_vs_float": mem / base_mem}
+        rows.append(row)
+        print(f"{info['model']:<16} {info['seq']:>5} {label:<22} step {med:7.3f} s "
+              f"(min {row['step_s_min']:.3f}, max {row['step_s_max']:.3f})  "
+              f"{row['ratio_vs_float']:5.2f}x float   {row['memory_kind']} "
+              f"{mem / 2**20:8.1f} MiB ({row['memory_ratio_vs_float']:4.2f}x)", flush=True)
+    return rows
+
+
+def with_attention_path(step, path: str | None):
+    """``step`` run with the ``"qat"`` attention forced onto its eager or its block path
+    (None: the automatic choice)."""
+    if path is None:
+        return step
+    import qat.quant.attention as attention
+
+    threshold = {"eager": 1 << 62, "block": 0}[path]
+
+    def run(saved: SavedBytes | None = None) -> None:
+        old, attention.LONG_SCORES = attention.LONG_SCORES, threshold
+        try:
+            step(saved)
+        finally:
+            attention.LONG_SCORES = old
+
+    return run
+
+
 def bench_steps(names: list[str], batch: int, seq: int, steps: int, device: torch.device,
                 backends: list[str], rotations: tuple[int, ...] = ()) -> list[dict]:
     rows = []
@@ -182,44 +254,77 @@ def bench_steps(names: list[str], batch: int, seq: int, steps: int, device: torc
             variants[f"W4A4 ({b})"] = (W4A4, b)
             for size in rotations:  # block Hadamard on every linear's operands and on Q, K
                 variants[f"W4A4 rot{size} ({b})"] = ({**W4A4, "rotation": {"size": size}}, b)
-        runs = {}
-        for label, (quant, b) in variants.items():
-            model = build_model(name, quant, device, b)
-            step = make_step(model, data, device)
-            t0 = time.perf_counter()
-            step()  # warm-up: compilation, allocator, optimizer state
-            sync(device)
-            first = time.perf_counter() - t0
-            saved = SavedBytes()
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            step(saved)
-            sync(device)
-            peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-            runs[label] = {"step": step, "first_s": first, "saved_bytes": saved.total,
-                           "peak_bytes": peak, "times": []}
-        for _ in range(steps):  # interleave variants: drift hits all alike
-            for r in runs.values():
-                t = time.perf_counter()
-                r["step"]()
-                sync(device)
-                r["times"].append(time.perf_counter() - t)
-        base = statistics.median(runs["float"]["times"])
-        base_mem = runs["float"]["peak_bytes"] or runs["float"]["saved_bytes"]
-        for label, r in runs.items():
-            med = statistics.median(r["times"])
-            mem = r["peak_bytes"] or r["saved_bytes"]
-            row = {"model": name, "variant": label, "batch": batch, "seq": seq,
-                   "device": str(device), "step_s": med,
-                   "step_s_min": min(r["times"]), "step_s_max": max(r["times"]),
-                   "ratio_vs_float": med / base, "first_step_s": r["first_s"],
-                   "memory_kind": "peak_allocated" if r["peak_bytes"] else "saved_for_backward",
-                   "memory_bytes": mem, "memory_ratio_vs_float": mem / base_mem}
-            rows.append(row)
-            print(f"{name:<16} {label:<22} step {med:7.3f} s (min {row['step_s_min']:.3f}, "
-                  f"max {row['step_s_max']:.3f})  {row['ratio_vs_float']:5.2f}x float   "
-                  f"{row['memory_kind']} {mem / 2**20:8.1f} MiB "
-                  f"({row['memory_ratio_vs_float']:4.2f}x)", flush=True)
+        builds = {label: (lambda q=quant, b=b, n=name: build_model(n, q, device, b), None)
+                  for label, (quant, b) in variants.items()}
+        rows += measure_variants(builds, data, steps, device,
+                                 {"model": name, "batch": batch, "seq": seq})
+    return rows
+
+
+# --- (c) long-sequence attention --------------------------------------------------------------
+
+
+class AttentionOnly(torch.nn.Module):
+    """One causal attention (OPT-350M's 16 heads x 64, batch 1) on parameter Q, K, V, as a
+    "model" for ``make_step``: float SDPA (what float training runs) when ``quant`` is None,
+    else the ``"qat"`` attention with W4A4's matmul format and a 4-D boolean causal mask.
+    """
+
+    def __init__(self, seq: int, quant: dict | None, backend: str, device: torch.device) -> None:
+        from qat.formats import make_format
+        from qat.quant.modules import MatmulQuantizer
+
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.q, self.k, self.v = (torch.nn.Parameter(torch.randn(1, 16, seq, 64, generator=g)
+                                                     .to(device)) for _ in range(3))
+        self.attn = torch.nn.Module()
+        self.quantized = quant is not None
+        if self.quantized:
+            self.attn.qat_matmul = MatmulQuantizer(make_format(quant["matmul"]), backend=backend)
+            causal = torch.ones(1, 1, seq, seq, dtype=torch.bool, device=device).tril()
+            self.register_buffer("mask", causal)  # as the "qat" mask function builds it
+
+    def forward(self, **_):
+        from types import SimpleNamespace
+
+        from qat.quant.attention import qat_attention_forward
+
+        if self.quantized:
+            out, _ = qat_attention_forward(self.attn, self.q, self.k, self.v, self.mask)
+        else:
+            out = torch.nn.functional.scaled_dot_product_attention(self.q, self.k, self.v,
+                                                                   is_causal=True)
+        return SimpleNamespace(loss=out.float().square().mean())
+
+
+def bench_attention(seqs: list[int], steps: int, device: torch.device, backend: str
+                    ) -> list[dict]:
+    """Float SDPA vs the "qat" attention's eager path (P kept for backward) and its block path
+    (P recomputed), at each length: the attention alone (forward + backward + AdamW on Q, K, V)
+    and a 2-layer OPT-350M-shaped model (batch 1, W4A4)."""
+    rows = []
+    for seq in seqs:
+        def alone(quant: dict | None, seq: int = seq):
+            return lambda: AttentionOnly(seq, quant, backend, device)
+
+        builds = {"float (SDPA)": (alone(None), None), "W4A4 eager": (alone(W4A4), "eager"),
+                  "W4A4 block": (alone(W4A4), "block")}
+        rows += measure_variants(builds, {}, steps, device,
+                                 {"model": "attention", "batch": 1, "seq": seq})
+        g = torch.Generator().manual_seed(0)
+        data = {"input_ids": torch.randint(1000, 50000, (1, seq), generator=g).to(device),
+                "attention_mask": torch.ones(1, seq, dtype=torch.long, device=device),
+                "labels": torch.zeros(1, dtype=torch.long, device=device)}
+
+        def model(quant: dict | None, seq: int = seq):
+            return lambda: build_model("opt350m-2layer", quant, device,
+                                       backend if quant else "auto", max(2048, seq))
+
+        builds = {"float (SDPA)": (model(None), None), "W4A4 eager": (model(W4A4), "eager"),
+                  "W4A4 block": (model(W4A4), "block")}
+        rows += measure_variants(builds, data, steps, device,
+                                 {"model": "opt350m-2layer", "batch": 1, "seq": seq})
     return rows
 
 
@@ -296,7 +401,7 @@ def plot(result: dict, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--part", choices=["kernels", "steps", "all"], default="all")
+    p.add_argument("--part", choices=["kernels", "steps", "attention", "all"], default="all")
     p.add_argument("--size", type=int, default=4096)
     p.add_argument("--models", nargs="+", default=None,
                    help="minilm, opt350m, opt350m-2layer (default: minilm on CPU, both on GPU)")
@@ -308,6 +413,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="W4A4 variants to time beside float (auto, triton, compile, reference)")
     p.add_argument("--rotation", type=int, nargs="+", default=[],
                    help="also time W4A4 with quant.rotation of these sizes (e.g. 16 64)")
+    p.add_argument("--seqs", type=int, nargs="+", default=[512, 2048, 8192],
+                   help="--part attention: sequence lengths")
     p.add_argument("--profile_attention", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=str(REPO / "outputs/bench_speed"))
@@ -326,6 +433,9 @@ def main(argv: list[str] | None = None) -> int:
         seq = args.seq or (128 if gpu else 64)
         result["steps"] = bench_steps(models, args.batch, seq, args.steps, device,
                                       args.backends, tuple(args.rotation))
+    if args.part == "attention":  # not in "all": minutes per length on a CPU
+        result["long_attention"] = bench_attention(args.seqs, args.steps, device,
+                                                   args.backends[0])
     if args.profile_attention:
         result["attention"] = profile_attention(device, args.backends[0])
     (out / "speed.json").write_text(json.dumps(result, indent=2))
