@@ -117,6 +117,8 @@ def report(paths: list[Path], figure: Path | None) -> None:
         data = json.loads(p.read_text())
         meta = meta or data
         results += data["results"]
+    order = list(grid())  # by format, then lever, whatever order the rows ran in
+    results.sort(key=lambda r: order.index(r["id"]) if r["id"] in order else len(order))
     ref = next((r for r in results if r["id"] == "float"), None)
     print(f"\nWikiText-2, chunks of {meta['chunk_size']} tokens: test = first "
           f"{meta['test_chunks']}, validation = first {meta['val_chunks']}\n")

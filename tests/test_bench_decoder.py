@@ -91,3 +91,26 @@ def test_levers_merge_under_one_budget_with_the_recovered_share(tmp_path, capsys
     other = _results(tmp_path / "other", "x", [], budget={"steps": 41})
     with pytest.raises(SystemExit, match="another budget"):
         bench.load_results([plain, other])
+
+
+def test_levers_bench_rows_are_valid_configs_and_its_table_follows_the_grid(tmp_path, capsys):
+    from qat.quant.config import QuantConfig
+
+    bench = load_bench("decoder_levers")
+    rows = bench.grid()
+    for row_id, (_, quant) in rows.items():  # every row is a config qat accepts
+        assert quant is None or QuantConfig.from_dict(quant) is not None, row_id
+    results = [{"id": "w4a4-rot16", "name": "W4A4 + rot", "validation_ppl": 40.0,
+                "test_ppl": 50.0},
+               {"id": "float", "name": "float", "validation_ppl": 10.0, "test_ppl": 20.0},
+               {"id": "w4a4-rot128", "name": "W4A4 + rot128", "skipped": "does not divide"}]
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"chunk_size": 2048, "test_chunks": 2, "val_chunks": 1,
+                                "results": results}))
+    figure = tmp_path / "levers.png"
+    bench.report([path], figure)
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert table[2] == "| float | 10.00 | 20.00 | +0.0% |"  # the grid's order
+    assert table[3] == "| W4A4 + rot | 40.00 | 50.00 | +150.0% |"
+    assert "does not divide" in table[4]
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
