@@ -22,3 +22,15 @@ class DataError(QatError):
 
 class ConfigError(QatError):
     """A configuration value (a recipe key) that cannot work with this model or data."""
+
+
+def decode_utf8(raw: bytes, where: str, error: type[QatError], encoding: str = "utf-8",
+                hint: str = "") -> str:
+    """``raw`` decoded, or one ``error`` line naming ``where``, the line and the bad byte
+    (``encoding``: ``utf-8-sig`` drops a BOM)."""
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise error(f"{where} line {line}: not valid UTF-8 (byte 0x{raw[e.start]:02x}){hint}"
+                    ) from None

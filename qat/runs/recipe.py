@@ -35,7 +35,7 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
-from qat.errors import ConfigError
+from qat.errors import ConfigError, decode_utf8
 from qat.quant.config import QuantConfig, QuantConfigError
 from qat.runs.arguments import (
     DISTILL_LOSSES,
@@ -414,12 +414,7 @@ def load_recipe_dict(path: str | os.PathLike) -> dict[str, Any]:
     if len(raw) > MAX_RECIPE_BYTES:
         raise RecipeError(f"recipe file {str(p)!r} is larger than {MAX_RECIPE_BYTES} bytes; "
                           "not a recipe")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise RecipeError(f"recipe file {str(p)!r} line {line}: not valid UTF-8 (byte "
-                          f"0x{raw[e.start]:02x})") from None
+    text = decode_utf8(raw, f"recipe file {str(p)!r}", RecipeError)
     loader = _RecipeLoader(text)  # a SafeLoader: no Python tags
     try:
         data = loader.get_single_data()

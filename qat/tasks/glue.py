@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from qat.errors import DataError
+from qat.errors import DataError, decode_utf8
 
 HUB_DATASET = "nyu-mll/glue"
 DATA_DIR_ENV = "QAT_DATA_DIR"
@@ -152,12 +152,9 @@ def resolve_data_dir(data_dir: str | None) -> str | None:
 
 
 def _decode(task: GlueTask, path: Path, raw: bytes) -> str:
-    try:
-        return raw.decode("utf-8-sig")  # a BOM would otherwise rename the first column
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise DataError(f"{task.name}: {str(path)!r} line {line}: not valid UTF-8 (byte "
-                        f"0x{raw[e.start]:02x}); save the file as UTF-8") from None
+    # utf-8-sig: a BOM would otherwise rename the first column
+    return decode_utf8(raw, f"{task.name}: {str(path)!r}", DataError, "utf-8-sig",
+                       "; save the file as UTF-8")
 
 
 def read_tsv_records(task: GlueTask, path: Path) -> tuple[list[str], list[list[str]]]:

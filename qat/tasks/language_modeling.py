@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from qat.errors import DataError, UsageError
+from qat.errors import DataError, UsageError, decode_utf8
 
 WIKITEXT_ENV = "QAT_WIKITEXT_DIR"
 WIKITEXT = "wikitext"  # dataset_name for WikiText-2 raw (and the default of causal_lm)
@@ -32,13 +32,7 @@ def load_wikitext(split: str = "test") -> str:
         raise DataError(f"--split must be test, validation or train; got {split!r}")
     path = wikitext_path(split)
     if path is not None:
-        raw = path.read_bytes()
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            line = raw[:e.start].count(b"\n") + 1
-            raise UsageError(f"{str(path)!r} line {line}: not valid UTF-8 (byte "
-                               f"0x{raw[e.start]:02x})") from None
+        return decode_utf8(path.read_bytes(), repr(str(path)), UsageError)
     try:
         from datasets import load_dataset
 
@@ -173,13 +167,7 @@ def _read_text(path: str) -> str:
     if not p.is_file():
         raise DataError(f"data file {path!r} does not exist" if not p.exists() else
                         f"data file {path!r} is not a regular file")
-    raw = p.read_bytes()
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise DataError(f"data file {path!r} line {line}: not valid UTF-8 (byte "
-                        f"0x{raw[e.start]:02x})") from None
+    return decode_utf8(p.read_bytes(), f"data file {path!r}", DataError)
 
 
 def _json(text: str, where: str) -> Any:
