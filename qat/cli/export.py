@@ -67,18 +67,11 @@ def _protected(path: str, src: Any) -> tuple[dict[str, Path], dict[str, Path]]:
 TARGETS = ("packed", "compressed-tensors", "gguf")
 
 
-def rotation_refusal(target: str) -> str:
-    engine = "llama.cpp" if target == "gguf" else "vLLM"
-    return (f"--to {target}: {engine} does not rotate a layer's input, so a model trained with "
-            "quant.rotation cannot run there as trained; train without rotation for this "
-            "engine, or export --to packed (which rotates)")
-
-
 def _precheck(target: str, quant: Any) -> None:
     """Refuse, before loading anything, formats the target engine cannot hold or run."""
     from qat.export.compressed_tensors import check_ct_format
     from qat.export.gguf import check_gguf_formats
-    from qat.export.packed import ExportError
+    from qat.export.packed import ExportError, refuse_rotation
     from qat.formats import make_format
 
     if target == "packed":
@@ -87,7 +80,7 @@ def _precheck(target: str, quant: Any) -> None:
         raise ExportError(f"--to {target}: the model is not quantised (quant: null)")
     rotated = [quant.rotation] + [o.get("rotation") for o in quant.overrides.values()]
     if any(r is not None for r in rotated):
-        raise ExportError(rotation_refusal(target))
+        refuse_rotation(target)
     weight, act = (None if quant.weight is None else make_format(quant.weight),
                    None if quant.activation is None else make_format(quant.activation))
     if target == "gguf":

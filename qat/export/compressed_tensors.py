@@ -28,7 +28,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from qat.export.packed import ExportError, check_destination, write_atomically
+from qat.export.packed import (
+    ExportError,
+    check_destination,
+    refuse_rotation,
+    write_atomically,
+)
 from qat.formats import Format
 
 CT_FORMATS = {"nvfp4": "nvfp4-pack-quantized", "mxfp4": "mxfp4-pack-quantized"}
@@ -97,9 +102,7 @@ def check_model(model: torch.nn.Module) -> tuple[str, Format, Format | None]:
                           f"linear; this model mixes {sorted(map(str, pairs))}")
     (weight, act), = pairs
     if any(getattr(m, "rotation", None) is not None for m in model.modules()):
-        raise ExportError("--to compressed-tensors: the model rotates layer inputs "
-                          "(quant.rotation), which the engine does not; export --to packed, or "
-                          "train without rotation")
+        refuse_rotation("compressed-tensors")
     matmul = any(isinstance(m, MatmulQuantizer) for m in model.modules())
     for name, m in quantised:
         if m.weight.shape[1] % (16 if weight.name == "nvfp4" else 32):

@@ -25,7 +25,12 @@ import numpy as np
 from torch import Tensor
 
 from qat.export.ggml_blocks import GGML_TYPES, ggml_block_bytes
-from qat.export.packed import ExportError, check_destination, write_atomically
+from qat.export.packed import (
+    ExportError,
+    check_destination,
+    refuse_rotation,
+    write_atomically,
+)
 from qat.formats import Format, make_format
 
 GGUF_ARCHS = {"LlamaForCausalLM": "llama"}
@@ -232,8 +237,7 @@ def export_gguf(model: Any, out_dir: str | Path, tokenizer: Any = None, *,
     if not quantised:
         raise ExportError("--to gguf: the model has no quantised linear layer")
     if any(getattr(m, "rotation", None) is not None for m in model.modules()):
-        raise ExportError("--to gguf: the model rotates layer inputs (quant.rotation), which "
-                          "the engine does not; export --to packed, or train without rotation")
+        refuse_rotation("gguf")
     matmul = any(isinstance(m, MatmulQuantizer) for m in model.modules())
     for m in quantised:
         act = None if m.activation_quantizer is None else m.activation_quantizer.fmt

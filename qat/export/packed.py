@@ -42,6 +42,15 @@ class ExportError(QatError):
     """A model or format that cannot be written in packed form."""
 
 
+def refuse_rotation(target: str) -> None:
+    """An engine export (``gguf``, ``compressed-tensors``) of a model trained with
+    ``quant.rotation``: the engine would not rotate the inputs, so it is refused."""
+    engine = "llama.cpp" if target == "gguf" else "vLLM"
+    raise ExportError(f"--to {target}: {engine} does not rotate a layer's input, so a model "
+                      "trained with quant.rotation cannot run there as trained; train without "
+                      "rotation for this engine, or export --to packed (which rotates)")
+
+
 # --- bit packing ----------------------------------------------------------------------------
 
 

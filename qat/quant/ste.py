@@ -90,13 +90,13 @@ class FakeQuantizer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.enabled:
-            return x if self.rotation is None else self.rotation(x, self.dim)
+            return self._rotated(x)
         shared = None if torch.compiler.is_compiling() else self.shared
         if shared is not None:
             hit = shared.get(x)
             if hit is not None:
                 return hit
-        rx = x if self.rotation is None else self.rotation(x, self.dim)
+        rx = self._rotated(x)
         out = run_backend(self._backend_for(rx), rx, self.fmt, self.dim)
         if shared is not None:
             shared.put(x, out)
@@ -106,8 +106,11 @@ class FakeQuantizer(nn.Module):
         """``(target, quantised)`` for measuring this quantiser's error on ``x`` (no STE, no
         cache): ``x`` rotated as the layer rotates it, and its quantised value. A rotation is
         orthonormal, so the error (SQNR) is that of the layer's own product."""
-        rx = x if self.rotation is None else self.rotation(x, self.dim)
+        rx = self._rotated(x)
         return rx, self.fmt.quantize(rx, self.dim)
+
+    def _rotated(self, x: Tensor) -> Tensor:
+        return x if self.rotation is None else self.rotation(x, self.dim)
 
     def extra_repr(self) -> str:
         rot = "" if self.rotation is None else f", rotation={self.rotation.extra_repr()}"
