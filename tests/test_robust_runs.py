@@ -15,19 +15,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from tiny import tiny_recipe
+from tiny import error_lines, tiny_recipe, tree_hashes
 
 from qat.cli.train import main as train_main
 from qat.runs.checkpoints import LOCK_FILE
-
-
-def _hashes(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def _errors(capsys) -> list[str]:
-    return [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("qat ")]
 
 
 @pytest.fixture(scope="module")
@@ -51,26 +42,26 @@ def run(run_dir, tmp_path) -> Path:
     ["--max_length", "100000"],
 ])
 def test_overwrite_keeps_the_old_run_when_the_new_input_is_bad(run, tmp_path, capsys, bad):
-    before = _hashes(run)
+    before = tree_hashes(run)
     recipe = tiny_recipe(tmp_path, "new.yaml")
     capsys.readouterr()
     rc = train_main([recipe, "--output_dir", str(run), "--overwrite_output_dir", "true", *bad])
-    assert rc == 2 and len(_errors(capsys)) == 1
-    assert _hashes(run) == before
+    assert rc == 2 and len(error_lines(capsys)) == 1
+    assert tree_hashes(run) == before
 
 
 def test_overwrite_refuses_to_delete_the_model_it_fine_tunes(run, tmp_path, capsys):
-    before = _hashes(run)
+    before = tree_hashes(run)
     recipe = tiny_recipe(tmp_path, "new.yaml")
     for model in (run, run / "checkpoint-2"):
         capsys.readouterr()
         assert train_main([recipe, "--output_dir", str(run), "--overwrite_output_dir", "true",
                            "--model_name_or_path", str(model)]) == 2
-        assert _errors(capsys) == [
+        assert error_lines(capsys) == [
             f"qat train: error: model_name_or_path {str(model)!r} lies inside output_dir "
             f"{str(run.resolve())!r}, which overwrite_output_dir would delete; write the new "
             "run to another output_dir"]
-        assert _hashes(run) == before
+        assert tree_hashes(run) == before
 
 
 def test_overwrite_still_replaces_the_old_run(run, tmp_path):

@@ -3,7 +3,6 @@ files. Every case asserts the exit code, the one error line and that no file cha
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -15,21 +14,12 @@ import time
 from pathlib import Path
 
 import pytest
-from tiny import tiny_recipe
+from tiny import error_lines, tiny_recipe, tree_hashes
 
 from qat.cli.eval import main as eval_main
 from qat.cli.export import main as export_main
 from qat.cli.train import main as train_main
 from qat.runs.checkpoints import LOCK_FILE, CheckpointError, last_good_checkpoint, verify_checkpoint
-
-
-def _hashes(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def _errors(capsys) -> list[str]:
-    return [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("qat ")]
 
 
 @pytest.fixture(scope="module")
@@ -53,27 +43,27 @@ def run(run_dir, tmp_path) -> Path:
 
 
 def test_new_run_into_a_run_folder_is_refused(run, capsys):
-    before = _hashes(run)
+    before = tree_hashes(run)
     recipe = str(run / "recipe.yaml")
     capsys.readouterr()
     assert train_main([recipe, "--output_dir", str(run)]) == 2
-    err = _errors(capsys)
+    err = error_lines(capsys)
     assert len(err) == 1 and err[0].startswith(
         f"qat train: error: output_dir {str(run)!r} already holds a run (model.safetensors, "
         "qat_config.json, recipe.yaml, trainer_state.json, checkpoint-3"), err
     assert err[0].endswith("resume it with --resume_from_checkpoint true, or start over with "
                            "--overwrite_output_dir true (deletes its checkpoints)")
-    assert _hashes(run) == before
+    assert tree_hashes(run) == before
 
 
 def test_overwrite_output_dir_leaves_no_stale_checkpoint(run, capsys):
     recipe = str(run / "recipe.yaml")
     # resume and overwrite together would delete the checkpoint to resume
-    before = _hashes(run)
+    before = tree_hashes(run)
     assert train_main([recipe, "--output_dir", str(run), "--overwrite_output_dir", "true",
                        "--resume_from_checkpoint", "true"]) == 2
-    assert "resume_from_checkpoint and overwrite_output_dir are both set" in _errors(capsys)[0]
-    assert _hashes(run) == before
+    assert "resume_from_checkpoint and overwrite_output_dir are both set" in error_lines(capsys)[0]
+    assert tree_hashes(run) == before
     assert train_main([recipe, "--output_dir", str(run), "--overwrite_output_dir", "true",
                        "--save_strategy", "no", "--max_steps", "2"]) == 0
     assert not list(run.glob("checkpoint-*"))
@@ -85,12 +75,12 @@ def test_overwrite_output_dir_leaves_no_stale_checkpoint(run, capsys):
     assert "overwrite_output_dir" not in saved  # a rerun of the saved recipe must not wipe it
     assert not (run / LOCK_FILE).exists()
     # nothing to resume in a finished run without checkpoints: refused, not restarted over it
-    before = _hashes(run)
+    before = tree_hashes(run)
     assert train_main([recipe, "--output_dir", str(run), "--resume_from_checkpoint",
                        "true"]) == 2
-    err = _errors(capsys)
+    err = error_lines(capsys)
     assert len(err) == 1 and "holds a run" in err[0] and "but no checkpoint" in err[0]
-    assert _hashes(run) == before
+    assert tree_hashes(run) == before
 
 
 # --- the lock -------------------------------------------------------------------------------
@@ -109,17 +99,17 @@ def test_a_live_lock_refuses_a_second_run(tmp_path, capsys):
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
         lock = _write_lock(out, holder.pid, socket.gethostname())
-        before = _hashes(out)
+        before = tree_hashes(out)
         assert train_main([recipe, "--output_dir", str(out)]) == 2
-        assert _errors(capsys) == [
+        assert error_lines(capsys) == [
             f"qat train: error: output_dir {str(out)!r} is in use by another run (pid "
             f"{holder.pid} on {socket.gethostname()}, since 2026-01-01 00:00:00); wait for it "
             f"or use another output_dir (lock file {str(lock)!r})"]
-        assert _hashes(out) == before
+        assert tree_hashes(out) == before
         # a lock from another host that is still refreshed stands too
         _write_lock(out, 1, "some-other-node")
         assert train_main([recipe, "--output_dir", str(out)]) == 2
-        assert "is in use by another run (pid 1 on some-other-node" in _errors(capsys)[0]
+        assert "is in use by another run (pid 1 on some-other-node" in error_lines(capsys)[0]
     finally:
         holder.kill()
         holder.wait()
@@ -163,7 +153,7 @@ def test_concurrent_runs_into_one_folder(tmp_path, capsys):
             time.sleep(0.05)
         assert (out / LOCK_FILE).exists(), "the first run never took the lock"
         assert train_main([recipe, "--output_dir", str(out)]) == 2
-        err = _errors(capsys)
+        err = error_lines(capsys)
         assert len(err) == 1 and f"is in use by another run (pid {first.pid} on" in err[0]
     finally:
         first.kill()
@@ -216,13 +206,13 @@ def test_resume_falls_back_to_the_newest_good_checkpoint(run, capsys, caplog):
     out = capsys.readouterr().out
     assert out.count("'loss'") == 2  # steps 2 and 3 again, from checkpoint-1
     # an explicit damaged checkpoint is an error naming the file, not a fallback
-    before = _hashes(run)
+    before = tree_hashes(run)
     assert train_main([str(run / "recipe.yaml"), "--output_dir", str(run),
                        "--resume_from_checkpoint", str(run / "checkpoint-3")]) == 2
-    assert _errors(capsys) == [f"qat train: error: {run / 'checkpoint-3'}/model.safetensors: "
+    assert error_lines(capsys) == [f"qat train: error: {run / 'checkpoint-3'}/model.safetensors: "
                                "truncated: "
                                + _errors_tail(run / "checkpoint-3" / "model.safetensors")]
-    assert _hashes(run) == before
+    assert tree_hashes(run) == before
 
 
 def _errors_tail(path: Path) -> str:
@@ -253,16 +243,16 @@ def _errors_tail(path: Path) -> str:
 def test_damaged_run_folder_is_one_line_naming_the_file(run, tmp_path, capsys, damage, line,
                                                         cmd):
     damage(run)
-    before = _hashes(run)
+    before = tree_hashes(run)
     capsys.readouterr()
     if cmd == "eval":
         rc = eval_main([str(run), "--output", str(tmp_path / "eval.json")])
     else:
         rc = export_main([str(run), "--out", str(tmp_path / "export")])
     assert rc == 2
-    err = _errors(capsys)
+    err = error_lines(capsys)
     assert len(err) == 1 and err[0].startswith(f"qat {cmd}: error: {run}/{line}"), err
-    assert _hashes(run) == before
+    assert tree_hashes(run) == before
     assert not (tmp_path / "eval.json").exists() and not (tmp_path / "export").exists()
 
 

@@ -178,3 +178,18 @@ def load_bench(name: str):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def tree_hashes(folder: str | os.PathLike) -> dict[str, str]:
+    """SHA-256 of every file under ``folder`` by relative path: a run folder left unchanged
+    compares equal."""
+    import hashlib
+
+    folder = Path(folder)
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def error_lines(capsys) -> list[str]:
+    """The ``qat ...`` lines a command wrote to stderr."""
+    return [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("qat ")]
