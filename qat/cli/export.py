@@ -77,6 +77,8 @@ def _precheck(target: str, quant: Any) -> None:
     if target == "packed":
         return
     if quant is None:
+        if target == "gguf":
+            return  # a float export (F16 linears): the baseline an engine compares against
         raise ExportError(f"--to {target}: the model is not quantised (quant: null)")
     rotated = [quant.rotation] + [o.get("rotation") for o in quant.overrides.values()]
     if any(r is not None for r in rotated):

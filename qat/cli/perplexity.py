@@ -19,17 +19,22 @@ from qat.errors import UsageError
 WIKITEXT_ENV = "QAT_WIKITEXT_DIR"  # qat.tasks.language_modeling.WIKITEXT_ENV, without importing it
 OPTIONS: dict[str, type] = {"max_chunks": int, "chunk_size": int, "split": str, "output": str,
                             "device": str}
-USAGE = f"""usage: qat perplexity RECIPE.yaml|RUN_DIR [--max_chunks N] [--chunk_size 2048]
-                      [--split test] [--output FILE] [--device D] [--key value ...]
+USAGE = f"""usage: qat perplexity RECIPE.yaml|RUN_DIR|MODEL.gguf [--max_chunks N]
+                      [--chunk_size 2048] [--split test] [--output FILE] [--device D]
+                      [--key value ...]
 
-WikiText-2 (raw) perplexity of the recipe's model (a causal LM) under its quant config, or
-of a trained run / checkpoint folder (its quant config, LoRA adapter included).
+WikiText-2 (raw) perplexity of the recipe's model (a causal LM) under its quant config, of
+a trained run / checkpoint folder (its quant config, LoRA adapter included), or of a GGUF
+file run by llama.cpp (`qat export --to gguf`; needs pip install 'qat[llama]'): llama.cpp
+tokenises the text and computes the logits, scored by the same formula, so the two agree
+when the recipe emulates the engine (activation: {{format: ggml_q8_0}}).
 Recipe keys override the recipe as in `qat train` (--quant null for float,
 --quant.weight.width 6, ...). ${WIKITEXT_ENV} may point at a folder holding test.txt.
 --max_chunks N   evaluate only the first N chunks (quick runs)
 --chunk_size T   tokens per chunk (default 2048)
 --split S        test (default) or validation
---output FILE    results JSON (default: <output_dir or RUN_DIR>/perplexity.json)
+--output FILE    results JSON (default: <output_dir or RUN_DIR>/perplexity.json; beside a
+                 GGUF file: <name>.perplexity.json)
 --device D       cpu, cuda, cuda:N or auto (default: cuda when there is one, cpu with use_cpu)
 --qdec.k_chunk K QDEC dynamic error compensation (k_chunk per 1024 inputs; also
                  --qdec.residual_bits B, --qdec.prefill step|token; default token here)
@@ -56,6 +61,8 @@ def run(path: str, argv: list[str]) -> dict[str, Any]:
         raise UsageError(f"--max_chunks must be >= 1, got {opts['max_chunks']}")
     if opts.get("output"):
         check_output_file(opts["output"])
+    if path.endswith(".gguf"):
+        return _run_gguf(Path(path), opts, overrides, chunk_size)
     src = resolve_source(path, overrides)
     recipe, args = src.recipe, src.recipe.args
     check_quant_for_qdec(args.quant, args.qdec)
@@ -80,6 +87,42 @@ def run(path: str, argv: list[str]) -> dict[str, Any]:
         "mean_loss": loss, "perplexity": ppl,
         "bits_per_element": density.quantized_bits_per_element or None,
         "qdec": None if qdec is None else {**qdec.to_dict(), "prefill": qdec.prefill or "token"},
+    }
+    return write_results(results, out)
+
+
+def _run_gguf(path: Path, opts: dict[str, Any], overrides: list[str], chunk_size: int
+              ) -> dict[str, Any]:
+    """A GGUF file scored by llama.cpp: its own tokeniser and logits, qat's chunks and formula."""
+    from qat.export.llama_cpp import LlamaCppModel, llama_cpp_perplexity, require_llama_cpp
+    from qat.tasks.language_modeling import load_wikitext
+
+    if overrides:
+        raise UsageError(f"{overrides[0]}: recipe keys do not apply to a GGUF file (llama.cpp "
+                         "runs it as written)")
+    if opts.get("device") not in (None, "cpu"):
+        raise UsageError(f"--device {opts['device']!r}: a GGUF file is run by llama.cpp on the "
+                         "CPU here")
+    if not path.is_file():
+        raise UsageError(f"GGUF file {str(path)!r} does not exist")
+    out = Path(opts["output"]) if opts.get("output") else path.with_suffix(".perplexity.json")
+    check_output_file(out)
+    require_llama_cpp()
+    text = load_wikitext(opts.get("split", "test"))
+    with LlamaCppModel(path, n_ctx=8) as model:  # the tokenizer only
+        ids = model.tokenize(text)
+    n = len(ids) // chunk_size
+    if opts.get("max_chunks") is not None:
+        n = min(n, opts["max_chunks"])
+    if n == 0:
+        raise UsageError(f"the text has {len(ids)} tokens, fewer than one chunk of {chunk_size}")
+    chunks = [ids[i * chunk_size:(i + 1) * chunk_size] for i in range(n)]
+    ppl, loss, count = llama_cpp_perplexity(path, chunks)
+    results = {
+        "gguf": str(path), "engine": "llama.cpp", "split": opts.get("split", "test"),
+        "chunk_size": chunk_size, "chunks": n, "total_chunks": len(ids) // chunk_size,
+        "tokens_scored": count, "mean_loss": loss, "perplexity": ppl,
+        "file_bytes": path.stat().st_size,
     }
     return write_results(results, out)
 

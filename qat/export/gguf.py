@@ -221,7 +221,8 @@ def gguf_tensors(model: Any, embeddings: str = "f16") -> list[tuple[str, np.ndar
 def export_gguf(model: Any, out_dir: str | Path, tokenizer: Any = None, *,
                 source_gguf: str | Path | None = None, embeddings: str = "f16",
                 overwrite: bool = False, name: str | None = None) -> Path:
-    """Write ``model`` (a quantised Llama-family decoder) as ``out_dir/model.gguf``."""
+    """Write ``model`` (a Llama-family decoder, quantised or wholly float) as
+    ``out_dir/model.gguf``; a float model's linears are F16 (F32 with ``embeddings="f32"``)."""
     import gguf
 
     from qat.quant.modules import MatmulQuantizer, QuantLinear
@@ -234,8 +235,9 @@ def export_gguf(model: Any, out_dir: str | Path, tokenizer: Any = None, *,
     arch = check_gguf_arch(model.config)
     quantised = [m for m in model.modules()
                  if isinstance(m, QuantLinear) and m.weight_quantizer is not None]
-    if not quantised:
-        raise ExportError("--to gguf: the model has no quantised linear layer")
+    if not quantised and any(isinstance(m, QuantLinear) for m in model.modules()):
+        raise ExportError("--to gguf: the model quantises no linear weight (set "
+                          "quant.weight, or quant: null for a float export)")
     if any(getattr(m, "rotation", None) is not None for m in model.modules()):
         refuse_rotation("gguf")
     matmul = any(isinstance(m, MatmulQuantizer) for m in model.modules())
@@ -245,8 +247,11 @@ def export_gguf(model: Any, out_dir: str | Path, tokenizer: Any = None, *,
     tensors = gguf_tensors(model, embeddings)  # shapes checked before anything is written
     out = check_destination(out_dir, overwrite)
     kinds = {GGML_TYPES[m.weight_quantizer.fmt.name] for m in quantised}
+    if not kinds:  # quant: null, every linear float
+        kinds = {"F32" if embeddings == "f32" else "F16"}
     file_type = {"Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-                 "MXFP4": gguf.LlamaFileType.MOSTLY_MXFP4_MOE}[sorted(kinds)[0]]
+                 "MXFP4": gguf.LlamaFileType.MOSTLY_MXFP4_MOE, "F16": gguf.LlamaFileType.MOSTLY_F16,
+                 "F32": gguf.LlamaFileType.ALL_F32}[sorted(kinds)[0]]
 
     def write(tmp: Path) -> None:
         writer = gguf.GGUFWriter(str(tmp / GGUF_NAME), arch)
