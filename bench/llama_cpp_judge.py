@@ -6,8 +6,8 @@ the engine: GGML weights, ``activation: {format: ggml_q8_0}``) and by llama.cpp 
 file; with the file size and llama.cpp's speed on this CPU (prompt tokens/s while scoring,
 generated tokens/s decoding one token per call). Rows go to ``--out``/results.json after each.
 
-    python bench/llama_cpp_judge.py --float_baseline "Q4_0 PTQ=recipes/smollm2_wikitext_q4_0.yaml" \\
-        "Q4_0 QAT=outputs/smollm2_wikitext_q4_0" --chunks 2
+    python bench/llama_cpp_judge.py --float_baseline \\
+        "Q4_0 PTQ=recipes/smollm2_wikitext_q4_0.yaml" "Q4_0 QAT=outputs/smollm2_wikitext_q4_0"
     python bench/llama_cpp_judge.py --table outputs/bench_llama_cpp/results.json
 
 Needs ``pip install 'qat[llama]'``; the tokenisers are compared too (``same_tokens``).
@@ -34,7 +34,8 @@ def _qat_side(recipe: str, overrides: list[str], text: str, chunks: int, chunk_s
     from qat.runs.build import build_model, resolve_source
     from qat.tasks.language_modeling import chunk_ids, perplexity
 
-    built = build_model(resolve_source(recipe, overrides), head="causal_lm", device=torch.device("cpu"))
+    built = build_model(resolve_source(recipe, overrides), head="causal_lm",
+                        device=torch.device("cpu"))
     ids = built.tokenizer(text, return_tensors="pt", verbose=False)["input_ids"][0]
     parts = chunk_ids(ids, chunk_size, chunks)
     ppl, _, _ = perplexity(built.model, parts)
@@ -77,7 +78,8 @@ def judge(recipe: str, out_dir: str | os.PathLike, chunks: int = 2, chunk_size: 
     gguf = Path(info["out"]) / "model.gguf"
     text = load_wikitext("test")
     qat_ppl, ids = _qat_side(recipe, overrides, text, chunks, chunk_size)
-    row = {"recipe": recipe, "overrides": overrides, "chunks": chunks, "chunk_size": chunk_size, "qat_ppl": qat_ppl,
+    row = {"recipe": recipe, "overrides": overrides, "chunks": chunks, "chunk_size": chunk_size,
+           "qat_ppl": qat_ppl,
            **_engine_side(gguf, text, ids, gen), "file_bytes": gguf.stat().st_size,
            "export_seconds": round(export_s, 1)}
     row["difference"] = row["llama_cpp_ppl"] / qat_ppl - 1
