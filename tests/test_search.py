@@ -14,6 +14,7 @@ from tiny import make_tiny_glue_dir, tiny_recipe
 
 from qat.analysis import search as search_mod
 from qat.analysis.search import average_bits, choose, pareto_front
+from qat.analysis.search import runner as search_runner
 from qat.cli import search as search_cli
 
 BASE = {k: {"format": "bfp", "width": 12, "exponent_width": 8, "block_size": 16}
@@ -255,7 +256,7 @@ def _one_error(capsys) -> str:
 
 def test_max_bits_nan_is_refused_before_the_model_loads(tmp_path, runs, monkeypatch, capsys):
     _no_trials(monkeypatch)
-    monkeypatch.setattr(search_mod, "Scorer", None)  # never built
+    monkeypatch.setattr(search_runner, "Scorer", None)  # never built
     recipe = _recipe(tmp_path, runs, constraint={"max_bits": float("nan")})
     assert "max_bits: .nan" in Path(recipe).read_text()
     capsys.readouterr()
@@ -275,7 +276,7 @@ def test_max_bits_nan_is_refused_before_the_model_loads(tmp_path, runs, monkeypa
 ])
 def test_bad_sensitivity_table_fails_before_the_model_loads(tmp_path, runs, monkeypatch, capsys,
                                                             body, message):
-    monkeypatch.setattr(search_mod, "Scorer", None)
+    monkeypatch.setattr(search_runner, "Scorer", None)
     table = tmp_path / "sensitivity.csv"
     table.write_bytes(body)
     recipe = _recipe(tmp_path, runs, sensitivity=str(table))
@@ -362,7 +363,7 @@ def test_resume_scored_differently_is_refused_before_scoring(tmp_path, runs, mon
     assert search_cli.main([recipe, "--search.trials", "1"]) == 0
     db = tmp_path / "out" / "search.db"
     before = db.read_bytes()
-    monkeypatch.setattr(search_mod, "Scorer", None)
+    monkeypatch.setattr(search_runner, "Scorer", None)
     capsys.readouterr()
     assert search_cli.main([recipe, "--search.trials", "2", "--resume", *override]) == 2
     assert _one_error(capsys).startswith(
