@@ -87,11 +87,13 @@ def _budget(data: dict[str, Any]) -> dict[str, Any]:
 def recovered(row: dict[str, Any], results: list[dict[str, Any]], after: float | None
               ) -> float | None:
     """(PTQ - QAT) / (PTQ - float after FT) of a QAT row, against the PTQ row of the same
-    lever (else the plain PTQ row): the share of the quantisation damage training recovered."""
+    recipe and lever (else the recipe's plain PTQ row): the share of the quantisation damage
+    training recovered. Recipes match by file name (runs in other folders merge)."""
     if "qat" not in row["id"] or after is None:
         return None
     ptq_id = "cb-ptq" if row["id"].startswith("cb-") else "ptq"
-    ptqs = [r for r in results if r["id"] == ptq_id]
+    ptqs = [r for r in results if r["id"] == ptq_id
+            and Path(str(r.get("recipe"))).name == Path(str(row.get("recipe"))).name]
     ptq = next((r for r in ptqs if r.get("lever") == row.get("lever")), None) or \
         next((r for r in ptqs if not r.get("lever")), None)
     if ptq is None or not math.isfinite(ptq["perplexity"]) or ptq["perplexity"] <= after:

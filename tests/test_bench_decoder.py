@@ -53,15 +53,16 @@ def test_table_refuses_results_of_other_budgets(tmp_path):
         bench.load_results([tmp_path / "missing.json"])
 
 
-def _results(path, lever, rows, budget=None):
+def _results(path, lever, rows, budget=None, recipe="r.yaml"):
     path.mkdir()
     (path / "results.json").write_text(json.dumps({
-        "recipe": "r.yaml", "lever": lever,
+        "recipe": recipe, "lever": lever,
         "budget": {"steps": 40, "batch": 4, "block_size": 256, "training_tokens": 40960,
                    "seed": 42, "eval_chunks": 16,
                    "overrides": [] if lever is None else ["--x", lever],
                    **(budget or {})},
-        "results": [{"id": i, "name": n, "perplexity": p, "eval_loss": math.log(p),
+        "results": [{"id": i, "name": n, "recipe": recipe, "perplexity": p,
+                     "eval_loss": math.log(p),
                      "train_loss": None, "seconds": 1.0} for i, n, p in rows]}))
     return path / "results.json"
 
@@ -75,7 +76,10 @@ def test_levers_merge_under_one_budget_with_the_recovered_share(tmp_path, capsys
                                                 ("qat-full", "W4 QAT", 75.0)])
     rot = _results(tmp_path / "rot", "rot", [("ptq", "W4 PTQ + rot", 90.0),
                                              ("qat-full", "W4 QAT + rot", 60.0)])
-    merged = bench.load_results([rot, plain])
+    # another recipe's PTQ row of the same lever is not this recipe's reference
+    other_recipe = _results(tmp_path / "q4", "rot", [("ptq", "Q4 PTQ + rot", 40.0)],
+                            recipe="dir/q4.yaml")
+    merged = bench.load_results([rot, plain, other_recipe])
     by = {(r["id"], r["lever"]): r for r in merged["results"]}
     after = bench.float_after(merged["results"])
     assert after == 30.0
