@@ -11,12 +11,15 @@ import torch
 from torch import Tensor
 
 from qat.formats.codebook import level_tensors
+from qat.formats.ggml import GGML_BLOCK
 from qat.formats.kernels._plan import (
     KIND_BFP,
     KIND_CODEBOOK,
+    KIND_GGML,
     KIND_MX,
     bfp_params,
     codebook_params,
+    ggml_params,
     mx_params,
     plan,
 )
@@ -86,7 +89,13 @@ def codebook_fake_quantize(x: Tensor, dim: int, block_size: int, levels: list[fl
     return _launch(x, dim, KIND_CODEBOOK, block_size, params, tables)
 
 
+@torch.library.custom_op("qat::ggml_fake_quantize", mutates_args=())
+def ggml_fake_quantize(x: Tensor, dim: int, q4: bool) -> Tensor:
+    """llama.cpp Q4_0 (``q4``) or Q8_0 fake quantisation (``qat.formats.ggml``) in one kernel."""
+    return _launch(x, dim, KIND_GGML, GGML_BLOCK, ggml_params(q4))
+
+
 for _op, _nargs in ((bfp_fake_quantize, 6), (mx_fake_quantize, 9),
-                    (codebook_fake_quantize, 5)):
+                    (codebook_fake_quantize, 5), (ggml_fake_quantize, 3)):
     _op.register_fake(_fake)
     _op.register_autograd(_ste_backward(_nargs), setup_context=_setup_context)

@@ -167,6 +167,62 @@ def _codebook(src, kidx, lv_ptr, mid_ptr, AXIS: tl.constexpr, NLEV: tl.constexpr
 
 
 @triton.jit
+def _fp16_grid(d):
+    """qat/formats/ggml.py fp16_scale: float32 ``d`` rounded to fp16 (nearest even, subnormals
+    kept), saturated at +-65504, sign (of -0.0 too) kept; as ``_mx_values`` rounds elements."""
+    mag = tl.abs(d)
+    fl, _ = _floor_log2(mag)  # 0 gives a binade far below fp16's: the subnormal step, 0 stays
+    step_e = tl.maximum(fl - 10, -24)
+    r = _rne_pos(mag * _pow2(-step_e)) * _pow2(step_e)
+    return _copysign(tl.minimum(r, 65504.0), d)
+
+
+@triton.jit
+def _floor_pos(v):
+    """``floor(v)`` of float32 ``0 <= v < 2^23`` (exact: an integer near v, less 1 if above)."""
+    r = _rne_pos(v)
+    return tl.where(r > v, r - 1.0, r)
+
+
+@triton.jit
+def _ggml(src, kidx, AXIS: tl.constexpr, Q4: tl.constexpr, BP: tl.constexpr):
+    # qat/formats/ggml.py: d from the block (Q8_0 amax / 127; Q4_0 the first signed max / -8),
+    # codes from the float32 d and 1/d (d == 0: 0), values code * fp16(d). The product and the
+    # + 8.5 stay two roundings (enable_fp_fusion=False), as C and the reference's _product.
+    a = tl.abs(src)
+    amax = tl.max(a, axis=AXIS, keep_dims=True)
+    if Q4:
+        first = tl.min(tl.where(a == amax, kidx, BP), axis=AXIS, keep_dims=True)
+        # A max, not a sum: keeps a -0.0 maximum's sign (it sets the sign of d and of zeros).
+        smax = tl.max(tl.where(kidx == first, src, -float("inf")), axis=AXIS, keep_dims=True)
+        d = smax * -0.125  # = smax / -8 (same real value, same rounding)
+    else:
+        d = tl.math.div_rn(amax, tl.full(amax.shape, 127.0, tl.float32))
+    nonzero = d != 0
+    inv = tl.where(nonzero, tl.math.div_rn(tl.full(d.shape, 1.0, tl.float32),
+                                           tl.where(nonzero, d, 1.0)), 0.0)
+    v = src * inv  # +-inf where 1/d overflowed, NaN for 0 * inf (the reference's nan_to_num)
+    d16 = _fp16_grid(d)
+    if Q4:
+        s = v + 8.5
+        s = tl.where(s == s, s, 8.0)
+        # trunc then clamp to [0, 15] = floor of s clamped to [0, 16] (trunc of s < 0 is <= 0).
+        c = tl.minimum(_floor_pos(tl.minimum(tl.maximum(s, 0.0), 16.0)), 15.0)
+        q = (c - 8.0) * d16
+    else:
+        # C's roundf (half away from zero) of |v|; |v| <= ~254 when finite, inf -> 127, NaN -> 0.
+        m = tl.abs(v)
+        small = m < 8388608.0
+        ms = tl.where(small, m, 0.0)
+        t = _floor_pos(ms)
+        r = t + tl.where(ms - t >= 0.5, 1.0, 0.0)
+        r = tl.where(small, r, tl.where(m == float("inf"), 127.0, tl.where(m == m, m, 0.0)))
+        code = tl.where(v < 0, 0.0 - r, r)  # 0.0 - 0.0 is +0.0, as the reference's code
+        q = code * d16
+    return q
+
+
+@triton.jit
 def _to_f32(x):
     """Exact widening to float32 (bfloat16 by its bits: the interpreter's cast is approximate)."""
     if x.dtype == tl.bfloat16:
@@ -205,6 +261,8 @@ def _quantize_tile(xf, kidx, lv_ptr, mid_ptr, AXIS: tl.constexpr, KIND: tl.const
         q = _bfp(src, AXIS, P0, P1, P2, P3, P4, P5)
     elif KIND == 1:
         q = _mx(src, AXIS, P0, P1, P2, P3, P4, P5)
+    elif KIND == 3:
+        q = _ggml(src, kidx, AXIS, P0, BP)
     else:
         q = _codebook(src, kidx, lv_ptr, mid_ptr, AXIS, P0, P1, P2, BP)
     return q, finite
