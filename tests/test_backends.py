@@ -180,11 +180,11 @@ def test_triton_backend_in_a_model_equals_reference():
 
 
 @pytest.mark.parametrize("name,kernel", [("ggml_q4_0", True), ("ggml_q8_0", True),
-                                         ("nvfp4", False)])
+                                         ("nvfp4", True), ("int", False)])
 def test_llama_cpp_and_nvfp4_dispatch(name, kernel, monkeypatch):
-    """auto picks the fused kernel on CUDA for the llama.cpp block types; NVFP4 (a tensor-wide
-    scale) has none and compiles. Under the interpreter the triton backend runs the kernel on
-    CPU tensors, bit-equal to the reference, with an identity backward."""
+    """auto picks the fused kernel on CUDA for the llama.cpp block types and NVFP4 (int has
+    none and compiles). Under the interpreter the triton backend runs the kernel on CPU
+    tensors, bit-equal to the reference, with an identity backward."""
     from qat.formats.kernels import triton_available
 
     if not triton_available():

@@ -22,6 +22,7 @@ from qat.formats.kernels import (  # noqa: E402
     triton_available,
     triton_fake_quantize,
 )
+from qat.formats.nvfp4 import e4m3  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -44,6 +45,7 @@ CODEBOOK_SPECS = [{"format": n, "block_size": b} for n in ("nf4", "af4", "bof4s"
                                         {"format": "nf4", "block_size": 32,
                                          "normalization": "signed_absmax"}]
 GGML_SPECS = [{"format": "ggml_q8_0"}, {"format": "ggml_q4_0"}]
+NVFP4_SPEC = {"format": "nvfp4"}
 
 
 def spec_id(spec: dict) -> str:
@@ -116,6 +118,13 @@ def tie_row(fmt, n: int, gen: torch.Generator) -> torch.Tensor:
         v[1 :: fmt.block_size] = float(top)  # the largest |x| with both signs
         odd = (torch.arange(n) // fmt.block_size) % 2 == 1
         sign = torch.where(odd, -1.0, 1.0).double()  # ...the positive one first in odd blocks
+    elif fmt.name == "nvfp4":
+        # A max of 6 in every block and the tensor: g = 448, s = 448, S = 1 (times the scale
+        # below), so E2M1's midpoints are ties.
+        grid = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=torch.float64)
+        cand = torch.cat([grid, (grid[1:] + grid[:-1]) / 2])
+        v = cand[torch.randint(0, len(cand), (n,), generator=gen)]
+        v[:: fmt.block_size] = 6.0
     else:
         lv, mids = level_tensors(fmt.levels, torch.device("cpu"))
         cand = torch.cat([mids, lv]).double()
@@ -366,6 +375,66 @@ def test_ggml_hand_made_blocks_hit_their_cases():
     assert torch.isinf(1.0 / (amax / 127)).any() and torch.isinf(1.0 / (amax / 8)).any()
 
 
+# --- NVFP4: a tensor-wide scale, so one kind of row per tensor ------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_nvfp4_matches_reference(dtype):
+    """Each kind of row of ``rows`` (normal, heavy tails, ties, zero blocks, tiny, huge,
+    NaN/inf-laced, spread scales) as its own [9, n] tensor, so its global scale is its own."""
+    if dtype == torch.bfloat16 and DEVICE == "cpu" and _TRITON_VERSION < (3, 9):
+        pytest.skip("bfloat16 needs triton >= 3.9's interpreter")
+    fmt = make_format({"format": "nvfp4"})
+    assert supports_triton(fmt)
+    every = torch.stack([rows(fmt, length(fmt), dtype, seed) for seed in range(9)], dim=1)
+    for kind in every:
+        for x, dim in layouts(kind.to(DEVICE)):
+            assert_bits_equal(triton_fake_quantize(x, fmt, dim), x, fmt, dim)
+
+
+def e4m3_traps() -> torch.Tensor:
+    """float32 block maxima a near 6 m (m an E4M3 midpoint) where the scale e4m3(a / 6) (g = 1)
+    differs from e4m3(a * fl(1/6)): a kernel that divided approximately would miss them."""
+    grid = torch.tensor([2.0**e * (1 + k / 8) for e in range(-6, 9) for k in range(8)])
+    a0 = (6 * (grid[1:] + grid[:-1]) / 2).float()
+    sixth = torch.tensor(1 / 6, dtype=torch.float32)
+    found = []
+    for k in range(-64, 65):
+        a = (a0.view(torch.int32) + k).view(torch.float32)
+        found.append(a[e4m3(a / 6) != e4m3(a * sixth)])
+    out = torch.cat(found)
+    assert len(out) >= 10  # the search itself must find them
+    return out
+
+
+E4M3_TRAPS = e4m3_traps()
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_nvfp4_global_scale_edges():
+    """All zeros, all NaN/inf, so small that g overflows (g = 1), float32's max, a tensor of
+    several global-max chunks whose max sits in the last one, and E4M3 scale traps."""
+    fmt = make_format({"format": "nvfp4"})
+    gen = torch.Generator().manual_seed(5)
+    big = torch.randn(70, 100, generator=gen)
+    big[69, 99] = 40.0
+    ties = torch.rand(len(E4M3_TRAPS) + 1, 16, generator=gen) * 0.01
+    ties[:-1, 3] = E4M3_TRAPS  # block maxima
+    ties[-1, 0] = 2688.0  # g = 1
+    cases = [torch.zeros(4, 32), -torch.zeros(2, 48),
+             torch.tensor([[float("nan"), float("inf"), -float("inf")] * 11]),
+             torch.randn(4, 32, generator=gen) * 1e-38,
+             torch.randn(4, 32, generator=gen) * 1e-36,
+             torch.randn(4, 32, generator=gen).clamp(-1, 1) * torch.finfo(torch.float32).max,
+             big, ties]
+    for x in cases:
+        for dim in (-1, 0):
+            x = x.to(DEVICE)
+            assert_bits_equal(triton_fake_quantize(x, fmt, dim), x, fmt, dim)
+
+
 # --- autograd, compile, op registration ---------------------------------------------------
 
 
@@ -406,6 +475,7 @@ def test_custom_ops_pass_opcheck():
                           (x, -1, 32, list(make_format({"format": "nf4"}).levels), False))
     torch.library.opcheck(ops.ggml_fake_quantize, (x, -1, True))
     torch.library.opcheck(ops.ggml_fake_quantize, (x, 0, False))
+    torch.library.opcheck(ops.nvfp4_fake_quantize, (x, 0))
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA's sync debug mode needs a GPU")
@@ -413,7 +483,7 @@ def test_no_host_sync_on_cuda():
     """Launching never waits for the GPU (after the first call cached the codebook tables)."""
     x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
     fmts = [make_format(s) for s in (BFP_SPECS[0], MX_SPECS[0], CODEBOOK_SPECS[0],
-                                     *GGML_SPECS)]
+                                     *GGML_SPECS, NVFP4_SPEC)]
     for fmt in fmts:
         triton_fake_quantize(x, fmt, -1)
     torch.cuda.synchronize()
@@ -452,6 +522,8 @@ cases = [  # (dtype, kind, params, block, shape, dim): one per layout
     # llama.cpp Q4_0 and Q8_0 (float32 1/d, a product then + 8.5: no FMA)
     ("bf16", plan.KIND_GGML, plan.ggml_params(True), 32, (4096, 4096), -1),
     ("fp16", plan.KIND_GGML, plan.ggml_params(False), 32, (512, 4096), 0),
+    # NVFP4 (amax / 6, s / g and x / S correctly rounded)
+    ("bf16", plan.KIND_NVFP4, (0,) * 6, 16, (4096, 4096), -1),
 ]
 out = []
 for dt, kind, params, block, shape, dim in cases:
@@ -476,8 +548,8 @@ print(json.dumps(out))
 
 def test_gpu_build_is_exact_by_construction():
     """The kernel compiled for sm_90 (no GPU needed): no FMA contraction, no approximate
-    exp2/log2/division/reciprocal, no flush-to-zero, IEEE division for the codebook scale and
-    ggml's 1/d, and
+    exp2/log2/division/reciprocal, no flush-to-zero, IEEE division for the codebook scale,
+    ggml's 1/d and NVFP4's scales, and
     16-byte vector loads and stores on the last-dim and wide-column layouts; with scale: mse
     as well."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -488,13 +560,13 @@ def test_gpu_build_is_exact_by_construction():
         pytest.skip(f"triton cannot compile for CUDA here: {res.stderr.strip().splitlines()[-1]}")
     assert res.returncode == 0, res.stderr
     cases = json.loads(res.stdout.strip().splitlines()[-1])
-    assert [c["layout"] for c in cases] == [0, 1, 2, 0, 1, 0, 1]
+    assert [c["layout"] for c in cases] == [0, 1, 2, 0, 1, 0, 1, 0]
     for c in cases:
         assert not c["ftz"], c
         allowed = {"div.rn.f32", "div.s32", "div.s64"}
         assert set(c["ops"]) <= allowed, c
     assert "div.rn.f32" in cases[2]["ops"]  # the codebook's x / s, correctly rounded
-    assert all("div.rn.f32" in c["ops"] for c in cases[5:])  # ggml's 1/d (and amax / 127)
+    assert all("div.rn.f32" in c["ops"] for c in cases[5:])  # ggml's 1/d, NVFP4's divisions
     for c in cases[:2] + cases[3:]:
         assert "ld.global.v4.b32" in c["mem"] and "st.global.v4.b32" in c["mem"], c
 
@@ -520,7 +592,7 @@ def test_unsupported_formats(spec):
 
 def test_supported_formats():
     assert triton_available()
-    for spec in BFP_SPECS + MX_SPECS + CODEBOOK_SPECS + GGML_SPECS:
+    for spec in BFP_SPECS + MX_SPECS + CODEBOOK_SPECS + GGML_SPECS + [NVFP4_SPEC]:
         assert supports_triton(make_format(spec)), spec
 
 

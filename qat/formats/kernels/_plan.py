@@ -8,7 +8,9 @@ from typing import NamedTuple
 _TILE_ELEMS = 4096
 # From this many columns on, a tile takes a contiguous run of them (16-byte vector loads).
 _WIDE_INNER = 16
-KIND_BFP, KIND_MX, KIND_CODEBOOK, KIND_GGML = 0, 1, 2, 3
+KIND_BFP, KIND_MX, KIND_CODEBOOK, KIND_GGML, KIND_NVFP4 = 0, 1, 2, 3, 4
+# Elements per program of the NVFP4 global-amax pass.
+ABSMAX_CHUNK = 4096
 
 
 def bfp_params(width: int, exponent_width: int, frac: int = 0) -> tuple:
