@@ -177,3 +177,33 @@ def test_triton_backend_in_a_model_equals_reference():
             assert torch.equal(a.grad, b.grad), n
     fq = mt.model.layers[0].self_attn.q_proj.weight_quantizer
     assert fq._impl == {"cpu": "triton"}
+
+
+@pytest.mark.parametrize("name,kernel", [("ggml_q4_0", True), ("ggml_q8_0", True),
+                                         ("nvfp4", True), ("int", False)])
+def test_llama_cpp_and_nvfp4_dispatch(name, kernel, monkeypatch):
+    """auto picks the fused kernel on CUDA for the llama.cpp block types and NVFP4 (int has
+    none and compiles). Under the interpreter the triton backend runs the kernel on CPU
+    tensors, bit-equal to the reference, with an identity backward."""
+    from qat.formats.kernels import triton_available
+
+    if not triton_available():
+        pytest.skip("triton is not installed")
+    fmt = make_format({"format": name})
+    monkeypatch.delenv(backends.BACKEND_ENV, raising=False)
+    assert resolve_backend("auto", fmt, torch.device("cuda")) == ("triton" if kernel
+                                                                 else "compile")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert resolve_backend("triton", fmt, torch.device("cpu")) == ("triton" if kernel
+                                                                  else "compile")
+    import qat.formats.kernels as kernels
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not kernel or (device == "cpu" and not kernels._INTERPRET):
+        return  # no kernel, or triton was imported without its interpreter
+    x = torch.randn(6, 70, generator=torch.Generator().manual_seed(3)) * 5
+    x = x.to(device).requires_grad_()
+    y = fake_quantize(x, fmt, -1, "triton")
+    assert torch.equal(y.detach().view(torch.int32), fmt.quantize(x.detach()).view(torch.int32))
+    y.backward(torch.full_like(y, 3.0))
+    assert torch.equal(x.grad, torch.full_like(x, 3.0))

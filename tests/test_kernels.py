@@ -22,6 +22,7 @@ from qat.formats.kernels import (  # noqa: E402
     triton_available,
     triton_fake_quantize,
 )
+from qat.formats.nvfp4 import e4m3  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -43,6 +44,8 @@ CODEBOOK_SPECS = [{"format": n, "block_size": b} for n in ("nf4", "af4", "bof4s"
                   for b in (32, 64)] + [{"format": "bof4", "block_size": 64},
                                         {"format": "nf4", "block_size": 32,
                                          "normalization": "signed_absmax"}]
+GGML_SPECS = [{"format": "ggml_q8_0"}, {"format": "ggml_q4_0"}]
+NVFP4_SPEC = {"format": "nvfp4"}
 
 
 def spec_id(spec: dict) -> str:
@@ -105,6 +108,23 @@ def tie_row(fmt, n: int, gen: torch.Generator) -> torch.Tensor:
         cand = torch.cat([grid, (grid[1:] + grid[:-1]) / 2, grid[-1:] + 0.25])
         v = cand[torch.randint(0, len(cand), (n,), generator=gen)]
         v[:: fmt.block_size] = fmt.max_value  # sets the block's scale to 2^0
+    elif fmt.name.startswith("ggml"):
+        # A block max of 127 (Q8_0) or -8 (Q4_0) makes d = 1: x * (1/d) is x, so half-integers
+        # are ties of roundf (Q8_0) and of trunc(x + 8.5) (Q4_0).
+        top = 127 if fmt.name == "ggml_q8_0" else 8
+        k = torch.randint(-top, top, (n,), generator=gen).double()
+        v = k + 0.5
+        v[:: fmt.block_size] = -float(top) if top == 8 else float(top)
+        v[1 :: fmt.block_size] = float(top)  # the largest |x| with both signs
+        odd = (torch.arange(n) // fmt.block_size) % 2 == 1
+        sign = torch.where(odd, -1.0, 1.0).double()  # ...the positive one first in odd blocks
+    elif fmt.name == "nvfp4":
+        # A max of 6 in every block and the tensor: g = 448, s = 448, S = 1 (times the scale
+        # below), so E2M1's midpoints are ties.
+        grid = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=torch.float64)
+        cand = torch.cat([grid, (grid[1:] + grid[:-1]) / 2])
+        v = cand[torch.randint(0, len(cand), (n,), generator=gen)]
+        v[:: fmt.block_size] = 6.0
     else:
         lv, mids = level_tensors(fmt.levels, torch.device("cpu"))
         cand = torch.cat([mids, lv]).double()
@@ -201,7 +221,8 @@ def case(spec: dict, dtype: torch.dtype):
 
 @pytest.mark.parametrize("spec,dtype",
                          [case(s, d) for s in BFP_SPREAD for d in DTYPES[1:]]
-                         + [case(s, d) for s in MX_SPECS + CODEBOOK_SPECS for d in DTYPES])
+                         + [case(s, d) for s in MX_SPECS + CODEBOOK_SPECS + GGML_SPECS
+                            for d in DTYPES])
 def test_formats_match_reference_in_every_dtype(spec, dtype):
     check_format(spec, dtype)
 
@@ -268,6 +289,152 @@ def test_non_contiguous_input():
     assert_bits_equal(triton_fake_quantize(x, fmt, -1), x, fmt, -1)
 
 
+# --- llama.cpp block types: hand-made blocks ----------------------------------------------
+
+
+def fma_sensitive_q4(d: float) -> list[float]:
+    """float32 x where Q4_0's code trunc(x * (1/d) + 8.5) differs between rounding the product
+    first (C, the reference) and a fused multiply-add (one rounding): the ties a GPU would get
+    wrong if the kernel's product and add were contracted into an FMA."""
+    d32 = torch.tensor(d, dtype=torch.float32)
+    inv = (1.0 / d32).double()
+    found = []
+    for j in range(-8, 8):  # x / d near j + 0.5: + 8.5 lands near an integer
+        centre = torch.tensor((j + 0.5) * d, dtype=torch.float32)
+        steps = torch.arange(-40, 41, dtype=torch.int32)
+        xs = (centre.view(torch.int32) + steps).view(torch.float32)
+        p = xs.double() * inv  # exact: 24 x 24 bits
+        twice = (p.float().double() + 8.5).float().trunc()
+        fused = (p + 8.5).float().trunc()  # p + 8.5 exact in float64 at these magnitudes
+        found += xs[twice != fused].tolist()
+    assert len(found) >= 2, found  # the search itself must find such values
+    return found[:31]
+
+
+def ggml_blocks(q4: bool) -> torch.Tensor:
+    """float32 [n, 32] blocks: signed zeros, the largest |x| with both signs in both orders,
+    ties, d at fp16's max / past it / in its subnormals, 1/d overflowing float32, FMA traps."""
+    top = 8.0 if q4 else 127.0
+    ramp = torch.linspace(-1, 1, 32)
+    out = [torch.zeros(32), -torch.zeros(32), torch.where(torch.arange(32) % 2 == 0, -0.0, 0.0)]
+    for first in (-3.0, 3.0):  # the max with both signs: the first one sets the sign of d
+        b = ramp * 2.5
+        b[5], b[20] = first, -first
+        out.append(b)
+    out.append(torch.arange(32) - 15.5)  # d = 15.5 / 8 or 15.5 / 127: ties after 1/d
+    out.append(torch.cat([torch.tensor([top]), torch.arange(-15, 16) + 0.5]))  # d = 1: ties
+    for dmag in (65504.0, 65519.0, 65520.0, 70000.0, 2.0**-20, 3 * 2.0**-26, 2.0**-25, 1e-41):
+        out.append(ramp * dmag * top)  # |d| = dmag (up to float32 rounding)
+    for dmag in (1.1, 0.3, 3.0e-3):
+        b = torch.zeros(32)
+        b[0] = -8.0 * dmag if q4 else 127 * dmag
+        b[1:] = (torch.arange(31) - 15 + 0.5) * dmag  # ties before float32 rounding
+        if q4:
+            traps = fma_sensitive_q4(float(torch.tensor(dmag).float()))
+            b[1 : 1 + len(traps)] = torch.tensor(traps)
+        out.append(b)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("spec", GGML_SPECS, ids=spec_id)
+@pytest.mark.filterwarnings("ignore:invalid value encountered in multiply:RuntimeWarning")
+def test_ggml_hand_made_blocks(spec):
+    """Each block of ``ggml_blocks``, along the last dim, a middle dim and dim 0, in float32
+    and (what survives the cast) float16 and bfloat16, plus a ragged last block."""
+    fmt = make_format(spec)
+    blocks = ggml_blocks(spec["format"] == "ggml_q4_0")
+    row = blocks.reshape(-1)
+    for dtype in DTYPES:
+        if dtype == torch.bfloat16 and DEVICE == "cpu" and _TRITON_VERSION < (3, 9):
+            continue
+        base = torch.stack([row, row.flip(0)]).to(dtype)
+        for x, dim in ((base, -1), (base.t().contiguous(), 0),
+                       (base.reshape(2, -1, 32).transpose(1, 2).contiguous(), 1),
+                       (base[:, : 32 * 5 + 7].contiguous(), -1)):
+            x = x.to(DEVICE)
+            assert_bits_equal(triton_fake_quantize(x, fmt, dim), x, fmt, dim)
+
+
+def test_ggml_hand_made_blocks_hit_their_cases():
+    """The blocks above reach what they are there for, in the reference's own codes."""
+    q4, q8 = make_format({"format": "ggml_q4_0"}), make_format({"format": "ggml_q8_0"})
+    codes4, d4, _ = q4._encode_lastdim(ggml_blocks(True))
+    codes8, d8, _ = q8._encode_lastdim(ggml_blocks(False))
+    for d in (d4.reshape(-1).float(), d8.reshape(-1).float()):
+        assert (d.abs() == 65504).sum() == 4  # 65504, 65519 round to it; 65520, 70000 saturate
+        assert ((d != 0) & (d.abs() < 2.0**-14)).sum() == 2  # fp16 subnormal scales
+    # Q4_0's d is max / -8: +0.0, -0.0 and -0.0 first give d = -0.0, +0.0, +0.0.
+    assert torch.signbit(d4.reshape(-1)[:3]).tolist() == [True, False, False]
+    assert torch.signbit(d8.reshape(-1)[:3]).tolist() == [False, False, False]
+    # Q4_0: the first of two equal |max| sets d's sign (code 0); its twin clamps to code 15.
+    assert codes4[3, 0, [5, 20]].tolist() == [0, 15] and codes4[4, 0, [5, 20]].tolist() == [0, 15]
+    assert d4.reshape(-1)[3] == -d4.reshape(-1)[4]
+    assert codes8[3, 0, [5, 20]].tolist() == [-127, 127]
+    # The smallest block makes float32 1/d overflow (C's int8 cast of inf is undefined).
+    amax = ggml_blocks(False).abs().amax(-1)
+    assert torch.isinf(1.0 / (amax / 127)).any() and torch.isinf(1.0 / (amax / 8)).any()
+
+
+# --- NVFP4: a tensor-wide scale, so one kind of row per tensor ------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_nvfp4_matches_reference(dtype):
+    """Each kind of row of ``rows`` (normal, heavy tails, ties, zero blocks, tiny, huge,
+    NaN/inf-laced, spread scales) as its own [9, n] tensor, so its global scale is its own."""
+    if dtype == torch.bfloat16 and DEVICE == "cpu" and _TRITON_VERSION < (3, 9):
+        pytest.skip("bfloat16 needs triton >= 3.9's interpreter")
+    fmt = make_format({"format": "nvfp4"})
+    assert supports_triton(fmt)
+    every = torch.stack([rows(fmt, length(fmt), dtype, seed) for seed in range(9)], dim=1)
+    for kind in every:
+        for x, dim in layouts(kind.to(DEVICE)):
+            assert_bits_equal(triton_fake_quantize(x, fmt, dim), x, fmt, dim)
+
+
+def e4m3_traps() -> torch.Tensor:
+    """float32 block maxima a near 6 m (m an E4M3 midpoint) where the scale e4m3(a / 6) (g = 1)
+    differs from e4m3(a * fl(1/6)): a kernel that divided approximately would miss them."""
+    grid = torch.tensor([2.0**e * (1 + k / 8) for e in range(-6, 9) for k in range(8)])
+    a0 = (6 * (grid[1:] + grid[:-1]) / 2).float()
+    sixth = torch.tensor(1 / 6, dtype=torch.float32)
+    found = []
+    for k in range(-64, 65):
+        a = (a0.view(torch.int32) + k).view(torch.float32)
+        found.append(a[e4m3(a / 6) != e4m3(a * sixth)])
+    out = torch.cat(found)
+    assert len(out) >= 10  # the search itself must find them
+    return out
+
+
+E4M3_TRAPS = e4m3_traps()
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_nvfp4_global_scale_edges():
+    """All zeros, all NaN/inf, so small that g overflows (g = 1), float32's max, a tensor of
+    several global-max chunks whose max sits in the last one, and E4M3 scale traps."""
+    fmt = make_format({"format": "nvfp4"})
+    gen = torch.Generator().manual_seed(5)
+    big = torch.randn(70, 100, generator=gen)
+    big[69, 99] = 40.0
+    ties = torch.rand(len(E4M3_TRAPS) + 1, 16, generator=gen) * 0.01
+    ties[:-1, 3] = E4M3_TRAPS  # block maxima
+    ties[-1, 0] = 2688.0  # g = 1
+    cases = [torch.zeros(4, 32), -torch.zeros(2, 48),
+             torch.tensor([[float("nan"), float("inf"), -float("inf")] * 11]),
+             torch.randn(4, 32, generator=gen) * 1e-38,
+             torch.randn(4, 32, generator=gen) * 1e-36,
+             torch.randn(4, 32, generator=gen).clamp(-1, 1) * torch.finfo(torch.float32).max,
+             big, ties]
+    for x in cases:
+        for dim in (-1, 0):
+            x = x.to(DEVICE)
+            assert_bits_equal(triton_fake_quantize(x, fmt, dim), x, fmt, dim)
+
+
 # --- autograd, compile, op registration ---------------------------------------------------
 
 
@@ -306,13 +473,17 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(ops.mx_fake_quantize, (x, 0, 32, 1, 2, 0, 6.0, False))
     torch.library.opcheck(ops.codebook_fake_quantize,
                           (x, -1, 32, list(make_format({"format": "nf4"}).levels), False))
+    torch.library.opcheck(ops.ggml_fake_quantize, (x, -1, True))
+    torch.library.opcheck(ops.ggml_fake_quantize, (x, 0, False))
+    torch.library.opcheck(ops.nvfp4_fake_quantize, (x, 0))
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA's sync debug mode needs a GPU")
 def test_no_host_sync_on_cuda():
     """Launching never waits for the GPU (after the first call cached the codebook tables)."""
     x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
-    fmts = [make_format(s) for s in (BFP_SPECS[0], MX_SPECS[0], CODEBOOK_SPECS[0])]
+    fmts = [make_format(s) for s in (BFP_SPECS[0], MX_SPECS[0], CODEBOOK_SPECS[0],
+                                     *GGML_SPECS, NVFP4_SPEC)]
     for fmt in fmts:
         triton_fake_quantize(x, fmt, -1)
     torch.cuda.synchronize()
@@ -348,6 +519,11 @@ cases = [  # (dtype, kind, params, block, shape, dim): one per layout
     # scale: mse (P5 = the error's fraction bits for the block size)
     ("bf16", plan.KIND_BFP, plan.bfp_params(4, 8, 29), 16, (4096, 4096), -1),
     ("fp16", plan.KIND_MX, plan.mx_params(1, 2, 0, 6.0, False, 28), 32, (512, 4096), 0),
+    # llama.cpp Q4_0 and Q8_0 (float32 1/d, a product then + 8.5: no FMA)
+    ("bf16", plan.KIND_GGML, plan.ggml_params(True), 32, (4096, 4096), -1),
+    ("fp16", plan.KIND_GGML, plan.ggml_params(False), 32, (512, 4096), 0),
+    # NVFP4 (amax / 6, s / g and x / S correctly rounded)
+    ("bf16", plan.KIND_NVFP4, (0,) * 6, 16, (4096, 4096), -1),
 ]
 out = []
 for dt, kind, params, block, shape, dim in cases:
@@ -372,7 +548,8 @@ print(json.dumps(out))
 
 def test_gpu_build_is_exact_by_construction():
     """The kernel compiled for sm_90 (no GPU needed): no FMA contraction, no approximate
-    exp2/log2/division/reciprocal, no flush-to-zero, IEEE division for the codebook scale, and
+    exp2/log2/division/reciprocal, no flush-to-zero, IEEE division for the codebook scale,
+    ggml's 1/d and NVFP4's scales, and
     16-byte vector loads and stores on the last-dim and wide-column layouts; with scale: mse
     as well."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -383,12 +560,13 @@ def test_gpu_build_is_exact_by_construction():
         pytest.skip(f"triton cannot compile for CUDA here: {res.stderr.strip().splitlines()[-1]}")
     assert res.returncode == 0, res.stderr
     cases = json.loads(res.stdout.strip().splitlines()[-1])
-    assert [c["layout"] for c in cases] == [0, 1, 2, 0, 1]
+    assert [c["layout"] for c in cases] == [0, 1, 2, 0, 1, 0, 1, 0]
     for c in cases:
         assert not c["ftz"], c
         allowed = {"div.rn.f32", "div.s32", "div.s64"}
         assert set(c["ops"]) <= allowed, c
     assert "div.rn.f32" in cases[2]["ops"]  # the codebook's x / s, correctly rounded
+    assert all("div.rn.f32" in c["ops"] for c in cases[5:])  # ggml's 1/d, NVFP4's divisions
     for c in cases[:2] + cases[3:]:
         assert "ld.global.v4.b32" in c["mem"] and "st.global.v4.b32" in c["mem"], c
 
@@ -414,7 +592,7 @@ def test_unsupported_formats(spec):
 
 def test_supported_formats():
     assert triton_available()
-    for spec in BFP_SPECS + MX_SPECS + CODEBOOK_SPECS:
+    for spec in BFP_SPECS + MX_SPECS + CODEBOOK_SPECS + GGML_SPECS + [NVFP4_SPEC]:
         assert supports_triton(make_format(spec)), spec
 
 

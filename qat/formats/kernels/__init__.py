@@ -2,8 +2,9 @@
 
 ``triton_fake_quantize(x, fmt, dim)`` runs one kernel (one read, one write of ``x``; float32
 maths in registers; blocks along any dim without a transposed copy) through the custom ops
-``torch.ops.qat.{bfp,mx,codebook}_fake_quantize``. It runs on CUDA tensors, and on CPU tensors
-only under Triton's interpreter (``TRITON_INTERPRET=1``, set before triton is imported; tests).
+``torch.ops.qat.{bfp,mx,codebook,ggml,nvfp4}_fake_quantize``; NVFP4 first reads ``x`` once more
+for its tensor-wide scale. It runs on CUDA tensors, and on CPU tensors only under Triton's
+interpreter (``TRITON_INTERPRET=1``, set before triton is imported; tests).
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from torch import Tensor
 from qat.formats.base import Format
 from qat.formats.bfp import BFP
 from qat.formats.codebook import AF4, BOF4, BOF4S, NF4
+from qat.formats.ggml import GGMLQ4_0, GGMLQ8_0
 from qat.formats.mx import MXFP4, MXFP6E2M3, MXFP6E3M2, MXFP8E4M3, MXFP8E5M2, MXINT8
+from qat.formats.nvfp4 import NVFP4
 
 __all__ = ["MAX_BLOCK_SIZE", "supports_triton", "triton_available", "triton_fake_quantize"]
 
@@ -25,6 +28,7 @@ __all__ = ["MAX_BLOCK_SIZE", "supports_triton", "triton_available", "triton_fake
 MAX_BLOCK_SIZE = 8192
 _MX_TYPES = (MXFP8E4M3, MXFP8E5M2, MXFP6E2M3, MXFP6E3M2, MXFP4, MXINT8)
 _CODEBOOK_TYPES = (NF4, AF4, BOF4, BOF4S)
+_GGML_TYPES = (GGMLQ4_0, GGMLQ8_0)
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -52,12 +56,12 @@ def triton_available() -> bool:
 
 def supports_triton(fmt: Format) -> bool:
     """Whether a fused kernel implements ``fmt`` (BFP, the six MX, either scale choice; 4-bit
-    codebooks w/o OPQ)."""
+    codebooks w/o OPQ; llama.cpp's Q4_0 and Q8_0; NVFP4)."""
     block = getattr(fmt, "block_size", None)
     if not isinstance(block, int) or not 1 <= block <= MAX_BLOCK_SIZE:
         return False
     # Exact types: a subclass may change the maths.
-    if type(fmt) is BFP or type(fmt) in _MX_TYPES:
+    if type(fmt) in (BFP, NVFP4) or type(fmt) in _MX_TYPES or type(fmt) in _GGML_TYPES:
         return True
     if type(fmt) in _CODEBOOK_TYPES:
         return fmt.outliers == "none" and len(fmt.levels) == 16
@@ -87,5 +91,9 @@ def triton_fake_quantize(x: Tensor, fmt: Format, dim: int = -1) -> Tensor:
     if type(fmt) in _MX_TYPES:
         return q.mx_fake_quantize(x, dim, fmt.block_size, fmt.mantissa_bits, fmt.emax, fmt.emin,
                                   fmt.max_value, type(fmt) is MXINT8, fmt.scale == "mse")
+    if type(fmt) in _GGML_TYPES:
+        return q.ggml_fake_quantize(x, dim, type(fmt) is GGMLQ4_0)
+    if type(fmt) is NVFP4:
+        return q.nvfp4_fake_quantize(x, dim)
     return q.codebook_fake_quantize(x, dim, fmt.block_size, list(fmt.levels),
                                     fmt.normalization == "signed_absmax")

@@ -11,16 +11,22 @@ import torch
 from torch import Tensor
 
 from qat.formats.codebook import level_tensors
+from qat.formats.ggml import GGML_BLOCK
 from qat.formats.kernels._plan import (
+    ABSMAX_CHUNK,
     KIND_BFP,
     KIND_CODEBOOK,
+    KIND_GGML,
     KIND_MX,
+    KIND_NVFP4,
     bfp_params,
     codebook_params,
+    ggml_params,
     mx_params,
     plan,
 )
-from qat.formats.kernels._triton_kernels import fake_quantize_kernel
+from qat.formats.kernels._triton_kernels import fake_quantize_kernel, finite_absmax_kernel
+from qat.formats.nvfp4 import NVFP4_BLOCK, global_scale
 from qat.formats.scale import fixed_point_bits
 
 
@@ -86,7 +92,27 @@ def codebook_fake_quantize(x: Tensor, dim: int, block_size: int, levels: list[fl
     return _launch(x, dim, KIND_CODEBOOK, block_size, params, tables)
 
 
+@torch.library.custom_op("qat::ggml_fake_quantize", mutates_args=())
+def ggml_fake_quantize(x: Tensor, dim: int, q4: bool) -> Tensor:
+    """llama.cpp Q4_0 (``q4``) or Q8_0 fake quantisation (``qat.formats.ggml``) in one kernel."""
+    return _launch(x, dim, KIND_GGML, GGML_BLOCK, ggml_params(q4))
+
+
+@torch.library.custom_op("qat::nvfp4_fake_quantize", mutates_args=())
+def nvfp4_fake_quantize(x: Tensor, dim: int) -> Tensor:
+    """NVFP4 fake quantisation (``qat.formats.nvfp4``): a pass for the tensor's largest finite
+    |x| (one read, a float per 4096 elements), then the one-read, one-write kernel."""
+    if x.numel() == 0:
+        return x.clone()
+    xc = x.contiguous()
+    parts = torch.empty(-(-xc.numel() // ABSMAX_CHUNK), dtype=torch.float32, device=x.device)
+    finite_absmax_kernel[(parts.numel(),)](xc, parts, xc.numel(), CHUNK=ABSMAX_CHUNK)
+    g = global_scale(parts).reshape(1)  # the reference's own maths on the partial maxima
+    return _launch(xc, dim, KIND_NVFP4, NVFP4_BLOCK, (0, 0, 0, 0, 0, 0), (g, g))
+
+
 for _op, _nargs in ((bfp_fake_quantize, 6), (mx_fake_quantize, 9),
-                    (codebook_fake_quantize, 5)):
+                    (codebook_fake_quantize, 5), (ggml_fake_quantize, 3),
+                    (nvfp4_fake_quantize, 2)):
     _op.register_fake(_fake)
     _op.register_autograd(_ste_backward(_nargs), setup_context=_setup_context)

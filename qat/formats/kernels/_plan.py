@@ -8,7 +8,9 @@ from typing import NamedTuple
 _TILE_ELEMS = 4096
 # From this many columns on, a tile takes a contiguous run of them (16-byte vector loads).
 _WIDE_INNER = 16
-KIND_BFP, KIND_MX, KIND_CODEBOOK = 0, 1, 2
+KIND_BFP, KIND_MX, KIND_CODEBOOK, KIND_GGML, KIND_NVFP4 = 0, 1, 2, 3, 4
+# Elements per program of the NVFP4 global-amax pass.
+ABSMAX_CHUNK = 4096
 
 
 def bfp_params(width: int, exponent_width: int, frac: int = 0) -> tuple:
@@ -31,6 +33,11 @@ def mx_params(mantissa_bits: int, emax: int, emin: int, max_value: float, is_int
 def codebook_params(levels: tuple[float, ...], signed_absmax: bool) -> tuple:
     """Kernel constants for a codebook: number of levels, normalisation, whether 0 is a level."""
     return len(levels), bool(signed_absmax), 0.0 in levels, 0, 0, 0
+
+
+def ggml_params(q4: bool) -> tuple:
+    """Kernel constants for a llama.cpp block type: P0 = Q4_0 (else Q8_0)."""
+    return bool(q4), 0, 0, 0, 0, 0
 
 
 class Plan(NamedTuple):

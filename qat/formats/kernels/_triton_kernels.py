@@ -102,6 +102,17 @@ def _bfp(src, AXIS: tl.constexpr, M_BITS: tl.constexpr, M_POW: tl.constexpr,
 
 
 @triton.jit
+def _round_float(v, M_BITS: tl.constexpr, STEP_MIN: tl.constexpr, MAXV: tl.constexpr):
+    """qat/formats/floatcast.py round_to_float of finite float32 ``v``: nearest even on the grid
+    of M_BITS mantissa bits (steps never below 2^STEP_MIN), saturated at MAXV, sign kept."""
+    mag = tl.abs(v)
+    flm, _ = _floor_log2(mag)  # 0 gives a binade far below: the smallest step, and 0 stays 0
+    step_e = tl.maximum(flm - M_BITS, STEP_MIN)
+    r = _rne_pos(mag * _pow2(-step_e)) * _pow2(step_e)
+    return _copysign(tl.minimum(r, MAXV), v)
+
+
+@triton.jit
 def _mx_values(src, e, M_BITS: tl.constexpr, STEP_MIN: tl.constexpr, MAXV: tl.constexpr,
                IS_INT: tl.constexpr):
     v = src * _pow2(-e)
@@ -110,11 +121,7 @@ def _mx_values(src, e, M_BITS: tl.constexpr, STEP_MIN: tl.constexpr, MAXV: tl.co
         r = tl.minimum(_rne_pos(tl.abs(w)), 127.0)
         el = _copysign(r, w) * 0.015625
     else:
-        mag = tl.abs(v)
-        flm, _ = _floor_log2(mag)
-        step_e = tl.maximum(flm - M_BITS, STEP_MIN)
-        r = _rne_pos(mag * _pow2(-step_e)) * _pow2(step_e)
-        el = _copysign(tl.minimum(r, MAXV), v)
+        el = _round_float(v, M_BITS, STEP_MIN, MAXV)
     return el * _pow2(e)
 
 
@@ -167,6 +174,65 @@ def _codebook(src, kidx, lv_ptr, mid_ptr, AXIS: tl.constexpr, NLEV: tl.constexpr
 
 
 @triton.jit
+def _floor_pos(v):
+    """``floor(v)`` of float32 ``0 <= v < 2^23`` (exact: an integer near v, less 1 if above)."""
+    r = _rne_pos(v)
+    return tl.where(r > v, r - 1.0, r)
+
+
+@triton.jit
+def _ggml(src, kidx, AXIS: tl.constexpr, Q4: tl.constexpr, BP: tl.constexpr):
+    # qat/formats/ggml.py: d from the block (Q8_0 amax / 127; Q4_0 the first signed max / -8),
+    # codes from the float32 d and 1/d (d == 0: 0), values code * fp16(d). The product and the
+    # + 8.5 stay two roundings (enable_fp_fusion=False), as C and the reference's _product.
+    a = tl.abs(src)
+    amax = tl.max(a, axis=AXIS, keep_dims=True)
+    if Q4:
+        first = tl.min(tl.where(a == amax, kidx, BP), axis=AXIS, keep_dims=True)
+        # A max, not a sum: keeps a -0.0 maximum's sign (it sets the sign of d and of zeros).
+        smax = tl.max(tl.where(kidx == first, src, -float("inf")), axis=AXIS, keep_dims=True)
+        d = smax * -0.125  # = smax / -8 (same real value, same rounding)
+    else:
+        d = tl.math.div_rn(amax, tl.full(amax.shape, 127.0, tl.float32))
+    nonzero = d != 0
+    inv = tl.where(nonzero, tl.math.div_rn(tl.full(d.shape, 1.0, tl.float32),
+                                           tl.where(nonzero, d, 1.0)), 0.0)
+    v = src * inv  # +-inf where 1/d overflowed, NaN for 0 * inf (the reference's nan_to_num)
+    d16 = _round_float(d, 10, -24, 65504.0)  # fp16_scale: fp16, subnormals, saturated
+    if Q4:
+        s = v + 8.5
+        s = tl.where(s == s, s, 8.0)
+        # trunc then clamp to [0, 15] = floor of s clamped to [0, 16] (trunc of s < 0 is <= 0).
+        c = tl.minimum(_floor_pos(tl.minimum(tl.maximum(s, 0.0), 16.0)), 15.0)
+        q = (c - 8.0) * d16
+    else:
+        # C's roundf (half away from zero) of |v|; |v| <= ~254 when finite, inf -> 127, NaN -> 0.
+        m = tl.abs(v)
+        small = m < 8388608.0
+        ms = tl.where(small, m, 0.0)
+        t = _floor_pos(ms)
+        r = t + tl.where(ms - t >= 0.5, 1.0, 0.0)
+        r = tl.where(small, r, tl.where(m == float("inf"), 127.0, tl.where(m == m, m, 0.0)))
+        code = tl.where(v < 0, 0.0 - r, r)  # 0.0 - 0.0 is +0.0, as the reference's code
+        q = code * d16
+    return q
+
+
+@triton.jit
+def _nvfp4(src, g_ptr, AXIS: tl.constexpr):
+    # qat/formats/nvfp4.py with the tensor's global scale g (computed before the launch):
+    # s = e4m3(g * (amax / 6)), 0.125 where 0; S = s / g; e2m1(clamp(x / S, -6, 6)) * S.
+    g = tl.load(g_ptr)
+    amax = tl.max(tl.abs(src), axis=AXIS, keep_dims=True)
+    six = tl.full(amax.shape, 6.0, tl.float32)
+    s = _round_float(g * tl.math.div_rn(amax, six), 3, -9, 448.0)
+    s = tl.where(s == 0, 0.125, s)
+    eff = tl.broadcast_to(tl.math.div_rn(s, tl.zeros(s.shape, tl.float32) + g), src.shape)
+    v = tl.minimum(tl.maximum(tl.math.div_rn(src, eff), -6.0), 6.0)
+    return _round_float(v, 1, -1, 6.0) * eff
+
+
+@triton.jit
 def _to_f32(x):
     """Exact widening to float32 (bfloat16 by its bits: the interpreter's cast is approximate)."""
     if x.dtype == tl.bfloat16:
@@ -205,6 +271,10 @@ def _quantize_tile(xf, kidx, lv_ptr, mid_ptr, AXIS: tl.constexpr, KIND: tl.const
         q = _bfp(src, AXIS, P0, P1, P2, P3, P4, P5)
     elif KIND == 1:
         q = _mx(src, AXIS, P0, P1, P2, P3, P4, P5)
+    elif KIND == 3:
+        q = _ggml(src, kidx, AXIS, P0, BP)
+    elif KIND == 4:
+        q = _nvfp4(src, lv_ptr, AXIS)
     else:
         q = _codebook(src, kidx, lv_ptr, mid_ptr, AXIS, P0, P1, P2, BP)
     return q, finite
@@ -261,3 +331,13 @@ def fake_quantize_kernel(
     # Non-finite inputs are stored back as they came (their bits untouched).
     y = tl.where(finite, _from_f32(q, y_ptr.dtype.element_ty), x)
     tl.store(y_ptr + offs, y, mask=mask)
+
+
+@triton.jit
+def finite_absmax_kernel(x_ptr, part_ptr, numel, CHUNK: tl.constexpr):
+    """``part[pid]`` = the largest finite |x| of the pid-th CHUNK elements (0 if none)."""
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * CHUNK + tl.arange(0, CHUNK)
+    a = tl.abs(_to_f32(tl.load(x_ptr + offs, mask=offs < numel, other=0.0)))
+    a = tl.where(a < float("inf"), a, 0.0)  # NaN and inf count as 0, as in Format.quantize
+    tl.store(part_ptr + pid, tl.max(a, axis=0))
