@@ -200,5 +200,5 @@ def train(recipe: Any, overrides: list[str] | dict[str, Any] | None = None) -> d
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
     elif overrides:
-        raise TypeError("overrides apply to a recipe file; a Recipe is already resolved")
+        raise UsageError("overrides apply to a recipe file; a Recipe is already resolved")
     return run(recipe)
