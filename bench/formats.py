@@ -9,7 +9,7 @@ Prints a table, writes ``DIR/formats_sqnr.csv`` (DIR: outputs/bench) and the REA
 the choice and writes ``DIR/formats_scale_sqnr.csv``. Generic over
 ``qat.formats.FORMATS``: formats registered later appear automatically with their defaults;
 one that cannot be built from defaults is skipped with a note. SQNR (dB) is
-``10 log10(sum x^2 / sum (x - q)^2)`` (``qat.quant.error``); for MiniLM the error is pooled
+``10 log10(sum x^2 / sum (x - q)^2)`` (``qat.quant.sqnr``); for MiniLM the error is pooled
 over all 2-D encoder weight matrices, each quantised along its last (input) dim as a Linear
 weight is.
 """
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from qat.formats import FORMATS, Format, make_format
-from qat.quant.error import error_sums, sqnr_db_value
+from qat.quant.sqnr import error_sums, sqnr_db_value
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -120,18 +120,16 @@ def write_wikitext_split(texts: Iterable[str], path: Path) -> int:
 
 
 def _check_tasks(names: list[str] | None) -> list[str]:
-    import difflib
-
+    from qat.errors import did_you_mean
     from qat.tasks.glue import GLUE_TASKS
 
     if names is None:
         return list(GLUE_TASKS)
     for name in names:
         if name not in GLUE_TASKS:
-            close = difflib.get_close_matches(name, GLUE_TASKS, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise PrepareError(f"--tasks: unknown GLUE task {name!r}{hint} (valid: "
-                               f"{', '.join(GLUE_TASKS)})")
+            raise PrepareError(f"--tasks: unknown GLUE task {name!r}"
+                               f"{did_you_mean(name, GLUE_TASKS)}; valid tasks: "
+                               f"{', '.join(GLUE_TASKS)}")
     return list(dict.fromkeys(names))
 
 

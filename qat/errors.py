@@ -7,6 +7,8 @@ Failures that are not the user's input (a bug, a diverged run) are other excepti
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 class QatError(ValueError):
     """Bad input found before (or instead of) doing the work: one line, exit code 2."""
@@ -34,3 +36,17 @@ def decode_utf8(raw: bytes, where: str, error: type[QatError], encoding: str = "
         line = raw[:e.start].count(b"\n") + 1
         raise error(f"{where} line {line}: not valid UTF-8 (byte 0x{raw[e.start]:02x}){hint}"
                     ) from None
+
+
+def did_you_mean(word: object, choices: Iterable[str], section: str | None = None) -> str:
+    """The hint every "unknown ..." error ends with: ``" (did you mean 'x'?)"`` for the choice
+    closest to ``word``, or ``""`` when none is close. ``section`` (e.g. ``"quant"``): the
+    choices are keys of that recipe section, suggested bare as the user types them,
+    ``" (did you mean quant.weight?)"``."""
+    import difflib  # only when an error is being written
+
+    close = difflib.get_close_matches(str(word), list(choices), n=1)
+    if not close:
+        return ""
+    return f" (did you mean {close[0]!r}?)" if section is None else \
+        f" (did you mean {section}.{close[0]}?)"

@@ -58,7 +58,7 @@ ROWS: list[Row] = [
     ("unknown format parameter", {}, ["--quant.weight.widht", "4"], None,
      ["quant.weight", "no parameter 'widht'", "did you mean 'width'"]),
     ("unknown lora key", {"finetune": "lora"}, ["--lora.alhpa", "8"], None,
-     ["unknown key lora.alhpa", "did you mean 'alpha'"]),
+     ["unknown key lora.alhpa", "did you mean lora.alpha?"]),
     ("wrong type, top level", {"max_length": "long"}, [], None,
      ["max_length has the wrong type", "'long'"]),
     ("wrong type, TrainingArguments", {}, ["--per_device_train_batch_size", "eight"], None,

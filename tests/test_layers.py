@@ -70,3 +70,79 @@ def test_imports_only_go_down(path: Path):
         if RANK[other] > RANK[me] or RANK[other] == RANK[me]:
             bad.append(f"line {line}: {target} ({other} is not below {me})")
     assert not bad, f"{path.relative_to(ROOT.parent)} imports upward or sideways: {bad}"
+
+
+# --- no import circles ----------------------------------------------------------------------
+
+def _name(path: Path) -> str:
+    """``qat/quant/ste.py`` -> ``qat.quant.ste``; ``qat/quant/__init__.py`` -> ``qat.quant``."""
+    parts = path.relative_to(ROOT.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _type_checking_only(tree: ast.AST) -> set[int]:
+    """Line numbers of imports under ``if TYPE_CHECKING:``: never executed, so no circle."""
+    lines = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            lines |= {n.lineno for stmt in node.body for n in ast.walk(stmt)
+                      if isinstance(n, (ast.Import, ast.ImportFrom))}
+    return lines
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Module -> the qat modules it imports, at module level or inside a function.
+    ``from qat.a import b`` points at ``qat.a.b`` when that is a module, else at ``qat.a``."""
+    modules = {_name(p): p for p in _modules()}
+    graph: dict[str, set[str]] = {}
+    for me, path in modules.items():
+        tree = ast.parse(path.read_text(), str(path))
+        skip = _type_checking_only(tree)
+        targets: set[str] = set()
+        for node in ast.walk(tree):
+            if getattr(node, "lineno", None) in skip:
+                continue
+            if isinstance(node, ast.Import):
+                targets |= {a.name for a in node.names if a.name.split(".")[0] == "qat"}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and \
+                    node.module.split(".")[0] == "qat":
+                for a in node.names:
+                    sub = f"{node.module}.{a.name}"
+                    targets.add(sub if sub in modules else node.module)
+        graph[me] = {t for t in targets if t in modules and t != me}
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import circle as its path (first module repeated at the end), or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (found := visit(nxt, path)):
+                return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (found := visit(start, [])):
+            return found
+    return None
+
+
+def test_the_cycle_finder_reports_the_circle_path():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert _cycle(graph) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+
+
+def test_no_import_circle_among_qat_modules():
+    graph = _import_graph()
+    assert "qat.training.trainer" in graph["qat.training.causal_lm"]  # inside a function
+    cycle = _cycle(graph)
+    assert cycle is None, f"import circle: {' -> '.join(cycle)}"

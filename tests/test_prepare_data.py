@@ -149,7 +149,7 @@ def test_subset_and_refusal_to_overwrite(tmp_path, hub, capsys):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--tasks", "sst3"], "--tasks: unknown GLUE task 'sst3'; did you mean 'sst2'?"),
+    (["--tasks", "sst3"], "--tasks: unknown GLUE task 'sst3' (did you mean 'sst2'?); valid tasks"),
     (["--no-glue", "--no-wikitext"], "--no-glue and --no-wikitext together leave nothing"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, hub, capsys, argv, message):

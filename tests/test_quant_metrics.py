@@ -1,4 +1,4 @@
-"""SQNR maths (qat.quant.error) and the training dashboards (qat.training.quant_metrics):
+"""SQNR maths (qat.quant.sqnr) and the training dashboards (qat.training.quant_metrics):
 per-layer SQNR in W&B and TensorBoard, read back from the files an offline run wrote."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from tiny import W4A4_BFP, tiny_recipe
 
 from qat import quantize_model
 from qat.formats import make_format
-from qat.quant.error import error_sums, sqnr_db, sqnr_db_value, sqnr_from_sums
+from qat.quant.sqnr import error_sums, sqnr_db, sqnr_db_value, sqnr_from_sums
 from qat.training.quant_metrics import QuantMetricsCallback, measure, quantised_layers, scalars
 from tests.test_no_sync import no_host_sync
 from tests.tiny_models import tiny_batch, tiny_model

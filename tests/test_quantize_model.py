@@ -5,6 +5,7 @@ import torch
 from tiny_models import ARCHS, tiny_batch, tiny_model
 
 from qat import QuantConfig, QuantConfigError, quantization_summary, quantize_model
+from qat.errors import UsageError
 from qat.quant.modules import MatmulQuantizer, QuantConv1D, QuantLinear
 from qat.runs.recipe import LoraArguments
 from qat.training.finetune import prepare_finetuning
@@ -83,7 +84,7 @@ def test_override_matching_nothing_is_an_error():
 
 def test_quantize_twice_is_refused():
     model = quantize_model(tiny_model("bert"), QuantConfig(weight=W4))
-    with pytest.raises(ValueError, match="already quantised"):
+    with pytest.raises(UsageError, match="already quantised"):
         quantize_model(model, QuantConfig(weight=W4))
 
 

@@ -2,7 +2,7 @@
 
 For every linear layer (quantised or not): variance, max |x|, kurtosis (Pearson; 3 for a
 Gaussian) of its weight and of its input activations over a few batches of the task's
-validation text, and the SQNR ``10 log10(sum x^2 / sum (x - Q(x))^2)`` (``qat.quant.error``) of
+validation text, and the SQNR ``10 log10(sum x^2 / sum (x - Q(x))^2)`` (``qat.quant.sqnr``) of
 its configured weight and activation formats. The forward pass runs with every quantiser off,
 so each layer's inputs are the float ones and each SQNR measures that layer's quantiser alone
 (not the error accumulated upstream). Writes ``layers.csv``, ``variance_vs_depth.png`` (the
@@ -49,7 +49,7 @@ class Moments:
         m = x64.abs().max()
         self.abs_max = m if isinstance(self.abs_max, float) else self.abs_max.maximum(m)
         if q is not None:
-            from qat.quant.error import error_sums
+            from qat.quant.sqnr import error_sums
 
             self.err = self.err + error_sums(x64, q.reshape(-1))[1]
 
@@ -63,7 +63,7 @@ class Moments:
         kurt = c4 / var**2 if var > 0 else float("nan")
         sqnr = float("nan")
         if with_sqnr:
-            from qat.quant.error import sqnr_db_value
+            from qat.quant.sqnr import sqnr_db_value
 
             sqnr = sqnr_db_value(self.s[1], self.err)
         return {"numel": self.n, "mean": m1, "variance": var, "abs_max": self.abs_max,

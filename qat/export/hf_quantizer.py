@@ -32,6 +32,8 @@ from transformers.quantizers.auto import (
 )
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from qat.models import ModelLoadError
+
 QUANT_METHOD = "qat"
 
 
@@ -106,8 +108,8 @@ class QatHfQuantizer(HfQuantizer):
             try:
                 old = model.get_submodule(name)
             except AttributeError:
-                raise ValueError(f"quantization_config.packed names module {name!r}, which "
-                                 f"{type(model).__name__} does not have") from None
+                raise ModelLoadError(f"quantization_config.packed names module {name!r}, "
+                                     f"which {type(model).__name__} does not have") from None
             placeholder = PackedLinear(meta, getattr(old, "bias", None) is not None,
                                        old.weight.device, old.weight.dtype)
             _set_module(model, name, placeholder)

@@ -115,7 +115,7 @@ class LlamaCppModel:
         """Append ``ids`` at positions ``start...`` of sequence 0; the logits asked for."""
         n = len(ids)
         if not 0 < n or start + n > self.n_ctx:
-            raise ValueError(f"{start + n} tokens for a context of {self.n_ctx}")
+            raise UsageError(f"{start + n} tokens for a context of {self.n_ctx}")
         lib, b = self.lib, self.batch
         for i, t in enumerate(ids):
             b.token[i], b.pos[i], b.n_seq_id[i] = int(t), start + i, 1

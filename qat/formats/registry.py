@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from collections.abc import Mapping
 from typing import Any
 
+from qat.errors import did_you_mean
 from qat.formats.base import Format, FormatError
 
 FORMATS: dict[str, type[Format]] = {}
@@ -42,10 +42,9 @@ def make_format(spec: Mapping[str, Any] | Format) -> Format:
         raise FormatError(f"format spec {dict(spec)!r} has no 'format' key; valid formats: "
                           f"{', '.join(sorted(FORMATS))}")
     if name not in FORMATS:
-        close = difflib.get_close_matches(str(name), FORMATS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise FormatError(
-            f"unknown format {name!r}{hint}; valid formats: {', '.join(sorted(FORMATS))}"
+            f"unknown format {name!r}{did_you_mean(name, FORMATS)}; "
+            f"valid formats: {', '.join(sorted(FORMATS))}"
         )
     valid = format_params(name)
     for key in params:
@@ -56,10 +55,9 @@ def make_format(spec: Mapping[str, Any] | Format) -> Format:
                 f"scale: max | mse works with {', '.join(with_scale)}"
             )
         if key not in valid:
-            close = difflib.get_close_matches(key, valid, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise FormatError(
-                f"format {name!r} has no parameter {key!r}{hint}; valid parameters: "
+                f"format {name!r} has no parameter {key!r}{did_you_mean(key, valid)}; "
+                "valid parameters: "
                 f"{', '.join(valid) or '(none)'}"
             )
     return FORMATS[name](**params)

@@ -8,7 +8,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from qat.errors import QatError
+from qat.errors import QatError, did_you_mean
 from qat.formats import Format, FormatError, make_format
 from qat.models import HEAD_NAMES
 from qat.quant.rotation import check_rotation_spec
@@ -29,11 +29,8 @@ def check_section(d: Any, cls: type, prefix: str, error: type[Exception]) -> Non
     valid = [f.name for f in dataclasses.fields(cls)]
     for key in d:
         if key not in valid:
-            import difflib
-
-            close = difflib.get_close_matches(str(key), valid, n=1)
-            hint = f" (did you mean {prefix}.{close[0]}?)" if close else ""
-            raise error(f"unknown key {prefix}.{key}{hint}; valid keys: {', '.join(valid)}")
+            raise error(f"unknown key {prefix}.{key}{did_you_mean(key, valid, prefix)}; "
+                        f"valid keys: {', '.join(valid)}")
 
 
 def merge_spec(base: Mapping[str, Any] | None, partial: Mapping[str, Any] | None

@@ -24,12 +24,12 @@ class QuantLoraLinear(PeftLoraLinear):
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig,
                  **kwargs: Any) -> None:
         if config.use_dora:
-            raise ValueError("DoRA is not supported on quantised linears")
+            raise ConfigError("DoRA is not supported on quantised linears")
         super().__init__(base_layer, adapter_name, config=config, **kwargs)
         # GPT-2's Conv1D stores its weight as [in, out]: peft's delta must be transposed.
         self.fan_in_fan_out = isinstance(self.get_base_layer(), QuantConv1D)
         if not isinstance(self.lora_dropout[adapter_name], nn.Identity):
-            raise ValueError("lora.dropout must be 0 with quantised LoRA")
+            raise ConfigError("lora.dropout must be 0 with quantised LoRA")
 
     def effective_weight(self) -> torch.Tensor:
         """``W + sum_a scale_a * B_a A_a`` over the active adapters (what gets quantised)."""

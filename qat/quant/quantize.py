@@ -8,6 +8,7 @@ from typing import Any
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from qat.errors import UsageError
 from qat.quant import attention as attention_impl
 from qat.quant.config import QuantConfig, QuantConfigError
 from qat.quant.modules import MatmulQuantizer, QuantConv1D, QuantLinear
@@ -67,7 +68,7 @@ def quantize_model(model: nn.Module, config: QuantConfig | Mapping[str, Any] | N
     if config is None:
         return model
     if is_quantized(model):
-        raise ValueError("model is already quantised; quantize_model must run once")
+        raise UsageError("model is already quantised; quantize_model must run once")
     used_overrides: set[str] = set()
     replacements: list[tuple[str, nn.Module]] = []
     uses_matmul = False

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from qat.errors import QatError
+from qat.errors import QatError, did_you_mean
 
 ROTATION_KINDS = ("hadamard",)
 ROTATION_KEYS = ("kind", "size")
@@ -47,11 +47,8 @@ def check_rotation_spec(spec: Any, where: str, error: type[Exception] = QatError
                     f"got {spec!r}")
     for key in spec:
         if key not in ROTATION_KEYS:
-            import difflib
-
-            close = difflib.get_close_matches(str(key), ROTATION_KEYS, n=1)
-            hint = f" (did you mean {where}.{close[0]}?)" if close else ""
-            raise error(f"unknown key {where}.{key}{hint}; valid keys: "
+            raise error(f"unknown key {where}.{key}{did_you_mean(key, ROTATION_KEYS, where)}; "
+                        "valid keys: "
                         f"{', '.join(ROTATION_KEYS)}")
     kind = spec.get("kind", "hadamard")
     if kind not in ROTATION_KINDS:

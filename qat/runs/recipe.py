@@ -23,7 +23,6 @@ config file (TRL's ``TrlParser`` route for ``--config``). Every message names th
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 import math
 import os
@@ -35,7 +34,7 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
-from qat.errors import ConfigError, decode_utf8
+from qat.errors import ConfigError, decode_utf8, did_you_mean
 from qat.quant.config import QuantConfig, QuantConfigError
 from qat.runs.arguments import (
     DISTILL_LOSSES,
@@ -115,7 +114,7 @@ class QATConfig(QATArguments, TrainingArguments):
         tasks = [*GLUE_TASKS, *LM_TASKS]
         if self.task_name not in tasks:
             raise RecipeError(f"unknown task_name {self.task_name!r}"
-                              f"{_suggest(str(self.task_name), tasks)}; valid tasks: "
+                              f"{did_you_mean(self.task_name, tasks)}; valid tasks: "
                               f"{', '.join(tasks)}")
         if self.distill is not None and self.task_name in GLUE_TASKS:
             from qat.tasks.glue import get_task
@@ -193,11 +192,6 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _suggest(key: str, valid: list[str]) -> str:
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 class QATParser(HfArgumentParser):
     """``HfArgumentParser`` for ``QATConfig`` that checks a recipe mapping before building it.
 
@@ -217,7 +211,8 @@ class QATParser(HfArgumentParser):
         where = f"{source}: " if source else ""
         for key in data:
             if key not in _FIELDS:
-                raise RecipeError(f"{where}unknown recipe key {key!r}{_suggest(key, _ALL_KEYS)}")
+                raise RecipeError(f"{where}unknown recipe key {key!r}"
+                                  f"{did_you_mean(key, _ALL_KEYS)}")
         values = dict(data)
         if isinstance(values.get("resume_from_checkpoint"), bool):  # `true`: the last one
             values["resume_from_checkpoint"] = "true" if values["resume_from_checkpoint"] else None
@@ -496,7 +491,7 @@ def _build_lora(d: Any) -> LoraArguments:
     hints = _hints(LoraArguments)
     for key, value in d.items():
         if key not in hints:
-            raise RecipeError(f"unknown key lora.{key}{_suggest(key, list(hints))}; "
+            raise RecipeError(f"unknown key lora.{key}{did_you_mean(key, hints, 'lora')}; "
                               f"valid keys: {', '.join(hints)}")
         _check_type(f"lora.{key}", value, hints[key])
     lora = LoraArguments(**d)
@@ -529,9 +524,8 @@ def build_distill(d: Any) -> DistillArguments | None:
     hints = _hints(DistillArguments)
     for key, value in d.items():
         if key not in hints:
-            close = difflib.get_close_matches(str(key), list(hints), n=1, cutoff=0.6)
-            hint = f" (did you mean distill.{close[0]}?)" if close else ""
-            raise RecipeError(f"unknown key distill.{key}{hint}; valid keys: "
+            raise RecipeError(f"unknown key distill.{key}{did_you_mean(key, hints, 'distill')}; "
+                              "valid keys: "
                               f"{', '.join(hints)}")
         d = {**d, key: _coerce(value, hints[key])}
         _check_type(f"distill.{key}", d[key], hints[key])
@@ -540,7 +534,7 @@ def build_distill(d: Any) -> DistillArguments | None:
         raise RecipeError("distill.teacher must be self or a model folder / Hub id, got ''")
     if distill.loss not in DISTILL_LOSSES:
         raise RecipeError(f"distill.loss must be one of {', '.join(DISTILL_LOSSES)}; got "
-                          f"{distill.loss!r}{_suggest(str(distill.loss), list(DISTILL_LOSSES))}")
+                          f"{distill.loss!r}{did_you_mean(distill.loss, DISTILL_LOSSES)}")
     distill.temperature = float(distill.temperature)
     if not 0 < distill.temperature < math.inf:
         raise RecipeError(f"distill.temperature must be finite and > 0, got "
@@ -571,6 +565,6 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | dict[str, Any] |
     for key, value in (overrides or {}).items():
         top = key.split(".")[0]
         if top not in _FIELDS:
-            raise RecipeError(f"unknown option --{key}{_suggest(top, _ALL_KEYS)}")
+            raise RecipeError(f"unknown option --{key}{did_you_mean(top, _ALL_KEYS)}")
         apply_override(data, key, value)
     return build_recipe(data, str(path))

@@ -1,5 +1,5 @@
 """The train loop for decoders (``task_name: causal_lm`` or ``chat``), called by
-``qat.training.run`` after its output-folder and resume checks.
+``qat.training.run`` after its output-folder and resume checks; it ends in ``qat.training.loop``.
 
 Order: cheap config checks (a decoder, ``block_size`` within its context), the tokenizer (and
 its chat template for chat data), every row of both splits read, checked and tokenised, and
@@ -55,7 +55,7 @@ def train_decoder(recipe: Any, checkpoint: str | None,
     from qat.models import load_config, load_tokenizer_for
     from qat.runs.build import build_model
     from qat.tasks.language_modeling import check_block_size, check_causal
-    from qat.training.run import train_and_evaluate
+    from qat.training.loop import train_and_evaluate
     from qat.training.teacher import check_distill
     from qat.training.trainer import QATTrainer
 

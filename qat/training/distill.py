@@ -25,6 +25,8 @@ import math
 import torch
 from torch import Tensor
 
+from qat.errors import ConfigError, DataError
+
 IGNORE_INDEX = -100  # transformers' label for "no loss here"
 _LOG2 = math.log(2.0)
 
@@ -34,8 +36,8 @@ def divergence(student_logits: Tensor, teacher_logits: Tensor, kind: str = "kl",
     """Per-row ``kind`` (``kl`` | ``jsd``) divergence of the softened distributions, times
     ``T^2``, in float32; shape ``student_logits.shape[:-1]``."""
     if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
-                         f"{tuple(teacher_logits.shape)} differ in shape")
+        raise ConfigError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                          f"{tuple(teacher_logits.shape)} differ in shape")
     log_s = torch.log_softmax(student_logits.float() / temperature, dim=-1)
     log_t = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
     if kind == "kl":
@@ -45,7 +47,7 @@ def divergence(student_logits: Tensor, teacher_logits: Tensor, kind: str = "kl",
         per_class = 0.5 * (_plogp_ratio(log_t, -_log_mean_exp1(log_s - log_t))
                            + _plogp_ratio(log_s, -_log_mean_exp1(log_t - log_s)))
     else:
-        raise ValueError(f"distill loss must be kl or jsd, got {kind!r}")
+        raise ConfigError(f"distill loss must be kl or jsd, got {kind!r}")
     return per_class.sum(dim=-1) * temperature ** 2
 
 
@@ -77,8 +79,8 @@ def distill_loss_sum(student_logits: Tensor, teacher_logits: Tensor, labels: Ten
         return per_row.sum(), torch.full((), per_row.numel(), device=per_row.device)
     if shift_labels is None:
         if labels is None:
-            raise ValueError("distillation of a causal LM needs the batch's labels (to know "
-                             "which tokens the task loss covers)")
+            raise DataError("distillation of a causal LM needs the batch's labels (to know "
+                            "which tokens the task loss covers)")
         student_logits, teacher_logits = student_logits[:, :-1], teacher_logits[:, :-1]
         shift_labels = labels[:, 1:]
     mask = shift_labels.to(student_logits.device) != IGNORE_INDEX

@@ -17,8 +17,8 @@ def head_names(model: nn.Module) -> list[str]:
     """Names of the classification head modules (newly initialised, kept float)."""
     names = [n for n, _ in model.named_children() if n in HEAD_NAMES]
     if not names:
-        raise ValueError(f"{type(model).__name__} has no classification head named "
-                         f"{' or '.join(HEAD_NAMES)}")
+        raise ConfigError(f"{type(model).__name__} has no classification head named "
+                          f"{' or '.join(HEAD_NAMES)}")
     return names
 
 
@@ -42,14 +42,14 @@ def prepare_finetuning(model: nn.Module, mode: str, lora: object | None = None) 
         from peft import get_peft_model
 
         if lora is None:
-            raise ValueError("finetune: lora needs a lora section")
+            raise ConfigError("finetune: lora needs a lora section")
         if isinstance(lora, LoraConfig):
             config = _from_peft_config(model, lora, heads)
         else:
             config = make_lora_config(model, lora.r, lora.alpha, lora.dropout,
                                       lora.target_modules, modules_to_save=heads or None)
         return get_peft_model(model, config)
-    raise ValueError(f"finetune must be one of full, lora, classifier; got {mode!r}")
+    raise ConfigError(f"finetune must be one of full, lora, classifier; got {mode!r}")
 
 
 def _from_peft_config(model: nn.Module, lora: LoraConfig, heads: list[str]) -> LoraConfig:

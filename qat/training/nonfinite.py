@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from qat.errors import ConfigError
+
 POLICIES = ("stop", "skip")
 
 
@@ -132,5 +134,5 @@ def is_finite(value: Tensor | float) -> bool:
 
 def check_policy(policy: str) -> str:
     if policy not in POLICIES:
-        raise ValueError(f"on_nonfinite must be one of {', '.join(POLICIES)}; got {policy!r}")
+        raise ConfigError(f"on_nonfinite must be one of {', '.join(POLICIES)}; got {policy!r}")
     return policy

@@ -1,7 +1,7 @@
 """Training dashboards: per-layer quantisation error in W&B and TensorBoard.
 
 Every training log (``logging_steps``) gets, for each quantised linear, the SQNR (dB,
-``qat.quant.error``) of its weight under its weight format and of a sampled input under its
+``qat.quant.sqnr``) of its weight under its weight format and of a sampled input under its
 activation format, as ``qat/sqnr/weight/<layer>`` and ``qat/sqnr/activation/<layer>``, plus
 the pooled ``qat/sqnr/weight_all`` and ``qat/sqnr/activation_all``. W&B also gets a table of the
 last measurement (``qat/sqnr_table``, at the end of training) and, in the run summary, the
@@ -35,8 +35,8 @@ import torch
 from torch import Tensor, nn
 from transformers import TrainerCallback
 
-from qat.quant.error import error_sums, sqnr_from_sums
 from qat.quant.modules import QuantConv1D, QuantLinear
+from qat.quant.sqnr import error_sums, sqnr_from_sums
 
 logger = logging.getLogger(__name__)
 

@@ -1,18 +1,22 @@
-"""The train loop behind ``qat train``: output folder and resume checks, then load, quantise,
-tokenise, train with ``QATTrainer``, evaluate and save (command: ``qat.cli.train``)."""
+"""The entry points of ``qat train`` (command: ``qat.cli.train``) and ``qat.train()``: the
+output-folder lock, resume and run-folder checks, then one of the two train loops
+(``qat.training.classifier`` for GLUE, ``qat.training.causal_lm`` for decoders), which end in
+``qat.training.loop``."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from qat.errors import UsageError
 from qat.runs.checkpoints import check_output_dir  # noqa: F401 - re-used by qat.cli.train
 from qat.tasks.language_modeling import LM_TASKS
+from qat.training.causal_lm import train_decoder
+from qat.training.classifier import train_classifier
 
 logger = logging.getLogger("qat.training.run")
 
@@ -129,19 +133,6 @@ def check_model_outside(recipe) -> None:
                              "output_dir")
 
 
-def clear_old_run(recipe, checkpoint: str | None) -> None:
-    """``overwrite_output_dir``: remove the old run, only once the model and data of the new
-    one have loaded (bad input found before this leaves the old run as it was)."""
-    from qat.runs.checkpoints import clear_run
-
-    targs = recipe.training_args
-    if checkpoint or not recipe.args.overwrite_output_dir or targs.process_index != 0:
-        return
-    removed = clear_run(targs.output_dir)
-    if removed:
-        logger.warning("overwrite_output_dir: removed the old run's %s", ", ".join(removed))
-
-
 def run(recipe, trainer_cls=None) -> dict:
     """Train and evaluate as ``recipe`` says; returns the final metrics. ``trainer_cls``
     replaces ``QATTrainer`` for decoder tasks (``trainer: sft`` passes TRL's, from above)."""
@@ -155,10 +146,8 @@ def run(recipe, trainer_cls=None) -> dict:
         if checkpoint:
             apply_checkpoint_state(recipe, checkpoint)
         if recipe.args.task_name in LM_TASKS:  # decoders: their own loop
-            from qat.training.causal_lm import train_decoder
-
             return train_decoder(recipe, checkpoint, trainer_cls)
-        return _train(recipe, checkpoint)
+        return train_classifier(recipe, checkpoint)
 
 
 def _remove_stale_temps(targs) -> None:
@@ -170,26 +159,6 @@ def _remove_stale_temps(targs) -> None:
         if removed:
             logger.warning("removed %d temporary file(s) of an interrupted save: %s",
                            len(removed), ", ".join(removed))
-
-
-def checksum_callback():
-    """A ``TrainerCallback`` that records every saved checkpoint's checksums once the whole
-    checkpoint is written (``qat.runs.checkpoints.write_checksums``; verified on resume)."""
-    from transformers import TrainerCallback
-
-    from qat.runs.checkpoints import CHECKPOINT_PREFIX, write_checksums
-
-    class ChecksumOnSave(TrainerCallback):
-        def on_save(self, args, state, control, **kwargs):
-            if args.world_size > 1:  # every rank's shards are written first
-                from accelerate import PartialState
-
-                PartialState().wait_for_everyone()
-            folder = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}"
-            if state.is_world_process_zero and folder.is_dir():
-                write_checksums(folder)
-
-    return ChecksumOnSave()
 
 
 @contextlib.contextmanager
@@ -212,83 +181,6 @@ def _run_lock(recipe) -> Iterator[None]:
             os.rmdir(targs.output_dir)  # failed before writing anything: leave no trace
 
 
-def _train(recipe, checkpoint: str | None) -> dict:
-    from transformers import DataCollatorWithPadding, set_seed
-
-    from qat.models import linear_module_names, preflight
-    from qat.quant.lora import check_target_modules
-    from qat.runs.build import build_model
-    from qat.tasks.glue import get_task, load_glue, tokenize_glue
-    from qat.training.teacher import check_distill
-    from qat.training.trainer import QATTrainer
-
-    args, targs = recipe.args, recipe.training_args
-    set_seed(targs.seed)
-    task = get_task(args.task_name)
-    config = preflight(args)  # cheap checks against the model's config, before any loading
-    if config is not None and args.finetune == "lora" and args.lora.target_modules:
-        names = linear_module_names(config, task.num_labels)
-        if names is not None:
-            check_target_modules(names, args.lora.target_modules)
-    check_distill(args.distill, config, causal=False, num_labels=task.num_labels,
-                  finetune=args.finetune)  # the teacher's config too, before any weights
-    raw = load_glue(task.name, args.data_dir)
-    # Subset before tokenising (same rows as shuffling the tokenised set: the permutation
-    # depends only on the seed and the length), so 64 rows of SST-2 tokenise 64 rows.
-    if args.max_train_samples:
-        raw["train"] = raw["train"].shuffle(seed=targs.seed).select(
-            range(min(args.max_train_samples, len(raw["train"]))))
-    if args.max_eval_samples:
-        for s in task.validation_splits:
-            raw[s] = raw[s].select(range(min(args.max_eval_samples, len(raw[s]))))
-    # quantised here (QATTrainer leaves a quantised model as it is); on resume the Trainer
-    # restores the weights and the adapter, the recipe already holds the checkpoint's settings
-    built = build_model(recipe, num_labels=task.num_labels)  # GGUF: checked before tokenising
-    model, tokenizer = built.model, built.tokenizer
-    with targs.main_process_first(desc="tokenising"):
-        data = tokenize_glue(raw, task, tokenizer, args.max_length)
-    train = data["train"]
-    evals = {s: data[s] for s in task.validation_splits}
-    eval_dataset = evals if len(evals) > 1 else next(iter(evals.values()))
-    trainer = QATTrainer(
-        model=model, args=targs, quant_config=args.quant, finetune=args.finetune,
-        lora=args.lora, on_nonfinite=args.on_nonfinite, distill=args.distill,
-        train_dataset=train, eval_dataset=eval_dataset,
-        processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
-        compute_metrics=task.trainer_metrics,
-    )
-    return train_and_evaluate(trainer, recipe, checkpoint)
-
-
-def train_and_evaluate(trainer, recipe, checkpoint: str | None,
-                       add_eval: Callable[[dict], dict] | None = None) -> dict:
-    """What every train loop ends with: train (unless only evaluating) and save the model,
-    metrics and state; evaluate (``add_eval`` adds derived metrics, e.g. perplexity); save the
-    resolved recipe. Returns the train and eval metrics."""
-    targs = recipe.training_args
-    clear_old_run(recipe, checkpoint)  # every check passed, model and data loaded
-    trainer.add_callback(checksum_callback())
-    metrics: dict = {}
-    if targs.do_train or not targs.do_eval:
-        result = trainer.train(resume_from_checkpoint=checkpoint)
-        trainer.save_model()
-        metrics.update(result.metrics)
-        trainer.save_metrics("train", result.metrics)
-        trainer.save_state()
-    eval_metrics = trainer.evaluate()
-    if add_eval is not None:
-        extra = add_eval(eval_metrics)
-        eval_metrics.update(extra)
-        trainer.log(extra)
-    trainer.save_metrics("eval", eval_metrics)
-    metrics.update(eval_metrics)
-    if trainer.args.should_save:
-        # A saved recipe that says "overwrite" would let a rerun wipe this run unasked.
-        recipe.resolved.pop("overwrite_output_dir", None)
-        recipe.save(targs.output_dir)
-    return metrics
-
-
 def train(recipe: Any, overrides: list[str] | dict[str, Any] | None = None) -> dict:
     """Run a recipe end to end, as ``qat train RECIPE [--key value ...]`` does: the run folder
     checks, training, evaluation and the saved model; returns the final metrics.
@@ -308,5 +200,5 @@ def train(recipe: Any, overrides: list[str] | dict[str, Any] | None = None) -> d
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
     elif overrides:
-        raise TypeError("overrides apply to a recipe file; a Recipe is already resolved")
+        raise UsageError("overrides apply to a recipe file; a Recipe is already resolved")
     return run(recipe)

@@ -35,6 +35,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from qat.errors import UsageError
+
 KINDS = {"bof4": "absmax", "bof4s": "signed_absmax"}
 METRICS = ("mse", "mae")
 METHODS = ("integral", "mc")
@@ -187,9 +189,9 @@ def fit_codebook(kind: str = "bof4s", metric: str = "mse", block_size: int = 64,
     for key, value, valid in (("kind", kind, tuple(KINDS)), ("metric", metric, METRICS),
                               ("method", method, METHODS)):
         if value not in valid:
-            raise ValueError(f"{key} must be one of {', '.join(valid)}; got {value!r}")
+            raise UsageError(f"{key} must be one of {', '.join(valid)}; got {value!r}")
     if block_size < 2:
-        raise ValueError(f"block_size must be >= 2, got {block_size}")
+        raise UsageError(f"block_size must be >= 2, got {block_size}")
     if method == "integral":
         step = integral_step(quadrature(block_size), metric)
     else:

@@ -28,6 +28,7 @@ import math
 import torch
 from torch import Tensor
 
+from qat.errors import DataError, UsageError
 from qat.formats.lobcq import (
     ENTRY_MAX,
     NUM_ENTRIES,
@@ -108,10 +109,10 @@ def fit_lobcq(samples: Tensor, num_codebooks: int = 16, block_len: int = 8, arra
     step) precedes it; rounding its result is the integer fit's starting point.
     """
     if array_len % block_len:
-        raise ValueError(f"array_len ({array_len}) must be a multiple of block_len ({block_len})")
+        raise UsageError(f"array_len ({array_len}) must be a multiple of block_len ({block_len})")
     y = _blocks(samples, block_len, array_len)
     if y.shape[0] == 0:
-        raise ValueError("fit_lobcq: no samples")
+        raise DataError("fit_lobcq: no samples")
     if max_blocks is not None and y.shape[0] > max_blocks:
         gen = torch.Generator().manual_seed(seed)
         y = y[torch.randperm(y.shape[0], generator=gen)[:max_blocks]]

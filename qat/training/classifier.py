@@ -1,0 +1,63 @@
+"""The train loop for GLUE classifiers, called by ``qat.training.run`` after its output-folder
+and resume checks.
+
+Order: cheap checks against the model's config (LoRA targets, the teacher), the data read and
+subset, then the model, then tokenising; the shared end (``qat.training.loop``) trains,
+evaluates and saves.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qat.training.loop import train_and_evaluate
+
+
+def train_classifier(recipe: Any, checkpoint: str | None) -> dict:
+    """Train and evaluate a sequence classifier on the recipe's GLUE task; returns the
+    metrics."""
+    from transformers import DataCollatorWithPadding, set_seed
+
+    from qat.models import linear_module_names, preflight
+    from qat.quant.lora import check_target_modules
+    from qat.runs.build import build_model
+    from qat.tasks.glue import get_task, load_glue, tokenize_glue
+    from qat.training.teacher import check_distill
+    from qat.training.trainer import QATTrainer
+
+    args, targs = recipe.args, recipe.training_args
+    set_seed(targs.seed)
+    task = get_task(args.task_name)
+    config = preflight(args)  # cheap checks against the model's config, before any loading
+    if config is not None and args.finetune == "lora" and args.lora.target_modules:
+        names = linear_module_names(config, task.num_labels)
+        if names is not None:
+            check_target_modules(names, args.lora.target_modules)
+    check_distill(args.distill, config, causal=False, num_labels=task.num_labels,
+                  finetune=args.finetune)  # the teacher's config too, before any weights
+    raw = load_glue(task.name, args.data_dir)
+    # Subset before tokenising (same rows as shuffling the tokenised set: the permutation
+    # depends only on the seed and the length), so 64 rows of SST-2 tokenise 64 rows.
+    if args.max_train_samples:
+        raw["train"] = raw["train"].shuffle(seed=targs.seed).select(
+            range(min(args.max_train_samples, len(raw["train"]))))
+    if args.max_eval_samples:
+        for s in task.validation_splits:
+            raw[s] = raw[s].select(range(min(args.max_eval_samples, len(raw[s]))))
+    # quantised here (QATTrainer leaves a quantised model as it is); on resume the Trainer
+    # restores the weights and the adapter, the recipe already holds the checkpoint's settings
+    built = build_model(recipe, num_labels=task.num_labels)  # GGUF: checked before tokenising
+    model, tokenizer = built.model, built.tokenizer
+    with targs.main_process_first(desc="tokenising"):
+        data = tokenize_glue(raw, task, tokenizer, args.max_length)
+    train = data["train"]
+    evals = {s: data[s] for s in task.validation_splits}
+    eval_dataset = evals if len(evals) > 1 else next(iter(evals.values()))
+    trainer = QATTrainer(
+        model=model, args=targs, quant_config=args.quant, finetune=args.finetune,
+        lora=args.lora, on_nonfinite=args.on_nonfinite, distill=args.distill,
+        train_dataset=train, eval_dataset=eval_dataset,
+        processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=task.trainer_metrics,
+    )
+    return train_and_evaluate(trainer, recipe, checkpoint)
