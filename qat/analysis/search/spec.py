@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import difflib
 import math
 from pathlib import Path
 from typing import Any
 
-from qat.errors import QatError
+from qat.errors import QatError, did_you_mean
 
 OBJECTIVES = ("accuracy", "bits")
 SAMPLERS = ("tpe", "nsga2", "random")
@@ -47,11 +46,6 @@ class SearchSpec:
         return dataclasses.asdict(self)
 
 
-def _close(key: str, valid: list[str], prefix: str) -> str:
-    close = difflib.get_close_matches(key, valid, n=1)
-    return f" (did you mean {prefix}{close[0]}?)" if close else ""
-
-
 def _int(d: dict[str, Any], key: str, low: int) -> None:
     v = d.get(key)
     if key in d and (not isinstance(v, int) or isinstance(v, bool) or v < low):
@@ -68,7 +62,7 @@ def parse_spec(d: Any) -> SearchSpec:
     valid = [f.name for f in dataclasses.fields(SearchSpec)]
     for key in d:
         if key not in valid:
-            raise SearchError(f"unknown key search.{key}{_close(str(key), valid, 'search.')}; "
+            raise SearchError(f"unknown key search.{key}{did_you_mean(key, valid, 'search')}; "
                               f"valid keys: {', '.join(valid)}")
     space = d.get("space")
     if not space:
@@ -80,7 +74,7 @@ def parse_spec(d: Any) -> SearchSpec:
     for role, fields in space.items():
         if role not in ROLES:
             raise SearchError(f"unknown key search.space.{role}"
-                              f"{_close(str(role), list(ROLES), 'search.space.')}; "
+                              f"{did_you_mean(role, ROLES, 'search.space')}; "
                               f"valid roles: {', '.join(ROLES)}")
         if not fields or not isinstance(fields, dict):
             raise SearchError(f"search.space.{role} is empty: give at least one format field "
@@ -107,7 +101,7 @@ def parse_spec(d: Any) -> SearchSpec:
     for key, v in constraint.items():
         if key != "max_bits":
             raise SearchError(f"unknown key search.constraint.{key}"
-                              f"{_close(str(key), ['max_bits'], 'search.constraint.')}; "
+                              f"{did_you_mean(key, ['max_bits'], 'search.constraint')}; "
                               "valid keys: max_bits")
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) \
                 or v <= 0:
