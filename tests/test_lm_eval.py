@@ -136,6 +136,12 @@ def test_export_loads_in_lm_eval_hf_model(setup, tmp_path):
     got = [r for s in out["samples"]["tiny_mc"] for r in s["resps"]]
     want = [r for s in ref["samples"]["tiny_mc"] for r in s["resps"]]
     assert got == want
+    from transformers import AutoModelForCausalLM
+
+    one_device = AutoModelForCausalLM.from_pretrained(export, device_map="cpu")
+    assert {p.device.type for p in one_device.parameters()} == {"cpu"}
+    with pytest.raises(TypeError, match="take no device_map 'balanced'"):
+        AutoModelForCausalLM.from_pretrained(export, device_map="balanced")
 
 
 def test_unknown_task_is_one_line_before_the_model(setup, capsys, no_model):
