@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from tiny_lm import lm_recipe
+from tiny_lm import WIKITEXT_DIR, lm_recipe
 
 from qat.cli.lm_eval import main as lm_eval_main
 from qat.errors import UsageError
@@ -97,6 +97,18 @@ def test_limit_and_summary_are_json(setup):
     assert json.loads(json.dumps(s)) == s
 
 
+@pytest.mark.parametrize("spec", ["tiny_m*", "tiny_mc.yaml"])
+def test_globs_and_task_files_name_tasks_as_in_lm_eval_cli(setup, spec):
+    from qat.integrations.lm_eval import lm_eval_evaluate
+
+    recipe, tasks = setup
+    built = _build(recipe)
+    name = str(tasks / spec) if spec.endswith(".yaml") else spec
+    out = lm_eval_evaluate(built.model, built.tokenizer, [name], include_path=tasks,
+                           model_args=NO_SPECIALS, limit=1)
+    assert list(out["results"]) == ["tiny_mc"]
+
+
 def test_cli_writes_results_json(setup, capsys):
     recipe, tasks = setup
     out = tasks.parent / "res" / "lm.json"
@@ -114,6 +126,22 @@ def test_cli_writes_results_json(setup, capsys):
     row = next(line for line in printed.splitlines() if line.startswith("tiny_mc"))
     assert row.split()[:3] == ["tiny_mc", "acc,none",
                                f"{res['results']['tiny_mc']['acc,none']:.4f}"]
+
+
+def test_cli_scores_a_trained_run_folder(setup, tmp_path, monkeypatch, capsys):
+    """A run folder: its trained weights and quant config; the JSON lands in the run."""
+    from qat.cli.train import main as train_main
+
+    _, tasks = setup
+    monkeypatch.setenv("QAT_WIKITEXT_DIR", str(WIKITEXT_DIR))
+    assert train_main([lm_recipe(tmp_path, max_steps=1)]) == 0
+    run = tmp_path / "out"
+    assert lm_eval_main([str(run), "--tasks", "tiny_mc", "--include_path", str(tasks),
+                         "--model_args", "add_bos_token=false", "--device", "cpu",
+                         "--limit", "1"]) == 0
+    res = json.loads((run / "lm_eval.json").read_text())
+    assert res["source"] == str(run) and res["n-samples"]["tiny_mc"]["effective"] == 1
+    assert res["quant"]["activation"]["format"] == "bfp"
 
 
 def test_export_loads_in_lm_eval_hf_model(setup, tmp_path):

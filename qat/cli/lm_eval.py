@@ -27,7 +27,7 @@ lm-evaluation-harness (pip install 'qat[lm_eval]') on the recipe's causal LM und
 config, or on a trained run / checkpoint folder (its quant config, LoRA adapter included):
 the fake-quantised model is scored in memory by lm-eval's HFLM. Recipe keys override the
 recipe as in `qat train` (--quant null for float, --quant.weight.width 6, ...).
---tasks T1,T2      lm-eval task, group or tag names (or task YAML files), comma-separated
+--tasks T1,T2      lm-eval task, group or tag names, globs (mmlu_*) or task YAML files
 --limit N          only the first N documents of each task (a value below 1: that fraction)
 --num_fewshot K    few-shot examples per prompt (default: each task's own)
 --batch_size B     lm-eval's batch size (default 1; 'auto' lets lm-eval pick)

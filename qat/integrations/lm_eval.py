@@ -77,11 +77,23 @@ def _raise_unknown(manager: Any, tasks: Sequence[str], include_path: Any) -> Non
                          f"lm-eval's tasks{hint}")
 
 
+def _is_yaml_file(name: str) -> bool:
+    return name.endswith((".yaml", ".yml")) and Path(name).is_file()
+
+
 def _unknown(manager: Any, tasks: Sequence[str]) -> list[str]:
-    """Names that are neither a task, group or tag of ``manager`` nor a task YAML file."""
-    known = set(manager.all_tasks)
-    return [t for t in tasks if t not in known and not (
-        t.endswith((".yaml", ".yml")) and Path(t).is_file())]
+    """Names that match no task, group or tag of ``manager`` (globs as lm-eval's CLI reads
+    them: ``mmlu_*``) and are no task YAML file."""
+    return [t for t in tasks if not _is_yaml_file(t) and not manager.match_tasks([t])]
+
+
+def expand_tasks(manager: Any, tasks: Sequence[str]) -> list[str]:
+    """The task names ``simple_evaluate`` loads: globs expanded, YAML files as absolute paths."""
+    out: list[str] = []
+    for t in tasks:
+        names = [str(Path(t).absolute())] if _is_yaml_file(t) else manager.match_tasks([t])
+        out += [n for n in names if n not in out]
+    return out
 
 
 def lm_eval_evaluate(model: Any, tokenizer: Any, tasks: Sequence[str], *,
@@ -111,6 +123,7 @@ def lm_eval_evaluate(model: Any, tokenizer: Any, tasks: Sequence[str], *,
     else:
         manager = task_manager
         _raise_unknown(manager, tasks, include_path)
+    names = expand_tasks(manager, tasks)
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
@@ -121,7 +134,7 @@ def lm_eval_evaluate(model: Any, tokenizer: Any, tasks: Sequence[str], *,
         model_args["prefix_token_id"] = getattr(model.config, "bos_token_id", None)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, **model_args)
     kwargs.setdefault("log_samples", False)
-    return lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot,
+    return lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot,
                                    limit=limit, task_manager=manager, **kwargs)
 
 
