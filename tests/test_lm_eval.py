@@ -194,6 +194,10 @@ def test_missing_lm_eval_says_how_to_install(setup, capsys, monkeypatch, no_mode
     (["--tasks", "tiny_mc", "--batch_size", "0"], "--batch_size must be"),
     (["--tasks", "tiny_mc", "--model_args", "max_length"], "'max_length' is not key=value"),
     (["--tasks", "tiny_mc", "--include_path", "/nonexistent/x"], "is not a folder"),
+    (["--tasks", "tiny_mc", "--limit", "0"], "limit must be"),
+    (["--tasks", "tiny_mc", "--limit", "2.5"], "limit must be"),
+    (["--tasks", "tiny_mc", "--num_fewshot", "-1"], "num_fewshot must be >= 0"),
+    (["--tasks", "tiny_mc", "--model_args", "pretrained=x"], "'pretrained' is set by qat"),
     (["--tasks", "tiny_mc", "--quant.weight.width", "x"], "width"),
 ])
 def test_bad_options_are_one_line_exit_2(setup, capsys, no_model, args, message):

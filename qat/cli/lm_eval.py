@@ -91,12 +91,14 @@ def run(path: str, argv: list[str]) -> dict[str, Any]:
         check_output_file(opts["output"])
 
     from qat.integrations.lm_eval import (
+        check_arguments,
         find_tasks,
         lm_eval_evaluate,
         require_lm_eval,
         summary,
     )
 
+    check_arguments(opts.get("num_fewshot"), _limit(opts.get("limit")), model_args)
     require_lm_eval()
     from qat import models
     from qat.quant.density import density_report

@@ -110,13 +110,7 @@ def lm_eval_evaluate(model: Any, tokenizer: Any, tasks: Sequence[str], *,
     check the names before loading the model); ``kwargs`` go to ``simple_evaluate``
     (``log_samples``, ``gen_kwargs``, ...)."""
     model_args = dict(model_args or {})
-    clash = [k for k in _OWN_ARGS if k in model_args]
-    if clash:
-        raise UsageError(f"model_args: {clash[0]!r} is set by qat (the model and tokenizer "
-                         "given); leave it out")
-    if num_fewshot is not None and num_fewshot < 0:
-        raise UsageError(f"num_fewshot must be >= 0, got {num_fewshot}")
-    _check_limit(limit)
+    check_arguments(num_fewshot=num_fewshot, limit=limit, model_args=model_args)
     tasks = _task_list(tasks)
     if task_manager is None:
         manager = find_tasks(tasks, include_path)  # before any model work
@@ -138,14 +132,25 @@ def lm_eval_evaluate(model: Any, tokenizer: Any, tasks: Sequence[str], *,
                                    limit=limit, task_manager=manager, **kwargs)
 
 
-def _check_limit(limit: int | float | None) -> None:
-    """lm-eval's ``limit``: a count of documents (>= 1) or a fraction in (0, 1)."""
-    if limit is None:
-        return
-    if not (isinstance(limit, (int, float)) and math.isfinite(limit) and limit > 0) or (
-            limit >= 1 and limit != int(limit)):
+def check_arguments(num_fewshot: int | None = None, limit: int | float | None = None,
+                    model_args: dict[str, Any] | None = None) -> None:
+    """One line for a bad ``num_fewshot``, ``limit`` (a count of documents >= 1 or a fraction
+    in (0, 1)) or an ``HFLM`` argument this wrapper sets itself."""
+    clash = [k for k in _OWN_ARGS if k in (model_args or {})]
+    if clash:
+        raise UsageError(f"model_args: {clash[0]!r} is set by qat (the model and tokenizer "
+                         "given); leave it out")
+    if num_fewshot is not None and num_fewshot < 0:
+        raise UsageError(f"num_fewshot must be >= 0, got {num_fewshot}")
+    if limit is not None and not _valid_limit(limit):
         raise UsageError(f"limit must be a whole number of documents >= 1 or a fraction in "
                          f"(0, 1), got {limit!r}")
+
+
+def _valid_limit(limit: Any) -> bool:
+    if isinstance(limit, bool) or not isinstance(limit, (int, float)):
+        return False
+    return math.isfinite(limit) and (0 < limit < 1 or (limit >= 1 and limit == int(limit)))
 
 
 def summary(output: dict[str, Any]) -> dict[str, Any]:
