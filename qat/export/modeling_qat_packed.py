@@ -36,7 +36,8 @@ MODEL_TYPE = "qat_packed"
 WEIGHTS_NAME = "qat_packed.safetensors"
 PACK_VERSION = 2
 # from_pretrained keywords that the Hub / Auto classes pass along and that do not change the
-# model; anything else (device_map, num_labels, ...) is refused rather than silently ignored.
+# model; anything else (num_labels, a device_map that splits the model, ...) is refused rather
+# than silently ignored.
 _PASSTHROUGH = {"cache_dir", "force_download", "proxies", "revision", "token", "local_files_only",
                 "subfolder", "trust_remote_code", "code_revision", "_from_auto",
                 "_commit_hash", "use_safetensors", "adapter_kwargs", "resume_download",
@@ -220,6 +221,23 @@ def load_packed(path: str | os.PathLike, config: QatPackedConfig | None = None,
     return model.eval()
 
 
+_SPLITTING_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _single_device(device_map: Any) -> Any:
+    """The one device of a ``device_map`` that places the whole model (``"cuda:0"``,
+    ``{"": "cuda:0"}``: what lm-evaluation-harness passes), or None for no map. Maps that
+    split the model are refused: the unpacked model is built whole on the CPU."""
+    if device_map is None:
+        return None
+    if isinstance(device_map, dict) and set(device_map) == {""}:
+        device_map = device_map[""]
+    if isinstance(device_map, (str, int, torch.device)) and device_map not in _SPLITTING_MAPS:
+        return torch.device(device_map)
+    raise TypeError(f"qat packed exports take no device_map {device_map!r} in from_pretrained "
+                    "(only one device for the whole model, e.g. {'': 'cuda:0'})")
+
+
 class _QatPackedBase(PreTrainedModel):
     config_class = QatPackedConfig
     base_model_prefix = "qat_packed"
@@ -234,6 +252,7 @@ class _QatPackedBase(PreTrainedModel):
         """Returns the original architecture's model (e.g. ``BertForSequenceClassification``)
         with the unpacked weights and, with qat installed, its quantisers."""
         dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
+        device = _single_device(kwargs.pop("device_map", None))
         unknown = sorted(k for k, v in kwargs.items() if k not in _PASSTHROUGH and v is not None)
         if args or unknown:
             raise TypeError(f"qat packed exports take no {', '.join(unknown) or 'extra args'} "
@@ -241,7 +260,8 @@ class _QatPackedBase(PreTrainedModel):
         path = pretrained_model_name_or_path
         if not os.path.isdir(path):
             raise OSError(f"{path}: a qat packed export is a local folder")
-        return load_packed(path, config, dtype)
+        model = load_packed(path, config, dtype)
+        return model if device is None else model.to(device)
 
 
 class QatPackedForSequenceClassification(_QatPackedBase):
