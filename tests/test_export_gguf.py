@@ -164,3 +164,32 @@ def test_bad_gguf_export_is_one_line_before_loading(tmp_path, capsys, no_model, 
     assert main([recipe, "--out", str(tmp_path / "g"), *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert match in err and len(err.splitlines()) == 1
+
+
+def test_a_trained_runs_export_takes_the_tokenizer_of_the_gguf_it_started_from(tmp_path):
+    """A run folder replaces the model path (and drops gguf_file); its recipe.yaml still names
+    the GGUF it started from, whose tokenizer keys (llama.cpp's pre-tokenizer among them) the
+    export copies. A recipe's own gguf_file wins; a base that moved falls back to None."""
+    from types import SimpleNamespace
+
+    from qat.cli.export import source_gguf
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "m.gguf").write_bytes(b"GGUF")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "recipe.yaml").write_text(f"model_name_or_path: {base}\ngguf_file: m.gguf\n")
+
+    def src(gguf_file=None, model=str(run), checkpoint=run):
+        args = SimpleNamespace(gguf_file=gguf_file, model_name_or_path=model)
+        return SimpleNamespace(recipe=SimpleNamespace(args=args), checkpoint=checkpoint)
+
+    assert source_gguf(src()) == base / "m.gguf"
+    assert source_gguf(src("m.gguf", str(base), None)) == base / "m.gguf"
+    assert source_gguf(src(checkpoint=None)) is None
+    (base / "m.gguf").unlink()
+    assert source_gguf(src()) is None
+    (run / "recipe.yaml").write_text(f"model_name_or_path: {tmp_path / 'gone'}\n"
+                                     "gguf_file: m.gguf\n")
+    assert source_gguf(src()) is None

@@ -198,14 +198,35 @@ def _export_ct(model: Any, opts: dict[str, Any], src: Any, tokenizer: Any, devic
                                      input_amax=amax)
 
 
+def source_gguf(src: Any) -> Path | None:
+    """The GGUF file the model came from, whose tokenizer keys the export copies: the recipe's
+    ``gguf_file``, or for a trained run (whose folder replaces the model path) the one its
+    ``recipe.yaml`` started from, so llama.cpp tokenises as in training (a tokenizer rebuilt
+    from the Hugging Face files lacks llama.cpp's pre-tokenizer name)."""
+    from qat.models import ModelLoadError, resolve_model_path
+    from qat.runs.build import find_recipe_yaml
+    from qat.runs.recipe import load_recipe_dict
+
+    args = src.recipe.args
+    if args.gguf_file:
+        return Path(resolve_model_path(args.model_name_or_path)) / args.gguf_file
+    yaml_path = None if src.checkpoint is None else find_recipe_yaml(Path(src.checkpoint))
+    data = load_recipe_dict(yaml_path) if yaml_path else {}
+    if not (data.get("gguf_file") and data.get("model_name_or_path")):
+        return None
+    try:
+        path = Path(resolve_model_path(str(data["model_name_or_path"]))) / data["gguf_file"]
+    except ModelLoadError:  # the base model moved: fall back to the Hugging Face tokenizer
+        return None
+    return path if path.is_file() else None
+
+
 def _export_gguf(model: Any, opts: dict[str, Any], src: Any, tokenizer: Any, overwrite: bool
                  ) -> Path:
     from qat.export.gguf import export_gguf
-    from qat.models import resolve_model_path
 
     args = src.recipe.args
-    source = (Path(resolve_model_path(args.model_name_or_path)) / args.gguf_file
-              if args.gguf_file else None)
+    source = source_gguf(src)
     return export_gguf(model, opts["out"], tokenizer, source_gguf=source, overwrite=overwrite,
                        embeddings=opts.get("gguf_embeddings") or "f16",
                        name=Path(args.gguf_file or args.model_name_or_path).stem)
