@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from qat.cli.base import check_output_file, run_cli, split_options, write_results
+from qat.cli.base import run_cli, split_options, write_results
+from qat.runs.folders import check_output_file
 
 USAGE = """usage: qat eval RECIPE.yaml|CHECKPOINT_DIR [--output FILE] [--device D] [--key value ...]
 

@@ -11,8 +11,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from qat.cli.base import check_output_folder, run_cli, split_options
+from qat.cli.base import run_cli, split_options
 from qat.errors import UsageError
+from qat.runs.folders import check_output_folder
 
 OPTIONS: dict[str, type] = {"num_batches": int, "batch_size": int, "output_dir": str,
                             "device": str}
