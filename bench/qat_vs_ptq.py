@@ -124,7 +124,7 @@ def ptq_eval(float_dir: Path, recipe_path: str, overrides: list[str]) -> dict:
     """Quantise a trained float model with the recipe's quant config and evaluate it as
     ``qat eval`` does (metrics named as the Trainer names them: ``eval_accuracy``, ...)."""
     from qat.runs.build import build_model
-    from qat.tasks.glue import evaluate_split, get_task, load_glue, tokenize_glue
+    from qat.tasks.glue import evaluate_split, get_task, glue_splits
 
     recipe = load_recipe(recipe_path, overrides)
     # the float run (its weights, tokenizer and recipe.yaml) under the recipe's quant config
@@ -133,8 +133,7 @@ def ptq_eval(float_dir: Path, recipe_path: str, overrides: list[str]) -> dict:
     task = get_task(args.task_name)
     tok = built.tokenizer
     split = task.validation_splits[0]
-    data = tokenize_glue(load_glue(task.name, args.data_dir, splits=[split]), task, tok,
-                         args.max_length)
+    data = glue_splits(task, args.data_dir, (split,)).tokenize(tok, args.max_length)
     metrics = evaluate_split(built.model, tok, task, data[split], batch_size=128)
     return {f"eval_{k}": v for k, v in metrics.items()}
 

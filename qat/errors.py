@@ -26,6 +26,11 @@ class ConfigError(QatError):
     """A configuration value (a recipe key) that cannot work with this model or data."""
 
 
+class ExportError(QatError):
+    """A model or format that cannot be written in an export, or an ``--out`` it may not
+    write (here so ``qat.runs.folders`` can raise it for the export's destination rules)."""
+
+
 def decode_utf8(raw: bytes, where: str, error: type[QatError], encoding: str = "utf-8",
                 hint: str = "") -> str:
     """``raw`` decoded, or one ``error`` line naming ``where``, the line and the bad byte

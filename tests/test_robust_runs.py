@@ -18,7 +18,7 @@ import pytest
 from tiny import error_lines, tiny_recipe, tree_hashes
 
 from qat.cli.train import main as train_main
-from qat.runs.checkpoints import LOCK_FILE
+from qat.runs.folders import LOCK_FILE
 
 
 @pytest.fixture(scope="module")
@@ -78,16 +78,16 @@ def test_overwrite_still_replaces_the_old_run(run, tmp_path):
 def _contender(out: str, barrier, results) -> None:
     import time
 
-    from qat.runs import checkpoints
-    from qat.runs.checkpoints import RunFolderError, RunLock
+    from qat.runs import folders
+    from qat.runs.folders import RunFolderError, RunLock
 
-    real = checkpoints._alive
+    real = folders._alive
 
     def slow_alive(pid: int) -> bool:  # widen the window between judging and replacing
         time.sleep(0.05)
         return real(pid)
 
-    checkpoints._alive = slow_alive
+    folders._alive = slow_alive
     lock = RunLock(out)
     barrier.wait()
     try:
@@ -120,7 +120,7 @@ def test_only_one_of_many_processes_takes_over_a_stale_lock(tmp_path):
 
 
 def test_lock_release_keeps_the_folder_clean(tmp_path):
-    from qat.runs.checkpoints import RunLock
+    from qat.runs.folders import RunLock
 
     lock = RunLock(tmp_path)
     lock.acquire()
@@ -158,7 +158,8 @@ def _flip_last_byte(path: Path) -> None:
 def test_rotted_checkpoint_is_skipped_for_the_previous_good_one(run, caplog, name):
     import logging
 
-    from qat.runs.checkpoints import CheckpointError, last_good_checkpoint, verify_checkpoint
+    from qat.runs.checkpoints import CheckpointError, verify_checkpoint
+    from qat.runs.folders import last_good_checkpoint
 
     ckpt = run / "checkpoint-2"
     record = json.loads((ckpt / "qat_checksums.json").read_text())

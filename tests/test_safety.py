@@ -19,7 +19,8 @@ from tiny import error_lines, tiny_recipe, tree_hashes
 from qat.cli.eval import main as eval_main
 from qat.cli.export import main as export_main
 from qat.cli.train import main as train_main
-from qat.runs.checkpoints import LOCK_FILE, CheckpointError, last_good_checkpoint, verify_checkpoint
+from qat.runs.checkpoints import CheckpointError, verify_checkpoint
+from qat.runs.folders import LOCK_FILE, last_good_checkpoint
 
 
 @pytest.fixture(scope="module")

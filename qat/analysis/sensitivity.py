@@ -27,7 +27,7 @@ def run(path: str, argv: list[str], output_dir: str | None = None,
     """Measure every unit's drop; returns the rows, most sensitive first."""
     from tqdm.auto import tqdm
 
-    from qat.runs.checkpoints import check_output_dir
+    from qat.runs.folders import check_output_dir
 
     recipe, spec, _ = read_recipe_and_spec(path, argv)
     out = Path(output_dir or recipe.training_args.output_dir)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from qat.errors import QatError, UsageError
+from qat.runs.folders import check_output_file, check_output_folder  # noqa: F401 - old home
 
 
 def split_options(argv: list[str], options: dict[str, type]) -> tuple[dict[str, Any], list[str]]:
@@ -60,40 +61,6 @@ def run_cli(name: str, usage: str, argv: list[str] | None,
         return 2
     return 0
 
-
-
-def _first_existing(p: Path) -> Path:
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    return p
-
-
-def check_output_file(path: str | Path, option: str = "--output") -> Path:
-    """An output file path must not be a directory, nor lie under a file; checked before any
-    work so a long evaluation does not end in a traceback (and nothing is written here)."""
-    p = Path(path).expanduser()
-    if p.is_dir():
-        raise UsageError(f"{option} {str(path)!r} is a directory, expected a file path "
-                           f"(e.g. {str(p / 'results.json')!r})")
-    if p.exists() and not p.is_file():
-        raise UsageError(f"{option} {str(path)!r} is not a regular file")
-    base = _first_existing(p.parent)
-    if not base.is_dir():
-        raise UsageError(f"{option} {str(path)!r} cannot be written: {str(base)!r} is a "
-                           "file, not a folder")
-    return p
-
-
-def check_output_folder(path: str | Path, option: str = "--output_dir") -> Path:
-    """An output folder must be a folder (or creatable: no file on its path)."""
-    p = Path(path).expanduser()
-    if p.exists() and not p.is_dir():
-        raise UsageError(f"{option} {str(path)!r} is a file, expected a folder")
-    base = _first_existing(p)
-    if not base.is_dir():
-        raise UsageError(f"{option} {str(path)!r} cannot be created: {str(base)!r} is a "
-                           "file, not a folder")
-    return p
 
 
 def write_results(results: dict[str, Any], out: Path) -> dict[str, Any]:

@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from qat.cli.base import check_output_file, run_cli, split_options, write_results
+from qat.cli.base import run_cli, split_options, write_results
+from qat.runs.folders import check_output_file
 
 USAGE = """usage: qat eval RECIPE.yaml|CHECKPOINT_DIR [--output FILE] [--device D] [--key value ...]
 
@@ -34,7 +35,7 @@ def run(path: str, overrides: list[str], output: str | None = None,
     from qat import models
     from qat.quant.density import density_report
     from qat.runs.build import build_model, resolve_source
-    from qat.tasks.glue import evaluate_split, get_task, load_glue, tokenize_glue
+    from qat.tasks.glue import evaluate_split, get_task, glue_splits
 
     if output is not None:
         check_output_file(output)
@@ -44,13 +45,11 @@ def run(path: str, overrides: list[str], output: str | None = None,
     check_output_file(out)
     dev = models.resolve_device(device, targs.use_cpu)
     task = get_task(args.task_name)
-    raw = load_glue(task.name, args.data_dir, splits=task.validation_splits)
-    if args.max_eval_samples:  # before tokenising
-        for s in task.validation_splits:
-            raw[s] = raw[s].select(range(min(args.max_eval_samples, len(raw[s]))))
+    raw = glue_splits(task, args.data_dir, task.validation_splits,
+                      eval_samples=args.max_eval_samples)
     built = build_model(src, device=dev, num_labels=task.num_labels)
     model, tokenizer = built.model, built.tokenizer
-    data = tokenize_glue(raw, task, tokenizer, args.max_length)
+    data = raw.tokenize(tokenizer, args.max_length)
     metrics: dict[str, dict[str, float]] = {}
     for split in task.validation_splits:
         metrics[split] = evaluate_split(model, tokenizer, task, data[split],

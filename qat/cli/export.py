@@ -138,10 +138,11 @@ def _calibration_batches(src: Any, tokenizer: Any, n: int, device: Any) -> list[
 
 
 def run(path: str, argv: list[str]) -> dict[str, Any]:
-    from qat.export.packed import check_destination, check_not_source, export_model
+    from qat.export.packed import check_destination, export_model
     from qat.models import resolve_device
     from qat.quant.density import density_report
     from qat.runs.build import build_model, resolve_source
+    from qat.runs.folders import check_not_source
     from qat.tasks.glue import get_task
     from qat.tasks.language_modeling import LM_TASKS
 

@@ -13,8 +13,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from qat.cli.base import check_output_file, run_cli, split_options, write_results
+from qat.cli.base import run_cli, split_options, write_results
 from qat.errors import UsageError
+from qat.runs.folders import check_output_file
 
 WIKITEXT_ENV = "QAT_WIKITEXT_DIR"  # qat.tasks.language_modeling.WIKITEXT_ENV, without importing it
 OPTIONS: dict[str, type] = {"max_chunks": int, "chunk_size": int, "split": str, "output": str,

@@ -11,8 +11,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from qat.cli.base import check_output_folder, run_cli, split_options
+from qat.cli.base import run_cli, split_options
 from qat.errors import UsageError
+from qat.runs.folders import check_output_folder
 
 OPTIONS: dict[str, type] = {"num_batches": int, "batch_size": int, "output_dir": str,
                             "device": str}
@@ -31,7 +32,7 @@ def run(path: str, argv: list[str]) -> dict[str, Any]:
     from qat.analysis.profile import plot, profile_model, write_csv
     from qat.quant.density import density_report
     from qat.runs.build import build_model, resolve_source
-    from qat.tasks.glue import get_task, load_glue, tokenize_glue
+    from qat.tasks.glue import get_task, glue_splits
 
     opts, overrides = split_options(argv, OPTIONS)
     nb, bs = opts.get("num_batches", 4), opts.get("batch_size", 8)
@@ -46,11 +47,10 @@ def run(path: str, argv: list[str]) -> dict[str, Any]:
     device = models.resolve_device(opts.get("device"), src.recipe.training_args.use_cpu)
     task = get_task(args.task_name)
     split = task.validation_splits[0]
-    raw = load_glue(task.name, args.data_dir, splits=(split,))
-    raw[split] = raw[split].select(range(min(nb * bs, len(raw[split]))))  # before tokenising
+    raw = glue_splits(task, args.data_dir, (split,), eval_samples=nb * bs)
     built = build_model(src, device=device, num_labels=task.num_labels)
     model, tokenizer = built.model, built.tokenizer
-    data = tokenize_glue(raw, task, tokenizer, args.max_length)[split].remove_columns("label")
+    data = raw.tokenize(tokenizer, args.max_length)[split].remove_columns("label")
     collate = DataCollatorWithPadding(tokenizer)
     batches = [{k: v.to(device) for k, v in
                 collate([data[i] for i in range(s, min(s + bs, len(data)))]).items()}

@@ -40,7 +40,7 @@ def launch(config: str, argv: list[str]) -> int:
     import subprocess
     import tempfile
 
-    from qat.runs.checkpoints import check_output_dir
+    from qat.runs.folders import check_output_dir
     from qat.runs.recipe import load_recipe
     from qat.training.run import check_run_folder, resolve_resume
 

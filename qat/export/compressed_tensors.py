@@ -32,9 +32,9 @@ from qat.export.packed import (
     ExportError,
     check_destination,
     refuse_rotation,
-    write_atomically,
 )
 from qat.formats import Format
+from qat.runs.folders import write_atomically
 
 CT_FORMATS = {"nvfp4": "nvfp4-pack-quantized", "mxfp4": "mxfp4-pack-quantized"}
 WEIGHTS_NAME = "model.safetensors"

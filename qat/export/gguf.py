@@ -29,9 +29,9 @@ from qat.export.packed import (
     ExportError,
     check_destination,
     refuse_rotation,
-    write_atomically,
 )
 from qat.formats import Format, make_format
+from qat.runs.folders import write_atomically
 
 GGUF_ARCHS = {"LlamaForCausalLM": "llama"}
 EMBEDDING_TYPES = ("f16", "q8_0", "f32")

@@ -30,16 +30,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from qat.errors import QatError
+from qat.errors import ExportError  # lives in qat.errors: qat.runs.folders raises it too
 from qat.export.modeling_qat_packed import unpack_bits  # noqa: F401 - the inverse of pack_bits
 from qat.formats import Format
 from qat.formats.base import Encoded
+from qat.runs import folders
 
 QUANT_METHOD = "qat"
-
-
-class ExportError(QatError):
-    """A model or format that cannot be written in packed form."""
 
 
 def refuse_rotation(target: str) -> None:
@@ -222,20 +219,9 @@ def packed_state_dict(model: torch.nn.Module
 
 
 def check_destination(out: str | Path, overwrite: bool) -> Path:
-    """``--out`` must be a new or empty folder, or ``overwrite`` must be given."""
-    p = Path(out).expanduser()
-    if p.exists() and not p.is_dir():
-        raise ExportError(f"--out {str(out)!r} exists and is not a directory")
-    if p.is_dir() and any(p.iterdir()) and not overwrite:
-        n = sum(1 for _ in p.iterdir())
-        raise ExportError(f"--out {str(out)!r} is not empty ({n} entries); pass --overwrite "
-                           "to replace it, or choose a new folder")
-    if p.is_dir() and any(p.iterdir()) and not holds_export(p):
-        # --overwrite replaces an old export, never a training run or anything else
-        raise ExportError(f"--out {str(out)!r} is not empty and holds no qat export "
-                          "(config.json with model_type qat_packed and its weights); "
-                          "--overwrite replaces only an export: choose a new folder")
-    return p
+    """``--out`` must be a new or empty folder, or ``overwrite`` must be given and it must hold
+    an export (``qat.runs.folders.check_destination``)."""
+    return folders.check_destination(out, overwrite, holds_export)
 
 
 def holds_export(folder: Path) -> bool:
@@ -248,69 +234,6 @@ def holds_export(folder: Path) -> bool:
         return False
     return isinstance(config, dict) and config.get("model_type") == mqp.MODEL_TYPE \
         and (folder / mqp.WEIGHTS_NAME).is_file()
-
-
-def _within(a: Path, b: Path) -> bool:
-    """``a`` is ``b`` or lies inside it (both resolved)."""
-    return a == b or b in a.parents
-
-
-def check_not_source(out: Path, sources: dict[str, Path], keep: dict[str, Path]) -> None:
-    """Refuse (even with --overwrite) an ``out`` that is, lies inside or contains a source
-    folder, or that contains a file/folder to keep (recipe, data, the current directory)."""
-    o = out.expanduser().resolve()
-    for what, src in sources.items():
-        s = src.expanduser().resolve()
-        if _within(o, s) or _within(s, o):
-            rel = "is" if o == s else "lies inside" if _within(o, s) else "contains"
-            raise ExportError(f"--out {str(out)!r} {rel} the {what} {str(src)!r}; exporting "
-                               "there would replace what is exported: choose another folder")
-    for what, k in keep.items():
-        if _within(k.expanduser().resolve(), o):
-            raise ExportError(f"--out {str(out)!r} contains the {what} {str(k)!r}; choose "
-                               "another folder")
-
-
-def write_atomically(out: Path, write: Callable[[Path], None], overwrite: bool = False) -> None:
-    """``write(tmp)`` into a fresh folder beside ``out``, then rename it to ``out``.
-
-    An interrupted export leaves only a hidden ``.NAME.tmp-*`` folder, never a half-written
-    ``out``; with ``overwrite`` the old ``out`` is moved away only once the new one is complete
-    (and put back if the final rename fails)."""
-    import os
-    import shutil
-    import tempfile
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700
-        write(tmp)
-        if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
-            out.rmdir()
-        if out.exists() or out.is_symlink():
-            if not overwrite:  # e.g. created by someone else while we were writing
-                raise ExportError(f"--out {str(out)!r} exists and is not an empty folder; "
-                                   "pass --overwrite to replace it")
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            old.rmdir()
-            os.rename(out, old)
-            try:
-                os.rename(tmp, out)
-            except OSError:
-                os.rename(old, out)
-                raise
-            if old.is_dir() and not old.is_symlink():
-                shutil.rmtree(old)
-            else:
-                old.unlink()
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _with_checksum(packing: dict[str, Any]) -> dict[str, Any]:
@@ -363,5 +286,5 @@ def export_model(model: torch.nn.Module, out_dir: str | Path, tokenizer: Any = N
             info["weight_file_bytes"] = (tmp / mqp.WEIGHTS_NAME).stat().st_size
             (tmp / "qat_export.json").write_text(json.dumps(info, indent=2))
 
-    write_atomically(out, write, overwrite)
+    folders.write_atomically(out, write, overwrite)
     return out

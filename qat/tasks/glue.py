@@ -290,6 +290,39 @@ def tokenize_glue(ds, task: GlueTask, tokenizer: Any, max_length: int):
     return ds.map(enc, batched=True, remove_columns=remove, desc="tokenising")
 
 
+@dataclasses.dataclass(frozen=True)
+class GlueSplits:
+    """Raw GLUE splits, read and subset; ``tokenize`` once a tokenizer exists. Tokenising is a
+    second step so the data is checked before the (slow) model load gives the tokenizer."""
+
+    task: GlueTask
+    raw: Any  # datasets.DatasetDict
+
+    def tokenize(self, tokenizer: Any, max_length: int):
+        """The splits tokenised (``tokenize_glue``), as a ``DatasetDict``."""
+        return tokenize_glue(self.raw, self.task, tokenizer, max_length)
+
+
+def glue_splits(task: GlueTask, data_dir: str | None, splits: tuple[str, ...] | None = None, *,
+                train_samples: int | None = None, eval_samples: int | None = None,
+                seed: int = 0) -> GlueSplits:
+    """Load ``splits`` of ``task`` (default: train and the validation split(s)) and subset them
+    before tokenising, so 64 rows of SST-2 tokenise 64 rows.
+
+    ``train_samples``: a seeded shuffle of ``train``, then its first rows (the same rows as
+    shuffling the tokenised set: the permutation depends only on the seed and the length).
+    ``eval_samples``: the first rows of every other split. None (or 0) keeps every row.
+    """
+    raw = load_glue(task.name, data_dir, splits=splits)
+    for name in raw:
+        n = train_samples if name == "train" else eval_samples
+        if not n:
+            continue
+        ds = raw[name].shuffle(seed=seed) if name == "train" else raw[name]
+        raw[name] = ds.select(range(min(n, len(ds))))
+    return GlueSplits(task, raw)
+
+
 def evaluate_split(model, tokenizer, task, data, batch_size: int) -> dict[str, float]:
     """Run ``model`` over one tokenised split and compute the task's metrics. Batches go to
     the model's device; logits stay there until the end (one copy back, no per-batch sync)."""

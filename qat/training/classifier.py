@@ -21,7 +21,7 @@ def train_classifier(recipe: Any, checkpoint: str | None) -> dict:
     from qat.models import linear_module_names, preflight
     from qat.quant.lora import check_target_modules
     from qat.runs.build import build_model
-    from qat.tasks.glue import get_task, load_glue, tokenize_glue
+    from qat.tasks.glue import get_task, glue_splits
     from qat.training.teacher import check_distill
     from qat.training.trainer import QATTrainer
 
@@ -35,21 +35,14 @@ def train_classifier(recipe: Any, checkpoint: str | None) -> dict:
             check_target_modules(names, args.lora.target_modules)
     check_distill(args.distill, config, causal=False, num_labels=task.num_labels,
                   finetune=args.finetune)  # the teacher's config too, before any weights
-    raw = load_glue(task.name, args.data_dir)
-    # Subset before tokenising (same rows as shuffling the tokenised set: the permutation
-    # depends only on the seed and the length), so 64 rows of SST-2 tokenise 64 rows.
-    if args.max_train_samples:
-        raw["train"] = raw["train"].shuffle(seed=targs.seed).select(
-            range(min(args.max_train_samples, len(raw["train"]))))
-    if args.max_eval_samples:
-        for s in task.validation_splits:
-            raw[s] = raw[s].select(range(min(args.max_eval_samples, len(raw[s]))))
+    raw = glue_splits(task, args.data_dir, train_samples=args.max_train_samples,
+                      eval_samples=args.max_eval_samples, seed=targs.seed)
     # quantised here (QATTrainer leaves a quantised model as it is); on resume the Trainer
     # restores the weights and the adapter, the recipe already holds the checkpoint's settings
     built = build_model(recipe, num_labels=task.num_labels)  # GGUF: checked before tokenising
     model, tokenizer = built.model, built.tokenizer
     with targs.main_process_first(desc="tokenising"):
-        data = tokenize_glue(raw, task, tokenizer, args.max_length)
+        data = raw.tokenize(tokenizer, args.max_length)
     train = data["train"]
     evals = {s: data[s] for s in task.validation_splits}
     eval_dataset = evals if len(evals) > 1 else next(iter(evals.values()))

@@ -14,7 +14,7 @@ logger = logging.getLogger(__name__)
 def clear_old_run(recipe, checkpoint: str | None) -> None:
     """``overwrite_output_dir``: remove the old run, only once the model and data of the new
     one have loaded (bad input found before this leaves the old run as it was)."""
-    from qat.runs.checkpoints import clear_run
+    from qat.runs.folders import clear_run
 
     targs = recipe.training_args
     if checkpoint or not recipe.args.overwrite_output_dir or targs.process_index != 0:
@@ -29,7 +29,8 @@ def checksum_callback():
     checkpoint is written (``qat.runs.checkpoints.write_checksums``; verified on resume)."""
     from transformers import TrainerCallback
 
-    from qat.runs.checkpoints import CHECKPOINT_PREFIX, write_checksums
+    from qat.runs.checkpoints import write_checksums
+    from qat.runs.folders import CHECKPOINT_PREFIX
 
     class ChecksumOnSave(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):

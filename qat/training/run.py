@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from qat.errors import UsageError
-from qat.runs.checkpoints import check_output_dir  # noqa: F401 - re-used by qat.cli.train
+from qat.runs.folders import check_output_dir
 from qat.tasks.language_modeling import LM_TASKS
 from qat.training.causal_lm import train_decoder
 from qat.training.classifier import train_classifier
@@ -56,7 +56,7 @@ def last_complete_checkpoint(output_dir: str) -> str | None:
     """The newest ``checkpoint-N`` in ``output_dir`` whose every file a resume needs exists and
     reads (``qat.runs.checkpoints.verify_checkpoint``); newer damaged ones are skipped with a
     warning naming the file and what is wrong with it."""
-    from qat.runs.checkpoints import last_good_checkpoint
+    from qat.runs.folders import last_good_checkpoint
 
     return last_good_checkpoint(output_dir)
 
@@ -67,7 +67,8 @@ def _wants_resume(recipe) -> bool:
 
 def resolve_resume(recipe) -> str | None:
     """``resume_from_checkpoint``: a path, or true/"last" for the newest good checkpoint."""
-    from qat.runs.checkpoints import checkpoints, holds_run, verify_checkpoint
+    from qat.runs.checkpoints import verify_checkpoint
+    from qat.runs.folders import checkpoints, holds_run
 
     value = recipe.training_args.resume_from_checkpoint
     if not _wants_resume(recipe):
@@ -97,7 +98,7 @@ def check_run_folder(recipe, checkpoint: str | None) -> None:
     """Trainer's old ``overwrite_output_dir`` convention: a new run into a folder that holds a
     run is refused (say how to resume or overwrite); resuming a checkpoint of that folder is
     not a new run. Checked on every rank before anything is written."""
-    from qat.runs.checkpoints import holds_run
+    from qat.runs.folders import holds_run
 
     out = recipe.training_args.output_dir
     check_model_outside(recipe)
@@ -152,7 +153,7 @@ def run(recipe, trainer_cls=None) -> dict:
 
 def _remove_stale_temps(targs) -> None:
     """What saves killed half-way left (we hold the lock: no save of ours is running)."""
-    from qat.runs.checkpoints import remove_stale_temps
+    from qat.runs.folders import remove_stale_temps
 
     if targs.process_index == 0:
         removed = remove_stale_temps(targs.output_dir)
@@ -164,7 +165,7 @@ def _remove_stale_temps(targs) -> None:
 @contextlib.contextmanager
 def _run_lock(recipe) -> Iterator[None]:
     """Hold ``output_dir``'s lock file (process 0 only) for the whole run."""
-    from qat.runs.checkpoints import RunLock
+    from qat.runs.folders import RunLock
 
     targs = recipe.training_args
     if targs.process_index != 0:

@@ -35,7 +35,7 @@ def run(path: str, argv: list[str], resume: bool = False) -> dict[str, Any]:
     from optuna.trial import TrialState
     from tqdm.auto import tqdm
 
-    from qat.runs.checkpoints import check_output_dir
+    from qat.runs.folders import check_output_dir
 
     recipe, spec, data = read_recipe_and_spec(path, argv)
     out = Path(recipe.training_args.output_dir)

@@ -38,20 +38,16 @@ class Scorer:
 
     def split(self, which: str):
         """The held-out slice of the train split, or the validation split."""
-        from qat.tasks.glue import load_glue, tokenize_glue
+        from qat.tasks.glue import glue_splits
 
+        args = self.recipe.args
         if which == "held_out":
-            raw = load_glue(self.task.name, self.recipe.args.data_dir, splits=("train",))
-            ds = raw["train"].shuffle(seed=self.spec.seed)
-            raw["train"] = ds.select(range(min(self.spec.held_out_samples, len(ds))))
+            raw = glue_splits(self.task, args.data_dir, ("train",),
+                              train_samples=self.spec.held_out_samples, seed=self.spec.seed)
         else:
-            split = self.task.validation_splits[0]
-            raw = load_glue(self.task.name, self.recipe.args.data_dir, splits=(split,))
-        data = next(iter(tokenize_glue(raw, self.task, self.tokenizer,
-                                       self.recipe.args.max_length).values()))
-        if which != "held_out" and self.recipe.args.max_eval_samples:
-            data = data.select(range(min(self.recipe.args.max_eval_samples, len(data))))
-        return data
+            raw = glue_splits(self.task, args.data_dir, self.task.validation_splits[:1],
+                              eval_samples=args.max_eval_samples)
+        return next(iter(raw.tokenize(self.tokenizer, args.max_length).values()))
 
     def quantized(self, quant: dict[str, Any]):
         from qat.quant.quantize import quantize_model
