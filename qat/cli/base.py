@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from qat.errors import QatError, UsageError
-from qat.runs.folders import check_output_file, check_output_folder  # noqa: F401 - old home
 
 
 def split_options(argv: list[str], options: dict[str, type]) -> tuple[dict[str, Any], list[str]]:

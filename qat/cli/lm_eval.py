@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from qat.cli.base import check_output_file, run_cli, split_options, write_results
+from qat.cli.base import run_cli, split_options, write_results
+from qat.runs.folders import check_output_file
 from qat.errors import UsageError
 
 OPTIONS: dict[str, type] = {"tasks": str, "limit": float, "num_fewshot": int, "batch_size": str,
