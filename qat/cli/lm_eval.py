@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from qat.cli.base import run_cli, split_options, write_results
-from qat.runs.folders import check_output_file
 from qat.errors import UsageError
+from qat.runs.folders import check_output_file
 
 OPTIONS: dict[str, type] = {"tasks": str, "limit": float, "num_fewshot": int, "batch_size": str,
                             "include_path": str, "output": str, "device": str,
