@@ -11,7 +11,16 @@ from collections.abc import Iterable
 
 
 class QatError(ValueError):
-    """Bad input found before (or instead of) doing the work: one line, exit code 2."""
+    """Bad input found before (or instead of) doing the work: one line, exit code 2.
+
+    Every qat error derives from it, so one ``except`` catches them all:
+
+    >>> import qat
+    >>> try:
+    ...     qat.make_format({"format": "bfp", "width": 99})
+    ... except qat.QatError as e:
+    ...     print(type(e).__name__, "-", e)
+    FormatError - bfp.width must be in [2, 24], got 99"""
 
 
 class UsageError(QatError):

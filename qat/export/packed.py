@@ -248,6 +248,15 @@ def export_model(model: torch.nn.Module, out_dir: str | Path, tokenizer: Any = N
                  overwrite: bool = False, info: dict[str, Any] | None = None) -> Path:
     """Write ``model`` (fake-quantised by ``quantize_model``) packed to ``out_dir``.
 
+    >>> import os, tempfile, transformers, qat
+    >>> config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+    ...                                   num_hidden_layers=1, num_attention_heads=2)
+    >>> model = qat.quantize_model(transformers.LlamaForCausalLM(config),
+    ...                            {"weight": {"format": "bfp", "width": 4, "block_size": 16}})
+    >>> out = qat.export_packed(model, os.path.join(tempfile.mkdtemp(), "packed"))
+    >>> sorted(os.listdir(out))
+    ['config.json', 'modeling_qat_packed.py', 'qat_packed.safetensors']
+
     ``out_dir`` must be new or empty unless ``overwrite``; it is written atomically. ``info``
     (if given) is written as ``qat_export.json`` with ``weight_file_bytes`` filled in."""
     import shutil

@@ -31,7 +31,14 @@ def format_params(name: str) -> list[str]:
 
 
 def make_format(spec: Mapping[str, Any] | Format) -> Format:
-    """Build a format from ``{"format": name, **params}``; a Format passes through."""
+    """Build a format from ``{"format": name, **params}``; a Format passes through.
+
+    >>> import torch, qat
+    >>> fmt = qat.make_format({"format": "bfp", "width": 4, "block_size": 16})
+    >>> print(fmt)
+    bfp(width=4, exponent_width=8, block_size=16)
+    >>> fmt.quantize(torch.tensor([[0.1, -0.5, 1.0, 2.0] * 4]))[0, :4]
+    tensor([ 0.0000, -0.5000,  1.0000,  1.7500])"""
     if isinstance(spec, Format):
         return spec
     if not isinstance(spec, Mapping):

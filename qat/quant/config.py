@@ -18,7 +18,15 @@ V_AXES = ("head_dim", "seq")
 
 
 class QuantConfigError(QatError):
-    """An invalid ``quant:`` section; the message names the key path and value."""
+    """An invalid ``quant:`` section; the message names the key path and value.
+
+    >>> import qat
+    >>> qat.QuantConfig.from_dict({"weight": {"format": "bfp", "width": 0}})
+    Traceback (most recent call last):
+    ...
+    qat.quant.config.QuantConfigError: quant.weight: bfp.width must be in [2, 24], got 0
+    >>> issubclass(qat.QuantConfigError, qat.QatError)
+    True"""
 
 
 def check_section(d: Any, cls: type, prefix: str, error: type[Exception]) -> None:
@@ -62,6 +70,13 @@ FLOAT = ModuleFormats()
 @dataclasses.dataclass
 class QuantConfig:
     """Formats for weights, activations (linear inputs) and attention matmuls.
+
+    >>> import qat
+    >>> w4 = {"format": "bfp", "width": 4, "block_size": 16}
+    >>> config = qat.QuantConfig.from_dict({"weight": w4, "activation": w4,
+    ...                                     "exclude": ["lm_head", "mlp"]})
+    >>> config.weight, config.matmul, config.exclude
+    ({'format': 'bfp', 'width': 4, 'block_size': 16}, None, ['lm_head', 'mlp'])
 
     ``exclude`` and the keys of ``overrides`` are regular expressions searched in module
     names (``re.search``; anchor with ``^...$`` for an exact name). ``overrides`` maps a

@@ -320,7 +320,19 @@ def _install(model: nn.Module, name: str, module: QuantLayer, codes_t: Tensor, s
 
 def attach_qdec(model: nn.Module, config: QDECConfig | Mapping[str, Any] | None = None
                 ) -> nn.Module:
-    """Compute, quantise and attach every quantised linear's residual; returns ``model``."""
+    """Compute, quantise and attach every quantised linear's residual; returns ``model``.
+
+    >>> import torch, qat
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8))
+    >>> w4 = {"format": "bfp", "width": 4, "block_size": 16}
+    >>> model = qat.quantize_model(model, {"weight": w4})
+    >>> model = qat.attach_qdec(model, {"residual_bits": 4})
+    >>> model.qdec_config.residual_bits
+    4
+    >>> with torch.no_grad():  # QDEC is inference-only
+    ...     model(torch.randn(2, 32)).shape
+    torch.Size([2, 8])"""
     config = QDECConfig.from_dict(config if config is not None else {})
     layers = _layers_or_raise(model)
     with torch.no_grad():

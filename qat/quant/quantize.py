@@ -59,6 +59,17 @@ def quantize_model(model: nn.Module, config: QuantConfig | Mapping[str, Any] | N
                    ) -> nn.Module:
     """Insert STE fake-quantisers into ``model`` in place, as ``config`` says; returns it.
 
+    >>> import torch, transformers, qat
+    >>> config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+    ...                                   num_hidden_layers=1, num_attention_heads=2)
+    >>> model = transformers.LlamaForCausalLM(config)
+    >>> w4 = {"format": "bfp", "width": 4, "block_size": 16}
+    >>> model = qat.quantize_model(model, {"weight": w4, "activation": w4, "matmul": w4})
+    >>> qat.quantization_summary(model)  # q, k, v, o, gate, up, down (heads stay float)
+    {'quantized_linears': 7, 'quantized_attention': 1}
+    >>> model(torch.tensor([[1, 2, 3]])).logits.shape
+    torch.Size([1, 3, 64])
+
     Linear layers (and GPT-2's Conv1D) get weight and input quantisers; attention modules get
     a ``MatmulQuantizer`` and the model switches to the ``"qat"`` attention implementation.
     Excluded modules (``config.exclude``) and everything that is not a linear or an attention
@@ -208,7 +219,16 @@ def share_sibling_inputs(linears: list[tuple[str, nn.Module]]) -> None:
 
 
 def quantization_summary(model: nn.Module) -> dict[str, int]:
-    """How many linears and attention modules carry quantisers (for logs and tests)."""
+    """How many linears and attention modules carry quantisers (for logs and tests).
+
+    >>> import torch, qat
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8))
+    >>> qat.quantization_summary(model)
+    {'quantized_linears': 0, 'quantized_attention': 0}
+    >>> model = qat.quantize_model(model, {"weight": {"format": "int", "width": 8}})
+    >>> qat.quantization_summary(model)
+    {'quantized_linears': 2, 'quantized_attention': 0}"""
     lin = sum(isinstance(m, (QuantLinear, QuantConv1D)) for m in model.modules())
     att = sum(isinstance(m, MatmulQuantizer) for m in model.modules())
     return {"quantized_linears": lin, "quantized_attention": att}

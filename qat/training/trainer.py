@@ -60,6 +60,22 @@ class _EndSkippedStep(TrainerCallback):
 class QATTrainer(Trainer):
     """Trainer for block-quantisation-aware fine-tuning.
 
+    >>> import tempfile, datasets, transformers, qat
+    >>> config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+    ...                                   num_hidden_layers=1, num_attention_heads=2)
+    >>> rows = datasets.Dataset.from_dict({"input_ids": [[1, 5, 9, 13, 2]] * 4,
+    ...                                    "labels": [[1, 5, 9, 13, 2]] * 4})
+    >>> args = transformers.TrainingArguments(tempfile.mkdtemp(), max_steps=1, report_to="none",
+    ...                                       use_cpu=True, disable_tqdm=True)
+    >>> w4 = {"format": "bfp", "width": 4, "block_size": 16}
+    >>> trainer = qat.QATTrainer(model=transformers.LlamaForCausalLM(config), args=args,
+    ...                          train_dataset=rows, quant_config={"weight": w4, "activation": w4})
+    >>> qat.quantization_summary(trainer.model)
+    {'quantized_linears': 7, 'quantized_attention': 0}
+    >>> trainer.train().global_step  # doctest: +ELLIPSIS
+    {...}
+    1
+
     Args beyond ``Trainer``'s: ``quant_config`` (QuantConfig, its dict, or None for float),
     ``finetune`` (``full`` | ``lora`` | ``classifier``), ``lora`` (LoraArguments),
     ``on_nonfinite`` (``stop`` | ``skip``: what a NaN/inf training loss does) and ``distill``
