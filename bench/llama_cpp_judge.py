@@ -64,9 +64,9 @@ def _engine_side(gguf: Path, text: str, chunks: list[list[int]], gen: int
                  ) -> dict[str, Any]:
     from qat.export.llama_cpp import LlamaCppModel, llama_cpp_perplexity
 
-    with LlamaCppModel(gguf, n_ctx=8) as model:
+    with LlamaCppModel(gguf, n_ctx=max(len(c) for c in chunks)) as model:
         own = model.tokenize(text)[:sum(len(c) for c in chunks)]
-    ppl, _, _ = llama_cpp_perplexity(gguf, chunks, progress=False)
+        ppl, _, _ = llama_cpp_perplexity(model, chunks, progress=False)
     return {"llama_cpp_ppl": ppl, "same_tokens": own == [t for c in chunks for t in c],
             "gguf": str(gguf), **speed(gguf, chunks[0][:512], gen)}
 

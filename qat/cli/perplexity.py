@@ -95,8 +95,10 @@ def run(path: str, argv: list[str]) -> dict[str, Any]:
 def _run_gguf(path: Path, opts: dict[str, Any], overrides: list[str], chunk_size: int
               ) -> dict[str, Any]:
     """A GGUF file scored by llama.cpp: its own tokeniser and logits, qat's chunks and formula."""
+    import torch
+
     from qat.export.llama_cpp import LlamaCppModel, llama_cpp_perplexity, require_llama_cpp
-    from qat.tasks.language_modeling import load_wikitext
+    from qat.tasks.language_modeling import chunk_ids, load_wikitext
 
     if overrides:
         raise UsageError(f"{overrides[0]}: recipe keys do not apply to a GGUF file (llama.cpp "
@@ -110,18 +112,14 @@ def _run_gguf(path: Path, opts: dict[str, Any], overrides: list[str], chunk_size
     check_output_file(out)
     require_llama_cpp()
     text = load_wikitext(opts.get("split", "test"))
-    with LlamaCppModel(path, n_ctx=8) as model:  # the tokenizer only
+    with LlamaCppModel(path, n_ctx=chunk_size) as model:
         ids = model.tokenize(text)
-    n = len(ids) // chunk_size
-    if opts.get("max_chunks") is not None:
-        n = min(n, opts["max_chunks"])
-    if n == 0:
-        raise UsageError(f"the text has {len(ids)} tokens, fewer than one chunk of {chunk_size}")
-    chunks = [ids[i * chunk_size:(i + 1) * chunk_size] for i in range(n)]
-    ppl, loss, count = llama_cpp_perplexity(path, chunks)
+        chunks = [c.tolist() for c in chunk_ids(torch.tensor(ids), chunk_size,
+                                                 opts.get("max_chunks"))]
+        ppl, loss, count = llama_cpp_perplexity(model, chunks)
     results = {
         "gguf": str(path), "engine": "llama.cpp", "split": opts.get("split", "test"),
-        "chunk_size": chunk_size, "chunks": n, "total_chunks": len(ids) // chunk_size,
+        "chunk_size": chunk_size, "chunks": len(chunks), "total_chunks": len(ids) // chunk_size,
         "tokens_scored": count, "mean_loss": loss, "perplexity": ppl,
         "file_bytes": path.stat().st_size,
     }

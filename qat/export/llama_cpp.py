@@ -148,22 +148,21 @@ class LlamaCppModel:
         return out
 
 
-def llama_cpp_perplexity(path: str | os.PathLike, chunks: Sequence[Sequence[int]],
-                         threads: int | None = None, progress: bool = True
-                         ) -> tuple[float, float, int]:
-    """``(ppl, mean token loss, tokens scored)`` of the GGUF model over ``chunks`` of token ids,
-    each chunk from an empty cache predicting its ``len - 1`` next tokens, as
-    ``qat.tasks.language_modeling.perplexity`` scores a PyTorch model."""
+def llama_cpp_perplexity(model: LlamaCppModel, chunks: Sequence[Sequence[int]],
+                         progress: bool = True) -> tuple[float, float, int]:
+    """``(ppl, mean token loss, tokens scored)`` of an open GGUF ``model`` over ``chunks`` of
+    token ids (each at most ``model.n_ctx`` long), each chunk from an empty cache predicting
+    its ``len - 1`` next tokens, as ``qat.tasks.language_modeling.perplexity`` scores a
+    PyTorch model."""
     import torch
     import torch.nn.functional as F
     from tqdm.auto import tqdm
 
     total, count = 0.0, 0
-    with LlamaCppModel(path, max(len(c) for c in chunks), threads) as model:
-        for chunk in tqdm(chunks, desc="llama.cpp perplexity", unit="chunk", disable=not progress):
-            ids = torch.as_tensor(list(chunk), dtype=torch.long)
-            logits = torch.from_numpy(model.logits(ids.tolist()))[:-1]
-            total += float(F.cross_entropy(logits, ids[1:], reduction="sum").double())
-            count += len(ids) - 1
+    for chunk in tqdm(chunks, desc="llama.cpp perplexity", unit="chunk", disable=not progress):
+        logits = torch.from_numpy(model.logits(chunk))[:-1]
+        targets = torch.as_tensor(list(chunk[1:]), dtype=torch.long)
+        total += float(F.cross_entropy(logits, targets, reduction="sum").double())
+        count += len(chunk) - 1
     mean = total / count
     return math.exp(mean), mean, count

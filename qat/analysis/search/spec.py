@@ -59,11 +59,9 @@ def parse_spec(d: Any) -> SearchSpec:
                           "search.space (see recipes/minilm_sst2_search.yaml)")
     if not isinstance(d, dict):
         raise SearchError(f"search must be a mapping, got {d!r}")
-    valid = [f.name for f in dataclasses.fields(SearchSpec)]
-    for key in d:
-        if key not in valid:
-            raise SearchError(f"unknown key search.{key}{did_you_mean(key, valid, 'search')}; "
-                              f"valid keys: {', '.join(valid)}")
+    from qat.quant.config import check_section  # here: it imports torch, --help must not
+
+    check_section(d, SearchSpec, "search", SearchError)  # unknown keys, as quant: and qdec:
     space = d.get("space")
     if not space:
         raise SearchError("search.space is empty: name at least one role (weight, activation, "
