@@ -1,0 +1,88 @@
+"""Every relative link and image in README.md and docs/*.md points at a file that exists, and
+every ``#anchor`` at a heading of its target page (GitHub's heading slugs), so moving a section
+between pages cannot leave a dead link behind."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PAGES = [REPO / "README.md", REPO / "data" / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
+FENCE = re.compile(r"^(```|~~~).*?^\1[ \t]*$", flags=re.S | re.M)
+INLINE_CODE = re.compile(r"`[^`\n]*`")
+LINK = re.compile(r"!?\[[^\]\n]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+HEADING = re.compile(r"^#{1,6}[ \t]+(.+?)[ \t]*#*[ \t]*$", flags=re.M)
+
+
+def github_slug(heading: str) -> str:
+    """The anchor GitHub gives a heading: markup dropped, lower case, punctuation removed
+    (letters, digits, '_', '-' and spaces stay), spaces to '-'."""
+    text = re.sub(r"!?\[([^\]]*)\]\([^)]*\)", r"\1", heading)  # a link counts by its text
+    text = re.sub(r"<[^>]+>", "", text)
+    return re.sub(r"[^\w\- ]", "", text.strip().lower()).replace(" ", "-")
+
+
+def anchors(text: str) -> set[str]:
+    """Every heading anchor of a page; a repeated slug gets -1, -2, ... as on GitHub."""
+    seen: dict[str, int] = {}
+    out: set[str] = set()
+    for heading in HEADING.findall(FENCE.sub("", text)):
+        slug = github_slug(heading)
+        n = seen.get(slug, 0)
+        seen[slug] = n + 1
+        out.add(slug if n == 0 else f"{slug}-{n}")
+    return out
+
+
+def broken_links(page: Path) -> list[str]:
+    """'page: target (why)' for each relative link or image of ``page`` that leads nowhere."""
+    text = page.read_text(encoding="utf-8")
+    body = INLINE_CODE.sub("code", FENCE.sub("", text))
+    problems = []
+    for target in LINK.findall(body):
+        if re.match(r"^[a-z][a-z0-9+.-]*:", target, flags=re.I):  # http:, mailto:, ...
+            continue
+        path_part, _, anchor = target.partition("#")
+        dest = (page.parent / path_part).resolve() if path_part else page
+        if not dest.exists():
+            problems.append(f"{page.name}: {target} (no such file)")
+            continue
+        if anchor and dest.suffix == ".md" and anchor not in anchors(dest.read_text("utf-8")):
+            problems.append(f"{page.name}: {target} (no heading #{anchor} in {dest.name})")
+    return problems
+
+
+def test_github_slugs_of_real_headings():
+    assert github_slug("Block rotations — `quant.rotation: {kind: hadamard, size: S}`") == \
+        "block-rotations--quantrotation-kind-hadamard-size-s"
+    assert github_slug("Scale choice — `scale: max | mse`") == "scale-choice--scale-max--mse"
+    assert github_slug("qat — block-quantisation-aware fine-tuning for 🤗 transformers") == \
+        "qat--block-quantisation-aware-fine-tuning-for--transformers"
+    assert github_slug("Use from [Python](x.md) (v2)") == "use-from-python-v2"
+    assert anchors("# A\n## A\n```\n# not a heading\n```\n### b_c\n") == {"a", "a-1", "b_c"}
+
+
+def test_the_checker_finds_dead_links_and_anchors(tmp_path):
+    (tmp_path / "other.md").write_text("# Intro\n\n## Measured: PPL (CPU)\n")
+    (tmp_path / "pic.png").write_bytes(b"")
+    page = tmp_path / "page.md"
+    page.write_text(
+        "# Top\n"
+        "[ok](other.md#measured-ppl-cpu) ![ok](pic.png) [ok](#top) [web](https://x.org/a.md)\n"
+        "[dead](missing.md) ![dead](docs/pic.png) [bad anchor](other.md#measured)\n"
+        "[self](#nowhere) `[code](ignored.md)`\n"
+        "```\n[fenced](ignored.md)\n```\n")
+    assert broken_links(page) == [
+        "page.md: missing.md (no such file)",
+        "page.md: docs/pic.png (no such file)",
+        "page.md: other.md#measured (no heading #measured in other.md)",
+        "page.md: #nowhere (no heading #nowhere in page.md)",
+    ]
+
+
+def test_readme_and_docs_have_no_dead_links():
+    assert len(PAGES) > 3
+    problems = [p for page in PAGES for p in broken_links(page)]
+    assert problems == []
