@@ -3,7 +3,7 @@
     python bench/formats.py [--out DIR] [--figure PNG]
     python bench/formats.py --scales [--out DIR]
 
-Prints a table, writes ``DIR/formats_sqnr.csv`` (DIR: outputs/bench) and the README's picture
+Prints a table, writes ``DIR/formats_sqnr.csv`` (DIR: outputs/bench) and docs/formats.md's picture
 ``docs/sqnr_vs_bits.png`` (``--figure`` to write it elsewhere). ``--scales`` instead compares
 ``scale: max`` with ``scale: mse`` (docs/formats.md, "Scale choice") for the formats that have
 the choice and writes ``DIR/formats_scale_sqnr.csv``. Generic over
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("outputs/bench"),
                     help="output folder (default outputs/bench, git-ignored)")
     ap.add_argument("--figure", type=Path, default=REPO / "docs" / "sqnr_vs_bits.png",
-                    help="the SQNR vs bits picture (default docs/sqnr_vs_bits.png, in README)")
+                    help="docs/formats.md's SQNR vs bits picture (default docs/sqnr_vs_bits.png)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--scales", action="store_true",
                     help="compare scale: max with scale: mse instead (no figure)")

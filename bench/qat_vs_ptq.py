@@ -2,13 +2,13 @@
 QAT classifier-only, and PTQ (the float run quantised after training, no QAT).
 
     QAT_DATA_DIR=../shared/data/glue python bench/qat_vs_ptq.py --steps 200 --seeds 42 43
-    python bench/qat_vs_ptq.py --plot outputs/bench_qat_vs_ptq/results.json  # README picture
+    python bench/qat_vs_ptq.py --plot outputs/bench_qat_vs_ptq/results.json  # docs/results.md
 
 Prints a table (mean and spread over seeds) and writes results.json and a PNG into --out.
 ``--plot RESULTS_JSON`` only draws a results.json written earlier, to docs/qat_vs_ptq.png
-(``--figure``), the picture in README. Quantised modes are labelled from the recipe's own quant
-section (``quant_label``: "W4A4 bfp+mm" for the MiniLM recipe, "W3A4 bfp" for a 3-bit weight
-recipe without matmuls), and the figure spells out every format with its parameters.
+(``--figure``), the picture of docs/results.md. Quantised modes are labelled from the recipe's
+own quant section (``quant_label``: "W4A4 bfp+mm" for the MiniLM recipe, "W3A4 bfp" for a
+3-bit weight recipe without matmuls), and the figure spells out every format with its parameters.
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plot", metavar="RESULTS_JSON", type=Path,
                    help="only draw this results.json (no training) to --figure")
     p.add_argument("--figure", type=Path, default=REPO / "docs/qat_vs_ptq.png",
-                   help="where --plot draws (default docs/qat_vs_ptq.png, in README)")
+                   help="where --plot draws (default docs/qat_vs_ptq.png, docs/results.md)")
     a = p.parse_args(argv)
     if a.plot is not None:
         if not a.plot.is_file():

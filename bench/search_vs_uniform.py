@@ -1,4 +1,4 @@
-"""QAT vs PTQ, uniform vs searched widths, from the run folders the README's Search commands
+"""QAT vs PTQ, uniform vs searched widths, from the run folders docs/search.md's commands
 write: accuracy on the validation split against average bits per element.
 
     python bench/search_vs_uniform.py --float outputs/minilm_sst2_float \
@@ -22,7 +22,8 @@ from pathlib import Path
 
 def _json(path: Path) -> dict:
     if not path.is_file():
-        sys.exit(f"search_vs_uniform: {str(path)!r} does not exist (run the README commands)")
+        sys.exit(f"search_vs_uniform: {str(path)!r} does not exist "
+                 "(run the commands of docs/search.md)")
     return json.loads(path.read_text())
 
 

@@ -35,7 +35,7 @@ def exports(tmp_path_factory) -> dict[str, Path]:
     return {"classifier": classifier, "decoder": decoder}
 
 
-# What the README shows, and nothing else imported first: transformers' modelling module is
+# What docs/deploy.md shows, and nothing else imported first: transformers' modelling module is
 # not loaded when from_pretrained reads the export's config.json.
 FRESH = """
 import sys

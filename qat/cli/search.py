@@ -12,7 +12,7 @@ from qat.cli.base import run_cli, split_options
 
 USAGE = """usage: qat search RECIPE.yaml [--resume] [--key value ...]
 
-Mixed-precision search driven by the recipe's search: section (see README, "Search").
+Mixed-precision search driven by the recipe's search: section (see docs/search.md).
 Recipe keys override as usual; search keys take dots: --search.trials 16.
 --resume  continue the study stored in <output_dir>/search.db (finished trials are kept)
 Writes trials.csv, pareto.csv, pareto.png, uniform.csv, best.yaml and search_results.json."""

@@ -18,7 +18,7 @@ from qat.errors import QatError, UsageError
 
 USAGE = """usage: qat train RECIPE.yaml [--key value ...] [--launch ACCELERATE_CONFIG.yaml]
 
-Keys are recipe keys (see README); nested keys take dots: --quant.weight.width 6.
+Keys are recipe keys (see docs/recipes.md); nested keys take dots: --quant.weight.width 6.
 --quant null trains in float. Any transformers.TrainingArguments field works by its name.
 --overwrite_output_dir true starts over in a folder that holds a run (deletes its checkpoints);
 --resume_from_checkpoint true resumes its newest good checkpoint.

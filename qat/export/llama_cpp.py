@@ -25,7 +25,7 @@ import numpy as np
 from qat.errors import UsageError
 
 INSTALL_HINT = ("pip install 'qat[llama]' (llama-cpp-python: builds llama.cpp from source, "
-                "many minutes on a small CPU; see README 'Deploy')")
+                "many minutes on a small CPU; see docs/deploy.md)")
 
 
 def require_llama_cpp() -> ModuleType:

@@ -24,7 +24,7 @@ class SearchError(QatError):
 
 @dataclasses.dataclass
 class SearchSpec:
-    """The parsed ``search:`` section; see the README's Search section for each key."""
+    """The parsed ``search:`` section; see docs/search.md for each key."""
 
     space: dict[str, dict[str, list[Any]]]
     granularity: str = "module"
