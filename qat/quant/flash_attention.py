@@ -1,0 +1,171 @@
+"""Quantised attention in fused Triton kernels (CUDA): no ``L x L`` tensor, forward or backward.
+
+The same maths as ``qat.quant.block_attention`` (``softmax(Q K^T * scaling + mask)`` in float32,
+rounded to the inputs' dtype, P quantised along the keys, ``Q(P) V``), flash-attention style
+(``qat.quant.flash_kernels``): pass 1 over key tiles gives each query row's max and normaliser,
+pass 2 recomputes every P tile exactly normalised, quantises it in registers with the P format
+and accumulates ``Q(P) V``. Saved for backward: Q, K, V (quantised), the mask, the row max and
+normaliser. The backward recomputes P tiles; the quantisers are straight-through, so
+``dP = dO V^T``, ``dS = P * (dP - rowsum(dP * P))`` (not ``rowsum(dO * O)``: O is made of
+``Q(P)``), ``dQ = dS K * scaling``, ``dK = dS^T Q * scaling``, ``dV = Q(P)^T dO``.
+
+P formats: BFP (either scale rule) with a power-of-two block of at most ``MAX_P_BLOCK`` keys,
+or P unquantised; ``flash_applies`` says False for anything else, and the caller runs the block
+path. The normaliser is summed in another order than torch's softmax, so a P element on a
+rounding boundary of the P grid may land on the neighbouring grid point (tests/
+test_attention_kernel.py measures how rarely); everything else follows the reference's roundings.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from qat.formats.bfp import BFP
+from qat.formats.kernels import triton_available
+from qat.formats.kernels._plan import bfp_params
+from qat.formats.scale import fixed_point_bits
+
+# Key tiles hold whole P blocks: a P block must divide the key tile (powers of two do).
+MAX_P_BLOCK = 128
+TILE = 64  # query rows and keys per tile on a GPU
+# Devices whose tensors the kernels take (tests add "cpu" under TRITON_INTERPRET=1).
+DEVICES = ("cuda",)
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _p_format(quantize_p) -> BFP | None:
+    """The P format the kernel quantises with (None: P stays float)."""
+    if quantize_p is None or not getattr(quantize_p, "enabled", True):
+        return None
+    return quantize_p.fmt
+
+
+def _p_supported(quantize_p) -> bool:
+    if quantize_p is None or not quantize_p.enabled:
+        return True
+    fmt = getattr(quantize_p, "fmt", None)
+    if type(fmt) is not BFP or getattr(quantize_p, "rotation", None) is not None:
+        return False
+    if getattr(quantize_p, "dim", -1) != -1:
+        return False
+    b = fmt.block_size
+    return b <= MAX_P_BLOCK and b & (b - 1) == 0
+
+
+def flash_applies(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, quantize_p) -> bool:
+    """Whether the kernels compute this attention (shapes, dtypes, device and the P format;
+    reads no tensor data, so no host sync)."""
+    if q.device.type not in DEVICES or not triton_available() or not _p_supported(quantize_p):
+        return False
+    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return False
+    dev = q.device.type  # autocast would run the reference's matmuls in another dtype
+    if torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) != q.dtype:
+        return False
+    if q.dim() != 4 or k.shape[:2] != q.shape[:2] or v.shape[:3] != k.shape[:3]:
+        return False
+    if mask is not None:
+        if mask.dim() != 4 or not (mask.dtype == torch.bool or mask.dtype in _DTYPES):
+            return False
+        try:
+            torch.broadcast_shapes(mask.shape, (*q.shape[:-1], k.shape[-2]))
+        except RuntimeError:
+            return False
+    return True
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _p_constants(fmt: BFP | None) -> dict:
+    if fmt is None:
+        return {"QUANT_P": False, "PB": 1, "P0": 0, "P1": 0, "P2": 0, "P3": 0, "P4": 0, "P5": 0}
+    frac = fixed_point_bits(fmt.block_size) if fmt.scale == "mse" else 0
+    p = bfp_params(fmt.width, fmt.exponent_width, frac)
+    return {"QUANT_P": True, "PB": fmt.block_size, "P0": p[0], "P1": p[1], "P2": p[2],
+            "P3": p[3], "P4": p[4], "P5": p[5]}
+
+
+def _mask_args(q: Tensor, k_len: int, mask: Tensor | None) -> tuple[Tensor, tuple, dict]:
+    """The mask pointer (q itself when none), its 4 strides broadcast to ``[b, h, q, k]``
+    (0 on broadcast dims: no copy) and the mask constants."""
+    fill = torch.finfo(q.dtype).min
+    if mask is None:
+        return q, (0, 0, 0, 0), {"MASK_KIND": 0, "ROUND_ADD": False, "FILL": fill,
+                                 "MASK_MIN": fill}
+    full = mask.expand(*q.shape[:-1], k_len)
+    if mask.dtype == torch.bool:
+        full = full.view(torch.uint8)  # same bytes; a plain integer pointer in the kernel
+        consts = {"MASK_KIND": 1, "ROUND_ADD": False, "FILL": fill, "MASK_MIN": fill}
+    else:  # scores + mask: promoted to the wider dtype, rounded to q's only if they match
+        mmin = torch.finfo(mask.dtype).min
+        consts = {"MASK_KIND": 2, "ROUND_ADD": mask.dtype == q.dtype, "FILL": mmin,
+                  "MASK_MIN": mmin}
+    return full, tuple(full.stride()), consts
+
+
+class FlashQuantAttention(torch.autograd.Function):
+    """``softmax(Q K^T * scaling + mask) -> Q(P) -> Q(P) V`` in Triton kernels (module doc)."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scaling: float,
+                p_fmt: BFP | None, tile: int) -> Tensor:  # noqa: D102
+        from qat.quant.flash_kernels import flash_forward_kernel
+
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        b, h, lq, d = q.shape
+        lk, dv = k.shape[-2], v.shape[-1]
+        out = q.new_empty(b, h, lq, dv)
+        m = torch.empty(b, h, lq, dtype=torch.float32, device=q.device)
+        lse = torch.empty_like(m)
+        mptr, strides, mconsts = _mask_args(q, lk, mask)
+        pconsts = _p_constants(p_fmt)
+        if lq and lk and b * h:
+            flash_forward_kernel[(-(-lq // tile), b * h)](
+                q, k, v, out, mptr, m, lse, h, lq, lk, d, dv, *strides, scaling,
+                BM=tile, BN=tile, DP=max(16, _next_pow2(d)), DVP=max(16, _next_pow2(dv)),
+                SCALE=scaling != 1.0, WIDEN=q.device.type != "cuda", **mconsts, **pconsts)
+        ctx.save_for_backward(q, k, v, mask, m, lse)
+        ctx.scaling, ctx.p_fmt, ctx.tile = scaling, p_fmt, tile
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # noqa: D102
+        from qat.quant.flash_kernels import flash_backward_dkv_kernel, flash_backward_dq_kernel
+
+        q, k, v, mask, m, lse = ctx.saved_tensors
+        do = grad_out.to(q.dtype).contiguous()
+        b, h, lq, d = q.shape
+        lk, dv = k.shape[-2], v.shape[-1]
+        dq, dk, dvv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        delta = torch.empty_like(m)
+        mptr, strides, mconsts = _mask_args(q, lk, mask)
+        tile, scaling = ctx.tile, ctx.scaling
+        common = {"BM": tile, "BN": tile, "DP": max(16, _next_pow2(d)),
+                  "DVP": max(16, _next_pow2(dv)), "SCALE": scaling != 1.0,
+                  "WIDEN": q.device.type != "cuda", **mconsts}
+        if lq and lk and b * h:
+            flash_backward_dq_kernel[(-(-lq // tile), b * h)](
+                q, k, v, do, mptr, m, lse, delta, dq, h, lq, lk, d, dv, *strides, scaling,
+                **common)
+            flash_backward_dkv_kernel[(-(-lk // tile), b * h)](
+                q, k, v, do, mptr, m, lse, delta, dk, dvv, h, lq, lk, d, dv, *strides,
+                scaling, **common, **_p_constants(ctx.p_fmt))
+        return dq, dk, dvv, None, None, None, None
+
+
+def flash_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scaling: float,
+                    quantize_p, tile: int = TILE) -> Tensor:
+    """Quantised attention ``[batch, heads, q_len, dv]`` in Triton kernels (module doc).
+
+    Takes what ``qat.quant.block_attention.block_attention`` takes (quantised q, k, v with K and
+    V repeated for GQA; the P quantiser, a ``FakeQuantizer`` or None); call it where
+    ``flash_applies`` says True. ``tile`` (a power of two, at least 16 and the P block) sets
+    the query and key tile.
+    """
+    fmt = _p_format(quantize_p)
+    if fmt is not None and tile % fmt.block_size:
+        tile = fmt.block_size
+    return FlashQuantAttention.apply(q, k, v, mask, scaling, fmt, tile)
