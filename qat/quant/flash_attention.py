@@ -22,8 +22,6 @@ import torch
 from torch import Tensor
 
 from qat.formats.bfp import BFP
-from qat.formats.kernels import triton_available
-from qat.formats.kernels._plan import bfp_params
 from qat.formats.scale import fixed_point_bits
 
 # Key tiles hold whole P blocks: a P block must divide the key tile (powers of two do).
@@ -56,7 +54,12 @@ def _p_supported(quantize_p) -> bool:
 def flash_applies(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, quantize_p) -> bool:
     """Whether the kernels compute this attention (shapes, dtypes, device and the P format;
     reads no tensor data, so no host sync)."""
-    if q.device.type not in DEVICES or not triton_available() or not _p_supported(quantize_p):
+    if q.device.type not in DEVICES or not _p_supported(quantize_p):
+        return False
+    # Imported here: qat.formats.kernels imports triton, which CPU-only runs never need.
+    from qat.formats.kernels import triton_available
+
+    if not triton_available():
         return False
     if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         return False
@@ -80,6 +83,8 @@ def _next_pow2(n: int) -> int:
 
 
 def _p_constants(fmt: BFP | None) -> dict:
+    from qat.formats.kernels._plan import bfp_params
+
     if fmt is None:
         return {"QUANT_P": False, "PB": 1, "P0": 0, "P1": 0, "P2": 0, "P3": 0, "P4": 0, "P5": 0}
     frac = fixed_point_bits(fmt.block_size) if fmt.scale == "mse" else 0
