@@ -111,6 +111,21 @@ def _mask_args(q: Tensor, k_len: int, mask: Tensor | None) -> tuple[Tensor, tupl
     return full, tuple(full.stride()), consts
 
 
+def _launch_args(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scaling: float,
+                 tile: int) -> tuple[Tensor, tuple, dict]:
+    """The mask pointer, the kernels' scalar arguments after it and their shared constants."""
+    _, h, lq, d = q.shape
+    lk, dv = k.shape[-2], v.shape[-1]
+    mptr, strides, mconsts = _mask_args(q, lk, mask)
+    consts = {"BM": tile, "BN": tile, "DP": max(16, _next_pow2(d)),
+              "DVP": max(16, _next_pow2(dv)), "SCALE": scaling != 1.0,
+              # the interpreter's half-precision dot is wrong: it multiplies in float32
+              "WIDEN": q.device.type != "cuda",
+              # no multiply fused into an add: BFP's rounding trick needs the two roundings
+              "enable_fp_fusion": False, **mconsts}
+    return mptr, (h, lq, lk, d, dv, *strides, scaling), consts
+
+
 class FlashQuantAttention(torch.autograd.Function):
     """``softmax(Q K^T * scaling + mask) -> Q(P) -> Q(P) V`` in Triton kernels (module doc)."""
 
@@ -120,19 +135,16 @@ class FlashQuantAttention(torch.autograd.Function):
         from qat.quant.flash_kernels import flash_forward_kernel
 
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        b, h, lq, d = q.shape
-        lk, dv = k.shape[-2], v.shape[-1]
-        out = q.new_empty(b, h, lq, dv)
+        b, h, lq, _ = q.shape
+        # no keys: the reference's P @ V is a sum of nothing, zeros
+        out = (q.new_empty if k.shape[-2] else q.new_zeros)(b, h, lq, v.shape[-1])
         m = torch.empty(b, h, lq, dtype=torch.float32, device=q.device)
-        lse = torch.empty_like(m)
-        mptr, strides, mconsts = _mask_args(q, lk, mask)
-        pconsts = _p_constants(p_fmt)
-        if lq and lk and b * h:
+        norm = torch.empty_like(m)
+        mptr, args, consts = _launch_args(q, k, v, mask, scaling, tile)
+        if out.numel() and k.shape[-2]:
             flash_forward_kernel[(-(-lq // tile), b * h)](
-                q, k, v, out, mptr, m, lse, h, lq, lk, d, dv, *strides, scaling,
-                BM=tile, BN=tile, DP=max(16, _next_pow2(d)), DVP=max(16, _next_pow2(dv)),
-                SCALE=scaling != 1.0, WIDEN=q.device.type != "cuda", **mconsts, **pconsts)
-        ctx.save_for_backward(q, k, v, mask, m, lse)
+                q, k, v, out, mptr, m, norm, *args, **consts, **_p_constants(p_fmt))
+        ctx.save_for_backward(q, k, v, mask, m, norm)
         ctx.scaling, ctx.p_fmt, ctx.tile = scaling, p_fmt, tile
         return out
 
@@ -140,24 +152,22 @@ class FlashQuantAttention(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):  # noqa: D102
         from qat.quant.flash_kernels import flash_backward_dkv_kernel, flash_backward_dq_kernel
 
-        q, k, v, mask, m, lse = ctx.saved_tensors
+        q, k, v, mask, m, norm = ctx.saved_tensors
         do = grad_out.to(q.dtype).contiguous()
-        b, h, lq, d = q.shape
-        lk, dv = k.shape[-2], v.shape[-1]
-        dq, dk, dvv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        b, h, lq, _ = q.shape
+        lk, tile = k.shape[-2], ctx.tile
+        dq, dk, dvv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         delta = torch.empty_like(m)
-        mptr, strides, mconsts = _mask_args(q, lk, mask)
-        tile, scaling = ctx.tile, ctx.scaling
-        common = {"BM": tile, "BN": tile, "DP": max(16, _next_pow2(d)),
-                  "DVP": max(16, _next_pow2(dv)), "SCALE": scaling != 1.0,
-                  "WIDEN": q.device.type != "cuda", **mconsts}
-        if lq and lk and b * h:
+        mptr, args, consts = _launch_args(q, k, v, mask, ctx.scaling, tile)
+        if q.numel() and k.numel():  # every element of dq, dk, dv is written
             flash_backward_dq_kernel[(-(-lq // tile), b * h)](
-                q, k, v, do, mptr, m, lse, delta, dq, h, lq, lk, d, dv, *strides, scaling,
-                **common)
+                q, k, v, do, mptr, m, norm, delta, dq, *args, **consts)
             flash_backward_dkv_kernel[(-(-lk // tile), b * h)](
-                q, k, v, do, mptr, m, lse, delta, dk, dvv, h, lq, lk, d, dv, *strides,
-                scaling, **common, **_p_constants(ctx.p_fmt))
+                q, k, v, do, mptr, m, norm, delta, dk, dvv, *args, **consts,
+                **_p_constants(ctx.p_fmt))
+        else:
+            for t in (dq, dk, dvv):
+                t.zero_()
         return dq, dk, dvv, None, None, None, None
 
 
