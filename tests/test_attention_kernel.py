@@ -121,10 +121,19 @@ def test_kernel_matches_block_path_at_length_70(dtype):
 @pytest.mark.parametrize("spec", [{**W4, "scale": "mse"}, {**W4, "width": 6, "block_size": 32},
                                   None])
 def test_kernel_matches_block_path_for_other_p_settings(spec):
-    # scale: mse, a wider P block than the tile asked for (the tile grows to it), P unquantised.
+    # scale: mse; a P block wider than the tile asked for (the key tile grows to it, query tiles
+    # stay 16); P unquantised.
     q, k, v = _qkv(37, torch.float32, seed=2)
     p = None if spec is None else _p(spec)
     _check_against_block_path(q, k, v, _mask("additive", 37, torch.float32), p, torch.float32)
+
+
+def test_kernel_matches_block_path_with_fewer_queries_than_keys():
+    # A cached decoder step: 20 new query rows over 37 keys, the last 20 rows of a causal mask.
+    q, k, v = _qkv(37, torch.float32, seed=5)
+    q = q.detach()[:, :, 17:].requires_grad_()
+    mask = _mask("bool", 37, torch.float32)[:, :, 17:]
+    _check_against_block_path(q, k, v, mask, _p(), torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -26,7 +26,7 @@ from qat.formats.scale import fixed_point_bits
 
 # Key tiles hold whole P blocks: a P block must divide the key tile (powers of two do).
 MAX_P_BLOCK = 128
-TILE = 64  # query rows and keys per tile on a GPU
+TILE = 64  # query rows and keys per tile on a GPU (keys: at least the P block)
 # Devices whose tensors the kernels take (tests add "cpu" under TRITON_INTERPRET=1).
 DEVICES = ("cuda",)
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -112,12 +112,12 @@ def _mask_args(q: Tensor, k_len: int, mask: Tensor | None) -> tuple[Tensor, tupl
 
 
 def _launch_args(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scaling: float,
-                 tile: int) -> tuple[Tensor, tuple, dict]:
+                 tiles: tuple[int, int]) -> tuple[Tensor, tuple, dict]:
     """The mask pointer, the kernels' scalar arguments after it and their shared constants."""
     _, h, lq, d = q.shape
     lk, dv = k.shape[-2], v.shape[-1]
     mptr, strides, mconsts = _mask_args(q, lk, mask)
-    consts = {"BM": tile, "BN": tile, "DP": max(16, _next_pow2(d)),
+    consts = {"BM": tiles[0], "BN": tiles[1], "DP": max(16, _next_pow2(d)),
               "DVP": max(16, _next_pow2(dv)), "SCALE": scaling != 1.0,
               # the interpreter's half-precision dot is wrong: it multiplies in float32
               "WIDEN": q.device.type != "cuda",
@@ -131,7 +131,7 @@ class FlashQuantAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scaling: float,
-                p_fmt: BFP | None, tile: int) -> Tensor:  # noqa: D102
+                p_fmt: BFP | None, tiles: tuple[int, int]) -> Tensor:  # noqa: D102
         from qat.quant.flash_kernels import flash_forward_kernel
 
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -140,12 +140,12 @@ class FlashQuantAttention(torch.autograd.Function):
         out = (q.new_empty if k.shape[-2] else q.new_zeros)(b, h, lq, v.shape[-1])
         m = torch.empty(b, h, lq, dtype=torch.float32, device=q.device)
         norm = torch.empty_like(m)
-        mptr, args, consts = _launch_args(q, k, v, mask, scaling, tile)
+        mptr, args, consts = _launch_args(q, k, v, mask, scaling, tiles)
         if out.numel() and k.shape[-2]:
-            flash_forward_kernel[(-(-lq // tile), b * h)](
+            flash_forward_kernel[(-(-lq // tiles[0]), b * h)](
                 q, k, v, out, mptr, m, norm, *args, **consts, **_p_constants(p_fmt))
         ctx.save_for_backward(q, k, v, mask, m, norm)
-        ctx.scaling, ctx.p_fmt, ctx.tile = scaling, p_fmt, tile
+        ctx.scaling, ctx.p_fmt, ctx.tiles = scaling, p_fmt, tiles
         return out
 
     @staticmethod
@@ -155,14 +155,14 @@ class FlashQuantAttention(torch.autograd.Function):
         q, k, v, mask, m, norm = ctx.saved_tensors
         do = grad_out.to(q.dtype).contiguous()
         b, h, lq, _ = q.shape
-        lk, tile = k.shape[-2], ctx.tile
+        lk, (bm, bn) = k.shape[-2], ctx.tiles
         dq, dk, dvv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         delta = torch.empty_like(m)
-        mptr, args, consts = _launch_args(q, k, v, mask, ctx.scaling, tile)
+        mptr, args, consts = _launch_args(q, k, v, mask, ctx.scaling, ctx.tiles)
         if q.numel() and k.numel():  # every element of dq, dk, dv is written
-            flash_backward_dq_kernel[(-(-lq // tile), b * h)](
+            flash_backward_dq_kernel[(-(-lq // bm), b * h)](
                 q, k, v, do, mptr, m, norm, delta, dq, *args, **consts)
-            flash_backward_dkv_kernel[(-(-lk // tile), b * h)](
+            flash_backward_dkv_kernel[(-(-lk // bn), b * h)](
                 q, k, v, do, mptr, m, norm, delta, dk, dvv, *args, **consts,
                 **_p_constants(ctx.p_fmt))
         else:
@@ -177,10 +177,9 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scalin
 
     Takes what ``qat.quant.block_attention.block_attention`` takes (quantised q, k, v with K and
     V repeated for GQA; the P quantiser, a ``FakeQuantizer`` or None); call it where
-    ``flash_applies`` says True. ``tile`` (a power of two, at least 16 and the P block) sets
-    the query and key tile.
+    ``flash_applies`` says True. ``tile`` (a power of two, at least 16) sets the query rows
+    and keys per tile; a key tile grows to a larger P block.
     """
     fmt = _p_format(quantize_p)
-    if fmt is not None and tile % fmt.block_size:
-        tile = fmt.block_size
-    return FlashQuantAttention.apply(q, k, v, mask, scaling, fmt, tile)
+    keys = tile if fmt is None else max(tile, fmt.block_size)
+    return FlashQuantAttention.apply(q, k, v, mask, scaling, fmt, (tile, keys))
