@@ -142,7 +142,7 @@ class FlashQuantAttention(torch.autograd.Function):
         norm = torch.empty_like(m)
         mptr, args, consts = _launch_args(q, k, v, mask, scaling, tiles)
         if out.numel() and k.shape[-2]:
-            flash_forward_kernel[(-(-lq // tiles[0]), b * h)](
+            flash_forward_kernel[(b * h * -(-lq // tiles[0]),)](
                 q, k, v, out, mptr, m, norm, *args, **consts, **_p_constants(p_fmt))
         ctx.save_for_backward(q, k, v, mask, m, norm)
         ctx.scaling, ctx.p_fmt, ctx.tiles = scaling, p_fmt, tiles
@@ -160,9 +160,9 @@ class FlashQuantAttention(torch.autograd.Function):
         delta = torch.empty_like(m)
         mptr, args, consts = _launch_args(q, k, v, mask, ctx.scaling, ctx.tiles)
         if q.numel() and k.numel():  # every element of dq, dk, dv is written
-            flash_backward_dq_kernel[(-(-lq // bm), b * h)](
+            flash_backward_dq_kernel[(b * h * -(-lq // bm),)](
                 q, k, v, do, mptr, m, norm, delta, dq, *args, **consts)
-            flash_backward_dkv_kernel[(-(-lk // bn), b * h)](
+            flash_backward_dkv_kernel[(b * h * -(-lk // bn),)](
                 q, k, v, do, mptr, m, norm, delta, dk, dvv, *args, **consts,
                 **_p_constants(ctx.p_fmt))
         else:

@@ -115,8 +115,9 @@ def flash_forward_kernel(
 ):
     """O = Q(P) V for BM query rows of one (batch, head); writes O, m and l."""
     DT: tl.constexpr = q_ptr.dtype.element_ty
-    bh = tl.program_id(1)
-    offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
+    # one axis (no 65535 limit on batch x heads), the tiles of a head next to each other
+    bh, t = tl.program_id(0) // tl.cdiv(Lq, BM), tl.program_id(0) % tl.cdiv(Lq, BM)
+    offs_m = t * BM + tl.arange(0, BM)
     offs_d, offs_dv = tl.arange(0, DP), tl.arange(0, DVP)
     mbase = (bh // H).to(tl.int64) * smb + (bh % H).to(tl.int64) * smh
     q = _load_rows(q_ptr, bh.to(tl.int64) * Lq * D, offs_m, offs_d, Lq, D)
@@ -180,8 +181,9 @@ def flash_backward_dq_kernel(
     """For BM query rows: delta = rowsum(dP * P) (dP = dO V^T, the gradient of Q(P) passed
     straight through), then dQ = dS K."""
     DT: tl.constexpr = q_ptr.dtype.element_ty
-    bh = tl.program_id(1)
-    offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
+    # one axis (no 65535 limit on batch x heads), the tiles of a head next to each other
+    bh, t = tl.program_id(0) // tl.cdiv(Lq, BM), tl.program_id(0) % tl.cdiv(Lq, BM)
+    offs_m = t * BM + tl.arange(0, BM)
     offs_d, offs_dv = tl.arange(0, DP), tl.arange(0, DVP)
     mbase = (bh // H).to(tl.int64) * smb + (bh % H).to(tl.int64) * smh
     q = _load_rows(q_ptr, bh.to(tl.int64) * Lq * D, offs_m, offs_d, Lq, D)
@@ -236,8 +238,8 @@ def flash_backward_dkv_kernel(
 ):
     """For BN keys: dV = Q(P)^T dO and dK = dS^T Q over all query tiles."""
     DT: tl.constexpr = q_ptr.dtype.element_ty
-    bh = tl.program_id(1)
-    offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
+    bh, t = tl.program_id(0) // tl.cdiv(Lk, BN), tl.program_id(0) % tl.cdiv(Lk, BN)
+    offs_n = t * BN + tl.arange(0, BN)
     offs_d, offs_dv = tl.arange(0, DP), tl.arange(0, DVP)
     mbase = (bh // H).to(tl.int64) * smb + (bh % H).to(tl.int64) * smh
     k = _load_rows(k_ptr, bh.to(tl.int64) * Lk * D, offs_n, offs_d, Lk, D)
