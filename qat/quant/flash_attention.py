@@ -11,9 +11,11 @@ normaliser. The backward recomputes P tiles; the quantisers are straight-through
 
 P formats: BFP (either scale rule) with a power-of-two block of at most ``MAX_P_BLOCK`` keys,
 or P unquantised; ``flash_applies`` says False for anything else, and the caller runs the block
-path. The normaliser is summed in another order than torch's softmax, so a P element on a
+path. The kernels repeat the reference's dtype roundings, but P itself is a few ulps off torch's
+softmax (the normaliser summed online, the GPU's ``exp``, tiled sums), so a P element on a
 rounding boundary of the P grid may land on the neighbouring grid point (tests/
-test_attention_kernel.py measures how rarely); everything else follows the reference's roundings.
+test_attention_kernel.py measures how rarely). Key tiles whose mask entries are all masked are
+skipped (causal masks: about half the tiles) where that changes no value.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torch import Tensor
 
 from qat.formats.bfp import BFP
 from qat.formats.scale import fixed_point_bits
+from qat.quant.ste import FakeQuantizer
 
 # Key tiles hold whole P blocks: a P block must divide the key tile (powers of two do).
 MAX_P_BLOCK = 128
@@ -32,14 +35,14 @@ DEVICES = ("cuda",)
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _p_format(quantize_p) -> BFP | None:
+def _p_format(quantize_p: FakeQuantizer | None) -> BFP | None:
     """The P format the kernel quantises with (None: P stays float)."""
     if quantize_p is None or not getattr(quantize_p, "enabled", True):
         return None
     return quantize_p.fmt
 
 
-def _p_supported(quantize_p) -> bool:
+def _p_supported(quantize_p: FakeQuantizer | None) -> bool:
     if quantize_p is None or not quantize_p.enabled:
         return True
     fmt = getattr(quantize_p, "fmt", None)
@@ -51,7 +54,8 @@ def _p_supported(quantize_p) -> bool:
     return b <= MAX_P_BLOCK and b & (b - 1) == 0
 
 
-def flash_applies(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, quantize_p) -> bool:
+def flash_applies(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
+                  quantize_p: FakeQuantizer | None) -> bool:
     """Whether the kernels compute this attention (shapes, dtypes, device and the P format;
     reads no tensor data, so no host sync)."""
     if q.device.type not in DEVICES or not _p_supported(quantize_p):
@@ -172,7 +176,7 @@ class FlashQuantAttention(torch.autograd.Function):
 
 
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scaling: float,
-                    quantize_p, tile: int = TILE) -> Tensor:
+                    quantize_p: FakeQuantizer | None, tile: int = TILE) -> Tensor:
     """Quantised attention ``[batch, heads, q_len, dv]`` in Triton kernels (module doc).
 
     Takes what ``qat.quant.block_attention.block_attention`` takes (quantised q, k, v with K and
