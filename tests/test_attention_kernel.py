@@ -68,10 +68,10 @@ def _mask(kind: str, seq: int, dtype: torch.dtype) -> torch.Tensor | None:
     keep = torch.ones(seq, seq, dtype=torch.bool).tril()[None, None].repeat(2, 1, 1, 1)
     keep[1, :, :, seq - 5:] = False
     keep[1, :, seq - 5:, 0] = True
-    if kind == "fully_masked_rows":  # rows that see no key: softmax is uniform over all keys
+    if kind.startswith("fully_masked_rows"):  # rows that see no key: P uniform over all keys
         keep[0, :, 3] = False
         keep[1, :, seq - 2:] = False
-    if kind in ("bool", "fully_masked_rows"):
+    if kind in ("bool", "fully_masked_rows_bool"):
         return keep.to(DEVICE)
     additive = torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(dtype).min).to(dtype)
     if kind == "broadcast_row":
@@ -107,7 +107,8 @@ def _check_against_block_path(q, k, v, mask, p, dtype, tile=16, scaling=0.3):
 
 @pytest.mark.parametrize(("mask_kind", "dtype"), [
     *[(kind, torch.float32) for kind in ("none", "bool", "additive", "broadcast_row",
-                                         "fully_masked_rows")],
+                                         "fully_masked_rows_bool",
+                                         "fully_masked_rows_additive")],
     ("bool", torch.bfloat16), ("additive", torch.bfloat16)])
 def test_kernel_matches_block_path_under_masks(mask_kind, dtype):
     q, k, v = _qkv(37, dtype)  # 37 = two full tiles of 16 and a ragged one (masked loads)
