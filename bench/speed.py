@@ -19,7 +19,8 @@ memory, which is what the STE must not grow). bf16 autocast on a GPU, float32 on
 
 Part (c), ``--part attention``: float SDPA vs the ``"qat"`` attention's eager path (P and Q(P)
 kept for backward) and its block path (``qat.quant.block_attention``: P recomputed) at each of
-``--seqs``, for the attention alone and for a 2-layer OPT-350M-shaped model (batch 1).
+``--seqs``, for the attention alone and for a 2-layer OPT-350M-shaped model (batch 1); on CUDA
+the model also runs the Triton kernels (``qat.quant.flash_attention``, "W4A4 kernel").
 
 ``--profile_attention`` profiles one W4A4 step of a 2-layer OPT-350M-shaped model at 2048
 tokens and prints the share of time spent in attention (issue #8, item 9).
@@ -222,20 +223,23 @@ def measure_variants(builds: dict, data: dict, steps: int, device: torch.device,
 
 
 def with_attention_path(step, path: str | None):
-    """``step`` run with the ``"qat"`` attention forced onto its eager or its block path
-    (None: the automatic choice)."""
+    """``step`` run with the ``"qat"`` attention forced onto its eager path, its PyTorch block
+    path or (CUDA) its Triton kernels, ``"kernel"`` (None: the automatic choice)."""
     if path is None:
         return step
     import qat.quant.attention as attention
+    import qat.quant.flash_attention as flash
 
-    threshold = {"eager": 1 << 62, "block": 0}[path]
+    threshold = {"eager": 1 << 62, "block": 0, "kernel": 0}[path]
+    devices = flash.DEVICES if path == "kernel" else ()
 
     def run(saved: SavedBytes | None = None) -> None:
         old, attention.LONG_SCORES = attention.LONG_SCORES, threshold
+        old_devices, flash.DEVICES = flash.DEVICES, devices
         try:
             step(saved)
         finally:
-            attention.LONG_SCORES = old
+            attention.LONG_SCORES, flash.DEVICES = old, old_devices
 
     return run
 
@@ -323,6 +327,8 @@ def bench_attention(seqs: list[int], steps: int, device: torch.device, backend: 
 
         builds = {"float (SDPA)": (model(None), None), "W4A4 eager": (model(W4A4), "eager"),
                   "W4A4 block": (model(W4A4), "block")}
+        if device.type == "cuda":  # the Triton kernels (bf16 Q, K, V from autocast linears)
+            builds["W4A4 kernel"] = (model(W4A4), "kernel")
         rows += measure_variants(builds, data, steps, device,
                                  {"model": "opt350m-2layer", "batch": 1, "seq": seq})
     return rows

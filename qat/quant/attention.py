@@ -18,6 +18,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from qat.quant.block_attention import block_attention
+from qat.quant.flash_attention import flash_applies, flash_attention
 
 ATTN_IMPLEMENTATION = "qat"
 # Score-matrix elements per (batch, head) from which the block path runs: 1024 x 1024. Below
@@ -69,7 +70,10 @@ def qat_attention_forward(
         mask = None if attention_mask is None else attention_mask[..., :k_len]
         if mq is not None:
             value = mq.v(value)
-        out = block_attention(query, key, value, mask, scaling, None if mq is None else mq.p)
+        p = None if mq is None else mq.p
+        # CUDA with a P format the Triton kernels take: the fused kernels, else the block path
+        attend = flash_attention if flash_applies(query, key, value, mask, p) else block_attention
+        out = attend(query, key, value, mask, scaling, p)
         return out.transpose(1, 2).contiguous(), None
     scores = torch.matmul(query, key.transpose(-1, -2))
     if scaling != 1.0:  # x * 1.0 == x: skip an L x L pass (OPT passes 1.0)
