@@ -16,8 +16,8 @@ The command line does not go through argparse: its one converter per option cann
 overrides join the recipe mapping first and ``HfArgumentParser`` parses the result as it parses a
 config file (TRL's ``TrlParser`` route for ``--config``). Every message names the key and value.
 
-``Recipe.args`` *is* the ``QATConfig`` (qat's keys and Trainer's in one object) and
-``Recipe.training_args`` is the same object, the one handed to ``Trainer``.
+``Recipe.args`` *is* the ``QATConfig`` (qat's keys and Trainer's in one object), the one handed
+to ``Trainer`` as ``args=``.
 """
 
 from __future__ import annotations
@@ -175,11 +175,6 @@ class Recipe:
     args: QATConfig
     resolved: dict[str, Any]
     source: str | None = None
-
-    @property
-    def training_args(self) -> QATConfig:
-        """The same ``QATConfig`` as ``args``: what ``Trainer`` receives."""
-        return self.args
 
     def save(self, output_dir: str | os.PathLike) -> Path:
         """Write the resolved recipe (file + overrides) as ``recipe.yaml``."""
