@@ -34,6 +34,10 @@ transposed to ``[d_in, d_out]`` so that a selected input channel is one contiguo
 QDEC is inference-only: a forward under grad mode raises ``QDECError`` (run under
 ``torch.no_grad()`` / ``torch.inference_mode()``, as ``generate`` and evaluation do, or
 ``detach_qdec`` first), so it can never leak into training.
+
+This module is the entry: ``apply_qdec`` (what the commands call) and every QDEC name, defined
+one job per module: ``qdec_config`` (the ``qdec:`` section), ``qdec_residual`` (the residual's
+maths and storage), ``qdec_attach`` (hooks on a model) and ``qdec_files`` (save and load).
 """
 
 from __future__ import annotations
