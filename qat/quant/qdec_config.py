@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from qat.errors import check_one_of
 from qat.quant.config import QuantConfigError, check_section
 
 RESIDUAL_DEVICES = ("cpu", "same")
@@ -44,9 +45,7 @@ class QDECConfig:
         b = self.residual_bits
         if isinstance(b, bool) or not isinstance(b, int) or not 2 <= b <= 8:
             raise QDECError(f"qdec.residual_bits must be an integer in 2..8, got {b!r}")
-        if self.residual_device not in RESIDUAL_DEVICES:
-            raise QDECError(f"qdec.residual_device must be one of {', '.join(RESIDUAL_DEVICES)}; "
-                            f"got {self.residual_device!r}")
+        check_one_of("qdec.residual_device", self.residual_device, RESIDUAL_DEVICES, QDECError)
         if self.prefill is not None and self.prefill not in PREFILL_RULES:
             raise QDECError(f"qdec.prefill must be one of {', '.join(PREFILL_RULES)} or null; "
                             f"got {self.prefill!r}")

@@ -12,7 +12,7 @@ from typing import Any
 
 from transformers import TrainingArguments
 
-from qat.errors import did_you_mean
+from qat.errors import check_one_of, did_you_mean
 from qat.runs.arguments import FINETUNE_MODES, ON_NONFINITE
 from qat.runs.recipe_text import RecipeError
 
@@ -22,9 +22,7 @@ def check_qat_values(cfg: Any) -> None:
     for req in ("model_name_or_path", "task_name"):
         if not getattr(cfg, req):
             raise RecipeError(f"recipe key {req!r} is required")
-    if cfg.finetune not in FINETUNE_MODES:
-        raise RecipeError(f"finetune must be one of {', '.join(FINETUNE_MODES)}; "
-                          f"got {cfg.finetune!r}")
+    check_one_of("finetune", cfg.finetune, FINETUNE_MODES, RecipeError)
     if cfg.on_nonfinite not in ON_NONFINITE:
         raise RecipeError(f"on_nonfinite must be 'stop' or 'skip'; "
                           f"got {cfg.on_nonfinite!r}")

@@ -9,7 +9,7 @@ import dataclasses
 import math
 from typing import Any
 
-from qat.errors import did_you_mean
+from qat.errors import check_one_of, did_you_mean
 from qat.runs.arguments import DISTILL_LOSSES, DistillArguments, LoraArguments
 from qat.runs.recipe_text import RecipeError
 from qat.runs.recipe_types import check_type, coerce, field_types
@@ -67,9 +67,7 @@ def build_distill(d: Any) -> DistillArguments | None:
     distill = DistillArguments(**d)
     if not distill.teacher.strip():
         raise RecipeError("distill.teacher must be self or a model folder / Hub id, got ''")
-    if distill.loss not in DISTILL_LOSSES:
-        raise RecipeError(f"distill.loss must be one of {', '.join(DISTILL_LOSSES)}; got "
-                          f"{distill.loss!r}{did_you_mean(distill.loss, DISTILL_LOSSES)}")
+    check_one_of("distill.loss", distill.loss, DISTILL_LOSSES, RecipeError, hint=True)
     distill.temperature = float(distill.temperature)
     if not 0 < distill.temperature < math.inf:
         raise RecipeError(f"distill.temperature must be finite and > 0, got "
