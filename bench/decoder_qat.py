@@ -208,9 +208,9 @@ def main(argv: list[str] | None = None) -> int:
               "null" if a.eval_chunks is None else str(a.eval_chunks),
               "--save_strategy", "no", "--report_to", "none", "--overwrite_output_dir", "true",
               *extra]
-    targs = load_recipe(a.recipe, budget).training_args
-    tokens = a.steps * a.batch * a.block_size * targs.gradient_accumulation_steps \
-        * max(1, targs.world_size)
+    args = load_recipe(a.recipe, budget).args
+    tokens = a.steps * a.batch * a.block_size * args.gradient_accumulation_steps \
+        * max(1, args.world_size)
     results: list[dict[str, Any]] = []
     path = out / "results.json"
 

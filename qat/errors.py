@@ -52,6 +52,25 @@ def decode_utf8(raw: bytes, where: str, error: type[QatError], encoding: str = "
                     ) from None
 
 
+def check_one_of(key: str, value: object, choices: Iterable[object], error: type[QatError],
+                 *, hint: bool = False) -> None:
+    """Raise ``error("<key> must be one of a, b; got <value>")`` unless ``value`` is one of
+    ``choices``: the one wording of every "pick one of these" key (``hint``: end with
+    ``did_you_mean``).
+
+    >>> from qat.errors import ConfigError, check_one_of
+    >>> try:
+    ...     check_one_of("quant.backend", "tritn", ("eager", "triton"), ConfigError, hint=True)
+    ... except ConfigError as e:
+    ...     print(e)
+    quant.backend must be one of eager, triton; got 'tritn' (did you mean 'triton'?)"""
+    choices = tuple(choices)
+    if value not in choices:
+        names = [str(c) for c in choices]
+        raise error(f"{key} must be one of {', '.join(names)}; got {value!r}"
+                    f"{did_you_mean(value, names) if hint else ''}")
+
+
 def did_you_mean(word: object, choices: Iterable[str], section: str | None = None) -> str:
     """The hint every "unknown ..." error ends with: ``" (did you mean 'x'?)"`` for the choice
     closest to ``word``, or ``""`` when none is close. ``section`` (e.g. ``"quant"``): the

@@ -5,6 +5,7 @@ import torch
 
 import qat.quant.backends as backends
 from qat import QuantConfig, QuantConfigError, quantize_model
+from qat.errors import QatError
 from qat.formats import make_format
 from qat.quant.backends import fake_quantize, resolve_backend
 from qat.quant.ste import FakeQuantizer
@@ -34,14 +35,16 @@ def test_auto_resolution(monkeypatch):
     assert resolve_backend("auto", fmt, cpu) == "reference"
     assert resolve_backend("compile", fmt, cpu) == "compile"  # explicit beats the variable
     monkeypatch.setenv(backends.BACKEND_ENV, "bogus")
-    with pytest.raises(ValueError, match="QAT_BACKEND='bogus'"):
+    with pytest.raises(QatError, match="QAT_BACKEND='bogus' is not one of auto, triton") as e:
         resolve_backend("auto", fmt, cpu)
+    assert isinstance(e.value, ValueError)  # what it raised before it was a QatError
 
 
 def test_triton_backend_refuses_cpu_tensors(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(RuntimeError, match="quant.backend triton runs on CUDA tensors"):
+    with pytest.raises(QatError, match="quant.backend triton runs on CUDA tensors") as e:
         resolve_backend("triton", make_format({"format": "bfp"}), torch.device("cpu"))
+    assert isinstance(e.value, RuntimeError)  # what it raised before it was a QatError
 
 
 @pytest.mark.parametrize("spec", [{"format": "bfp", "width": 4, "block_size": 16},

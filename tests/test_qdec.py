@@ -19,6 +19,7 @@ from torch import nn
 from qat.cli.generate import main as generate_main
 from qat.cli.perplexity import main as perplexity_main
 from qat.quant import qdec as qdec_mod
+from qat.quant import qdec_attach
 from qat.quant.qdec import (
     QDECConfig,
     QDECError,
@@ -336,7 +337,8 @@ def test_save_and_reload_keeps_residuals_and_logits_and_generate_works(tmp_path,
     with pytest.raises(QDECError, match="already exists"):
         save_qdec(model, path)
     # reloading must read the residuals, not recompute them
-    monkeypatch.setattr(qdec_mod, "quantize_residual", None)
+    # attach_qdec computes residuals with this name; loading must not call it
+    monkeypatch.setattr(qdec_attach, "quantize_residual", None)
     again = load_qdec(_load_quantised(path), path)
     for (n, a), (_, b) in zip(model.named_modules(), again.named_modules()):
         if "_qdec" in a.__dict__:

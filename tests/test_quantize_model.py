@@ -156,7 +156,7 @@ def test_lora_quantises_effective_weight_and_merges_exactly(arch):
 
 
 def test_lora_dropout_is_rejected():
-    from qat.runs.recipe import RecipeError, _build_lora
+    from qat.runs.recipe import RecipeError, build_lora
 
     with pytest.raises(RecipeError, match="lora.dropout"):
-        _build_lora({"dropout": 0.1})
+        build_lora({"dropout": 0.1})

@@ -42,7 +42,7 @@ def test_overrides_nested_and_null():
     r = load_recipe(REPO / "recipes/minilm_sst2.yaml",
                     ["--max_steps", "7", "--learning_rate", "1e-4", "--quant.weight.width", "6",
                      "--finetune=classifier"])
-    assert r.training_args.max_steps == 7 and r.training_args.learning_rate == 1e-4
+    assert r.args.max_steps == 7 and r.args.learning_rate == 1e-4
     assert r.args.quant.weight["width"] == 6 and r.args.quant.activation["width"] == 4
     assert r.args.finetune == "classifier"
     assert r.resolved["quant"]["weight"]["width"] == 6
@@ -67,7 +67,7 @@ def test_round_trip_through_save(tmp_path):
     saved = r.save(tmp_path / "run")
     again = load_recipe(saved)
     assert again.args == r.args
-    assert again.training_args.to_dict() == r.training_args.to_dict()
+    assert again.args.to_dict() == r.args.to_dict()
     assert yaml.safe_load(saved.read_text())["quant"]["matmul"] is None
 
 
@@ -168,7 +168,7 @@ def test_hostile_recipe_files(tmp_path, make, message):
 
 
 def test_recipe_loader_is_a_safe_loader():
-    from qat.runs.recipe import _RecipeLoader
+    from qat.runs.recipe_text import _RecipeLoader
 
     assert issubclass(_RecipeLoader, yaml.SafeLoader)
     assert not issubclass(_RecipeLoader, yaml.FullLoader)
@@ -201,12 +201,12 @@ def test_recipe_args_is_one_training_arguments_config():
 
     r = load_recipe(REPO / "recipes/minilm_sst2.yaml", ["--max_steps", "7"])
     assert isinstance(r.args, QATConfig) and isinstance(r.args, TrainingArguments)
-    assert r.training_args is r.args and r.args.max_steps == 7
-    # what qat.analysis.search does for its float model: training_args follows args
+    assert r.args.max_steps == 7 and not hasattr(r, "training_args")  # one name: args
+    # what qat.analysis.search does for its float model: a replaced args is the config
     import dataclasses
 
     floated = dataclasses.replace(r, args=dataclasses.replace(r.args, quant=None))
-    assert floated.training_args.quant is None and floated.training_args.max_steps == 7
+    assert floated.args.quant is None and floated.args.max_steps == 7
     assert r.args.quant is not None
     # rebuilding from a built config (its TrainingArguments already normalised) changes nothing
     assert dataclasses.replace(r.args) == r.args
@@ -216,7 +216,7 @@ def test_config_to_dict_is_plain_data():
     import json
 
     r = load_recipe(REPO / "recipes/minilm_sst2.yaml", ["--finetune", "lora", "--lora.r", "4"])
-    d = json.loads(json.dumps(r.training_args.to_dict()))
+    d = json.loads(json.dumps(r.args.to_dict()))
     assert d["quant"] == r.args.quant.to_dict() and d["lora"]["r"] == 4
     assert d["finetune"] == "lora" and d["output_dir"] == "outputs/minilm_sst2"
 
@@ -252,20 +252,24 @@ def test_type_errors_name_key_value_and_resolved_type(tmp_path, body, message):
 def test_yaml_coercions_still_apply(tmp_path):
     r = load_recipe(write(tmp_path, BASE + "learning_rate: 5e-5\nsave_strategy: no\n"
                                            "resume_from_checkpoint: true\n"))
-    assert r.training_args.learning_rate == 5e-5
-    assert r.training_args.save_strategy == "no"
-    assert r.training_args.resume_from_checkpoint == "true"
+    assert r.args.learning_rate == 5e-5
+    assert r.args.save_strategy == "no"
+    assert r.args.resume_from_checkpoint == "true"
 
 
-def test_recipe_module_never_calls_eval():
+def test_recipe_modules_never_call_eval():
     import ast
 
     import qat.runs.recipe
 
-    tree = ast.parse(Path(qat.runs.recipe.__file__).read_text())
-    calls = [n.func.id for n in ast.walk(tree)
-             if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)]
-    assert "eval" not in calls and "exec" not in calls
+    folder = Path(qat.runs.recipe.__file__).parent
+    paths = [folder / "config.py", *folder.glob("recipe*.py")]
+    assert len(paths) >= 6  # recipe, recipe_text, _types, _sections, _checks, config
+    for path in paths:
+        tree = ast.parse(path.read_text())
+        calls = [n.func.id for n in ast.walk(tree)
+                 if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)]
+        assert "eval" not in calls and "exec" not in calls, path.name
 
 
 def test_parser_argparse_side_raises_instead_of_exiting():

@@ -426,5 +426,5 @@ def test_valid_values_still_pass(tmp_path) -> None:
     r = load_recipe(tiny_recipe(tmp_path, learning_rate=0, seed=0, max_steps=-1,
                                 num_train_epochs=0.5, max_train_samples=1, max_eval_samples=1,
                                 warmup_steps=0, save_strategy="epoch", save_steps=0))
-    assert r.training_args.learning_rate == 0 and r.training_args.num_train_epochs == 0.5
+    assert r.args.learning_rate == 0 and r.args.num_train_epochs == 0.5
     assert json.loads(json.dumps(r.resolved["max_train_samples"])) == 1

@@ -30,7 +30,7 @@ def run(path: str, argv: list[str], output_dir: str | None = None,
     from qat.runs.folders import check_output_dir
 
     recipe, spec, _ = read_recipe_and_spec(path, argv)
-    out = Path(output_dir or recipe.training_args.output_dir)
+    out = Path(output_dir or recipe.args.output_dir)
     check_output_dir(str(out))  # a file in the way fails now, not after all the scoring
     table = out / "sensitivity.csv"
     if table.exists() and not overwrite:

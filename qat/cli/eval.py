@@ -40,10 +40,10 @@ def run(path: str, overrides: list[str], output: str | None = None,
     if output is not None:
         check_output_file(output)
     src = resolve_source(path, overrides)
-    args, targs = src.recipe.args, src.recipe.training_args
-    out = Path(output) if output else (src.checkpoint or Path(targs.output_dir)) / "eval_qat.json"
+    args = src.recipe.args
+    out = Path(output) if output else (src.checkpoint or Path(args.output_dir)) / "eval_qat.json"
     check_output_file(out)
-    dev = models.resolve_device(device, targs.use_cpu)
+    dev = models.resolve_device(device, args.use_cpu)
     task = get_task(args.task_name)
     raw = glue_splits(task, args.data_dir, task.validation_splits,
                       eval_samples=args.max_eval_samples)
@@ -53,7 +53,7 @@ def run(path: str, overrides: list[str], output: str | None = None,
     metrics: dict[str, dict[str, float]] = {}
     for split in task.validation_splits:
         metrics[split] = evaluate_split(model, tokenizer, task, data[split],
-                                  targs.per_device_eval_batch_size)
+                                  args.per_device_eval_batch_size)
     density = density_report(model)
     print(density.format())
     results = {

@@ -131,7 +131,7 @@ def _calibration_batches(src: Any, tokenizer: Any, n: int, device: Any) -> list[
     if args.task_name not in LM_TASKS:
         raise ExportError("--to compressed-tensors: nvfp4 activations are calibrated on a "
                           f"decoder recipe's text; task_name {args.task_name!r} is not one")
-    train, _, collate = decoder_data(args, src.recipe.training_args, tokenizer)
+    train, _, collate = decoder_data(args, tokenizer)
     rows = [train[i] for i in range(min(n, len(train)))]
     return [{k: v.to(device) for k, v in collate(rows[i:i + 8]).items() if k != "labels"}
             for i in range(0, len(rows), 8)]
@@ -163,7 +163,7 @@ def run(path: str, argv: list[str]) -> dict[str, Any]:
         _precheck_gguf(src, opts.get("gguf_embeddings") or "f16")
     decoder = src.recipe.args.task_name in LM_TASKS  # a causal LM: no classification head
     num_labels = None if decoder else get_task(src.recipe.args.task_name).num_labels
-    device = resolve_device(opts.get("device"), src.recipe.training_args.use_cpu)
+    device = resolve_device(opts.get("device"), src.recipe.args.use_cpu)
     built = build_model(src, head="causal_lm" if decoder else "sequence_classification",
                         device=device, num_labels=num_labels)
     model, tokenizer = built.model, built.tokenizer

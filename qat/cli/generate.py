@@ -78,7 +78,7 @@ def run(path: str, argv: list[str]) -> dict[str, Any]:
                          "(merge the adapter first)")
     args = src.recipe.args
     check_quant_for_qdec(args.quant, args.qdec)
-    device = models.resolve_device(opts.get("device"), src.recipe.training_args.use_cpu)
+    device = models.resolve_device(opts.get("device"), src.recipe.args.use_cpu)
     built = build_model(src, head="causal_lm", device=device)
     model, tokenizer = built.model, built.tokenizer
     results: dict[str, Any] = {}

@@ -111,10 +111,10 @@ def run(path: str, argv: list[str]) -> dict[str, Any]:
         raise UsageError("qat lm-eval does not apply QDEC (the recipe's qdec section); "
                          "pass --qdec null")
     out = Path(opts["output"]) if opts.get("output") else (
-        src.checkpoint or Path(recipe.training_args.output_dir)) / "lm_eval.json"
+        src.checkpoint or Path(recipe.args.output_dir)) / "lm_eval.json"
     check_output_file(out)
     manager = find_tasks(tasks, opts.get("include_path"))  # unknown names: before the model
-    device = models.resolve_device(opts.get("device"), recipe.training_args.use_cpu)
+    device = models.resolve_device(opts.get("device"), recipe.args.use_cpu)
     built = build_model(src, head="causal_lm", device=device)
     output = lm_eval_evaluate(
         built.model, built.tokenizer, tasks, num_fewshot=opts.get("num_fewshot"),

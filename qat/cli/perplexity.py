@@ -68,9 +68,9 @@ def run(path: str, argv: list[str]) -> dict[str, Any]:
     recipe, args = src.recipe, src.recipe.args
     check_quant_for_qdec(args.quant, args.qdec)
     out = Path(opts["output"]) if opts.get("output") else (
-        src.checkpoint or Path(recipe.training_args.output_dir)) / "perplexity.json"
+        src.checkpoint or Path(recipe.args.output_dir)) / "perplexity.json"
     check_output_file(out)
-    device = models.resolve_device(opts.get("device"), recipe.training_args.use_cpu)
+    device = models.resolve_device(opts.get("device"), recipe.args.use_cpu)
     text = load_wikitext(opts.get("split", "test"))
     built = build_model(src, head="causal_lm", device=device, check=lambda config:
                         check_chunk_size(config, chunk_size, args.model_name_or_path))

@@ -43,8 +43,8 @@ def run(path: str, argv: list[str]) -> dict[str, Any]:
     src = resolve_source(path, overrides)
     args = src.recipe.args
     out = check_output_folder(opts.get("output_dir") or Path(
-        src.recipe.training_args.output_dir) / "profile")
-    device = models.resolve_device(opts.get("device"), src.recipe.training_args.use_cpu)
+        src.recipe.args.output_dir) / "profile")
+    device = models.resolve_device(opts.get("device"), src.recipe.args.use_cpu)
     task = get_task(args.task_name)
     split = task.validation_splits[0]
     raw = glue_splits(task, args.data_dir, (split,), eval_samples=nb * bs)

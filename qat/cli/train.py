@@ -49,7 +49,7 @@ def launch(config: str, argv: list[str]) -> int:
         raise UsageError(f"--launch {config!r} is {kind}; give an accelerate config file, e.g. "
                          "launch/single_gpu.yaml")
     recipe = load_recipe(argv[0], argv[1:])
-    check_output_dir(recipe.training_args.output_dir)
+    check_output_dir(recipe.args.output_dir)
     check_run_folder(recipe, resolve_resume(recipe))
     with tempfile.TemporaryDirectory() as tmp:
         status = Path(tmp) / "status"

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from qat.errors import QatError
+from qat.errors import QatError, check_one_of
 
 
 class FormatError(QatError):
@@ -259,7 +259,4 @@ def check_int(cls_name: str, key: str, value: Any, lo: int, hi: int | None = Non
 
 
 def check_choice(cls_name: str, key: str, value: Any, choices: tuple[Any, ...]) -> None:
-    if value not in choices:
-        raise FormatError(
-            f"{cls_name}.{key} must be one of {', '.join(map(str, choices))}; got {value!r}"
-        )
+    check_one_of(f"{cls_name}.{key}", value, choices, FormatError)

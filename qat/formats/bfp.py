@@ -23,24 +23,18 @@ from torch import Tensor
 
 from qat.formats.base import (
     Format,
-    block_exponent,
     check_choice,
     check_int,
     from_blocks,
     to_blocks,
 )
 from qat.formats.registry import register_format
-from qat.formats.scale import MSE_OFFSETS, SCALES, best_exponent
+from qat.formats.scale import SCALES, block_scale_exponent
 
 
 def exponent_range(exponent_width: int) -> tuple[int, int]:
     """The shared exponent's range ``[-(2^(E-1) - 1), 2^(E-1)]``."""
     return -(2 ** (exponent_width - 1) - 1), 2 ** (exponent_width - 1)
-
-
-def shared_exponent(amax: Tensor, exponent_width: int) -> Tensor:
-    """Per-block ``clamp(ceil(log2 amax))`` as int32; all-zero blocks get the minimum."""
-    return block_exponent(amax, *exponent_range(exponent_width), ceil=True)
 
 
 def block_mantissas(xb: Tensor, e: Tensor, m_bits: int) -> Tensor:
@@ -62,10 +56,9 @@ def bfp_mantissas(x: Tensor, width: int, exponent_width: int, block_size: int,
     the best-error candidate for ``scale="mse"``, qat.formats.scale) and the row length."""
     m_bits = width - 1
     xb, n = to_blocks(x, block_size)
-    e = shared_exponent(xb.abs().amax(dim=-1), exponent_width)
-    if scale == "mse":
-        e = best_exponent(xb, e, *exponent_range(exponent_width), MSE_OFFSETS,
-                          lambda b, c: block_values(block_mantissas(b, c, m_bits), c, m_bits))
+    e = block_scale_exponent(  # the max rule rounds the exponent up
+        xb, *exponent_range(exponent_width), ceil=True, scale=scale,
+        values=lambda b, c: block_values(block_mantissas(b, c, m_bits), c, m_bits))
     return block_mantissas(xb, e, m_bits), e, n
 
 

@@ -27,28 +27,17 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from qat.formats.base import (
-    Format,
-    block_exponent,
-    check_choice,
-    check_int,
-    from_blocks,
-    to_blocks,
-    twos_complement_range,
-)
+from qat.formats.base import check_int
 from qat.formats.registry import register_format
-from qat.formats.scale import MSE_OFFSETS, SCALES, best_exponent
-
-
-def block_top_log(amax: Tensor, bias_width: int) -> Tensor:
-    """Per-block ``clamp(ceil(log2 amax))`` in a ``bias_width``-bit two's complement (int32)."""
-    return block_exponent(amax, *twos_complement_range(bias_width), ceil=True)
+from qat.formats.shared_bias import SharedBiasFormat
 
 
 @register_format("block_log")
 @dataclasses.dataclass(frozen=True)
-class BlockLog(Format):
+class BlockLog(SharedBiasFormat):
     """Block logarithmic; ``width`` counts the sign and the exponent code."""
+
+    ROUND_UP = True  # the block's exponent t is its top power: ceil(log2 max|x|)
 
     width: int = 4
     block_size: int = 16
@@ -57,17 +46,7 @@ class BlockLog(Format):
 
     def validate(self) -> None:
         check_int("block_log", "width", self.width, 2, 9)
-        check_int("block_log", "block_size", self.block_size, 1)
-        check_int("block_log", "bias_width", self.bias_width, 1, 8)
-        check_choice("block_log", "scale", self.scale, SCALES)
-
-    @property
-    def bits_per_element(self) -> float:
-        return self.width + self.bias_width / self.block_size
-
-    @property
-    def independent_block(self) -> int:
-        return self.block_size
+        self._validate_blocks()
 
     def _block_values(self, xb: Tensor, t: Tensor) -> Tensor:
         """Quantised blocks ``xb`` with block tops ``t`` (int32 ``[..., nblocks]``)."""
@@ -85,11 +64,3 @@ class BlockLog(Format):
         half_s = torch.exp2(kmin.float() - 1)
         q = torch.where(mag > half_s, torch.exp2(k.float()), torch.zeros_like(mag))
         return torch.copysign(q, xb)
-
-    def _quantize_lastdim(self, x: Tensor) -> Tensor:
-        xb, n = to_blocks(x, self.block_size)
-        t = block_top_log(xb.abs().amax(dim=-1), self.bias_width)
-        if self.scale == "mse":
-            t = best_exponent(xb, t, *twos_complement_range(self.bias_width), MSE_OFFSETS,
-                              self._block_values)
-        return from_blocks(self._block_values(xb, t), n)

@@ -27,30 +27,18 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from qat.formats.base import (
-    Format,
-    FormatError,
-    block_exponent,
-    check_choice,
-    check_int,
-    from_blocks,
-    to_blocks,
-    twos_complement_range,
-)
+from qat.formats.base import FormatError, check_int
 from qat.formats.floatcast import round_to_float
 from qat.formats.registry import register_format
-from qat.formats.scale import MSE_OFFSETS, SCALES, best_exponent
-
-
-def block_top_exponent(amax: Tensor, bias_width: int) -> Tensor:
-    """Per-block ``clamp(floor(log2 amax))`` in a ``bias_width``-bit two's complement (int32)."""
-    return block_exponent(amax, *twos_complement_range(bias_width), ceil=False)
+from qat.formats.shared_bias import SharedBiasFormat
 
 
 @register_format("block_minifloat")
 @dataclasses.dataclass(frozen=True)
-class BlockMinifloat(Format):
+class BlockMinifloat(SharedBiasFormat):
     """Block minifloat; ``width`` counts sign + exponent + mantissa bits."""
+
+    ROUND_UP = False  # e_b is the exponent of the top binade: floor(log2 max|x|)
 
     width: int = 8
     exponent_width: int = 4
@@ -61,9 +49,7 @@ class BlockMinifloat(Format):
     def validate(self) -> None:
         check_int("block_minifloat", "width", self.width, 2, 16)
         check_int("block_minifloat", "exponent_width", self.exponent_width, 1, 6)
-        check_int("block_minifloat", "block_size", self.block_size, 1)
-        check_int("block_minifloat", "bias_width", self.bias_width, 1, 8)
-        check_choice("block_minifloat", "scale", self.scale, SCALES)
+        self._validate_blocks()
         if self.exponent_width > self.width - 1:
             raise FormatError(
                 f"block_minifloat.exponent_width must be in [1, width - 1 = {self.width - 1}] "
@@ -74,14 +60,6 @@ class BlockMinifloat(Format):
     def mantissa_bits(self) -> int:
         return self.width - 1 - self.exponent_width
 
-    @property
-    def bits_per_element(self) -> float:
-        return self.width + self.bias_width / self.block_size
-
-    @property
-    def independent_block(self) -> int:
-        return self.block_size
-
     def _block_values(self, xb: Tensor, e_b: Tensor) -> Tensor:
         """Quantised blocks ``xb`` with top exponents ``e_b``."""
         m = self.mantissa_bits
@@ -90,11 +68,3 @@ class BlockMinifloat(Format):
         scale = torch.exp2(e_b.float()).unsqueeze(-1)
         emin = -(2**self.exponent_width - 2)
         return round_to_float(xb / scale, m, emin, 2.0 - 2.0**-m) * scale
-
-    def _quantize_lastdim(self, x: Tensor) -> Tensor:
-        xb, n = to_blocks(x, self.block_size)
-        e_b = block_top_exponent(xb.abs().amax(dim=-1), self.bias_width)
-        if self.scale == "mse":
-            e_b = best_exponent(xb, e_b, *twos_complement_range(self.bias_width), MSE_OFFSETS,
-                                self._block_values)
-        return from_blocks(self._block_values(xb, e_b), n)

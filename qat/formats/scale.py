@@ -23,6 +23,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from qat.formats.base import block_exponent
+
 SCALES = ("max", "mse")
 # Candidates besides the max-rule exponent, in the order they are tried (ties keep the first).
 MSE_OFFSETS = (-1, 1)
@@ -59,3 +61,12 @@ def best_exponent(xb: Tensor, e: Tensor, lo: int, hi: int, offsets: tuple[int, .
         better = err < best_err
         best, best_err = torch.where(better, c, best), torch.where(better, err, best_err)
     return best
+
+
+def block_scale_exponent(xb: Tensor, lo: int, hi: int, *, ceil: bool, scale: str,
+                         values: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """The shared exponent of each block of ``xb`` ``[..., nblocks, B]`` (int32): the max rule
+    ``clamp(ceil|floor(log2 max|x|), lo, hi)`` (``block_exponent``), or for ``scale="mse"``
+    the best-error candidate around it (``best_exponent``; ``values`` as there)."""
+    e = block_exponent(xb.abs().amax(dim=-1), lo, hi, ceil=ceil)
+    return best_exponent(xb, e, lo, hi, MSE_OFFSETS, values) if scale == "mse" else e

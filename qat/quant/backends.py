@@ -25,6 +25,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from qat.errors import ConfigError
 from qat.formats import Format
 
 BACKENDS = ("auto", "triton", "compile", "reference")
@@ -109,6 +110,11 @@ def _triton_supports(fmt: Format) -> bool:
     return triton_available() and supports_triton(fmt)
 
 
+class BackendError(ConfigError, RuntimeError):
+    """``quant.backend`` (or ``$QAT_BACKEND``) cannot run here. A ``QatError`` (one line, exit
+    2), and still the ``RuntimeError`` / ``ValueError`` it used to be."""
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -118,14 +124,15 @@ def resolve_backend(backend: str, fmt: Format, device: torch.device) -> str:
     if backend == "auto":
         backend = os.environ.get(BACKEND_ENV) or "auto"
         if backend not in BACKENDS:
-            raise ValueError(f"${BACKEND_ENV}={backend!r} is not one of {', '.join(BACKENDS)}")
+            raise BackendError(f"${BACKEND_ENV}={backend!r} is not one of "
+                               f"{', '.join(BACKENDS)}")
     if backend == "auto":
         if device.type == "cuda" and _triton_supports(fmt):
             return "triton"
         return "compile" if device.type == "cuda" or compile_works() else "reference"
     if backend == "triton":
         if device.type != "cuda" and not _interpreting():
-            raise RuntimeError(f"quant.backend triton runs on CUDA tensors; got a {device.type} "
+            raise BackendError(f"quant.backend triton runs on CUDA tensors; got a {device.type} "
                                "tensor (use quant.backend auto)")
         return "triton" if _triton_supports(fmt) else "compile"
     return backend

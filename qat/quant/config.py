@@ -8,7 +8,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from qat.errors import QatError, did_you_mean
+from qat.errors import QatError, check_one_of, did_you_mean
 from qat.formats import Format, FormatError, make_format
 from qat.models import HEAD_NAMES
 from qat.quant.rotation import check_rotation_spec
@@ -180,12 +180,8 @@ class QuantConfig:
                                             built)
         from qat.quant.backends import BACKENDS
 
-        if self.backend not in BACKENDS:
-            raise QuantConfigError(f"quant.backend must be one of {', '.join(BACKENDS)}; "
-                                   f"got {self.backend!r}")
-        if self.v_block_axis not in V_AXES:
-            raise QuantConfigError(f"quant.v_block_axis must be one of {', '.join(V_AXES)}; "
-                                   f"got {self.v_block_axis!r}")
+        check_one_of("quant.backend", self.backend, BACKENDS, QuantConfigError)
+        check_one_of("quant.v_block_axis", self.v_block_axis, V_AXES, QuantConfigError)
         resolved = {pat: ModuleFormats(**roles) for pat, roles in formats.items()}
         # Plain attributes, not fields: to_dict, == and repr see only the specs.
         object.__setattr__(self, "_specs", specs)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from qat.errors import QatError, did_you_mean
+from qat.errors import QatError, check_one_of, did_you_mean
 
 ROTATION_KINDS = ("hadamard",)
 ROTATION_KEYS = ("kind", "size")
@@ -51,8 +51,7 @@ def check_rotation_spec(spec: Any, where: str, error: type[Exception] = QatError
                         "valid keys: "
                         f"{', '.join(ROTATION_KEYS)}")
     kind = spec.get("kind", "hadamard")
-    if kind not in ROTATION_KINDS:
-        raise error(f"{where}.kind must be one of {', '.join(ROTATION_KINDS)}; got {kind!r}")
+    check_one_of(f"{where}.kind", kind, ROTATION_KINDS, error)
     size = spec.get("size", "block")
     if size != "block" and (isinstance(size, bool) or not isinstance(size, int) or size < 2
                             or size & (size - 1)):

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from qat.errors import ConfigError, UsageError
+from qat.errors import ConfigError, UsageError, check_one_of
 
 HEADS = ("sequence_classification", "causal_lm")
 RECIPE_SUFFIXES = (".yaml", ".yml")
@@ -239,8 +239,7 @@ def build_model(source: Any, overrides: Sequence[str] | Mapping[str, Any] = (), 
     from qat import models
     from qat.quant.quantize import quantize_model
 
-    if head not in HEADS:
-        raise UsageError(f"head must be one of {', '.join(HEADS)}; got {head!r}")
+    check_one_of("head", head, HEADS, UsageError)
     recipe, args, ckpt, finetune = _resolve(source, overrides)
     id2label = None
     if head == "sequence_classification":

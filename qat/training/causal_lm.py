@@ -18,7 +18,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 
-def decoder_data(args: Any, targs: Any, tokenizer: Any) -> tuple[Any, Any, Any]:
+def decoder_data(args: Any, tokenizer: Any) -> tuple[Any, Any, Any]:
     """``(train, eval, collator)`` datasets of the recipe's decoder task, tokenised."""
     from transformers import default_data_collator
 
@@ -40,7 +40,7 @@ def decoder_data(args: Any, targs: Any, tokenizer: Any) -> tuple[Any, Any, Any]:
         return out[0], out[1], chat_collator(tokenizer)
     texts = {which: lm_text(args, which) for which in ("train", "eval")}  # all read first
     limits = {"train": args.max_train_samples, "eval": args.max_eval_samples}
-    with targs.main_process_first(desc="tokenising"):
+    with args.main_process_first(desc="tokenising"):
         train, evals = (lm_dataset(texts[w][0], tokenizer, args.block_size, limits[w],
                                    texts[w][1]) for w in ("train", "eval"))
     return train, evals, default_data_collator  # equal-length chunks: nothing to pad
@@ -59,8 +59,8 @@ def train_decoder(recipe: Any, checkpoint: str | None,
     from qat.training.teacher import check_distill
     from qat.training.trainer import QATTrainer
 
-    args, targs = recipe.args, recipe.training_args
-    set_seed(targs.seed)
+    args = recipe.args
+    set_seed(args.seed)
     name = args.model_name_or_path
     config = load_config(name, args.gguf_file)  # cheap checks before any data or weights
     if config is not None:
@@ -68,7 +68,7 @@ def train_decoder(recipe: Any, checkpoint: str | None,
         check_block_size(config, args.block_size, name)
     check_distill(args.distill, config, causal=True)  # the teacher's config, before any weights
     tokenizer = load_tokenizer_for(args)
-    train, evals, collator = decoder_data(args, targs, tokenizer)  # bad data fails before weights
+    train, evals, collator = decoder_data(args, tokenizer)  # bad data fails before weights
     # quantised by build_model (QATTrainer leaves a quantised model as it is); a GGUF model's
     # config is checked there once loaded, still before training
     model = build_model(recipe, head="causal_lm", tokenizer=tokenizer, check=lambda c:
@@ -82,7 +82,7 @@ def train_decoder(recipe: Any, checkpoint: str | None,
         # collator (labels as given, -100 padding, the attention mask rebuilt)
         collator = None
     build = trainer_cls or QATTrainer
-    trainer = build(model=model, args=targs, quant_config=args.quant, finetune=args.finetune,
+    trainer = build(model=model, args=args, quant_config=args.quant, finetune=args.finetune,
                     lora=args.lora, on_nonfinite=args.on_nonfinite, distill=args.distill,
                     train_dataset=train, eval_dataset=evals, processing_class=tokenizer,
                     data_collator=collator)

@@ -25,8 +25,8 @@ def train_classifier(recipe: Any, checkpoint: str | None) -> dict:
     from qat.training.teacher import check_distill
     from qat.training.trainer import QATTrainer
 
-    args, targs = recipe.args, recipe.training_args
-    set_seed(targs.seed)
+    args = recipe.args
+    set_seed(args.seed)
     task = get_task(args.task_name)
     config = preflight(args)  # cheap checks against the model's config, before any loading
     if config is not None and args.finetune == "lora" and args.lora.target_modules:
@@ -36,18 +36,18 @@ def train_classifier(recipe: Any, checkpoint: str | None) -> dict:
     check_distill(args.distill, config, causal=False, num_labels=task.num_labels,
                   finetune=args.finetune)  # the teacher's config too, before any weights
     raw = glue_splits(task, args.data_dir, train_samples=args.max_train_samples,
-                      eval_samples=args.max_eval_samples, seed=targs.seed)
+                      eval_samples=args.max_eval_samples, seed=args.seed)
     # quantised here (QATTrainer leaves a quantised model as it is); on resume the Trainer
     # restores the weights and the adapter, the recipe already holds the checkpoint's settings
     built = build_model(recipe, num_labels=task.num_labels)  # GGUF: checked before tokenising
     model, tokenizer = built.model, built.tokenizer
-    with targs.main_process_first(desc="tokenising"):
+    with args.main_process_first(desc="tokenising"):
         data = raw.tokenize(tokenizer, args.max_length)
     train = data["train"]
     evals = {s: data[s] for s in task.validation_splits}
     eval_dataset = evals if len(evals) > 1 else next(iter(evals.values()))
     trainer = QATTrainer(
-        model=model, args=targs, quant_config=args.quant, finetune=args.finetune,
+        model=model, args=args, quant_config=args.quant, finetune=args.finetune,
         lora=args.lora, on_nonfinite=args.on_nonfinite, distill=args.distill,
         train_dataset=train, eval_dataset=eval_dataset,
         processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),

@@ -16,10 +16,10 @@ def clear_old_run(recipe, checkpoint: str | None) -> None:
     one have loaded (bad input found before this leaves the old run as it was)."""
     from qat.runs.folders import clear_run
 
-    targs = recipe.training_args
-    if checkpoint or not recipe.args.overwrite_output_dir or targs.process_index != 0:
+    args = recipe.args
+    if checkpoint or not args.overwrite_output_dir or args.process_index != 0:
         return
-    removed = clear_run(targs.output_dir)
+    removed = clear_run(args.output_dir)
     if removed:
         logger.warning("overwrite_output_dir: removed the old run's %s", ", ".join(removed))
 
@@ -50,11 +50,11 @@ def train_and_evaluate(trainer, recipe, checkpoint: str | None,
     """What every train loop ends with: train (unless only evaluating) and save the model,
     metrics and state; evaluate (``add_eval`` adds derived metrics, e.g. perplexity); save the
     resolved recipe. Returns the train and eval metrics."""
-    targs = recipe.training_args
+    args = recipe.args
     clear_old_run(recipe, checkpoint)  # every check passed, model and data loaded
     trainer.add_callback(checksum_callback())
     metrics: dict = {}
-    if targs.do_train or not targs.do_eval:
+    if args.do_train or not args.do_eval:
         result = trainer.train(resume_from_checkpoint=checkpoint)
         trainer.save_model()
         metrics.update(result.metrics)
@@ -70,5 +70,5 @@ def train_and_evaluate(trainer, recipe, checkpoint: str | None,
     if trainer.args.should_save:
         # A saved recipe that says "overwrite" would let a rerun wipe this run unasked.
         recipe.resolved.pop("overwrite_output_dir", None)
-        recipe.save(targs.output_dir)
+        recipe.save(args.output_dir)
     return metrics

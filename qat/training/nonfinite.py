@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from qat.errors import ConfigError
+from qat.errors import ConfigError, check_one_of
 
 POLICIES = ("stop", "skip")
 
@@ -133,6 +133,5 @@ def is_finite(value: Tensor | float) -> bool:
 
 
 def check_policy(policy: str) -> str:
-    if policy not in POLICIES:
-        raise ConfigError(f"on_nonfinite must be one of {', '.join(POLICIES)}; got {policy!r}")
+    check_one_of("on_nonfinite", policy, POLICIES, ConfigError)
     return policy

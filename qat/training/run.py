@@ -21,11 +21,11 @@ from qat.training.classifier import train_classifier
 logger = logging.getLogger("qat.training.run")
 
 
-def check_fsdp_device(targs) -> None:
+def check_fsdp_device(args) -> None:
     """accelerate enables FSDP only on accelerator devices: on the CPU (MULTI_CPU) it drops
     the FSDP plugin without a word and trains as DDP, so an FSDP recipe on the CPU is refused
     rather than run as something else."""
-    if getattr(targs, "fsdp_plugin_args", None) is not None and targs.device.type == "cpu":
+    if getattr(args, "fsdp_plugin_args", None) is not None and args.device.type == "cpu":
         raise UsageError("recipe key fsdp needs GPUs: on the CPU accelerate silently trains "
                         "without FSDP (as DDP); drop the fsdp keys or run on GPUs")
 
@@ -62,7 +62,7 @@ def last_complete_checkpoint(output_dir: str) -> str | None:
 
 
 def _wants_resume(recipe) -> bool:
-    return recipe.training_args.resume_from_checkpoint not in (None, False, "false", "False", "")
+    return recipe.args.resume_from_checkpoint not in (None, False, "false", "False", "")
 
 
 def resolve_resume(recipe) -> str | None:
@@ -70,11 +70,11 @@ def resolve_resume(recipe) -> str | None:
     from qat.runs.checkpoints import verify_checkpoint
     from qat.runs.folders import checkpoints, holds_run
 
-    value = recipe.training_args.resume_from_checkpoint
+    value = recipe.args.resume_from_checkpoint
     if not _wants_resume(recipe):
         return None
     if value in (True, "true", "True", "last", "auto"):
-        out = recipe.training_args.output_dir
+        out = recipe.args.output_dir
         last = last_complete_checkpoint(out)
         if last is None:
             found = holds_run(out)
@@ -100,7 +100,7 @@ def check_run_folder(recipe, checkpoint: str | None) -> None:
     not a new run. Checked on every rank before anything is written."""
     from qat.runs.folders import holds_run
 
-    out = recipe.training_args.output_dir
+    out = recipe.args.output_dir
     check_model_outside(recipe)
     found = holds_run(out)
     if not found:
@@ -122,7 +122,7 @@ def check_model_outside(recipe) -> None:
     fine-tune lies inside that folder, which would delete the input of this very run."""
     if not recipe.args.overwrite_output_dir:
         return
-    out = Path(recipe.training_args.output_dir).expanduser().resolve()
+    out = Path(recipe.args.output_dir).expanduser().resolve()
     for key in ("model_name_or_path", "tokenizer_name_or_path"):
         value = getattr(recipe.args, key, None)
         if not value or not Path(value).expanduser().exists():
@@ -137,11 +137,11 @@ def check_model_outside(recipe) -> None:
 def run(recipe, trainer_cls=None) -> dict:
     """Train and evaluate as ``recipe`` says; returns the final metrics. ``trainer_cls``
     replaces ``QATTrainer`` for decoder tasks (``trainer: sft`` passes TRL's, from above)."""
-    targs = recipe.training_args
-    check_output_dir(targs.output_dir)
-    check_fsdp_device(targs)
+    args = recipe.args
+    check_output_dir(args.output_dir)
+    check_fsdp_device(args)
     with _run_lock(recipe):  # a second run into the folder fails here, before reading it
-        _remove_stale_temps(targs)
+        _remove_stale_temps(args)
         checkpoint = resolve_resume(recipe)
         check_run_folder(recipe, checkpoint)
         if checkpoint:
@@ -151,12 +151,12 @@ def run(recipe, trainer_cls=None) -> dict:
         return train_classifier(recipe, checkpoint)
 
 
-def _remove_stale_temps(targs) -> None:
+def _remove_stale_temps(args) -> None:
     """What saves killed half-way left (we hold the lock: no save of ours is running)."""
     from qat.runs.folders import remove_stale_temps
 
-    if targs.process_index == 0:
-        removed = remove_stale_temps(targs.output_dir)
+    if args.process_index == 0:
+        removed = remove_stale_temps(args.output_dir)
         if removed:
             logger.warning("removed %d temporary file(s) of an interrupted save: %s",
                            len(removed), ", ".join(removed))
@@ -167,19 +167,19 @@ def _run_lock(recipe) -> Iterator[None]:
     """Hold ``output_dir``'s lock file (process 0 only) for the whole run."""
     from qat.runs.folders import RunLock
 
-    targs = recipe.training_args
-    if targs.process_index != 0:
+    args = recipe.args
+    if args.process_index != 0:
         yield
         return
-    created = not os.path.exists(targs.output_dir)
-    lock = RunLock(targs.output_dir)
+    created = not os.path.exists(args.output_dir)
+    lock = RunLock(args.output_dir)
     lock.acquire()
     try:
         yield
     finally:
         lock.release()
-        if created and os.path.isdir(targs.output_dir) and not os.listdir(targs.output_dir):
-            os.rmdir(targs.output_dir)  # failed before writing anything: leave no trace
+        if created and os.path.isdir(args.output_dir) and not os.listdir(args.output_dir):
+            os.rmdir(args.output_dir)  # failed before writing anything: leave no trace
 
 
 def train(recipe: Any, overrides: list[str] | dict[str, Any] | None = None) -> dict:

@@ -17,14 +17,14 @@ from qat.analysis.search.study import check_study_file, open_study, scores_key, 
 
 
 def _wandb_run(recipe, spec: SearchSpec, out: Path):
-    if "wandb" not in (recipe.training_args.report_to or []):
+    if "wandb" not in (recipe.args.report_to or []):
         return None
     import os
 
     import wandb
 
     return wandb.init(project=os.environ.get("WANDB_PROJECT", "qat"), dir=str(out),
-                      name=recipe.training_args.run_name or f"search-{out.name}",
+                      name=recipe.args.run_name or f"search-{out.name}",
                       config={"search": spec.to_dict(), "recipe": recipe.resolved},
                       job_type="search", reinit=True)
 
@@ -38,7 +38,7 @@ def run(path: str, argv: list[str], resume: bool = False) -> dict[str, Any]:
     from qat.runs.folders import check_output_dir
 
     recipe, spec, data = read_recipe_and_spec(path, argv)
-    out = Path(recipe.training_args.output_dir)
+    out = Path(recipe.args.output_dir)
     check_output_dir(str(out))
     scores = scores_key(recipe, spec)
     resume = check_study_file(out, resume, scores)  # before the model loads

@@ -64,7 +64,7 @@ class Scorer:
         data = self._data[which]
         model = self.quantized(quant)
         metrics = evaluate(model, self.tokenizer, self.task, data,
-                           self.recipe.training_args.per_device_eval_batch_size)
+                           self.recipe.args.per_device_eval_batch_size)
         return {"accuracy": metrics[self.metric], **average_bits(model, self.space.max_length)}
 
 

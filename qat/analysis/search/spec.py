@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from qat.errors import QatError, did_you_mean
+from qat.errors import QatError, check_one_of, did_you_mean
 
 OBJECTIVES = ("accuracy", "bits")
 SAMPLERS = ("tpe", "nsga2", "random")
@@ -83,9 +83,8 @@ def parse_spec(d: Any) -> SearchSpec:
                                   f"choices, got {choices!r}")
             if len(set(map(repr, choices))) != len(choices):
                 raise SearchError(f"search.space.{role}.{field} lists a choice twice: {choices}")
-    if d.get("granularity", "module") not in GRANULARITIES:
-        raise SearchError(f"search.granularity must be one of {', '.join(GRANULARITIES)}; "
-                          f"got {d['granularity']!r}")
+    check_one_of("search.granularity", d.get("granularity", "module"), GRANULARITIES,
+                 SearchError)
     objectives = d.get("objectives", list(OBJECTIVES))
     if (not isinstance(objectives, list) or not objectives
             or any(o not in OBJECTIVES for o in objectives)
@@ -107,9 +106,7 @@ def parse_spec(d: Any) -> SearchSpec:
                               f"{v!r}")
     for key, low in (("trials", 1), ("held_out_samples", 1), ("seed", 0), ("seed_trials", 0)):
         _int(d, key, low)
-    if d.get("sampler", "tpe") not in SAMPLERS:
-        raise SearchError(f"search.sampler must be one of {', '.join(SAMPLERS)}; "
-                          f"got {d['sampler']!r}")
+    check_one_of("search.sampler", d.get("sampler", "tpe"), SAMPLERS, SearchError)
     sens = d.get("sensitivity")
     if sens is not None and not isinstance(sens, str):
         raise SearchError(f"search.sensitivity must be the path of a sensitivity.csv, got "

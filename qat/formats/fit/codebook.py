@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from qat.errors import UsageError
+from qat.errors import UsageError, check_one_of
 
 KINDS = {"bof4": "absmax", "bof4s": "signed_absmax"}
 METRICS = ("mse", "mae")
@@ -188,8 +188,7 @@ def fit_codebook(kind: str = "bof4s", metric: str = "mse", block_size: int = 64,
     """
     for key, value, valid in (("kind", kind, tuple(KINDS)), ("metric", metric, METRICS),
                               ("method", method, METHODS)):
-        if value not in valid:
-            raise UsageError(f"{key} must be one of {', '.join(valid)}; got {value!r}")
+        check_one_of(key, value, valid, UsageError)
     if block_size < 2:
         raise UsageError(f"block_size must be >= 2, got {block_size}")
     if method == "integral":

@@ -50,6 +50,18 @@ def _copysign(mag, s):
 
 
 @triton.jit
+def _abs_max(src, AXIS: tl.constexpr):
+    """``|x|`` and each block's max of it (kept as a dim of 1, to broadcast over the block)."""
+    a = tl.abs(src)
+    return a, tl.max(a, axis=AXIS, keep_dims=True)
+
+
+@triton.jit
+def _clamp(v, lo, hi):
+    return tl.minimum(tl.maximum(v, lo), hi)
+
+
+@triton.jit
 def _block_error(src, q, amax, AXIS: tl.constexpr, FRAC: tl.constexpr):
     # qat/formats/scale.py block_error: sum(round(|q - x| * 2^(F - E))^2) in int64, E the frexp
     # exponent of amax; exact integers, so the reduction order cannot change the choice.
@@ -71,6 +83,17 @@ def _pick(src, amax, q_c, best_q, err, AXIS: tl.constexpr, FRAC: tl.constexpr):
 
 
 @triton.jit
+def _mse_choice(src, amax, q, q_down, q_up, AXIS: tl.constexpr, FRAC: tl.constexpr):
+    """``scale: mse`` (qat/formats/scale.py best_exponent): the values ``q`` of the max-rule
+    exponent e, or those of e - 1 (``q_down``), then e + 1 (``q_up``), each taken only when its
+    block error is strictly smaller, in MSE_OFFSETS order."""
+    err = _block_error(src, q, amax, AXIS, FRAC)
+    q, err = _pick(src, amax, q_down, q, err, AXIS, FRAC)
+    q, _ = _pick(src, amax, q_up, q, err, AXIS, FRAC)
+    return q
+
+
+@triton.jit
 def _bfp_values(src, a, e, M_BITS: tl.constexpr, M_POW: tl.constexpr,
                 MANT_MAX: tl.constexpr):
     t = (a * _pow2(-e)) * M_POW
@@ -84,20 +107,15 @@ def _bfp(src, AXIS: tl.constexpr, M_BITS: tl.constexpr, M_POW: tl.constexpr,
          MANT_MAX: tl.constexpr, E_LO: tl.constexpr, E_HI: tl.constexpr, FRAC: tl.constexpr):
     # qat/formats/bfp.py: e = clamp(ceil(log2 amax)); |x| * 2^-e * 2^M; round; clamp; * sign;
     # * 2^(e - M). FRAC > 0 (scale: mse): the best of e, e - 1, e + 1 (qat/formats/scale.py).
-    a = tl.abs(src)
-    amax = tl.max(a, axis=AXIS, keep_dims=True)
+    a, amax = _abs_max(src, AXIS)
     fl, frac = _floor_log2(amax)
-    e = tl.where(amax > 0, fl + frac.to(tl.int32), E_LO)
-    e = tl.minimum(tl.maximum(e, E_LO), E_HI)
+    e = _clamp(tl.where(amax > 0, fl + frac.to(tl.int32), E_LO), E_LO, E_HI)
     q = _bfp_values(src, a, e, M_BITS, M_POW, MANT_MAX)
     if FRAC > 0:
-        err = _block_error(src, q, amax, AXIS, FRAC)
-        c = tl.maximum(e - 1, E_LO)
-        q_c = _bfp_values(src, a, c, M_BITS, M_POW, MANT_MAX)
-        q, err = _pick(src, amax, q_c, q, err, AXIS, FRAC)
-        c = tl.minimum(e + 1, E_HI)
-        q_c = _bfp_values(src, a, c, M_BITS, M_POW, MANT_MAX)
-        q, err = _pick(src, amax, q_c, q, err, AXIS, FRAC)
+        q = _mse_choice(src, amax, q,
+                        _bfp_values(src, a, tl.maximum(e - 1, E_LO), M_BITS, M_POW, MANT_MAX),
+                        _bfp_values(src, a, tl.minimum(e + 1, E_HI), M_BITS, M_POW, MANT_MAX),
+                        AXIS, FRAC)
     return q
 
 
@@ -131,20 +149,16 @@ def _mx(src, AXIS: tl.constexpr, M_BITS: tl.constexpr, EMAX: tl.constexpr,
     # qat/formats/mx.py + floatcast.py: e = clamp(floor(log2 amax) - emax, -127, 127);
     # v = x / 2^e; round v to the element grid (saturating); * 2^e. FRAC > 0 (scale: mse):
     # the best of e, e - 1, e + 1 (qat/formats/scale.py).
-    a = tl.abs(src)
-    amax = tl.max(a, axis=AXIS, keep_dims=True)
+    a, amax = _abs_max(src, AXIS)
     fl, _ = _floor_log2(amax)
-    e = tl.where(amax > 0, fl, 0) - EMAX
-    e = tl.minimum(tl.maximum(e, -127), 127)
+    e = _clamp(tl.where(amax > 0, fl, 0) - EMAX, -127, 127)
     q = _mx_values(src, e, M_BITS, STEP_MIN, MAXV, IS_INT)
     if FRAC > 0:
-        err = _block_error(src, q, amax, AXIS, FRAC)
-        c = tl.maximum(e - 1, -127)
-        q_c = _mx_values(src, c, M_BITS, STEP_MIN, MAXV, IS_INT)
-        q, err = _pick(src, amax, q_c, q, err, AXIS, FRAC)
-        c = tl.minimum(e + 1, 127 - EMAX)
-        q_c = _mx_values(src, c, M_BITS, STEP_MIN, MAXV, IS_INT)
-        q, err = _pick(src, amax, q_c, q, err, AXIS, FRAC)
+        q = _mse_choice(src, amax, q,
+                        _mx_values(src, tl.maximum(e - 1, -127), M_BITS, STEP_MIN, MAXV, IS_INT),
+                        _mx_values(src, tl.minimum(e + 1, 127 - EMAX), M_BITS, STEP_MIN, MAXV,
+                                   IS_INT),
+                        AXIS, FRAC)
     return q
 
 
@@ -153,8 +167,7 @@ def _codebook(src, kidx, lv_ptr, mid_ptr, AXIS: tl.constexpr, NLEV: tl.constexpr
               SIGNED: tl.constexpr, HAS_ZERO: tl.constexpr, BP: tl.constexpr):
     # qat/formats/codebook.py quantize_blocks: s = absmax or the signed first largest |x|;
     # x / s; level = lv[count of midpoints <= x / s]; level * s.
-    a = tl.abs(src)
-    amax = tl.max(a, axis=AXIS, keep_dims=True)
+    a, amax = _abs_max(src, AXIS)
     if SIGNED:
         first = tl.min(tl.where(a == amax, kidx, BP), axis=AXIS, keep_dims=True)
         s = tl.sum(tl.where(kidx == first, src, 0.0), axis=AXIS, keep_dims=True)
@@ -185,8 +198,7 @@ def _ggml(src, kidx, AXIS: tl.constexpr, Q4: tl.constexpr, BP: tl.constexpr):
     # qat/formats/ggml.py: d from the block (Q8_0 amax / 127; Q4_0 the first signed max / -8),
     # codes from the float32 d and 1/d (d == 0: 0), values code * fp16(d). The product and the
     # + 8.5 stay two roundings (enable_fp_fusion=False), as C and the reference's _product.
-    a = tl.abs(src)
-    amax = tl.max(a, axis=AXIS, keep_dims=True)
+    a, amax = _abs_max(src, AXIS)
     if Q4:
         first = tl.min(tl.where(a == amax, kidx, BP), axis=AXIS, keep_dims=True)
         # A max, not a sum: keeps a -0.0 maximum's sign (it sets the sign of d and of zeros).

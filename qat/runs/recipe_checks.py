@@ -1,0 +1,123 @@
+"""A recipe's values checked before ``TrainingArguments.__post_init__`` runs, so that a value
+that would fail later (or silently do nothing) is one ``RecipeError`` line naming its key,
+before any model loads: qat's keys (``check_qat_values``, ``check_decoder_values``) and
+Trainer's (``check_training_values``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from transformers import TrainingArguments
+
+from qat.errors import check_one_of, did_you_mean
+from qat.runs.arguments import FINETUNE_MODES, ON_NONFINITE
+from qat.runs.recipe_text import RecipeError
+
+
+def check_qat_values(cfg: Any) -> None:
+    """qat's own keys: required ones, allowed values, the task and its combinations."""
+    for req in ("model_name_or_path", "task_name"):
+        if not getattr(cfg, req):
+            raise RecipeError(f"recipe key {req!r} is required")
+    check_one_of("finetune", cfg.finetune, FINETUNE_MODES, RecipeError)
+    if cfg.on_nonfinite not in ON_NONFINITE:
+        raise RecipeError(f"on_nonfinite must be 'stop' or 'skip'; "
+                          f"got {cfg.on_nonfinite!r}")
+    for key in ("max_length", "max_train_samples", "max_eval_samples"):
+        value = getattr(cfg, key)
+        if value is not None and value < 1:
+            rule = ">= 1" if key == "max_length" else ">= 1 (or null for every row)"
+            raise RecipeError(f"{key} must be {rule}, got {value!r}")
+    from qat.tasks.glue import GLUE_TASKS
+    from qat.tasks.language_modeling import LM_TASKS
+
+    tasks = [*GLUE_TASKS, *LM_TASKS]
+    if cfg.task_name not in tasks:
+        raise RecipeError(f"unknown task_name {cfg.task_name!r}"
+                          f"{did_you_mean(cfg.task_name, tasks)}; valid tasks: "
+                          f"{', '.join(tasks)}")
+    if cfg.distill is not None and cfg.task_name in GLUE_TASKS:
+        from qat.tasks.glue import get_task
+
+        if get_task(cfg.task_name).num_labels == 1:
+            raise RecipeError(f"distill needs class probabilities; task_name "
+                              f"{cfg.task_name} is a regression (one output, whose softmax "
+                              "is always 1): drop the distill section")
+    check_decoder_values(cfg)
+
+
+def check_decoder_values(cfg: Any) -> None:
+    """The decoder keys (task_name causal_lm / chat): values, and combinations that
+    cannot work."""
+    if cfg.block_size < 2:
+        raise RecipeError(f"block_size must be >= 2, got {cfg.block_size!r}")
+    if cfg.trainer not in ("qat", "sft"):
+        raise RecipeError(f"trainer must be 'qat' or 'sft'; got {cfg.trainer!r}")
+    if not cfg.text_column:
+        raise RecipeError(f"text_column must name a column, got {cfg.text_column!r}")
+    if cfg.task_name not in ("causal_lm", "chat"):
+        if cfg.trainer != "qat":
+            raise RecipeError(f"trainer {cfg.trainer!r} needs task_name causal_lm or chat, "
+                              f"not {cfg.task_name!r}")
+        return
+    if cfg.task_name == "chat" and not (cfg.dataset_name or cfg.train_file):
+        raise RecipeError("task_name chat needs dataset_name or train_file (rows with "
+                          "messages, or prompt and completion)")
+    if bool(cfg.train_file) != bool(cfg.validation_file):
+        raise RecipeError("train_file and validation_file go together (got only "
+                          f"{'train_file' if cfg.train_file else 'validation_file'}); "
+                          "give both, or neither and a dataset_name")
+    if cfg.finetune == "classifier":
+        raise RecipeError("finetune classifier trains a classification head, which "
+                          f"task_name {cfg.task_name} has none of; use full or lora")
+
+
+def check_training_values(cfg: TrainingArguments) -> None:
+    """Values TrainingArguments accepts but that fail (or silently do nothing) later: checked
+    before its own ``__post_init__`` so the error names the key before any model is loaded."""
+    def get(key: str) -> Any:
+        return getattr(cfg, key)
+
+    def bad(key: str, rule: str) -> RecipeError:
+        return RecipeError(f"{key} must be {rule}, got {get(key)!r}")
+
+    for field in dataclasses.fields(cfg):
+        if field.init and isinstance(get(field.name), float) and math.isnan(get(field.name)):
+            raise bad(field.name, "a number")
+    lr = get("learning_rate")
+    if not (0 <= lr < math.inf):
+        raise bad("learning_rate", "finite and >= 0")
+    for key in ("per_device_train_batch_size", "per_device_eval_batch_size",
+                "gradient_accumulation_steps"):
+        if get(key) < 1:
+            raise bad(key, ">= 1")
+    for key in ("seed", "data_seed"):
+        if get(key) is not None and not 0 <= get(key) < 2**32:
+            raise bad(key, "in [0, 2**32) (numpy's seed range)")
+    max_steps, epochs = get("max_steps"), get("num_train_epochs")
+    if max_steps == 0 or max_steps < -1:
+        raise bad("max_steps", ">= 1, or -1 to train for num_train_epochs")
+    if max_steps < 0 and not (0 < epochs < math.inf):
+        raise RecipeError(f"num_train_epochs must be > 0 and finite when max_steps is not set, "
+                          f"got {epochs!r}")
+    if get("warmup_steps") is not None and get("warmup_steps") < 0:
+        raise bad("warmup_steps", ">= 0")
+    for key in ("eval_accumulation_steps", "save_total_limit"):
+        if get(key) is not None and get(key) < 1:
+            raise bad(key, ">= 1 (or null)")
+    if get("dataloader_num_workers") < 0:
+        raise bad("dataloader_num_workers", ">= 0")
+    for key in ("adam_beta1", "adam_beta2", "label_smoothing_factor"):
+        if not 0 <= get(key) < 1:
+            raise bad(key, "in [0, 1)")
+    if not 0 <= get("adam_epsilon") < math.inf:
+        raise bad("adam_epsilon", "finite and >= 0")
+    strategies = {"logging_steps": "logging_strategy", "save_steps": "save_strategy",
+                  "eval_steps": "eval_strategy"}
+    for key, strategy in strategies.items():
+        if str(get(strategy)).lower().endswith("steps") and get(key) is not None \
+                and not get(key) > 0:
+            raise RecipeError(f"{key} must be > 0 when {strategy} is 'steps', got {get(key)!r}")
