@@ -9,15 +9,12 @@ import math
 from pathlib import Path
 
 import pytest
-from tiny_lm import CHAT_DIR, WIKITEXT_DIR, lm_recipe, make_tiny_causal_lm_dir
+from tiny import CHAT_DIR, lm_recipe, make_tiny_causal_lm_dir
 
 from qat.cli.perplexity import main as perplexity_main
 from qat.cli.train import main as train_main
 
-
-@pytest.fixture(autouse=True)
-def _wikitext(monkeypatch):
-    monkeypatch.setenv("QAT_WIKITEXT_DIR", str(WIKITEXT_DIR))
+pytestmark = pytest.mark.usefixtures("committed_wikitext")
 
 
 def _losses(out: Path) -> list[float]:

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import make_tiny_model_dir, tiny_recipe
-from tiny_lm import WIKITEXT_DIR, lm_recipe, make_tiny_causal_lm_dir
+from tiny import lm_recipe, make_tiny_causal_lm_dir, make_tiny_model_dir, tiny_recipe
 
 from qat.runs.recipe import DistillArguments
 from qat.training.distill import distill_loss_sum, divergence
@@ -21,9 +20,7 @@ W4 = {"weight": {"format": "bfp", "width": 4, "block_size": 16},
       "activation": {"format": "bfp", "width": 4, "block_size": 16}, "exclude": ["lm_head"]}
 
 
-@pytest.fixture(autouse=True)
-def _wikitext(monkeypatch):
-    monkeypatch.setenv("QAT_WIKITEXT_DIR", str(WIKITEXT_DIR))
+pytestmark = pytest.mark.usefixtures("committed_wikitext")
 
 
 # --- the maths ---------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny_lm import lm_recipe
+from tiny import lm_recipe
 
 pytest.importorskip("gguf")
 pytest.importorskip("llama_cpp")
@@ -57,10 +57,7 @@ def test_llama_cpp_logits_are_the_emulated_models(tmp_path, weight):
     assert np.abs(default - emulated).max() < 1e-2 * scale
 
 
-def test_gguf_perplexity_command_and_bad_input(tmp_path, capsys, monkeypatch):
-    from tiny_lm import WIKITEXT_DIR
-
-    monkeypatch.setenv("QAT_WIKITEXT_DIR", str(WIKITEXT_DIR))
+def test_gguf_perplexity_command_and_bad_input(tmp_path, capsys, committed_wikitext):
     recipe = lm_recipe(tmp_path, quant=EMULATE)
     out = tmp_path / "gguf"
     assert export_main([recipe, "--to", "gguf", "--out", str(out)]) == 0

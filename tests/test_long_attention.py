@@ -3,7 +3,7 @@ gradients, in memory linear in the sequence length."""
 
 import pytest
 import torch
-from tiny_models import ARCHS, tiny_batch, tiny_model
+from tiny import ARCHS, tiny_batch, tiny_model
 
 import qat.quant.attention as attention
 import qat.quant.block_attention as block

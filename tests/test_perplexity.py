@@ -22,12 +22,9 @@ TEXT = ("The tower is 324 metres tall , about the same height as an 81 @-@ store
 
 
 @pytest.fixture()
-def wikitext_dir(tmp_path, monkeypatch) -> Path:
-    d = tmp_path / "wikitext"
-    d.mkdir()
-    (d / "test.txt").write_text(TEXT)
-    monkeypatch.setenv("QAT_WIKITEXT_DIR", str(d))
-    return d
+def wikitext_text() -> str:
+    """What conftest's ``wikitext_dir`` writes as ``test.txt`` here."""
+    return TEXT
 
 
 def test_chunks_are_non_overlapping_and_drop_the_tail():

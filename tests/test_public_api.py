@@ -65,7 +65,7 @@ def test_qat_trainer_takes_a_peft_lora_config(tmp_path):
 
     import pytest
     from peft import LoraConfig
-    from tiny_models import tiny_model
+    from tiny import tiny_model
     from transformers import TrainingArguments
 
     from qat.errors import ConfigError

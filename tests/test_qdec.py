@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import TOKENIZER_FILES, _tiny_config, bert_tokenizer_dir, tiny_recipe
-from tiny_models import tiny_model
+from tiny import TOKENIZER_FILES, _tiny_config, bert_tokenizer_dir, tiny_model, tiny_recipe
 from torch import nn
 
 from qat.cli.generate import main as generate_main

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from tiny_models import ARCHS, tiny_batch, tiny_model
+from tiny import ARCHS, tiny_batch, tiny_model
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 

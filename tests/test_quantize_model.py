@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tiny_models import ARCHS, tiny_batch, tiny_model
+from tiny import ARCHS, tiny_batch, tiny_model
 
 from qat import QuantConfig, QuantConfigError, quantization_summary, quantize_model
 from qat.errors import UsageError

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import tiny_recipe
-from tiny_lm import make_tiny_causal_lm_dir
+from tiny import make_tiny_causal_lm_dir, tiny_recipe
 
 REPO = Path(__file__).resolve().parent.parent
 W4 = {"weight": {"format": "bfp", "width": 4, "block_size": 16}, "exclude": []}

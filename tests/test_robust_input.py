@@ -10,14 +10,11 @@ import subprocess
 import sys
 
 import pytest
-from tiny_lm import CHAT_DIR, WIKITEXT_DIR, lm_recipe, make_tiny_causal_lm_dir
+from tiny import CHAT_DIR, lm_recipe, make_tiny_causal_lm_dir
 
 from qat.cli.train import main as train_main
 
-
-@pytest.fixture(autouse=True)
-def _wikitext(monkeypatch):
-    monkeypatch.setenv("QAT_WIKITEXT_DIR", str(WIKITEXT_DIR))
+pytestmark = pytest.mark.usefixtures("committed_wikitext")
 
 
 def _bad(tmp_path, capsys, chat=False, argv=(), **keys) -> str:
