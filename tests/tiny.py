@@ -225,11 +225,8 @@ def write_recipe(path: str | os.PathLike, **keys) -> str:
     return str(p)
 
 
-W4A4_BFP = {
-    "weight": {"format": "bfp", "width": 4, "exponent_width": 8, "block_size": 16},
-    "activation": {"format": "bfp", "width": 4, "exponent_width": 8, "block_size": 16},
-    "matmul": {"format": "bfp", "width": 4, "exponent_width": 8, "block_size": 16},
-}
+BFP4 = {"format": "bfp", "width": 4, "exponent_width": 8, "block_size": 16}
+W4A4_BFP = {"weight": dict(BFP4), "activation": dict(BFP4), "matmul": dict(BFP4)}
 
 
 # Every tiny recipe's run settings: on the CPU, in-process data loading, a log line per step,
@@ -295,6 +292,30 @@ def lm_recipe(tmp_path: str | os.PathLike, name: str = "lm.yaml", chat: bool = F
         keys.update(dataset_name="wikitext", train_split="validation", eval_split="test")
     keys.update(overrides)
     return write_recipe(tmp / name, **keys)
+
+
+def train_tiny_run(tmp_path: str | os.PathLike, *argv: str, **overrides) -> Path:
+    """``qat train`` the ``tiny_recipe`` (keys override, then ``argv``) into ``tmp_path/run``;
+    return that finished run folder."""
+    from qat.cli.train import main as train_main
+
+    out = Path(tmp_path) / "run"
+    assert train_main([tiny_recipe(tmp_path, **overrides), *argv, "--output_dir", str(out)]) == 0
+    return out
+
+
+def lm_train_error(tmp_path: str | os.PathLike, capsys, chat: bool = False, argv=(),
+                   **overrides) -> str:
+    """``qat train`` an ``lm_recipe`` (keys override, then ``argv``) that must fail on bad
+    input: exit 2, one ``qat train`` line on stderr, no output folder. Returns that line."""
+    from qat.cli.train import main as train_main
+
+    recipe = lm_recipe(tmp_path, chat=chat, **overrides)
+    rc = train_main([recipe, *argv])
+    err = [line for line in capsys.readouterr().err.splitlines() if "qat train" in line]
+    assert rc == 2 and len(err) == 1, err
+    assert not (Path(tmp_path) / "out").exists()  # failed before anything was written
+    return err[0]
 
 
 # --- the rest: bench scripts, run folders, error lines -------------------------------------
