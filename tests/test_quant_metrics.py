@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import W4A4_BFP, tiny_batch, tiny_model, tiny_recipe
+from tiny import BFP4, W4A4_BFP, tiny_batch, tiny_model, tiny_recipe
 
 from qat import quantize_model
 from qat.formats import make_format
@@ -22,7 +22,6 @@ from tests.test_no_sync import no_host_sync
 
 REPO = Path(__file__).resolve().parent.parent
 
-BFP4 = {"format": "bfp", "width": 4, "exponent_width": 8, "block_size": 16}
 
 
 # -- the maths ---------------------------------------------------------------------------------
