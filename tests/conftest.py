@@ -9,7 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tiny import WIKITEXT_DIR
+
+# tiny.py's helpers assert (exit codes, one error line): rewrite them as pytest does in tests.
+pytest.register_assert_rewrite("tiny")
+from tiny import WIKITEXT_DIR  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_GLUE = REPO.parent / "shared" / "data" / "glue"

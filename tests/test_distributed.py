@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import make_tiny_model_dir, tiny_recipe
+from tiny import error_lines, make_tiny_model_dir, tiny_recipe
 
 from qat.cli.train import main
 from qat.formats.registry import FORMATS, make_format
@@ -99,7 +99,7 @@ def test_fsdp_on_the_cpu_is_refused_not_run_as_ddp(tmp_path: Path, capsys) -> No
     recipe = tiny_recipe(tmp_path, fsdp="full_shard auto_wrap",
                          fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["BertLayer"]})
     assert main([recipe]) == 2
-    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("qat ")]
+    err = error_lines(capsys)
     assert err == ["qat train: error: recipe key fsdp needs GPUs: on the CPU "
                    "accelerate silently trains without FSDP (as DDP); drop the fsdp keys or run "
                    "on GPUs"]

@@ -10,8 +10,12 @@ no unit test reads a path outside the repository.
 - classifiers in memory: ``tiny_model`` / ``tiny_batch`` (every architecture in ``ARCHS``);
 - folders on disk: ``make_tiny_model_dir`` (base BERT / OPT / Llama), ``make_tiny_causal_lm_dir``
   (a Llama causal LM, optionally with a chat template), ``make_tiny_glue_dir``;
-- recipes: ``tiny_recipe`` (sst2 classifier), ``lm_recipe`` (causal_lm / chat), ``write_recipe``;
-- checks: ``tree_hashes``, ``error_lines``, ``one_error_line``.
+- recipes: ``tiny_recipe`` (sst2 classifier), ``lm_recipe`` (causal_lm / chat), ``write_recipe``,
+  with the quant sections ``BFP4`` / ``W4A4_BFP`` and the run keys ``QUIET_CPU_RUN``;
+- runs: ``train_tiny_run`` (a finished run folder), ``lm_train_error`` (a refused one);
+- checks: ``tree_hashes``, ``error_lines``, ``one_error_line``; ``load_bench`` for bench/.
+
+Fixtures (environment, run-folder copies) live in ``conftest.py``.
 """
 
 from __future__ import annotations
@@ -294,6 +298,9 @@ def lm_recipe(tmp_path: str | os.PathLike, name: str = "lm.yaml", chat: bool = F
     return write_recipe(tmp / name, **keys)
 
 
+# --- runs through ``qat train`` -----------------------------------------------------------
+
+
 def train_tiny_run(tmp_path: str | os.PathLike, *argv: str, **overrides) -> Path:
     """``qat train`` the ``tiny_recipe`` (keys override, then ``argv``) into ``tmp_path/run``;
     return that finished run folder."""
@@ -318,7 +325,7 @@ def lm_train_error(tmp_path: str | os.PathLike, capsys, chat: bool = False, argv
     return err[0]
 
 
-# --- the rest: bench scripts, run folders, error lines -------------------------------------
+# --- the rest: bench scripts, run-folder hashes, error lines -------------------------------
 
 
 def load_bench(name: str):
