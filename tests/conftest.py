@@ -12,9 +12,8 @@ import pytest
 
 # tiny.py's helpers assert (exit codes, one error line): rewrite them as pytest does in tests.
 pytest.register_assert_rewrite("tiny")
-from tiny import WIKITEXT_DIR  # noqa: E402
+from tiny import REPO, WIKITEXT_DIR  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
 SHARED_GLUE = REPO.parent / "shared" / "data" / "glue"
 SHARED_WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2-raw"
 

@@ -26,12 +26,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import error_lines, make_tiny_model_dir, tiny_recipe
+from tiny import REPO, error_lines, make_tiny_model_dir, tiny_recipe
 
 from qat.cli.train import main
 from qat.formats.registry import FORMATS, make_format
 
-REPO = Path(__file__).resolve().parent.parent
 WEIGHT_ATOL, LOSS_ATOL = 1e-5, 1e-4
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from tiny import error_lines, tiny_recipe, train_tiny_run, tree_hashes
+from tiny import REPO, error_lines, tiny_recipe, train_tiny_run, tree_hashes
 from transformers import AutoModelForSequenceClassification
 
 import qat  # noqa: F401 - registers the qat_packed model type
@@ -32,8 +32,6 @@ from qat.export.packed import (
 from qat.formats import make_format
 from qat.quant.modules import QuantLinear
 from qat.runs.build import build_model
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def test_bit_packing_round_trips():

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from tiny import lm_recipe
+from tiny import REPO, lm_recipe
 
 pytest.importorskip("gguf")
 pytest.importorskip("llama_cpp")
@@ -21,7 +20,6 @@ from qat.cli.export import main as export_main  # noqa: E402
 from qat.cli.perplexity import main as perplexity_main  # noqa: E402
 from qat.export.llama_cpp import LlamaCppModel  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
 EMULATE = {"weight": {"format": "ggml_q4_0"}, "activation": {"format": "ggml_q8_0"},
            "exclude": ["lm_head"]}
 

@@ -5,18 +5,16 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from tiny import make_tiny_model_dir, tiny_recipe
+from tiny import REPO, make_tiny_model_dir, tiny_recipe
 from transformers import BertConfig, LlamaConfig, LlamaForCausalLM
 
 from qat.cli.perplexity import main
 from qat.errors import DataError, UsageError
 from qat.tasks.language_modeling import check_causal, chunk_ids, perplexity
 
-REPO = Path(__file__).resolve().parent.parent
 TEXT = ("The tower is 324 metres tall , about the same height as an 81 @-@ storey building . "
         "It was the first structure to reach a height of 300 metres . ") * 40
 

@@ -7,11 +7,10 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
+
+from tiny import REPO
 
 import qat
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def test_every_public_name_resolves():

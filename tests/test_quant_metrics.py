@@ -12,17 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import BFP4, W4A4_BFP, tiny_batch, tiny_model, tiny_recipe
+from tiny import BFP4, REPO, W4A4_BFP, tiny_batch, tiny_model, tiny_recipe
 
 from qat import quantize_model
 from qat.formats import make_format
 from qat.quant.sqnr import error_sums, sqnr_db, sqnr_db_value, sqnr_from_sums
 from qat.training.quant_metrics import QuantMetricsCallback, measure, quantised_layers, scalars
 from tests.test_no_sync import no_host_sync
-
-REPO = Path(__file__).resolve().parent.parent
-
-
 
 # -- the maths ---------------------------------------------------------------------------------
 

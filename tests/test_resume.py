@@ -26,12 +26,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import tiny_recipe
+from tiny import REPO, tiny_recipe
 
 from qat.cli.train import main
 from qat.training.run import last_complete_checkpoint
 
-REPO = Path(__file__).resolve().parent.parent
 TRAIN = str(REPO / "qat" / "train.py")
 MAX_STEPS, SAVE_STEPS, KILL_AFTER = 40, 4, 8
 WEIGHT_ATOL, METRIC_ATOL = 1e-6, 1e-5

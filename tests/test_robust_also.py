@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import error_lines, make_tiny_causal_lm_dir, tiny_recipe
+from tiny import REPO, error_lines, make_tiny_causal_lm_dir, tiny_recipe
 
-REPO = Path(__file__).resolve().parent.parent
 W4 = {"weight": {"format": "bfp", "width": 4, "block_size": 16}, "exclude": []}
 
 

@@ -13,7 +13,6 @@ from tiny import make_tiny_glue_dir, tiny_recipe
 
 from qat.tasks.glue import GLUE_TASKS, get_task
 
-REPO = Path(__file__).resolve().parent.parent
 EXPECTED = {
     "cola": ["unacceptable", "acceptable"], "sst2": ["negative", "positive"],
     "mrpc": ["not_equivalent", "equivalent"], "qqp": ["not_duplicate", "duplicate"],

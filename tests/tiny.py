@@ -27,7 +27,8 @@ import os
 import shutil
 from pathlib import Path
 
-FIXTURES = Path(__file__).resolve().parent.parent / "data" / "fixtures"
+REPO = Path(__file__).resolve().parent.parent  # the repository root
+FIXTURES = REPO / "data" / "fixtures"
 GLUE_DIR = FIXTURES / "glue"  # <task>/{train,validation}.tsv, the layout qat reads
 WIKITEXT_DIR = FIXTURES / "wikitext-2-raw"  # {validation,test}.txt
 CHAT_DIR = FIXTURES / "chat"  # train.jsonl, validation.jsonl: {"messages": [...]} rows
@@ -330,7 +331,7 @@ def lm_train_error(tmp_path: str | os.PathLike, capsys, chat: bool = False, argv
 
 def load_bench(name: str):
     """``bench/<name>.py`` as a module (bench/ is scripts, not a package)."""
-    path = Path(__file__).resolve().parent.parent / "bench" / f"{name}.py"
+    path = REPO / "bench" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
