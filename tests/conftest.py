@@ -1,12 +1,19 @@
-"""Test-wide settings: offline Hub, offline W&B, local GLUE data."""
+"""Test-wide settings (offline Hub, offline W&B, local GLUE data) and the shared fixtures:
+environment (``committed_wikitext``, ``wikitext_dir``, ``one_thread``), run folders (``run``)
+and the bad-input guard (``no_model``). Tiny models and recipes live in ``tiny.py``."""
 
 import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+# tiny.py's helpers assert (exit codes, one error line): rewrite them as pytest does in tests.
+pytest.register_assert_rewrite("tiny")
+from tiny import REPO, WIKITEXT_DIR  # noqa: E402
+
 SHARED_GLUE = REPO.parent / "shared" / "data" / "glue"
 SHARED_WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2-raw"
 
@@ -49,3 +56,46 @@ def no_model(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("load_tokenizer", "load_sequence_classifier", "load_causal_lm"):
         monkeypatch.setattr(qat.models, name, fail)
     monkeypatch.setattr(QATTrainer, "train", fail)
+
+
+@pytest.fixture()
+def committed_wikitext(monkeypatch: pytest.MonkeyPatch) -> Path:
+    """``QAT_WIKITEXT_DIR`` points at the committed WikiText-2 fixture (what ``lm_recipe``'s
+    causal_lm runs read)."""
+    monkeypatch.setenv("QAT_WIKITEXT_DIR", str(WIKITEXT_DIR))
+    return WIKITEXT_DIR
+
+
+@pytest.fixture()
+def wikitext_text() -> str:
+    """The ``test.txt`` that ``wikitext_dir`` writes; a module overrides it for other text."""
+    return "The tower is 324 metres tall . " * 200
+
+
+@pytest.fixture()
+def wikitext_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, wikitext_text: str) -> Path:
+    """``tmp_path/wikitext`` holding only ``test.txt``, set as ``QAT_WIKITEXT_DIR``."""
+    d = tmp_path / "wikitext"
+    d.mkdir()
+    (d / "test.txt").write_text(wikitext_text)
+    monkeypatch.setenv("QAT_WIKITEXT_DIR", str(d))
+    return d
+
+
+@pytest.fixture()
+def one_thread() -> Iterator[None]:
+    """Torch uses one thread for the test, as a subprocess run with OMP_NUM_THREADS=1 does."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture()
+def run(run_dir: Path, tmp_path: Path) -> Path:
+    """A private copy of the module's ``run_dir`` fixture (a finished run) to damage."""
+    dst = tmp_path / "run"
+    shutil.copytree(run_dir, dst)
+    return dst

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from tiny import tiny_batch, tiny_model
 
 import qat.quant.backends as backends
 from qat import QuantConfig, QuantConfigError, quantize_model
@@ -9,7 +10,6 @@ from qat.errors import QatError
 from qat.formats import make_format
 from qat.quant.backends import fake_quantize, resolve_backend
 from qat.quant.ste import FakeQuantizer
-from tests.tiny_models import tiny_batch, tiny_model
 
 W4A4 = {"weight": {"format": "bfp", "width": 4}, "activation": {"format": "bfp", "width": 4},
         "matmul": {"format": "bfp", "width": 4}}

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tiny import tiny_recipe, write_tsv
+from tiny import one_error_line, tiny_recipe, write_tsv
 
 from qat.cli.train import main
 from qat.training.trainer import QATTrainer
@@ -120,11 +120,9 @@ def test_bad_input_fails_before_training_with_a_clear_message(
     if disk is not None:
         disk(tmp_path)
     assert main([recipe, *overrides]) == 2
-    err = capsys.readouterr().err
-    lines = [x for x in err.splitlines() if x.startswith("qat train: error:")]
-    assert len(lines) == 1, err[-2000:]
+    line = one_error_line(capsys.readouterr().err, "train")
     for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+        assert fragment in line, line
     assert not list((tmp_path / "out").glob("checkpoint-*"))
 
 

@@ -7,12 +7,10 @@ import json
 import math
 
 import pytest
-from tiny import load_bench
-from tiny_lm import WIKITEXT_DIR, lm_recipe
+from tiny import lm_recipe, load_bench
 
 
-def test_rows_run_apart_merge_into_one_table(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("QAT_WIKITEXT_DIR", str(WIKITEXT_DIR))
+def test_rows_run_apart_merge_into_one_table(tmp_path, committed_wikitext, capsys):
     bench = load_bench("decoder_qat")
     recipe = lm_recipe(tmp_path)
     budget = ["--recipe", recipe, "--steps", "3", "--block_size", "32", "--batch", "2",

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from tiny import W4A4_BFP, make_tiny_model_dir, tiny_recipe
+from tiny import REPO, W4A4_BFP, make_tiny_model_dir, tiny_recipe
 
 from qat.errors import ConfigError, UsageError
 from qat.models import (
@@ -27,7 +27,6 @@ from qat.runs.build import build_model, checkpoint_overrides
 from qat.runs.checkpoints import QAT_CONFIG_FILE
 from qat.runs.recipe import load_recipe
 
-REPO = Path(__file__).resolve().parent.parent
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": None}
 
 

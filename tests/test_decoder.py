@@ -9,15 +9,12 @@ import math
 from pathlib import Path
 
 import pytest
-from tiny_lm import CHAT_DIR, WIKITEXT_DIR, lm_recipe, make_tiny_causal_lm_dir
+from tiny import CHAT_DIR, lm_recipe, lm_train_error, make_tiny_causal_lm_dir
 
 from qat.cli.perplexity import main as perplexity_main
 from qat.cli.train import main as train_main
 
-
-@pytest.fixture(autouse=True)
-def _wikitext(monkeypatch):
-    monkeypatch.setenv("QAT_WIKITEXT_DIR", str(WIKITEXT_DIR))
+pytestmark = pytest.mark.usefixtures("committed_wikitext")
 
 
 def _losses(out: Path) -> list[float]:
@@ -122,19 +119,10 @@ def test_chat_recipe_trains_on_the_fixture(tmp_path):
     assert ev["eval_perplexity"] == pytest.approx(math.exp(ev["eval_loss"]))
 
 
-def _bad(tmp_path, capsys, recipe_kwargs, chat=False):
-    recipe = lm_recipe(tmp_path, chat=chat, **recipe_kwargs)
-    rc = train_main([recipe])
-    err = [line for line in capsys.readouterr().err.splitlines() if "qat train" in line]
-    assert rc == 2 and len(err) == 1, err
-    assert not (tmp_path / "out").exists()  # failed before anything was written
-    return err[0]
-
-
 def test_unknown_text_column(tmp_path, capsys):
     f = tmp_path / "docs.jsonl"
     f.write_text(json.dumps({"body": "some text " * 50}) + "\n")
-    err = _bad(tmp_path, capsys, {"train_file": str(f), "validation_file": str(f)})
+    err = lm_train_error(tmp_path, capsys, train_file=str(f), validation_file=str(f))
     assert err == (f"qat train: error: data file {str(f)!r} has no text_column 'text'; its "
                    "columns: body")
 
@@ -142,7 +130,7 @@ def test_unknown_text_column(tmp_path, capsys):
 def test_empty_dataset(tmp_path, capsys):
     f = tmp_path / "empty.txt"
     f.write_text("\n \n")
-    err = _bad(tmp_path, capsys, {"train_file": str(f), "validation_file": str(f)})
+    err = lm_train_error(tmp_path, capsys, train_file=str(f), validation_file=str(f))
     assert err == (f"qat train: error: data file {str(f)!r} is empty: no text to train or "
                    "evaluate on")
 
@@ -152,14 +140,14 @@ def test_chat_row_without_assistant_turn(tmp_path, capsys):
     rows = [json.loads(line) for line in (CHAT_DIR / "train.jsonl").read_text().splitlines()]
     rows[2] = {"messages": [{"role": "user", "content": "Hello?"}]}
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    err = _bad(tmp_path, capsys, {"train_file": str(f)}, chat=True)
+    err = lm_train_error(tmp_path, capsys, chat=True, train_file=str(f))
     assert err == (f"qat train: error: data file {str(f)!r} row 3: no assistant turn, so "
                    "nothing to learn (each row needs at least one message with role "
                    "'assistant')")
 
 
 def test_block_size_beyond_the_context(tmp_path, capsys):
-    err = _bad(tmp_path, capsys, {"block_size": 4096})
+    err = lm_train_error(tmp_path, capsys, block_size=4096)
     model = make_tiny_causal_lm_dir(tmp_path)
     assert err == (f"qat train: error: block_size 4096 is beyond the context of model "
                    f"{model!r} (128 positions); set block_size <= 128")
@@ -167,7 +155,7 @@ def test_block_size_beyond_the_context(tmp_path, capsys):
 
 def test_chat_needs_a_chat_template(tmp_path, capsys):
     model = make_tiny_causal_lm_dir(tmp_path)  # no template
-    err = _bad(tmp_path, capsys, {"model_name_or_path": model}, chat=True)
+    err = lm_train_error(tmp_path, capsys, chat=True, model_name_or_path=model)
     assert err.startswith(f"qat train: error: tokenizer {model!r} has no chat template")
 
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from tiny_lm import WIKITEXT_DIR, lm_recipe, make_tiny_causal_lm_dir
+from tiny import lm_recipe, make_tiny_causal_lm_dir
 
 from qat.cli.export import main as export_main
 from qat.cli.train import main as train_main
@@ -15,9 +15,7 @@ from qat.cli.train import main as train_main
 pytest.importorskip("trl")
 
 
-@pytest.fixture(autouse=True)
-def _wikitext(monkeypatch):
-    monkeypatch.setenv("QAT_WIKITEXT_DIR", str(WIKITEXT_DIR))
+pytestmark = pytest.mark.usefixtures("committed_wikitext")
 
 
 def test_sft_recipe_inserts_quantisers_and_saves_the_quant_config(tmp_path):

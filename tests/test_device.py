@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from tiny import make_tiny_model_dir, tiny_recipe
+from tiny import make_tiny_glue_dir, make_tiny_model_dir, one_error_line, tiny_recipe
 
 import qat.cli.eval
 import qat.cli.export
@@ -63,15 +63,9 @@ def test_malformed_device_strings(spec: str) -> None:
         resolve_device(spec)
 
 
-def _one_line(err: str, command: str) -> str:
-    lines = [x for x in err.splitlines() if x.startswith(f"qat {command}: error:")]
-    assert len(lines) == 1, err[-2000:]
-    return lines[0]
-
-
 @pytest.mark.parametrize("command", ["eval", "perplexity", "profile", "export"])
-def test_cuda_without_a_gpu_is_one_clear_error(tmp_path, no_cuda, monkeypatch, capsys,
-                                               command) -> None:
+def test_cuda_without_a_gpu_is_one_clear_error(tmp_path, no_cuda, wikitext_dir, monkeypatch,
+                                               capsys, command) -> None:
     import importlib
 
     def fail(*args: Any, **kwargs: Any) -> None:
@@ -79,14 +73,12 @@ def test_cuda_without_a_gpu_is_one_clear_error(tmp_path, no_cuda, monkeypatch, c
 
     monkeypatch.setattr(qat.models, "load_sequence_classifier", fail)
     monkeypatch.setattr(qat.models, "load_causal_lm", fail)
-    monkeypatch.setenv("QAT_WIKITEXT_DIR", str(tmp_path))
-    (tmp_path / "test.txt").write_text("some text " * 50)
     module = {"eval": "qat.cli.eval", "perplexity": "qat.cli.perplexity",
               "profile": "qat.cli.profile", "export": "qat.cli.export"}[command]
     extra = ["--out", str(tmp_path / "packed")] if command == "export" else []
     argv = [tiny_recipe(tmp_path), "--device", "cuda", *extra]
     assert importlib.import_module(module).main(argv) == 2
-    line = _one_line(capsys.readouterr().err, command)
+    line = one_error_line(capsys.readouterr().err, command)
     assert line == (f"qat {command}: error: --device 'cuda': no CUDA GPU is available on this "
                     "machine; use --device cpu (or auto)")
     assert not (tmp_path / "out").exists() and not (tmp_path / "packed").exists()
@@ -128,13 +120,12 @@ def _spy_on_forward(monkeypatch: pytest.MonkeyPatch, seen: dict[str, Any]) -> No
 
 
 @pytest.mark.parametrize("command", ["eval", "perplexity", "profile"])
-def test_model_and_batches_go_to_the_resolved_device(tmp_path, monkeypatch, command) -> None:
+def test_model_and_batches_go_to_the_resolved_device(tmp_path, wikitext_dir, monkeypatch,
+                                                     command) -> None:
     seen: dict[str, Any] = {}
     _spy_on_forward(monkeypatch, seen)
     arch = "llama" if command == "perplexity" else "bert"
     recipe = tiny_recipe(tmp_path, model_name_or_path=make_tiny_model_dir(tmp_path, arch))
-    (tmp_path / "test.txt").write_text("The tower is 324 metres tall . " * 100)
-    monkeypatch.setenv("QAT_WIKITEXT_DIR", str(tmp_path))
     with pytest.raises(_Seen):
         if command == "eval":
             qat.cli.eval.run(recipe, ["--max_eval_samples", "8"], device="cpu")
@@ -169,7 +160,6 @@ def test_cpu_training_does_not_ask_for_pinned_memory(tmp_path) -> None:
     """Trainer pins batches by default; with no accelerator torch warns on every loader."""
     import warnings
 
-    from tiny import make_tiny_glue_dir
     from transformers import (
         AutoModelForSequenceClassification,
         AutoTokenizer,

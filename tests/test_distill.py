@@ -11,8 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import make_tiny_model_dir, tiny_recipe
-from tiny_lm import WIKITEXT_DIR, lm_recipe, make_tiny_causal_lm_dir
+from tiny import (
+    lm_recipe,
+    make_tiny_causal_lm_dir,
+    make_tiny_model_dir,
+    one_error_line,
+    tiny_recipe,
+)
 
 from qat.runs.recipe import DistillArguments
 from qat.training.distill import distill_loss_sum, divergence
@@ -21,9 +26,7 @@ W4 = {"weight": {"format": "bfp", "width": 4, "block_size": 16},
       "activation": {"format": "bfp", "width": 4, "block_size": 16}, "exclude": ["lm_head"]}
 
 
-@pytest.fixture(autouse=True)
-def _wikitext(monkeypatch):
-    monkeypatch.setenv("QAT_WIKITEXT_DIR", str(WIKITEXT_DIR))
+pytestmark = pytest.mark.usefixtures("committed_wikitext")
 
 
 # --- the maths ---------------------------------------------------------------------------------
@@ -329,12 +332,6 @@ def test_distill_section_from_the_command_line(tmp_path):
 
 # --- bad input: one line, exit 2, before any model loads -------------------------------------
 
-def _one_line(err: str) -> str:
-    lines = [x for x in err.splitlines() if x.startswith("qat train: error:")]
-    assert len(lines) == 1, err[-3000:]
-    return lines[0]
-
-
 def _config_only_model(tmp_path: Path, name: str, config) -> str:
     """A model folder that passes the path checks; only its config.json is ever read."""
     out = tmp_path / name
@@ -383,7 +380,7 @@ def test_bad_distill_input_fails_before_loading_the_model(row, tmp_path, no_mode
     for key, value in distill.items():
         args += [f"--distill.{key}", str(value)]
     assert train_main(args) == 2
-    line = _one_line(capsys.readouterr().err)
+    line = one_error_line(capsys.readouterr().err, "train")
     assert fragment in line, line
     assert not (tmp_path / "out").exists()
 
@@ -395,7 +392,7 @@ def test_self_teacher_with_a_fresh_classification_head_is_refused(tmp_path, no_m
 
     recipe = tiny_recipe(tmp_path, finetune=finetune, distill={"teacher": "self"})
     assert train_main([recipe]) == 2
-    line = _one_line(capsys.readouterr().err)
+    line = one_error_line(capsys.readouterr().err, "train")
     assert "freshly initialised classification head" in line and \
         "the float teacher would predict with the same untrained head" in line, line
 
@@ -405,7 +402,7 @@ def test_distill_on_a_regression_task_is_refused(tmp_path, no_model, capsys):
 
     recipe = tiny_recipe(tmp_path, task_name="stsb", distill={})
     assert train_main([recipe]) == 2
-    assert "task_name stsb is a regression" in _one_line(capsys.readouterr().err)
+    assert "task_name stsb is a regression" in one_error_line(capsys.readouterr().err, "train")
 
 
 def test_null_distill_section_says_how_to_set_it(tmp_path):

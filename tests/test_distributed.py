@@ -21,18 +21,16 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import make_tiny_model_dir, tiny_recipe
+from tiny import REPO, error_lines, make_tiny_model_dir, tiny_recipe
 
 from qat.cli.train import main
 from qat.formats.registry import FORMATS, make_format
 
-REPO = Path(__file__).resolve().parent.parent
 WEIGHT_ATOL, LOSS_ATOL = 1e-5, 1e-4
 
 
@@ -40,14 +38,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_two_cpu_processes_match_one_with_the_same_global_batch(tmp_path: Path,
@@ -108,7 +98,7 @@ def test_fsdp_on_the_cpu_is_refused_not_run_as_ddp(tmp_path: Path, capsys) -> No
     recipe = tiny_recipe(tmp_path, fsdp="full_shard auto_wrap",
                          fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["BertLayer"]})
     assert main([recipe]) == 2
-    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("qat ")]
+    err = error_lines(capsys)
     assert err == ["qat train: error: recipe key fsdp needs GPUs: on the CPU "
                    "accelerate silently trains without FSDP (as DDP); drop the fsdp keys or run "
                    "on GPUs"]

@@ -46,7 +46,7 @@ def _divergence(shape: tuple[int, ...], kind: str):
 
 
 def _prepare(mode: str, lora=None):
-    from tiny_models import tiny_model
+    from tiny import tiny_model
 
     from qat.training.finetune import prepare_finetuning
 

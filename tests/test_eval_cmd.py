@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import tiny_recipe
+from tiny import REPO, tiny_recipe
 
 from qat.cli.base import split_options
 from qat.cli.eval import main
@@ -16,8 +16,6 @@ from qat.quant.modules import QuantLinear
 from qat.runs.build import build_model, resolve_source
 from qat.runs.checkpoints import QAT_CONFIG_FILE
 from qat.runs.recipe import load_recipe
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def test_split_options_separates_own_options_from_overrides():

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from tiny import tiny_recipe
+from tiny import REPO, error_lines, tiny_recipe, train_tiny_run, tree_hashes
 from transformers import AutoModelForSequenceClassification
 
 import qat  # noqa: F401 - registers the qat_packed model type
@@ -32,8 +32,6 @@ from qat.export.packed import (
 from qat.formats import make_format
 from qat.quant.modules import QuantLinear
 from qat.runs.build import build_model
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def test_bit_packing_round_trips():
@@ -243,29 +241,16 @@ def test_export_without_qat_loads_exactly_or_refuses(tmp_path):
 # --- destinations: never overwritten unasked, never the source, written atomically ------------
 
 
-def _hashes(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory) -> Path:
     """A finished tiny ``qat train`` run (model.safetensors, qat_config.json, recipe.yaml)."""
-    from qat.cli.train import main as train
-
-    tmp = tmp_path_factory.mktemp("run")
-    assert train([tiny_recipe(tmp), "--max_steps", "2", "--output_dir", str(tmp / "run")]) == 0
-    return tmp / "run"
-
-
-def _error(capsys) -> list[str]:
-    return [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("qat ")]
+    return train_tiny_run(tmp_path_factory.mktemp("run"), "--max_steps", "2")
 
 
 def test_self_export_is_refused_and_the_run_survives(trained_run, capsys, tmp_path):
     from qat.cli.eval import main as eval_main
 
-    before = _hashes(trained_run)
+    before = tree_hashes(trained_run)
     cases = [(str(trained_run), "is the source checkpoint"),
              (str(trained_run / "exported"), "lies inside the source checkpoint"),
              (str(trained_run.parent), "contains the source checkpoint")]
@@ -273,15 +258,15 @@ def test_self_export_is_refused_and_the_run_survives(trained_run, capsys, tmp_pa
         for extra in ([], ["--overwrite"]):
             capsys.readouterr()
             assert main([str(trained_run), "--out", out, *extra]) == 2
-            err = _error(capsys)
+            err = error_lines(capsys)
             assert len(err) == 1 and what in err[0], err
-            assert _hashes(trained_run) == before
+            assert tree_hashes(trained_run) == before
     assert not (trained_run / "exported").exists()
     link = tmp_path / "link"
     link.symlink_to(trained_run)  # a symlink to the source is the source
     assert main([str(trained_run), "--out", str(link), "--overwrite"]) == 2
-    assert "is the source checkpoint" in _error(capsys)[0]
-    assert _hashes(trained_run) == before
+    assert "is the source checkpoint" in error_lines(capsys)[0]
+    assert tree_hashes(trained_run) == before
     assert eval_main([str(trained_run), "--output", str(tmp_path / "eval.json")]) == 0
 
 
@@ -291,7 +276,7 @@ def test_non_empty_out_needs_overwrite_and_is_replaced_atomically(trained_run, c
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     assert main([str(trained_run), "--out", str(out)]) == 2
-    err = _error(capsys)
+    err = error_lines(capsys)
     assert err == [f"qat export: error: --out {str(out)!r} is not empty (1 entries); pass "
                    "--overwrite to replace it, or choose a new folder"]
     assert (out / "notes.txt").read_text() == "mine"
@@ -299,18 +284,18 @@ def test_non_empty_out_needs_overwrite_and_is_replaced_atomically(trained_run, c
     other_run = tmp_path / "other_run"
     shutil.copytree(trained_run, other_run)
     for folder in (out, other_run):
-        before = _hashes(folder)
+        before = tree_hashes(folder)
         assert main([str(trained_run), "--out", str(folder), "--overwrite"]) == 2
-        assert _error(capsys) == [
+        assert error_lines(capsys) == [
             f"qat export: error: --out {str(folder)!r} is not empty and holds no qat export "
             "(config.json with model_type qat_packed and its weights); --overwrite replaces "
             "only an export: choose a new folder"]
-        assert _hashes(folder) == before
+        assert tree_hashes(folder) == before
     shutil.rmtree(other_run)
     (out / "notes.txt").unlink()
     assert main([str(trained_run), "--out", str(out)]) == 0  # an export, then a note in it
     (out / "notes.txt").write_text("mine")
-    before = _hashes(out)
+    before = tree_hashes(out)
     # A failure while writing leaves the old folder untouched and no temporary folder behind.
     import safetensors.torch
 
@@ -322,7 +307,7 @@ def test_non_empty_out_needs_overwrite_and_is_replaced_atomically(trained_run, c
         main([str(trained_run), "--out", str(out), "--overwrite"])
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
-    assert _hashes(out) == before
+    assert tree_hashes(out) == before
     assert main([str(trained_run), "--out", str(out), "--overwrite"]) == 0
     assert not (out / "notes.txt").exists() and (out / "qat_packed.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
@@ -333,26 +318,26 @@ def test_non_empty_out_needs_overwrite_and_is_replaced_atomically(trained_run, c
     assert main([str(trained_run), "--out", str(tmp_path / "empty")]) == 0
     (tmp_path / "file").write_text("x")
     assert main([str(trained_run), "--out", str(tmp_path / "file"), "--overwrite"]) == 2
-    assert _error(capsys) == [f"qat export: error: --out {str(tmp_path / 'file')!r} exists "
-                              "and is not a directory"]
+    assert error_lines(capsys) == [f"qat export: error: --out {str(tmp_path / 'file')!r} exists "
+                                   "and is not a directory"]
     assert (tmp_path / "file").read_text() == "x"
 
 
 def test_out_holding_the_recipe_model_or_cwd_is_refused(tmp_path, capsys, monkeypatch):
     recipe = tiny_recipe(tmp_path)
-    before = _hashes(tmp_path)
+    before = tree_hashes(tmp_path)
     assert main([recipe, "--out", str(tmp_path), "--overwrite"]) == 2
-    assert "contains the recipe" in _error(capsys)[0]
+    assert "contains the recipe" in error_lines(capsys)[0]
     model_dir = tmp_path / "tiny-bert"
     assert main([recipe, "--out", str(model_dir), "--overwrite"]) == 2
-    assert "contains the model" in _error(capsys)[0]
+    assert "contains the model" in error_lines(capsys)[0]
     work = tmp_path / "work"
     work.mkdir()
     (work / "x").write_text("x")
     monkeypatch.chdir(work)
     assert main([recipe, "--out", str(work), "--overwrite"]) == 2
-    assert "contains the current directory" in _error(capsys)[0]
-    assert _hashes(tmp_path) == {**before, "work/x": hashlib.sha256(b"x").hexdigest()}
+    assert "contains the current directory" in error_lines(capsys)[0]
+    assert tree_hashes(tmp_path) == {**before, "work/x": hashlib.sha256(b"x").hexdigest()}
 
 
 def test_tampered_export_fails_naming_what(tmp_path):

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
-from tiny_lm import make_tiny_causal_lm_dir
+from tiny import lm_recipe, make_tiny_causal_lm_dir
 
 from qat import QuantConfig, quantize_model
 from qat.export.compressed_tensors import export_compressed_tensors
@@ -120,8 +120,6 @@ def test_nvfp4_activations_need_a_calibrated_range(tmp_path):
 
 
 def test_export_command_calibrates_nvfp4_activations(tmp_path, capsys):
-    from tiny_lm import lm_recipe
-
     from qat.cli.export import main
 
     recipe = lm_recipe(tmp_path, quant={"weight": {"format": "nvfp4"},
@@ -142,8 +140,6 @@ def test_export_command_calibrates_nvfp4_activations(tmp_path, capsys):
      "vLLM runs mxfp4 weights with mxfp4 activations"),
 ])
 def test_bad_export_target_is_one_line_before_loading(tmp_path, capsys, no_model, argv, match):
-    from tiny_lm import lm_recipe
-
     from qat.cli.export import main
 
     recipe = lm_recipe(tmp_path)  # W4A4 BFP

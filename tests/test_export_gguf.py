@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tiny_lm import make_tiny_causal_lm_dir
+from tiny import lm_recipe, make_tiny_causal_lm_dir, tiny_model
 
 from qat import QuantConfig, quantize_model
 from qat.export.gguf import export_gguf, rope_permute
@@ -92,8 +92,6 @@ def test_formats_llama_cpp_cannot_run_fail_clearly(tmp_path, quant, match):
 
 
 def test_unknown_architecture_fails_clearly(tmp_path):
-    from tiny_models import tiny_model
-
     model = tiny_model("opt")
     quantize_model(model, QuantConfig(weight={"format": "ggml_q4_0"}))
     with pytest.raises(ExportError, match="not one the GGUF writer knows; known: LlamaForCausalLM"):
@@ -127,8 +125,6 @@ def test_gguf_source_tokenizer_fields_are_copied(tmp_path):
 
 
 def test_export_command_writes_gguf(tmp_path, capsys):
-    from tiny_lm import lm_recipe
-
     from qat.cli.export import main
 
     recipe = lm_recipe(tmp_path, quant={"weight": {"format": "ggml_q4_0"},
@@ -155,8 +151,6 @@ def test_export_command_writes_gguf(tmp_path, capsys):
      "--to compressed-tensors: vLLM does not rotate a layer's input"),
 ])
 def test_bad_gguf_export_is_one_line_before_loading(tmp_path, capsys, no_model, argv, match):
-    from tiny_lm import lm_recipe
-
     from qat.cli.export import main
 
     recipe = lm_recipe(tmp_path)  # W4A4 BFP

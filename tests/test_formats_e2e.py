@@ -5,7 +5,7 @@ recipe, used for weights and activations."""
 import pytest
 import torch
 from datasets import Dataset
-from tiny_models import tiny_model
+from tiny import tiny_model
 from transformers import TrainingArguments
 
 from qat.formats import FORMATS

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tiny_models import tiny_batch, tiny_model
+from tiny import tiny_batch, tiny_model
 
 from qat import QuantConfig, quantize_model
 from qat.export.ggml_blocks import GGMLTypeError, ggml_block_bytes

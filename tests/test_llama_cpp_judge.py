@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from tiny_lm import lm_recipe
+from tiny import REPO, lm_recipe
 
 pytest.importorskip("gguf")
 pytest.importorskip("llama_cpp")
@@ -21,7 +20,6 @@ from qat.cli.export import main as export_main  # noqa: E402
 from qat.cli.perplexity import main as perplexity_main  # noqa: E402
 from qat.export.llama_cpp import LlamaCppModel  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
 EMULATE = {"weight": {"format": "ggml_q4_0"}, "activation": {"format": "ggml_q8_0"},
            "exclude": ["lm_head"]}
 
@@ -57,10 +55,7 @@ def test_llama_cpp_logits_are_the_emulated_models(tmp_path, weight):
     assert np.abs(default - emulated).max() < 1e-2 * scale
 
 
-def test_gguf_perplexity_command_and_bad_input(tmp_path, capsys, monkeypatch):
-    from tiny_lm import WIKITEXT_DIR
-
-    monkeypatch.setenv("QAT_WIKITEXT_DIR", str(WIKITEXT_DIR))
+def test_gguf_perplexity_command_and_bad_input(tmp_path, capsys, committed_wikitext):
     recipe = lm_recipe(tmp_path, quant=EMULATE)
     out = tmp_path / "gguf"
     assert export_main([recipe, "--to", "gguf", "--out", str(out)]) == 0

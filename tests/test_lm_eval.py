@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from tiny_lm import WIKITEXT_DIR, lm_recipe
+from tiny import lm_recipe
 
 from qat.cli.lm_eval import main as lm_eval_main
 from qat.errors import UsageError
@@ -128,12 +128,11 @@ def test_cli_writes_results_json(setup, capsys):
                                f"{res['results']['tiny_mc']['acc,none']:.4f}"]
 
 
-def test_cli_scores_a_trained_run_folder(setup, tmp_path, monkeypatch, capsys):
+def test_cli_scores_a_trained_run_folder(setup, tmp_path, committed_wikitext, capsys):
     """A run folder: its trained weights and quant config; the JSON lands in the run."""
     from qat.cli.train import main as train_main
 
     _, tasks = setup
-    monkeypatch.setenv("QAT_WIKITEXT_DIR", str(WIKITEXT_DIR))
     assert train_main([lm_recipe(tmp_path, max_steps=1)]) == 0
     run = tmp_path / "out"
     assert lm_eval_main([str(run), "--tasks", "tiny_mc", "--include_path", str(tasks),

@@ -3,7 +3,8 @@ gradients, in memory linear in the sequence length."""
 
 import pytest
 import torch
-from tiny_models import ARCHS, tiny_batch, tiny_model
+from tiny import ARCHS, tiny_batch, tiny_model
+from tiny import BFP4 as W4
 
 import qat.quant.attention as attention
 import qat.quant.block_attention as block
@@ -11,7 +12,6 @@ from qat import QuantConfig, quantize_model
 from qat.formats import make_format
 from qat.quant.modules import MatmulQuantizer
 
-W4 = {"format": "bfp", "width": 4, "exponent_width": 8, "block_size": 16}
 ROWS = 6  # query rows per block in these tests: 20- and 23-token sequences end on a ragged one
 
 

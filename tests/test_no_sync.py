@@ -9,10 +9,10 @@ import contextlib
 
 import pytest
 import torch
+from tiny import tiny_batch, tiny_model
 
 from qat import quantize_model
 from qat.formats import FORMATS, make_format
-from tests.tiny_models import tiny_batch, tiny_model
 
 
 class HostSync(AssertionError):

@@ -7,14 +7,13 @@ and after, as with a real overflow in one unlucky batch.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 from pathlib import Path
 
 import pytest
 import torch
-from tiny import W4A4_BFP, make_tiny_glue_dir, make_tiny_model_dir, tiny_recipe
+from tiny import W4A4_BFP, make_tiny_glue_dir, make_tiny_model_dir, tiny_recipe, tree_hashes
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -62,11 +61,7 @@ class InjectFault(TrainerCallback):
 
     def on_save(self, args, state, control, **kw):
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        self.saved[ckpt.name] = _hashes(ckpt)
-
-
-def _hashes(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()}
+        self.saved[ckpt.name] = tree_hashes(ckpt)
 
 
 def _trainer(tmp_path: Path, policy: str, inject: InjectFault, max_steps: int) -> QATTrainer:
@@ -122,7 +117,7 @@ def test_stop_names_step_and_layer_and_keeps_last_checkpoint_intact(tmp_path: Pa
     out = tmp_path / "out"
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     assert last_complete_checkpoint(str(out)) == str(out / "checkpoint-4")
-    assert _hashes(out / "checkpoint-4") == inject.saved["checkpoint-4"]
+    assert tree_hashes(out / "checkpoint-4") == inject.saved["checkpoint-4"]
     # Stopped before the optimizer step: the live weights are still those of step 4.
     for name, p in trainer.model.named_parameters():
         assert torch.isfinite(p).all(), name

@@ -5,29 +5,24 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from tiny import make_tiny_model_dir, tiny_recipe
+from tiny import REPO, make_tiny_model_dir, tiny_recipe
 from transformers import BertConfig, LlamaConfig, LlamaForCausalLM
 
 from qat.cli.perplexity import main
 from qat.errors import DataError, UsageError
 from qat.tasks.language_modeling import check_causal, chunk_ids, perplexity
 
-REPO = Path(__file__).resolve().parent.parent
 TEXT = ("The tower is 324 metres tall , about the same height as an 81 @-@ storey building . "
         "It was the first structure to reach a height of 300 metres . ") * 40
 
 
 @pytest.fixture()
-def wikitext_dir(tmp_path, monkeypatch) -> Path:
-    d = tmp_path / "wikitext"
-    d.mkdir()
-    (d / "test.txt").write_text(TEXT)
-    monkeypatch.setenv("QAT_WIKITEXT_DIR", str(d))
-    return d
+def wikitext_text() -> str:
+    """What conftest's ``wikitext_dir`` writes as ``test.txt`` here."""
+    return TEXT
 
 
 def test_chunks_are_non_overlapping_and_drop_the_tail():

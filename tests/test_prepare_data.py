@@ -12,12 +12,11 @@ from pathlib import Path
 import datasets
 import pandas as pd
 import pytest
-from tiny import GLUE_DIR, WIKITEXT_DIR
+from tiny import GLUE_DIR, REPO, WIKITEXT_DIR
 
 from qat.tasks.glue import GLUE_TASKS, HUB_DATASET, get_task, load_glue
 from qat.tasks.language_modeling import load_wikitext
 
-REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "data" / "prepare.py"
 
 

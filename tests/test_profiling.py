@@ -9,12 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 from scipy.stats import kurtosis
-from tiny import tiny_recipe
+from tiny import REPO, tiny_recipe
 
 from qat.analysis.profile import COLUMNS, Moments, layer_depth
 from qat.cli.profile import main
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def test_moments_match_numpy_and_hand_sqnr():

@@ -7,11 +7,10 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
+
+from tiny import REPO
 
 import qat
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def test_every_public_name_resolves():
@@ -65,7 +64,7 @@ def test_qat_trainer_takes_a_peft_lora_config(tmp_path):
 
     import pytest
     from peft import LoraConfig
-    from tiny_models import tiny_model
+    from tiny import tiny_model
     from transformers import TrainingArguments
 
     from qat.errors import ConfigError

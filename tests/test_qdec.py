@@ -4,7 +4,6 @@ residual quantiser, save / reload, the commands and their bad input."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,8 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import TOKENIZER_FILES, _tiny_config, bert_tokenizer_dir, tiny_recipe
-from tiny_models import tiny_model
+from tiny import BFP4, make_tiny_causal_lm_dir, tiny_model, tiny_recipe
 from torch import nn
 
 from qat.cli.generate import main as generate_main
@@ -37,7 +35,6 @@ from qat.quant.quantize import quantize_model
 from qat.runs.recipe import RecipeError, load_recipe
 
 BFP3 = {"format": "bfp", "width": 3, "exponent_width": 8, "block_size": 16}
-BFP4 = {"format": "bfp", "width": 4, "exponent_width": 8, "block_size": 16}
 
 
 def _layer(d_in: int = 64, d_out: int = 24, activation: dict | None = None) -> nn.Sequential:
@@ -303,20 +300,6 @@ def test_config_validation(bad, message):
     assert str(e.value) == message
 
 
-def _tiny_causal_dir(tmp_path: Path) -> Path:
-    from transformers import LlamaForCausalLM
-
-    out = tmp_path / "tiny-llama-lm"
-    if (out / "config.json").is_file():
-        return out
-    torch.manual_seed(0)
-    LlamaForCausalLM(_tiny_config("llama")).save_pretrained(out)
-    for name in TOKENIZER_FILES:
-        if (bert_tokenizer_dir() / name).is_file():
-            shutil.copy(bert_tokenizer_dir() / name, out / name)
-    return out
-
-
 def _load_quantised(path: Path):
     from transformers import LlamaForCausalLM
 
@@ -326,7 +309,7 @@ def _load_quantised(path: Path):
 
 def test_save_and_reload_keeps_residuals_and_logits_and_generate_works(tmp_path, monkeypatch,
                                                                         capsys):
-    path = _tiny_causal_dir(tmp_path)
+    path = Path(make_tiny_causal_lm_dir(tmp_path))
     ids = torch.randint(200, 30000, (2, 9), generator=torch.Generator().manual_seed(4))
     model = attach_qdec(_load_quantised(path), {"k_chunk": 128})
     with torch.no_grad():
@@ -362,7 +345,7 @@ def test_save_and_reload_keeps_residuals_and_logits_and_generate_works(tmp_path,
 
 
 def test_perplexity_with_qdec(tmp_path, capsys):
-    path = _tiny_causal_dir(tmp_path)
+    path = Path(make_tiny_causal_lm_dir(tmp_path))
     d = tmp_path / "wikitext"
     d.mkdir()
     (d / "test.txt").write_text("the tower is 324 metres tall , about as high as a building . "
@@ -487,7 +470,7 @@ def weight_residual_of(model: nn.Sequential) -> torch.Tensor:
 @pytest.mark.parametrize("text", ["{not json", "[1, 2]", '{"config": 3, "layers": {}}',
                                   "[" * 100_000])
 def test_damaged_qdec_config_is_one_line(tmp_path, capsys, text):
-    path = _tiny_causal_dir(tmp_path)
+    path = Path(make_tiny_causal_lm_dir(tmp_path))
     (path / "qdec_config.json").write_text(text)
     (path / "qdec.safetensors").write_bytes(b"")
     recipe = tiny_recipe(tmp_path, model_name_or_path=str(path),

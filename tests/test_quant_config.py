@@ -7,7 +7,8 @@ import json
 
 import pytest
 import torch
-from tiny_models import ARCHS, tiny_batch, tiny_model
+from tiny import ARCHS, tiny_batch, tiny_model
+from tiny import BFP4 as W4
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -18,8 +19,6 @@ from qat.formats.codebook import NF4_LEVELS
 from qat.quant.modules import MatmulQuantizer, QuantConv1D, QuantLinear
 from qat.quant.quantize import attention_modules
 from qat.quant.ste import FakeQuantizer
-
-W4 = {"format": "bfp", "width": 4, "exponent_width": 8, "block_size": 16}
 
 
 def test_to_dict_is_the_specs_as_written_and_round_trips_through_json() -> None:

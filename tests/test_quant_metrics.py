@@ -12,19 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import W4A4_BFP, tiny_recipe
+from tiny import BFP4, REPO, W4A4_BFP, tiny_batch, tiny_model, tiny_recipe
 
 from qat import quantize_model
 from qat.formats import make_format
 from qat.quant.sqnr import error_sums, sqnr_db, sqnr_db_value, sqnr_from_sums
 from qat.training.quant_metrics import QuantMetricsCallback, measure, quantised_layers, scalars
 from tests.test_no_sync import no_host_sync
-from tests.tiny_models import tiny_batch, tiny_model
-
-REPO = Path(__file__).resolve().parent.parent
-
-BFP4 = {"format": "bfp", "width": 4, "exponent_width": 8, "block_size": 16}
-
 
 # -- the maths ---------------------------------------------------------------------------------
 

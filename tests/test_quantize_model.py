@@ -2,15 +2,14 @@
 
 import pytest
 import torch
-from tiny_models import ARCHS, tiny_batch, tiny_model
+from tiny import ARCHS, tiny_batch, tiny_model
+from tiny import BFP4 as W4
 
 from qat import QuantConfig, QuantConfigError, quantization_summary, quantize_model
 from qat.errors import UsageError
 from qat.quant.modules import MatmulQuantizer, QuantConv1D, QuantLinear
 from qat.runs.recipe import LoraArguments
 from qat.training.finetune import prepare_finetuning
-
-W4 = {"format": "bfp", "width": 4, "exponent_width": 8, "block_size": 16}
 
 
 def logits(model, batch):

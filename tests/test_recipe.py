@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tiny import REPO
 
 from qat.runs.recipe import RecipeError, load_recipe, parse_overrides
 
-REPO = Path(__file__).resolve().parent.parent
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 
 

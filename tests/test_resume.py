@@ -21,30 +21,23 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import tiny_recipe
+from tiny import REPO, tiny_recipe
 
 from qat.cli.train import main
 from qat.training.run import last_complete_checkpoint
 
-REPO = Path(__file__).resolve().parent.parent
 TRAIN = str(REPO / "qat" / "train.py")
 MAX_STEPS, SAVE_STEPS, KILL_AFTER = 40, 4, 8
 WEIGHT_ATOL, METRIC_ATOL = 1e-6, 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """The in-process runs use one thread, as the subprocess does (OMP_NUM_THREADS=1)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# The in-process runs use one thread, as the subprocess does (OMP_NUM_THREADS=1).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _env() -> dict[str, str]:

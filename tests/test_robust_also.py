@@ -11,10 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import tiny_recipe
-from tiny_lm import make_tiny_causal_lm_dir
+from tiny import REPO, error_lines, make_tiny_causal_lm_dir, tiny_recipe
 
-REPO = Path(__file__).resolve().parent.parent
 W4 = {"weight": {"format": "bfp", "width": 4, "block_size": 16}, "exclude": []}
 
 
@@ -76,7 +74,7 @@ def test_commands_on_an_export_say_what_exports_are_for(exports, tmp_path, capsy
     argv = [str(out), "--output", str(tmp_path / "p.json")] if command == "perplexity" else \
         [str(out), "--prompt", "hi"]
     rc = (perplexity_main if command == "perplexity" else generate_main)(argv)
-    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("qat ")]
+    err = error_lines(capsys)
     assert rc == 2 and err == [
         f"qat {command}: error: model {str(out)!r} is a qat export (packed weights, model_type "
         "qat_packed): exports are for transformers' from_pretrained and inference engines; "
@@ -109,5 +107,5 @@ def test_perplexity_of_a_recipe_naming_an_export(exports, tmp_path, capsys):
     out = exports["decoder"]
     recipe = tiny_recipe(tmp_path, model_name_or_path=str(out), quant=None)
     rc = perplexity_main([recipe, "--output", str(tmp_path / "p.json")])
-    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("qat ")]
+    err = error_lines(capsys)
     assert rc == 2 and len(err) == 1 and f"model {str(out)!r} is a qat export" in err[0], err

@@ -10,23 +10,9 @@ import subprocess
 import sys
 
 import pytest
-from tiny_lm import CHAT_DIR, WIKITEXT_DIR, lm_recipe, make_tiny_causal_lm_dir
+from tiny import CHAT_DIR, lm_train_error, make_tiny_causal_lm_dir
 
-from qat.cli.train import main as train_main
-
-
-@pytest.fixture(autouse=True)
-def _wikitext(monkeypatch):
-    monkeypatch.setenv("QAT_WIKITEXT_DIR", str(WIKITEXT_DIR))
-
-
-def _bad(tmp_path, capsys, chat=False, argv=(), **keys) -> str:
-    recipe = lm_recipe(tmp_path, chat=chat, **keys)
-    rc = train_main([recipe, *argv])
-    err = [line for line in capsys.readouterr().err.splitlines() if "qat train" in line]
-    assert rc == 2 and len(err) == 1, err
-    assert not (tmp_path / "out").exists()  # failed before anything was written
-    return err[0]
+pytestmark = pytest.mark.usefixtures("committed_wikitext")
 
 
 def _pair(tmp_path, name: str, data: bytes) -> dict[str, str]:
@@ -37,21 +23,21 @@ def _pair(tmp_path, name: str, data: bytes) -> dict[str, str]:
 
 def test_non_utf8_train_file(tmp_path, capsys):
     keys = _pair(tmp_path, "rows.jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
-    err = _bad(tmp_path, capsys, **keys)
+    err = lm_train_error(tmp_path, capsys, **keys)
     assert err == (f"qat train: error: data file {keys['train_file']!r} line 2: not valid "
                    "UTF-8 (byte 0xe9)")
 
 
 def test_non_utf8_text_train_file(tmp_path, capsys):
     keys = _pair(tmp_path, "doc.txt", b"plain\n\xff\xfe text\n")
-    err = _bad(tmp_path, capsys, **keys)
+    err = lm_train_error(tmp_path, capsys, **keys)
     assert err.endswith("line 2: not valid UTF-8 (byte 0xff)")
 
 
 @pytest.mark.parametrize("name", ["deep.json", "deep.jsonl"])
 def test_deeply_nested_json_train_file(tmp_path, capsys, name):
     keys = _pair(tmp_path, name, b"[" * 200_000 + b"]" * 200_000 + b"\n")
-    err = _bad(tmp_path, capsys, **keys)
+    err = lm_train_error(tmp_path, capsys, **keys)
     assert err.startswith(f"qat train: error: data file {keys['train_file']!r}")
     assert err.endswith("JSON nested too deeply to read")
 
@@ -74,7 +60,7 @@ def test_data_suffix_is_read_whatever_its_case(tmp_path, name):
 @pytest.mark.parametrize("name", ["docs.csv", "docs.parquet", "docs"])
 def test_unrecognised_data_suffix_is_refused(tmp_path, capsys, name):
     keys = _pair(tmp_path, name, b"text\nsome words\n")
-    err = _bad(tmp_path, capsys, **keys)
+    err = lm_train_error(tmp_path, capsys, **keys)
     suffix = os.path.splitext(name)[1]
     assert err == (f"qat train: error: data file {keys['train_file']!r}: unrecognised suffix "
                    f"{suffix!r}; expected one of .txt, .json, .jsonl (plain text, a JSON list "
@@ -85,14 +71,14 @@ def test_unrecognised_data_suffix_is_refused(tmp_path, capsys, name):
 def test_chat_completion_that_is_not_text(tmp_path, capsys, completion):
     f = tmp_path / "chat.jsonl"
     f.write_text(json.dumps({"prompt": "Two plus three?", "completion": completion}) + "\n")
-    err = _bad(tmp_path, capsys, chat=True, train_file=str(f))
+    err = lm_train_error(tmp_path, capsys, chat=True, train_file=str(f))
     assert err == (f"qat train: error: data file {str(f)!r} row 1: completion is "
                    f"{type(completion).__name__}; expected a string or a list of "
                    "{role, content} messages")
 
 
 def test_command_line_value_that_is_not_yaml(tmp_path, capsys):
-    err = _bad(tmp_path, capsys, argv=["--run_name", "a: b: c"])
+    err = lm_train_error(tmp_path, capsys, argv=["--run_name", "a: b: c"])
     assert err == ("qat train: error: --run_name: value 'a: b: c' is not valid YAML (mapping "
                    "values are not allowed here); quote it for a string, e.g. \"'a: b: c'\"")
 
@@ -243,5 +229,5 @@ def test_fifo_codebook_file_through_qat_train(tmp_path, capsys):
     fifo = tmp_path / "levels.json"
     os.mkfifo(fifo)
     quant = {"weight": {"format": "bof4", "codebook_file": str(fifo)}}
-    err = _bad(tmp_path, capsys, quant=quant)
+    err = lm_train_error(tmp_path, capsys, quant=quant)
     assert err.endswith(f"codebook_file {str(fifo)!r} is not a regular file")

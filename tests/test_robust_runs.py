@@ -8,14 +8,13 @@ import hashlib
 import json
 import multiprocessing
 import os
-import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from tiny import error_lines, tiny_recipe, tree_hashes
+from tiny import error_lines, tiny_recipe, train_tiny_run, tree_hashes
 
 from qat.cli.train import main as train_main
 from qat.runs.folders import LOCK_FILE
@@ -23,17 +22,8 @@ from qat.runs.folders import LOCK_FILE
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("lost")
-    recipe = tiny_recipe(tmp, max_steps=2, save_strategy="steps", save_steps=1)
-    assert train_main([recipe, "--output_dir", str(tmp / "run")]) == 0
-    return tmp / "run"
-
-
-@pytest.fixture()
-def run(run_dir, tmp_path) -> Path:
-    dst = tmp_path / "run"
-    shutil.copytree(run_dir, dst)
-    return dst
+    return train_tiny_run(tmp_path_factory.mktemp("lost"), max_steps=2, save_strategy="steps",
+                          save_steps=1)
 
 
 @pytest.mark.parametrize("bad", [

@@ -8,8 +8,7 @@ import json
 
 import pytest
 import torch
-from tiny import tiny_recipe
-from tiny_models import ARCHS, tiny_batch, tiny_model
+from tiny import ARCHS, tiny_batch, tiny_model, tiny_recipe
 from transformers import AutoModelForSequenceClassification
 
 import qat  # noqa: F401 - registers the qat_packed model type

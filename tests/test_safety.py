@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tiny import error_lines, tiny_recipe, tree_hashes
+from tiny import error_lines, tiny_recipe, train_tiny_run, tree_hashes
 
 from qat.cli.eval import main as eval_main
 from qat.cli.export import main as export_main
@@ -26,18 +25,8 @@ from qat.runs.folders import LOCK_FILE, last_good_checkpoint
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     """A finished tiny run with checkpoint-1..3 (each: weights, optimizer, scheduler, ...)."""
-    tmp = tmp_path_factory.mktemp("safety")
-    recipe = tiny_recipe(tmp, max_steps=3, save_strategy="steps", save_steps=1)
-    assert train_main([recipe, "--output_dir", str(tmp / "run")]) == 0
-    return tmp / "run"
-
-
-@pytest.fixture()
-def run(run_dir, tmp_path) -> Path:
-    """A private copy of ``run_dir`` to damage."""
-    dst = tmp_path / "run"
-    shutil.copytree(run_dir, dst)
-    return dst
+    return train_tiny_run(tmp_path_factory.mktemp("safety"), max_steps=3, save_strategy="steps",
+                          save_steps=1)
 
 
 # --- reused output_dir ----------------------------------------------------------------------

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from tiny import make_tiny_glue_dir, tiny_recipe
+from tiny import make_tiny_glue_dir, make_tiny_model_dir, tiny_recipe
 
 from qat.analysis import search as search_mod
 from qat.analysis.search import average_bits, choose, pareto_front
@@ -220,7 +220,6 @@ def test_pareto_front_and_choice():
 
 
 def test_average_bits_weights_elements_by_count(tmp_path):
-    from tiny import make_tiny_model_dir
     from transformers import AutoModelForSequenceClassification
 
     from qat.quant.quantize import quantize_model

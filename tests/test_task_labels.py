@@ -9,11 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from tiny import tiny_recipe
+from tiny import make_tiny_glue_dir, tiny_recipe
 
 from qat.tasks.glue import GLUE_TASKS, get_task
 
-REPO = Path(__file__).resolve().parent.parent
 EXPECTED = {
     "cola": ["unacceptable", "acceptable"], "sst2": ["negative", "positive"],
     "mrpc": ["not_equivalent", "equivalent"], "qqp": ["not_duplicate", "duplicate"],
@@ -68,8 +67,6 @@ def test_trained_run_and_its_export_print_label_names(tmp_path):
 
 @pytest.mark.parametrize("task", ["rte"])
 def test_pair_task_run_config(tmp_path, task):
-    from tiny import make_tiny_glue_dir
-
     from qat.cli.train import main as train_main
 
     recipe = tiny_recipe(tmp_path, task_name=task, data_dir=make_tiny_glue_dir(tmp_path, task),

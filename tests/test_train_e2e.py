@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tiny import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.skipif(not os.environ.get("QAT_DATA_DIR"), reason="needs GLUE data")
 
 

