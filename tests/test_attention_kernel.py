@@ -21,6 +21,8 @@ import torch
 
 triton = pytest.importorskip("triton")
 
+from tiny import tiny_batch, tiny_model  # noqa: E402
+
 import qat.quant.attention as attention  # noqa: E402
 import qat.quant.flash_attention as flash  # noqa: E402
 from qat import QuantConfig, quantize_model  # noqa: E402
@@ -29,7 +31,6 @@ from qat.quant.block_attention import block_attention  # noqa: E402
 from qat.quant.modules import MatmulQuantizer  # noqa: E402
 from qat.quant.ste import FakeQuantizer  # noqa: E402
 from tests.test_no_sync import no_host_sync  # noqa: E402
-from tests.tiny_models import tiny_batch, tiny_model  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
