@@ -93,13 +93,17 @@ def _scores_to_probs(q: Tensor, k: Tensor, mask: Tensor | None, scaling: float,
     """``Q(P)`` of one block of (quantised) query rows ``q`` against keys ``k`` (the same ops,
     in the same order, as ``qat.quant.attention.qat_attention_forward`` without dropout);
     ``mask`` is the block's rows and keys of the mask."""
+    # in place where the values allow: the matmul's backward does not need its output, and a
+    # fresh rows x L buffer per op costs page faults on the CPU
     scores = torch.matmul(q, k.transpose(-1, -2))
     if scaling != 1.0:  # OPT scales q itself and passes 1.0: x * 1.0 == x, so skip the pass
-        scores = scores * scaling
+        scores = scores.mul_(scaling)
     if mask is not None:
-        if mask.dtype == torch.bool:  # the values of masked_fill(~mask, min), without ~mask
-            scores = torch.where(mask, scores, torch.finfo(scores.dtype).min)
-        else:
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)
+        elif mask.dtype == scores.dtype:
+            scores = scores.add_(mask)
+        else:  # autocast: bf16 scores + a float32 mask give float32 scores
             scores = scores + mask
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     return probs if quantize_p is None else quantize_p(probs)
