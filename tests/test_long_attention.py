@@ -398,3 +398,29 @@ def test_cpu_block_path_reads_the_mask_once_per_forward(blocks, monkeypatch):
     monkeypatch.setattr(torch.Tensor, "tolist", counted)
     _run(_Attn(W4), *_qkv(200), CAUSAL_200)
     assert reads == [(13,)]  # one read of the 13 blocks' key counts, none in backward
+
+
+def test_key_tails_under_bf16_autocast(blocks, monkeypatch):
+    # the recompute under the forward's autocast state sees the forward's blocks and keys; the
+    # shorter bf16 sums over keys round to bf16 differently at most
+    monkeypatch.setattr(block, "MIN_ROWS", TAIL_ROWS)
+    module = _Attn(W4)
+    q, k, v = _qkv(130)
+    mask = _masks(130)["bool"]
+    results = []
+    for threshold in (1 << 60, 0):
+        monkeypatch.setattr(attention, "LONG_SCORES", threshold)
+        seen: list[torch.Tensor] = []
+        hook = _block_probs(module, seen)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, _ = attention.qat_attention_forward(module, q, k, v, mask, scaling=0.3)
+        hook.remove()
+        out.float().square().sum().backward()
+        results.append((out.detach().float(), [t.grad.clone() for t in (q, k, v)], seen))
+        for t in (q, k, v):
+            t.grad = None
+    (ref, ref_grads, _), (got, grads, seen) = results
+    assert len(blocks) == 1 and min(p.shape[-1] for p in seen) == 64
+    assert torch.allclose(got, ref, rtol=1e-2, atol=1e-2 * float(ref.abs().max()))
+    for name, g, r in zip("qkv", grads, ref_grads):
+        assert torch.allclose(g, r, rtol=1e-2, atol=1e-2 * float(r.abs().max())), name
