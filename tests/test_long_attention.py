@@ -373,6 +373,8 @@ def test_key_stops_by_hand(monkeypatch):
     # a broadcast row: every block sees that row's keys
     assert block.key_stops(k[1:2], 5, 7, 2, 1) == [2, 2, 2]
     assert block.key_stops(None, 5, 7, 2, 1) is None
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert block.key_stops(k, 5, 7, 2, 1) is None  # no host read inside a compiled graph
 
 
 def test_p_block_size_follows_the_p_quantiser():

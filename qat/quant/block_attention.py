@@ -72,10 +72,11 @@ def key_stops(mask: Tensor | None, q_len: int, k_len: int, rows: int, block: int
     """For each block of ``rows`` query rows, the keys it computes: one past the last key that
     any of its rows sees, rounded up to a multiple of ``block``, at least ``MIN_KEYS`` and at
     most ``k_len``; ``k_len`` for a block with a row that sees no key (its softmax is uniform
-    over all keys). None when every block computes all keys (no mask, unknown P blocks, or a
-    mask on a device that is not read on the host)."""
+    over all keys). None when every block computes all keys: no mask, unknown P blocks, a mask
+    on a device that is not read on the host, or under torch.compile (the read would break the
+    graph)."""
     if mask is None or block is None or mask.device.type not in HOST_READ_DEVICES \
-            or mask.shape[-1] != k_len or q_len == 0:
+            or mask.shape[-1] != k_len or q_len == 0 or torch.compiler.is_compiling():
         return None
     # a key is masked where the mask is False or holds the dtype's minimum (or -inf): its
     # score is then the minimum and exp() of it minus the row's max is exactly 0
