@@ -209,6 +209,9 @@ def test_block_path_never_syncs_with_the_host(blocks, monkeypatch):
     from test_no_sync import no_host_sync
 
     monkeypatch.setattr(attention, "LONG_SCORES", 0)
+    # the CPU path reads the mask's extent on the host (free there); a device where that
+    # read would sync keeps whole rows, as here
+    monkeypatch.setattr(block, "HOST_READ_DEVICES", frozenset())
     module = _Attn(W4, groups=2)
     q, k, v = _qkv(23, kv_heads=2)
     attention.qat_attention_forward(module, q, k, v, _masks(23)["bool"])  # warm-up
@@ -235,3 +238,191 @@ def test_boolean_mask_gives_the_float_masks_values_and_gradients(arch):
     assert torch.equal(got_logits, ref_logits)
     for name, g in ref_grads.items():
         assert torch.equal(got_grads[name], g), name
+
+
+# --- masked key tails: a query block computes only the keys its rows see ----------------------
+#
+# A tail's P is exactly 0, and Q(P) on the kept keys is the eager path's bit for bit; the sums
+# over keys (Q(P) V, dS K, dS^T Q) run over fewer terms, which BLAS may group differently: the
+# outputs and gradients are the eager path's up to float32 rounding (``_assert_same``).
+
+TAIL_ROWS = 16  # rows per block in these tests: lengths 37, 61, 70, 130, 200 end ragged
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("seq", [37, 61])
+def test_blocks_that_skip_masked_key_tails_match_the_eager_path(arch, seq, blocks, monkeypatch):
+    monkeypatch.setattr(block, "MIN_ROWS", TAIL_ROWS)
+    # 16 keys: still a whole AVX-512 vector of the softmax, and short enough for these lengths
+    monkeypatch.setattr(block, "MIN_KEYS", 16)
+    model = tiny_model(arch)
+    quantize_model(model, QuantConfig(weight=W4, activation=W4, matmul=W4))
+    batch = tiny_batch(seq=seq)
+    monkeypatch.setattr(attention, "LONG_SCORES", 1 << 60)
+    ref_logits, ref_grads = _step(model, batch)
+    monkeypatch.setattr(attention, "LONG_SCORES", 0)
+    got_logits, got_grads = _step(model, batch)
+    assert len(blocks) == 2
+    _assert_same(got_logits, ref_logits, "logits")
+    assert got_grads.keys() == ref_grads.keys()
+    for name, g in ref_grads.items():
+        _assert_same(got_grads[name], g, name)
+
+
+def _block_probs(module: torch.nn.Module, seen: list[torch.Tensor]):
+    """Record what the P quantiser returns (one tensor per block and pass)."""
+    return module.qat_matmul.p.register_forward_hook(lambda m, a, out: seen.append(out))
+
+
+@pytest.mark.parametrize("seq", [37, 70, 130])
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "additive", "broadcast_row"])
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_key_tails_under_masks_and_gqa(seq, mask_kind, kv_heads, blocks, monkeypatch):
+    monkeypatch.setattr(block, "MIN_ROWS", TAIL_ROWS)
+    module = _Attn({**W4, "block_size": 8}, groups=4 // kv_heads)
+    q, k, v = _qkv(seq, kv_heads=kv_heads, seed=seq)
+    mask = _masks(seq)[mask_kind]
+    monkeypatch.setattr(attention, "LONG_SCORES", 1 << 60)
+    ref, ref_probs, ref_grads = _run(module, q, k, v, mask)
+    monkeypatch.setattr(attention, "LONG_SCORES", 0)
+    seen: list[torch.Tensor] = []
+    hook = _block_probs(module, seen)
+    try:
+        got, _, grads = _run(module, q, k, v, mask)
+    finally:
+        hook.remove()
+    assert len(blocks) == 1
+    _assert_same(got, ref, "out")
+    for name, g, r in zip("qkv", grads, ref_grads):
+        _assert_same(g, r, name)
+    # Q(P) of each block: the eager Q(P)'s rows and first keys bit for bit, and 0 past them
+    starts = range(0, seq, TAIL_ROWS)
+    assert len(seen) == 2 * len(starts)  # forward, then the backward's recompute
+    for start, p, again in zip(starts, seen, seen[len(starts):]):
+        rows = ref_probs[..., start:start + TAIL_ROWS, :]
+        assert torch.equal(p, rows[..., :p.shape[-1]]) and torch.equal(again, p)
+        assert not rows[..., p.shape[-1]:].any()
+    if mask_kind in ("bool", "additive") and seq > 70:
+        assert min(p.shape[-1] for p in seen) < seq  # some block skipped a tail
+
+
+def _p_lengths(module: torch.nn.Module, seq: int, mask: torch.Tensor | None) -> list[int]:
+    """Key lengths of the P blocks that the P quantiser sees in one forward and backward."""
+    seen: list[torch.Tensor] = []
+    hook = _block_probs(module, seen)
+    try:
+        _run(module, *_qkv(seq), mask)
+    finally:
+        hook.remove()
+    return [p.shape[-1] for p in seen]
+
+
+CAUSAL_200 = torch.ones(200, 200, dtype=torch.bool).tril()[None, None]
+# 200 rows in blocks of 16: block i sees keys up to 16 (i + 1), at least MIN_KEYS = 64
+SEEN_200 = [64, 64, 64, 64, 80, 96, 112, 128, 144, 160, 176, 192, 200]
+
+
+@pytest.mark.parametrize("block_size,want", [
+    (16, SEEN_200), (8, SEEN_200),
+    (32, [64, 64, 64, 64, 96, 96, 128, 128, 160, 160, 192, 192, 200])])
+def test_causal_blocks_compute_only_the_keys_they_see(block_size, want, blocks, monkeypatch):
+    # rounded up to whole blocks of P's format; the forward and the backward's recompute each
+    # see every block once
+    monkeypatch.setattr(attention, "LONG_SCORES", 0)
+    monkeypatch.setattr(block, "MIN_ROWS", TAIL_ROWS)
+    module = _Attn({**W4, "block_size": block_size})
+    assert block.MIN_KEYS == 64
+    assert _p_lengths(module, 200, CAUSAL_200) == want + want
+    # a mask the block path may not read on the host (an accelerator's): whole rows
+    monkeypatch.setattr(block, "HOST_READ_DEVICES", frozenset())
+    assert _p_lengths(module, 200, CAUSAL_200) == [200] * 26
+
+
+def test_key_tails_are_kept_where_a_row_sees_no_key_or_p_blocks_are_unknown(blocks,
+                                                                           monkeypatch):
+    monkeypatch.setattr(attention, "LONG_SCORES", 0)
+    monkeypatch.setattr(block, "MIN_ROWS", TAIL_ROWS)
+    mask = CAUSAL_200.repeat(2, 1, 1, 1)
+    mask[1, :, 20:40] = False  # rows 20-39 of the second sequence see nothing: uniform P
+    want = [64, 200, 200] + SEEN_200[3:]
+    assert _p_lengths(_Attn(W4), 200, mask) == want + want
+    # a P quantiser whose blocks the block path cannot know: whole rows
+    assert block.p_block_size(lambda p: p) is None
+    assert block.key_stops(CAUSAL_200, 200, 200, 16, None) is None
+
+
+def test_key_stops_by_hand(monkeypatch):
+    assert block.key_stops(CAUSAL_200, 200, 200, 16, 16) == SEEN_200
+    monkeypatch.setattr(block, "MIN_KEYS", 1)
+    k = torch.tensor([[1, 0, 0, 0, 0, 0, 0],
+                      [1, 1, 0, 0, 0, 0, 0],
+                      [1, 1, 1, 0, 0, 0, 0],
+                      [1, 0, 0, 0, 1, 0, 0],
+                      [0, 0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    assert block.key_stops(k, 5, 7, 2, 1) == [2, 5, 7]  # last block: a row that sees nothing
+    assert block.key_stops(k, 5, 7, 2, 2) == [2, 6, 7]
+    assert block.key_stops(k, 5, 7, 2, 4) == [4, 7, 7]
+    assert block.key_stops(k[:4], 4, 7, 3, 1) == [3, 5]
+    additive = torch.zeros(5, 7).masked_fill(~k, torch.finfo(torch.float32).min)
+    assert block.key_stops(additive[None, None, :4], 4, 7, 2, 1) == [2, 5]
+    additive[3, 4] = float("-inf")  # -inf masks too
+    assert block.key_stops(additive[:4], 4, 7, 2, 1) == [2, 3]
+    # batch and head dims: a key counts as seen if any of them sees it
+    two = torch.stack([k[:4], k[:4].roll(1, -1)])[:, None]
+    assert block.key_stops(two, 4, 7, 2, 1) == [3, 6]
+    # a broadcast row: every block sees that row's keys
+    assert block.key_stops(k[1:2], 5, 7, 2, 1) == [2, 2, 2]
+    assert block.key_stops(None, 5, 7, 2, 1) is None
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert block.key_stops(k, 5, 7, 2, 1) is None  # no host read inside a compiled graph
+
+
+def test_p_block_size_follows_the_p_quantiser():
+    mq = MatmulQuantizer(make_format({**W4, "block_size": 8}), backend="reference")
+    assert block.p_block_size(mq.p) == 8
+    assert block.p_block_size(None) == 1
+    mq.p.enabled = False
+    assert block.p_block_size(mq.p) == 1
+    row_scale = MatmulQuantizer(make_format({"format": "int", "width": 8}), backend="reference")
+    assert block.p_block_size(row_scale.p) is None
+
+
+def test_cpu_block_path_reads_the_mask_once_per_forward(blocks, monkeypatch):
+    monkeypatch.setattr(attention, "LONG_SCORES", 0)
+    monkeypatch.setattr(block, "MIN_ROWS", TAIL_ROWS)
+    reads = []
+    tolist = torch.Tensor.tolist
+
+    def counted(self):
+        reads.append(tuple(self.shape))
+        return tolist(self)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counted)
+    _run(_Attn(W4), *_qkv(200), CAUSAL_200)
+    assert reads == [(13,)]  # one read of the 13 blocks' key counts, none in backward
+
+
+def test_key_tails_under_bf16_autocast(blocks, monkeypatch):
+    # the recompute under the forward's autocast state sees the forward's blocks and keys; the
+    # shorter bf16 sums over keys round to bf16 differently at most
+    monkeypatch.setattr(block, "MIN_ROWS", TAIL_ROWS)
+    module = _Attn(W4)
+    q, k, v = _qkv(130)
+    mask = _masks(130)["bool"]
+    results = []
+    for threshold in (1 << 60, 0):
+        monkeypatch.setattr(attention, "LONG_SCORES", threshold)
+        seen: list[torch.Tensor] = []
+        hook = _block_probs(module, seen)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, _ = attention.qat_attention_forward(module, q, k, v, mask, scaling=0.3)
+        hook.remove()
+        out.float().square().sum().backward()
+        results.append((out.detach().float(), [t.grad.clone() for t in (q, k, v)], seen))
+        for t in (q, k, v):
+            t.grad = None
+    (ref, ref_grads, _), (got, grads, seen) = results
+    assert len(blocks) == 1 and min(p.shape[-1] for p in seen) == 64
+    assert torch.allclose(got, ref, rtol=1e-2, atol=1e-2 * float(ref.abs().max()))
+    for name, g, r in zip("qkv", grads, ref_grads):
+        assert torch.allclose(g, r, rtol=1e-2, atol=1e-2 * float(r.abs().max())), name
