@@ -302,18 +302,22 @@ class AttentionOnly(torch.nn.Module):
         return SimpleNamespace(loss=out.float().square().mean())
 
 
-def bench_attention(seqs: list[int], steps: int, device: torch.device, backend: str
-                    ) -> list[dict]:
+def bench_attention(seqs: list[int], steps: int, device: torch.device, backend: str,
+                    eager_max_seq: int = 4096) -> list[dict]:
     """Float SDPA vs the "qat" attention's eager path (P kept for backward) and its block path
     (P recomputed), at each length: the attention alone (forward + backward + AdamW on Q, K, V)
-    and a 2-layer OPT-350M-shaped model (batch 1, W4A4)."""
+    and a 2-layer OPT-350M-shaped model (batch 1, W4A4). The eager path is left out above
+    ``eager_max_seq`` tokens: at 8192 it keeps 4 GiB per L x L tensor and layer."""
     rows = []
     for seq in seqs:
+        eager = seq <= eager_max_seq
         def alone(quant: dict | None, seq: int = seq):
             return lambda: AttentionOnly(seq, quant, backend, device)
 
         builds = {"float (SDPA)": (alone(None), None), "W4A4 eager": (alone(W4A4), "eager"),
                   "W4A4 block": (alone(W4A4), "block")}
+        if not eager:
+            del builds["W4A4 eager"]
         rows += measure_variants(builds, {}, steps, device,
                                  {"model": "attention", "batch": 1, "seq": seq})
         g = torch.Generator().manual_seed(0)
@@ -327,6 +331,8 @@ def bench_attention(seqs: list[int], steps: int, device: torch.device, backend: 
 
         builds = {"float (SDPA)": (model(None), None), "W4A4 eager": (model(W4A4), "eager"),
                   "W4A4 block": (model(W4A4), "block")}
+        if not eager:
+            del builds["W4A4 eager"]
         if device.type == "cuda":  # the Triton kernels (bf16 Q, K, V from autocast linears)
             builds["W4A4 kernel"] = (model(W4A4), "kernel")
         rows += measure_variants(builds, data, steps, device,
@@ -419,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="W4A4 variants to time beside float (auto, triton, compile, reference)")
     p.add_argument("--rotation", type=int, nargs="+", default=[],
                    help="also time W4A4 with quant.rotation of these sizes (e.g. 16 64)")
+    p.add_argument("--eager_max_seq", type=int, default=4096,
+                   help="--part attention: leave the eager path out above this length (memory)")
     p.add_argument("--seqs", type=int, nargs="+", default=[512, 2048, 8192],
                    help="--part attention: sequence lengths")
     p.add_argument("--profile_attention", action="store_true")
@@ -441,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
                                       args.backends, tuple(args.rotation))
     if args.part == "attention":  # not in "all": minutes per length on a CPU
         result["long_attention"] = bench_attention(args.seqs, args.steps, device,
-                                                   args.backends[0])
+                                                   args.backends[0], args.eager_max_seq)
     if args.profile_attention:
         result["attention"] = profile_attention(device, args.backends[0])
     (out / "speed.json").write_text(json.dumps(result, indent=2))
