@@ -42,23 +42,26 @@ def grid() -> dict[str, tuple[str, dict[str, Any] | None]]:
     """Row id -> (display name, quant config); ``None`` is the float model."""
     rows: dict[str, tuple[str, dict[str, Any] | None]] = {"float": ("float", None)}
     mx4 = {"format": "mxfp4"}
-    families = {"w6a6": ("W6A6 BFP", _bfp(6)), "w4a4": ("W4A4 BFP", _bfp(4)),
-                "mxfp4": ("MXFP4 W4A4", mx4)}
+    families = {
+        "w6a6": ("W6A6 BFP", _bfp(6)),
+        "w4a4": ("W4A4 BFP", _bfp(4)),
+        "mxfp4": ("MXFP4 W4A4", mx4),
+    }
     for key, (label, fmt) in families.items():
         mse = {**fmt, "scale": "mse"}
         rows[key] = (label, _quant(fmt, fmt, fmt))
         for size in (16, 32, 64, 128):
-            rows[f"{key}-rot{size}"] = (f"{label} + rotation {size}",
-                                        _quant(fmt, fmt, fmt, size))
+            rows[f"{key}-rot{size}"] = (f"{label} + rotation {size}", _quant(fmt, fmt, fmt, size))
         rows[f"{key}-mse"] = (f"{label} + mse scales", _quant(mse, mse, mse))
         for size in (16, 32, 64):
-            rows[f"{key}-rot{size}-mse"] = (f"{label} + rotation {size} + mse",
-                                            _quant(mse, mse, mse, size))
+            rows[f"{key}-rot{size}-mse"] = (
+                f"{label} + rotation {size} + mse",
+                _quant(mse, mse, mse, size),
+            )
     rows["w4a4-mm8"] = ("W4A4 BFP, 8-bit matmuls", _quant(_bfp(4), _bfp(4), _bfp(8)))
     rows["w4a4-mmfloat"] = ("W4A4 BFP, float matmuls", _quant(_bfp(4), _bfp(4), None))
     rows["w4-only"] = ("W4 BFP weight-only", _quant(_bfp(4), None, None))
-    rows["w4-only-rot16"] = ("W4 BFP weight-only + rotation 16",
-                             _quant(_bfp(4), None, None, 16))
+    rows["w4-only-rot16"] = ("W4 BFP weight-only + rotation 16", _quant(_bfp(4), None, None, 16))
     return rows
 
 
@@ -101,13 +104,30 @@ def run(a: argparse.Namespace) -> None:
         else:
             val = score(model, chunks["validation"])
             test = score(model, chunks["test"])
-            done.append({"id": row_id, "name": name, "quant": quant, "validation_ppl": val,
-                         "test_ppl": test, "seconds": round(time.time() - t0, 1)})
+            done.append(
+                {
+                    "id": row_id,
+                    "name": name,
+                    "quant": quant,
+                    "validation_ppl": val,
+                    "test_ppl": test,
+                    "seconds": round(time.time() - t0, 1),
+                }
+            )
             print(f"{row_id}: validation {val:.3f}, test {test:.3f}", flush=True)
             del model
-        path.write_text(json.dumps({
-            "recipe": a.recipe, "chunk_size": a.chunk_size, "test_chunks": a.test_chunks,
-            "val_chunks": a.val_chunks, "results": done}, indent=2))
+        path.write_text(
+            json.dumps(
+                {
+                    "recipe": a.recipe,
+                    "chunk_size": a.chunk_size,
+                    "test_chunks": a.test_chunks,
+                    "val_chunks": a.val_chunks,
+                    "results": done,
+                },
+                indent=2,
+            )
+        )
 
 
 def report(paths: list[Path], figure: Path | None) -> None:
@@ -120,8 +140,10 @@ def report(paths: list[Path], figure: Path | None) -> None:
     order = list(grid())  # by format, then lever, whatever order the rows ran in
     results.sort(key=lambda r: order.index(r["id"]) if r["id"] in order else len(order))
     ref = next((r for r in results if r["id"] == "float"), None)
-    print(f"\nWikiText-2, chunks of {meta['chunk_size']} tokens: test = first "
-          f"{meta['test_chunks']}, validation = first {meta['val_chunks']}\n")
+    print(
+        f"\nWikiText-2, chunks of {meta['chunk_size']} tokens: test = first "
+        f"{meta['test_chunks']}, validation = first {meta['val_chunks']}\n"
+    )
     print("| model | validation PPL | test PPL | test vs float |")
     print("| --- | ---: | ---: | ---: |")
     for r in results:
@@ -144,16 +166,31 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 0.9 + 0.32 * len(rows)))
     names = [r["name"] for r in rows][::-1]
     ppl = [r["test_ppl"] for r in rows][::-1]
-    bars = ax.barh(names, ppl, color=["#4c72b0" if r["id"] == "float" else "#c44e52"
-                                      if "rot" not in r["id"] and "mse" not in r["id"]
-                                      else "#55a868" for r in rows][::-1])
+    bars = ax.barh(
+        names,
+        ppl,
+        color=[
+            "#4c72b0"
+            if r["id"] == "float"
+            else "#c44e52"
+            if "rot" not in r["id"] and "mse" not in r["id"]
+            else "#55a868"
+            for r in rows
+        ][::-1],
+    )
     for bar, v in zip(bars, ppl):
-        ax.text(bar.get_width() * 1.01, bar.get_y() + bar.get_height() / 2, f"{v:.1f}",
-                va="center", fontsize=8)
+        ax.text(
+            bar.get_width() * 1.01,
+            bar.get_y() + bar.get_height() / 2,
+            f"{v:.1f}",
+            va="center",
+            fontsize=8,
+        )
     ax.set_xscale("log")
     ax.set_xlabel("WikiText-2 test perplexity, PTQ (log scale; lower is better)")
-    ax.set_title("SmolLM2-135M post-training quantisation: plain (red) vs levers (green)",
-                 fontsize=10)
+    ax.set_title(
+        "SmolLM2-135M post-training quantisation: plain (red) vs levers (green)", fontsize=10
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -165,8 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--recipe", default=str(REPO / "recipes/smollm2_wikitext_w4a4.yaml"))
     p.add_argument("--out", default=str(REPO / "outputs/bench_levers"))
-    p.add_argument("--rows", nargs="+", default=None, help=f"row ids (default: all): "
-                   f"{', '.join(grid())}")
+    p.add_argument(
+        "--rows", nargs="+", default=None, help=f"row ids (default: all): {', '.join(grid())}"
+    )
     p.add_argument("--chunk_size", type=int, default=2048)
     p.add_argument("--test_chunks", type=int, default=2)
     p.add_argument("--val_chunks", type=int, default=1)

@@ -44,12 +44,18 @@ def rows(recipe: str, codebook: str | None, lora_lr: float) -> list[tuple[str, s
         ("float-after", "float, after FT", recipe, ["--quant", "null"]),
         ("ptq", "{q} PTQ", recipe, EVAL_ONLY),
         ("qat-full", "{q} QAT full", recipe, []),
-        ("qat-lora", "{q} QAT LoRA", recipe,
-         ["--finetune", "lora", "--learning_rate", str(lora_lr)]),
+        (
+            "qat-lora",
+            "{q} QAT LoRA",
+            recipe,
+            ["--finetune", "lora", "--learning_rate", str(lora_lr)],
+        ),
     ]
     if codebook:
-        out += [("cb-ptq", "{q} PTQ", codebook, EVAL_ONLY),
-                ("cb-qat-full", "{q} QAT full", codebook, [])]
+        out += [
+            ("cb-ptq", "{q} PTQ", codebook, EVAL_ONLY),
+            ("cb-qat-full", "{q} QAT full", codebook, []),
+        ]
     return out
 
 
@@ -68,14 +74,17 @@ def load_results(paths: list[Path]) -> dict[str, Any]:
         if merged is None:
             merged = {**data, "results": list(data["results"])}
         elif _budget(data) != _budget(merged):
-            raise SystemExit(f"decoder_qat: {str(path)!r} has another budget "
-                             f"({data['budget']} vs {merged['budget']})")
+            raise SystemExit(
+                f"decoder_qat: {str(path)!r} has another budget "
+                f"({data['budget']} vs {merged['budget']})"
+            )
         else:
             merged["results"] += data["results"]
     assert merged is not None
     order = [r[0] for r in rows("", "", 0.0)]
-    merged["results"].sort(key=lambda r: (order.index(r["id"]) if r["id"] in order else 99,
-                                          r.get("lever") or ""))
+    merged["results"].sort(
+        key=lambda r: (order.index(r["id"]) if r["id"] in order else 99, r.get("lever") or "")
+    )
     return merged
 
 
@@ -84,18 +93,24 @@ def _budget(data: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in data["budget"].items() if k != "overrides"}
 
 
-def recovered(row: dict[str, Any], results: list[dict[str, Any]], after: float | None
-              ) -> float | None:
+def recovered(
+    row: dict[str, Any], results: list[dict[str, Any]], after: float | None
+) -> float | None:
     """(PTQ - QAT) / (PTQ - float after FT) of a QAT row, against the PTQ row of the same
     recipe and lever (else the recipe's plain PTQ row): the share of the quantisation damage
     training recovered. Recipes match by file name (runs in other folders merge)."""
     if "qat" not in row["id"] or after is None:
         return None
     ptq_id = "cb-ptq" if row["id"].startswith("cb-") else "ptq"
-    ptqs = [r for r in results if r["id"] == ptq_id
-            and Path(str(r.get("recipe"))).name == Path(str(row.get("recipe"))).name]
-    ptq = next((r for r in ptqs if r.get("lever") == row.get("lever")), None) or \
-        next((r for r in ptqs if not r.get("lever")), None)
+    ptqs = [
+        r
+        for r in results
+        if r["id"] == ptq_id
+        and Path(str(r.get("recipe"))).name == Path(str(row.get("recipe"))).name
+    ]
+    ptq = next((r for r in ptqs if r.get("lever") == row.get("lever")), None) or next(
+        (r for r in ptqs if not r.get("lever")), None
+    )
     if ptq is None or not math.isfinite(ptq["perplexity"]) or ptq["perplexity"] <= after:
         return None
     return (ptq["perplexity"] - row["perplexity"]) / (ptq["perplexity"] - after)
@@ -114,11 +129,12 @@ def report(paths: list[Path], figure: Path | None) -> None:
     b, results = data["budget"], data["results"]
     after = float_after(results)
     chunks = "all" if b["eval_chunks"] is None else f"the first {b['eval_chunks']}"
-    print(f"\n{Path(data['recipe']).name}: {b['steps']} steps x {b['batch']} x "
-          f"{b['block_size']} tokens = {b['training_tokens']} training tokens, seed {b['seed']}; "
-          f"WikiText-2 test, {chunks} chunks of {b['block_size']} tokens\n")
-    print("| model | WikiText-2 test PPL | vs float after FT | recovered | train loss | "
-          "seconds |")
+    print(
+        f"\n{Path(data['recipe']).name}: {b['steps']} steps x {b['batch']} x "
+        f"{b['block_size']} tokens = {b['training_tokens']} training tokens, seed {b['seed']}; "
+        f"WikiText-2 test, {chunks} chunks of {b['block_size']} tokens\n"
+    )
+    print("| model | WikiText-2 test PPL | vs float after FT | recovered | train loss | seconds |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for r in results:
         ok = after and math.isfinite(r["perplexity"])
@@ -126,8 +142,9 @@ def report(paths: list[Path], figure: Path | None) -> None:
         tl = "" if r.get("train_loss") is None else f"{r['train_loss']:.3f}"
         share = recovered(r, results, after)
         rec = "" if share is None else f"{share:.0%}"
-        print(f"| {r['name']} | {r['perplexity']:.2f} | {rel} | {rec} | {tl} | "
-              f"{r['seconds']:.0f} |")
+        print(
+            f"| {r['name']} | {r['perplexity']:.2f} | {rel} | {rec} | {tl} | {r['seconds']:.0f} |"
+        )
     if figure is not None:
         plot(data, figure)
         print(f"\ndrew {figure}")
@@ -151,18 +168,25 @@ def plot(data: dict[str, Any], path: Path) -> None:
     ppl = [r["perplexity"] for r in results][::-1]
     bars = ax.barh(names, ppl, color=[colour[kind(r["id"])] for r in results][::-1])
     for bar, v in zip(bars, ppl):
-        ax.text(bar.get_width() * 1.02, bar.get_y() + bar.get_height() / 2, f"{v:.1f}",
-                va="center", fontsize=9)
+        ax.text(
+            bar.get_width() * 1.02,
+            bar.get_y() + bar.get_height() / 2,
+            f"{v:.1f}",
+            va="center",
+            fontsize=9,
+        )
     after = float_after(results)
     if after:
         ax.axvline(after * 1.25, color="grey", ls="--", lw=1)
-        ax.text(after * 1.25, -0.9, " float after FT +25%", color="grey", fontsize=8,
-                va="bottom")
+        ax.text(after * 1.25, -0.9, " float after FT +25%", color="grey", fontsize=8, va="bottom")
     ax.set_xlim(0, max(ppl) * 1.12)
     ax.set_ylim(-0.95, len(results) - 0.5)
     ax.set_xlabel("WikiText-2 test perplexity (lower is better)")
-    ax.set_title(f"{Path(data['recipe']).stem}: {b['steps']} steps, {b['training_tokens']} "
-                 f"tokens, seed {b['seed']}", fontsize=10)
+    ax.set_title(
+        f"{Path(data['recipe']).stem}: {b['steps']} steps, {b['training_tokens']} "
+        f"tokens, seed {b['seed']}",
+        fontsize=10,
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -172,26 +196,48 @@ def plot(data: dict[str, Any], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--recipe", default=str(REPO / "recipes/smollm2_wikitext_w4a4.yaml"))
-    p.add_argument("--codebook_recipe", default=None,
-                   help="a second recipe (e.g. BOF4-S+OPQ weights): its PTQ and QAT full rows")
+    p.add_argument(
+        "--codebook_recipe",
+        default=None,
+        help="a second recipe (e.g. BOF4-S+OPQ weights): its PTQ and QAT full rows",
+    )
     p.add_argument("--steps", type=int)
     p.add_argument("--block_size", type=int)
     p.add_argument("--batch", type=int, help="per-device train batch (chunks)")
     p.add_argument("--seed", type=int)
-    p.add_argument("--eval_chunks", type=int, default=None,
-                   help="first N chunks of the test split (default: all of them)")
+    p.add_argument(
+        "--eval_chunks",
+        type=int,
+        default=None,
+        help="first N chunks of the test split (default: all of them)",
+    )
     p.add_argument("--lora_lr", type=float, default=2e-4)
     p.add_argument("--out", default=str(REPO / "outputs/bench_decoder_qat"))
-    p.add_argument("--lever", default=None, metavar="LABEL",
-                   help="name the extra --key value overrides (e.g. 'rotation 64 + KD'): "
-                        "appended to every row's name, so runs of several levers under one "
-                        "budget merge into one table (--table)")
+    p.add_argument(
+        "--lever",
+        default=None,
+        metavar="LABEL",
+        help="name the extra --key value overrides (e.g. 'rotation 64 + KD'): "
+        "appended to every row's name, so runs of several levers under one "
+        "budget merge into one table (--table)",
+    )
     p.add_argument("--only", nargs="+", default=None, help="row ids to run (default: all)")
-    p.add_argument("--table", nargs="+", type=Path, metavar="RESULTS_JSON", default=None,
-                   help="only print the table of results.json files written earlier "
-                        "(rows split across runs with --only are merged)")
-    p.add_argument("--plot", type=Path, default=None, metavar="PNG",
-                   help="also draw the perplexities (e.g. docs/decoder_qat.png)")
+    p.add_argument(
+        "--table",
+        nargs="+",
+        type=Path,
+        metavar="RESULTS_JSON",
+        default=None,
+        help="only print the table of results.json files written earlier "
+        "(rows split across runs with --only are merged)",
+    )
+    p.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        metavar="PNG",
+        help="also draw the perplexities (e.g. docs/decoder_qat.png)",
+    )
     a, extra = p.parse_known_args(argv)
     if a.table:
         report(a.table, a.plot)
@@ -202,40 +248,81 @@ def main(argv: list[str] | None = None) -> int:
     from qat.training.run import run
 
     out = Path(a.out)
-    budget = ["--max_steps", str(a.steps), "--block_size", str(a.block_size),
-              "--per_device_train_batch_size", str(a.batch), "--seed", str(a.seed),
-              "--eval_split", "test", "--max_eval_samples",
-              "null" if a.eval_chunks is None else str(a.eval_chunks),
-              "--save_strategy", "no", "--report_to", "none", "--overwrite_output_dir", "true",
-              *extra]
+    budget = [
+        "--max_steps",
+        str(a.steps),
+        "--block_size",
+        str(a.block_size),
+        "--per_device_train_batch_size",
+        str(a.batch),
+        "--seed",
+        str(a.seed),
+        "--eval_split",
+        "test",
+        "--max_eval_samples",
+        "null" if a.eval_chunks is None else str(a.eval_chunks),
+        "--save_strategy",
+        "no",
+        "--report_to",
+        "none",
+        "--overwrite_output_dir",
+        "true",
+        *extra,
+    ]
     args = load_recipe(a.recipe, budget).args
-    tokens = a.steps * a.batch * a.block_size * args.gradient_accumulation_steps \
+    tokens = (
+        a.steps
+        * a.batch
+        * a.block_size
+        * args.gradient_accumulation_steps
         * max(1, args.world_size)
+    )
     results: list[dict[str, Any]] = []
     path = out / "results.json"
 
     def write() -> None:
         out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({
-            "recipe": a.recipe, "codebook_recipe": a.codebook_recipe, "lever": a.lever,
-            "budget": {"steps": a.steps, "block_size": a.block_size, "batch": a.batch,
-                       "seed": a.seed, "training_tokens": tokens, "eval_chunks": a.eval_chunks,
-                       "lora_lr": a.lora_lr, "overrides": extra},
-            "results": results}, indent=2))
+        path.write_text(
+            json.dumps(
+                {
+                    "recipe": a.recipe,
+                    "codebook_recipe": a.codebook_recipe,
+                    "lever": a.lever,
+                    "budget": {
+                        "steps": a.steps,
+                        "block_size": a.block_size,
+                        "batch": a.batch,
+                        "seed": a.seed,
+                        "training_tokens": tokens,
+                        "eval_chunks": a.eval_chunks,
+                        "lora_lr": a.lora_lr,
+                        "overrides": extra,
+                    },
+                    "results": results,
+                },
+                indent=2,
+            )
+        )
 
     for row_id, name, recipe_path, overrides in rows(a.recipe, a.codebook_recipe, a.lora_lr):
         if a.only and row_id not in a.only:
             continue
-        recipe = load_recipe(recipe_path, [*budget, *overrides, "--output_dir",
-                                           str(out / row_id)])
+        recipe = load_recipe(recipe_path, [*budget, *overrides, "--output_dir", str(out / row_id)])
         label = quant_label(None if recipe.args.quant is None else recipe.args.quant.to_dict())
         t0 = time.time()
         metrics = run(recipe)
         shown = name.format(q=label) + (f" + {a.lever}" if a.lever else "")
-        row = {"id": row_id, "name": shown, "recipe": recipe_path, "lever": a.lever,
-               "overrides": extra,
-               "eval_loss": metrics["eval_loss"], "perplexity": metrics["eval_perplexity"],
-               "train_loss": metrics.get("train_loss"), "seconds": round(time.time() - t0, 1)}
+        row = {
+            "id": row_id,
+            "name": shown,
+            "recipe": recipe_path,
+            "lever": a.lever,
+            "overrides": extra,
+            "eval_loss": metrics["eval_loss"],
+            "perplexity": metrics["eval_perplexity"],
+            "train_loss": metrics.get("train_loss"),
+            "seconds": round(time.time() - t0, 1),
+        }
         results.append(row)
         print(f"[{row['name']}] perplexity={row['perplexity']:.3f}", flush=True)
         write()  # after every row: a long CPU run that dies keeps what it measured

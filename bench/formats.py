@@ -33,8 +33,18 @@ REPO = Path(__file__).resolve().parent.parent
 
 EXTRA_SPECS = [{"format": "bfp", "width": w} for w in (8, 6, 4, 3)]
 SCALE_SPECS = [{"format": "bfp", "width": w} for w in (3, 4, 6, 8)] + [
-    {"format": n} for n in ("mxfp4", "mxfp6_e2m3", "mxfp6_e3m2", "mxfp8_e4m3", "mxfp8_e5m2",
-                            "mxint8", "block_minifloat", "block_log")]
+    {"format": n}
+    for n in (
+        "mxfp4",
+        "mxfp6_e2m3",
+        "mxfp6_e3m2",
+        "mxfp8_e4m3",
+        "mxfp8_e5m2",
+        "mxint8",
+        "block_minifloat",
+        "block_log",
+    )
+]
 
 
 def specs() -> list[dict]:
@@ -97,8 +107,9 @@ def plot(rows: list[tuple[str, float, float, float]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 6), sharey=True)
-    for col, (ax, title) in enumerate(zip(axes, ["Gaussian N(0,1), 1024x1024",
-                                                 "MiniLM-L6 encoder weights (36 matrices)"])):
+    for col, (ax, title) in enumerate(
+        zip(axes, ["Gaussian N(0,1), 1024x1024", "MiniLM-L6 encoder weights (36 matrices)"])
+    ):
         pts = [(r[1], r[2 + col], r[0]) for r in rows if math.isfinite(r[2 + col])]
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=f"C{col}")
         for bits, db, name in _clusters(pts):
@@ -108,8 +119,10 @@ def plot(rows: list[tuple[str, float, float, float]], path: Path) -> None:
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("SQNR (dB)")
-    fig.suptitle("Quantisation SQNR vs storage cost, every format at its default parameters "
-                 "(+ BFP widths 3, 6, 8)")
+    fig.suptitle(
+        "Quantisation SQNR vs storage cost, every format at its default parameters "
+        "(+ BFP widths 3, 6, 8)"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -119,8 +132,10 @@ def compare_scales(gauss: torch.Tensor, weights: list[torch.Tensor], out: Path) 
     """SQNR of ``scale: max`` and ``scale: mse`` side by side (and the share of blocks whose
     exponent mse moved, on the Gaussian data)."""
     width = max(len(str(make_format(spec))) for spec in SCALE_SPECS)
-    header = (f"{'format':<{width}} {'bits':>6} {'gauss max':>9} {'gauss mse':>9} {'moved':>6} "
-              f"{'MiniLM max':>10} {'MiniLM mse':>10}")
+    header = (
+        f"{'format':<{width}} {'bits':>6} {'gauss max':>9} {'gauss mse':>9} {'moved':>6} "
+        f"{'MiniLM max':>10} {'MiniLM mse':>10}"
+    )
     print(header + "\n" + "-" * len(header))
     rows = []
     for spec in SCALE_SPECS:
@@ -131,33 +146,57 @@ def compare_scales(gauss: torch.Tensor, weights: list[torch.Tensor], out: Path) 
             moved = (fmse.encode(gauss).scales != fmax.encode(gauss).scales).float().mean().item()
         rows.append((str(fmax), fmax.bits_per_element, gmax, gmse, moved, wmax, wmse))
         shown = "-" if math.isnan(moved) else f"{moved:.1%}"
-        print(f"{str(fmax):<{width}} {fmax.bits_per_element:>6.3f} {gmax:>9.2f} {gmse:>9.2f} "
-              f"{shown:>6} {wmax:>10.2f} {wmse:>10.2f}")
+        print(
+            f"{str(fmax):<{width}} {fmax.bits_per_element:>6.3f} {gmax:>9.2f} {gmse:>9.2f} "
+            f"{shown:>6} {wmax:>10.2f} {wmse:>10.2f}"
+        )
     with open(out / "formats_scale_sqnr.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["format", "bits_per_element", "sqnr_gauss_max_db", "sqnr_gauss_mse_db",
-                         "blocks_moved", "sqnr_minilm_max_db", "sqnr_minilm_mse_db"])
+        writer.writerow(
+            [
+                "format",
+                "bits_per_element",
+                "sqnr_gauss_max_db",
+                "sqnr_gauss_mse_db",
+                "blocks_moved",
+                "sqnr_minilm_max_db",
+                "sqnr_minilm_mse_db",
+            ]
+        )
         writer.writerows(rows)
     print(f"wrote {out / 'formats_scale_sqnr.csv'}")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", type=Path, default=Path("outputs/bench"),
-                    help="output folder (default outputs/bench, git-ignored)")
-    ap.add_argument("--figure", type=Path, default=REPO / "docs" / "sqnr_vs_bits.png",
-                    help="docs/formats.md's SQNR vs bits picture (default docs/sqnr_vs_bits.png)")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=Path("outputs/bench"),
+        help="output folder (default outputs/bench, git-ignored)",
+    )
+    ap.add_argument(
+        "--figure",
+        type=Path,
+        default=REPO / "docs" / "sqnr_vs_bits.png",
+        help="docs/formats.md's SQNR vs bits picture (default docs/sqnr_vs_bits.png)",
+    )
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--scales", action="store_true",
-                    help="compare scale: max with scale: mse instead (no figure)")
+    ap.add_argument(
+        "--scales",
+        action="store_true",
+        help="compare scale: max with scale: mse instead (no figure)",
+    )
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
 
     gauss = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(args.seed))
     weights = minilm_weights()
     nweights = sum(w.numel() for w in weights)
-    print(f"Gaussian: 1024x1024 (seed {args.seed}); MiniLM: {len(weights)} encoder matrices, "
-          f"{nweights} weights")
+    print(
+        f"Gaussian: 1024x1024 (seed {args.seed}); MiniLM: {len(weights)} encoder matrices, "
+        f"{nweights} weights"
+    )
     if args.scales:
         compare_scales(gauss, weights, args.out)
         return 0

@@ -71,8 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     dev = torch.cuda.get_device_name()
     print(f"{dev}, {args.size}x{args.size}, {args.iters} calls per time")
-    head = (f"{'format':<12} {'dtype':<9} {'dim':>3} {'kernel ms':>10} {'ref ms':>9} "
-            f"{'floor ms':>9} {'kern/floor':>10} {'ref/kern':>9} {'GB/s':>7}  exact")
+    head = (
+        f"{'format':<12} {'dtype':<9} {'dim':>3} {'kernel ms':>10} {'ref ms':>9} "
+        f"{'floor ms':>9} {'kern/floor':>10} {'ref/kern':>9} {'GB/s':>7}  exact"
+    )
     print(head)
     print("-" * len(head))
     rows = []
@@ -83,18 +85,28 @@ def main(argv: list[str] | None = None) -> int:
         floor = time_ms(x.clone, args.iters)
         for fmt in kernel_formats():
             for dim in (-1, 0):
-                kern = time_ms(lambda x=x, f=fmt, d=dim: triton_fake_quantize(x, f, d),
-                               args.iters)
+                kern = time_ms(lambda x=x, f=fmt, d=dim: triton_fake_quantize(x, f, d), args.iters)
                 ref = time_ms(lambda x=x, f=fmt, d=dim: f.quantize(x, d), max(3, args.iters // 5))
                 exact = bits_equal(triton_fake_quantize(x, fmt, dim), fmt.quantize(x, dim))
-                row = {"format": str(fmt), "name": fmt.name, "dtype": str(dtype)[6:],
-                       "dim": dim, "kernel_ms": kern, "reference_ms": ref, "floor_ms": floor,
-                       "kernel_over_floor": kern / floor, "reference_over_kernel": ref / kern,
-                       "kernel_gbps": nbytes / kern / 1e6, "exact": exact}
+                row = {
+                    "format": str(fmt),
+                    "name": fmt.name,
+                    "dtype": str(dtype)[6:],
+                    "dim": dim,
+                    "kernel_ms": kern,
+                    "reference_ms": ref,
+                    "floor_ms": floor,
+                    "kernel_over_floor": kern / floor,
+                    "reference_over_kernel": ref / kern,
+                    "kernel_gbps": nbytes / kern / 1e6,
+                    "exact": exact,
+                }
                 rows.append(row)
-                print(f"{fmt.name:<12} {row['dtype']:<9} {dim:>3} {kern:>10.4f} {ref:>9.4f} "
-                      f"{floor:>9.4f} {kern / floor:>10.2f} {ref / kern:>9.1f} "
-                      f"{row['kernel_gbps']:>7.0f}  {'yes' if exact else 'NO'}")
+                print(
+                    f"{fmt.name:<12} {row['dtype']:<9} {dim:>3} {kern:>10.4f} {ref:>9.4f} "
+                    f"{floor:>9.4f} {kern / floor:>10.2f} {ref / kern:>9.1f} "
+                    f"{row['kernel_gbps']:>7.0f}  {'yes' if exact else 'NO'}"
+                )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": dev, "size": args.size, "rows": rows}, f, indent=1)

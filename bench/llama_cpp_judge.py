@@ -27,15 +27,17 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
-def _qat_side(recipe: str, overrides: list[str], text: str, chunks: int, chunk_size: int
-              ) -> tuple[float, list]:
+def _qat_side(
+    recipe: str, overrides: list[str], text: str, chunks: int, chunk_size: int
+) -> tuple[float, list]:
     import torch
 
     from qat.runs.build import build_model, resolve_source
     from qat.tasks.language_modeling import chunk_ids, perplexity
 
-    built = build_model(resolve_source(recipe, overrides), head="causal_lm",
-                        device=torch.device("cpu"))
+    built = build_model(
+        resolve_source(recipe, overrides), head="causal_lm", device=torch.device("cpu")
+    )
     ids = built.tokenizer(text, return_tensors="pt", verbose=False)["input_ids"][0]
     parts = chunk_ids(ids, chunk_size, chunks)
     ppl, _, _ = perplexity(built.model, parts)
@@ -60,20 +62,29 @@ def speed(gguf: Path, prompt: list[int], gen: int = 64, repeats: int = 3) -> dic
     return {"prompt_tokens_per_s": best_prompt, "gen_tokens_per_s": best_gen}
 
 
-def _engine_side(gguf: Path, text: str, chunks: list[list[int]], gen: int
-                 ) -> dict[str, Any]:
+def _engine_side(gguf: Path, text: str, chunks: list[list[int]], gen: int) -> dict[str, Any]:
     from qat.export.llama_cpp import LlamaCppModel, llama_cpp_perplexity
 
     with LlamaCppModel(gguf, n_ctx=max(len(c) for c in chunks)) as model:
-        own = model.tokenize(text)[:sum(len(c) for c in chunks)]
+        own = model.tokenize(text)[: sum(len(c) for c in chunks)]
         ppl, _, _ = llama_cpp_perplexity(model, chunks, progress=False)
-    return {"llama_cpp_ppl": ppl, "same_tokens": own == [t for c in chunks for t in c],
-            "gguf": str(gguf), **speed(gguf, chunks[0][:512], gen)}
+    return {
+        "llama_cpp_ppl": ppl,
+        "same_tokens": own == [t for c in chunks for t in c],
+        "gguf": str(gguf),
+        **speed(gguf, chunks[0][:512], gen),
+    }
 
 
-def judge(recipe: str, out_dir: str | os.PathLike, chunks: int = 2, chunk_size: int = 2048,
-          wikitext_dir: str | os.PathLike | None = None, gen: int = 64,
-          overrides: list[str] | None = None) -> dict[str, Any]:
+def judge(
+    recipe: str,
+    out_dir: str | os.PathLike,
+    chunks: int = 2,
+    chunk_size: int = 2048,
+    wikitext_dir: str | os.PathLike | None = None,
+    gen: int = 64,
+    overrides: list[str] | None = None,
+) -> dict[str, Any]:
     """Export ``recipe`` (a recipe or run folder; recipe keys ``overrides``) to
     ``out_dir``/model.gguf and score it both ways on the first ``chunks`` test chunks."""
     overrides = list(overrides or [])
@@ -88,43 +99,63 @@ def judge(recipe: str, out_dir: str | os.PathLike, chunks: int = 2, chunk_size: 
     gguf = Path(info["out"]) / "model.gguf"
     text = load_wikitext("test")
     qat_ppl, ids = _qat_side(recipe, overrides, text, chunks, chunk_size)
-    row = {"recipe": recipe, "overrides": overrides, "chunks": chunks, "chunk_size": chunk_size,
-           "qat_ppl": qat_ppl,
-           **_engine_side(gguf, text, ids, gen), "file_bytes": gguf.stat().st_size,
-           "export_seconds": round(export_s, 1)}
+    row = {
+        "recipe": recipe,
+        "overrides": overrides,
+        "chunks": chunks,
+        "chunk_size": chunk_size,
+        "qat_ppl": qat_ppl,
+        **_engine_side(gguf, text, ids, gen),
+        "file_bytes": gguf.stat().st_size,
+        "export_seconds": round(export_s, 1),
+    }
     row["difference"] = row["llama_cpp_ppl"] / qat_ppl - 1
     return row
 
 
 def table(rows: list[dict[str, Any]]) -> str:
     base = next((r for r in rows if r.get("label") == "F16"), None)
-    lines = ["| model | qat PPL | llama.cpp PPL | difference | file MiB | prompt tok/s |"
-             " gen tok/s |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| model | qat PPL | llama.cpp PPL | difference | file MiB | prompt tok/s | gen tok/s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for r in rows:
-        speed = (f"{r['prompt_tokens_per_s']:.0f} | {r['gen_tokens_per_s']:.1f}")
+        speed = f"{r['prompt_tokens_per_s']:.0f} | {r['gen_tokens_per_s']:.1f}"
         if base is not None and r is not base:
-            speed = (f"{r['prompt_tokens_per_s']:.0f} "
-                     f"({r['prompt_tokens_per_s'] / base['prompt_tokens_per_s']:.2f}x) | "
-                     f"{r['gen_tokens_per_s']:.1f} "
-                     f"({r['gen_tokens_per_s'] / base['gen_tokens_per_s']:.2f}x)")
-        lines.append(f"| {r.get('label') or r['recipe']} | {r['qat_ppl']:.2f} | "
-                     f"{r['llama_cpp_ppl']:.2f} | {100 * r['difference']:+.2f}% | "
-                     f"{r['file_bytes'] / 2**20:.1f} | {speed} |")
+            speed = (
+                f"{r['prompt_tokens_per_s']:.0f} "
+                f"({r['prompt_tokens_per_s'] / base['prompt_tokens_per_s']:.2f}x) | "
+                f"{r['gen_tokens_per_s']:.1f} "
+                f"({r['gen_tokens_per_s'] / base['gen_tokens_per_s']:.2f}x)"
+            )
+        lines.append(
+            f"| {r.get('label') or r['recipe']} | {r['qat_ppl']:.2f} | "
+            f"{r['llama_cpp_ppl']:.2f} | {100 * r['difference']:+.2f}% | "
+            f"{r['file_bytes'] / 2**20:.1f} | {speed} |"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("sources", nargs="*", help="recipes or run folders; LABEL=PATH names a row")
-    p.add_argument("--float_baseline", action="store_true",
-                   help="first, an F16 row: the first source with --quant null")
+    p.add_argument(
+        "--float_baseline",
+        action="store_true",
+        help="first, an F16 row: the first source with --quant null",
+    )
     p.add_argument("--chunks", type=int, default=2)
     p.add_argument("--chunk_size", type=int, default=2048)
     p.add_argument("--out", type=Path, default=REPO / "outputs/bench_llama_cpp")
     p.add_argument("--table", type=Path, default=None, metavar="RESULTS_JSON")
-    p.add_argument("--speed", type=Path, default=None, metavar="RESULTS_JSON",
-                   help="only measure llama.cpp's speed again for the rows' GGUF files, "
-                        "interleaved (run it on a quiet machine), and rewrite the file")
+    p.add_argument(
+        "--speed",
+        type=Path,
+        default=None,
+        metavar="RESULTS_JSON",
+        help="only measure llama.cpp's speed again for the rows' GGUF files, "
+        "interleaved (run it on a quiet machine), and rewrite the file",
+    )
     a = p.parse_args(argv)
     if a.speed is not None:
         data = json.loads(a.speed.read_text())

@@ -33,8 +33,10 @@ MODES: dict[str, tuple[str, list[str]]] = {
     "float": ("float (full FT)", ["--quant", "null"]),
     "qat-full": ("{q} QAT full", []),
     "qat-lora": ("{q} QAT LoRA", ["--finetune", "lora", "--learning_rate", "5e-4"]),
-    "qat-classifier": ("{q} QAT classifier",
-                       ["--finetune", "classifier", "--learning_rate", "2e-3"]),
+    "qat-classifier": (
+        "{q} QAT classifier",
+        ["--finetune", "classifier", "--learning_rate", "2e-3"],
+    ),
 }
 
 
@@ -58,10 +60,16 @@ def quant_label(quant: dict[str, Any] | None) -> str:
 
     if not quant or not any(quant.get(r) for r in ("weight", "activation", "matmul")):
         return "float"
-    fmts = {role: make_format(quant[role]) for role in ("weight", "activation", "matmul")
-            if quant.get(role)}
-    widths = "".join(f"{tag}{element_bits(fmts[role])}"
-                     for tag, role in (("W", "weight"), ("A", "activation")) if role in fmts)
+    fmts = {
+        role: make_format(quant[role])
+        for role in ("weight", "activation", "matmul")
+        if quant.get(role)
+    }
+    widths = "".join(
+        f"{tag}{element_bits(fmts[role])}"
+        for tag, role in (("W", "weight"), ("A", "activation"))
+        if role in fmts
+    )
     names = list(dict.fromkeys(fmts[r].name for r in ("weight", "activation") if r in fmts))
     label = " ".join(x for x in (widths, "/".join(names)) if x)
     if "matmul" in fmts:
@@ -78,8 +86,11 @@ def format_lines(quant: dict[str, Any] | None) -> list[str]:
 
     if not quant:
         return []
-    lines = [f"{role}: {make_format(quant[role])}" for role in ("weight", "activation", "matmul")
-             if quant.get(role)]
+    lines = [
+        f"{role}: {make_format(quant[role])}"
+        for role in ("weight", "activation", "matmul")
+        if quant.get(role)
+    ]
     if quant.get("overrides"):
         lines.append(f"overrides: {quant['overrides']}")
     return lines
@@ -98,8 +109,10 @@ def plot(results: dict[str, Any], path: Path) -> dict[str, Any]:
     names = list(values)
     formats = format_lines(results.get("quant"))
     what = " on ".join(str(x) for x in (results.get("model"), results.get("task")) if x)
-    title = (f"{Path(results['recipe']).stem} ({results['quant_label']}): "
-             f"{what + ', ' if what else ''}{results['steps']} steps, seeds {results['seeds']}")
+    title = (
+        f"{Path(results['recipe']).stem} ({results['quant_label']}): "
+        f"{what + ', ' if what else ''}{results['steps']} steps, seeds {results['seeds']}"
+    )
     fig, ax = plt.subplots(figsize=(8, 4.2 + 0.18 * len(formats)))
     for i, name in enumerate(names):
         ax.scatter([i] * len(values[name]), values[name], color="tab:blue", zorder=3)
@@ -145,12 +158,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[42, 43])
     p.add_argument("--out", default=str(REPO / "outputs/bench_qat_vs_ptq"))
     p.add_argument("--metric", default="eval_accuracy")
-    p.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES),
-                   help="which fine-tuning runs (PTQ comes with the float run)")
-    p.add_argument("--plot", metavar="RESULTS_JSON", type=Path,
-                   help="only draw this results.json (no training) to --figure")
-    p.add_argument("--figure", type=Path, default=REPO / "docs/qat_vs_ptq.png",
-                   help="where --plot draws (default docs/qat_vs_ptq.png, docs/results.md)")
+    p.add_argument(
+        "--modes",
+        nargs="+",
+        choices=list(MODES),
+        default=list(MODES),
+        help="which fine-tuning runs (PTQ comes with the float run)",
+    )
+    p.add_argument(
+        "--plot",
+        metavar="RESULTS_JSON",
+        type=Path,
+        help="only draw this results.json (no training) to --figure",
+    )
+    p.add_argument(
+        "--figure",
+        type=Path,
+        default=REPO / "docs/qat_vs_ptq.png",
+        help="where --plot draws (default docs/qat_vs_ptq.png, docs/results.md)",
+    )
     a = p.parse_args(argv)
     if a.plot is not None:
         if not a.plot.is_file():
@@ -169,8 +195,16 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, list[float]] = {name: [] for name, _ in modes.values()}
     results.update({name: [] for name in ptq})
     for seed in a.seeds:
-        common = ["--max_steps", str(a.steps), "--seed", str(seed), "--save_strategy", "no",
-                  "--report_to", "none"]
+        common = [
+            "--max_steps",
+            str(a.steps),
+            "--seed",
+            str(seed),
+            "--save_strategy",
+            "no",
+            "--report_to",
+            "none",
+        ]
         for mode_id, (mode, extra) in modes.items():
             run_dir = out / f"{mode_id}_{seed}"
             metrics = run(load_recipe(a.recipe, [*common, *extra, "--output_dir", str(run_dir)]))
@@ -180,20 +214,35 @@ def main(argv: list[str] | None = None) -> int:
                 ptq_metrics = ptq_eval(run_dir, a.recipe, common)
                 results[ptq_name].append(ptq_metrics[a.metric])
                 print(f"[PTQ seed {seed}] {a.metric}={ptq_metrics[a.metric]:.4f}", flush=True)
-    print(f"\n{Path(a.recipe).name}: {a.steps} steps x batch "
-          f"{recipe.get('per_device_train_batch_size')}, seeds {a.seeds}, quant {label} = "
-          f"{recipe.get('quant')}")
+    print(
+        f"\n{Path(a.recipe).name}: {a.steps} steps x batch "
+        f"{recipe.get('per_device_train_batch_size')}, seeds {a.seeds}, quant {label} = "
+        f"{recipe.get('quant')}"
+    )
     print(f"{'mode':<24} {a.metric:>14} {'spread (min..max)':>20}  per-seed")
     for mode, vals in results.items():
         mean = statistics.mean(vals)
-        print(f"{mode:<24} {mean:>14.4f} {min(vals):>9.4f}..{max(vals):.4f}  "
-              + " ".join(f"{v:.4f}" for v in vals))
+        print(
+            f"{mode:<24} {mean:>14.4f} {min(vals):>9.4f}..{max(vals):.4f}  "
+            + " ".join(f"{v:.4f}" for v in vals)
+        )
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({
-        "recipe": str(a.recipe), "model": recipe.get("model_name_or_path"),
-        "task": recipe.get("task_name"), "metric": a.metric, "quant_label": label,
-        "quant": recipe.get("quant"), "steps": a.steps, "seeds": a.seeds, "results": results},
-        indent=2))
+    (out / "results.json").write_text(
+        json.dumps(
+            {
+                "recipe": str(a.recipe),
+                "model": recipe.get("model_name_or_path"),
+                "task": recipe.get("task_name"),
+                "metric": a.metric,
+                "quant_label": label,
+                "quant": recipe.get("quant"),
+                "steps": a.steps,
+                "seeds": a.seeds,
+                "results": results,
+            },
+            indent=2,
+        )
+    )
     plot(json.loads((out / "results.json").read_text()), out / "qat_vs_ptq.png")
     print(f"wrote {out / 'results.json'} and {out / 'qat_vs_ptq.png'}")
     return 0

@@ -54,9 +54,14 @@ def decode_speed(model, tok, n_tokens: int, repeats: int) -> tuple[float, float]
     from qat.quant.qdec import enable_qdec
 
     enc = tok(PROMPT, return_tensors="pt")
-    kw = dict(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-              max_new_tokens=n_tokens, min_new_tokens=n_tokens, do_sample=False,
-              pad_token_id=tok.pad_token_id)
+    kw = dict(
+        input_ids=enc["input_ids"],
+        attention_mask=enc["attention_mask"],
+        max_new_tokens=n_tokens,
+        min_new_tokens=n_tokens,
+        do_sample=False,
+        pad_token_id=tok.pad_token_id,
+    )
     rates: dict[bool, list[float]] = {False: [], True: []}
     with torch.no_grad():
         enable_qdec(model, False)
@@ -101,16 +106,19 @@ def main() -> None:
     base = load_causal_lm(a.model, a.gguf_file).eval()
     ids = tok(load_wikitext("test"), return_tensors="pt", verbose=False)["input_ids"][0]
     chunks = chunk_ids(ids, a.chunk_size, a.max_chunks)
-    print(f"{len(chunks)} chunks of {a.chunk_size} tokens; torch threads "
-          f"{torch.get_num_threads()}", flush=True)
+    print(
+        f"{len(chunks)} chunks of {a.chunk_size} tokens; torch threads {torch.get_num_threads()}",
+        flush=True,
+    )
     rows = []
     t = time.perf_counter()
     ppl_float = perplexity(base, chunks)[0]
     print(f"float: ppl {ppl_float:.3f} ({time.perf_counter() - t:.0f} s)", flush=True)
     for name in a.formats:
         model = copy.deepcopy(base)
-        quantize_model(model, {"weight": FORMATS[name], "exclude": ["lm_head"],
-                               "backend": "reference"})
+        quantize_model(
+            model, {"weight": FORMATS[name], "exclude": ["lm_head"], "backend": "reference"}
+        )
         t = time.perf_counter()
         attach_qdec(model, {"k_chunk": 0, "residual_bits": a.residual_bits})
         set_default_prefill(model, "token")
@@ -122,14 +130,24 @@ def main() -> None:
             set_k_chunk(model, k)
             t = time.perf_counter()
             ppl = perplexity(model, chunks)[0]
-            print(f"{name}: k_chunk {k}: ppl {ppl:.3f} ({time.perf_counter() - t:.0f} s)",
-                  flush=True)
-            rows.append({"format": name, "k_chunk": k, "perplexity": ppl,
-                         "float_perplexity": ppl_float,
-                         "decode_tps_plain": plain_tps if k == a.default_k else "",
-                         "decode_tps_qdec": qdec_tps if k == a.default_k else ""})
-        print(f"{name}: decode {plain_tps:.2f} tok/s plain, {qdec_tps:.2f} with QDEC "
-              f"k_chunk {a.default_k} ({qdec_tps / plain_tps:.3f}x)", flush=True)
+            print(
+                f"{name}: k_chunk {k}: ppl {ppl:.3f} ({time.perf_counter() - t:.0f} s)", flush=True
+            )
+            rows.append(
+                {
+                    "format": name,
+                    "k_chunk": k,
+                    "perplexity": ppl,
+                    "float_perplexity": ppl_float,
+                    "decode_tps_plain": plain_tps if k == a.default_k else "",
+                    "decode_tps_qdec": qdec_tps if k == a.default_k else "",
+                }
+            )
+        print(
+            f"{name}: decode {plain_tps:.2f} tok/s plain, {qdec_tps:.2f} with QDEC "
+            f"k_chunk {a.default_k} ({qdec_tps / plain_tps:.3f}x)",
+            flush=True,
+        )
         del model
     csv_path = out.with_suffix(".csv")
     with csv_path.open("w", newline="") as f:
@@ -143,18 +161,26 @@ def main() -> None:
 
 def _table(rows: list[dict], ppl_float: float, a) -> None:
     ks = a.k_chunks
-    print(f"\nSmolLM2-135M, WikiText-2 test, {a.max_chunks} x {a.chunk_size} tokens; float "
-          f"{ppl_float:.2f}; QDEC {a.residual_bits}-bit residual; k_chunk 0 = plain quantised\n")
-    print("| format | " + " | ".join(f"k_chunk {k}" for k in ks)
-          + f" | decode tok/s plain / QDEC {a.default_k} | ratio |")
+    print(
+        f"\nSmolLM2-135M, WikiText-2 test, {a.max_chunks} x {a.chunk_size} tokens; float "
+        f"{ppl_float:.2f}; QDEC {a.residual_bits}-bit residual; k_chunk 0 = plain quantised\n"
+    )
+    print(
+        "| format | "
+        + " | ".join(f"k_chunk {k}" for k in ks)
+        + f" | decode tok/s plain / QDEC {a.default_k} | ratio |"
+    )
     print("| --- " * (len(ks) + 3) + "|")
     for name in dict.fromkeys(r["format"] for r in rows):
         mine = {r["k_chunk"]: r for r in rows if r["format"] == name}
         d = mine.get(a.default_k, {})
         tp, tq = d.get("decode_tps_plain"), d.get("decode_tps_qdec")
         speed = f"{tp:.1f} / {tq:.1f} | {tq / tp:.3f}x" if tp else "- | -"
-        print(f"| {name} | " + " | ".join(f"{mine[k]['perplexity']:.2f}" for k in ks)
-              + f" | {speed} |")
+        print(
+            f"| {name} | "
+            + " | ".join(f"{mine[k]['perplexity']:.2f}" for k in ks)
+            + f" | {speed} |"
+        )
 
 
 def _plot(rows: list[dict], ppl_float: float, out: Path, a) -> None:

@@ -22,8 +22,9 @@ from pathlib import Path
 
 def _json(path: Path) -> dict:
     if not path.is_file():
-        sys.exit(f"search_vs_uniform: {str(path)!r} does not exist "
-                 "(run the commands of docs/search.md)")
+        sys.exit(
+            f"search_vs_uniform: {str(path)!r} does not exist (run the commands of docs/search.md)"
+        )
     return json.loads(path.read_text())
 
 
@@ -31,20 +32,49 @@ def rows(float_dir: Path, search_dir: Path, qat_uniform: Path, qat_best: Path) -
     res = _json(search_dir / "search_results.json")
     metric = res["metric"]
     best = res["best"]
-    out = [{"name": "float", "kind": "float", "bits": 32.0,
-            "accuracy": _json(float_dir / "all_results.json")[f"eval_{metric}"]}]
+    out = [
+        {
+            "name": "float",
+            "kind": "float",
+            "bits": 32.0,
+            "accuracy": _json(float_dir / "all_results.json")[f"eval_{metric}"],
+        }
+    ]
     with open(search_dir / "uniform.csv") as f:
         for r in csv.DictReader(f):
-            out.append({"name": f"uniform {r['name']}", "kind": "PTQ", "bits": float(r["bits"]),
-                        "accuracy": float(r["validation_accuracy"])})
-    out.append({"name": f"searched mix (trial {best['number']})", "kind": "PTQ",
-                "bits": best["bits"], "accuracy": res["best_validation"]["accuracy"]})
+            out.append(
+                {
+                    "name": f"uniform {r['name']}",
+                    "kind": "PTQ",
+                    "bits": float(r["bits"]),
+                    "accuracy": float(r["validation_accuracy"]),
+                }
+            )
+    out.append(
+        {
+            "name": f"searched mix (trial {best['number']})",
+            "kind": "PTQ",
+            "bits": best["bits"],
+            "accuracy": res["best_validation"]["accuracy"],
+        }
+    )
     w4 = next(r for r in out if r["name"] == "uniform W4")
-    out.append({"name": "uniform W4", "kind": "QAT", "bits": w4["bits"],
-                "accuracy": _json(qat_uniform / "all_results.json")[f"eval_{metric}"]})
-    out.append({"name": f"searched mix (trial {best['number']})", "kind": "QAT",
-                "bits": best["bits"],
-                "accuracy": _json(qat_best / "all_results.json")[f"eval_{metric}"]})
+    out.append(
+        {
+            "name": "uniform W4",
+            "kind": "QAT",
+            "bits": w4["bits"],
+            "accuracy": _json(qat_uniform / "all_results.json")[f"eval_{metric}"],
+        }
+    )
+    out.append(
+        {
+            "name": f"searched mix (trial {best['number']})",
+            "kind": "QAT",
+            "bits": best["bits"],
+            "accuracy": _json(qat_best / "all_results.json")[f"eval_{metric}"],
+        }
+    )
     return out
 
 
@@ -58,14 +88,27 @@ def plot(table: list[dict], title: str, path: Path) -> None:
     fl = next(r for r in table if r["kind"] == "float")
     ax.axhline(fl["accuracy"], color="k", ls="--", lw=1, label=f"float ({fl['accuracy']:.4f})")
     ptq_u = [r for r in table if r["kind"] == "PTQ" and r["name"].startswith("uniform")]
-    ax.plot([r["bits"] for r in ptq_u], [r["accuracy"] for r in ptq_u], "s--", color="tab:blue",
-            label="PTQ, uniform width")
+    ax.plot(
+        [r["bits"] for r in ptq_u],
+        [r["accuracy"] for r in ptq_u],
+        "s--",
+        color="tab:blue",
+        label="PTQ, uniform width",
+    )
     for r in ptq_u:
-        ax.annotate(r["name"].split()[-1], (r["bits"], r["accuracy"]), fontsize=8,
-                    xytext=(4, -10), textcoords="offset points", color="tab:blue")
-    styles = {("PTQ", "mix"): ("*", "tab:green", "PTQ, searched mix"),
-              ("QAT", "uniform"): ("o", "tab:red", "QAT, uniform W4A4"),
-              ("QAT", "mix"): ("P", "tab:purple", "QAT, searched mix")}
+        ax.annotate(
+            r["name"].split()[-1],
+            (r["bits"], r["accuracy"]),
+            fontsize=8,
+            xytext=(4, -10),
+            textcoords="offset points",
+            color="tab:blue",
+        )
+    styles = {
+        ("PTQ", "mix"): ("*", "tab:green", "PTQ, searched mix"),
+        ("QAT", "uniform"): ("o", "tab:red", "QAT, uniform W4A4"),
+        ("QAT", "mix"): ("P", "tab:purple", "QAT, searched mix"),
+    }
     for r in table:
         key = (r["kind"], "mix" if r["name"].startswith("searched") else "uniform")
         if key in styles:

@@ -28,8 +28,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=REPO / "outputs/bench/profile_minilm")
     ap.add_argument("--figure", type=Path, default=REPO / "docs/variance_vs_depth.png")
     a = ap.parse_args(argv)
-    result = run(a.recipe, ["--num_batches", str(a.num_batches), "--batch_size", "8",
-                            "--output_dir", str(a.out), "--device", "cpu"])
+    result = run(
+        a.recipe,
+        [
+            "--num_batches",
+            str(a.num_batches),
+            "--batch_size",
+            "8",
+            "--output_dir",
+            str(a.out),
+            "--device",
+            "cpu",
+        ],
+    )
     a.figure.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(a.out / "variance_vs_depth.png", a.figure)
     print(f"wrote {result['csv']} and {a.figure}")

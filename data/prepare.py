@@ -38,13 +38,22 @@ class PrepareError(ValueError):
 
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog=PROG, description="Write GLUE (nyu-mll/glue) and WikiText-2 (raw v1) from the "
-        "Hugging Face Hub into the offline layout qat reads (QAT_DATA_DIR, QAT_WIKITEXT_DIR).")
-    p.add_argument("--out", required=True, type=Path,
-                   help="output folder; gets glue/<task>/*.tsv and wikitext-2-raw/*.txt")
-    p.add_argument("--tasks", nargs="+", metavar="TASK",
-                   help="GLUE tasks to write (default: all nine: cola sst2 mrpc qqp stsb mnli "
-                        "qnli rte wnli)")
+        prog=PROG,
+        description="Write GLUE (nyu-mll/glue) and WikiText-2 (raw v1) from the "
+        "Hugging Face Hub into the offline layout qat reads (QAT_DATA_DIR, QAT_WIKITEXT_DIR).",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        help="output folder; gets glue/<task>/*.tsv and wikitext-2-raw/*.txt",
+    )
+    p.add_argument(
+        "--tasks",
+        nargs="+",
+        metavar="TASK",
+        help="GLUE tasks to write (default: all nine: cola sst2 mrpc qqp stsb mnli qnli rte wnli)",
+    )
     p.add_argument("--no-glue", action="store_true", help="skip GLUE")
     p.add_argument("--no-wikitext", action="store_true", help="skip WikiText-2")
     p.add_argument("--overwrite", action="store_true", help="replace files that already exist")
@@ -56,8 +65,11 @@ def glue_targets(out: Path, task_names: Iterable[str]) -> list[tuple[str, str, P
     split(s); the test splits are left out (their labels are hidden: all -1)."""
     from qat.tasks.glue import get_task
 
-    return [(t, split, out / "glue" / t / f"{split}.tsv")
-            for t in task_names for split in ("train", *get_task(t).validation_splits)]
+    return [
+        (t, split, out / "glue" / t / f"{split}.tsv")
+        for t in task_names
+        for split in ("train", *get_task(t).validation_splits)
+    ]
 
 
 def wikitext_targets(out: Path) -> list[tuple[str, Path]]:
@@ -84,8 +96,10 @@ def write_glue_split(task_name: str, split, path: Path) -> int:
     have = list(split.column_names)
     missing = [c for c in task.columns if c not in have]
     if missing:
-        raise PrepareError(f"{task_name}: the Hub split lacks column(s) {', '.join(missing)}; "
-                           f"it has {', '.join(have)}")
+        raise PrepareError(
+            f"{task_name}: the Hub split lacks column(s) {', '.join(missing)}; "
+            f"it has {', '.join(have)}"
+        )
     cols = [*task.columns, *(["idx"] if "idx" in have else [])]
 
     def label(v) -> str:
@@ -127,9 +141,11 @@ def _check_tasks(names: list[str] | None) -> list[str]:
         return list(GLUE_TASKS)
     for name in names:
         if name not in GLUE_TASKS:
-            raise PrepareError(f"--tasks: unknown GLUE task {name!r}"
-                               f"{did_you_mean(name, GLUE_TASKS)}; valid tasks: "
-                               f"{', '.join(GLUE_TASKS)}")
+            raise PrepareError(
+                f"--tasks: unknown GLUE task {name!r}"
+                f"{did_you_mean(name, GLUE_TASKS)}; valid tasks: "
+                f"{', '.join(GLUE_TASKS)}"
+            )
     return list(dict.fromkeys(names))
 
 
@@ -159,8 +175,9 @@ def run(args: argparse.Namespace) -> list[Path]:
                 if t != task:
                     continue
                 if split not in ds:
-                    raise PrepareError(f"{HUB_DATASET}/{task} has no split {split!r}; it has "
-                                       f"{', '.join(ds)}")
+                    raise PrepareError(
+                        f"{HUB_DATASET}/{task} has no split {split!r}; it has {', '.join(ds)}"
+                    )
                 bar.set_postfix_str(f"{task}/{split}")
                 write_glue_split(task, ds[split], path)
                 written.append(path)

@@ -34,9 +34,23 @@ _LAZY = {
     "attach_qdec": ("qat.quant.qdec", "attach_qdec"),
     "QatError": ("qat.errors", "QatError"),
 }
-__all__ = ["LoraArguments", "QATConfig", "QATSFTTrainer", "QATTrainer", "QatError", "QuantConfig",
-           "QuantConfigError", "attach_qdec", "build_model", "export_packed", "load_recipe",
-           "make_format", "quantization_summary", "quantize_model", "train"]
+__all__ = [
+    "LoraArguments",
+    "QATConfig",
+    "QATSFTTrainer",
+    "QATTrainer",
+    "QatError",
+    "QuantConfig",
+    "QuantConfigError",
+    "attach_qdec",
+    "build_model",
+    "export_packed",
+    "load_recipe",
+    "make_format",
+    "quantization_summary",
+    "quantize_model",
+    "train",
+]
 
 if TYPE_CHECKING:
     from qat.errors import QatError
@@ -150,8 +164,10 @@ def _quiet_torchao_import_noise() -> None:
 
     def keep(record: logging.LogRecord) -> bool:
         cls = record.args[0] if isinstance(record.args, tuple) and record.args else None
-        return not (str(record.msg).startswith("%s is an Enum subclass")
-                    and getattr(cls, "__module__", "").startswith("torchao"))
+        return not (
+            str(record.msg).startswith("%s is an Enum subclass")
+            and getattr(cls, "__module__", "").startswith("torchao")
+        )
 
     logging.getLogger("torch.utils._pytree").addFilter(keep)
 

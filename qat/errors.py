@@ -40,20 +40,23 @@ class ExportError(QatError):
     write (here so ``qat.runs.folders`` can raise it for the export's destination rules)."""
 
 
-def decode_utf8(raw: bytes, where: str, error: type[QatError], encoding: str = "utf-8",
-                hint: str = "") -> str:
+def decode_utf8(
+    raw: bytes, where: str, error: type[QatError], encoding: str = "utf-8", hint: str = ""
+) -> str:
     """``raw`` decoded, or one ``error`` line naming ``where``, the line and the bad byte
     (``encoding``: ``utf-8-sig`` drops a BOM)."""
     try:
         return raw.decode(encoding)
     except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise error(f"{where} line {line}: not valid UTF-8 (byte 0x{raw[e.start]:02x}){hint}"
-                    ) from None
+        line = raw[: e.start].count(b"\n") + 1
+        raise error(
+            f"{where} line {line}: not valid UTF-8 (byte 0x{raw[e.start]:02x}){hint}"
+        ) from None
 
 
-def check_one_of(key: str, value: object, choices: Iterable[object], error: type[QatError],
-                 *, hint: bool = False) -> None:
+def check_one_of(
+    key: str, value: object, choices: Iterable[object], error: type[QatError], *, hint: bool = False
+) -> None:
     """Raise ``error("<key> must be one of a, b; got <value>")`` unless ``value`` is one of
     ``choices``: the one wording of every "pick one of these" key (``hint``: end with
     ``did_you_mean``).
@@ -67,8 +70,10 @@ def check_one_of(key: str, value: object, choices: Iterable[object], error: type
     choices = tuple(choices)
     if value not in choices:
         names = [str(c) for c in choices]
-        raise error(f"{key} must be one of {', '.join(names)}; got {value!r}"
-                    f"{did_you_mean(value, names) if hint else ''}")
+        raise error(
+            f"{key} must be one of {', '.join(names)}; got {value!r}"
+            f"{did_you_mean(value, names) if hint else ''}"
+        )
 
 
 def did_you_mean(word: object, choices: Iterable[str], section: str | None = None) -> str:
@@ -81,5 +86,8 @@ def did_you_mean(word: object, choices: Iterable[str], section: str | None = Non
     close = difflib.get_close_matches(str(word), list(choices), n=1)
     if not close:
         return ""
-    return f" (did you mean {close[0]!r}?)" if section is None else \
-        f" (did you mean {section}.{close[0]}?)"
+    return (
+        f" (did you mean {close[0]!r}?)"
+        if section is None
+        else f" (did you mean {section}.{close[0]}?)"
+    )

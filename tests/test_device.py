@@ -40,8 +40,11 @@ def test_resolve_without_a_gpu(no_cuda) -> None:
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto") == torch.device("cpu")
     assert resolve_device(None) == torch.device("cpu")
-    with pytest.raises(DeviceError, match=r"^--device 'cuda': no CUDA GPU is available on this "
-                                          r"machine; use --device cpu \(or auto\)$"):
+    with pytest.raises(
+        DeviceError,
+        match=r"^--device 'cuda': no CUDA GPU is available on this "
+        r"machine; use --device cpu \(or auto\)$",
+    ):
         resolve_device("cuda")
     with pytest.raises(DeviceError, match="'cuda:0': no CUDA GPU"):
         resolve_device("cuda:0")
@@ -58,14 +61,16 @@ def test_resolve_with_a_gpu(one_cuda) -> None:
 
 @pytest.mark.parametrize("spec", ["gpu", "cuda:", "cuda:x", "cuda:0:1", "CPU", "", "tpu"])
 def test_malformed_device_strings(spec: str) -> None:
-    with pytest.raises(DeviceError, match=f"^--device {spec!r} is not one of cpu, cuda, "
-                                          "cuda:N, auto$"):
+    with pytest.raises(
+        DeviceError, match=f"^--device {spec!r} is not one of cpu, cuda, cuda:N, auto$"
+    ):
         resolve_device(spec)
 
 
 @pytest.mark.parametrize("command", ["eval", "perplexity", "profile", "export"])
-def test_cuda_without_a_gpu_is_one_clear_error(tmp_path, no_cuda, wikitext_dir, monkeypatch,
-                                               capsys, command) -> None:
+def test_cuda_without_a_gpu_is_one_clear_error(
+    tmp_path, no_cuda, wikitext_dir, monkeypatch, capsys, command
+) -> None:
     import importlib
 
     def fail(*args: Any, **kwargs: Any) -> None:
@@ -73,14 +78,20 @@ def test_cuda_without_a_gpu_is_one_clear_error(tmp_path, no_cuda, wikitext_dir, 
 
     monkeypatch.setattr(qat.models, "load_sequence_classifier", fail)
     monkeypatch.setattr(qat.models, "load_causal_lm", fail)
-    module = {"eval": "qat.cli.eval", "perplexity": "qat.cli.perplexity",
-              "profile": "qat.cli.profile", "export": "qat.cli.export"}[command]
+    module = {
+        "eval": "qat.cli.eval",
+        "perplexity": "qat.cli.perplexity",
+        "profile": "qat.cli.profile",
+        "export": "qat.cli.export",
+    }[command]
     extra = ["--out", str(tmp_path / "packed")] if command == "export" else []
     argv = [tiny_recipe(tmp_path), "--device", "cuda", *extra]
     assert importlib.import_module(module).main(argv) == 2
     line = one_error_line(capsys.readouterr().err, command)
-    assert line == (f"qat {command}: error: --device 'cuda': no CUDA GPU is available on this "
-                    "machine; use --device cpu (or auto)")
+    assert line == (
+        f"qat {command}: error: --device 'cuda': no CUDA GPU is available on this "
+        "machine; use --device cpu (or auto)"
+    )
     assert not (tmp_path / "out").exists() and not (tmp_path / "packed").exists()
 
 
@@ -88,8 +99,20 @@ def test_eval_on_cpu_runs_and_writes(tmp_path, capsys) -> None:
     from qat.cli.eval import main
 
     out = tmp_path / "r.json"
-    assert main([tiny_recipe(tmp_path), "--device", "cpu", "--max_eval_samples", "8",
-                 "--output", str(out)]) == 0
+    assert (
+        main(
+            [
+                tiny_recipe(tmp_path),
+                "--device",
+                "cpu",
+                "--max_eval_samples",
+                "8",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     res = json.loads(out.read_text())
     assert 0.0 <= res["metrics"]["validation"]["accuracy"] <= 1.0
 
@@ -100,8 +123,9 @@ class _Seen(Exception):
 
 def _spy_on_forward(monkeypatch: pytest.MonkeyPatch, seen: dict[str, Any]) -> None:
     """Resolve every device to ``meta`` and hook the loaded model's forward."""
-    monkeypatch.setattr(qat.models, "resolve_device",
-                        lambda spec=None, use_cpu=False: torch.device("meta"))
+    monkeypatch.setattr(
+        qat.models, "resolve_device", lambda spec=None, use_cpu=False: torch.device("meta")
+    )
     real_build_model = qat.runs.build.build_model
 
     def hook(module, args, kwargs):
@@ -120,8 +144,9 @@ def _spy_on_forward(monkeypatch: pytest.MonkeyPatch, seen: dict[str, Any]) -> No
 
 
 @pytest.mark.parametrize("command", ["eval", "perplexity", "profile"])
-def test_model_and_batches_go_to_the_resolved_device(tmp_path, wikitext_dir, monkeypatch,
-                                                     command) -> None:
+def test_model_and_batches_go_to_the_resolved_device(
+    tmp_path, wikitext_dir, monkeypatch, command
+) -> None:
     seen: dict[str, Any] = {}
     _spy_on_forward(monkeypatch, seen)
     arch = "llama" if command == "perplexity" else "bert"
@@ -130,8 +155,9 @@ def test_model_and_batches_go_to_the_resolved_device(tmp_path, wikitext_dir, mon
         if command == "eval":
             qat.cli.eval.run(recipe, ["--max_eval_samples", "8"], device="cpu")
         elif command == "perplexity":
-            qat.cli.perplexity.run(recipe, ["--chunk_size", "16", "--max_chunks", "1",
-                                        "--device", "cpu"])
+            qat.cli.perplexity.run(
+                recipe, ["--chunk_size", "16", "--max_chunks", "1", "--device", "cpu"]
+            )
         else:
             qat.cli.profile.run(recipe, ["--num_batches", "1", "--device", "cpu"])
     assert seen["inputs"] == {"meta"}, seen  # input_ids, attention_mask, ... all moved
@@ -141,8 +167,9 @@ def test_model_and_batches_go_to_the_resolved_device(tmp_path, wikitext_dir, mon
 
 def test_export_loads_on_the_resolved_device(tmp_path, monkeypatch) -> None:
     seen: dict[str, Any] = {}
-    monkeypatch.setattr(qat.models, "resolve_device",
-                        lambda spec=None, use_cpu=False: torch.device("meta"))
+    monkeypatch.setattr(
+        qat.models, "resolve_device", lambda spec=None, use_cpu=False: torch.device("meta")
+    )
 
     def build_model(source, overrides=(), **kwargs):
         seen["device"] = kwargs.get("device")
@@ -150,8 +177,9 @@ def test_export_loads_on_the_resolved_device(tmp_path, monkeypatch) -> None:
 
     monkeypatch.setattr(qat.runs.build, "build_model", build_model)
     with pytest.raises(_Seen):
-        qat.cli.export.run(tiny_recipe(tmp_path), ["--out", str(tmp_path / "packed"),
-                                               "--device", "cpu"])
+        qat.cli.export.run(
+            tiny_recipe(tmp_path), ["--out", str(tmp_path / "packed"), "--device", "cpu"]
+        )
     assert seen["device"] == torch.device("meta")
     assert not Path(tmp_path / "packed").exists()
 
@@ -173,14 +201,19 @@ def test_cpu_training_does_not_ask_for_pinned_memory(tmp_path) -> None:
     model_dir = make_tiny_model_dir(tmp_path)
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
-    data = tokenize_glue(load_glue("sst2", make_tiny_glue_dir(tmp_path)), get_task("sst2"),
-                         tok, 32)
+    data = tokenize_glue(load_glue("sst2", make_tiny_glue_dir(tmp_path)), get_task("sst2"), tok, 32)
     # no use_cpu (which drops pinning itself): a recipe on a machine without a GPU
-    args = TrainingArguments(output_dir=str(tmp_path / "out"), report_to="none",
-                             per_device_train_batch_size=4)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"), report_to="none", per_device_train_batch_size=4
+    )
     assert args.dataloader_pin_memory and args.device.type == "cpu"
-    trainer = QATTrainer(model, args, quant_config=None, train_dataset=data["train"],
-                         data_collator=DataCollatorWithPadding(tok))
+    trainer = QATTrainer(
+        model,
+        args,
+        quant_config=None,
+        train_dataset=data["train"],
+        data_collator=DataCollatorWithPadding(tok),
+    )
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         next(iter(trainer.get_train_dataloader()))

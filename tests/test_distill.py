@@ -22,14 +22,18 @@ from tiny import (
 from qat.runs.recipe import DistillArguments
 from qat.training.distill import distill_loss_sum, divergence
 
-W4 = {"weight": {"format": "bfp", "width": 4, "block_size": 16},
-      "activation": {"format": "bfp", "width": 4, "block_size": 16}, "exclude": ["lm_head"]}
+W4 = {
+    "weight": {"format": "bfp", "width": 4, "block_size": 16},
+    "activation": {"format": "bfp", "width": 4, "block_size": 16},
+    "exclude": ["lm_head"],
+}
 
 
 pytestmark = pytest.mark.usefixtures("committed_wikitext")
 
 
 # --- the maths ---------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("kind", ["kl", "jsd"])
 @pytest.mark.parametrize("temperature", [1.0, 2.5])
@@ -54,8 +58,15 @@ def test_kl_and_jsd_equal_hand_computed_values():
         p, q = _softmax(t_row, t), _softmax(s_row, t)  # teacher p, student q
         m = [(a + b) / 2 for a, b in zip(p, q)]
         kl.append(t * t * sum(a * math.log(a / b) for a, b in zip(p, q)))
-        jsd.append(t * t * 0.5 * (sum(a * math.log(a / c) for a, c in zip(p, m))
-                                  + sum(b * math.log(b / c) for b, c in zip(q, m))))
+        jsd.append(
+            t
+            * t
+            * 0.5
+            * (
+                sum(a * math.log(a / c) for a, c in zip(p, m))
+                + sum(b * math.log(b / c) for b, c in zip(q, m))
+            )
+        )
     s, te = torch.tensor(student), torch.tensor(teacher)
     assert divergence(s, te, "kl", t).tolist() == pytest.approx(kl, rel=1e-5)
     assert divergence(s, te, "jsd", t).tolist() == pytest.approx(jsd, rel=1e-5)
@@ -105,8 +116,17 @@ def test_classifier_rows_are_every_example():
 
 # --- teachers --------------------------------------------------------------------------------
 
-def _trainer(tmp_path, finetune="full", quant=W4, distill=None, steps=1, cls=None,
-             gradient_accumulation_steps=1, **kw):
+
+def _trainer(
+    tmp_path,
+    finetune="full",
+    quant=W4,
+    distill=None,
+    steps=1,
+    cls=None,
+    gradient_accumulation_steps=1,
+    **kw,
+):
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, TrainingArguments
 
@@ -120,14 +140,28 @@ def _trainer(tmp_path, finetune="full", quant=W4, distill=None, steps=1, cls=Non
     labels = ids.clone()
     labels[:, :5] = -100  # a masked "prompt"
     data = Dataset.from_dict({"input_ids": ids.numpy(), "labels": labels.numpy()})
-    args = TrainingArguments(output_dir=str(tmp_path / "o"), use_cpu=True, report_to="none",
-                             learning_rate=1e-2, max_steps=steps, save_strategy="no",
-                             per_device_train_batch_size=4, logging_steps=1,
-                             gradient_accumulation_steps=gradient_accumulation_steps,
-                             disable_tqdm=True)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "o"),
+        use_cpu=True,
+        report_to="none",
+        learning_rate=1e-2,
+        max_steps=steps,
+        save_strategy="no",
+        per_device_train_batch_size=4,
+        logging_steps=1,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        disable_tqdm=True,
+    )
     return (cls or QATTrainer)(
-        model=model, args=args, train_dataset=data, quant_config=quant, finetune=finetune,
-        lora=LoraArguments(r=4), distill=distill or DistillArguments(), **kw)
+        model=model,
+        args=args,
+        train_dataset=data,
+        quant_config=quant,
+        finetune=finetune,
+        lora=LoraArguments(r=4),
+        distill=distill or DistillArguments(),
+        **kw,
+    )
 
 
 def _batch(trainer):
@@ -139,8 +173,7 @@ def _float_logits(tmp_path, batch):
 
     ref = AutoModelForCausalLM.from_pretrained(make_tiny_causal_lm_dir(tmp_path)).eval()
     with torch.no_grad():
-        return ref(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")
-                   ).logits
+        return ref(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
 
 
 def _storages(module) -> set[int]:
@@ -156,8 +189,9 @@ def test_lora_teacher_is_the_student_with_adapters_and_quantisers_off(tmp_path):
     assert isinstance(teacher, AdapterOffTeacher) and teacher.model is trainer.model
     assert not hasattr(trainer, "teacher_model")
     # no second weight copy: the teacher's parameters are the student's, storage for storage
-    assert [p.data_ptr() for p in teacher.model.parameters()] == \
-        [p.data_ptr() for p in trainer.model.parameters()]
+    assert [p.data_ptr() for p in teacher.model.parameters()] == [
+        p.data_ptr() for p in trainer.model.parameters()
+    ]
     assert _storages(teacher.model) == _storages(trainer.model)
     trainer.train()  # the adapters move away from zero
     batch = _batch(trainer)
@@ -192,8 +226,12 @@ def test_full_teacher_is_a_frozen_float_copy_of_the_initial_weights(tmp_path):
 @pytest.mark.parametrize("loss", ["kl", "jsd"])
 def test_distill_term_is_exactly_zero_without_quantisers(tmp_path, finetune, loss):
     """A float student that has not trained is its own teacher: the term is 0, not ~1e-9."""
-    trainer = _trainer(tmp_path, finetune=finetune, quant=None,
-                       distill=DistillArguments(loss=loss, temperature=2.0))
+    trainer = _trainer(
+        tmp_path,
+        finetune=finetune,
+        quant=None,
+        distill=DistillArguments(loss=loss, temperature=2.0),
+    )
     batch = _batch(trainer)
     trainer.model.train()
     loss_value = trainer.compute_loss(trainer.model, batch)
@@ -204,8 +242,7 @@ def test_distill_term_is_exactly_zero_without_quantisers(tmp_path, finetune, los
 def test_loss_is_task_plus_weight_times_distill_on_the_same_batch(tmp_path):
     from transformers import Trainer
 
-    trainer = _trainer(tmp_path, distill=DistillArguments(loss="jsd", temperature=1.5,
-                                                          weight=0.25))
+    trainer = _trainer(tmp_path, distill=DistillArguments(loss="jsd", temperature=1.5, weight=0.25))
     seen = []
     logits_of = trainer.teacher.logits
 
@@ -222,14 +259,16 @@ def test_loss_is_task_plus_weight_times_distill_on_the_same_batch(tmp_path):
     task, out = Trainer.compute_loss(trainer, trainer.model, dict(batch), return_outputs=True)
     with torch.no_grad():
         teacher = _float_logits(tmp_path, batch)
-    total, count = distill_loss_sum(out.logits, teacher, batch["labels"], causal=True,
-                                    kind="jsd", temperature=1.5)
+    total, count = distill_loss_sum(
+        out.logits, teacher, batch["labels"], causal=True, kind="jsd", temperature=1.5
+    )
     assert int(count) == 4 * 11  # 15 shifted labels per row, 4 of them in the masked prompt
     expected = task + 0.25 * total / count
     assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
 
 
 # --- runs ------------------------------------------------------------------------------------
+
 
 def _log_history(out: Path) -> list[dict]:
     return json.loads((out / "trainer_state.json").read_text())["log_history"]
@@ -238,8 +277,9 @@ def _log_history(out: Path) -> list[dict]:
 def test_decoder_qat_run_with_distillation_trains_and_logs_both_losses(tmp_path, capsys):
     from qat.cli.train import main as train_main
 
-    recipe = lm_recipe(tmp_path, max_steps=8, distill={"teacher": "self", "weight": 0.5,
-                                                       "temperature": 2.0})
+    recipe = lm_recipe(
+        tmp_path, max_steps=8, distill={"teacher": "self", "weight": 0.5, "temperature": 2.0}
+    )
     assert train_main([recipe]) == 0
     logs = [h for h in _log_history(tmp_path / "out") if "loss" in h]
     assert len(logs) == 8
@@ -256,8 +296,9 @@ def test_decoder_qat_run_with_distillation_trains_and_logs_both_losses(tmp_path,
 def test_logged_parts_add_up_to_loss_under_gradient_accumulation(tmp_path):
     """Token-normalised over the accumulated batch, as the task loss is: the logged parts add up
     to Trainer's own ``loss`` with 2 accumulation steps too."""
-    trainer = _trainer(tmp_path, steps=2, distill=DistillArguments(weight=0.3),
-                       gradient_accumulation_steps=2)
+    trainer = _trainer(
+        tmp_path, steps=2, distill=DistillArguments(weight=0.3), gradient_accumulation_steps=2
+    )
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 2
@@ -274,9 +315,14 @@ def test_glue_run_with_a_fine_tuned_float_teacher_folder(tmp_path):
 
     teacher = tmp_path / "teacher"
     AutoModelForSequenceClassification.from_pretrained(
-        make_tiny_model_dir(tmp_path, "bert"), num_labels=2).save_pretrained(teacher)
-    recipe = tiny_recipe(tmp_path, max_steps=3, gradient_accumulation_steps=2,
-                         distill={"teacher": str(teacher), "weight": 0.5})
+        make_tiny_model_dir(tmp_path, "bert"), num_labels=2
+    ).save_pretrained(teacher)
+    recipe = tiny_recipe(
+        tmp_path,
+        max_steps=3,
+        gradient_accumulation_steps=2,
+        distill={"teacher": str(teacher), "weight": 0.5},
+    )
     assert train_main([recipe]) == 0
     logs = [h for h in _log_history(tmp_path / "out") if "loss" in h]
     assert len(logs) == 3
@@ -292,9 +338,14 @@ def test_sft_trainer_applies_distillation(tmp_path):
     from qat.integrations.trl import QATSFTTrainer
     from qat.models import load_tokenizer
 
-    trainer = _trainer(tmp_path, finetune="lora", cls=QATSFTTrainer, steps=2,
-                       distill=DistillArguments(weight=2.0),
-                       processing_class=load_tokenizer(make_tiny_causal_lm_dir(tmp_path)))
+    trainer = _trainer(
+        tmp_path,
+        finetune="lora",
+        cls=QATSFTTrainer,
+        steps=2,
+        distill=DistillArguments(weight=2.0),
+        processing_class=load_tokenizer(make_tiny_causal_lm_dir(tmp_path)),
+    )
     batch = _batch(trainer)
     trainer.model.train()
     loss = trainer.compute_loss(trainer.model, dict(batch))
@@ -332,6 +383,7 @@ def test_distill_section_from_the_command_line(tmp_path):
 
 # --- bad input: one line, exit 2, before any model loads -------------------------------------
 
+
 def _config_only_model(tmp_path: Path, name: str, config) -> str:
     """A model folder that passes the path checks; only its config.json is ever read."""
     out = tmp_path / name
@@ -343,23 +395,41 @@ def _config_only_model(tmp_path: Path, name: str, config) -> str:
 def _other_vocab(tmp_path: Path) -> str:
     from transformers import LlamaConfig
 
-    return _config_only_model(tmp_path, "small-vocab", LlamaConfig(
-        vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1))
+    return _config_only_model(
+        tmp_path,
+        "small-vocab",
+        LlamaConfig(
+            vocab_size=1000,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        ),
+    )
 
 
 DECODER_ROWS = [
-    ("unknown key", {"tempreature": 2},
-     "unknown key distill.tempreature (did you mean distill.temperature?)"),
+    (
+        "unknown key",
+        {"tempreature": 2},
+        "unknown key distill.tempreature (did you mean distill.temperature?)",
+    ),
     ("unknown loss", {"loss": "mse"}, "distill.loss must be one of kl, jsd; got 'mse'"),
     ("temperature 0", {"temperature": 0}, "distill.temperature must be finite and > 0, got 0.0"),
     ("temperature inf", {"temperature": ".inf"}, "distill.temperature must be finite and > 0"),
     ("negative weight", {"weight": -0.5}, "distill.weight must be finite and >= 0, got -0.5"),
     ("missing teacher", {"teacher": "{tmp}/no/such/teacher"}, "does not exist"),
-    ("other architecture", {"teacher": "BERT"}, "has another architecture than the model "
-                                                "(model_type 'bert', the model's 'llama')"),
-    ("other vocabulary", {"teacher": "SMALL"}, "has another vocabulary size than the model "
-                                               "(vocab_size 1000, the model's 30522)"),
+    (
+        "other architecture",
+        {"teacher": "BERT"},
+        "has another architecture than the model (model_type 'bert', the model's 'llama')",
+    ),
+    (
+        "other vocabulary",
+        {"teacher": "SMALL"},
+        "has another vocabulary size than the model (vocab_size 1000, the model's 30522)",
+    ),
 ]
 
 
@@ -386,15 +456,18 @@ def test_bad_distill_input_fails_before_loading_the_model(row, tmp_path, no_mode
 
 
 @pytest.mark.parametrize("finetune", ["classifier", "full"])
-def test_self_teacher_with_a_fresh_classification_head_is_refused(tmp_path, no_model, capsys,
-                                                                   finetune):
+def test_self_teacher_with_a_fresh_classification_head_is_refused(
+    tmp_path, no_model, capsys, finetune
+):
     from qat.cli.train import main as train_main
 
     recipe = tiny_recipe(tmp_path, finetune=finetune, distill={"teacher": "self"})
     assert train_main([recipe]) == 2
     line = one_error_line(capsys.readouterr().err, "train")
-    assert "freshly initialised classification head" in line and \
-        "the float teacher would predict with the same untrained head" in line, line
+    assert (
+        "freshly initialised classification head" in line
+        and "the float teacher would predict with the same untrained head" in line
+    ), line
 
 
 def test_distill_on_a_regression_task_is_refused(tmp_path, no_model, capsys):
@@ -418,8 +491,13 @@ def test_train_help_lists_the_distill_keys(capsys):
 
     assert train_main(["--help"]) == 0
     out = " ".join(capsys.readouterr().out.split())
-    for key in ("--distill mapping | None", "--distill.teacher str", "--distill.loss kl|jsd",
-                "--distill.temperature float", "--distill.weight float"):
+    for key in (
+        "--distill mapping | None",
+        "--distill.teacher str",
+        "--distill.loss kl|jsd",
+        "--distill.temperature float",
+        "--distill.weight float",
+    ):
         assert key in out, key
 
 
@@ -438,8 +516,9 @@ def test_the_distillation_part_of_a_step_makes_no_host_sync(tmp_path, finetune):
     student = trainer.model(**inputs).logits
     num_items = (batch["labels"][:, 1:] != -100).sum()
     with no_host_sync():
-        total, count = distill_loss_sum(student, teacher, batch["labels"], causal=True,
-                                        kind="jsd", temperature=2.0)
+        total, count = distill_loss_sum(
+            student, teacher, batch["labels"], causal=True, kind="jsd", temperature=2.0
+        )
         term = trainer._normalise_like_task(total, count, num_items)
         term.backward()
         trainer._distill_step = (term.detach(), term.detach())

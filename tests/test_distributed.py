@@ -40,19 +40,43 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_cpu_processes_match_one_with_the_same_global_batch(tmp_path: Path,
-                                                                one_thread: None) -> None:
+def test_two_cpu_processes_match_one_with_the_same_global_batch(
+    tmp_path: Path, one_thread: None
+) -> None:
     model_dir = make_tiny_model_dir(tmp_path, no_dropout=True)
-    recipe = tiny_recipe(tmp_path, max_steps=6, learning_rate=1e-4,
-                         model_name_or_path=model_dir)
+    recipe = tiny_recipe(tmp_path, max_steps=6, learning_rate=1e-4, model_name_or_path=model_dir)
     ddp, single = tmp_path / "ddp", tmp_path / "single"
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false")
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        CUDA_VISIBLE_DEVICES="",
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-         "qat/train.py", recipe, "--output_dir", str(ddp), "--per_device_train_batch_size", "4"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(_free_port()),
+            "qat/train.py",
+            recipe,
+            "--output_dir",
+            str(ddp),
+            "--per_device_train_batch_size",
+            "4",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     assert main([recipe, "--output_dir", str(single), "--per_device_train_batch_size", "8"]) == 0
     log, _ = proc.communicate(timeout=240)
     assert proc.returncode == 0, log[-4000:]
@@ -66,8 +90,11 @@ def test_two_cpu_processes_match_one_with_the_same_global_batch(tmp_path: Path,
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=WEIGHT_ATOL, rtol=0, msg=k)
     init = load_file(Path(model_dir) / "model.safetensors")
-    moved = sum(not torch.equal(a[k], init[k.removeprefix("bert.")]) for k in a
-                if k.removeprefix("bert.") in init)
+    moved = sum(
+        not torch.equal(a[k], init[k.removeprefix("bert.")])
+        for k in a
+        if k.removeprefix("bert.") in init
+    )
     assert moved > 0  # training did change the weights the comparison covers
     ma = json.loads((single / "eval_results.json").read_text())
     mb = json.loads((ddp / "eval_results.json").read_text())
@@ -95,13 +122,18 @@ def test_fsdp_on_the_cpu_is_refused_not_run_as_ddp(tmp_path: Path, capsys) -> No
     is not in its FSDP list), so `fsdp:` on the CPU would train as plain DDP: checked by
     running 2 gloo processes here, which exited 0 with DDP-style checkpoints (model.safetensors,
     optimizer.pt, no pytorch_model_fsdp_0/). qat refuses it up front instead."""
-    recipe = tiny_recipe(tmp_path, fsdp="full_shard auto_wrap",
-                         fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["BertLayer"]})
+    recipe = tiny_recipe(
+        tmp_path,
+        fsdp="full_shard auto_wrap",
+        fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["BertLayer"]},
+    )
     assert main([recipe]) == 2
     err = error_lines(capsys)
-    assert err == ["qat train: error: recipe key fsdp needs GPUs: on the CPU "
-                   "accelerate silently trains without FSDP (as DDP); drop the fsdp keys or run "
-                   "on GPUs"]
+    assert err == [
+        "qat train: error: recipe key fsdp needs GPUs: on the CPU "
+        "accelerate silently trains without FSDP (as DDP); drop the fsdp keys or run "
+        "on GPUs"
+    ]
     assert not (tmp_path / "out").exists()
 
 
@@ -116,30 +148,72 @@ def _consolidated(dcp_dir: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("model."): v for k, v in state.items()}
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason=(
-    "FSDP needs 2 GPUs: on the CPU accelerate drops the FSDP plugin (MULTI_CPU is not an FSDP "
-    "distributed type) and trains as DDP, see test_fsdp_on_the_cpu_is_refused_not_run_as_ddp"))
+@pytest.mark.skipif(
+    torch.cuda.device_count() < 2,
+    reason=(
+        "FSDP needs 2 GPUs: on the CPU accelerate drops the FSDP plugin (MULTI_CPU is not an FSDP "
+        "distributed type) and trains as DDP, see test_fsdp_on_the_cpu_is_refused_not_run_as_ddp"
+    ),
+)
 def test_fsdp_two_gpus_match_one_process_and_resume_a_sharded_checkpoint(tmp_path: Path) -> None:
     """launch/fsdp.yaml (FSDP2, SHARDED_STATE_DICT) on 2 GPUs, W4A4 BFP: the weights after 6
     steps equal a 1-process run with the same global batch (atol 1e-5, as for DDP), and a
     resume from the sharded checkpoint-3 ends with the same weights (atol 1e-6)."""
     model_dir = make_tiny_model_dir(tmp_path, no_dropout=True)
-    recipe = tiny_recipe(tmp_path, max_steps=6, learning_rate=1e-4, use_cpu=False,
-                         model_name_or_path=model_dir, save_strategy="steps", save_steps=3)
+    recipe = tiny_recipe(
+        tmp_path,
+        max_steps=6,
+        learning_rate=1e-4,
+        use_cpu=False,
+        model_name_or_path=model_dir,
+        save_strategy="steps",
+        save_steps=3,
+    )
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 
     def fsdp(out: Path, *extra: str) -> None:
         proc = subprocess.run(
-            [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-             str(REPO / "launch" / "fsdp.yaml"), "--num_processes", "2", "--main_process_port",
-             str(_free_port()), "qat/train.py", recipe, "--output_dir", str(out),
-             "--per_device_train_batch_size", "4", *extra],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+            [
+                sys.executable,
+                "-m",
+                "accelerate.commands.launch",
+                "--config_file",
+                str(REPO / "launch" / "fsdp.yaml"),
+                "--num_processes",
+                "2",
+                "--main_process_port",
+                str(_free_port()),
+                "qat/train.py",
+                recipe,
+                "--output_dir",
+                str(out),
+                "--per_device_train_batch_size",
+                "4",
+                *extra,
+            ],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert proc.returncode == 0, proc.stderr[-4000:]
 
     single, full, resumed = tmp_path / "single", tmp_path / "fsdp", tmp_path / "resumed"
-    assert main([recipe, "--output_dir", str(single), "--per_device_train_batch_size", "8",
-                 "--save_strategy", "no"]) == 0
+    assert (
+        main(
+            [
+                recipe,
+                "--output_dir",
+                str(single),
+                "--per_device_train_batch_size",
+                "8",
+                "--save_strategy",
+                "no",
+            ]
+        )
+        == 0
+    )
     fsdp(full)
     ckpt = full / "checkpoint-6" / "pytorch_model_fsdp_0"
     assert ckpt.is_dir() and (full / "checkpoint-3" / "optimizer_0").is_dir()

@@ -55,11 +55,15 @@ def broken_links(page: Path) -> list[str]:
 
 
 def test_github_slugs_of_real_headings():
-    assert github_slug("Block rotations — `quant.rotation: {kind: hadamard, size: S}`") == \
-        "block-rotations--quantrotation-kind-hadamard-size-s"
+    assert (
+        github_slug("Block rotations — `quant.rotation: {kind: hadamard, size: S}`")
+        == "block-rotations--quantrotation-kind-hadamard-size-s"
+    )
     assert github_slug("Scale choice — `scale: max | mse`") == "scale-choice--scale-max--mse"
-    assert github_slug("qat — block-quantisation-aware fine-tuning for 🤗 transformers") == \
-        "qat--block-quantisation-aware-fine-tuning-for--transformers"
+    assert (
+        github_slug("qat — block-quantisation-aware fine-tuning for 🤗 transformers")
+        == "qat--block-quantisation-aware-fine-tuning-for--transformers"
+    )
     assert github_slug("Use from [Python](x.md) (v2)") == "use-from-python-v2"
     assert anchors("# A\n## A\n```\n# not a heading\n```\n### b_c\n") == {"a", "a-1", "b_c"}
 
@@ -73,7 +77,8 @@ def test_the_checker_finds_dead_links_and_anchors(tmp_path):
         "[ok](other.md#measured-ppl-cpu) ![ok](pic.png) [ok](#top) [web](https://x.org/a.md)\n"
         "[dead](missing.md) ![dead](docs/pic.png) [bad anchor](other.md#measured)\n"
         "[self](#nowhere) `[code](ignored.md)`\n"
-        "```\n[fenced](ignored.md)\n```\n")
+        "```\n[fenced](ignored.md)\n```\n"
+    )
     assert broken_links(page) == [
         "page.md: missing.md (no such file)",
         "page.md: docs/pic.png (no such file)",

@@ -7,14 +7,17 @@ import pytest
 from qat.errors import did_you_mean
 
 
-@pytest.mark.parametrize("word,choices,section,hint", [
-    ("sst3", ["cola", "sst2", "mrpc"], None, " (did you mean 'sst2'?)"),  # a value: quoted
-    ("weigth", ["weight", "act"], "quant", " (did you mean quant.weight?)"),  # a key: its path
-    ("sise", ("kind", "size"), "quant.rotation", " (did you mean quant.rotation.size?)"),
-    ("zzzz", ["weight", "act"], "quant", ""),  # nothing close: no hint
-    (3, ["3x", "abc"], None, " (did you mean '3x'?)"),  # a YAML int key is matched as text
-    ("x", [], None, ""),
-])
+@pytest.mark.parametrize(
+    "word,choices,section,hint",
+    [
+        ("sst3", ["cola", "sst2", "mrpc"], None, " (did you mean 'sst2'?)"),  # a value: quoted
+        ("weigth", ["weight", "act"], "quant", " (did you mean quant.weight?)"),  # a key: its path
+        ("sise", ("kind", "size"), "quant.rotation", " (did you mean quant.rotation.size?)"),
+        ("zzzz", ["weight", "act"], "quant", ""),  # nothing close: no hint
+        (3, ["3x", "abc"], None, " (did you mean '3x'?)"),  # a YAML int key is matched as text
+        ("x", [], None, ""),
+    ],
+)
 def test_hint_names_the_closest_choice_or_nothing(word, choices, section, hint):
     assert did_you_mean(word, choices, section) == hint
 
@@ -24,6 +27,7 @@ def test_a_dict_s_keys_are_the_choices():
 
 
 # --- bad input to library functions: a QatError subclass (exit code 2 at the command layer) ---
+
 
 def _fit_lobcq(**kw):
     from qat.formats.fit.lobcq import fit_lobcq
@@ -59,21 +63,39 @@ def _check_policy(policy: str):
     return check_policy(policy)
 
 
-@pytest.mark.parametrize("call,error,message", [
-    (lambda: _check_policy("ignore"), "ConfigError", "on_nonfinite must be one of stop, skip; "
-                                                     "got 'ignore'"),
-    (lambda: _prepare("qlora"), "ConfigError", "finetune must be one of full, lora, "
-                                               "classifier; got 'qlora'"),
-    (lambda: _prepare("lora"), "ConfigError", "finetune: lora needs a lora section"),
-    (lambda: _divergence((2, 5), "mse"), "ConfigError", "distill loss must be kl or jsd, got "
-                                                        "'mse'"),
-    (lambda: _divergence((2, 6), "kl"), "ConfigError", "student logits (2, 5) and teacher "
-                                                       "logits (2, 6) differ in shape"),
-    (lambda: _fit_codebook(metric="l1"), "UsageError", "metric must be one of"),
-    (lambda: _fit_codebook(block_size=1), "UsageError", "block_size must be >= 2, got 1"),
-    (lambda: _fit_lobcq(samples=None, block_len=8, array_len=60), "UsageError",
-     "array_len (60) must be a multiple of block_len (8)"),
-])
+@pytest.mark.parametrize(
+    "call,error,message",
+    [
+        (
+            lambda: _check_policy("ignore"),
+            "ConfigError",
+            "on_nonfinite must be one of stop, skip; got 'ignore'",
+        ),
+        (
+            lambda: _prepare("qlora"),
+            "ConfigError",
+            "finetune must be one of full, lora, classifier; got 'qlora'",
+        ),
+        (lambda: _prepare("lora"), "ConfigError", "finetune: lora needs a lora section"),
+        (
+            lambda: _divergence((2, 5), "mse"),
+            "ConfigError",
+            "distill loss must be kl or jsd, got 'mse'",
+        ),
+        (
+            lambda: _divergence((2, 6), "kl"),
+            "ConfigError",
+            "student logits (2, 5) and teacher logits (2, 6) differ in shape",
+        ),
+        (lambda: _fit_codebook(metric="l1"), "UsageError", "metric must be one of"),
+        (lambda: _fit_codebook(block_size=1), "UsageError", "block_size must be >= 2, got 1"),
+        (
+            lambda: _fit_lobcq(samples=None, block_len=8, array_len=60),
+            "UsageError",
+            "array_len (60) must be a multiple of block_len (8)",
+        ),
+    ],
+)
 def test_bad_arguments_raise_the_matching_qat_error(call, error, message):
     import qat.errors
 

@@ -19,9 +19,10 @@ from qat.runs.recipe import load_recipe
 
 
 def test_split_options_separates_own_options_from_overrides():
-    opts, rest = split_options(["--output", "x.json", "--quant.weight.width", "6",
-                                "--max_chunks=3", "--quant", "null"],
-                               {"output": str, "max_chunks": int})
+    opts, rest = split_options(
+        ["--output", "x.json", "--quant.weight.width", "6", "--max_chunks=3", "--quant", "null"],
+        {"output": str, "max_chunks": int},
+    )
     assert opts == {"output": "x.json", "max_chunks": 3}
     assert rest == ["--quant.weight.width", "6", "--quant", "null"]
 
@@ -84,9 +85,15 @@ def test_lora_checkpoint_attaches_adapter_on_quantised_base(tmp_path):
             torch.nn.init.normal_(p, std=0.5)
     run = tmp_path / "lora_run"
     model.save_pretrained(run)
-    (run / QAT_CONFIG_FILE).write_text(json.dumps(
-        {"quant": recipe.args.quant.to_dict(), "finetune": "lora",
-         "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": None}}))
+    (run / QAT_CONFIG_FILE).write_text(
+        json.dumps(
+            {
+                "quant": recipe.args.quant.to_dict(),
+                "finetune": "lora",
+                "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": None},
+            }
+        )
+    )
     recipe.save(run)
     rebuilt = build_model(str(run), [], num_labels=2).model
     assert any(isinstance(m, QuantLoraLinear) for m in rebuilt.modules())
@@ -124,8 +131,20 @@ def test_real_minilm_ptq(tmp_path):
     if not os.environ.get("QAT_DATA_DIR"):
         pytest.skip("needs local GLUE data (QAT_DATA_DIR)")
     out = tmp_path / "minilm.json"
-    assert main([str(REPO / "recipes" / "minilm_sst2.yaml"), "--max_eval_samples", "8",
-                 "--per_device_eval_batch_size", "8", "--output", str(out)]) == 0
+    assert (
+        main(
+            [
+                str(REPO / "recipes" / "minilm_sst2.yaml"),
+                "--max_eval_samples",
+                "8",
+                "--per_device_eval_batch_size",
+                "8",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     res = json.loads(out.read_text())
     assert res["density"]["quantized_linears"]["params"] == 10764288
     assert res["density"]["quantized_linears"]["bits_per_element"] == pytest.approx(4.5)

@@ -58,8 +58,7 @@ def test_unpack_is_bit_identical_to_fake_quantisation(spec, dim):
     w[2, 3] = 1.5  # an outlier
     fmt = make_format(spec)
     tensors, meta = pack_weight(fmt, w, dim)
-    assert torch.equal(unpack_weight(json.loads(json.dumps(meta)), tensors),
-                       fmt.quantize(w, dim))
+    assert torch.equal(unpack_weight(json.loads(json.dumps(meta)), tensors), fmt.quantize(w, dim))
 
 
 def test_unsupported_format_and_float_model_fail_clearly():
@@ -74,8 +73,11 @@ def _batch(tok):
     return tok(["a gripping, funny film", "flat"], return_tensors="pt", padding=True)
 
 
-@pytest.mark.parametrize("weight", [{"format": "bfp", "width": 4}, {"format": "mxfp4"},
-                                    {"format": "nf4", "block_size": 32}], ids=str)
+@pytest.mark.parametrize(
+    "weight",
+    [{"format": "bfp", "width": 4}, {"format": "mxfp4"}, {"format": "nf4", "block_size": 32}],
+    ids=str,
+)
 def test_from_pretrained_rebuilds_identical_logits(tmp_path, weight):
     if weight["format"] not in _packers():
         pytest.skip(f"{weight['format']} not registered")
@@ -84,8 +86,10 @@ def test_from_pretrained_rebuilds_identical_logits(tmp_path, weight):
     model, tok = built.model, built.tokenizer
     out = export_model(model, tmp_path / "export", tok)
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["model_type"] == "qat_packed" and "AutoModelForSequenceClassification" in \
-        cfg["auto_map"]
+    assert (
+        cfg["model_type"] == "qat_packed"
+        and "AutoModelForSequenceClassification" in cfg["auto_map"]
+    )
     assert cfg["qat_packing"]["quant"]["weight"]["format"] == weight["format"]
     assert not (out / "model.safetensors").exists()
     loaded = AutoModelForSequenceClassification.from_pretrained(out)
@@ -103,17 +107,22 @@ def _sizes(model, path: Path) -> tuple[float, float, int, int]:
     expected file   = expected packed + sum over all other state tensors (tied ones once)
                       of numel x element_size (biases, norms, embeddings, the float head).
     """
-    packed = {f"{n}.weight": m.weight_quantizer.fmt.bits_per_element * m.weight.numel() / 8
-              for n, m in model.named_modules() if isinstance(m, QuantLinear)
-              and m.weight_quantizer is not None}
+    packed = {
+        f"{n}.weight": m.weight_quantizer.fmt.bits_per_element * m.weight.numel() / 8
+        for n, m in model.named_modules()
+        if isinstance(m, QuantLinear) and m.weight_quantizer is not None
+    }
     seen, other = set(), 0
     for key, t in model.state_dict().items():
         if key not in packed and t.data_ptr() not in seen:
             seen.add(t.data_ptr())
             other += t.numel() * t.element_size()
     with safe_open(str(path), "pt") as f:
-        written = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size()
-                      for k in f.keys() if ".weight_" in k)
+        written = sum(
+            f.get_tensor(k).numel() * f.get_tensor(k).element_size()
+            for k in f.keys()
+            if ".weight_" in k
+        )
     exp_packed = sum(packed.values())
     return exp_packed, exp_packed + other, written, path.stat().st_size
 
@@ -134,8 +143,10 @@ def test_export_command(tmp_path, capsys):
     assert info["density"]["quantized_linears"]["bits_per_element"] == pytest.approx(6.5)
     assert main([recipe]) == 2
     assert "--out DIR is required" in capsys.readouterr().err
-    assert main([recipe, "--out", str(tmp_path / "f"), "--quant.weight",
-                 "{format: int, width: 4}"]) == 2
+    assert (
+        main([recipe, "--out", str(tmp_path / "f"), "--quant.weight", "{format: int, width: 4}"])
+        == 2
+    )
     assert "packed export not supported" in capsys.readouterr().err
 
 
@@ -190,9 +201,15 @@ print("RESULT " + json.dumps(out))
 def _load_in_fresh_python(export: Path, mode: str) -> dict:
     """Load ``export`` in a new interpreter that never imports qat itself."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, "-c", _LOADER, str(export), mode], env=env,
-                          capture_output=True, text=True, cwd=export.parent, timeout=300,
-                          stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        [sys.executable, "-c", _LOADER, str(export), mode],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=export.parent,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
     # (transformers' "run the custom code? [y/N]" prompt may precede it on the same line)
     lines = [ln.split("RESULT ", 1)[1] for ln in proc.stdout.splitlines() if "RESULT " in ln]
     assert proc.returncode == 0 and lines, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -220,8 +237,14 @@ def test_export_without_qat_loads_exactly_or_refuses(tmp_path):
     it; the base class directly -> no weights file; trust_remote_code on a weights-only
     export -> identical logits from the carried unpacking code; on a W4A4 export -> an
     ImportError saying to install qat. Never a random model."""
-    w_only = ["--quant.activation", "null", "--quant.matmul", "null", "--quant.weight",
-              '{format: mxfp4}']
+    w_only = [
+        "--quant.activation",
+        "null",
+        "--quant.matmul",
+        "null",
+        "--quant.weight",
+        "{format: mxfp4}",
+    ]
     built = build_model(tiny_recipe(tmp_path), w_only, num_labels=2)
     model, tok = built.model, built.tokenizer
     out = export_model(model, tmp_path / "w-only", tok)
@@ -251,9 +274,11 @@ def test_self_export_is_refused_and_the_run_survives(trained_run, capsys, tmp_pa
     from qat.cli.eval import main as eval_main
 
     before = tree_hashes(trained_run)
-    cases = [(str(trained_run), "is the source checkpoint"),
-             (str(trained_run / "exported"), "lies inside the source checkpoint"),
-             (str(trained_run.parent), "contains the source checkpoint")]
+    cases = [
+        (str(trained_run), "is the source checkpoint"),
+        (str(trained_run / "exported"), "lies inside the source checkpoint"),
+        (str(trained_run.parent), "contains the source checkpoint"),
+    ]
     for out, what in cases:
         for extra in ([], ["--overwrite"]):
             capsys.readouterr()
@@ -270,15 +295,18 @@ def test_self_export_is_refused_and_the_run_survives(trained_run, capsys, tmp_pa
     assert eval_main([str(trained_run), "--output", str(tmp_path / "eval.json")]) == 0
 
 
-def test_non_empty_out_needs_overwrite_and_is_replaced_atomically(trained_run, capsys,
-                                                                  tmp_path, monkeypatch):
+def test_non_empty_out_needs_overwrite_and_is_replaced_atomically(
+    trained_run, capsys, tmp_path, monkeypatch
+):
     out = tmp_path / "export"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     assert main([str(trained_run), "--out", str(out)]) == 2
     err = error_lines(capsys)
-    assert err == [f"qat export: error: --out {str(out)!r} is not empty (1 entries); pass "
-                   "--overwrite to replace it, or choose a new folder"]
+    assert err == [
+        f"qat export: error: --out {str(out)!r} is not empty (1 entries); pass "
+        "--overwrite to replace it, or choose a new folder"
+    ]
     assert (out / "notes.txt").read_text() == "mine"
     # --overwrite replaces only an export: a folder of notes, or another run, stays (#21)
     other_run = tmp_path / "other_run"
@@ -289,7 +317,8 @@ def test_non_empty_out_needs_overwrite_and_is_replaced_atomically(trained_run, c
         assert error_lines(capsys) == [
             f"qat export: error: --out {str(folder)!r} is not empty and holds no qat export "
             "(config.json with model_type qat_packed and its weights); --overwrite replaces "
-            "only an export: choose a new folder"]
+            "only an export: choose a new folder"
+        ]
         assert tree_hashes(folder) == before
     shutil.rmtree(other_run)
     (out / "notes.txt").unlink()
@@ -318,8 +347,9 @@ def test_non_empty_out_needs_overwrite_and_is_replaced_atomically(trained_run, c
     assert main([str(trained_run), "--out", str(tmp_path / "empty")]) == 0
     (tmp_path / "file").write_text("x")
     assert main([str(trained_run), "--out", str(tmp_path / "file"), "--overwrite"]) == 2
-    assert error_lines(capsys) == [f"qat export: error: --out {str(tmp_path / 'file')!r} exists "
-                                   "and is not a directory"]
+    assert error_lines(capsys) == [
+        f"qat export: error: --out {str(tmp_path / 'file')!r} exists and is not a directory"
+    ]
     assert (tmp_path / "file").read_text() == "x"
 
 
@@ -360,8 +390,9 @@ def test_tampered_export_fails_naming_what(tmp_path):
     key = "bert.encoder.layer.0.output.dense.weight_codes"
     state[key] = state[key][:-5].clone()
     save_file(state, str(out / "qat_packed.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(ValueError, match="layer bert.encoder.layer.0.output.dense: packed "
-                                         "tensor 'codes' has shape"):
+    with pytest.raises(
+        ValueError, match="layer bert.encoder.layer.0.output.dense: packed tensor 'codes' has shape"
+    ):
         AutoModelForSequenceClassification.from_pretrained(out)
     with pytest.raises(TypeError, match="take no device_map 'auto'"):
         AutoModelForSequenceClassification.from_pretrained(out, device_map="auto")

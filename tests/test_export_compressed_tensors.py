@@ -23,10 +23,10 @@ pytestmark = pytest.mark.filterwarnings("ignore:You passed `quantization_config`
 def _model(tmp_path, weight: str | None, act: str | None = None, **quant):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(make_tiny_causal_lm_dir(tmp_path),
-                                                 torch_dtype=torch.bfloat16)
-    spec = {"weight": weight and {"format": weight},
-            "activation": act and {"format": act}, **quant}
+    model = AutoModelForCausalLM.from_pretrained(
+        make_tiny_causal_lm_dir(tmp_path), torch_dtype=torch.bfloat16
+    )
+    spec = {"weight": weight and {"format": weight}, "activation": act and {"format": act}, **quant}
     quantize_model(model, QuantConfig(**spec))
     return model
 
@@ -35,13 +35,16 @@ def _decompressed(out, act_scales: bool):
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
     model, info = AutoModelForCausalLM.from_pretrained(
-        out, quantization_config=CompressedTensorsConfig(run_compressed=False),
-        output_loading_info=True)
+        out,
+        quantization_config=CompressedTensorsConfig(run_compressed=False),
+        output_loading_info=True,
+    )
     # Every tensor name and shape as the loader expects; a loader that dequantises to a float
     # model drops activation quantisation, so it has no use for input_global_scale.
     unexpected = info.pop("unexpected_keys")
     assert all(k.endswith(".input_global_scale") for k in unexpected) and (
-        bool(unexpected) == act_scales)
+        bool(unexpected) == act_scales
+    )
     assert not any(info.values()), info
     return model.state_dict()
 
@@ -60,12 +63,16 @@ def _ct_expects_input_global_scale(out) -> bool:
     return hasattr(model.model.layers[0].self_attn.q_proj, "input_global_scale")
 
 
-@pytest.mark.parametrize("fmt,act", [("nvfp4", None), ("mxfp4", None), ("mxfp4", "mxfp4"),
-                                     ("nvfp4", "nvfp4")])
+@pytest.mark.parametrize(
+    "fmt,act", [("nvfp4", None), ("mxfp4", None), ("mxfp4", "mxfp4"), ("nvfp4", "nvfp4")]
+)
 def test_decompressed_weights_equal_qat_quantised_weights(tmp_path, fmt, act):
     model = _model(tmp_path, fmt, act)
-    linears = {n: m for n, m in model.named_modules()
-               if isinstance(m, QuantLinear) and m.weight_quantizer is not None}
+    linears = {
+        n: m
+        for n, m in model.named_modules()
+        if isinstance(m, QuantLinear) and m.weight_quantizer is not None
+    }
     amax = {n: 3.0 for n in linears} if act == "nvfp4" else None
     out = export_compressed_tensors(model, tmp_path / "ct", input_amax=amax)
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
@@ -96,13 +103,18 @@ def test_decompressed_weights_equal_qat_quantised_weights(tmp_path, fmt, act):
     assert torch.equal(state["lm_head.weight"], model.lm_head.weight)
 
 
-@pytest.mark.parametrize("quant,match", [
-    ({"weight": {"format": "int", "width": 4}}, "nvfp4.*mxfp4"),
-    ({"weight": {"format": "mxfp4", "block_size": 16}}, "mxfp4 with block_size 32"),
-    ({"weight": {"format": "nvfp4"}, "activation": {"format": "mxfp4"}},
-     "nvfp4 activations .* or float"),
-    ({"weight": {"format": "mxfp4"}, "matmul": {"format": "mxfp4"}}, "quant.matmul"),
-])
+@pytest.mark.parametrize(
+    "quant,match",
+    [
+        ({"weight": {"format": "int", "width": 4}}, "nvfp4.*mxfp4"),
+        ({"weight": {"format": "mxfp4", "block_size": 16}}, "mxfp4 with block_size 32"),
+        (
+            {"weight": {"format": "nvfp4"}, "activation": {"format": "mxfp4"}},
+            "nvfp4 activations .* or float",
+        ),
+        ({"weight": {"format": "mxfp4"}, "matmul": {"format": "mxfp4"}}, "quant.matmul"),
+    ],
+)
 def test_formats_vllm_cannot_run_fail_clearly(tmp_path, quant, match):
     from transformers import AutoModelForCausalLM
 
@@ -122,23 +134,38 @@ def test_nvfp4_activations_need_a_calibrated_range(tmp_path):
 def test_export_command_calibrates_nvfp4_activations(tmp_path, capsys):
     from qat.cli.export import main
 
-    recipe = lm_recipe(tmp_path, quant={"weight": {"format": "nvfp4"},
-                                        "activation": {"format": "nvfp4"}, "exclude": ["lm_head"]})
+    recipe = lm_recipe(
+        tmp_path,
+        quant={
+            "weight": {"format": "nvfp4"},
+            "activation": {"format": "nvfp4"},
+            "exclude": ["lm_head"],
+        },
+    )
     out = tmp_path / "ct"
-    assert main([recipe, "--to", "compressed-tensors", "--out", str(out),
-                 "--calibration_samples", "4"]) == 0
+    assert (
+        main(
+            [recipe, "--to", "compressed-tensors", "--out", str(out), "--calibration_samples", "4"]
+        )
+        == 0
+    )
     assert "model.safetensors" in capsys.readouterr().out
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         g = f.get_tensor("model.layers.0.self_attn.q_proj.input_global_scale")
     assert g.dtype == torch.float32 and g.shape == (1,) and 0 < g.item() < 2688 / 1e-3
 
 
-@pytest.mark.parametrize("argv,match", [
-    (["--to", "onnx"], "--to 'onnx' is not one of packed, compressed-tensors"),
-    (["--to", "compressed-tensors"], "has no compressed-tensors type; formats with one: nvfp4"),
-    (["--to", "compressed-tensors", "--quant.weight", "{format: mxfp4}"],
-     "vLLM runs mxfp4 weights with mxfp4 activations"),
-])
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["--to", "onnx"], "--to 'onnx' is not one of packed, compressed-tensors"),
+        (["--to", "compressed-tensors"], "has no compressed-tensors type; formats with one: nvfp4"),
+        (
+            ["--to", "compressed-tensors", "--quant.weight", "{format: mxfp4}"],
+            "vLLM runs mxfp4 weights with mxfp4 activations",
+        ),
+    ],
+)
 def test_bad_export_target_is_one_line_before_loading(tmp_path, capsys, no_model, argv, match):
     from qat.cli.export import main
 

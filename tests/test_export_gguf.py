@@ -35,8 +35,9 @@ def _read(path) -> dict[str, np.ndarray]:
     return out, reader
 
 
-@pytest.mark.parametrize("fmt,ggml", [("ggml_q4_0", "Q4_0"), ("ggml_q8_0", "Q8_0"),
-                                      ("mxfp4", "MXFP4")])
+@pytest.mark.parametrize(
+    "fmt,ggml", [("ggml_q4_0", "Q4_0"), ("ggml_q8_0", "Q8_0"), ("mxfp4", "MXFP4")]
+)
 def test_gguf_tensors_read_back_equal_qat_weights(tmp_path, fmt, ggml):
     act = {"format": "ggml_q8_0"} if fmt == "ggml_q4_0" else None
     model, tok = _model(tmp_path, weight={"format": fmt}, activation=act)
@@ -51,8 +52,12 @@ def test_gguf_tensors_read_back_equal_qat_weights(tmp_path, fmt, ggml):
     assert len(reader.fields["tokenizer.ggml.tokens"].data) == cfg.vocab_size
     layer = model.model.layers[1]
     heads = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads}
-    for hf, name in (("self_attn.q_proj", "attn_q"), ("self_attn.k_proj", "attn_k"),
-                     ("self_attn.v_proj", "attn_v"), ("mlp.down_proj", "ffn_down")):
+    for hf, name in (
+        ("self_attn.q_proj", "attn_q"),
+        ("self_attn.k_proj", "attn_k"),
+        ("self_attn.v_proj", "attn_v"),
+        ("mlp.down_proj", "ffn_down"),
+    ):
         mod = layer.get_submodule(hf)
         want = mod.quantized_weight().detach().numpy()
         if name in heads:
@@ -62,9 +67,12 @@ def test_gguf_tensors_read_back_equal_qat_weights(tmp_path, fmt, ggml):
         assert np.array_equal((got + 0.0).view(np.int32), (want + 0.0).view(np.int32)), name
     emb, kind = tensors["token_embd.weight"]
     assert kind.name == "Q8_0"
-    want = quants.dequantize(quants.quantize(model.model.embed_tokens.weight.detach().numpy(),
-                                             gguf.GGMLQuantizationType.Q8_0),
-                             gguf.GGMLQuantizationType.Q8_0)
+    want = quants.dequantize(
+        quants.quantize(
+            model.model.embed_tokens.weight.detach().numpy(), gguf.GGMLQuantizationType.Q8_0
+        ),
+        gguf.GGMLQuantizationType.Q8_0,
+    )
     assert np.array_equal(emb, want)
     norm, kind = tensors["blk.0.attn_norm.weight"]
     assert kind.name == "F32"
@@ -78,12 +86,17 @@ def test_rope_permute_interleaves_the_halves_of_each_head():
     assert rope_permute(rows, 2)[:, 0].tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
 
 
-@pytest.mark.parametrize("quant,match", [
-    ({"weight": {"format": "nvfp4"}}, "no GGML type; formats with one: ggml_q4_0"),
-    ({"weight": {"format": "ggml_q4_0"}, "activation": {"format": "mxfp4"}},
-     "Q8_0 blocks, not activation format"),
-    ({"weight": {"format": "ggml_q4_0"}, "matmul": {"format": "mxfp4"}}, "quant.matmul"),
-])
+@pytest.mark.parametrize(
+    "quant,match",
+    [
+        ({"weight": {"format": "nvfp4"}}, "no GGML type; formats with one: ggml_q4_0"),
+        (
+            {"weight": {"format": "ggml_q4_0"}, "activation": {"format": "mxfp4"}},
+            "Q8_0 blocks, not activation format",
+        ),
+        ({"weight": {"format": "ggml_q4_0"}, "matmul": {"format": "mxfp4"}}, "quant.matmul"),
+    ],
+)
 def test_formats_llama_cpp_cannot_run_fail_clearly(tmp_path, quant, match):
     model, tok = _model(tmp_path, **quant)
     with pytest.raises(ExportError, match=match):
@@ -118,8 +131,9 @@ def test_gguf_source_tokenizer_fields_are_copied(tmp_path):
         fa, fb = a.fields[k], b.fields[k]
         assert fa.types == fb.types, k
         if len(fa.data) > 1 or fa.types[0] == gguf.GGUFValueType.ARRAY:
-            assert [fa.contents(i) for i in range(len(fa.data))] == \
-                [fb.contents(i) for i in range(len(fb.data))], k
+            assert [fa.contents(i) for i in range(len(fa.data))] == [
+                fb.contents(i) for i in range(len(fb.data))
+            ], k
         else:
             assert fa.contents() == fb.contents(), k
 
@@ -127,9 +141,14 @@ def test_gguf_source_tokenizer_fields_are_copied(tmp_path):
 def test_export_command_writes_gguf(tmp_path, capsys):
     from qat.cli.export import main
 
-    recipe = lm_recipe(tmp_path, quant={"weight": {"format": "ggml_q4_0"},
-                                        "activation": {"format": "ggml_q8_0"},
-                                        "exclude": ["lm_head"]})
+    recipe = lm_recipe(
+        tmp_path,
+        quant={
+            "weight": {"format": "ggml_q4_0"},
+            "activation": {"format": "ggml_q8_0"},
+            "exclude": ["lm_head"],
+        },
+    )
     out = tmp_path / "g"
     assert main([recipe, "--to", "gguf", "--out", str(out), "--gguf_embeddings", "f32"]) == 0
     assert "model.gguf" in capsys.readouterr().out
@@ -138,18 +157,33 @@ def test_export_command_writes_gguf(tmp_path, capsys):
     assert tensors["blk.0.ffn_up.weight"][1].name == "Q4_0"
 
 
-@pytest.mark.parametrize("argv,match", [
-    (["--to", "gguf"], "has no GGML type; formats with one: ggml_q4_0 (Q4_0)"),
-    (["--to", "gguf", "--quant.weight", "{format: ggml_q4_0}"],
-     "llama.cpp quantises the input of a Q4_0 matmul to Q8_0 blocks"),
-    (["--to", "gguf", "--quant", "{weight: {format: ggml_q4_0}}", "--gguf_embeddings", "q4"],
-     "--gguf_embeddings 'q4' is not one of f16, q8_0, f32"),
-    (["--to", "gguf", "--quant", "{weight: {format: ggml_q4_0}, rotation: {size: 16}}"],
-     "--to gguf: llama.cpp does not rotate a layer's input"),
-    (["--to", "compressed-tensors", "--quant",
-      "{weight: {format: nvfp4}, overrides: {mlp: {rotation: {size: 16}}}}"],
-     "--to compressed-tensors: vLLM does not rotate a layer's input"),
-])
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["--to", "gguf"], "has no GGML type; formats with one: ggml_q4_0 (Q4_0)"),
+        (
+            ["--to", "gguf", "--quant.weight", "{format: ggml_q4_0}"],
+            "llama.cpp quantises the input of a Q4_0 matmul to Q8_0 blocks",
+        ),
+        (
+            ["--to", "gguf", "--quant", "{weight: {format: ggml_q4_0}}", "--gguf_embeddings", "q4"],
+            "--gguf_embeddings 'q4' is not one of f16, q8_0, f32",
+        ),
+        (
+            ["--to", "gguf", "--quant", "{weight: {format: ggml_q4_0}, rotation: {size: 16}}"],
+            "--to gguf: llama.cpp does not rotate a layer's input",
+        ),
+        (
+            [
+                "--to",
+                "compressed-tensors",
+                "--quant",
+                "{weight: {format: nvfp4}, overrides: {mlp: {rotation: {size: 16}}}}",
+            ],
+            "--to compressed-tensors: vLLM does not rotate a layer's input",
+        ),
+    ],
+)
 def test_bad_gguf_export_is_one_line_before_loading(tmp_path, capsys, no_model, argv, match):
     from qat.cli.export import main
 
@@ -184,6 +218,7 @@ def test_a_trained_runs_export_takes_the_tokenizer_of_the_gguf_it_started_from(t
     assert source_gguf(src(checkpoint=None)) is None
     (base / "m.gguf").unlink()
     assert source_gguf(src()) is None
-    (run / "recipe.yaml").write_text(f"model_name_or_path: {tmp_path / 'gone'}\n"
-                                     "gguf_file: m.gguf\n")
+    (run / "recipe.yaml").write_text(
+        f"model_name_or_path: {tmp_path / 'gone'}\ngguf_file: m.gguf\n"
+    )
     assert source_gguf(src()) is None

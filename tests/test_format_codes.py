@@ -27,13 +27,19 @@ def _encodes(cls: type[Format]) -> bool:
 
 
 ENCODABLE = sorted(n for n, c in FORMATS.items() if _encodes(c))
-SPECS = ([{"format": n} for n in ENCODABLE]
-         + [{"format": "bfp", "width": w, "exponent_width": e, "block_size": b}
-            for w, e, b in ((2, 4, 7), (5, 8, 16), (8, 3, 1))]
-         + [{"format": "mxfp4", "block_size": 5},
-            {"format": "nf4", "block_size": 32, "normalization": "signed_absmax"},
-            {"format": "nf4", "block_size": 16, "outliers": "opq"},
-            {"format": "bof4s", "outliers": "opq", "outlier_quantile": 0.5}])
+SPECS = (
+    [{"format": n} for n in ENCODABLE]
+    + [
+        {"format": "bfp", "width": w, "exponent_width": e, "block_size": b}
+        for w, e, b in ((2, 4, 7), (5, 8, 16), (8, 3, 1))
+    ]
+    + [
+        {"format": "mxfp4", "block_size": 5},
+        {"format": "nf4", "block_size": 32, "normalization": "signed_absmax"},
+        {"format": "nf4", "block_size": 16, "outliers": "opq"},
+        {"format": "bof4s", "outliers": "opq", "outlier_quantile": 0.5},
+    ]
+)
 
 
 def spec_id(spec: dict) -> str:
@@ -46,22 +52,37 @@ def assert_round_trip(fmt: Format, x: torch.Tensor, dim: int) -> None:
     assert got.shape == want.shape and got.dtype == want.dtype == x.dtype
     iv = INT_VIEW[x.dtype]
     bad = got.view(iv) != want.view(iv)
-    assert not bad.any(), (f"{fmt} dim={dim} {x.dtype}: {int(bad.sum())} elements differ, "
-                           f"x={x[bad][:4].tolist()} decode={got[bad][:4].tolist()} "
-                           f"quantize={want[bad][:4].tolist()}")
+    assert not bad.any(), (
+        f"{fmt} dim={dim} {x.dtype}: {int(bad.sum())} elements differ, "
+        f"x={x[bad][:4].tolist()} decode={got[bad][:4].tolist()} "
+        f"quantize={want[bad][:4].tolist()}"
+    )
 
 
 def test_the_packed_families_encode() -> None:
-    assert {"bfp", "mxfp4", "mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e2m3", "mxfp6_e3m2", "mxint8",
-            "nf4", "af4", "bof4", "bof4s"} <= set(ENCODABLE)
+    assert {
+        "bfp",
+        "mxfp4",
+        "mxfp8_e4m3",
+        "mxfp8_e5m2",
+        "mxfp6_e2m3",
+        "mxfp6_e3m2",
+        "mxint8",
+        "nf4",
+        "af4",
+        "bof4",
+        "bof4s",
+    } <= set(ENCODABLE)
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=spec_id)
 @settings(max_examples=25, deadline=None)
-@given(x=tensors(), dtype=st.sampled_from(DTYPES), dim=st.sampled_from([-1, 0]),
-       poison=st.booleans())
-def test_decode_of_encode_is_quantize(spec: dict, x: torch.Tensor, dtype: torch.dtype,
-                                      dim: int, poison: bool) -> None:
+@given(
+    x=tensors(), dtype=st.sampled_from(DTYPES), dim=st.sampled_from([-1, 0]), poison=st.booleans()
+)
+def test_decode_of_encode_is_quantize(
+    spec: dict, x: torch.Tensor, dtype: torch.dtype, dim: int, poison: bool
+) -> None:
     if poison:  # NaN and +-inf pass through both ways
         flat = x.reshape(-1)
         flat[::7] = float("nan")
@@ -109,9 +130,11 @@ def edge_rows(fmt: Format, n: int, dtype: torch.dtype) -> torch.Tensor:
     bad = torch.randn(n, generator=g)
     bad[::5], bad[1::9], bad[2::9] = float("nan"), float("inf"), -float("inf")
     spread = torch.randn(n, generator=g) * torch.exp2(
-        torch.randint(-30, 31, (n,), generator=g).float().repeat_interleave(b)[:n])
-    return torch.stack([ties * sign, zeros, tiny, huge, bad, spread,
-                        torch.randn(n, generator=g)]).to(dtype)
+        torch.randint(-30, 31, (n,), generator=g).float().repeat_interleave(b)[:n]
+    )
+    return torch.stack(
+        [ties * sign, zeros, tiny, huge, bad, spread, torch.randn(n, generator=g)]
+    ).to(dtype)
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=spec_id)
@@ -150,12 +173,21 @@ def test_bfp_codes_are_sign_magnitude_mantissas_and_exponents() -> None:
     assert torch.signbit(fmt.decode(enc)[0, 3])  # -1e-9 rounds to -0.0, as quantize gives
 
 
-@pytest.mark.parametrize("name,value,code", [
-    ("mxfp8_e4m3", 448.0, 0x7E), ("mxfp8_e4m3", 1.0, 0x38), ("mxfp8_e4m3", -2.0**-9, 0x81),
-    ("mxfp8_e5m2", 57344.0, 0x7B), ("mxfp8_e5m2", -1.5, 0xBE),
-    ("mxfp6_e2m3", 7.5, 0x1F), ("mxfp6_e3m2", -28.0, 0x3F),
-    ("mxfp4", 6.0, 0x7), ("mxfp4", -0.5, 0x9), ("mxint8", -127 / 64, 0xFF),
-])
+@pytest.mark.parametrize(
+    "name,value,code",
+    [
+        ("mxfp8_e4m3", 448.0, 0x7E),
+        ("mxfp8_e4m3", 1.0, 0x38),
+        ("mxfp8_e4m3", -(2.0**-9), 0x81),
+        ("mxfp8_e5m2", 57344.0, 0x7B),
+        ("mxfp8_e5m2", -1.5, 0xBE),
+        ("mxfp6_e2m3", 7.5, 0x1F),
+        ("mxfp6_e3m2", -28.0, 0x3F),
+        ("mxfp4", 6.0, 0x7),
+        ("mxfp4", -0.5, 0x9),
+        ("mxint8", -127 / 64, 0xFF),
+    ],
+)
 def test_mx_codes_are_the_ocp_element_bits(name: str, value: float, code: int) -> None:
     fmt = make_format({"format": name, "block_size": 2})
     # The block's other element pins the scale to 2^0 (its max is the element max).

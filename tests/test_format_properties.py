@@ -83,8 +83,11 @@ def test_idempotent(name: str, x: torch.Tensor) -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 @SETTINGS
-@given(x=tensors(), dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
-       dim=st.sampled_from([-1, 0]))
+@given(
+    x=tensors(),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    dim=st.sampled_from([-1, 0]),
+)
 def test_shape_dtype_finite(name: str, x: torch.Tensor, dtype: torch.dtype, dim: int) -> None:
     fmt = _fmt(name)
     x = (x / x.abs().max().clamp_min(1e-30)).to(dtype)  # keep fp16 finite
@@ -116,8 +119,11 @@ def _e(v: torch.Tensor) -> torch.Tensor:
 def bound_bfp(f, x):
     xb, amax, n = _blocks(x, f.block_size)
     m = f.width - 1
-    e = ceil_log2(amax).double().clamp(-(2 ** (f.exponent_width - 1) - 1),
-                                       2 ** (f.exponent_width - 1))
+    e = (
+        ceil_log2(amax)
+        .double()
+        .clamp(-(2 ** (f.exponent_width - 1) - 1), 2 ** (f.exponent_width - 1))
+    )
     step = torch.exp2(e - m).expand_as(xb)
     return from_blocks(step / 2, n), from_blocks(xb.abs() <= (2**m - 1) * step, n)
 
@@ -150,15 +156,22 @@ def bound_mx(f, x):
         xb, amax, n = _blocks(x, f.block_size)
         scale = torch.exp2((_e(amax)).clamp(-127, 127))
         return from_blocks((scale / 128).expand_as(xb), n), from_blocks(
-            xb.abs() <= scale * 127 / 64, n)
-    return bound_float(x, f.emax, f.mantissa_bits, f.emin, f.max_value, f.block_size,
-                       (-127, 127))
+            xb.abs() <= scale * 127 / 64, n
+        )
+    return bound_float(x, f.emax, f.mantissa_bits, f.emin, f.max_value, f.block_size, (-127, 127))
 
 
 def bound_bm(f, x):
     m, bw = f.width - 1 - f.exponent_width, f.bias_width
-    return bound_float(x, 0, m, -(2**f.exponent_width - 2), 2 - 2.0**-m, f.block_size,
-                       (-(2 ** (bw - 1)), 2 ** (bw - 1) - 1))
+    return bound_float(
+        x,
+        0,
+        m,
+        -(2**f.exponent_width - 2),
+        2 - 2.0**-m,
+        f.block_size,
+        (-(2 ** (bw - 1)), 2 ** (bw - 1) - 1),
+    )
 
 
 def bound_bl(f, x):
@@ -169,8 +182,14 @@ def bound_bl(f, x):
     return from_blocks(gap / 2, n), from_blocks(xb.abs() <= torch.exp2(t), n)
 
 
-BOUNDS = {"bfp": bound_bfp, "int": bound_int, "fixed": bound_fixed, "block_minifloat": bound_bm,
-          "block_log": bound_bl, **{k: bound_mx for k in FORMATS if k.startswith("mx")}}
+BOUNDS = {
+    "bfp": bound_bfp,
+    "int": bound_int,
+    "fixed": bound_fixed,
+    "block_minifloat": bound_bm,
+    "block_log": bound_bl,
+    **{k: bound_mx for k in FORMATS if k.startswith("mx")},
+}
 
 
 @pytest.mark.parametrize("name", sorted(BOUNDS))
@@ -212,4 +231,4 @@ def test_bad_int_parameter_value_names_it(name: str) -> None:
         with pytest.raises(FormatError, match=field):
             make_format({"format": name, field: "x"})
         with pytest.raises(FormatError, match=field):
-            make_format({"format": name, field: -10**6})
+            make_format({"format": name, field: -(10**6)})

@@ -7,8 +7,14 @@ from qat.formats import FormatError, make_format
 
 
 def bfp(width=4, exponent_width=8, block_size=4):
-    return make_format({"format": "bfp", "width": width, "exponent_width": exponent_width,
-                        "block_size": block_size})
+    return make_format(
+        {
+            "format": "bfp",
+            "width": width,
+            "exponent_width": exponent_width,
+            "block_size": block_size,
+        }
+    )
 
 
 def q(values, **kw):
@@ -34,7 +40,15 @@ def test_power_of_two_max_saturates_at_2M_minus_1():
 
 def test_all_zero_block_and_exact_values():
     assert q([0.0, 0.0, 0.0, 0.0, 0.75, 0.5, 0.25, 0.0], block_size=4) == [
-        0.0, 0.0, 0.0, 0.0, 0.75, 0.5, 0.25, 0.0]
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+        0.75,
+        0.5,
+        0.25,
+        0.0,
+    ]
 
 
 def test_ragged_last_block_is_padded_not_mixed():
@@ -109,12 +123,15 @@ def test_bits_per_element():
     assert bfp(width=4, block_size=16).bits_per_element == 4.5
 
 
-@pytest.mark.parametrize("spec,needle", [
-    ({"format": "bfp", "width": 1}, "width"),
-    ({"format": "bfp", "block_size": 0}, "block_size"),
-    ({"format": "bfp", "widht": 4}, "did you mean 'width'"),
-    ({"format": "bpf"}, "valid formats"),
-])
+@pytest.mark.parametrize(
+    "spec,needle",
+    [
+        ({"format": "bfp", "width": 1}, "width"),
+        ({"format": "bfp", "block_size": 0}, "block_size"),
+        ({"format": "bfp", "widht": 4}, "did you mean 'width'"),
+        ({"format": "bpf"}, "valid formats"),
+    ],
+)
 def test_bad_specs_name_the_parameter(spec, needle):
     with pytest.raises(FormatError, match=needle):
         make_format(spec)

@@ -16,18 +16,34 @@ from qat.training.trainer import QATTrainer
 def tiny_dataset(n=16, seq=12):
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(2, 100, (n, seq), generator=g)
-    return Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * seq] * n,
-                              "labels": [i % 2 for i in range(n)]})
+    return Dataset.from_dict(
+        {
+            "input_ids": ids.tolist(),
+            "attention_mask": [[1] * seq] * n,
+            "labels": [i % 2 for i in range(n)],
+        }
+    )
 
 
 def train_two_steps(tmp_path, spec):
     model = tiny_model("opt")
     before = model.model.decoder.layers[0].fc1.weight.detach().clone()
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=8,
-                             learning_rate=1e-2, report_to=[], save_strategy="no",
-                             logging_steps=1, use_cpu=True)
-    trainer = QATTrainer(model=model, args=args, train_dataset=tiny_dataset(),
-                         quant_config={"weight": spec, "activation": spec, "matmul": spec})
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=8,
+        learning_rate=1e-2,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        use_cpu=True,
+    )
+    trainer = QATTrainer(
+        model=model,
+        args=args,
+        train_dataset=tiny_dataset(),
+        quant_config={"weight": spec, "activation": spec, "matmul": spec},
+    )
     result = trainer.train()
     fc1 = trainer.model.model.decoder.layers[0].fc1
     assert isinstance(fc1, QuantLinear) and fc1.weight_quantizer.fmt.name == spec["format"]
@@ -51,8 +67,10 @@ def test_lobcq_from_fitted_codebook_file_in_a_recipe(tmp_path):
     save_codebooks(str(path), codebooks, 8, 64)
     spec = {"format": "lobcq", "num_codebooks": 4, "codebook_file": str(path)}
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"model_name_or_path: x\ntask_name: sst2\nquant:\n  weight: {spec}\n"
-                      f"  activation: {spec}\n  matmul: null\n")
+    recipe.write_text(
+        f"model_name_or_path: x\ntask_name: sst2\nquant:\n  weight: {spec}\n"
+        f"  activation: {spec}\n  matmul: null\n"
+    )
     quant = load_recipe(recipe).args.quant
     assert quant.weight == spec and quant.activation == spec
     trainer = train_two_steps(tmp_path / "run", quant.weight)

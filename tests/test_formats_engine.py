@@ -28,18 +28,19 @@ def _bits(t) -> np.ndarray:
 def _edge_rows() -> torch.Tensor:
     """Rows of 64 (two blocks): random at many scales, zeros, ties, negative-max blocks."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(12, 64, generator=g) * torch.exp2(torch.randint(-12, 12, (12, 1),
-                                                                    generator=g).float())
-    x[0] = 0.0                                             # all-zero blocks
-    x[1, :32] = torch.arange(32) - 15.5                    # Q8_0: d = 15.5/127, half steps
-    x[2, :32] = torch.arange(-16, 16).float() / 2          # negative max first (-8 -> d = 1)
+    x = torch.randn(12, 64, generator=g) * torch.exp2(
+        torch.randint(-12, 12, (12, 1), generator=g).float()
+    )
+    x[0] = 0.0  # all-zero blocks
+    x[1, :32] = torch.arange(32) - 15.5  # Q8_0: d = 15.5/127, half steps
+    x[2, :32] = torch.arange(-16, 16).float() / 2  # negative max first (-8 -> d = 1)
     x[3, :32] = x[3, :32].abs()
-    x[3, 5], x[3, 9] = -100.0, 100.0                       # equal magnitudes: the first wins
+    x[3, 5], x[3, 9] = -100.0, 100.0  # equal magnitudes: the first wins
     x[4, :32] = torch.randint(-127, 128, (32,), generator=g).float() + 0.5  # .5 ties
     x[4, 0] = 127.0
-    x[5, 32:] = -x[5, 32:].abs()                           # an all-negative block
-    x[6, :] = 1e-30                                        # fp16-subnormal / zero scale
-    x[7, 0] = 1000.0                                       # one outlier
+    x[5, 32:] = -x[5, 32:].abs()  # an all-negative block
+    x[6, :] = 1e-30  # fp16-subnormal / zero scale
+    x[7, 0] = 1000.0  # one outlier
     return x
 
 
@@ -72,8 +73,9 @@ def test_ggml_hand_values() -> None:
 def test_ragged_row_is_the_zero_padded_row(name: str) -> None:
     x = torch.randn(3, 40, generator=torch.Generator().manual_seed(1))
     padded = torch.nn.functional.pad(x, (0, 24)).numpy()
-    ref = gguf_quants.dequantize(gguf_quants.quantize(padded, GGUF_TYPES[name]),
-                                 GGUF_TYPES[name])[:, :40]
+    ref = gguf_quants.dequantize(gguf_quants.quantize(padded, GGUF_TYPES[name]), GGUF_TYPES[name])[
+        :, :40
+    ]
     q = make_format({"format": name}).quantize(x).numpy()
     if name == "mxfp4":  # OCP keeps the sign of a value rounded to zero; ggml writes +0
         q = q + 0.0
@@ -128,8 +130,9 @@ def _ct_fake_quantize(x: torch.Tensor, preset: str, group: int) -> tuple[torch.T
 @pytest.mark.parametrize("case", ["random", "zeros", "grid", "tiny", "huge"])
 def test_nvfp4_matches_compressed_tensors(case: str) -> None:
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(8, 64, generator=g) * torch.exp2(torch.randint(-20, 20, (8, 1),
-                                                                   generator=g).float())
+    x = torch.randn(8, 64, generator=g) * torch.exp2(
+        torch.randint(-20, 20, (8, 1), generator=g).float()
+    )
     if case == "zeros":
         x[:, :16] = 0.0
         x[0] = 0.0
@@ -187,8 +190,9 @@ def test_ggml_q8_0_activation_on_a_tiny_model() -> None:
     # llama.cpp quantises a Q4_0 matmul's input to Q8_0 blocks: W4 (Q4_0) x A8 (Q8_0).
     model = tiny_model("llama")
     batch = tiny_batch()
-    quantize_model(model, QuantConfig(weight={"format": "ggml_q4_0"},
-                                      activation={"format": "ggml_q8_0"}))
+    quantize_model(
+        model, QuantConfig(weight={"format": "ggml_q4_0"}, activation={"format": "ggml_q8_0"})
+    )
     seen = []
     lin = next(m for n, m in model.named_modules() if n.endswith("q_proj"))
     lin.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()))
@@ -197,12 +201,18 @@ def test_ggml_q8_0_activation_on_a_tiny_model() -> None:
         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     x = seen[0]
     want = torch.nn.functional.linear(
-        torch.from_numpy(gguf_quants.dequantize(
-            gguf_quants.quantize(x.reshape(-1, 32).numpy(), GGML.Q8_0), GGML.Q8_0)
+        torch.from_numpy(
+            gguf_quants.dequantize(
+                gguf_quants.quantize(x.reshape(-1, 32).numpy(), GGML.Q8_0), GGML.Q8_0
+            )
         ).reshape(x.shape),
-        torch.from_numpy(gguf_quants.dequantize(
-            gguf_quants.quantize(lin.weight.detach().numpy(), GGML.Q4_0), GGML.Q4_0)),
-        lin.bias)
+        torch.from_numpy(
+            gguf_quants.dequantize(
+                gguf_quants.quantize(lin.weight.detach().numpy(), GGML.Q4_0), GGML.Q4_0
+            )
+        ),
+        lin.bias,
+    )
     with torch.no_grad():
         assert torch.equal(lin(x), want)
 

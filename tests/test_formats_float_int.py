@@ -123,16 +123,22 @@ def test_int_tensor() -> None:
 def test_int_group_ragged() -> None:
     # W3: Qmax 3, groups of 2: [6, 3] scale 2: 3/2 -> 2 -> 4; [1.5, -4.5] scale 1.5 exact;
     # ragged [5] -> 5.
-    got = quant({"format": "int", "width": 3, "granularity": "group", "group_size": 2},
-                [6.0, 3.0, 1.5, -4.5, 5.0])
+    got = quant(
+        {"format": "int", "width": 3, "granularity": "group", "group_size": 2},
+        [6.0, 3.0, 1.5, -4.5, 5.0],
+    )
     assert_same(got, [6.0, 4.0, 1.5, -4.5, 5.0])
 
 
 def test_int_zero_row_and_bits() -> None:
     got = quant({"format": "int", "width": 4}, [[0.0, 0.0], [1.0, -1.0]])
     assert_same(got, [[0.0, 0.0], [1.0, -1.0]])
-    assert make_format({"format": "int", "width": 4, "granularity": "group",
-                        "group_size": 64}).bits_per_element == 4.25
+    assert (
+        make_format(
+            {"format": "int", "width": 4, "granularity": "group", "group_size": 64}
+        ).bits_per_element
+        == 4.25
+    )
     assert make_format({"format": "int", "width": 4, "granularity": "tensor"}).bits_per_element == 4
 
 
@@ -169,8 +175,10 @@ SPECS = [
     {"format": "int", "width": 4, "granularity": "channel"},
     {"format": "int", "width": 4, "granularity": "group", "group_size": 8},
     {"format": "fixed", "width": 6, "frac_width": 2},
-    *({"format": name} for name in ("mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e2m3", "mxfp6_e3m2",
-                                    "mxfp4", "mxint8")),
+    *(
+        {"format": name}
+        for name in ("mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e2m3", "mxfp6_e3m2", "mxfp4", "mxint8")
+    ),
 ]
 IDS = [str(make_format(s)) for s in SPECS]
 
@@ -213,10 +221,14 @@ def test_non_finite_passthrough(spec: dict) -> None:
 
 @pytest.mark.parametrize(
     ("spec", "bits"),
-    [(BM4, 4 + 8 / 8), ({"format": "block_minifloat"}, 8.5), (BL3, 3 + 8 / 16),
-     ({"format": "int", "width": 4, "granularity": "channel"}, 4),
-     ({"format": "int", "width": 4, "granularity": "group", "group_size": 128}, 4.125),
-     ({"format": "fixed", "width": 6, "frac_width": 2}, 6)],
+    [
+        (BM4, 4 + 8 / 8),
+        ({"format": "block_minifloat"}, 8.5),
+        (BL3, 3 + 8 / 16),
+        ({"format": "int", "width": 4, "granularity": "channel"}, 4),
+        ({"format": "int", "width": 4, "granularity": "group", "group_size": 128}, 4.125),
+        ({"format": "fixed", "width": 6, "frac_width": 2}, 6),
+    ],
 )
 def test_bits_per_element(spec: dict, bits: float) -> None:
     assert make_format(spec).bits_per_element == bits

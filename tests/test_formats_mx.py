@@ -41,8 +41,14 @@ TABLES = {
 
 def test_tables_sizes() -> None:
     sizes = {name: len(t) for name, (t, _) in TABLES.items()}
-    assert sizes == {"mxfp4": 8, "mxfp6_e2m3": 32, "mxfp6_e3m2": 32, "mxfp8_e4m3": 127,
-                     "mxfp8_e5m2": 124, "mxint8": 128}
+    assert sizes == {
+        "mxfp4": 8,
+        "mxfp6_e2m3": 32,
+        "mxfp6_e3m2": 32,
+        "mxfp8_e4m3": 127,
+        "mxfp8_e5m2": 124,
+        "mxint8": 128,
+    }
     assert max(TABLES["mxfp8_e4m3"][0]) == 448 and max(TABLES["mxfp8_e5m2"][0]) == 57344
 
 
@@ -171,12 +177,14 @@ def test_matches_torchao(name: str, dtype: torch.dtype) -> None:
     elem = getattr(torch, attr) if hasattr(torch, attr) else getattr(mx_tensor, attr)
     g = torch.Generator().manual_seed(0)
     # Rows spanning 2^-30 .. 2^30 in magnitude, with exact ties and an all-zero block.
-    x = torch.randn(64, 256, generator=g) * torch.exp2(torch.randint(-30, 30, (64, 1),
-                                                                       generator=g).float())
+    x = torch.randn(64, 256, generator=g) * torch.exp2(
+        torch.randint(-30, 30, (64, 1), generator=g).float()
+    )
     x[1] = torch.round(x[1] * 8) / 8
     x[2, :32] = 0
     x = x.to(dtype)
-    ref = mx_tensor.MXTensor.to_mx(x, elem, block_size=32,
-                                   scaling_mode=ScaleCalculationMode.FLOOR).dequantize(dtype)
+    ref = mx_tensor.MXTensor.to_mx(
+        x, elem, block_size=32, scaling_mode=ScaleCalculationMode.FLOOR
+    ).dequantize(dtype)
     got = make_format({"format": name}).quantize(x)
     assert got.dtype == ref.dtype and torch.equal(got, ref)

@@ -12,13 +12,28 @@ from qat.tasks.glue import GLUE_TASKS, get_task, load_glue, tokenize_glue
 
 SHARED = Path(os.environ.get("QAT_DATA_DIR", ""))
 # (task, train rows, validation rows) as ../shared/data/README.md lists them
-REAL = [("cola", 8551, 1043), ("sst2", 67349, 872), ("mrpc", 3668, 408),
-        ("stsb", 5749, 1500), ("rte", 2490, 277), ("wnli", 635, 71)]
+REAL = [
+    ("cola", 8551, 1043),
+    ("sst2", 67349, 872),
+    ("mrpc", 3668, 408),
+    ("stsb", 5749, 1500),
+    ("rte", 2490, 277),
+    ("wnli", 635, 71),
+]
 
 
 def test_all_nine_tasks():
-    assert list(GLUE_TASKS) == ["cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte",
-                                "wnli"]
+    assert list(GLUE_TASKS) == [
+        "cola",
+        "sst2",
+        "mrpc",
+        "qqp",
+        "stsb",
+        "mnli",
+        "qnli",
+        "rte",
+        "wnli",
+    ]
     assert get_task("stsb").is_regression and get_task("mnli").num_labels == 3
     assert get_task("mnli").validation_splits == ("validation_matched", "validation_mismatched")
 
@@ -39,7 +54,7 @@ def fixture_rows(task):
     t = get_task(task)
     rows = []
     for i in range(6):
-        texts = [f"text {k} of row {i}, with \"quotes\"" for k in t.text_keys]
+        texts = [f'text {k} of row {i}, with "quotes"' for k in t.text_keys]
         rows.append("\t".join([*texts, str(i % t.num_labels)]))
     return "\t".join(t.columns) + "\n" + "\n".join(rows) + "\n"
 
@@ -52,7 +67,7 @@ def test_tasks_missing_here_load_from_fixtures(tmp_path, task):
         (tmp_path / task / f"{split}.tsv").write_text(fixture_rows(task))
     ds = load_glue(task, str(tmp_path))
     assert set(ds) == {"train", *t.validation_splits}
-    assert ds["train"][0][t.text_keys[0]] == f"text {t.text_keys[0]} of row 0, with \"quotes\""
+    assert ds["train"][0][t.text_keys[0]] == f'text {t.text_keys[0]} of row 0, with "quotes"'
     assert ds["train"]["label"] == [i % t.num_labels for i in range(6)]
 
 
@@ -78,10 +93,12 @@ def test_metrics_match_hand_computation():
     tp, tn, fp, fn = 4, 2, 1, 1
     mcc = (tp * tn - fp * fn) / math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
     assert get_task("cola").compute_metrics(logits, refs) == pytest.approx(
-        {"matthews_correlation": mcc})
+        {"matthews_correlation": mcc}
+    )
     f1 = 2 * tp / (2 * tp + fp + fn)
     assert get_task("mrpc").compute_metrics(logits, refs) == pytest.approx(
-        {"accuracy": 6 / 8, "f1": f1})
+        {"accuracy": 6 / 8, "f1": f1}
+    )
     assert get_task("sst2").compute_metrics(logits, refs) == {"accuracy": 0.75}
     scores = np.array([[0.1], [0.4], [0.35], [0.8]])
     gold = np.array([0.0, 1.0, 2.0, 3.0])
@@ -107,12 +124,21 @@ def test_tokenize_pairs_without_padding():
 
 
 # Every file under ../shared/data/glue with its row count from ../shared/data/README.md.
-README_COUNTS = {("cola", "train"): 8551, ("cola", "validation"): 1043,
-                 ("sst2", "train"): 67349, ("sst2", "validation"): 872,
-                 ("mrpc", "train"): 3668, ("mrpc", "validation"): 408,
-                 ("stsb", "train"): 5749, ("stsb", "validation"): 1500,
-                 ("qnli", "validation"): 5463, ("rte", "train"): 2490,
-                 ("rte", "validation"): 277, ("wnli", "train"): 635, ("wnli", "validation"): 71}
+README_COUNTS = {
+    ("cola", "train"): 8551,
+    ("cola", "validation"): 1043,
+    ("sst2", "train"): 67349,
+    ("sst2", "validation"): 872,
+    ("mrpc", "train"): 3668,
+    ("mrpc", "validation"): 408,
+    ("stsb", "train"): 5749,
+    ("stsb", "validation"): 1500,
+    ("qnli", "validation"): 5463,
+    ("rte", "train"): 2490,
+    ("rte", "validation"): 277,
+    ("wnli", "train"): 635,
+    ("wnli", "validation"): 71,
+}
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared/data/glue")
@@ -147,8 +173,9 @@ def _tsv(tmp_path, body: bytes, task="sst2"):
 def test_quoting_both_styles(tmp_path):
     """CSV-quoted fields (as ../shared/data writes a field holding a quote) and raw quotes
     inside a field (as in the original GLUE files) both read as the text."""
-    ds = _tsv(tmp_path, b'sentence\tlabel\n"he said ""hi"" "\t1\nhe said "hi" \t0\n'
-                        b'"a\ttab inside"\t1\n')
+    ds = _tsv(
+        tmp_path, b'sentence\tlabel\n"he said ""hi"" "\t1\nhe said "hi" \t0\n"a\ttab inside"\t1\n'
+    )
     assert ds["sentence"] == ['he said "hi" ', 'he said "hi" ', "a\ttab inside"]
     assert ds["label"] == [1, 0, 1]
 
@@ -158,16 +185,23 @@ def test_bom_crlf_and_no_final_newline(tmp_path):
     assert ds["sentence"] == ["fine", "bad"] and ds["label"] == [1, 0]
 
 
-@pytest.mark.parametrize("body,message", [
-    (b"sentence\tlabel\nok\t1\n\"opens\t0\nand closes\"\t1\nlast\t0\n",
-     "line 3: a quote opened on this line closes on line 4; records must not span lines"),
-    (b"sentence\tlabel\nok\t1\nbad \xff byte\t0\n", "line 3: not valid UTF-8 (byte 0xff)"),
-    (b"sentence\tlabel\nok\t1\nextra\ttab\t0\n",
-     "line 3 has 3 fields, expected 2 (sentence, label); a tab inside a field?"),
-    (b"sentence\tlabel\nno label\n", "line 2 has 1 fields, expected 2"),
-    (b'sentence\tlabel\nok\t1\n"never closed\t0\n', "line 3: malformed quoting"),
-    (b"sentence\tsentence\tlabel\na\tb\t1\n", "line 1: column 'sentence' appears twice"),
-])
+@pytest.mark.parametrize(
+    "body,message",
+    [
+        (
+            b'sentence\tlabel\nok\t1\n"opens\t0\nand closes"\t1\nlast\t0\n',
+            "line 3: a quote opened on this line closes on line 4; records must not span lines",
+        ),
+        (b"sentence\tlabel\nok\t1\nbad \xff byte\t0\n", "line 3: not valid UTF-8 (byte 0xff)"),
+        (
+            b"sentence\tlabel\nok\t1\nextra\ttab\t0\n",
+            "line 3 has 3 fields, expected 2 (sentence, label); a tab inside a field?",
+        ),
+        (b"sentence\tlabel\nno label\n", "line 2 has 1 fields, expected 2"),
+        (b'sentence\tlabel\nok\t1\n"never closed\t0\n', "line 3: malformed quoting"),
+        (b"sentence\tsentence\tlabel\na\tb\t1\n", "line 1: column 'sentence' appears twice"),
+    ],
+)
 def test_malformed_tsv_names_file_and_line(tmp_path, body, message):
     with pytest.raises(DataError) as e:
         _tsv(tmp_path, body)

@@ -44,8 +44,10 @@ def _expected(task: str, preds: np.ndarray, refs: np.ndarray) -> dict[str, float
 
 # Real validation labels of the committed fixtures (sst2, rte); the binary tasks' metrics
 # (Matthews, F1) are computed over the same label arrays.
-@pytest.mark.parametrize("task,labels_of", [("sst2", "sst2"), ("rte", "rte"), ("cola", "sst2"),
-                                            ("mrpc", "rte"), ("qqp", "sst2")])
+@pytest.mark.parametrize(
+    "task,labels_of",
+    [("sst2", "sst2"), ("rte", "rte"), ("cola", "sst2"), ("mrpc", "rte"), ("qqp", "sst2")],
+)
 def test_classification_metrics_equal_sklearn(task, labels_of):
     refs = _labels(labels_of)
     logits = _logits(len(refs), 2, seed=len(task))
@@ -62,7 +64,8 @@ def test_mnli_three_classes_and_stsb_regression():
     refs = np.random.default_rng(0).integers(0, 3, 64)
     logits = _logits(64, 3, seed=1)
     assert load_metric("mnli").compute(predictions=logits.argmax(-1), references=refs) == {
-        "accuracy": accuracy_score(refs, logits.argmax(-1))}
+        "accuracy": accuracy_score(refs, logits.argmax(-1))
+    }
     scores = np.random.default_rng(2).uniform(0, 5, 64).astype(np.float32)
     gold = (scores + np.random.default_rng(3).normal(0, 1, 64)).astype(np.float32)
     expected = _expected("stsb", scores.astype(np.float64), gold)
@@ -77,12 +80,19 @@ def test_unknown_task_is_named():
 
 
 def test_evaluate_load_works_offline_from_the_folder(tmp_path):
-    code = ("import evaluate, sys\n"
-            "m = evaluate.load(sys.argv[1], 'mrpc')\n"
-            "print(m.compute(predictions=[1, 0, 1, 1], references=[1, 1, 1, 0]))\n")
+    code = (
+        "import evaluate, sys\n"
+        "m = evaluate.load(sys.argv[1], 'mrpc')\n"
+        "print(m.compute(predictions=[1, 0, 1, 1], references=[1, 1, 1, 0]))\n"
+    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    out = subprocess.run([sys.executable, "-c", code, str(METRIC_DIR)], env=env,
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(METRIC_DIR)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert out.strip().splitlines()[-1] == "{'accuracy': 0.5, 'f1': 0.6666666666666666}"
 
 

@@ -32,18 +32,27 @@ if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
 _TRITON_VERSION = tuple(int(p) for p in triton.__version__.split(".")[:2])
 BF16_SKIP = pytest.mark.skipif(
     DEVICE == "cpu" and _TRITON_VERSION < (3, 9),
-    reason=f"bfloat16 needs triton >= 3.9's interpreter (have {triton.__version__})")
+    reason=f"bfloat16 needs triton >= 3.9's interpreter (have {triton.__version__})",
+)
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 
-BFP_SPECS = [{"format": "bfp", "width": w, "exponent_width": e, "block_size": b}
-             for w in range(2, 9) for e in (4, 8) for b in (1, 7, 16, 32)]
-MX_SPECS = [{"format": n} for n in ("mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e2m3", "mxfp6_e3m2",
-                                    "mxfp4", "mxint8")]
-CODEBOOK_SPECS = [{"format": n, "block_size": b} for n in ("nf4", "af4", "bof4s")
-                  for b in (32, 64)] + [{"format": "bof4", "block_size": 64},
-                                        {"format": "nf4", "block_size": 32,
-                                         "normalization": "signed_absmax"}]
+BFP_SPECS = [
+    {"format": "bfp", "width": w, "exponent_width": e, "block_size": b}
+    for w in range(2, 9)
+    for e in (4, 8)
+    for b in (1, 7, 16, 32)
+]
+MX_SPECS = [
+    {"format": n}
+    for n in ("mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e2m3", "mxfp6_e3m2", "mxfp4", "mxint8")
+]
+CODEBOOK_SPECS = [
+    {"format": n, "block_size": b} for n in ("nf4", "af4", "bof4s") for b in (32, 64)
+] + [
+    {"format": "bof4", "block_size": 64},
+    {"format": "nf4", "block_size": 32, "normalization": "signed_absmax"},
+]
 GGML_SPECS = [{"format": "ggml_q8_0"}, {"format": "ggml_q4_0"}]
 NVFP4_SPEC = {"format": "nvfp4"}
 
@@ -69,9 +78,11 @@ def assert_bits_equal(got: torch.Tensor, x: torch.Tensor, fmt, dim: int) -> None
     bad = (g != w) & ~nan
     if bad.any():
         i = bad.nonzero()[0].tolist()
-        raise AssertionError(f"{fmt} dim={dim} {x.dtype}: {int(bad.sum())} elements differ, "
-                             f"first at {i}: x={x[tuple(i)].item()!r} kernel="
-                             f"{got[tuple(i)].item()!r} reference={want[tuple(i)].item()!r}")
+        raise AssertionError(
+            f"{fmt} dim={dim} {x.dtype}: {int(bad.sum())} elements differ, "
+            f"first at {i}: x={x[tuple(i)].item()!r} kernel="
+            f"{got[tuple(i)].item()!r} reference={want[tuple(i)].item()!r}"
+        )
 
 
 # --- test data: one row per kind of input, blocks of B along the row ----------------------
@@ -164,9 +175,20 @@ def rows(fmt, n: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
     spread = torch.randn(n, generator=gen, dtype=torch.float64)
     nblocks = -(-n // b)
     exps = torch.randint(-30, 31, (nblocks,), generator=gen).double()
-    spread *= (2.0 ** exps).repeat_interleave(b)[:n]
-    out = torch.stack([normal, heavy, tie_row(fmt, n, gen), tie_row(fmt, n, gen), zeros, tiny,
-                       huge, nonfinite, spread])
+    spread *= (2.0**exps).repeat_interleave(b)[:n]
+    out = torch.stack(
+        [
+            normal,
+            heavy,
+            tie_row(fmt, n, gen),
+            tie_row(fmt, n, gen),
+            zeros,
+            tiny,
+            huge,
+            nonfinite,
+            spread,
+        ]
+    )
     return out.to(dtype)
 
 
@@ -205,8 +227,10 @@ def check_format(spec: dict, dtype: torch.dtype) -> None:
 # The interpreter costs ~0.1 s a launch: every BFP shape in float32, the 16-bit dtypes on a
 # spread of BFP shapes and on every MX and codebook format; every case in all three layouts.
 
-BFP_SPREAD = [{"format": "bfp", "width": w, "exponent_width": e, "block_size": b}
-              for w, e, b in ((2, 8, 1), (3, 4, 7), (4, 8, 16), (8, 4, 32))]
+BFP_SPREAD = [
+    {"format": "bfp", "width": w, "exponent_width": e, "block_size": b}
+    for w, e, b in ((2, 8, 1), (3, 4, 7), (4, 8, 16), (8, 4, 32))
+]
 
 
 @pytest.mark.parametrize("spec", BFP_SPECS, ids=spec_id)
@@ -219,18 +243,20 @@ def case(spec: dict, dtype: torch.dtype):
     return pytest.param(spec, dtype, id=f"{spec_id(spec)}-{str(dtype)[6:]}", marks=marks)
 
 
-@pytest.mark.parametrize("spec,dtype",
-                         [case(s, d) for s in BFP_SPREAD for d in DTYPES[1:]]
-                         + [case(s, d) for s in MX_SPECS + CODEBOOK_SPECS + GGML_SPECS
-                            for d in DTYPES])
+@pytest.mark.parametrize(
+    "spec,dtype",
+    [case(s, d) for s in BFP_SPREAD for d in DTYPES[1:]]
+    + [case(s, d) for s in MX_SPECS + CODEBOOK_SPECS + GGML_SPECS for d in DTYPES],
+)
 def test_formats_match_reference_in_every_dtype(spec, dtype):
     check_format(spec, dtype)
 
 
 def bof4_file(tmp_path, levels: list[float]) -> str:
     path = tmp_path / "bof4.json"
-    path.write_text(json.dumps({"kind": "bof4", "metric": "mse", "block_size": 32,
-                                "levels": levels}))
+    path.write_text(
+        json.dumps({"kind": "bof4", "metric": "mse", "block_size": 32, "levels": levels})
+    )
     return str(path)
 
 
@@ -241,8 +267,9 @@ def test_saturates_to_the_dtype_like_the_reference(tmp_path, dtype):
     """A fitted codebook may have levels beyond +-1, so ``level * s`` can pass the dtype's
     largest finite value: both paths then give that value, never inf."""
     levels = [1.5 * (-1.0 + 2 * i / 15) for i in range(16)]
-    fmt = make_format({"format": "bof4", "block_size": 32,
-                       "codebook_file": bof4_file(tmp_path, levels)})
+    fmt = make_format(
+        {"format": "bof4", "block_size": 32, "codebook_file": bof4_file(tmp_path, levels)}
+    )
     big = torch.finfo(dtype).max
     x = torch.linspace(-1, 1, 64, dtype=torch.float64).reshape(2, 32) * big
     x = x.to(dtype).to(DEVICE)
@@ -348,9 +375,12 @@ def test_ggml_hand_made_blocks(spec):
         if dtype == torch.bfloat16 and DEVICE == "cpu" and _TRITON_VERSION < (3, 9):
             continue
         base = torch.stack([row, row.flip(0)]).to(dtype)
-        for x, dim in ((base, -1), (base.t().contiguous(), 0),
-                       (base.reshape(2, -1, 32).transpose(1, 2).contiguous(), 1),
-                       (base[:, : 32 * 5 + 7].contiguous(), -1)):
+        for x, dim in (
+            (base, -1),
+            (base.t().contiguous(), 0),
+            (base.reshape(2, -1, 32).transpose(1, 2).contiguous(), 1),
+            (base[:, : 32 * 5 + 7].contiguous(), -1),
+        ):
             x = x.to(DEVICE)
             assert_bits_equal(triton_fake_quantize(x, fmt, dim), x, fmt, dim)
 
@@ -423,12 +453,16 @@ def test_nvfp4_global_scale_edges():
     ties = torch.rand(len(E4M3_TRAPS) + 1, 16, generator=gen) * 0.01
     ties[:-1, 3] = E4M3_TRAPS  # block maxima
     ties[-1, 0] = 2688.0  # g = 1
-    cases = [torch.zeros(4, 32), -torch.zeros(2, 48),
-             torch.tensor([[float("nan"), float("inf"), -float("inf")] * 11]),
-             torch.randn(4, 32, generator=gen) * 1e-38,
-             torch.randn(4, 32, generator=gen) * 1e-36,
-             torch.randn(4, 32, generator=gen).clamp(-1, 1) * torch.finfo(torch.float32).max,
-             big, ties]
+    cases = [
+        torch.zeros(4, 32),
+        -torch.zeros(2, 48),
+        torch.tensor([[float("nan"), float("inf"), -float("inf")] * 11]),
+        torch.randn(4, 32, generator=gen) * 1e-38,
+        torch.randn(4, 32, generator=gen) * 1e-36,
+        torch.randn(4, 32, generator=gen).clamp(-1, 1) * torch.finfo(torch.float32).max,
+        big,
+        ties,
+    ]
     for x in cases:
         for dim in (-1, 0):
             x = x.to(DEVICE)
@@ -471,8 +505,9 @@ def test_custom_ops_pass_opcheck():
     ops = torch.ops.qat
     torch.library.opcheck(ops.bfp_fake_quantize, (x, -1, 4, 8, 16))
     torch.library.opcheck(ops.mx_fake_quantize, (x, 0, 32, 1, 2, 0, 6.0, False))
-    torch.library.opcheck(ops.codebook_fake_quantize,
-                          (x, -1, 32, list(make_format({"format": "nf4"}).levels), False))
+    torch.library.opcheck(
+        ops.codebook_fake_quantize, (x, -1, 32, list(make_format({"format": "nf4"}).levels), False)
+    )
     torch.library.opcheck(ops.ggml_fake_quantize, (x, -1, True))
     torch.library.opcheck(ops.ggml_fake_quantize, (x, 0, False))
     torch.library.opcheck(ops.nvfp4_fake_quantize, (x, 0))
@@ -482,8 +517,10 @@ def test_custom_ops_pass_opcheck():
 def test_no_host_sync_on_cuda():
     """Launching never waits for the GPU (after the first call cached the codebook tables)."""
     x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
-    fmts = [make_format(s) for s in (BFP_SPECS[0], MX_SPECS[0], CODEBOOK_SPECS[0],
-                                     *GGML_SPECS, NVFP4_SPEC)]
+    fmts = [
+        make_format(s)
+        for s in (BFP_SPECS[0], MX_SPECS[0], CODEBOOK_SPECS[0], *GGML_SPECS, NVFP4_SPEC)
+    ]
     for fmt in fmts:
         triton_fake_quantize(x, fmt, -1)
     torch.cuda.synchronize()
@@ -554,8 +591,13 @@ def test_gpu_build_is_exact_by_construction():
     as well."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     kdir = os.path.join(REPO, "qat", "formats", "kernels")
-    res = subprocess.run([sys.executable, "-c", PTX_SCRIPT, kdir], env=env, capture_output=True,
-                         text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-c", PTX_SCRIPT, kdir],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if res.returncode != 0 and ("ptxas" in res.stderr or "backend" in res.stderr.lower()):
         pytest.skip(f"triton cannot compile for CUDA here: {res.stderr.strip().splitlines()[-1]}")
     assert res.returncode == 0, res.stderr
@@ -574,15 +616,19 @@ def test_gpu_build_is_exact_by_construction():
 # --- what has no kernel -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("spec", [
-    {"format": "bof4", "outliers": "opq"},
-    {"format": "nf4", "outliers": "opq"},
-    {"format": "int", "width": 4},
-    {"format": "lobcq"},
-    {"format": "block_minifloat"},
-    {"format": "block_log"},
-    {"format": "bfp", "block_size": 100000},
-], ids=spec_id)
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"format": "bof4", "outliers": "opq"},
+        {"format": "nf4", "outliers": "opq"},
+        {"format": "int", "width": 4},
+        {"format": "lobcq"},
+        {"format": "block_minifloat"},
+        {"format": "block_log"},
+        {"format": "bfp", "block_size": 100000},
+    ],
+    ids=spec_id,
+)
 def test_unsupported_formats(spec):
     fmt = make_format(spec)
     assert not supports_triton(fmt)
@@ -598,8 +644,11 @@ def test_supported_formats():
 
 def test_bad_dtype_is_one_clear_error():
     fmt = make_format({"format": "mxfp4"})
-    with pytest.raises(TypeError, match=r"^mxfp4: triton kernels take float32, float16 or "
-                                        r"bfloat16 tensors, got torch.float64$"):
+    with pytest.raises(
+        TypeError,
+        match=r"^mxfp4: triton kernels take float32, float16 or "
+        r"bfloat16 tensors, got torch.float64$",
+    ):
         triton_fake_quantize(torch.randn(4, 32, dtype=torch.float64, device=DEVICE), fmt)
 
 

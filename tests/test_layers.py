@@ -54,8 +54,9 @@ def _modules() -> list[Path]:
 
 
 def test_every_module_is_in_a_layer():
-    units = {_unit("qat." + ".".join(p.relative_to(ROOT).with_suffix("").parts))
-             for p in _modules()}
+    units = {
+        _unit("qat." + ".".join(p.relative_to(ROOT).with_suffix("").parts)) for p in _modules()
+    }
     assert units <= set(RANK), f"modules outside any layer: {sorted(units - set(RANK))}"
 
 
@@ -74,6 +75,7 @@ def test_imports_only_go_down(path: Path):
 
 # --- no import circles ----------------------------------------------------------------------
 
+
 def _name(path: Path) -> str:
     """``qat/quant/ste.py`` -> ``qat.quant.ste``; ``qat/quant/__init__.py`` -> ``qat.quant``."""
     parts = path.relative_to(ROOT.parent).with_suffix("").parts
@@ -85,8 +87,12 @@ def _type_checking_only(tree: ast.AST) -> set[int]:
     lines = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            lines |= {n.lineno for stmt in node.body for n in ast.walk(stmt)
-                      if isinstance(n, (ast.Import, ast.ImportFrom))}
+            lines |= {
+                n.lineno
+                for stmt in node.body
+                for n in ast.walk(stmt)
+                if isinstance(n, (ast.Import, ast.ImportFrom))
+            }
     return lines
 
 
@@ -104,8 +110,12 @@ def _import_graph() -> dict[str, set[str]]:
                 continue
             if isinstance(node, ast.Import):
                 targets |= {a.name for a in node.names if a.name.split(".")[0] == "qat"}
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and \
-                    node.module.split(".")[0] == "qat":
+            elif (
+                isinstance(node, ast.ImportFrom)
+                and node.level == 0
+                and node.module
+                and node.module.split(".")[0] == "qat"
+            ):
                 for a in node.names:
                     sub = f"{node.module}.{a.name}"
                     targets.add(sub if sub in modules else node.module)
@@ -122,7 +132,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state and (found := visit(nxt, path)):
                 return found
         path.pop()
@@ -146,3 +156,18 @@ def test_no_import_circle_among_qat_modules():
     assert "qat.training.trainer" in graph["qat.training.causal_lm"]  # inside a function
     cycle = _cycle(graph)
     assert cycle is None, f"import circle: {' -> '.join(cycle)}"
+
+
+# A module past this many lines (as `ruff format` lays it out) does more than one job, unless
+# its docstring says why it may not be split: "one module, one job" (#20).
+MAX_LINES = 450
+
+
+def test_no_module_is_too_long_without_a_reason():
+    long = []
+    for path in _modules():
+        lines = path.read_text().count("\n")
+        doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+        if lines > MAX_LINES and "one module because" not in doc:
+            long.append(f"{path.relative_to(ROOT.parent)} ({lines} lines)")
+    assert not long, f"split these or say in the docstring why not: {long}"

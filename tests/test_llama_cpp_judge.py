@@ -20,8 +20,11 @@ from qat.cli.export import main as export_main  # noqa: E402
 from qat.cli.perplexity import main as perplexity_main  # noqa: E402
 from qat.export.llama_cpp import LlamaCppModel  # noqa: E402
 
-EMULATE = {"weight": {"format": "ggml_q4_0"}, "activation": {"format": "ggml_q8_0"},
-           "exclude": ["lm_head"]}
+EMULATE = {
+    "weight": {"format": "ggml_q4_0"},
+    "activation": {"format": "ggml_q8_0"},
+    "exclude": ["lm_head"],
+}
 
 
 def _qat_logits(recipe: str, ids: list[int], quant: dict | None) -> np.ndarray:
@@ -41,8 +44,7 @@ def test_llama_cpp_logits_are_the_emulated_models(tmp_path, weight):
     quant = {**EMULATE, "weight": {"format": weight}}
     recipe = lm_recipe(tmp_path, quant=quant)
     out = tmp_path / "gguf"
-    assert export_main([recipe, "--to", "gguf", "--out", str(out),
-                        "--gguf_embeddings", "f32"]) == 0
+    assert export_main([recipe, "--to", "gguf", "--out", str(out), "--gguf_embeddings", "f32"]) == 0
     ids = list(range(1000, 1064))
     with LlamaCppModel(out / "model.gguf", n_ctx=64, exact_attention=True) as engine:
         exact = engine.logits(ids)
@@ -64,9 +66,11 @@ def test_gguf_perplexity_command_and_bad_input(tmp_path, capsys, committed_wikit
     res = json.loads((out / "model.perplexity.json").read_text())
     assert res["engine"] == "llama.cpp" and res["chunks"] == 2 and res["tokens_scored"] == 62
     assert capsys.readouterr().out.strip().splitlines()[-1] == f"perplexity={res['perplexity']:.4f}"
-    for argv, match in ((["--quant", "null"], "--quant: recipe keys do not apply to a GGUF"),
-                        (["--device", "cuda"], "run by llama.cpp on the CPU"),
-                        ([], "does not exist")):
+    for argv, match in (
+        (["--quant", "null"], "--quant: recipe keys do not apply to a GGUF"),
+        (["--device", "cuda"], "run by llama.cpp on the CPU"),
+        ([], "does not exist"),
+    ):
         path = str(gguf) if argv else str(tmp_path / "missing.gguf")
         assert perplexity_main([path, *argv]) == 2
         err = capsys.readouterr().err.strip()
@@ -85,8 +89,13 @@ def test_real_smollm2_q4_0_perplexity_matches_qat_within_1_percent(tmp_path):
     sys.path.insert(0, str(REPO / "bench"))
     from llama_cpp_judge import judge
 
-    row = judge(str(REPO / "recipes" / "smollm2_wikitext_q4_0.yaml"), tmp_path / "export",
-                chunks=1, chunk_size=512, wikitext_dir=wt)
+    row = judge(
+        str(REPO / "recipes" / "smollm2_wikitext_q4_0.yaml"),
+        tmp_path / "export",
+        chunks=1,
+        chunk_size=512,
+        wikitext_dir=wt,
+    )
     assert row["same_tokens"]
     assert abs(row["llama_cpp_ppl"] / row["qat_ppl"] - 1) < 0.01, row
     # and the judge is not blind: the float model scores measurably differently

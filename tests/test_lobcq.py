@@ -22,7 +22,7 @@ def reference(x: list[float], books: list[list[int]], block_len: int, array_len:
     """Naive LO-BCQ in float64: E8M0 array scale, per-block least-MSE codebook, ties up."""
     out = []
     for a in range(0, len(x), array_len):
-        arr = x[a:a + array_len]
+        arr = x[a : a + array_len]
         amax = max(abs(v) for v in arr)
         if amax == 0:
             out += [0.0] * len(arr)
@@ -31,7 +31,7 @@ def reference(x: list[float], books: list[list[int]], block_len: int, array_len:
         while amax > 31 * 2.0**e:
             e += 1
         for b in range(0, len(arr), block_len):
-            ys = [min(31.0, max(-31.0, v / 2.0**e)) for v in arr[b:b + block_len]]
+            ys = [min(31.0, max(-31.0, v / 2.0**e)) for v in arr[b : b + block_len]]
             best = None
             for book in books:
                 qs = [min(book, key=lambda c, y=y: (abs(y - c), -c)) for y in ys]
@@ -53,17 +53,28 @@ def test_bits_per_element(tmp_path):
     assert make_format({"format": "lobcq"}).bits_per_element == 4.625
     eight = tmp_path / "eight.json"
     save_codebooks(str(eight), torch.zeros(8, 16), 8, 64)
-    assert make_format({"format": "lobcq", "num_codebooks": 8,
-                        "codebook_file": str(eight)}).bits_per_element == 4.5
+    assert (
+        make_format(
+            {"format": "lobcq", "num_codebooks": 8, "codebook_file": str(eight)}
+        ).bits_per_element
+        == 4.5
+    )
     wide = tmp_path / "wide.json"
     save_codebooks(str(wide), torch.zeros(16, 16), 8, 128)
-    assert make_format({"format": "lobcq", "array_len": 128,
-                        "codebook_file": str(wide)}).bits_per_element == 4.5625
+    assert (
+        make_format(
+            {"format": "lobcq", "array_len": 128, "codebook_file": str(wide)}
+        ).bits_per_element
+        == 4.5625
+    )
 
 
 def test_other_shapes_need_a_fitted_file_not_a_silent_fit():
-    with pytest.raises(FormatError, match=r"no stored codebooks for num_codebooks=8.*"
-                       r"qat fit-lobcq --gaussian 131072 --num-codebooks 8"):
+    with pytest.raises(
+        FormatError,
+        match=r"no stored codebooks for num_codebooks=8.*"
+        r"qat fit-lobcq --gaussian 131072 --num-codebooks 8",
+    ):
         make_format({"format": "lobcq", "num_codebooks": 8})
 
 
@@ -73,8 +84,15 @@ def test_array_exponent_hand_values():
 
 
 def test_hand_computed_two_codebooks(two_books):
-    f = make_format({"format": "lobcq", "block_len": 8, "array_len": 16, "num_codebooks": 2,
-                     "codebook_file": two_books})
+    f = make_format(
+        {
+            "format": "lobcq",
+            "block_len": 8,
+            "array_len": 16,
+            "num_codebooks": 2,
+            "codebook_file": two_books,
+        }
+    )
     # Array max 31 -> scale 2^0. Block 1: CB0 error 0.5 (the two half-way ties) beats CB1.
     # Block 2 holds 31: CB1 (31 -> 30; ties 4 -> 6, -4 -> -2, 12 -> 14, 0 -> 2) beats CB0.
     x = [1.0, -2.0, 3.0, 0.5, -0.5, 7.0, -8.0, 0.0, 31.0, 0.5, 4.0, -4.0, 12.0, 0.0, 2.0, -6.0]
@@ -86,8 +104,15 @@ def test_hand_computed_two_codebooks(two_books):
 
 
 def test_random_against_reference_ragged_dims_dtypes(two_books):
-    f = make_format({"format": "lobcq", "block_len": 8, "array_len": 16, "num_codebooks": 2,
-                     "codebook_file": two_books})
+    f = make_format(
+        {
+            "format": "lobcq",
+            "block_len": 8,
+            "array_len": 16,
+            "num_codebooks": 2,
+            "codebook_file": two_books,
+        }
+    )
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(3, 37, generator=gen) * torch.tensor([1e-3, 1.0, 50.0])[:, None]
     x[1, :16] = 0  # an all-zero array
@@ -108,8 +133,15 @@ def test_ragged_padding_does_not_choose_codebook(tmp_path):
     path = tmp_path / "c.json"
     books = [list(range(-15, 1)), list(range(-28, -14)) + [18, 20]]
     save_codebooks(str(path), torch.tensor(books, dtype=torch.float32), 8, 8)
-    f = make_format({"format": "lobcq", "block_len": 8, "array_len": 8, "num_codebooks": 2,
-                     "codebook_file": str(path)})
+    f = make_format(
+        {
+            "format": "lobcq",
+            "block_len": 8,
+            "array_len": 8,
+            "num_codebooks": 2,
+            "codebook_file": str(path),
+        }
+    )
     out = f.quantize(torch.tensor([20.0, 18.0]))
     assert out.tolist() == [20.0, 18.0] == reference([20.0, 18.0], books, 8, 8)
 
@@ -169,17 +201,55 @@ def test_save_load_round_trip_and_spec(tmp_path):
 
 def test_main_gaussian_and_model(tmp_path):
     out = tmp_path / "g.json"
-    assert main(["--gaussian", "16384", "--num-codebooks", "4", "--iters", "3",
-                 "--warm-iters", "2", "--out", str(out), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "--gaussian",
+                "16384",
+                "--num-codebooks",
+                "4",
+                "--iters",
+                "3",
+                "--warm-iters",
+                "2",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     make_format({"format": "lobcq", "num_codebooks": 4, "codebook_file": str(out)})
     model = tmp_path / "m"
     model.mkdir()
-    save_file({"a.weight": torch.randn(32, 96), "a.bias": torch.randn(32),
-               "b.weight": torch.randn(16, 64).half()}, str(model / "model.safetensors"))
+    save_file(
+        {
+            "a.weight": torch.randn(32, 96),
+            "a.bias": torch.randn(32),
+            "b.weight": torch.randn(16, 64).half(),
+        },
+        str(model / "model.safetensors"),
+    )
     for src in (str(model), str(model / "model.safetensors")):
         out = tmp_path / "m.json"
-        assert main(["--from-model", src, "--num-codebooks", "2", "--iters", "2",
-                     "--warm-iters", "2", "--out", str(out), "--no-progress"]) == 0
+        assert (
+            main(
+                [
+                    "--from-model",
+                    src,
+                    "--num-codebooks",
+                    "2",
+                    "--iters",
+                    "2",
+                    "--warm-iters",
+                    "2",
+                    "--out",
+                    str(out),
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
         doc = json.loads(out.read_text())
         assert doc["source"].startswith("model:") and len(doc["codebooks"]) == 2
         make_format({"format": "lobcq", "num_codebooks": 2, "codebook_file": str(out)})

@@ -86,11 +86,15 @@ def _qkv(seq: int, heads: int = 4, kv_heads: int = 4, dim: int = 16, seed: int =
 def _masks(seq: int) -> dict[str, torch.Tensor | None]:
     causal = torch.ones(seq, seq, dtype=torch.bool).tril()
     keep = causal[None, None].repeat(2, 1, 1, 1)
-    keep[1, :, :, seq - 5:] = False  # padded keys in the second sequence
-    keep[1, :, seq - 5:, 0] = True  # (padded query rows still see one key, as transformers does)
+    keep[1, :, :, seq - 5 :] = False  # padded keys in the second sequence
+    keep[1, :, seq - 5 :, 0] = True  # (padded query rows still see one key, as transformers does)
     additive = torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)
-    return {"none": None, "bool": keep, "additive": additive,
-            "broadcast_row": additive[:, :, -1:, :]}
+    return {
+        "none": None,
+        "bool": keep,
+        "additive": additive,
+        "broadcast_row": additive[:, :, -1:, :],
+    }
 
 
 def _run(module, q, k, v, mask, **kwargs):
@@ -298,10 +302,10 @@ def test_key_tails_under_masks_and_gqa(seq, mask_kind, kv_heads, blocks, monkeyp
     # Q(P) of each block: the eager Q(P)'s rows and first keys bit for bit, and 0 past them
     starts = range(0, seq, TAIL_ROWS)
     assert len(seen) == 2 * len(starts)  # forward, then the backward's recompute
-    for start, p, again in zip(starts, seen, seen[len(starts):]):
-        rows = ref_probs[..., start:start + TAIL_ROWS, :]
-        assert torch.equal(p, rows[..., :p.shape[-1]]) and torch.equal(again, p)
-        assert not rows[..., p.shape[-1]:].any()
+    for start, p, again in zip(starts, seen, seen[len(starts) :]):
+        rows = ref_probs[..., start : start + TAIL_ROWS, :]
+        assert torch.equal(p, rows[..., : p.shape[-1]]) and torch.equal(again, p)
+        assert not rows[..., p.shape[-1] :].any()
     if mask_kind in ("bool", "additive") and seq > 70:
         assert min(p.shape[-1] for p in seen) < seq  # some block skipped a tail
 
@@ -322,9 +326,14 @@ CAUSAL_200 = torch.ones(200, 200, dtype=torch.bool).tril()[None, None]
 SEEN_200 = [64, 64, 64, 64, 80, 96, 112, 128, 144, 160, 176, 192, 200]
 
 
-@pytest.mark.parametrize("block_size,want", [
-    (16, SEEN_200), (8, SEEN_200),
-    (32, [64, 64, 64, 64, 96, 96, 128, 128, 160, 160, 192, 192, 200])])
+@pytest.mark.parametrize(
+    "block_size,want",
+    [
+        (16, SEEN_200),
+        (8, SEEN_200),
+        (32, [64, 64, 64, 64, 96, 96, 128, 128, 160, 160, 192, 192, 200]),
+    ],
+)
 def test_causal_blocks_compute_only_the_keys_they_see(block_size, want, blocks, monkeypatch):
     # rounded up to whole blocks of P's format; the forward and the backward's recompute each
     # see every block once
@@ -338,8 +347,7 @@ def test_causal_blocks_compute_only_the_keys_they_see(block_size, want, blocks, 
     assert _p_lengths(module, 200, CAUSAL_200) == [200] * 26
 
 
-def test_key_tails_are_kept_where_a_row_sees_no_key_or_p_blocks_are_unknown(blocks,
-                                                                           monkeypatch):
+def test_key_tails_are_kept_where_a_row_sees_no_key_or_p_blocks_are_unknown(blocks, monkeypatch):
     monkeypatch.setattr(attention, "LONG_SCORES", 0)
     monkeypatch.setattr(block, "MIN_ROWS", TAIL_ROWS)
     mask = CAUSAL_200.repeat(2, 1, 1, 1)
@@ -354,11 +362,16 @@ def test_key_tails_are_kept_where_a_row_sees_no_key_or_p_blocks_are_unknown(bloc
 def test_key_stops_by_hand(monkeypatch):
     assert block.key_stops(CAUSAL_200, 200, 200, 16, 16) == SEEN_200
     monkeypatch.setattr(block, "MIN_KEYS", 1)
-    k = torch.tensor([[1, 0, 0, 0, 0, 0, 0],
-                      [1, 1, 0, 0, 0, 0, 0],
-                      [1, 1, 1, 0, 0, 0, 0],
-                      [1, 0, 0, 0, 1, 0, 0],
-                      [0, 0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    k = torch.tensor(
+        [
+            [1, 0, 0, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0, 0, 0],
+            [1, 1, 1, 0, 0, 0, 0],
+            [1, 0, 0, 0, 1, 0, 0],
+            [0, 0, 0, 0, 0, 0, 0],
+        ],
+        dtype=torch.bool,
+    )
     assert block.key_stops(k, 5, 7, 2, 1) == [2, 5, 7]  # last block: a row that sees nothing
     assert block.key_stops(k, 5, 7, 2, 2) == [2, 6, 7]
     assert block.key_stops(k, 5, 7, 2, 4) == [4, 7, 7]

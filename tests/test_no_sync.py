@@ -24,6 +24,7 @@ def no_host_sync():
     def refuse(name):
         def f(self, *a, **k):
             raise HostSync(f"host sync: Tensor.{name} called")
+
         return f
 
     saved = {n: getattr(torch.Tensor, n) for n in ("__bool__", "item", "tolist")}
@@ -60,8 +61,11 @@ def test_every_format_quantises_without_sync(name):
             assert fmt.quantize(x.to(dt), -1).dtype == dt
 
 
-W4A4 = {"weight": {"format": "bfp", "width": 4}, "activation": {"format": "bfp", "width": 4},
-        "matmul": {"format": "bfp", "width": 4}}
+W4A4 = {
+    "weight": {"format": "bfp", "width": 4},
+    "activation": {"format": "bfp", "width": 4},
+    "matmul": {"format": "bfp", "width": 4},
+}
 
 
 @pytest.mark.parametrize("arch", ["opt", "llama", "bert", "gpt2"])
@@ -112,6 +116,13 @@ def test_quantised_model_step_without_sync(arch):
         for h in hooks:
             h.remove()
     assert not active
-    assert all(p.grad is not None for n, p in model.named_parameters()
-               if p.requires_grad and "embed" not in n and "wpe" not in n and "wte" not in n
-               and "position" not in n and "token_type" not in n)
+    assert all(
+        p.grad is not None
+        for n, p in model.named_parameters()
+        if p.requires_grad
+        and "embed" not in n
+        and "wpe" not in n
+        and "wte" not in n
+        and "position" not in n
+        and "token_type" not in n
+    )

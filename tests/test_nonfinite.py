@@ -70,13 +70,29 @@ def _trainer(tmp_path: Path, policy: str, inject: InjectFault, max_steps: int) -
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
     task = get_task("sst2")
     data = tokenize_glue(load_glue("sst2", make_tiny_glue_dir(tmp_path)), task, tok, 32)
-    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=max_steps,
-                             save_strategy="steps", save_steps=2, logging_steps=1, seed=0,
-                             per_device_train_batch_size=8, learning_rate=1e-3,
-                             report_to="none", use_cpu=True, disable_tqdm=True)
-    return QATTrainer(model, args, quant_config=W4A4_BFP, on_nonfinite=policy,
-                      train_dataset=data["train"], processing_class=tok,
-                      data_collator=DataCollatorWithPadding(tok), callbacks=[inject])
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        max_steps=max_steps,
+        save_strategy="steps",
+        save_steps=2,
+        logging_steps=1,
+        seed=0,
+        per_device_train_batch_size=8,
+        learning_rate=1e-3,
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    return QATTrainer(
+        model,
+        args,
+        quant_config=W4A4_BFP,
+        on_nonfinite=policy,
+        train_dataset=data["train"],
+        processing_class=tok,
+        data_collator=DataCollatorWithPadding(tok),
+        callbacks=[inject],
+    )
 
 
 def _batch(tok, n: int = 4) -> dict[str, torch.Tensor]:
@@ -88,7 +104,8 @@ def test_find_first_nonfinite_names_the_quantiser_in_forward_order(tmp_path: Pat
     model_dir = make_tiny_model_dir(tmp_path)
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = quantize_model(
-        AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2), W4A4_BFP)
+        AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2), W4A4_BFP
+    )
     batch = _batch(tok)
     assert find_first_nonfinite(model, batch) is None
     model.get_submodule(BAD).forward = _overflowing
@@ -111,8 +128,11 @@ def test_find_first_nonfinite_names_the_quantiser_in_forward_order(tmp_path: Pat
 def test_stop_names_step_and_layer_and_keeps_last_checkpoint_intact(tmp_path: Path) -> None:
     inject = InjectFault(step=5)
     trainer = _trainer(tmp_path, "stop", inject, max_steps=8)
-    with pytest.raises(NonFiniteError, match=rf"at step 5; first offending layer: {BAD} "
-                                             r"\(quantiser; output has 1 inf; its inputs"):
+    with pytest.raises(
+        NonFiniteError,
+        match=rf"at step 5; first offending layer: {BAD} "
+        r"\(quantiser; output has 1 inf; its inputs",
+    ):
         trainer.train()
     out = tmp_path / "out"
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
@@ -145,5 +165,8 @@ def test_cli_stops_a_diverging_run_with_exit_code_1(tmp_path: Path, capsys) -> N
     assert main([recipe]) == 1
     err = capsys.readouterr().err
     line = next(x for x in err.splitlines() if x.startswith("qat train: error:"))
-    assert re.match(r"qat train: error: non-finite training loss \((nan|inf|-inf)\) at step "
-                    r"\d+; first offending layer: \S+ \(", line), line
+    assert re.match(
+        r"qat train: error: non-finite training loss \((nan|inf|-inf)\) at step "
+        r"\d+; first offending layer: \S+ \(",
+        line,
+    ), line

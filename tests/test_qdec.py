@@ -53,9 +53,11 @@ def _plain_and_parts(model: nn.Sequential, x: torch.Tensor):
 
 # --- the compensated layer's algebra ------------------------------------------------------
 
+
 @pytest.mark.parametrize("activation", [None, BFP4], ids=["weight-only", "W3A4"])
-@pytest.mark.parametrize("shape", [(3, 1, 64), (2, 5, 64), (4, 64)],
-                         ids=["decode", "prefill", "2d"])
+@pytest.mark.parametrize(
+    "shape", [(3, 1, 64), (2, 5, 64), (4, 64)], ids=["decode", "prefill", "2d"]
+)
 def test_k_equal_d_in_is_the_layer_with_weight_q_plus_r_hat(activation, shape):
     model = _layer(activation=activation)
     attach_qdec(model, {"k_chunk": 1024})
@@ -103,8 +105,9 @@ def test_gpt2_conv1d_layers_are_compensated_and_saved_in_their_own_layout(tmp_pa
         logits = model(input_ids=ids).logits
     save_qdec(model, tmp_path)
     torch.manual_seed(0)
-    again = load_qdec(quantize_model(tiny_model("gpt2"),
-                                     {"weight": BFP3, "activation": BFP4}), tmp_path)
+    again = load_qdec(
+        quantize_model(tiny_model("gpt2"), {"weight": BFP3, "activation": BFP4}), tmp_path
+    )
     with torch.no_grad():
         assert torch.equal(again(input_ids=ids).logits, logits)
 
@@ -126,8 +129,9 @@ def test_residuals_of_at_most_4_bits_are_held_two_a_byte(bits, packed):
     assert state.packed is packed
     assert state.codes_t.shape == ((64, 12) if packed else (64, 23))
     # the same codes held unpacked compensate bit for bit as the packed ones
-    plain = qdec_mod.QDECState(state.codes(), state.scale, state.k,
-                               QDECConfig(k_chunk=256, residual_bits=8))
+    plain = qdec_mod.QDECState(
+        state.codes(), state.scale, state.k, QDECConfig(k_chunk=256, residual_bits=8)
+    )
     assert not plain.packed
     x = torch.randn(3, 2, 64, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
@@ -148,8 +152,10 @@ def test_packed_residuals_save_half_the_bytes_and_version_1_files_still_load(tmp
     # a version-1 file (int8 codes, one a byte) loads to the same residual
     v1 = tmp_path / "v1"
     v1.mkdir()
-    save_file({"0.codes": model[0]._qdec.codes(), "0.scale": saved["0.scale"]},
-              str(v1 / "qdec.safetensors"))
+    save_file(
+        {"0.codes": model[0]._qdec.codes(), "0.scale": saved["0.scale"]},
+        str(v1 / "qdec.safetensors"),
+    )
     (v1 / "qdec_config.json").write_text(json.dumps({**meta, "version": 1}))
     again = load_qdec(_layer(d_in=64, d_out=24), v1)
     assert again[0]._qdec.packed
@@ -182,6 +188,7 @@ def test_k_rounding():
 
 
 # --- channel selection --------------------------------------------------------------------
+
 
 def test_selection_picks_the_largest_abs_x():
     x = torch.zeros(2, 1, 8)
@@ -233,6 +240,7 @@ def test_prefill_rules_step_and_token():
 
 # --- the residual quantiser ---------------------------------------------------------------
 
+
 def test_mse_scale_search_lowers_mse_against_max_abs():
     g = torch.Generator().manual_seed(3)
     r = torch.randn(32, 256, generator=g) * 0.01
@@ -258,6 +266,7 @@ def test_mse_scale_search_lowers_mse_against_max_abs():
 
 # --- model level: inference only, nothing moved, save / reload ----------------------------
 
+
 def test_grad_mode_is_refused_and_the_residual_is_no_parameter_or_buffer():
     model = tiny_model("llama")
     quantize_model(model, {"weight": BFP3})
@@ -277,23 +286,37 @@ def test_unquantised_model_is_refused():
     model = tiny_model("llama")
     with pytest.raises(QDECError) as e:
         attach_qdec(model, {"k_chunk": 32})
-    assert str(e.value) == ("QDEC needs quantised weights, and this model has no linear layer "
-                            "with a weight quantiser; set quant.weight (e.g. {format: bfp, "
-                            "width: 3})")
+    assert str(e.value) == (
+        "QDEC needs quantised weights, and this model has no linear layer "
+        "with a weight quantiser; set quant.weight (e.g. {format: bfp, "
+        "width: 3})"
+    )
     quantize_model(model, {"activation": BFP4})  # activations only: still no weights
     with pytest.raises(QDECError, match="QDEC needs quantised weights"):
         attach_qdec(model, {"k_chunk": 32})
 
 
-@pytest.mark.parametrize("bad, message", [
-    ({"k_chunk": -1}, "qdec.k_chunk must be an integer >= 0 (channels per 1024 inputs), got -1"),
-    ({"k_chunk": 2.5}, "qdec.k_chunk must be an integer >= 0 (channels per 1024 inputs), got 2.5"),
-    ({"residual_bits": 1}, "qdec.residual_bits must be an integer in 2..8, got 1"),
-    ({"residual_bits": 9}, "qdec.residual_bits must be an integer in 2..8, got 9"),
-    ({"residual_device": "gpu"}, "qdec.residual_device must be one of cpu, same; got 'gpu'"),
-    ({"k_chnk": 3}, "unknown key qdec.k_chnk (did you mean qdec.k_chunk?); valid keys: "
-                    "k_chunk, residual_bits, residual_device, prefill"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (
+            {"k_chunk": -1},
+            "qdec.k_chunk must be an integer >= 0 (channels per 1024 inputs), got -1",
+        ),
+        (
+            {"k_chunk": 2.5},
+            "qdec.k_chunk must be an integer >= 0 (channels per 1024 inputs), got 2.5",
+        ),
+        ({"residual_bits": 1}, "qdec.residual_bits must be an integer in 2..8, got 1"),
+        ({"residual_bits": 9}, "qdec.residual_bits must be an integer in 2..8, got 9"),
+        ({"residual_device": "gpu"}, "qdec.residual_device must be one of cpu, same; got 'gpu'"),
+        (
+            {"k_chnk": 3},
+            "unknown key qdec.k_chnk (did you mean qdec.k_chunk?); valid keys: "
+            "k_chunk, residual_bits, residual_device, prefill",
+        ),
+    ],
+)
 def test_config_validation(bad, message):
     with pytest.raises(QDECError) as e:
         QDECConfig.from_dict(bad)
@@ -307,16 +330,16 @@ def _load_quantised(path: Path):
     return quantize_model(model, {"weight": BFP3, "activation": BFP4})
 
 
-def test_save_and_reload_keeps_residuals_and_logits_and_generate_works(tmp_path, monkeypatch,
-                                                                        capsys):
+def test_save_and_reload_keeps_residuals_and_logits_and_generate_works(
+    tmp_path, monkeypatch, capsys
+):
     path = Path(make_tiny_causal_lm_dir(tmp_path))
     ids = torch.randint(200, 30000, (2, 9), generator=torch.Generator().manual_seed(4))
     model = attach_qdec(_load_quantised(path), {"k_chunk": 128})
     with torch.no_grad():
         logits = model(input_ids=ids).logits
     save_qdec(model, path)
-    assert sorted(p.name for p in path.glob("qdec*")) == ["qdec.safetensors",
-                                                          "qdec_config.json"]
+    assert sorted(p.name for p in path.glob("qdec*")) == ["qdec.safetensors", "qdec_config.json"]
     with pytest.raises(QDECError, match="already exists"):
         save_qdec(model, path)
     # reloading must read the residuals, not recompute them
@@ -334,8 +357,9 @@ def test_save_and_reload_keeps_residuals_and_logits_and_generate_works(tmp_path,
     assert not torch.equal(plain_free, logits)
     assert json.loads((path / "qdec_config.json").read_text())["config"]["k_chunk"] == 128
     # the command finds the saved residuals beside the model
-    recipe = tiny_recipe(tmp_path, model_name_or_path=str(path),
-                         quant={"weight": BFP3, "activation": BFP4})
+    recipe = tiny_recipe(
+        tmp_path, model_name_or_path=str(path), quant={"weight": BFP3, "activation": BFP4}
+    )
     capsys.readouterr()
     assert generate_main([recipe, "--prompt", "the tower is", "--max_new_tokens", "5"]) == 0
     out = capsys.readouterr().out
@@ -348,38 +372,58 @@ def test_perplexity_with_qdec(tmp_path, capsys):
     path = Path(make_tiny_causal_lm_dir(tmp_path))
     d = tmp_path / "wikitext"
     d.mkdir()
-    (d / "test.txt").write_text("the tower is 324 metres tall , about as high as a building . "
-                                * 30)
-    recipe = tiny_recipe(tmp_path, model_name_or_path=str(path),
-                         quant={"weight": BFP3, "exclude": ["lm_head"]})
+    (d / "test.txt").write_text(
+        "the tower is 324 metres tall , about as high as a building . " * 30
+    )
+    recipe = tiny_recipe(
+        tmp_path, model_name_or_path=str(path), quant={"weight": BFP3, "exclude": ["lm_head"]}
+    )
     ppl = {}
-    for name, extra in (("plain", []), ("k0", ["--qdec.k_chunk", "0"]),
-                        ("k1024", ["--qdec.k_chunk", "1024"])):
+    for name, extra in (
+        ("plain", []),
+        ("k0", ["--qdec.k_chunk", "0"]),
+        ("k1024", ["--qdec.k_chunk", "1024"]),
+    ):
         out = tmp_path / f"{name}.json"
-        rc = perplexity_main([recipe, "--chunk_size", "32", "--max_chunks", "2", "--output",
-                              str(out), *extra])
+        rc = perplexity_main(
+            [recipe, "--chunk_size", "32", "--max_chunks", "2", "--output", str(out), *extra]
+        )
         assert rc == 0, capsys.readouterr().err
         ppl[name] = json.loads(out.read_text())
     assert ppl["plain"]["qdec"] is None
-    assert ppl["k1024"]["qdec"] == {"k_chunk": 1024, "residual_bits": 4,
-                                    "residual_device": "cpu", "prefill": "token"}
+    assert ppl["k1024"]["qdec"] == {
+        "k_chunk": 1024,
+        "residual_bits": 4,
+        "residual_device": "cpu",
+        "prefill": "token",
+    }
     assert ppl["k0"]["perplexity"] == pytest.approx(ppl["plain"]["perplexity"], rel=1e-6)
     assert ppl["k1024"]["perplexity"] != pytest.approx(ppl["plain"]["perplexity"], rel=1e-6)
 
 
 # --- bad input through the commands: one line, exit 2, nothing written --------------------
 
-@pytest.mark.parametrize("extra, message", [
-    (["--qdec.k_chunk", "-1"],
-     "qdec.k_chunk must be an integer >= 0 (channels per 1024 inputs), got -1"),
-    (["--qdec.k_chunk", "2.5"],
-     "qdec.k_chunk must be an integer >= 0 (channels per 1024 inputs), got 2.5"),
-    (["--qdec.residual_bits", "1"], "qdec.residual_bits must be an integer in 2..8, got 1"),
-    (["--qdec.residual_bits", "9"], "qdec.residual_bits must be an integer in 2..8, got 9"),
-    (["--quant", "null", "--qdec.k_chunk", "32"],
-     "qdec needs quantised weights, but quant.weight is null (the model's weights stay float); "
-     "set quant.weight, e.g. {format: bfp, width: 3}"),
-])
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (
+            ["--qdec.k_chunk", "-1"],
+            "qdec.k_chunk must be an integer >= 0 (channels per 1024 inputs), got -1",
+        ),
+        (
+            ["--qdec.k_chunk", "2.5"],
+            "qdec.k_chunk must be an integer >= 0 (channels per 1024 inputs), got 2.5",
+        ),
+        (["--qdec.residual_bits", "1"], "qdec.residual_bits must be an integer in 2..8, got 1"),
+        (["--qdec.residual_bits", "9"], "qdec.residual_bits must be an integer in 2..8, got 9"),
+        (
+            ["--quant", "null", "--qdec.k_chunk", "32"],
+            "qdec needs quantised weights, but quant.weight is null "
+            "(the model's weights stay float); set quant.weight, e.g. {format: bfp, width: 3}",
+        ),
+    ],
+)
 @pytest.mark.parametrize("command", ["perplexity", "generate"])
 def test_bad_qdec_input_is_one_line_and_exit_2(tmp_path, capsys, command, extra, message):
     recipe = tiny_recipe(tmp_path, model_name_or_path=str(tmp_path / "never-loaded"))
@@ -408,10 +452,11 @@ def test_recipe_section_is_validated_and_kept(tmp_path):
 
 
 def test_generate_help_is_fast_and_light():
-    code = ("import sys\nfrom qat.cli import main\nrc = main(['generate', '--help'])\n"
-            "print('HEAVY', 'torch' in sys.modules)\nsys.exit(rc)\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       timeout=120)
+    code = (
+        "import sys\nfrom qat.cli import main\nrc = main(['generate', '--help'])\n"
+        "print('HEAVY', 'torch' in sys.modules)\nsys.exit(rc)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert (r.returncode, r.stderr) == (0, "")
     assert r.stdout.startswith("usage: qat generate RECIPE.yaml|RUN_DIR --prompt TEXT")
     assert r.stdout.rstrip().endswith("HEAVY False")
@@ -433,8 +478,7 @@ def test_saved_residuals_of_another_quantiser_are_refused_and_recomputed(tmp_pat
     torch.manual_seed(0)
     other = nn.Sequential(nn.Linear(64, 24))
     quantize_model(other, BFP4_W)  # same weights, W4 instead of W3
-    with pytest.raises(QDECError, match="computed from other weights or another weight "
-                                        "quantiser"):
+    with pytest.raises(QDECError, match="computed from other weights or another weight quantiser"):
         load_qdec(other, d)
     cfg = qdec_mod.apply_qdec(other, None, d)  # the commands: recompute, with the saved settings
     assert cfg.k_chunk == 1024
@@ -467,19 +511,22 @@ def weight_residual_of(model: nn.Sequential) -> torch.Tensor:
     return qdec_mod.weight_residual(model[0])
 
 
-@pytest.mark.parametrize("text", ["{not json", "[1, 2]", '{"config": 3, "layers": {}}',
-                                  "[" * 100_000])
+@pytest.mark.parametrize(
+    "text", ["{not json", "[1, 2]", '{"config": 3, "layers": {}}', "[" * 100_000]
+)
 def test_damaged_qdec_config_is_one_line(tmp_path, capsys, text):
     path = Path(make_tiny_causal_lm_dir(tmp_path))
     (path / "qdec_config.json").write_text(text)
     (path / "qdec.safetensors").write_bytes(b"")
-    recipe = tiny_recipe(tmp_path, model_name_or_path=str(path),
-                         quant={"weight": BFP3, "exclude": ["lm_head"]})
+    recipe = tiny_recipe(
+        tmp_path, model_name_or_path=str(path), quant={"weight": BFP3, "exclude": ["lm_head"]}
+    )
     capsys.readouterr()
     rc = generate_main([recipe, "--prompt", "hi", "--max_new_tokens", "2"])
     text_err = capsys.readouterr().err
     err = [line for line in text_err.splitlines() if "qat generate" in line]
     assert rc == 2 and len(err) == 1 and "Traceback" not in text_err, text_err
-    assert err[0].startswith(f"qat generate: error: {str(path / 'qdec_config.json')!r} is not "
-                             "a valid QDEC config (")
+    assert err[0].startswith(
+        f"qat generate: error: {str(path / 'qdec_config.json')!r} is not a valid QDEC config ("
+    )
     assert err[0].endswith("); delete the qdec.* files to recompute the residuals")

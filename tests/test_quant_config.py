@@ -22,22 +22,38 @@ from qat.quant.ste import FakeQuantizer
 
 
 def test_to_dict_is_the_specs_as_written_and_round_trips_through_json() -> None:
-    d = {"weight": {"format": "bfp", "width": 4}, "activation": None,
-         "matmul": {"format": "mxfp4"}, "overrides": {"fc2": {"weight": {"width": 6}}}}
+    d = {
+        "weight": {"format": "bfp", "width": 4},
+        "activation": None,
+        "matmul": {"format": "mxfp4"},
+        "overrides": {"fc2": {"weight": {"width": 6}}},
+    }
     cfg = QuantConfig.from_dict(d)
     # The same JSON as before formats were resolved: specs as given, no defaults filled in.
-    assert cfg.to_dict() == {**d, "exclude": ["score", "classifier", "lm_head"],
-                             "v_block_axis": "head_dim", "backend": "auto", "rotation": None}
+    assert cfg.to_dict() == {
+        **d,
+        "exclude": ["score", "classifier", "lm_head"],
+        "v_block_axis": "head_dim",
+        "backend": "auto",
+        "rotation": None,
+    }
     again = QuantConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert again == cfg and again.to_dict() == cfg.to_dict()
     assert again.formats_for("x.fc2").weight == make_format({"format": "bfp", "width": 6})
 
 
 def test_one_format_per_distinct_spec_and_overrides_merged_once() -> None:
-    cfg = QuantConfig.from_dict({
-        "weight": W4, "activation": W4, "matmul": None,
-        "overrides": {"fc1": {"activation": {"width": 6}},  # weight stays the base's
-                      "fc2": {"weight": {"width": 4}}}})  # merges back to W4
+    cfg = QuantConfig.from_dict(
+        {
+            "weight": W4,
+            "activation": W4,
+            "matmul": None,
+            "overrides": {
+                "fc1": {"activation": {"width": 6}},  # weight stays the base's
+                "fc2": {"weight": {"width": 4}},
+            },
+        }
+    )  # merges back to W4
     base, fc1, fc2 = (cfg.formats_for(n) for n in ("a.q_proj", "a.fc1", "a.fc2"))
     assert base.weight is base.activation is fc1.weight is fc2.weight is fc2.activation
     assert fc1.activation == make_format({**W4, "width": 6}) and fc1.matmul is None
@@ -69,8 +85,15 @@ def test_codebook_file_is_read_once_for_the_whole_model(tmp_path, monkeypatch) -
     monkeypatch.setattr(codebook, "load_codebook_file", lambda p: reads.append(p) or real(p))
     spec = {"format": "bof4", "block_size": 16, "codebook_file": str(path)}
     model = tiny_model("opt")
-    quantize_model(model, {"weight": spec, "activation": spec, "matmul": None,
-                           "overrides": {"fc1": {"activation": {"block_size": 16}}}})
+    quantize_model(
+        model,
+        {
+            "weight": spec,
+            "activation": spec,
+            "matmul": None,
+            "overrides": {"fc1": {"activation": {"block_size": 16}}},
+        },
+    )
     assert reads == [str(path)]
     fmts = {id(m.weight_quantizer.fmt) for m in model.modules() if isinstance(m, QuantLinear)}
     assert len(fmts) == 1
@@ -91,8 +114,11 @@ def test_attention_modules_found_by_the_models_own_registry(arch: str) -> None:
     model = tiny_model(arch)
     assert {n for n, _ in attention_modules(model)} == ATTENTION[arch]
     quantize_model(model, {"weight": None, "activation": None, "matmul": W4})
-    got = {n for n, m in model.named_modules() if isinstance(getattr(m, "qat_matmul", None),
-                                                               MatmulQuantizer)}
+    got = {
+        n
+        for n, m in model.named_modules()
+        if isinstance(getattr(m, "qat_matmul", None), MatmulQuantizer)
+    }
     assert got == ATTENTION[arch] and model.config._attn_implementation == "qat"
 
 
@@ -103,8 +129,9 @@ class _Plain(nn.Module):
 
 
 def test_matmul_on_a_model_without_attention_modules_is_refused() -> None:
-    with pytest.raises(QuantConfigError, match="^quant.matmul is set but _Plain declares no "
-                                               "attention modules"):
+    with pytest.raises(
+        QuantConfigError, match="^quant.matmul is set but _Plain declares no attention modules"
+    ):
         quantize_model(_Plain(), {"weight": W4, "matmul": W4})
 
 

@@ -22,6 +22,7 @@ from tests.test_no_sync import no_host_sync
 
 # -- the maths ---------------------------------------------------------------------------------
 
+
 def test_sqnr_hand_values():
     x = torch.ones(100)
     # signal 100, noise 100 * 0.5^2 = 25: 10 log10(4)
@@ -35,19 +36,20 @@ def test_sqnr_hand_values():
     assert sqnr_db_value(25.0, 1.0) == pytest.approx(10 * math.log10(25))
     assert sqnr_db_value(1.0, 0.0) == math.inf
     # pooled: sums add before the ratio is taken, not the dB values
-    pooled = sqnr_from_sums(torch.tensor(25.0 + 100, dtype=torch.float64),
-                            torch.tensor(1.0 + 25, dtype=torch.float64))
+    pooled = sqnr_from_sums(
+        torch.tensor(25.0 + 100, dtype=torch.float64), torch.tensor(1.0 + 25, dtype=torch.float64)
+    )
     assert float(pooled) == pytest.approx(10 * math.log10(125 / 26))
 
 
 def test_bfp_gains_about_6db_per_bit():
     x = torch.randn(256, 256, generator=torch.Generator().manual_seed(0))
-    s4, s6 = (float(sqnr_db(x, make_format({**BFP4, "width": w}).quantize(x, -1)))
-              for w in (4, 6))
+    s4, s6 = (float(sqnr_db(x, make_format({**BFP4, "width": w}).quantize(x, -1))) for w in (4, 6))
     assert 10.5 < s6 - s4 < 13.5
 
 
 # -- the pieces of the callback ----------------------------------------------------------------
+
 
 def _quantised(arch: str = "bert"):
     return quantize_model(tiny_model(arch), W4A4_BFP)
@@ -56,8 +58,7 @@ def _quantised(arch: str = "bert"):
 def test_quantised_layers_and_measure_match_the_formats():
     model = _quantised()
     layers = quantised_layers(model)
-    expected = [n for n, m in model.named_modules()
-                if type(m).__name__ == "QuantLinear"]
+    expected = [n for n, m in model.named_modules() if type(m).__name__ == "QuantLinear"]
     assert [la.name for la in layers] == expected and len(expected) == 13  # 2 x 6 + pooler
     x = torch.randn(10, 32)
     rows = measure(layers, {layers[0].name: x})
@@ -85,7 +86,8 @@ def test_sampling_hooks_copy_strided_rows_without_host_sync():
     seen = {}
     first = cb.layers[0]
     probe = first.outer.register_forward_pre_hook(
-        lambda m, a: seen.setdefault("x", a[0].detach().clone()))
+        lambda m, a: seen.setdefault("x", a[0].detach().clone())
+    )
     batch = tiny_batch(batch=3, seq=20)  # 60 token rows -> stride 7, 8 rows
     model(**batch)  # warm-up: per-device caches
     seen.clear()
@@ -124,17 +126,29 @@ def test_lora_layers_report_the_effective_weight():
 
 # -- end to end: what an offline run wrote -----------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def dash_run(tmp_path_factory):
     """4 W4A4 BFP steps of the tiny BERT, logging every 2 steps to offline W&B and TensorBoard."""
     pytest.importorskip("tensorboard")
     tmp = tmp_path_factory.mktemp("dash")
-    recipe = tiny_recipe(tmp, max_steps=4, logging_steps=2, report_to=["wandb", "tensorboard"],
-                         run_name="dash-test")
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp),
-           "TENSORBOARD_LOGGING_DIR": str(tmp / "tb"), "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, str(REPO / "qat/train.py"), recipe], env=env,
-                          capture_output=True, text=True, timeout=600)
+    recipe = tiny_recipe(
+        tmp, max_steps=4, logging_steps=2, report_to=["wandb", "tensorboard"], run_name="dash-test"
+    )
+    env = {
+        **os.environ,
+        "WANDB_MODE": "offline",
+        "WANDB_DIR": str(tmp),
+        "TENSORBOARD_LOGGING_DIR": str(tmp / "tb"),
+        "PYTHONPATH": str(REPO),
+    }
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "qat/train.py"), recipe],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return tmp
 
@@ -143,8 +157,7 @@ def _layer_names(run: Path) -> list[str]:
     """The quantised linears of the run's model, rebuilt from its saved config."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_config(
-        AutoConfig.from_pretrained(run / "out"))
+    model = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(run / "out"))
     return [la.name for la in quantised_layers(quantize_model(model, W4A4_BFP))]
 
 
@@ -174,8 +187,7 @@ def test_tensorboard_has_per_layer_sqnr_and_density(dash_run):
     for name in names:
         w = saved[f"{name}.weight"]
         expected = float(sqnr_db(w, fmt.quantize(w, -1)))
-        assert acc.Scalars(f"qat/sqnr/weight/{name}")[-1].value == pytest.approx(expected,
-                                                                                 abs=1e-4)
+        assert acc.Scalars(f"qat/sqnr/weight/{name}")[-1].value == pytest.approx(expected, abs=1e-4)
 
 
 def test_wandb_offline_run_has_charts_table_and_summary(dash_run):
@@ -189,11 +201,19 @@ def test_wandb_offline_run_has_charts_table_and_summary(dash_run):
     for rec in wandb_records(log):
         kind = rec.WhichOneof("record_type")
         if kind == "history":
-            history.append({i.key or "/".join(i.nested_key): json.loads(i.value_json)
-                            for i in rec.history.item})
+            history.append(
+                {
+                    i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                    for i in rec.history.item
+                }
+            )
         elif kind == "summary":
-            summary.update({i.key or "/".join(i.nested_key): json.loads(i.value_json)
-                            for i in rec.summary.update})
+            summary.update(
+                {
+                    i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                    for i in rec.summary.update
+                }
+            )
     names = _layer_names(dash_run)
     sqnr_steps = [h["train/global_step"] for h in history if "qat/sqnr/weight_all" in h]
     assert sqnr_steps == [2, 4]
@@ -208,13 +228,16 @@ def test_wandb_offline_run_has_charts_table_and_summary(dash_run):
     assert table["columns"] == ["layer", "tensor", "format", "bits_per_element", "sqnr_db"]
     assert {(r[0], r[1]) for r in table["data"]} == {
         *((n, t) for n in names for t in ("weight", "activation")),
-        ("all", "weight"), ("all", "activation")}
+        ("all", "weight"),
+        ("all", "activation"),
+    }
     last = next(h for h in reversed(history) if "qat/sqnr/weight_all" in h)
     by_key = {(r[0], r[1]): r[4] for r in table["data"]}
     assert by_key[(names[0], "weight")] == pytest.approx(last[f"qat/sqnr/weight/{names[0]}"])
 
 
 # -- torchao's import noise ----------------------------------------------------------------------
+
 
 def test_no_torchao_import_noise_when_qat_loads_transformers():
     """transformers imports torchao when it is installed; torch then warns about torchao's
@@ -224,8 +247,9 @@ def test_no_torchao_import_noise_when_qat_loads_transformers():
     env = {**os.environ, "PYTHONPATH": str(REPO)}
 
     def stderr(code: str) -> str:
-        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                              text=True, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+        )
         assert proc.returncode == 0, proc.stderr[-2000:]
         return proc.stderr
 
@@ -236,8 +260,10 @@ def test_no_torchao_import_noise_when_qat_loads_transformers():
     with_qat = stderr("import qat.training.trainer")
     assert not [m for m in noise if m in with_qat], with_qat[-2000:]
     # the filter is that narrow: torch's warning for any other Enum still shows
-    other = stderr("import qat, enum, torch.utils._pytree as p\n"
-                   "E = enum.Enum('E', 'A')\n"
-                   "p._private_register_pytree_node(E, None, None)\n")
+    other = stderr(
+        "import qat, enum, torch.utils._pytree as p\n"
+        "E = enum.Enum('E', 'A')\n"
+        "p._private_register_pytree_node(E, None, None)\n"
+    )
     if "is an Enum subclass" in noise:
         assert "is an Enum subclass" in other

@@ -53,18 +53,22 @@ def test_v_block_axis_seq_differs_from_head_dim():
     for axis in ("head_dim", "seq"):
         model = tiny_model("opt")
         quantize_model(model, QuantConfig(matmul={**W4, "block_size": 4}, v_block_axis=axis))
-        assert model.model.decoder.layers[0].self_attn.qat_matmul.v.dim == (-1 if axis ==
-                                                                            "head_dim" else -2)
+        assert model.model.decoder.layers[0].self_attn.qat_matmul.v.dim == (
+            -1 if axis == "head_dim" else -2
+        )
         outs.append(logits(model, batch))
     assert not torch.allclose(outs[0], outs[1])
 
 
 def test_overrides_and_exclude():
     model = tiny_model("opt")
-    cfg = QuantConfig(weight=W4, activation=W4, matmul=W4,
-                      overrides={r".*fc2": {"weight": {"width": 6}},
-                                 r"layers\.1\.self_attn$": {"matmul": None}},
-                      exclude=["score", r"layers\.0\.fc1"])
+    cfg = QuantConfig(
+        weight=W4,
+        activation=W4,
+        matmul=W4,
+        overrides={r".*fc2": {"weight": {"width": 6}}, r"layers\.1\.self_attn$": {"matmul": None}},
+        exclude=["score", r"layers\.0\.fc1"],
+    )
     quantize_model(model, cfg)
     layer0, layer1 = model.model.decoder.layers
     assert layer0.fc2.weight_quantizer.fmt.width == 6
@@ -77,8 +81,10 @@ def test_overrides_and_exclude():
 
 def test_override_matching_nothing_is_an_error():
     with pytest.raises(QuantConfigError, match="nonexistent"):
-        quantize_model(tiny_model("opt"), QuantConfig(weight=W4, overrides={
-            "nonexistent": {"weight": {"width": 6}}}))
+        quantize_model(
+            tiny_model("opt"),
+            QuantConfig(weight=W4, overrides={"nonexistent": {"weight": {"width": 6}}}),
+        )
 
 
 def test_quantize_twice_is_refused():
@@ -94,8 +100,7 @@ def test_full_mode_every_quantised_weight_gets_gradient(arch):
     model = prepare_finetuning(model, "full")
     model.train()
     model(**tiny_batch()).loss.backward()
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (QuantLinear,
-                                                                          QuantConv1D))]
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantConv1D))]
     assert layers
     for name, m in layers:
         assert m.weight.grad is not None and m.weight.grad.abs().sum() > 0, name

@@ -26,8 +26,9 @@ def test_every_shipped_recipe_parses(path):
         cpu = ["--bf16", "false"] if data.get("bf16") and not torch.cuda.is_available() else []
         recipe = load_recipe(path, cpu)
     decoder = "wikitext" in path.name or "chat" in path.name
-    assert recipe.args.task_name == ("chat" if "chat" in path.name else "causal_lm" if decoder
-                                     else "sst2")
+    assert recipe.args.task_name == (
+        "chat" if "chat" in path.name else "causal_lm" if decoder else "sst2"
+    )
     engine = {"q4_0": "ggml_q4_0", "mxfp4_gguf": "mxfp4", "bof4s": "bof4s"}
     fmt = next((f for key, f in engine.items() if key in path.name), "bfp")
     assert recipe.args.quant.weight["format"] == fmt
@@ -39,9 +40,18 @@ def test_every_shipped_recipe_parses(path):
 
 
 def test_overrides_nested_and_null():
-    r = load_recipe(REPO / "recipes/minilm_sst2.yaml",
-                    ["--max_steps", "7", "--learning_rate", "1e-4", "--quant.weight.width", "6",
-                     "--finetune=classifier"])
+    r = load_recipe(
+        REPO / "recipes/minilm_sst2.yaml",
+        [
+            "--max_steps",
+            "7",
+            "--learning_rate",
+            "1e-4",
+            "--quant.weight.width",
+            "6",
+            "--finetune=classifier",
+        ],
+    )
     assert r.args.max_steps == 7 and r.args.learning_rate == 1e-4
     assert r.args.quant.weight["width"] == 6 and r.args.quant.activation["width"] == 4
     assert r.args.finetune == "classifier"
@@ -51,19 +61,32 @@ def test_overrides_nested_and_null():
 
 def test_override_into_null_section_is_explained():
     with pytest.raises(RecipeError, match="quant is null"):
-        load_recipe(REPO / "recipes/minilm_sst2.yaml", ["--quant", "null",
-                                                         "--quant.weight.width", "6"])
+        load_recipe(
+            REPO / "recipes/minilm_sst2.yaml", ["--quant", "null", "--quant.weight.width", "6"]
+        )
 
 
 def test_parse_overrides_values():
     assert parse_overrides(["--a", "1e-4", "--b", "null", "--c=[x, y]", "--flag"]) == {
-        "a": 1e-4, "b": None, "c": ["x", "y"], "flag": True}
+        "a": 1e-4,
+        "b": None,
+        "c": ["x", "y"],
+        "flag": True,
+    }
 
 
 def test_round_trip_through_save(tmp_path):
-    r = load_recipe(REPO / "recipes/minilm_sst2.yaml",
-                    ["--quant.matmul", "null", "--output_dir", str(tmp_path / "run"),
-                     "--quant.overrides", "{'.*intermediate.*': {weight: {width: 6}}}"])
+    r = load_recipe(
+        REPO / "recipes/minilm_sst2.yaml",
+        [
+            "--quant.matmul",
+            "null",
+            "--output_dir",
+            str(tmp_path / "run"),
+            "--quant.overrides",
+            "{'.*intermediate.*': {weight: {width: 6}}}",
+        ],
+    )
     saved = r.save(tmp_path / "run")
     again = load_recipe(saved)
     assert again.args == r.args
@@ -80,15 +103,18 @@ def write(tmp_path, text):
 BASE = "model_name_or_path: x\ntask_name: sst2\n"
 
 
-@pytest.mark.parametrize("body,needles", [
-    ("learning_rat: 1.0e-4\n", ["learning_rat", "learning_rate"]),
-    ("quant:\n  weight: {format: bfq, width: 4}\n", ["quant.weight", "bfq", "valid formats"]),
-    ("quant:\n  weight: {format: bfp, width: 1}\n", ["quant.weight", "width", "1"]),
-    ("quant:\n  weight: {format: bfp, block_size: 0}\n", ["block_size", "0"]),
-    ("quant:\n  wieght: {format: bfp}\n", ["quant.wieght", "quant.weight"]),
-    ("max_steps: ten\n", ["max_steps", "ten"]),
-    ("finetune: everything\n", ["finetune", "everything"]),
-])
+@pytest.mark.parametrize(
+    "body,needles",
+    [
+        ("learning_rat: 1.0e-4\n", ["learning_rat", "learning_rate"]),
+        ("quant:\n  weight: {format: bfq, width: 4}\n", ["quant.weight", "bfq", "valid formats"]),
+        ("quant:\n  weight: {format: bfp, width: 1}\n", ["quant.weight", "width", "1"]),
+        ("quant:\n  weight: {format: bfp, block_size: 0}\n", ["block_size", "0"]),
+        ("quant:\n  wieght: {format: bfp}\n", ["quant.wieght", "quant.weight"]),
+        ("max_steps: ten\n", ["max_steps", "ten"]),
+        ("finetune: everything\n", ["finetune", "everything"]),
+    ],
+)
 def test_bad_recipes_name_key_and_value(tmp_path, body, needles):
     with pytest.raises(RecipeError) as e:
         load_recipe(write(tmp_path, BASE + body))
@@ -115,13 +141,18 @@ def test_billion_laughs_is_refused_at_the_first_alias(tmp_path):
     """Nine levels of nine aliases would expand to 387 million strings; refused while parsing,
     before any expansion (this test would hang and eat memory otherwise)."""
     levels = "abcdefghi"
-    text = BASE + "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
-        f"{c}: &{c} [{', '.join(['*' + p] * 9)}]\n" for p, c in zip(levels, levels[1:]))
+    text = (
+        BASE
+        + "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n"
+        + "".join(f"{c}: &{c} [{', '.join(['*' + p] * 9)}]\n" for p, c in zip(levels, levels[1:]))
+    )
     with pytest.raises(RecipeError) as e:
         load_recipe(write(tmp_path, text))
-    assert str(e.value) == (f"recipe file {str(tmp_path / 'r.yaml')!r} line 4: YAML alias *a is "
-                            "not allowed in a recipe (aliases can expand without bound); write "
-                            "the value out")
+    assert str(e.value) == (
+        f"recipe file {str(tmp_path / 'r.yaml')!r} line 4: YAML alias *a is "
+        "not allowed in a recipe (aliases can expand without bound); write "
+        "the value out"
+    )
 
 
 def test_anchor_without_alias_and_inline_merge_are_fine(tmp_path):
@@ -129,35 +160,55 @@ def test_anchor_without_alias_and_inline_merge_are_fine(tmp_path):
     assert r.args.quant.weight["width"] == 5 and r.args.quant.weight["format"] == "bfp"
 
 
-@pytest.mark.parametrize("body,message", [
-    ("seed: 1\nseed: 2\n", "line 4: duplicate key 'seed' (first on line 3)"),
-    ("quant:\n  weight: {format: bfp, width: 4, width: 6}\n",
-     "line 4: duplicate key 'width' (first on line 4)"),
-    ("lora:\n  r: 4\n  r: 8\n", "line 5: duplicate key 'r' (first on line 4)"),
-    ("task_name: rte\n", "line 3: duplicate key 'task_name' (first on line 2)"),
-])
+@pytest.mark.parametrize(
+    "body,message",
+    [
+        ("seed: 1\nseed: 2\n", "line 4: duplicate key 'seed' (first on line 3)"),
+        (
+            "quant:\n  weight: {format: bfp, width: 4, width: 6}\n",
+            "line 4: duplicate key 'width' (first on line 4)",
+        ),
+        ("lora:\n  r: 4\n  r: 8\n", "line 5: duplicate key 'r' (first on line 4)"),
+        ("task_name: rte\n", "line 3: duplicate key 'task_name' (first on line 2)"),
+    ],
+)
 def test_duplicate_keys_name_key_and_line(tmp_path, body, message):
     with pytest.raises(RecipeError) as e:
         load_recipe(write(tmp_path, BASE + body))
-    assert str(e.value) == (f"recipe file {str(tmp_path / 'r.yaml')!r} {message}; a key may "
-                            "appear once per mapping")
+    assert str(e.value) == (
+        f"recipe file {str(tmp_path / 'r.yaml')!r} {message}; a key may appear once per mapping"
+    )
 
 
 def test_same_key_in_different_mappings_is_not_a_duplicate(tmp_path):
-    r = load_recipe(write(tmp_path, BASE + "quant:\n  weight: {format: bfp, width: 4}\n"
-                                           "  activation: {format: bfp, width: 4}\n"))
+    r = load_recipe(
+        write(
+            tmp_path,
+            BASE + "quant:\n  weight: {format: bfp, width: 4}\n"
+            "  activation: {format: bfp, width: 4}\n",
+        )
+    )
     assert r.args.quant.activation["width"] == 4
 
 
-@pytest.mark.parametrize("make,message", [
-    (lambda p: p.write_text("a: " + "[" * 3000 + "]" * 3000 + "\n"),
-     "is nested too deeply to be a recipe"),
-    (lambda p: p.write_bytes(BASE.encode() + b"output_dir: caf\xe9\n"),
-     "line 3: not valid UTF-8 (byte 0xe9)"),
-    (lambda p: p.write_text(BASE + "# padding\n" * 200_000),
-     "is larger than 1048576 bytes; not a recipe"),
-    (lambda p: p.mkdir(), "is a directory, expected a recipe .yaml file"),
-])
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (
+            lambda p: p.write_text("a: " + "[" * 3000 + "]" * 3000 + "\n"),
+            "is nested too deeply to be a recipe",
+        ),
+        (
+            lambda p: p.write_bytes(BASE.encode() + b"output_dir: caf\xe9\n"),
+            "line 3: not valid UTF-8 (byte 0xe9)",
+        ),
+        (
+            lambda p: p.write_text(BASE + "# padding\n" * 200_000),
+            "is larger than 1048576 bytes; not a recipe",
+        ),
+        (lambda p: p.mkdir(), "is a directory, expected a recipe .yaml file"),
+    ],
+)
 def test_hostile_recipe_files(tmp_path, make, message):
     path = tmp_path / "r.yaml"
     make(path)
@@ -174,18 +225,29 @@ def test_recipe_loader_is_a_safe_loader():
     assert not issubclass(_RecipeLoader, yaml.FullLoader)
 
 
-@pytest.mark.parametrize("override,message", [
-    (["--learning_rate", "-1e-4"], "learning_rate must be finite and >= 0, got -0.0001"),
-    (["--learning_rate", ".nan"], "learning_rate must be a number, got nan"),
-    (["--max_grad_norm", "nan"], "max_grad_norm must be a number, got nan"),
-    (["--num_train_epochs", "inf"],
-     "num_train_epochs must be > 0 and finite when max_steps is not set, got inf"),
-    (["--data_seed", "-3"], "data_seed must be in [0, 2**32) (numpy's seed range), got -3"),
-    (["--eval_accumulation_steps", "0"], "eval_accumulation_steps must be >= 1 (or null), got 0"),
-    (["--label_smoothing_factor", "1"], "label_smoothing_factor must be in [0, 1), got 1"),
-    (["--adam_epsilon", "-1e-8"], "adam_epsilon must be finite and >= 0, got -1e-08"),
-    (["--max_eval_samples", "0"], "max_eval_samples must be >= 1 (or null for every row), got 0"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        (["--learning_rate", "-1e-4"], "learning_rate must be finite and >= 0, got -0.0001"),
+        (["--learning_rate", ".nan"], "learning_rate must be a number, got nan"),
+        (["--max_grad_norm", "nan"], "max_grad_norm must be a number, got nan"),
+        (
+            ["--num_train_epochs", "inf"],
+            "num_train_epochs must be > 0 and finite when max_steps is not set, got inf",
+        ),
+        (["--data_seed", "-3"], "data_seed must be in [0, 2**32) (numpy's seed range), got -3"),
+        (
+            ["--eval_accumulation_steps", "0"],
+            "eval_accumulation_steps must be >= 1 (or null), got 0",
+        ),
+        (["--label_smoothing_factor", "1"], "label_smoothing_factor must be in [0, 1), got 1"),
+        (["--adam_epsilon", "-1e-8"], "adam_epsilon must be finite and >= 0, got -1e-08"),
+        (
+            ["--max_eval_samples", "0"],
+            "max_eval_samples must be >= 1 (or null for every row), got 0",
+        ),
+    ],
+)
 def test_values_that_would_fail_later(tmp_path, override, message):
     with pytest.raises(RecipeError) as e:
         load_recipe(write(tmp_path, BASE), override)
@@ -193,6 +255,7 @@ def test_values_that_would_fail_later(tmp_path, override, message):
 
 
 # --- the typed config (issue #12 item 3) ---------------------------------------------------
+
 
 def test_recipe_args_is_one_training_arguments_config():
     from transformers import TrainingArguments
@@ -225,24 +288,39 @@ def test_config_built_in_python_is_checked_too():
     from qat.quant.config import QuantConfig
     from qat.runs.recipe import QATConfig
 
-    c = QATConfig(model_name_or_path="x", task_name="sst2", output_dir="o",
-                  quant={"weight": {"format": "bfp", "width": 5}}, lora={"r": 2})
+    c = QATConfig(
+        model_name_or_path="x",
+        task_name="sst2",
+        output_dir="o",
+        quant={"weight": {"format": "bfp", "width": 5}},
+        lora={"r": 2},
+    )
     assert isinstance(c.quant, QuantConfig) and c.quant.weight["width"] == 5 and c.lora.r == 2
     with pytest.raises(RecipeError) as e:
         QATConfig(model_name_or_path="x", task_name="sst2", output_dir="o", on_nonfinite="x")
     assert str(e.value) == "on_nonfinite must be 'stop' or 'skip'; got 'x'"
 
 
-@pytest.mark.parametrize("body,message", [
-    ("max_length: long\n", "max_length has the wrong type: got 'long' (str), expected int"),
-    ("finetune: 5\n", "finetune has the wrong type: got 5 (int), expected "
-                      "Literal['full', 'lora', 'classifier']"),
-    ("max_train_samples: [1]\n",
-     "max_train_samples has the wrong type: got [1] (list), expected int | None"),
-    ("lora: {r: 2.5}\n", "lora.r has the wrong type: got 2.5 (float), expected int"),
-    ("learning_rate: fast\n",
-     "learning_rate has the wrong type: got 'fast' (str), expected float"),
-])
+@pytest.mark.parametrize(
+    "body,message",
+    [
+        ("max_length: long\n", "max_length has the wrong type: got 'long' (str), expected int"),
+        (
+            "finetune: 5\n",
+            "finetune has the wrong type: got 5 (int), expected "
+            "Literal['full', 'lora', 'classifier']",
+        ),
+        (
+            "max_train_samples: [1]\n",
+            "max_train_samples has the wrong type: got [1] (list), expected int | None",
+        ),
+        ("lora: {r: 2.5}\n", "lora.r has the wrong type: got 2.5 (float), expected int"),
+        (
+            "learning_rate: fast\n",
+            "learning_rate has the wrong type: got 'fast' (str), expected float",
+        ),
+    ],
+)
 def test_type_errors_name_key_value_and_resolved_type(tmp_path, body, message):
     with pytest.raises(RecipeError) as e:
         load_recipe(write(tmp_path, BASE + body))
@@ -250,8 +328,12 @@ def test_type_errors_name_key_value_and_resolved_type(tmp_path, body, message):
 
 
 def test_yaml_coercions_still_apply(tmp_path):
-    r = load_recipe(write(tmp_path, BASE + "learning_rate: 5e-5\nsave_strategy: no\n"
-                                           "resume_from_checkpoint: true\n"))
+    r = load_recipe(
+        write(
+            tmp_path,
+            BASE + "learning_rate: 5e-5\nsave_strategy: no\nresume_from_checkpoint: true\n",
+        )
+    )
     assert r.args.learning_rate == 5e-5
     assert r.args.save_strategy == "no"
     assert r.args.resume_from_checkpoint == "true"
@@ -267,8 +349,11 @@ def test_recipe_modules_never_call_eval():
     assert len(paths) >= 6  # recipe, recipe_text, _types, _sections, _checks, config
     for path in paths:
         tree = ast.parse(path.read_text())
-        calls = [n.func.id for n in ast.walk(tree)
-                 if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)]
+        calls = [
+            n.func.id
+            for n in ast.walk(tree)
+            if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
+        ]
         assert "eval" not in calls and "exec" not in calls, path.name
 
 

@@ -42,15 +42,26 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _env() -> dict[str, str]:
     env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
-               HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONHASHSEED="0")
+    env.update(
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        CUDA_VISIBLE_DEVICES="",
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONHASHSEED="0",
+    )
     return env
 
 
 def _start(recipe: str, out: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, TRAIN, recipe, "--output_dir", str(out)],
-                            cwd=REPO, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, TRAIN, recipe, "--output_dir", str(out)],
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _kill_after_checkpoint(proc: subprocess.Popen, out: Path, step: int) -> None:
@@ -90,8 +101,9 @@ def _compare(ref: Path, res: Path, weights_file: str) -> None:
         assert lb[step] == pytest.approx(la[step], abs=METRIC_ATOL), step
 
 
-def _run_kill_resume(tmp_path: Path, recipe: str, capsys, resume_args: list[str]
-                     ) -> tuple[Path, Path]:
+def _run_kill_resume(
+    tmp_path: Path, recipe: str, capsys, resume_args: list[str]
+) -> tuple[Path, Path]:
     """Start the victim, run the reference meanwhile, kill the victim, restart it."""
     ref, res = tmp_path / "ref", tmp_path / "killed"
     victim = _start(recipe, res)
@@ -114,23 +126,29 @@ def _run_kill_resume(tmp_path: Path, recipe: str, capsys, resume_args: list[str]
 
 def test_sigkill_then_resume_matches_uninterrupted_w4a4_bfp(tmp_path: Path, capsys) -> None:
     """Full fine-tuning, W4A4 BFP: ``--resume_from_checkpoint true`` picks the last checkpoint."""
-    recipe = tiny_recipe(tmp_path, max_steps=MAX_STEPS, save_strategy="steps",
-                         save_steps=SAVE_STEPS)
+    recipe = tiny_recipe(
+        tmp_path, max_steps=MAX_STEPS, save_strategy="steps", save_steps=SAVE_STEPS
+    )
     ref, res = _run_kill_resume(tmp_path, recipe, capsys, ["--resume_from_checkpoint", "true"])
     _compare(ref, res, "model.safetensors")
 
 
-def test_sigkill_then_auto_resume_restores_lora_and_quant(tmp_path: Path, capsys,
-                                                           caplog) -> None:
+def test_sigkill_then_auto_resume_restores_lora_and_quant(tmp_path: Path, capsys, caplog) -> None:
     """LoRA with ``resume_from_checkpoint: true`` in the recipe: rerunning the same command
     resumes. The restart is given a different mode and width on purpose: the checkpoint's
     qat_config.json (LoRA, W4A4) must win, or the result would differ from the reference."""
-    recipe = tiny_recipe(tmp_path, max_steps=MAX_STEPS, save_strategy="steps",
-                         save_steps=SAVE_STEPS, finetune="lora",
-                         lora={"r": 4, "alpha": 8, "dropout": 0.0},
-                         resume_from_checkpoint=True)
-    ref, res = _run_kill_resume(tmp_path, recipe, capsys,
-                                ["--finetune", "full", "--quant.weight.width", "6"])
+    recipe = tiny_recipe(
+        tmp_path,
+        max_steps=MAX_STEPS,
+        save_strategy="steps",
+        save_steps=SAVE_STEPS,
+        finetune="lora",
+        lora={"r": 4, "alpha": 8, "dropout": 0.0},
+        resume_from_checkpoint=True,
+    )
+    ref, res = _run_kill_resume(
+        tmp_path, recipe, capsys, ["--finetune", "full", "--quant.weight.width", "6"]
+    )
     assert "using its quant config and finetune mode (lora)" in caplog.text
     state = json.loads((res / "qat_config.json").read_text())
     assert state["finetune"] == "lora" and state["lora"]["r"] == 4

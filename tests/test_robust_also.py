@@ -44,24 +44,36 @@ print(type(model).__name__, "transformers.modeling_utils" in sys.modules)
 """
 
 
-@pytest.mark.parametrize("kind, auto, cls", [
-    ("classifier", "AutoModelForSequenceClassification", "BertForSequenceClassification"),
-    ("decoder", "AutoModelForCausalLM", "LlamaForCausalLM"),
-])
+@pytest.mark.parametrize(
+    "kind, auto, cls",
+    [
+        ("classifier", "AutoModelForSequenceClassification", "BertForSequenceClassification"),
+        ("decoder", "AutoModelForCausalLM", "LlamaForCausalLM"),
+    ],
+)
 def test_export_loads_without_trust_remote_code_after_import_qat(exports, kind, auto, cls):
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
-    p = subprocess.run([sys.executable, "-c", FRESH.format(auto=auto), str(exports[kind])],
-                       capture_output=True, text=True, env=env, timeout=300, cwd=str(REPO))
+    p = subprocess.run(
+        [sys.executable, "-c", FRESH.format(auto=auto), str(exports[kind])],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=str(REPO),
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.split() == [cls, "True"]
 
 
 def test_import_qat_alone_still_imports_no_modelling_code():
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    code = ("import sys, qat; print(sorted(m for m in ('torch', 'transformers.modeling_utils') "
-            "if m in sys.modules))")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                       timeout=120)
+    code = (
+        "import sys, qat; print(sorted(m for m in ('torch', 'transformers.modeling_utils') "
+        "if m in sys.modules))"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
     assert p.stdout.strip() == "[]", p.stderr
 
 
@@ -71,14 +83,18 @@ def test_commands_on_an_export_say_what_exports_are_for(exports, tmp_path, capsy
     from qat.cli.perplexity import main as perplexity_main
 
     out = exports["decoder"]
-    argv = [str(out), "--output", str(tmp_path / "p.json")] if command == "perplexity" else \
-        [str(out), "--prompt", "hi"]
+    argv = (
+        [str(out), "--output", str(tmp_path / "p.json")]
+        if command == "perplexity"
+        else [str(out), "--prompt", "hi"]
+    )
     rc = (perplexity_main if command == "perplexity" else generate_main)(argv)
     err = error_lines(capsys)
     assert rc == 2 and err == [
         f"qat {command}: error: model {str(out)!r} is a qat export (packed weights, model_type "
         "qat_packed): exports are for transformers' from_pretrained and inference engines; "
-        "give the run folder or checkpoint it was exported from"]
+        "give the run folder or checkpoint it was exported from"
+    ]
 
 
 def test_pkg_path_of_a_subpackage_runs_none_of_its_code(tmp_path, monkeypatch):

@@ -24,8 +24,9 @@ def _pair(tmp_path, name: str, data: bytes) -> dict[str, str]:
 def test_non_utf8_train_file(tmp_path, capsys):
     keys = _pair(tmp_path, "rows.jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
     err = lm_train_error(tmp_path, capsys, **keys)
-    assert err == (f"qat train: error: data file {keys['train_file']!r} line 2: not valid "
-                   "UTF-8 (byte 0xe9)")
+    assert err == (
+        f"qat train: error: data file {keys['train_file']!r} line 2: not valid UTF-8 (byte 0xe9)"
+    )
 
 
 def test_non_utf8_text_train_file(tmp_path, capsys):
@@ -49,8 +50,13 @@ def test_data_suffix_is_read_whatever_its_case(tmp_path, name):
     from qat.tasks.language_modeling import lm_text
 
     body = "some words " * 20
-    data = (json.dumps({"text": body}) + "\n" if name.lower().endswith(".jsonl") else
-            json.dumps([{"text": body}]) if name.lower().endswith(".json") else body)
+    data = (
+        json.dumps({"text": body}) + "\n"
+        if name.lower().endswith(".jsonl")
+        else json.dumps([{"text": body}])
+        if name.lower().endswith(".json")
+        else body
+    )
     f = tmp_path / name
     f.write_text(data)
     args = SimpleNamespace(train_file=str(f), train_split="train", text_column="text")
@@ -62,9 +68,11 @@ def test_unrecognised_data_suffix_is_refused(tmp_path, capsys, name):
     keys = _pair(tmp_path, name, b"text\nsome words\n")
     err = lm_train_error(tmp_path, capsys, **keys)
     suffix = os.path.splitext(name)[1]
-    assert err == (f"qat train: error: data file {keys['train_file']!r}: unrecognised suffix "
-                   f"{suffix!r}; expected one of .txt, .json, .jsonl (plain text, a JSON list "
-                   "of objects, one JSON object a line)")
+    assert err == (
+        f"qat train: error: data file {keys['train_file']!r}: unrecognised suffix "
+        f"{suffix!r}; expected one of .txt, .json, .jsonl (plain text, a JSON list "
+        "of objects, one JSON object a line)"
+    )
 
 
 @pytest.mark.parametrize("completion", [5, None, {"role": "assistant"}])
@@ -72,15 +80,19 @@ def test_chat_completion_that_is_not_text(tmp_path, capsys, completion):
     f = tmp_path / "chat.jsonl"
     f.write_text(json.dumps({"prompt": "Two plus three?", "completion": completion}) + "\n")
     err = lm_train_error(tmp_path, capsys, chat=True, train_file=str(f))
-    assert err == (f"qat train: error: data file {str(f)!r} row 1: completion is "
-                   f"{type(completion).__name__}; expected a string or a list of "
-                   "{role, content} messages")
+    assert err == (
+        f"qat train: error: data file {str(f)!r} row 1: completion is "
+        f"{type(completion).__name__}; expected a string or a list of "
+        "{role, content} messages"
+    )
 
 
 def test_command_line_value_that_is_not_yaml(tmp_path, capsys):
     err = lm_train_error(tmp_path, capsys, argv=["--run_name", "a: b: c"])
-    assert err == ("qat train: error: --run_name: value 'a: b: c' is not valid YAML (mapping "
-                   "values are not allowed here); quote it for a string, e.g. \"'a: b: c'\"")
+    assert err == (
+        "qat train: error: --run_name: value 'a: b: c' is not valid YAML (mapping "
+        "values are not allowed here); quote it for a string, e.g. \"'a: b: c'\""
+    )
 
 
 def test_quoted_value_is_the_string(tmp_path):
@@ -89,14 +101,20 @@ def test_quoted_value_is_the_string(tmp_path):
     assert parse_overrides(["--run_name", "'a: b: c'"]) == {"run_name": "a: b: c"}
 
 
-@pytest.mark.parametrize("cmd", [["-m", "qat.cli", "train", "--help"],
-                                 ["qat/train.py", "--help"]])
+@pytest.mark.parametrize("cmd", [["-m", "qat.cli", "train", "--help"], ["qat/train.py", "--help"]])
 def test_help_into_a_closed_pipe_is_quiet(cmd):
     r, w = os.pipe()
     os.close(r)  # the reader is gone before qat writes: every write is EPIPE
     env = dict(os.environ, PYTHONPATH=os.getcwd())
-    p = subprocess.run([sys.executable, *cmd], stdout=w, cwd=os.getcwd(),
-                       stderr=subprocess.PIPE, text=True, env=env, timeout=120)
+    p = subprocess.run(
+        [sys.executable, *cmd],
+        stdout=w,
+        cwd=os.getcwd(),
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     os.close(w)
     assert p.stderr == "" and p.returncode == 141
 
@@ -106,7 +124,8 @@ def test_help_into_a_closed_pipe_is_quiet(cmd):
 SYSTEM_INJECTING = (  # as Qwen's: a default system turn unless the conversation opens with one
     "{% if messages[0]['role'] != 'system' %}[CLS]system: You are helpful.[SEP]{% endif %}"
     "{% for m in messages %}[CLS]{{ m['role'] }}: {{ m['content'] }}[SEP]{% endfor %}"
-    "{% if add_generation_prompt %}[CLS]assistant:{% endif %}")
+    "{% if add_generation_prompt %}[CLS]assistant:{% endif %}"
+)
 
 
 def _tok(tmp_path, template=None):
@@ -128,9 +147,11 @@ def test_chat_row_opening_with_an_assistant_turn_learns_only_that_turn(tmp_path)
     from qat.tasks.chat import encode_chat
 
     tok = _tok(tmp_path, SYSTEM_INJECTING)
-    msgs = [{"role": "assistant", "content": "Hello there."},
-            {"role": "user", "content": "Hi."},
-            {"role": "assistant", "content": "How can I help?"}]
+    msgs = [
+        {"role": "assistant", "content": "Hello there."},
+        {"role": "user", "content": "Hi."},
+        {"role": "assistant", "content": "How can I help?"},
+    ]
     ids, labels = encode_chat(tok, msgs)
     assert tok.decode(ids).startswith("[CLS] system : you are helpful.")
     assert _learnt(tok, ids, labels) == "hello there. [SEP] how can i help? [SEP]"
@@ -149,9 +170,8 @@ def test_chat_labels_agree_with_prefix_tokenisation_on_the_fixture(tmp_path):
         ref = [IGNORE_INDEX] * len(ids)
         for i, m in enumerate(msgs):
             if m["role"] == "assistant" and i:
-                pre = tok.apply_chat_template(msgs[:i], tokenize=False,
-                                              add_generation_prompt=True)
-                upto = tok.apply_chat_template(msgs[:i + 1], tokenize=False)
+                pre = tok.apply_chat_template(msgs[:i], tokenize=False, add_generation_prompt=True)
+                upto = tok.apply_chat_template(msgs[: i + 1], tokenize=False)
                 a = len(tok(pre, add_special_tokens=False)["input_ids"])
                 b = len(tok(upto, add_special_tokens=False)["input_ids"])
                 ref[a:b] = ids[a:b]
@@ -164,8 +184,7 @@ def test_long_chat_row_stops_at_the_block(tmp_path):
     from qat.tasks.chat import encode_chat
 
     tok = _tok(tmp_path)
-    msgs = [{"role": r, "content": f"turn {k}"} for k in range(200)
-            for r in ("user", "assistant")]
+    msgs = [{"role": r, "content": f"turn {k}"} for k in range(200) for r in ("user", "assistant")]
     calls = []
     real = tok.apply_chat_template
 
@@ -181,6 +200,7 @@ def test_long_chat_row_stops_at_the_block(tmp_path):
 
 
 # --- codebook side files -----------------------------------------------------------------------
+
 
 def _make_format_within(spec: dict, seconds: float = 30.0):
     """``make_format(spec)`` in a daemon thread: a hang fails the test instead of blocking it."""
@@ -211,11 +231,14 @@ def test_codebook_file_that_is_a_fifo_is_refused_without_blocking(tmp_path, fmt)
     assert "is not a regular file" in str(box["err"]) and str(fifo) in str(box["err"])
 
 
-@pytest.mark.parametrize("data, reason", [
-    (b"\x89PNG\r\n\x1a\n\x00\x00\xff", "'utf-8' codec can't decode byte 0x89"),
-    (b"[" * 100_000, "JSON nested too deeply"),
-    (b" " * ((1 << 20) + 1), "too large for a codebook file"),
-])
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (b"\x89PNG\r\n\x1a\n\x00\x00\xff", "'utf-8' codec can't decode byte 0x89"),
+        (b"[" * 100_000, "JSON nested too deeply"),
+        (b" " * ((1 << 20) + 1), "too large for a codebook file"),
+    ],
+)
 def test_codebook_file_that_is_binary_deep_or_huge_is_one_line(tmp_path, data, reason):
     from qat.formats.base import FormatError
 

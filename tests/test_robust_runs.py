@@ -22,15 +22,19 @@ from qat.runs.folders import LOCK_FILE
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    return train_tiny_run(tmp_path_factory.mktemp("lost"), max_steps=2, save_strategy="steps",
-                          save_steps=1)
+    return train_tiny_run(
+        tmp_path_factory.mktemp("lost"), max_steps=2, save_strategy="steps", save_steps=1
+    )
 
 
-@pytest.mark.parametrize("bad", [
-    ["--data_dir", "/nonexistent/glue"],
-    ["--model_name_or_path", "/nonexistent/model"],
-    ["--max_length", "100000"],
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["--data_dir", "/nonexistent/glue"],
+        ["--model_name_or_path", "/nonexistent/model"],
+        ["--max_length", "100000"],
+    ],
+)
 def test_overwrite_keeps_the_old_run_when_the_new_input_is_bad(run, tmp_path, capsys, bad):
     before = tree_hashes(run)
     recipe = tiny_recipe(tmp_path, "new.yaml")
@@ -45,25 +49,53 @@ def test_overwrite_refuses_to_delete_the_model_it_fine_tunes(run, tmp_path, caps
     recipe = tiny_recipe(tmp_path, "new.yaml")
     for model in (run, run / "checkpoint-2"):
         capsys.readouterr()
-        assert train_main([recipe, "--output_dir", str(run), "--overwrite_output_dir", "true",
-                           "--model_name_or_path", str(model)]) == 2
+        assert (
+            train_main(
+                [
+                    recipe,
+                    "--output_dir",
+                    str(run),
+                    "--overwrite_output_dir",
+                    "true",
+                    "--model_name_or_path",
+                    str(model),
+                ]
+            )
+            == 2
+        )
         assert error_lines(capsys) == [
             f"qat train: error: model_name_or_path {str(model)!r} lies inside output_dir "
             f"{str(run.resolve())!r}, which overwrite_output_dir would delete; write the new "
-            "run to another output_dir"]
+            "run to another output_dir"
+        ]
         assert tree_hashes(run) == before
 
 
 def test_overwrite_still_replaces_the_old_run(run, tmp_path):
     recipe = tiny_recipe(tmp_path, "new.yaml")
     (run / "qdec_config.json").write_text("{}")  # residuals of the old weights go too
-    assert train_main([recipe, "--output_dir", str(run), "--overwrite_output_dir", "true",
-                       "--max_steps", "1", "--save_strategy", "no"]) == 0
+    assert (
+        train_main(
+            [
+                recipe,
+                "--output_dir",
+                str(run),
+                "--overwrite_output_dir",
+                "true",
+                "--max_steps",
+                "1",
+                "--save_strategy",
+                "no",
+            ]
+        )
+        == 0
+    )
     assert not list(run.glob("checkpoint-*")) and not (run / "qdec_config.json").exists()
     assert json.loads((run / "trainer_state.json").read_text())["global_step"] == 1
 
 
 # --- the stale lock race ------------------------------------------------------------------------
+
 
 def _contender(out: str, barrier, results) -> None:
     import time
@@ -96,11 +128,15 @@ def test_only_one_of_many_processes_takes_over_a_stale_lock(tmp_path):
     for round_ in range(6):
         out = tmp_path / f"out{round_}"
         out.mkdir()
-        (out / LOCK_FILE).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(),
-                                                 "started": "2026-01-01 00:00:00"}))
+        (out / LOCK_FILE).write_text(
+            json.dumps(
+                {"pid": dead.pid, "host": socket.gethostname(), "started": "2026-01-01 00:00:00"}
+            )
+        )
         barrier, results = ctx.Barrier(n), ctx.Queue()
-        procs = [ctx.Process(target=_contender, args=(str(out), barrier, results))
-                 for _ in range(n)]
+        procs = [
+            ctx.Process(target=_contender, args=(str(out), barrier, results)) for _ in range(n)
+        ]
         for p in procs:
             p.start()
         for p in procs:
@@ -120,19 +156,35 @@ def test_lock_release_keeps_the_folder_clean(tmp_path):
 
 # --- a kill during a save; bytes that rot -------------------------------------------------------
 
+
 def test_temporary_files_of_a_killed_save_are_removed_on_the_next_run(run, caplog):
     import logging
 
-    temps = [run / ".tmpAb12Cd", run / "checkpoint-1" / ".tmpZz9y8X",
-             run / "checkpoint-2" / ".qat_config.json.tmp-4242"]
+    temps = [
+        run / ".tmpAb12Cd",
+        run / "checkpoint-1" / ".tmpZz9y8X",
+        run / "checkpoint-2" / ".qat_config.json.tmp-4242",
+    ]
     for t in temps:
         t.write_bytes(b"\0" * 4096)  # what safetensors / write_qat_config leave when killed
     keep = [run / ".tmp_notes.txt", run / "checkpoint-1" / ".tmpshort"]
     for k in keep:
         k.write_text("mine")
     with caplog.at_level(logging.WARNING):
-        assert train_main([str(run / "recipe.yaml"), "--output_dir", str(run),
-                           "--resume_from_checkpoint", "true", "--max_steps", "3"]) == 0
+        assert (
+            train_main(
+                [
+                    str(run / "recipe.yaml"),
+                    "--output_dir",
+                    str(run),
+                    "--resume_from_checkpoint",
+                    "true",
+                    "--max_steps",
+                    "3",
+                ]
+            )
+            == 0
+        )
     assert not any(t.exists() for t in temps)
     assert all(k.read_text() == "mine" for k in keep)
     assert "removed 3 temporary file(s) of an interrupted save" in caplog.text
@@ -153,8 +205,10 @@ def test_rotted_checkpoint_is_skipped_for_the_previous_good_one(run, caplog, nam
 
     ckpt = run / "checkpoint-2"
     record = json.loads((ckpt / "qat_checksums.json").read_text())
-    assert record["files"]["model.safetensors"]["sha256"] == hashlib.sha256(
-        (ckpt / "model.safetensors").read_bytes()).hexdigest()
+    assert (
+        record["files"]["model.safetensors"]["sha256"]
+        == hashlib.sha256((ckpt / "model.safetensors").read_bytes()).hexdigest()
+    )
     if name == "trainer_state.json":  # same size, still valid JSON
         text = (ckpt / name).read_text()
         (ckpt / name).write_text(text.replace('"epoch": ', '"epoch":', 1) + " ")

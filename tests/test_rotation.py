@@ -31,8 +31,9 @@ def test_hadamard_is_orthonormal_symmetric_and_plus_minus(n):
     h = hadamard(n, torch.float64)
     assert torch.allclose(h @ h.T, torch.eye(n, dtype=torch.float64), atol=1e-12)
     assert torch.equal(h, h.T)
-    assert torch.allclose(h.abs(), torch.full((n, n), n ** -0.5, dtype=torch.float64),
-                          rtol=0, atol=1e-15)
+    assert torch.allclose(
+        h.abs(), torch.full((n, n), n**-0.5, dtype=torch.float64), rtol=0, atol=1e-15
+    )
     # Sylvester's order: row i, column j is (-1)^popcount(i & j)
     i, j = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
     parity = torch.tensor([bin(v).count("1") % 2 for v in (i & j).reshape(-1).tolist()])
@@ -44,8 +45,9 @@ def test_rotation_is_block_diagonal_along_the_given_dim():
     r = Rotation(8)
     y = r(x, dim=1)
     h = hadamard(8)
-    expected = torch.cat([torch.einsum("aib,ij->ajb", x[:, :8], h),
-                          torch.einsum("aib,ij->ajb", x[:, 8:], h)], dim=1)
+    expected = torch.cat(
+        [torch.einsum("aib,ij->ajb", x[:, :8], h), torch.einsum("aib,ij->ajb", x[:, 8:], h)], dim=1
+    )
     assert torch.allclose(y, expected, atol=1e-6)
     assert r(x.to(torch.bfloat16), dim=1).dtype == torch.bfloat16
     assert "matrix" not in r.state_dict()  # never saved: rebuilt from the quant config
@@ -58,8 +60,7 @@ def test_rotation_alone_keeps_float_logits(arch):
     model = quantize_model(copy.deepcopy(float_model), _config({"size": 8}))
     rotations = [m for m in model.modules() if isinstance(m, Rotation)]
     assert rotations, "no rotation attached"
-    assert any(isinstance(m, MatmulQuantizer) and m.rotation is not None
-               for m in model.modules())
+    assert any(isinstance(m, MatmulQuantizer) and m.rotation is not None for m in model.modules())
     for m in model.modules():
         if isinstance(m, FakeQuantizer):
             m.enabled = False
@@ -100,8 +101,9 @@ def test_size_block_takes_the_format_block_size():
 
 
 def test_overrides_set_or_drop_a_rotation():
-    cfg = _config({"size": 8}, overrides={"mlp": {"rotation": {"size": 16}},
-                                          "self_attn$": {"rotation": None}})
+    cfg = _config(
+        {"size": 8}, overrides={"mlp": {"rotation": {"size": 16}}, "self_attn$": {"rotation": None}}
+    )
     model = quantize_model(tiny_model("llama"), cfg)
     layer = model.model.layers[0]
     assert layer.mlp.down_proj.rotation.size == 16  # in_features 64
@@ -138,8 +140,9 @@ def test_lora_quantises_the_rotated_effective_weight():
     x = torch.randn(2, 3, 32)
     w_eff = layer.effective_weight()
     r = Rotation(8)
-    expected = torch.nn.functional.linear(W4_FMT().quantize(r(x)), W4_FMT().quantize(r(w_eff)),
-                                          base.bias)
+    expected = torch.nn.functional.linear(
+        W4_FMT().quantize(r(x)), W4_FMT().quantize(r(w_eff)), base.bias
+    )
     assert torch.allclose(layer(x), expected, atol=1e-6)
 
 
@@ -188,24 +191,33 @@ def test_qdec_residual_is_taken_in_the_rotated_basis():
     assert torch.equal(weight_residual(layer), wh - W4_FMT().quantize(wh))
 
 
-@pytest.mark.parametrize("rotation, match", [
-    ({"kind": "givens"}, r"quant.rotation.kind must be one of hadamard; got 'givens'"),
-    ({"size": 12}, r"quant.rotation.size must be a power of two >= 2 or 'block'"),
-    ({"size": True}, r"quant.rotation.size must be a power of two"),
-    ({"sise": 8}, r"unknown key quant.rotation.sise \(did you mean quant.rotation.size\?\)"),
-    ("hadamard", r"quant.rotation must be a mapping"),
-])
+@pytest.mark.parametrize(
+    "rotation, match",
+    [
+        ({"kind": "givens"}, r"quant.rotation.kind must be one of hadamard; got 'givens'"),
+        ({"size": 12}, r"quant.rotation.size must be a power of two >= 2 or 'block'"),
+        ({"size": True}, r"quant.rotation.size must be a power of two"),
+        ({"sise": 8}, r"unknown key quant.rotation.sise \(did you mean quant.rotation.size\?\)"),
+        ("hadamard", r"quant.rotation must be a mapping"),
+    ],
+)
 def test_bad_rotation_specs_are_refused_in_one_line(rotation, match):
     with pytest.raises(QuantConfigError, match=match):
         QuantConfig.from_dict(_config(rotation))
 
 
 def test_a_size_that_does_not_divide_names_the_layer():
-    with pytest.raises(QuantConfigError, match=r"quant.rotation.size 16 does not divide the "
-                       r"head_dim of Q and K \(8\) of module 'model.layers.0.self_attn'"):
+    with pytest.raises(
+        QuantConfigError,
+        match=r"quant.rotation.size 16 does not divide the "
+        r"head_dim of Q and K \(8\) of module 'model.layers.0.self_attn'",
+    ):
         quantize_model(tiny_model("llama"), _config({"size": 16}))
-    with pytest.raises(QuantConfigError, match=r"size 128 does not divide the input features "
-                       r"\(32\) of module 'model.layers.0.self_attn.q_proj'"):
+    with pytest.raises(
+        QuantConfigError,
+        match=r"size 128 does not divide the input features "
+        r"\(32\) of module 'model.layers.0.self_attn.q_proj'",
+    ):
         quantize_model(tiny_model("llama"), _config({"size": 128}, matmul=None))
 
 
@@ -224,11 +236,15 @@ def test_cli_refuses_a_size_that_does_not_divide_before_loading(tmp_path, capsys
     recipe = tiny_recipe(tmp_path)
     assert main([recipe, "--quant.rotation", '{"size": 64}']) == 2
     err = capsys.readouterr().err
-    assert "quant.rotation.size 64 does not divide the head_dim of Q and K (16) of module " \
-           "'bert.encoder.layer.0.attention.self'" in err
+    assert (
+        "quant.rotation.size 64 does not divide the head_dim of Q and K (16) of module "
+        "'bert.encoder.layer.0.attention.self'" in err
+    )
     assert main([recipe, "--quant.rotation", '{"size": 64}', "--quant.matmul", "null"]) == 2
-    assert "quant.rotation.size 64 does not divide the input features (32) of module " \
-           "'bert.encoder.layer.0.attention.self.query'" in capsys.readouterr().err
+    assert (
+        "quant.rotation.size 64 does not divide the input features (32) of module "
+        "'bert.encoder.layer.0.attention.self.query'" in capsys.readouterr().err
+    )
 
 
 def test_distillation_teacher_of_a_rotated_student_is_the_float_model():

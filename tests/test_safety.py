@@ -25,8 +25,9 @@ from qat.runs.folders import LOCK_FILE, last_good_checkpoint
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     """A finished tiny run with checkpoint-1..3 (each: weights, optimizer, scheduler, ...)."""
-    return train_tiny_run(tmp_path_factory.mktemp("safety"), max_steps=3, save_strategy="steps",
-                          save_steps=1)
+    return train_tiny_run(
+        tmp_path_factory.mktemp("safety"), max_steps=3, save_strategy="steps", save_steps=1
+    )
 
 
 # --- reused output_dir ----------------------------------------------------------------------
@@ -40,9 +41,12 @@ def test_new_run_into_a_run_folder_is_refused(run, capsys):
     err = error_lines(capsys)
     assert len(err) == 1 and err[0].startswith(
         f"qat train: error: output_dir {str(run)!r} already holds a run (model.safetensors, "
-        "qat_config.json, recipe.yaml, trainer_state.json, checkpoint-3"), err
-    assert err[0].endswith("resume it with --resume_from_checkpoint true, or start over with "
-                           "--overwrite_output_dir true (deletes its checkpoints)")
+        "qat_config.json, recipe.yaml, trainer_state.json, checkpoint-3"
+    ), err
+    assert err[0].endswith(
+        "resume it with --resume_from_checkpoint true, or start over with "
+        "--overwrite_output_dir true (deletes its checkpoints)"
+    )
     assert tree_hashes(run) == before
 
 
@@ -50,12 +54,38 @@ def test_overwrite_output_dir_leaves_no_stale_checkpoint(run, capsys):
     recipe = str(run / "recipe.yaml")
     # resume and overwrite together would delete the checkpoint to resume
     before = tree_hashes(run)
-    assert train_main([recipe, "--output_dir", str(run), "--overwrite_output_dir", "true",
-                       "--resume_from_checkpoint", "true"]) == 2
+    assert (
+        train_main(
+            [
+                recipe,
+                "--output_dir",
+                str(run),
+                "--overwrite_output_dir",
+                "true",
+                "--resume_from_checkpoint",
+                "true",
+            ]
+        )
+        == 2
+    )
     assert "resume_from_checkpoint and overwrite_output_dir are both set" in error_lines(capsys)[0]
     assert tree_hashes(run) == before
-    assert train_main([recipe, "--output_dir", str(run), "--overwrite_output_dir", "true",
-                       "--save_strategy", "no", "--max_steps", "2"]) == 0
+    assert (
+        train_main(
+            [
+                recipe,
+                "--output_dir",
+                str(run),
+                "--overwrite_output_dir",
+                "true",
+                "--save_strategy",
+                "no",
+                "--max_steps",
+                "2",
+            ]
+        )
+        == 0
+    )
     assert not list(run.glob("checkpoint-*"))
     state = json.loads((run / "trainer_state.json").read_text())
     assert state["global_step"] == 2
@@ -66,8 +96,7 @@ def test_overwrite_output_dir_leaves_no_stale_checkpoint(run, capsys):
     assert not (run / LOCK_FILE).exists()
     # nothing to resume in a finished run without checkpoints: refused, not restarted over it
     before = tree_hashes(run)
-    assert train_main([recipe, "--output_dir", str(run), "--resume_from_checkpoint",
-                       "true"]) == 2
+    assert train_main([recipe, "--output_dir", str(run), "--resume_from_checkpoint", "true"]) == 2
     err = error_lines(capsys)
     assert len(err) == 1 and "holds a run" in err[0] and "but no checkpoint" in err[0]
     assert tree_hashes(run) == before
@@ -94,7 +123,8 @@ def test_a_live_lock_refuses_a_second_run(tmp_path, capsys):
         assert error_lines(capsys) == [
             f"qat train: error: output_dir {str(out)!r} is in use by another run (pid "
             f"{holder.pid} on {socket.gethostname()}, since 2026-01-01 00:00:00); wait for it "
-            f"or use another output_dir (lock file {str(lock)!r})"]
+            f"or use another output_dir (lock file {str(lock)!r})"
+        ]
         assert tree_hashes(out) == before
         # a lock from another host that is still refreshed stands too
         _write_lock(out, 1, "some-other-node")
@@ -132,14 +162,24 @@ def test_concurrent_runs_into_one_folder(tmp_path, capsys):
     recipe = tiny_recipe(tmp_path, max_steps=400)
     out = tmp_path / "out"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    first = subprocess.Popen([sys.executable, str(Path(__file__).parent.parent / "qat" /
-                                                  "train.py"), recipe, "--output_dir", str(out)],
-                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                             text=True)
+    first = subprocess.Popen(
+        [
+            sys.executable,
+            str(Path(__file__).parent.parent / "qat" / "train.py"),
+            recipe,
+            "--output_dir",
+            str(out),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 120
-        while not (out / LOCK_FILE).exists() and first.poll() is None \
-                and time.monotonic() < deadline:
+        while (
+            not (out / LOCK_FILE).exists() and first.poll() is None and time.monotonic() < deadline
+        ):
             time.sleep(0.05)
         assert (out / LOCK_FILE).exists(), "the first run never took the lock"
         assert train_main([recipe, "--output_dir", str(out)]) == 2
@@ -155,24 +195,40 @@ def test_concurrent_runs_into_one_folder(tmp_path, capsys):
 
 def _truncate(path: Path, keep: float = 0.5) -> None:
     data = path.read_bytes()
-    path.write_bytes(data[:int(len(data) * keep)])
+    path.write_bytes(data[: int(len(data) * keep)])
 
 
-@pytest.mark.parametrize("damage, what", [
-    (lambda c: _truncate(c / "model.safetensors"), "model.safetensors: truncated"),
-    (lambda c: (c / "model.safetensors").unlink(), "model.safetensors: missing"),
-    (lambda c: _truncate(c / "optimizer.pt"), "optimizer.pt: truncated"),
-    (lambda c: (c / "optimizer.pt").unlink(), "optimizer.pt: missing"),
-    (lambda c: _truncate(c / "scheduler.pt", 0.9), "scheduler.pt: truncated"),
-    (lambda c: _truncate(c / "trainer_state.json"), "trainer_state.json: not valid JSON"),
-    (lambda c: (c / "qat_config.json").write_text("[1, 2]"),
-     "qat_config.json: expected a JSON object, got list"),
-    (lambda c: (c / "qat_config.json").write_text('{"quant": null, "finetune": "all"}'),
-     "qat_config.json: finetune must be one of full, lora, classifier; got 'all'"),
-    (lambda c: _truncate(c / "rng_state.pth"), "rng_state.pth: truncated"),
-], ids=["weights-truncated", "weights-missing", "optimizer-truncated", "optimizer-missing",
-        "scheduler-truncated", "state-truncated", "qat-config-list", "qat-config-bad-value",
-        "rng-truncated"])
+@pytest.mark.parametrize(
+    "damage, what",
+    [
+        (lambda c: _truncate(c / "model.safetensors"), "model.safetensors: truncated"),
+        (lambda c: (c / "model.safetensors").unlink(), "model.safetensors: missing"),
+        (lambda c: _truncate(c / "optimizer.pt"), "optimizer.pt: truncated"),
+        (lambda c: (c / "optimizer.pt").unlink(), "optimizer.pt: missing"),
+        (lambda c: _truncate(c / "scheduler.pt", 0.9), "scheduler.pt: truncated"),
+        (lambda c: _truncate(c / "trainer_state.json"), "trainer_state.json: not valid JSON"),
+        (
+            lambda c: (c / "qat_config.json").write_text("[1, 2]"),
+            "qat_config.json: expected a JSON object, got list",
+        ),
+        (
+            lambda c: (c / "qat_config.json").write_text('{"quant": null, "finetune": "all"}'),
+            "qat_config.json: finetune must be one of full, lora, classifier; got 'all'",
+        ),
+        (lambda c: _truncate(c / "rng_state.pth"), "rng_state.pth: truncated"),
+    ],
+    ids=[
+        "weights-truncated",
+        "weights-missing",
+        "optimizer-truncated",
+        "optimizer-missing",
+        "scheduler-truncated",
+        "state-truncated",
+        "qat-config-list",
+        "qat-config-bad-value",
+        "rng-truncated",
+    ],
+)
 def test_every_checkpoint_file_is_verified(run, damage, what):
     ckpt = run / "checkpoint-3"
     verify_checkpoint(ckpt)
@@ -187,21 +243,46 @@ def test_resume_falls_back_to_the_newest_good_checkpoint(run, capsys, caplog):
     (run / "checkpoint-2" / "optimizer.pt").unlink()
     with caplog.at_level(logging.WARNING):
         assert last_good_checkpoint(run) == str(run / "checkpoint-1")
-    assert f"skipping checkpoint {run / 'checkpoint-3'}: {run / 'checkpoint-3'}/" \
-           "model.safetensors: truncated" in caplog.text
+    assert (
+        f"skipping checkpoint {run / 'checkpoint-3'}: {run / 'checkpoint-3'}/"
+        "model.safetensors: truncated" in caplog.text
+    )
     assert f"{run / 'checkpoint-2'}/optimizer.pt: missing" in caplog.text
     capsys.readouterr()
-    assert train_main([str(run / "recipe.yaml"), "--output_dir", str(run),
-                       "--resume_from_checkpoint", "true", "--save_strategy", "no"]) == 0
+    assert (
+        train_main(
+            [
+                str(run / "recipe.yaml"),
+                "--output_dir",
+                str(run),
+                "--resume_from_checkpoint",
+                "true",
+                "--save_strategy",
+                "no",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert out.count("'loss'") == 2  # steps 2 and 3 again, from checkpoint-1
     # an explicit damaged checkpoint is an error naming the file, not a fallback
     before = tree_hashes(run)
-    assert train_main([str(run / "recipe.yaml"), "--output_dir", str(run),
-                       "--resume_from_checkpoint", str(run / "checkpoint-3")]) == 2
-    assert error_lines(capsys) == [f"qat train: error: {run / 'checkpoint-3'}/model.safetensors: "
-                               "truncated: "
-                               + _errors_tail(run / "checkpoint-3" / "model.safetensors")]
+    assert (
+        train_main(
+            [
+                str(run / "recipe.yaml"),
+                "--output_dir",
+                str(run),
+                "--resume_from_checkpoint",
+                str(run / "checkpoint-3"),
+            ]
+        )
+        == 2
+    )
+    assert error_lines(capsys) == [
+        f"qat train: error: {run / 'checkpoint-3'}/model.safetensors: "
+        "truncated: " + _errors_tail(run / "checkpoint-3" / "model.safetensors")
+    ]
     assert tree_hashes(run) == before
 
 
@@ -218,20 +299,30 @@ def _errors_tail(path: Path) -> str:
 # --- damaged run folders given to eval / export ---------------------------------------------
 
 
-@pytest.mark.parametrize("damage, line", [
-    (lambda r: (r / "qat_config.json").write_text('{"quant": '),
-     "qat_config.json: not valid JSON (Expecting value at line 1 column 11); truncated or "
-     "edited?"),
-    (lambda r: (r / "qat_config.json").write_text("[]"),
-     "qat_config.json: expected a JSON object, got list"),
-    (lambda r: (r / "qat_config.json").write_text(
-        '{"quant": {"weight": {"format": "bfp", "width": "four"}}, "finetune": "full"}'),
-     "qat_config.json: quant: "),
-    (lambda r: _truncate(r / "model.safetensors"), "model.safetensors: truncated: "),
-], ids=["bad-json", "list", "bad-value", "weights-truncated"])
+@pytest.mark.parametrize(
+    "damage, line",
+    [
+        (
+            lambda r: (r / "qat_config.json").write_text('{"quant": '),
+            "qat_config.json: not valid JSON (Expecting value at line 1 column 11); truncated or "
+            "edited?",
+        ),
+        (
+            lambda r: (r / "qat_config.json").write_text("[]"),
+            "qat_config.json: expected a JSON object, got list",
+        ),
+        (
+            lambda r: (r / "qat_config.json").write_text(
+                '{"quant": {"weight": {"format": "bfp", "width": "four"}}, "finetune": "full"}'
+            ),
+            "qat_config.json: quant: ",
+        ),
+        (lambda r: _truncate(r / "model.safetensors"), "model.safetensors: truncated: "),
+    ],
+    ids=["bad-json", "list", "bad-value", "weights-truncated"],
+)
 @pytest.mark.parametrize("cmd", ["eval", "export"])
-def test_damaged_run_folder_is_one_line_naming_the_file(run, tmp_path, capsys, damage, line,
-                                                        cmd):
+def test_damaged_run_folder_is_one_line_naming_the_file(run, tmp_path, capsys, damage, line, cmd):
     damage(run)
     before = tree_hashes(run)
     capsys.readouterr()
@@ -260,9 +351,15 @@ use_cpu: true
 def _train_script(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     script = Path(__file__).resolve().parent.parent / "qat" / "train.py"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, str(script), *args], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=600,
-                          stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, str(script), *args],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def test_launch_reports_bad_input_as_one_line_and_exit_2(tmp_path):
@@ -277,15 +374,17 @@ def test_launch_reports_bad_input_as_one_line_and_exit_2(tmp_path):
     proc = _train_script([str(bad), "--launch", str(cfg)], tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert [ln for ln in proc.stderr.splitlines() if ln.startswith("qat ")] == [
-        f"qat train: error: {bad}: recipe key 'task_name' is required"]
+        f"qat train: error: {bad}: recipe key 'task_name' is required"
+    ]
     assert "Traceback" not in proc.stderr and "accelerate" not in proc.stderr
     (tmp_path / "empty-data").mkdir()
     recipe = tiny_recipe(tmp_path, data_dir=str(tmp_path / "empty-data"))
     proc = _train_script([recipe, "--launch", str(cfg)], tmp_path)
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("qat ")]
-    assert len(lines) == 1 and lines[0].startswith("qat train: error: ") and \
-        "empty-data" in lines[0], proc.stderr[-3000:]
+    assert (
+        len(lines) == 1 and lines[0].startswith("qat train: error: ") and "empty-data" in lines[0]
+    ), proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and "CalledProcessError" not in proc.stderr
     assert not (tmp_path / "out").exists()
     proc = _train_script([recipe, "--launch", str(tmp_path)], tmp_path)

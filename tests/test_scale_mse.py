@@ -20,8 +20,17 @@ from qat.formats.scale import fixed_point_bits
 from qat.quant.backends import fake_quantize
 from qat.quant.config import QuantConfig
 
-MSE_FORMATS = ["bfp", "block_minifloat", "block_log", "mxfp8_e4m3", "mxfp8_e5m2",
-               "mxfp6_e2m3", "mxfp6_e3m2", "mxfp4", "mxint8"]
+MSE_FORMATS = [
+    "bfp",
+    "block_minifloat",
+    "block_log",
+    "mxfp8_e4m3",
+    "mxfp8_e5m2",
+    "mxfp6_e2m3",
+    "mxfp6_e3m2",
+    "mxfp4",
+    "mxint8",
+]
 PROPERTY_SPECS = [
     {"format": "bfp", "width": 2, "block_size": 8},
     {"format": "bfp", "width": 4},
@@ -46,8 +55,9 @@ def test_bfp_block_with_one_clipped_value_takes_the_smaller_exponent():
     # 3/16 are exact; error (2/16)^2 = 4/256 < 8/256. e + 1: step 1/4, the same 8/256.
     x = torch.tensor([9, 3, -3, 3, -3, 3, -3, 3]) / 16
     spec = {"format": "bfp", "width": 4, "block_size": 8}
-    assert torch.equal(make_format(spec).quantize(x),
-                       torch.tensor([8, 4, -4, 4, -4, 4, -4, 4]) / 16)
+    assert torch.equal(
+        make_format(spec).quantize(x), torch.tensor([8, 4, -4, 4, -4, 4, -4, 4]) / 16
+    )
     assert torch.equal(mse(spec).quantize(x), torch.tensor([7, 3, -3, 3, -3, 3, -3, 3]) / 16)
     enc = mse(spec).encode(x)
     assert enc.scales.tolist() == [-1]
@@ -141,17 +151,24 @@ def _rows(b: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(3)
     x = torch.randn(6, 16 * b + b // 2, generator=g)
     x[1] *= 2.0 ** torch.randint(-30, 30, (x.shape[1],), generator=g).float()
-    x[2, :: b] *= 40  # outliers
+    x[2, ::b] *= 40  # outliers
     x[3, : 2 * b] = 0
     x[4] = x[4].clamp(-1.9, 1.9) * 2.0**126
     x[5, 7] = float("nan")
     return x
 
 
-@pytest.mark.parametrize(("backend", "name"), [
-    ("compile", "bfp"), ("compile", "mxfp4"),  # compiling costs ~10 s a format on a CPU
-    ("triton", "bfp"), ("triton", "mxfp4"), ("triton", "mxint8"), ("triton", "mxfp8_e4m3"),
-])
+@pytest.mark.parametrize(
+    ("backend", "name"),
+    [
+        ("compile", "bfp"),
+        ("compile", "mxfp4"),  # compiling costs ~10 s a format on a CPU
+        ("triton", "bfp"),
+        ("triton", "mxfp4"),
+        ("triton", "mxint8"),
+        ("triton", "mxfp8_e4m3"),
+    ],
+)
 def test_backends_agree_bit_for_bit(backend, name):
     if backend == "triton":
         pytest.importorskip("triton")
@@ -162,13 +179,16 @@ def test_backends_agree_bit_for_bit(backend, name):
         got = fake_quantize(xx, fmt, dim, backend=backend)
         assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (name, dim)
     # mse did change something, so equality is not just the max rule's.
-    assert not torch.equal(fmt.quantize(x).view(torch.int32),
-                           make_format({"format": name}).quantize(x).view(torch.int32))
+    assert not torch.equal(
+        fmt.quantize(x).view(torch.int32),
+        make_format({"format": name}).quantize(x).view(torch.int32),
+    )
 
 
-KERNEL_SPECS = [{"format": "bfp", "width": w, "exponent_width": e, "block_size": b}
-                for w, e, b in ((2, 8, 1), (3, 4, 7), (4, 8, 16), (8, 4, 32))] + [
-    {"format": n} for n in MSE_FORMATS[3:]]
+KERNEL_SPECS = [
+    {"format": "bfp", "width": w, "exponent_width": e, "block_size": b}
+    for w, e, b in ((2, 8, 1), (3, 4, 7), (4, 8, 16), (8, 4, 32))
+] + [{"format": n} for n in MSE_FORMATS[3:]]
 
 
 @pytest.mark.parametrize("spec", KERNEL_SPECS, ids=lambda s: "-".join(map(str, s.values())))
@@ -229,8 +249,9 @@ def test_packed_weight_round_trips():
         fmt = mse({"format": name})
         tensors, meta = pack_weight(fmt, w, -1)
         assert meta["format"]["scale"] == "mse"
-        assert torch.equal(unpack_weight(json.loads(json.dumps(meta)), tensors),
-                           fmt.quantize(w, -1))
+        assert torch.equal(
+            unpack_weight(json.loads(json.dumps(meta)), tensors), fmt.quantize(w, -1)
+        )
 
 
 def test_exported_model_with_mse_rebuilds_identical_logits(tmp_path):
@@ -241,8 +262,7 @@ def test_exported_model_with_mse_rebuilds_identical_logits(tmp_path):
     from qat.runs.build import build_model
 
     weight = {"format": "bfp", "width": 4, "scale": "mse"}
-    built = build_model(tiny_recipe(tmp_path), ["--quant.weight", json.dumps(weight)],
-                        num_labels=2)
+    built = build_model(tiny_recipe(tmp_path), ["--quant.weight", json.dumps(weight)], num_labels=2)
     model, tok = built.model, built.tokenizer
     out = export_model(model, tmp_path / "export", tok)
     cfg = json.loads((out / "config.json").read_text())
@@ -256,12 +276,16 @@ def test_exported_model_with_mse_rebuilds_identical_logits(tmp_path):
 # --- configuration ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("spec", [{"format": "nf4"}, {"format": "bof4s"},
-                                  {"format": "int", "width": 4}, {"format": "lobcq"}])
+@pytest.mark.parametrize(
+    "spec",
+    [{"format": "nf4"}, {"format": "bof4s"}, {"format": "int", "width": 4}, {"format": "lobcq"}],
+)
 def test_formats_without_the_choice_refuse_it(spec):
-    msg = (rf"^format '{spec['format']}' has no scale choice \(got scale: 'mse'\); "
-           r"scale: max \| mse works with bfp, block_log, block_minifloat, mxfp4, mxfp6_e2m3, "
-           r"mxfp6_e3m2, mxfp8_e4m3, mxfp8_e5m2, mxint8$")
+    msg = (
+        rf"^format '{spec['format']}' has no scale choice \(got scale: 'mse'\); "
+        r"scale: max \| mse works with bfp, block_log, block_minifloat, mxfp4, mxfp6_e2m3, "
+        r"mxfp6_e3m2, mxfp8_e4m3, mxfp8_e5m2, mxint8$"
+    )
     with pytest.raises(FormatError, match=msg):
         make_format({**spec, "scale": "mse"})
 
@@ -278,13 +302,18 @@ def test_default_is_the_max_rule_bit_for_bit(name):
     assert fmt == make_format({"format": name, "scale": "max"})
     assert "scale" not in str(fmt) and "scale=mse" in str(mse({"format": name}))
     x = _rows(fmt.block_size)
-    assert torch.equal(fmt.quantize(x).view(torch.int32),
-                       make_format({"format": name, "scale": "max"}).quantize(x).view(torch.int32))
+    assert torch.equal(
+        fmt.quantize(x).view(torch.int32),
+        make_format({"format": name, "scale": "max"}).quantize(x).view(torch.int32),
+    )
 
 
 def test_scale_is_overridable_per_module():
-    cfg = QuantConfig(weight={"format": "bfp", "width": 4},
-                      overrides={r"\.fc2$": {"weight": {"scale": "mse"}}}, exclude=[])
+    cfg = QuantConfig(
+        weight={"format": "bfp", "width": 4},
+        overrides={r"\.fc2$": {"weight": {"scale": "mse"}}},
+        exclude=[],
+    )
     assert cfg.format_for("weight", "layer.fc2").scale == "mse"
     assert cfg.format_for("weight", "layer.fc1").scale == "max"
     assert cfg.spec_for("weight", "layer.fc2") == {"format": "bfp", "width": 4, "scale": "mse"}

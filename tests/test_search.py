@@ -17,8 +17,10 @@ from qat.analysis.search import average_bits, choose, pareto_front
 from qat.analysis.search import runner as search_runner
 from qat.cli import search as search_cli
 
-BASE = {k: {"format": "bfp", "width": 12, "exponent_width": 8, "block_size": 16}
-        for k in ("weight", "activation", "matmul")}
+BASE = {
+    k: {"format": "bfp", "width": 12, "exponent_width": 8, "block_size": 16}
+    for k in ("weight", "activation", "matmul")
+}
 SPACE = {"weight": {"width": [3, 12]}, "activation": {"width": [3, 12]}}
 TOKENIZER = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 
@@ -33,9 +35,16 @@ def runs(tmp_path_factory) -> dict[str, str]:
 
     tmp = tmp_path_factory.mktemp("search_runs")
     data = make_tiny_glue_dir(tmp, n_train=64, n_val=32)
-    recipe = tiny_recipe(tmp, "float.yaml", quant=None, max_steps=60, learning_rate=3e-3,
-                         per_device_train_batch_size=16, data_dir=data,
-                         output_dir=str(tmp / "float"))
+    recipe = tiny_recipe(
+        tmp,
+        "float.yaml",
+        quant=None,
+        max_steps=60,
+        learning_rate=3e-3,
+        per_device_train_batch_size=16,
+        data_dir=data,
+        output_dir=str(tmp / "float"),
+    )
     assert qat.cli.train.main([recipe]) == 0
     from transformers import AutoModelForSequenceClassification
 
@@ -49,15 +58,33 @@ def runs(tmp_path_factory) -> dict[str, str]:
     for name in TOKENIZER:
         if (tmp / "float" / name).is_file():
             (tmp / "fragile" / name).write_bytes((tmp / "float" / name).read_bytes())
-    return {"tmp": str(tmp), "data": data, "float": str(tmp / "float"),
-            "fragile": str(tmp / "fragile")}
+    return {
+        "tmp": str(tmp),
+        "data": data,
+        "float": str(tmp / "float"),
+        "fragile": str(tmp / "fragile"),
+    }
 
 
 def _recipe(tmp_path: Path, runs: dict[str, str], model: str = "float", **search) -> str:
-    spec = {"space": SPACE, "granularity": "layer", "trials": 64, "held_out_samples": 32,
-            "uniform_widths": [4, 8], "seed": 0, **search}
-    return tiny_recipe(tmp_path, "search.yaml", quant=BASE, model_name_or_path=runs[model],
-                       data_dir=runs["data"], output_dir=str(tmp_path / "out"), search=spec)
+    spec = {
+        "space": SPACE,
+        "granularity": "layer",
+        "trials": 64,
+        "held_out_samples": 32,
+        "uniform_widths": [4, 8],
+        "seed": 0,
+        **search,
+    }
+    return tiny_recipe(
+        tmp_path,
+        "search.yaml",
+        quant=BASE,
+        model_name_or_path=runs[model],
+        data_dir=runs["data"],
+        output_dir=str(tmp_path / "out"),
+        search=spec,
+    )
 
 
 class _Interrupt(Exception):
@@ -69,8 +96,7 @@ def _rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def test_search_resumes_writes_every_output_and_best_trains(tmp_path, runs, monkeypatch,
-                                                           capsys):
+def test_search_resumes_writes_every_output_and_best_trains(tmp_path, runs, monkeypatch, capsys):
     import qat.cli.eval
     import qat.cli.train
 
@@ -112,8 +138,9 @@ def test_search_resumes_writes_every_output_and_best_trains(tmp_path, runs, monk
     params = [tuple(v for k, v in t.items() if ":" in k) for t in trials]
     assert len(set(params)) == 5
     units = ("layer.0", "layer.1", "bert.pooler.dense")
-    assert [c for c in trials[0] if ":" in c] == [f"{u}:{r}.width" for u in units
-                                                 for r in ("weight", "activation")]
+    assert [c for c in trials[0] if ":" in c] == [
+        f"{u}:{r}.width" for u in units for r in ("weight", "activation")
+    ]
     pareto = _rows(out / "pareto.csv")
     assert pareto and {p["number"] for p in pareto} <= {t["number"] for t in trials}
     assert [u["name"] for u in _rows(out / "uniform.csv")] == ["W4", "W8"]
@@ -130,20 +157,32 @@ def test_search_resumes_writes_every_output_and_best_trains(tmp_path, runs, monk
     assert "search" not in best and best["model_name_or_path"] == runs["float"]
     assert all(p.startswith("^") and p.endswith("$") for p in best["quant"]["overrides"])
     train_out = tmp_path / "train_best"
-    assert qat.cli.train.main([str(out / "best.yaml"), "--max_steps", "2",
-                           "--output_dir", str(train_out)]) == 0
+    assert (
+        qat.cli.train.main(
+            [str(out / "best.yaml"), "--max_steps", "2", "--output_dir", str(train_out)]
+        )
+        == 0
+    )
     saved = json.loads((train_out / "qat_config.json").read_text())["quant"]
     assert saved["overrides"] == best["quant"]["overrides"]
-    assert qat.cli.eval.main([str(out / "best.yaml"), "--max_eval_samples", "8",
-                              "--output", str(tmp_path / "e.json")]) == 0
+    assert (
+        qat.cli.eval.main(
+            [
+                str(out / "best.yaml"),
+                "--max_eval_samples",
+                "8",
+                "--output",
+                str(tmp_path / "e.json"),
+            ]
+        )
+        == 0
+    )
 
 
-def test_sensitivity_ranks_the_fragile_layer_first_and_seeds_the_search(tmp_path, runs,
-                                                                       capsys):
+def test_sensitivity_ranks_the_fragile_layer_first_and_seeds_the_search(tmp_path, runs, capsys):
     from qat.cli.sensitivity import main
 
-    recipe = _recipe(tmp_path, runs, model="fragile", granularity="module",
-                     held_out_samples=64)
+    recipe = _recipe(tmp_path, runs, model="fragile", granularity="module", held_out_samples=64)
     assert main([recipe, "--output_dir", str(tmp_path / "sens")]) == 0
     rows = _rows(tmp_path / "sens" / "sensitivity.csv")
     assert len(rows) == 13  # 12 encoder linears + the pooler; attention has no searched role
@@ -156,8 +195,22 @@ def test_sensitivity_ranks_the_fragile_layer_first_and_seeds_the_search(tmp_path
     assert "pass --overwrite" in capsys.readouterr().err
 
     table = str(tmp_path / "sens" / "sensitivity.csv")
-    assert search_cli.main([recipe, "--search.trials", "2", "--search.seed_trials", "2",
-                            "--search.sensitivity", table, "--report_to", "wandb"]) == 0
+    assert (
+        search_cli.main(
+            [
+                recipe,
+                "--search.trials",
+                "2",
+                "--search.seed_trials",
+                "2",
+                "--search.sensitivity",
+                table,
+                "--report_to",
+                "wandb",
+            ]
+        )
+        == 0
+    )
     trials = _rows(tmp_path / "out" / "trials.csv")
     assert [t["source"] for t in trials] == ["sensitivity", "sensitivity"]
     # half budget: the 7 least sensitive of 13 units go to width 3, the 6 most keep width 12
@@ -168,28 +221,46 @@ def test_sensitivity_ranks_the_fragile_layer_first_and_seeds_the_search(tmp_path
     assert list((tmp_path / "out" / "wandb").glob("offline-run-*"))
 
 
-@pytest.mark.parametrize("search,message", [
-    ({"space": {}}, "search.space is empty"),
-    ({"space": {"weight": {"widht": [3, 4]}}},
-     "search.space.weight.widht: format 'bfp' has no parameter 'widht' (did you mean 'width'?)"),
-    ({"space": {"weight": {"width": [3, 99]}}},
-     "search.space.weight.width: bfp.width must be in [2, 24], got 99"),
-    ({"space": SPACE, "constraint": {"max_bits": 2.0}},
-     "search.constraint.max_bits 2 cannot be met: every unit at its lowest choice gives "
-     "5.6429 average bits"),  # matmuls are not searched: they stay at W12
-    ({"space": SPACE, "trails": 3}, "unknown key search.trails (did you mean search.trials?)"),
-    ({"space": {"wieght": {"width": [3]}}},
-     "unknown key search.space.wieght (did you mean search.space.weight?)"),
-    ({"space": SPACE, "sampler": "cmaes"}, "search.sampler must be one of tpe, nsga2, random"),
-])
+@pytest.mark.parametrize(
+    "search,message",
+    [
+        ({"space": {}}, "search.space is empty"),
+        (
+            {"space": {"weight": {"widht": [3, 4]}}},
+            "search.space.weight.widht: format 'bfp' has no parameter 'widht' "
+            "(did you mean 'width'?)",
+        ),
+        (
+            {"space": {"weight": {"width": [3, 99]}}},
+            "search.space.weight.width: bfp.width must be in [2, 24], got 99",
+        ),
+        (
+            {"space": SPACE, "constraint": {"max_bits": 2.0}},
+            "search.constraint.max_bits 2 cannot be met: every unit at its lowest choice gives "
+            "5.6429 average bits",
+        ),  # matmuls are not searched: they stay at W12
+        ({"space": SPACE, "trails": 3}, "unknown key search.trails (did you mean search.trials?)"),
+        (
+            {"space": {"wieght": {"width": [3]}}},
+            "unknown key search.space.wieght (did you mean search.space.weight?)",
+        ),
+        ({"space": SPACE, "sampler": "cmaes"}, "search.sampler must be one of tpe, nsga2, random"),
+    ],
+)
 def test_bad_specs_fail_before_any_trial(tmp_path, runs, monkeypatch, capsys, search, message):
     def no_trials(*args, **kwargs):
         raise AssertionError("a trial ran")
 
     monkeypatch.setattr(search_mod.Scorer, "score", no_trials)
-    recipe = tiny_recipe(tmp_path, "bad.yaml", quant=BASE, model_name_or_path=runs["float"],
-                         data_dir=runs["data"], output_dir=str(tmp_path / "out"),
-                         search={"held_out_samples": 8, **search})
+    recipe = tiny_recipe(
+        tmp_path,
+        "bad.yaml",
+        quant=BASE,
+        model_name_or_path=runs["float"],
+        data_dir=runs["data"],
+        output_dir=str(tmp_path / "out"),
+        search={"held_out_samples": 8, **search},
+    )
     capsys.readouterr()  # drop what building the fixtures printed
     assert search_cli.main([recipe]) == 2
     # one error line, and the last (loading the model prints progress bars before it)
@@ -204,15 +275,19 @@ def test_missing_search_section_and_override_of_a_search_key(tmp_path, runs, cap
     assert search_cli.main([recipe]) == 2
     assert "the recipe has no search: section" in capsys.readouterr().err
     spec, _ = search_mod.read_recipe_and_spec(
-        _recipe(tmp_path, runs), ["--search.trials", "7", "--search.constraint.max_bits",
-                                  "4.5"])[1:]
+        _recipe(tmp_path, runs), ["--search.trials", "7", "--search.constraint.max_bits", "4.5"]
+    )[1:]
     assert spec.trials == 7 and spec.max_bits == 4.5
 
 
 def test_pareto_front_and_choice():
-    rows = [{"accuracy": 0.9, "bits": 6.0}, {"accuracy": 0.85, "bits": 4.0},
-            {"accuracy": 0.8, "bits": 5.0}, {"accuracy": 0.9, "bits": 7.0},
-            {"accuracy": 0.7, "bits": 3.0}]
+    rows = [
+        {"accuracy": 0.9, "bits": 6.0},
+        {"accuracy": 0.85, "bits": 4.0},
+        {"accuracy": 0.8, "bits": 5.0},
+        {"accuracy": 0.9, "bits": 7.0},
+        {"accuracy": 0.7, "bits": 3.0},
+    ]
     assert pareto_front(rows) == [rows[4], rows[1], rows[0]]
     assert choose(rows, 5.0) == rows[1]
     assert choose(rows, None) == rows[0]  # equal accuracy: fewer bits
@@ -240,6 +315,7 @@ def test_average_bits_weights_elements_by_count(tmp_path):
 
 # --- issue #21: bad tables, foreign or blank study files, resumes scored differently ----------
 
+
 def _no_trials(monkeypatch) -> None:
     def no_trials(*args, **kwargs):
         raise AssertionError("a trial ran")
@@ -260,21 +336,28 @@ def test_max_bits_nan_is_refused_before_the_model_loads(tmp_path, runs, monkeypa
     assert "max_bits: .nan" in Path(recipe).read_text()
     capsys.readouterr()
     assert search_cli.main([recipe]) == 2
-    assert _one_error(capsys).endswith("search.constraint.max_bits must be a finite number > 0, "
-                                       "got nan")
+    assert _one_error(capsys).endswith(
+        "search.constraint.max_bits must be a finite number > 0, got nan"
+    )
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("body, message", [
-    (b"rank,unit\n1,layer.0\nx,layer.1\n", "line 3: rank 'x' of unit 'layer.1' is not an "
-                                           "integer"),
-    (b"rank,unit\n1,layer.0\n2\n", "line 3: no unit name"),
-    (b"rank,unit\n\xff\xfe,1\n", "cannot be read as CSV ('utf-8' codec can't decode byte 0xff"),
-    (b"a,b\n1,2\n", "is not a sensitivity table (no unit and rank columns)"),
-    (b"", "is not a sensitivity table"),
-])
-def test_bad_sensitivity_table_fails_before_the_model_loads(tmp_path, runs, monkeypatch, capsys,
-                                                            body, message):
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (
+            b"rank,unit\n1,layer.0\nx,layer.1\n",
+            "line 3: rank 'x' of unit 'layer.1' is not an integer",
+        ),
+        (b"rank,unit\n1,layer.0\n2\n", "line 3: no unit name"),
+        (b"rank,unit\n\xff\xfe,1\n", "cannot be read as CSV ('utf-8' codec can't decode byte 0xff"),
+        (b"a,b\n1,2\n", "is not a sensitivity table (no unit and rank columns)"),
+        (b"", "is not a sensitivity table"),
+    ],
+)
+def test_bad_sensitivity_table_fails_before_the_model_loads(
+    tmp_path, runs, monkeypatch, capsys, body, message
+):
     monkeypatch.setattr(search_runner, "Scorer", None)
     table = tmp_path / "sensitivity.csv"
     table.write_bytes(body)
@@ -282,11 +365,13 @@ def test_bad_sensitivity_table_fails_before_the_model_loads(tmp_path, runs, monk
     capsys.readouterr()
     assert search_cli.main([recipe]) == 2
     assert _one_error(capsys).startswith(
-        f"qat search: error: search.sensitivity: {str(table)!r} {message}")
+        f"qat search: error: search.sensitivity: {str(table)!r} {message}"
+    )
 
 
-def test_sensitivity_output_dir_naming_a_file_fails_before_scoring(tmp_path, runs, monkeypatch,
-                                                                  capsys):
+def test_sensitivity_output_dir_naming_a_file_fails_before_scoring(
+    tmp_path, runs, monkeypatch, capsys
+):
     from qat.analysis import sensitivity as sens_mod
     from qat.cli import sensitivity as sens_cli
 
@@ -297,8 +382,10 @@ def test_sensitivity_output_dir_naming_a_file_fails_before_scoring(tmp_path, run
     capsys.readouterr()
     assert sens_cli.main([recipe, "--output_dir", str(f)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"qat sensitivity: error: output_dir {str(f)!r} is not writable: "
-                   f"{str(f)!r} is a file, not a folder"]
+    assert err == [
+        f"qat sensitivity: error: output_dir {str(f)!r} is not writable: "
+        f"{str(f)!r} is a file, not a folder"
+    ]
     assert f.read_text() == "keep me"
 
 
@@ -314,8 +401,9 @@ def _foreign_sqlite(db: Path) -> None:
 
 @pytest.mark.parametrize("make", ["text", "sqlite", "other_study"])
 @pytest.mark.parametrize("resume", [True, False])
-def test_a_search_db_that_is_not_ours_is_left_untouched(tmp_path, runs, monkeypatch, capsys,
-                                                        make, resume):
+def test_a_search_db_that_is_not_ours_is_left_untouched(
+    tmp_path, runs, monkeypatch, capsys, make, resume
+):
     _no_trials(monkeypatch)
     db = tmp_path / "out" / "search.db"
     db.parent.mkdir()
@@ -333,7 +421,8 @@ def test_a_search_db_that_is_not_ours_is_left_untouched(tmp_path, runs, monkeypa
     assert _one_error(capsys) == (
         f"qat search: error: {str(db)!r} is not a qat search study (not an optuna SQLite "
         "database holding study 'qat-search'); it was left as it is: move it away or choose "
-        "another --output_dir")
+        "another --output_dir"
+    )
     assert db.read_bytes() == before
 
 
@@ -351,13 +440,17 @@ def test_an_empty_or_half_written_search_db_starts_afresh(tmp_path, runs, capsys
     assert len(_rows(tmp_path / "out" / "trials.csv")) == 1
 
 
-@pytest.mark.parametrize("override, key", [
-    (["--search.seed", "1"], "seed"),
-    (["--search.held_out_samples", "16"], "held_out_samples"),
-    (["--quant.weight.width", "8"], "quant"),
-])
-def test_resume_scored_differently_is_refused_before_scoring(tmp_path, runs, monkeypatch,
-                                                             capsys, override, key):
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        (["--search.seed", "1"], "seed"),
+        (["--search.held_out_samples", "16"], "held_out_samples"),
+        (["--quant.weight.width", "8"], "quant"),
+    ],
+)
+def test_resume_scored_differently_is_refused_before_scoring(
+    tmp_path, runs, monkeypatch, capsys, override, key
+):
     recipe = _recipe(tmp_path, runs)
     assert search_cli.main([recipe, "--search.trials", "1"]) == 0
     db = tmp_path / "out" / "search.db"
@@ -366,5 +459,6 @@ def test_resume_scored_differently_is_refused_before_scoring(tmp_path, runs, mon
     capsys.readouterr()
     assert search_cli.main([recipe, "--search.trials", "2", "--resume", *override]) == 2
     assert _one_error(capsys).startswith(
-        f"qat search: error: --resume: the study in {str(db)!r} was scored with another {key} (")
+        f"qat search: error: --resume: the study in {str(db)!r} was scored with another {key} ("
+    )
     assert db.read_bytes() == before

@@ -14,10 +14,14 @@ from tiny import make_tiny_glue_dir, tiny_recipe
 from qat.tasks.glue import GLUE_TASKS, get_task
 
 EXPECTED = {
-    "cola": ["unacceptable", "acceptable"], "sst2": ["negative", "positive"],
-    "mrpc": ["not_equivalent", "equivalent"], "qqp": ["not_duplicate", "duplicate"],
-    "stsb": [], "mnli": ["entailment", "neutral", "contradiction"],
-    "qnli": ["entailment", "not_entailment"], "rte": ["entailment", "not_entailment"],
+    "cola": ["unacceptable", "acceptable"],
+    "sst2": ["negative", "positive"],
+    "mrpc": ["not_equivalent", "equivalent"],
+    "qqp": ["not_duplicate", "duplicate"],
+    "stsb": [],
+    "mnli": ["entailment", "neutral", "contradiction"],
+    "qnli": ["entailment", "not_entailment"],
+    "rte": ["entailment", "not_entailment"],
     "wnli": ["not_entailment", "entailment"],
 }
 
@@ -40,8 +44,9 @@ print(json.dumps(clf(["a gripping, funny film", "flat and dull"], top_k=None)))
 
 
 def _labels(model_dir: Path) -> list[set[str]]:
-    out = subprocess.run([sys.executable, "-c", PIPE, str(model_dir)], capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", PIPE, str(model_dir)], capture_output=True, text=True, check=True
+    ).stdout
     return [{d["label"] for d in row} for row in json.loads(out.strip().splitlines()[-1])]
 
 
@@ -69,8 +74,9 @@ def test_trained_run_and_its_export_print_label_names(tmp_path):
 def test_pair_task_run_config(tmp_path, task):
     from qat.cli.train import main as train_main
 
-    recipe = tiny_recipe(tmp_path, task_name=task, data_dir=make_tiny_glue_dir(tmp_path, task),
-                         max_steps=1)
+    recipe = tiny_recipe(
+        tmp_path, task_name=task, data_dir=make_tiny_glue_dir(tmp_path, task), max_steps=1
+    )
     assert train_main([recipe]) == 0
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["id2label"] == {"0": "entailment", "1": "not_entailment"}

@@ -19,11 +19,25 @@ def qat_run(tmp_path_factory):
     """One short W4A4 BFP QAT run through the script entry point, logging to offline W&B."""
     out = tmp_path_factory.mktemp("run")
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(out)}
-    cmd = [sys.executable, str(REPO / "qat/train.py"), str(REPO / "recipes/minilm_sst2.yaml"),
-           "--output_dir", str(out / "model"), "--max_steps", "80", "--logging_steps", "10",
-           "--per_device_train_batch_size", "32", "--report_to", "[wandb]",
-           "--run_name", "e2e-test",
-           "--quant.overrides", "{'.*output.dense': {weight: {width: 6}}}"]
+    cmd = [
+        sys.executable,
+        str(REPO / "qat/train.py"),
+        str(REPO / "recipes/minilm_sst2.yaml"),
+        "--output_dir",
+        str(out / "model"),
+        "--max_steps",
+        "80",
+        "--logging_steps",
+        "10",
+        "--per_device_train_batch_size",
+        "32",
+        "--report_to",
+        "[wandb]",
+        "--run_name",
+        "e2e-test",
+        "--quant.overrides",
+        "{'.*output.dense': {weight: {width: 6}}}",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc
@@ -59,11 +73,11 @@ def wandb_records(path: Path):
     assert raw[:4] == b":W&B"
     while pos + 7 <= len(raw):
         left = block - pos % block
-        _, length, kind = struct.unpack("<IHB", raw[pos:pos + 7]) if left >= 7 else (0, 0, 0)
+        _, length, kind = struct.unpack("<IHB", raw[pos : pos + 7]) if left >= 7 else (0, 0, 0)
         if left < 7 or (kind == 0 and length == 0):
             pos += left
             continue
-        data, pos = raw[pos + 7:pos + 7 + length], pos + 7 + length
+        data, pos = raw[pos + 7 : pos + 7 + length], pos + 7 + length
         buf = data if kind in (1, 2) else buf + data
         if kind in (1, 4):
             rec = wandb_internal_pb2.Record()
@@ -96,8 +110,12 @@ def test_wandb_offline_run_has_metrics_and_quant_config(qat_run):
             config.update({i.key: json.loads(i.value_json) for i in rec.config.update})
         elif kind == "history":
             logged |= {i.key or "/".join(i.nested_key) for i in rec.history.item}
-    assert config["qat"]["quant"]["weight"] == {"format": "bfp", "width": 4,
-                                                 "exponent_width": 8, "block_size": 16}
+    assert config["qat"]["quant"]["weight"] == {
+        "format": "bfp",
+        "width": 4,
+        "exponent_width": 8,
+        "block_size": 16,
+    }
     assert config["qat"]["finetune"] == "full"
     assert config["qat_quant"]["overrides"] == {".*output.dense": {"weight": {"width": 6}}}
     assert {"train/loss", "eval/accuracy"} <= logged, logged

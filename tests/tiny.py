@@ -32,14 +32,20 @@ FIXTURES = REPO / "data" / "fixtures"
 GLUE_DIR = FIXTURES / "glue"  # <task>/{train,validation}.tsv, the layout qat reads
 WIKITEXT_DIR = FIXTURES / "wikitext-2-raw"  # {validation,test}.txt
 CHAT_DIR = FIXTURES / "chat"  # train.jsonl, validation.jsonl: {"messages": [...]} rows
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "vocab.txt")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+)
 TINY_DIMS = {"hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64}
 ARCHS = ("opt", "llama", "bert", "gpt2")  # what tiny_model builds
 # [CLS] opens a turn and [SEP] closes it: both are special tokens of the BERT tokenizer, so a
 # conversation tokenises turn by turn and every prefix's tokens are a prefix of the whole's.
-CHAT_TEMPLATE = ("{% for m in messages %}[CLS]{{ m['role'] }}: {{ m['content'] }}[SEP]"
-                 "{% endfor %}{% if add_generation_prompt %}[CLS]assistant:{% endif %}")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}[CLS]{{ m['role'] }}: {{ m['content'] }}[SEP]"
+    "{% endfor %}{% if add_generation_prompt %}[CLS]assistant:{% endif %}"
+)
 
 
 # --- in memory: tiny classifiers and a batch -----------------------------------------------
@@ -63,22 +69,45 @@ def tiny_model(arch: str, seed: int = 0, num_labels: int = 2, init: float = 0.2)
     torch.manual_seed(seed)
     common = dict(num_labels=num_labels, initializer_range=init)
     if arch == "opt":
-        cfg = OPTConfig(num_hidden_layers=2, hidden_size=32, ffn_dim=64, num_attention_heads=4,
-                        word_embed_proj_dim=32, vocab_size=100, max_position_embeddings=64,
-                        pad_token_id=1, init_std=init, **common)
+        cfg = OPTConfig(
+            num_hidden_layers=2,
+            hidden_size=32,
+            ffn_dim=64,
+            num_attention_heads=4,
+            word_embed_proj_dim=32,
+            vocab_size=100,
+            max_position_embeddings=64,
+            pad_token_id=1,
+            init_std=init,
+            **common,
+        )
         return OPTForSequenceClassification(cfg)
     if arch == "llama":
-        cfg = LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64,
-                          num_attention_heads=4, num_key_value_heads=2, vocab_size=100,
-                          pad_token_id=0, **common)
+        cfg = LlamaConfig(
+            num_hidden_layers=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=100,
+            pad_token_id=0,
+            **common,
+        )
         return LlamaForSequenceClassification(cfg)
     if arch == "bert":
-        cfg = BertConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64,
-                         num_attention_heads=4, vocab_size=100, **common)
+        cfg = BertConfig(
+            num_hidden_layers=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=4,
+            vocab_size=100,
+            **common,
+        )
         return BertForSequenceClassification(cfg)
     if arch == "gpt2":
-        cfg = GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=100, n_positions=64,
-                         pad_token_id=0, **common)
+        cfg = GPT2Config(
+            n_layer=2, n_embd=32, n_head=4, vocab_size=100, n_positions=64, pad_token_id=0, **common
+        )
         return GPT2ForSequenceClassification(cfg)
     raise ValueError(arch)
 
@@ -90,7 +119,7 @@ def tiny_batch(seed: int = 0, batch: int = 3, seq: int = 20):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(2, 100, (batch, seq), generator=g)
     mask = torch.ones_like(ids)
-    mask[-1, seq - 6:] = 0  # one padded row exercises the attention mask
+    mask[-1, seq - 6 :] = 0  # one padded row exercises the attention mask
     return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 1, 1][:batch])}
 
 
@@ -117,22 +146,39 @@ def _tiny_config(arch: str):
 
     vocab = 30522  # the BERT tokenizer's vocabulary serves all three architectures
     if arch == "bert":
-        return BertConfig(vocab_size=vocab, num_hidden_layers=2, max_position_embeddings=128,
-                          **TINY_DIMS)
+        return BertConfig(
+            vocab_size=vocab, num_hidden_layers=2, max_position_embeddings=128, **TINY_DIMS
+        )
     if arch == "opt":
-        return OPTConfig(vocab_size=vocab, num_hidden_layers=2, hidden_size=32,
-                         num_attention_heads=2, ffn_dim=64, word_embed_proj_dim=32,
-                         max_position_embeddings=128, pad_token_id=0, bos_token_id=101,
-                         eos_token_id=102)
+        return OPTConfig(
+            vocab_size=vocab,
+            num_hidden_layers=2,
+            hidden_size=32,
+            num_attention_heads=2,
+            ffn_dim=64,
+            word_embed_proj_dim=32,
+            max_position_embeddings=128,
+            pad_token_id=0,
+            bos_token_id=101,
+            eos_token_id=102,
+        )
     if arch == "llama":
-        return LlamaConfig(vocab_size=vocab, num_hidden_layers=2, num_key_value_heads=1,
-                           max_position_embeddings=128, pad_token_id=0, bos_token_id=101,
-                           eos_token_id=102, **TINY_DIMS)
+        return LlamaConfig(
+            vocab_size=vocab,
+            num_hidden_layers=2,
+            num_key_value_heads=1,
+            max_position_embeddings=128,
+            pad_token_id=0,
+            bos_token_id=101,
+            eos_token_id=102,
+            **TINY_DIMS,
+        )
     raise ValueError(f"arch must be bert, opt or llama; got {arch!r}")
 
 
-def make_tiny_model_dir(tmp_path: str | os.PathLike, arch: str = "bert", seed: int = 0,
-                        no_dropout: bool = False) -> str:
+def make_tiny_model_dir(
+    tmp_path: str | os.PathLike, arch: str = "bert", seed: int = 0, no_dropout: bool = False
+) -> str:
     """Save a 2-layer, 32-wide random ``arch`` model plus the BERT tokenizer; return the folder.
 
     Saved as a base model (``AutoModel``): ``qat train`` adds a fresh classification head, as
@@ -150,8 +196,13 @@ def make_tiny_model_dir(tmp_path: str | os.PathLike, arch: str = "bert", seed: i
     torch.manual_seed(seed)
     config = _tiny_config(arch)
     if no_dropout:
-        for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout",
-                    "attention_dropout", "classifier_dropout"):
+        for key in (
+            "hidden_dropout_prob",
+            "attention_probs_dropout_prob",
+            "dropout",
+            "attention_dropout",
+            "classifier_dropout",
+        ):
             if hasattr(config, key):
                 setattr(config, key, 0.0)
     AutoModel.from_config(config).save_pretrained(out)
@@ -159,8 +210,7 @@ def make_tiny_model_dir(tmp_path: str | os.PathLike, arch: str = "bert", seed: i
     return str(out)
 
 
-def make_tiny_causal_lm_dir(tmp_path: str | os.PathLike, seed: int = 0,
-                            chat: bool = False) -> str:
+def make_tiny_causal_lm_dir(tmp_path: str | os.PathLike, seed: int = 0, chat: bool = False) -> str:
     """Save a tiny random Llama causal LM (+ tokenizer, + chat template if ``chat``)."""
     import torch
     from transformers import LlamaForCausalLM
@@ -198,15 +248,17 @@ def write_tsv(path: str | os.PathLike, header: list[str], rows: list[list[str]])
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     with p.open("w", newline="") as f:
-        w = csv.writer(f, delimiter="\t", quoting=csv.QUOTE_NONE, escapechar="\\",
-                       lineterminator="\n")
+        w = csv.writer(
+            f, delimiter="\t", quoting=csv.QUOTE_NONE, escapechar="\\", lineterminator="\n"
+        )
         w.writerow(header)
         w.writerows(rows)
     return p
 
 
-def make_tiny_glue_dir(tmp_path: str | os.PathLike, task: str = "sst2", n_train: int = 64,
-                       n_val: int = 32) -> str:
+def make_tiny_glue_dir(
+    tmp_path: str | os.PathLike, task: str = "sst2", n_train: int = 64, n_val: int = 32
+) -> str:
     """A ``data_dir`` holding ``<task>/train.tsv`` and ``<task>/validation.tsv``: the first
     ``n_train`` / ``n_val`` real rows of that task (sst2 or rte: the committed fixtures hold
     64 / 32 rows). Returns the data dir (the parent)."""
@@ -269,8 +321,9 @@ def tiny_recipe(tmp_path: str | os.PathLike, name: str = "recipe.yaml", **overri
     return write_recipe(tmp / name, **keys)
 
 
-def lm_recipe(tmp_path: str | os.PathLike, name: str = "lm.yaml", chat: bool = False,
-              **overrides) -> str:
+def lm_recipe(
+    tmp_path: str | os.PathLike, name: str = "lm.yaml", chat: bool = False, **overrides
+) -> str:
     """A W4A4-BFP causal_lm recipe (WikiText-2 fixture: validation trains, test evaluates) or,
     with ``chat``, a chat recipe on the instruction fixture; keys override. A causal_lm recipe
     reads WikiText from ``QAT_WIKITEXT_DIR``: the ``committed_wikitext`` fixture sets it."""
@@ -291,8 +344,10 @@ def lm_recipe(tmp_path: str | os.PathLike, name: str = "lm.yaml", chat: bool = F
         **QUIET_CPU_RUN,
     }
     if chat:
-        keys.update(train_file=str(CHAT_DIR / "train.jsonl"),
-                    validation_file=str(CHAT_DIR / "validation.jsonl"))
+        keys.update(
+            train_file=str(CHAT_DIR / "train.jsonl"),
+            validation_file=str(CHAT_DIR / "validation.jsonl"),
+        )
     else:
         keys.update(dataset_name="wikitext", train_split="validation", eval_split="test")
     keys.update(overrides)
@@ -312,8 +367,9 @@ def train_tiny_run(tmp_path: str | os.PathLike, *argv: str, **overrides) -> Path
     return out
 
 
-def lm_train_error(tmp_path: str | os.PathLike, capsys, chat: bool = False, argv=(),
-                   **overrides) -> str:
+def lm_train_error(
+    tmp_path: str | os.PathLike, capsys, chat: bool = False, argv=(), **overrides
+) -> str:
     """``qat train`` an ``lm_recipe`` (keys override, then ``argv``) that must fail on bad
     input: exit 2, one ``qat train`` line on stderr, no output folder. Returns that line."""
     from qat.cli.train import main as train_main
@@ -344,8 +400,11 @@ def tree_hashes(folder: str | os.PathLike) -> dict[str, str]:
     import hashlib
 
     folder = Path(folder)
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def error_lines(capsys) -> list[str]:

@@ -21,8 +21,19 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # torch loads on use, so `qat profile --help` answers at once
     from torch import Tensor, nn
 
-COLUMNS = ["layer", "depth", "tensor", "numel", "mean", "variance", "abs_max", "kurtosis",
-           "format", "bits_per_element", "sqnr_db"]
+COLUMNS = [
+    "layer",
+    "depth",
+    "tensor",
+    "numel",
+    "mean",
+    "variance",
+    "abs_max",
+    "kurtosis",
+    "format",
+    "bits_per_element",
+    "sqnr_db",
+]
 _DEPTH = re.compile(r"\.(?:layer|layers|h|block|blocks)\.(\d+)\.")
 
 
@@ -66,8 +77,14 @@ class Moments:
             from qat.quant.sqnr import sqnr_db_value
 
             sqnr = sqnr_db_value(self.s[1], self.err)
-        return {"numel": self.n, "mean": m1, "variance": var, "abs_max": self.abs_max,
-                "kurtosis": kurt, "sqnr_db": sqnr}
+        return {
+            "numel": self.n,
+            "mean": m1,
+            "variance": var,
+            "abs_max": self.abs_max,
+            "kurtosis": kurt,
+            "sqnr_db": sqnr,
+        }
 
 
 def layer_depth(name: str) -> int:
@@ -129,10 +146,16 @@ def profile_model(model: nn.Module, batches: list[dict[str, Tensor]]) -> list[di
             else:
                 wm.add(*wq.error_pair(mod.weight))
         for kind, mom, q in (("weight", wm, wq), ("activation", acts[name], aq)):
-            rows.append({"layer": name, "depth": layer_depth(name), "tensor": kind,
-                         "format": str(q.fmt) if q is not None else "float",
-                         "bits_per_element": q.fmt.bits_per_element if q is not None else "",
-                         **mom.row(q is not None)})
+            rows.append(
+                {
+                    "layer": name,
+                    "depth": layer_depth(name),
+                    "tensor": kind,
+                    "format": str(q.fmt) if q is not None else "float",
+                    "bits_per_element": q.fmt.bits_per_element if q is not None else "",
+                    **mom.row(q is not None),
+                }
+            )
     return rows
 
 
@@ -158,10 +181,18 @@ def plot(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
             if r["tensor"] == kind and r["depth"] >= 0:
                 by_depth.setdefault(r["depth"], []).append(r["variance"])
         xs = sorted(by_depth)
-        ax.plot(xs, [sum(by_depth[d]) / len(by_depth[d]) for d in xs], marker=marker,
-                label=f"{kind}s (mean over the block's linears)")
-    ax.set(xlabel="layer depth", ylabel="variance", yscale="log",
-           title="Variance of linear-layer weights and inputs vs depth")
+        ax.plot(
+            xs,
+            [sum(by_depth[d]) / len(by_depth[d]) for d in xs],
+            marker=marker,
+            label=f"{kind}s (mean over the block's linears)",
+        )
+    ax.set(
+        xlabel="layer depth",
+        ylabel="variance",
+        yscale="log",
+        title="Variance of linear-layer weights and inputs vs depth",
+    )
     ax.legend()
     fig.tight_layout()
     paths.append(out_dir / "variance_vs_depth.png")
@@ -170,12 +201,18 @@ def plot(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(max(7, len(rows) * 0.08), 4))
     for kind in ("weight", "activation"):
-        sel = [(i, r["sqnr_db"]) for i, r in enumerate(r for r in rows if r["tensor"] == kind)
-               if math.isfinite(r["sqnr_db"])]
+        sel = [
+            (i, r["sqnr_db"])
+            for i, r in enumerate(r for r in rows if r["tensor"] == kind)
+            if math.isfinite(r["sqnr_db"])
+        ]
         if sel:
             ax.plot([i for i, _ in sel], [s for _, s in sel], marker=".", label=kind)
-    ax.set(xlabel="linear layer (model order)", ylabel="SQNR (dB)",
-           title="Per-layer SQNR under the configured formats")
+    ax.set(
+        xlabel="linear layer (model order)",
+        ylabel="SQNR (dB)",
+        title="Per-layer SQNR under the configured formats",
+    )
     if ax.lines:
         ax.legend()
     fig.tight_layout()

@@ -22,8 +22,9 @@ from qat.analysis.search import Scorer, SearchError, read_recipe_and_spec
 COLUMNS = ["rank", "unit", "modules", "accuracy", "drop", "bits", "lowered"]
 
 
-def run(path: str, argv: list[str], output_dir: str | None = None,
-        overwrite: bool = False) -> list[dict[str, Any]]:
+def run(
+    path: str, argv: list[str], output_dir: str | None = None, overwrite: bool = False
+) -> list[dict[str, Any]]:
     """Measure every unit's drop; returns the rows, most sensitive first."""
     from tqdm.auto import tqdm
 
@@ -34,8 +35,9 @@ def run(path: str, argv: list[str], output_dir: str | None = None,
     check_output_dir(str(out))  # a file in the way fails now, not after all the scoring
     table = out / "sensitivity.csv"
     if table.exists() and not overwrite:
-        raise SearchError(f"{str(table)!r} exists; pass --overwrite to replace it or choose "
-                          "another --output_dir")
+        raise SearchError(
+            f"{str(table)!r} exists; pass --overwrite to replace it or choose another --output_dir"
+        )
     scorer = Scorer(recipe, spec)
     space = scorer.space
     low = space.extreme(low=True)
@@ -46,10 +48,16 @@ def run(path: str, argv: list[str], output_dir: str | None = None,
         if not roles:
             continue  # nothing searched in this unit (e.g. attention when matmul is not)
         res = scorer.score(space.quant_dict(space.params_for({unit.name: roles})))
-        rows.append({"unit": unit.name, "modules": len(unit.linears) + len(unit.attention),
-                     "accuracy": res["accuracy"], "drop": base["accuracy"] - res["accuracy"],
-                     "bits": res["bits"],
-                     "lowered": "; ".join(f"{r}={c}" for r, c in roles.items())})
+        rows.append(
+            {
+                "unit": unit.name,
+                "modules": len(unit.linears) + len(unit.attention),
+                "accuracy": res["accuracy"],
+                "drop": base["accuracy"] - res["accuracy"],
+                "bits": res["bits"],
+                "lowered": "; ".join(f"{r}={c}" for r, c in roles.items()),
+            }
+        )
     rows.sort(key=lambda r: -r["drop"])  # stable: equal drops keep model order
     for i, r in enumerate(rows, 1):
         r["rank"] = i
@@ -59,8 +67,10 @@ def run(path: str, argv: list[str], output_dir: str | None = None,
         w.writeheader()
         w.writerows(rows)
     plot(rows, base["accuracy"], scorer.metric, out / "sensitivity.png")
-    print(f"qat sensitivity: baseline held-out {scorer.metric}={base['accuracy']:.4f} "
-          f"({base['bits']:.3f} bits)")
+    print(
+        f"qat sensitivity: baseline held-out {scorer.metric}={base['accuracy']:.4f} "
+        f"({base['bits']:.3f} bits)"
+    )
     return rows
 
 

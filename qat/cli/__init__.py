@@ -11,8 +11,10 @@ from collections.abc import Callable
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("qat.cli.train", "fine-tune a model from a recipe (QAT, LoRA, classifier-only)"),
     "eval": ("qat.cli.eval", "GLUE evaluation of a recipe (PTQ) or a QAT checkpoint"),
-    "perplexity": ("qat.cli.perplexity",
-                   "WikiText-2 perplexity of a causal LM under a quant config"),
+    "perplexity": (
+        "qat.cli.perplexity",
+        "WikiText-2 perplexity of a causal LM under a quant config",
+    ),
     "lm-eval": ("qat.cli.lm_eval", "lm-evaluation-harness tasks on a quantised causal LM"),
     "generate": ("qat.cli.generate", "stream greedy generation; tokens/s without and with QDEC"),
     "profile": ("qat.cli.profile", "per-layer statistics, SQNR and plots"),

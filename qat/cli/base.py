@@ -33,20 +33,28 @@ def split_options(argv: list[str], options: dict[str, type]) -> tuple[dict[str, 
                     raise UsageError(f"option --{key} needs a value")
                 val, i = argv[i + 1], i + 1
             try:
-                opts[key] = options[key](val) if options[key] is not bool else val.lower() in (
-                    "1", "true", "yes")
+                opts[key] = (
+                    options[key](val)
+                    if options[key] is not bool
+                    else val.lower() in ("1", "true", "yes")
+                )
             except ValueError:
-                raise UsageError(f"option --{key}: {val!r} is not a valid "
-                                   f"{options[key].__name__}") from None
+                raise UsageError(
+                    f"option --{key}: {val!r} is not a valid {options[key].__name__}"
+                ) from None
         else:
             rest.append(tok)
         i += 1
     return opts, rest
 
 
-def run_cli(name: str, usage: str, argv: list[str] | None,
-            body: Callable[[list[str]], None], extra_errors: tuple[type[Exception], ...] = ()
-            ) -> int:
+def run_cli(
+    name: str,
+    usage: str,
+    argv: list[str] | None,
+    body: Callable[[list[str]], None],
+    extra_errors: tuple[type[Exception], ...] = (),
+) -> int:
     """Shared ``main`` of the commands: ``--help``, then ``body(argv)``; bad input becomes one
     ``qat NAME: error: ...`` line and exit code 2."""
     argv = sys.argv[1:] if argv is None else argv
@@ -61,12 +69,9 @@ def run_cli(name: str, usage: str, argv: list[str] | None,
     return 0
 
 
-
 def write_results(results: dict[str, Any], out: Path) -> dict[str, Any]:
     """Write a command's results as JSON to ``out`` and record where in ``results["output"]``."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     results["output"] = str(out)
     return results
-
-

@@ -18,16 +18,25 @@ DEFAULT_TOL = 1e-10
 
 def main(argv: list[str] | None = None) -> int:
     """``qat codebook --kind bof4s --metric mse --block-size 64 --out codebook.json``."""
-    p = argparse.ArgumentParser(prog="qat codebook",
-                                description="Fit BOF4 / BOF4-S levels for Gaussian weights.")
+    p = argparse.ArgumentParser(
+        prog="qat codebook", description="Fit BOF4 / BOF4-S levels for Gaussian weights."
+    )
     p.add_argument("--kind", choices=list(KINDS), default="bof4s")
     p.add_argument("--metric", choices=list(METRICS), default="mse")
     p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--out", required=True, help="JSON file for a format's codebook_file:")
-    p.add_argument("--method", choices=list(METHODS), default="integral",
-                   help="numerical integration (exact) or Monte Carlo (default %(default)s)")
-    p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES,
-                   help="Monte Carlo: Gaussian scalars to draw (default %(default)s)")
+    p.add_argument(
+        "--method",
+        choices=list(METHODS),
+        default="integral",
+        help="numerical integration (exact) or Monte Carlo (default %(default)s)",
+    )
+    p.add_argument(
+        "--samples",
+        type=int,
+        default=DEFAULT_SAMPLES,
+        help="Monte Carlo: Gaussian scalars to draw (default %(default)s)",
+    )
     p.add_argument("--iters", type=int, default=DEFAULT_ITERS, help="maximum Lloyd iterations")
     p.add_argument("--tol", type=float, default=DEFAULT_TOL, help="stop when levels move less")
     p.add_argument("--seed", type=int, default=0, help="Monte Carlo seed")
@@ -39,12 +48,29 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--samples and --iters must be >= 1")
     from qat.formats.fit.codebook import fit_codebook, write_codebook
 
-    levels, done = fit_codebook(args.kind, args.metric, args.block_size, args.method,
-                                args.samples, args.iters, args.seed, args.tol,
-                                progress=not args.no_progress)
+    levels, done = fit_codebook(
+        args.kind,
+        args.metric,
+        args.block_size,
+        args.method,
+        args.samples,
+        args.iters,
+        args.seed,
+        args.tol,
+        progress=not args.no_progress,
+    )
     mc = args.method == "mc"
-    write_codebook(args.out, args.kind, args.metric, args.block_size, levels, args.method,
-                   args.samples if mc else None, done, args.seed if mc else None)
+    write_codebook(
+        args.out,
+        args.kind,
+        args.metric,
+        args.block_size,
+        levels,
+        args.method,
+        args.samples if mc else None,
+        done,
+        args.seed if mc else None,
+    )
     print(f"wrote {args.out} ({done} iterations): {', '.join(f'{v:.6f}' for v in levels)}")
     return 0
 

@@ -28,8 +28,9 @@ density report. Recipe keys override the recipe (or the checkpoint's recipe.yaml
 --device D     cpu, cuda, cuda:N or auto (default: cuda when there is one, cpu with use_cpu)"""
 
 
-def run(path: str, overrides: list[str], output: str | None = None,
-        device: str | None = None) -> dict[str, Any]:
+def run(
+    path: str, overrides: list[str], output: str | None = None, device: str | None = None
+) -> dict[str, Any]:
     """Evaluate ``path`` (recipe or checkpoint) on ``device`` (``--device``; None: auto);
     returns and writes the results."""
     from qat import models
@@ -45,22 +46,27 @@ def run(path: str, overrides: list[str], output: str | None = None,
     check_output_file(out)
     dev = models.resolve_device(device, args.use_cpu)
     task = get_task(args.task_name)
-    raw = glue_splits(task, args.data_dir, task.validation_splits,
-                      eval_samples=args.max_eval_samples)
+    raw = glue_splits(
+        task, args.data_dir, task.validation_splits, eval_samples=args.max_eval_samples
+    )
     built = build_model(src, device=dev, num_labels=task.num_labels)
     model, tokenizer = built.model, built.tokenizer
     data = raw.tokenize(tokenizer, args.max_length)
     metrics: dict[str, dict[str, float]] = {}
     for split in task.validation_splits:
-        metrics[split] = evaluate_split(model, tokenizer, task, data[split],
-                                  args.per_device_eval_batch_size)
+        metrics[split] = evaluate_split(
+            model, tokenizer, task, data[split], args.per_device_eval_batch_size
+        )
     density = density_report(model)
     print(density.format())
     results = {
-        "source": str(path), "mode": "checkpoint" if src.checkpoint else "ptq",
-        "model_name_or_path": args.model_name_or_path, "task": task.name,
+        "source": str(path),
+        "mode": "checkpoint" if src.checkpoint else "ptq",
+        "model_name_or_path": args.model_name_or_path,
+        "task": task.name,
         "quant": None if args.quant is None else args.quant.to_dict(),
-        "metrics": metrics, "density": density.to_dict(),
+        "metrics": metrics,
+        "density": density.to_dict(),
     }
     return write_results(results, out)
 

@@ -38,7 +38,6 @@ q8_0 or f32 for token_embd and an unquantised output; tokenizer from the source 
 Recipe keys override the recipe (or the checkpoint's recipe.yaml), e.g. --quant.weight.width 6."""
 
 
-
 def _protected(path: str, src: Any) -> tuple[dict[str, Path], dict[str, Path]]:
     """(sources --out may not touch at all, paths --out may not contain)."""
     import os
@@ -55,8 +54,10 @@ def _protected(path: str, src: Any) -> tuple[dict[str, Path], dict[str, Path]]:
             keep["run folder"] = yaml_path.parent
     else:
         keep["recipe"] = Path(path)
-    for what, value in (("model", args.model_name_or_path),
-                        ("tokenizer", args.tokenizer_name_or_path)):
+    for what, value in (
+        ("model", args.model_name_or_path),
+        ("tokenizer", args.tokenizer_name_or_path),
+    ):
         if value and Path(value).expanduser().exists():
             keep[what] = Path(value)
     if getattr(args, "data_dir", None):
@@ -83,8 +84,10 @@ def _precheck(target: str, quant: Any) -> None:
     rotated = [quant.rotation] + [o.get("rotation") for o in quant.overrides.values()]
     if any(r is not None for r in rotated):
         refuse_rotation(target)
-    weight, act = (None if quant.weight is None else make_format(quant.weight),
-                   None if quant.activation is None else make_format(quant.activation))
+    weight, act = (
+        None if quant.weight is None else make_format(quant.weight),
+        None if quant.activation is None else make_format(quant.activation),
+    )
     if target == "gguf":
         check_gguf_formats(weight, act, quant.matmul is not None)
     else:
@@ -99,12 +102,14 @@ def _precheck_gguf(src: Any, embeddings: str) -> None:
     from qat.tasks.language_modeling import LM_TASKS
 
     if embeddings not in EMBEDDING_TYPES:
-        raise UsageError(f"--gguf_embeddings {embeddings!r} is not one of "
-                         f"{', '.join(EMBEDDING_TYPES)}")
+        raise UsageError(
+            f"--gguf_embeddings {embeddings!r} is not one of {', '.join(EMBEDDING_TYPES)}"
+        )
     args = src.recipe.args
     if args.task_name not in LM_TASKS:
-        raise ExportError(f"--to gguf writes decoders; task_name {args.task_name!r} is a "
-                          "classifier")
+        raise ExportError(
+            f"--to gguf writes decoders; task_name {args.task_name!r} is a classifier"
+        )
     config = load_config(args.model_name_or_path, args.gguf_file)
     if config is None:  # a GGUF source: its architecture key, without loading the weights
         import gguf
@@ -115,8 +120,10 @@ def _precheck_gguf(src: Any, embeddings: str) -> None:
         path = Path(resolve_model_path(args.model_name_or_path)) / args.gguf_file
         arch = gguf.GGUFReader(str(path)).fields["general.architecture"].contents()
         if arch not in GGUF_ARCHS.values():
-            raise ExportError(f"--to gguf: source architecture {arch!r} is not one the GGUF "
-                              f"writer knows; known: {', '.join(GGUF_ARCHS.values())}")
+            raise ExportError(
+                f"--to gguf: source architecture {arch!r} is not one the GGUF "
+                f"writer knows; known: {', '.join(GGUF_ARCHS.values())}"
+            )
         return
     check_gguf_arch(config)
 
@@ -129,12 +136,16 @@ def _calibration_batches(src: Any, tokenizer: Any, n: int, device: Any) -> list[
 
     args = src.recipe.args
     if args.task_name not in LM_TASKS:
-        raise ExportError("--to compressed-tensors: nvfp4 activations are calibrated on a "
-                          f"decoder recipe's text; task_name {args.task_name!r} is not one")
+        raise ExportError(
+            "--to compressed-tensors: nvfp4 activations are calibrated on a "
+            f"decoder recipe's text; task_name {args.task_name!r} is not one"
+        )
     train, _, collate = decoder_data(args, tokenizer)
     rows = [train[i] for i in range(min(n, len(train)))]
-    return [{k: v.to(device) for k, v in collate(rows[i:i + 8]).items() if k != "labels"}
-            for i in range(0, len(rows), 8)]
+    return [
+        {k: v.to(device) for k, v in collate(rows[i : i + 8]).items() if k != "labels"}
+        for i in range(0, len(rows), 8)
+    ]
 
 
 def run(path: str, argv: list[str]) -> dict[str, Any]:
@@ -146,9 +157,17 @@ def run(path: str, argv: list[str]) -> dict[str, Any]:
     from qat.tasks.glue import get_task
     from qat.tasks.language_modeling import LM_TASKS
 
-    opts, overrides = split_options(argv, {"out": str, "overwrite": bool, "device": str,
-                                           "to": str, "calibration_samples": int,
-                                           "gguf_embeddings": str})
+    opts, overrides = split_options(
+        argv,
+        {
+            "out": str,
+            "overwrite": bool,
+            "device": str,
+            "to": str,
+            "calibration_samples": int,
+            "gguf_embeddings": str,
+        },
+    )
     if not opts.get("out"):
         raise UsageError("--out DIR is required")
     target = opts.get("to") or "packed"
@@ -164,8 +183,12 @@ def run(path: str, argv: list[str]) -> dict[str, Any]:
     decoder = src.recipe.args.task_name in LM_TASKS  # a causal LM: no classification head
     num_labels = None if decoder else get_task(src.recipe.args.task_name).num_labels
     device = resolve_device(opts.get("device"), src.recipe.args.use_cpu)
-    built = build_model(src, head="causal_lm" if decoder else "sequence_classification",
-                        device=device, num_labels=num_labels)
+    built = build_model(
+        src,
+        head="causal_lm" if decoder else "sequence_classification",
+        device=device,
+        num_labels=num_labels,
+    )
     model, tokenizer = built.model, built.tokenizer
     density = density_report(model)
     info: dict[str, Any] = {"out": str(opts["out"]), "density": density.to_dict(), "to": target}
@@ -182,8 +205,9 @@ def run(path: str, argv: list[str]) -> dict[str, Any]:
     return info
 
 
-def _export_ct(model: Any, opts: dict[str, Any], src: Any, tokenizer: Any, device: Any,
-               overwrite: bool) -> Path:
+def _export_ct(
+    model: Any, opts: dict[str, Any], src: Any, tokenizer: Any, device: Any, overwrite: bool
+) -> Path:
     from qat.export.compressed_tensors import (
         check_model,
         export_compressed_tensors,
@@ -195,8 +219,9 @@ def _export_ct(model: Any, opts: dict[str, Any], src: Any, tokenizer: Any, devic
     if act is not None and act.name == "nvfp4":
         n = opts.get("calibration_samples") or 32
         amax = record_input_amax(model, _calibration_batches(src, tokenizer, n, device))
-    return export_compressed_tensors(model, opts["out"], tokenizer, overwrite=overwrite,
-                                     input_amax=amax)
+    return export_compressed_tensors(
+        model, opts["out"], tokenizer, overwrite=overwrite, input_amax=amax
+    )
 
 
 def source_gguf(src: Any) -> Path | None:
@@ -222,24 +247,34 @@ def source_gguf(src: Any) -> Path | None:
     return path if path.is_file() else None
 
 
-def _export_gguf(model: Any, opts: dict[str, Any], src: Any, tokenizer: Any, overwrite: bool
-                 ) -> Path:
+def _export_gguf(
+    model: Any, opts: dict[str, Any], src: Any, tokenizer: Any, overwrite: bool
+) -> Path:
     from qat.export.gguf import export_gguf
 
     args = src.recipe.args
     source = source_gguf(src)
-    return export_gguf(model, opts["out"], tokenizer, source_gguf=source, overwrite=overwrite,
-                       embeddings=opts.get("gguf_embeddings") or "f16",
-                       name=Path(args.gguf_file or args.model_name_or_path).stem)
+    return export_gguf(
+        model,
+        opts["out"],
+        tokenizer,
+        source_gguf=source,
+        overwrite=overwrite,
+        embeddings=opts.get("gguf_embeddings") or "f16",
+        name=Path(args.gguf_file or args.model_name_or_path).stem,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     def body(argv: list[str]) -> None:
         info = run(argv[0], argv[1:])
         weights = {"packed": "qat_packed.safetensors", "gguf": "model.gguf"}.get(
-            info["to"], "model.safetensors")
-        print(f"qat export: wrote {info['out']} ({weights}: "
-              f"{info['weight_file_bytes'] / 2**20:.2f} MiB)")
+            info["to"], "model.safetensors"
+        )
+        print(
+            f"qat export: wrote {info['out']} ({weights}: "
+            f"{info['weight_file_bytes'] / 2**20:.2f} MiB)"
+        )
 
     return run_cli("export", USAGE, argv, body)
 

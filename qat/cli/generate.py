@@ -32,8 +32,9 @@ stdout. Recipe keys override the recipe as in `qat train` (--quant.weight.width 
 --device D           cpu, cuda, cuda:N or auto (default: cuda when there is one)"""
 
 
-def _generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int, label: str
-              ) -> tuple[int, float]:
+def _generate(
+    model: Any, tokenizer: Any, prompt: str, max_new_tokens: int, label: str
+) -> tuple[int, float]:
     """Stream one greedy generation; returns (new tokens, seconds)."""
     import torch
     from transformers import TextStreamer
@@ -50,8 +51,13 @@ def _generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int, labe
     # no_grad, not inference_mode: under inference_mode qat.quant.ste.SharedInput cannot
     # track in-place changes (no version counters), so q/k/v would each quantise their input
     with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                             streamer=streamer, pad_token_id=tokenizer.pad_token_id)
+        out = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            streamer=streamer,
+            pad_token_id=tokenizer.pad_token_id,
+        )
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
@@ -74,8 +80,9 @@ def run(path: str, argv: list[str]) -> dict[str, Any]:
         raise UsageError(f"--max_new_tokens must be >= 1, got {max_new}")
     src = resolve_source(path, overrides)
     if src.finetune == "lora":
-        raise UsageError(f"{path!r} is a LoRA run; qat generate needs a full model "
-                         "(merge the adapter first)")
+        raise UsageError(
+            f"{path!r} is a LoRA run; qat generate needs a full model (merge the adapter first)"
+        )
     args = src.recipe.args
     check_quant_for_qdec(args.quant, args.qdec)
     device = models.resolve_device(opts.get("device"), src.recipe.args.use_cpu)
@@ -89,8 +96,12 @@ def run(path: str, argv: list[str]) -> dict[str, Any]:
     if qdec is not None:
         label = f"with QDEC (k_chunk {qdec.k_chunk}, {qdec.residual_bits}-bit residual)"
         n, secs = _generate(model, tokenizer, prompt, max_new, label)
-        results["qdec"] = {"tokens": n, "seconds": secs, "tokens_per_s": n / secs,
-                           "config": qdec.to_dict()}
+        results["qdec"] = {
+            "tokens": n,
+            "seconds": secs,
+            "tokens_per_s": n / secs,
+            "config": qdec.to_dict(),
+        }
     return results
 
 
@@ -99,12 +110,16 @@ def main(argv: list[str] | None = None) -> int:
         r = run(argv[0], argv[1:])
         for key, label in (("plain", "without QDEC"), ("qdec", "with QDEC")):
             if key in r:
-                print(f"qat generate: {label}: {r[key]['tokens']} tokens in "
-                      f"{r[key]['seconds']:.2f} s, {r[key]['tokens_per_s']:.2f} tokens/s")
+                print(
+                    f"qat generate: {label}: {r[key]['tokens']} tokens in "
+                    f"{r[key]['seconds']:.2f} s, {r[key]['tokens_per_s']:.2f} tokens/s"
+                )
         if "qdec" in r:
             ratio = r["qdec"]["tokens_per_s"] / r["plain"]["tokens_per_s"]
-            print(f"qat generate: QDEC speed {ratio:.3f}x of plain (measured one after the "
-                  "other in this run)")
+            print(
+                f"qat generate: QDEC speed {ratio:.3f}x of plain (measured one after the "
+                "other in this run)"
+            )
 
     return run_cli("generate", USAGE, argv, body)
 

@@ -17,9 +17,16 @@ from qat.cli.base import run_cli, split_options, write_results
 from qat.errors import UsageError
 from qat.runs.folders import check_output_file
 
-OPTIONS: dict[str, type] = {"tasks": str, "limit": float, "num_fewshot": int, "batch_size": str,
-                            "include_path": str, "output": str, "device": str,
-                            "model_args": str}
+OPTIONS: dict[str, type] = {
+    "tasks": str,
+    "limit": float,
+    "num_fewshot": int,
+    "batch_size": str,
+    "include_path": str,
+    "output": str,
+    "device": str,
+    "model_args": str,
+}
 USAGE = """usage: qat lm-eval RECIPE.yaml|RUN_DIR --tasks T1,T2 [--limit N] [--num_fewshot K]
                    [--batch_size B] [--include_path DIR] [--model_args k=v,...]
                    [--output FILE] [--device D] [--key value ...]
@@ -108,25 +115,40 @@ def run(path: str, argv: list[str]) -> dict[str, Any]:
     src = resolve_source(path, overrides)
     recipe, args = src.recipe, src.recipe.args
     if args.qdec is not None:
-        raise UsageError("qat lm-eval does not apply QDEC (the recipe's qdec section); "
-                         "pass --qdec null")
-    out = Path(opts["output"]) if opts.get("output") else (
-        src.checkpoint or Path(recipe.args.output_dir)) / "lm_eval.json"
+        raise UsageError(
+            "qat lm-eval does not apply QDEC (the recipe's qdec section); pass --qdec null"
+        )
+    out = (
+        Path(opts["output"])
+        if opts.get("output")
+        else (src.checkpoint or Path(recipe.args.output_dir)) / "lm_eval.json"
+    )
     check_output_file(out)
     manager = find_tasks(tasks, opts.get("include_path"))  # unknown names: before the model
     device = models.resolve_device(opts.get("device"), recipe.args.use_cpu)
     built = build_model(src, head="causal_lm", device=device)
     output = lm_eval_evaluate(
-        built.model, built.tokenizer, tasks, num_fewshot=opts.get("num_fewshot"),
-        limit=_limit(opts.get("limit")), batch_size=batch_size,
-        include_path=opts.get("include_path"), model_args=model_args, task_manager=manager)
+        built.model,
+        built.tokenizer,
+        tasks,
+        num_fewshot=opts.get("num_fewshot"),
+        limit=_limit(opts.get("limit")),
+        batch_size=batch_size,
+        include_path=opts.get("include_path"),
+        model_args=model_args,
+        task_manager=manager,
+    )
     density = density_report(built.model)
     results = {
-        "source": path, "model_name_or_path": args.model_name_or_path,
+        "source": path,
+        "model_name_or_path": args.model_name_or_path,
         "quant": None if args.quant is None else args.quant.to_dict(),
         "bits_per_element": density.quantized_bits_per_element or None,
-        "tasks": tasks, "num_fewshot": opts.get("num_fewshot"), "limit": opts.get("limit"),
-        "batch_size": batch_size, **summary(output),
+        "tasks": tasks,
+        "num_fewshot": opts.get("num_fewshot"),
+        "limit": opts.get("limit"),
+        "batch_size": batch_size,
+        **summary(output),
     }
     return write_results(results, out)
 
@@ -137,12 +159,17 @@ def table(results: dict[str, Any]) -> str:
     for task, metrics in results.get("results", {}).items():
         for key, value in metrics.items():
             name, _, filt = key.partition(",")
-            if name.endswith("_stderr") or not isinstance(value, (int, float)) or isinstance(
-                    value, bool) or name == "sample_len":
+            if (
+                name.endswith("_stderr")
+                or not isinstance(value, (int, float))
+                or isinstance(value, bool)
+                or name == "sample_len"
+            ):
                 continue
             err = metrics.get(f"{name}_stderr,{filt}" if filt else f"{name}_stderr")
-            rows.append((task, key, f"{value:.4f}",
-                         f"{err:.4f}" if isinstance(err, (int, float)) else "-"))
+            rows.append(
+                (task, key, f"{value:.4f}", f"{err:.4f}" if isinstance(err, (int, float)) else "-")
+            )
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 

@@ -18,8 +18,13 @@ from qat.errors import UsageError
 from qat.runs.folders import check_output_file
 
 WIKITEXT_ENV = "QAT_WIKITEXT_DIR"  # qat.tasks.language_modeling.WIKITEXT_ENV, without importing it
-OPTIONS: dict[str, type] = {"max_chunks": int, "chunk_size": int, "split": str, "output": str,
-                            "device": str}
+OPTIONS: dict[str, type] = {
+    "max_chunks": int,
+    "chunk_size": int,
+    "split": str,
+    "output": str,
+    "device": str,
+}
 USAGE = f"""usage: qat perplexity RECIPE.yaml|RUN_DIR|MODEL.gguf [--max_chunks N]
                       [--chunk_size 2048] [--split test] [--output FILE] [--device D]
                       [--key value ...]
@@ -67,13 +72,20 @@ def run(path: str, argv: list[str]) -> dict[str, Any]:
     src = resolve_source(path, overrides)
     recipe, args = src.recipe, src.recipe.args
     check_quant_for_qdec(args.quant, args.qdec)
-    out = Path(opts["output"]) if opts.get("output") else (
-        src.checkpoint or Path(recipe.args.output_dir)) / "perplexity.json"
+    out = (
+        Path(opts["output"])
+        if opts.get("output")
+        else (src.checkpoint or Path(recipe.args.output_dir)) / "perplexity.json"
+    )
     check_output_file(out)
     device = models.resolve_device(opts.get("device"), recipe.args.use_cpu)
     text = load_wikitext(opts.get("split", "test"))
-    built = build_model(src, head="causal_lm", device=device, check=lambda config:
-                        check_chunk_size(config, chunk_size, args.model_name_or_path))
+    built = build_model(
+        src,
+        head="causal_lm",
+        device=device,
+        check=lambda config: check_chunk_size(config, chunk_size, args.model_name_or_path),
+    )
     model, tokenizer = built.model, built.tokenizer
     qdec = _apply_qdec(model, args)
     ids = tokenizer(text, return_tensors="pt", verbose=False)["input_ids"][0].to(device)
@@ -81,19 +93,25 @@ def run(path: str, argv: list[str]) -> dict[str, Any]:
     ppl, loss, count = perplexity(model, chunks)
     density = density_report(model)
     results = {
-        "model_name_or_path": args.model_name_or_path, "gguf_file": args.gguf_file,
+        "model_name_or_path": args.model_name_or_path,
+        "gguf_file": args.gguf_file,
         "quant": None if args.quant is None else args.quant.to_dict(),
-        "split": opts.get("split", "test"), "chunk_size": chunk_size, "chunks": len(chunks),
-        "total_chunks": ids.numel() // chunk_size, "tokens_scored": count,
-        "mean_loss": loss, "perplexity": ppl,
+        "split": opts.get("split", "test"),
+        "chunk_size": chunk_size,
+        "chunks": len(chunks),
+        "total_chunks": ids.numel() // chunk_size,
+        "tokens_scored": count,
+        "mean_loss": loss,
+        "perplexity": ppl,
         "bits_per_element": density.quantized_bits_per_element or None,
         "qdec": None if qdec is None else {**qdec.to_dict(), "prefill": qdec.prefill or "token"},
     }
     return write_results(results, out)
 
 
-def _run_gguf(path: Path, opts: dict[str, Any], overrides: list[str], chunk_size: int
-              ) -> dict[str, Any]:
+def _run_gguf(
+    path: Path, opts: dict[str, Any], overrides: list[str], chunk_size: int
+) -> dict[str, Any]:
     """A GGUF file scored by llama.cpp: its own tokeniser and logits, qat's chunks and formula."""
     import torch
 
@@ -101,11 +119,14 @@ def _run_gguf(path: Path, opts: dict[str, Any], overrides: list[str], chunk_size
     from qat.tasks.language_modeling import chunk_ids, load_wikitext
 
     if overrides:
-        raise UsageError(f"{overrides[0]}: recipe keys do not apply to a GGUF file (llama.cpp "
-                         "runs it as written)")
+        raise UsageError(
+            f"{overrides[0]}: recipe keys do not apply to a GGUF file (llama.cpp "
+            "runs it as written)"
+        )
     if opts.get("device") not in (None, "cpu"):
-        raise UsageError(f"--device {opts['device']!r}: a GGUF file is run by llama.cpp on the "
-                         "CPU here")
+        raise UsageError(
+            f"--device {opts['device']!r}: a GGUF file is run by llama.cpp on the CPU here"
+        )
     if not path.is_file():
         raise UsageError(f"GGUF file {str(path)!r} does not exist")
     out = Path(opts["output"]) if opts.get("output") else path.with_suffix(".perplexity.json")
@@ -114,13 +135,20 @@ def _run_gguf(path: Path, opts: dict[str, Any], overrides: list[str], chunk_size
     text = load_wikitext(opts.get("split", "test"))
     with LlamaCppModel(path, n_ctx=chunk_size) as model:
         ids = model.tokenize(text)
-        chunks = [c.tolist() for c in chunk_ids(torch.tensor(ids), chunk_size,
-                                                 opts.get("max_chunks"))]
+        chunks = [
+            c.tolist() for c in chunk_ids(torch.tensor(ids), chunk_size, opts.get("max_chunks"))
+        ]
         ppl, loss, count = llama_cpp_perplexity(model, chunks)
     results = {
-        "gguf": str(path), "engine": "llama.cpp", "split": opts.get("split", "test"),
-        "chunk_size": chunk_size, "chunks": len(chunks), "total_chunks": len(ids) // chunk_size,
-        "tokens_scored": count, "mean_loss": loss, "perplexity": ppl,
+        "gguf": str(path),
+        "engine": "llama.cpp",
+        "split": opts.get("split", "test"),
+        "chunk_size": chunk_size,
+        "chunks": len(chunks),
+        "total_chunks": len(ids) // chunk_size,
+        "tokens_scored": count,
+        "mean_loss": loss,
+        "perplexity": ppl,
         "file_bytes": path.stat().st_size,
     }
     return write_results(results, out)
@@ -142,9 +170,11 @@ def _apply_qdec(model: Any, args: Any) -> Any:
 def main(argv: list[str] | None = None) -> int:
     def body(argv: list[str]) -> None:
         r = run(argv[0], argv[1:])
-        print(f"qat perplexity: {r['chunks']} of {r['total_chunks']} chunks of "
-              f"{r['chunk_size']} tokens ({r['tokens_scored']} scored), mean loss "
-              f"{r['mean_loss']:.4f}; wrote {r['output']}")
+        print(
+            f"qat perplexity: {r['chunks']} of {r['total_chunks']} chunks of "
+            f"{r['chunk_size']} tokens ({r['tokens_scored']} scored), mean loss "
+            f"{r['mean_loss']:.4f}; wrote {r['output']}"
+        )
         print(f"perplexity={r['perplexity']:.4f}")
 
     return run_cli("perplexity", USAGE, argv, body)

@@ -15,8 +15,7 @@ from qat.cli.base import run_cli, split_options
 from qat.errors import UsageError
 from qat.runs.folders import check_output_folder
 
-OPTIONS: dict[str, type] = {"num_batches": int, "batch_size": int, "output_dir": str,
-                            "device": str}
+OPTIONS: dict[str, type] = {"num_batches": int, "batch_size": int, "output_dir": str, "device": str}
 USAGE = """usage: qat profile RECIPE.yaml|CHECKPOINT_DIR [--num_batches 4] [--batch_size 8]
                    [--output_dir DIR] [--device D] [--key value ...]
 
@@ -24,6 +23,7 @@ Per-layer variance, max, kurtosis and SQNR (under the recipe's or checkpoint's q
 of weights and activations, to DIR/layers.csv with DIR/variance_vs_depth.png and DIR/sqnr.png
 (default DIR: <output_dir>/profile). Prints the density report.
 --device D  cpu, cuda, cuda:N or auto (default: cuda when there is one, cpu with use_cpu)"""
+
 
 def run(path: str, argv: list[str]) -> dict[str, Any]:
     from transformers import DataCollatorWithPadding
@@ -42,8 +42,9 @@ def run(path: str, argv: list[str]) -> dict[str, Any]:
         check_output_folder(opts["output_dir"])
     src = resolve_source(path, overrides)
     args = src.recipe.args
-    out = check_output_folder(opts.get("output_dir") or Path(
-        src.recipe.args.output_dir) / "profile")
+    out = check_output_folder(
+        opts.get("output_dir") or Path(src.recipe.args.output_dir) / "profile"
+    )
     device = models.resolve_device(opts.get("device"), src.recipe.args.use_cpu)
     task = get_task(args.task_name)
     split = task.validation_splits[0]
@@ -52,9 +53,13 @@ def run(path: str, argv: list[str]) -> dict[str, Any]:
     model, tokenizer = built.model, built.tokenizer
     data = raw.tokenize(tokenizer, args.max_length)[split].remove_columns("label")
     collate = DataCollatorWithPadding(tokenizer)
-    batches = [{k: v.to(device) for k, v in
-                collate([data[i] for i in range(s, min(s + bs, len(data)))]).items()}
-               for s in range(0, len(data), bs)]
+    batches = [
+        {
+            k: v.to(device)
+            for k, v in collate([data[i] for i in range(s, min(s + bs, len(data)))]).items()
+        }
+        for s in range(0, len(data), bs)
+    ]
     rows = profile_model(model, batches)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out / "layers.csv")
@@ -67,8 +72,10 @@ def run(path: str, argv: list[str]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     def body(argv: list[str]) -> None:
         r = run(argv[0], argv[1:])
-        print(f"qat profile: {len(r['rows'])} rows -> {r['csv']}; plots: "
-              + ", ".join(str(p) for p in r["plots"]))
+        print(
+            f"qat profile: {len(r['rows'])} rows -> {r['csv']}; plots: "
+            + ", ".join(str(p) for p in r["plots"])
+        )
 
     return run_cli("profile", USAGE, argv, body)
 

@@ -1,7 +1,7 @@
 """``qat search``: mixed-precision search (``qat.analysis.search``).
 
-    qat search recipes/minilm_sst2_search.yaml --model_name_or_path outputs/minilm_sst2_float
-    qat search recipes/minilm_sst2_search.yaml --search.trials 16 --resume
+qat search recipes/minilm_sst2_search.yaml --model_name_or_path outputs/minilm_sst2_float
+qat search recipes/minilm_sst2_search.yaml --search.trials 16 --resume
 """
 
 from __future__ import annotations
@@ -27,12 +27,16 @@ def main(argv: list[str] | None = None) -> int:
         b, v = res["best"], res["best_validation"]
         print(f"qat search: {res['trials']} trials, {len(res['pareto'])} on the Pareto front")
         for u in res["uniform"]:
-            print(f"qat search: uniform {u['name']}: {u['bits']:.3f} bits, held-out "
-                  f"{res['metric']}={u['accuracy']:.4f}, validation "
-                  f"{u['validation_accuracy']:.4f}")
-        print(f"qat search: chosen trial {b['number']}: {b['bits']:.3f} bits, held-out "
-              f"{res['metric']}={b['accuracy']:.4f}, validation {res['metric']}="
-              f"{v['accuracy']:.4f}")
+            print(
+                f"qat search: uniform {u['name']}: {u['bits']:.3f} bits, held-out "
+                f"{res['metric']}={u['accuracy']:.4f}, validation "
+                f"{u['validation_accuracy']:.4f}"
+            )
+        print(
+            f"qat search: chosen trial {b['number']}: {b['bits']:.3f} bits, held-out "
+            f"{res['metric']}={b['accuracy']:.4f}, validation {res['metric']}="
+            f"{v['accuracy']:.4f}"
+        )
 
     return run_cli("search", USAGE, argv, body)
 

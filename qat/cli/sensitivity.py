@@ -1,6 +1,6 @@
 """``qat sensitivity``: accuracy drop of lowering one unit at a time (``qat.analysis.sensitivity``).
 
-    qat sensitivity recipes/minilm_sst2_search.yaml --model_name_or_path outputs/minilm_sst2_float
+qat sensitivity recipes/minilm_sst2_search.yaml --model_name_or_path outputs/minilm_sst2_float
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ USAGE = """usage: qat sensitivity RECIPE.yaml [--output_dir DIR] [--overwrite] [
 Lowers one searched unit at a time to its lowest choice (the recipe's search: space) and
 records the held-out accuracy drop. Writes DIR/sensitivity.csv and DIR/sensitivity.png
 (default DIR: the recipe's output_dir); --overwrite replaces an existing table."""
+
 
 def main(argv: list[str] | None = None) -> int:
     def body(argv: list[str]) -> None:

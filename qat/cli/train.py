@@ -46,16 +46,26 @@ def launch(config: str, argv: list[str]) -> int:
 
     if not Path(config).is_file():
         kind = "a folder" if Path(config).is_dir() else "missing"
-        raise UsageError(f"--launch {config!r} is {kind}; give an accelerate config file, e.g. "
-                         "launch/single_gpu.yaml")
+        raise UsageError(
+            f"--launch {config!r} is {kind}; give an accelerate config file, e.g. "
+            "launch/single_gpu.yaml"
+        )
     recipe = load_recipe(argv[0], argv[1:])
     check_output_dir(recipe.args.output_dir)
     check_run_folder(recipe, resolve_resume(recipe))
     with tempfile.TemporaryDirectory() as tmp:
         status = Path(tmp) / "status"
         env = dict(os.environ, **{STATUS_ENV: str(status)})
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config,
-               "--quiet", str(SCRIPT), *argv]
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            config,
+            "--quiet",
+            str(SCRIPT),
+            *argv,
+        ]
         rc = subprocess.run(cmd, env=env).returncode
         text = status.read_text().strip() if status.is_file() else ""
     return int(text) if text.isdigit() else rc
@@ -89,14 +99,15 @@ def _main(argv: list[str]) -> int:
     from qat.training.nonfinite import NonFiniteError
     from qat.training.run import run
 
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        level=logging.INFO)
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO
+    )
     try:
         if "--launch" in argv:
             i = argv.index("--launch")
             if i + 1 >= len(argv):
                 raise UsageError("--launch needs an accelerate config file")
-            return launch(argv[i + 1], argv[:i] + argv[i + 2:])
+            return launch(argv[i + 1], argv[:i] + argv[i + 2 :])
         recipe = load_recipe(argv[0], argv[1:])
         metrics = run(recipe, trainer_cls=_trainer_cls(recipe))
     except (QatError, FileNotFoundError) as e:
@@ -105,10 +116,17 @@ def _main(argv: list[str]) -> int:
     except NonFiniteError as e:
         print(f"qat train: error: {e}", file=sys.stderr)
         return 1
-    summary = {k: v for k, v in metrics.items() if k.startswith("eval_") and "runtime" not in k
-               and "per_second" not in k}
-    print("qat train: done;", ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-                                         for k, v in summary.items()))
+    summary = {
+        k: v
+        for k, v in metrics.items()
+        if k.startswith("eval_") and "runtime" not in k and "per_second" not in k
+    }
+    print(
+        "qat train: done;",
+        ", ".join(
+            f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()
+        ),
+    )
     return 0
 
 

@@ -43,30 +43,52 @@ WEIGHTS_NAME = "model.safetensors"
 def _args(fmt: Format, activation: bool) -> dict[str, Any]:
     """compressed-tensors ``QuantizationArgs`` (as config.json holds them) for ``fmt``."""
     if fmt.name == "nvfp4":
-        return {"num_bits": 4, "type": "float", "symmetric": True, "group_size": 16,
-                "strategy": "tensor_group", "dynamic": "local" if activation else False,
-                "scale_dtype": "torch.float8_e4m3fn"}
-    return {"num_bits": 4, "type": "float", "symmetric": True, "group_size": 32,
-            "strategy": "group", "dynamic": activation, "scale_dtype": "torch.uint8"}
+        return {
+            "num_bits": 4,
+            "type": "float",
+            "symmetric": True,
+            "group_size": 16,
+            "strategy": "tensor_group",
+            "dynamic": "local" if activation else False,
+            "scale_dtype": "torch.float8_e4m3fn",
+        }
+    return {
+        "num_bits": 4,
+        "type": "float",
+        "symmetric": True,
+        "group_size": 32,
+        "strategy": "group",
+        "dynamic": activation,
+        "scale_dtype": "torch.uint8",
+    }
 
 
 def check_ct_format(weight: Format | None, activation: Format | None, matmul: bool) -> str:
     """The compressed-tensors format name for this weight/activation pair, or ExportError
     (raised before any heavy work) saying what the engine runs instead."""
-    if weight is None or weight.name not in CT_FORMATS or getattr(weight, "block_size", 0) != (
-            16 if weight.name == "nvfp4" else 32):
+    if (
+        weight is None
+        or weight.name not in CT_FORMATS
+        or getattr(weight, "block_size", 0) != (16 if weight.name == "nvfp4" else 32)
+    ):
         got = "no weight format" if weight is None else f"weight format {weight}"
-        raise ExportError(f"--to compressed-tensors: {got} has no compressed-tensors type; "
-                          "formats with one: nvfp4 (nvfp4-pack-quantized), mxfp4 with "
-                          "block_size 32 (mxfp4-pack-quantized)")
+        raise ExportError(
+            f"--to compressed-tensors: {got} has no compressed-tensors type; "
+            "formats with one: nvfp4 (nvfp4-pack-quantized), mxfp4 with "
+            "block_size 32 (mxfp4-pack-quantized)"
+        )
     if activation is not None and activation != weight:
-        raise ExportError(f"--to compressed-tensors: vLLM runs {weight.name} weights with "
-                          f"{weight.name} activations (W4A4) or float ones (W4A16), not "
-                          f"activation format {activation}; set quant.activation to "
-                          f"{{format: {weight.name}}} or null")
+        raise ExportError(
+            f"--to compressed-tensors: vLLM runs {weight.name} weights with "
+            f"{weight.name} activations (W4A4) or float ones (W4A16), not "
+            f"activation format {activation}; set quant.activation to "
+            f"{{format: {weight.name}}} or null"
+        )
     if matmul:
-        raise ExportError("--to compressed-tensors: vLLM runs attention (QK^T, PV) in float; "
-                          "quant.matmul cannot be exported: set quant.matmul to null")
+        raise ExportError(
+            "--to compressed-tensors: vLLM runs attention (QK^T, PV) in float; "
+            "quant.matmul cannot be exported: set quant.matmul to null"
+        )
     return CT_FORMATS[weight.name]
 
 
@@ -77,8 +99,10 @@ def _quantised_linears(model: torch.nn.Module) -> tuple[list[tuple[str, Any]], l
     quantised, ignore = [], []
     for name, m in model.named_modules():
         if isinstance(m, QuantConv1D):
-            raise ExportError(f"--to compressed-tensors: {name} is a GPT-2 Conv1D; vLLM's "
-                              "loader expects Linear layers")
+            raise ExportError(
+                f"--to compressed-tensors: {name} is a GPT-2 Conv1D; vLLM's "
+                "loader expects Linear layers"
+            )
         if isinstance(m, QuantLinear) and m.weight_quantizer is not None:
             quantised.append((name, m))
         elif isinstance(m, torch.nn.Linear):
@@ -94,21 +118,29 @@ def check_model(model: torch.nn.Module) -> tuple[str, Format, Format | None]:
     quantised, _ = _quantised_linears(model)
     if not quantised:
         raise ExportError("--to compressed-tensors: the model has no quantised linear layer")
-    pairs = {(m.weight_quantizer.fmt,
-              None if m.activation_quantizer is None else m.activation_quantizer.fmt)
-             for _, m in quantised}
+    pairs = {
+        (
+            m.weight_quantizer.fmt,
+            None if m.activation_quantizer is None else m.activation_quantizer.fmt,
+        )
+        for _, m in quantised
+    }
     if len(pairs) > 1:
-        raise ExportError("--to compressed-tensors writes one scheme for every quantised "
-                          f"linear; this model mixes {sorted(map(str, pairs))}")
-    (weight, act), = pairs
+        raise ExportError(
+            "--to compressed-tensors writes one scheme for every quantised "
+            f"linear; this model mixes {sorted(map(str, pairs))}"
+        )
+    ((weight, act),) = pairs
     if any(getattr(m, "rotation", None) is not None for m in model.modules()):
         refuse_rotation("compressed-tensors")
     matmul = any(isinstance(m, MatmulQuantizer) for m in model.modules())
     for name, m in quantised:
         if m.weight.shape[1] % (16 if weight.name == "nvfp4" else 32):
-            raise ExportError(f"--to compressed-tensors: {name}'s reduction dim "
-                              f"{m.weight.shape[1]} is not a multiple of the {weight.name} "
-                              "block")
+            raise ExportError(
+                f"--to compressed-tensors: {name}'s reduction dim "
+                f"{m.weight.shape[1]} is not a multiple of the {weight.name} "
+                "block"
+            )
     return check_ct_format(weight, act, matmul), weight, act
 
 
@@ -134,8 +166,9 @@ def ct_weight_tensors(fmt: Format, weight: Tensor) -> dict[str, Tensor]:
     return out
 
 
-def quantization_config(ct_format: str, weight: Format, act: Format | None,
-                        ignore: list[str]) -> dict[str, Any]:
+def quantization_config(
+    ct_format: str, weight: Format, act: Format | None, ignore: list[str]
+) -> dict[str, Any]:
     """The ``quantization_config`` entry of config.json."""
     import importlib.metadata
 
@@ -144,19 +177,35 @@ def quantization_config(ct_format: str, weight: Format, act: Format | None,
     except importlib.metadata.PackageNotFoundError:
         version = "0.20.1"  # the version this layout was written against
     return {
-        "quant_method": "compressed-tensors", "format": ct_format, "version": version,
-        "quantization_status": "compressed", "ignore": ignore, "kv_cache_scheme": None,
-        "sparsity_config": {}, "transform_config": {}, "global_compression_ratio": None,
-        "config_groups": {"group_0": {
-            "targets": ["Linear"], "weights": _args(weight, False),
-            "input_activations": None if act is None else _args(act, True),
-            "output_activations": None, "format": ct_format}},
+        "quant_method": "compressed-tensors",
+        "format": ct_format,
+        "version": version,
+        "quantization_status": "compressed",
+        "ignore": ignore,
+        "kv_cache_scheme": None,
+        "sparsity_config": {},
+        "transform_config": {},
+        "global_compression_ratio": None,
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": _args(weight, False),
+                "input_activations": None if act is None else _args(act, True),
+                "output_activations": None,
+                "format": ct_format,
+            }
+        },
     }
 
 
-def export_compressed_tensors(model: torch.nn.Module, out_dir: str | Path, tokenizer: Any = None,
-                              *, overwrite: bool = False,
-                              input_amax: Mapping[str, float] | None = None) -> Path:
+def export_compressed_tensors(
+    model: torch.nn.Module,
+    out_dir: str | Path,
+    tokenizer: Any = None,
+    *,
+    overwrite: bool = False,
+    input_amax: Mapping[str, float] | None = None,
+) -> Path:
     """Write ``model`` (quantised with nvfp4 or mxfp4 linears) as a compressed-tensors
     checkpoint. ``input_amax`` (max |input| per quantised linear, from calibration) is needed
     for nvfp4 activations, whose global scale vLLM reads from the checkpoint."""
@@ -169,8 +218,10 @@ def export_compressed_tensors(model: torch.nn.Module, out_dir: str | Path, token
     if act is not None and act.name == "nvfp4":
         missing = [n for n, _ in quantised if n not in (input_amax or {})]
         if missing:
-            raise ExportError(f"--to compressed-tensors: nvfp4 activations need a calibrated "
-                              f"input_global_scale; no input range for {missing[0]}")
+            raise ExportError(
+                f"--to compressed-tensors: nvfp4 activations need a calibrated "
+                f"input_global_scale; no input range for {missing[0]}"
+            )
     out = check_destination(out_dir, overwrite)
     state = {k: v for k, v in model.state_dict().items()}
     tensors: dict[str, Tensor] = {}
@@ -182,7 +233,8 @@ def export_compressed_tensors(model: torch.nn.Module, out_dir: str | Path, token
             amax = max(float(input_amax[name]), float(np.finfo(np.float32).tiny))
             g = np.float32(448.0 * 6.0) / np.float32(amax)
             tensors[f"{name}.input_global_scale"] = torch.tensor(
-                [g if np.isfinite(g) else 1.0], dtype=torch.float32)
+                [g if np.isfinite(g) else 1.0], dtype=torch.float32
+            )
     seen: set[tuple[int, int]] = set()
     for key, t in state.items():  # tied weights (lm_head = embeddings) are written once
         ident = (t.untyped_storage().data_ptr(), t.storage_offset())
@@ -208,8 +260,7 @@ def export_compressed_tensors(model: torch.nn.Module, out_dir: str | Path, token
 
 
 @torch.no_grad()
-def record_input_amax(model: torch.nn.Module, batches: list[dict[str, Tensor]]
-                      ) -> dict[str, float]:
+def record_input_amax(model: torch.nn.Module, batches: list[dict[str, Tensor]]) -> dict[str, float]:
     """max |input| of every quantised linear over ``batches`` (the float input, before any
     activation quantiser: what the engine's quantiser sees), for nvfp4's input global scale."""
     quantised, _ = _quantised_linears(model)
@@ -219,6 +270,7 @@ def record_input_amax(model: torch.nn.Module, batches: list[dict[str, Tensor]]
         def record(_m: torch.nn.Module, args: tuple[Tensor, ...]) -> None:
             v = float(args[0].detach().abs().amax())
             amax[name] = max(amax.get(name, 0.0), v)
+
         return record
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in quantised]

@@ -35,7 +35,8 @@ def ggml_type_name(fmt: Format) -> str:
         raise GGMLTypeError(
             f"format {fmt} has no GGML type; formats with one: "
             + ", ".join(f"{k} ({v})" for k, v in GGML_TYPES.items())
-            + " (mxfp4 with block_size 32)")
+            + " (mxfp4 with block_size 32)"
+        )
     return name
 
 

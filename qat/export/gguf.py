@@ -36,9 +36,15 @@ from qat.runs.folders import write_atomically
 GGUF_ARCHS = {"LlamaForCausalLM": "llama"}
 EMBEDDING_TYPES = ("f16", "q8_0", "f32")
 GGUF_NAME = "model.gguf"
-_LINEARS = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-            "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-            "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+_LINEARS = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
 _NORMS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
 
 
@@ -49,8 +55,10 @@ def check_gguf_arch(config: Any) -> str:
     if not known and getattr(config, "model_type", None) == "llama":
         known = ["LlamaForCausalLM"]
     if not known:
-        raise ExportError(f"--to gguf: architecture {archs or config.model_type!r} is not one "
-                          f"the GGUF writer knows; known: {', '.join(GGUF_ARCHS)}")
+        raise ExportError(
+            f"--to gguf: architecture {archs or config.model_type!r} is not one "
+            f"the GGUF writer knows; known: {', '.join(GGUF_ARCHS)}"
+        )
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
         raise ExportError("--to gguf: the GGUF writer knows Llama without linear biases")
     _check_rope(config)
@@ -68,24 +76,31 @@ def _check_rope(config: Any) -> None:
     params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
     kind = (params or {}).get("rope_type", (params or {}).get("type", "default"))
     if kind not in ("default", None):
-        raise ExportError(f"--to gguf: RoPE scaling {kind!r} is not written by the GGUF writer "
-                          "(plain RoPE only)")
+        raise ExportError(
+            f"--to gguf: RoPE scaling {kind!r} is not written by the GGUF writer (plain RoPE only)"
+        )
 
 
 def check_gguf_formats(weight: Format | None, activation: Format | None, matmul: bool) -> None:
     """Refuse formats llama.cpp cannot hold or run (before any heavy work)."""
     if weight is None or weight.name not in GGML_TYPES or getattr(weight, "block_size", 32) != 32:
         got = "no weight format" if weight is None else f"weight format {weight}"
-        raise ExportError(f"--to gguf: {got} has no GGML type; formats with one: "
-                          + ", ".join(f"{k} ({v})" for k, v in GGML_TYPES.items())
-                          + " (mxfp4 with block_size 32)")
+        raise ExportError(
+            f"--to gguf: {got} has no GGML type; formats with one: "
+            + ", ".join(f"{k} ({v})" for k, v in GGML_TYPES.items())
+            + " (mxfp4 with block_size 32)"
+        )
     if activation is not None and activation.name != "ggml_q8_0":
-        raise ExportError(f"--to gguf: llama.cpp quantises the input of a {GGML_TYPES[weight.name]}"
-                          f" matmul to Q8_0 blocks, not activation format {activation}; set "
-                          "quant.activation to {format: ggml_q8_0} (to train with it) or null")
+        raise ExportError(
+            f"--to gguf: llama.cpp quantises the input of a {GGML_TYPES[weight.name]}"
+            f" matmul to Q8_0 blocks, not activation format {activation}; set "
+            "quant.activation to {format: ggml_q8_0} (to train with it) or null"
+        )
     if matmul:
-        raise ExportError("--to gguf: llama.cpp runs attention (QK^T, PV) in F16/F32; "
-                          "quant.matmul cannot be exported: set quant.matmul to null")
+        raise ExportError(
+            "--to gguf: llama.cpp runs attention (QK^T, PV) in F16/F32; "
+            "quant.matmul cannot be exported: set quant.matmul to null"
+        )
 
 
 def rope_permute(rows: np.ndarray, n_head: int) -> np.ndarray:
@@ -113,8 +128,10 @@ def _tensor(module: Any, weight: Tensor, kind: str, what: str) -> tuple[np.ndarr
     if fmt is None:
         return _float(weight, kind)
     if weight.shape[-1] % 32:
-        raise ExportError(f"--to gguf: {what}'s reduction dim {weight.shape[-1]} is not a "
-                          "multiple of the GGML block (32)")
+        raise ExportError(
+            f"--to gguf: {what}'s reduction dim {weight.shape[-1]} is not a "
+            "multiple of the GGML block (32)"
+        )
     data = ggml_block_bytes(fmt, weight)
     return data, getattr(gguf.GGMLQuantizationType, GGML_TYPES[fmt.name])
 
@@ -164,8 +181,10 @@ def _hf_tokenizer(writer: Any, tokenizer: Any, config: Any) -> None:
     for tok, i in vocab.items():
         tokens[i] = tok
     special = set(tokenizer.all_special_ids)
-    types = [gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL
-             for i in range(len(tokens))]
+    types = [
+        gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL
+        for i in range(len(tokens))
+    ]
     if model == "BPE":
         writer.add_tokenizer_model("gpt2")
         merges = state["model"].get("merges", [])
@@ -173,17 +192,23 @@ def _hf_tokenizer(writer: Any, tokenizer: Any, config: Any) -> None:
     elif model == "WordPiece":
         writer.add_tokenizer_model("bert")
     else:
-        raise ExportError(f"--to gguf: a {model} Hugging Face tokenizer is not supported here "
-                          "(BPE and WordPiece are); export from a GGUF source instead")
+        raise ExportError(
+            f"--to gguf: a {model} Hugging Face tokenizer is not supported here "
+            "(BPE and WordPiece are); export from a GGUF source instead"
+        )
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else config.bos_token_id
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else config.eos_token_id
     if isinstance(eos, list):
         eos = eos[0]
-    for key, tid in (("bos", bos), ("eos", eos),
-                     ("unk", tokenizer.unk_token_id), ("sep", tokenizer.sep_token_id),
-                     ("pad", tokenizer.pad_token_id)):
+    for key, tid in (
+        ("bos", bos),
+        ("eos", eos),
+        ("unk", tokenizer.unk_token_id),
+        ("sep", tokenizer.sep_token_id),
+        ("pad", tokenizer.pad_token_id),
+    ):
         if tid is not None:
             getattr(writer, f"add_{key}_token_id")(tid)
     if getattr(tokenizer, "chat_template", None):
@@ -198,12 +223,18 @@ def gguf_tensors(model: Any, embeddings: str = "f16") -> list[tuple[str, np.ndar
     base = model.model
     other = "f32" if embeddings == "f32" else "f16"
     out: list[tuple[str, np.ndarray, Any]] = []
-    out.append(("token_embd.weight", *_tensor(None, base.embed_tokens.weight, embeddings,
-                                                "token_embd")))
+    out.append(
+        ("token_embd.weight", *_tensor(None, base.embed_tokens.weight, embeddings, "token_embd"))
+    )
     for i, layer in enumerate(base.layers):
         for hf, name in _NORMS.items():
-            out.append((f"blk.{i}.{name}.weight",
-                        getattr(layer, hf).weight.detach().float().cpu().numpy(), None))
+            out.append(
+                (
+                    f"blk.{i}.{name}.weight",
+                    getattr(layer, hf).weight.detach().float().cpu().numpy(),
+                    None,
+                )
+            )
         for hf, name in _LINEARS.items():
             mod = layer.get_submodule(hf)
             arr, raw = _tensor(mod, mod.weight, other, f"layers.{i}.{hf}")
@@ -213,14 +244,22 @@ def gguf_tensors(model: Any, embeddings: str = "f16") -> list[tuple[str, np.ndar
     out.append(("output_norm.weight", base.norm.weight.detach().float().cpu().numpy(), None))
     tied = model.lm_head.weight is base.embed_tokens.weight
     if not tied:
-        out.append(("output.weight", *_tensor(model.lm_head, model.lm_head.weight, embeddings,
-                                               "lm_head")))
+        out.append(
+            ("output.weight", *_tensor(model.lm_head, model.lm_head.weight, embeddings, "lm_head"))
+        )
     return out
 
 
-def export_gguf(model: Any, out_dir: str | Path, tokenizer: Any = None, *,
-                source_gguf: str | Path | None = None, embeddings: str = "f16",
-                overwrite: bool = False, name: str | None = None) -> Path:
+def export_gguf(
+    model: Any,
+    out_dir: str | Path,
+    tokenizer: Any = None,
+    *,
+    source_gguf: str | Path | None = None,
+    embeddings: str = "f16",
+    overwrite: bool = False,
+    name: str | None = None,
+) -> Path:
     """Write ``model`` (a Llama-family decoder, quantised or wholly float) as
     ``out_dir/model.gguf``; a float model's linears are F16 (F32 with ``embeddings="f32"``)."""
     import gguf
@@ -228,16 +267,20 @@ def export_gguf(model: Any, out_dir: str | Path, tokenizer: Any = None, *,
     from qat.quant.modules import MatmulQuantizer, QuantLinear
 
     if embeddings not in EMBEDDING_TYPES:
-        raise ExportError(f"--gguf_embeddings {embeddings!r} is not one of "
-                          f"{', '.join(EMBEDDING_TYPES)}")
+        raise ExportError(
+            f"--gguf_embeddings {embeddings!r} is not one of {', '.join(EMBEDDING_TYPES)}"
+        )
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     arch = check_gguf_arch(model.config)
-    quantised = [m for m in model.modules()
-                 if isinstance(m, QuantLinear) and m.weight_quantizer is not None]
+    quantised = [
+        m for m in model.modules() if isinstance(m, QuantLinear) and m.weight_quantizer is not None
+    ]
     if not quantised and any(isinstance(m, QuantLinear) for m in model.modules()):
-        raise ExportError("--to gguf: the model quantises no linear weight (set "
-                          "quant.weight, or quant: null for a float export)")
+        raise ExportError(
+            "--to gguf: the model quantises no linear weight (set "
+            "quant.weight, or quant: null for a float export)"
+        )
     if any(getattr(m, "rotation", None) is not None for m in model.modules()):
         refuse_rotation("gguf")
     matmul = any(isinstance(m, MatmulQuantizer) for m in model.modules())
@@ -249,9 +292,13 @@ def export_gguf(model: Any, out_dir: str | Path, tokenizer: Any = None, *,
     kinds = {GGML_TYPES[m.weight_quantizer.fmt.name] for m in quantised}
     if not kinds:  # quant: null, every linear float
         kinds = {"F32" if embeddings == "f32" else "F16"}
-    file_type = {"Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-                 "MXFP4": gguf.LlamaFileType.MOSTLY_MXFP4_MOE, "F16": gguf.LlamaFileType.MOSTLY_F16,
-                 "F32": gguf.LlamaFileType.ALL_F32}[sorted(kinds)[0]]
+    file_type = {
+        "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+        "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+        "MXFP4": gguf.LlamaFileType.MOSTLY_MXFP4_MOE,
+        "F16": gguf.LlamaFileType.MOSTLY_F16,
+        "F32": gguf.LlamaFileType.ALL_F32,
+    }[sorted(kinds)[0]]
 
     def write(tmp: Path) -> None:
         writer = gguf.GGUFWriter(str(tmp / GGUF_NAME), arch)

@@ -40,17 +40,25 @@ QUANT_METHOD = "qat"
 class QatQuantizationConfig(QuantizationConfigMixin):
     """``config.json``'s ``quantization_config`` for a packed qat export."""
 
-    def __init__(self, quant: dict[str, Any] | None = None,
-                 packed: dict[str, dict[str, Any]] | None = None, version: int = 1,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self,
+        quant: dict[str, Any] | None = None,
+        packed: dict[str, dict[str, Any]] | None = None,
+        version: int = 1,
+        **kwargs: Any,
+    ) -> None:
         self.quant_method = QUANT_METHOD
         self.quant = quant
         self.packed = packed or {}
         self.version = version
 
     def to_dict(self) -> dict[str, Any]:
-        return {"quant_method": QUANT_METHOD, "version": self.version, "quant": self.quant,
-                "packed": self.packed}
+        return {
+            "quant_method": QUANT_METHOD,
+            "version": self.version,
+            "quant": self.quant,
+            "packed": self.packed,
+        }
 
 
 class PackedLinear(nn.Module):
@@ -60,11 +68,12 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.meta = meta
         for key, t in meta["tensors"].items():
-            self.register_buffer(f"weight_{key}", torch.empty(
-                t["shape"], dtype=getattr(torch, t["dtype"]), device=device))
+            self.register_buffer(
+                f"weight_{key}",
+                torch.empty(t["shape"], dtype=getattr(torch, t["dtype"]), device=device),
+            )
         out_dim = meta["shape"][1] if meta.get("kind") == "conv1d" else meta["shape"][0]
-        self.bias = nn.Parameter(torch.empty(out_dim, dtype=dtype, device=device)) if bias \
-            else None
+        self.bias = nn.Parameter(torch.empty(out_dim, dtype=dtype, device=device)) if bias else None
 
     def packed(self) -> dict[str, torch.Tensor]:
         return {k: getattr(self, f"weight_{k}") for k in self.meta["tensors"]}
@@ -108,10 +117,13 @@ class QatHfQuantizer(HfQuantizer):
             try:
                 old = model.get_submodule(name)
             except AttributeError:
-                raise ModelLoadError(f"quantization_config.packed names module {name!r}, "
-                                     f"which {type(model).__name__} does not have") from None
-            placeholder = PackedLinear(meta, getattr(old, "bias", None) is not None,
-                                       old.weight.device, old.weight.dtype)
+                raise ModelLoadError(
+                    f"quantization_config.packed names module {name!r}, "
+                    f"which {type(model).__name__} does not have"
+                ) from None
+            placeholder = PackedLinear(
+                meta, getattr(old, "bias", None) is not None, old.weight.device, old.weight.dtype
+            )
             _set_module(model, name, placeholder)
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:

@@ -24,8 +24,10 @@ import numpy as np
 
 from qat.errors import UsageError
 
-INSTALL_HINT = ("pip install 'qat[llama]' (llama-cpp-python: builds llama.cpp from source, "
-                "many minutes on a small CPU; see docs/deploy.md)")
+INSTALL_HINT = (
+    "pip install 'qat[llama]' (llama-cpp-python: builds llama.cpp from source, "
+    "many minutes on a small CPU; see docs/deploy.md)"
+)
 
 
 def require_llama_cpp() -> ModuleType:
@@ -33,8 +35,9 @@ def require_llama_cpp() -> ModuleType:
     try:
         import llama_cpp
     except ImportError as e:
-        raise UsageError(f"llama.cpp's Python binding is not installed ({e}); {INSTALL_HINT}"
-                         ) from None
+        raise UsageError(
+            f"llama.cpp's Python binding is not installed ({e}); {INSTALL_HINT}"
+        ) from None
     return llama_cpp
 
 
@@ -57,8 +60,13 @@ class LlamaCppModel:
     of its sums.
     """
 
-    def __init__(self, path: str | os.PathLike, n_ctx: int, threads: int | None = None,
-                 exact_attention: bool = False):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        n_ctx: int,
+        threads: int | None = None,
+        exact_attention: bool = False,
+    ):
         path = Path(path)
         if not path.is_file():
             raise UsageError(f"GGUF file {str(path)!r} does not exist")
@@ -70,8 +78,7 @@ class LlamaCppModel:
         mp.use_extra_bufts = False
         self.model = lib.llama_model_load_from_file(str(path).encode(), mp)
         if not self.model:
-            raise UsageError(f"llama.cpp could not load {str(path)!r} (not a GGUF model it "
-                             "knows?)")
+            raise UsageError(f"llama.cpp could not load {str(path)!r} (not a GGUF model it knows?)")
         threads = threads or max(1, len(os.sched_getaffinity(0)))
         cp = lib.llama_context_default_params()
         cp.n_ctx = cp.n_batch = cp.n_ubatch = n_ctx
@@ -82,8 +89,9 @@ class LlamaCppModel:
         self.ctx = lib.llama_init_from_model(self.model, cp)
         if not self.ctx:
             lib.llama_model_free(self.model)
-            raise UsageError(f"llama.cpp could not make a context of {n_ctx} tokens for "
-                             f"{str(path)!r}")
+            raise UsageError(
+                f"llama.cpp could not make a context of {n_ctx} tokens for {str(path)!r}"
+            )
         self.vocab = lib.llama_model_get_vocab(self.model)
         self.n_vocab = lib.llama_vocab_n_tokens(self.vocab)
         self.n_ctx = n_ctx
@@ -125,8 +133,9 @@ class LlamaCppModel:
         if lib.llama_decode(self.ctx, b) != 0:
             raise RuntimeError("llama_decode failed")
         rows = n if all_logits else 1
-        return np.ctypeslib.as_array(lib.llama_get_logits(self.ctx),
-                                     shape=(rows, self.n_vocab)).copy()
+        return np.ctypeslib.as_array(
+            lib.llama_get_logits(self.ctx), shape=(rows, self.n_vocab)
+        ).copy()
 
     def _clear(self) -> None:
         self.lib.llama_memory_clear(self.lib.llama_get_memory(self.ctx), True)
@@ -148,8 +157,9 @@ class LlamaCppModel:
         return out
 
 
-def llama_cpp_perplexity(model: LlamaCppModel, chunks: Sequence[Sequence[int]],
-                         progress: bool = True) -> tuple[float, float, int]:
+def llama_cpp_perplexity(
+    model: LlamaCppModel, chunks: Sequence[Sequence[int]], progress: bool = True
+) -> tuple[float, float, int]:
     """``(ppl, mean token loss, tokens scored)`` of an open GGUF ``model`` over ``chunks`` of
     token ids (each at most ``model.n_ctx`` long), each chunk from an empty cache predicting
     its ``len - 1`` next tokens, as ``qat.tasks.language_modeling.perplexity`` scores a

@@ -38,10 +38,24 @@ PACK_VERSION = 2
 # from_pretrained keywords that the Hub / Auto classes pass along and that do not change the
 # model; anything else (num_labels, a device_map that splits the model, ...) is refused rather
 # than silently ignored.
-_PASSTHROUGH = {"cache_dir", "force_download", "proxies", "revision", "token", "local_files_only",
-                "subfolder", "trust_remote_code", "code_revision", "_from_auto",
-                "_commit_hash", "use_safetensors", "adapter_kwargs", "resume_download",
-                "_from_pipeline", "user_agent"}
+_PASSTHROUGH = {
+    "cache_dir",
+    "force_download",
+    "proxies",
+    "revision",
+    "token",
+    "local_files_only",
+    "subfolder",
+    "trust_remote_code",
+    "code_revision",
+    "_from_auto",
+    "_commit_hash",
+    "use_safetensors",
+    "adapter_kwargs",
+    "resume_download",
+    "_from_pipeline",
+    "user_agent",
+}
 
 
 # --- unpacking (the inverse of qat.export.packed's packers; float32 arithmetic as the formats)
@@ -51,17 +65,20 @@ def unpack_bits(stream: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     """``count`` unsigned codes of ``bits`` bits from a little-endian uint8 bit stream."""
     s = stream.reshape(-1).to(torch.uint8)
     if s.numel() != -(-count * bits // 8):  # exactly: a stream of another width is not ours
-        raise ValueError(f"packed stream holds {s.numel()} bytes, {-(-count * bits // 8)} "
-                         f"expected for {count} codes of {bits} bits")
+        raise ValueError(
+            f"packed stream holds {s.numel()} bytes, {-(-count * bits // 8)} "
+            f"expected for {count} codes of {bits} bits"
+        )
     if bits == 8:
         return s.to(torch.int64)
     planes = (s.to(torch.int64).unsqueeze(-1) >> torch.arange(8)) & 1  # little-endian bits
-    planes = planes.reshape(-1)[:count * bits].reshape(count, bits)
+    planes = planes.reshape(-1)[: count * bits].reshape(count, bits)
     return (planes << torch.arange(bits)).sum(-1)
 
 
-def _unpack_bfp(c: dict[str, Any], t: dict[str, torch.Tensor], shape: tuple[int, int, int]
-                ) -> torch.Tensor:
+def _unpack_bfp(
+    c: dict[str, Any], t: dict[str, torch.Tensor], shape: tuple[int, int, int]
+) -> torch.Tensor:
     rows, nb, bs = shape
     width, ew = int(c["width"]), int(c["exponent_width"])
     m_bits = width - 1
@@ -71,8 +88,9 @@ def _unpack_bfp(c: dict[str, Any], t: dict[str, torch.Tensor], shape: tuple[int,
     return mant.reshape(shape).float() * scale
 
 
-def _unpack_mx(c: dict[str, Any], t: dict[str, torch.Tensor], shape: tuple[int, int, int]
-               ) -> torch.Tensor:
+def _unpack_mx(
+    c: dict[str, Any], t: dict[str, torch.Tensor], shape: tuple[int, int, int]
+) -> torch.Tensor:
     rows, nb, bs = shape
     bits = int(c["elem_bits"])
     code = unpack_bits(t["codes"], bits, rows * nb * bs)
@@ -83,8 +101,9 @@ def _unpack_mx(c: dict[str, Any], t: dict[str, torch.Tensor], shape: tuple[int, 
     return elems * torch.exp2(e.reshape(rows, nb).float()).unsqueeze(-1)
 
 
-def _unpack_codebook(c: dict[str, Any], t: dict[str, torch.Tensor],
-                     shape: tuple[int, int, int]) -> torch.Tensor:
+def _unpack_codebook(
+    c: dict[str, Any], t: dict[str, torch.Tensor], shape: tuple[int, int, int]
+) -> torch.Tensor:
     rows, nb, bs = shape
     lv = torch.tensor(c["levels"], dtype=torch.float32)
     code = unpack_bits(t["codes"], 4, rows * nb * bs).reshape(shape)
@@ -100,8 +119,9 @@ def _unpack_codebook(c: dict[str, Any], t: dict[str, torch.Tensor],
 UNPACKERS = {"bfp": _unpack_bfp, "mx": _unpack_mx, "codebook": _unpack_codebook}
 
 
-def unpack_weight(meta: dict[str, Any], tensors: dict[str, torch.Tensor],
-                  codec: dict[str, Any]) -> torch.Tensor:
+def unpack_weight(
+    meta: dict[str, Any], tensors: dict[str, torch.Tensor], codec: dict[str, Any]
+) -> torch.Tensor:
     """One layer's weight from its packed tensors (``meta``: shape, dim, dtype, blocks)."""
     family = codec.get("family")
     if family not in UNPACKERS:
@@ -110,16 +130,18 @@ def unpack_weight(meta: dict[str, Any], tensors: dict[str, torch.Tensor],
         if key not in tensors:
             raise ValueError(f"packed tensor {key!r} is missing")
         if list(tensors[key].shape) != list(spec["shape"]):
-            raise ValueError(f"packed tensor {key!r} has shape {list(tensors[key].shape)}, "
-                             f"expected {spec['shape']}")
+            raise ValueError(
+                f"packed tensor {key!r} has shape {list(tensors[key].shape)}, "
+                f"expected {spec['shape']}"
+            )
     shape = [int(s) for s in meta["shape"]]
     dim = int(meta["dim"]) % len(shape)
-    moved = shape[:dim] + shape[dim + 1:] + [shape[dim]]
+    moved = shape[:dim] + shape[dim + 1 :] + [shape[dim]]
     blocks = tuple(int(b) for b in meta["blocks"])
     if blocks[0] != math.prod(moved[:-1]) or blocks[1] * blocks[2] < moved[-1]:
         raise ValueError(f"blocks {list(blocks)} do not cover a weight of shape {shape}")
     q = UNPACKERS[family](codec, {k: v.cpu() for k, v in tensors.items()}, blocks)
-    q = q.reshape(blocks[0], blocks[1] * blocks[2])[:, :moved[-1]]
+    q = q.reshape(blocks[0], blocks[1] * blocks[2])[:, : moved[-1]]
     return q.reshape(moved).movedim(-1, dim).to(getattr(torch, meta["dtype"]))
 
 
@@ -131,8 +153,12 @@ class QatPackedConfig(PretrainedConfig):
 
     model_type = MODEL_TYPE
 
-    def __init__(self, base_config: dict[str, Any] | None = None,
-                 qat_packing: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        base_config: dict[str, Any] | None = None,
+        qat_packing: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
         self.base_config = base_config or {}
         self.qat_packing = qat_packing or {}
         super().__init__(**kwargs)
@@ -144,8 +170,9 @@ def packing_checksum(packing: dict[str, Any]) -> str:
     import hashlib
 
     body = {k: packing.get(k) for k in ("version", "quant", "codecs", "packed")}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"))
-                          .encode()).hexdigest()
+    return hashlib.sha256(
+        json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()
 
 
 def _only_weights_quantised(quant: dict[str, Any] | None) -> bool:
@@ -153,28 +180,31 @@ def _only_weights_quantised(quant: dict[str, Any] | None) -> bool:
         return True
     parts = [quant] + list((quant.get("overrides") or {}).values())
     # a rotation needs qat too: the input is rotated before the stored (rotated) weight
-    return all(p.get(role) is None for p in parts for role in ("activation", "matmul",
-                                                                "rotation"))
+    return all(p.get(role) is None for p in parts for role in ("activation", "matmul", "rotation"))
 
 
-def load_packed(path: str | os.PathLike, config: QatPackedConfig | None = None,
-                dtype: Any = None) -> torch.nn.Module:
+def load_packed(
+    path: str | os.PathLike, config: QatPackedConfig | None = None, dtype: Any = None
+) -> torch.nn.Module:
     """The model of a ``qat export`` folder, with the forward of the exported model."""
     import transformers
 
     path = os.fspath(path)
     if config is None:
         with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-            config = QatPackedConfig(**{k: v for k, v in json.load(f).items()
-                                        if k != "model_type"})
+            config = QatPackedConfig(**{k: v for k, v in json.load(f).items() if k != "model_type"})
     packing = config.qat_packing
     if packing.get("version") != PACK_VERSION:
-        raise ValueError(f"{path}: qat_packing version {packing.get('version')!r} is not "
-                         f"{PACK_VERSION}; load it with the qat version that wrote it")
+        raise ValueError(
+            f"{path}: qat_packing version {packing.get('version')!r} is not "
+            f"{PACK_VERSION}; load it with the qat version that wrote it"
+        )
     if packing.get("checksum") != packing_checksum(packing):
-        raise ValueError(f"{path}: config.json's qat_packing does not match its checksum (its "
-                         "codec or layout fields were edited or damaged); export the model "
-                         "again")
+        raise ValueError(
+            f"{path}: config.json's qat_packing does not match its checksum (its "
+            "codec or layout fields were edited or damaged); export the model "
+            "again"
+        )
     base = dict(config.base_config)
     base_type = base.pop("model_type")
     arch = (base.get("architectures") or [None])[0]
@@ -199,8 +229,10 @@ def load_packed(path: str | os.PathLike, config: QatPackedConfig | None = None,
     loaded = {sd[k].data_ptr() for k in sd if k not in missing}
     untied = [k for k in missing if sd[k].data_ptr() not in loaded]  # tied copies are fine
     if untied or unexpected:
-        raise ValueError(f"{path}: {WEIGHTS_NAME} does not match {arch}: missing "
-                         f"{untied[:5]}, unexpected {list(unexpected)[:5]}")
+        raise ValueError(
+            f"{path}: {WEIGHTS_NAME} does not match {arch}: missing "
+            f"{untied[:5]}, unexpected {list(unexpected)[:5]}"
+        )
     quant = packing.get("quant")
     try:
         from qat.quant.quantize import quantize_model
@@ -215,9 +247,11 @@ def load_packed(path: str | os.PathLike, config: QatPackedConfig | None = None,
                 wq.enabled = False  # already on the grid; re-quantising BFP is not a no-op
                 wq.rotation = None  # stored rotated (W H); the input is still rotated
     elif not _only_weights_quantised(quant):
-        raise ImportError(f"{path} quantises activations or attention matmuls (or rotates "
-                          "inputs), which needs the qat package to run: pip install qat "
-                          "(weights-only exports load without it)")
+        raise ImportError(
+            f"{path} quantises activations or attention matmuls (or rotates "
+            "inputs), which needs the qat package to run: pip install qat "
+            "(weights-only exports load without it)"
+        )
     return model.eval()
 
 
@@ -234,8 +268,10 @@ def _single_device(device_map: Any) -> Any:
         device_map = device_map[""]
     if isinstance(device_map, (str, int, torch.device)) and device_map not in _SPLITTING_MAPS:
         return torch.device(device_map)
-    raise TypeError(f"qat packed exports take no device_map {device_map!r} in from_pretrained "
-                    "(only one device for the whole model, e.g. {'': 'cuda:0'})")
+    raise TypeError(
+        f"qat packed exports take no device_map {device_map!r} in from_pretrained "
+        "(only one device for the whole model, e.g. {'': 'cuda:0'})"
+    )
 
 
 class _QatPackedBase(PreTrainedModel):
@@ -246,17 +282,23 @@ class _QatPackedBase(PreTrainedModel):
         raise TypeError("a qat packed export is built by from_pretrained(export_dir)")
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any,
-                        config: QatPackedConfig | None = None, **kwargs: Any
-                        ) -> torch.nn.Module:
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *args: Any,
+        config: QatPackedConfig | None = None,
+        **kwargs: Any,
+    ) -> torch.nn.Module:
         """Returns the original architecture's model (e.g. ``BertForSequenceClassification``)
         with the unpacked weights and, with qat installed, its quantisers."""
         dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
         device = _single_device(kwargs.pop("device_map", None))
         unknown = sorted(k for k, v in kwargs.items() if k not in _PASSTHROUGH and v is not None)
         if args or unknown:
-            raise TypeError(f"qat packed exports take no {', '.join(unknown) or 'extra args'} "
-                            "in from_pretrained")
+            raise TypeError(
+                f"qat packed exports take no {', '.join(unknown) or 'extra args'} "
+                "in from_pretrained"
+            )
         path = pretrained_model_name_or_path
         if not os.path.isdir(path):
             raise OSError(f"{path}: a qat packed export is a local folder")
@@ -276,8 +318,10 @@ class QatPackedModel(_QatPackedBase):
     pass
 
 
-AUTO_CLASSES = {"ForSequenceClassification": "AutoModelForSequenceClassification",
-                "ForCausalLM": "AutoModelForCausalLM"}
+AUTO_CLASSES = {
+    "ForSequenceClassification": "AutoModelForSequenceClassification",
+    "ForCausalLM": "AutoModelForCausalLM",
+}
 
 
 def auto_map(architecture: str) -> dict[str, str]:
@@ -302,9 +346,9 @@ def register() -> None:
     )
 
     AutoConfig.register(MODEL_TYPE, QatPackedConfig, exist_ok=True)
-    AutoModelForSequenceClassification.register(QatPackedConfig,
-                                                QatPackedForSequenceClassification,
-                                                exist_ok=True)
+    AutoModelForSequenceClassification.register(
+        QatPackedConfig, QatPackedForSequenceClassification, exist_ok=True
+    )
     AutoModelForCausalLM.register(QatPackedConfig, QatPackedForCausalLM, exist_ok=True)
     AutoModel.register(QatPackedConfig, QatPackedModel, exist_ok=True)
 

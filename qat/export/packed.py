@@ -43,9 +43,11 @@ def refuse_rotation(target: str) -> None:
     """An engine export (``gguf``, ``compressed-tensors``) of a model trained with
     ``quant.rotation``: the engine would not rotate the inputs, so it is refused."""
     engine = "llama.cpp" if target == "gguf" else "vLLM"
-    raise ExportError(f"--to {target}: {engine} does not rotate a layer's input, so a model "
-                      "trained with quant.rotation cannot run there as trained; train without "
-                      "rotation for this engine, or export --to packed (which rotates)")
+    raise ExportError(
+        f"--to {target}: {engine} does not rotate a layer's input, so a model "
+        "trained with quant.rotation cannot run there as trained; train without "
+        "rotation for this engine, or export --to packed (which rotates)"
+    )
 
 
 # --- bit packing ----------------------------------------------------------------------------
@@ -71,8 +73,10 @@ def _pack_bfp(fmt: Any, enc: Encoded) -> Packed:
     mag = (enc.codes & (2**m_bits - 1)).to(torch.int64)
     mant = torch.where((enc.codes >> m_bits).bool(), -mag, mag)
     bias = 2 ** (fmt.exponent_width - 1) - 1
-    return {"codes": pack_bits(mant + 2**m_bits, fmt.width),
-            "exponents": pack_bits(enc.scales.to(torch.int64) + bias, fmt.exponent_width)}
+    return {
+        "codes": pack_bits(mant + 2**m_bits, fmt.width),
+        "exponents": pack_bits(enc.scales.to(torch.int64) + bias, fmt.exponent_width),
+    }
 
 
 def _pack_mx(fmt: Any, enc: Encoded) -> Packed:
@@ -81,8 +85,10 @@ def _pack_mx(fmt: Any, enc: Encoded) -> Packed:
     # Exports hold one code for zero: a negative zero is written as +0.
     half = 1 << (fmt.elem_bits - 1)
     codes = torch.where(enc.codes & (half - 1) == 0, 0, enc.codes)
-    return {"codes": pack_bits(codes, fmt.elem_bits),
-            "exponents": pack_bits(enc.scales.to(torch.int64) - E8M0_MIN, 8)}  # E8M0 = e + 127
+    return {
+        "codes": pack_bits(codes, fmt.elem_bits),
+        "exponents": pack_bits(enc.scales.to(torch.int64) - E8M0_MIN, 8),
+    }  # E8M0 = e + 127
 
 
 def _pack_codebook(fmt: Any, enc: Encoded) -> Packed:
@@ -108,8 +114,7 @@ def _bfp_codec(fmt: Any) -> dict[str, Any]:
 
 
 def _mx_codec(fmt: Any) -> dict[str, Any]:
-    return {"family": "mx", "elem_bits": fmt.elem_bits,
-            "magnitudes": fmt.element_values().tolist()}
+    return {"family": "mx", "elem_bits": fmt.elem_bits, "magnitudes": fmt.element_values().tolist()}
 
 
 def _codebook_codec(fmt: Any) -> dict[str, Any]:
@@ -121,16 +126,23 @@ def _families() -> tuple[tuple[type, Callable, Callable], ...]:
     from qat.formats.codebook import CodebookFormat
     from qat.formats.mx import MXFormat
 
-    return ((BFP, _pack_bfp, _bfp_codec), (MXFormat, _pack_mx, _mx_codec),
-            (CodebookFormat, _pack_codebook, _codebook_codec))
+    return (
+        (BFP, _pack_bfp, _bfp_codec),
+        (MXFormat, _pack_mx, _mx_codec),
+        (CodebookFormat, _pack_codebook, _codebook_codec),
+    )
 
 
 def _packers() -> dict[str, tuple[Callable, Callable]]:
     """Format name -> (packer, codec) for every registered format export can pack."""
     from qat.formats import FORMATS
 
-    return {name: (pack, codec) for name, cls in FORMATS.items()
-            for family, pack, codec in _families() if issubclass(cls, family)}
+    return {
+        name: (pack, codec)
+        for name, cls in FORMATS.items()
+        for family, pack, codec in _families()
+        if issubclass(cls, family)
+    }
 
 
 def _packer(fmt: Format) -> tuple[Callable, Callable]:
@@ -138,8 +150,10 @@ def _packer(fmt: Format) -> tuple[Callable, Callable]:
     for family, pack, codec in _families():
         if isinstance(fmt, family):
             return pack, codec
-    raise ExportError(f"packed export not supported for format {fmt.name!r} yet; "
-                      f"supported: {', '.join(sorted(_packers()))}")
+    raise ExportError(
+        f"packed export not supported for format {fmt.name!r} yet; "
+        f"supported: {', '.join(sorted(_packers()))}"
+    )
 
 
 def pack_weight(fmt: Format, w: Tensor, dim: int) -> tuple[Packed, dict[str, Any]]:
@@ -147,19 +161,29 @@ def pack_weight(fmt: Format, w: Tensor, dim: int) -> tuple[Packed, dict[str, Any
     pack, codec = _packer(fmt)
     enc = fmt.encode(w.detach().cpu(), dim)
     if not torch.isfinite(enc.nonfinite).all():
-        raise ExportError(f"{fmt.name}: the weight holds NaN or inf, which packed codes cannot "
-                          "store")
+        raise ExportError(
+            f"{fmt.name}: the weight holds NaN or inf, which packed codes cannot store"
+        )
     blocks = [math.prod(enc.codes.shape[:-2]), *enc.codes.shape[-2:]]
     tensors = pack(fmt, enc)
-    meta = {"format": fmt.spec(), "codec": codec(fmt), "shape": list(w.shape), "dim": dim,
-            "dtype": str(w.dtype).removeprefix("torch."), "blocks": blocks,
-            "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
-                        for k, v in tensors.items()}}
+    meta = {
+        "format": fmt.spec(),
+        "codec": codec(fmt),
+        "shape": list(w.shape),
+        "dim": dim,
+        "dtype": str(w.dtype).removeprefix("torch."),
+        "blocks": blocks,
+        "tensors": {
+            k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
+            for k, v in tensors.items()
+        },
+    }
     return tensors, meta
 
 
-def unpack_weight(meta: dict[str, Any], tensors: Packed,
-                  codecs: dict[str, dict[str, Any]] | None = None) -> Tensor:
+def unpack_weight(
+    meta: dict[str, Any], tensors: Packed, codecs: dict[str, dict[str, Any]] | None = None
+) -> Tensor:
     """Rebuild the fake-quantised weight from ``pack_weight``'s output (bit-exact).
 
     ``meta["codec"]`` is the codec itself or its key in ``codecs``; version-1 exports have
@@ -179,8 +203,9 @@ def unpack_weight(meta: dict[str, Any], tensors: Packed,
 # --- writing --------------------------------------------------------------------------------
 
 
-def packed_state_dict(model: torch.nn.Module
-                      ) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Any]]:
+def packed_state_dict(
+    model: torch.nn.Module,
+) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Any]]:
     """The model's state dict with every quantised weight replaced by its packed tensors, the
     per-layer metadata, and the codec table the metadata refers to."""
     from tqdm.auto import tqdm
@@ -190,8 +215,11 @@ def packed_state_dict(model: torch.nn.Module
     state = model.state_dict()
     packed: dict[str, Any] = {}
     codecs: dict[str, Any] = {}
-    mods = [(n, m) for n, m in model.named_modules()
-            if isinstance(m, (QuantLinear, QuantConv1D)) and m.weight_quantizer is not None]
+    mods = [
+        (n, m)
+        for n, m in model.named_modules()
+        if isinstance(m, (QuantLinear, QuantConv1D)) and m.weight_quantizer is not None
+    ]
     for name, m in tqdm(mods, desc="packing", unit="layer"):
         wq = m.weight_quantizer
         # a rotated layer stores its rotated weight (W H), quantised: what it computed with
@@ -232,8 +260,11 @@ def holds_export(folder: Path) -> bool:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):
         return False
-    return isinstance(config, dict) and config.get("model_type") == mqp.MODEL_TYPE \
+    return (
+        isinstance(config, dict)
+        and config.get("model_type") == mqp.MODEL_TYPE
         and (folder / mqp.WEIGHTS_NAME).is_file()
+    )
 
 
 def _with_checksum(packing: dict[str, Any]) -> dict[str, Any]:
@@ -244,8 +275,14 @@ def _with_checksum(packing: dict[str, Any]) -> dict[str, Any]:
     return {**packing, "checksum": mqp.packing_checksum(packing)}
 
 
-def export_model(model: torch.nn.Module, out_dir: str | Path, tokenizer: Any = None, *,
-                 overwrite: bool = False, info: dict[str, Any] | None = None) -> Path:
+def export_model(
+    model: torch.nn.Module,
+    out_dir: str | Path,
+    tokenizer: Any = None,
+    *,
+    overwrite: bool = False,
+    info: dict[str, Any] | None = None,
+) -> Path:
     """Write ``model`` (fake-quantised by ``quantize_model``) packed to ``out_dir``.
 
     >>> import os, tempfile, transformers, qat
@@ -269,8 +306,10 @@ def export_model(model: torch.nn.Module, out_dir: str | Path, tokenizer: Any = N
         model = model.merge_and_unload()
     quant = getattr(model, "qat_quant", None)
     if quant is None:
-        raise ExportError("the model is not quantised (quant: null): nothing to pack; set a "
-                          "quant section or --quant.weight ...")
+        raise ExportError(
+            "the model is not quantised (quant: null): nothing to pack; set a "
+            "quant section or --quant.weight ..."
+        )
     out = check_destination(out_dir, overwrite)
     state, packed, codecs = packed_state_dict(model)
     arch = type(model).__name__
@@ -280,10 +319,18 @@ def export_model(model: torch.nn.Module, out_dir: str | Path, tokenizer: Any = N
     base["architectures"] = [arch]
     auto = mqp.auto_map(arch)
     config = mqp.QatPackedConfig(
-        base_config=base, architectures=[auto[next(k for k in auto if k != "AutoConfig")]
-                                         .rsplit(".", 1)[1]], auto_map=auto,
-        qat_packing=_with_checksum({"version": mqp.PACK_VERSION, "quant": quant.to_dict(),
-                                    "codecs": codecs, "packed": packed}))
+        base_config=base,
+        architectures=[auto[next(k for k in auto if k != "AutoConfig")].rsplit(".", 1)[1]],
+        auto_map=auto,
+        qat_packing=_with_checksum(
+            {
+                "version": mqp.PACK_VERSION,
+                "quant": quant.to_dict(),
+                "codecs": codecs,
+                "packed": packed,
+            }
+        ),
+    )
 
     def write(tmp: Path) -> None:
         save_file(state, str(tmp / mqp.WEIGHTS_NAME), metadata={"format": "pt"})

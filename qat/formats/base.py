@@ -87,11 +87,14 @@ class Format:
 
     def _encode_lastdim(self, x: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """``(codes [..., nblocks, B], scales [..., nblocks], extra)`` of finite float32 ``x``."""
-        raise FormatError(f"format {self.name!r} has no integer encoding (encode/decode); "
-                          "it can only fake-quantise")
+        raise FormatError(
+            f"format {self.name!r} has no integer encoding (encode/decode); "
+            "it can only fake-quantise"
+        )
 
-    def _decode_lastdim(self, codes: Tensor, scales: Tensor, extra: dict[str, Tensor], n: int
-                        ) -> Tensor:
+    def _decode_lastdim(
+        self, codes: Tensor, scales: Tensor, extra: dict[str, Tensor], n: int
+    ) -> Tensor:
         """float32 ``[..., n]`` values of ``_encode_lastdim``'s output for rows of ``n``."""
         raise FormatError(f"format {self.name!r} has no integer encoding (encode/decode)")
 
@@ -101,8 +104,10 @@ class Format:
             raise TypeError(f"{self.name}: expected a floating-point tensor, got {x.dtype}")
         ndim = x.dim()
         if not -max(ndim, 1) <= dim < max(ndim, 1):
-            raise IndexError(f"{self.name}: dim {dim} is out of range for a {ndim}-D tensor "
-                             f"(expected -{max(ndim, 1)} <= dim < {max(ndim, 1)})")
+            raise IndexError(
+                f"{self.name}: dim {dim} is out of range for a {ndim}-D tensor "
+                f"(expected -{max(ndim, 1)} <= dim < {max(ndim, 1)})"
+            )
         return dim % max(ndim, 1)
 
     @staticmethod
@@ -112,8 +117,9 @@ class Format:
         return xf.movedim(d, -1) if x.dim() > 1 and d != x.dim() - 1 else xf
 
     @staticmethod
-    def _restore(q: Tensor, xf: Tensor, finite: Tensor, shape: torch.Size, d: int,
-                 dtype: torch.dtype) -> Tensor:
+    def _restore(
+        q: Tensor, xf: Tensor, finite: Tensor, shape: torch.Size, d: int, dtype: torch.dtype
+    ) -> Tensor:
         """Saturate finite values at ``dtype``'s max, pass non-finite ``xf`` through, and put
         ``d`` and the shape back."""
         big = torch.finfo(dtype).max
@@ -146,8 +152,15 @@ class Format:
         xf = self._lastdim(x, d)
         finite = torch.isfinite(xf)
         codes, scales, extra = self._encode_lastdim(torch.where(finite, xf, 0.0).contiguous())
-        return Encoded(codes=codes, scales=scales, nonfinite=torch.where(finite, 0.0, xf),
-                       shape=tuple(x.shape), dim=d, dtype=x.dtype, extra=extra)
+        return Encoded(
+            codes=codes,
+            scales=scales,
+            nonfinite=torch.where(finite, 0.0, xf),
+            shape=tuple(x.shape),
+            dim=d,
+            dtype=x.dtype,
+            extra=extra,
+        )
 
     def decode(self, enc: Encoded) -> Tensor:
         """The values ``enc`` stands for, in the encoded tensor's dtype and shape."""
@@ -165,8 +178,11 @@ class Format:
     def __str__(self) -> str:
         # scale=max is every format's rule from before the scale choice existed: leaving it
         # out keeps the labels of earlier runs and benches (spec() still has it).
-        params = ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(self).items()
-                           if not (k == "scale" and v == "max"))
+        params = ", ".join(
+            f"{k}={v}"
+            for k, v in dataclasses.asdict(self).items()
+            if not (k == "scale" and v == "max")
+        )
         return f"{self.name}({params})"
 
 
@@ -238,15 +254,16 @@ def read_json_file(path: str, what: str) -> Any:
         if not stat.S_ISREG(st.st_mode):
             raise FormatError(f"{what} {path!r} is not a regular file")
         if st.st_size > MAX_SIDE_FILE_BYTES:
-            raise FormatError(f"{what} {path!r} is {st.st_size} bytes, too large for a "
-                              f"codebook file (at most {MAX_SIDE_FILE_BYTES})")
+            raise FormatError(
+                f"{what} {path!r} is {st.st_size} bytes, too large for a "
+                f"codebook file (at most {MAX_SIDE_FILE_BYTES})"
+            )
         with open(path, "rb") as f:
             return json.loads(f.read(MAX_SIDE_FILE_BYTES + 1).decode("utf-8"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise FormatError(f"{what} {path!r} could not be read: {e}") from None
     except RecursionError:
-        raise FormatError(f"{what} {path!r} could not be read: JSON nested too deeply"
-                          ) from None
+        raise FormatError(f"{what} {path!r} could not be read: JSON nested too deeply") from None
 
 
 def check_int(cls_name: str, key: str, value: Any, lo: int, hi: int | None = None) -> None:

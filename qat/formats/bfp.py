@@ -50,15 +50,20 @@ def block_values(mant: Tensor, e: Tensor, m_bits: int) -> Tensor:
     return mant * torch.exp2((e - m_bits).float()).unsqueeze(-1)
 
 
-def bfp_mantissas(x: Tensor, width: int, exponent_width: int, block_size: int,
-                  scale: str = "max") -> tuple[Tensor, Tensor, int]:
+def bfp_mantissas(
+    x: Tensor, width: int, exponent_width: int, block_size: int, scale: str = "max"
+) -> tuple[Tensor, Tensor, int]:
     """Signed mantissas ``[..., nblocks, B]``, exponents ``[..., nblocks]`` (the max rule, or
     the best-error candidate for ``scale="mse"``, qat.formats.scale) and the row length."""
     m_bits = width - 1
     xb, n = to_blocks(x, block_size)
     e = block_scale_exponent(  # the max rule rounds the exponent up
-        xb, *exponent_range(exponent_width), ceil=True, scale=scale,
-        values=lambda b, c: block_values(block_mantissas(b, c, m_bits), c, m_bits))
+        xb,
+        *exponent_range(exponent_width),
+        ceil=True,
+        scale=scale,
+        values=lambda b, c: block_values(block_mantissas(b, c, m_bits), c, m_bits),
+    )
     return block_mantissas(xb, e, m_bits), e, n
 
 
@@ -101,8 +106,9 @@ class BFP(Format):
         sign = torch.signbit(mant).to(torch.int32) << (self.width - 1)
         return mant.abs().to(torch.int32) | sign, e, {}
 
-    def _decode_lastdim(self, codes: Tensor, scales: Tensor, extra: dict[str, Tensor], n: int
-                        ) -> Tensor:
+    def _decode_lastdim(
+        self, codes: Tensor, scales: Tensor, extra: dict[str, Tensor], n: int
+    ) -> Tensor:
         m_bits = self.width - 1
         mag = (codes & (2**m_bits - 1)).float()
         return self._values(torch.where((codes >> m_bits).bool(), -mag, mag), scales, n)

@@ -41,35 +41,115 @@ from qat.formats.opq import opq_bits, split_outliers
 from qat.formats.registry import register_format
 
 NF4_LEVELS = (
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-    0.7229568362236023, 1.0)
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+)
 AF4_LEVELS = (
-    -1.0, -0.69441008, -0.51243739, -0.3736951, -0.25607552, -0.14982478, -0.04934812, 0.0,
-    0.04273164, 0.12934483, 0.21961274, 0.31675666, 0.42563882, 0.55496234, 0.72424863, 1.0)
+    -1.0,
+    -0.69441008,
+    -0.51243739,
+    -0.3736951,
+    -0.25607552,
+    -0.14982478,
+    -0.04934812,
+    0.0,
+    0.04273164,
+    0.12934483,
+    0.21961274,
+    0.31675666,
+    0.42563882,
+    0.55496234,
+    0.72424863,
+    1.0,
+)
 # (kind, metric, block_size) -> published levels (Blumenberg et al., arXiv 2505.06653).
 BOF4_TABLES: dict[tuple[str, str, int], tuple[float, ...]] = {
     ("bof4", "mse", 64): (
-        -1.0, -0.7535245418548584, -0.579203724861145, -0.4385998845100403,
-        -0.3167679905891418, -0.2059924453496933, -0.1015387624502182, 0.0, 0.0887245312333107,
-        0.1793769598007202, 0.2741499841213226, 0.3758211433887482, 0.4884937703609467,
-        0.6187058687210083, 0.7790452241897583, 1.0),
+        -1.0,
+        -0.7535245418548584,
+        -0.579203724861145,
+        -0.4385998845100403,
+        -0.3167679905891418,
+        -0.2059924453496933,
+        -0.1015387624502182,
+        0.0,
+        0.0887245312333107,
+        0.1793769598007202,
+        0.2741499841213226,
+        0.3758211433887482,
+        0.4884937703609467,
+        0.6187058687210083,
+        0.7790452241897583,
+        1.0,
+    ),
     ("bof4s", "mse", 64): (
-        -0.8568463921546936, -0.6692874431610107, -0.5235266089439392, -0.4004882574081421,
-        -0.2910638153553009, -0.1900092959403992, -0.0938529595732689, 0.0, 0.0887671709060669,
-        0.1794802695512772, 0.2743096053600311, 0.3760197460651398, 0.4886530041694641,
-        0.6188603639602661, 0.7791395783424377, 1.0),
+        -0.8568463921546936,
+        -0.6692874431610107,
+        -0.5235266089439392,
+        -0.4004882574081421,
+        -0.2910638153553009,
+        -0.1900092959403992,
+        -0.0938529595732689,
+        0.0,
+        0.0887671709060669,
+        0.1794802695512772,
+        0.2743096053600311,
+        0.3760197460651398,
+        0.4886530041694641,
+        0.6188603639602661,
+        0.7791395783424377,
+        1.0,
+    ),
     ("bof4s", "mse", 32): (
-        -0.8732797503471375, -0.6907446384429932, -0.5437039136886597, -0.4173701703548431,
-        -0.3038933575153351, -0.1986017823219299, -0.0981557220220566, 0.0, 0.0925938412547112,
-        0.187048003077507, 0.2855197489261627, 0.3907126188278198, 0.506283164024353,
-        0.6379748582839966, 0.7956376671791077, 1.0),
+        -0.8732797503471375,
+        -0.6907446384429932,
+        -0.5437039136886597,
+        -0.4173701703548431,
+        -0.3038933575153351,
+        -0.1986017823219299,
+        -0.0981557220220566,
+        0.0,
+        0.0925938412547112,
+        0.187048003077507,
+        0.2855197489261627,
+        0.3907126188278198,
+        0.506283164024353,
+        0.6379748582839966,
+        0.7956376671791077,
+        1.0,
+    ),
     ("bof4s", "mse", 128): (
-        -0.83739173412323, -0.6462452411651611, -0.5028634667396545, -0.3836247622966766,
-        -0.2783779501914978, -0.1815713942050934, -0.0896477326750755, 0.0, 0.0850915610790253,
-        0.1720834821462631, 0.2632072865962982, 0.3613293170928955, 0.4707452654838562,
-        0.5988966822624207, 0.761027991771698, 1.0),
+        -0.83739173412323,
+        -0.6462452411651611,
+        -0.5028634667396545,
+        -0.3836247622966766,
+        -0.2783779501914978,
+        -0.1815713942050934,
+        -0.0896477326750755,
+        0.0,
+        0.0850915610790253,
+        0.1720834821462631,
+        0.2632072865962982,
+        0.3613293170928955,
+        0.4707452654838562,
+        0.5988966822624207,
+        0.761027991771698,
+        1.0,
+    ),
 }
 NORMALIZATIONS = ("absmax", "signed_absmax")
 OUTLIERS = ("none", "opq")
@@ -93,8 +173,9 @@ def level_tensors(levels: tuple[float, ...], device: torch.device) -> tuple[Tens
     return _cached_level_tensors(levels, device)
 
 
-def encode_blocks(xb: Tensor, levels: tuple[float, ...], normalization: str
-                  ) -> tuple[Tensor, Tensor]:
+def encode_blocks(
+    xb: Tensor, levels: tuple[float, ...], normalization: str
+) -> tuple[Tensor, Tensor]:
     """Level indices (int32) of ``[..., nblocks, B]`` float32 blocks and their scales
     ``[..., nblocks, 1]`` (``s_b``; 0 for an all-zero block)."""
     _, mids = level_tensors(levels, xb.device)
@@ -125,11 +206,16 @@ def load_codebook_file(path: str) -> dict:
     """Read a ``qat codebook`` JSON file; FormatError if missing or malformed."""
     doc = read_json_file(path, "codebook_file")
     levels = doc.get("levels") if isinstance(doc, dict) else None
-    if (not isinstance(levels, list) or len(levels) != 16
-            or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in levels)
-            or any(b <= a for a, b in zip(levels, levels[1:]))):
-        raise FormatError(f"codebook_file {path!r}: 'levels' must be 16 finite, strictly "
-                          f"increasing numbers (write it with `qat codebook`)")
+    if (
+        not isinstance(levels, list)
+        or len(levels) != 16
+        or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in levels)
+        or any(b <= a for a, b in zip(levels, levels[1:]))
+    ):
+        raise FormatError(
+            f"codebook_file {path!r}: 'levels' must be 16 finite, strictly "
+            f"increasing numbers (write it with `qat codebook`)"
+        )
     return doc
 
 
@@ -151,8 +237,7 @@ class CodebookFormat(Format):
         check_choice(self.name, "outliers", self.outliers, OUTLIERS)
         q = self.outlier_quantile
         if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0 < q < 1:
-            raise FormatError(f"{self.name}.outlier_quantile must be a number in (0, 1), "
-                              f"got {q!r}")
+            raise FormatError(f"{self.name}.outlier_quantile must be a number in (0, 1), got {q!r}")
         # Resolve the table once; frozen dataclass, so bypass __setattr__ (not a field).
         object.__setattr__(self, "_levels", tuple(float(v) for v in self.table()))
 
@@ -178,13 +263,16 @@ class CodebookFormat(Format):
         extra: dict[str, Tensor] = {}
         if self.outliers == "opq":
             xb, mask, kept = split_outliers(xb, n, self.outlier_quantile)
-            extra = {"outlier_mask": mask,
-                     "outlier_values": torch.where(mask, kept, torch.zeros_like(kept))}
+            extra = {
+                "outlier_mask": mask,
+                "outlier_values": torch.where(mask, kept, torch.zeros_like(kept)),
+            }
         code, s = encode_blocks(xb, self.levels, self.normalization)
         return code, s.squeeze(-1), extra
 
-    def _decode_lastdim(self, codes: Tensor, scales: Tensor, extra: dict[str, Tensor], n: int
-                        ) -> Tensor:
+    def _decode_lastdim(
+        self, codes: Tensor, scales: Tensor, extra: dict[str, Tensor], n: int
+    ) -> Tensor:
         q = decode_blocks(codes, scales.unsqueeze(-1), self.levels)
         if "outlier_mask" in extra:
             q = torch.where(extra["outlier_mask"], extra["outlier_values"], q)
@@ -228,13 +316,16 @@ class _BOF4Base(CodebookFormat):
                 f"{self.name}: no built-in levels for metric={self.metric}, "
                 f"block_size={self.block_size} (built in, metric/block_size: {builtin}). Fit "
                 f"them with `qat codebook --kind {self.name} --metric {self.metric} "
-                f"--block-size {self.block_size} --out {out}` and set codebook_file: {out}")
+                f"--block-size {self.block_size} --out {out}` and set codebook_file: {out}"
+            )
         return BOF4_TABLES[key]
 
     def _file_table(self) -> tuple[float, ...]:
         if not isinstance(self.codebook_file, str):
-            raise FormatError(f"{self.name}.codebook_file must be a path string or null, "
-                              f"got {self.codebook_file!r}")
+            raise FormatError(
+                f"{self.name}.codebook_file must be a path string or null, "
+                f"got {self.codebook_file!r}"
+            )
         doc = load_codebook_file(self.codebook_file)
         for key in ("kind", "metric", "block_size", "normalization"):
             want = self.name if key == "kind" else getattr(self, key)
@@ -242,7 +333,8 @@ class _BOF4Base(CodebookFormat):
                 raise FormatError(
                     f"{self.name}: codebook_file {self.codebook_file!r} was fitted for "
                     f"{key}={doc[key]!r} but the format has {key}={want!r}; set "
-                    f"{'format' if key == 'kind' else key}: {doc[key]} or refit the file")
+                    f"{'format' if key == 'kind' else key}: {doc[key]} or refit the file"
+                )
         return tuple(doc["levels"])
 
 

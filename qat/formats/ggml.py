@@ -90,8 +90,9 @@ class GGMLFormat(Format):
         codes, d16 = self._codes(xb)
         return codes.to(torch.int32), d16.to(torch.float16), {}  # exact: d16 is on fp16's grid
 
-    def _decode_lastdim(self, codes: Tensor, scales: Tensor, extra: dict[str, Tensor], n: int
-                        ) -> Tensor:
+    def _decode_lastdim(
+        self, codes: Tensor, scales: Tensor, extra: dict[str, Tensor], n: int
+    ) -> Tensor:
         return from_blocks(self._values(codes.float(), scales), n)
 
 

@@ -79,8 +79,7 @@ def array_exponent(amax: Tensor) -> Tensor:
     return torch.where(amax > 0, e, torch.full_like(e, EMIN)).clamp(EMIN, EMAX)
 
 
-def normalize(x: Tensor, block_len: int, array_len: int
-              ) -> tuple[Tensor, Tensor, Tensor, int]:
+def normalize(x: Tensor, block_len: int, array_len: int) -> tuple[Tensor, Tensor, Tensor, int]:
     """``y`` ``[..., nA, L_A/L_b, L_b]`` in [-31, 31], scales and all-zero flags
     ``[..., nA, 1, 1]``, and the row length ``n`` for ``from_blocks``."""
     xa, n = to_blocks(x, array_len)
@@ -116,13 +115,15 @@ def build_luts(codebooks: Tensor, res: int = 1) -> tuple[Tensor, Tensor]:
 
 
 @functools.lru_cache(maxsize=32)
-def _cached_luts(codebooks: tuple[tuple[int, ...], ...], device: torch.device
-                 ) -> tuple[Tensor, Tensor]:
+def _cached_luts(
+    codebooks: tuple[tuple[int, ...], ...], device: torch.device
+) -> tuple[Tensor, Tensor]:
     return build_luts(torch.tensor(codebooks, dtype=torch.float32, device=device))
 
 
-def assign(y: Tensor, lut_values: Tensor, valid: Tensor | None = None, res: int = 1
-           ) -> tuple[Tensor, Tensor, Tensor]:
+def assign(
+    y: Tensor, lut_values: Tensor, valid: Tensor | None = None, res: int = 1
+) -> tuple[Tensor, Tensor, Tensor]:
     """Best codebook per block of ``y`` ``[..., L_b]``: ``(choice, dequantised y, sq. error)``.
 
     Least squared error, ties to the lowest index; ``valid`` (broadcastable to ``y``) masks
@@ -149,11 +150,16 @@ def load_codebooks(path: str) -> tuple[Tensor, dict]:
     """``(codebooks [N_c, 16], metadata)``; entries rounded to integers in [-31, 31]."""
     doc = read_json_file(path, "lobcq codebook_file")
     rows = doc.get("codebooks") if isinstance(doc, dict) else None
-    if (not isinstance(rows, list) or not rows
-            or not all(isinstance(r, list) and len(r) == NUM_ENTRIES for r in rows)
-            or not all(isinstance(v, (int, float)) and math.isfinite(v) for r in rows for v in r)):
-        raise FormatError(f"lobcq codebook_file {path!r}: 'codebooks' must be a list of lists "
-                          f"of {NUM_ENTRIES} finite numbers (write it with `qat fit-lobcq`)")
+    if (
+        not isinstance(rows, list)
+        or not rows
+        or not all(isinstance(r, list) and len(r) == NUM_ENTRIES for r in rows)
+        or not all(isinstance(v, (int, float)) and math.isfinite(v) for r in rows for v in r)
+    ):
+        raise FormatError(
+            f"lobcq codebook_file {path!r}: 'codebooks' must be a list of lists "
+            f"of {NUM_ENTRIES} finite numbers (write it with `qat fit-lobcq`)"
+        )
     meta = {k: v for k, v in doc.items() if k != "codebooks"}
     return round_codebooks(torch.tensor(rows, dtype=torch.float64)), meta
 
@@ -173,8 +179,10 @@ class LOBCQ(Format):
         check_int("lobcq", "array_len", self.array_len, 1)
         check_int("lobcq", "num_codebooks", self.num_codebooks, 1, 256)
         if self.array_len % self.block_len:
-            raise FormatError(f"lobcq.array_len ({self.array_len}) must be a multiple of "
-                              f"block_len ({self.block_len})")
+            raise FormatError(
+                f"lobcq.array_len ({self.array_len}) must be a multiple of "
+                f"block_len ({self.block_len})"
+            )
         if self.codebook_file is None:
             if (self.num_codebooks, self.block_len, self.array_len) != (16, 8, 64):
                 # Like the codebook formats: no silent fit at first use, the user fits once.
@@ -183,18 +191,21 @@ class LOBCQ(Format):
                     f"block_len={self.block_len}, array_len={self.array_len} (the default is "
                     "16, 8, 64); fit them once with `qat fit-lobcq --gaussian 131072 "
                     f"--num-codebooks {self.num_codebooks} --block-len {self.block_len} "
-                    f"--array-len {self.array_len} --out FILE` and set codebook_file: FILE")
+                    f"--array-len {self.array_len} --out FILE` and set codebook_file: FILE"
+                )
         else:
             if not isinstance(self.codebook_file, str):
-                raise FormatError(f"lobcq.codebook_file must be a path string or null, "
-                                  f"got {self.codebook_file!r}")
+                raise FormatError(
+                    f"lobcq.codebook_file must be a path string or null, got {self.codebook_file!r}"
+                )
             cbs, meta = load_codebooks(self.codebook_file)
             for key in ("num_codebooks", "block_len", "array_len"):
                 if key in meta and meta[key] != getattr(self, key):
                     raise FormatError(
                         f"lobcq: codebook_file {self.codebook_file!r} holds {key}="
                         f"{meta[key]} but the format has {key}={getattr(self, key)}; set "
-                        f"{key}: {meta[key]} or refit the file")
+                        f"{key}: {meta[key]} or refit the file"
+                    )
             table = tuple(tuple(int(v) for v in row) for row in cbs.tolist())
             object.__setattr__(self, "_codebooks", table)
 

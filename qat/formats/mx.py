@@ -85,8 +85,12 @@ class MXFormat(Format):
 
     def element_codes(self, v: Tensor) -> Tensor:
         """int32 magnitude codes of scaled elements ``v`` (rounded, saturated)."""
-        return float_codes(v, self.mantissa_bits, self.emin,
-                           max_code(self.mantissa_bits, self.emin, self.max_value))
+        return float_codes(
+            v,
+            self.mantissa_bits,
+            self.emin,
+            max_code(self.mantissa_bits, self.emin, self.max_value),
+        )
 
     def element_values(self, codes: Tensor | None = None) -> Tensor:
         """float32 magnitudes of magnitude ``codes``; all of them, ascending, if None."""
@@ -101,8 +105,9 @@ class MXFormat(Format):
         e = mx_scale_exponent(xb.abs().amax(dim=-1), self.emax)
         if self.scale == "mse":
             # Above 127 - emax a block's top element value would pass float32's range.
-            e = best_exponent(xb, e, E8M0_MIN, E8M0_MAX - self.emax, MSE_OFFSETS,
-                              self._block_values)
+            e = best_exponent(
+                xb, e, E8M0_MIN, E8M0_MAX - self.emax, MSE_OFFSETS, self._block_values
+            )
         # 2^e for e in [-127, 127] is exact in float32 (2^-127 is a subnormal power of two),
         # and x / 2^e cannot overflow because e >= floor(log2 amax) - emax - 1.
         scale = torch.exp2(e.float()).unsqueeze(-1)
@@ -122,8 +127,9 @@ class MXFormat(Format):
         sign = torch.signbit(v).to(torch.int32) << (self.elem_bits - 1)
         return self.element_codes(v) | sign, e, {}
 
-    def _decode_lastdim(self, codes: Tensor, scales: Tensor, extra: dict[str, Tensor], n: int
-                        ) -> Tensor:
+    def _decode_lastdim(
+        self, codes: Tensor, scales: Tensor, extra: dict[str, Tensor], n: int
+    ) -> Tensor:
         half = 1 << (self.elem_bits - 1)
         mag = self.element_values(codes & (half - 1))
         elems = torch.where(codes >= half, -mag, mag)

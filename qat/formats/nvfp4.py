@@ -79,8 +79,9 @@ class NVFP4(Format):
         mags = float_codes(v, _E2M1[0], _E2M1[1], max_code(*_E2M1))
         return mags | (torch.signbit(v).to(torch.int32) << 3), s, {"global_scale": g}
 
-    def _decode_lastdim(self, codes: Tensor, scales: Tensor, extra: dict[str, Tensor], n: int
-                        ) -> Tensor:
+    def _decode_lastdim(
+        self, codes: Tensor, scales: Tensor, extra: dict[str, Tensor], n: int
+    ) -> Tensor:
         mag = code_values(codes & 7, _E2M1[0], _E2M1[1])
         elems = torch.where(codes >= 8, -mag, mag)
         return from_blocks(elems * (scales / extra["global_scale"]).unsqueeze(-1), n)

@@ -56,7 +56,7 @@ def outlier_mask(xb: Tensor, n: int, q: float) -> Tensor:
     """
     nblocks, bsz = xb.shape[-2], xb.shape[-1]
     count = block_counts(nblocks, bsz, n, xb.device)  # [nblocks]
-    valid = (torch.arange(bsz, device=xb.device) < count[:, None])  # [nblocks, B]
+    valid = torch.arange(bsz, device=xb.device) < count[:, None]  # [nblocks, B]
     cnt = count.to(xb.dtype)
     mean = xb.sum(-1) / cnt
     centred = torch.where(valid, xb - mean.unsqueeze(-1), torch.zeros_like(xb))

@@ -46,8 +46,10 @@ def make_format(spec: Mapping[str, Any] | Format) -> Format:
     params = dict(spec)
     name = params.pop("format", None)
     if name is None:
-        raise FormatError(f"format spec {dict(spec)!r} has no 'format' key; valid formats: "
-                          f"{', '.join(sorted(FORMATS))}")
+        raise FormatError(
+            f"format spec {dict(spec)!r} has no 'format' key; valid formats: "
+            f"{', '.join(sorted(FORMATS))}"
+        )
     if name not in FORMATS:
         raise FormatError(
             f"unknown format {name!r}{did_you_mean(name, FORMATS)}; "

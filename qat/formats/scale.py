@@ -46,8 +46,14 @@ def block_error(xb: Tensor, q: Tensor, amax: Tensor, frac_bits: int) -> Tensor:
     return (n * n).sum(dim=-1)
 
 
-def best_exponent(xb: Tensor, e: Tensor, lo: int, hi: int, offsets: tuple[int, ...],
-                  values: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+def best_exponent(
+    xb: Tensor,
+    e: Tensor,
+    lo: int,
+    hi: int,
+    offsets: tuple[int, ...],
+    values: Callable[[Tensor, Tensor], Tensor],
+) -> Tensor:
     """The ``mse`` exponent per block of ``xb`` ``[..., nblocks, B]``: ``e`` (the max rule,
     int32 ``[..., nblocks]``) or the first of ``clamp(e + o, lo, hi)`` whose ``values(xb, c)``
     (the blocks' quantised values with exponents ``c``) have a strictly smaller block error.
@@ -63,8 +69,15 @@ def best_exponent(xb: Tensor, e: Tensor, lo: int, hi: int, offsets: tuple[int, .
     return best
 
 
-def block_scale_exponent(xb: Tensor, lo: int, hi: int, *, ceil: bool, scale: str,
-                         values: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+def block_scale_exponent(
+    xb: Tensor,
+    lo: int,
+    hi: int,
+    *,
+    ceil: bool,
+    scale: str,
+    values: Callable[[Tensor, Tensor], Tensor],
+) -> Tensor:
     """The shared exponent of each block of ``xb`` ``[..., nblocks, B]`` (int32): the max rule
     ``clamp(ceil|floor(log2 max|x|), lo, hi)`` (``block_exponent``), or for ``scale="mse"``
     the best-error candidate around it (``best_exponent``; ``values`` as there)."""

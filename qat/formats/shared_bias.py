@@ -49,7 +49,11 @@ class SharedBiasFormat(Format):
 
     def _quantize_lastdim(self, x: Tensor) -> Tensor:
         xb, n = to_blocks(x, self.block_size)
-        e = block_scale_exponent(xb, *twos_complement_range(self.bias_width),
-                                 ceil=self.ROUND_UP, scale=self.scale,
-                                 values=self._block_values)
+        e = block_scale_exponent(
+            xb,
+            *twos_complement_range(self.bias_width),
+            ceil=self.ROUND_UP,
+            scale=self.scale,
+            values=self._block_values,
+        )
         return from_blocks(self._block_values(xb, e), n)

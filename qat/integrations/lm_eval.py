@@ -28,8 +28,15 @@ from qat.errors import UsageError
 # HFLM arguments this wrapper sets itself: passing them again would load another model
 _OWN_ARGS = ("pretrained", "tokenizer", "backend")
 # parts of simple_evaluate's output worth writing down (the rest: samples, environment dumps)
-SUMMARY_KEYS = ("results", "groups", "group_subtasks", "n-shot", "n-samples", "versions",
-                "higher_is_better")
+SUMMARY_KEYS = (
+    "results",
+    "groups",
+    "group_subtasks",
+    "n-shot",
+    "n-samples",
+    "versions",
+    "higher_is_better",
+)
 
 
 def require_lm_eval() -> None:
@@ -37,8 +44,9 @@ def require_lm_eval() -> None:
     try:
         import lm_eval  # noqa: F401
     except ImportError:
-        raise UsageError("lm-evaluation-harness is not installed: pip install 'qat[lm_eval]'"
-                         ) from None
+        raise UsageError(
+            "lm-evaluation-harness is not installed: pip install 'qat[lm_eval]'"
+        ) from None
 
 
 def find_tasks(tasks: Sequence[str], include_path: str | os.PathLike | None = None) -> Any:
@@ -73,8 +81,9 @@ def _raise_unknown(manager: Any, tasks: Sequence[str], include_path: Any) -> Non
         close = difflib.get_close_matches(unknown[0], manager.all_tasks, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         where = f" in {str(include_path)!r} or" if include_path is not None else ""
-        raise UsageError(f"unknown lm-eval task {unknown[0]!r}: not found{where} among "
-                         f"lm-eval's tasks{hint}")
+        raise UsageError(
+            f"unknown lm-eval task {unknown[0]!r}: not found{where} among lm-eval's tasks{hint}"
+        )
 
 
 def _is_yaml_file(name: str) -> bool:
@@ -96,11 +105,19 @@ def expand_tasks(manager: Any, tasks: Sequence[str]) -> list[str]:
     return out
 
 
-def lm_eval_evaluate(model: Any, tokenizer: Any, tasks: Sequence[str], *,
-                     num_fewshot: int | None = None, limit: int | float | None = None,
-                     batch_size: int | str = 1, include_path: str | os.PathLike | None = None,
-                     model_args: dict[str, Any] | None = None, task_manager: Any = None,
-                     **kwargs: Any) -> dict[str, Any]:
+def lm_eval_evaluate(
+    model: Any,
+    tokenizer: Any,
+    tasks: Sequence[str],
+    *,
+    num_fewshot: int | None = None,
+    limit: int | float | None = None,
+    batch_size: int | str = 1,
+    include_path: str | os.PathLike | None = None,
+    model_args: dict[str, Any] | None = None,
+    task_manager: Any = None,
+    **kwargs: Any,
+) -> dict[str, Any]:
     """Run lm-eval's ``simple_evaluate`` on ``model`` (quantised or not, used as it is) and
     return its output (``results``, ``samples`` with ``log_samples=True``, ...).
 
@@ -121,30 +138,39 @@ def lm_eval_evaluate(model: Any, tokenizer: Any, tasks: Sequence[str], *,
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    if model_args.get("prefix_token_id") is None and tokenizer.bos_token_id is None \
-            and tokenizer.eos_token_id is None:
+    if (
+        model_args.get("prefix_token_id") is None
+        and tokenizer.bos_token_id is None
+        and tokenizer.eos_token_id is None
+    ):
         # lm-eval scores an empty context after BOS (else EOS); a tokenizer naming neither
         # leaves it None and lm-eval fails deep inside: take the model's own BOS
         model_args["prefix_token_id"] = getattr(model.config, "bos_token_id", None)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, **model_args)
     kwargs.setdefault("log_samples", False)
-    return lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot,
-                                   limit=limit, task_manager=manager, **kwargs)
+    return lm_eval.simple_evaluate(
+        model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit, task_manager=manager, **kwargs
+    )
 
 
-def check_arguments(num_fewshot: int | None = None, limit: int | float | None = None,
-                    model_args: dict[str, Any] | None = None) -> None:
+def check_arguments(
+    num_fewshot: int | None = None,
+    limit: int | float | None = None,
+    model_args: dict[str, Any] | None = None,
+) -> None:
     """One line for a bad ``num_fewshot``, ``limit`` (a count of documents >= 1 or a fraction
     in (0, 1)) or an ``HFLM`` argument this wrapper sets itself."""
     clash = [k for k in _OWN_ARGS if k in (model_args or {})]
     if clash:
-        raise UsageError(f"model_args: {clash[0]!r} is set by qat (the model and tokenizer "
-                         "given); leave it out")
+        raise UsageError(
+            f"model_args: {clash[0]!r} is set by qat (the model and tokenizer given); leave it out"
+        )
     if num_fewshot is not None and num_fewshot < 0:
         raise UsageError(f"num_fewshot must be >= 0, got {num_fewshot}")
     if limit is not None and not _valid_limit(limit):
-        raise UsageError(f"limit must be a whole number of documents >= 1 or a fraction in "
-                         f"(0, 1), got {limit!r}")
+        raise UsageError(
+            f"limit must be a whole number of documents >= 1 or a fraction in (0, 1), got {limit!r}"
+        )
 
 
 def _valid_limit(limit: Any) -> bool:

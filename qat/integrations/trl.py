@@ -31,8 +31,9 @@ from qat.errors import UsageError
 try:
     from trl import SFTConfig, SFTTrainer
 except ImportError:  # an optional extra: say how to get it, in one line
-    raise UsageError("trainer: sft and qat.integrations.trl need TRL: pip install 'qat[trl]'"
-                     ) from None
+    raise UsageError(
+        "trainer: sft and qat.integrations.trl need TRL: pip install 'qat[trl]'"
+    ) from None
 from transformers import Trainer, TrainingArguments
 
 from qat.training.trainer import QATTrainer
@@ -43,11 +44,19 @@ def sft_config(args: TrainingArguments | None, **extra: Any) -> SFTConfig | None
     differ, e.g. the learning rate), plus ``extra`` SFT settings."""
     if args is None or isinstance(args, SFTConfig):
         return args
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingArguments)
-              if f.init and hasattr(args, f.name)}
+    values = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(TrainingArguments)
+        if f.init and hasattr(args, f.name)
+    }
     # post-init turned these into objects; give back what the constructor takes
-    values.update({k: v for k, v in args.to_dict().items() if k in values
-                   and k in ("fsdp", "fsdp_config", "report_to", "accelerator_config")})
+    values.update(
+        {
+            k: v
+            for k, v in args.to_dict().items()
+            if k in values and k in ("fsdp", "fsdp_config", "report_to", "accelerator_config")
+        }
+    )
     return SFTConfig(**values, **extra)
 
 
@@ -79,41 +88,65 @@ class QATSFTTrainer(QATTrainer, SFTTrainer):
     1
     """
 
-    def __init__(self, model: Any = None, args: TrainingArguments | None = None,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, model: Any = None, args: TrainingArguments | None = None, **kwargs: Any
+    ) -> None:
         if kwargs.get("peft_config") is not None:
-            raise UsageError("QATSFTTrainer: pass finetune='lora' and lora=... instead of "
-                             "peft_config, so the quantiser sees W + BA")
+            raise UsageError(
+                "QATSFTTrainer: pass finetune='lora' and lora=... instead of "
+                "peft_config, so the quantiser sees W + BA"
+            )
         extra: dict[str, Any] = {}
         train = kwargs.get("train_dataset")
-        if train is not None and "input_ids" in getattr(train, "column_names", []) \
-                and "labels" in train.column_names:
+        if (
+            train is not None
+            and "input_ids" in getattr(train, "column_names", [])
+            and "labels" in train.column_names
+        ):
             # tokenised and labelled by qat (chunks, or chat with the prompt masked)
             extra = {"dataset_kwargs": {"skip_prepare_dataset": True}, "max_length": None}
         args = sft_config(args, **extra)
         if kwargs.get("distill") is not None and args is not None and args.loss_type != "nll":
-            raise UsageError(f"QATSFTTrainer: distill needs loss_type nll (the task loss of "
-                             f"Trainer's path), got {args.loss_type!r}")
+            raise UsageError(
+                f"QATSFTTrainer: distill needs loss_type nll (the task loss of "
+                f"Trainer's path), got {args.loss_type!r}"
+            )
         super().__init__(model=model, args=args, **kwargs)
 
     def _task_loss_and_outputs(self, model, inputs, num_items_in_batch):
         # Trainer's own path with the full logits (TRL's fused head computes none); like TRL,
         # no KV cache while training
-        return Trainer.compute_loss(self, model, {**inputs, "use_cache": False},
-                                    return_outputs=True, num_items_in_batch=num_items_in_batch)
+        return Trainer.compute_loss(
+            self,
+            model,
+            {**inputs, "use_cache": False},
+            return_outputs=True,
+            num_items_in_batch=num_items_in_batch,
+        )
 
-    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
-                     num_items_in_batch: Any = None) -> Any:
+    def compute_loss(
+        self,
+        model: Any,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> Any:
         """TRL's loss multiplies the hidden states by ``lm_head.weight`` directly (its fused
         head), which skips a quantised head's weight and input quantisers: then the model's
         own forward and loss, as ``qat``'s trainer computes them, are used instead (TRL's
         token metrics are not logged for such a run)."""
         distilling = getattr(self, "teacher", None) is not None and model.training
         if _quantised_head(model) and not distilling:  # distillation takes Trainer's path
-            return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
-                                        num_items_in_batch=num_items_in_batch)
-        return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                    num_items_in_batch=num_items_in_batch)
+            return Trainer.compute_loss(
+                self,
+                model,
+                inputs,
+                return_outputs=return_outputs,
+                num_items_in_batch=num_items_in_batch,
+            )
+        return super().compute_loss(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
 
 
 def _quantised_head(model: Any) -> bool:
@@ -122,5 +155,10 @@ def _quantised_head(model: Any) -> bool:
     base = getattr(base, "module", base)  # DDP / FSDP wrappers
     get = getattr(base, "get_output_embeddings", None)
     head = get() if get is not None else None
-    return any(getattr(q, "enabled", False) for q in (
-        getattr(head, "weight_quantizer", None), getattr(head, "activation_quantizer", None)))
+    return any(
+        getattr(q, "enabled", False)
+        for q in (
+            getattr(head, "weight_quantizer", None),
+            getattr(head, "activation_quantizer", None),
+        )
+    )

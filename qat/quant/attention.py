@@ -34,8 +34,9 @@ def _repeat_kv(x: Tensor, groups: int) -> Tensor:
     return x[:, :, None].expand(b, h, groups, s, d).reshape(b, h * groups, s, d)
 
 
-def _use_blocks(mq: nn.Module | None, q_len: int, k_len: int, dropout: float, training: bool,
-                kwargs: dict) -> bool:
+def _use_blocks(
+    mq: nn.Module | None, q_len: int, k_len: int, dropout: float, training: bool, kwargs: dict
+) -> bool:
     """Whether the linear-memory block path applies (it gives the eager path's values)."""
     if q_len * k_len < LONG_SCORES or kwargs.get("output_attentions"):
         return False
@@ -92,6 +93,8 @@ def qat_attention_forward(
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, qat_attention_forward)
+
+
 def qat_mask(*args, **kwargs) -> Tensor | None:
     """transformers' eager mask (the full ``[batch, 1, q_len, kv_len]`` mask, no causal skip),
     kept boolean: a quarter of the float mask's bytes, which matters since the block path keeps

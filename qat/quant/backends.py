@@ -97,8 +97,10 @@ def compile_works() -> bool:
         f = torch.compile(lambda t: t * 2 + 1, dynamic=False)
         return bool(torch.equal(f(torch.ones(4)), torch.full((4,), 3.0)))
     except Exception as e:  # noqa: BLE001 - any failure means: do not use it
-        logger.warning("qat: torch.compile does not work here (%s); quantisers run eagerly",
-                       str(e).splitlines()[0] if str(e) else type(e).__name__)
+        logger.warning(
+            "qat: torch.compile does not work here (%s); quantisers run eagerly",
+            str(e).splitlines()[0] if str(e) else type(e).__name__,
+        )
         return False
 
 
@@ -124,16 +126,17 @@ def resolve_backend(backend: str, fmt: Format, device: torch.device) -> str:
     if backend == "auto":
         backend = os.environ.get(BACKEND_ENV) or "auto"
         if backend not in BACKENDS:
-            raise BackendError(f"${BACKEND_ENV}={backend!r} is not one of "
-                               f"{', '.join(BACKENDS)}")
+            raise BackendError(f"${BACKEND_ENV}={backend!r} is not one of {', '.join(BACKENDS)}")
     if backend == "auto":
         if device.type == "cuda" and _triton_supports(fmt):
             return "triton"
         return "compile" if device.type == "cuda" or compile_works() else "reference"
     if backend == "triton":
         if device.type != "cuda" and not _interpreting():
-            raise BackendError(f"quant.backend triton runs on CUDA tensors; got a {device.type} "
-                               "tensor (use quant.backend auto)")
+            raise BackendError(
+                f"quant.backend triton runs on CUDA tensors; got a {device.type} "
+                "tensor (use quant.backend auto)"
+            )
         return "triton" if _triton_supports(fmt) else "compile"
     return backend
 

@@ -59,24 +59,34 @@ def p_block_size(quantize_p: Callable[[Tensor], Tensor] | None) -> int | None:
     if quantize_p is None:
         return 1
     fmt = getattr(quantize_p, "fmt", None)  # a qat FakeQuantizer; any other callable: unknown
-    if fmt is None or getattr(quantize_p, "rotation", None) is not None \
-            or getattr(quantize_p, "dim", None) != -1:
+    if (
+        fmt is None
+        or getattr(quantize_p, "rotation", None) is not None
+        or getattr(quantize_p, "dim", None) != -1
+    ):
         return None
     if not getattr(quantize_p, "enabled", True):
         return 1
     return fmt.independent_block
 
 
-def key_stops(mask: Tensor | None, q_len: int, k_len: int, rows: int, block: int | None
-              ) -> list[int] | None:
+def key_stops(
+    mask: Tensor | None, q_len: int, k_len: int, rows: int, block: int | None
+) -> list[int] | None:
     """For each block of ``rows`` query rows, the keys it computes: one past the last key that
     any of its rows sees, rounded up to a multiple of ``block``, at least ``MIN_KEYS`` and at
     most ``k_len``; ``k_len`` for a block with a row that sees no key (its softmax is uniform
     over all keys). None when every block computes all keys: no mask, unknown P blocks, a mask
     on a device that is not read on the host, or under torch.compile (the read would break the
     graph)."""
-    if mask is None or block is None or mask.device.type not in HOST_READ_DEVICES \
-            or mask.shape[-1] != k_len or q_len == 0 or torch.compiler.is_compiling():
+    if (
+        mask is None
+        or block is None
+        or mask.device.type not in HOST_READ_DEVICES
+        or mask.shape[-1] != k_len
+        or q_len == 0
+        or torch.compiler.is_compiling()
+    ):
         return None
     # a key is masked where the mask is False or holds the dtype's minimum (or -inf): its
     # score is then the minimum and exp() of it minus the row's max is exactly 0
@@ -94,8 +104,13 @@ def key_stops(mask: Tensor | None, q_len: int, k_len: int, rows: int, block: int
     return stops.tolist()
 
 
-def _scores_to_probs(q: Tensor, k: Tensor, mask: Tensor | None, scaling: float,
-                     quantize_p: Callable[[Tensor], Tensor] | None) -> Tensor:
+def _scores_to_probs(
+    q: Tensor,
+    k: Tensor,
+    mask: Tensor | None,
+    scaling: float,
+    quantize_p: Callable[[Tensor], Tensor] | None,
+) -> Tensor:
     """``Q(P)`` of one block of (quantised) query rows ``q`` against keys ``k`` (the same ops,
     in the same order, as ``qat.quant.attention.qat_attention_forward`` without dropout);
     ``mask`` is the block's rows and keys of the mask."""
@@ -134,8 +149,16 @@ class BlockAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scaling: float,
-                quantize_p: Callable[[Tensor], Tensor] | None, rows: int) -> Tensor:  # noqa: D102
+    def forward(
+        ctx,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        mask: Tensor | None,
+        scaling: float,
+        quantize_p: Callable[[Tensor], Tensor] | None,
+        rows: int,
+    ) -> Tensor:  # noqa: D102
         ctx.save_for_backward(q, k, v, mask)
         ctx.scaling, ctx.quantize_p, ctx.rows = scaling, quantize_p, rows
         dev = q.device.type  # the backward recomputes under the forward's autocast state
@@ -147,8 +170,13 @@ class BlockAttention(torch.autograd.Function):
         for i, start in enumerate(range(0, q_len, rows)):
             stop = min(start + rows, q_len)
             ks = k_len if stops is None else stops[i]
-            probs = _scores_to_probs(q[..., start:stop, :], k[..., :ks, :],
-                                     _block_mask(mask, start, stop, ks), scaling, quantize_p)
+            probs = _scores_to_probs(
+                q[..., start:stop, :],
+                k[..., :ks, :],
+                _block_mask(mask, start, stop, ks),
+                scaling,
+                quantize_p,
+            )
             block = torch.matmul(probs, v[..., :ks, :])
             if out is None:  # the blocks' dtype: autocast may have chosen another than q's
                 out = block.new_empty(*q.shape[:-1], v.shape[-1])
@@ -174,8 +202,9 @@ class BlockAttention(torch.autograd.Function):
             # not recomputed: its gradients are the two matmuls autograd would run
             with torch.autocast(dev, dtype=dtype, enabled=enabled):
                 with torch.enable_grad():
-                    probs = _scores_to_probs(qb, kb, _block_mask(mask, start, stop, ks),
-                                             ctx.scaling, ctx.quantize_p)
+                    probs = _scores_to_probs(
+                        qb, kb, _block_mask(mask, start, stop, ks), ctx.scaling, ctx.quantize_p
+                    )
                 d_probs = torch.matmul(go, vb.transpose(-1, -2))
                 gv = torch.matmul(probs.detach().transpose(-1, -2), go)
                 gq, gk = torch.autograd.grad(probs, (qb, kb), d_probs.to(probs.dtype))
@@ -185,9 +214,15 @@ class BlockAttention(torch.autograd.Function):
         return grad_q, grad_k, grad_v, None, None, None, None
 
 
-def block_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scaling: float,
-                    quantize_p: Callable[[Tensor], Tensor] | None,
-                    rows: int | None = None) -> Tensor:
+def block_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    scaling: float,
+    quantize_p: Callable[[Tensor], Tensor] | None,
+    rows: int | None = None,
+) -> Tensor:
     """Quantised attention output ``[batch, heads, q_len, dim]`` in memory linear in the
     sequence (see the module docstring); ``rows`` query rows per block (default: ``block_rows``).
     """

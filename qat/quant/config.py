@@ -37,12 +37,15 @@ def check_section(d: Any, cls: type, prefix: str, error: type[Exception]) -> Non
     valid = [f.name for f in dataclasses.fields(cls)]
     for key in d:
         if key not in valid:
-            raise error(f"unknown key {prefix}.{key}{did_you_mean(key, valid, prefix)}; "
-                        f"valid keys: {', '.join(valid)}")
+            raise error(
+                f"unknown key {prefix}.{key}{did_you_mean(key, valid, prefix)}; "
+                f"valid keys: {', '.join(valid)}"
+            )
 
 
-def merge_spec(base: Mapping[str, Any] | None, partial: Mapping[str, Any] | None
-               ) -> dict[str, Any] | None:
+def merge_spec(
+    base: Mapping[str, Any] | None, partial: Mapping[str, Any] | None
+) -> dict[str, Any] | None:
     """Apply an override's partial spec to a base spec.
 
     A partial spec that names a different ``format`` starts afresh (the base's parameters
@@ -144,8 +147,9 @@ class QuantConfig:
         for role in ROLES:
             spec = getattr(self, role)
             if spec is not None and not isinstance(spec, Mapping):
-                raise QuantConfigError(f"quant.{role} must be a format spec mapping or null, "
-                                       f"got {spec!r}")
+                raise QuantConfigError(
+                    f"quant.{role} must be a format spec mapping or null, got {spec!r}"
+                )
             base[role] = None if spec is None else dict(spec)
         base["rotation"] = check_rotation_spec(self.rotation, "quant.rotation", QuantConfigError)
         specs: dict[str | None, dict[str, dict[str, Any] | None]] = {None: base}
@@ -155,29 +159,36 @@ class QuantConfig:
         for pat in self.exclude:
             _compile(pat, "quant.exclude")
         if not isinstance(self.overrides, Mapping):
-            raise QuantConfigError(f"quant.overrides must map regex -> partial spec, "
-                                   f"got {self.overrides!r}")
+            raise QuantConfigError(
+                f"quant.overrides must map regex -> partial spec, got {self.overrides!r}"
+            )
         for pat, partial in self.overrides.items():
             _compile(pat, f"quant.overrides[{pat!r}]")
             specs[pat], formats[pat] = dict(base), dict(formats[None])
             if not isinstance(partial, Mapping):
-                raise QuantConfigError(f"quant.overrides[{pat!r}] must map roles "
-                                       f"({', '.join(ROLES)}) to specs, got {partial!r}")
+                raise QuantConfigError(
+                    f"quant.overrides[{pat!r}] must map roles "
+                    f"({', '.join(ROLES)}) to specs, got {partial!r}"
+                )
             for role, sub in partial.items():
                 if role == "rotation":
                     specs[pat][role] = check_rotation_spec(
-                        sub, f"quant.overrides[{pat!r}].rotation", QuantConfigError)
+                        sub, f"quant.overrides[{pat!r}].rotation", QuantConfigError
+                    )
                     continue
                 if role not in ROLES:
                     raise QuantConfigError(
                         f"quant.overrides[{pat!r}] has unknown role {role!r}; valid roles: "
-                        f"{', '.join(ROLES)} (and rotation)")
+                        f"{', '.join(ROLES)} (and rotation)"
+                    )
                 if sub is not None and not isinstance(sub, Mapping):
-                    raise QuantConfigError(f"quant.overrides[{pat!r}].{role} must be a mapping "
-                                           f"or null, got {sub!r}")
+                    raise QuantConfigError(
+                        f"quant.overrides[{pat!r}].{role} must be a mapping or null, got {sub!r}"
+                    )
                 specs[pat][role] = merge_spec(base[role], sub)
-                formats[pat][role] = _build(specs[pat][role], f"quant.overrides[{pat!r}].{role}",
-                                            built)
+                formats[pat][role] = _build(
+                    specs[pat][role], f"quant.overrides[{pat!r}].{role}", built
+                )
         from qat.quant.backends import BACKENDS
 
         check_one_of("quant.backend", self.backend, BACKENDS, QuantConfigError)
@@ -238,8 +249,7 @@ def _plain(v: Any) -> Any:
     return v
 
 
-def _build(spec: Mapping[str, Any] | None, where: str, built: dict[str, Format]
-           ) -> Format | None:
+def _build(spec: Mapping[str, Any] | None, where: str, built: dict[str, Format]) -> Format | None:
     """The Format of ``spec``, shared through ``built`` with every equal spec."""
     if spec is None:
         return None

@@ -45,12 +45,19 @@ class DensityReport:
     def to_dict(self) -> dict[str, Any]:
         q, m = self.quantized_bits_per_element, self.model_bits_per_element
         return {
-            "quantized_linears": {"params": self.quantized_params, "bits_per_element": q,
-                                  "density_vs_fp32": _ratio(32, q),
-                                  "density_vs_int8": _ratio(8, q)},
-            "model": {"params": self.total_params, "bits_per_element": m,
-                      "density_vs_fp32": _ratio(32, m), "density_vs_int8": _ratio(8, m),
-                      "bytes": self.total_bits / 8},
+            "quantized_linears": {
+                "params": self.quantized_params,
+                "bits_per_element": q,
+                "density_vs_fp32": _ratio(32, q),
+                "density_vs_int8": _ratio(8, q),
+            },
+            "model": {
+                "params": self.total_params,
+                "bits_per_element": m,
+                "density_vs_fp32": _ratio(32, m),
+                "density_vs_int8": _ratio(8, m),
+                "bytes": self.total_bits / 8,
+            },
             "layers": [dataclasses.asdict(x) for x in self.layers],
         }
 
@@ -59,17 +66,24 @@ class DensityReport:
         lines = []
         if per_layer and self.layers:
             w = max(len(x.name) for x in self.layers)
-            lines.append(f"{'layer':<{w}}  {'params':>9}  {'weight':<28} {'W bits':>6}  "
-                         f"{'A bits':>6}")
+            lines.append(
+                f"{'layer':<{w}}  {'params':>9}  {'weight':<28} {'W bits':>6}  {'A bits':>6}"
+            )
             for x in self.layers:
-                lines.append(f"{x.name:<{w}}  {x.params:>9}  {x.weight_format:<28} "
-                             f"{x.weight_bits:>6.3f}  {x.activation_bits:>6.3f}")
+                lines.append(
+                    f"{x.name:<{w}}  {x.params:>9}  {x.weight_format:<28} "
+                    f"{x.weight_bits:>6.3f}  {x.activation_bits:>6.3f}"
+                )
         q, m = self.quantized_bits_per_element, self.model_bits_per_element
-        lines.append(f"quantised weights: {self.quantized_params} params, {q:.3f} bits/element, "
-                     f"density {_ratio(32, q):.2f}x vs fp32, {_ratio(8, q):.2f}x vs int8")
-        lines.append(f"whole model:       {self.total_params} params, {m:.3f} bits/element, "
-                     f"density {_ratio(32, m):.2f}x vs fp32, {_ratio(8, m):.2f}x vs int8, "
-                     f"{self.total_bits / 8 / 2**20:.2f} MiB")
+        lines.append(
+            f"quantised weights: {self.quantized_params} params, {q:.3f} bits/element, "
+            f"density {_ratio(32, q):.2f}x vs fp32, {_ratio(8, q):.2f}x vs int8"
+        )
+        lines.append(
+            f"whole model:       {self.total_params} params, {m:.3f} bits/element, "
+            f"density {_ratio(32, m):.2f}x vs fp32, {_ratio(8, m):.2f}x vs int8, "
+            f"{self.total_bits / 8 / 2**20:.2f} MiB"
+        )
         return "\n".join(lines)
 
 
@@ -91,12 +105,16 @@ def density_report(model: nn.Module) -> DensityReport:
         wq, aq = m.weight_quantizer, m.activation_quantizer
         wbits = wq.fmt.bits_per_element if wq is not None else float(_dtype_bits(m.weight))
         abits = aq.fmt.bits_per_element if aq is not None else 32.0
-        layers.append(LayerDensity(
-            name=name, params=m.weight.numel(),
-            weight_format=str(wq.fmt) if wq is not None else str(m.weight.dtype).split(".")[-1],
-            weight_bits=wbits,
-            activation_format=str(aq.fmt) if aq is not None else "float",
-            activation_bits=abits))
+        layers.append(
+            LayerDensity(
+                name=name,
+                params=m.weight.numel(),
+                weight_format=str(wq.fmt) if wq is not None else str(m.weight.dtype).split(".")[-1],
+                weight_bits=wbits,
+                activation_format=str(aq.fmt) if aq is not None else "float",
+                activation_bits=abits,
+            )
+        )
         if wq is not None:
             quant_weight_ids[id(m.weight)] = wbits
     qbits = 0.0

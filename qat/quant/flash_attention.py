@@ -54,8 +54,9 @@ def _p_supported(quantize_p: FakeQuantizer | None) -> bool:
     return b <= MAX_P_BLOCK and b & (b - 1) == 0
 
 
-def flash_applies(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
-                  quantize_p: FakeQuantizer | None) -> bool:
+def flash_applies(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, quantize_p: FakeQuantizer | None
+) -> bool:
     """Whether the kernels compute this attention (shapes, dtypes, device and the P format;
     reads no tensor data, so no host sync)."""
     if q.device.type not in DEVICES or not _p_supported(quantize_p):
@@ -93,8 +94,16 @@ def _p_constants(fmt: BFP | None) -> dict:
         return {"QUANT_P": False, "PB": 1, "P0": 0, "P1": 0, "P2": 0, "P3": 0, "P4": 0, "P5": 0}
     frac = fixed_point_bits(fmt.block_size) if fmt.scale == "mse" else 0
     p = bfp_params(fmt.width, fmt.exponent_width, frac)
-    return {"QUANT_P": True, "PB": fmt.block_size, "P0": p[0], "P1": p[1], "P2": p[2],
-            "P3": p[3], "P4": p[4], "P5": p[5]}
+    return {
+        "QUANT_P": True,
+        "PB": fmt.block_size,
+        "P0": p[0],
+        "P1": p[1],
+        "P2": p[2],
+        "P3": p[3],
+        "P4": p[4],
+        "P5": p[5],
+    }
 
 
 def _mask_args(q: Tensor, k_len: int, mask: Tensor | None) -> tuple[Tensor, tuple, dict]:
@@ -102,31 +111,41 @@ def _mask_args(q: Tensor, k_len: int, mask: Tensor | None) -> tuple[Tensor, tupl
     (0 on broadcast dims: no copy) and the mask constants."""
     fill = torch.finfo(q.dtype).min
     if mask is None:
-        return q, (0, 0, 0, 0), {"MASK_KIND": 0, "ROUND_ADD": False, "FILL": fill,
-                                 "MASK_MIN": fill}
+        return q, (0, 0, 0, 0), {"MASK_KIND": 0, "ROUND_ADD": False, "FILL": fill, "MASK_MIN": fill}
     full = mask.expand(*q.shape[:-1], k_len)
     if mask.dtype == torch.bool:
         full = full.view(torch.uint8)  # same bytes; a plain integer pointer in the kernel
         consts = {"MASK_KIND": 1, "ROUND_ADD": False, "FILL": fill, "MASK_MIN": fill}
     else:  # scores + mask: promoted to the wider dtype, rounded to q's only if they match
         mmin = torch.finfo(mask.dtype).min
-        consts = {"MASK_KIND": 2, "ROUND_ADD": mask.dtype == q.dtype, "FILL": mmin,
-                  "MASK_MIN": mmin}
+        consts = {
+            "MASK_KIND": 2,
+            "ROUND_ADD": mask.dtype == q.dtype,
+            "FILL": mmin,
+            "MASK_MIN": mmin,
+        }
     return full, tuple(full.stride()), consts
 
 
-def _launch_args(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scaling: float,
-                 tiles: tuple[int, int]) -> tuple[Tensor, tuple, dict]:
+def _launch_args(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scaling: float, tiles: tuple[int, int]
+) -> tuple[Tensor, tuple, dict]:
     """The mask pointer, the kernels' scalar arguments after it and their shared constants."""
     _, h, lq, d = q.shape
     lk, dv = k.shape[-2], v.shape[-1]
     mptr, strides, mconsts = _mask_args(q, lk, mask)
-    consts = {"BM": tiles[0], "BN": tiles[1], "DP": max(16, _next_pow2(d)),
-              "DVP": max(16, _next_pow2(dv)), "SCALE": scaling != 1.0,
-              # the interpreter's half-precision dot is wrong: it multiplies in float32
-              "WIDEN": q.device.type != "cuda",
-              # no multiply fused into an add: BFP's rounding trick needs the two roundings
-              "enable_fp_fusion": False, **mconsts}
+    consts = {
+        "BM": tiles[0],
+        "BN": tiles[1],
+        "DP": max(16, _next_pow2(d)),
+        "DVP": max(16, _next_pow2(dv)),
+        "SCALE": scaling != 1.0,
+        # the interpreter's half-precision dot is wrong: it multiplies in float32
+        "WIDEN": q.device.type != "cuda",
+        # no multiply fused into an add: BFP's rounding trick needs the two roundings
+        "enable_fp_fusion": False,
+        **mconsts,
+    }
     return mptr, (h, lq, lk, d, dv, *strides, scaling), consts
 
 
@@ -134,8 +153,16 @@ class FlashQuantAttention(torch.autograd.Function):
     """``softmax(Q K^T * scaling + mask) -> Q(P) -> Q(P) V`` in Triton kernels (module doc)."""
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scaling: float,
-                p_fmt: BFP | None, tiles: tuple[int, int]) -> Tensor:  # noqa: D102
+    def forward(
+        ctx,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        mask: Tensor | None,
+        scaling: float,
+        p_fmt: BFP | None,
+        tiles: tuple[int, int],
+    ) -> Tensor:  # noqa: D102
         from qat.quant.flash_kernels import flash_forward_kernel
 
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -147,7 +174,8 @@ class FlashQuantAttention(torch.autograd.Function):
         mptr, args, consts = _launch_args(q, k, v, mask, scaling, tiles)
         if out.numel() and k.shape[-2]:
             flash_forward_kernel[(b * h * -(-lq // tiles[0]),)](
-                q, k, v, out, mptr, m, norm, *args, **consts, **_p_constants(p_fmt))
+                q, k, v, out, mptr, m, norm, *args, **consts, **_p_constants(p_fmt)
+            )
         ctx.save_for_backward(q, k, v, mask, m, norm)
         ctx.scaling, ctx.p_fmt, ctx.tiles = scaling, p_fmt, tiles
         return out
@@ -165,18 +193,38 @@ class FlashQuantAttention(torch.autograd.Function):
         mptr, args, consts = _launch_args(q, k, v, mask, ctx.scaling, ctx.tiles)
         if q.numel() and k.numel():  # every element of dq, dk, dv is written
             flash_backward_dq_kernel[(b * h * -(-lq // bm),)](
-                q, k, v, do, mptr, m, norm, delta, dq, *args, **consts)
+                q, k, v, do, mptr, m, norm, delta, dq, *args, **consts
+            )
             flash_backward_dkv_kernel[(b * h * -(-lk // bn),)](
-                q, k, v, do, mptr, m, norm, delta, dk, dvv, *args, **consts,
-                **_p_constants(ctx.p_fmt))
+                q,
+                k,
+                v,
+                do,
+                mptr,
+                m,
+                norm,
+                delta,
+                dk,
+                dvv,
+                *args,
+                **consts,
+                **_p_constants(ctx.p_fmt),
+            )
         else:
             for t in (dq, dk, dvv):
                 t.zero_()
         return dq, dk, dvv, None, None, None, None
 
 
-def flash_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scaling: float,
-                    quantize_p: FakeQuantizer | None, tile: int = TILE) -> Tensor:
+def flash_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    scaling: float,
+    quantize_p: FakeQuantizer | None,
+    tile: int = TILE,
+) -> Tensor:
     """Quantised attention ``[batch, heads, q_len, dv]`` in Triton kernels (module doc).
 
     Takes what ``qat.quant.block_attention.block_attention`` takes (quantised q, k, v with K and

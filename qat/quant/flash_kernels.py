@@ -39,8 +39,7 @@ def _dot(a, b, DT: tl.constexpr, WIDEN: tl.constexpr):
 
 
 @triton.jit
-def _dead(mask_ptr, mbase, offs_m, offs_n, Lq, Lk, smm, smn, MASK_KIND: tl.constexpr,
-          MASK_MIN):
+def _dead(mask_ptr, mbase, offs_m, offs_n, Lq, Lk, smm, smn, MASK_KIND: tl.constexpr, MASK_MIN):
     """Per element of the tile: masked (or outside the matrix) and its mask value (bool: keep;
     additive: the float32 value to add)."""
     inside = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
@@ -64,8 +63,20 @@ def _skip(dead, rows_ok, MASK_KIND: tl.constexpr):
 
 
 @triton.jit
-def _scores(q, k, mval, offs_n, Lk, scaling, DT: tl.constexpr, SCALE: tl.constexpr,
-            MASK_KIND: tl.constexpr, ROUND_ADD: tl.constexpr, FILL, WIDEN: tl.constexpr):
+def _scores(
+    q,
+    k,
+    mval,
+    offs_n,
+    Lk,
+    scaling,
+    DT: tl.constexpr,
+    SCALE: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    ROUND_ADD: tl.constexpr,
+    FILL,
+    WIDEN: tl.constexpr,
+):
     """The float32 score tile, rounded as the reference rounds it; keys past Lk are -inf."""
     s = _round_dt(_dot(q, tl.trans(k), DT, WIDEN), DT)
     if SCALE:
@@ -87,9 +98,19 @@ def _probs(s, m, norm, DT: tl.constexpr):
 
 
 @triton.jit
-def _quant_p(p, BM: tl.constexpr, BN: tl.constexpr, QUANT_P: tl.constexpr, PB: tl.constexpr,
-             P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr,
-             P4: tl.constexpr, P5: tl.constexpr):
+def _quant_p(
+    p,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    QUANT_P: tl.constexpr,
+    PB: tl.constexpr,
+    P0: tl.constexpr,
+    P1: tl.constexpr,
+    P2: tl.constexpr,
+    P3: tl.constexpr,
+    P4: tl.constexpr,
+    P5: tl.constexpr,
+):
     """BFP of the (dtype-rounded) P tile on blocks of PB consecutive keys."""
     if QUANT_P:
         blocks = tl.reshape(p, (BM, BN // PB, PB))
@@ -106,12 +127,41 @@ def _load_rows(ptr, base, offs_r, offs_d, L, D):
 
 @triton.jit
 def flash_forward_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, mask_ptr, m_ptr, l_ptr,
-    H, Lq, Lk, D, DV, smb, smh, smm, smn, scaling, FILL, MASK_MIN,
-    BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr,
-    SCALE: tl.constexpr, MASK_KIND: tl.constexpr, ROUND_ADD: tl.constexpr, WIDEN: tl.constexpr,
-    QUANT_P: tl.constexpr, PB: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr,
-    P2: tl.constexpr, P3: tl.constexpr, P4: tl.constexpr, P5: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    o_ptr,
+    mask_ptr,
+    m_ptr,
+    l_ptr,
+    H,
+    Lq,
+    Lk,
+    D,
+    DV,
+    smb,
+    smh,
+    smm,
+    smn,
+    scaling,
+    FILL,
+    MASK_MIN,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    DP: tl.constexpr,
+    DVP: tl.constexpr,
+    SCALE: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    ROUND_ADD: tl.constexpr,
+    WIDEN: tl.constexpr,
+    QUANT_P: tl.constexpr,
+    PB: tl.constexpr,
+    P0: tl.constexpr,
+    P1: tl.constexpr,
+    P2: tl.constexpr,
+    P3: tl.constexpr,
+    P4: tl.constexpr,
+    P5: tl.constexpr,
 ):
     """O = Q(P) V for BM query rows of one (batch, head); writes O, m and l."""
     DT: tl.constexpr = q_ptr.dtype.element_ty
@@ -127,12 +177,12 @@ def flash_forward_kernel(
     l_i = tl.zeros((BM,), tl.float32)
     for n0 in range(0, Lk, BN):  # pass 1: row max and normaliser, online
         offs_n = n0 + tl.arange(0, BN)
-        dead, mval = _dead(mask_ptr, mbase, offs_m, offs_n, Lq, Lk, smm, smn, MASK_KIND,
-                           MASK_MIN)
+        dead, mval = _dead(mask_ptr, mbase, offs_m, offs_n, Lq, Lk, smm, smn, MASK_KIND, MASK_MIN)
         if not _skip(dead, (m_i > FILL * 0.5) | outside, MASK_KIND):
             k = _load_rows(k_ptr, kbase, offs_n, offs_d, Lk, D)
-            s = _scores(q, k, mval, offs_n, Lk, scaling, DT, SCALE, MASK_KIND, ROUND_ADD, FILL,
-                        WIDEN)
+            s = _scores(
+                q, k, mval, offs_n, Lk, scaling, DT, SCALE, MASK_KIND, ROUND_ADD, FILL, WIDEN
+            )
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
             m_i = m_new
@@ -140,18 +190,17 @@ def flash_forward_kernel(
     acc = tl.zeros((BM, DVP), tl.float32)
     for n0 in range(0, Lk, BN):  # pass 2: exactly normalised P, quantised, times V
         offs_n = n0 + tl.arange(0, BN)
-        dead, mval = _dead(mask_ptr, mbase, offs_m, offs_n, Lq, Lk, smm, smn, MASK_KIND,
-                           MASK_MIN)
+        dead, mval = _dead(mask_ptr, mbase, offs_m, offs_n, Lq, Lk, smm, smn, MASK_KIND, MASK_MIN)
         if not _skip(dead, rows_ok, MASK_KIND):
             k = _load_rows(k_ptr, kbase, offs_n, offs_d, Lk, D)
-            s = _scores(q, k, mval, offs_n, Lk, scaling, DT, SCALE, MASK_KIND, ROUND_ADD, FILL,
-                        WIDEN)
+            s = _scores(
+                q, k, mval, offs_n, Lk, scaling, DT, SCALE, MASK_KIND, ROUND_ADD, FILL, WIDEN
+            )
             _, p = _probs(s, m_i, l_i, DT)
             pq = _quant_p(p, BM, BN, QUANT_P, PB, P0, P1, P2, P3, P4, P5)
             v = _load_rows(v_ptr, vbase, offs_n, offs_dv, Lk, DV)
             acc += _dot(_from_f32(pq, DT), v, DT, WIDEN)
-    optrs = o_ptr + bh.to(tl.int64) * Lq * DV + offs_m[:, None].to(tl.int64) * DV + offs_dv[
-        None, :]
+    optrs = o_ptr + bh.to(tl.int64) * Lq * DV + offs_m[:, None].to(tl.int64) * DV + offs_dv[None, :]
     tl.store(optrs, _from_f32(acc, DT), mask=(~outside)[:, None] & (offs_dv[None, :] < DV))
     stat = bh.to(tl.int64) * Lq + offs_m
     tl.store(m_ptr + stat, m_i, mask=~outside)
@@ -159,8 +208,9 @@ def flash_forward_kernel(
 
 
 @triton.jit
-def _grad_scores(p, dp, Dr, mval, scaling, DT: tl.constexpr, SCALE: tl.constexpr,
-                 MASK_KIND: tl.constexpr):
+def _grad_scores(
+    p, dp, Dr, mval, scaling, DT: tl.constexpr, SCALE: tl.constexpr, MASK_KIND: tl.constexpr
+):
     """dS of the score tile as the reference's autograd forms it: the softmax backward in
     float32 rounded to DT, zero where a boolean mask filled, times the scaling (rounded)."""
     ds = _round_dt(p * (dp - Dr[:, None]), DT)
@@ -173,10 +223,35 @@ def _grad_scores(p, dp, Dr, mval, scaling, DT: tl.constexpr, SCALE: tl.constexpr
 
 @triton.jit
 def flash_backward_dq_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, mask_ptr, m_ptr, l_ptr, delta_ptr, dq_ptr,
-    H, Lq, Lk, D, DV, smb, smh, smm, smn, scaling, FILL, MASK_MIN,
-    BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr,
-    SCALE: tl.constexpr, MASK_KIND: tl.constexpr, ROUND_ADD: tl.constexpr, WIDEN: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    do_ptr,
+    mask_ptr,
+    m_ptr,
+    l_ptr,
+    delta_ptr,
+    dq_ptr,
+    H,
+    Lq,
+    Lk,
+    D,
+    DV,
+    smb,
+    smh,
+    smm,
+    smn,
+    scaling,
+    FILL,
+    MASK_MIN,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    DP: tl.constexpr,
+    DVP: tl.constexpr,
+    SCALE: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    ROUND_ADD: tl.constexpr,
+    WIDEN: tl.constexpr,
 ):
     """For BM query rows: delta = rowsum(dP * P) (dP = dO V^T, the gradient of Q(P) passed
     straight through), then dQ = dS K."""
@@ -197,13 +272,13 @@ def flash_backward_dq_kernel(
     delta = tl.zeros((BM,), tl.float32)
     for n0 in range(0, Lk, BN):
         offs_n = n0 + tl.arange(0, BN)
-        dead, mval = _dead(mask_ptr, mbase, offs_m, offs_n, Lq, Lk, smm, smn, MASK_KIND,
-                           MASK_MIN)
+        dead, mval = _dead(mask_ptr, mbase, offs_m, offs_n, Lq, Lk, smm, smn, MASK_KIND, MASK_MIN)
         if not _skip(dead, rows_ok, MASK_KIND):
             k = _load_rows(k_ptr, kbase, offs_n, offs_d, Lk, D)
             v = _load_rows(v_ptr, vbase, offs_n, offs_dv, Lk, DV)
-            s = _scores(q, k, mval, offs_n, Lk, scaling, DT, SCALE, MASK_KIND, ROUND_ADD, FILL,
-                        WIDEN)
+            s = _scores(
+                q, k, mval, offs_n, Lk, scaling, DT, SCALE, MASK_KIND, ROUND_ADD, FILL, WIDEN
+            )
             p, _ = _probs(s, m_i, l_i, DT)
             dp = _round_dt(_dot(do, tl.trans(v), DT, WIDEN), DT)
             delta += tl.sum(dp * p, axis=1)
@@ -211,30 +286,61 @@ def flash_backward_dq_kernel(
     dq = tl.zeros((BM, DP), tl.float32)
     for n0 in range(0, Lk, BN):
         offs_n = n0 + tl.arange(0, BN)
-        dead, mval = _dead(mask_ptr, mbase, offs_m, offs_n, Lq, Lk, smm, smn, MASK_KIND,
-                           MASK_MIN)
+        dead, mval = _dead(mask_ptr, mbase, offs_m, offs_n, Lq, Lk, smm, smn, MASK_KIND, MASK_MIN)
         if not _skip(dead, rows_ok, MASK_KIND):
             k = _load_rows(k_ptr, kbase, offs_n, offs_d, Lk, D)
             v = _load_rows(v_ptr, vbase, offs_n, offs_dv, Lk, DV)
-            s = _scores(q, k, mval, offs_n, Lk, scaling, DT, SCALE, MASK_KIND, ROUND_ADD, FILL,
-                        WIDEN)
+            s = _scores(
+                q, k, mval, offs_n, Lk, scaling, DT, SCALE, MASK_KIND, ROUND_ADD, FILL, WIDEN
+            )
             p, _ = _probs(s, m_i, l_i, DT)
             dp = _round_dt(_dot(do, tl.trans(v), DT, WIDEN), DT)
             ds = _grad_scores(p, dp, delta, mval, scaling, DT, SCALE, MASK_KIND)
             dq += _dot(_from_f32(ds, DT), k, DT, WIDEN)
-    dptrs = dq_ptr + bh.to(tl.int64) * Lq * D + offs_m[:, None].to(tl.int64) * D + offs_d[
-        None, :]
+    dptrs = dq_ptr + bh.to(tl.int64) * Lq * D + offs_m[:, None].to(tl.int64) * D + offs_d[None, :]
     tl.store(dptrs, _from_f32(dq, DT), mask=(~outside)[:, None] & (offs_d[None, :] < D))
 
 
 @triton.jit
 def flash_backward_dkv_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, mask_ptr, m_ptr, l_ptr, delta_ptr, dk_ptr, dv_ptr,
-    H, Lq, Lk, D, DV, smb, smh, smm, smn, scaling, FILL, MASK_MIN,
-    BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr,
-    SCALE: tl.constexpr, MASK_KIND: tl.constexpr, ROUND_ADD: tl.constexpr, WIDEN: tl.constexpr,
-    QUANT_P: tl.constexpr, PB: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr,
-    P2: tl.constexpr, P3: tl.constexpr, P4: tl.constexpr, P5: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    do_ptr,
+    mask_ptr,
+    m_ptr,
+    l_ptr,
+    delta_ptr,
+    dk_ptr,
+    dv_ptr,
+    H,
+    Lq,
+    Lk,
+    D,
+    DV,
+    smb,
+    smh,
+    smm,
+    smn,
+    scaling,
+    FILL,
+    MASK_MIN,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    DP: tl.constexpr,
+    DVP: tl.constexpr,
+    SCALE: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    ROUND_ADD: tl.constexpr,
+    WIDEN: tl.constexpr,
+    QUANT_P: tl.constexpr,
+    PB: tl.constexpr,
+    P0: tl.constexpr,
+    P1: tl.constexpr,
+    P2: tl.constexpr,
+    P3: tl.constexpr,
+    P4: tl.constexpr,
+    P5: tl.constexpr,
 ):
     """For BN keys: dV = Q(P)^T dO and dK = dS^T Q over all query tiles."""
     DT: tl.constexpr = q_ptr.dtype.element_ty
@@ -252,15 +358,15 @@ def flash_backward_dkv_kernel(
         outside = offs_m >= Lq
         stat = bh.to(tl.int64) * Lq + offs_m
         m_i = tl.load(m_ptr + stat, mask=~outside, other=0.0)
-        dead, mval = _dead(mask_ptr, mbase, offs_m, offs_n, Lq, Lk, smm, smn, MASK_KIND,
-                           MASK_MIN)
+        dead, mval = _dead(mask_ptr, mbase, offs_m, offs_n, Lq, Lk, smm, smn, MASK_KIND, MASK_MIN)
         if not _skip(dead, (m_i > FILL * 0.5) | outside, MASK_KIND):
             l_i = tl.load(l_ptr + stat, mask=~outside, other=1.0)
             delta = tl.load(delta_ptr + stat, mask=~outside, other=0.0)
             q = _load_rows(q_ptr, qbase, offs_m, offs_d, Lq, D)
             do = _load_rows(do_ptr, dobase, offs_m, offs_dv, Lq, DV)
-            s = _scores(q, k, mval, offs_n, Lk, scaling, DT, SCALE, MASK_KIND, ROUND_ADD, FILL,
-                        WIDEN)
+            s = _scores(
+                q, k, mval, offs_n, Lk, scaling, DT, SCALE, MASK_KIND, ROUND_ADD, FILL, WIDEN
+            )
             p, p_dt = _probs(s, m_i, l_i, DT)
             p = tl.where(outside[:, None], 0.0, p)  # rows past Lq add nothing
             pq = _quant_p(p_dt, BM, BN, QUANT_P, PB, P0, P1, P2, P3, P4, P5)
@@ -270,7 +376,13 @@ def flash_backward_dkv_kernel(
             dk += _dot(tl.trans(_from_f32(ds, DT)), q, DT, WIDEN)
     inside = (offs_n < Lk)[:, None]
     rows = offs_n[:, None].to(tl.int64)
-    tl.store(dk_ptr + bh.to(tl.int64) * Lk * D + rows * D + offs_d[None, :], _from_f32(dk, DT),
-             mask=inside & (offs_d[None, :] < D))
-    tl.store(dv_ptr + bh.to(tl.int64) * Lk * DV + rows * DV + offs_dv[None, :],
-             _from_f32(dv, DT), mask=inside & (offs_dv[None, :] < DV))
+    tl.store(
+        dk_ptr + bh.to(tl.int64) * Lk * D + rows * D + offs_d[None, :],
+        _from_f32(dk, DT),
+        mask=inside & (offs_d[None, :] < D),
+    )
+    tl.store(
+        dv_ptr + bh.to(tl.int64) * Lk * DV + rows * DV + offs_dv[None, :],
+        _from_f32(dv, DT),
+        mask=inside & (offs_dv[None, :] < DV),
+    )

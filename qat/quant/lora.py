@@ -21,8 +21,9 @@ from qat.quant.modules import QuantConv1D, QuantLinear
 class QuantLoraLinear(PeftLoraLinear):
     """peft LoRA layer for ``QuantLinear`` / ``QuantConv1D`` base layers."""
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, **kwargs: Any
+    ) -> None:
         if config.use_dora:
             raise ConfigError("DoRA is not supported on quantised linears")
         super().__init__(base_layer, adapter_name, config=config, **kwargs)
@@ -51,8 +52,7 @@ class QuantLoraLinear(PeftLoraLinear):
 
 # peft's custom-module hook: LoRA on our quantised layers uses QuantLoraLinear (the one place
 # this mapping is written; fresh adapters and saved ones loaded for evaluation both use it).
-QUANT_LORA_MODULES: dict[type, type] = {QuantLinear: QuantLoraLinear,
-                                        QuantConv1D: QuantLoraLinear}
+QUANT_LORA_MODULES: dict[type, type] = {QuantLinear: QuantLoraLinear, QuantConv1D: QuantLoraLinear}
 
 
 def use_quant_lora(config: LoraConfig) -> LoraConfig:
@@ -70,26 +70,45 @@ def check_target_modules(linear_names: list[str], targets: list[str] | None) -> 
     for target in targets:
         if not any(n == target or n.endswith("." + target) for n in linear_names):
             suffixes = sorted({n.rsplit(".", 1)[-1] for n in linear_names})
-            raise ConfigError(f"lora.target_modules entry {target!r} matches no linear layer "
-                              f"of the model; linear layer names end in: {', '.join(suffixes)}")
+            raise ConfigError(
+                f"lora.target_modules entry {target!r} matches no linear layer "
+                f"of the model; linear layer names end in: {', '.join(suffixes)}"
+            )
 
 
-def make_lora_config(model: nn.Module, r: int, alpha: int, dropout: float,
-                     target_modules: list[str] | None, modules_to_save: list[str] | None
-                     ) -> LoraConfig:
+def make_lora_config(
+    model: nn.Module,
+    r: int,
+    alpha: int,
+    dropout: float,
+    target_modules: list[str] | None,
+    modules_to_save: list[str] | None,
+) -> LoraConfig:
     """A ``LoraConfig`` for sequence classification (or a causal LM) whose quantised targets use
     ``QuantLoraLinear``. ``target_modules=None`` targets every quantised linear."""
     from transformers.pytorch_utils import Conv1D
 
-    check_target_modules([n for n, m in model.named_modules()
-                          if isinstance(m, (nn.Linear, Conv1D))], target_modules)
+    check_target_modules(
+        [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))], target_modules
+    )
     if target_modules is None:
-        target_modules = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
-                                 if isinstance(m, (QuantLinear, QuantConv1D))})
+        target_modules = sorted(
+            {
+                name.rsplit(".", 1)[-1]
+                for name, m in model.named_modules()
+                if isinstance(m, (QuantLinear, QuantConv1D))
+            }
+        )
         if not target_modules:
             target_modules = "all-linear"
     # a decoder's LoRA is a CAUSAL_LM one (its PeftModel keeps generate and the LM loss)
     task = "CAUSAL_LM" if type(model).__name__.endswith("ForCausalLM") else "SEQ_CLS"
-    config = LoraConfig(task_type=task, r=r, lora_alpha=alpha, lora_dropout=dropout,
-                        target_modules=target_modules, modules_to_save=modules_to_save)
+    config = LoraConfig(
+        task_type=task,
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=target_modules,
+        modules_to_save=modules_to_save,
+    )
     return use_quant_lora(config)

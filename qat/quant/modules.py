@@ -58,22 +58,38 @@ class QuantLinear(_QuantizedOperands, nn.Linear):
     unchanged.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None, *,
-                 weight_quantizer: FakeQuantizer | None = None,
-                 activation_quantizer: FakeQuantizer | None = None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        weight_quantizer: FakeQuantizer | None = None,
+        activation_quantizer: FakeQuantizer | None = None,
+    ) -> None:
         super().__init__(in_features, out_features, bias, device, dtype)
         self.weight_quantizer = weight_quantizer
         self.activation_quantizer = activation_quantizer
         self.rotation = None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, weight_quantizer: FakeQuantizer | None,
-                    activation_quantizer: FakeQuantizer | None) -> QuantLinear:
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        weight_quantizer: FakeQuantizer | None,
+        activation_quantizer: FakeQuantizer | None,
+    ) -> QuantLinear:
         """A QuantLinear that uses ``linear``'s own weight and bias."""
-        new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                  device="meta", weight_quantizer=weight_quantizer,
-                  activation_quantizer=activation_quantizer)
+        new = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            device="meta",
+            weight_quantizer=weight_quantizer,
+            activation_quantizer=activation_quantizer,
+        )
         _share_parameters(new, linear)
         return new
 
@@ -90,20 +106,34 @@ class QuantConv1D(_QuantizedOperands, Conv1D):
 
     weight_dim = 0
 
-    def __init__(self, nf: int, nx: int, *, weight_quantizer: FakeQuantizer | None = None,
-                 activation_quantizer: FakeQuantizer | None = None) -> None:
+    def __init__(
+        self,
+        nf: int,
+        nx: int,
+        *,
+        weight_quantizer: FakeQuantizer | None = None,
+        activation_quantizer: FakeQuantizer | None = None,
+    ) -> None:
         super().__init__(nf, nx)
         self.weight_quantizer = weight_quantizer
         self.activation_quantizer = activation_quantizer
         self.rotation = None
 
     @classmethod
-    def from_conv1d(cls, conv: Conv1D, weight_quantizer: FakeQuantizer | None,
-                    activation_quantizer: FakeQuantizer | None) -> QuantConv1D:
+    def from_conv1d(
+        cls,
+        conv: Conv1D,
+        weight_quantizer: FakeQuantizer | None,
+        activation_quantizer: FakeQuantizer | None,
+    ) -> QuantConv1D:
         """A QuantConv1D that uses ``conv``'s own weight and bias."""
         with torch.device("meta"):  # Conv1D takes no device; skip allocating a throwaway init
-            new = cls(conv.nf, conv.weight.shape[0], weight_quantizer=weight_quantizer,
-                      activation_quantizer=activation_quantizer)
+            new = cls(
+                conv.nf,
+                conv.weight.shape[0],
+                weight_quantizer=weight_quantizer,
+                activation_quantizer=activation_quantizer,
+            )
         _share_parameters(new, conv)
         return new
 
@@ -126,8 +156,13 @@ class MatmulQuantizer(nn.Module):
     product is unchanged in float); P and V are not.
     """
 
-    def __init__(self, fmt, v_block_axis: str = "head_dim", backend: str = "auto",
-                 rotation: Rotation | None = None) -> None:
+    def __init__(
+        self,
+        fmt,
+        v_block_axis: str = "head_dim",
+        backend: str = "auto",
+        rotation: Rotation | None = None,
+    ) -> None:
         super().__init__()
         self.rotation = rotation
         self.q = FakeQuantizer(fmt, dim=-1, backend=backend, rotation=rotation)

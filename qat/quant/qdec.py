@@ -79,18 +79,44 @@ from qat.quant.qdec_residual import (
     unpack_nibbles,
 )
 
-__all__ = ["PREFILL_RULES", "QDEC_CONFIG", "QDEC_WEIGHTS", "RESIDUAL_DEVICES", "SCALE_FRACTIONS",
-           "QDECConfig", "QDECError", "QDECState", "QuantLayer", "apply_qdec", "attach_qdec",
-           "check_quant_for_qdec", "detach_qdec", "enable_qdec", "has_saved_qdec", "k_for",
-           "layer_shape", "load_qdec", "pack_nibbles", "qdec_fingerprint", "qdec_layers",
-           "quantize_residual", "read_qdec_meta", "save_qdec", "select_channels",
-           "set_default_prefill", "set_k_chunk", "unpack_nibbles", "weight_residual"]
+__all__ = [
+    "PREFILL_RULES",
+    "QDEC_CONFIG",
+    "QDEC_WEIGHTS",
+    "RESIDUAL_DEVICES",
+    "SCALE_FRACTIONS",
+    "QDECConfig",
+    "QDECError",
+    "QDECState",
+    "QuantLayer",
+    "apply_qdec",
+    "attach_qdec",
+    "check_quant_for_qdec",
+    "detach_qdec",
+    "enable_qdec",
+    "has_saved_qdec",
+    "k_for",
+    "layer_shape",
+    "load_qdec",
+    "pack_nibbles",
+    "qdec_fingerprint",
+    "qdec_layers",
+    "quantize_residual",
+    "read_qdec_meta",
+    "save_qdec",
+    "select_channels",
+    "set_default_prefill",
+    "set_k_chunk",
+    "unpack_nibbles",
+    "weight_residual",
+]
 
 logger = logging.getLogger(__name__)
 
 
-def apply_qdec(model: nn.Module, config: QDECConfig | None, model_dir: str | Path | None
-               ) -> QDECConfig | None:
+def apply_qdec(
+    model: nn.Module, config: QDECConfig | None, model_dir: str | Path | None
+) -> QDECConfig | None:
     """What the commands do: residuals saved in ``model_dir`` (by ``save_qdec``, same
     ``residual_bits``) are loaded, others computed; a saved QDEC is used even without a
     ``qdec`` section (with its saved settings). Returns the config in use (None: no QDEC)."""
@@ -99,8 +125,11 @@ def apply_qdec(model: nn.Module, config: QDECConfig | None, model_dir: str | Pat
         meta = read_qdec_meta(model_dir)
         if meta.get("fingerprint") != qdec_fingerprint(model):
             # a retrained model or another quantiser: those residuals would be wrong
-            logger.warning("%s: the saved QDEC residuals belong to other weights or another "
-                           "weight quantiser; recomputing them", model_dir)
+            logger.warning(
+                "%s: the saved QDEC residuals belong to other weights or another "
+                "weight quantiser; recomputing them",
+                model_dir,
+            )
             config = config if config is not None else QDECConfig.from_dict(meta["config"])
         elif config is None or config.residual_bits == meta["config"].get("residual_bits"):
             load_qdec(model, model_dir, config)

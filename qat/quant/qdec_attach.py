@@ -25,8 +25,10 @@ QuantLayer = QuantLinear | QuantConv1D
 def _hook(module: QuantLayer, args: tuple, output: Tensor) -> Tensor:
     state: QDECState = module._qdec
     if torch.is_grad_enabled():
-        raise QDECError("QDEC is inference-only: run the model under torch.no_grad() or "
-                        "torch.inference_mode(), or detach_qdec(model) before training")
+        raise QDECError(
+            "QDEC is inference-only: run the model under torch.no_grad() or "
+            "torch.inference_mode(), or detach_qdec(model) before training"
+        )
     if state.k == 0:
         return output
     prefill = state.config.prefill or getattr(module, "_qdec_prefill", None) or "step"
@@ -37,9 +39,13 @@ def _hook(module: QuantLayer, args: tuple, output: Tensor) -> Tensor:
 def qdec_layers(model: nn.Module) -> list[tuple[str, QuantLayer]]:
     """The layers QDEC serves: ``QuantLinear`` / ``QuantConv1D`` modules with an enabled
     weight quantiser."""
-    return [(n, m) for n, m in model.named_modules()
-            if isinstance(m, (QuantLinear, QuantConv1D))
-            and m.weight_quantizer is not None and m.weight_quantizer.enabled]
+    return [
+        (n, m)
+        for n, m in model.named_modules()
+        if isinstance(m, (QuantLinear, QuantConv1D))
+        and m.weight_quantizer is not None
+        and m.weight_quantizer.enabled
+    ]
 
 
 def layer_shape(m: QuantLayer) -> tuple[int, int]:
@@ -64,21 +70,30 @@ def layers_to_serve(model: nn.Module) -> list[tuple[str, QuantLayer]]:
         raise QDECError("QDEC is already attached to this model; detach_qdec(model) first")
     layers = qdec_layers(model)
     if not layers:
-        raise QDECError("QDEC needs quantised weights, and this model has no linear layer with "
-                        "a weight quantiser; set quant.weight (e.g. {format: bfp, width: 3})")
+        raise QDECError(
+            "QDEC needs quantised weights, and this model has no linear layer with "
+            "a weight quantiser; set quant.weight (e.g. {format: bfp, width: 3})"
+        )
     return layers
 
 
-def install_residual(model: nn.Module, name: str, module: QuantLayer, codes_t: Tensor,
-                     scale: Tensor, config: QDECConfig) -> None:
+def install_residual(
+    model: nn.Module,
+    name: str,
+    module: QuantLayer,
+    codes_t: Tensor,
+    scale: Tensor,
+    config: QDECConfig,
+) -> None:
     """Give ``module`` the residual ``codes_t`` / ``scale`` and its forward hook."""
     state = QDECState(codes_t, scale, k_for(config.k_chunk, layer_shape(module)[0]), config)
     module.__dict__["_qdec"] = state  # plain attribute: model.to() / state_dict() skip it
     state.handle = module.register_forward_hook(_hook)
 
 
-def attach_qdec(model: nn.Module, config: QDECConfig | Mapping[str, Any] | None = None
-                ) -> nn.Module:
+def attach_qdec(
+    model: nn.Module, config: QDECConfig | Mapping[str, Any] | None = None
+) -> nn.Module:
     """Compute, quantise and attach every quantised linear's residual; returns ``model``.
 
     >>> import torch, qat
@@ -149,8 +164,12 @@ def check_quant_for_qdec(quant: Any, qdec: QDECConfig | None) -> None:
     """Before any work: QDEC asked for on a quant config without weight quantisation."""
     if qdec is None:
         return
-    weights = quant is not None and (quant.weight is not None or any(
-        (o or {}).get("weight") is not None for o in quant.overrides.values()))
+    weights = quant is not None and (
+        quant.weight is not None
+        or any((o or {}).get("weight") is not None for o in quant.overrides.values())
+    )
     if not weights:
-        raise QDECError("qdec needs quantised weights, but quant.weight is null (the model's "
-                        "weights stay float); set quant.weight, e.g. {format: bfp, width: 3}")
+        raise QDECError(
+            "qdec needs quantised weights, but quant.weight is null (the model's "
+            "weights stay float); set quant.weight, e.g. {format: bfp, width: 3}"
+        )

@@ -40,15 +40,18 @@ class QDECConfig:
         if isinstance(k, float) and k.is_integer():
             self.k_chunk = k = int(k)  # YAML / CLI "32.0"
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-            raise QDECError(f"qdec.k_chunk must be an integer >= 0 (channels per 1024 inputs), "
-                            f"got {k!r}")
+            raise QDECError(
+                f"qdec.k_chunk must be an integer >= 0 (channels per 1024 inputs), got {k!r}"
+            )
         b = self.residual_bits
         if isinstance(b, bool) or not isinstance(b, int) or not 2 <= b <= 8:
             raise QDECError(f"qdec.residual_bits must be an integer in 2..8, got {b!r}")
         check_one_of("qdec.residual_device", self.residual_device, RESIDUAL_DEVICES, QDECError)
         if self.prefill is not None and self.prefill not in PREFILL_RULES:
-            raise QDECError(f"qdec.prefill must be one of {', '.join(PREFILL_RULES)} or null; "
-                            f"got {self.prefill!r}")
+            raise QDECError(
+                f"qdec.prefill must be one of {', '.join(PREFILL_RULES)} or null; "
+                f"got {self.prefill!r}"
+            )
 
     @classmethod
     def from_dict(cls, d: Any) -> QDECConfig | None:

@@ -26,8 +26,9 @@ def k_for(k_chunk: int, d_in: int) -> int:
     return max(0, min(d_in, round(k_chunk * d_in / 1024)))
 
 
-def quantize_residual(r: Tensor, bits: int, fractions: tuple[float, ...] = SCALE_FRACTIONS
-                      ) -> tuple[Tensor, Tensor]:
+def quantize_residual(
+    r: Tensor, bits: int, fractions: tuple[float, ...] = SCALE_FRACTIONS
+) -> tuple[Tensor, Tensor]:
     """Symmetric ``bits``-bit quantisation of ``r [out, in]`` with one scale per row.
 
     Codes lie in ``[-(2^(bits-1) - 1), 2^(bits-1) - 1]`` (symmetric: no extra negative code);
@@ -136,8 +137,11 @@ class QDECState:
         flat = idx.reshape(-1).to("cpu")  # host sync (see the docstring)
         n = flat.numel()
         if self._staging is None or self._staging.shape[0] < n:
-            self._staging = torch.empty((n, self.codes_t.shape[1]), dtype=self.codes_t.dtype,
-                                        pin_memory=device.type == "cuda")
+            self._staging = torch.empty(
+                (n, self.codes_t.shape[1]),
+                dtype=self.codes_t.dtype,
+                pin_memory=device.type == "cuda",
+            )
             self._staging_done = None
         if self._staging_done is not None:
             self._staging_done.synchronize()  # the previous copy out of it has finished

@@ -55,8 +55,7 @@ def is_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, (QuantLinear, QuantConv1D, MatmulQuantizer)) for m in model.modules())
 
 
-def quantize_model(model: nn.Module, config: QuantConfig | Mapping[str, Any] | None
-                   ) -> nn.Module:
+def quantize_model(model: nn.Module, config: QuantConfig | Mapping[str, Any] | None) -> nn.Module:
     """Insert STE fake-quantisers into ``model`` in place, as ``config`` says; returns it.
 
     >>> import torch, transformers, qat
@@ -108,8 +107,14 @@ def quantize_model(model: nn.Module, config: QuantConfig | Mapping[str, Any] | N
                 new = QuantLinear.from_linear(module, wq, aq)
             rot = config.rotation_for(name)
             if rot is not None:
-                size = resolve_size(rot, [wf, af], module.weight.shape[wdim], name,
-                                    "input features", QuantConfigError)
+                size = resolve_size(
+                    rot,
+                    [wf, af],
+                    module.weight.shape[wdim],
+                    name,
+                    "input features",
+                    QuantConfigError,
+                )
                 new.set_rotation(Rotation(size).to(module.weight.device))
             replacements.append((name, new))
         elif name in attention:
@@ -119,23 +124,33 @@ def quantize_model(model: nn.Module, config: QuantConfig | Mapping[str, Any] | N
                 rot = config.rotation_for(name)
                 rotation = None
                 if rot is not None:
-                    size = resolve_size(rot, [formats.matmul], _head_dim(module, model), name,
-                                        "head_dim of Q and K", QuantConfigError)
+                    size = resolve_size(
+                        rot,
+                        [formats.matmul],
+                        _head_dim(module, model),
+                        name,
+                        "head_dim of Q and K",
+                        QuantConfigError,
+                    )
                     rotation = Rotation(size).to(_device_of(module))
-                module.qat_matmul = MatmulQuantizer(formats.matmul, config.v_block_axis,
-                                                    config.backend, rotation)
+                module.qat_matmul = MatmulQuantizer(
+                    formats.matmul, config.v_block_axis, config.backend, rotation
+                )
                 uses_matmul = True
     wants_matmul = any(config.formats_for(n).matmul is not None for n in names)
     if wants_matmul and not attention:
-        raise QuantConfigError(f"quant.matmul is set but {type(model).__name__} declares no "
-                               "attention modules (transformers' _can_record_outputs); set "
-                               "quant.matmul: null")
+        raise QuantConfigError(
+            f"quant.matmul is set but {type(model).__name__} declares no "
+            "attention modules (transformers' _can_record_outputs); set "
+            "quant.matmul: null"
+        )
     unused = [p for p in config.overrides if p not in used_overrides]
     if unused:
         sample = ", ".join(names[:8])
         raise QuantConfigError(
             f"quant.overrides pattern {unused[0]!r} matches no linear or attention module; "
-            f"module names look like: {sample}, ...")
+            f"module names look like: {sample}, ..."
+        )
     for name, new in replacements:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -143,20 +158,26 @@ def quantize_model(model: nn.Module, config: QuantConfig | Mapping[str, Any] | N
     share_sibling_inputs([(n, m) for n, m in replacements])
     if uses_matmul:
         if not hasattr(model, "set_attn_implementation"):
-            raise QuantConfigError("quant.matmul needs a transformers PreTrainedModel; "
-                                   "set quant.matmul: null for other models")
+            raise QuantConfigError(
+                "quant.matmul needs a transformers PreTrainedModel; "
+                "set quant.matmul: null for other models"
+            )
         impl = attention_impl.ATTN_IMPLEMENTATION
         try:
             model.set_attn_implementation(impl)
         except ValueError as e:
-            raise QuantConfigError(f"quant.matmul: {type(model).__name__} cannot run the qat "
-                                   f"attention ({str(e).splitlines()[0]}); set quant.matmul: "
-                                   "null") from None
+            raise QuantConfigError(
+                f"quant.matmul: {type(model).__name__} cannot run the qat "
+                f"attention ({str(e).splitlines()[0]}); set quant.matmul: "
+                "null"
+            ) from None
         # transformers only warns when a model's attention bypasses its interface.
         if getattr(model.config, "_attn_implementation", None) != impl:
-            raise QuantConfigError(f"quant.matmul: {type(model).__name__}'s attention does not "
-                                   "go through transformers' attention interface; set "
-                                   "quant.matmul: null")
+            raise QuantConfigError(
+                f"quant.matmul: {type(model).__name__}'s attention does not "
+                "go through transformers' attention interface; set "
+                "quant.matmul: null"
+            )
     if hasattr(model, "config"):
         setattr(model.config, CONFIG_ATTR, config.to_dict())
     model.qat_quant = config  # the QuantConfig itself (config.json holds its dict)
@@ -180,8 +201,9 @@ def _device_of(module: nn.Module):
     return p.device if p is not None else "cpu"
 
 
-def check_quantizable(config: Any, quant: QuantConfig | Mapping[str, Any] | None,
-                      causal_lm: bool) -> None:
+def check_quantizable(
+    config: Any, quant: QuantConfig | Mapping[str, Any] | None, causal_lm: bool
+) -> None:
     """Quantise a weightless skeleton of the model ``config`` describes (meta device), so that
     errors only a module can show (a rotation size that does not divide a layer, an override
     that matches nothing, matmul quantisation of a model without attention) are reported

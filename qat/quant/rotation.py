@@ -36,27 +36,34 @@ def hadamard(n: int, dtype: torch.dtype = torch.float32) -> Tensor:
     return (h / math.sqrt(n)).to(dtype)
 
 
-def check_rotation_spec(spec: Any, where: str, error: type[Exception] = QatError
-                        ) -> dict[str, Any] | None:
+def check_rotation_spec(
+    spec: Any, where: str, error: type[Exception] = QatError
+) -> dict[str, Any] | None:
     """The normalised ``{kind, size}`` of a ``rotation`` mapping (None: off); one ``error`` line
     naming ``where`` and the key otherwise."""
     if spec is None:
         return None
     if not isinstance(spec, Mapping):
-        raise error(f"{where} must be a mapping like {{kind: hadamard, size: 64}} or null, "
-                    f"got {spec!r}")
+        raise error(
+            f"{where} must be a mapping like {{kind: hadamard, size: 64}} or null, got {spec!r}"
+        )
     for key in spec:
         if key not in ROTATION_KEYS:
-            raise error(f"unknown key {where}.{key}{did_you_mean(key, ROTATION_KEYS, where)}; "
-                        "valid keys: "
-                        f"{', '.join(ROTATION_KEYS)}")
+            raise error(
+                f"unknown key {where}.{key}{did_you_mean(key, ROTATION_KEYS, where)}; "
+                "valid keys: "
+                f"{', '.join(ROTATION_KEYS)}"
+            )
     kind = spec.get("kind", "hadamard")
     check_one_of(f"{where}.kind", kind, ROTATION_KINDS, error)
     size = spec.get("size", "block")
-    if size != "block" and (isinstance(size, bool) or not isinstance(size, int) or size < 2
-                            or size & (size - 1)):
-        raise error(f"{where}.size must be a power of two >= 2 or 'block' (the format's block "
-                    f"size), got {size!r}")
+    if size != "block" and (
+        isinstance(size, bool) or not isinstance(size, int) or size < 2 or size & (size - 1)
+    ):
+        raise error(
+            f"{where}.size must be a power of two >= 2 or 'block' (the format's block "
+            f"size), got {size!r}"
+        )
     return {"kind": kind, "size": size}
 
 
@@ -74,8 +81,7 @@ class Rotation(nn.Module):
         moved = x.movedim(dim, -1) if dim not in (-1, x.dim() - 1) else x
         n = moved.shape[-1]
         h = self.matrix if self.matrix.dtype == x.dtype else self.matrix.to(x.dtype)
-        out = (moved.reshape(*moved.shape[:-1], n // self.size, self.size) @ h).reshape(
-            moved.shape)
+        out = (moved.reshape(*moved.shape[:-1], n // self.size, self.size) @ h).reshape(moved.shape)
         return out.movedim(-1, dim) if moved is not x else out
 
     def extra_repr(self) -> str:
@@ -91,8 +97,14 @@ def format_block(fmt: Any) -> int | None:
     return None
 
 
-def resolve_size(spec: Mapping[str, Any], formats: list[Any], dim_len: int, module: str,
-                 what: str, error: type[Exception] = QatError) -> int:
+def resolve_size(
+    spec: Mapping[str, Any],
+    formats: list[Any],
+    dim_len: int,
+    module: str,
+    what: str,
+    error: type[Exception] = QatError,
+) -> int:
     """The rotation size for one module's reduction dim of length ``dim_len``: ``spec['size']``
     or, for ``block``, the first of ``formats`` with a block length. Refused in one line
     naming ``module`` when it does not divide ``dim_len``."""
@@ -100,14 +112,20 @@ def resolve_size(spec: Mapping[str, Any], formats: list[Any], dim_len: int, modu
     if size == "block":
         blocks = [b for b in map(format_block, [f for f in formats if f is not None]) if b]
         if not blocks:
-            raise error(f"quant.rotation.size 'block': module {module!r} has no block format to "
-                        "take the size from; give a number")
+            raise error(
+                f"quant.rotation.size 'block': module {module!r} has no block format to "
+                "take the size from; give a number"
+            )
         size = blocks[0]
         if size & (size - 1):
-            raise error(f"quant.rotation.size 'block' is {size} for module {module!r}, not a "
-                        "power of two; give a number")
+            raise error(
+                f"quant.rotation.size 'block' is {size} for module {module!r}, not a "
+                "power of two; give a number"
+            )
     if dim_len % size:
-        raise error(f"quant.rotation.size {size} does not divide the {what} ({dim_len}) of "
-                    f"module {module!r}; choose a power of two that divides it, or override "
-                    "the rotation for that module (quant.overrides)")
+        raise error(
+            f"quant.rotation.size {size} does not divide the {what} ({dim_len}) of "
+            f"module {module!r}; choose a power of two that divides it, or override "
+            "the rotation for that module (quant.overrides)"
+        )
     return size

@@ -26,8 +26,9 @@ def error_sums(x: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
 
 def sqnr_from_sums(signal: Tensor, noise: Tensor) -> Tensor:
     """SQNR (dB) from pooled sums; +inf where the noise is zero."""
-    return torch.where(noise > 0, 10 * torch.log10(signal / noise),
-                       torch.full_like(noise, math.inf))
+    return torch.where(
+        noise > 0, 10 * torch.log10(signal / noise), torch.full_like(noise, math.inf)
+    )
 
 
 def sqnr_db(x: Tensor, q: Tensor) -> Tensor:

@@ -36,8 +36,12 @@ class SharedInput:
     def get(self, x: Tensor) -> Tensor | None:
         key = self._key
         # an inference tensor is never put (below), so it never matches key[0]
-        if key is None or key[0]() is not x or key[1] != x._version \
-                or key[2] != torch.is_grad_enabled():
+        if (
+            key is None
+            or key[0]() is not x
+            or key[1] != x._version
+            or key[2] != torch.is_grad_enabled()
+        ):
             return None
         return self._out
 
@@ -71,8 +75,9 @@ class FakeQuantizer(nn.Module):
     the layer rotates both operands, so its float product is unchanged either way.
     """
 
-    def __init__(self, fmt: Format, dim: int = -1, backend: str = "auto",
-                 rotation: nn.Module | None = None) -> None:
+    def __init__(
+        self, fmt: Format, dim: int = -1, backend: str = "auto", rotation: nn.Module | None = None
+    ) -> None:
         super().__init__()
         self.fmt = fmt
         self.dim = dim
@@ -115,4 +120,3 @@ class FakeQuantizer(nn.Module):
     def extra_repr(self) -> str:
         rot = "" if self.rotation is None else f", rotation={self.rotation.extra_repr()}"
         return f"{self.fmt}, dim={self.dim}, backend={self.backend}{rot}"
-

@@ -41,10 +41,11 @@ class LoraArguments:
     r: int = dataclasses.field(default=8, metadata=_help("adapter rank (>= 1)"))
     alpha: int = dataclasses.field(default=16, metadata=_help("scale alpha / r (alpha >= 1)"))
     dropout: float = dataclasses.field(
-        default=0.0, metadata=_help("must be 0 (the quantiser sees W + BA)"))
+        default=0.0, metadata=_help("must be 0 (the quantiser sees W + BA)")
+    )
     target_modules: list[str] | None = dataclasses.field(
-        default=None, metadata=_help("module name endings to adapt; null: every quantised "
-                                     "linear"))
+        default=None, metadata=_help("module name endings to adapt; null: every quantised linear")
+    )
 
 
 @dataclasses.dataclass
@@ -53,16 +54,22 @@ class DistillArguments:
     absent or null: off). The training loss is ``task_loss + weight * distill_loss``."""
 
     teacher: str = dataclasses.field(
-        default="self", metadata=_help("self (the float model the run starts from; with LoRA, "
-                                       "the same model with adapters and quantisers off) or a "
-                                       "model folder / Hub id"))
+        default="self",
+        metadata=_help(
+            "self (the float model the run starts from; with LoRA, "
+            "the same model with adapters and quantisers off) or a "
+            "model folder / Hub id"
+        ),
+    )
     loss: DistillLoss = dataclasses.field(
-        default="kl", metadata=_help("kl (KL(teacher || student)) or jsd (Jensen-Shannon)"))
+        default="kl", metadata=_help("kl (KL(teacher || student)) or jsd (Jensen-Shannon)")
+    )
     temperature: float = dataclasses.field(
-        default=1.0, metadata=_help("softens both distributions (> 0); the loss is scaled by "
-                                    "T^2"))
+        default=1.0, metadata=_help("softens both distributions (> 0); the loss is scaled by T^2")
+    )
     weight: float = dataclasses.field(
-        default=1.0, metadata=_help("multiplies the distillation loss (>= 0)"))
+        default=1.0, metadata=_help("multiplies the distillation loss (>= 0)")
+    )
 
 
 @dataclasses.dataclass
@@ -70,75 +77,115 @@ class QATArguments:
     """The recipe keys that are not ``TrainingArguments`` fields."""
 
     model_name_or_path: str | None = dataclasses.field(
-        default=None, metadata=_help("required: Hub id, local folder or pkg://package/path"))
+        default=None, metadata=_help("required: Hub id, local folder or pkg://package/path")
+    )
     task_name: str | None = dataclasses.field(
-        default=None, metadata=_help("required: GLUE task (sst2, mnli, ...)"))
+        default=None, metadata=_help("required: GLUE task (sst2, mnli, ...)")
+    )
     gguf_file: str | None = dataclasses.field(
-        default=None, metadata=_help("GGUF file inside model_name_or_path to load instead"))
+        default=None, metadata=_help("GGUF file inside model_name_or_path to load instead")
+    )
     tokenizer_name_or_path: str | None = dataclasses.field(
-        default=None, metadata=_help("tokenizer source if not the model's"))
+        default=None, metadata=_help("tokenizer source if not the model's")
+    )
     torch_dtype: str | None = dataclasses.field(
-        default=None, metadata=_help("dtype to load the weights in (float32, bfloat16, ...)"))
+        default=None, metadata=_help("dtype to load the weights in (float32, bfloat16, ...)")
+    )
     max_length: int = dataclasses.field(
-        default=128, metadata=_help("tokens per example (>= 1, within the model's positions)"))
+        default=128, metadata=_help("tokens per example (>= 1, within the model's positions)")
+    )
     data_dir: str | None = dataclasses.field(
-        default=None, metadata=_help("offline GLUE folder (else $QAT_DATA_DIR, else the Hub)"))
+        default=None, metadata=_help("offline GLUE folder (else $QAT_DATA_DIR, else the Hub)")
+    )
     max_train_samples: int | None = dataclasses.field(
-        default=None, metadata=_help("train on this many rows (>= 1; null: all)"))
+        default=None, metadata=_help("train on this many rows (>= 1; null: all)")
+    )
     max_eval_samples: int | None = dataclasses.field(
-        default=None, metadata=_help("evaluate on this many rows (>= 1; null: all)"))
+        default=None, metadata=_help("evaluate on this many rows (>= 1; null: all)")
+    )
     finetune: FinetuneMode = dataclasses.field(
-        default="full", metadata=_help("what trains: the whole model, LoRA adapters and the "
-                                       "head, or the classifier head alone"))
+        default="full",
+        metadata=_help(
+            "what trains: the whole model, LoRA adapters and the head, or the classifier head alone"
+        ),
+    )
     lora: LoraArguments = dataclasses.field(
         default_factory=LoraArguments,
-        metadata=_help("LoRA settings for finetune: lora (r, alpha, dropout, target_modules)"))
+        metadata=_help("LoRA settings for finetune: lora (r, alpha, dropout, target_modules)"),
+    )
     # A mapping in the recipe; QATConfig narrows the type to the QuantConfig it builds.
     quant: dict[str, Any] | None = dataclasses.field(
-        default=None, metadata=_help("formats per role (weight, activation, matmul), "
-                                     "exclude, overrides, backend; null: float"))
+        default=None,
+        metadata=_help(
+            "formats per role (weight, activation, matmul), "
+            "exclude, overrides, backend; null: float"
+        ),
+    )
     # A mapping in the recipe; QATConfig builds the QDECConfig (qat.quant.qdec).
     qdec: dict[str, Any] | None = dataclasses.field(
-        default=None, metadata=_help("QDEC error compensation at inference (k_chunk, "
-                                     "residual_bits, residual_device, prefill); null: off"))
+        default=None,
+        metadata=_help(
+            "QDEC error compensation at inference (k_chunk, "
+            "residual_bits, residual_device, prefill); null: off"
+        ),
+    )
     distill: DistillArguments | None = dataclasses.field(
-        default=None, metadata=_help("knowledge distillation from the float model (teacher, "
-                                     "loss, temperature, weight); null: off"))
+        default=None,
+        metadata=_help(
+            "knowledge distillation from the float model (teacher, "
+            "loss, temperature, weight); null: off"
+        ),
+    )
     on_nonfinite: OnNonfinite = dataclasses.field(
         default="stop",
-        metadata=_help("on a NaN/inf loss or gradient: stop the run, or skip the step"))
+        metadata=_help("on a NaN/inf loss or gradient: stop the run, or skip the step"),
+    )
     # Trainer's convention (dropped from TrainingArguments in transformers 5): a new run into a
     # folder that holds a run is refused unless this is true (qat.training.run.check_run_folder).
     overwrite_output_dir: bool = dataclasses.field(
-        default=False, metadata=_help("start over in a folder that holds a run (deletes its "
-                                      "checkpoints)"))
+        default=False,
+        metadata=_help("start over in a folder that holds a run (deletes its checkpoints)"),
+    )
     # --- decoders (task_name causal_lm / chat; qat.tasks.language_modeling, qat.tasks.chat) ---
     dataset_name: str | None = dataclasses.field(
-        default=None, metadata=_help("decoders: a Hub dataset; null or 'wikitext': WikiText-2 "
-                                     "raw"))
+        default=None, metadata=_help("decoders: a Hub dataset; null or 'wikitext': WikiText-2 raw")
+    )
     dataset_config: str | None = dataclasses.field(
-        default=None, metadata=_help("decoders: the Hub dataset's config name"))
+        default=None, metadata=_help("decoders: the Hub dataset's config name")
+    )
     text_column: str = dataclasses.field(
-        default="text", metadata=_help("causal_lm: the column holding the text"))
+        default="text", metadata=_help("causal_lm: the column holding the text")
+    )
     train_file: str | None = dataclasses.field(
-        default=None, metadata=_help("decoders: local .txt / .jsonl / .json training data"))
+        default=None, metadata=_help("decoders: local .txt / .jsonl / .json training data")
+    )
     validation_file: str | None = dataclasses.field(
-        default=None, metadata=_help("decoders: local evaluation data (with train_file)"))
+        default=None, metadata=_help("decoders: local evaluation data (with train_file)")
+    )
     train_split: str = dataclasses.field(
-        default="train", metadata=_help("decoders: the dataset split to train on"))
+        default="train", metadata=_help("decoders: the dataset split to train on")
+    )
     eval_split: str = dataclasses.field(
-        default="validation", metadata=_help("decoders: the dataset split to evaluate on"))
+        default="validation", metadata=_help("decoders: the dataset split to evaluate on")
+    )
     block_size: int = dataclasses.field(
-        default=1024, metadata=_help("decoders: tokens per training / evaluation chunk (chat: "
-                                     "per row, at most)"))
+        default=1024,
+        metadata=_help("decoders: tokens per training / evaluation chunk (chat: per row, at most)"),
+    )
     trainer: Literal["qat", "sft"] = dataclasses.field(
-        default="qat", metadata=_help("qat (QATTrainer) or sft (TRL's SFTTrainer with qat's "
-                                      "quantisers: qat.integrations.trl)"))
+        default="qat",
+        metadata=_help(
+            "qat (QATTrainer) or sft (TRL's SFTTrainer with qat's quantisers: qat.integrations.trl)"
+        ),
+    )
 
 
 # The dataclasses whose fields are recipe keys, and the prefix their keys take.
 NESTED_SECTIONS: tuple[tuple[type, str], ...] = (
-    (QATArguments, ""), (LoraArguments, "lora."), (DistillArguments, "distill."))
+    (QATArguments, ""),
+    (LoraArguments, "lora."),
+    (DistillArguments, "distill."),
+)
 
 
 def keys_help() -> str:
@@ -155,8 +202,10 @@ def keys_help() -> str:
             shown = "" if f.default in (None, dataclasses.MISSING) else f" [{f.default!r}]"
             rows.append((f"  --{prefix}{f.name} {kind}", f.metadata["help"] + shown))
     pad = max(len(left) for left, _ in rows) + 2
-    return "\n".join(textwrap.fill(text, 100, initial_indent=f"{left:<{pad}}",
-                                   subsequent_indent=" " * pad) for left, text in rows)
+    return "\n".join(
+        textwrap.fill(text, 100, initial_indent=f"{left:<{pad}}", subsequent_indent=" " * pad)
+        for left, text in rows
+    )
 
 
 def _type_text(annotation: Any) -> str:

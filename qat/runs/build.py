@@ -61,8 +61,9 @@ class Built:
     args: Any  # recipe.args, or ModelArgs for a bare model name
 
 
-def checkpoint_overrides(state: Mapping[str, Any], checkpoint: str | os.PathLike | None = None
-                         ) -> dict[str, Any]:
+def checkpoint_overrides(
+    state: Mapping[str, Any], checkpoint: str | os.PathLike | None = None
+) -> dict[str, Any]:
     """The recipe keys a checkpoint's ``qat_config.json`` (``state``) overrides: its quant
     config, fine-tuning mode and LoRA settings always win over the recipe. With ``checkpoint``
     (building a model from it, not resuming a Trainer that reloads the weights itself), a
@@ -106,8 +107,9 @@ def _refuse_export(folder: Path, path: str) -> None:
         check_not_export(config.get("model_type"), path)
 
 
-def resolve_source(path: str | os.PathLike, overrides: Sequence[str] | Mapping[str, Any] = ()
-                   ) -> Source:
+def resolve_source(
+    path: str | os.PathLike, overrides: Sequence[str] | Mapping[str, Any] = ()
+) -> Source:
     """A recipe file, or a run/checkpoint directory with ``qat_config.json``."""
     from qat.runs.checkpoints import QAT_CONFIG_FILE, check_weights, read_qat_config
     from qat.runs.recipe import apply_override, build_recipe, load_recipe, load_recipe_dict
@@ -117,17 +119,22 @@ def resolve_source(path: str | os.PathLike, overrides: Sequence[str] | Mapping[s
     if p.is_file():
         return Source(load_recipe(p, _parsed(overrides)))
     if not p.exists():
-        raise UsageError(f"{path!r} does not exist (expected a recipe .yaml or a checkpoint "
-                         "directory)")
+        raise UsageError(
+            f"{path!r} does not exist (expected a recipe .yaml or a checkpoint directory)"
+        )
     if not p.is_dir():
-        raise UsageError(f"{path!r} is not a regular file or a directory (expected a recipe "
-                         ".yaml or a checkpoint directory)")
+        raise UsageError(
+            f"{path!r} is not a regular file or a directory (expected a recipe "
+            ".yaml or a checkpoint directory)"
+        )
     if not (p / QAT_CONFIG_FILE).is_file():
         _refuse_export(p, path)
-        raise UsageError(f"{path!r} is a directory that holds no {QAT_CONFIG_FILE}: not a "
-                         "qat checkpoint (written by qat train); give a recipe .yaml file, "
-                         "or to evaluate a plain model, a recipe whose model_name_or_path "
-                         "points at it")
+        raise UsageError(
+            f"{path!r} is a directory that holds no {QAT_CONFIG_FILE}: not a "
+            "qat checkpoint (written by qat train); give a recipe .yaml file, "
+            "or to evaluate a plain model, a recipe whose model_name_or_path "
+            "points at it"
+        )
     state = read_qat_config(p)
     check_weights(p, state["finetune"])  # a truncated file: one line naming it, not a traceback
     yaml_path = find_recipe_yaml(p)
@@ -138,12 +145,15 @@ def resolve_source(path: str | os.PathLike, overrides: Sequence[str] | Mapping[s
     for key, value in {**ckpt_keys, **_parsed(overrides)}.items():
         apply_override(data, key, value)  # build_recipe rejects unknown keys
     if not data.get("task_name"):
-        raise UsageError(f"{path!r}: no recipe.yaml in it or its parent says which task; "
-                         "pass --task_name")
+        raise UsageError(
+            f"{path!r}: no recipe.yaml in it or its parent says which task; pass --task_name"
+        )
     finetune = ckpt_keys["finetune"]
     if finetune == "lora" and not data.get("model_name_or_path"):
-        raise UsageError(f"{path!r} is a LoRA checkpoint, but no recipe.yaml names the base "
-                         "model; pass --model_name_or_path")
+        raise UsageError(
+            f"{path!r} is a LoRA checkpoint, but no recipe.yaml names the base "
+            "model; pass --model_name_or_path"
+        )
     return Source(build_recipe(data, str(yaml_path or p)), p, finetune)
 
 
@@ -158,12 +168,14 @@ def _is_model_name(path: str) -> bool:
     if p.is_dir():
         return (p / "config.json").is_file() and not (p / QAT_CONFIG_FILE).is_file()
     # a missing ``*.yaml`` is a recipe that resolve_source reports; other names go to the Hub
-    return not p.exists() and p.suffix not in RECIPE_SUFFIXES and not path.startswith(
-        ("/", "./", "../", "~"))
+    return (
+        not p.exists()
+        and p.suffix not in RECIPE_SUFFIXES
+        and not path.startswith(("/", "./", "../", "~"))
+    )
 
 
-_MODEL_KEYS = {f.name for f in dataclasses.fields(ModelArgs)} - {"finetune", "lora",
-                                                                    "task_name"}
+_MODEL_KEYS = {f.name for f in dataclasses.fields(ModelArgs)} - {"finetune", "lora", "task_name"}
 
 
 def _model_args(name: str, overrides: Sequence[str] | Mapping[str, Any]) -> ModelArgs:
@@ -174,8 +186,10 @@ def _model_args(name: str, overrides: Sequence[str] | Mapping[str, Any]) -> Mode
     data: dict[str, Any] = {"model_name_or_path": name}
     for key, value in _parsed(overrides).items():
         if key.split(".")[0] not in _MODEL_KEYS:
-            raise ConfigError(f"--{key}: a model name takes only the model keys "
-                              f"{', '.join(sorted(_MODEL_KEYS))}; give a recipe for the rest")
+            raise ConfigError(
+                f"--{key}: a model name takes only the model keys "
+                f"{', '.join(sorted(_MODEL_KEYS))}; give a recipe for the rest"
+            )
         apply_override(data, key, value)
     try:
         data["quant"] = QuantConfig.from_dict(data.get("quant"))
@@ -184,8 +198,9 @@ def _model_args(name: str, overrides: Sequence[str] | Mapping[str, Any]) -> Mode
     return ModelArgs(**data)
 
 
-def _resolve(source: Any, overrides: Sequence[str] | Mapping[str, Any]
-             ) -> tuple[Any, Any, Path | None, str]:
+def _resolve(
+    source: Any, overrides: Sequence[str] | Mapping[str, Any]
+) -> tuple[Any, Any, Path | None, str]:
     """``(recipe or None, args, checkpoint, finetune)`` of any source kind."""
     from qat.runs.recipe import Recipe, apply_override, build_recipe
 
@@ -209,10 +224,16 @@ def _resolve(source: Any, overrides: Sequence[str] | Mapping[str, Any]
     return src.recipe, src.recipe.args, src.checkpoint, src.finetune
 
 
-def build_model(source: Any, overrides: Sequence[str] | Mapping[str, Any] = (), *,
-                head: str = "sequence_classification", device: Any = None,
-                num_labels: int | None = None,
-                check: Callable[[Any], None] | None = None, tokenizer: Any = None) -> Built:
+def build_model(
+    source: Any,
+    overrides: Sequence[str] | Mapping[str, Any] = (),
+    *,
+    head: str = "sequence_classification",
+    device: Any = None,
+    num_labels: int | None = None,
+    check: Callable[[Any], None] | None = None,
+    tokenizer: Any = None,
+) -> Built:
     """Load, quantise and (for a LoRA checkpoint) attach the adapter of ``source``: a Hub id,
     model folder or ``pkg://`` path, a recipe file or ``Recipe``, a run / checkpoint
     directory, or a ``Source``; ``overrides`` are recipe keys (``["--quant", "null"]`` or a
@@ -251,8 +272,10 @@ def build_model(source: Any, overrides: Sequence[str] | Mapping[str, Any] = (), 
             if num_labels in (None, task.num_labels):
                 num_labels, id2label = task.num_labels, task.id2label
         if num_labels is None:
-            raise UsageError(f"model {args.model_name_or_path!r}: a sequence classifier needs "
-                             "num_labels (or a recipe with a task_name)")
+            raise UsageError(
+                f"model {args.model_name_or_path!r}: a sequence classifier needs "
+                "num_labels (or a recipe with a task_name)"
+            )
     config = models.load_config(args.model_name_or_path, args.gguf_file)
     if config is not None:  # GGUF: its config is known only once loaded (below)
         _check_config(config, args, head, check)
@@ -262,8 +285,13 @@ def build_model(source: Any, overrides: Sequence[str] | Mapping[str, Any] = (), 
         model = models.load_causal_lm(args.model_name_or_path, args.gguf_file, args.torch_dtype)
     else:
         model = models.load_sequence_classifier(
-            args.model_name_or_path, num_labels, args.gguf_file, args.torch_dtype,
-            pad_token_id=tokenizer.pad_token_id, id2label=id2label)
+            args.model_name_or_path,
+            num_labels,
+            args.gguf_file,
+            args.torch_dtype,
+            pad_token_id=tokenizer.pad_token_id,
+            id2label=id2label,
+        )
     if config is None:
         _check_config(model.config, args, head, check)
     if args.quant is not None:
@@ -277,8 +305,7 @@ def build_model(source: Any, overrides: Sequence[str] | Mapping[str, Any] = (), 
     return Built(model.eval(), tokenizer, recipe, ckpt, finetune, args)
 
 
-def _check_config(config: Any, args: Any, head: str, check: Callable[[Any], None] | None
-                  ) -> None:
+def _check_config(config: Any, args: Any, head: str, check: Callable[[Any], None] | None) -> None:
     from qat.models import check_max_length
 
     if head == "causal_lm":

@@ -49,8 +49,11 @@ def read_json(path: str | os.PathLike, kind: type = dict) -> Any:
         msg = getattr(e, "msg", str(e))
         raise CheckpointError(p, f"not valid JSON ({msg}{where}); truncated or edited?") from None
     if not isinstance(data, kind):
-        raise CheckpointError(p, f"expected a JSON {'object' if kind is dict else kind.__name__}"
-                                 f", got {type(data).__name__}")
+        raise CheckpointError(
+            p,
+            f"expected a JSON {'object' if kind is dict else kind.__name__}"
+            f", got {type(data).__name__}",
+        )
     return data
 
 
@@ -69,8 +72,9 @@ def check_qat_config(path: str | os.PathLike) -> dict[str, Any]:
     except (QuantConfigError, FormatError, ValueError, TypeError) as e:
         raise CheckpointError(path, f"quant: {e}") from None
     if state["finetune"] not in FINETUNE_MODES:
-        raise CheckpointError(path, f"finetune must be one of {', '.join(FINETUNE_MODES)}; got "
-                                    f"{state['finetune']!r}")
+        raise CheckpointError(
+            path, f"finetune must be one of {', '.join(FINETUNE_MODES)}; got {state['finetune']!r}"
+        )
     lora = state.get("lora")
     if lora is not None:
         if not isinstance(lora, dict):
@@ -93,8 +97,9 @@ def check_safetensors(path: str | os.PathLike) -> None:
                 raise CheckpointError(p, f"truncated ({size} bytes; not a safetensors file)")
             (n,) = struct.unpack("<Q", head)
             if n > min(size - 8, 100 * 2**20):
-                raise CheckpointError(p, f"truncated or not safetensors (header of {n} bytes in "
-                                         f"a {size}-byte file)")
+                raise CheckpointError(
+                    p, f"truncated or not safetensors (header of {n} bytes in a {size}-byte file)"
+                )
             header = json.loads(f.read(n))
     except FileNotFoundError:
         raise CheckpointError(p, "missing") from None
@@ -104,8 +109,14 @@ def check_safetensors(path: str | os.PathLike) -> None:
         raise CheckpointError(p, "corrupt safetensors header") from None
     if not isinstance(header, dict):
         raise CheckpointError(p, "corrupt safetensors header")
-    end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"
-               and isinstance(v, dict) and "data_offsets" in v), default=0)
+    end = max(
+        (
+            int(v["data_offsets"][1])
+            for k, v in header.items()
+            if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v
+        ),
+        default=0,
+    )
     if size < 8 + n + end:
         raise CheckpointError(p, f"truncated: {size} bytes, the header needs {8 + n + end}")
 
@@ -193,9 +204,11 @@ def write_checksums(checkpoint: str | os.PathLike) -> Path:
     """Record the size and SHA-256 of every file of a just-saved checkpoint (write-then-rename),
     so bytes that change later (rot, a bad copy) are found on resume, not trained on."""
     d = Path(checkpoint)
-    files = {str(p.relative_to(d)): {"size": p.stat().st_size, "sha256": _sha256(p)}
-             for p in sorted(d.rglob("*"))
-             if p.is_file() and p.name != CHECKSUMS_FILE and not TEMP_NAME.match(p.name)}
+    files = {
+        str(p.relative_to(d)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(d.rglob("*"))
+        if p.is_file() and p.name != CHECKSUMS_FILE and not TEMP_NAME.match(p.name)
+    }
     tmp = d / f".{CHECKSUMS_FILE}.tmp-{os.getpid()}"
     tmp.write_text(json.dumps({"algorithm": "sha256", "files": files}, indent=1))
     os.replace(tmp, d / CHECKSUMS_FILE)
@@ -227,8 +240,10 @@ def read_qat_config(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
     raises ``CheckpointError`` naming the file."""
     path = Path(checkpoint_dir) / QAT_CONFIG_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{str(checkpoint_dir)!r} holds no {QAT_CONFIG_FILE}: not a qat "
-                                "checkpoint (was it written by qat train?)")
+        raise FileNotFoundError(
+            f"{str(checkpoint_dir)!r} holds no {QAT_CONFIG_FILE}: not a qat "
+            "checkpoint (was it written by qat train?)"
+        )
     return check_qat_config(path)
 
 

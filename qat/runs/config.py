@@ -40,9 +40,11 @@ class QATConfig(QATArguments, TrainingArguments):
 
     # The recipe's mapping, built once into the config that every module reads.
     quant: QuantConfig | None = dataclasses.field(
-        default=None, metadata=QATArguments.__dataclass_fields__["quant"].metadata)
+        default=None, metadata=QATArguments.__dataclass_fields__["quant"].metadata
+    )
     qdec: Any = dataclasses.field(  # QDECConfig | None
-        default=None, metadata=QATArguments.__dataclass_fields__["qdec"].metadata)
+        default=None, metadata=QATArguments.__dataclass_fields__["qdec"].metadata
+    )
 
     def __post_init__(self) -> None:
         try:
@@ -60,8 +62,7 @@ class QATConfig(QATArguments, TrainingArguments):
         try:
             super().__post_init__()
         except (ValueError, TypeError) as e:
-            raise RecipeError(f"invalid training arguments: {' '.join(str(e).split())}"
-                              ) from None
+            raise RecipeError(f"invalid training arguments: {' '.join(str(e).split())}") from None
 
     def to_dict(self) -> dict[str, Any]:
         """Trainer's dict (logged to W&B / TensorBoard) with ``quant`` and ``lora`` as plain

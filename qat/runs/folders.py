@@ -27,8 +27,15 @@ logger = logging.getLogger(__name__)
 LOCK_FILE = ".qat_train.lock"
 CHECKPOINT_PREFIX = "checkpoint-"
 # What marks a folder as holding a run (checkpoint-* folders are looked for separately).
-RUN_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-             "adapter_model.safetensors", QAT_CONFIG_FILE, "recipe.yaml", "trainer_state.json")
+RUN_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "adapter_model.safetensors",
+    QAT_CONFIG_FILE,
+    "recipe.yaml",
+    "trainer_state.json",
+)
 
 
 # --- checkpoints in a run folder ------------------------------------------------------------
@@ -39,9 +46,13 @@ def checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     d = Path(output_dir)
     if not d.is_dir():
         return []
-    found = [(int(p.name[len(CHECKPOINT_PREFIX):]), p) for p in d.iterdir()
-             if p.name.startswith(CHECKPOINT_PREFIX)
-             and p.name[len(CHECKPOINT_PREFIX):].isdigit() and p.is_dir()]
+    found = [
+        (int(p.name[len(CHECKPOINT_PREFIX) :]), p)
+        for p in d.iterdir()
+        if p.name.startswith(CHECKPOINT_PREFIX)
+        and p.name[len(CHECKPOINT_PREFIX) :].isdigit()
+        and p.is_dir()
+    ]
     return [p for _, p in sorted(found, reverse=True)]
 
 
@@ -96,9 +107,17 @@ def clear_run(output_dir: str | os.PathLike) -> list[str]:
     for p in checkpoints(d):
         shutil.rmtree(p)
         removed.append(p.name)
-    for name in (*RUN_FILES, "adapter_config.json", "config.json", "train_results.json",
-                 "eval_results.json", "all_results.json", "eval_qat.json",
-                 "qdec.safetensors", "qdec_config.json"):  # residuals of the old weights
+    for name in (
+        *RUN_FILES,
+        "adapter_config.json",
+        "config.json",
+        "train_results.json",
+        "eval_results.json",
+        "all_results.json",
+        "eval_qat.json",
+        "qdec.safetensors",
+        "qdec_config.json",
+    ):  # residuals of the old weights
         if name != "recipe.yaml" and (d / name).is_file():  # the recipe may be the input
             (d / name).unlink()
             removed.append(name)
@@ -131,8 +150,14 @@ class RunLock:
         except FileExistsError:
             return False
         with os.fdopen(fd, "w") as f:
-            json.dump({"pid": os.getpid(), "host": socket.gethostname(),
-                       "started": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
+            json.dump(
+                {
+                    "pid": os.getpid(),
+                    "host": socket.gethostname(),
+                    "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                },
+                f,
+            )
         return True
 
     def acquire(self) -> None:
@@ -173,14 +198,21 @@ class RunLock:
                 if found is not None:
                     break
             else:
-                raise RunFolderError(f"output_dir {str(self.path.parent)!r} is in use by "
-                                     "runs that keep taking and releasing its lock")
+                raise RunFolderError(
+                    f"output_dir {str(self.path.parent)!r} is in use by "
+                    "runs that keep taking and releasing its lock"
+                )
             pid, host, owner, ino, idle = found
             dead = host == socket.gethostname() and not _alive(pid)
             if dead or idle > self.STALE_S:
                 why = "which is gone" if dead else f"not refreshed for {idle:.0f} s"
-                logger.warning("taking over the stale lock %s of process %d on %s (%s)",
-                               self.path, pid, host, why)
+                logger.warning(
+                    "taking over the stale lock %s of process %d on %s (%s)",
+                    self.path,
+                    pid,
+                    host,
+                    why,
+                )
                 with contextlib.suppress(FileNotFoundError):
                     if os.stat(self.path).st_ino == ino:  # still the lock judged stale
                         os.unlink(self.path)
@@ -188,9 +220,11 @@ class RunLock:
                     return
         finally:
             os.close(dfd)  # drops the flock
-        raise RunFolderError(f"output_dir {str(self.path.parent)!r} is in use by another run "
-                             f"(pid {pid} on {host}, since {owner.get('started', '?')}); wait "
-                             f"for it or use another output_dir (lock file {str(self.path)!r})")
+        raise RunFolderError(
+            f"output_dir {str(self.path.parent)!r} is in use by another run "
+            f"(pid {pid} on {host}, since {owner.get('started', '?')}); wait "
+            f"for it or use another output_dir (lock file {str(self.path)!r})"
+        )
 
     def _owner(self) -> tuple[int, str, dict[str, Any], int, float] | None:
         """``(pid, host, record, inode, seconds since refreshed)`` of the lock file (None:
@@ -202,9 +236,11 @@ class RunLock:
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError):
-            raise RunFolderError(f"output_dir {str(self.path.parent)!r} is locked by "
-                                f"{str(self.path)!r}, which cannot be read; delete it if no run "
-                                "is using this folder") from None
+            raise RunFolderError(
+                f"output_dir {str(self.path.parent)!r} is locked by "
+                f"{str(self.path)!r}, which cannot be read; delete it if no run "
+                "is using this folder"
+            ) from None
         return pid, host, owner, st.st_ino, time.time() - st.st_mtime
 
     def release(self) -> None:
@@ -235,16 +271,18 @@ def check_output_dir(path: str) -> None:
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir():
-        raise UsageError(f"output_dir {path!r} is not writable: {str(probe)!r} is a file, "
-                        "not a folder")
+        raise UsageError(
+            f"output_dir {path!r} is not writable: {str(probe)!r} is a file, not a folder"
+        )
     if not os.access(probe, os.W_OK):
         raise UsageError(f"output_dir {path!r} is not writable ({str(probe)!r})")
     try:
         with tempfile.TemporaryFile(dir=probe):
             pass
     except OSError as e:
-        raise UsageError(f"output_dir {path!r} is not writable ({str(probe)!r}: "
-                        f"{e.strerror})") from None
+        raise UsageError(
+            f"output_dir {path!r} is not writable ({str(probe)!r}: {e.strerror})"
+        ) from None
 
 
 # --- output files and folders, checked before any work -------------------------------------
@@ -261,14 +299,17 @@ def check_output_file(path: str | Path, option: str = "--output") -> Path:
     work so a long evaluation does not end in a traceback (and nothing is written here)."""
     p = Path(path).expanduser()
     if p.is_dir():
-        raise UsageError(f"{option} {str(path)!r} is a directory, expected a file path "
-                           f"(e.g. {str(p / 'results.json')!r})")
+        raise UsageError(
+            f"{option} {str(path)!r} is a directory, expected a file path "
+            f"(e.g. {str(p / 'results.json')!r})"
+        )
     if p.exists() and not p.is_file():
         raise UsageError(f"{option} {str(path)!r} is not a regular file")
     base = _first_existing(p.parent)
     if not base.is_dir():
-        raise UsageError(f"{option} {str(path)!r} cannot be written: {str(base)!r} is a "
-                           "file, not a folder")
+        raise UsageError(
+            f"{option} {str(path)!r} cannot be written: {str(base)!r} is a file, not a folder"
+        )
     return p
 
 
@@ -279,16 +320,18 @@ def check_output_folder(path: str | Path, option: str = "--output_dir") -> Path:
         raise UsageError(f"{option} {str(path)!r} is a file, expected a folder")
     base = _first_existing(p)
     if not base.is_dir():
-        raise UsageError(f"{option} {str(path)!r} cannot be created: {str(base)!r} is a "
-                           "file, not a folder")
+        raise UsageError(
+            f"{option} {str(path)!r} cannot be created: {str(base)!r} is a file, not a folder"
+        )
     return p
 
 
 # --- export destinations (--out), written atomically ---------------------------------------
 
 
-def check_destination(out: str | Path, overwrite: bool,
-                      replaceable: Callable[[Path], bool]) -> Path:
+def check_destination(
+    out: str | Path, overwrite: bool, replaceable: Callable[[Path], bool]
+) -> Path:
     """``--out`` must be a new or empty folder, or ``overwrite`` must be given and the folder
     must hold an export (``replaceable``: the export package knows its own files)."""
     p = Path(out).expanduser()
@@ -296,13 +339,17 @@ def check_destination(out: str | Path, overwrite: bool,
         raise ExportError(f"--out {str(out)!r} exists and is not a directory")
     if p.is_dir() and any(p.iterdir()) and not overwrite:
         n = sum(1 for _ in p.iterdir())
-        raise ExportError(f"--out {str(out)!r} is not empty ({n} entries); pass --overwrite "
-                           "to replace it, or choose a new folder")
+        raise ExportError(
+            f"--out {str(out)!r} is not empty ({n} entries); pass --overwrite "
+            "to replace it, or choose a new folder"
+        )
     if p.is_dir() and any(p.iterdir()) and not replaceable(p):
         # --overwrite replaces an old export, never a training run or anything else
-        raise ExportError(f"--out {str(out)!r} is not empty and holds no qat export "
-                          "(config.json with model_type qat_packed and its weights); "
-                          "--overwrite replaces only an export: choose a new folder")
+        raise ExportError(
+            f"--out {str(out)!r} is not empty and holds no qat export "
+            "(config.json with model_type qat_packed and its weights); "
+            "--overwrite replaces only an export: choose a new folder"
+        )
     return p
 
 
@@ -319,12 +366,15 @@ def check_not_source(out: Path, sources: dict[str, Path], keep: dict[str, Path])
         s = src.expanduser().resolve()
         if _within(o, s) or _within(s, o):
             rel = "is" if o == s else "lies inside" if _within(o, s) else "contains"
-            raise ExportError(f"--out {str(out)!r} {rel} the {what} {str(src)!r}; exporting "
-                               "there would replace what is exported: choose another folder")
+            raise ExportError(
+                f"--out {str(out)!r} {rel} the {what} {str(src)!r}; exporting "
+                "there would replace what is exported: choose another folder"
+            )
     for what, k in keep.items():
         if _within(k.expanduser().resolve(), o):
-            raise ExportError(f"--out {str(out)!r} contains the {what} {str(k)!r}; choose "
-                               "another folder")
+            raise ExportError(
+                f"--out {str(out)!r} contains the {what} {str(k)!r}; choose another folder"
+            )
 
 
 def write_atomically(out: Path, write: Callable[[Path], None], overwrite: bool = False) -> None:
@@ -347,8 +397,10 @@ def write_atomically(out: Path, write: Callable[[Path], None], overwrite: bool =
             out.rmdir()
         if out.exists() or out.is_symlink():
             if not overwrite:  # e.g. created by someone else while we were writing
-                raise ExportError(f"--out {str(out)!r} exists and is not an empty folder; "
-                                   "pass --overwrite to replace it")
+                raise ExportError(
+                    f"--out {str(out)!r} exists and is not an empty folder; "
+                    "pass --overwrite to replace it"
+                )
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             old.rmdir()
             os.rename(out, old)

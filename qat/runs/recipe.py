@@ -52,10 +52,25 @@ from qat.runs.recipe_text import (
 )
 from qat.runs.recipe_types import check_type, coerce, field_types
 
-__all__ = ["FINETUNE_MODES", "MAX_RECIPE_BYTES", "DistillArguments", "LoraArguments",
-           "QATArguments", "QATConfig", "QATParser", "Recipe", "RecipeError", "apply_override",
-           "build_distill", "build_lora", "build_recipe", "load_recipe", "load_recipe_dict",
-           "parse_overrides", "parse_value"]
+__all__ = [
+    "FINETUNE_MODES",
+    "MAX_RECIPE_BYTES",
+    "DistillArguments",
+    "LoraArguments",
+    "QATArguments",
+    "QATConfig",
+    "QATParser",
+    "Recipe",
+    "RecipeError",
+    "apply_override",
+    "build_distill",
+    "build_lora",
+    "build_recipe",
+    "load_recipe",
+    "load_recipe_dict",
+    "parse_overrides",
+    "parse_value",
+]
 
 
 @dataclasses.dataclass
@@ -97,8 +112,9 @@ class QATParser(HfArgumentParser):
         where = f"{source}: " if source else ""
         for key in data:
             if key not in _FIELDS:
-                raise RecipeError(f"{where}unknown recipe key {key!r}"
-                                  f"{did_you_mean(key, _ALL_KEYS)}")
+                raise RecipeError(
+                    f"{where}unknown recipe key {key!r}{did_you_mean(key, _ALL_KEYS)}"
+                )
         values = dict(data)
         if isinstance(values.get("resume_from_checkpoint"), bool):  # `true`: the last one
             values["resume_from_checkpoint"] = "true" if values["resume_from_checkpoint"] else None
@@ -134,8 +150,9 @@ def build_recipe(data: dict[str, Any], source: str | None = None) -> Recipe:
     return Recipe(config, resolved, source)
 
 
-def load_recipe(path: str | os.PathLike, overrides: list[str] | dict[str, Any] | None = None
-                ) -> Recipe:
+def load_recipe(
+    path: str | os.PathLike, overrides: list[str] | dict[str, Any] | None = None
+) -> Recipe:
     """Read a recipe file, apply overrides, validate; raises RecipeError on bad input.
 
     >>> import os, tempfile, qat

@@ -24,8 +24,7 @@ def check_qat_values(cfg: Any) -> None:
             raise RecipeError(f"recipe key {req!r} is required")
     check_one_of("finetune", cfg.finetune, FINETUNE_MODES, RecipeError)
     if cfg.on_nonfinite not in ON_NONFINITE:
-        raise RecipeError(f"on_nonfinite must be 'stop' or 'skip'; "
-                          f"got {cfg.on_nonfinite!r}")
+        raise RecipeError(f"on_nonfinite must be 'stop' or 'skip'; got {cfg.on_nonfinite!r}")
     for key in ("max_length", "max_train_samples", "max_eval_samples"):
         value = getattr(cfg, key)
         if value is not None and value < 1:
@@ -36,16 +35,20 @@ def check_qat_values(cfg: Any) -> None:
 
     tasks = [*GLUE_TASKS, *LM_TASKS]
     if cfg.task_name not in tasks:
-        raise RecipeError(f"unknown task_name {cfg.task_name!r}"
-                          f"{did_you_mean(cfg.task_name, tasks)}; valid tasks: "
-                          f"{', '.join(tasks)}")
+        raise RecipeError(
+            f"unknown task_name {cfg.task_name!r}"
+            f"{did_you_mean(cfg.task_name, tasks)}; valid tasks: "
+            f"{', '.join(tasks)}"
+        )
     if cfg.distill is not None and cfg.task_name in GLUE_TASKS:
         from qat.tasks.glue import get_task
 
         if get_task(cfg.task_name).num_labels == 1:
-            raise RecipeError(f"distill needs class probabilities; task_name "
-                              f"{cfg.task_name} is a regression (one output, whose softmax "
-                              "is always 1): drop the distill section")
+            raise RecipeError(
+                f"distill needs class probabilities; task_name "
+                f"{cfg.task_name} is a regression (one output, whose softmax "
+                "is always 1): drop the distill section"
+            )
     check_decoder_values(cfg)
 
 
@@ -60,24 +63,32 @@ def check_decoder_values(cfg: Any) -> None:
         raise RecipeError(f"text_column must name a column, got {cfg.text_column!r}")
     if cfg.task_name not in ("causal_lm", "chat"):
         if cfg.trainer != "qat":
-            raise RecipeError(f"trainer {cfg.trainer!r} needs task_name causal_lm or chat, "
-                              f"not {cfg.task_name!r}")
+            raise RecipeError(
+                f"trainer {cfg.trainer!r} needs task_name causal_lm or chat, not {cfg.task_name!r}"
+            )
         return
     if cfg.task_name == "chat" and not (cfg.dataset_name or cfg.train_file):
-        raise RecipeError("task_name chat needs dataset_name or train_file (rows with "
-                          "messages, or prompt and completion)")
+        raise RecipeError(
+            "task_name chat needs dataset_name or train_file (rows with "
+            "messages, or prompt and completion)"
+        )
     if bool(cfg.train_file) != bool(cfg.validation_file):
-        raise RecipeError("train_file and validation_file go together (got only "
-                          f"{'train_file' if cfg.train_file else 'validation_file'}); "
-                          "give both, or neither and a dataset_name")
+        raise RecipeError(
+            "train_file and validation_file go together (got only "
+            f"{'train_file' if cfg.train_file else 'validation_file'}); "
+            "give both, or neither and a dataset_name"
+        )
     if cfg.finetune == "classifier":
-        raise RecipeError("finetune classifier trains a classification head, which "
-                          f"task_name {cfg.task_name} has none of; use full or lora")
+        raise RecipeError(
+            "finetune classifier trains a classification head, which "
+            f"task_name {cfg.task_name} has none of; use full or lora"
+        )
 
 
 def check_training_values(cfg: TrainingArguments) -> None:
     """Values TrainingArguments accepts but that fail (or silently do nothing) later: checked
     before its own ``__post_init__`` so the error names the key before any model is loaded."""
+
     def get(key: str) -> Any:
         return getattr(cfg, key)
 
@@ -90,8 +101,11 @@ def check_training_values(cfg: TrainingArguments) -> None:
     lr = get("learning_rate")
     if not (0 <= lr < math.inf):
         raise bad("learning_rate", "finite and >= 0")
-    for key in ("per_device_train_batch_size", "per_device_eval_batch_size",
-                "gradient_accumulation_steps"):
+    for key in (
+        "per_device_train_batch_size",
+        "per_device_eval_batch_size",
+        "gradient_accumulation_steps",
+    ):
         if get(key) < 1:
             raise bad(key, ">= 1")
     for key in ("seed", "data_seed"):
@@ -101,8 +115,9 @@ def check_training_values(cfg: TrainingArguments) -> None:
     if max_steps == 0 or max_steps < -1:
         raise bad("max_steps", ">= 1, or -1 to train for num_train_epochs")
     if max_steps < 0 and not (0 < epochs < math.inf):
-        raise RecipeError(f"num_train_epochs must be > 0 and finite when max_steps is not set, "
-                          f"got {epochs!r}")
+        raise RecipeError(
+            f"num_train_epochs must be > 0 and finite when max_steps is not set, got {epochs!r}"
+        )
     if get("warmup_steps") is not None and get("warmup_steps") < 0:
         raise bad("warmup_steps", ">= 0")
     for key in ("eval_accumulation_steps", "save_total_limit"):
@@ -115,9 +130,15 @@ def check_training_values(cfg: TrainingArguments) -> None:
             raise bad(key, "in [0, 1)")
     if not 0 <= get("adam_epsilon") < math.inf:
         raise bad("adam_epsilon", "finite and >= 0")
-    strategies = {"logging_steps": "logging_strategy", "save_steps": "save_strategy",
-                  "eval_steps": "eval_strategy"}
+    strategies = {
+        "logging_steps": "logging_strategy",
+        "save_steps": "save_strategy",
+        "eval_steps": "eval_strategy",
+    }
     for key, strategy in strategies.items():
-        if str(get(strategy)).lower().endswith("steps") and get(key) is not None \
-                and not get(key) > 0:
+        if (
+            str(get(strategy)).lower().endswith("steps")
+            and get(key) is not None
+            and not get(key) > 0
+        ):
             raise RecipeError(f"{key} must be > 0 when {strategy} is 'steps', got {get(key)!r}")

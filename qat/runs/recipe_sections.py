@@ -26,8 +26,10 @@ def build_lora(d: Any) -> LoraArguments:
     hints = field_types(LoraArguments)
     for key, value in d.items():
         if key not in hints:
-            raise RecipeError(f"unknown key lora.{key}{did_you_mean(key, hints, 'lora')}; "
-                              f"valid keys: {', '.join(hints)}")
+            raise RecipeError(
+                f"unknown key lora.{key}{did_you_mean(key, hints, 'lora')}; "
+                f"valid keys: {', '.join(hints)}"
+            )
         check_type(f"lora.{key}", value, hints[key])
     lora = LoraArguments(**d)
     if lora.r < 1:
@@ -37,11 +39,15 @@ def build_lora(d: Any) -> LoraArguments:
     if lora.target_modules is not None:
         names = lora.target_modules
         if not names or not all(isinstance(n, str) and n for n in names):
-            raise RecipeError("lora.target_modules must be a non-empty list of module names "
-                              f"(strings) or null for every quantised linear; got {names!r}")
+            raise RecipeError(
+                "lora.target_modules must be a non-empty list of module names "
+                f"(strings) or null for every quantised linear; got {names!r}"
+            )
     if lora.dropout != 0:
-        raise RecipeError("lora.dropout must be 0 with quantised LoRA (the quantiser sees W + BA, "
-                          f"which input dropout has no form for); got {lora.dropout}")
+        raise RecipeError(
+            "lora.dropout must be 0 with quantised LoRA (the quantiser sees W + BA, "
+            f"which input dropout has no form for); got {lora.dropout}"
+        )
     return lora
 
 
@@ -54,14 +60,17 @@ def build_distill(d: Any) -> DistillArguments | None:
     if isinstance(d, DistillArguments):
         d = dataclasses.asdict(d)
     if not isinstance(d, dict):
-        raise RecipeError(f"distill must be a mapping (teacher, loss, temperature, weight) or "
-                          f"null, got {d!r}")
+        raise RecipeError(
+            f"distill must be a mapping (teacher, loss, temperature, weight) or null, got {d!r}"
+        )
     hints = field_types(DistillArguments)
     for key, value in d.items():
         if key not in hints:
-            raise RecipeError(f"unknown key distill.{key}{did_you_mean(key, hints, 'distill')}; "
-                              "valid keys: "
-                              f"{', '.join(hints)}")
+            raise RecipeError(
+                f"unknown key distill.{key}{did_you_mean(key, hints, 'distill')}; "
+                "valid keys: "
+                f"{', '.join(hints)}"
+            )
         d = {**d, key: coerce(value, hints[key])}
         check_type(f"distill.{key}", d[key], hints[key])
     distill = DistillArguments(**d)
@@ -70,8 +79,9 @@ def build_distill(d: Any) -> DistillArguments | None:
     check_one_of("distill.loss", distill.loss, DISTILL_LOSSES, RecipeError, hint=True)
     distill.temperature = float(distill.temperature)
     if not 0 < distill.temperature < math.inf:
-        raise RecipeError(f"distill.temperature must be finite and > 0, got "
-                          f"{distill.temperature!r}")
+        raise RecipeError(
+            f"distill.temperature must be finite and > 0, got {distill.temperature!r}"
+        )
     distill.weight = float(distill.weight)
     if not 0 <= distill.weight < math.inf:
         raise RecipeError(f"distill.weight must be finite and >= 0, got {distill.weight!r}")

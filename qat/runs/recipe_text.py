@@ -28,8 +28,10 @@ def parse_value(text: str) -> Any:
         value = yaml.safe_load(text) if text != "" else ""
     except yaml.YAMLError as e:  # e.g. 'a: b: c'; YAML's own message spans several lines
         problem = getattr(e, "problem", None) or "not valid YAML"
-        raise RecipeError(f"value {text!r} is not valid YAML ({problem}); quote it for a "
-                          f"string, e.g. \"'{text}'\"") from None
+        raise RecipeError(
+            f"value {text!r} is not valid YAML ({problem}); quote it for a "
+            f"string, e.g. \"'{text}'\""
+        ) from None
     if isinstance(value, str):
         for conv in (int, float):
             try:
@@ -75,11 +77,15 @@ def apply_override(d: dict[str, Any], dotted: str, value: Any) -> None:
             if part not in cur and i == 0 and part == "lora":
                 nxt = cur[part] = {}
             elif part in cur or i == 0 and part == "quant":
-                example = "'{teacher: self}'" if i == 0 and part == "distill" else \
-                    "'{format: bfp, width: 4}'"
+                example = (
+                    "'{teacher: self}'"
+                    if i == 0 and part == "distill"
+                    else "'{format: bfp, width: 4}'"
+                )
                 raise RecipeError(
                     f"--{dotted}: {'.'.join(parts[: i + 1])} is null in this recipe; set the "
-                    f"whole section, e.g. --{'.'.join(parts[: i + 1])} {example}")
+                    f"whole section, e.g. --{'.'.join(parts[: i + 1])} {example}"
+                )
             else:
                 nxt = cur[part] = {}
         if not isinstance(nxt, dict):
@@ -100,7 +106,8 @@ class _RecipeLoader(yaml.SafeLoader):
             event = self.peek_event()
             raise _RecipeSyntaxError(
                 f"line {event.start_mark.line + 1}: YAML alias *{event.anchor} is not allowed "
-                "in a recipe (aliases can expand without bound); write the value out")
+                "in a recipe (aliases can expand without bound); write the value out"
+            )
         return super().compose_node(parent, index)
 
     def construct_mapping(self, node, deep=False):  # type: ignore[no-untyped-def]
@@ -116,8 +123,10 @@ class _RecipeLoader(yaml.SafeLoader):
             except TypeError:  # an unhashable key: SafeConstructor reports it
                 break
             if first is not None:
-                raise _RecipeSyntaxError(f"line {line}: duplicate key {key!r} (first on line "
-                                         f"{first}); a key may appear once per mapping")
+                raise _RecipeSyntaxError(
+                    f"line {line}: duplicate key {key!r} (first on line "
+                    f"{first}); a key may appear once per mapping"
+                )
         return super().construct_mapping(node, deep=deep)
 
 
@@ -132,13 +141,13 @@ def load_recipe_dict(path: str | os.PathLike) -> dict[str, Any]:
     if not p.exists():
         raise RecipeError(f"recipe file {str(p)!r} does not exist")
     if not p.is_file():  # a FIFO or /dev/zero would block or never end
-        raise RecipeError(f"recipe {str(p)!r} is not a regular file, expected a recipe .yaml "
-                          "file")
+        raise RecipeError(f"recipe {str(p)!r} is not a regular file, expected a recipe .yaml file")
     with p.open("rb") as f:
         raw = f.read(MAX_RECIPE_BYTES + 1)
     if len(raw) > MAX_RECIPE_BYTES:
-        raise RecipeError(f"recipe file {str(p)!r} is larger than {MAX_RECIPE_BYTES} bytes; "
-                          "not a recipe")
+        raise RecipeError(
+            f"recipe file {str(p)!r} is larger than {MAX_RECIPE_BYTES} bytes; not a recipe"
+        )
     text = decode_utf8(raw, f"recipe file {str(p)!r}", RecipeError)
     loader = _RecipeLoader(text)  # a SafeLoader: no Python tags
     try:
@@ -149,13 +158,13 @@ def load_recipe_dict(path: str | os.PathLike) -> dict[str, Any]:
         reason = " ".join(str(e).split())  # one line
         raise RecipeError(f"recipe file {str(p)!r} is not valid YAML: {reason}") from None
     except RecursionError:
-        raise RecipeError(f"recipe file {str(p)!r} is nested too deeply to be a recipe"
-                          ) from None
+        raise RecipeError(f"recipe file {str(p)!r} is nested too deeply to be a recipe") from None
     finally:
         loader.dispose()
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise RecipeError(f"recipe file {str(p)!r} must hold a mapping of keys, got "
-                          f"{type(data).__name__}")
+        raise RecipeError(
+            f"recipe file {str(p)!r} must hold a mapping of keys, got {type(data).__name__}"
+        )
     return data

@@ -69,5 +69,7 @@ def coerce(value: Any, annotation: Any) -> Any:
 
 def check_type(key: str, value: Any, annotation: Any, where: str = "") -> None:
     if not type_ok(value, annotation):
-        raise RecipeError(f"{where}{key} has the wrong type: got {value!r} "
-                          f"({type(value).__name__}), expected {type_name(annotation)}")
+        raise RecipeError(
+            f"{where}{key} has the wrong type: got {value!r} "
+            f"({type(value).__name__}), expected {type_name(annotation)}"
+        )

@@ -27,9 +27,11 @@ IGNORE_INDEX = -100  # labels the loss skips (transformers' cross-entropy ignore
 def check_chat_template(tokenizer: Any, name: str) -> None:
     """Chat data needs a chat template to format its turns."""
     if not getattr(tokenizer, "chat_template", None):
-        raise DataError(f"tokenizer {name!r} has no chat template, which task_name chat needs "
-                        "to format messages; use a chat/instruct tokenizer "
-                        "(tokenizer_name_or_path) or task_name causal_lm for plain text")
+        raise DataError(
+            f"tokenizer {name!r} has no chat template, which task_name chat needs "
+            "to format messages; use a chat/instruct tokenizer "
+            "(tokenizer_name_or_path) or task_name causal_lm for plain text"
+        )
 
 
 def _as_messages(value: Any, role: str) -> Any:
@@ -42,24 +44,34 @@ def row_messages(row: dict[str, Any], n: int, where: str) -> list[dict[str, Any]
     if "messages" in row:
         msgs = row["messages"]
     elif "prompt" in row and "completion" in row:
-        prompt, completion = (_as_messages(row[k], r) for k, r in (("prompt", "user"),
-                                                                     ("completion", "assistant")))
+        prompt, completion = (
+            _as_messages(row[k], r) for k, r in (("prompt", "user"), ("completion", "assistant"))
+        )
         for key, value in (("prompt", prompt), ("completion", completion)):
             if not isinstance(value, list):
-                raise DataError(f"{where} row {n}: {key} is {type(value).__name__}; expected "
-                                "a string or a list of {role, content} messages")
+                raise DataError(
+                    f"{where} row {n}: {key} is {type(value).__name__}; expected "
+                    "a string or a list of {role, content} messages"
+                )
         msgs = prompt + completion
     else:
-        raise DataError(f"{where} row {n}: expected a 'messages' column or 'prompt' and "
-                        f"'completion' columns; got {', '.join(map(str, row)) or 'none'}")
+        raise DataError(
+            f"{where} row {n}: expected a 'messages' column or 'prompt' and "
+            f"'completion' columns; got {', '.join(map(str, row)) or 'none'}"
+        )
     if not isinstance(msgs, list) or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str)
-            and isinstance(m.get("content"), str) for m in msgs):
-        raise DataError(f"{where} row {n}: messages must be a list of {{role, content}} "
-                        "objects with string values")
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in msgs
+    ):
+        raise DataError(
+            f"{where} row {n}: messages must be a list of {{role, content}} "
+            "objects with string values"
+        )
     if not any(m["role"] == "assistant" for m in msgs):
-        raise DataError(f"{where} row {n}: no assistant turn, so nothing to learn (each row "
-                        "needs at least one message with role 'assistant')")
+        raise DataError(
+            f"{where} row {n}: no assistant turn, so nothing to learn (each row "
+            "needs at least one message with role 'assistant')"
+        )
     return msgs
 
 
@@ -78,13 +90,15 @@ def _token_starts(tokenizer: Any, text: str) -> tuple[list[int], list[int] | Non
     return enc["input_ids"], [a for a, _ in enc["offset_mapping"]]
 
 
-def assistant_spans(tokenizer: Any, msgs: list[dict[str, Any]],
-                    limit: int | None = None) -> Iterator[tuple[int, int]]:
+def assistant_spans(
+    tokenizer: Any, msgs: list[dict[str, Any]], limit: int | None = None
+) -> Iterator[tuple[int, int]]:
     """``(start, end)`` character spans of the assistant turns in the rendered conversation:
     from after the generation prompt to the end of the turn (its end-of-turn marker
     included). A conversation that opens with an assistant turn learns only that turn's own
     text, not what the template writes before it (a default system prompt). Stops at
     ``limit`` characters: turns beyond the block are cut off anyway."""
+
     def template(m: list[dict[str, Any]], gen: bool = False) -> str:
         return tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=gen)
 
@@ -101,11 +115,12 @@ def assistant_spans(tokenizer: Any, msgs: list[dict[str, Any]],
             start = at if at >= 0 else len(first)
         if limit is not None and start >= limit:
             return
-        yield start, len(template(msgs[:i + 1]))
+        yield start, len(template(msgs[: i + 1]))
 
 
-def encode_chat(tokenizer: Any, msgs: list[dict[str, Any]],
-                max_tokens: int | None = None) -> tuple[list[int], list[int]]:
+def encode_chat(
+    tokenizer: Any, msgs: list[dict[str, Any]], max_tokens: int | None = None
+) -> tuple[list[int], list[int]]:
     """``(input_ids, labels)`` of one conversation: labels are -100 outside assistant turns.
 
     The conversation is tokenised once and each turn's character span mapped to its tokens
@@ -128,8 +143,9 @@ def encode_chat(tokenizer: Any, msgs: list[dict[str, Any]],
     return ids, labels
 
 
-def chat_dataset(rows: list[dict[str, Any]], tokenizer: Any, block_size: int,
-                 max_rows: int | None, where: str):
+def chat_dataset(
+    rows: list[dict[str, Any]], tokenizer: Any, block_size: int, max_rows: int | None, where: str
+):
     """A ``datasets.Dataset`` of ``input_ids``, ``attention_mask`` and ``labels`` (prompt
     masked); every row is checked before any is tokenised."""
     from datasets import Dataset
@@ -151,11 +167,18 @@ def chat_dataset(rows: list[dict[str, Any]], tokenizer: Any, block_size: int,
         out["attention_mask"].append([1] * len(ids))
         out["labels"].append(labels)
     if dropped:
-        logger.warning("%s: dropped %d of %d rows whose assistant turns start beyond block_size "
-                       "%d tokens", where, dropped, len(convs), block_size)
+        logger.warning(
+            "%s: dropped %d of %d rows whose assistant turns start beyond block_size %d tokens",
+            where,
+            dropped,
+            len(convs),
+            block_size,
+        )
     if not out["input_ids"]:
-        raise DataError(f"{where}: every row's assistant turn starts beyond block_size "
-                        f"{block_size} tokens; raise block_size")
+        raise DataError(
+            f"{where}: every row's assistant turn starts beyond block_size "
+            f"{block_size} tokens; raise block_size"
+        )
     return Dataset.from_dict(out)
 
 

@@ -35,8 +35,9 @@ class GlueTask:
 
     def __post_init__(self) -> None:
         if len(self.label_names) != (0 if self.num_labels == 1 else self.num_labels):
-            raise ValueError(f"{self.name}: {len(self.label_names)} label names for "
-                             f"{self.num_labels} labels")
+            raise ValueError(
+                f"{self.name}: {len(self.label_names)} label names for {self.num_labels} labels"
+            )
 
     @property
     def is_regression(self) -> bool:
@@ -72,30 +73,66 @@ class GlueTask:
         logits = eval_pred.predictions
         if isinstance(logits, tuple):
             logits = logits[0]
-        return load_metric(self.name).compute(predictions=self.predictions(logits),
-                                              references=np.asarray(eval_pred.label_ids))
+        return load_metric(self.name).compute(
+            predictions=self.predictions(logits), references=np.asarray(eval_pred.label_ids)
+        )
 
 
 GLUE_TASKS: dict[str, GlueTask] = {
     t.name: t
     for t in [
-        GlueTask("cola", ("sentence",), 2, ("matthews_correlation",),
-                 label_names=("unacceptable", "acceptable")),
+        GlueTask(
+            "cola",
+            ("sentence",),
+            2,
+            ("matthews_correlation",),
+            label_names=("unacceptable", "acceptable"),
+        ),
         GlueTask("sst2", ("sentence",), 2, ("accuracy",), label_names=("negative", "positive")),
-        GlueTask("mrpc", ("sentence1", "sentence2"), 2, ("accuracy", "f1"),
-                 label_names=("not_equivalent", "equivalent")),
-        GlueTask("qqp", ("question1", "question2"), 2, ("accuracy", "f1"),
-                 label_names=("not_duplicate", "duplicate")),
+        GlueTask(
+            "mrpc",
+            ("sentence1", "sentence2"),
+            2,
+            ("accuracy", "f1"),
+            label_names=("not_equivalent", "equivalent"),
+        ),
+        GlueTask(
+            "qqp",
+            ("question1", "question2"),
+            2,
+            ("accuracy", "f1"),
+            label_names=("not_duplicate", "duplicate"),
+        ),
         GlueTask("stsb", ("sentence1", "sentence2"), 1, ("pearson", "spearmanr")),
-        GlueTask("mnli", ("premise", "hypothesis"), 3, ("accuracy",),
-                 ("validation_matched", "validation_mismatched"),
-                 label_names=("entailment", "neutral", "contradiction")),
-        GlueTask("qnli", ("question", "sentence"), 2, ("accuracy",),
-                 label_names=("entailment", "not_entailment")),
-        GlueTask("rte", ("sentence1", "sentence2"), 2, ("accuracy",),
-                 label_names=("entailment", "not_entailment")),
-        GlueTask("wnli", ("sentence1", "sentence2"), 2, ("accuracy",),
-                 label_names=("not_entailment", "entailment")),
+        GlueTask(
+            "mnli",
+            ("premise", "hypothesis"),
+            3,
+            ("accuracy",),
+            ("validation_matched", "validation_mismatched"),
+            label_names=("entailment", "neutral", "contradiction"),
+        ),
+        GlueTask(
+            "qnli",
+            ("question", "sentence"),
+            2,
+            ("accuracy",),
+            label_names=("entailment", "not_entailment"),
+        ),
+        GlueTask(
+            "rte",
+            ("sentence1", "sentence2"),
+            2,
+            ("accuracy",),
+            label_names=("entailment", "not_entailment"),
+        ),
+        GlueTask(
+            "wnli",
+            ("sentence1", "sentence2"),
+            2,
+            ("accuracy",),
+            label_names=("not_entailment", "entailment"),
+        ),
     ]
 }
 
@@ -115,8 +152,10 @@ def glue_scores(task_name: str, predictions: Any, references: Any) -> dict[str, 
     refs = np.asarray(references)
     if task.is_regression:
         preds = preds.astype(np.float64)
-        return {"pearson": float(pearsonr(preds, refs)[0]),
-                "spearmanr": float(spearmanr(preds, refs)[0])}
+        return {
+            "pearson": float(pearsonr(preds, refs)[0]),
+            "spearmanr": float(spearmanr(preds, refs)[0]),
+        }
     out: dict[str, float] = {}
     if "matthews_correlation" in task.metric_names:
         out["matthews_correlation"] = float(matthews_corrcoef(refs, preds))
@@ -139,8 +178,10 @@ def load_metric(task_name: str):
 
 def get_task(name: str) -> GlueTask:
     if name in ("causal_lm", "chat"):  # qat.tasks.language_modeling.LM_TASKS
-        raise DataError(f"task_name {name!r} trains a decoder, not a GLUE classifier; measure "
-                        "it with qat perplexity (or qat train --do_train false)")
+        raise DataError(
+            f"task_name {name!r} trains a decoder, not a GLUE classifier; measure "
+            "it with qat perplexity (or qat train --do_train false)"
+        )
     if name not in GLUE_TASKS:
         raise DataError(f"unknown task_name {name!r}; valid tasks: {', '.join(GLUE_TASKS)}")
     return GLUE_TASKS[name]
@@ -153,8 +194,9 @@ def resolve_data_dir(data_dir: str | None) -> str | None:
 
 def _decode(task: GlueTask, path: Path, raw: bytes) -> str:
     # utf-8-sig: a BOM would otherwise rename the first column
-    return decode_utf8(raw, f"{task.name}: {str(path)!r}", DataError, "utf-8-sig",
-                       "; save the file as UTF-8")
+    return decode_utf8(
+        raw, f"{task.name}: {str(path)!r}", DataError, "utf-8-sig", "; save the file as UTF-8"
+    )
 
 
 def read_tsv_records(task: GlueTask, path: Path) -> tuple[list[str], list[list[str]]]:
@@ -184,12 +226,16 @@ def read_tsv_records(task: GlueTask, path: Path) -> tuple[list[str], list[list[s
         except StopIteration:
             break
         except csv.Error as e:
-            raise DataError(f"{where} line {done + 1}: malformed quoting ({e}); a field that "
-                            "starts with a double quote must end with one, with inner quotes "
-                            "doubled") from None
+            raise DataError(
+                f"{where} line {done + 1}: malformed quoting ({e}); a field that "
+                "starts with a double quote must end with one, with inner quotes "
+                "doubled"
+            ) from None
         if reader.line_num != done + 1:
-            raise DataError(f"{where} line {done + 1}: a quote opened on this line closes on "
-                            f"line {reader.line_num}; records must not span lines")
+            raise DataError(
+                f"{where} line {done + 1}: a quote opened on this line closes on "
+                f"line {reader.line_num}; records must not span lines"
+            )
         done = reader.line_num
         records.append(rec)
     header, rows = records[0], records[1:]
@@ -199,8 +245,10 @@ def read_tsv_records(task: GlueTask, path: Path) -> tuple[list[str], list[list[s
     for i, rec in enumerate(rows):
         if len(rec) != len(header):
             what = "blank" if rec == [] else f"has {len(rec)} fields"
-            raise DataError(f"{where} line {i + 2} {what}, expected {len(header)} "
-                            f"({', '.join(header)}); a tab inside a field?")
+            raise DataError(
+                f"{where} line {i + 2} {what}, expected {len(header)} "
+                f"({', '.join(header)}); a tab inside a field?"
+            )
     return header, rows
 
 
@@ -210,8 +258,7 @@ def read_split_tsv(task: GlueTask, path: Path):
     from datasets import Dataset
 
     if path.is_dir():
-        raise DataError(f"{task.name}: data file {str(path)!r} is a directory, expected a "
-                        "TSV file")
+        raise DataError(f"{task.name}: data file {str(path)!r} is a directory, expected a TSV file")
     if not path.is_file():
         raise DataError(f"{task.name}: data file {str(path)!r} does not exist")
     header, rows = read_tsv_records(task, path)
@@ -219,31 +266,38 @@ def read_split_tsv(task: GlueTask, path: Path):
         raise DataError(f"{task.name}: data file {str(path)!r} has a header but no rows")
     missing = [c for c in task.columns if c not in header]
     if missing:
-        raise DataError(f"{task.name}: data file {str(path)!r} lacks column(s) "
-                        f"{', '.join(missing)}; it has {', '.join(header)}")
+        raise DataError(
+            f"{task.name}: data file {str(path)!r} lacks column(s) "
+            f"{', '.join(missing)}; it has {', '.join(header)}"
+        )
     cols = {c: [r[header.index(c)] for r in rows] for c in task.columns}
     labels = pd.to_numeric(pd.Series(cols["label"]), errors="coerce")
     finite = labels.notna() & labels.abs().lt(float("inf"))
     if not finite.all():
         row = int((~finite).to_numpy().argmax())
-        raise DataError(f"{task.name}: {str(path)!r} row {row + 2}: label "
-                        f"{cols['label'][row]!r} is not a number")
+        raise DataError(
+            f"{task.name}: {str(path)!r} row {row + 2}: label "
+            f"{cols['label'][row]!r} is not a number"
+        )
     if task.is_regression:
         cols["label"] = labels.astype("float32").tolist()
     else:
         bad = ~labels.isin(range(task.num_labels))
         if bad.any():
             row = int(bad.to_numpy().argmax())
-            raise DataError(f"{task.name}: {str(path)!r} row {row + 2}: label "
-                            f"{cols['label'][row]!r} is out of range; expected 0.."
-                            f"{task.num_labels - 1}")
+            raise DataError(
+                f"{task.name}: {str(path)!r} row {row + 2}: label "
+                f"{cols['label'][row]!r} is out of range; expected 0.."
+                f"{task.num_labels - 1}"
+            )
         cols["label"] = labels.astype("int64").tolist()
     features = None
     if task.is_regression:
         from datasets import Features, Value
 
-        features = Features({**{k: Value("string") for k in task.text_keys},
-                             "label": Value("float32")})
+        features = Features(
+            {**{k: Value("string") for k in task.text_keys}, "label": Value("float32")}
+        )
     return Dataset.from_dict(cols, features=features)
 
 
@@ -261,13 +315,17 @@ def load_glue(task_name: str, data_dir: str | None = None, splits: tuple[str, ..
     if root is not None:
         base = Path(root).expanduser() / task.name
         if not Path(root).expanduser().exists():
-            raise DataError(f"data_dir {root!r} does not exist (from "
-                            f"{'the recipe' if data_dir else DATA_DIR_ENV}); it should hold "
-                            f"{task.name}/train.tsv and {task.name}/validation.tsv")
+            raise DataError(
+                f"data_dir {root!r} does not exist (from "
+                f"{'the recipe' if data_dir else DATA_DIR_ENV}); it should hold "
+                f"{task.name}/train.tsv and {task.name}/validation.tsv"
+            )
         for folder, what in ((Path(root).expanduser(), "data_dir"), (base, "task folder")):
             if folder.exists() and not folder.is_dir():
-                raise DataError(f"{what} {str(folder)!r} is a file, expected a folder holding "
-                                f"{task.name}/train.tsv and {task.name}/validation.tsv")
+                raise DataError(
+                    f"{what} {str(folder)!r} is a file, expected a folder holding "
+                    f"{task.name}/train.tsv and {task.name}/validation.tsv"
+                )
         return DatasetDict({s: read_split_tsv(task, base / f"{s}.tsv") for s in splits})
     try:
         ds = load_dataset(HUB_DATASET, task.name)
@@ -275,7 +333,8 @@ def load_glue(task_name: str, data_dir: str | None = None, splits: tuple[str, ..
         raise DataError(
             f"could not load {HUB_DATASET}/{task.name} from the Hugging Face Hub ({e}); to use "
             f"local files set data_dir in the recipe or {DATA_DIR_ENV} to a folder holding "
-            f"{task.name}/train.tsv and {task.name}/validation.tsv") from None
+            f"{task.name}/train.tsv and {task.name}/validation.tsv"
+        ) from None
     return DatasetDict({s: ds[s] for s in splits})
 
 
@@ -303,9 +362,15 @@ class GlueSplits:
         return tokenize_glue(self.raw, self.task, tokenizer, max_length)
 
 
-def glue_splits(task: GlueTask, data_dir: str | None, splits: tuple[str, ...] | None = None, *,
-                train_samples: int | None = None, eval_samples: int | None = None,
-                seed: int = 0) -> GlueSplits:
+def glue_splits(
+    task: GlueTask,
+    data_dir: str | None,
+    splits: tuple[str, ...] | None = None,
+    *,
+    train_samples: int | None = None,
+    eval_samples: int | None = None,
+    seed: int = 0,
+) -> GlueSplits:
     """Load ``splits`` of ``task`` (default: train and the validation split(s)) and subset them
     before tokenising, so 64 rows of SST-2 tokenise 64 rows.
 

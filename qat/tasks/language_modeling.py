@@ -38,8 +38,10 @@ def load_wikitext(split: str = "test") -> str:
 
         ds = load_dataset("wikitext", "wikitext-2-raw-v1", split=split)
     except Exception as e:  # noqa: BLE001 - any Hub failure gets the same advice
-        raise DataError(f"could not load wikitext/wikitext-2-raw-v1 from the Hub ({e}); "
-                           f"set {WIKITEXT_ENV} to a folder holding {split}.txt") from None
+        raise DataError(
+            f"could not load wikitext/wikitext-2-raw-v1 from the Hub ({e}); "
+            f"set {WIKITEXT_ENV} to a folder holding {split}.txt"
+        ) from None
     return "".join(ds["text"])
 
 
@@ -50,12 +52,12 @@ def wikitext_path(split: str) -> Path | None:
         return None
     folder = Path(root).expanduser()
     if folder.exists() and not folder.is_dir():
-        raise DataError(f"{WIKITEXT_ENV}={root!r} is a file, expected a folder holding "
-                           f"{split}.txt")
+        raise DataError(f"{WIKITEXT_ENV}={root!r} is a file, expected a folder holding {split}.txt")
     path = folder / f"{split}.txt"
     if path.is_dir():
-        raise DataError(f"{WIKITEXT_ENV}={root!r}: {split}.txt is a directory, expected the "
-                           "raw text file")
+        raise DataError(
+            f"{WIKITEXT_ENV}={root!r}: {split}.txt is a directory, expected the raw text file"
+        )
     if not path.is_file():
         raise DataError(f"{WIKITEXT_ENV}={root!r} holds no {split}.txt")
     return path
@@ -65,10 +67,12 @@ def check_not_export(model_type: Any, name: str) -> None:
     """A ``qat export`` folder holds packed codes for ``from_pretrained``, not a model the
     commands quantise and run: say so instead of "not a causal language model"."""
     if model_type == "qat_packed":  # qat.export.modeling_qat_packed.MODEL_TYPE
-        raise UsageError(f"model {name!r} is a qat export (packed weights, model_type "
-                         "qat_packed): exports are for transformers' from_pretrained and "
-                         "inference engines; give the run folder or checkpoint it was "
-                         "exported from")
+        raise UsageError(
+            f"model {name!r} is a qat export (packed weights, model_type "
+            "qat_packed): exports are for transformers' from_pretrained and "
+            "inference engines; give the run folder or checkpoint it was "
+            "exported from"
+        )
 
 
 def check_causal(config: Any, name: str) -> None:
@@ -81,11 +85,13 @@ def check_causal(config: Any, name: str) -> None:
     mtype = getattr(config, "model_type", None)
     check_not_export(mtype, name)
     causal = mtype in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and (
-        getattr(config, "is_decoder", False)
-        or mtype not in MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+        getattr(config, "is_decoder", False) or mtype not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    )
     if not causal or getattr(config, "is_encoder_decoder", False):
-        raise UsageError(f"model {name!r} is a {mtype!r} model, not a causal (decoder-only) "
-                           "language model; perplexity needs one such as Llama, OPT or GPT-2")
+        raise UsageError(
+            f"model {name!r} is a {mtype!r} model, not a causal (decoder-only) "
+            "language model; perplexity needs one such as Llama, OPT or GPT-2"
+        )
 
 
 def chunk_ids(ids: Any, chunk_size: int, max_chunks: int | None) -> list[Any]:
@@ -98,9 +104,8 @@ def chunk_ids(ids: Any, chunk_size: int, max_chunks: int | None) -> list[Any]:
             raise UsageError(f"--max_chunks must be >= 1, got {max_chunks}")
         n = min(n, max_chunks)
     if n == 0:
-        raise DataError(f"the text has {ids.numel()} tokens, fewer than one chunk of "
-                           f"{chunk_size}")
-    return [ids[i * chunk_size:(i + 1) * chunk_size] for i in range(n)]
+        raise DataError(f"the text has {ids.numel()} tokens, fewer than one chunk of {chunk_size}")
+    return [ids[i * chunk_size : (i + 1) * chunk_size] for i in range(n)]
 
 
 def perplexity(model: Any, chunks: list[Any]) -> tuple[float, float, int]:
@@ -132,9 +137,10 @@ def check_chunk_size(config: Any, chunk_size: int, name: str) -> None:
 
     limit = position_limit(config)
     if limit is not None and chunk_size > limit:
-        raise UsageError(f"--chunk_size {chunk_size} is beyond the position limit of model "
-                           f"{name!r} ({limit} positions); pass --chunk_size {limit} or less")
-
+        raise UsageError(
+            f"--chunk_size {chunk_size} is beyond the position limit of model "
+            f"{name!r} ({limit} positions); pass --chunk_size {limit} or less"
+        )
 
 
 # --- text datasets for training (task_name: causal_lm) -----------------------------------------
@@ -155,9 +161,11 @@ def data_file_kind(path: str) -> str:
     refused, not read as raw text (a .csv trained on as text is a silent wrong run)."""
     suffix = Path(path).suffix.lower()
     if suffix not in DATA_SUFFIXES:
-        raise DataError(f"data file {path!r}: unrecognised suffix {Path(path).suffix!r}; "
-                        f"expected one of {', '.join(DATA_SUFFIXES)} (plain text, a JSON list "
-                        "of objects, one JSON object a line)")
+        raise DataError(
+            f"data file {path!r}: unrecognised suffix {Path(path).suffix!r}; "
+            f"expected one of {', '.join(DATA_SUFFIXES)} (plain text, a JSON list "
+            "of objects, one JSON object a line)"
+        )
     return suffix
 
 
@@ -165,8 +173,11 @@ def _read_text(path: str) -> str:
     """The UTF-8 text of a data file (a missing, non-regular or non-UTF-8 file: one line)."""
     p = Path(path).expanduser()
     if not p.is_file():
-        raise DataError(f"data file {path!r} does not exist" if not p.exists() else
-                        f"data file {path!r} is not a regular file")
+        raise DataError(
+            f"data file {path!r} does not exist"
+            if not p.exists()
+            else f"data file {path!r} is not a regular file"
+        )
     return decode_utf8(p.read_bytes(), f"data file {path!r}", DataError)
 
 
@@ -191,12 +202,16 @@ def read_rows_file(path: str) -> list[dict[str, Any]]:
             raise DataError(f"data file {path!r} must hold a list of objects")
         lines = list(enumerate(rows, 1))
     else:
-        lines = [(n, _json(line, f"data file {path!r} line {n}"))
-                 for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+        lines = [
+            (n, _json(line, f"data file {path!r} line {n}"))
+            for n, line in enumerate(text.splitlines(), 1)
+            if line.strip()
+        ]
     for n, row in lines:
         if not isinstance(row, dict):
-            raise DataError(f"data file {path!r} row {n}: expected a JSON object, got "
-                            f"{type(row).__name__}")
+            raise DataError(
+                f"data file {path!r} row {n}: expected a JSON object, got {type(row).__name__}"
+            )
     return [row for _, row in lines]
 
 
@@ -217,20 +232,25 @@ def load_rows(args: Any, which: str) -> tuple[list[dict[str, Any]] | None, str, 
         ds = load_dataset(name, args.dataset_config, split=split)
     except Exception as e:  # noqa: BLE001 - any Hub failure gets the same advice
         reason = " ".join(str(e).split())
-        raise DataError(f"could not load dataset {name!r} (config {args.dataset_config!r}, "
-                        f"split {split!r}): {reason}") from None
+        raise DataError(
+            f"could not load dataset {name!r} (config {args.dataset_config!r}, "
+            f"split {split!r}): {reason}"
+        ) from None
     return ds.to_list(), "", f"dataset {name!r} split {split!r}"
 
 
 def rows_text(rows: list[dict[str, Any]], column: str, where: str) -> str:
     """The ``column`` of every row joined into one text; an unknown column is refused."""
     if rows and column not in rows[0]:
-        raise DataError(f"{where} has no text_column {column!r}; its columns: "
-                        f"{', '.join(map(str, rows[0]))}")
+        raise DataError(
+            f"{where} has no text_column {column!r}; its columns: {', '.join(map(str, rows[0]))}"
+        )
     for i, row in enumerate(rows):
         if not isinstance(row.get(column), str):
-            raise DataError(f"{where} row {i + 1}: text_column {column!r} is "
-                            f"{type(row.get(column)).__name__}, not text")
+            raise DataError(
+                f"{where} row {i + 1}: text_column {column!r} is "
+                f"{type(row.get(column)).__name__}, not text"
+            )
     return DOC_SEPARATOR.join(row[column] for row in rows)
 
 
@@ -244,8 +264,7 @@ def lm_text(args: Any, which: str) -> tuple[str, str]:
     return text, where
 
 
-def lm_dataset(text: str, tokenizer: Any, block_size: int, max_chunks: int | None,
-               where: str):
+def lm_dataset(text: str, tokenizer: Any, block_size: int, max_chunks: int | None, where: str):
     """``text`` tokenised as ``qat perplexity`` does and packed into ``block_size`` chunks:
     a ``datasets.Dataset`` of ``input_ids``, ``attention_mask`` and ``labels`` (= input_ids)."""
     import torch
@@ -258,8 +277,7 @@ def lm_dataset(text: str, tokenizer: Any, block_size: int, max_chunks: int | Non
         raise DataError(f"{where}: {e}; lower block_size or give more text") from None
     block = torch.stack(chunks).numpy()
     # an all-ones mask changes nothing for the model; TRL's SFTTrainer counts tokens with it
-    return Dataset.from_dict({"input_ids": block, "attention_mask": block * 0 + 1,
-                              "labels": block})
+    return Dataset.from_dict({"input_ids": block, "attention_mask": block * 0 + 1, "labels": block})
 
 
 def check_block_size(config: Any, block_size: int, name: str) -> None:
@@ -269,5 +287,7 @@ def check_block_size(config: Any, block_size: int, name: str) -> None:
 
     limit = position_limit(config)
     if limit is not None and block_size > limit:
-        raise ConfigError(f"block_size {block_size} is beyond the context of model {name!r} "
-                          f"({limit} positions); set block_size <= {limit}")
+        raise ConfigError(
+            f"block_size {block_size} is beyond the context of model {name!r} "
+            f"({limit} positions); set block_size <= {limit}"
+        )

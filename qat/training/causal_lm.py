@@ -33,21 +33,26 @@ def decoder_data(args: Any, tokenizer: Any) -> tuple[Any, Any, Any]:
         for which, limit in (("train", args.max_train_samples), ("eval", args.max_eval_samples)):
             rows, _, where = load_rows(args, which)
             if rows is None:
-                raise DataError(f"{where} is plain text; task_name chat needs rows with "
-                                "messages, or prompt and completion (.jsonl, .json or a Hub "
-                                "dataset)")
+                raise DataError(
+                    f"{where} is plain text; task_name chat needs rows with "
+                    "messages, or prompt and completion (.jsonl, .json or a Hub "
+                    "dataset)"
+                )
             out.append(chat_dataset(rows, tokenizer, args.block_size, limit, where))
         return out[0], out[1], chat_collator(tokenizer)
     texts = {which: lm_text(args, which) for which in ("train", "eval")}  # all read first
     limits = {"train": args.max_train_samples, "eval": args.max_eval_samples}
     with args.main_process_first(desc="tokenising"):
-        train, evals = (lm_dataset(texts[w][0], tokenizer, args.block_size, limits[w],
-                                   texts[w][1]) for w in ("train", "eval"))
+        train, evals = (
+            lm_dataset(texts[w][0], tokenizer, args.block_size, limits[w], texts[w][1])
+            for w in ("train", "eval")
+        )
     return train, evals, default_data_collator  # equal-length chunks: nothing to pad
 
 
-def train_decoder(recipe: Any, checkpoint: str | None,
-                  trainer_cls: Callable[..., Any] | None = None) -> dict:
+def train_decoder(
+    recipe: Any, checkpoint: str | None, trainer_cls: Callable[..., Any] | None = None
+) -> dict:
     """Train and evaluate a causal LM as ``recipe`` says; ``trainer_cls`` builds the trainer
     (default ``QATTrainer``; ``qat.integrations.trl.QATSFTTrainer`` for ``trainer: sft``)."""
     from transformers import set_seed
@@ -71,20 +76,42 @@ def train_decoder(recipe: Any, checkpoint: str | None,
     train, evals, collator = decoder_data(args, tokenizer)  # bad data fails before weights
     # quantised by build_model (QATTrainer leaves a quantised model as it is); a GGUF model's
     # config is checked there once loaded, still before training
-    model = build_model(recipe, head="causal_lm", tokenizer=tokenizer, check=lambda c:
-                        check_block_size(c, args.block_size, name)).model
+    model = build_model(
+        recipe,
+        head="causal_lm",
+        tokenizer=tokenizer,
+        check=lambda c: check_block_size(c, args.block_size, name),
+    ).model
     if model.config.pad_token_id is None:  # generate() and padding agree with the tokenizer
         model.config.pad_token_id = tokenizer.pad_token_id
-    logger.info("qat: %s, %d train and %d eval sequences of <= %d tokens", args.task_name,
-                len(train), len(evals), args.block_size)
+    logger.info(
+        "qat: %s, %d train and %d eval sequences of <= %d tokens",
+        args.task_name,
+        len(train),
+        len(evals),
+        args.block_size,
+    )
     if trainer_cls is not None:
         # TRL keeps only input_ids and labels of a tokenised dataset and pads them with its own
         # collator (labels as given, -100 padding, the attention mask rebuilt)
         collator = None
     build = trainer_cls or QATTrainer
-    trainer = build(model=model, args=args, quant_config=args.quant, finetune=args.finetune,
-                    lora=args.lora, on_nonfinite=args.on_nonfinite, distill=args.distill,
-                    train_dataset=train, eval_dataset=evals, processing_class=tokenizer,
-                    data_collator=collator)
-    return train_and_evaluate(trainer, recipe, checkpoint, lambda m: {
-        "eval_perplexity": math.exp(min(m["eval_loss"], 700.0))})
+    trainer = build(
+        model=model,
+        args=args,
+        quant_config=args.quant,
+        finetune=args.finetune,
+        lora=args.lora,
+        on_nonfinite=args.on_nonfinite,
+        distill=args.distill,
+        train_dataset=train,
+        eval_dataset=evals,
+        processing_class=tokenizer,
+        data_collator=collator,
+    )
+    return train_and_evaluate(
+        trainer,
+        recipe,
+        checkpoint,
+        lambda m: {"eval_perplexity": math.exp(min(m["eval_loss"], 700.0))},
+    )

@@ -33,10 +33,16 @@ def train_classifier(recipe: Any, checkpoint: str | None) -> dict:
         names = linear_module_names(config, task.num_labels)
         if names is not None:
             check_target_modules(names, args.lora.target_modules)
-    check_distill(args.distill, config, causal=False, num_labels=task.num_labels,
-                  finetune=args.finetune)  # the teacher's config too, before any weights
-    raw = glue_splits(task, args.data_dir, train_samples=args.max_train_samples,
-                      eval_samples=args.max_eval_samples, seed=args.seed)
+    check_distill(
+        args.distill, config, causal=False, num_labels=task.num_labels, finetune=args.finetune
+    )  # the teacher's config too, before any weights
+    raw = glue_splits(
+        task,
+        args.data_dir,
+        train_samples=args.max_train_samples,
+        eval_samples=args.max_eval_samples,
+        seed=args.seed,
+    )
     # quantised here (QATTrainer leaves a quantised model as it is); on resume the Trainer
     # restores the weights and the adapter, the recipe already holds the checkpoint's settings
     built = build_model(recipe, num_labels=task.num_labels)  # GGUF: checked before tokenising
@@ -47,10 +53,17 @@ def train_classifier(recipe: Any, checkpoint: str | None) -> dict:
     evals = {s: data[s] for s in task.validation_splits}
     eval_dataset = evals if len(evals) > 1 else next(iter(evals.values()))
     trainer = QATTrainer(
-        model=model, args=args, quant_config=args.quant, finetune=args.finetune,
-        lora=args.lora, on_nonfinite=args.on_nonfinite, distill=args.distill,
-        train_dataset=train, eval_dataset=eval_dataset,
-        processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
+        model=model,
+        args=args,
+        quant_config=args.quant,
+        finetune=args.finetune,
+        lora=args.lora,
+        on_nonfinite=args.on_nonfinite,
+        distill=args.distill,
+        train_dataset=train,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=task.trainer_metrics,
     )
     return train_and_evaluate(trainer, recipe, checkpoint)

@@ -31,24 +31,29 @@ IGNORE_INDEX = -100  # transformers' label for "no loss here"
 _LOG2 = math.log(2.0)
 
 
-def divergence(student_logits: Tensor, teacher_logits: Tensor, kind: str = "kl",
-               temperature: float = 1.0) -> Tensor:
+def divergence(
+    student_logits: Tensor, teacher_logits: Tensor, kind: str = "kl", temperature: float = 1.0
+) -> Tensor:
     """Per-row ``kind`` (``kl`` | ``jsd``) divergence of the softened distributions, times
     ``T^2``, in float32; shape ``student_logits.shape[:-1]``."""
     if student_logits.shape != teacher_logits.shape:
-        raise ConfigError(f"student logits {tuple(student_logits.shape)} and teacher logits "
-                          f"{tuple(teacher_logits.shape)} differ in shape")
+        raise ConfigError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} differ in shape"
+        )
     log_s = torch.log_softmax(student_logits.float() / temperature, dim=-1)
     log_t = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
     if kind == "kl":
         per_class = _plogp_ratio(log_t, log_t - log_s)
     elif kind == "jsd":
         # log p - log m = -log((1 + e^d) / 2), d = log q - log p
-        per_class = 0.5 * (_plogp_ratio(log_t, -_log_mean_exp1(log_s - log_t))
-                           + _plogp_ratio(log_s, -_log_mean_exp1(log_t - log_s)))
+        per_class = 0.5 * (
+            _plogp_ratio(log_t, -_log_mean_exp1(log_s - log_t))
+            + _plogp_ratio(log_s, -_log_mean_exp1(log_t - log_s))
+        )
     else:
         raise ConfigError(f"distill loss must be kl or jsd, got {kind!r}")
-    return per_class.sum(dim=-1) * temperature ** 2
+    return per_class.sum(dim=-1) * temperature**2
 
 
 def _plogp_ratio(log_p: Tensor, log_ratio: Tensor) -> Tensor:
@@ -61,13 +66,21 @@ def _log_mean_exp1(d: Tensor) -> Tensor:
     """``log((1 + e^d) / 2)``: exactly 0 at ``d = 0``; each branch sees only the inputs it is
     stable for (clamped), so neither forward nor backward overflows."""
     pos, neg = d.clamp(min=0), d.clamp(max=0)
-    return torch.where(d > 0, pos + torch.log1p(torch.exp(-pos)) - _LOG2,
-                       torch.log1p(0.5 * torch.expm1(neg)))
+    return torch.where(
+        d > 0, pos + torch.log1p(torch.exp(-pos)) - _LOG2, torch.log1p(0.5 * torch.expm1(neg))
+    )
 
 
-def distill_loss_sum(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None,
-                     *, causal: bool, kind: str = "kl", temperature: float = 1.0,
-                     shift_labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def distill_loss_sum(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Tensor | None,
+    *,
+    causal: bool,
+    kind: str = "kl",
+    temperature: float = 1.0,
+    shift_labels: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
     """``(sum of the per-row divergence over the rows the task loss covers, their count)``.
 
     ``causal``: logits ``[batch, seq, vocab]``; row ``i`` counts where ``labels[:, i + 1]``
@@ -79,8 +92,10 @@ def distill_loss_sum(student_logits: Tensor, teacher_logits: Tensor, labels: Ten
         return per_row.sum(), torch.full((), per_row.numel(), device=per_row.device)
     if shift_labels is None:
         if labels is None:
-            raise DataError("distillation of a causal LM needs the batch's labels (to know "
-                            "which tokens the task loss covers)")
+            raise DataError(
+                "distillation of a causal LM needs the batch's labels (to know "
+                "which tokens the task loss covers)"
+            )
         student_logits, teacher_logits = student_logits[:, :-1], teacher_logits[:, :-1]
         shift_labels = labels[:, 1:]
     mask = shift_labels.to(student_logits.device) != IGNORE_INDEX

@@ -17,8 +17,9 @@ def head_names(model: nn.Module) -> list[str]:
     """Names of the classification head modules (newly initialised, kept float)."""
     names = [n for n, _ in model.named_children() if n in HEAD_NAMES]
     if not names:
-        raise ConfigError(f"{type(model).__name__} has no classification head named "
-                          f"{' or '.join(HEAD_NAMES)}")
+        raise ConfigError(
+            f"{type(model).__name__} has no classification head named {' or '.join(HEAD_NAMES)}"
+        )
     return names
 
 
@@ -46,8 +47,14 @@ def prepare_finetuning(model: nn.Module, mode: str, lora: object | None = None) 
         if isinstance(lora, LoraConfig):
             config = _from_peft_config(model, lora, heads)
         else:
-            config = make_lora_config(model, lora.r, lora.alpha, lora.dropout,
-                                      lora.target_modules, modules_to_save=heads or None)
+            config = make_lora_config(
+                model,
+                lora.r,
+                lora.alpha,
+                lora.dropout,
+                lora.target_modules,
+                modules_to_save=heads or None,
+            )
         return get_peft_model(model, config)
     raise ConfigError(f"finetune must be one of full, lora, classifier; got {mode!r}")
 
@@ -58,16 +65,20 @@ def _from_peft_config(model: nn.Module, lora: LoraConfig, heads: list[str]) -> L
     if lora.use_dora:
         raise ConfigError("peft LoraConfig: use_dora is not supported on quantised linears")
     if lora.lora_dropout:
-        raise ConfigError(f"peft LoraConfig: lora_dropout must be 0 (the quantiser sees W + BA; "
-                          f"dropout on the adapter's input has no such form), got "
-                          f"{lora.lora_dropout}")
+        raise ConfigError(
+            f"peft LoraConfig: lora_dropout must be 0 (the quantiser sees W + BA; "
+            f"dropout on the adapter's input has no such form), got "
+            f"{lora.lora_dropout}"
+        )
     config = copy.deepcopy(lora)
     targets = config.target_modules
     if isinstance(targets, (list, set, tuple)):
         from transformers.pytorch_utils import Conv1D
 
-        check_target_modules([n for n, m in model.named_modules()
-                              if isinstance(m, (nn.Linear, Conv1D))], sorted(targets))
+        check_target_modules(
+            [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))],
+            sorted(targets),
+        )
     if heads and not config.modules_to_save:
         config.modules_to_save = list(heads)
     if config.task_type is None:
@@ -83,9 +94,15 @@ def lora_summary(lora: Any) -> dict[str, Any] | None:
         return None
     if isinstance(lora, LoraConfig):
         targets = lora.target_modules
-        return {"r": lora.r, "alpha": lora.lora_alpha, "dropout": lora.lora_dropout,
-                "target_modules": sorted(targets) if isinstance(targets, (set, list, tuple))
-                else targets, "peft_config": True}
+        return {
+            "r": lora.r,
+            "alpha": lora.lora_alpha,
+            "dropout": lora.lora_dropout,
+            "target_modules": sorted(targets)
+            if isinstance(targets, (set, list, tuple))
+            else targets,
+            "peft_config": True,
+        }
     return dataclasses.asdict(lora) if dataclasses.is_dataclass(lora) else lora
 
 

@@ -45,8 +45,9 @@ def checksum_callback():
     return ChecksumOnSave()
 
 
-def train_and_evaluate(trainer, recipe, checkpoint: str | None,
-                       add_eval: Callable[[dict], dict] | None = None) -> dict:
+def train_and_evaluate(
+    trainer, recipe, checkpoint: str | None, add_eval: Callable[[dict], dict] | None = None
+) -> dict:
     """What every train loop ends with: train (unless only evaluating) and save the model,
     metrics and state; evaluate (``add_eval`` adds derived metrics, e.g. perplexity); save the
     resolved recipe. Returns the train and eval metrics."""

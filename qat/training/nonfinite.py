@@ -27,16 +27,22 @@ POLICIES = ("stop", "skip")
 class NonFiniteError(RuntimeError):
     """Training hit a non-finite loss; the message names the step and the first bad layer."""
 
-    def __init__(self, step: int, loss: float, fault: NonFiniteFault | None,
-                 where: str = "") -> None:
+    def __init__(
+        self, step: int, loss: float, fault: NonFiniteFault | None, where: str = ""
+    ) -> None:
         self.step, self.loss, self.fault = step, loss, fault
-        layer = fault.describe() if fault else "none (every module output was finite here; " \
-                                                "the loss computation itself overflowed)"
+        layer = (
+            fault.describe()
+            if fault
+            else "none (every module output was finite here; "
+            "the loss computation itself overflowed)"
+        )
         super().__init__(
             f"non-finite training loss ({loss}){where} at step {step}; first offending layer: "
             f"{layer}. "
             "Training stopped before the optimizer step; the last saved checkpoint is intact. "
-            "Set on_nonfinite: skip to skip such steps instead.")
+            "Set on_nonfinite: skip to skip such steps instead."
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,9 +57,12 @@ class NonFiniteFault:
 
     def describe(self) -> str:
         bad = ", ".join(f"{n} {w}" for n, w in ((self.nan, "NaN"), (self.inf, "inf")) if n)
-        origin = ("its inputs were finite, so it produced them" if self.inputs_finite else
-                  "its inputs were already non-finite: the fault lies in the code between this "
-                  "module and the previous one")
+        origin = (
+            "its inputs were finite, so it produced them"
+            if self.inputs_finite
+            else "its inputs were already non-finite: the fault lies in the code between this "
+            "module and the previous one"
+        )
         return f"{self.module or '<model>'} ({self.kind}; output has {bad}; {origin})"
 
 
@@ -91,8 +100,9 @@ def _forked_rng(device: torch.device | None) -> Iterator[None]:
         yield
 
 
-def find_first_nonfinite(model: nn.Module, inputs: Mapping[str, Any],
-                         names_from: nn.Module | None = None) -> NonFiniteFault | None:
+def find_first_nonfinite(
+    model: nn.Module, inputs: Mapping[str, Any], names_from: nn.Module | None = None
+) -> NonFiniteFault | None:
     """Run ``model(**inputs)`` without gradients and return the first non-finite module output.
 
     "First" is the order in which modules return, so a quantiser inside a linear is reported
@@ -111,8 +121,15 @@ def find_first_nonfinite(model: nn.Module, inputs: Mapping[str, Any],
         nan, inf = _counts(output)
         if nan or inf:
             in_nan, in_inf = _counts((args, kwargs))
-            found.append(NonFiniteFault(names.get(id(module), type(module).__name__),
-                                        _kind(module), nan, inf, not (in_nan or in_inf)))
+            found.append(
+                NonFiniteFault(
+                    names.get(id(module), type(module).__name__),
+                    _kind(module),
+                    nan,
+                    inf,
+                    not (in_nan or in_inf),
+                )
+            )
 
     handles = [m.register_forward_hook(hook, with_kwargs=True) for m in named.modules()]
     device = next((p.device for p in named.parameters()), None)

@@ -86,9 +86,10 @@ def measure(layers: list[QuantLayer], inputs: dict[str, Tensor]) -> list[dict[st
     sums: list[tuple[Tensor, Tensor]] = []
     with torch.no_grad():
         for layer in layers:
-            for tensor, q, x in (("weight", layer.inner.weight_quantizer, None),
-                                 ("activation", layer.inner.activation_quantizer,
-                                  inputs.get(layer.name))):
+            for tensor, q, x in (
+                ("weight", layer.inner.weight_quantizer, None),
+                ("activation", layer.inner.activation_quantizer, inputs.get(layer.name)),
+            ):
                 if q is None:
                     continue
                 if tensor == "weight":
@@ -96,8 +97,14 @@ def measure(layers: list[QuantLayer], inputs: dict[str, Tensor]) -> list[dict[st
                 elif x is None:
                     continue
                 sums.append(error_sums(*q.error_pair(x)))
-                rows.append({"layer": layer.name, "tensor": tensor, "format": str(q.fmt),
-                             "bits_per_element": float(q.fmt.bits_per_element)})
+                rows.append(
+                    {
+                        "layer": layer.name,
+                        "tensor": tensor,
+                        "format": str(q.fmt),
+                        "bits_per_element": float(q.fmt.bits_per_element),
+                    }
+                )
         if not rows:
             return rows
         device = sums[0][0].device
@@ -109,15 +116,28 @@ def measure(layers: list[QuantLayer], inputs: dict[str, Tensor]) -> list[dict[st
             idx = [i for i, r in enumerate(rows) if r["tensor"] == tensor]
             if idx:  # pooled over every layer: one line to watch on the dashboard
                 pooled = sqnr_from_sums(signal[idx].sum(), noise[idx].sum())
-                rows.append({"layer": "all", "tensor": tensor, "format": "",
-                             "bits_per_element": float("nan"), "sqnr_db": float(pooled)})
+                rows.append(
+                    {
+                        "layer": "all",
+                        "tensor": tensor,
+                        "format": "",
+                        "bits_per_element": float("nan"),
+                        "sqnr_db": float(pooled),
+                    }
+                )
     return rows
 
 
 def scalars(rows: list[dict[str, Any]]) -> dict[str, float]:
     """Dashboard keys: ``qat/sqnr/<tensor>/<layer>``, pooled rows as ``qat/sqnr/<tensor>_all``."""
-    return {(f"qat/sqnr/{r['tensor']}_all" if r["layer"] == "all"
-             else f"qat/sqnr/{r['tensor']}/{r['layer']}"): r["sqnr_db"] for r in rows}
+    return {
+        (
+            f"qat/sqnr/{r['tensor']}_all"
+            if r["layer"] == "all"
+            else f"qat/sqnr/{r['tensor']}/{r['layer']}"
+        ): r["sqnr_db"]
+        for r in rows
+    }
 
 
 class QuantMetricsCallback(TrainerCallback):
@@ -187,8 +207,11 @@ class QuantMetricsCallback(TrainerCallback):
 
     # -- Trainer events ---------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self._active = (state.is_world_process_zero and model is not None
-                        and any(r in (args.report_to or []) for r in REPORTERS))
+        self._active = (
+            state.is_world_process_zero
+            and model is not None
+            and any(r in (args.report_to or []) for r in REPORTERS)
+        )
         if not self._active:
             return
         self.layers = quantised_layers(model)
@@ -198,11 +221,13 @@ class QuantMetricsCallback(TrainerCallback):
         from qat.quant.density import density_report
 
         d = density_report(model).to_dict()
-        summary = {"qat/bits_per_element": d["quantized_linears"]["bits_per_element"],
-                   "qat/density_vs_fp32": d["quantized_linears"]["density_vs_fp32"],
-                   "qat/density_vs_int8": d["quantized_linears"]["density_vs_int8"],
-                   "qat/model_bits_per_element": d["model"]["bits_per_element"],
-                   "qat/model_density_vs_fp32": d["model"]["density_vs_fp32"]}
+        summary = {
+            "qat/bits_per_element": d["quantized_linears"]["bits_per_element"],
+            "qat/density_vs_fp32": d["quantized_linears"]["density_vs_fp32"],
+            "qat/density_vs_int8": d["quantized_linears"]["density_vs_int8"],
+            "qat/model_bits_per_element": d["model"]["bits_per_element"],
+            "qat/model_density_vs_fp32": d["model"]["density_vs_fp32"],
+        }
         wb = self._wandb(args)
         if wb is not None:
             wb.run.summary.update(summary)
@@ -236,6 +261,7 @@ class QuantMetricsCallback(TrainerCallback):
         wb = self._wandb(args) if self._active else None
         if wb is None or not self.rows:
             return
-        table = wb.Table(columns=TABLE_COLUMNS,
-                         data=[[r[c] for c in TABLE_COLUMNS] for r in self.rows])
+        table = wb.Table(
+            columns=TABLE_COLUMNS, data=[[r[c] for c in TABLE_COLUMNS] for r in self.rows]
+        )
         wb.log({"qat/sqnr_table": table, "train/global_step": state.global_step})

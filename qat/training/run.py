@@ -26,8 +26,10 @@ def check_fsdp_device(args) -> None:
     the FSDP plugin without a word and trains as DDP, so an FSDP recipe on the CPU is refused
     rather than run as something else."""
     if getattr(args, "fsdp_plugin_args", None) is not None and args.device.type == "cpu":
-        raise UsageError("recipe key fsdp needs GPUs: on the CPU accelerate silently trains "
-                        "without FSDP (as DDP); drop the fsdp keys or run on GPUs")
+        raise UsageError(
+            "recipe key fsdp needs GPUs: on the CPU accelerate silently trains "
+            "without FSDP (as DDP); drop the fsdp keys or run on GPUs"
+        )
 
 
 def apply_checkpoint_state(recipe, checkpoint: str) -> None:
@@ -43,10 +45,13 @@ def apply_checkpoint_state(recipe, checkpoint: str) -> None:
     args = recipe.args
     quant = QuantConfig.from_dict(keys["quant"])
     if (None if quant is None else quant.to_dict()) != (
-            None if args.quant is None else args.quant.to_dict()) or keys["finetune"] != \
-            args.finetune:
-        logger.warning("resuming from %s: using its quant config and finetune mode (%s), "
-                       "not the recipe's", checkpoint, keys["finetune"])
+        None if args.quant is None else args.quant.to_dict()
+    ) or keys["finetune"] != args.finetune:
+        logger.warning(
+            "resuming from %s: using its quant config and finetune mode (%s), not the recipe's",
+            checkpoint,
+            keys["finetune"],
+        )
     args.quant, args.finetune = quant, keys["finetune"]
     if "lora" in keys:
         args.lora = LoraArguments(**keys["lora"])
@@ -79,11 +84,17 @@ def resolve_resume(recipe) -> str | None:
         if last is None:
             found = holds_run(out)
             if found:  # starting fresh would overwrite the run that is there
-                what = (f"none of its {len(checkpoints(out))} checkpoints is complete (see the "
-                        "warnings above)" if checkpoints(out) else "no checkpoint")
-                raise UsageError(f"resume_from_checkpoint: output_dir {out!r} holds a run "
-                                f"({', '.join(found)}) but {what}; start over with "
-                                "--overwrite_output_dir true")
+                what = (
+                    f"none of its {len(checkpoints(out))} checkpoints is complete (see the "
+                    "warnings above)"
+                    if checkpoints(out)
+                    else "no checkpoint"
+                )
+                raise UsageError(
+                    f"resume_from_checkpoint: output_dir {out!r} holds a run "
+                    f"({', '.join(found)}) but {what}; start over with "
+                    "--overwrite_output_dir true"
+                )
             logger.warning("resume requested but %s holds no checkpoint: starting fresh", out)
         return last
     if not os.path.exists(value):
@@ -107,14 +118,18 @@ def check_run_folder(recipe, checkpoint: str | None) -> None:
         return
     inside = checkpoint is not None and Path(checkpoint).resolve().parent == Path(out).resolve()
     if inside and recipe.args.overwrite_output_dir:
-        raise UsageError("resume_from_checkpoint and overwrite_output_dir are both set: "
-                        f"overwriting {out!r} would delete {checkpoint!r}, the checkpoint to "
-                        "resume; drop one of them")
+        raise UsageError(
+            "resume_from_checkpoint and overwrite_output_dir are both set: "
+            f"overwriting {out!r} would delete {checkpoint!r}, the checkpoint to "
+            "resume; drop one of them"
+        )
     if inside or recipe.args.overwrite_output_dir:
         return
-    raise UsageError(f"output_dir {out!r} already holds a run ({', '.join(found)}); resume it "
-                    "with --resume_from_checkpoint true, or start over with "
-                    "--overwrite_output_dir true (deletes its checkpoints)")
+    raise UsageError(
+        f"output_dir {out!r} already holds a run ({', '.join(found)}); resume it "
+        "with --resume_from_checkpoint true, or start over with "
+        "--overwrite_output_dir true (deletes its checkpoints)"
+    )
 
 
 def check_model_outside(recipe) -> None:
@@ -129,9 +144,11 @@ def check_model_outside(recipe) -> None:
             continue  # a Hub name
         p = Path(value).expanduser().resolve()
         if p == out or out in p.parents:
-            raise UsageError(f"{key} {value!r} lies inside output_dir {str(out)!r}, which "
-                             "overwrite_output_dir would delete; write the new run to another "
-                             "output_dir")
+            raise UsageError(
+                f"{key} {value!r} lies inside output_dir {str(out)!r}, which "
+                "overwrite_output_dir would delete; write the new run to another "
+                "output_dir"
+            )
 
 
 def run(recipe, trainer_cls=None) -> dict:
@@ -158,8 +175,11 @@ def _remove_stale_temps(args) -> None:
     if args.process_index == 0:
         removed = remove_stale_temps(args.output_dir)
         if removed:
-            logger.warning("removed %d temporary file(s) of an interrupted save: %s",
-                           len(removed), ", ".join(removed))
+            logger.warning(
+                "removed %d temporary file(s) of an interrupted save: %s",
+                len(removed),
+                ", ".join(removed),
+            )
 
 
 @contextlib.contextmanager

@@ -78,8 +78,12 @@ class AdapterOffTeacher:
         """Teacher logits for ``inputs`` (no labels), run through ``model``, the possibly
         wrapped (DDP / FSDP) student, so a sharded model gathers its weights as it does for
         the student."""
-        with torch.no_grad(), eval_mode(self.model), self.model.disable_adapter(), \
-                quantizers_off(self.model):
+        with (
+            torch.no_grad(),
+            eval_mode(self.model),
+            self.model.disable_adapter(),
+            quantizers_off(self.model),
+        ):
             return _logits(model(**inputs))
 
 
@@ -130,39 +134,58 @@ def load_teacher(path: str, student: nn.Module) -> nn.Module:
         teacher = models.load_causal_lm(path, torch_dtype=dtype)
     else:
         teacher = models.load_sequence_classifier(
-            path, base.config.num_labels, torch_dtype=dtype,
-            pad_token_id=getattr(base.config, "pad_token_id", None))
+            path,
+            base.config.num_labels,
+            torch_dtype=dtype,
+            pad_token_id=getattr(base.config, "pad_token_id", None),
+        )
     return teacher.to(param.device)
 
 
 def _looks_local(path: str) -> bool:
     """A path rather than a Hub id (``org/name``): a missing one is reported as missing."""
-    return path.startswith(("/", "./", "../", "~")) or path.count("/") > 1 or \
-        os.path.sep != "/" and os.path.sep in path
+    return (
+        path.startswith(("/", "./", "../", "~"))
+        or path.count("/") > 1
+        or os.path.sep != "/"
+        and os.path.sep in path
+    )
 
 
 def has_trained_head(config: Any, num_labels: int) -> bool:
     """Whether the checkpoint ``config`` describes holds a sequence-classification head of
     ``num_labels`` outputs (otherwise loading it as a classifier initialises the head)."""
     archs = getattr(config, "architectures", None) or []
-    return any(a.endswith("ForSequenceClassification") for a in archs) and \
-        getattr(config, "num_labels", None) == num_labels
+    return (
+        any(a.endswith("ForSequenceClassification") for a in archs)
+        and getattr(config, "num_labels", None) == num_labels
+    )
 
 
-def check_distill(distill: Any, student_config: Any, *, causal: bool,
-                  num_labels: int | None = None, finetune: str = "full") -> None:
+def check_distill(
+    distill: Any,
+    student_config: Any,
+    *,
+    causal: bool,
+    num_labels: int | None = None,
+    finetune: str = "full",
+) -> None:
     """Refuse a ``distill`` section that cannot work with this student, from configs only.
     ``student_config`` is None for a GGUF student (its config is only known once loaded; a GGUF
     file holds no classification head)."""
     if distill is None:
         return
-    if not causal and distill.teacher == "self" and (
-            student_config is None or not has_trained_head(student_config, num_labels)):
+    if (
+        not causal
+        and distill.teacher == "self"
+        and (student_config is None or not has_trained_head(student_config, num_labels))
+    ):
         raise ConfigError(
             f"distill.teacher self with a freshly initialised classification head (finetune: "
             f"{finetune}): the float teacher would predict with the same untrained head, so "
             "there is nothing to distil; give distill.teacher a fine-tuned float classifier "
-            "(or start from one)")
+            "(or start from one)"
+        )
     if distill.teacher == "self":
         return
     teacher = distill.teacher
@@ -174,8 +197,10 @@ def check_distill(distill: Any, student_config: Any, *, causal: bool,
     except QatError as e:
         raise ConfigError(f"distill.teacher: {e}") from None
     if not Path(resolved).expanduser().exists() and _looks_local(resolved):
-        raise ConfigError(f"distill.teacher {teacher!r} does not exist (expected a model folder, "
-                          "a Hub id, or self)")
+        raise ConfigError(
+            f"distill.teacher {teacher!r} does not exist (expected a model folder, "
+            "a Hub id, or self)"
+        )
     try:
         config = models.load_config(resolved)
     except QatError as e:
@@ -185,11 +210,15 @@ def check_distill(distill: Any, student_config: Any, *, causal: bool,
     for key, what in (("model_type", "architecture"), ("vocab_size", "vocabulary size")):
         mine, theirs = getattr(student_config, key, None), getattr(config, key, None)
         if mine != theirs:
-            raise ConfigError(f"distill.teacher {teacher!r} has another {what} than the model "
-                              f"({key} {theirs!r}, the model's {mine!r}); the teacher must "
-                              "share the student's architecture and vocabulary")
+            raise ConfigError(
+                f"distill.teacher {teacher!r} has another {what} than the model "
+                f"({key} {theirs!r}, the model's {mine!r}); the teacher must "
+                "share the student's architecture and vocabulary"
+            )
     if not causal and not has_trained_head(config, num_labels):
-        raise ConfigError(f"distill.teacher {teacher!r} holds no trained classification head "
-                          f"of {num_labels} labels (its architectures: "
-                          f"{getattr(config, 'architectures', None)}); give a float classifier "
-                          "fine-tuned on this task")
+        raise ConfigError(
+            f"distill.teacher {teacher!r} holds no trained classification head "
+            f"of {num_labels} labels (its architectures: "
+            f"{getattr(config, 'architectures', None)}); give a float classifier "
+            "fine-tuned on this task"
+        )

@@ -84,9 +84,18 @@ class QATTrainer(Trainer):
     is set up then too (a ``self`` copy holds the weights training starts from).
     """
 
-    def __init__(self, model=None, args=None, *, quant_config: QuantConfig | dict | None = None,
-                 finetune: str = "full", lora: Any = None, on_nonfinite: str = "stop",
-                 distill: Any = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        model=None,
+        args=None,
+        *,
+        quant_config: QuantConfig | dict | None = None,
+        finetune: str = "full",
+        lora: Any = None,
+        on_nonfinite: str = "stop",
+        distill: Any = None,
+        **kwargs: Any,
+    ) -> None:
         from qat.runs.recipe import build_distill
         from qat.training.teacher import make_teacher
 
@@ -97,13 +106,14 @@ class QATTrainer(Trainer):
         self.lora = lora
         self.distill = build_distill(distill)
         if self.distill is not None and kwargs.get("compute_loss_func") is not None:
-            raise UsageError("distill and compute_loss_func cannot be combined: the "
-                             "distillation term is added to the model's own task loss")
+            raise UsageError(
+                "distill and compute_loss_func cannot be combined: the "
+                "distillation term is added to the model's own task loss"
+            )
         if self.quant_config is not None and not is_quantized(model):
             quantize_model(model, self.quant_config)
         model = prepare_finetuning(model, finetune, lora)
-        self.teacher = None if self.distill is None else make_teacher(self.distill, model,
-                                                                        finetune)
+        self.teacher = None if self.distill is None else make_teacher(self.distill, model, finetune)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self._distill_causal = is_causal_lm(base)
         self._distill_step: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -120,9 +130,14 @@ class QATTrainer(Trainer):
             # True, Trainer would multiply it by the world size under DDP (2x the gradients).
             self.model_accepts_loss_kwargs = False
         trainable, total = trainable_parameters(self.model)
-        logger.info("qat: %s; finetune=%s; trainable %d / %d parameters; %s",
-                    quantization_summary(self.model), finetune, trainable, total,
-                    self._backend_summary())
+        logger.info(
+            "qat: %s; finetune=%s; trainable %d / %d parameters; %s",
+            quantization_summary(self.model),
+            finetune,
+            trainable,
+            total,
+            self._backend_summary(),
+        )
         self.add_callback(_WandbQATConfig(self.qat_state()))
         self.add_callback(_EndSkippedStep(self))
         self.add_callback(QuantMetricsCallback(self.callback_handler.callbacks))
@@ -158,9 +173,14 @@ class QATTrainer(Trainer):
             rank = f" on rank {self.args.process_index}" if self.args.world_size > 1 else ""
             if self.on_nonfinite == "stop":
                 raise NonFiniteError(step, float(loss), fault, where=rank)
-            logger.warning("qat: non-finite training loss (%s)%s at step %d, first offending "
-                           "layer: %s; skipping this optimizer step (on_nonfinite: skip)",
-                           float(loss), rank, step, fault.describe() if fault else "none found")
+            logger.warning(
+                "qat: non-finite training loss (%s)%s at step %d, first offending "
+                "layer: %s; skipping this optimizer step (on_nonfinite: skip)",
+                float(loss),
+                rank,
+                step,
+                fault.describe() if fault else "none found",
+            )
             self._skipping_step = True
         if self._skipping_step:
             model.zero_grad(set_to_none=True)
@@ -183,14 +203,20 @@ class QATTrainer(Trainer):
         task, outputs = self._task_loss_and_outputs(model, inputs, num_items_in_batch)
         student_logits = outputs["logits"] if isinstance(outputs, dict) else outputs[1]
         total, count = distill_loss_sum(
-            student_logits, teacher_logits, labels, causal=self._distill_causal,
-            kind=self.distill.loss, temperature=self.distill.temperature,
-            shift_labels=shift_labels)
+            student_logits,
+            teacher_logits,
+            labels,
+            causal=self._distill_causal,
+            kind=self.distill.loss,
+            temperature=self.distill.temperature,
+            shift_labels=shift_labels,
+        )
         distill = self._normalise_like_task(total, count, num_items_in_batch)
         loss = task + self.distill.weight * distill
         # set by Trainer's loop (the last accumulation window may be shorter)
-        steps = getattr(self, "current_gradient_accumulation_steps",
-                        self.args.gradient_accumulation_steps)
+        steps = getattr(
+            self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps
+        )
         ga = 1.0 if self._scaled_for_ga(num_items_in_batch) else 1.0 / steps
         self._distill_step = (task.detach().mean() * ga, distill.detach() * ga)
         return (loss, outputs) if return_outputs else loss
@@ -198,11 +224,13 @@ class QATTrainer(Trainer):
     def _task_loss_and_outputs(self, model, inputs, num_items_in_batch):
         """``(task loss, outputs with logits)``; QATSFTTrainer takes Trainer's path (TRL's own
         builds no logits)."""
-        return super().compute_loss(model, inputs, return_outputs=True,
-                                    num_items_in_batch=num_items_in_batch)
+        return super().compute_loss(
+            model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+        )
 
-    def _normalise_like_task(self, total: torch.Tensor, count: torch.Tensor,
-                             num_items_in_batch: Any) -> torch.Tensor:
+    def _normalise_like_task(
+        self, total: torch.Tensor, count: torch.Tensor, num_items_in_batch: Any
+    ) -> torch.Tensor:
         """The divergence sum over this micro-batch's rows, normalised as Trainer normalises
         the task loss: by the accumulated batch's token count (and Trainer's multi-process
         factor) when the model takes ``num_items_in_batch``, else a mean over the rows."""
@@ -210,11 +238,17 @@ class QATTrainer(Trainer):
             return total / count.clamp(min=1)
         if isinstance(num_items_in_batch, torch.Tensor):
             num_items_in_batch = num_items_in_batch.to(total.device).clamp(min=1)
-        out = total / (num_items_in_batch if isinstance(num_items_in_batch, torch.Tensor)
-                       else max(int(num_items_in_batch), 1))
+        out = total / (
+            num_items_in_batch
+            if isinstance(num_items_in_batch, torch.Tensor)
+            else max(int(num_items_in_batch), 1)
+        )
         if self.args.average_tokens_across_devices:  # as Trainer.compute_loss scales its loss
-            out = out * (self.accelerator.num_processes // self.get_tp_size()
-                         if self.args.n_gpu <= 1 else self.args.n_gpu)
+            out = out * (
+                self.accelerator.num_processes // self.get_tp_size()
+                if self.args.n_gpu <= 1
+                else self.args.n_gpu
+            )
         return out
 
     def _scaled_for_ga(self, num_items_in_batch: Any) -> bool:

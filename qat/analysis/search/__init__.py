@@ -32,5 +32,12 @@ from qat.analysis.search.runner import run
 from qat.analysis.search.score import Scorer, average_bits
 from qat.analysis.search.spec import SearchError
 
-__all__ = ["Scorer", "SearchError", "average_bits", "choose", "pareto_front",
-           "read_recipe_and_spec", "run"]
+__all__ = [
+    "Scorer",
+    "SearchError",
+    "average_bits",
+    "choose",
+    "pareto_front",
+    "read_recipe_and_spec",
+    "run",
+]

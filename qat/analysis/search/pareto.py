@@ -9,9 +9,12 @@ def pareto_front(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rows no other row beats on both accuracy (higher) and bits (lower); sorted by bits."""
     front = []
     for r in rows:
-        dominated = any(o["accuracy"] >= r["accuracy"] and o["bits"] <= r["bits"]
-                        and (o["accuracy"] > r["accuracy"] or o["bits"] < r["bits"])
-                        for o in rows)
+        dominated = any(
+            o["accuracy"] >= r["accuracy"]
+            and o["bits"] <= r["bits"]
+            and (o["accuracy"] > r["accuracy"] or o["bits"] < r["bits"])
+            for o in rows
+        )
         if not dominated:
             front.append(r)
     return sorted(front, key=lambda r: (r["bits"], -r["accuracy"]))

@@ -22,13 +22,15 @@ def read_recipe_and_spec(path: str, overrides: list[str]):
         elif key.startswith("search."):
             if not isinstance(search, dict):
                 search = {}
-            apply_override(search, key[len("search."):], value)
+            apply_override(search, key[len("search.") :], value)
         else:
             apply_override(data, key, value)  # build_recipe names unknown keys
     spec = parse_spec(search)
     recipe = build_recipe(data, str(path))
     if recipe.args.quant is None:
-        raise SearchError("the recipe's quant section is null: the search needs it as the base "
-                          "formats whose fields it varies")
+        raise SearchError(
+            "the recipe's quant section is null: the search needs it as the base "
+            "formats whose fields it varies"
+        )
     space_combos(spec, recipe.args.quant)
     return recipe, spec, data

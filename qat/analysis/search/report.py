@@ -13,12 +13,21 @@ from qat.analysis.search.score import Scorer
 from qat.analysis.search.spec import SearchSpec
 
 
-def write_tables(out: Path, rows, uniform, best, spec: SearchSpec, scorer: Scorer
-                 ) -> list[dict[str, Any]]:
+def write_tables(
+    out: Path, rows, uniform, best, spec: SearchSpec, scorer: Scorer
+) -> list[dict[str, Any]]:
     """trials.csv, pareto.csv, uniform.csv and pareto.png; returns the front."""
     param_names = list(scorer.space.params())
-    cols = ["number", "source", "accuracy", "bits", "weight_bits", "activation_bits",
-            "matmul_bits", "feasible"]
+    cols = [
+        "number",
+        "source",
+        "accuracy",
+        "bits",
+        "weight_bits",
+        "activation_bits",
+        "matmul_bits",
+        "feasible",
+    ]
     front = pareto_front(rows)
     for name, subset in (("trials.csv", rows), ("pareto.csv", front)):
         with open(out / name, "w", newline="") as f:
@@ -34,8 +43,17 @@ def write_tables(out: Path, rows, uniform, best, spec: SearchSpec, scorer: Score
     return front
 
 
-def write_outputs(out: Path, rows, uniform, best, best_quant, val, spec: SearchSpec,
-                  data: dict[str, Any], scorer: Scorer) -> dict[str, Any]:
+def write_outputs(
+    out: Path,
+    rows,
+    uniform,
+    best,
+    best_quant,
+    val,
+    spec: SearchSpec,
+    data: dict[str, Any],
+    scorer: Scorer,
+) -> dict[str, Any]:
     """The tables and plot, then best.yaml and search_results.json."""
     import yaml
 
@@ -44,10 +62,17 @@ def write_outputs(out: Path, rows, uniform, best, best_quant, val, spec: SearchS
     (out / "best.yaml").write_text(
         f"# qat search: trial {best['number']}, held-out {scorer.metric} "
         f"{best['accuracy']:.4f}, {best['bits']:.4f} average bits; validation "
-        f"{scorer.metric} {val['accuracy']:.4f}\n" + yaml.safe_dump(best_recipe, sort_keys=False))
-    results = {"metric": scorer.metric, "trials": len(rows), "best": dict(best),
-               "best_validation": val, "pareto": front, "uniform": uniform,
-               "spec": spec.to_dict()}
+        f"{scorer.metric} {val['accuracy']:.4f}\n" + yaml.safe_dump(best_recipe, sort_keys=False)
+    )
+    results = {
+        "metric": scorer.metric,
+        "trials": len(rows),
+        "best": dict(best),
+        "best_validation": val,
+        "pareto": front,
+        "uniform": uniform,
+        "spec": spec.to_dict(),
+    }
     (out / "search_results.json").write_text(json.dumps(results, indent=2))
     return results
 
@@ -59,19 +84,39 @@ def plot_front(rows, front, uniform, best, max_bits: float | None, path: Path) -
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    ax.scatter([r["bits"] for r in rows], [r["accuracy"] for r in rows], s=12, c="0.7",
-               label="trials")
-    ax.step([r["bits"] for r in front], [r["accuracy"] for r in front], where="post", c="C3",
-            marker="o", ms=4, label="Pareto front")
+    ax.scatter(
+        [r["bits"] for r in rows], [r["accuracy"] for r in rows], s=12, c="0.7", label="trials"
+    )
+    ax.step(
+        [r["bits"] for r in front],
+        [r["accuracy"] for r in front],
+        where="post",
+        c="C3",
+        marker="o",
+        ms=4,
+        label="Pareto front",
+    )
     if uniform:
-        ax.plot([u["bits"] for u in uniform], [u["accuracy"] for u in uniform], "s--", c="C0",
-                label="uniform")
+        ax.plot(
+            [u["bits"] for u in uniform],
+            [u["accuracy"] for u in uniform],
+            "s--",
+            c="C0",
+            label="uniform",
+        )
         for u in uniform:
-            ax.annotate(u["name"], (u["bits"], u["accuracy"]), textcoords="offset points",
-                        xytext=(4, -10), fontsize=8, color="C0")
+            ax.annotate(
+                u["name"],
+                (u["bits"], u["accuracy"]),
+                textcoords="offset points",
+                xytext=(4, -10),
+                fontsize=8,
+                color="C0",
+            )
     if best is not None:
-        ax.scatter([best["bits"]], [best["accuracy"]], marker="*", s=160, c="C2", zorder=5,
-                   label="chosen")
+        ax.scatter(
+            [best["bits"]], [best["accuracy"]], marker="*", s=160, c="C2", zorder=5, label="chosen"
+        )
     if max_bits is not None:
         ax.axvline(max_bits, ls=":", c="0.4", label=f"max_bits {max_bits:g}")
     ax.set_xlabel("average bits per element")

@@ -23,10 +23,14 @@ def _wandb_run(recipe, spec: SearchSpec, out: Path):
 
     import wandb
 
-    return wandb.init(project=os.environ.get("WANDB_PROJECT", "qat"), dir=str(out),
-                      name=recipe.args.run_name or f"search-{out.name}",
-                      config={"search": spec.to_dict(), "recipe": recipe.resolved},
-                      job_type="search", reinit=True)
+    return wandb.init(
+        project=os.environ.get("WANDB_PROJECT", "qat"),
+        dir=str(out),
+        name=recipe.args.run_name or f"search-{out.name}",
+        config={"search": spec.to_dict(), "recipe": recipe.resolved},
+        job_type="search",
+        reinit=True,
+    )
 
 
 def run(path: str, argv: list[str], resume: bool = False) -> dict[str, Any]:
@@ -45,11 +49,15 @@ def run(path: str, argv: list[str], resume: bool = False) -> dict[str, Any]:
     scorer = Scorer(recipe, spec)
     space = scorer.space
     if spec.max_bits is not None:
-        lowest = average_bits(scorer.quantized(space.quant_dict(
-            fields_override=space.extreme(low=True))), space.max_length)["bits"]
+        lowest = average_bits(
+            scorer.quantized(space.quant_dict(fields_override=space.extreme(low=True))),
+            space.max_length,
+        )["bits"]
         if lowest > spec.max_bits + 1e-9:
-            raise SearchError(f"search.constraint.max_bits {spec.max_bits:g} cannot be met: "
-                              f"every unit at its lowest choice gives {lowest:.4f} average bits")
+            raise SearchError(
+                f"search.constraint.max_bits {spec.max_bits:g} cannot be met: "
+                f"every unit at its lowest choice gives {lowest:.4f} average bits"
+            )
     seeds = seed_mixes(space, spec.sensitivity, spec.seed_trials) if spec.sensitivity else []
     study = open_study(out, spec, space, resume, scores)
     dists = {k: CategoricalDistribution(v) for k, v in space.params().items()}
@@ -58,8 +66,10 @@ def run(path: str, argv: list[str], resume: bool = False) -> dict[str, Any]:
             study.enqueue_trial(p, user_attrs={"source": "sensitivity"})
     done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     # PTQ is deterministic: a repeated choice (TPE does repeat on small spaces) is not re-run
-    seen = {_key(t.params): {k: t.user_attrs[k] for k in _RESULT_KEYS}
-            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
+    seen = {
+        _key(t.params): {k: t.user_attrs[k] for k in _RESULT_KEYS}
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    }
     wb = _wandb_run(recipe, spec, out)
     for _ in tqdm(range(max(spec.trials - done, 0)), desc="search", unit="trial"):
         trial = study.ask(dists)
@@ -78,15 +88,22 @@ def run(path: str, argv: list[str], resume: bool = False) -> dict[str, Any]:
     best = choose(rows, spec.max_bits)
     if best is None:  # keep what was found; there is no best.yaml to write
         write_tables(out, rows, uniform, None, spec, scorer)
-        raise SearchError(f"no finished trial meets search.constraint.max_bits "
-                          f"{spec.max_bits:g}; trials.csv has them all; run more with "
-                          "--resume --search.trials N")
+        raise SearchError(
+            f"no finished trial meets search.constraint.max_bits "
+            f"{spec.max_bits:g}; trials.csv has them all; run more with "
+            "--resume --search.trials N"
+        )
     best_quant = space.quant_dict(best["params"])
     val = scorer.score(best_quant, "validation")
     results = write_outputs(out, rows, uniform, best, best_quant, val, spec, data, scorer)
     if wb is not None:
-        wb.summary.update({"best_accuracy": best["accuracy"], "best_bits": best["bits"],
-                           "best_validation": val["accuracy"]})
+        wb.summary.update(
+            {
+                "best_accuracy": best["accuracy"],
+                "best_bits": best["bits"],
+                "best_validation": val["accuracy"],
+            }
+        )
         wb.finish()
     return results
 
@@ -119,7 +136,14 @@ def _uniform(study, scorer: Scorer, spec: SearchSpec) -> list[dict[str, Any]]:
         except (FormatError, QuantConfigError, TypeError):
             continue  # a format without a width field has no uniform W-point
         val = scorer.score(q, "validation")
-        rows.append({"name": f"W{w}", "width": w, "accuracy": held["accuracy"],
-                     "bits": held["bits"], "validation_accuracy": val["accuracy"]})
+        rows.append(
+            {
+                "name": f"W{w}",
+                "width": w,
+                "accuracy": held["accuracy"],
+                "bits": held["bits"],
+                "validation_accuracy": val["accuracy"],
+            }
+        )
     study.set_user_attr("uniform", rows)
     return rows

@@ -42,11 +42,20 @@ class Scorer:
 
         args = self.recipe.args
         if which == "held_out":
-            raw = glue_splits(self.task, args.data_dir, ("train",),
-                              train_samples=self.spec.held_out_samples, seed=self.spec.seed)
+            raw = glue_splits(
+                self.task,
+                args.data_dir,
+                ("train",),
+                train_samples=self.spec.held_out_samples,
+                seed=self.spec.seed,
+            )
         else:
-            raw = glue_splits(self.task, args.data_dir, self.task.validation_splits[:1],
-                              eval_samples=args.max_eval_samples)
+            raw = glue_splits(
+                self.task,
+                args.data_dir,
+                self.task.validation_splits[:1],
+                eval_samples=args.max_eval_samples,
+            )
         return next(iter(raw.tokenize(self.tokenizer, args.max_length).values()))
 
     def quantized(self, quant: dict[str, Any]):
@@ -63,8 +72,9 @@ class Scorer:
             self._data[which] = self.split(which)
         data = self._data[which]
         model = self.quantized(quant)
-        metrics = evaluate(model, self.tokenizer, self.task, data,
-                           self.recipe.args.per_device_eval_batch_size)
+        metrics = evaluate(
+            model, self.tokenizer, self.task, data, self.recipe.args.per_device_eval_batch_size
+        )
         return {"accuracy": metrics[self.metric], **average_bits(model, self.space.max_length)}
 
 
@@ -74,8 +84,11 @@ def average_bits(model, seq_len: int) -> dict[str, float]:
     from qat.quant.modules import MatmulQuantizer, QuantConv1D, QuantLinear
 
     rep = density_report(model)
-    parts = {"weight": [rep.quantized_bits, rep.quantized_params],
-             "activation": [0.0, 0], "matmul": [0.0, 0]}
+    parts = {
+        "weight": [rep.quantized_bits, rep.quantized_params],
+        "activation": [0.0, 0],
+        "matmul": [0.0, 0],
+    }
     cfg = getattr(model, "config", None)
     hidden = getattr(cfg, "hidden_size", 0)
     heads = getattr(cfg, "num_attention_heads", 0)

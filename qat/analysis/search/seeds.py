@@ -16,9 +16,11 @@ def seed_mixes(space: Space, sensitivity_csv: str, n: int) -> list[dict[str, Any
     names = [u.name for u in space.units]
     missing = [u for u in names if u not in ranks]
     if missing:
-        raise SearchError(f"search.sensitivity: {sensitivity_csv!r} does not cover unit "
-                          f"{missing[0]} of this model and granularity; "
-                          "rerun qat sensitivity with the same recipe")
+        raise SearchError(
+            f"search.sensitivity: {sensitivity_csv!r} does not cover unit "
+            f"{missing[0]} of this model and granularity; "
+            "rerun qat sensitivity with the same recipe"
+        )
     order = sorted(names, key=lambda u: -ranks[u])  # least sensitive (last rank) first
     low, keep = space.extreme(low=True), space.base_choice()
     mixes = []

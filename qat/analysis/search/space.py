@@ -29,8 +29,10 @@ def space_combos(spec: SearchSpec, base) -> dict[str, list[dict[str, Any]]]:
     for role, fields in spec.space.items():
         role_base = getattr(base, role)
         if role_base is None and "format" not in fields:
-            raise SearchError(f"search.space.{role}: the recipe's quant.{role} is null "
-                              f"(float); give it a base format or search a format field")
+            raise SearchError(
+                f"search.space.{role}: the recipe's quant.{role} is null "
+                f"(float); give it a base format or search a format field"
+            )
         for field, choices in fields.items():
             for c in choices:
                 _format(merge_spec(role_base, {field: c}), f"search.space.{role}.{field}")
@@ -40,6 +42,7 @@ def space_combos(spec: SearchSpec, base) -> dict[str, list[dict[str, Any]]]:
             _format(merge_spec(role_base, choice), f"search.space.{role} choice {choice}")
             out[role].append(choice)
     return out
+
 
 @dataclasses.dataclass
 class Unit:
@@ -89,20 +92,24 @@ class Space:
         for role in self.spec.space:
             if not any(u.modules_for(role) for u in self.units):
                 what = "attention" if role == "matmul" else "linear"
-                raise SearchError(f"search.space.{role}: the model has no quantised {what} "
-                                  "module to search")
+                raise SearchError(
+                    f"search.space.{role}: the model has no quantised {what} module to search"
+                )
 
     def params(self) -> dict[str, list[Any]]:
         """Optuna parameter name -> choices, one per unit, role and field."""
-        return {f"{u.name}:{role}.{field}": list(choices)
-                for u in self.units for role, fields in self.spec.space.items()
-                if u.modules_for(role) for field, choices in fields.items()}
+        return {
+            f"{u.name}:{role}.{field}": list(choices)
+            for u in self.units
+            for role, fields in self.spec.space.items()
+            if u.modules_for(role)
+            for field, choices in fields.items()
+        }
 
     def bits_of(self, role: str, name: str, choice: dict[str, Any]) -> float:
         from qat.quant.config import merge_spec
 
-        return _format(merge_spec(self.base.spec_for(role, name), choice),
-                       role).bits_per_element
+        return _format(merge_spec(self.base.spec_for(role, name), choice), role).bits_per_element
 
     def extreme(self, low: bool) -> dict[str, dict[str, Any]]:
         """Per role, the choice with the fewest (``low``) or most bits."""
@@ -120,18 +127,26 @@ class Space:
         out = {}
         for role, fields in self.spec.space.items():
             base = getattr(self.base, role) or {}
-            out[role] = {f: base[f] if base.get(f) in c else high[role][f]
-                         for f, c in fields.items()}
+            out[role] = {
+                f: base[f] if base.get(f) in c else high[role][f] for f, c in fields.items()
+            }
         return out
 
     def params_for(self, per_unit: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
         """Optuna params from ``{unit: {role: {field: value}}}``."""
-        return {f"{u}:{role}.{field}": v for u, roles in per_unit.items()
-                for role, choice in roles.items() for field, v in choice.items()
-                if any(x.name == u and x.modules_for(role) for x in self.units)}
+        return {
+            f"{u}:{role}.{field}": v
+            for u, roles in per_unit.items()
+            for role, choice in roles.items()
+            for field, v in choice.items()
+            if any(x.name == u and x.modules_for(role) for x in self.units)
+        }
 
-    def quant_dict(self, params: dict[str, Any] | None = None,
-                   fields_override: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    def quant_dict(
+        self,
+        params: dict[str, Any] | None = None,
+        fields_override: dict[str, dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:
         """The recipe's quant section with one exact-name override per module whose resolved
         spec differs from the recipe's; ``fields_override`` sets fields for every module."""
         from qat.quant.config import merge_spec
@@ -155,8 +170,11 @@ class Space:
                     new = merge_spec(old, choice)
                     if new != old:
                         base = getattr(self.base, role)
-                        part = ({k: v for k, v in new.items() if base.get(k) != v}
-                                if base and new.get("format") == base.get("format") else new)
+                        part = (
+                            {k: v for k, v in new.items() if base.get(k) != v}
+                            if base and new.get("format") == base.get("format")
+                            else new
+                        )
                         module_roles.setdefault(name, {})[role] = part
         q = self.base.to_dict()
         ours = {f"^{re.escape(n)}$": r for n, r in module_roles.items()}

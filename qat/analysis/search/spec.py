@@ -55,8 +55,10 @@ def _int(d: dict[str, Any], key: str, low: int) -> None:
 def parse_spec(d: Any) -> SearchSpec:
     """Validate the ``search:`` mapping on its own (the model-dependent checks come later)."""
     if d is None:
-        raise SearchError("the recipe has no search: section; add one with at least "
-                          "search.space (see recipes/minilm_sst2_search.yaml)")
+        raise SearchError(
+            "the recipe has no search: section; add one with at least "
+            "search.space (see recipes/minilm_sst2_search.yaml)"
+        )
     if not isinstance(d, dict):
         raise SearchError(f"search must be a mapping, got {d!r}")
     from qat.quant.config import check_section  # here: it imports torch, --help must not
@@ -64,53 +66,65 @@ def parse_spec(d: Any) -> SearchSpec:
     check_section(d, SearchSpec, "search", SearchError)  # unknown keys, as quant: and qdec:
     space = d.get("space")
     if not space:
-        raise SearchError("search.space is empty: name at least one role (weight, activation, "
-                          "matmul) with a format field and its choices, e.g. "
-                          "{weight: {width: [3, 4, 6]}}")
+        raise SearchError(
+            "search.space is empty: name at least one role (weight, activation, "
+            "matmul) with a format field and its choices, e.g. "
+            "{weight: {width: [3, 4, 6]}}"
+        )
     if not isinstance(space, dict):
         raise SearchError(f"search.space must map roles to {{field: [choices]}}, got {space!r}")
     for role, fields in space.items():
         if role not in ROLES:
-            raise SearchError(f"unknown key search.space.{role}"
-                              f"{did_you_mean(role, ROLES, 'search.space')}; "
-                              f"valid roles: {', '.join(ROLES)}")
+            raise SearchError(
+                f"unknown key search.space.{role}"
+                f"{did_you_mean(role, ROLES, 'search.space')}; "
+                f"valid roles: {', '.join(ROLES)}"
+            )
         if not fields or not isinstance(fields, dict):
-            raise SearchError(f"search.space.{role} is empty: give at least one format field "
-                              f"and its choices, e.g. {{width: [3, 4, 6]}}; got {fields!r}")
+            raise SearchError(
+                f"search.space.{role} is empty: give at least one format field "
+                f"and its choices, e.g. {{width: [3, 4, 6]}}; got {fields!r}"
+            )
         for field, choices in fields.items():
             if not isinstance(choices, list) or not choices:
-                raise SearchError(f"search.space.{role}.{field} must be a non-empty list of "
-                                  f"choices, got {choices!r}")
+                raise SearchError(
+                    f"search.space.{role}.{field} must be a non-empty list of "
+                    f"choices, got {choices!r}"
+                )
             if len(set(map(repr, choices))) != len(choices):
                 raise SearchError(f"search.space.{role}.{field} lists a choice twice: {choices}")
-    check_one_of("search.granularity", d.get("granularity", "module"), GRANULARITIES,
-                 SearchError)
+    check_one_of("search.granularity", d.get("granularity", "module"), GRANULARITIES, SearchError)
     objectives = d.get("objectives", list(OBJECTIVES))
-    if (not isinstance(objectives, list) or not objectives
-            or any(o not in OBJECTIVES for o in objectives)
-            or len(set(objectives)) != len(objectives)):
-        raise SearchError(f"search.objectives must be a non-empty list of distinct names from "
-                          f"{', '.join(OBJECTIVES)}; got {objectives!r}")
+    if (
+        not isinstance(objectives, list)
+        or not objectives
+        or any(o not in OBJECTIVES for o in objectives)
+        or len(set(objectives)) != len(objectives)
+    ):
+        raise SearchError(
+            f"search.objectives must be a non-empty list of distinct names from "
+            f"{', '.join(OBJECTIVES)}; got {objectives!r}"
+        )
     constraint = d.get("constraint") or {}
     if not isinstance(constraint, dict):
-        raise SearchError(f"search.constraint must be a mapping like {{max_bits: 5.0}}, got "
-                          f"{constraint!r}")
+        raise SearchError(
+            f"search.constraint must be a mapping like {{max_bits: 5.0}}, got {constraint!r}"
+        )
     for key, v in constraint.items():
         if key != "max_bits":
-            raise SearchError(f"unknown key search.constraint.{key}"
-                              f"{did_you_mean(key, ['max_bits'], 'search.constraint')}; "
-                              "valid keys: max_bits")
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) \
-                or v <= 0:
-            raise SearchError(f"search.constraint.max_bits must be a finite number > 0, got "
-                              f"{v!r}")
+            raise SearchError(
+                f"unknown key search.constraint.{key}"
+                f"{did_you_mean(key, ['max_bits'], 'search.constraint')}; "
+                "valid keys: max_bits"
+            )
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
+            raise SearchError(f"search.constraint.max_bits must be a finite number > 0, got {v!r}")
     for key, low in (("trials", 1), ("held_out_samples", 1), ("seed", 0), ("seed_trials", 0)):
         _int(d, key, low)
     check_one_of("search.sampler", d.get("sampler", "tpe"), SAMPLERS, SearchError)
     sens = d.get("sensitivity")
     if sens is not None and not isinstance(sens, str):
-        raise SearchError(f"search.sensitivity must be the path of a sensitivity.csv, got "
-                          f"{sens!r}")
+        raise SearchError(f"search.sensitivity must be the path of a sensitivity.csv, got {sens!r}")
     if sens is not None:
         read_sensitivity(sens)  # a bad table fails here, before the model loads
     widths = d.get("uniform_widths", [3, 4, 5, 6, 8])
@@ -126,24 +140,30 @@ def read_sensitivity(path: str) -> dict[str, int]:
     where = f"search.sensitivity: {path!r}"
     p = Path(path)
     if not p.is_file():
-        raise SearchError(f"{where} does not exist (write it with qat sensitivity)"
-                          if not p.exists() else f"{where} is not a regular file")
+        raise SearchError(
+            f"{where} does not exist (write it with qat sensitivity)"
+            if not p.exists()
+            else f"{where} is not a regular file"
+        )
     try:
         with open(p, newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
     except (UnicodeDecodeError, csv.Error) as e:
         raise SearchError(f"{where} cannot be read as CSV ({e})") from None
     if not rows or not {"unit", "rank"} <= set(rows[0]):
-        raise SearchError(f"{where} is not a sensitivity table (no unit and rank columns); "
-                          "write it with qat sensitivity")
+        raise SearchError(
+            f"{where} is not a sensitivity table (no unit and rank columns); "
+            "write it with qat sensitivity"
+        )
     ranks: dict[str, int] = {}
     for n, r in enumerate(rows, 2):  # line 1 is the header
         unit, rank = r.get("unit"), r.get("rank")
         try:
             ranks[str(unit)] = int(str(rank))
         except ValueError:
-            raise SearchError(f"{where} line {n}: rank {rank!r} of unit {unit!r} is not an "
-                              "integer") from None
+            raise SearchError(
+                f"{where} line {n}: rank {rank!r} of unit {unit!r} is not an integer"
+            ) from None
         if not unit:
             raise SearchError(f"{where} line {n}: no unit name")
     return ranks

@@ -32,8 +32,9 @@ def _sampler(spec: SearchSpec, offset: int = 0):
     cf = constraints if spec.max_bits is not None else None
     if spec.sampler == "tpe":
         # TPE fitted to one or two points keeps re-proposing them: start with random trials
-        return optuna.samplers.TPESampler(seed=spec.seed + offset, constraints_func=cf,
-                                          n_startup_trials=min(10, spec.trials))
+        return optuna.samplers.TPESampler(
+            seed=spec.seed + offset, constraints_func=cf, n_startup_trials=min(10, spec.trials)
+        )
     if spec.sampler == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=spec.seed + offset, constraints_func=cf)
     return optuna.samplers.RandomSampler(seed=spec.seed + offset)
@@ -42,10 +43,15 @@ def _sampler(spec: SearchSpec, offset: int = 0):
 def scores_key(recipe, spec: SearchSpec) -> dict[str, Any]:
     """What a trial's scores depend on besides its own choices: a resumed study must match."""
     args = recipe.args
-    key = {"model": args.model_name_or_path, "task": args.task_name,
-           "data_dir": args.data_dir, "max_length": args.max_length,
-           "held_out_samples": spec.held_out_samples, "seed": spec.seed,
-           "quant": args.quant.to_dict()}
+    key = {
+        "model": args.model_name_or_path,
+        "task": args.task_name,
+        "data_dir": args.data_dir,
+        "max_length": args.max_length,
+        "held_out_samples": spec.held_out_samples,
+        "seed": spec.seed,
+        "quant": args.quant.to_dict(),
+    }
     return json.loads(json.dumps(key, default=str))  # as the study stores it (tuples: lists)
 
 
@@ -55,8 +61,7 @@ def check_study_file(out: Path, resume: bool, scores: dict[str, Any]) -> bool:
     return study_file.check_study_file(out / DB_FILE, STUDY_NAME, resume, scores)
 
 
-def open_study(out: Path, spec: SearchSpec, space: Space, resume: bool,
-               scores: dict[str, Any]):
+def open_study(out: Path, spec: SearchSpec, space: Space, resume: bool, scores: dict[str, Any]):
     """Create the SQLite-backed study, or reopen it with ``--resume``."""
     import optuna
 
@@ -66,17 +71,29 @@ def open_study(out: Path, spec: SearchSpec, space: Space, resume: bool,
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     directions = ["maximize" if o == "accuracy" else "minimize" for o in spec.objectives]
     storage = f"sqlite:///{db}"
-    offset = len(optuna.load_study(study_name=STUDY_NAME, storage=storage).trials) if resume \
-        else 0
-    study = optuna.create_study(storage=storage, study_name=STUDY_NAME, directions=directions,
-                                sampler=_sampler(spec, offset), load_if_exists=resume)
-    key = json.dumps({"space": spec.space, "granularity": spec.granularity,
-                      "objectives": spec.objectives, "units": [u.name for u in space.units]},
-                     sort_keys=True)
+    offset = len(optuna.load_study(study_name=STUDY_NAME, storage=storage).trials) if resume else 0
+    study = optuna.create_study(
+        storage=storage,
+        study_name=STUDY_NAME,
+        directions=directions,
+        sampler=_sampler(spec, offset),
+        load_if_exists=resume,
+    )
+    key = json.dumps(
+        {
+            "space": spec.space,
+            "granularity": spec.granularity,
+            "objectives": spec.objectives,
+            "units": [u.name for u in space.units],
+        },
+        sort_keys=True,
+    )
     if resume:
         if study.user_attrs.get("key") != key:
-            raise SearchError(f"--resume: the stored study in {str(db)!r} searched another "
-                              "space, granularity, objectives or model; use a new output_dir")
+            raise SearchError(
+                f"--resume: the stored study in {str(db)!r} searched another "
+                "space, granularity, objectives or model; use a new output_dir"
+            )
         _requeue_interrupted(study)
     else:
         study.set_user_attr("scores", scores)
@@ -90,8 +107,7 @@ def _requeue_interrupted(study) -> None:
 
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
-        study.enqueue_trial(t.params, user_attrs={"source": t.user_attrs.get("source",
-                                                                            "sampler")})
+        study.enqueue_trial(t.params, user_attrs={"source": t.user_attrs.get("source", "sampler")})
 
 
 def trial_rows(study, spec: SearchSpec) -> list[dict[str, Any]]:
@@ -101,10 +117,17 @@ def trial_rows(study, spec: SearchSpec) -> list[dict[str, Any]]:
     rows = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         a = t.user_attrs
-        rows.append({"number": t.number, "source": a.get("source", "sampler"),
-                     "accuracy": a["accuracy"], "bits": a["bits"],
-                     "weight_bits": a["weight_bits"], "activation_bits": a["activation_bits"],
-                     "matmul_bits": a["matmul_bits"],
-                     "feasible": spec.max_bits is None or a["bits"] <= spec.max_bits + 1e-9,
-                     "params": dict(t.params)})
+        rows.append(
+            {
+                "number": t.number,
+                "source": a.get("source", "sampler"),
+                "accuracy": a["accuracy"],
+                "bits": a["bits"],
+                "weight_bits": a["weight_bits"],
+                "activation_bits": a["activation_bits"],
+                "matmul_bits": a["matmul_bits"],
+                "feasible": spec.max_bits is None or a["bits"] <= spec.max_bits + 1e-9,
+                "params": dict(t.params),
+            }
+        )
     return rows

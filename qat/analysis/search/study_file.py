@@ -45,21 +45,24 @@ def study_state(db: Path, study_name: str) -> tuple[str, dict[str, Any]]:
     except sqlite3.Error:
         return "foreign", {}
     try:
-        tables = {r[0] for r in con.execute(
-            "SELECT name FROM sqlite_master WHERE type = 'table'")}
+        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         if not tables:
             return "blank", {}
         if not OPTUNA_TABLES <= tables:
             return "foreign", {}
-        row = con.execute("SELECT study_id FROM studies WHERE study_name = ?",
-                          (study_name,)).fetchone()
+        row = con.execute(
+            "SELECT study_id FROM studies WHERE study_name = ?", (study_name,)
+        ).fetchone()
         if row is None:  # optuna's tables, no study of ours: killed mid-creation, or another's
             others = con.execute("SELECT COUNT(*) FROM studies").fetchone()[0]
             return ("foreign" if others else "blank"), {}
-        attrs = {k: json.loads(v) for k, v in con.execute(
-            "SELECT key, value_json FROM study_user_attributes WHERE study_id = ?", row)}
-        trials = con.execute("SELECT COUNT(*) FROM trials WHERE study_id = ?",
-                             row).fetchone()[0]
+        attrs = {
+            k: json.loads(v)
+            for k, v in con.execute(
+                "SELECT key, value_json FROM study_user_attributes WHERE study_id = ?", row
+            )
+        }
+        trials = con.execute("SELECT COUNT(*) FROM trials WHERE study_id = ?", row).fetchone()[0]
     except (sqlite3.Error, ValueError):
         return "foreign", {}
     finally:
@@ -69,19 +72,21 @@ def study_state(db: Path, study_name: str) -> tuple[str, dict[str, Any]]:
     return "study", attrs
 
 
-def check_study_file(db: Path, study_name: str, resume: bool,
-                     scores: dict[str, Any]) -> bool:
+def check_study_file(db: Path, study_name: str, resume: bool, scores: dict[str, Any]) -> bool:
     """Check ``db`` before any work; returns whether a stored study is to be resumed (a blank
     file is removed and the search starts afresh, with a warning)."""
     state, attrs = study_state(db, study_name)
     where = str(db.parent)
     if state == "foreign":
-        raise StudyFileError(f"{str(db)!r} is not a qat search study (not an optuna SQLite "
-                             f"database holding study {study_name!r}); it was left as it is: "
-                             "move it away or choose another --output_dir")
+        raise StudyFileError(
+            f"{str(db)!r} is not a qat search study (not an optuna SQLite "
+            f"database holding study {study_name!r}); it was left as it is: "
+            "move it away or choose another --output_dir"
+        )
     if state == "blank":
-        logger.warning("%s holds no search (empty, or its creation was interrupted): starting "
-                       "a new one", db)
+        logger.warning(
+            "%s holds no search (empty, or its creation was interrupted): starting a new one", db
+        )
         for p in (db, db.with_name(db.name + "-journal")):
             p.unlink(missing_ok=True)
         return False
@@ -90,14 +95,18 @@ def check_study_file(db: Path, study_name: str, resume: bool,
             raise StudyFileError(f"--resume: {where!r} holds no {db.name} to resume")
         return False
     if not resume:
-        raise StudyFileError(f"{where!r} already holds a search ({db.name}); pass --resume to "
-                             "continue it, or choose another --output_dir")
+        raise StudyFileError(
+            f"{where!r} already holds a search ({db.name}); pass --resume to "
+            "continue it, or choose another --output_dir"
+        )
     stored = attrs.get("scores")
     if stored != scores:
         stored = stored if isinstance(stored, dict) else {}
         diff = sorted(k for k in {*stored, *scores} if stored.get(k) != scores.get(k))
         first = diff[0] if diff else "scores"
-        raise StudyFileError(f"--resume: the study in {str(db)!r} was scored with another "
-                             f"{first} ({stored.get(first)!r}, now {scores.get(first)!r}); its "
-                             "trials cannot be mixed with these: use a new output_dir")
+        raise StudyFileError(
+            f"--resume: the study in {str(db)!r} was scored with another "
+            f"{first} ({stored.get(first)!r}, now {scores.get(first)!r}); its "
+            "trials cannot be mixed with these: use a new output_dir"
+        )
     return True

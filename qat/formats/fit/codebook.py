@@ -63,8 +63,9 @@ def initial_levels(kind: str) -> Tensor:
     """Evenly spaced start: 7 negative levels (the first is -1 for BOF4), 0, 7 positive, +1."""
     pos = torch.arange(1, 8, dtype=torch.float64) / 8
     neg = -torch.arange(7, 0, -1, dtype=torch.float64) / (7 if kind == "bof4" else 7.5)
-    return torch.cat([neg, torch.zeros(1, dtype=torch.float64), pos,
-                      torch.ones(1, dtype=torch.float64)])
+    return torch.cat(
+        [neg, torch.zeros(1, dtype=torch.float64), pos, torch.ones(1, dtype=torch.float64)]
+    )
 
 
 def _edges(levels: Tensor) -> Tensor:
@@ -177,25 +178,36 @@ def mc_step(data: SortedSamples, metric: str) -> Callable[[Tensor], Tensor]:
 # --- driver ------------------------------------------------------------------------------
 
 
-def fit_codebook(kind: str = "bof4s", metric: str = "mse", block_size: int = 64,
-                 method: str = "integral", samples: int = DEFAULT_SAMPLES,
-                 iters: int = DEFAULT_ITERS, seed: int = 0, tol: float = DEFAULT_TOL,
-                 progress: bool = False) -> tuple[list[float], int]:
+def fit_codebook(
+    kind: str = "bof4s",
+    metric: str = "mse",
+    block_size: int = 64,
+    method: str = "integral",
+    samples: int = DEFAULT_SAMPLES,
+    iters: int = DEFAULT_ITERS,
+    seed: int = 0,
+    tol: float = DEFAULT_TOL,
+    progress: bool = False,
+) -> tuple[list[float], int]:
     """Sorted 16 levels minimising ``metric`` on Gaussian weights, and the iterations run.
 
     Stops once no level moves by more than ``tol`` in an iteration. Deterministic (``mc``: for
     a given ``seed`` and ``samples``).
     """
-    for key, value, valid in (("kind", kind, tuple(KINDS)), ("metric", metric, METRICS),
-                              ("method", method, METHODS)):
+    for key, value, valid in (
+        ("kind", kind, tuple(KINDS)),
+        ("metric", metric, METRICS),
+        ("method", method, METHODS),
+    ):
         check_one_of(key, value, valid, UsageError)
     if block_size < 2:
         raise UsageError(f"block_size must be >= 2, got {block_size}")
     if method == "integral":
         step = integral_step(quadrature(block_size), metric)
     else:
-        step = mc_step(sort_samples(*gaussian_samples(kind, block_size, samples, seed), metric),
-                       metric)
+        step = mc_step(
+            sort_samples(*gaussian_samples(kind, block_size, samples, seed), metric), metric
+        )
     levels, pinned = initial_levels(kind), pinned_mask(kind)
     bar = None
     if progress:
@@ -219,12 +231,29 @@ def fit_codebook(kind: str = "bof4s", metric: str = "mse", block_size: int = 64,
     return [float(v) for v in levels.float()], done
 
 
-def write_codebook(path: str, kind: str, metric: str, block_size: int, levels: list[float],
-                   method: str, samples: int | None, iters: int, seed: int | None) -> None:
+def write_codebook(
+    path: str,
+    kind: str,
+    metric: str,
+    block_size: int,
+    levels: list[float],
+    method: str,
+    samples: int | None,
+    iters: int,
+    seed: int | None,
+) -> None:
     """The JSON file that a format spec's ``codebook_file:`` reads."""
-    doc = {"kind": kind, "metric": metric, "block_size": block_size,
-           "normalization": KINDS[kind], "levels": levels, "method": method,
-           "samples": samples, "iters": iters, "seed": seed}
+    doc = {
+        "kind": kind,
+        "metric": metric,
+        "block_size": block_size,
+        "normalization": KINDS[kind],
+        "levels": levels,
+        "method": method,
+        "samples": samples,
+        "iters": iters,
+        "seed": seed,
+    }
     with open(path, "w") as f:
         json.dump(doc, f, indent=2)
         f.write("\n")

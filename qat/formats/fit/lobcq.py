@@ -66,8 +66,9 @@ def _initial(y: Tensor, num_codebooks: int) -> Tensor:
     return round_codebooks(torch.stack(rows))
 
 
-def lloyd(y: Tensor, codebooks: Tensor, iters: int, res: int = 1, bar=None
-          ) -> tuple[Tensor, list[float]]:
+def lloyd(
+    y: Tensor, codebooks: Tensor, iters: int, res: int = 1, bar=None
+) -> tuple[Tensor, list[float]]:
     """Alternate assignment and Lloyd-Max updates with entries on the ``1/res`` grid.
 
     Returns the codebooks and the MSE of each assignment step (non-increasing); stops early
@@ -89,18 +90,28 @@ def lloyd(y: Tensor, codebooks: Tensor, iters: int, res: int = 1, bar=None
         key = (choice.unsqueeze(-1) * NUM_ENTRIES + lut_idx[choice.unsqueeze(-1), bins]).flatten()
         sums = torch.zeros(size, dtype=torch.float64).index_add_(0, key, y.flatten().double())
         counts = torch.zeros(size, dtype=torch.float64).index_add_(
-            0, key, torch.ones_like(key, dtype=torch.float64))
-        new = torch.where(counts > 0, round_codebooks(sums / counts.clamp_min(1), res),
-                          cbs.flatten()).reshape(ncb, NUM_ENTRIES)
+            0, key, torch.ones_like(key, dtype=torch.float64)
+        )
+        new = torch.where(
+            counts > 0, round_codebooks(sums / counts.clamp_min(1), res), cbs.flatten()
+        ).reshape(ncb, NUM_ENTRIES)
         if torch.equal(new, cbs):
             break
         cbs = new
     return cbs, history
 
 
-def fit_lobcq(samples: Tensor, num_codebooks: int = 16, block_len: int = 8, array_len: int = 64,
-              iters: int = 30, seed: int = 0, max_blocks: int | None = DEFAULT_MAX_BLOCKS,
-              warm_iters: int = 20, progress: bool = False) -> tuple[Tensor, list[float]]:
+def fit_lobcq(
+    samples: Tensor,
+    num_codebooks: int = 16,
+    block_len: int = 8,
+    array_len: int = 64,
+    iters: int = 30,
+    seed: int = 0,
+    max_blocks: int | None = DEFAULT_MAX_BLOCKS,
+    warm_iters: int = 20,
+    progress: bool = False,
+) -> tuple[Tensor, list[float]]:
     """Codebooks ``[N_c, 16]`` (rows sorted, integer-valued float32) and the MSE history.
 
     ``history[i]``: MSE (normalised domain, per scalar) after the i-th assignment step of the
@@ -130,13 +141,21 @@ def fit_lobcq(samples: Tensor, num_codebooks: int = 16, block_len: int = 8, arra
     return cbs.sort(dim=-1).values, history
 
 
-def save_codebooks(path: str, codebooks: Tensor, block_len: int, array_len: int,
-                   **meta: object) -> None:
+def save_codebooks(
+    path: str, codebooks: Tensor, block_len: int, array_len: int, **meta: object
+) -> None:
     """Write the JSON file that ``{format: lobcq, codebook_file: path}`` reads."""
     cbs = round_codebooks(codebooks)
-    doc = {"format": "lobcq", "num_codebooks": int(cbs.shape[0]), "block_len": block_len,
-           "array_len": array_len, "entry_bits": 6, "scale": "e8m0",
-           "codebooks": [[int(v) for v in row] for row in cbs.tolist()], **meta}
+    doc = {
+        "format": "lobcq",
+        "num_codebooks": int(cbs.shape[0]),
+        "block_len": block_len,
+        "array_len": array_len,
+        "entry_bits": 6,
+        "scale": "e8m0",
+        "codebooks": [[int(v) for v in row] for row in cbs.tolist()],
+        **meta,
+    }
     with open(path, "w") as f:
         json.dump(doc, f, indent=1)
         f.write("\n")

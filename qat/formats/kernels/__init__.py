@@ -73,27 +73,43 @@ def triton_fake_quantize(x: Tensor, fmt: Format, dim: int = -1) -> Tensor:
     if not supports_triton(fmt):
         raise ValueError(f"no triton kernel for format {fmt}; use fmt.quantize")
     if x.dtype not in _DTYPES:
-        raise TypeError(f"{fmt.name}: triton kernels take float32, float16 or bfloat16 tensors, "
-                        f"got {x.dtype}")
+        raise TypeError(
+            f"{fmt.name}: triton kernels take float32, float16 or bfloat16 tensors, got {x.dtype}"
+        )
     nd = max(x.dim(), 1)
     if not -nd <= dim < nd:  # the reference's check and message
-        raise IndexError(f"{fmt.name}: dim {dim} is out of range for a {x.dim()}-D tensor "
-                         f"(expected -{nd} <= dim < {nd})")
+        raise IndexError(
+            f"{fmt.name}: dim {dim} is out of range for a {x.dim()}-D tensor "
+            f"(expected -{nd} <= dim < {nd})"
+        )
     if not _AVAILABLE:
         raise RuntimeError("triton is not installed (pip install triton)")
     if x.device.type != "cuda" and not _INTERPRET:
-        raise RuntimeError(f"triton kernels run on CUDA tensors, got a {x.device.type} tensor "
-                           f"(set TRITON_INTERPRET=1 before importing triton to interpret them)")
+        raise RuntimeError(
+            f"triton kernels run on CUDA tensors, got a {x.device.type} tensor "
+            f"(set TRITON_INTERPRET=1 before importing triton to interpret them)"
+        )
     q = torch.ops.qat
     if type(fmt) is BFP:
-        return q.bfp_fake_quantize(x, dim, fmt.width, fmt.exponent_width, fmt.block_size,
-                                   fmt.scale == "mse")
+        return q.bfp_fake_quantize(
+            x, dim, fmt.width, fmt.exponent_width, fmt.block_size, fmt.scale == "mse"
+        )
     if type(fmt) in _MX_TYPES:
-        return q.mx_fake_quantize(x, dim, fmt.block_size, fmt.mantissa_bits, fmt.emax, fmt.emin,
-                                  fmt.max_value, type(fmt) is MXINT8, fmt.scale == "mse")
+        return q.mx_fake_quantize(
+            x,
+            dim,
+            fmt.block_size,
+            fmt.mantissa_bits,
+            fmt.emax,
+            fmt.emin,
+            fmt.max_value,
+            type(fmt) is MXINT8,
+            fmt.scale == "mse",
+        )
     if type(fmt) in _GGML_TYPES:
         return q.ggml_fake_quantize(x, dim, type(fmt) is GGMLQ4_0)
     if type(fmt) is NVFP4:
         return q.nvfp4_fake_quantize(x, dim)
-    return q.codebook_fake_quantize(x, dim, fmt.block_size, list(fmt.levels),
-                                    fmt.normalization == "signed_absmax")
+    return q.codebook_fake_quantize(
+        x, dim, fmt.block_size, list(fmt.levels), fmt.normalization == "signed_absmax"
+    )

@@ -30,8 +30,14 @@ from qat.formats.nvfp4 import NVFP4_BLOCK, global_scale
 from qat.formats.scale import fixed_point_bits
 
 
-def _launch(x: Tensor, dim: int, kind: int, block: int, params: tuple,
-            tables: tuple[Tensor, Tensor] | None = None) -> Tensor:
+def _launch(
+    x: Tensor,
+    dim: int,
+    kind: int,
+    block: int,
+    params: tuple,
+    tables: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
     """Run the kernel on ``x`` with blocks of ``block`` along ``dim``."""
     if x.numel() == 0:
         return x.clone()  # a custom op may not return its input
@@ -40,10 +46,28 @@ def _launch(x: Tensor, dim: int, kind: int, block: int, params: tuple,
     y = torch.empty_like(xc)
     lv, mids = tables if tables is not None else (xc, xc)  # unused pointers for bfp/mx
     fake_quantize_kernel[(p.grid,)](
-        xc, y, lv, mids, p.n, p.inner, p.nb, p.total, p.n_col_tiles,
-        KIND=kind, BLOCK=block, BP=p.bp, TILE=p.tile, LAYOUT=p.layout,
-        P0=params[0], P1=params[1], P2=params[2], P3=params[3], P4=params[4], P5=params[5],
-        num_warps=p.num_warps, enable_fp_fusion=False,
+        xc,
+        y,
+        lv,
+        mids,
+        p.n,
+        p.inner,
+        p.nb,
+        p.total,
+        p.n_col_tiles,
+        KIND=kind,
+        BLOCK=block,
+        BP=p.bp,
+        TILE=p.tile,
+        LAYOUT=p.layout,
+        P0=params[0],
+        P1=params[1],
+        P2=params[2],
+        P3=params[3],
+        P4=params[4],
+        P5=params[5],
+        num_warps=p.num_warps,
+        enable_fp_fusion=False,
     )
     return y.view(x.shape)
 
@@ -64,17 +88,26 @@ def _ste_backward(nargs: int):
 
 
 @torch.library.custom_op("qat::bfp_fake_quantize", mutates_args=())
-def bfp_fake_quantize(x: Tensor, dim: int, width: int, exponent_width: int,
-                      block_size: int, scale_mse: bool = False) -> Tensor:
+def bfp_fake_quantize(
+    x: Tensor, dim: int, width: int, exponent_width: int, block_size: int, scale_mse: bool = False
+) -> Tensor:
     """BFP fake quantisation (``qat.formats.bfp.BFP.quantize``) in one kernel."""
     frac = fixed_point_bits(block_size) if scale_mse else 0
     return _launch(x, dim, KIND_BFP, block_size, bfp_params(width, exponent_width, frac))
 
 
 @torch.library.custom_op("qat::mx_fake_quantize", mutates_args=())
-def mx_fake_quantize(x: Tensor, dim: int, block_size: int, mantissa_bits: int, emax: int,
-                     emin: int, max_value: float, is_int: bool, scale_mse: bool = False
-                     ) -> Tensor:
+def mx_fake_quantize(
+    x: Tensor,
+    dim: int,
+    block_size: int,
+    mantissa_bits: int,
+    emax: int,
+    emin: int,
+    max_value: float,
+    is_int: bool,
+    scale_mse: bool = False,
+) -> Tensor:
     """OCP MX fake quantisation (``qat.formats.mx``) in one kernel."""
     frac = fixed_point_bits(block_size) if scale_mse else 0
     params = mx_params(mantissa_bits, emax, emin, max_value, is_int, frac)
@@ -82,8 +115,9 @@ def mx_fake_quantize(x: Tensor, dim: int, block_size: int, mantissa_bits: int, e
 
 
 @torch.library.custom_op("qat::codebook_fake_quantize", mutates_args=())
-def codebook_fake_quantize(x: Tensor, dim: int, block_size: int, levels: list[float],
-                           signed_absmax: bool) -> Tensor:
+def codebook_fake_quantize(
+    x: Tensor, dim: int, block_size: int, levels: list[float], signed_absmax: bool
+) -> Tensor:
     """4-bit codebook fake quantisation (``qat.formats.codebook``, no outliers) in one kernel."""
     lv = tuple(levels)
     # The reference's own float32 levels and midpoints, cached per device.
@@ -111,8 +145,12 @@ def nvfp4_fake_quantize(x: Tensor, dim: int) -> Tensor:
     return _launch(xc, dim, KIND_NVFP4, NVFP4_BLOCK, (0, 0, 0, 0, 0, 0), (g, g))
 
 
-for _op, _nargs in ((bfp_fake_quantize, 6), (mx_fake_quantize, 9),
-                    (codebook_fake_quantize, 5), (ggml_fake_quantize, 3),
-                    (nvfp4_fake_quantize, 2)):
+for _op, _nargs in (
+    (bfp_fake_quantize, 6),
+    (mx_fake_quantize, 9),
+    (codebook_fake_quantize, 5),
+    (ggml_fake_quantize, 3),
+    (nvfp4_fake_quantize, 2),
+):
     _op.register_fake(_fake)
     _op.register_autograd(_ste_backward(_nargs), setup_context=_setup_context)

@@ -18,12 +18,19 @@ def bfp_params(width: int, exponent_width: int, frac: int = 0) -> tuple:
     0 for ``scale: max``, else ``scale: mse`` with that many error fraction bits
     (``qat.formats.scale.fixed_point_bits``)."""
     m = width - 1
-    return m, float(2**m), float(2**m - 1), -(2 ** (exponent_width - 1) - 1), 2 ** (
-        exponent_width - 1), frac
+    return (
+        m,
+        float(2**m),
+        float(2**m - 1),
+        -(2 ** (exponent_width - 1) - 1),
+        2 ** (exponent_width - 1),
+        frac,
+    )
 
 
-def mx_params(mantissa_bits: int, emax: int, emin: int, max_value: float, is_int: bool,
-              frac: int = 0) -> tuple:
+def mx_params(
+    mantissa_bits: int, emax: int, emin: int, max_value: float, is_int: bool, frac: int = 0
+) -> tuple:
     """Kernel constants for MX: element mantissa bits, emax, smallest step exponent, max,
     INT8 or not, and ``frac`` as for BFP."""
     step_min = max(emin - mantissa_bits, -149)
@@ -64,7 +71,7 @@ def plan(shape: tuple[int, ...], dim: int, block: int) -> Plan:
     else:
         d = dim % ndim  # same wrap-around as Format.quantize
         n = shape[d]
-        outer, inner = math.prod(shape[:d]), math.prod(shape[d + 1:])
+        outer, inner = math.prod(shape[:d]), math.prod(shape[d + 1 :])
     bp = _next_pow2(block)
     nb = _cdiv(n, block)
     n_col_tiles = 1

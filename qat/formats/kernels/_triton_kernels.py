@@ -11,7 +11,6 @@ results agree bit for bit. Rules that keep them exact on a GPU as well as under 
   launcher passes ``enable_fp_fusion=False`` so a multiply is never fused into that add.
 """
 
-
 import triton
 import triton.language as tl
 
@@ -94,8 +93,7 @@ def _mse_choice(src, amax, q, q_down, q_up, AXIS: tl.constexpr, FRAC: tl.constex
 
 
 @triton.jit
-def _bfp_values(src, a, e, M_BITS: tl.constexpr, M_POW: tl.constexpr,
-                MANT_MAX: tl.constexpr):
+def _bfp_values(src, a, e, M_BITS: tl.constexpr, M_POW: tl.constexpr, MANT_MAX: tl.constexpr):
     t = (a * _pow2(-e)) * M_POW
     r = tl.minimum(_rne_pos(t), MANT_MAX)
     sgn = tl.where(src > 0, 1.0, tl.where(src < 0, -1.0, 0.0))
@@ -103,8 +101,16 @@ def _bfp_values(src, a, e, M_BITS: tl.constexpr, M_POW: tl.constexpr,
 
 
 @triton.jit
-def _bfp(src, AXIS: tl.constexpr, M_BITS: tl.constexpr, M_POW: tl.constexpr,
-         MANT_MAX: tl.constexpr, E_LO: tl.constexpr, E_HI: tl.constexpr, FRAC: tl.constexpr):
+def _bfp(
+    src,
+    AXIS: tl.constexpr,
+    M_BITS: tl.constexpr,
+    M_POW: tl.constexpr,
+    MANT_MAX: tl.constexpr,
+    E_LO: tl.constexpr,
+    E_HI: tl.constexpr,
+    FRAC: tl.constexpr,
+):
     # qat/formats/bfp.py: e = clamp(ceil(log2 amax)); |x| * 2^-e * 2^M; round; clamp; * sign;
     # * 2^(e - M). FRAC > 0 (scale: mse): the best of e, e - 1, e + 1 (qat/formats/scale.py).
     a, amax = _abs_max(src, AXIS)
@@ -112,10 +118,15 @@ def _bfp(src, AXIS: tl.constexpr, M_BITS: tl.constexpr, M_POW: tl.constexpr,
     e = _clamp(tl.where(amax > 0, fl + frac.to(tl.int32), E_LO), E_LO, E_HI)
     q = _bfp_values(src, a, e, M_BITS, M_POW, MANT_MAX)
     if FRAC > 0:
-        q = _mse_choice(src, amax, q,
-                        _bfp_values(src, a, tl.maximum(e - 1, E_LO), M_BITS, M_POW, MANT_MAX),
-                        _bfp_values(src, a, tl.minimum(e + 1, E_HI), M_BITS, M_POW, MANT_MAX),
-                        AXIS, FRAC)
+        q = _mse_choice(
+            src,
+            amax,
+            q,
+            _bfp_values(src, a, tl.maximum(e - 1, E_LO), M_BITS, M_POW, MANT_MAX),
+            _bfp_values(src, a, tl.minimum(e + 1, E_HI), M_BITS, M_POW, MANT_MAX),
+            AXIS,
+            FRAC,
+        )
     return q
 
 
@@ -131,8 +142,9 @@ def _round_float(v, M_BITS: tl.constexpr, STEP_MIN: tl.constexpr, MAXV: tl.const
 
 
 @triton.jit
-def _mx_values(src, e, M_BITS: tl.constexpr, STEP_MIN: tl.constexpr, MAXV: tl.constexpr,
-               IS_INT: tl.constexpr):
+def _mx_values(
+    src, e, M_BITS: tl.constexpr, STEP_MIN: tl.constexpr, MAXV: tl.constexpr, IS_INT: tl.constexpr
+):
     v = src * _pow2(-e)
     if IS_INT:
         w = v * 64.0
@@ -144,8 +156,16 @@ def _mx_values(src, e, M_BITS: tl.constexpr, STEP_MIN: tl.constexpr, MAXV: tl.co
 
 
 @triton.jit
-def _mx(src, AXIS: tl.constexpr, M_BITS: tl.constexpr, EMAX: tl.constexpr,
-        STEP_MIN: tl.constexpr, MAXV: tl.constexpr, IS_INT: tl.constexpr, FRAC: tl.constexpr):
+def _mx(
+    src,
+    AXIS: tl.constexpr,
+    M_BITS: tl.constexpr,
+    EMAX: tl.constexpr,
+    STEP_MIN: tl.constexpr,
+    MAXV: tl.constexpr,
+    IS_INT: tl.constexpr,
+    FRAC: tl.constexpr,
+):
     # qat/formats/mx.py + floatcast.py: e = clamp(floor(log2 amax) - emax, -127, 127);
     # v = x / 2^e; round v to the element grid (saturating); * 2^e. FRAC > 0 (scale: mse):
     # the best of e, e - 1, e + 1 (qat/formats/scale.py).
@@ -154,17 +174,30 @@ def _mx(src, AXIS: tl.constexpr, M_BITS: tl.constexpr, EMAX: tl.constexpr,
     e = _clamp(tl.where(amax > 0, fl, 0) - EMAX, -127, 127)
     q = _mx_values(src, e, M_BITS, STEP_MIN, MAXV, IS_INT)
     if FRAC > 0:
-        q = _mse_choice(src, amax, q,
-                        _mx_values(src, tl.maximum(e - 1, -127), M_BITS, STEP_MIN, MAXV, IS_INT),
-                        _mx_values(src, tl.minimum(e + 1, 127 - EMAX), M_BITS, STEP_MIN, MAXV,
-                                   IS_INT),
-                        AXIS, FRAC)
+        q = _mse_choice(
+            src,
+            amax,
+            q,
+            _mx_values(src, tl.maximum(e - 1, -127), M_BITS, STEP_MIN, MAXV, IS_INT),
+            _mx_values(src, tl.minimum(e + 1, 127 - EMAX), M_BITS, STEP_MIN, MAXV, IS_INT),
+            AXIS,
+            FRAC,
+        )
     return q
 
 
 @triton.jit
-def _codebook(src, kidx, lv_ptr, mid_ptr, AXIS: tl.constexpr, NLEV: tl.constexpr,
-              SIGNED: tl.constexpr, HAS_ZERO: tl.constexpr, BP: tl.constexpr):
+def _codebook(
+    src,
+    kidx,
+    lv_ptr,
+    mid_ptr,
+    AXIS: tl.constexpr,
+    NLEV: tl.constexpr,
+    SIGNED: tl.constexpr,
+    HAS_ZERO: tl.constexpr,
+    BP: tl.constexpr,
+):
     # qat/formats/codebook.py quantize_blocks: s = absmax or the signed first largest |x|;
     # x / s; level = lv[count of midpoints <= x / s]; level * s.
     a, amax = _abs_max(src, AXIS)
@@ -207,8 +240,9 @@ def _ggml(src, kidx, AXIS: tl.constexpr, Q4: tl.constexpr, BP: tl.constexpr):
     else:
         d = tl.math.div_rn(amax, tl.full(amax.shape, 127.0, tl.float32))
     nonzero = d != 0
-    inv = tl.where(nonzero, tl.math.div_rn(tl.full(d.shape, 1.0, tl.float32),
-                                           tl.where(nonzero, d, 1.0)), 0.0)
+    inv = tl.where(
+        nonzero, tl.math.div_rn(tl.full(d.shape, 1.0, tl.float32), tl.where(nonzero, d, 1.0)), 0.0
+    )
     v = src * inv  # +-inf where 1/d overflowed, NaN for 0 * inf (the reference's nan_to_num)
     d16 = _round_float(d, 10, -24, 65504.0)  # fp16_scale: fp16, subnormals, saturated
     if Q4:
@@ -273,9 +307,21 @@ def _from_f32(q, DT: tl.constexpr):
 
 
 @triton.jit
-def _quantize_tile(xf, kidx, lv_ptr, mid_ptr, AXIS: tl.constexpr, KIND: tl.constexpr,
-                   BP: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
-                   P3: tl.constexpr, P4: tl.constexpr, P5: tl.constexpr):
+def _quantize_tile(
+    xf,
+    kidx,
+    lv_ptr,
+    mid_ptr,
+    AXIS: tl.constexpr,
+    KIND: tl.constexpr,
+    BP: tl.constexpr,
+    P0: tl.constexpr,
+    P1: tl.constexpr,
+    P2: tl.constexpr,
+    P3: tl.constexpr,
+    P4: tl.constexpr,
+    P5: tl.constexpr,
+):
     # Non-finite values count as 0 for the block's scale and pass through unchanged.
     finite = tl.abs(xf) < float("inf")
     src = tl.where(finite, xf, 0.0)
@@ -294,10 +340,26 @@ def _quantize_tile(xf, kidx, lv_ptr, mid_ptr, AXIS: tl.constexpr, KIND: tl.const
 
 @triton.jit
 def fake_quantize_kernel(
-    x_ptr, y_ptr, lv_ptr, mid_ptr, n, inner, nb, total, n_col_tiles,
-    KIND: tl.constexpr, BLOCK: tl.constexpr, BP: tl.constexpr, TILE: tl.constexpr,
-    LAYOUT: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
-    P3: tl.constexpr, P4: tl.constexpr, P5: tl.constexpr,
+    x_ptr,
+    y_ptr,
+    lv_ptr,
+    mid_ptr,
+    n,
+    inner,
+    nb,
+    total,
+    n_col_tiles,
+    KIND: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BP: tl.constexpr,
+    TILE: tl.constexpr,
+    LAYOUT: tl.constexpr,
+    P0: tl.constexpr,
+    P1: tl.constexpr,
+    P2: tl.constexpr,
+    P3: tl.constexpr,
+    P4: tl.constexpr,
+    P5: tl.constexpr,
 ):
     """x viewed as [outer, n, inner] (contiguous); blocks of BLOCK run along n.
 
@@ -320,8 +382,9 @@ def fake_quantize_kernel(
         offs = row.to(tl.int64)[:, None] * n + pos
         kidx = tl.broadcast_to(k[None, :], (TILE, BP))
         x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-        q, finite = _quantize_tile(_to_f32(x), kidx, lv_ptr, mid_ptr, 1, KIND, BP, P0, P1,
-                                   P2, P3, P4, P5)
+        q, finite = _quantize_tile(
+            _to_f32(x), kidx, lv_ptr, mid_ptr, 1, KIND, BP, P0, P1, P2, P3, P4, P5
+        )
     else:
         if LAYOUT == 1:
             blk = pid // n_col_tiles
@@ -338,8 +401,9 @@ def fake_quantize_kernel(
             offs = ((blk // nb).to(tl.int64)[None, :] * n + pos) * inner + c[None, :]
         kidx = tl.broadcast_to(k[:, None], (BP, TILE))
         x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-        q, finite = _quantize_tile(_to_f32(x), kidx, lv_ptr, mid_ptr, 0, KIND, BP, P0, P1,
-                                   P2, P3, P4, P5)
+        q, finite = _quantize_tile(
+            _to_f32(x), kidx, lv_ptr, mid_ptr, 0, KIND, BP, P0, P1, P2, P3, P4, P5
+        )
     # Non-finite inputs are stored back as they came (their bits untouched).
     y = tl.where(finite, _from_f32(q, y_ptr.dtype.element_ty), x)
     tl.store(y_ptr + offs, y, mask=mask)

@@ -38,14 +38,20 @@ booktitle={ICLR}, year={2019}}
 class GlueMetric(evaluate.Metric):
     def _info(self) -> evaluate.MetricInfo:
         if self.config_name not in GLUE_TASKS:
-            raise KeyError(f"unknown GLUE task {self.config_name!r} for the glue metric; valid "
-                           f"tasks: {', '.join(GLUE_TASKS)}")
+            raise KeyError(
+                f"unknown GLUE task {self.config_name!r} for the glue metric; valid "
+                f"tasks: {', '.join(GLUE_TASKS)}"
+            )
         dtype = "float32" if GLUE_TASKS[self.config_name].is_regression else "int64"
         return evaluate.MetricInfo(
-            description=_DESCRIPTION, citation=_CITATION, inputs_description=_KWARGS,
-            features=datasets.Features({"predictions": datasets.Value(dtype),
-                                        "references": datasets.Value(dtype)}),
-            format="numpy")
+            description=_DESCRIPTION,
+            citation=_CITATION,
+            inputs_description=_KWARGS,
+            features=datasets.Features(
+                {"predictions": datasets.Value(dtype), "references": datasets.Value(dtype)}
+            ),
+            format="numpy",
+        )
 
     def _compute(self, predictions, references) -> dict[str, float]:
         return glue_scores(self.config_name, predictions, references)
