@@ -9,7 +9,8 @@ import dataclasses
 import math
 from typing import Any
 
-from qat.errors import check_one_of, did_you_mean
+from qat.errors import check_one_of
+from qat.quant.config import check_section
 from qat.runs.arguments import DISTILL_LOSSES, DistillArguments, LoraArguments
 from qat.runs.recipe_text import RecipeError
 from qat.runs.recipe_types import check_type, coerce, field_types
@@ -23,13 +24,9 @@ def build_lora(d: Any) -> LoraArguments:
         d = dataclasses.asdict(d)
     if not isinstance(d, dict):
         raise RecipeError(f"lora must be a mapping, got {d!r}")
+    check_section(d, LoraArguments, "lora", RecipeError)
     hints = field_types(LoraArguments)
     for key, value in d.items():
-        if key not in hints:
-            raise RecipeError(
-                f"unknown key lora.{key}{did_you_mean(key, hints, 'lora')}; "
-                f"valid keys: {', '.join(hints)}"
-            )
         check_type(f"lora.{key}", value, hints[key])
     lora = LoraArguments(**d)
     if lora.r < 1:
@@ -63,14 +60,9 @@ def build_distill(d: Any) -> DistillArguments | None:
         raise RecipeError(
             f"distill must be a mapping (teacher, loss, temperature, weight) or null, got {d!r}"
         )
+    check_section(d, DistillArguments, "distill", RecipeError)
     hints = field_types(DistillArguments)
     for key, value in d.items():
-        if key not in hints:
-            raise RecipeError(
-                f"unknown key distill.{key}{did_you_mean(key, hints, 'distill')}; "
-                "valid keys: "
-                f"{', '.join(hints)}"
-            )
         d = {**d, key: coerce(value, hints[key])}
         check_type(f"distill.{key}", d[key], hints[key])
     distill = DistillArguments(**d)
