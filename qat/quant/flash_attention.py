@@ -25,6 +25,7 @@ from torch import Tensor
 
 from qat.formats.bfp import BFP
 from qat.formats.scale import fixed_point_bits
+from qat.quant.block_attention import p_block_size
 from qat.quant.ste import FakeQuantizer
 
 # Key tiles hold whole P blocks: a P block must divide the key tile (powers of two do).
@@ -43,15 +44,11 @@ def _p_format(quantize_p: FakeQuantizer | None) -> BFP | None:
 
 
 def _p_supported(quantize_p: FakeQuantizer | None) -> bool:
-    if quantize_p is None or not quantize_p.enabled:
+    if quantize_p is None or not getattr(quantize_p, "enabled", True):
         return True
-    fmt = getattr(quantize_p, "fmt", None)
-    if type(fmt) is not BFP or getattr(quantize_p, "rotation", None) is not None:
-        return False
-    if getattr(quantize_p, "dim", -1) != -1:
-        return False
-    b = fmt.block_size
-    return b <= MAX_P_BLOCK and b & (b - 1) == 0
+    # p_block_size: None where the quantiser rotates, runs along another dim or is not qat's
+    b = p_block_size(quantize_p)
+    return b is not None and type(quantize_p.fmt) is BFP and b <= MAX_P_BLOCK and b & (b - 1) == 0
 
 
 def flash_applies(
