@@ -60,7 +60,7 @@ def train_decoder(
     from qat.models import load_config, load_tokenizer_for
     from qat.runs.build import build_model
     from qat.tasks.language_modeling import check_block_size, check_causal
-    from qat.training.loop import train_and_evaluate
+    from qat.training.loop import train_and_evaluate, trainer_options
     from qat.training.teacher import check_distill
     from qat.training.trainer import QATTrainer
 
@@ -98,12 +98,7 @@ def train_decoder(
     build = trainer_cls or QATTrainer
     trainer = build(
         model=model,
-        args=args,
-        quant_config=args.quant,
-        finetune=args.finetune,
-        lora=args.lora,
-        on_nonfinite=args.on_nonfinite,
-        distill=args.distill,
+        **trainer_options(args),
         train_dataset=train,
         eval_dataset=evals,
         processing_class=tokenizer,

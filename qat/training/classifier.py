@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from qat.training.loop import train_and_evaluate
+from qat.training.loop import train_and_evaluate, trainer_options
 
 
 def train_classifier(recipe: Any, checkpoint: str | None) -> dict:
@@ -54,12 +54,7 @@ def train_classifier(recipe: Any, checkpoint: str | None) -> dict:
     eval_dataset = evals if len(evals) > 1 else next(iter(evals.values()))
     trainer = QATTrainer(
         model=model,
-        args=args,
-        quant_config=args.quant,
-        finetune=args.finetune,
-        lora=args.lora,
-        on_nonfinite=args.on_nonfinite,
-        distill=args.distill,
+        **trainer_options(args),
         train_dataset=train,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
