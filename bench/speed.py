@@ -18,9 +18,11 @@ is the peak allocated on CUDA; on the CPU, the bytes autograd saves for backward
 memory, which is what the STE must not grow). bf16 autocast on a GPU, float32 on the CPU.
 
 Part (c), ``--part attention``: float SDPA vs the ``"qat"`` attention's eager path (P and Q(P)
-kept for backward) and its block path (``qat.quant.block_attention``: P recomputed) at each of
-``--seqs``, for the attention alone and for a 2-layer OPT-350M-shaped model (batch 1); on CUDA
-the model also runs the Triton kernels (``qat.quant.flash_attention``, "W4A4 kernel").
+kept for backward) and its block path (``qat.quant.block_attention``: P recomputed; on CPU
+the fused C++ kernel of ``qat.quant.cpu_attention``, and beside it the PyTorch implementation,
+"W4A4 block, PyTorch") at each of ``--seqs``, for the attention alone and for a 2-layer
+OPT-350M-shaped model (batch 1); on CUDA the model also runs the Triton kernels
+(``qat.quant.flash_attention``, "W4A4 kernel").
 
 ``--profile_attention`` profiles one W4A4 step of a 2-layer OPT-350M-shaped model at 2048
 tokens and prints the share of time spent in attention (issue #8, item 9).
@@ -274,23 +276,35 @@ def measure_variants(
 
 
 def with_attention_path(step, path: str | None):
-    """``step`` run with the ``"qat"`` attention forced onto its eager path, its PyTorch block
-    path or (CUDA) its Triton kernels, ``"kernel"`` (None: the automatic choice)."""
+    """``step`` run with the ``"qat"`` attention forced onto its eager path, its block path
+    (``"block"``: the fused C++ kernel on CPU where it applies), the block path's PyTorch
+    implementation (``"block-torch"``) or (CUDA) its Triton kernels, ``"kernel"`` (None: the
+    automatic choice)."""
     if path is None:
         return step
+    import os
+
     import qat.quant.attention as attention
+    import qat.quant.cpu_attention as cpu_attention
     import qat.quant.flash_attention as flash
 
-    threshold = {"eager": 1 << 62, "block": 0, "kernel": 0}[path]
+    threshold = {"eager": 1 << 62, "block": 0, "block-torch": 0, "kernel": 0}[path]
     devices = flash.DEVICES if path == "kernel" else ()
 
     def run(saved: SavedBytes | None = None) -> None:
         old, attention.LONG_SCORES = attention.LONG_SCORES, threshold
         old_devices, flash.DEVICES = flash.DEVICES, devices
+        old_env = os.environ.get(cpu_attention.ENV)
+        if path == "block-torch":
+            os.environ[cpu_attention.ENV] = "0"
         try:
             step(saved)
         finally:
             attention.LONG_SCORES, flash.DEVICES = old, old_devices
+            if old_env is None:
+                os.environ.pop(cpu_attention.ENV, None)
+            else:
+                os.environ[cpu_attention.ENV] = old_env
 
     return run
 
@@ -385,6 +399,7 @@ def bench_attention(
         builds = {
             "float (SDPA)": (alone(None), None),
             "W4A4 eager": (alone(W4A4), "eager"),
+            "W4A4 block, PyTorch": (alone(W4A4), "block-torch"),
             "W4A4 block": (alone(W4A4), "block"),
         }
         if not eager:
@@ -407,6 +422,7 @@ def bench_attention(
         builds = {
             "float (SDPA)": (model(None), None),
             "W4A4 eager": (model(W4A4), "eager"),
+            "W4A4 block, PyTorch": (model(W4A4), "block-torch"),
             "W4A4 block": (model(W4A4), "block"),
         }
         if not eager:

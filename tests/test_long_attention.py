@@ -8,6 +8,7 @@ from tiny import BFP4 as W4
 
 import qat.quant.attention as attention
 import qat.quant.block_attention as block
+import qat.quant.cpu_attention as cpu_attention
 from qat import QuantConfig, quantize_model
 from qat.formats import make_format
 from qat.quant.modules import MatmulQuantizer
@@ -15,10 +16,19 @@ from qat.quant.modules import MatmulQuantizer
 ROWS = 6  # query rows per block in these tests: 20- and 23-token sequences end on a ragged one
 
 
-@pytest.fixture()
-def blocks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Switch the block path on for any length, with ROWS rows per block; the returned list
-    counts the block-path calls."""
+@pytest.fixture(params=["kernel", "torch"])
+def block_impl(request, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Which implementation of the block path runs on these float32 CPU tensors: the fused
+    C++ kernel (qat.quant.cpu_attention) or the PyTorch one ($QAT_CPU_ATTENTION=0)."""
+    if request.param == "torch":
+        monkeypatch.setenv(cpu_attention.ENV, "0")
+    else:
+        monkeypatch.delenv(cpu_attention.ENV, raising=False)
+        assert cpu_attention.load(), "the CPU attention kernel did not build"
+    return request.param
+
+
+def _blocks_on(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
 
     def counted(*args, **kwargs):
@@ -29,6 +39,21 @@ def blocks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     monkeypatch.setattr(block, "BLOCK_ELEMENTS", 1)
     monkeypatch.setattr(block, "MIN_ROWS", ROWS)
     return calls
+
+
+@pytest.fixture()
+def blocks(monkeypatch: pytest.MonkeyPatch, block_impl: str) -> list[int]:
+    """Switch the block path on for any length, with ROWS rows per block (by either
+    implementation, ``block_impl``); the returned list counts the block-path calls."""
+    return _blocks_on(monkeypatch)
+
+
+@pytest.fixture()
+def torch_blocks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """``blocks`` by the PyTorch implementation only: for tests that watch its P quantiser
+    (the kernel quantises P inside; tests/test_cpu_attention.py checks its Q(P))."""
+    monkeypatch.setenv(cpu_attention.ENV, "0")
+    return _blocks_on(monkeypatch)
 
 
 def _step(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -170,7 +195,7 @@ def _saved_bytes(seq: int) -> int:
     return sum(seen.values())
 
 
-def test_saved_memory_grows_linearly_with_length(blocks, monkeypatch):
+def test_saved_memory_grows_linearly_with_length(blocks, block_impl, monkeypatch):
     monkeypatch.setattr(attention, "LONG_SCORES", 1 << 60)
     eager = _saved_bytes(256), _saved_bytes(512)
     monkeypatch.setattr(attention, "LONG_SCORES", 0)
@@ -178,8 +203,11 @@ def test_saved_memory_grows_linearly_with_length(blocks, monkeypatch):
     lean = _saved_bytes(256), _saved_bytes(512)
     assert eager[1] / eager[0] > 3.5  # the eager path keeps P and Q(P): quadratic
     assert lean[1] / lean[0] == pytest.approx(2.0, rel=0.05)
-    # what it keeps is Q(Q), Q(K), Q(V): 3 x batch x heads x seq x dim float32
-    assert lean[1] == 3 * 2 * 2 * 512 * 8 * 4
+    # what it keeps is Q(Q), Q(K), Q(V): 3 x batch x heads x seq x dim float32; the kernel
+    # also each row's softmax max and 1 / sum (float32) and the key count of each block of 64
+    # query rows (int64)
+    extra = 2 * 2 * 512 * 2 * 4 + 512 // 64 * 8 if block_impl == "kernel" else 0
+    assert lean[1] == 3 * 2 * 2 * 512 * 8 * 4 + extra
     assert lean[1] < eager[1] / 20
 
 
@@ -281,7 +309,7 @@ def _block_probs(module: torch.nn.Module, seen: list[torch.Tensor]):
 @pytest.mark.parametrize("seq", [37, 70, 130])
 @pytest.mark.parametrize("mask_kind", ["none", "bool", "additive", "broadcast_row"])
 @pytest.mark.parametrize("kv_heads", [4, 2])
-def test_key_tails_under_masks_and_gqa(seq, mask_kind, kv_heads, blocks, monkeypatch):
+def test_key_tails_under_masks_and_gqa(seq, mask_kind, kv_heads, torch_blocks, monkeypatch):
     monkeypatch.setattr(block, "MIN_ROWS", TAIL_ROWS)
     module = _Attn({**W4, "block_size": 8}, groups=4 // kv_heads)
     q, k, v = _qkv(seq, kv_heads=kv_heads, seed=seq)
@@ -295,7 +323,7 @@ def test_key_tails_under_masks_and_gqa(seq, mask_kind, kv_heads, blocks, monkeyp
         got, _, grads = _run(module, q, k, v, mask)
     finally:
         hook.remove()
-    assert len(blocks) == 1
+    assert len(torch_blocks) == 1
     _assert_same(got, ref, "out")
     for name, g, r in zip("qkv", grads, ref_grads):
         _assert_same(g, r, name)
@@ -334,7 +362,7 @@ SEEN_200 = [64, 64, 64, 64, 80, 96, 112, 128, 144, 160, 176, 192, 200]
         (32, [64, 64, 64, 64, 96, 96, 128, 128, 160, 160, 192, 192, 200]),
     ],
 )
-def test_causal_blocks_compute_only_the_keys_they_see(block_size, want, blocks, monkeypatch):
+def test_causal_blocks_compute_only_the_keys_they_see(block_size, want, torch_blocks, monkeypatch):
     # rounded up to whole blocks of P's format; the forward and the backward's recompute each
     # see every block once
     monkeypatch.setattr(attention, "LONG_SCORES", 0)
@@ -347,7 +375,9 @@ def test_causal_blocks_compute_only_the_keys_they_see(block_size, want, blocks, 
     assert _p_lengths(module, 200, CAUSAL_200) == [200] * 26
 
 
-def test_key_tails_are_kept_where_a_row_sees_no_key_or_p_blocks_are_unknown(blocks, monkeypatch):
+def test_key_tails_are_kept_where_a_row_sees_no_key_or_p_blocks_are_unknown(
+    torch_blocks, monkeypatch
+):
     monkeypatch.setattr(attention, "LONG_SCORES", 0)
     monkeypatch.setattr(block, "MIN_ROWS", TAIL_ROWS)
     mask = CAUSAL_200.repeat(2, 1, 1, 1)

@@ -27,6 +27,10 @@ differently, so outputs and gradients equal the eager path's up to rounding (flo
 bit at the tests' lengths; 7e-8 of its largest value in Q's gradient at 2048 tokens). The extent
 is read from the mask once per forward, on the host: only for CPU tensors, where that costs no
 sync (elsewhere every block keeps its whole row).
+
+On float32 CPU tensors ``block_attention`` hands the same work (same rows, same key tails) to
+the fused C++ kernel of ``qat.quant.cpu_attention`` where it applies; ``BlockAttention`` is
+the implementation for every other case and the kernel's reference.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+
+from qat.quant import cpu_attention
 
 # Elements (batch x heads x rows x keys) of one block's score matrix: rows per block are chosen
 # so that a block stays near this size (64 MiB in float32), at least MIN_ROWS rows.
@@ -228,4 +234,9 @@ def block_attention(
     """
     if rows is None:
         rows = block_rows(q.shape[0] * q.shape[1], k.shape[-2])
+    if cpu_attention.applies(q, k, v, mask, quantize_p):
+        # the fused CPU kernel: a head and a few dozen rows per task (in cache)
+        rows = min(rows, cpu_attention.CPU_ROWS)
+        stops = key_stops(mask, q.shape[-2], k.shape[-2], rows, p_block_size(quantize_p))
+        return cpu_attention.cpu_block_attention(q, k, v, mask, scaling, quantize_p, rows, stops)
     return BlockAttention.apply(q, k, v, mask, scaling, quantize_p, rows)
