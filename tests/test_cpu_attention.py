@@ -184,11 +184,13 @@ def test_steps_aside_where_it_does_not_apply(case, monkeypatch):
 def test_a_failed_build_warns_once_and_falls_back(monkeypatch, caplog):
     from torch.utils import cpp_extension
 
+    from qat.formats.kernels import cpu_build
+
     def broken(*args, **kwargs):
         raise RuntimeError("Ninja is required to load C++ extensions\nmore detail")
 
     monkeypatch.setattr(cpp_extension, "load", broken)
-    with caplog.at_level(logging.WARNING, logger="qat.quant.cpu_attention"):
-        assert cpu.load.__wrapped__() is False
+    with caplog.at_level(logging.WARNING, logger="qat.formats.kernels.cpu_build"):
+        assert cpu_build.build.__wrapped__("qat_block_attention_cpu", cpu.SOURCE) is False
     assert "Ninja is required to load C++ extensions" in caplog.text
     assert "more detail" not in caplog.text  # one line

@@ -5,7 +5,8 @@
 - ``compile``: ``torch.compile`` of the reference (inductor fuses it into a couple of loops; C++
   on the CPU, Triton on a GPU), applied to a ``[rows, block]`` view so that one graph per format
   serves every shape. Formats without independent blocks (int, fixed, LO-BCQ, OPQ) run the
-  reference.
+  reference. BFP (scale ``max``) on float32 CPU tensors runs the C++ kernel of
+  ``qat.formats.kernels.cpu`` instead (the same values, about 4x faster than the graph).
 - ``reference``: the readable definition in ``qat.formats`` (eager PyTorch).
 - ``auto``: ``triton`` on CUDA where a kernel exists, else ``compile`` where a compiler works,
   else ``reference``. ``$QAT_BACKEND`` replaces what ``auto`` picks (the test suite sets it to
@@ -27,6 +28,7 @@ from torch import Tensor
 
 from qat.errors import ConfigError
 from qat.formats import Format
+from qat.formats.kernels.cpu import cpu_quantize_blocks, cpu_supports
 
 BACKENDS = ("auto", "triton", "compile", "reference")
 BACKEND_ENV = "QAT_BACKEND"
@@ -81,8 +83,11 @@ def _compiled(fmt: Format, dim: int) -> Callable[[Tensor], Tensor]:
         if pad:  # a ragged last block: zero padding is neutral for these formats
             flat = torch.nn.functional.pad(flat, (0, pad))
         blocks = flat.reshape(-1, block)
-        torch._dynamo.maybe_mark_dynamic(blocks, 0)
-        out = fn(blocks).reshape(flat.shape)
+        if cpu_supports(fmt, blocks):  # BFP on float32 CPU tensors: the C++ kernel
+            out = cpu_quantize_blocks(blocks.detach(), fmt).reshape(flat.shape)
+        else:
+            torch._dynamo.maybe_mark_dynamic(blocks, 0)
+            out = fn(blocks).reshape(flat.shape)
         if pad:
             out = out[:, :n]
         return out.reshape(moved.shape).movedim(-1, dim) if x.dim() else out.reshape(())

@@ -6,23 +6,22 @@ the softmax and the quantiser. The C++ kernel takes one head and a few dozen que
 time (``CPU_ROWS``): their rows of scores stay in cache from ``QK^T`` to ``Q(P) V``, the
 pointwise work is one vectorised pass per row, and the two cores work on different blocks
 (single-threaded GEMMs, no sync inside a block). It computes what the block path computes (the
-same whole rows, the same skipped key tails, a straight-through P quantiser): P equal to
-ATen's softmax up to its rounding (the same formula, vectorised the same way; sums over a row
-may be grouped otherwise), hence ``Q(P)`` equal except where P sits on a rounding boundary of
-the grid, and outputs and gradients equal to float32 rounding (tested).
+same whole rows, the same skipped key tails, a straight-through P quantiser): P is ATen's
+softmax bit for bit on the same scores (the same formula, vectorised and summed lane by lane in
+ATen's order), so ``Q(P)`` is the eager path's wherever the GEMM gives the same scores (tested
+on exact integer scores), and outputs and gradients equal the PyTorch block path's to float32
+rounding (tested; bit-equal in every case tried).
 
 It takes float32 CPU tensors outside autocast with a boolean or float32 mask, and P in BFP
 with the ``max`` scale rule (any width, exponent width, block size) or in float; everything
 else (bf16, autocast, ``scale: mse``, other P formats, a P rotation) runs the PyTorch block
 path, as does every call when the kernel cannot be built (no C++ compiler or ``ninja``: one
-warning) or ``$QAT_CPU_ATTENTION=0``. The build (about a minute, once per machine and source)
-is cached by ``torch.utils.cpp_extension`` under ``$TORCH_EXTENSIONS_DIR``.
+warning) or ``$QAT_CPU_ATTENTION=0``. The build (about 15 s, once per machine and source) is
+``qat.formats.kernels.cpu_build``'s.
 """
 
 from __future__ import annotations
 
-import functools
-import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -30,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-logger = logging.getLogger(__name__)
+from qat.formats.kernels.cpu_build import build
 
 ENV = "QAT_CPU_ATTENTION"  # "0": always the PyTorch block path
 # Query rows per task: a task's score rows (CPU_ROWS x keys float32, three buffers in
@@ -38,12 +37,6 @@ ENV = "QAT_CPU_ATTENTION"  # "0": always the PyTorch block path
 CPU_ROWS = 64
 MAX_BLOCK = 256  # P blocks of at most this many keys (one block is staged on the stack)
 SOURCE = Path(__file__).parent / "csrc" / "block_attention_cpu.cpp"
-# ISA flags per ATen CPU capability: the kernel's at::vec code uses the vector width ATen's own
-# kernels use on this machine (so the softmax vectorises as ATen's does).
-_ISA_FLAGS = {
-    "AVX512": ["-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mfma"],
-    "AVX2": ["-mavx2", "-mfma", "-mf16c"],
-}
 
 
 def enabled() -> bool:
@@ -51,37 +44,10 @@ def enabled() -> bool:
     return os.environ.get(ENV, "1") != "0"
 
 
-@functools.cache
 def load() -> bool:
-    """Build (or find in the cache) and load the kernel; False, with one warning, where it
-    cannot be built here."""
-    try:
-        from torch.utils import cpp_extension
-
-        cap = torch.backends.cpu.get_cpu_capability()
-        logger.info("qat: loading the CPU attention kernel (built once per machine, ~15 s)")
-        # OpenMP: at::parallel_for is serial in a unit built without it; fp-contract off: no
-        # fused multiply-adds that ATen's own kernels do not take
-        flags = ["-O3", "-fopenmp", "-ffp-contract=off", *_ISA_FLAGS.get(cap, [])]
-        if cap in _ISA_FLAGS:
-            flags.append(f"-DCPU_CAPABILITY_{cap}")
-        cpp_extension.load(
-            name=f"qat_block_attention_cpu_{cap.lower()}",
-            sources=[str(SOURCE)],
-            extra_cflags=flags,
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,
-            verbose=False,
-        )
-        return True
-    except Exception as e:  # noqa: BLE001 - no compiler, no ninja, a failed build: fall back
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        logger.warning(
-            "qat: the CPU attention kernel could not be built (%s); long sequences run the "
-            "PyTorch block path",
-            first,
-        )
-        return False
+    """Whether the kernel is built and loaded (built at the first call; False, with one
+    warning, where it cannot be built here)."""
+    return build("qat_block_attention_cpu", SOURCE)
 
 
 def p_params(quantize_p: Callable[[Tensor], Tensor] | None) -> tuple[int, int, int, int] | None:
