@@ -16,6 +16,8 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include "bfp_scale.h"  // qat/formats/kernels/csrc
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -35,29 +37,6 @@ struct PFormat {
   int64_t e_lo;
   int64_t e_hi;
 };
-
-// ceil(log2(x)) for x > 0, exactly, as qat.formats.base.ceil_log2 (from the bits of a
-// normal float: its exponent, plus one unless the mantissa is 0; frexp for a subnormal).
-inline int64_t ceil_log2(float x) {
-  uint32_t bits;
-  std::memcpy(&bits, &x, sizeof bits);
-  const int64_t biased = (bits >> 23) & 0xff;
-  if (biased == 0) {
-    int e;
-    const float m = std::frexp(x, &e);
-    return m == 0.5f ? e - 1 : e;
-  }
-  return biased - 127 + ((bits & 0x7fffff) != 0 ? 1 : 0);
-}
-
-// 2^k exactly (from the bits where 2^k is a normal float).
-inline float pow2(int64_t k) {
-  if (k < -126 || k > 127) return std::ldexp(1.0f, static_cast<int>(k));
-  const uint32_t bits = static_cast<uint32_t>(k + 127) << 23;
-  float out;
-  std::memcpy(&out, &bits, sizeof out);
-  return out;
-}
 
 // One row of P, block by block: P = e * inv (e = exp(s - mx) first when `exp_of` is set), and
 // its BFP (max rule) as qat.formats.bfp for P >= 0 (so no signs): per block
@@ -96,10 +75,8 @@ void probs_quantize_row(const float* e, bool exp_of, float mx, float inv, float*
       }
       for (int64_t i = 0; i < len; ++i) amax = std::max(amax, tmp[i]);
     }
-    int64_t ex = amax > 0.f ? ceil_log2(amax) : f.e_lo;
-    ex = std::min(std::max(ex, f.e_lo), f.e_hi);
-    // two exact power-of-two steps (2^(M - e) alone would overflow float32 for e = -127)
-    const float up = pow2(-ex), down = pow2(ex - f.m_bits);
+    float up, down;
+    qat_cpu::bfp_scales(amax, f.m_bits, f.e_lo, f.e_hi, &up, &down);
     if (p != nullptr) std::copy(tmp, tmp + len, p + b0);
     if (whole) {
       for (int64_t i = 0; i < len; i += W) {

@@ -14,6 +14,8 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include "bfp_scale.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -23,40 +25,13 @@ namespace {
 
 using Vec = at::vec::Vectorized<float>;
 
-// ceil(log2(x)) for x > 0, exactly (qat.formats.base.ceil_log2): from the bits of a normal
-// float, frexp for a subnormal.
-inline int64_t ceil_log2(float x) {
-  uint32_t bits;
-  std::memcpy(&bits, &x, sizeof bits);
-  const int64_t biased = (bits >> 23) & 0xff;
-  if (biased == 0) {
-    int e;
-    const float m = std::frexp(x, &e);
-    return m == 0.5f ? e - 1 : e;
-  }
-  return biased - 127 + ((bits & 0x7fffff) != 0 ? 1 : 0);
-}
-
-// 2^k exactly (a subnormal power of two through ldexp).
-inline float pow2(int64_t k) {
-  if (k < -126 || k > 127) return std::ldexp(1.0f, static_cast<int>(k));
-  const uint32_t bits = static_cast<uint32_t>(k + 127) << 23;
-  float out;
-  std::memcpy(&out, &bits, sizeof out);
-  return out;
-}
-
 struct Bfp {
   int64_t block, m_bits, e_lo, e_hi;
   float top, two_m;
 };
 
 inline void scales(float amax, const Bfp& f, float* up, float* down) {
-  int64_t e = amax > 0.f ? ceil_log2(amax) : f.e_lo;
-  e = std::min(std::max(e, f.e_lo), f.e_hi);
-  // two exact power-of-two steps, as the reference (2^(M - e) alone could overflow)
-  *up = pow2(-e);
-  *down = pow2(e - f.m_bits);
+  qat_cpu::bfp_scales(amax, f.m_bits, f.e_lo, f.e_hi, up, down);
 }
 
 // A block whose length is a multiple of the vector width.
