@@ -222,6 +222,16 @@ at::Tensor as_matrix(at::Tensor& buf, int64_t rows, int64_t cols) {
   return buf.narrow(0, 0, rows * cols).view({rows, cols});
 }
 
+// The key stops (one per block of query rows, each in [1, Lk]) as a contiguous tensor.
+at::Tensor checked_stops(const at::Tensor& stops_, int64_t nblocks, int64_t Lk) {
+  const at::Tensor stops = stops_.contiguous();
+  TORCH_CHECK(stops.numel() == nblocks, "qat_cpu attention: one key stop per query block");
+  const int64_t* stop = stops.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < nblocks; ++i)
+    TORCH_CHECK(stop[i] > 0 && stop[i] <= Lk, "qat_cpu attention: key stop out of range");
+  return stops;
+}
+
 // out [B, H, Lq, Dv] = Q(softmax(q k^T * scaling + mask)) v, per block of `rows` query rows
 // (stops[i]: keys computed by query block i), and each row's softmax max and 1 / sum
 // ([B, H, Lq, 2], for the backward).
@@ -237,11 +247,8 @@ std::vector<at::Tensor> forward(const at::Tensor& q_, const at::Tensor& k_, cons
   const Mask mask(mask_);
   const PFormat f{block, m_bits, e_lo, e_hi};
   const float scaling = static_cast<float>(scaling_);
-  const at::Tensor stops = stops_.contiguous();
-  TORCH_CHECK(stops.numel() == nblocks, "qat_cpu attention: one key stop per query block");
+  const at::Tensor stops = checked_stops(stops_, nblocks, Lk);
   const int64_t* stop = stops.const_data_ptr<int64_t>();
-  for (int64_t i = 0; i < nblocks; ++i)
-    TORCH_CHECK(stop[i] > 0 && stop[i] <= Lk, "qat_cpu attention: key stop out of range");
   at::Tensor out = at::empty({B, H, Lq, Dv}, q.options());
   at::Tensor stats = at::empty({B, H, Lq, 2}, q.options());
   float* st = stats.data_ptr<float>();
@@ -282,11 +289,8 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out_, const at::Tensor& 
   const Mask mask(mask_);
   const PFormat f{block, m_bits, e_lo, e_hi};
   const float scaling = static_cast<float>(scaling_);
-  const at::Tensor stops = stops_.contiguous();
-  TORCH_CHECK(stops.numel() == nblocks, "qat_cpu attention: one key stop per query block");
+  const at::Tensor stops = checked_stops(stops_, nblocks, Lk);
   const int64_t* stop = stops.const_data_ptr<int64_t>();
-  for (int64_t i = 0; i < nblocks; ++i)
-    TORCH_CHECK(stop[i] > 0 && stop[i] <= Lk, "qat_cpu attention: key stop out of range");
   const at::Tensor stats = stats_.contiguous();
   const float* st = stats.const_data_ptr<float>();
   at::Tensor gq = at::empty_like(q), gk = at::zeros_like(k), gv = at::zeros_like(v);
