@@ -533,3 +533,11 @@ def test_trainer_table_names_each_trainer():
     assert trainer_class("sft") is qat.QATSFTTrainer
     with pytest.raises(UsageError, match="unknown trainer 'sfft' \\(did you mean 'sft'"):
         trainer_class("sfft")
+
+
+def test_raw_text_for_a_causal_lm_points_at_the_sft_trainer(tmp_path):
+    from datasets import Dataset
+
+    rows = Dataset.from_dict({"text": ["the tower is tall"] * 4})
+    with pytest.raises(QatError, match="rows of raw text for a causal LM: train it with QATSFT"):
+        qat.QATTrainer(_tiny_causal_lm(), args=_config(tmp_path), train_dataset=rows)

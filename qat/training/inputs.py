@@ -115,6 +115,19 @@ def _load_keys(args: Any) -> tuple[str | None, str | None]:
     return gguf_file, dtype
 
 
+def refuse_raw_lm_text(dataset: Any) -> None:
+    """Rows of raw ``text`` for a causal LM in ``QATTrainer``: Trainer would drop the column
+    and fail far from here; TRL's trainer (``QATSFTTrainer``) is the one that tokenises them."""
+    datasets = dataset.values() if isinstance(dataset, dict) else [dataset]
+    for rows in datasets:
+        columns = getattr(rows, "column_names", None) or []
+        if "text" in columns and "input_ids" not in columns:
+            raise UsageError(
+                "rows of raw text for a causal LM: train it with QATSFTTrainer (TRL "
+                "tokenises them), or pass rows with input_ids and labels"
+            )
+
+
 def tokenize_text_rows(dataset: Any, tokenizer: Any, max_length: int | None) -> Any:
     """Rows of raw text for a sequence classifier (a ``text`` column, ``text_pair`` for
     sentence pairs, and ``label``), tokenised with truncation at ``max_length``; rows that

@@ -31,6 +31,7 @@ from qat.training.finetune import (
 from qat.training.inputs import (
     CAUSAL_LM,
     load_named_model,
+    refuse_raw_lm_text,
     restore_peft_adapter,
     take_peft_adapter,
     tokenize_text_rows,
@@ -213,11 +214,14 @@ class QATTrainer(Trainer):
                 kwargs["processing_class"] = tokenizer
         model, adapter = take_peft_adapter(model)
         tokenizer = kwargs.get("processing_class")
-        if not self._is_sft and tokenizer is not None and not is_causal_lm(model):
-            max_length = args.max_length if isinstance(args, QATArguments) else None
-            for key in ("train_dataset", "eval_dataset"):
-                if kwargs.get(key) is not None:
-                    kwargs[key] = tokenize_text_rows(kwargs[key], tokenizer, max_length)
+        for key in ("train_dataset", "eval_dataset") if not self._is_sft else ():
+            if kwargs.get(key) is None:
+                continue
+            if is_causal_lm(model):
+                refuse_raw_lm_text(kwargs[key])
+            elif tokenizer is not None:
+                max_length = args.max_length if isinstance(args, QATArguments) else None
+                kwargs[key] = tokenize_text_rows(kwargs[key], tokenizer, max_length)
         if is_quantized(model):
             self.quant_config = adopt_model_quant(model, self.quant_config)
         elif self.quant_config is not None:
