@@ -541,3 +541,16 @@ def test_raw_text_for_a_causal_lm_points_at_the_sft_trainer(tmp_path):
     rows = Dataset.from_dict({"text": ["the tower is tall"] * 4})
     with pytest.raises(QatError, match="rows of raw text for a causal LM: train it with QATSFT"):
         qat.QATTrainer(_tiny_causal_lm(), args=_config(tmp_path), train_dataset=rows)
+
+
+def test_model_init_kwargs_dtype_is_honoured(tmp_path):
+    """TRL's SFTConfig(model_init_kwargs={"dtype": ...}) for a model name: qat loads the
+    model, in that dtype (TRL would otherwise warn that it ignored them)."""
+    args = qat.QATSFTConfig(
+        str(tmp_path / "o"), use_cpu=True, model_init_kwargs={"dtype": torch.bfloat16}
+    )
+    trainer = qat.QATSFTTrainer(
+        make_tiny_causal_lm_dir(tmp_path), args=args, train_dataset=_lm_rows()
+    )
+    assert trainer.model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    assert trainer.args.model_init_kwargs is None

@@ -2,7 +2,8 @@
 
 - a model **name** (Hub id, local folder, ``pkg://``; ``gguf_file`` from the config), loaded
   as ``qat.build_model`` loads it, with its tokenizer (``load_named_model``);
-- rows of raw **text** for a sequence classifier, tokenised (``tokenize_text_rows``);
+- rows of raw **text** for a sequence classifier, tokenised (``ready_rows``; a causal LM's
+  raw text goes to ``QATSFTTrainer``, where TRL tokenises it);
 - a model already wrapped by ``peft.get_peft_model``: its adapter is taken off with its
   weights (``take_peft_adapter``) and put back as qat's quantised LoRA once the base is
   quantised (``restore_peft_adapter``), so the quantiser sees ``W + BA``.
@@ -113,6 +114,17 @@ def _load_keys(args: Any) -> tuple[str | None, str | None]:
                 "name (it takes dtype and gguf_file)"
             )
     return gguf_file, dtype
+
+
+def ready_rows(rows: Any, causal: bool, tokenizer: Any, max_length: int | None) -> Any:
+    """``QATTrainer``'s rows: a classifier's raw text tokenised (``tokenize_text_rows``), a
+    causal LM's raw text refused (``refuse_raw_lm_text``), anything else as it is."""
+    if rows is None:
+        return None
+    if causal:
+        refuse_raw_lm_text(rows)
+        return rows
+    return rows if tokenizer is None else tokenize_text_rows(rows, tokenizer, max_length)
 
 
 def refuse_raw_lm_text(dataset: Any) -> None:

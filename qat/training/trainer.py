@@ -31,10 +31,9 @@ from qat.training.finetune import (
 from qat.training.inputs import (
     CAUSAL_LM,
     load_named_model,
-    refuse_raw_lm_text,
+    ready_rows,
     restore_peft_adapter,
     take_peft_adapter,
-    tokenize_text_rows,
 )
 from qat.training.nonfinite import NonFiniteError, find_first_nonfinite, is_finite
 from qat.training.quant_metrics import QuantMetricsCallback
@@ -210,18 +209,17 @@ class QATTrainer(Trainer):
                 set_seed(args.seed)
             head = CAUSAL_LM if self._is_sft else None
             model, tokenizer = load_named_model(model, args, head)
+            if getattr(args, "model_init_kwargs", None):
+                args.model_init_kwargs = None  # honoured above; TRL would call them ignored
             if kwargs.get("processing_class") is None:
                 kwargs["processing_class"] = tokenizer
         model, adapter = take_peft_adapter(model)
-        tokenizer = kwargs.get("processing_class")
-        for key in ("train_dataset", "eval_dataset") if not self._is_sft else ():
-            if kwargs.get(key) is None:
-                continue
-            if is_causal_lm(model):
-                refuse_raw_lm_text(kwargs[key])
-            elif tokenizer is not None:
-                max_length = args.max_length if isinstance(args, QATArguments) else None
-                kwargs[key] = tokenize_text_rows(kwargs[key], tokenizer, max_length)
+        if not self._is_sft:  # TRL prepares its own rows
+            max_length = args.max_length if isinstance(args, QATArguments) else None
+            for key in ("train_dataset", "eval_dataset"):
+                kwargs[key] = ready_rows(
+                    kwargs.get(key), is_causal_lm(model), kwargs.get("processing_class"), max_length
+                )
         if is_quantized(model):
             self.quant_config = adopt_model_quant(model, self.quant_config)
         elif self.quant_config is not None:
