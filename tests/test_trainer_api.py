@@ -554,3 +554,10 @@ def test_model_init_kwargs_dtype_is_honoured(tmp_path):
     )
     assert trainer.model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
     assert trainer.args.model_init_kwargs is None
+
+
+def test_an_encoder_name_for_the_sft_trainer_is_one_line(tmp_path, no_model):
+    """MiniLM (BERT) has no causal LM: refused from its config, before any weights load."""
+    args = qat.QATSFTConfig(str(tmp_path / "o"), use_cpu=True)
+    with pytest.raises(QatError, match="is a 'bert' model, not a causal .* need a decoder"):
+        qat.QATSFTTrainer(MINILM, args=args, train_dataset=_lm_rows())
