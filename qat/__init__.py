@@ -26,6 +26,7 @@ _LAZY = {
     "QATTrainer": ("qat.training.trainer", "QATTrainer"),
     "QATSFTTrainer": ("qat.integrations.trl", "QATSFTTrainer"),
     "QATConfig": ("qat.runs.recipe", "QATConfig"),
+    "QATSFTConfig": ("qat.integrations.trl", "QATSFTConfig"),
     "LoraArguments": ("qat.runs.arguments", "LoraArguments"),
     "load_recipe": ("qat.runs.recipe", "load_recipe"),
     "build_model": ("qat.runs.build", "build_model"),
@@ -37,6 +38,7 @@ _LAZY = {
 __all__ = [
     "LoraArguments",
     "QATConfig",
+    "QATSFTConfig",
     "QATSFTTrainer",
     "QATTrainer",
     "QatError",
@@ -56,7 +58,7 @@ if TYPE_CHECKING:
     from qat.errors import QatError
     from qat.export.packed import export_model as export_packed
     from qat.formats import make_format
-    from qat.integrations.trl import QATSFTTrainer
+    from qat.integrations.trl import QATSFTConfig, QATSFTTrainer
     from qat.quant.config import QuantConfig, QuantConfigError
     from qat.quant.qdec import attach_qdec
     from qat.quant.quantize import quantization_summary, quantize_model

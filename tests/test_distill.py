@@ -158,7 +158,7 @@ def _trainer(
         train_dataset=data,
         quant_config=quant,
         finetune=finetune,
-        lora=LoraArguments(r=4),
+        lora=LoraArguments(r=4) if finetune == "lora" else None,
         distill=distill or DistillArguments(),
         **kw,
     )

@@ -71,15 +71,6 @@ def launch(config: str, argv: list[str]) -> int:
     return int(text) if text.isdigit() else rc
 
 
-def _trainer_cls(recipe):
-    """``trainer: sft`` runs TRL's SFTTrainer with qat's behaviour (qat.integrations.trl)."""
-    if recipe.args.trainer != "sft":
-        return None
-    from qat.integrations.trl import QATSFTTrainer  # raises UsageError without trl
-
-    return QATSFTTrainer
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     rc = _main(argv)
@@ -95,9 +86,8 @@ def _main(argv: list[str]) -> int:
 
         print(f"{USAGE}\n\nqat's recipe keys:\n{keys_help()}")
         return 0
-    from qat.runs.recipe import load_recipe
     from qat.training.nonfinite import NonFiniteError
-    from qat.training.run import run
+    from qat.training.run import train
 
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO
@@ -108,8 +98,7 @@ def _main(argv: list[str]) -> int:
             if i + 1 >= len(argv):
                 raise UsageError("--launch needs an accelerate config file")
             return launch(argv[i + 1], argv[:i] + argv[i + 2 :])
-        recipe = load_recipe(argv[0], argv[1:])
-        metrics = run(recipe, trainer_cls=_trainer_cls(recipe))
+        metrics = train(argv[0], argv[1:])  # the recipe's trainer: qat or sft
     except (QatError, FileNotFoundError) as e:
         print(f"qat train: error: {e}", file=sys.stderr)
         return 2

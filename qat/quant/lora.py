@@ -17,6 +17,62 @@ from torch import nn
 from qat.errors import ConfigError
 from qat.quant.modules import QuantConv1D, QuantLinear
 
+# peft's LoraConfig fields that change what an adapter computes beyond ``W + scale * B A``;
+# QuantLoraLinear's forward quantises exactly that sum, so each is refused rather than ignored.
+_UNSUPPORTED = {
+    "lora_bias": "a bias on lora_B, which W + BA has no place for",
+    "layer_replication": "replicated layers",
+    "target_parameters": "adapters on bare parameters (outside any quantised linear)",
+    "megatron_config": "Megatron parallel layers",
+    "use_qalora": "QA-LoRA (for GPTQ layers)",
+}
+# The initialisations that only set A and B (B A = 0 or a random start); the others (pissa,
+# olora, loftq, eva, corda, ...) rewrite the base weight or need data first.
+SUPPORTED_INITS = (True, False, "gaussian")
+
+
+def check_lora_config(config: LoraConfig, training: bool = True) -> None:
+    """Refuse, in one line naming the field, a ``peft.LoraConfig`` that quantised LoRA cannot
+    honour: dropout, DoRA and peft's other LoRA variants, a LoRA bias, and the fields above;
+    with ``training``, also ``inference_mode`` (frozen adapters: nothing would train).
+
+    >>> from peft import LoraConfig
+    >>> check_lora_config(LoraConfig(r=8, lora_dropout=0.0))
+    >>> check_lora_config(LoraConfig(r=8, lora_dropout=0.0, lora_bias=True))
+    Traceback (most recent call last):
+    ...
+    qat.errors.ConfigError: peft LoraConfig: lora_bias=True is not supported with quantised \
+LoRA (a bias on lora_B, which W + BA has no place for); the quantiser sees W + BA
+    """
+    import dataclasses
+
+    if training and config.inference_mode:
+        raise ConfigError(
+            "peft LoraConfig: inference_mode=True freezes the adapters (nothing would train)"
+        )
+    if config.lora_dropout:
+        raise ConfigError(
+            f"peft LoraConfig: lora_dropout must be 0 (the quantiser sees W + BA; "
+            f"dropout on the adapter's input has no such form), got {config.lora_dropout}"
+        )
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        # peft tags its LoRA variants (DoRA, aLoRA, VeLoRA, ...): each has its own forward
+        variant = field.metadata.get("is_lora_variant") and bool(value)
+        if variant or (field.name in _UNSUPPORTED and value):
+            what = _UNSUPPORTED.get(field.name, "a LoRA variant with its own forward")
+            raise ConfigError(
+                f"peft LoraConfig: {field.name}={value!r} is not supported with quantised "
+                f"LoRA ({what}); the quantiser sees W + BA"
+            )
+    init = config.init_lora_weights
+    if not any(init is ok or (isinstance(ok, str) and init == ok) for ok in SUPPORTED_INITS):
+        raise ConfigError(
+            f"peft LoraConfig: init_lora_weights={init!r} is not supported with quantised "
+            f"LoRA (it changes the base weight or needs data first); use True, False or "
+            f"'gaussian'"
+        )
+
 
 class QuantLoraLinear(PeftLoraLinear):
     """peft LoRA layer for ``QuantLinear`` / ``QuantConv1D`` base layers."""
@@ -24,13 +80,12 @@ class QuantLoraLinear(PeftLoraLinear):
     def __init__(
         self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, **kwargs: Any
     ) -> None:
-        if config.use_dora:
-            raise ConfigError("DoRA is not supported on quantised linears")
+        check_lora_config(config, training=False)  # also adapters loaded from a folder
         super().__init__(base_layer, adapter_name, config=config, **kwargs)
         # GPT-2's Conv1D stores its weight as [in, out]: peft's delta must be transposed.
         self.fan_in_fan_out = isinstance(self.get_base_layer(), QuantConv1D)
-        if not isinstance(self.lora_dropout[adapter_name], nn.Identity):
-            raise ConfigError("lora.dropout must be 0 with quantised LoRA")
+        if not isinstance(self.lora_dropout[adapter_name], nn.Identity) or self.lora_variant:
+            raise ConfigError("quantised LoRA takes no dropout and no LoRA variant")
 
     def effective_weight(self) -> torch.Tensor:
         """``W + sum_a scale_a * B_a A_a`` over the active adapters (what gets quantised)."""

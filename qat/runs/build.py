@@ -204,6 +204,10 @@ def _resolve(
     """``(recipe or None, args, checkpoint, finetune)`` of any source kind."""
     from qat.runs.recipe import Recipe, apply_override, build_recipe
 
+    if isinstance(source, ModelArgs):  # a trainer's model name, its keys already gathered
+        if overrides:
+            raise UsageError("build_model: ModelArgs take no overrides")
+        return None, source, None, "full"
     if isinstance(source, Source):
         if overrides:
             raise UsageError("build_model: a resolved Source takes no overrides")
@@ -236,10 +240,11 @@ def build_model(
 ) -> Built:
     """Load, quantise and (for a LoRA checkpoint) attach the adapter of ``source``: a Hub id,
     model folder or ``pkg://`` path, a recipe file or ``Recipe``, a run / checkpoint
-    directory, or a ``Source``; ``overrides`` are recipe keys (``["--quant", "null"]`` or a
-    mapping). The model's config is checked first (a folder that is not a model, ``max_length``
-    beyond its positions, an encoder as a causal LM, then ``check(config)``), before anything
-    heavy loads; a GGUF model's config is checked once loaded.
+    directory, a ``Source``, or ``ModelArgs`` (a model name with its model keys);
+    ``overrides`` are recipe keys (``["--quant", "null"]`` or a mapping). The model's config
+    is checked first (a folder that is not a model, ``max_length`` beyond its positions, an
+    encoder as a causal LM, then ``check(config)``), before anything heavy loads; a GGUF
+    model's config is checked once loaded.
 
     >>> import qat
     >>> w4 = {"format": "bfp", "width": 4, "block_size": 16}

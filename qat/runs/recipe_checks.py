@@ -16,12 +16,21 @@ from qat.errors import check_one_of, did_you_mean
 from qat.runs.arguments import FINETUNE_MODES, ON_NONFINITE
 from qat.runs.recipe_text import RecipeError
 
+# What a recipe must name: the model and the task (a trainer handed its model and data in
+# Python needs neither, so QATConfig itself does not demand them).
+RECIPE_REQUIRED = ("model_name_or_path", "task_name")
+
+
+def check_recipe_required(values: Any) -> None:
+    """A recipe (a mapping, or the config built from one) names its model and task."""
+    get = values.get if isinstance(values, dict) else lambda key: getattr(values, key, None)
+    for req in RECIPE_REQUIRED:
+        if not get(req):
+            raise RecipeError(f"recipe key {req!r} is required")
+
 
 def check_qat_values(cfg: Any) -> None:
-    """qat's own keys: required ones, allowed values, the task and its combinations."""
-    for req in ("model_name_or_path", "task_name"):
-        if not getattr(cfg, req):
-            raise RecipeError(f"recipe key {req!r} is required")
+    """qat's own keys: allowed values, the task (when named) and its combinations."""
     check_one_of("finetune", cfg.finetune, FINETUNE_MODES, RecipeError)
     if cfg.on_nonfinite not in ON_NONFINITE:
         raise RecipeError(f"on_nonfinite must be 'stop' or 'skip'; got {cfg.on_nonfinite!r}")
@@ -34,7 +43,7 @@ def check_qat_values(cfg: Any) -> None:
     from qat.tasks.language_modeling import LM_TASKS
 
     tasks = [*GLUE_TASKS, *LM_TASKS]
-    if cfg.task_name not in tasks:
+    if cfg.task_name is not None and cfg.task_name not in tasks:
         raise RecipeError(
             f"unknown task_name {cfg.task_name!r}"
             f"{did_you_mean(cfg.task_name, tasks)}; valid tasks: "
@@ -62,7 +71,7 @@ def check_decoder_values(cfg: Any) -> None:
     if not cfg.text_column:
         raise RecipeError(f"text_column must name a column, got {cfg.text_column!r}")
     if cfg.task_name not in ("causal_lm", "chat"):
-        if cfg.trainer != "qat":
+        if cfg.trainer != "qat" and cfg.task_name is not None:
             raise RecipeError(
                 f"trainer {cfg.trainer!r} needs task_name causal_lm or chat, not {cfg.task_name!r}"
             )

@@ -90,7 +90,8 @@ def check_causal(config: Any, name: str) -> None:
     if not causal or getattr(config, "is_encoder_decoder", False):
         raise UsageError(
             f"model {name!r} is a {mtype!r} model, not a causal (decoder-only) "
-            "language model; perplexity needs one such as Llama, OPT or GPT-2"
+            "language model; causal LM training and perplexity need a decoder such as Llama, "
+            "OPT or GPT-2"
         )
 
 

@@ -54,13 +54,14 @@ def train_decoder(
     recipe: Any, checkpoint: str | None, trainer_cls: Callable[..., Any] | None = None
 ) -> dict:
     """Train and evaluate a causal LM as ``recipe`` says; ``trainer_cls`` builds the trainer
-    (default ``QATTrainer``; ``qat.integrations.trl.QATSFTTrainer`` for ``trainer: sft``)."""
+    (the recipe's ``trainer:``, ``qat.training.trainers.trainer_class``; default
+    ``QATTrainer``)."""
     from transformers import set_seed
 
     from qat.models import load_config, load_tokenizer_for
     from qat.runs.build import build_model
     from qat.tasks.language_modeling import check_block_size, check_causal
-    from qat.training.loop import train_and_evaluate, trainer_options
+    from qat.training.loop import train_and_evaluate
     from qat.training.teacher import check_distill
     from qat.training.trainer import QATTrainer
 
@@ -91,14 +92,14 @@ def train_decoder(
         len(evals),
         args.block_size,
     )
-    if trainer_cls is not None:
+    build = trainer_cls or QATTrainer
+    if build._is_sft:
         # TRL keeps only input_ids and labels of a tokenised dataset and pads them with its own
         # collator (labels as given, -100 padding, the attention mask rebuilt)
         collator = None
-    build = trainer_cls or QATTrainer
     trainer = build(
         model=model,
-        **trainer_options(args),
+        args=args,  # a QATConfig: the trainer reads quant, finetune, lora, ... from it
         train_dataset=train,
         eval_dataset=evals,
         processing_class=tokenizer,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from qat.training.loop import train_and_evaluate, trainer_options
+from qat.training.loop import train_and_evaluate
 
 
 def train_classifier(recipe: Any, checkpoint: str | None) -> dict:
@@ -54,7 +54,7 @@ def train_classifier(recipe: Any, checkpoint: str | None) -> dict:
     eval_dataset = evals if len(evals) > 1 else next(iter(evals.values()))
     trainer = QATTrainer(
         model=model,
-        **trainer_options(args),
+        args=args,  # a QATConfig: the trainer reads quant, finetune, lora, ... from it
         train_dataset=train,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,

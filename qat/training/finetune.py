@@ -10,7 +10,12 @@ from torch import nn
 
 from qat.errors import ConfigError
 from qat.models import CLASSIFIER_HEADS as HEAD_NAMES
-from qat.quant.lora import check_target_modules, make_lora_config, use_quant_lora
+from qat.quant.lora import (
+    check_lora_config,
+    check_target_modules,
+    make_lora_config,
+    use_quant_lora,
+)
 
 
 def head_names(model: nn.Module) -> list[str]:
@@ -62,14 +67,7 @@ def prepare_finetuning(model: nn.Module, mode: str, lora: object | None = None) 
 def _from_peft_config(model: nn.Module, lora: LoraConfig, heads: list[str]) -> LoraConfig:
     """A copy of a user's ``peft.LoraConfig`` (never changed in place) whose adapters on
     quantised linears quantise ``W + BA``; a classifier's new head trains beside them."""
-    if lora.use_dora:
-        raise ConfigError("peft LoraConfig: use_dora is not supported on quantised linears")
-    if lora.lora_dropout:
-        raise ConfigError(
-            f"peft LoraConfig: lora_dropout must be 0 (the quantiser sees W + BA; "
-            f"dropout on the adapter's input has no such form), got "
-            f"{lora.lora_dropout}"
-        )
+    check_lora_config(lora)
     config = copy.deepcopy(lora)
     targets = config.target_modules
     if isinstance(targets, (list, set, tuple)):
@@ -87,21 +85,24 @@ def _from_peft_config(model: nn.Module, lora: LoraConfig, heads: list[str]) -> L
 
 
 def lora_summary(lora: Any) -> dict[str, Any] | None:
-    """The LoRA settings recorded in ``qat_config.json`` (qat's arguments or a peft config)."""
+    """The LoRA settings recorded in ``qat_config.json``, as ``LoraArguments`` keys (what
+    ``qat_config.json``'s reader takes) for qat's arguments and a peft config alike; the
+    adapter's own ``adapter_config.json`` holds the rest of a peft config."""
     import dataclasses
 
     if lora is None:
         return None
     if isinstance(lora, LoraConfig):
         targets = lora.target_modules
+        if isinstance(targets, (set, list, tuple)):
+            targets = sorted(targets)
+        elif targets is not None:  # "all-linear" or a regular expression: peft's own forms
+            targets = [targets]
         return {
             "r": lora.r,
             "alpha": lora.lora_alpha,
             "dropout": lora.lora_dropout,
-            "target_modules": sorted(targets)
-            if isinstance(targets, (set, list, tuple))
-            else targets,
-            "peft_config": True,
+            "target_modules": targets,
         }
     return dataclasses.asdict(lora) if dataclasses.is_dataclass(lora) else lora
 

@@ -1,7 +1,7 @@
 """What every train loop shares (``qat.training.classifier`` for GLUE,
-``qat.training.causal_lm`` for decoders): the recipe's trainer options; and the end: clear an
-old run once everything has loaded, train, save, evaluate, and record each saved checkpoint's
-checksums."""
+``qat.training.causal_lm`` for decoders): the end: clear an old run once everything has
+loaded, train, save, evaluate, and record each saved checkpoint's checksums. (The trainers
+read the recipe's qat keys from ``args``, the recipe's ``QATConfig``.)"""
 
 from __future__ import annotations
 
@@ -10,18 +10,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
-
-
-def trainer_options(args) -> dict:
-    """The recipe's ``qat`` keys as the trainer takes them (``QATTrainer`` and the TRL one)."""
-    return {
-        "args": args,
-        "quant_config": args.quant,
-        "finetune": args.finetune,
-        "lora": args.lora,
-        "on_nonfinite": args.on_nonfinite,
-        "distill": args.distill,
-    }
 
 
 def clear_old_run(recipe, checkpoint: str | None) -> None:

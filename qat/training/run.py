@@ -14,9 +14,11 @@ from typing import Any
 
 from qat.errors import UsageError
 from qat.runs.folders import check_output_dir
+from qat.runs.recipe_checks import check_recipe_required
 from qat.tasks.language_modeling import LM_TASKS
 from qat.training.causal_lm import train_decoder
 from qat.training.classifier import train_classifier
+from qat.training.trainers import trainer_class
 
 logger = logging.getLogger("qat.training.run")
 
@@ -152,9 +154,13 @@ def check_model_outside(recipe) -> None:
 
 
 def run(recipe, trainer_cls=None) -> dict:
-    """Train and evaluate as ``recipe`` says; returns the final metrics. ``trainer_cls``
-    replaces ``QATTrainer`` for decoder tasks (``trainer: sft`` passes TRL's, from above)."""
+    """Train and evaluate as ``recipe`` says; returns the final metrics. The recipe's
+    ``trainer:`` picks the trainer class (``qat.training.trainers``: ``sft`` is TRL's
+    SFTTrainer with qat's quantisers); ``trainer_cls`` replaces it for decoder tasks."""
     args = recipe.args
+    check_recipe_required(args)
+    if trainer_cls is None:
+        trainer_cls = trainer_class(args.trainer)  # a missing extra (TRL) fails here
     check_output_dir(args.output_dir)
     check_fsdp_device(args)
     with _run_lock(recipe):  # a second run into the folder fails here, before reading it
@@ -203,8 +209,9 @@ def _run_lock(recipe) -> Iterator[None]:
 
 
 def train(recipe: Any, overrides: list[str] | dict[str, Any] | None = None) -> dict:
-    """Run a recipe end to end, as ``qat train RECIPE [--key value ...]`` does: the run folder
-    checks, training, evaluation and the saved model; returns the final metrics.
+    """Run a recipe end to end, as ``qat train RECIPE [--key value ...]`` does (the same
+    trainer: ``trainer: sft`` runs ``QATSFTTrainer``): the run folder checks, training,
+    evaluation and the saved model; returns the final metrics.
 
     ``recipe``: a recipe file or a ``Recipe``; ``overrides``: recipe keys, as command-line
     tokens or a mapping.

