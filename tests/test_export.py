@@ -23,11 +23,11 @@ from qat.cli.export import main
 from qat.export.packed import (
     ExportError,
     _packers,
-    export_model,
     pack_bits,
     pack_weight,
     unpack_bits,
     unpack_weight,
+    write_packed,
 )
 from qat.formats import make_format
 from qat.quant.modules import QuantLinear
@@ -64,9 +64,12 @@ def test_unpack_is_bit_identical_to_fake_quantisation(spec, dim):
 def test_unsupported_format_and_float_model_fail_clearly():
     with pytest.raises(ExportError, match="packed export not supported for format 'int'"):
         pack_weight(make_format({"format": "int", "width": 4}), torch.randn(4, 8), -1)
-    model = torch.nn.Linear(4, 4)
+    from tiny import tiny_model
+
     with pytest.raises(ExportError, match="not quantised"):
-        export_model(model, "/tmp/never-written")
+        qat.export_model(tiny_model("bert"), "/tmp/never-written")
+    with pytest.raises(qat.QatError, match="a Linear is not a transformers model"):
+        qat.export_model(torch.nn.Linear(4, 4), "/tmp/never-written")
 
 
 def _batch(tok):
@@ -84,7 +87,7 @@ def test_from_pretrained_rebuilds_identical_logits(tmp_path, weight):
     recipe = tiny_recipe(tmp_path)
     built = build_model(recipe, ["--quant.weight", json.dumps(weight)], num_labels=2)
     model, tok = built.model, built.tokenizer
-    out = export_model(model, tmp_path / "export", tok)
+    out = write_packed(model, tmp_path / "export", tok)
     cfg = json.loads((out / "config.json").read_text())
     assert (
         cfg["model_type"] == "qat_packed"
@@ -130,7 +133,7 @@ def _sizes(model, path: Path) -> tuple[float, float, int, int]:
 def test_tiny_export_size(tmp_path):
     built = build_model(tiny_recipe(tmp_path), [], num_labels=2)
     model, tok = built.model, built.tokenizer
-    out = export_model(model, tmp_path / "export", tok)
+    out = write_packed(model, tmp_path / "export", tok)
     exp_packed, exp_file, written, size = _sizes(model, out / "qat_packed.safetensors")
     assert written == pytest.approx(exp_packed, rel=1e-3)  # BFP: exactly W + E/B bits
     assert size == pytest.approx(exp_file, rel=0.05)
@@ -154,7 +157,7 @@ def test_export_command(tmp_path, capsys):
 def test_real_minilm_export(tmp_path):
     built = build_model(str(REPO / "recipes" / "minilm_sst2.yaml"), [], num_labels=2)
     model, tok = built.model, built.tokenizer
-    out = export_model(model, tmp_path / "minilm", tok)
+    out = write_packed(model, tmp_path / "minilm", tok)
     exp_packed, exp_file, written, size = _sizes(model, out / "qat_packed.safetensors")
     assert written == pytest.approx(exp_packed, rel=1e-3)  # 10764288 x 4.5 / 8 bytes
     assert size == pytest.approx(exp_file, rel=0.05)
@@ -226,7 +229,7 @@ def test_export_loads_with_trust_remote_code_without_importing_qat(tmp_path):
     installed qat for the quantisers; the caller never does. Logits are bit-identical."""
     built = build_model(tiny_recipe(tmp_path), [], num_labels=2)
     model, tok = built.model, built.tokenizer
-    out = export_model(model, tmp_path / "export", tok)
+    out = write_packed(model, tmp_path / "export", tok)
     got = _load_in_fresh_python(out, "qat-installed")
     assert got["remote"] == _logits(model, tok)
     assert got["qat_imported"]
@@ -247,7 +250,7 @@ def test_export_without_qat_loads_exactly_or_refuses(tmp_path):
     ]
     built = build_model(tiny_recipe(tmp_path), w_only, num_labels=2)
     model, tok = built.model, built.tokenizer
-    out = export_model(model, tmp_path / "w-only", tok)
+    out = write_packed(model, tmp_path / "w-only", tok)
     got = _load_in_fresh_python(out, "block-qat")
     assert got["plain"].startswith("ValueError") and "trust_remote_code=True" in got["plain"]
     assert got["direct"].startswith("OSError"), got["direct"]
@@ -255,7 +258,7 @@ def test_export_without_qat_loads_exactly_or_refuses(tmp_path):
     assert not got["qat_imported"]
     built = build_model(tiny_recipe(tmp_path), [], num_labels=2)
     model, tok = built.model, built.tokenizer
-    out = export_model(model, tmp_path / "w4a4", tok)
+    out = write_packed(model, tmp_path / "w4a4", tok)
     got = _load_in_fresh_python(out, "block-qat")
     assert got["remote"].startswith("ImportError") and "pip install qat" in got["remote"]
     assert "trust_remote_code=True" in got["plain"]
@@ -377,7 +380,7 @@ def test_tampered_export_fails_naming_what(tmp_path):
 
     built = build_model(tiny_recipe(tmp_path), [], num_labels=2)
     model, tok = built.model, built.tokenizer
-    out = export_model(model, tmp_path / "export", tok)
+    out = write_packed(model, tmp_path / "export", tok)
     cfg_path = out / "config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["qat_packing"]["version"] = 1
@@ -403,7 +406,7 @@ def test_edited_codec_fields_are_refused_by_the_checksum(tmp_path, field, value)
     """Issue #21: width 4 -> 3 or exponent width 8 -> 7 in config.json would unpack the same
     bytes into other weights (or NaNs); the packing table carries a checksum."""
     built = build_model(tiny_recipe(tmp_path), [], num_labels=2)
-    out = export_model(built.model, tmp_path / "export", built.tokenizer)
+    out = write_packed(built.model, tmp_path / "export", built.tokenizer)
     cfg_path = out / "config.json"
     cfg = json.loads(cfg_path.read_text())
     codec = next(iter(cfg["qat_packing"]["codecs"].values()))

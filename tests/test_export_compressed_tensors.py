@@ -11,8 +11,8 @@ import torch
 from safetensors import safe_open
 from tiny import lm_recipe, make_tiny_causal_lm_dir
 
-from qat import QuantConfig, quantize_model
-from qat.export.compressed_tensors import export_compressed_tensors
+from qat import QuantConfig, export_model, quantize_model
+from qat.export.compressed_tensors import write_compressed_tensors
 from qat.export.packed import ExportError
 from qat.quant.modules import QuantLinear
 
@@ -74,7 +74,7 @@ def test_decompressed_weights_equal_qat_quantised_weights(tmp_path, fmt, act):
         if isinstance(m, QuantLinear) and m.weight_quantizer is not None
     }
     amax = {n: 3.0 for n in linears} if act == "nvfp4" else None
-    out = export_compressed_tensors(model, tmp_path / "ct", input_amax=amax)
+    out = write_compressed_tensors(model, tmp_path / "ct", input_amax=amax)
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert cfg["format"] == f"{fmt}-pack-quantized" and cfg["ignore"] == ["lm_head"]
     group = cfg["config_groups"]["group_0"]
@@ -121,14 +121,14 @@ def test_formats_vllm_cannot_run_fail_clearly(tmp_path, quant, match):
     model = AutoModelForCausalLM.from_pretrained(make_tiny_causal_lm_dir(tmp_path))
     quantize_model(model, QuantConfig(**quant))
     with pytest.raises(ExportError, match=match):
-        export_compressed_tensors(model, tmp_path / "ct")
+        export_model(model, tmp_path / "ct", to="compressed-tensors")
     assert not (tmp_path / "ct").exists()
 
 
 def test_nvfp4_activations_need_a_calibrated_range(tmp_path):
     model = _model(tmp_path, "nvfp4", "nvfp4")
     with pytest.raises(ExportError, match="input_global_scale"):
-        export_compressed_tensors(model, tmp_path / "ct")
+        write_compressed_tensors(model, tmp_path / "ct")
 
 
 def test_export_command_calibrates_nvfp4_activations(tmp_path, capsys):
@@ -158,7 +158,7 @@ def test_export_command_calibrates_nvfp4_activations(tmp_path, capsys):
 @pytest.mark.parametrize(
     "argv,match",
     [
-        (["--to", "onnx"], "--to 'onnx' is not one of packed, compressed-tensors"),
+        (["--to", "onnx"], "--to must be one of packed, compressed-tensors, gguf; got 'onnx'"),
         (["--to", "compressed-tensors"], "has no compressed-tensors type; formats with one: nvfp4"),
         (
             ["--to", "compressed-tensors", "--quant.weight", "{format: mxfp4}"],
