@@ -174,3 +174,40 @@ def test_bad_export_target_is_one_line_before_loading(tmp_path, capsys, no_model
     assert main([recipe, "--out", str(tmp_path / "ct"), *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert match in err and len(err.splitlines()) == 1
+
+
+NVFP4_W4A4 = {
+    "weight": {"format": "nvfp4"},
+    "activation": {"format": "nvfp4"},
+    "exclude": ["lm_head"],
+}
+
+
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["--to", "compressed-tensors", "--calibration_samples", "0"], "must be >= 1, got 0"),
+        (["--to", "compressed-tensors", "--calibration_samples", "-3"], "must be >= 1, got -3"),
+        (
+            ["--calibration_samples", "4"],
+            "--calibration_samples applies to --to compressed-tensors",
+        ),
+        (
+            ["--to", "gguf", "--calibration_samples", "4"],
+            "applies to --to compressed-tensors, not gguf",
+        ),
+        (["--gguf_embeddings", "f32"], "--gguf_embeddings applies to --to gguf, not packed"),
+        (["--to", "gguf", "--gguf_embeddings", ""], "--gguf_embeddings must be one of f16"),
+    ],
+)
+def test_export_options_are_checked_before_loading(tmp_path, capsys, no_model, argv, match):
+    """A calibration count of 0 is not the default 32, a negative one is named before anything
+    loads, and an option of another target is refused rather than ignored."""
+    from qat.cli.export import main
+
+    recipe = lm_recipe(tmp_path, quant=NVFP4_W4A4)
+    capsys.readouterr()
+    assert main([recipe, "--out", str(tmp_path / "ct"), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert match in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "ct").exists()

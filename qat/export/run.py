@@ -111,10 +111,20 @@ def holds_export(folder: Path) -> bool:
 
 
 def _check_options(to: str, samples: int | None, embeddings: str | None) -> dict[str, Any]:
-    """The target's own options, checked before anything loads."""
-    if to == "gguf":
-        check_one_of("--gguf_embeddings", embeddings or "f16", gguf.EMBEDDING_TYPES, UsageError)
-    return {"samples": samples or CALIBRATION_SAMPLES, "embeddings": embeddings or "f16"}
+    """The target's own options, checked before anything loads; an option of another target
+    is refused rather than silently ignored, and no value stands for its default."""
+    if samples is not None and to != "compressed-tensors":
+        raise UsageError(f"--calibration_samples applies to --to compressed-tensors, not {to}")
+    if embeddings is not None and to != "gguf":
+        raise UsageError(f"--gguf_embeddings applies to --to gguf, not {to}")
+    if samples is not None and (isinstance(samples, bool) or samples < 1):
+        raise UsageError(f"--calibration_samples must be >= 1, got {samples!r}")
+    embeddings = "f16" if embeddings is None else embeddings
+    check_one_of("--gguf_embeddings", embeddings, gguf.EMBEDDING_TYPES, UsageError)
+    return {
+        "samples": CALIBRATION_SAMPLES if samples is None else samples,
+        "embeddings": embeddings,
+    }
 
 
 def _config(src: Source, to: str) -> Any:
