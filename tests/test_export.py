@@ -319,7 +319,7 @@ def test_non_empty_out_needs_overwrite_and_is_replaced_atomically(
         assert main([str(trained_run), "--out", str(folder), "--overwrite"]) == 2
         assert error_lines(capsys) == [
             f"qat export: error: --out {str(folder)!r} is not empty and holds no qat export "
-            "(config.json with model_type qat_packed and its weights); --overwrite replaces "
+            "(qat_export.json beside its weights); --overwrite replaces "
             "only an export: choose a new folder"
         ]
         assert tree_hashes(folder) == before
@@ -428,3 +428,29 @@ def test_a_packed_stream_must_have_exactly_its_size():
         unpack_bits(torch.cat([stream, stream[:1]]), 4, 101)
     with pytest.raises(ValueError, match="38 expected for 101 codes of 3 bits"):
         unpack_bits(stream, 3, 101)  # the same bytes read as another width
+
+
+def test_overwrite_replaces_an_export_of_any_target_and_nothing_else(tmp_path, capsys):
+    """--overwrite replaces an earlier qat export whatever its target (GGUF, compressed-tensors,
+    packed, in any order: each writes qat_export.json), and still never a folder that only
+    looks like one: a stray model.gguf, or a qat_export.json whose weight file is missing."""
+    from tiny import lm_recipe
+
+    recipe = lm_recipe(tmp_path, quant={"weight": {"format": "mxfp4"}, "exclude": ["lm_head"]})
+    out = tmp_path / "export"
+    weights = {"gguf": "model.gguf", "compressed-tensors": "model.safetensors"}
+    for to in ("gguf", "compressed-tensors", "packed", "gguf"):
+        argv = [recipe, "--to", to, "--out", str(out), "--overwrite", "--device", "cpu"]
+        assert main(argv) == 0, error_lines(capsys)
+        info = json.loads((out / "qat_export.json").read_text())
+        assert info["to"] == to and info["weights"] == weights.get(to, "qat_packed.safetensors")
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    lookalikes = {"model.gguf": b"GGUF", "qat_export.json": b'{"to": "gguf", "weights": "x"}'}
+    for name, data in lookalikes.items():
+        other = tmp_path / f"other_{name}"
+        other.mkdir()
+        (other / name).write_bytes(data)
+        before = tree_hashes(other)
+        assert main([recipe, "--to", "gguf", "--out", str(other), "--overwrite"]) == 2
+        assert "holds no qat export" in error_lines(capsys)[0]
+        assert tree_hashes(other) == before

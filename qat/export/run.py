@@ -97,17 +97,27 @@ def export_model(
 
 
 def holds_export(folder: Path) -> bool:
-    """``folder`` holds a qat export (what ``overwrite`` may replace): a packed one's
-    config.json and weights."""
-    try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
-        return False
+    """``folder`` holds a qat export of any target (what ``overwrite`` may replace): its
+    ``qat_export.json`` names a target and that target's weight file is there; or, written
+    without one (before it existed, or by ``write_packed`` alone), a packed export's
+    config.json and weights. Anything else (a run, notes, another tool's files) is kept."""
+    info = _read_json(folder / EXPORT_INFO)
+    if isinstance(info, dict) and info.get("to") in TARGETS:
+        weights = WEIGHTS[info["to"]]
+        return info.get("weights") == weights and (folder / weights).is_file()
+    config = _read_json(folder / "config.json")
     return (
         isinstance(config, dict)
         and config.get("model_type") == mqp.MODEL_TYPE
         and (folder / mqp.WEIGHTS_NAME).is_file()
     )
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
 
 
 def _check_options(to: str, samples: int | None, embeddings: str | None) -> dict[str, Any]:

@@ -347,7 +347,7 @@ def check_destination(
         # --overwrite replaces an old export, never a training run or anything else
         raise ExportError(
             f"--out {str(out)!r} is not empty and holds no qat export "
-            "(config.json with model_type qat_packed and its weights); "
+            "(qat_export.json beside its weights); "
             "--overwrite replaces only an export: choose a new folder"
         )
     return p
