@@ -14,6 +14,7 @@ from tiny import lm_recipe, make_tiny_causal_lm_dir
 from qat import QuantConfig, export_model, quantize_model
 from qat.export.compressed_tensors import write_compressed_tensors
 from qat.export.packed import ExportError
+from qat.formats import make_format
 from qat.quant.modules import QuantLinear
 
 pytest.importorskip("compressed_tensors")
@@ -211,3 +212,48 @@ def test_export_options_are_checked_before_loading(tmp_path, capsys, no_model, a
     err = capsys.readouterr().err.strip()
     assert match in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "ct").exists()
+
+
+def test_mse_weights_with_plain_mxfp4_activations_export_and_decompress_exactly(tmp_path):
+    """``scale: mse`` chooses a weight's scales; its codes are stored, so vLLM runs exactly
+    them: with plain mxfp4 activations (what vLLM runs) the pair is the mxfp4 scheme."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        make_tiny_causal_lm_dir(tmp_path), torch_dtype=torch.bfloat16
+    )
+    mse = {"format": "mxfp4", "scale": "mse"}
+    quantize_model(model, QuantConfig(weight=mse, activation={"format": "mxfp4"}))
+    out = export_model(model, tmp_path / "ct", to="compressed-tensors").out
+    group = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert group["config_groups"]["group_0"]["input_activations"]["strategy"] == "group"
+    state = _decompressed(out, False)
+    down = model.model.layers[0].mlp.down_proj
+    want = down.quantized_weight().detach()
+    assert not torch.equal(want, make_format({"format": "mxfp4"}).quantize(down.weight.detach()))
+    got = state["model.layers.0.mlp.down_proj.weight"]
+    assert torch.equal((got + 0.0).view(torch.int16), (want + 0.0).view(torch.int16))
+
+
+@pytest.mark.parametrize(
+    "weight,activation,match",
+    [
+        ("{format: mxfp4, scale: mse}", "{format: mxfp4, scale: mse}", "the max scale rule"),
+        ("{format: mxfp4}", "{format: mxfp4, scale: mse}", "the max scale rule"),
+        ("{format: mxfp4}", "{format: mxfp4, block_size: 16}", "with mxfp4 activations (W4A4)"),
+    ],
+)
+def test_activations_vllm_quantises_otherwise_are_refused_before_loading(
+    tmp_path, capsys, no_model, weight, activation, match
+):
+    """vLLM quantises a layer's input itself, by the max rule: an ``mse`` activation (even
+    beside an equal ``mse`` weight) or another block is refused in one line."""
+    from qat.cli.export import main
+
+    recipe = lm_recipe(tmp_path)
+    capsys.readouterr()
+    quant = ["--quant.matmul", "null", "--quant.weight", weight, "--quant.activation", activation]
+    argv = ["--to", "compressed-tensors", *quant]
+    assert main([recipe, "--out", str(tmp_path / "ct"), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert match in err and len(err.splitlines()) == 1, err

@@ -76,12 +76,23 @@ def check_ct_format(weight: Format | None, activation: Format | None, matmul: bo
             "formats with one: nvfp4 (nvfp4-pack-quantized), mxfp4 with "
             "block_size 32 (mxfp4-pack-quantized)"
         )
-    if activation is not None and activation != weight:
+    if activation is not None and (
+        activation.name != weight.name
+        or getattr(activation, "block_size", 0) != CT_BLOCKS[weight.name]
+    ):
+        # the pair is the scheme's (format and block); a weight's scale rule is its own: its
+        # codes are stored, however their scales were chosen
         raise ExportError(
             f"--to compressed-tensors: vLLM runs {weight.name} weights with "
             f"{weight.name} activations (W4A4) or float ones (W4A16), not "
             f"activation format {activation}; set quant.activation to "
             f"{{format: {weight.name}}} or null"
+        )
+    if getattr(activation, "scale", "max") != "max":
+        # an input is quantised by the engine at run time, with its own (max) scale rule
+        raise ExportError(
+            "--to compressed-tensors: vLLM quantises a layer's input with the max scale "
+            f"rule, not activation format {activation}; drop scale from quant.activation"
         )
     if matmul:
         raise ExportError(
