@@ -5,6 +5,7 @@ format's own compressor) equals qat's fake-quantised weights bit for bit."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -257,3 +258,46 @@ def test_activations_vllm_quantises_otherwise_are_refused_before_loading(
     assert main([recipe, "--out", str(tmp_path / "ct"), *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert match in err and len(err.splitlines()) == 1, err
+
+
+_DEFAULT_LOAD = r"""
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1])  # transformers' defaults, no qat
+with torch.no_grad():
+    logits = model(torch.tensor([[101, 2023, 2003, 1037, 3231, 102]])).logits
+print(json.dumps({"qat": "qat" in sys.modules, "dtype": str(model.dtype),
+                  "finite": bool(torch.isfinite(logits).all()), "last": logits[0, -1].tolist()}))
+"""
+
+
+def test_a_float32_model_exports_what_the_default_loader_runs_without_qat(tmp_path):
+    """A float32 model's export is written in bfloat16 (the dtype compressed-tensors decompresses
+    fp4 weights to): ``AutoModelForCausalLM.from_pretrained(dir)`` and a forward work in a fresh
+    interpreter that never imports qat, and give the logits of qat's model run in bfloat16."""
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(make_tiny_causal_lm_dir(tmp_path))
+    assert model.dtype == torch.float32
+    quantize_model(model, QuantConfig(weight={"format": "mxfp4"}))
+    out = export_model(model, tmp_path / "ct", to="compressed-tensors").out
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run(
+        [sys.executable, "-c", _DEFAULT_LOAD, str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["dtype"] == "torch.bfloat16" and got["finite"] and not got["qat"]
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    with torch.no_grad():
+        ref = model.to(torch.bfloat16)(torch.tensor([[101, 2023, 2003, 1037, 3231, 102]]))
+    want = ref.logits[0, -1].float()
+    assert torch.allclose(torch.tensor(got["last"]), want, atol=0.05 * want.abs().max().item())

@@ -11,16 +11,19 @@ Per quantised linear ``NAME`` (weight ``[out, in]``, blocks along ``in``):
   value is ``e2m1 * scale / g``) and, with nvfp4 activations, ``NAME.input_global_scale``
   (float32 ``[1]``, ``2688 / amax`` of the inputs seen in calibration).
 
-Everything else (embeddings, norms, ``lm_head``, unquantised linears) is written as is;
-``config.json`` is the model's config plus ``quantization_config`` (one config group, targets
-``Linear``, the unquantised linears under ``ignore``). The codes and scales are the format's own
-(``Format.encode``), so the weights vLLM decompresses are ``qat``'s fake-quantised weights bit
-for bit (at the checkpoint dtype).
+Everything else (embeddings, norms, ``lm_head``, unquantised linears) is written in bfloat16,
+the dtype compressed-tensors decompresses the fp4 weights to (a float32 model is cast, with a
+warning); ``config.json`` is the model's config (dtype bfloat16) plus ``quantization_config``
+(one config group, targets ``Linear``, the unquantised linears under ``ignore``). The codes and
+scales are the format's own (``Format.encode``), so the weights vLLM decompresses are
+``qat``'s fake-quantised weights bit for bit in bfloat16 (mxfp4's exactly: its values need 2
+mantissa bits).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -36,6 +39,11 @@ from qat.quant.config import FLOAT
 
 CT_FORMATS = {"nvfp4": "nvfp4-pack-quantized", "mxfp4": "mxfp4-pack-quantized"}
 CT_BLOCKS = {"nvfp4": 16, "mxfp4": 32}  # the block each scheme stores a scale for
+# compressed-tensors decompresses fp4 weights to bfloat16 (and vLLM runs these schemes in it):
+# the rest of the checkpoint is written in the same dtype, or transformers' default loader
+# fails at the first matmul of a float32 model (float != BFloat16)
+ENGINE_DTYPE = torch.bfloat16
+logger = logging.getLogger(__name__)
 WEIGHTS_NAME = "model.safetensors"
 
 
@@ -271,9 +279,19 @@ def write_compressed_tensors(
         if t.numel() and ident in seen:
             continue
         seen.add(ident)
-        tensors[key] = t.detach().cpu().contiguous()
+        tensors[key] = (
+            t.detach().cpu().to(ENGINE_DTYPE if t.is_floating_point() else t.dtype).contiguous()
+        )
+    if any(t.is_floating_point() and t.dtype != ENGINE_DTYPE for t in state.values()):
+        logger.warning(
+            "compressed-tensors export: the model's float tensors (embeddings, norms, "
+            "unquantised linears) are written as bfloat16, the dtype the engine runs"
+        )
     config = model.config.to_dict()
     config.pop("_name_or_path", None)
+    for key in ("dtype", "torch_dtype"):  # transformers >= 5 writes dtype, older torch_dtype
+        if key in config or key == "dtype":
+            config[key] = "bfloat16"
     config["architectures"] = [type(model).__name__]
     config["quantization_config"] = quantization_config(ct_format, weight, act, ignore)
 
