@@ -454,3 +454,22 @@ def test_overwrite_replaces_an_export_of_any_target_and_nothing_else(tmp_path, c
         assert main([recipe, "--to", "gguf", "--out", str(other), "--overwrite"]) == 2
         assert "holds no qat export" in error_lines(capsys)[0]
         assert tree_hashes(other) == before
+
+
+def test_a_quantised_tied_head_loads_back_as_trained(tmp_path):
+    """A tied lm_head quantised with the rest is packed as its own tensor and untied in the
+    export's config; tied on loading, it would be the float embeddings again (logits off by
+    as much as the head's quantisation moves them)."""
+    from tiny import make_tiny_causal_lm_dir
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(make_tiny_causal_lm_dir(tmp_path, tied=True))
+    bfp4 = {"format": "bfp", "width": 4, "block_size": 16}
+    qat.quantize_model(model, {"weight": bfp4, "exclude": []})
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    out = write_packed(model, tmp_path / "export")
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.tensor([[101, 2023, 2003, 1037, 3231, 102]])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    assert torch.equal(loaded.model.embed_tokens.weight, model.model.embed_tokens.weight)

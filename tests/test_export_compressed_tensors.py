@@ -301,3 +301,24 @@ def test_a_float32_model_exports_what_the_default_loader_runs_without_qat(tmp_pa
         ref = model.to(torch.bfloat16)(torch.tensor([[101, 2023, 2003, 1037, 3231, 102]]))
     want = ref.logits[0, -1].float()
     assert torch.allclose(torch.tensor(got["last"]), want, atol=0.05 * want.abs().max().item())
+
+
+def test_a_quantised_tied_head_is_untied_in_the_config(tmp_path):
+    """A tied lm_head quantised with the rest is its own packed tensor: the config says
+    tie_word_embeddings false (vLLM's loader skips lm_head.* of a tied model), and the
+    loaded head is qat's quantised one while the embeddings stay float."""
+    from transformers import AutoModelForCausalLM
+
+    tied = make_tiny_causal_lm_dir(tmp_path, tied=True)
+    model = AutoModelForCausalLM.from_pretrained(tied, torch_dtype=torch.bfloat16)
+    quantize_model(model, QuantConfig(weight={"format": "mxfp4"}, exclude=[]))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    out = export_model(model, tmp_path / "ct", to="compressed-tensors").out
+    config = json.loads((out / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False
+    assert "lm_head" not in config["quantization_config"]["ignore"]
+    state = _decompressed(out, False)
+    want = model.lm_head.quantized_weight().detach()
+    got = state["lm_head.weight"]
+    assert torch.equal((got + 0.0).view(torch.int16), (want + 0.0).view(torch.int16))
+    assert torch.equal(state["model.embed_tokens.weight"], model.model.embed_tokens.weight)

@@ -228,3 +228,30 @@ def test_a_trained_runs_export_takes_the_tokenizer_of_the_gguf_it_started_from(t
         f"model_name_or_path: {tmp_path / 'gone'}\ngguf_file: m.gguf\n"
     )
     assert source_gguf(src()) is None
+
+
+def test_a_quantised_tied_head_is_written_as_its_own_output_tensor(tmp_path):
+    """A tied lm_head quantised with the rest (``exclude: []``) is written as a quantised
+    ``output.weight``: without one llama.cpp computes the logits with ``token_embd`` (F16), a
+    float head the trained model never had. An excluded (float) tied head still has none."""
+    from qat.cli.export import main
+    from qat.runs.build import build_model
+
+    quant = {"weight": {"format": "ggml_q8_0"}, "activation": {"format": "ggml_q8_0"}}
+    tied = make_tiny_causal_lm_dir(tmp_path, tied=True)
+    recipe = lm_recipe(tmp_path, model_name_or_path=tied, quant={**quant, "exclude": []})
+    assert main([recipe, "--to", "gguf", "--out", str(tmp_path / "q")]) == 0
+    model = build_model(recipe, head="causal_lm").model
+    head = model.lm_head
+    assert head.weight is model.model.embed_tokens.weight and head.weight_quantizer is not None
+    tensors, _ = _read(tmp_path / "q" / "model.gguf")
+    got, kind = tensors["output.weight"]
+    want = head.quantized_weight().detach().numpy()
+    assert kind.name == "Q8_0" and got.shape == want.shape
+    assert np.array_equal((got + 0.0).view(np.int32), (want + 0.0).view(np.int32))
+    assert tensors["token_embd.weight"][1].name == "F16"
+    assert (
+        main([recipe, "--to", "gguf", "--out", str(tmp_path / "f"), "--quant.exclude", "[lm_head]"])
+        == 0
+    )
+    assert "output.weight" not in _read(tmp_path / "f" / "model.gguf")[0]

@@ -294,6 +294,10 @@ def write_compressed_tensors(
             config[key] = "bfloat16"
     config["architectures"] = [type(model).__name__]
     config["quantization_config"] = quantization_config(ct_format, weight, act, ignore)
+    head = model.get_output_embeddings()
+    if config.get("tie_word_embeddings") and any(m is head for _, m in quantised):
+        # a quantised head is its own packed tensor; tied, vLLM's loader skips lm_head.*
+        config["tie_word_embeddings"] = False
 
     folder = Path(folder).expanduser()
     folder.mkdir(parents=True, exist_ok=True)

@@ -266,8 +266,10 @@ def gguf_tensors(model: Any, embeddings: str = "f16") -> list[tuple[str, np.ndar
                 arr = rope_permute(arr, n_head if name == "attn_q" else n_kv)
             out.append((f"blk.{i}.{name}.weight", arr, raw))
     out.append(("output_norm.weight", base.norm.weight.detach().float().cpu().numpy(), None))
+    # llama.cpp computes the logits with token_embd when the file has no output.weight: right
+    # for a float head tied to the embeddings, wrong for a quantised one (written untied)
     tied = model.lm_head.weight is base.embed_tokens.weight
-    if not tied:
+    if not tied or getattr(model.lm_head, "weight_quantizer", None) is not None:
         out.append(
             ("output.weight", *_tensor(model.lm_head, model.lm_head.weight, embeddings, "lm_head"))
         )

@@ -290,6 +290,12 @@ def write_packed(
     for key in ("quantization_config", "_name_or_path"):  # no local paths in a shared export
         base.pop(key, None)
     base["architectures"] = [arch]
+    if base.get("tie_word_embeddings") and getattr(
+        model.get_output_embeddings(), "weight_quantizer", None
+    ):
+        # a quantised head is its own packed tensor; tied on loading, it would be the float
+        # embeddings again
+        base["tie_word_embeddings"] = False
     auto = mqp.auto_map(arch)
     config = mqp.QatPackedConfig(
         base_config=base,
