@@ -254,7 +254,9 @@ def profile(
             "profile runs the recipe task's validation text"
         )
     args = src.args
-    out = check_output_folder(output_dir or Path(args.output_dir) / "profile")
+    out = check_output_folder(
+        Path(args.output_dir) / "profile" if output_dir is None else output_dir
+    )
     task = get_task(args.task_name)
     split = task.validation_splits[0]
     raw = glue_splits(task, args.data_dir, (split,), eval_samples=num_batches * batch_size)

@@ -314,7 +314,10 @@ def check_output_file(path: str | Path, option: str = "--output") -> Path:
 
 
 def check_output_folder(path: str | Path, option: str = "--output_dir") -> Path:
-    """An output folder must be a folder (or creatable: no file on its path)."""
+    """An output folder must be a folder (or creatable: no file on its path); an empty name is
+    not the current folder, nor the default."""
+    if not str(path):
+        raise UsageError(f"{option} must name a folder, got ''")
     p = Path(path).expanduser()
     if p.exists() and not p.is_dir():
         raise UsageError(f"{option} {str(path)!r} is a file, expected a folder")
