@@ -352,7 +352,7 @@ def build_model(
             )
     config = models.load_config(args.model_name_or_path, args.gguf_file)
     if config is not None:  # GGUF: its config is known only once loaded (below)
-        check_config(config, args, head, check)
+        _check_config(config, args, head, check)
     if tokenizer is None:
         tokenizer = models.load_tokenizer_for(args, ckpt)
     if head == "causal_lm":
@@ -367,7 +367,7 @@ def build_model(
             id2label=id2label,
         )
     if config is None:
-        check_config(model.config, args, head, check)
+        _check_config(model.config, args, head, check)
     if args.quant is not None:
         quantize_model(model, args.quant)
     if ckpt is not None and finetune == "lora":
@@ -379,8 +379,7 @@ def build_model(
     return Built(model.eval(), tokenizer, recipe, ckpt, finetune, args)
 
 
-def check_config(config: Any, args: Any, head: str, check: Callable[[Any], None] | None) -> None:
-    """The checks of a model's config before its weights load (see ``build_model``)."""
+def _check_config(config: Any, args: Any, head: str, check: Callable[[Any], None] | None) -> None:
     from qat.models import check_max_length
 
     if head == "causal_lm":

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from qat import models
-from qat.runs.build import Source, build_model, check_config, resolve
+from qat.runs.build import Source, build_model, resolve
+from qat.tasks.language_modeling import check_causal
 
 
 @dataclasses.dataclass
@@ -59,11 +60,12 @@ def load_for_command(
     is, with ``tokenizer``, checked the same way; ``device`` given, it is moved there."""
     src = resolve(source, overrides, tokenizer)
     head = head or src.require_head()
-    if src.model is not None:
-        # already built (and quantised): only its config's checks
-        check_config(
-            _base_config(src.model), dataclasses.replace(src.args, quant=None), head, check
-        )
+    if src.model is not None:  # built and quantised already: what its config decides
+        config = _base_config(src.model)
+        if head == "causal_lm":
+            check_causal(config, src.args.model_name_or_path)
+        if check is not None:
+            check(config)
         dev = models.resolve_device(device) if device is not None else _device_of(src.model)
         return Loaded(src.model.to(dev), src.tokenizer, src, dev, head)
     dev = models.resolve_device(device, bool(getattr(src.args, "use_cpu", False)))
