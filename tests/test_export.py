@@ -70,6 +70,8 @@ def test_unsupported_format_and_float_model_fail_clearly():
         qat.export_model(tiny_model("bert"), "/tmp/never-written")
     with pytest.raises(qat.QatError, match="a Linear is not a transformers model"):
         qat.export_model(torch.nn.Linear(4, 4), "/tmp/never-written")
+    with pytest.raises(qat.QatError, match="a model in memory is built already"):
+        qat.build_model(tiny_model("bert"))
 
 
 def _batch(tok):

@@ -22,7 +22,7 @@ from qat import models
 from qat.errors import ExportError, UsageError, check_one_of
 from qat.export import compressed_tensors, gguf, packed
 from qat.export import modeling_qat_packed as mqp
-from qat.runs.build import Source, find_recipe_yaml, resolve
+from qat.runs.build import Source, base_model, find_recipe_yaml, resolve
 from qat.runs.entry import Loaded, load_for_command
 from qat.runs.folders import check_destination, check_not_source, write_atomically
 
@@ -87,8 +87,7 @@ def export_model(
     check_one_of("--to", to, tuple(TARGETS), UsageError)
     options = _check_options(to, calibration_samples, gguf_embeddings)
     src = resolve(source, overrides, tokenizer)
-    if src.model is None:
-        check_not_source(Path(out), *_protected(src))  # before the slow part
+    check_not_source(Path(out), *_protected(src))  # before the slow part
     out = check_destination(out, overwrite, holds_export)
     head = src.require_head()
     TARGETS[to].check_target(src.args.quant, _config(src, to), head)
@@ -141,7 +140,7 @@ def _config(src: Source, to: str) -> Any:
     """The model's config without its weights; for a GGUF source the gguf target reads the
     file's architecture key (its config is known only once loaded)."""
     if src.model is not None:
-        return getattr(src.model, "get_base_model", lambda: src.model)().config
+        return base_model(src.model).config
     args = src.args
     config = models.load_config(args.model_name_or_path, args.gguf_file)
     if config is None and to == "gguf":

@@ -271,12 +271,13 @@ def resolve(
     return resolve_source(path, overrides)
 
 
-def _base(model: Any) -> Any:
+def base_model(model: Any) -> Any:
+    """The transformers model under a peft wrapper (the model itself when unwrapped)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _is_causal_lm(model: Any) -> bool:
-    return type(_base(model)).__name__.endswith("ForCausalLM")
+    return type(base_model(model)).__name__.endswith("ForCausalLM")
 
 
 def _in_memory(model: Any, overrides: Any, tokenizer: Any) -> Source:
@@ -285,7 +286,7 @@ def _in_memory(model: Any, overrides: Any, tokenizer: Any) -> Source:
         raise UsageError(
             "recipe keys apply to a recipe, run folder or model name, not to a model in memory"
         )
-    base = _base(model)
+    base = base_model(model)
     if not hasattr(base, "config"):
         raise UsageError(
             f"a {type(base).__name__} is not a transformers model (it has no config); give a "
@@ -335,6 +336,11 @@ def build_model(
 
     check_one_of("head", head, HEADS, UsageError)
     src = resolve(source, overrides)
+    if src.model is not None:
+        raise UsageError(
+            "build_model builds from a recipe, run folder or model name; a model in memory "
+            "is built already"
+        )
     recipe, args, ckpt, finetune = src.recipe, src.args, src.checkpoint, src.finetune
     id2label = None
     if head == "sequence_classification":

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from qat import models
-from qat.runs.build import Source, build_model, resolve
+from qat.runs.build import Source, base_model, build_model, resolve
 from qat.tasks.language_modeling import check_causal
 
 
@@ -61,7 +61,7 @@ def load_for_command(
     src = resolve(source, overrides, tokenizer)
     head = head or src.require_head()
     if src.model is not None:  # built and quantised already: what its config decides
-        config = _base_config(src.model)
+        config = base_model(src.model).config
         if head == "causal_lm":
             check_causal(config, src.args.model_name_or_path)
         if check is not None:
@@ -71,11 +71,6 @@ def load_for_command(
     dev = models.resolve_device(device, bool(getattr(src.args, "use_cpu", False)))
     built = build_model(src, head=head, device=dev, check=check)
     return Loaded(built.model, built.tokenizer, src, dev, head)
-
-
-def _base_config(model: Any) -> Any:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.config
 
 
 def _device_of(model: Any) -> Any:
