@@ -15,7 +15,7 @@ import sys
 from qat.cli.base import run_cli, split_options
 from qat.errors import UsageError
 
-USAGE = """usage: qat export RECIPE.yaml|RUN_DIR|MODEL --out DIR
+USAGE = """usage: qat export RECIPE.yaml|RUN_DIR --out DIR
                   [--to packed|compressed-tensors|gguf] [--overwrite] [--key value ...]
 
 --to packed (default) writes DIR/qat_packed.safetensors (packed codes + scales; float for
