@@ -90,13 +90,13 @@ def judge(
     overrides = list(overrides or [])
     if wikitext_dir is not None:
         os.environ["QAT_WIKITEXT_DIR"] = str(wikitext_dir)
-    from qat.cli.export import run as export
+    from qat.export.run import export_model
     from qat.tasks.language_modeling import load_wikitext
 
     t = time.perf_counter()
-    info = export(recipe, ["--to", "gguf", "--out", str(out_dir), "--overwrite", *overrides])
+    done = export_model(recipe, out_dir, to="gguf", overrides=overrides, overwrite=True)
     export_s = time.perf_counter() - t
-    gguf = Path(info["out"]) / "model.gguf"
+    gguf = done.weights
     text = load_wikitext("test")
     qat_ppl, ids = _qat_side(recipe, overrides, text, chunks, chunk_size)
     row = {

@@ -18,7 +18,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from qat.cli.profile import run  # noqa: E402
+from qat.analysis.profile import profile  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,18 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=REPO / "outputs/bench/profile_minilm")
     ap.add_argument("--figure", type=Path, default=REPO / "docs/variance_vs_depth.png")
     a = ap.parse_args(argv)
-    result = run(
-        a.recipe,
-        [
-            "--num_batches",
-            str(a.num_batches),
-            "--batch_size",
-            "8",
-            "--output_dir",
-            str(a.out),
-            "--device",
-            "cpu",
-        ],
+    result = profile(
+        a.recipe, num_batches=a.num_batches, batch_size=8, output_dir=a.out, device="cpu"
     )
     a.figure.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(a.out / "variance_vs_depth.png", a.figure)

@@ -31,7 +31,10 @@ _LAZY = {
     "load_recipe": ("qat.runs.recipe", "load_recipe"),
     "build_model": ("qat.runs.build", "build_model"),
     "train": ("qat.training.run", "train"),
-    "export_packed": ("qat.export.packed", "export_model"),
+    "evaluate": ("qat.evaluation.evaluate", "evaluate"),
+    "perplexity": ("qat.evaluation.perplexity", "perplexity"),
+    "generate": ("qat.evaluation.generate", "generate"),
+    "export_model": ("qat.export.run", "export_model"),
     "attach_qdec": ("qat.quant.qdec", "attach_qdec"),
     "QatError": ("qat.errors", "QatError"),
 }
@@ -46,9 +49,12 @@ __all__ = [
     "QuantConfigError",
     "attach_qdec",
     "build_model",
-    "export_packed",
+    "evaluate",
+    "export_model",
+    "generate",
     "load_recipe",
     "make_format",
+    "perplexity",
     "quantization_summary",
     "quantize_model",
     "train",
@@ -56,7 +62,10 @@ __all__ = [
 
 if TYPE_CHECKING:
     from qat.errors import QatError
-    from qat.export.packed import export_model as export_packed
+    from qat.evaluation.evaluate import evaluate
+    from qat.evaluation.generate import generate
+    from qat.evaluation.perplexity import perplexity
+    from qat.export.run import export_model
     from qat.formats import make_format
     from qat.integrations.trl import QATSFTConfig, QATSFTTrainer
     from qat.quant.config import QuantConfig, QuantConfigError

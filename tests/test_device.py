@@ -16,12 +16,13 @@ import pytest
 import torch
 from tiny import make_tiny_glue_dir, make_tiny_model_dir, one_error_line, tiny_recipe
 
-import qat.cli.eval
-import qat.cli.export
-import qat.cli.perplexity
-import qat.cli.profile
+import qat.analysis.profile
+import qat.evaluation.evaluate
+import qat.evaluation.perplexity
+import qat.export.run
 import qat.models
 import qat.runs.build
+import qat.runs.entry
 from qat.models import DeviceError, resolve_device
 
 
@@ -126,7 +127,7 @@ def _spy_on_forward(monkeypatch: pytest.MonkeyPatch, seen: dict[str, Any]) -> No
     monkeypatch.setattr(
         qat.models, "resolve_device", lambda spec=None, use_cpu=False: torch.device("meta")
     )
-    real_build_model = qat.runs.build.build_model
+    real_build_model = qat.runs.entry.build_model
 
     def hook(module, args, kwargs):
         tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
@@ -140,7 +141,7 @@ def _spy_on_forward(monkeypatch: pytest.MonkeyPatch, seen: dict[str, Any]) -> No
         built.model.register_forward_pre_hook(hook, with_kwargs=True)
         return built
 
-    monkeypatch.setattr(qat.runs.build, "build_model", build_model)
+    monkeypatch.setattr(qat.runs.entry, "build_model", build_model)
 
 
 @pytest.mark.parametrize("command", ["eval", "perplexity", "profile"])
@@ -153,13 +154,11 @@ def test_model_and_batches_go_to_the_resolved_device(
     recipe = tiny_recipe(tmp_path, model_name_or_path=make_tiny_model_dir(tmp_path, arch))
     with pytest.raises(_Seen):
         if command == "eval":
-            qat.cli.eval.run(recipe, ["--max_eval_samples", "8"], device="cpu")
+            qat.evaluation.evaluate.evaluate(recipe, ["--max_eval_samples", "8"], device="cpu")
         elif command == "perplexity":
-            qat.cli.perplexity.run(
-                recipe, ["--chunk_size", "16", "--max_chunks", "1", "--device", "cpu"]
-            )
+            qat.evaluation.perplexity.perplexity(recipe, chunk_size=16, max_chunks=1, device="cpu")
         else:
-            qat.cli.profile.run(recipe, ["--num_batches", "1", "--device", "cpu"])
+            qat.analysis.profile.profile(recipe, num_batches=1, device="cpu")
     assert seen["inputs"] == {"meta"}, seen  # input_ids, attention_mask, ... all moved
     assert seen["params"] == {"meta"}, seen
     assert seen["device_arg"] == torch.device("meta")
@@ -175,11 +174,9 @@ def test_export_loads_on_the_resolved_device(tmp_path, monkeypatch) -> None:
         seen["device"] = kwargs.get("device")
         raise _Seen
 
-    monkeypatch.setattr(qat.runs.build, "build_model", build_model)
+    monkeypatch.setattr(qat.runs.entry, "build_model", build_model)
     with pytest.raises(_Seen):
-        qat.cli.export.run(
-            tiny_recipe(tmp_path), ["--out", str(tmp_path / "packed"), "--device", "cpu"]
-        )
+        qat.export.run.export_model(tiny_recipe(tmp_path), tmp_path / "packed", device="cpu")
     assert seen["device"] == torch.device("meta")
     assert not Path(tmp_path / "packed").exists()
 

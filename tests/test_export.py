@@ -23,11 +23,11 @@ from qat.cli.export import main
 from qat.export.packed import (
     ExportError,
     _packers,
-    export_model,
     pack_bits,
     pack_weight,
     unpack_bits,
     unpack_weight,
+    write_packed,
 )
 from qat.formats import make_format
 from qat.quant.modules import QuantLinear
@@ -64,9 +64,14 @@ def test_unpack_is_bit_identical_to_fake_quantisation(spec, dim):
 def test_unsupported_format_and_float_model_fail_clearly():
     with pytest.raises(ExportError, match="packed export not supported for format 'int'"):
         pack_weight(make_format({"format": "int", "width": 4}), torch.randn(4, 8), -1)
-    model = torch.nn.Linear(4, 4)
+    from tiny import tiny_model
+
     with pytest.raises(ExportError, match="not quantised"):
-        export_model(model, "/tmp/never-written")
+        qat.export_model(tiny_model("bert"), "/tmp/never-written")
+    with pytest.raises(qat.QatError, match="a Linear is not a transformers model"):
+        qat.export_model(torch.nn.Linear(4, 4), "/tmp/never-written")
+    with pytest.raises(qat.QatError, match="a model in memory is built already"):
+        qat.build_model(tiny_model("bert"))
 
 
 def _batch(tok):
@@ -84,7 +89,7 @@ def test_from_pretrained_rebuilds_identical_logits(tmp_path, weight):
     recipe = tiny_recipe(tmp_path)
     built = build_model(recipe, ["--quant.weight", json.dumps(weight)], num_labels=2)
     model, tok = built.model, built.tokenizer
-    out = export_model(model, tmp_path / "export", tok)
+    out = write_packed(model, tmp_path / "export", tok)
     cfg = json.loads((out / "config.json").read_text())
     assert (
         cfg["model_type"] == "qat_packed"
@@ -130,7 +135,7 @@ def _sizes(model, path: Path) -> tuple[float, float, int, int]:
 def test_tiny_export_size(tmp_path):
     built = build_model(tiny_recipe(tmp_path), [], num_labels=2)
     model, tok = built.model, built.tokenizer
-    out = export_model(model, tmp_path / "export", tok)
+    out = write_packed(model, tmp_path / "export", tok)
     exp_packed, exp_file, written, size = _sizes(model, out / "qat_packed.safetensors")
     assert written == pytest.approx(exp_packed, rel=1e-3)  # BFP: exactly W + E/B bits
     assert size == pytest.approx(exp_file, rel=0.05)
@@ -154,7 +159,7 @@ def test_export_command(tmp_path, capsys):
 def test_real_minilm_export(tmp_path):
     built = build_model(str(REPO / "recipes" / "minilm_sst2.yaml"), [], num_labels=2)
     model, tok = built.model, built.tokenizer
-    out = export_model(model, tmp_path / "minilm", tok)
+    out = write_packed(model, tmp_path / "minilm", tok)
     exp_packed, exp_file, written, size = _sizes(model, out / "qat_packed.safetensors")
     assert written == pytest.approx(exp_packed, rel=1e-3)  # 10764288 x 4.5 / 8 bytes
     assert size == pytest.approx(exp_file, rel=0.05)
@@ -226,7 +231,7 @@ def test_export_loads_with_trust_remote_code_without_importing_qat(tmp_path):
     installed qat for the quantisers; the caller never does. Logits are bit-identical."""
     built = build_model(tiny_recipe(tmp_path), [], num_labels=2)
     model, tok = built.model, built.tokenizer
-    out = export_model(model, tmp_path / "export", tok)
+    out = write_packed(model, tmp_path / "export", tok)
     got = _load_in_fresh_python(out, "qat-installed")
     assert got["remote"] == _logits(model, tok)
     assert got["qat_imported"]
@@ -247,7 +252,7 @@ def test_export_without_qat_loads_exactly_or_refuses(tmp_path):
     ]
     built = build_model(tiny_recipe(tmp_path), w_only, num_labels=2)
     model, tok = built.model, built.tokenizer
-    out = export_model(model, tmp_path / "w-only", tok)
+    out = write_packed(model, tmp_path / "w-only", tok)
     got = _load_in_fresh_python(out, "block-qat")
     assert got["plain"].startswith("ValueError") and "trust_remote_code=True" in got["plain"]
     assert got["direct"].startswith("OSError"), got["direct"]
@@ -255,7 +260,7 @@ def test_export_without_qat_loads_exactly_or_refuses(tmp_path):
     assert not got["qat_imported"]
     built = build_model(tiny_recipe(tmp_path), [], num_labels=2)
     model, tok = built.model, built.tokenizer
-    out = export_model(model, tmp_path / "w4a4", tok)
+    out = write_packed(model, tmp_path / "w4a4", tok)
     got = _load_in_fresh_python(out, "block-qat")
     assert got["remote"].startswith("ImportError") and "pip install qat" in got["remote"]
     assert "trust_remote_code=True" in got["plain"]
@@ -316,7 +321,7 @@ def test_non_empty_out_needs_overwrite_and_is_replaced_atomically(
         assert main([str(trained_run), "--out", str(folder), "--overwrite"]) == 2
         assert error_lines(capsys) == [
             f"qat export: error: --out {str(folder)!r} is not empty and holds no qat export "
-            "(config.json with model_type qat_packed and its weights); --overwrite replaces "
+            "(qat_export.json beside its weights); --overwrite replaces "
             "only an export: choose a new folder"
         ]
         assert tree_hashes(folder) == before
@@ -377,7 +382,7 @@ def test_tampered_export_fails_naming_what(tmp_path):
 
     built = build_model(tiny_recipe(tmp_path), [], num_labels=2)
     model, tok = built.model, built.tokenizer
-    out = export_model(model, tmp_path / "export", tok)
+    out = write_packed(model, tmp_path / "export", tok)
     cfg_path = out / "config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["qat_packing"]["version"] = 1
@@ -403,7 +408,7 @@ def test_edited_codec_fields_are_refused_by_the_checksum(tmp_path, field, value)
     """Issue #21: width 4 -> 3 or exponent width 8 -> 7 in config.json would unpack the same
     bytes into other weights (or NaNs); the packing table carries a checksum."""
     built = build_model(tiny_recipe(tmp_path), [], num_labels=2)
-    out = export_model(built.model, tmp_path / "export", built.tokenizer)
+    out = write_packed(built.model, tmp_path / "export", built.tokenizer)
     cfg_path = out / "config.json"
     cfg = json.loads(cfg_path.read_text())
     codec = next(iter(cfg["qat_packing"]["codecs"].values()))
@@ -425,3 +430,48 @@ def test_a_packed_stream_must_have_exactly_its_size():
         unpack_bits(torch.cat([stream, stream[:1]]), 4, 101)
     with pytest.raises(ValueError, match="38 expected for 101 codes of 3 bits"):
         unpack_bits(stream, 3, 101)  # the same bytes read as another width
+
+
+def test_overwrite_replaces_an_export_of_any_target_and_nothing_else(tmp_path, capsys):
+    """--overwrite replaces an earlier qat export whatever its target (GGUF, compressed-tensors,
+    packed, in any order: each writes qat_export.json), and still never a folder that only
+    looks like one: a stray model.gguf, or a qat_export.json whose weight file is missing."""
+    from tiny import lm_recipe
+
+    recipe = lm_recipe(tmp_path, quant={"weight": {"format": "mxfp4"}, "exclude": ["lm_head"]})
+    out = tmp_path / "export"
+    weights = {"gguf": "model.gguf", "compressed-tensors": "model.safetensors"}
+    for to in ("gguf", "compressed-tensors", "packed", "gguf"):
+        argv = [recipe, "--to", to, "--out", str(out), "--overwrite", "--device", "cpu"]
+        assert main(argv) == 0, error_lines(capsys)
+        info = json.loads((out / "qat_export.json").read_text())
+        assert info["to"] == to and info["weights"] == weights.get(to, "qat_packed.safetensors")
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    lookalikes = {"model.gguf": b"GGUF", "qat_export.json": b'{"to": "gguf", "weights": "x"}'}
+    for name, data in lookalikes.items():
+        other = tmp_path / f"other_{name}"
+        other.mkdir()
+        (other / name).write_bytes(data)
+        before = tree_hashes(other)
+        assert main([recipe, "--to", "gguf", "--out", str(other), "--overwrite"]) == 2
+        assert "holds no qat export" in error_lines(capsys)[0]
+        assert tree_hashes(other) == before
+
+
+def test_a_quantised_tied_head_loads_back_as_trained(tmp_path):
+    """A tied lm_head quantised with the rest is packed as its own tensor and untied in the
+    export's config; tied on loading, it would be the float embeddings again (logits off by
+    as much as the head's quantisation moves them)."""
+    from tiny import make_tiny_causal_lm_dir
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(make_tiny_causal_lm_dir(tmp_path, tied=True))
+    bfp4 = {"format": "bfp", "width": 4, "block_size": 16}
+    qat.quantize_model(model, {"weight": bfp4, "exclude": []})
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    out = write_packed(model, tmp_path / "export")
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.tensor([[101, 2023, 2003, 1037, 3231, 102]])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    assert torch.equal(loaded.model.embed_tokens.weight, model.model.embed_tokens.weight)

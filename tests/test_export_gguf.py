@@ -9,8 +9,8 @@ import pytest
 import torch
 from tiny import lm_recipe, make_tiny_causal_lm_dir, tiny_model
 
-from qat import QuantConfig, quantize_model
-from qat.export.gguf import export_gguf, rope_permute
+from qat import QuantConfig, export_model, quantize_model
+from qat.export.gguf import rope_permute, write_gguf
 from qat.export.packed import ExportError
 
 gguf = pytest.importorskip("gguf")
@@ -41,7 +41,7 @@ def _read(path) -> dict[str, np.ndarray]:
 def test_gguf_tensors_read_back_equal_qat_weights(tmp_path, fmt, ggml):
     act = {"format": "ggml_q8_0"} if fmt == "ggml_q4_0" else None
     model, tok = _model(tmp_path, weight={"format": fmt}, activation=act)
-    out = export_gguf(model, tmp_path / "g", tok, embeddings="q8_0")
+    out = write_gguf(model, tmp_path / "g", tok, embeddings="q8_0")
     tensors, reader = _read(out / "model.gguf")
     cfg = model.config
     assert reader.fields["general.architecture"].contents() == "llama"
@@ -100,15 +100,21 @@ def test_rope_permute_interleaves_the_halves_of_each_head():
 def test_formats_llama_cpp_cannot_run_fail_clearly(tmp_path, quant, match):
     model, tok = _model(tmp_path, **quant)
     with pytest.raises(ExportError, match=match):
-        export_gguf(model, tmp_path / "g", tok)
+        export_model(model, tmp_path / "g", tok, to="gguf")
     assert not (tmp_path / "g").exists()
 
 
-def test_unknown_architecture_fails_clearly(tmp_path):
-    model = tiny_model("opt")
+def test_unknown_architecture_and_a_classifier_fail_clearly(tmp_path):
+    from transformers import OPTForCausalLM
+
+    model = OPTForCausalLM(tiny_model("opt").config)
     quantize_model(model, QuantConfig(weight={"format": "ggml_q4_0"}))
     with pytest.raises(ExportError, match="not one the GGUF writer knows; known: LlamaForCausalLM"):
-        export_gguf(model, tmp_path / "g")
+        export_model(model, tmp_path / "g", to="gguf")
+    classifier = tiny_model("llama")
+    with pytest.raises(ExportError, match="--to gguf writes decoders; this source builds a seq"):
+        export_model(classifier, tmp_path / "g", to="gguf")
+    assert not (tmp_path / "g").exists()
 
 
 def test_reduction_dim_not_a_multiple_of_32_fails_before_writing(tmp_path):
@@ -116,14 +122,14 @@ def test_reduction_dim_not_a_multiple_of_32_fails_before_writing(tmp_path):
     with torch.no_grad():
         model.model.layers[0].mlp.down_proj.weight = torch.nn.Parameter(torch.zeros(32, 48))
     with pytest.raises(ExportError, match="reduction dim 48 is not a multiple"):
-        export_gguf(model, tmp_path / "g", tok)
+        write_gguf(model, tmp_path / "g", tok)
     assert not (tmp_path / "g").exists()
 
 
 def test_gguf_source_tokenizer_fields_are_copied(tmp_path):
     model, tok = _model(tmp_path, weight={"format": "ggml_q8_0"})
-    first = export_gguf(model, tmp_path / "a", tok) / "model.gguf"
-    second = export_gguf(model, tmp_path / "b", None, source_gguf=first) / "model.gguf"
+    first = write_gguf(model, tmp_path / "a", tok) / "model.gguf"
+    second = write_gguf(model, tmp_path / "b", None, source_gguf=first) / "model.gguf"
     a, b = gguf.GGUFReader(str(first)), gguf.GGUFReader(str(second))
     keys = [k for k in a.fields if k.startswith("tokenizer.")]
     assert "tokenizer.ggml.tokens" in keys and "tokenizer.ggml.bos_token_id" in keys
@@ -167,7 +173,7 @@ def test_export_command_writes_gguf(tmp_path, capsys):
         ),
         (
             ["--to", "gguf", "--quant", "{weight: {format: ggml_q4_0}}", "--gguf_embeddings", "q4"],
-            "--gguf_embeddings 'q4' is not one of f16, q8_0, f32",
+            "--gguf_embeddings must be one of f16, q8_0, f32; got 'q4'",
         ),
         (
             ["--to", "gguf", "--quant", "{weight: {format: ggml_q4_0}, rotation: {size: 16}}"],
@@ -200,7 +206,7 @@ def test_a_trained_runs_export_takes_the_tokenizer_of_the_gguf_it_started_from(t
     export copies. A recipe's own gguf_file wins; a base that moved falls back to None."""
     from types import SimpleNamespace
 
-    from qat.cli.export import source_gguf
+    from qat.export.run import source_gguf
 
     base = tmp_path / "base"
     base.mkdir()
@@ -211,7 +217,7 @@ def test_a_trained_runs_export_takes_the_tokenizer_of_the_gguf_it_started_from(t
 
     def src(gguf_file=None, model=str(run), checkpoint=run):
         args = SimpleNamespace(gguf_file=gguf_file, model_name_or_path=model)
-        return SimpleNamespace(recipe=SimpleNamespace(args=args), checkpoint=checkpoint)
+        return SimpleNamespace(args=args, checkpoint=checkpoint)
 
     assert source_gguf(src()) == base / "m.gguf"
     assert source_gguf(src("m.gguf", str(base), None)) == base / "m.gguf"
@@ -222,3 +228,30 @@ def test_a_trained_runs_export_takes_the_tokenizer_of_the_gguf_it_started_from(t
         f"model_name_or_path: {tmp_path / 'gone'}\ngguf_file: m.gguf\n"
     )
     assert source_gguf(src()) is None
+
+
+def test_a_quantised_tied_head_is_written_as_its_own_output_tensor(tmp_path):
+    """A tied lm_head quantised with the rest (``exclude: []``) is written as a quantised
+    ``output.weight``: without one llama.cpp computes the logits with ``token_embd`` (F16), a
+    float head the trained model never had. An excluded (float) tied head still has none."""
+    from qat.cli.export import main
+    from qat.runs.build import build_model
+
+    quant = {"weight": {"format": "ggml_q8_0"}, "activation": {"format": "ggml_q8_0"}}
+    tied = make_tiny_causal_lm_dir(tmp_path, tied=True)
+    recipe = lm_recipe(tmp_path, model_name_or_path=tied, quant={**quant, "exclude": []})
+    assert main([recipe, "--to", "gguf", "--out", str(tmp_path / "q")]) == 0
+    model = build_model(recipe, head="causal_lm").model
+    head = model.lm_head
+    assert head.weight is model.model.embed_tokens.weight and head.weight_quantizer is not None
+    tensors, _ = _read(tmp_path / "q" / "model.gguf")
+    got, kind = tensors["output.weight"]
+    want = head.quantized_weight().detach().numpy()
+    assert kind.name == "Q8_0" and got.shape == want.shape
+    assert np.array_equal((got + 0.0).view(np.int32), (want + 0.0).view(np.int32))
+    assert tensors["token_embd.weight"][1].name == "F16"
+    assert (
+        main([recipe, "--to", "gguf", "--out", str(tmp_path / "f"), "--quant.exclude", "[lm_head]"])
+        == 0
+    )
+    assert "output.weight" not in _read(tmp_path / "f" / "model.gguf")[0]

@@ -22,7 +22,8 @@ LAYERS: list[set[str]] = [
     {"tasks"},
     {"runs"},
     {"training", "export", "analysis"},  # peers: none imports another
-    {"integrations"},  # other trainers (TRL) given qat's behaviour
+    # other libraries given qat's behaviour (TRL, lm-eval); measuring a model or an export
+    {"integrations", "evaluation"},
     {"cli"},
     {"__init__", "train"},  # the lazy package namespace and the accelerate launch script
 ]

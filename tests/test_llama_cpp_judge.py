@@ -100,3 +100,24 @@ def test_real_smollm2_q4_0_perplexity_matches_qat_within_1_percent(tmp_path):
     assert abs(row["llama_cpp_ppl"] / row["qat_ppl"] - 1) < 0.01, row
     # and the judge is not blind: the float model scores measurably differently
     assert row["qat_ppl"] > 0 and row["file_bytes"] < 130 * 2**20
+
+
+def test_a_quantised_tied_head_runs_in_llama_cpp_as_trained(tmp_path):
+    """SmolLM2 ties lm_head to the embeddings; quantised with the rest (``exclude: []``) the
+    GGUF must carry that quantised head, or llama.cpp computes the logits with token_embd:
+    llama.cpp's logits equal the emulating model's, far closer than the head's quantisation
+    moves them."""
+    from tiny import make_tiny_causal_lm_dir
+
+    tied = make_tiny_causal_lm_dir(tmp_path, tied=True)
+    quant = {**EMULATE, "exclude": []}
+    recipe = lm_recipe(tmp_path, model_name_or_path=tied, quant=quant)
+    out = tmp_path / "gguf"
+    assert export_main([recipe, "--to", "gguf", "--out", str(out), "--gguf_embeddings", "f32"]) == 0
+    ids = list(range(1000, 1064))
+    with LlamaCppModel(out / "model.gguf", n_ctx=64, exact_attention=True) as engine:
+        exact = engine.logits(ids)
+    emulated = _qat_logits(recipe, ids, quant)
+    head_effect = np.abs(_qat_logits(recipe, ids, EMULATE) - emulated).max()  # float head
+    assert head_effect > 0
+    assert np.abs(exact - emulated).max() < min(1e-5 * np.abs(emulated).max(), 1e-3 * head_effect)

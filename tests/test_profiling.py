@@ -108,3 +108,15 @@ def test_real_minilm_profile(tmp_path):
     rows = _rows(out / "layers.csv")
     assert len(rows) == 2 * 38  # 6 x 6 encoder linears + pooler + classifier
     assert {int(r["depth"]) for r in rows} == {-1, 0, 1, 2, 3, 4, 5}
+
+
+def test_an_empty_output_dir_is_refused_not_read_as_the_default(tmp_path, capsys, no_model):
+    """``--output_dir ''`` names no folder: one line before anything loads, where it used to
+    fall back to the recipe's output_dir."""
+    from tiny import one_error_line, tiny_recipe
+
+    from qat.cli.profile import main
+
+    assert main([tiny_recipe(tmp_path), "--output_dir", ""]) == 2
+    line = one_error_line(capsys.readouterr().err, "profile")
+    assert line == "qat profile: error: --output_dir must name a folder, got ''"

@@ -20,16 +20,16 @@ W4 = {"weight": {"format": "bfp", "width": 4, "block_size": 16}, "exclude": []}
 def exports(tmp_path_factory) -> dict[str, Path]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qat.export.packed import export_model
+    from qat.export.packed import write_packed
     from qat.quant.quantize import quantize_model
     from qat.runs.build import build_model
 
     tmp = tmp_path_factory.mktemp("exports")
     built = build_model(tiny_recipe(tmp), [], num_labels=2)
-    classifier = export_model(built.model, tmp / "classifier", built.tokenizer)
+    classifier = write_packed(built.model, tmp / "classifier", built.tokenizer)
     lm_dir = make_tiny_causal_lm_dir(tmp)
     lm = quantize_model(AutoModelForCausalLM.from_pretrained(lm_dir), W4)
-    decoder = export_model(lm, tmp / "decoder", AutoTokenizer.from_pretrained(lm_dir))
+    decoder = write_packed(lm, tmp / "decoder", AutoTokenizer.from_pretrained(lm_dir))
     return {"classifier": classifier, "decoder": decoder}
 
 

@@ -163,13 +163,13 @@ def test_rotated_qat_trains():
 
 
 def test_export_of_a_rotated_model_gives_bit_equal_logits(tmp_path):
-    from qat.export.packed import export_model
+    from qat.export.packed import write_packed
     from qat.runs.build import build_model
 
     recipe = tiny_recipe(tmp_path)
     built = build_model(recipe, ["--quant", json.dumps(_config({"size": 8}))], num_labels=2)
     model, tok = built.model, built.tokenizer
-    out = export_model(model, tmp_path / "export", tok)
+    out = write_packed(model, tmp_path / "export", tok)
     packing = json.loads((out / "config.json").read_text())["qat_packing"]
     assert packing["quant"]["rotation"] == {"size": 8}
     loaded = AutoModelForSequenceClassification.from_pretrained(out)

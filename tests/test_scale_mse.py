@@ -258,13 +258,13 @@ def test_exported_model_with_mse_rebuilds_identical_logits(tmp_path):
     from tiny import tiny_recipe
     from transformers import AutoModelForSequenceClassification
 
-    from qat.export.packed import export_model
+    from qat.export.packed import write_packed
     from qat.runs.build import build_model
 
     weight = {"format": "bfp", "width": 4, "scale": "mse"}
     built = build_model(tiny_recipe(tmp_path), ["--quant.weight", json.dumps(weight)], num_labels=2)
     model, tok = built.model, built.tokenizer
-    out = export_model(model, tmp_path / "export", tok)
+    out = write_packed(model, tmp_path / "export", tok)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["qat_packing"]["quant"]["weight"]["scale"] == "mse"
     loaded = AutoModelForSequenceClassification.from_pretrained(out)

@@ -382,11 +382,12 @@ def test_sensitivity_output_dir_naming_a_file_fails_before_scoring(
     capsys.readouterr()
     assert sens_cli.main([recipe, "--output_dir", str(f)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [
-        f"qat sensitivity: error: output_dir {str(f)!r} is not writable: "
-        f"{str(f)!r} is a file, not a folder"
-    ]
+    assert err == [f"qat sensitivity: error: --output_dir {str(f)!r} is a file, expected a folder"]
     assert f.read_text() == "keep me"
+    # an empty name is no folder, not the recipe's output_dir
+    assert sens_cli.main([recipe, "--output_dir", ""]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["qat sensitivity: error: --output_dir must name a folder, got ''"]
 
 
 def _foreign_sqlite(db: Path) -> None:

@@ -61,9 +61,9 @@ def _python_run(recipe: str, out: Path, kind: str) -> None:
             name, args=args, train_dataset=train, data_collator=DataCollatorWithPadding(tokenizer)
         )
     else:
-        from qat.training.causal_lm import decoder_data
+        from qat.tasks.registry import get_task
 
-        train, _, collator = decoder_data(args, tokenizer)
+        train, _, collator = get_task(args.task_name).data(args, tokenizer)
         if kind == "sft":
             trainer = qat.QATSFTTrainer(name, args=args, train_dataset=train)
         else:

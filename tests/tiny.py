@@ -210,16 +210,21 @@ def make_tiny_model_dir(
     return str(out)
 
 
-def make_tiny_causal_lm_dir(tmp_path: str | os.PathLike, seed: int = 0, chat: bool = False) -> str:
-    """Save a tiny random Llama causal LM (+ tokenizer, + chat template if ``chat``)."""
+def make_tiny_causal_lm_dir(
+    tmp_path: str | os.PathLike, seed: int = 0, chat: bool = False, tied: bool = False
+) -> str:
+    """Save a tiny random Llama causal LM (+ tokenizer, + chat template if ``chat``; its
+    ``lm_head`` tied to the embeddings if ``tied``, as in SmolLM2)."""
     import torch
     from transformers import LlamaForCausalLM
 
-    out = Path(tmp_path) / f"tiny-llama-lm{'-chat' if chat else ''}"
+    out = Path(tmp_path) / f"tiny-llama-lm{'-chat' if chat else ''}{'-tied' if tied else ''}"
     if (out / "config.json").is_file():
         return str(out)
     torch.manual_seed(seed)
-    LlamaForCausalLM(_tiny_config("llama")).save_pretrained(out)
+    config = _tiny_config("llama")
+    config.tie_word_embeddings = tied
+    LlamaForCausalLM(config).save_pretrained(out)
     _copy_tokenizer(out)
     if chat:
         cfg_path = out / "tokenizer_config.json"

@@ -18,7 +18,13 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # torch loads on use, so `qat profile --help` answers at once
+from qat.errors import UsageError
+from qat.runs.build import resolve
+from qat.runs.entry import load_for_command
+from qat.runs.folders import check_output_folder
+from qat.tasks.glue import get_task, glue_splits
+
+if TYPE_CHECKING:  # torch loads on use
     from torch import Tensor, nn
 
 COLUMNS = [
@@ -220,3 +226,55 @@ def plot(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
     return paths
+
+
+def profile(
+    source: Any,
+    overrides: Any = (),
+    *,
+    num_batches: int = 4,
+    batch_size: int = 8,
+    output_dir: str | Path | None = None,
+    device: Any = None,
+) -> dict[str, Any]:
+    """Profile ``source`` (a recipe or a run / checkpoint folder) on ``num_batches`` batches of
+    its GLUE task's first validation split, as ``qat profile`` does: ``layers.csv`` and the
+    plots in ``output_dir`` (default ``<output_dir>/profile``). Returns the csv and plot paths,
+    the rows and the density report (as a dict)."""
+    from transformers import DataCollatorWithPadding
+
+    if num_batches < 1 or batch_size < 1:
+        raise UsageError("--num_batches and --batch_size must be >= 1")
+    if output_dir is not None:
+        check_output_folder(output_dir)
+    src = resolve(source, overrides)
+    if src.recipe is None:
+        raise UsageError(
+            f"{src.args.model_name_or_path!r} is a model, not a recipe or run folder: the "
+            "profile runs the recipe task's validation text"
+        )
+    args = src.args
+    out = check_output_folder(
+        Path(args.output_dir) / "profile" if output_dir is None else output_dir
+    )
+    task = get_task(args.task_name)
+    split = task.validation_splits[0]
+    raw = glue_splits(task, args.data_dir, (split,), eval_samples=num_batches * batch_size)
+    loaded = load_for_command(src, device=device)
+    data = raw.tokenize(loaded.tokenizer, args.max_length)[split].remove_columns("label")
+    collate = DataCollatorWithPadding(loaded.tokenizer)
+    batches = [
+        {k: v.to(loaded.device) for k, v in collate([data[i] for i in rows]).items()}
+        for rows in (
+            range(s, min(s + batch_size, len(data))) for s in range(0, len(data), batch_size)
+        )
+    ]
+    rows = profile_model(loaded.model, batches)
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, out / "layers.csv")
+    return {
+        "csv": out / "layers.csv",
+        "plots": plot(rows, out),
+        "rows": rows,
+        "density": loaded.density().to_dict(),
+    }

@@ -28,10 +28,12 @@ def run(
     """Measure every unit's drop; returns the rows, most sensitive first."""
     from tqdm.auto import tqdm
 
-    from qat.runs.folders import check_output_dir
+    from qat.runs.folders import check_output_dir, check_output_folder
 
+    if output_dir is not None:
+        check_output_folder(output_dir)
     recipe, spec, _ = read_recipe_and_spec(path, argv)
-    out = Path(output_dir or recipe.args.output_dir)
+    out = Path(recipe.args.output_dir if output_dir is None else output_dir)
     check_output_dir(str(out))  # a file in the way fails now, not after all the scoring
     table = out / "sensitivity.csv"
     if table.exists() and not overwrite:

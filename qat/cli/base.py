@@ -4,10 +4,8 @@ only this layer prints and picks exit codes). Imports nothing heavy: ``--help`` 
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from qat.errors import QatError, UsageError
@@ -67,11 +65,3 @@ def run_cli(
         print(f"qat {name}: error: {e}", file=sys.stderr)
         return 2
     return 0
-
-
-def write_results(results: dict[str, Any], out: Path) -> dict[str, Any]:
-    """Write a command's results as JSON to ``out`` and record where in ``results["output"]``."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    results["output"] = str(out)
-    return results

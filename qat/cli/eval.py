@@ -13,11 +13,8 @@ the directory or its parent) gives the task and ``max_length``.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
-from typing import Any
 
-from qat.cli.base import run_cli, split_options, write_results
-from qat.runs.folders import check_output_file
+from qat.cli.base import run_cli, split_options
 
 USAGE = """usage: qat eval RECIPE.yaml|CHECKPOINT_DIR [--output FILE] [--device D] [--key value ...]
 
@@ -25,56 +22,18 @@ Evaluates on the task's validation split(s) without training and prints the metr
 density report. Recipe keys override the recipe (or the checkpoint's recipe.yaml), e.g.
 --quant null, --quant.weight.width 6, --max_eval_samples 200, --per_device_eval_batch_size 64.
 --output FILE  metrics JSON (default: <checkpoint dir or output_dir>/eval_qat.json)
---device D     cpu, cuda, cuda:N or auto (default: cuda when there is one, cpu with use_cpu)"""
-
-
-def run(
-    path: str, overrides: list[str], output: str | None = None, device: str | None = None
-) -> dict[str, Any]:
-    """Evaluate ``path`` (recipe or checkpoint) on ``device`` (``--device``; None: auto);
-    returns and writes the results."""
-    from qat import models
-    from qat.quant.density import density_report
-    from qat.runs.build import build_model, resolve_source
-    from qat.tasks.glue import evaluate_split, get_task, glue_splits
-
-    if output is not None:
-        check_output_file(output)
-    src = resolve_source(path, overrides)
-    args = src.recipe.args
-    out = Path(output) if output else (src.checkpoint or Path(args.output_dir)) / "eval_qat.json"
-    check_output_file(out)
-    dev = models.resolve_device(device, args.use_cpu)
-    task = get_task(args.task_name)
-    raw = glue_splits(
-        task, args.data_dir, task.validation_splits, eval_samples=args.max_eval_samples
-    )
-    built = build_model(src, device=dev, num_labels=task.num_labels)
-    model, tokenizer = built.model, built.tokenizer
-    data = raw.tokenize(tokenizer, args.max_length)
-    metrics: dict[str, dict[str, float]] = {}
-    for split in task.validation_splits:
-        metrics[split] = evaluate_split(
-            model, tokenizer, task, data[split], args.per_device_eval_batch_size
-        )
-    density = density_report(model)
-    print(density.format())
-    results = {
-        "source": str(path),
-        "mode": "checkpoint" if src.checkpoint else "ptq",
-        "model_name_or_path": args.model_name_or_path,
-        "task": task.name,
-        "quant": None if args.quant is None else args.quant.to_dict(),
-        "metrics": metrics,
-        "density": density.to_dict(),
-    }
-    return write_results(results, out)
+--device D     cpu, cuda, cuda:N or auto (default: cuda when there is one, cpu with use_cpu)
+The library function: qat.evaluate (qat.evaluation.evaluate)."""
 
 
 def main(argv: list[str] | None = None) -> int:
     def body(argv: list[str]) -> None:
-        opts, rest = split_options(argv[1:], {"output": str, "device": str})
-        results = run(argv[0], rest, opts.get("output"), opts.get("device"))
+        from qat.evaluation.evaluate import evaluate
+        from qat.quant.density import DensityReport
+
+        opts, overrides = split_options(argv[1:], {"output": str, "device": str})
+        results = evaluate(argv[0], overrides, output=opts.get("output"), device=opts.get("device"))
+        print(DensityReport.from_dict(results["density"]).format())
         for split, m in results["metrics"].items():
             print(f"qat eval: {split}: " + ", ".join(f"{k}={v:.4f}" for k, v in m.items()))
         print(f"qat eval: wrote {results['output']}")

@@ -10,12 +10,10 @@ memory: ``qat.integrations.lm_eval``. Task names are checked before the model lo
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Any
 
-from qat.cli.base import run_cli, split_options, write_results
+from qat.cli.base import run_cli, split_options
 from qat.errors import UsageError
-from qat.runs.folders import check_output_file
 
 OPTIONS: dict[str, type] = {
     "tasks": str,
@@ -43,31 +41,8 @@ recipe as in `qat train` (--quant null for float, --quant.weight.width 6, ...).
 --model_args k=v   more HFLM arguments, comma-separated (max_length=2048,add_bos_token=True)
 --output FILE      results JSON (default: <output_dir or RUN_DIR>/lm_eval.json)
 --device D         cpu, cuda, cuda:N or auto (default: cuda when there is one, cpu with use_cpu)
-Writes each task's metrics, the quant config and the source; prints a table."""
-
-
-def parse_model_args(text: str) -> dict[str, Any]:
-    """``k=v,k=v`` as lm-eval's own --model_args: numbers and true/false typed, the rest str."""
-    out: dict[str, Any] = {}
-    for item in filter(None, (s.strip() for s in text.split(","))):
-        key, eq, val = item.partition("=")
-        if not eq or not key.strip():
-            raise UsageError(f"--model_args: {item!r} is not key=value")
-        out[key.strip()] = _typed(val.strip())
-    return out
-
-
-def _typed(val: str) -> Any:
-    if val.lower() in ("true", "false"):
-        return val.lower() == "true"
-    if val.lower() == "none":
-        return None
-    for kind in (int, float):
-        try:
-            return kind(val)
-        except ValueError:
-            pass
-    return val
+Writes each task's metrics, the quant config and the source; prints a table.
+The library function: qat.integrations.lm_eval.lm_eval."""
 
 
 def _limit(value: float | None) -> int | float | None:
@@ -77,80 +52,12 @@ def _limit(value: float | None) -> int | float | None:
 
 
 def _batch_size(value: str) -> int | str:
-    if value == "auto" or value.startswith("auto:"):
-        return value
+    """An int where the option holds one; 'auto' and anything else go on as written (the
+    library checks them)."""
     try:
-        size = int(value)
+        return int(value)
     except ValueError:
-        size = 0
-    if size < 1:
-        raise UsageError(f"--batch_size must be a whole number >= 1 or 'auto', got {value!r}")
-    return size
-
-
-def run(path: str, argv: list[str]) -> dict[str, Any]:
-    opts, overrides = split_options(argv, OPTIONS)
-    tasks = [t.strip() for t in opts.get("tasks", "").split(",") if t.strip()]
-    if not tasks:
-        raise UsageError("--tasks is required: lm-eval task names, comma-separated")
-    batch_size = _batch_size(opts.get("batch_size", "1"))
-    model_args = parse_model_args(opts.get("model_args", ""))
-    if opts.get("output"):
-        check_output_file(opts["output"])
-
-    from qat.integrations.lm_eval import (
-        check_arguments,
-        find_tasks,
-        lm_eval_evaluate,
-        require_lm_eval,
-        summary,
-    )
-
-    check_arguments(opts.get("num_fewshot"), _limit(opts.get("limit")), model_args)
-    require_lm_eval()
-    from qat import models
-    from qat.quant.density import density_report
-    from qat.runs.build import build_model, resolve_source
-
-    src = resolve_source(path, overrides)
-    recipe, args = src.recipe, src.recipe.args
-    if args.qdec is not None:
-        raise UsageError(
-            "qat lm-eval does not apply QDEC (the recipe's qdec section); pass --qdec null"
-        )
-    out = (
-        Path(opts["output"])
-        if opts.get("output")
-        else (src.checkpoint or Path(recipe.args.output_dir)) / "lm_eval.json"
-    )
-    check_output_file(out)
-    manager = find_tasks(tasks, opts.get("include_path"))  # unknown names: before the model
-    device = models.resolve_device(opts.get("device"), recipe.args.use_cpu)
-    built = build_model(src, head="causal_lm", device=device)
-    output = lm_eval_evaluate(
-        built.model,
-        built.tokenizer,
-        tasks,
-        num_fewshot=opts.get("num_fewshot"),
-        limit=_limit(opts.get("limit")),
-        batch_size=batch_size,
-        include_path=opts.get("include_path"),
-        model_args=model_args,
-        task_manager=manager,
-    )
-    density = density_report(built.model)
-    results = {
-        "source": path,
-        "model_name_or_path": args.model_name_or_path,
-        "quant": None if args.quant is None else args.quant.to_dict(),
-        "bits_per_element": density.quantized_bits_per_element or None,
-        "tasks": tasks,
-        "num_fewshot": opts.get("num_fewshot"),
-        "limit": opts.get("limit"),
-        "batch_size": batch_size,
-        **summary(output),
-    }
-    return write_results(results, out)
+        return value
 
 
 def table(results: dict[str, Any]) -> str:
@@ -176,9 +83,27 @@ def table(results: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     def body(argv: list[str]) -> None:
-        r = run(argv[0], argv[1:])
+        from qat.integrations.lm_eval import lm_eval
+
+        opts, overrides = split_options(argv[1:], OPTIONS)
+        tasks = [t.strip() for t in opts.get("tasks", "").split(",") if t.strip()]
+        if not tasks:
+            raise UsageError("--tasks is required: lm-eval task names, comma-separated")
+        r = lm_eval(
+            argv[0],
+            tasks,
+            overrides,
+            num_fewshot=opts.get("num_fewshot"),
+            limit=_limit(opts.get("limit")),
+            batch_size=_batch_size(opts.get("batch_size", "1")),
+            include_path=opts.get("include_path"),
+            model_args=opts.get("model_args", ""),
+            output=opts.get("output"),
+            device=opts.get("device"),
+        )
         print(table(r))
-        print(f"qat lm-eval: wrote {r['output']}")
+        if r["output"]:
+            print(f"qat lm-eval: wrote {r['output']}")
 
     return run_cli("lm-eval", USAGE, argv, body)
 

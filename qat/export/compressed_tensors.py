@@ -11,15 +11,19 @@ Per quantised linear ``NAME`` (weight ``[out, in]``, blocks along ``in``):
   value is ``e2m1 * scale / g``) and, with nvfp4 activations, ``NAME.input_global_scale``
   (float32 ``[1]``, ``2688 / amax`` of the inputs seen in calibration).
 
-Everything else (embeddings, norms, ``lm_head``, unquantised linears) is written as is;
-``config.json`` is the model's config plus ``quantization_config`` (one config group, targets
-``Linear``, the unquantised linears under ``ignore``). The codes and scales are the format's own
-(``Format.encode``), so the weights vLLM decompresses are ``qat``'s fake-quantised weights bit
-for bit (at the checkpoint dtype).
+Everything else (embeddings, norms, ``lm_head``, unquantised linears) is written in bfloat16,
+the dtype compressed-tensors decompresses the fp4 weights to (a float32 model is cast, with a
+warning); ``config.json`` is the model's config (dtype bfloat16) plus ``quantization_config``
+(one config group, targets ``Linear``, the unquantised linears under ``ignore``). The codes and
+scales are the format's own (``Format.encode``), so the weights vLLM decompresses are
+``qat``'s fake-quantised weights bit for bit in bfloat16 (mxfp4's exactly: its values need 2
+mantissa bits).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -28,15 +32,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from qat.export.packed import (
-    ExportError,
-    check_destination,
-    refuse_rotation,
-)
+from qat.errors import ExportError
+from qat.export.packed import refuse_rotation
 from qat.formats import Format
-from qat.runs.folders import write_atomically
+from qat.quant.config import FLOAT
 
 CT_FORMATS = {"nvfp4": "nvfp4-pack-quantized", "mxfp4": "mxfp4-pack-quantized"}
+CT_BLOCKS = {"nvfp4": 16, "mxfp4": 32}  # the block each scheme stores a scale for
+# compressed-tensors decompresses fp4 weights to bfloat16 (and vLLM runs these schemes in it):
+# the rest of the checkpoint is written in the same dtype, or transformers' default loader
+# fails at the first matmul of a float32 model (float != BFloat16)
+ENGINE_DTYPE = torch.bfloat16
+logger = logging.getLogger(__name__)
 WEIGHTS_NAME = "model.safetensors"
 
 
@@ -69,7 +76,7 @@ def check_ct_format(weight: Format | None, activation: Format | None, matmul: bo
     if (
         weight is None
         or weight.name not in CT_FORMATS
-        or getattr(weight, "block_size", 0) != (16 if weight.name == "nvfp4" else 32)
+        or getattr(weight, "block_size", 0) != CT_BLOCKS[weight.name]
     ):
         got = "no weight format" if weight is None else f"weight format {weight}"
         raise ExportError(
@@ -77,12 +84,23 @@ def check_ct_format(weight: Format | None, activation: Format | None, matmul: bo
             "formats with one: nvfp4 (nvfp4-pack-quantized), mxfp4 with "
             "block_size 32 (mxfp4-pack-quantized)"
         )
-    if activation is not None and activation != weight:
+    if activation is not None and (
+        activation.name != weight.name
+        or getattr(activation, "block_size", 0) != CT_BLOCKS[weight.name]
+    ):
+        # the pair is the scheme's (format and block); a weight's scale rule is its own: its
+        # codes are stored, however their scales were chosen
         raise ExportError(
             f"--to compressed-tensors: vLLM runs {weight.name} weights with "
             f"{weight.name} activations (W4A4) or float ones (W4A16), not "
             f"activation format {activation}; set quant.activation to "
             f"{{format: {weight.name}}} or null"
+        )
+    if getattr(activation, "scale", "max") != "max":
+        # an input is quantised by the engine at run time, with its own (max) scale rule
+        raise ExportError(
+            "--to compressed-tensors: vLLM quantises a layer's input with the max scale "
+            f"rule, not activation format {activation}; drop scale from quant.activation"
         )
     if matmul:
         raise ExportError(
@@ -90,6 +108,30 @@ def check_ct_format(weight: Format | None, activation: Format | None, matmul: bo
             "quant.matmul cannot be exported: set quant.matmul to null"
         )
     return CT_FORMATS[weight.name]
+
+
+def check_target(quant: Any, config: Any, head: str) -> None:
+    """What vLLM runs, checked before the model loads: every quantised module's formats have a
+    compressed-tensors scheme (``quant``: its base formats and each override's); nvfp4
+    activations are calibrated on a decoder recipe's text. ``config``: any model."""
+    if quant is None:
+        raise ExportError("--to compressed-tensors: the model is not quantised (quant: null)")
+    if quant.is_rotated():
+        refuse_rotation("compressed-tensors")
+    for formats in quant.all_formats():
+        if formats == FLOAT:
+            continue
+        check_ct_format(formats.weight, formats.activation, formats.matmul is not None)
+        if needs_calibration(formats.activation) and head != "causal_lm":
+            raise ExportError(
+                "--to compressed-tensors: nvfp4 activations are calibrated on a "
+                f"decoder recipe's text; this source builds a {head} model"
+            )
+
+
+def needs_calibration(activation: Format | None) -> bool:
+    """nvfp4 inputs need a calibrated global scale (vLLM reads a static one)."""
+    return activation is not None and activation.name == "nvfp4"
 
 
 def _quantised_linears(model: torch.nn.Module) -> tuple[list[tuple[str, Any]], list[str]]:
@@ -111,10 +153,9 @@ def _quantised_linears(model: torch.nn.Module) -> tuple[list[tuple[str, Any]], l
 
 
 def check_model(model: torch.nn.Module) -> tuple[str, Format, Format | None]:
-    """(compressed-tensors format, weight format, activation format) of a quantised model;
-    one weight/activation pair for every quantised linear, or ExportError."""
-    from qat.quant.modules import MatmulQuantizer
-
+    """(compressed-tensors format, weight format, activation format) of a quantised model
+    (formats checked by ``check_target``): one weight/activation pair for every quantised
+    linear, each reduction dim a whole number of blocks, or ExportError."""
     quantised, _ = _quantised_linears(model)
     if not quantised:
         raise ExportError("--to compressed-tensors: the model has no quantised linear layer")
@@ -131,17 +172,14 @@ def check_model(model: torch.nn.Module) -> tuple[str, Format, Format | None]:
             f"linear; this model mixes {sorted(map(str, pairs))}"
         )
     ((weight, act),) = pairs
-    if any(getattr(m, "rotation", None) is not None for m in model.modules()):
-        refuse_rotation("compressed-tensors")
-    matmul = any(isinstance(m, MatmulQuantizer) for m in model.modules())
     for name, m in quantised:
-        if m.weight.shape[1] % (16 if weight.name == "nvfp4" else 32):
+        if m.weight.shape[1] % CT_BLOCKS[weight.name]:
             raise ExportError(
                 f"--to compressed-tensors: {name}'s reduction dim "
                 f"{m.weight.shape[1]} is not a multiple of the {weight.name} "
                 "block"
             )
-    return check_ct_format(weight, act, matmul), weight, act
+    return CT_FORMATS[weight.name], weight, act
 
 
 def _pack_e2m1(codes: Tensor, rows: int) -> Tensor:
@@ -198,38 +236,38 @@ def quantization_config(
     }
 
 
-def export_compressed_tensors(
+def write_compressed_tensors(
     model: torch.nn.Module,
-    out_dir: str | Path,
+    folder: str | Path,
     tokenizer: Any = None,
     *,
-    overwrite: bool = False,
     input_amax: Mapping[str, float] | None = None,
 ) -> Path:
-    """Write ``model`` (quantised with nvfp4 or mxfp4 linears) as a compressed-tensors
-    checkpoint. ``input_amax`` (max |input| per quantised linear, from calibration) is needed
-    for nvfp4 activations, whose global scale vLLM reads from the checkpoint."""
+    """Write ``model`` (quantised with nvfp4 or mxfp4 linears; ``check_target`` passed, as
+    ``qat.export_model`` checks it) as a compressed-tensors checkpoint into ``folder``.
+    ``input_amax`` (max |input| per quantised linear, from calibration) is needed for nvfp4
+    activations, whose global scale vLLM reads from the checkpoint. ``qat.export_model``
+    gives a temporary folder and renames it once written."""
     from safetensors.torch import save_file
 
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     ct_format, weight, act = check_model(model)
     quantised, ignore = _quantised_linears(model)
-    if act is not None and act.name == "nvfp4":
+    if needs_calibration(act):
         missing = [n for n, _ in quantised if n not in (input_amax or {})]
         if missing:
             raise ExportError(
                 f"--to compressed-tensors: nvfp4 activations need a calibrated "
                 f"input_global_scale; no input range for {missing[0]}"
             )
-    out = check_destination(out_dir, overwrite)
     state = {k: v for k, v in model.state_dict().items()}
     tensors: dict[str, Tensor] = {}
     for name, m in quantised:
         del state[f"{name}.weight"]
         for key, t in ct_weight_tensors(weight, m.weight).items():
             tensors[f"{name}.{key}"] = t
-        if act is not None and act.name == "nvfp4":
+        if needs_calibration(act):
             amax = max(float(input_amax[name]), float(np.finfo(np.float32).tiny))
             g = np.float32(448.0 * 6.0) / np.float32(amax)
             tensors[f"{name}.input_global_scale"] = torch.tensor(
@@ -241,22 +279,33 @@ def export_compressed_tensors(
         if t.numel() and ident in seen:
             continue
         seen.add(ident)
-        tensors[key] = t.detach().cpu().contiguous()
+        tensors[key] = (
+            t.detach().cpu().to(ENGINE_DTYPE if t.is_floating_point() else t.dtype).contiguous()
+        )
+    if any(t.is_floating_point() and t.dtype != ENGINE_DTYPE for t in state.values()):
+        logger.warning(
+            "compressed-tensors export: the model's float tensors (embeddings, norms, "
+            "unquantised linears) are written as bfloat16, the dtype the engine runs"
+        )
     config = model.config.to_dict()
     config.pop("_name_or_path", None)
+    for key in ("dtype", "torch_dtype"):  # transformers >= 5 writes dtype, older torch_dtype
+        if key in config or key == "dtype":
+            config[key] = "bfloat16"
     config["architectures"] = [type(model).__name__]
     config["quantization_config"] = quantization_config(ct_format, weight, act, ignore)
+    head = model.get_output_embeddings()
+    if config.get("tie_word_embeddings") and any(m is head for _, m in quantised):
+        # a quantised head is its own packed tensor; tied, vLLM's loader skips lm_head.*
+        config["tie_word_embeddings"] = False
 
-    def write(tmp: Path) -> None:
-        import json
-
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-
-    write_atomically(out, write, overwrite)
-    return out
+    folder = Path(folder).expanduser()
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(folder))
+    return folder
 
 
 @torch.no_grad()

@@ -19,19 +19,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 from torch import Tensor
 
+from qat.errors import ExportError
 from qat.export.ggml_blocks import GGML_TYPES, ggml_block_bytes
-from qat.export.packed import (
-    ExportError,
-    check_destination,
-    refuse_rotation,
-)
+from qat.export.packed import refuse_rotation
 from qat.formats import Format, make_format
-from qat.runs.folders import write_atomically
+from qat.quant.config import FLOAT
 
 GGUF_ARCHS = {"LlamaForCausalLM": "llama"}
 EMBEDDING_TYPES = ("f16", "q8_0", "f32")
@@ -101,6 +99,32 @@ def check_gguf_formats(weight: Format | None, activation: Format | None, matmul:
             "--to gguf: llama.cpp runs attention (QK^T, PV) in F16/F32; "
             "quant.matmul cannot be exported: set quant.matmul to null"
         )
+
+
+def check_target(quant: Any, config: Any, head: str) -> None:
+    """What llama.cpp runs, checked before the model loads: a decoder of a Llama-family
+    architecture (``config``; for a GGUF source, its architecture key) whose every quantised
+    module has a GGML type (``quant``: its base formats and each override's; null: a float
+    export with F16 linears, the baseline an engine compares against)."""
+    if head != "causal_lm":
+        raise ExportError(f"--to gguf writes decoders; this source builds a {head} model")
+    check_gguf_arch(config)
+    if quant is None:
+        return
+    if quant.is_rotated():
+        refuse_rotation("gguf")
+    for formats in quant.all_formats():
+        if formats != FLOAT:
+            check_gguf_formats(formats.weight, formats.activation, formats.matmul is not None)
+
+
+def source_config(path: str | Path) -> Any:
+    """What ``check_target`` reads of a GGUF source without loading it: its architecture
+    (transformers builds a Llama from a ``llama`` GGUF)."""
+    import gguf
+
+    arch = gguf.GGUFReader(str(path)).fields["general.architecture"].contents()
+    return SimpleNamespace(model_type=arch, architectures=[])
 
 
 def rope_permute(rows: np.ndarray, n_head: int) -> np.ndarray:
@@ -242,53 +266,40 @@ def gguf_tensors(model: Any, embeddings: str = "f16") -> list[tuple[str, np.ndar
                 arr = rope_permute(arr, n_head if name == "attn_q" else n_kv)
             out.append((f"blk.{i}.{name}.weight", arr, raw))
     out.append(("output_norm.weight", base.norm.weight.detach().float().cpu().numpy(), None))
+    # llama.cpp computes the logits with token_embd when the file has no output.weight: right
+    # for a float head tied to the embeddings, wrong for a quantised one (written untied)
     tied = model.lm_head.weight is base.embed_tokens.weight
-    if not tied:
+    if not tied or getattr(model.lm_head, "weight_quantizer", None) is not None:
         out.append(
             ("output.weight", *_tensor(model.lm_head, model.lm_head.weight, embeddings, "lm_head"))
         )
     return out
 
 
-def export_gguf(
+def write_gguf(
     model: Any,
-    out_dir: str | Path,
+    folder: str | Path,
     tokenizer: Any = None,
     *,
     source_gguf: str | Path | None = None,
     embeddings: str = "f16",
-    overwrite: bool = False,
     name: str | None = None,
 ) -> Path:
-    """Write ``model`` (a Llama-family decoder, quantised or wholly float) as
-    ``out_dir/model.gguf``; a float model's linears are F16 (F32 with ``embeddings="f32"``)."""
+    """Write ``model`` (a Llama-family decoder, quantised or wholly float; ``check_target``
+    passed, as ``qat.export_model`` checks it) as ``folder/model.gguf``; a float model's
+    linears are F16 (F32 with ``embeddings="f32"``). ``qat.export_model`` gives a temporary
+    folder and renames it once written."""
     import gguf
 
-    from qat.quant.modules import MatmulQuantizer, QuantLinear
+    from qat.quant.modules import QuantLinear
 
-    if embeddings not in EMBEDDING_TYPES:
-        raise ExportError(
-            f"--gguf_embeddings {embeddings!r} is not one of {', '.join(EMBEDDING_TYPES)}"
-        )
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
-    arch = check_gguf_arch(model.config)
+    arch = GGUF_ARCHS[type(model).__name__]
     quantised = [
         m for m in model.modules() if isinstance(m, QuantLinear) and m.weight_quantizer is not None
     ]
-    if not quantised and any(isinstance(m, QuantLinear) for m in model.modules()):
-        raise ExportError(
-            "--to gguf: the model quantises no linear weight (set "
-            "quant.weight, or quant: null for a float export)"
-        )
-    if any(getattr(m, "rotation", None) is not None for m in model.modules()):
-        refuse_rotation("gguf")
-    matmul = any(isinstance(m, MatmulQuantizer) for m in model.modules())
-    for m in quantised:
-        act = None if m.activation_quantizer is None else m.activation_quantizer.fmt
-        check_gguf_formats(m.weight_quantizer.fmt, act, matmul)
     tensors = gguf_tensors(model, embeddings)  # shapes checked before anything is written
-    out = check_destination(out_dir, overwrite)
     kinds = {GGML_TYPES[m.weight_quantizer.fmt.name] for m in quantised}
     if not kinds:  # quant: null, every linear float
         kinds = {"F32" if embeddings == "f32" else "F16"}
@@ -300,21 +311,20 @@ def export_gguf(
         "F32": gguf.LlamaFileType.ALL_F32,
     }[sorted(kinds)[0]]
 
-    def write(tmp: Path) -> None:
-        writer = gguf.GGUFWriter(str(tmp / GGUF_NAME), arch)
-        writer.add_name(name or getattr(model.config, "_name_or_path", "") or "qat-export")
-        _hparams(writer, model.config, int(file_type))
-        if source_gguf is not None:
-            for field in _source_fields(Path(source_gguf)):
-                _copy_field(writer, field)
-        elif tokenizer is not None:
-            _hf_tokenizer(writer, tokenizer, model.config)
-        for tname, arr, raw in tensors:
-            writer.add_tensor(tname, arr, raw_dtype=raw)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-
-    write_atomically(out, write, overwrite)
-    return out
+    folder = Path(folder).expanduser()
+    folder.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(str(folder / GGUF_NAME), arch)
+    writer.add_name(name or getattr(model.config, "_name_or_path", "") or "qat-export")
+    _hparams(writer, model.config, int(file_type))
+    if source_gguf is not None:
+        for field in _source_fields(Path(source_gguf)):
+            _copy_field(writer, field)
+    elif tokenizer is not None:
+        _hf_tokenizer(writer, tokenizer, model.config)
+    for tname, arr, raw in tensors:
+        writer.add_tensor(tname, arr, raw_dtype=raw)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return folder

@@ -14,8 +14,8 @@ module only lays them out in bits), and unpacking repeats ``Format.decode``'s fl
 arithmetic, so the rebuilt weights are bit-identical to ``fmt.quantize(w)``. Loading without
 either fails with transformers' "pass trust_remote_code=True" error, never as a random model.
 
-The destination must be new or empty (``--overwrite`` replaces it), may never be, lie inside or
-contain the source checkpoint, and is written atomically (a temporary folder, then a rename).
+The destination rules (new or empty, ``--overwrite`` replaces only an export, never the
+source) and the atomic write (a temporary folder, then a rename) are ``qat.export.run``'s.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ from qat.errors import ExportError  # lives in qat.errors: qat.runs.folders rais
 from qat.export.modeling_qat_packed import unpack_bits  # noqa: F401 - the inverse of pack_bits
 from qat.formats import Format
 from qat.formats.base import Encoded
-from qat.runs import folders
 
 QUANT_METHOD = "qat"
 
@@ -246,27 +245,6 @@ def packed_state_dict(
     return out, packed, codecs
 
 
-def check_destination(out: str | Path, overwrite: bool) -> Path:
-    """``--out`` must be a new or empty folder, or ``overwrite`` must be given and it must hold
-    an export (``qat.runs.folders.check_destination``)."""
-    return folders.check_destination(out, overwrite, holds_export)
-
-
-def holds_export(folder: Path) -> bool:
-    """``folder`` holds a packed export (what ``--overwrite`` may replace)."""
-    from qat.export import modeling_qat_packed as mqp
-
-    try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
-        return False
-    return (
-        isinstance(config, dict)
-        and config.get("model_type") == mqp.MODEL_TYPE
-        and (folder / mqp.WEIGHTS_NAME).is_file()
-    )
-
-
 def _with_checksum(packing: dict[str, Any]) -> dict[str, Any]:
     from qat.export import modeling_qat_packed as mqp
 
@@ -275,27 +253,28 @@ def _with_checksum(packing: dict[str, Any]) -> dict[str, Any]:
     return {**packing, "checksum": mqp.packing_checksum(packing)}
 
 
-def export_model(
+def check_target(quant: Any, config: Any, head: str) -> None:
+    """What a packed export needs, checked before the model loads: a quant config (the codes
+    are the export) whose every weight format has a packer. ``config`` and ``head``: any model
+    and head transformers can rebuild."""
+    if quant is None:
+        raise ExportError(
+            "the model is not quantised (quant: null): nothing to pack; set a "
+            "quant section or --quant.weight ..."
+        )
+    for formats in quant.all_formats():
+        if formats.weight is not None:
+            _packer(formats.weight)
+
+
+def write_packed(
     model: torch.nn.Module,
-    out_dir: str | Path,
+    folder: str | Path,
     tokenizer: Any = None,
-    *,
-    overwrite: bool = False,
-    info: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``model`` (fake-quantised by ``quantize_model``) packed to ``out_dir``.
-
-    >>> import os, tempfile, transformers, qat
-    >>> config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
-    ...                                   num_hidden_layers=1, num_attention_heads=2)
-    >>> model = qat.quantize_model(transformers.LlamaForCausalLM(config),
-    ...                            {"weight": {"format": "bfp", "width": 4, "block_size": 16}})
-    >>> out = qat.export_packed(model, os.path.join(tempfile.mkdtemp(), "packed"))
-    >>> sorted(os.listdir(out))
-    ['config.json', 'modeling_qat_packed.py', 'qat_packed.safetensors']
-
-    ``out_dir`` must be new or empty unless ``overwrite``; it is written atomically. ``info``
-    (if given) is written as ``qat_export.json`` with ``weight_file_bytes`` filled in."""
+    """Write ``model`` (fake-quantised by ``quantize_model``; ``check_target`` passed, as
+    ``qat.export_model`` checks it) packed into ``folder``. ``qat.export_model`` gives a
+    temporary folder and renames it once written."""
     import shutil
 
     from safetensors.torch import save_file
@@ -304,19 +283,19 @@ def export_model(
 
     if hasattr(model, "merge_and_unload"):  # LoRA: W + BA is what the quantiser sees
         model = model.merge_and_unload()
-    quant = getattr(model, "qat_quant", None)
-    if quant is None:
-        raise ExportError(
-            "the model is not quantised (quant: null): nothing to pack; set a "
-            "quant section or --quant.weight ..."
-        )
-    out = check_destination(out_dir, overwrite)
+    quant = model.qat_quant
     state, packed, codecs = packed_state_dict(model)
     arch = type(model).__name__
     base = model.config.to_dict()
     for key in ("quantization_config", "_name_or_path"):  # no local paths in a shared export
         base.pop(key, None)
     base["architectures"] = [arch]
+    if base.get("tie_word_embeddings") and getattr(
+        model.get_output_embeddings(), "weight_quantizer", None
+    ):
+        # a quantised head is its own packed tensor; tied on loading, it would be the float
+        # embeddings again
+        base["tie_word_embeddings"] = False
     auto = mqp.auto_map(arch)
     config = mqp.QatPackedConfig(
         base_config=base,
@@ -332,15 +311,11 @@ def export_model(
         ),
     )
 
-    def write(tmp: Path) -> None:
-        save_file(state, str(tmp / mqp.WEIGHTS_NAME), metadata={"format": "pt"})
-        config.save_pretrained(str(tmp))
-        shutil.copyfile(mqp.__file__, tmp / "modeling_qat_packed.py")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-        if info is not None:
-            info["weight_file_bytes"] = (tmp / mqp.WEIGHTS_NAME).stat().st_size
-            (tmp / "qat_export.json").write_text(json.dumps(info, indent=2))
-
-    folders.write_atomically(out, write, overwrite)
-    return out
+    folder = Path(folder).expanduser()
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(folder / mqp.WEIGHTS_NAME), metadata={"format": "pt"})
+    config.save_pretrained(str(folder))
+    shutil.copyfile(mqp.__file__, folder / "modeling_qat_packed.py")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(folder))
+    return folder

@@ -24,6 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from qat.errors import UsageError
+from qat.runs.build import resolve
+from qat.runs.entry import load_for_command, write_results
+from qat.runs.folders import check_output_file
 
 # HFLM arguments this wrapper sets itself: passing them again would load another model
 _OWN_ARGS = ("pretrained", "tokenizer", "backend")
@@ -115,29 +118,39 @@ def lm_eval_evaluate(
     batch_size: int | str = 1,
     include_path: str | os.PathLike | None = None,
     model_args: dict[str, Any] | None = None,
-    task_manager: Any = None,
     **kwargs: Any,
 ) -> dict[str, Any]:
     """Run lm-eval's ``simple_evaluate`` on ``model`` (quantised or not, used as it is) and
     return its output (``results``, ``samples`` with ``log_samples=True``, ...).
 
     ``model_args``: extra ``HFLM`` arguments (``max_length``, ``add_bos_token``, ...); the
-    model stays on its device (move it first);
-    ``task_manager``: one from ``find_tasks(tasks, include_path)`` (built already, e.g. to
-    check the names before loading the model); ``kwargs`` go to ``simple_evaluate``
-    (``log_samples``, ``gen_kwargs``, ...)."""
-    model_args = dict(model_args or {})
-    check_arguments(num_fewshot=num_fewshot, limit=limit, model_args=model_args)
+    model stays on its device (move it first); ``kwargs`` go to ``simple_evaluate``
+    (``log_samples``, ``gen_kwargs``, ...). ``lm_eval`` does the same from a recipe or run
+    folder, checking the task names before the model loads."""
+    check_arguments(num_fewshot, limit, model_args, batch_size)
     tasks = _task_list(tasks)
-    if task_manager is None:
-        manager = find_tasks(tasks, include_path)  # before any model work
-    else:
-        manager = task_manager
-        _raise_unknown(manager, tasks, include_path)
-    names = expand_tasks(manager, tasks)
+    manager = find_tasks(tasks, include_path)
+    return _simple_evaluate(
+        model, tokenizer, tasks, manager, num_fewshot, limit, batch_size, model_args, kwargs
+    )
+
+
+def _simple_evaluate(
+    model: Any,
+    tokenizer: Any,
+    tasks: list[str],
+    manager: Any,
+    num_fewshot: int | None,
+    limit: int | float | None,
+    batch_size: int | str,
+    model_args: dict[str, Any] | None,
+    kwargs: dict[str, Any],
+) -> dict[str, Any]:
+    """lm-eval's ``simple_evaluate`` of ``model`` (arguments and task names checked)."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
+    model_args = dict(model_args or {})
     if (
         model_args.get("prefix_token_id") is None
         and tokenizer.bos_token_id is None
@@ -149,17 +162,116 @@ def lm_eval_evaluate(
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, **model_args)
     kwargs.setdefault("log_samples", False)
     return lm_eval.simple_evaluate(
-        model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit, task_manager=manager, **kwargs
+        model=lm,
+        tasks=expand_tasks(manager, tasks),
+        num_fewshot=num_fewshot,
+        limit=limit,
+        task_manager=manager,
+        **kwargs,
     )
+
+
+def lm_eval(
+    source: Any,
+    tasks: Sequence[str],
+    overrides: Any = (),
+    *,
+    tokenizer: Any = None,
+    num_fewshot: int | None = None,
+    limit: int | float | None = None,
+    batch_size: int | str = 1,
+    include_path: str | os.PathLike | None = None,
+    model_args: dict[str, Any] | str | None = None,
+    output: str | os.PathLike | None = None,
+    device: Any = None,
+) -> dict[str, Any]:
+    """lm-eval ``tasks`` on ``source``'s causal LM under its quant config, as ``qat lm-eval``
+    does: a recipe, a run / checkpoint folder (LoRA adapter included), a model name or a model
+    in memory (with its ``tokenizer``). Task names are checked before the model loads. Writes
+    (``output``; default: the run folder's or recipe ``output_dir``'s ``lm_eval.json``; a
+    model name or a model in memory: not written) and returns each task's metrics with the
+    quant config and the source. ``model_args``: more ``HFLM`` arguments, a dict or lm-eval's
+    ``k=v,k=v`` string."""
+    if isinstance(model_args, str):  # lm-eval's own k=v,k=v form
+        model_args = parse_model_args(model_args)
+    check_arguments(num_fewshot, limit, model_args, batch_size)
+    if output is not None:
+        check_output_file(output)
+    tasks = _task_list(tasks)
+    require_lm_eval()
+    src = resolve(source, overrides, tokenizer)
+    args = src.args
+    if getattr(args, "qdec", None) is not None:
+        raise UsageError(
+            "qat lm-eval does not apply QDEC (the recipe's qdec section); pass --qdec null"
+        )
+    out = Path(output) if output is not None else src.output_path("lm_eval.json")
+    if out is not None:
+        check_output_file(out)
+    manager = find_tasks(tasks, include_path)  # unknown names: before the model
+    loaded = load_for_command(src, device=device, head="causal_lm")
+    result = _simple_evaluate(
+        loaded.model,
+        loaded.tokenizer,
+        tasks,
+        manager,
+        num_fewshot,
+        limit,
+        batch_size,
+        model_args,
+        {},
+    )
+    results = {
+        "source": str(source)
+        if isinstance(source, (str, os.PathLike))
+        else args.model_name_or_path,
+        "model_name_or_path": args.model_name_or_path,
+        "quant": None if args.quant is None else args.quant.to_dict(),
+        "bits_per_element": loaded.density().quantized_bits_per_element or None,
+        "tasks": tasks,
+        "num_fewshot": num_fewshot,
+        "limit": limit,
+        "batch_size": batch_size,
+        **summary(result),
+    }
+    return write_results(results, out)
+
+
+def parse_model_args(text: str) -> dict[str, Any]:
+    """``k=v,k=v`` as lm-eval's own --model_args: numbers and true/false typed, the rest str."""
+    out: dict[str, Any] = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        key, eq, val = item.partition("=")
+        if not eq or not key.strip():
+            raise UsageError(f"--model_args: {item!r} is not key=value")
+        out[key.strip()] = _typed(val.strip())
+    return out
+
+
+def _typed(val: str) -> Any:
+    if val.lower() in ("true", "false"):
+        return val.lower() == "true"
+    if val.lower() == "none":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(val)
+        except ValueError:
+            pass
+    return val
 
 
 def check_arguments(
     num_fewshot: int | None = None,
     limit: int | float | None = None,
     model_args: dict[str, Any] | None = None,
+    batch_size: int | str = 1,
 ) -> None:
     """One line for a bad ``num_fewshot``, ``limit`` (a count of documents >= 1 or a fraction
-    in (0, 1)) or an ``HFLM`` argument this wrapper sets itself."""
+    in (0, 1)), ``batch_size`` (a whole number >= 1, ``auto`` or ``auto:N``) or an ``HFLM``
+    argument this wrapper sets itself."""
+    if not _valid_batch_size(batch_size):
+        raise UsageError(f"--batch_size must be a whole number >= 1 or 'auto', got {batch_size!r}")
     clash = [k for k in _OWN_ARGS if k in (model_args or {})]
     if clash:
         raise UsageError(
@@ -171,6 +283,12 @@ def check_arguments(
         raise UsageError(
             f"limit must be a whole number of documents >= 1 or a fraction in (0, 1), got {limit!r}"
         )
+
+
+def _valid_batch_size(size: Any) -> bool:
+    if isinstance(size, str):
+        return size == "auto" or size.startswith("auto:")
+    return isinstance(size, int) and not isinstance(size, bool) and size >= 1
 
 
 def _valid_limit(limit: Any) -> bool:

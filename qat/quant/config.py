@@ -227,6 +227,15 @@ class QuantConfig:
             return FLOAT
         return self._resolved[self.override_for(name)]  # type: ignore[attr-defined]
 
+    def all_formats(self) -> list[ModuleFormats]:
+        """The formats a module may get: the base ones and each override's (what an export
+        target checks before the model loads)."""
+        return list(self._resolved.values())  # type: ignore[attr-defined]
+
+    def is_rotated(self) -> bool:
+        """Whether any module may be rotated (``rotation``, its own or an override's)."""
+        return any(spec["rotation"] is not None for spec in self._specs.values())  # type: ignore[attr-defined]
+
     @property
     def base_formats(self) -> ModuleFormats:
         """The formats of a module that no override matches."""

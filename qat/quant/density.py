@@ -61,6 +61,18 @@ class DensityReport:
             "layers": [dataclasses.asdict(x) for x in self.layers],
         }
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DensityReport:
+        """The report ``to_dict`` wrote (for printing one read back from results)."""
+        q, m = d["quantized_linears"], d["model"]
+        return cls(
+            [LayerDensity(**x) for x in d["layers"]],
+            q["params"],
+            q["bits_per_element"] * q["params"],
+            m["params"],
+            m["bytes"] * 8,
+        )
+
     def format(self, per_layer: bool = True) -> str:
         """A plain-text table for the console."""
         lines = []

@@ -26,11 +26,50 @@ RECIPE_SUFFIXES = (".yaml", ".yml")
 
 @dataclasses.dataclass
 class Source:
-    """What to load: the recipe (overrides applied) and, for a checkpoint, its directory."""
+    """What to load: the recipe (overrides applied; None for a bare model name or a model in
+    memory, whose keys are ``args``), for a checkpoint its directory, and for a model in
+    memory the model and its tokenizer."""
 
-    recipe: Any  # qat.runs.recipe.Recipe
+    recipe: Any  # qat.runs.recipe.Recipe | None
     checkpoint: Path | None = None
     finetune: str = "full"
+    args: Any = None  # recipe.args, or ModelArgs
+    model: Any = None  # a model in memory (nn.Module), taken as it is
+    tokenizer: Any = None
+
+    def __post_init__(self) -> None:
+        if self.args is None:
+            self.args = self.recipe.args
+
+    @property
+    def head(self) -> str | None:
+        """The head the source builds: a model in memory's own, else its recipe task's (None:
+        a bare model name, which does not say)."""
+        if self.model is not None:
+            return "causal_lm" if _is_causal_lm(self.model) else "sequence_classification"
+        task_name = getattr(self.args, "task_name", None)
+        if task_name is None:
+            return None
+        from qat.tasks.registry import get_task
+
+        return get_task(task_name).head
+
+    def require_head(self) -> str:
+        """``head``, or one line saying a bare model name needs a recipe to say it."""
+        if self.head is None:
+            raise UsageError(
+                f"model {self.args.model_name_or_path!r}: a bare model name does not say "
+                "which head to build (causal_lm or sequence_classification); give a recipe "
+                "whose task_name does"
+            )
+        return self.head
+
+    def output_path(self, name: str) -> Path | None:
+        """Where an entry writes its results by default: the run / checkpoint folder, else the
+        recipe's ``output_dir``; None (not written) for a bare model name."""
+        if self.checkpoint is None and self.recipe is None:
+            return None
+        return (self.checkpoint or Path(self.args.output_dir)) / name
 
 
 @dataclasses.dataclass
@@ -198,20 +237,26 @@ def _model_args(name: str, overrides: Sequence[str] | Mapping[str, Any]) -> Mode
     return ModelArgs(**data)
 
 
-def _resolve(
-    source: Any, overrides: Sequence[str] | Mapping[str, Any]
-) -> tuple[Any, Any, Path | None, str]:
-    """``(recipe or None, args, checkpoint, finetune)`` of any source kind."""
+def resolve(
+    source: Any, overrides: Sequence[str] | Mapping[str, Any] = (), tokenizer: Any = None
+) -> Source:
+    """The ``Source`` of any source kind (a ``Source`` or ``Recipe``, a recipe file, a run or
+    checkpoint directory, a Hub id / model folder / ``pkg://`` path, or a transformers model in
+    memory with its ``tokenizer``), overrides applied and checked; nothing heavy is loaded."""
+    import torch
+
     from qat.runs.recipe import Recipe, apply_override, build_recipe
 
+    if isinstance(source, torch.nn.Module):
+        return _in_memory(source, overrides, tokenizer)
     if isinstance(source, ModelArgs):  # a trainer's model name, its keys already gathered
         if overrides:
-            raise UsageError("build_model: ModelArgs take no overrides")
-        return None, source, None, "full"
+            raise UsageError("ModelArgs take no overrides")
+        return Source(None, None, "full", source)
     if isinstance(source, Source):
         if overrides:
-            raise UsageError("build_model: a resolved Source takes no overrides")
-        return source.recipe, source.recipe.args, source.checkpoint, source.finetune
+            raise UsageError("a resolved Source takes no overrides")
+        return source
     if isinstance(source, Recipe):
         recipe = source
         if overrides:  # rebuild from the resolved mapping, so the overrides are validated
@@ -219,13 +264,37 @@ def _resolve(
             for key, value in _parsed(overrides).items():
                 apply_override(data, key, value)
             recipe = build_recipe(data, recipe.source)
-        return recipe, recipe.args, None, recipe.args.finetune
+        return Source(recipe, None, recipe.args.finetune)
     path = os.fspath(source)
     if _is_model_name(path):
-        args = _model_args(path, overrides)
-        return None, args, None, "full"
-    src = resolve_source(path, overrides)
-    return src.recipe, src.recipe.args, src.checkpoint, src.finetune
+        return Source(None, None, "full", _model_args(path, overrides))
+    return resolve_source(path, overrides)
+
+
+def base_model(model: Any) -> Any:
+    """The transformers model under a peft wrapper (the model itself when unwrapped)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _is_causal_lm(model: Any) -> bool:
+    return type(base_model(model)).__name__.endswith("ForCausalLM")
+
+
+def _in_memory(model: Any, overrides: Any, tokenizer: Any) -> Source:
+    """A transformers model the caller holds (quantised or not, a peft model too)."""
+    if overrides:
+        raise UsageError(
+            "recipe keys apply to a recipe, run folder or model name, not to a model in memory"
+        )
+    base = base_model(model)
+    if not hasattr(base, "config"):
+        raise UsageError(
+            f"a {type(base).__name__} is not a transformers model (it has no config); give a "
+            "model from transformers, a recipe, a run folder or a model name"
+        )
+    name = getattr(base.config, "_name_or_path", "") or type(base).__name__
+    args = ModelArgs(name, quant=getattr(base, "qat_quant", None))
+    return Source(None, None, "full", args, model, tokenizer)
 
 
 def build_model(
@@ -266,7 +335,13 @@ def build_model(
     from qat.quant.quantize import quantize_model
 
     check_one_of("head", head, HEADS, UsageError)
-    recipe, args, ckpt, finetune = _resolve(source, overrides)
+    src = resolve(source, overrides)
+    if src.model is not None:
+        raise UsageError(
+            "build_model builds from a recipe, run folder or model name; a model in memory "
+            "is built already"
+        )
+    recipe, args, ckpt, finetune = src.recipe, src.args, src.checkpoint, src.finetune
     id2label = None
     if head == "sequence_classification":
         task_name = getattr(args, "task_name", None)

@@ -314,7 +314,10 @@ def check_output_file(path: str | Path, option: str = "--output") -> Path:
 
 
 def check_output_folder(path: str | Path, option: str = "--output_dir") -> Path:
-    """An output folder must be a folder (or creatable: no file on its path)."""
+    """An output folder must be a folder (or creatable: no file on its path); an empty name is
+    not the current folder, nor the default."""
+    if not str(path):
+        raise UsageError(f"{option} must name a folder, got ''")
     p = Path(path).expanduser()
     if p.exists() and not p.is_dir():
         raise UsageError(f"{option} {str(path)!r} is a file, expected a folder")
@@ -347,7 +350,7 @@ def check_destination(
         # --overwrite replaces an old export, never a training run or anything else
         raise ExportError(
             f"--out {str(out)!r} is not empty and holds no qat export "
-            "(config.json with model_type qat_packed and its weights); "
+            "(qat_export.json beside its weights); "
             "--overwrite replaces only an export: choose a new folder"
         )
     return p
@@ -377,12 +380,18 @@ def check_not_source(out: Path, sources: dict[str, Path], keep: dict[str, Path])
             )
 
 
-def write_atomically(out: Path, write: Callable[[Path], None], overwrite: bool = False) -> None:
+def write_atomically(
+    out: Path,
+    write: Callable[[Path], None],
+    overwrite: bool = False,
+    replaceable: Callable[[Path], bool] | None = None,
+) -> None:
     """``write(tmp)`` into a fresh folder beside ``out``, then rename it to ``out``.
 
     An interrupted export leaves only a hidden ``.NAME.tmp-*`` folder, never a half-written
     ``out``; with ``overwrite`` the old ``out`` is moved away only once the new one is complete
-    (and put back if the final rename fails)."""
+    (and put back if the final rename fails), and only if ``replaceable(out)`` (checked again
+    here, at the rename: the folder may have changed since ``check_destination``)."""
     import shutil
     import tempfile
 
@@ -400,6 +409,11 @@ def write_atomically(out: Path, write: Callable[[Path], None], overwrite: bool =
                 raise ExportError(
                     f"--out {str(out)!r} exists and is not an empty folder; "
                     "pass --overwrite to replace it"
+                )
+            if replaceable is not None and not (out.is_dir() and replaceable(out)):
+                raise ExportError(
+                    f"--out {str(out)!r} is not empty and holds no qat export; "
+                    "--overwrite replaces only an export: choose a new folder"
                 )
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             old.rmdir()

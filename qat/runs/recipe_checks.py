@@ -12,9 +12,10 @@ from typing import Any
 
 from transformers import TrainingArguments
 
-from qat.errors import check_one_of, did_you_mean
+from qat.errors import check_one_of
 from qat.runs.arguments import FINETUNE_MODES, ON_NONFINITE
 from qat.runs.recipe_text import RecipeError
+from qat.tasks.registry import DECODER_TASKS, get_task
 
 # What a recipe must name: the model and the task (a trainer handed its model and data in
 # Python needs neither, so QATConfig itself does not demand them).
@@ -39,30 +40,18 @@ def check_qat_values(cfg: Any) -> None:
         if value is not None and value < 1:
             rule = ">= 1" if key == "max_length" else ">= 1 (or null for every row)"
             raise RecipeError(f"{key} must be {rule}, got {value!r}")
-    from qat.tasks.glue import GLUE_TASKS
-    from qat.tasks.language_modeling import LM_TASKS
-
-    tasks = [*GLUE_TASKS, *LM_TASKS]
-    if cfg.task_name is not None and cfg.task_name not in tasks:
+    task = None if cfg.task_name is None else get_task(cfg.task_name, RecipeError)
+    if cfg.distill is not None and task is not None and task.num_labels == 1:
         raise RecipeError(
-            f"unknown task_name {cfg.task_name!r}"
-            f"{did_you_mean(cfg.task_name, tasks)}; valid tasks: "
-            f"{', '.join(tasks)}"
+            f"distill needs class probabilities; task_name "
+            f"{cfg.task_name} is a regression (one output, whose softmax "
+            "is always 1): drop the distill section"
         )
-    if cfg.distill is not None and cfg.task_name in GLUE_TASKS:
-        from qat.tasks.glue import get_task
-
-        if get_task(cfg.task_name).num_labels == 1:
-            raise RecipeError(
-                f"distill needs class probabilities; task_name "
-                f"{cfg.task_name} is a regression (one output, whose softmax "
-                "is always 1): drop the distill section"
-            )
     check_decoder_values(cfg)
 
 
 def check_decoder_values(cfg: Any) -> None:
-    """The decoder keys (task_name causal_lm / chat): values, and combinations that
+    """The decoder keys (a decoder task_name: causal_lm, chat): values, and combinations that
     cannot work."""
     if cfg.block_size < 2:
         raise RecipeError(f"block_size must be >= 2, got {cfg.block_size!r}")
@@ -70,16 +59,17 @@ def check_decoder_values(cfg: Any) -> None:
         raise RecipeError(f"trainer must be 'qat' or 'sft'; got {cfg.trainer!r}")
     if not cfg.text_column:
         raise RecipeError(f"text_column must name a column, got {cfg.text_column!r}")
-    if cfg.task_name not in ("causal_lm", "chat"):
-        if cfg.trainer != "qat" and cfg.task_name is not None:
+    task = None if cfg.task_name is None else get_task(cfg.task_name, RecipeError)
+    if task is None or not task.is_decoder:
+        if cfg.trainer != "qat" and task is not None:
             raise RecipeError(
-                f"trainer {cfg.trainer!r} needs task_name causal_lm or chat, not {cfg.task_name!r}"
+                f"trainer {cfg.trainer!r} needs task_name {' or '.join(DECODER_TASKS)}, "
+                f"not {cfg.task_name!r}"
             )
         return
-    if cfg.task_name == "chat" and not (cfg.dataset_name or cfg.train_file):
+    if task.default_dataset is None and not (cfg.dataset_name or cfg.train_file):
         raise RecipeError(
-            "task_name chat needs dataset_name or train_file (rows with "
-            "messages, or prompt and completion)"
+            f"task_name {task.name} needs dataset_name or train_file ({task.data_hint})"
         )
     if bool(cfg.train_file) != bool(cfg.validation_file):
         raise RecipeError(

@@ -187,3 +187,22 @@ def chat_collator(tokenizer: Any):
     from transformers import DataCollatorForSeq2Seq
 
     return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX)
+
+
+def chat_splits(args: Any, tokenizer: Any) -> tuple[Any, Any, Any]:
+    """``(train, eval, collator)`` of a ``chat`` recipe: its rows formatted with the chat
+    template, every row of both splits read and checked before any is tokenised."""
+    from qat.tasks.language_modeling import load_rows
+
+    check_chat_template(tokenizer, args.tokenizer_name_or_path or args.model_name_or_path)
+    out = []
+    for which, limit in (("train", args.max_train_samples), ("eval", args.max_eval_samples)):
+        rows, _, where = load_rows(args, which)
+        if rows is None:
+            raise DataError(
+                f"{where} is plain text; task_name chat needs rows with "
+                "messages, or prompt and completion (.jsonl, .json or a Hub "
+                "dataset)"
+            )
+        out.append(chat_dataset(rows, tokenizer, args.block_size, limit, where))
+    return out[0], out[1], chat_collator(tokenizer)

@@ -12,7 +12,7 @@ import dataclasses
 import functools
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -24,6 +24,12 @@ DATA_DIR_ENV = "QAT_DATA_DIR"
 
 @dataclasses.dataclass(frozen=True)
 class GlueTask:
+    """A GLUE task: a sequence classifier (``num_labels`` outputs; 1 = regression) scored by
+    the official metric (``compute_metrics``). ``qat.tasks.registry`` holds it beside the
+    decoder tasks."""
+
+    head: ClassVar[str] = "sequence_classification"
+    is_decoder: ClassVar[bool] = False
     name: str
     text_keys: tuple[str, ...]
     num_labels: int  # 1 = regression (STS-B)
@@ -177,7 +183,7 @@ def load_metric(task_name: str):
 
 
 def get_task(name: str) -> GlueTask:
-    if name in ("causal_lm", "chat"):  # qat.tasks.language_modeling.LM_TASKS
+    if name in ("causal_lm", "chat"):  # qat.tasks.registry.DECODER_TASKS
         raise DataError(
             f"task_name {name!r} trains a decoder, not a GLUE classifier; measure "
             "it with qat perplexity (or qat train --do_train false)"

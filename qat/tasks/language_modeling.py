@@ -22,7 +22,6 @@ from qat.errors import DataError, UsageError, decode_utf8
 
 WIKITEXT_ENV = "QAT_WIKITEXT_DIR"
 WIKITEXT = "wikitext"  # dataset_name for WikiText-2 raw (and the default of causal_lm)
-LM_TASKS = ("causal_lm", "chat")  # task_name values handled as decoder training
 DOC_SEPARATOR = "\n\n"  # between the rows of a dataset, before tokenising them as one text
 
 
@@ -279,6 +278,21 @@ def lm_dataset(text: str, tokenizer: Any, block_size: int, max_chunks: int | Non
     block = torch.stack(chunks).numpy()
     # an all-ones mask changes nothing for the model; TRL's SFTTrainer counts tokens with it
     return Dataset.from_dict({"input_ids": block, "attention_mask": block * 0 + 1, "labels": block})
+
+
+def lm_splits(args: Any, tokenizer: Any) -> tuple[Any, Any, Any]:
+    """``(train, eval, collator)`` of a ``causal_lm`` recipe: both texts read first, then
+    tokenised and packed into ``block_size`` chunks (equal lengths: nothing to pad)."""
+    from transformers import default_data_collator
+
+    texts = {which: lm_text(args, which) for which in ("train", "eval")}
+    limits = {"train": args.max_train_samples, "eval": args.max_eval_samples}
+    with args.main_process_first(desc="tokenising"):
+        train, evals = (
+            lm_dataset(texts[w][0], tokenizer, args.block_size, limits[w], texts[w][1])
+            for w in ("train", "eval")
+        )
+    return train, evals, default_data_collator
 
 
 def check_block_size(config: Any, block_size: int, name: str) -> None:

@@ -11,43 +11,10 @@ chunks are those of ``qat perplexity`` on the same split, so the two numbers agr
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 from typing import Any
 
 logger = logging.getLogger(__name__)
-
-
-def decoder_data(args: Any, tokenizer: Any) -> tuple[Any, Any, Any]:
-    """``(train, eval, collator)`` datasets of the recipe's decoder task, tokenised."""
-    from transformers import default_data_collator
-
-    from qat.errors import DataError
-    from qat.tasks.chat import chat_collator, chat_dataset, check_chat_template
-    from qat.tasks.language_modeling import lm_dataset, lm_text, load_rows
-
-    name = args.tokenizer_name_or_path or args.model_name_or_path
-    if args.task_name == "chat":
-        check_chat_template(tokenizer, name)
-        out = []
-        for which, limit in (("train", args.max_train_samples), ("eval", args.max_eval_samples)):
-            rows, _, where = load_rows(args, which)
-            if rows is None:
-                raise DataError(
-                    f"{where} is plain text; task_name chat needs rows with "
-                    "messages, or prompt and completion (.jsonl, .json or a Hub "
-                    "dataset)"
-                )
-            out.append(chat_dataset(rows, tokenizer, args.block_size, limit, where))
-        return out[0], out[1], chat_collator(tokenizer)
-    texts = {which: lm_text(args, which) for which in ("train", "eval")}  # all read first
-    limits = {"train": args.max_train_samples, "eval": args.max_eval_samples}
-    with args.main_process_first(desc="tokenising"):
-        train, evals = (
-            lm_dataset(texts[w][0], tokenizer, args.block_size, limits[w], texts[w][1])
-            for w in ("train", "eval")
-        )
-    return train, evals, default_data_collator  # equal-length chunks: nothing to pad
 
 
 def train_decoder(
@@ -61,6 +28,7 @@ def train_decoder(
     from qat.models import load_config, load_tokenizer_for
     from qat.runs.build import build_model
     from qat.tasks.language_modeling import check_block_size, check_causal
+    from qat.tasks.registry import get_task
     from qat.training.loop import train_and_evaluate
     from qat.training.teacher import check_distill
     from qat.training.trainer import QATTrainer
@@ -74,7 +42,8 @@ def train_decoder(
         check_block_size(config, args.block_size, name)
     check_distill(args.distill, config, causal=True)  # the teacher's config, before any weights
     tokenizer = load_tokenizer_for(args)
-    train, evals, collator = decoder_data(args, tokenizer)  # bad data fails before weights
+    task = get_task(args.task_name)
+    train, evals, collator = task.data(args, tokenizer)  # bad data fails before weights
     # quantised by build_model (QATTrainer leaves a quantised model as it is); a GGUF model's
     # config is checked there once loaded, still before training
     model = build_model(
@@ -109,5 +78,5 @@ def train_decoder(
         trainer,
         recipe,
         checkpoint,
-        lambda m: {"eval_perplexity": math.exp(min(m["eval_loss"], 700.0))},
+        task.eval_metrics,
     )

@@ -25,8 +25,7 @@ from qat.errors import UsageError
 from qat.models import load_config
 from qat.runs.build import RECIPE_SUFFIXES, ModelArgs, build_model
 from qat.runs.checkpoints import QAT_CONFIG_FILE
-from qat.tasks.glue import GLUE_TASKS, get_task
-from qat.tasks.language_modeling import LM_TASKS
+from qat.tasks.registry import TASKS
 
 CAUSAL_LM, CLASSIFIER = "causal_lm", "sequence_classification"
 
@@ -45,7 +44,7 @@ def load_named_model(name: str, args: Any, head: str | None = None) -> tuple[Any
         gguf_file=gguf_file,
         tokenizer_name_or_path=getattr(args, "tokenizer_name_or_path", None),
         torch_dtype=dtype,
-        task_name=task if task in GLUE_TASKS and head == CLASSIFIER else None,
+        task_name=task if head == CLASSIFIER == getattr(TASKS.get(task), "head", None) else None,
     )
     built = build_model(model_args, head=head, num_labels=num_labels)
     model, tokenizer = built.model, built.tokenizer
@@ -60,10 +59,8 @@ def choose_head(
     """``(head, num_labels)`` of a named model, by the rule in the module docstring."""
     if head is not None:
         return head, None
-    if task in LM_TASKS:
-        return CAUSAL_LM, None
-    if task in GLUE_TASKS:
-        return CLASSIFIER, get_task(task).num_labels
+    if task in TASKS:  # the task says which head (and a classifier's labels)
+        return TASKS[task].head, TASKS[task].num_labels
     if config is None:  # a GGUF file: llama.cpp's models are decoders
         return CAUSAL_LM, None
     archs = list(getattr(config, "architectures", None) or [])

@@ -15,7 +15,7 @@ from typing import Any
 from qat.errors import UsageError
 from qat.runs.folders import check_output_dir
 from qat.runs.recipe_checks import check_recipe_required
-from qat.tasks.language_modeling import LM_TASKS
+from qat.tasks.registry import get_task
 from qat.training.causal_lm import train_decoder
 from qat.training.classifier import train_classifier
 from qat.training.trainers import trainer_class
@@ -169,7 +169,7 @@ def run(recipe, trainer_cls=None) -> dict:
         check_run_folder(recipe, checkpoint)
         if checkpoint:
             apply_checkpoint_state(recipe, checkpoint)
-        if recipe.args.task_name in LM_TASKS:  # decoders: their own loop
+        if get_task(recipe.args.task_name).is_decoder:  # decoders: their own loop
             return train_decoder(recipe, checkpoint, trainer_cls)
         return train_classifier(recipe, checkpoint)
 
