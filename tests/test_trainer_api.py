@@ -267,6 +267,26 @@ def test_qat_trainer_takes_a_pkg_name_and_raw_text(tmp_path):
     assert trainer.train().global_step == 1
 
 
+def test_a_run_folder_saved_from_python_needs_no_recipe(tmp_path):
+    """qat_config.json names the task and model a Python run had, so the commands take its
+    folder as they take a recipe run's (no recipe.yaml beside it, no --task_name)."""
+    from datasets import Dataset
+
+    from qat.runs.build import resolve
+
+    rows = Dataset.from_dict({"text": ["a fine film", "flat and dull"] * 4, "label": [1, 0] * 4})
+    args = _config(tmp_path, task_name="sst2", quant={"weight": W4})
+    trainer = qat.QATTrainer(MINILM, args=args, train_dataset=rows)
+    trainer.train()
+    trainer.save_model()
+    state = json.loads((tmp_path / "run" / "qat_config.json").read_text())
+    assert (state["task_name"], state["base_model"]) == ("sst2", MINILM)
+    recipe = resolve(str(tmp_path / "run")).recipe
+    assert recipe.args.task_name == "sst2"
+    done = qat.export_model(str(tmp_path / "run"), tmp_path / "packed")
+    assert done.density.quantized_bits_per_element == 4.5
+
+
 def test_a_named_model_without_a_head_asks_for_a_task(tmp_path, no_model):
     from qat.errors import UsageError
 

@@ -44,7 +44,7 @@ class Exported:
     out: Path
     to: str
     weights: Path
-    density: Any
+    density: Any = dataclasses.field(repr=False)  # one entry per layer: too long to print
 
     @property
     def weight_file_bytes(self) -> int:

@@ -179,6 +179,10 @@ def resolve_source(
     yaml_path = find_recipe_yaml(p)
     data: dict[str, Any] = dict(load_recipe_dict(yaml_path)) if yaml_path else {}
     data.setdefault("output_dir", str(p))
+    # a run trained from Python has no recipe.yaml: its qat_config.json names task and model
+    for key, saved in (("task_name", "task_name"), ("model_name_or_path", "base_model")):
+        if not data.get(key) and state.get(saved):
+            data[key] = state[saved]
     ckpt_keys = checkpoint_overrides(state, p)
     # the user's overrides win last
     for key, value in {**ckpt_keys, **_parsed(overrides)}.items():

@@ -204,6 +204,7 @@ class QATTrainer(Trainer):
         class), a PeftModel's adapter taken off (put back on ``W + BA`` once prepared), the
         base quantised unless it already is (then its quant config is the run's); a
         classifier's rows of raw text tokenised. One warning when it trains a float model."""
+        self._model_name = model if isinstance(model, str) else None
         if isinstance(model, str):
             if args is not None:  # as Trainer seeds before model_init (a new head's init)
                 set_seed(args.seed)
@@ -381,7 +382,26 @@ class QATTrainer(Trainer):
             "finetune": self.finetune,
             "lora": lora if self.finetune == "lora" else None,
             "qdec": None if self.qdec is None else self.qdec.to_dict(),
+            **self._source(),
         }
+
+    def _source(self) -> dict[str, str]:
+        """The task and base model a run folder's later commands need (``qat export RUN``
+        without a recipe.yaml beside it): the config's ``task_name`` or, for a causal LM, its
+        task; the model name the trainer was given, else the one the model was loaded from."""
+        out: dict[str, str] = {}
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        task = getattr(self.args, "task_name", None) or (
+            "causal_lm" if is_causal_lm(base) else None
+        )
+        if task:
+            out["task_name"] = task
+        name = getattr(self, "_model_name", None) or getattr(
+            getattr(base, "config", None), "_name_or_path", ""
+        )
+        if name:
+            out["base_model"] = str(name)
+        return out
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         super().save_model(output_dir, _internal_call)
