@@ -621,3 +621,18 @@ def test_weight_zero_builds_and_runs_no_teacher(tmp_path, monkeypatch):
     trainer.train()
     logged = [h for h in trainer.state.log_history if "loss" in h]
     assert logged and all("distill_loss" not in h for h in logged)
+
+
+def test_a_teacher_handed_over_from_python_gets_the_recipes_checks(tmp_path, monkeypatch):
+    # QATTrainer(distill=...) without a recipe: the same one-line refusal before the teacher
+    # loads (it was loaded unchecked)
+    import qat.models
+    from qat.errors import ConfigError
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the teacher was loaded despite another vocabulary")
+
+    monkeypatch.setattr(qat.models, "load_causal_lm", fail)
+    teacher = _other_vocab(tmp_path)
+    with pytest.raises(ConfigError, match="has another vocabulary size than the model"):
+        _trainer(tmp_path, distill=DistillArguments(teacher=teacher))

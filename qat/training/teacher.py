@@ -117,6 +117,12 @@ def make_teacher(distill: Any, model: nn.Module, finetune: str) -> Teacher:
     """The teacher ``distill.teacher`` names, for the student ``model`` (already prepared for
     ``finetune``; call before training starts, so a ``self`` copy holds the initial weights)."""
     if distill.teacher != "self":
+        # the recipe's checks for a teacher handed over from Python (QATTrainer(distill=...)):
+        # architecture, vocabulary, whole weight files, before it loads
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        causal = type(base).__name__.endswith("ForCausalLM")
+        labels = None if causal else base.config.num_labels
+        check_distill(distill, base.config, causal=causal, num_labels=labels, finetune=finetune)
         return FrozenTeacher(load_teacher(distill.teacher, model))
     if finetune == "lora":
         return AdapterOffTeacher(model)
