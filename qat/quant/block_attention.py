@@ -23,16 +23,20 @@ least ``MIN_KEYS`` keys per tile keep the CPU softmax's summation order). The ex
 from the mask once per forward, on the host: only for CPU tensors, where that costs no sync
 (elsewhere every tile keeps its whole row).
 
-Tiles: every sum over keys or over query rows runs tile by tile, with the same lengths in every
-implementation. A BLAS groups a dot product by its length (MKL sums 208 to 368 terms otherwise
-than more, even when the extra terms are zeros), so ``Q(P) V`` over a tile's keys is the same
-whether the eager path (``tiled_values``), this module or the C++ kernel takes it, while the
-same product over a block's or a row's full key count may round otherwise: a 1-ulp output
-moves a 4-bit activation across a rounding step, and a W4A4 model then scores visibly
-otherwise. So the forward values of the eager path, this module and the kernel are one set of
-numbers (tested on real sizes); the backward takes each tile's ``dS K``, ``dS^T Q`` and
-``Q(P)^T dO`` in tile order, as the kernel does, so this module's gradients are the kernel's bit
-for bit (the eager path's one autograd matmul over all rows differs from both by rounding).
+Tiles (on a CPU): every sum over keys or over query rows runs tile by tile, in the same
+shapes in every implementation. A BLAS groups a dot product by the GEMM's shape: MKL sums 208
+to 368 terms otherwise than more, even when the extra terms are zeros, and a GEMM of a few rows
+otherwise than one of many. A 1-ulp attention output moves a 4-bit activation across a
+rounding step, and a W4A4 model then scores visibly otherwise (SmolLM2 on 2 x 2048 WikiText-2
+tokens: 79.90 with sums over all keys, 83.25 over each tile's). So ``Q(P) V`` is taken over
+each tile's keys whether the eager path (``tiled_values``), this module or the C++ kernel takes
+it; every GEMM has ``TILE_ROWS`` rows or more (the last tile and the last block reach back into
+the ones before, ``spans``); and the backward takes each tile's ``dS K``, ``dS^T Q`` and
+``Q(P)^T dO`` and adds them up tile by tile, as the kernel does. The forward values of the
+eager path, this module and the kernel are then one set of numbers (tested on real sizes), and
+this module's gradients are the kernel's bit for bit (the eager path's one autograd matmul
+over all rows differs from both by rounding). Elsewhere (no kernel to agree with) one matmul
+per block takes each sum.
 
 On float32 CPU tensors ``block_attention`` hands the same work (same tiles, same key tails) to
 the fused C++ kernel of ``qat.quant.cpu_attention`` where it applies and its first-use check
@@ -69,12 +73,9 @@ HOST_READ_DEVICES = frozenset({"cpu"})
 MIN_KEYS = 64
 
 
-def block_rows(batch_heads: int, k_len: int, device: str = "cpu") -> int:
-    """Query rows per block for ``batch_heads`` score rows of ``k_len`` keys each: one tile on
-    a CPU (the kernel's, so both implementations give the same numbers), elsewhere as many
-    whole tiles as keep a block near ``BLOCK_ELEMENTS``."""
-    if device in HOST_READ_DEVICES:
-        return TILE_ROWS
+def block_rows(batch_heads: int, k_len: int) -> int:
+    """Query rows per block for ``batch_heads`` score rows of ``k_len`` keys each: as many
+    whole tiles as keep a block near ``BLOCK_ELEMENTS``, at least one."""
     rows = BLOCK_ELEMENTS // max(1, batch_heads * k_len)
     return max(1, rows // TILE_ROWS) * TILE_ROWS
 
@@ -154,14 +155,43 @@ def tiled_values(probs: Tensor, v: Tensor, stops: list[int] | None) -> Tensor:
     """``probs @ v`` (``probs`` ``[..., q_len, keys]``, 0 past each tile's stop) on a CPU tile
     by tile, as the block path and its kernel take it (``spans`` of ``TILE_ROWS``, each over
     its ``stops`` keys, None: all); elsewhere one matmul."""
-    if probs.device.type not in HOST_READ_DEVICES:
-        return torch.matmul(probs, v)
-    parts = []
-    for i, (first, start, stop) in enumerate(spans(probs.shape[-2], TILE_ROWS)):
-        ks = probs.shape[-1] if stops is None else stops[i]
-        part = torch.matmul(probs[..., first:stop, :ks], v[..., :ks, :])
-        parts.append(part[..., start - first :, :])
-    return torch.cat(parts, dim=-2) if parts else torch.matmul(probs, v)
+    q_len = probs.shape[-2]
+    if probs.device.type not in HOST_READ_DEVICES or q_len <= TILE_ROWS:
+        return torch.matmul(probs, v[..., : probs.shape[-1], :])
+    keys = [probs.shape[-1]] * len(spans(q_len, TILE_ROWS)) if stops is None else stops
+    return _TiledValues.apply(probs, v, keys)
+
+
+class _TiledValues(torch.autograd.Function):
+    """``tiled_values``' product; the backward writes each tile's share of dP and dV in place
+    (autograd of the tiles' slices would zero-fill a full-size copy of P and of V per tile)."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu")
+    def forward(ctx, probs: Tensor, v: Tensor, keys: list[int]) -> Tensor:  # noqa: D102
+        ctx.save_for_backward(probs, v)
+        ctx.keys = keys
+        out = None
+        for (first, start, stop), ks in zip(spans(probs.shape[-2], TILE_ROWS), keys):
+            tile = torch.matmul(probs[..., first:stop, :ks], v[..., :ks, :])
+            if out is None:  # the product's dtype (autocast's choice)
+                out = tile.new_empty(*probs.shape[:-1], v.shape[-1])
+            out[..., start:stop, :] = tile[..., start - first :, :]
+        return out
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
+    def backward(ctx, grad_out: Tensor):  # noqa: D102
+        probs, v = ctx.saved_tensors
+        d_probs = torch.zeros_like(probs) if ctx.needs_input_grad[0] else None
+        d_v = torch.zeros_like(v) if ctx.needs_input_grad[1] else None
+        for (_, start, stop), ks in zip(spans(probs.shape[-2], TILE_ROWS), ctx.keys):
+            go = grad_out[..., start:stop, :]
+            if d_probs is not None:
+                d_probs[..., start:stop, :ks] = torch.matmul(go, v[..., :ks, :].transpose(-1, -2))
+            if d_v is not None:
+                d_v[..., :ks, :] += torch.matmul(probs[..., start:stop, :ks].transpose(-1, -2), go)
+        return d_probs, d_v, None
 
 
 def _probs_of_scores(
@@ -202,13 +232,30 @@ def _block_mask(mask: Tensor | None, first: int, stop: int, k_stop: int) -> Tens
     return mask if k_stop == mask.shape[-1] else mask[..., :k_stop]
 
 
+def _block_tiles(
+    q_len: int, k_len: int, rows: int, stops: list[int] | None
+) -> list[tuple[tuple[int, int, int], int, list[tuple[tuple[int, int, int], int]]]]:
+    """Each block of ``rows`` query rows (``spans``: rows it computes and owns), the keys it
+    computes (the most any of its tiles takes) and its tiles (``spans`` of ``TILE_ROWS``,
+    each with its key stop; all keys where ``stops`` is None). ``rows`` is whole tiles, so a
+    block's tiles are the ones that start inside it, and their rows lie within its rows."""
+    tiles = spans(q_len, TILE_ROWS)
+    keys = [k_len] * len(tiles) if stops is None else stops
+    out = []
+    for first, start, stop in spans(q_len, rows):
+        mine = [(t, ks) for t, ks in zip(tiles, keys) if start <= t[1] < stop]
+        out.append(((first, start, stop), max(ks for _, ks in mine), mine))
+    return out
+
+
 class BlockAttention(torch.autograd.Function):
     """``softmax(Q K^T * scaling + mask) -> Q(P) -> Q(P) V`` over blocks of query rows.
 
     Inputs are the already quantised ``q``, ``k``, ``v`` (``[batch, heads, len, dim]``, K and V
     repeated for GQA); ``quantize_p`` is the P quantiser (None: P stays float); ``rows`` query
-    rows per block (``spans``). Saves q, k, v and the mask only, and each block's key count
-    (``key_stops``).
+    rows per block, whole tiles. Saves q, k, v and the mask only, and each tile's key count
+    (``tile_stops``). On a CPU the sums over keys and rows run tile by tile (see the module
+    docstring); elsewhere one matmul per block takes each.
     """
 
     @staticmethod
@@ -222,23 +269,33 @@ class BlockAttention(torch.autograd.Function):
         quantize_p: Callable[[Tensor], Tensor] | None,
         rows: int,
     ) -> Tensor:  # noqa: D102
+        if rows % TILE_ROWS:
+            raise ValueError(f"rows per block must be whole tiles of {TILE_ROWS}, got {rows}")
         ctx.save_for_backward(q, k, v, mask)
         ctx.scaling, ctx.quantize_p, ctx.rows = scaling, quantize_p, rows
         dev = q.device.type  # the backward recomputes under the forward's autocast state
         ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
         q_len, k_len = q.shape[-2], k.shape[-2]
-        ctx.stops = key_stops(mask, q_len, k_len, rows, p_block_size(quantize_p))
+        ctx.stops = tile_stops(mask, q_len, k_len, quantize_p)
+        tiled = dev in HOST_READ_DEVICES
         out = None
-        for i, (first, start, stop) in enumerate(spans(q_len, rows)):
-            ks = k_len if ctx.stops is None else ctx.stops[i]
+        for (first, start, stop), ks, tiles in _block_tiles(q_len, k_len, rows, ctx.stops):
             # in place: the scores are this block's own buffer, and autograd is not recording
             scores = torch.matmul(q[..., first:stop, :], k[..., :ks, :].transpose(-1, -2))
             mask_b = _block_mask(mask, first, stop, ks)
             probs = _probs_of_scores(scores, mask_b, scaling, quantize_p, q.dtype, in_place=True)
-            block = torch.matmul(probs, v[..., :ks, :])
-            if out is None:  # the blocks' dtype: autocast may have chosen another than q's
-                out = block.new_empty(*q.shape[:-1], v.shape[-1])
-            out[..., start:stop, :] = block[..., start - first :, :]
+            if not tiled:
+                block = torch.matmul(probs, v[..., :ks, :])
+                if out is None:  # the blocks' dtype: autocast may have chosen another than q's
+                    out = block.new_empty(*q.shape[:-1], v.shape[-1])
+                out[..., start:stop, :] = block[..., start - first :, :]
+                continue
+            for (t0, t_start, t1), kt in tiles:
+                p_t = probs[..., t0 - first : t1 - first, :kt]
+                tile = torch.matmul(p_t, v[..., :kt, :])
+                if out is None:
+                    out = tile.new_empty(*q.shape[:-1], v.shape[-1])
+                out[..., t_start:t1, :] = tile[..., t_start - t0 :, :]
         return q.new_empty(*q.shape[:-1], v.shape[-1]) if out is None else out  # no query rows
 
     @staticmethod
@@ -249,14 +306,12 @@ class BlockAttention(torch.autograd.Function):
         grad_k = torch.zeros_like(k)
         grad_v = torch.zeros_like(v)
         dev, enabled, dtype = ctx.autocast
-        for i, (first, start, stop) in enumerate(spans(q_len, ctx.rows)):
-            ks = k_len if ctx.stops is None else ctx.stops[i]
+        tiled = dev in HOST_READ_DEVICES
+        for (first, start, stop), ks, tiles in _block_tiles(q_len, k_len, ctx.rows, ctx.stops):
             qb, kb, vb = q[..., first:stop, :], k[..., :ks, :], v[..., :ks, :]
             go = grad_out[..., first:stop, :]
             # recompute this block's Q(P) as the forward ran it and differentiate it to the
-            # scores; P @ V is not recomputed. Rows before `start` belong to the block before:
-            # their dS and Q(P) rows are zeroed, so the sums over rows take the same number of
-            # terms in every block (as the kernel's GEMMs do).
+            # scores; P @ V is not recomputed
             with torch.autocast(dev, dtype=dtype, enabled=enabled):
                 scores = torch.matmul(qb, kb.transpose(-1, -2)).requires_grad_()
                 with torch.enable_grad():
@@ -267,13 +322,23 @@ class BlockAttention(torch.autograd.Function):
                 d_probs = torch.matmul(go, vb.transpose(-1, -2)).to(probs.dtype)
                 (d_scores,) = torch.autograd.grad(probs, scores, d_probs)
                 probs = probs.detach()
-                grad_q[..., start:stop, :] = torch.matmul(d_scores, kb)[..., start - first :, :]
-                if start > first:  # (a copy of probs: the quantiser's output is the caller's)
-                    probs = probs.clone()
-                    probs[..., : start - first, :] = 0
-                    d_scores[..., : start - first, :] = 0
-                grad_k[..., :ks, :] += torch.matmul(d_scores.transpose(-1, -2), qb)
-                grad_v[..., :ks, :] += torch.matmul(probs.transpose(-1, -2), go)
+                if not tiled:
+                    tiles = [((first, start, stop), ks)]  # the block as one piece
+                for (t0, t_start, t1), kt in tiles:
+                    # each piece's sums; rows before t_start belong to the piece before: their
+                    # dS and Q(P) rows are zeroed, so every sum over rows has the same terms as
+                    # the kernel's GEMMs (a copy of Q(P): the quantiser's output is the caller's)
+                    a, b, own = t0 - first, t1 - first, t_start - t0
+                    ds_t, p_t = d_scores[..., a:b, :kt], probs[..., a:b, :kt]
+                    grad_q[..., t_start:t1, :] = torch.matmul(ds_t, k[..., :kt, :])[..., own:, :]
+                    if own:
+                        ds_t, p_t = ds_t.clone(), p_t.clone()
+                        ds_t[..., :own, :] = 0
+                        p_t[..., :own, :] = 0
+                    grad_k[..., :kt, :] += torch.matmul(ds_t.transpose(-1, -2), q[..., t0:t1, :])
+                    grad_v[..., :kt, :] += torch.matmul(
+                        p_t.transpose(-1, -2), grad_out[..., t0:t1, :]
+                    )
         return grad_q, grad_k, grad_v, None, None, None, None
 
 
@@ -304,8 +369,9 @@ def kernel_agrees() -> bool:
 def _kernel_difference() -> str | None:
     """What differs between the kernel and ``BlockAttention`` on the self-check's case."""
     g = torch.Generator().manual_seed(0)
-    # 160 tokens: tiles of 64, 128 and all keys, the last reaching back, a left-padded row and
-    # a row that sees no key; BFP P in blocks of 16 (vector code) and of 5, and float P
+    # 160 tokens: tiles of 64, 128 and all keys, in blocks of two tiles (the last block and the
+    # last tile reaching back), a left-padded row and a row that sees no key; BFP P in blocks
+    # of 16 (vector code) and of 5, and float P
     n = 160
     q, k, v, grad = (torch.randn(2, 1, n, 64, generator=g) for _ in range(4))
     mask = torch.ones(n, n, dtype=torch.bool).tril()[None, None].repeat(2, 1, 1, 1)
@@ -322,7 +388,7 @@ def _kernel_difference() -> str | None:
                     qq, kk, vv, mask, 0.125, quantize_p, TILE_ROWS, stops
                 )
             else:
-                out = BlockAttention.apply(qq, kk, vv, mask, 0.125, quantize_p, TILE_ROWS)
+                out = BlockAttention.apply(qq, kk, vv, mask, 0.125, quantize_p, 2 * TILE_ROWS)
             out.backward(grad)
             results.append((out.detach(), qq.grad, kk.grad, vv.grad))
         for name, a, b in zip(("output", "dQ", "dK", "dV"), *results):
@@ -344,9 +410,9 @@ def block_attention(
     sequence (see the module docstring); ``rows`` query rows per block (default:
     ``block_rows``; the kernel takes tiles of ``TILE_ROWS``)."""
     if rows is None:
-        rows = block_rows(q.shape[0] * q.shape[1], k.shape[-2], q.device.type)
+        rows = block_rows(q.shape[0] * q.shape[1], k.shape[-2])
     if (
-        rows == TILE_ROWS <= q.shape[-2]
+        q.shape[-2] >= TILE_ROWS
         and cpu_attention.applies(q, k, v, mask, quantize_p)
         and kernel_agrees()
     ):

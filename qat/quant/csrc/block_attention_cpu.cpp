@@ -1,11 +1,14 @@
 // Quantised attention on the CPU in linear memory (qat.quant.cpu_attention): the block path of
 // qat/quant/block_attention.py fused per (batch, head, block of query rows).
 //
-// A task holds one block of R query rows of one head and its whole rows of scores (R x keys,
+// A task holds one tile of R query rows of one head and its whole rows of scores (R x keys,
 // in cache), so the softmax and the P quantiser see exactly the rows the eager path gives
-// them; QK^T and the products with V, dO run as single-threaded GEMMs on the block, the
+// them; QK^T and the products with V, dO run as single-threaded ATen GEMMs on the tile, the
 // pointwise work (scale, mask, softmax, BFP quantiser of P, softmax backward) in vectorised
-// passes over rows that stay in cache. Only float32, BFP (max rule) or float P.
+// passes over rows that stay in cache. Every GEMM has the shape the PyTorch block path gives
+// the same sum (R rows, the last tile reaching back; each tile's keys; dK and dV as one GEMM per
+// tile then an add), so the results are that path's bit for bit. Only float32, BFP (max rule)
+// or float P.
 //
 // Built at run time by torch.utils.cpp_extension with the ISA flags of the machine (see
 // cpu_attention.py); the ops are registered as torch.ops.qat_cpu.*.
