@@ -303,6 +303,16 @@ def load_config(name: str, gguf_file: str | None = None) -> Any:
     return _from_pretrained(AutoConfig, name, "config")
 
 
+def gguf_config(name: str, gguf_file: str) -> Any:
+    """The config transformers builds for a GGUF file from its metadata (no tensor is read,
+    but a large tokenizer's fields take seconds: ``load_config`` leaves GGUF files alone; ask
+    for this where a check needs the config before the weights load)."""
+    from transformers import AutoConfig
+
+    check_model_path(name, gguf_file)
+    return _from_pretrained(AutoConfig, name, "config", gguf_file=gguf_file)
+
+
 def preflight(args: Any) -> Any:
     """Checks of the recipe against the model that need only its config (cheap): a model
     folder that is not one, ``max_length`` beyond the position limit. Returns the config."""

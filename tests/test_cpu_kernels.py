@@ -2,10 +2,17 @@
 bit to the reference ``BFP.quantize`` (signs of zero, subnormals, clamped exponents, non-finite
 values included), and where it steps aside."""
 
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
 import pytest
 import torch
 
 import qat.formats.kernels.cpu as cpu
+import qat.formats.kernels.cpu_build as cpu_build
 import qat.quant.backends as backends
 from qat.formats import make_format
 from qat.quant.backends import fake_quantize
@@ -108,3 +115,152 @@ def test_other_cases_keep_the_compiled_graph(case, monkeypatch):
     fmt = make_format(spec)
     y = fake_quantize(x, fmt, -1, "compile")
     assert torch.equal(y, fmt.quantize(x, -1))
+
+
+def test_the_op_checks_its_own_inputs():
+    op = torch.ops.qat_cpu_formats.bfp_quantize
+    x = torch.randn(4, 16)
+    for args, words in (
+        ((x.double(), 3, -127, 128), "float32 CPU tensor [blocks, B]"),
+        ((x.reshape(64), 3, -127, 128), "float32 CPU tensor [blocks, B]"),
+        ((x, 40, -127, 128), "format out of range (m_bits 40"),  # 2^40 steps: no float format
+        ((x, 3, 5, 1), "exponents [5, 1]"),
+    ):
+        with pytest.raises(RuntimeError) as info:
+            op(*args)
+        message = str(info.value).strip()
+        assert words in message and len(message.splitlines()) == 1, message
+
+
+@pytest.fixture()
+def recheck():
+    """The kernels' first-use check runs again in the test (and after it, for the next)."""
+    cpu.load.cache_clear()
+    yield
+    cpu.load.cache_clear()
+
+
+def test_a_kernel_that_differs_from_the_reference_is_not_used(recheck, monkeypatch, caplog):
+    # what a torch upgrade that changes the ATen vector code under the kernel would look like:
+    # one value off by one ulp
+    inner = cpu.cpu_quantize_blocks
+
+    def off_by_one_ulp(blocks, fmt):
+        out = inner(blocks, fmt)
+        out.view(-1)[7] = torch.nextafter(out.view(-1)[7], torch.tensor(float("inf")))
+        return out
+
+    monkeypatch.setattr(cpu, "cpu_quantize_blocks", off_by_one_ulp)
+    with caplog.at_level("WARNING", logger="qat.formats.kernels.cpu"):
+        assert not cpu.load()
+        fmt = make_format({"format": "bfp", "width": 4, "block_size": 16})
+        x = torch.randn(8, 32)
+        assert not cpu.cpu_supports(fmt, x)
+        assert torch.equal(fake_quantize(x, fmt, -1, "compile"), fmt.quantize(x, -1))
+        assert not cpu.load()  # cached: checked and warned once
+    warnings = [r for r in caplog.records if "differs from the reference" in r.message]
+    assert len(warnings) == 1 and "compiled graph runs instead" in warnings[0].message
+
+
+# --- the build lock: a killed or stuck build never makes a later command wait forever -------
+
+
+def _torch_like_load(loaded: list[str]):
+    """cpp_extension.load's locking as torch 2.x does it (a FileBaton on the build folder's
+    ``lock`` file, waited on for as long as that file exists), without compiling."""
+    from torch.utils import cpp_extension
+    from torch.utils.file_baton import FileBaton
+
+    def load(name, sources, build_directory=None, **kwargs):
+        directory = build_directory or cpp_extension._get_build_directory(name, False)
+        baton = FileBaton(os.path.join(directory, "lock"))
+        if baton.try_acquire():
+            baton.release()
+            loaded.append(name)
+        else:
+            baton.wait()
+
+    return load
+
+
+def _build_in_thread(seconds: float) -> list[bool]:
+    """``build`` of the BFP kernel, uncached, in a thread given ``seconds`` to finish."""
+    result: list[bool] = []
+    worker = threading.Thread(
+        target=lambda: result.append(cpu_build.build.__wrapped__("qat_bfp_cpu", cpu.SOURCE)),
+        daemon=True,
+    )
+    worker.start()
+    worker.join(seconds)
+    assert not worker.is_alive(), "the build waited on a lock and never returned"
+    return result
+
+
+@pytest.fixture()
+def own_extensions_dir(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    return tmp_path
+
+
+def test_a_lock_left_by_a_killed_build_is_taken_over(own_extensions_dir, monkeypatch, caplog):
+    from torch.utils import cpp_extension
+
+    loaded: list[str] = []
+    monkeypatch.setattr(cpp_extension, "load", _torch_like_load(loaded))
+    ext = cpu_build.extension_name("qat_bfp_cpu", cpu.SOURCE)
+    folder = Path(cpp_extension._get_build_directory(ext, False))
+    assert folder.is_relative_to(own_extensions_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "lock").touch()  # torch's lock of a build killed half-way (kill -9, OOM)
+    with caplog.at_level("WARNING", logger="qat.formats.kernels.cpu_build"):
+        assert _build_in_thread(30) == [True]
+    assert loaded == [ext] and not (folder / "lock").exists()
+    assert "left by a build that was killed" in caplog.text
+
+
+_HOLDER = """
+import fcntl, os, sys, time
+f = open(sys.argv[1], "a+")
+fcntl.flock(f, fcntl.LOCK_EX)
+f.seek(0); f.truncate(); f.write(str(os.getpid())); f.flush()
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+def _hold_build_lock(folder: Path) -> subprocess.Popen:
+    """A live process that holds qat's build lock of ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(folder / cpu_build.LOCK_FILE)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_build_held_by_a_live_process_is_not_waited_for_past_the_timeout(
+    own_extensions_dir, monkeypatch, caplog
+):
+    from torch.utils import cpp_extension
+
+    loaded: list[str] = []
+    monkeypatch.setattr(cpp_extension, "load", _torch_like_load(loaded))
+    monkeypatch.setenv(cpu_build.TIMEOUT_ENV, "0.5")
+    ext = cpu_build.extension_name("qat_bfp_cpu", cpu.SOURCE)
+    holder = _hold_build_lock(cpu_build.build_directory(ext))
+    try:
+        with caplog.at_level("WARNING", logger="qat.formats.kernels.cpu_build"):
+            assert _build_in_thread(30) == [False]  # the PyTorch path, after one warning
+        assert not loaded
+        (line,) = [r.message for r in caplog.records if "could not be built" in r.message]
+        assert f"process {holder.pid} has held the build lock" in line
+        assert "QAT_CPU_BUILD_TIMEOUT" in line
+        # the holder is killed (kill -9): the system drops its lock, the next build runs
+        holder.kill()
+        holder.wait()
+        assert _build_in_thread(30) == [True] and loaded == [ext]
+    finally:
+        holder.kill()
+        holder.wait()

@@ -524,3 +524,115 @@ def test_the_distillation_part_of_a_step_makes_no_host_sync(tmp_path, finetune):
         trainer._distill_step = (term.detach(), term.detach())
         trainer._add_distill_terms(keep=True)
     assert trainer._distill_sums.shape == (2,) and float(trainer._distill_sums[0]) > 0
+
+
+# --- a GGUF student's teacher, a damaged teacher folder, weight 0 -----------------------------
+
+
+@pytest.fixture()
+def gguf_student(tmp_path) -> dict[str, str]:
+    """The tiny Llama (vocabulary 30522) as a GGUF file: model_name_or_path and gguf_file."""
+    pytest.importorskip("gguf")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qat import QuantConfig, quantize_model
+    from qat.export.gguf import export_gguf
+
+    src = make_tiny_causal_lm_dir(tmp_path / "src")
+    model = AutoModelForCausalLM.from_pretrained(src)
+    quantize_model(model, QuantConfig(weight={"format": "ggml_q8_0"}))
+    folder = export_gguf(model, tmp_path / "gguf", AutoTokenizer.from_pretrained(src))
+    return {"model_name_or_path": str(folder), "gguf_file": "model.gguf"}
+
+
+@pytest.mark.parametrize(
+    "teacher,fragment",
+    [
+        (
+            "BERT",
+            "has another architecture than the model (model_type 'bert', the model's 'llama')",
+        ),
+        (
+            "SMALL",
+            "has another vocabulary size than the model (vocab_size 1000, the model's 30522)",
+        ),
+    ],
+)
+def test_a_gguf_students_teacher_is_checked_before_loading(
+    teacher, fragment, gguf_student, tmp_path, no_model, capsys
+):
+    # every SmolLM2 recipe's student is a GGUF file: its config comes from the file's metadata
+    from qat.cli.train import main as train_main
+
+    recipe = lm_recipe(tmp_path, **gguf_student)
+    path = make_tiny_model_dir(tmp_path, "bert") if teacher == "BERT" else _other_vocab(tmp_path)
+    assert train_main([recipe, "--distill.teacher", path]) == 2
+    line = one_error_line(capsys.readouterr().err, "train")
+    assert fragment in line, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_gguf_students_matching_teacher_passes_the_check(gguf_student, tmp_path):
+    from qat.training.teacher import check_distill
+
+    teacher = make_tiny_causal_lm_dir(tmp_path / "teacher")
+    distill = DistillArguments(teacher=teacher)
+    gguf = (gguf_student["model_name_or_path"], gguf_student["gguf_file"])
+    check_distill(distill, None, causal=True, gguf=gguf)  # same type and vocabulary: passes
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "header"])
+def test_a_damaged_teacher_weight_file_is_one_line_before_loading(
+    damage, tmp_path, no_model, capsys
+):
+    import shutil
+
+    from qat.cli.train import main as train_main
+
+    recipe = lm_recipe(tmp_path)
+    teacher = tmp_path / "teacher"
+    shutil.copytree(make_tiny_causal_lm_dir(tmp_path / "src"), teacher)
+    weights = teacher / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(
+        {"truncated": data[: len(data) // 2], "empty": b"", "header": b"\xff" * 64}[damage]
+    )
+    assert train_main([recipe, "--distill.teacher", str(teacher)]) == 2
+    line = one_error_line(capsys.readouterr().err, "train")
+    assert f"distill.teacher {str(teacher)!r}: " in line and "model.safetensors" in line, line
+    assert "truncated" in line or "not a safetensors file" in line or "corrupt" in line, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_weight_zero_builds_and_runs_no_teacher(tmp_path, monkeypatch):
+    import qat.training.teacher as teacher_module
+    from qat.runs.recipe import load_recipe
+    from qat.runs.recipe_sections import build_distill
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("a teacher was built for distill.weight 0")
+
+    monkeypatch.setattr(teacher_module, "make_teacher", no_teacher)
+    assert build_distill({"teacher": "self", "weight": 0}) is None
+    recipe = lm_recipe(tmp_path, distill={"teacher": "self", "weight": 1.0})
+    assert load_recipe(recipe, ["--distill.weight", "0"]).args.distill is None
+    trainer = _trainer(tmp_path, distill=DistillArguments(weight=0.0), steps=2)
+    assert trainer.teacher is None and trainer.distill is None
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert logged and all("distill_loss" not in h for h in logged)
+
+
+def test_a_teacher_handed_over_from_python_gets_the_recipes_checks(tmp_path, monkeypatch):
+    # QATTrainer(distill=...) without a recipe: the same one-line refusal before the teacher
+    # loads (it was loaded unchecked)
+    import qat.models
+    from qat.errors import ConfigError
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the teacher was loaded despite another vocabulary")
+
+    monkeypatch.setattr(qat.models, "load_causal_lm", fail)
+    teacher = _other_vocab(tmp_path)
+    with pytest.raises(ConfigError, match="has another vocabulary size than the model"):
+        _trainer(tmp_path, distill=DistillArguments(teacher=teacher))

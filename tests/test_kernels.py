@@ -658,3 +658,38 @@ def test_cpu_tensor_needs_the_interpreter(monkeypatch):
     fmt = make_format({"format": "mxfp4"})
     with pytest.raises(RuntimeError, match=r"^triton kernels run on CUDA tensors, got a cpu "):
         triton_fake_quantize(torch.randn(4, 32), fmt)
+
+
+def test_kernel_constants_are_named_and_agree_with_the_launcher():
+    # the kernels compare KIND, LAYOUT and MASK_KIND with named constants, never a bare number
+    import re
+    from pathlib import Path
+
+    from qat.formats.kernels import _plan, _triton_kernels
+    from qat.quant import flash_kernels
+
+    bare = re.compile(r"KIND == [0-9]|MASK_KIND == [0-9]|LAYOUT == [0-9]")
+    found = [
+        f"{path}:{n}"
+        for path in sorted(Path(REPO, "qat").rglob("*.py"))
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if bare.search(line)
+    ]
+    assert not found, found
+    # _triton_kernels.py is compiled on its own (no package), so it holds its own copies
+    names = [n for n in dir(_plan) if n.startswith(("KIND_", "LAYOUT_"))]
+    assert len(names) == 8
+    for name in names:
+        assert getattr(_triton_kernels, name).value == getattr(_plan, name), name
+    for name in ("MASK_NONE", "MASK_BOOL", "MASK_ADDITIVE"):
+        assert getattr(flash_kernels, name).value == getattr(_plan, name), name
+    # each family's constants fill the kernel's six P slots, by name
+    for params in (
+        _plan.bfp_params(4, 8),
+        _plan.mx_params(1, 2, 0, 6.0, False),
+        _plan.codebook_params((-1.0, 0.0, 1.0), True),
+        _plan.ggml_params(True),
+    ):
+        assert len(params) == 6 and params._fields[0] != "_0"
+    assert _plan.bfp_params(4, 8, 29) == (3, 8.0, 7.0, -127, 128, 29)
+    assert _plan.bfp_params(4, 8).e_hi == 128

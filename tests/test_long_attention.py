@@ -37,7 +37,7 @@ def _blocks_on(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
     monkeypatch.setattr(attention, "block_attention", counted)
     monkeypatch.setattr(block, "BLOCK_ELEMENTS", 1)
-    monkeypatch.setattr(block, "MIN_ROWS", ROWS)
+    monkeypatch.setattr(block, "TILE_ROWS", ROWS)
     return calls
 
 
@@ -199,7 +199,7 @@ def test_saved_memory_grows_linearly_with_length(blocks, block_impl, monkeypatch
     monkeypatch.setattr(attention, "LONG_SCORES", 1 << 60)
     eager = _saved_bytes(256), _saved_bytes(512)
     monkeypatch.setattr(attention, "LONG_SCORES", 0)
-    monkeypatch.setattr(block, "MIN_ROWS", 64)
+    monkeypatch.setattr(block, "TILE_ROWS", 64)
     lean = _saved_bytes(256), _saved_bytes(512)
     assert eager[1] / eager[0] > 3.5  # the eager path keeps P and Q(P): quadratic
     assert lean[1] / lean[0] == pytest.approx(2.0, rel=0.05)
@@ -284,7 +284,7 @@ TAIL_ROWS = 16  # rows per block in these tests: lengths 37, 61, 70, 130, 200 en
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("seq", [37, 61])
 def test_blocks_that_skip_masked_key_tails_match_the_eager_path(arch, seq, blocks, monkeypatch):
-    monkeypatch.setattr(block, "MIN_ROWS", TAIL_ROWS)
+    monkeypatch.setattr(block, "TILE_ROWS", TAIL_ROWS)
     # 16 keys: still a whole AVX-512 vector of the softmax, and short enough for these lengths
     monkeypatch.setattr(block, "MIN_KEYS", 16)
     model = tiny_model(arch)
@@ -310,7 +310,7 @@ def _block_probs(module: torch.nn.Module, seen: list[torch.Tensor]):
 @pytest.mark.parametrize("mask_kind", ["none", "bool", "additive", "broadcast_row"])
 @pytest.mark.parametrize("kv_heads", [4, 2])
 def test_key_tails_under_masks_and_gqa(seq, mask_kind, kv_heads, torch_blocks, monkeypatch):
-    monkeypatch.setattr(block, "MIN_ROWS", TAIL_ROWS)
+    monkeypatch.setattr(block, "TILE_ROWS", TAIL_ROWS)
     module = _Attn({**W4, "block_size": 8}, groups=4 // kv_heads)
     q, k, v = _qkv(seq, kv_heads=kv_heads, seed=seq)
     mask = _masks(seq)[mask_kind]
@@ -328,10 +328,12 @@ def test_key_tails_under_masks_and_gqa(seq, mask_kind, kv_heads, torch_blocks, m
     for name, g, r in zip("qkv", grads, ref_grads):
         _assert_same(g, r, name)
     # Q(P) of each block: the eager Q(P)'s rows and first keys bit for bit, and 0 past them
-    starts = range(0, seq, TAIL_ROWS)
-    assert len(seen) == 2 * len(starts)  # forward, then the backward's recompute
-    for start, p, again in zip(starts, seen, seen[len(starts) :]):
-        rows = ref_probs[..., start : start + TAIL_ROWS, :]
+    # (the last block reaches back to compute TAIL_ROWS rows, see block.spans)
+    spans = block.spans(seq, TAIL_ROWS)
+    assert spans[-1][0] == seq - TAIL_ROWS < spans[-1][1]
+    assert len(seen) == 2 * len(spans)  # forward, then the backward's recompute
+    for (first, _, stop), p, again in zip(spans, seen, seen[len(spans) :]):
+        rows = ref_probs[..., first:stop, :]
         assert torch.equal(p, rows[..., : p.shape[-1]]) and torch.equal(again, p)
         assert not rows[..., p.shape[-1] :].any()
     if mask_kind in ("bool", "additive") and seq > 70:
@@ -366,7 +368,7 @@ def test_causal_blocks_compute_only_the_keys_they_see(block_size, want, torch_bl
     # rounded up to whole blocks of P's format; the forward and the backward's recompute each
     # see every block once
     monkeypatch.setattr(attention, "LONG_SCORES", 0)
-    monkeypatch.setattr(block, "MIN_ROWS", TAIL_ROWS)
+    monkeypatch.setattr(block, "TILE_ROWS", TAIL_ROWS)
     module = _Attn({**W4, "block_size": block_size})
     assert block.MIN_KEYS == 64
     assert _p_lengths(module, 200, CAUSAL_200) == want + want
@@ -379,7 +381,7 @@ def test_key_tails_are_kept_where_a_row_sees_no_key_or_p_blocks_are_unknown(
     torch_blocks, monkeypatch
 ):
     monkeypatch.setattr(attention, "LONG_SCORES", 0)
-    monkeypatch.setattr(block, "MIN_ROWS", TAIL_ROWS)
+    monkeypatch.setattr(block, "TILE_ROWS", TAIL_ROWS)
     mask = CAUSAL_200.repeat(2, 1, 1, 1)
     mask[1, :, 20:40] = False  # rows 20-39 of the second sequence see nothing: uniform P
     want = [64, 200, 200] + SEEN_200[3:]
@@ -432,7 +434,7 @@ def test_p_block_size_follows_the_p_quantiser():
 
 def test_cpu_block_path_reads_the_mask_once_per_forward(blocks, monkeypatch):
     monkeypatch.setattr(attention, "LONG_SCORES", 0)
-    monkeypatch.setattr(block, "MIN_ROWS", TAIL_ROWS)
+    monkeypatch.setattr(block, "TILE_ROWS", TAIL_ROWS)
     reads = []
     tolist = torch.Tensor.tolist
 
@@ -448,7 +450,7 @@ def test_cpu_block_path_reads_the_mask_once_per_forward(blocks, monkeypatch):
 def test_key_tails_under_bf16_autocast(blocks, monkeypatch):
     # the recompute under the forward's autocast state sees the forward's blocks and keys; the
     # shorter bf16 sums over keys round to bf16 differently at most
-    monkeypatch.setattr(block, "MIN_ROWS", TAIL_ROWS)
+    monkeypatch.setattr(block, "TILE_ROWS", TAIL_ROWS)
     module = _Attn(W4)
     q, k, v = _qkv(130)
     mask = _masks(130)["bool"]
@@ -469,3 +471,30 @@ def test_key_tails_under_bf16_autocast(blocks, monkeypatch):
     assert torch.allclose(got, ref, rtol=1e-2, atol=1e-2 * float(ref.abs().max()))
     for name, g, r in zip("qkv", grads, ref_grads):
         assert torch.allclose(g, r, rtol=1e-2, atol=1e-2 * float(r.abs().max())), name
+
+
+@pytest.mark.parametrize("matmul", ["float", "bfp4"])
+def test_eager_and_block_paths_give_the_same_forward_at_real_sizes(matmul, monkeypatch):
+    # Seeded random floats at a real head size (64) and length (1,089 tokens: a last tile of
+    # one row), a left-padded row, attention matmuls in float (a recipe that quantises only
+    # weights and activations) or BFP4, and the memory heuristic's blocks for 240 heads (64
+    # rows). A block's sum over 320 keys (MKL groups 208 to 368 terms otherwise than 1,089,
+    # zeros or not) once made the block path's outputs differ from the eager path's (float
+    # attention: 27,420 of 278,784 elements; BFP4 V makes most of these sums exact).
+    monkeypatch.setenv(cpu_attention.ENV, "0")
+    g = torch.Generator().manual_seed(0)
+    n = 1089
+    q, k, v = (torch.randn(2, 2, n, 64, generator=g) for _ in range(3))
+    mask = torch.ones(n, n, dtype=torch.bool).tril()[None, None].repeat(2, 1, 1, 1)
+    mask[1, :, :, :46] = False
+    mask[1, :, :46, 0] = True  # padded query rows see one key, as transformers does
+    monkeypatch.setattr(block, "BLOCK_ELEMENTS", 64 * 2 * 2 * n)  # 64 rows for these 4 heads
+    module = torch.nn.Module() if matmul == "float" else _Attn(W4)
+    outs = []
+    for threshold in (1 << 60, 0):
+        monkeypatch.setattr(attention, "LONG_SCORES", threshold)
+        with torch.no_grad():
+            outs.append(attention.qat_attention_forward(module, q, k, v, mask, scaling=0.125))
+    (eager, probs), (blocks, none) = outs
+    assert probs is not None and none is None
+    assert torch.equal(blocks, eager), int((blocks != eager).sum())

@@ -5,8 +5,9 @@ module and switches the model to the ``"qat"`` implementation; modules without o
 same math in float. This is eager attention with the four matmul operands fake-quantised.
 
 Long sequences (``q_len * k_len >= LONG_SCORES``) run the block path of
-``qat.quant.block_attention`` instead: the same values without keeping the ``L x L`` score
-matrix for backward. It returns no attention weights, so it steps aside for dropout, for
+``qat.quant.block_attention`` instead: the same forward values (``Q(P) V`` is taken tile by
+tile over each tile's keys in both, see ``block_attention``) without keeping the ``L x L``
+score matrix for backward. It returns no attention weights, so it steps aside for dropout, for
 ``output_attentions`` and for a P format whose scale spans more than one block.
 """
 
@@ -17,7 +18,7 @@ from torch import Tensor, nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from qat.quant.block_attention import block_attention
+from qat.quant.block_attention import block_attention, tile_stops, tiled_values
 from qat.quant.flash_attention import flash_applies, flash_attention
 
 ATTN_IMPLEMENTATION = "qat"
@@ -86,9 +87,15 @@ def qat_attention_forward(
             scores = scores + attention_mask[..., : key.shape[-2]]
     probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     probs = nn.functional.dropout(probs, p=dropout, training=module.training)
+    p = None
     if mq is not None:
-        probs, value = mq.p(probs), mq.v(value)
-    out = torch.matmul(probs, value).transpose(1, 2).contiguous()
+        p = mq.p
+        probs, value = p(probs), mq.v(value)
+    # Q(P) V tile by tile over each tile's keys, as the block path and its kernel take it: the
+    # same numbers whichever path a sequence length picks
+    mask = None if attention_mask is None else attention_mask[..., :k_len]
+    stops = tile_stops(mask, q_len, k_len, p)
+    out = tiled_values(probs, value, stops).transpose(1, 2).contiguous()
     return out, probs
 
 

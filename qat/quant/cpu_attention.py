@@ -2,26 +2,29 @@
 
 The PyTorch block path (``block_attention.BlockAttention``) runs each op over a block of
 ``heads x rows x keys`` scores, tens of MiB that leave the cache between the matmul, the mask,
-the softmax and the quantiser. The C++ kernel takes one head and a few dozen query rows at a
-time (``CPU_ROWS``): their rows of scores stay in cache from ``QK^T`` to ``Q(P) V``, the
-pointwise work is one vectorised pass per row, and the two cores work on different blocks
-(single-threaded GEMMs, no sync inside a block). It computes what the block path computes (the
-same whole rows, the same skipped key tails, a straight-through P quantiser): P is ATen's
-softmax bit for bit on the same scores (the same formula, vectorised and summed lane by lane in
-ATen's order), so ``Q(P)`` is the eager path's wherever the GEMM gives the same scores (tested
-on exact integer scores), and outputs and gradients equal the PyTorch block path's to float32
-rounding (tested; bit-equal in every case tried).
+the softmax and the quantiser. The C++ kernel takes one head and one tile of query rows
+(``block_attention.TILE_ROWS``) at a time: their rows of scores stay in cache from ``QK^T`` to
+``Q(P) V``, the pointwise work is one vectorised pass per row, and the two cores work on
+different tiles (single-threaded GEMMs, no sync inside a tile). It computes what the block path
+computes, in the same order: ATen's GEMMs on each tile's keys, ATen's softmax formula summed
+lane by lane in ATen's order, the BFP quantiser of P, and in backward each tile's GEMM followed
+by one add into dK and dV. So its outputs and gradients are the PyTorch block path's bit for
+bit; ``block_attention.kernel_agrees`` checks that once per process on random data, and where
+a torch version or BLAS breaks it the PyTorch path runs, after one warning.
 
 It takes float32 CPU tensors outside autocast with a boolean or float32 mask, and P in BFP
-with the ``max`` scale rule (any width, exponent width, block size) or in float; everything
-else (bf16, autocast, ``scale: mse``, other P formats, a P rotation) runs the PyTorch block
-path, as does every call when the kernel cannot be built (no C++ compiler or ``ninja``: one
-warning) or ``$QAT_CPU_ATTENTION=0``. The build (about 15 s, once per machine and source) is
-``qat.formats.kernels.cpu_build``'s.
+with the ``max`` scale rule (any width, exponent width, block size up to ``MAX_BLOCK``) or in
+float; everything else (bf16, autocast, ``scale: mse``, other P formats, a P rotation) runs the
+PyTorch block path, as does every call when the kernel cannot be built (no C++ compiler or
+``ninja``: one warning) or ``$QAT_CPU_ATTENTION=0`` (the same numbers, slower). The ops check
+their own inputs (dtypes, shapes, key stops, the P block bound) and raise a one-line error. The
+build (about 15 s, once per machine and source) is ``qat.formats.kernels.cpu_build``'s.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -31,17 +34,29 @@ from torch import Tensor
 
 from qat.formats.kernels.cpu_build import build
 
+logger = logging.getLogger(__name__)
+
 ENV = "QAT_CPU_ATTENTION"  # "0": always the PyTorch block path
-# Query rows per task: a task's score rows (CPU_ROWS x keys float32, three buffers in
-# backward) stay in a core's L2 up to a few thousand keys.
-CPU_ROWS = 64
-MAX_BLOCK = 256  # P blocks of at most this many keys (one block is staged on the stack)
+# P blocks of at most this many keys (one block is staged on the stack; the op checks it too)
+MAX_BLOCK = 256
 SOURCE = Path(__file__).parent / "csrc" / "block_attention_cpu.cpp"
 
 
 def enabled() -> bool:
-    """Whether the kernel may run (``$QAT_CPU_ATTENTION`` is not ``0``)."""
-    return os.environ.get(ENV, "1") != "0"
+    """Whether the kernel may run (``$QAT_CPU_ATTENTION`` is not ``0``; once off, one warning
+    says so: the same numbers, more time)."""
+    if os.environ.get(ENV, "1") != "0":
+        return True
+    _warn_off()
+    return False
+
+
+@functools.cache
+def _warn_off() -> None:
+    logger.warning(
+        "qat: %s=0: long attention runs the PyTorch block path (the kernel's numbers, slower)",
+        ENV,
+    )
 
 
 def load() -> bool:
@@ -131,7 +146,7 @@ def cpu_block_attention(
     stops: list[int] | None,
 ) -> Tensor:
     """The kernel's attention output ``[batch, heads, q_len, dim]`` (``applies`` must hold);
-    ``stops``: keys per block of ``rows`` query rows (None: all keys)."""
+    ``stops``: keys per block of ``rows`` query rows (None: all keys); ``rows``: the tile."""
     if not load():
         raise RuntimeError("qat: the CPU attention kernel is not built (see the warning above)")
     b, h, q_len, _ = q.shape

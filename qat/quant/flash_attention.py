@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from qat.formats.bfp import BFP
+from qat.formats.kernels._plan import MASK_ADDITIVE, MASK_BOOL, MASK_NONE, bfp_params
 from qat.formats.scale import fixed_point_bits
 from qat.quant.block_attention import p_block_size
 from qat.quant.ste import FakeQuantizer
@@ -85,21 +86,21 @@ def _next_pow2(n: int) -> int:
 
 
 def _p_constants(fmt: BFP | None) -> dict:
-    from qat.formats.kernels._plan import bfp_params
-
+    """The kernels' P format constants: ``QUANT_P``, ``PB`` (block) and ``P0..P5`` (BFP's
+    slots, ``_plan.BfpParams``)."""
     if fmt is None:
-        return {"QUANT_P": False, "PB": 1, "P0": 0, "P1": 0, "P2": 0, "P3": 0, "P4": 0, "P5": 0}
+        return {"QUANT_P": False, "PB": 1, **{f"P{i}": 0 for i in range(6)}}
     frac = fixed_point_bits(fmt.block_size) if fmt.scale == "mse" else 0
     p = bfp_params(fmt.width, fmt.exponent_width, frac)
     return {
         "QUANT_P": True,
         "PB": fmt.block_size,
-        "P0": p[0],
-        "P1": p[1],
-        "P2": p[2],
-        "P3": p[3],
-        "P4": p[4],
-        "P5": p[5],
+        "P0": p.m_bits,
+        "P1": p.m_pow,
+        "P2": p.mant_max,
+        "P3": p.e_lo,
+        "P4": p.e_hi,
+        "P5": p.frac,
     }
 
 
@@ -108,15 +109,16 @@ def _mask_args(q: Tensor, k_len: int, mask: Tensor | None) -> tuple[Tensor, tupl
     (0 on broadcast dims: no copy) and the mask constants."""
     fill = torch.finfo(q.dtype).min
     if mask is None:
-        return q, (0, 0, 0, 0), {"MASK_KIND": 0, "ROUND_ADD": False, "FILL": fill, "MASK_MIN": fill}
+        consts = {"MASK_KIND": MASK_NONE, "ROUND_ADD": False, "FILL": fill, "MASK_MIN": fill}
+        return q, (0, 0, 0, 0), consts
     full = mask.expand(*q.shape[:-1], k_len)
     if mask.dtype == torch.bool:
         full = full.view(torch.uint8)  # same bytes; a plain integer pointer in the kernel
-        consts = {"MASK_KIND": 1, "ROUND_ADD": False, "FILL": fill, "MASK_MIN": fill}
+        consts = {"MASK_KIND": MASK_BOOL, "ROUND_ADD": False, "FILL": fill, "MASK_MIN": fill}
     else:  # scores + mask: promoted to the wider dtype, rounded to q's only if they match
         mmin = torch.finfo(mask.dtype).min
         consts = {
-            "MASK_KIND": 2,
+            "MASK_KIND": MASK_ADDITIVE,
             "ROUND_ADD": mask.dtype == q.dtype,
             "FILL": mmin,
             "MASK_MIN": mmin,

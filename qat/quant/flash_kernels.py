@@ -16,7 +16,13 @@ its P is then exactly 0 (``exp`` of about the dtype's minimum), so skipping chan
 import triton
 import triton.language as tl
 
+from qat.formats.kernels import _plan
 from qat.formats.kernels._triton_kernels import _bfp, _from_f32, _to_f32
+
+# MASK_KIND: no mask, a boolean one (keep where true), an additive one (_plan.MASK_*)
+MASK_NONE = tl.constexpr(_plan.MASK_NONE)
+MASK_BOOL = tl.constexpr(_plan.MASK_BOOL)
+MASK_ADDITIVE = tl.constexpr(_plan.MASK_ADDITIVE)
 
 
 @triton.jit
@@ -44,10 +50,10 @@ def _dead(mask_ptr, mbase, offs_m, offs_n, Lq, Lk, smm, smn, MASK_KIND: tl.const
     additive: the float32 value to add)."""
     inside = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
     ptrs = mask_ptr + mbase + offs_m[:, None].to(tl.int64) * smm + offs_n[None, :] * smn
-    if MASK_KIND == 1:
+    if MASK_KIND == MASK_BOOL:
         keep = tl.load(ptrs, mask=inside, other=0) != 0
         return ~keep, keep.to(tl.float32)
-    elif MASK_KIND == 2:
+    elif MASK_KIND == MASK_ADDITIVE:
         add = _to_f32(tl.load(ptrs, mask=inside, other=0.0))
         return (add <= MASK_MIN) | ~inside, add
     else:
@@ -57,7 +63,7 @@ def _dead(mask_ptr, mbase, offs_m, offs_n, Lq, Lk, smm, smn, MASK_KIND: tl.const
 @triton.jit
 def _skip(dead, rows_ok, MASK_KIND: tl.constexpr):
     """Whether a key tile contributes exactly nothing to these rows (see the module doc)."""
-    if MASK_KIND == 0:
+    if MASK_KIND == MASK_NONE:
         return False
     return (tl.min(dead.to(tl.int32)) == 1) & (tl.min(rows_ok.to(tl.int32)) == 1)
 
@@ -81,9 +87,9 @@ def _scores(
     s = _round_dt(_dot(q, tl.trans(k), DT, WIDEN), DT)
     if SCALE:
         s = _round_dt(s * scaling, DT)
-    if MASK_KIND == 1:
+    if MASK_KIND == MASK_BOOL:
         s = tl.where(mval != 0, s, FILL)
-    elif MASK_KIND == 2:
+    elif MASK_KIND == MASK_ADDITIVE:
         s = s + mval
         if ROUND_ADD:
             s = _round_dt(s, DT)
@@ -214,7 +220,7 @@ def _grad_scores(
     """dS of the score tile as the reference's autograd forms it: the softmax backward in
     float32 rounded to DT, zero where a boolean mask filled, times the scaling (rounded)."""
     ds = _round_dt(p * (dp - Dr[:, None]), DT)
-    if MASK_KIND == 1:
+    if MASK_KIND == MASK_BOOL:
         ds = tl.where(mval != 0, ds, 0.0)
     if SCALE:
         ds = _round_dt(ds * scaling, DT)

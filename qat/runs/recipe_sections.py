@@ -6,6 +6,7 @@ checked, each error naming ``lora.<key>`` / ``distill.<key>``.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from typing import Any
 
@@ -14,6 +15,8 @@ from qat.quant.config import check_section
 from qat.runs.arguments import DISTILL_LOSSES, DistillArguments, LoraArguments
 from qat.runs.recipe_text import RecipeError
 from qat.runs.recipe_types import check_type, coerce, field_types
+
+logger = logging.getLogger(__name__)
 
 
 def build_lora(d: Any) -> LoraArguments:
@@ -50,8 +53,10 @@ def build_lora(d: Any) -> LoraArguments:
 
 def build_distill(d: Any) -> DistillArguments | None:
     """``distill:`` as a mapping (or null: off, or already built) -> checked
-    ``DistillArguments``. Only the values are checked here; the teacher's folder and config
-    are checked against the model by the train loop (``qat.training.teacher.check_distill``)."""
+    ``DistillArguments``; None (off) for null and for ``weight: 0``, whose term adds nothing:
+    no teacher is then built or run. Only the values are checked here; the teacher's folder
+    and config are checked against the model by the train loop
+    (``qat.training.teacher.check_distill``)."""
     if d is None:
         return None
     if isinstance(d, DistillArguments):
@@ -77,4 +82,7 @@ def build_distill(d: Any) -> DistillArguments | None:
     distill.weight = float(distill.weight)
     if not 0 <= distill.weight < math.inf:
         raise RecipeError(f"distill.weight must be finite and >= 0, got {distill.weight!r}")
+    if distill.weight == 0:
+        logger.info("qat: distill.weight 0: no distillation (no teacher is built or run)")
+        return None
     return distill

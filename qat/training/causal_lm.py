@@ -40,7 +40,8 @@ def train_decoder(
     if config is not None:
         check_causal(config, name)
         check_block_size(config, args.block_size, name)
-    check_distill(args.distill, config, causal=True)  # the teacher's config, before any weights
+    gguf = (name, args.gguf_file) if args.gguf_file else None
+    check_distill(args.distill, config, causal=True, gguf=gguf)  # the teacher's, before weights
     tokenizer = load_tokenizer_for(args)
     task = get_task(args.task_name)
     train, evals, collator = task.data(args, tokenizer)  # bad data fails before weights

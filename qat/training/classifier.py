@@ -34,7 +34,12 @@ def train_classifier(recipe: Any, checkpoint: str | None) -> dict:
         if names is not None:
             check_target_modules(names, args.lora.target_modules)
     check_distill(
-        args.distill, config, causal=False, num_labels=task.num_labels, finetune=args.finetune
+        args.distill,
+        config,
+        causal=False,
+        num_labels=task.num_labels,
+        finetune=args.finetune,
+        gguf=(args.model_name_or_path, args.gguf_file) if args.gguf_file else None,
     )  # the teacher's config too, before any weights
     raw = glue_splits(
         task,

@@ -13,9 +13,10 @@ built beside the student.
   dtype), float and frozen (``FrozenTeacher``).
 
 ``check_distill`` refuses, before loading anything: a teacher path that does not exist, a
-teacher of another ``model_type`` or vocabulary size than the student, and ``self`` where the
-student's classification head is freshly initialised (the float "teacher" would predict with
-that same untrained head).
+teacher of another ``model_type`` or vocabulary size than the student (a GGUF student's config
+is read from the file's metadata for this), a teacher folder whose weight file is truncated or
+corrupt, and ``self`` where the student's classification head is freshly initialised (the float
+"teacher" would predict with that same untrained head).
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from qat import models
 from qat.errors import ConfigError, QatError
 from qat.quant.ste import FakeQuantizer
+from qat.runs.checkpoints import CheckpointError, check_safetensors, check_torch_zip, read_json
 
 
 @contextlib.contextmanager
@@ -114,6 +117,12 @@ def make_teacher(distill: Any, model: nn.Module, finetune: str) -> Teacher:
     """The teacher ``distill.teacher`` names, for the student ``model`` (already prepared for
     ``finetune``; call before training starts, so a ``self`` copy holds the initial weights)."""
     if distill.teacher != "self":
+        # the recipe's checks for a teacher handed over from Python (QATTrainer(distill=...)):
+        # architecture, vocabulary, whole weight files, before it loads
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        causal = type(base).__name__.endswith("ForCausalLM")
+        labels = None if causal else base.config.num_labels
+        check_distill(distill, base.config, causal=causal, num_labels=labels, finetune=finetune)
         return FrozenTeacher(load_teacher(distill.teacher, model))
     if finetune == "lora":
         return AdapterOffTeacher(model)
@@ -125,8 +134,6 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.floa
 
 def load_teacher(path: str, student: nn.Module) -> nn.Module:
     """The teacher at ``path``, loaded with the student's head kind and dtype."""
-    from qat import models
-
     base = student.get_base_model() if hasattr(student, "get_base_model") else student
     param = next(base.parameters())
     dtype = _DTYPE_NAMES.get(param.dtype)
@@ -162,6 +169,22 @@ def has_trained_head(config: Any, num_labels: int) -> bool:
     )
 
 
+def check_teacher_weights(folder: Path, teacher: str) -> None:
+    """The weight files of a local teacher folder are whole (a truncated download or copy is
+    one line naming the file, not a traceback from the loader)."""
+    index = folder / "model.safetensors.index.json"
+    try:
+        if index.is_file():
+            for shard in sorted(set(read_json(index).get("weight_map", {}).values())):
+                check_safetensors(folder / shard)
+        elif (folder / "model.safetensors").exists():
+            check_safetensors(folder / "model.safetensors")
+        elif (folder / "pytorch_model.bin").exists():
+            check_torch_zip(folder / "pytorch_model.bin")
+    except CheckpointError as e:
+        raise ConfigError(f"distill.teacher {teacher!r}: {e}") from None
+
+
 def check_distill(
     distill: Any,
     student_config: Any,
@@ -169,10 +192,12 @@ def check_distill(
     causal: bool,
     num_labels: int | None = None,
     finetune: str = "full",
+    gguf: tuple[str, str] | None = None,
 ) -> None:
-    """Refuse a ``distill`` section that cannot work with this student, from configs only.
-    ``student_config`` is None for a GGUF student (its config is only known once loaded; a GGUF
-    file holds no classification head)."""
+    """Refuse a ``distill`` section that cannot work with this student, from configs and file
+    headers only. ``student_config`` is None for a GGUF student: ``gguf`` (its
+    ``model_name_or_path`` and ``gguf_file``) then names the file whose metadata gives the
+    config to compare a teacher folder with (a GGUF file holds no classification head)."""
     if distill is None:
         return
     if (
@@ -189,8 +214,6 @@ def check_distill(
     if distill.teacher == "self":
         return
     teacher = distill.teacher
-    from qat import models
-
     resolved = teacher
     try:
         resolved = models.resolve_model_path(teacher)
@@ -205,16 +228,19 @@ def check_distill(
         config = models.load_config(resolved)
     except QatError as e:
         raise ConfigError(f"distill.teacher {teacher!r}: {e}") from None
-    if student_config is None:
-        return  # GGUF: the trainer compares logits shapes at the first batch
-    for key, what in (("model_type", "architecture"), ("vocab_size", "vocabulary size")):
-        mine, theirs = getattr(student_config, key, None), getattr(config, key, None)
-        if mine != theirs:
-            raise ConfigError(
-                f"distill.teacher {teacher!r} has another {what} than the model "
-                f"({key} {theirs!r}, the model's {mine!r}); the teacher must "
-                "share the student's architecture and vocabulary"
-            )
+    if student_config is None and gguf is not None:
+        student_config = models.gguf_config(*gguf)  # the file's metadata: no weights read
+    if student_config is not None:
+        for key, what in (("model_type", "architecture"), ("vocab_size", "vocabulary size")):
+            mine, theirs = getattr(student_config, key, None), getattr(config, key, None)
+            if mine != theirs:
+                raise ConfigError(
+                    f"distill.teacher {teacher!r} has another {what} than the model "
+                    f"({key} {theirs!r}, the model's {mine!r}); the teacher must "
+                    "share the student's architecture and vocabulary"
+                )
+    if Path(resolved).expanduser().is_dir():
+        check_teacher_weights(Path(resolved).expanduser(), teacher)
     if not causal and not has_trained_head(config, num_labels):
         raise ConfigError(
             f"distill.teacher {teacher!r} holds no trained classification head "

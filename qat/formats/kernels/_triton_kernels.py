@@ -14,6 +14,18 @@ results agree bit for bit. Rules that keep them exact on a GPU as well as under 
 import triton
 import triton.language as tl
 
+# The format families (KIND) and tile layouts (LAYOUT) of fake_quantize_kernel: the values of
+# _plan.KIND_* / LAYOUT_*, as triton constants (this file is also compiled on its own, without
+# the package; tests/test_kernels.py checks that the two agree).
+KIND_BFP = tl.constexpr(0)
+KIND_MX = tl.constexpr(1)
+KIND_CODEBOOK = tl.constexpr(2)
+KIND_GGML = tl.constexpr(3)
+KIND_NVFP4 = tl.constexpr(4)
+LAYOUT_BLOCKS = tl.constexpr(0)
+LAYOUT_WIDE = tl.constexpr(1)
+LAYOUT_NARROW = tl.constexpr(2)
+
 
 @triton.jit
 def _pow2(k):
@@ -325,15 +337,16 @@ def _quantize_tile(
     # Non-finite values count as 0 for the block's scale and pass through unchanged.
     finite = tl.abs(xf) < float("inf")
     src = tl.where(finite, xf, 0.0)
-    if KIND == 0:
+    # P0..P5: the family's constants (_plan.BfpParams, MxParams, GgmlParams, CodebookParams)
+    if KIND == KIND_BFP:
         q = _bfp(src, AXIS, P0, P1, P2, P3, P4, P5)
-    elif KIND == 1:
+    elif KIND == KIND_MX:
         q = _mx(src, AXIS, P0, P1, P2, P3, P4, P5)
-    elif KIND == 3:
+    elif KIND == KIND_GGML:
         q = _ggml(src, kidx, AXIS, P0, BP)
-    elif KIND == 4:
+    elif KIND == KIND_NVFP4:
         q = _nvfp4(src, lv_ptr, AXIS)
-    else:
+    else:  # KIND_CODEBOOK
         q = _codebook(src, kidx, lv_ptr, mid_ptr, AXIS, P0, P1, P2, BP)
     return q, finite
 
@@ -363,17 +376,18 @@ def fake_quantize_kernel(
 ):
     """x viewed as [outer, n, inner] (contiguous); blocks of BLOCK run along n.
 
-    LAYOUT 0 (inner == 1): a [TILE, BP] tile of TILE consecutive blocks (``total`` = outer * nb
-    of them), reduced along axis 1. LAYOUT 1 (wide inner): a [BP, TILE] tile, one block
-    position ``(o, j)`` times TILE consecutive inner columns (vectorisable rows), reduced along
-    axis 0; ``total`` = outer * nb positions times ``n_col_tiles``. LAYOUT 2 (narrow inner): a
-    [BP, TILE] tile of TILE block columns ``(o, j, c)``, c fastest (``total`` = outer * nb *
-    inner of them), so a tile spans several positions instead of idling masked lanes.
+    LAYOUT_BLOCKS (inner == 1): a [TILE, BP] tile of TILE consecutive blocks (``total`` =
+    outer * nb of them), reduced along axis 1. LAYOUT_WIDE (wide inner): a [BP, TILE] tile,
+    one block position ``(o, j)`` times TILE consecutive inner columns (vectorisable rows),
+    reduced along axis 0; ``total`` = outer * nb positions times ``n_col_tiles``.
+    LAYOUT_NARROW (narrow inner): a [BP, TILE] tile of TILE block columns ``(o, j, c)``, c
+    fastest (``total`` = outer * nb * inner of them), so a tile spans several positions
+    instead of idling masked lanes.
     """
     # Block and tile indices fit int32; element offsets are int64 (tensors may pass 2^31).
     pid = tl.program_id(0)
     k = tl.arange(0, BP)
-    if LAYOUT == 0:
+    if LAYOUT == LAYOUT_BLOCKS:
         g = pid * TILE + tl.arange(0, TILE)
         row = g // nb
         p = (g % nb) * BLOCK
@@ -386,7 +400,7 @@ def fake_quantize_kernel(
             _to_f32(x), kidx, lv_ptr, mid_ptr, 1, KIND, BP, P0, P1, P2, P3, P4, P5
         )
     else:
-        if LAYOUT == 1:
+        if LAYOUT == LAYOUT_WIDE:
             blk = pid // n_col_tiles
             c = (pid % n_col_tiles) * TILE + tl.arange(0, TILE)
             pos = (blk % nb) * BLOCK + k

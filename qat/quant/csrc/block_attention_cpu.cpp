@@ -1,11 +1,14 @@
 // Quantised attention on the CPU in linear memory (qat.quant.cpu_attention): the block path of
 // qat/quant/block_attention.py fused per (batch, head, block of query rows).
 //
-// A task holds one block of R query rows of one head and its whole rows of scores (R x keys,
+// A task holds one tile of R query rows of one head and its whole rows of scores (R x keys,
 // in cache), so the softmax and the P quantiser see exactly the rows the eager path gives
-// them; QK^T and the products with V, dO run as single-threaded GEMMs on the block, the
+// them; QK^T and the products with V, dO run as single-threaded ATen GEMMs on the tile, the
 // pointwise work (scale, mask, softmax, BFP quantiser of P, softmax backward) in vectorised
-// passes over rows that stay in cache. Only float32, BFP (max rule) or float P.
+// passes over rows that stay in cache. Every GEMM has the shape the PyTorch block path gives
+// the same sum (R rows, the last tile reaching back; each tile's keys; dK and dV as one GEMM per
+// tile then an add), so the results are that path's bit for bit. Only float32, BFP (max rule)
+// or float P.
 //
 // Built at run time by torch.utils.cpp_extension with the ISA flags of the machine (see
 // cpu_attention.py); the ops are registered as torch.ops.qat_cpu.*.
@@ -29,6 +32,10 @@ namespace {
 
 using Vec = at::vec::Vectorized<float>;
 
+// P blocks of at most this many keys: one block is staged on the stack
+// (qat.quant.cpu_attention.MAX_BLOCK).
+constexpr int64_t kMaxBlock = 256;
+
 // The P format: BFP with m_bits mantissa bits, exponents clamped to [e_lo, e_hi], blocks of
 // `block` keys along the row; block == 0 leaves P in float.
 struct PFormat {
@@ -46,11 +53,11 @@ struct PFormat {
 // zero-padded.
 void probs_quantize_row(const float* e, bool exp_of, float mx, float inv, float* p, float* qp,
                         int64_t n, const PFormat& f) {
-  const float top = static_cast<float>((1 << f.m_bits) - 1);
-  const float two_m = static_cast<float>(1 << f.m_bits);
+  const float two_m = qat_cpu::mantissa_steps(f.m_bits);
+  const float top = two_m - 1.0f;
   const int64_t W = Vec::size();
   const bool vec_blocks = f.block % W == 0;
-  float tmp[256];  // one block of P (blocks of at most 256 keys)
+  float tmp[kMaxBlock];  // one block of P (checked_format: block <= kMaxBlock)
   for (int64_t b0 = 0; b0 < n; b0 += f.block) {
     const int64_t len = std::min(f.block, n - b0);
     const bool whole = vec_blocks && len == f.block;
@@ -222,14 +229,70 @@ at::Tensor as_matrix(at::Tensor& buf, int64_t rows, int64_t cols) {
   return buf.narrow(0, 0, rows * cols).view({rows, cols});
 }
 
+// Block blk of `rows` query rows (qat.quant.block_attention.spans): it owns rows
+// [first + off, first + n) and computes rows [first, first + n): the last block reaches back
+// into the one before so that every block's GEMMs have `rows` rows (all Lq when Lq < rows).
+struct Span {
+  int64_t first, off, n;
+};
+
+Span span(int64_t blk, int64_t rows, int64_t Lq) {
+  const int64_t start = blk * rows, stop = std::min(start + rows, Lq);
+  const int64_t first = std::max<int64_t>(0, stop - rows);
+  return {first, start - first, stop - first};
+}
+
 // The key stops (one per block of query rows, each in [1, Lk]) as a contiguous tensor.
 at::Tensor checked_stops(const at::Tensor& stops_, int64_t nblocks, int64_t Lk) {
+  TORCH_CHECK(stops_.scalar_type() == at::kLong && stops_.dim() == 1,
+              "qat_cpu attention: stops must be int64 [query blocks], got ", stops_.scalar_type(),
+              " of ", stops_.dim(), " dims");
   const at::Tensor stops = stops_.contiguous();
-  TORCH_CHECK(stops.numel() == nblocks, "qat_cpu attention: one key stop per query block");
+  TORCH_CHECK(stops.numel() == nblocks, "qat_cpu attention: ", stops.numel(),
+              " key stops for ", nblocks, " query blocks");
   const int64_t* stop = stops.const_data_ptr<int64_t>();
   for (int64_t i = 0; i < nblocks; ++i)
-    TORCH_CHECK(stop[i] > 0 && stop[i] <= Lk, "qat_cpu attention: key stop out of range");
+    TORCH_CHECK(stop[i] > 0 && stop[i] <= Lk, "qat_cpu attention: key stop ", stop[i],
+                " out of range [1, ", Lk, "]");
   return stops;
+}
+
+// A float32 CPU tensor of 4 dims (what: its name in the message).
+void check_4d(const at::Tensor& t, const char* what) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 4,
+              "qat_cpu attention: ", what, " must be a float32 CPU tensor [batch, heads, len, dim], "
+              "got ", t.scalar_type(), " on ", t.device(), " with ", t.dim(), " dims");
+}
+
+// q [B, H, Lq, D], k [B, H, Lk, D], v [B, H, Lk, Dv], the mask [B, H, Lq, Lk] (bool or
+// float32; broadcast dims may have stride 0), rows per block and the P format.
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  const c10::optional<at::Tensor>& mask, int64_t rows, const PFormat& f) {
+  check_4d(q, "q");
+  check_4d(k, "k");
+  check_4d(v, "v");
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3),
+              "qat_cpu attention: k ", k.sizes(), " does not match q ", q.sizes());
+  TORCH_CHECK(v.size(0) == q.size(0) && v.size(1) == q.size(1) && v.size(2) == k.size(2),
+              "qat_cpu attention: v ", v.sizes(), " does not match k ", k.sizes());
+  TORCH_CHECK(k.size(2) > 0, "qat_cpu attention: no keys");
+  if (mask.has_value() && mask->defined()) {
+    const at::Tensor& m = *mask;
+    TORCH_CHECK(m.scalar_type() == at::kBool || m.scalar_type() == at::kFloat,
+                "qat_cpu attention: the mask must be bool or float32, got ", m.scalar_type());
+    TORCH_CHECK(m.device().is_cpu() && m.dim() == 4 && m.size(0) == q.size(0) &&
+                    m.size(1) == q.size(1) && m.size(2) == q.size(2) && m.size(3) == k.size(2),
+                "qat_cpu attention: the mask must be [batch, heads, q_len, k_len] = [",
+                q.size(0), ", ", q.size(1), ", ", q.size(2), ", ", k.size(2), "], got ",
+                m.sizes());
+  }
+  TORCH_CHECK(rows > 0, "qat_cpu attention: rows must be > 0, got ", rows);
+  TORCH_CHECK(f.block >= 0 && f.block <= kMaxBlock, "qat_cpu attention: P block ", f.block,
+              " out of range [0, ", kMaxBlock, "] (0: float P)");
+  TORCH_CHECK(f.block == 0 || (f.m_bits >= 1 && f.m_bits <= 23 && f.e_lo <= f.e_hi &&
+                               f.e_lo >= -127 && f.e_hi <= 128),
+              "qat_cpu attention: P format out of range (m_bits ", f.m_bits, ", exponents [",
+              f.e_lo, ", ", f.e_hi, "])");
 }
 
 // out [B, H, Lq, Dv] = Q(softmax(q k^T * scaling + mask)) v, per block of `rows` query rows
@@ -239,13 +302,13 @@ std::vector<at::Tensor> forward(const at::Tensor& q_, const at::Tensor& k_, cons
                    const c10::optional<at::Tensor>& mask_, double scaling_,
                    const at::Tensor& stops_, int64_t rows, int64_t block, int64_t m_bits,
                    int64_t e_lo, int64_t e_hi) {
-  TORCH_CHECK(q_.scalar_type() == at::kFloat, "qat_cpu attention: float32 only");
+  const PFormat f{block, m_bits, e_lo, e_hi};
+  check_inputs(q_, k_, v_, mask_, rows, f);
   const at::Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
   const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2);
   const int64_t Lk = k.size(2), Dv = v.size(3);
   const int64_t nblocks = (Lq + rows - 1) / rows;
   const Mask mask(mask_);
-  const PFormat f{block, m_bits, e_lo, e_hi};
   const float scaling = static_cast<float>(scaling_);
   const at::Tensor stops = checked_stops(stops_, nblocks, Lk);
   const int64_t* stop = stops.const_data_ptr<int64_t>();
@@ -254,18 +317,24 @@ std::vector<at::Tensor> forward(const at::Tensor& q_, const at::Tensor& k_, cons
   float* st = stats.data_ptr<float>();
   at::parallel_for(0, B * H * nblocks, 1, [&](int64_t begin, int64_t end) {
     at::Tensor buf = at::empty({rows * Lk}, q.options());
+    at::Tensor obuf = at::empty({rows * Dv}, q.options());
+    std::vector<float> row_stats(2 * rows);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t bh = t / nblocks, blk = t % nblocks;
       const int64_t b = bh / H, h = bh % H;
-      const int64_t r0 = blk * rows, r1 = std::min(r0 + rows, Lq), n = r1 - r0;
+      const Span sp = span(blk, rows, Lq);
       const int64_t ks = stop[blk];
-      at::Tensor qb = q[b][h].narrow(0, r0, n);
-      at::Tensor s = as_matrix(buf, n, ks);
+      at::Tensor qb = q[b][h].narrow(0, sp.first, sp.n);
+      at::Tensor s = as_matrix(buf, sp.n, ks);
       at::mm_out(s, qb, k[b][h].narrow(0, 0, ks).t());
-      float* sp = s.data_ptr<float>();
-      forward_rows(sp, n, ks, r0, b, h, scaling, mask, f, st + 2 * (bh * Lq + r0));
-      at::Tensor ob = out[b][h].narrow(0, r0, n);
+      forward_rows(s.data_ptr<float>(), sp.n, ks, sp.first, b, h, scaling, mask, f,
+                   row_stats.data());
+      at::Tensor ob = as_matrix(obuf, sp.n, Dv);
       at::mm_out(ob, s, v[b][h].narrow(0, 0, ks));
+      // only the rows this block owns: the ones before belong to (and are written by) the last
+      out[b][h].narrow(0, sp.first + sp.off, sp.n - sp.off).copy_(ob.narrow(0, sp.off, sp.n - sp.off));
+      std::copy(row_stats.begin() + 2 * sp.off, row_stats.begin() + 2 * sp.n,
+                st + 2 * (bh * Lq + sp.first + sp.off));
     }
   });
   return {out, stats};
@@ -281,13 +350,22 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out_, const at::Tensor& 
                                  const at::Tensor& stats_, double scaling_,
                                  const at::Tensor& stops_, int64_t rows, int64_t block,
                                  int64_t m_bits, int64_t e_lo, int64_t e_hi) {
+  const PFormat f{block, m_bits, e_lo, e_hi};
+  check_inputs(q_, k_, v_, mask_, rows, f);
+  TORCH_CHECK(grad_out_.dim() == 4 && grad_out_.size(0) == q_.size(0) &&
+                  grad_out_.size(1) == q_.size(1) && grad_out_.size(2) == q_.size(2) &&
+                  grad_out_.size(3) == v_.size(3),
+              "qat_cpu attention: grad_out ", grad_out_.sizes(), " is not the output's shape");
+  TORCH_CHECK(stats_.scalar_type() == at::kFloat && stats_.dim() == 4 &&
+                  stats_.size(0) == q_.size(0) && stats_.size(1) == q_.size(1) &&
+                  stats_.size(2) == q_.size(2) && stats_.size(3) == 2,
+              "qat_cpu attention: stats must be the forward's float32 [batch, heads, q_len, 2]");
   const at::Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
   const at::Tensor go = grad_out_.contiguous().to(at::kFloat);
   const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2);
-  const int64_t Lk = k.size(2);
+  const int64_t Lk = k.size(2), D = q.size(3), Dv = v.size(3);
   const int64_t nblocks = (Lq + rows - 1) / rows;
   const Mask mask(mask_);
-  const PFormat f{block, m_bits, e_lo, e_hi};
   const float scaling = static_cast<float>(scaling_);
   const at::Tensor stops = checked_stops(stops_, nblocks, Lk);
   const int64_t* stop = stops.const_data_ptr<int64_t>();
@@ -298,25 +376,32 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out_, const at::Tensor& 
     at::Tensor pbuf = at::empty({rows * Lk}, q.options());
     at::Tensor qpbuf = f.block > 0 ? at::empty({rows * Lk}, q.options()) : pbuf;
     at::Tensor dpbuf = at::empty({rows * Lk}, q.options());
+    // a tile's share of dK and dV, added after: one GEMM then one add per element, as the
+    // PyTorch block path takes it (not a GEMM that accumulates into dK, dV itself)
+    at::Tensor addbuf = at::empty({std::max(Lk, rows) * std::max(D, Dv)}, q.options());
     std::vector<char> seen_buf(rows);
     bool* seen = reinterpret_cast<bool*>(seen_buf.data());
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
       for (int64_t blk = 0; blk < nblocks; ++blk) {
-        const int64_t r0 = blk * rows, r1 = std::min(r0 + rows, Lq), n = r1 - r0;
-        const int64_t ks = stop[blk];
-        at::Tensor qb = q[b][h].narrow(0, r0, n);
+        const Span sp = span(blk, rows, Lq);
+        const int64_t n = sp.n, ks = stop[blk];
+        at::Tensor qb = q[b][h].narrow(0, sp.first, n);
         at::Tensor kb = k[b][h].narrow(0, 0, ks), vb = v[b][h].narrow(0, 0, ks);
-        at::Tensor gob = go[b][h].narrow(0, r0, n);
+        at::Tensor gob = go[b][h].narrow(0, sp.first, n);
         at::Tensor p = as_matrix(pbuf, n, ks), qp = as_matrix(qpbuf, n, ks);
         at::Tensor dp = as_matrix(dpbuf, n, ks);
         at::mm_out(p, qb, kb.t());
         float* pp = p.data_ptr<float>();
-        backward_rows(pp, qp.data_ptr<float>(), n, ks, r0, b, h, scaling, mask, f,
-                      st + 2 * (bh * Lq + r0), seen);
+        backward_rows(pp, qp.data_ptr<float>(), n, ks, sp.first, b, h, scaling, mask, f,
+                      st + 2 * (bh * Lq + sp.first), seen);
         at::mm_out(dp, gob, vb.t());
-        at::Tensor gvb = gv[b][h].narrow(0, 0, ks);
-        gvb.addmm_(qp.t(), gob);
+        // rows before `off` belong to the block before: no share in dV, dK (zero rows keep
+        // the GEMMs' shapes, and so their sums, those of every other block)
+        if (sp.off > 0) qp.narrow(0, 0, sp.off).zero_();
+        at::Tensor gv_t = as_matrix(addbuf, ks, Dv);
+        at::mm_out(gv_t, qp.t(), gob);
+        gv[b][h].narrow(0, 0, ks).add_(gv_t);
         float* dpp = dp.data_ptr<float>();
         for (int64_t i = 0; i < n; ++i) {
           float* dpi = dpp + i * ks;
@@ -338,9 +423,13 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out_, const at::Tensor& 
             at::vec::map2([dot](Vec g, Vec pv) { return pv * (g - Vec(dot)); }, dpi, dpi, pi, ks);
           }
         }
-        at::Tensor gqb = gq[b][h].narrow(0, r0, n);
-        at::mm_out(gqb, dp, kb);
-        gk[b][h].narrow(0, 0, ks).addmm_(dp.t(), qb);
+        at::Tensor gq_t = as_matrix(addbuf, n, D);
+        at::mm_out(gq_t, dp, kb);
+        gq[b][h].narrow(0, sp.first + sp.off, n - sp.off).copy_(gq_t.narrow(0, sp.off, n - sp.off));
+        if (sp.off > 0) dp.narrow(0, 0, sp.off).zero_();
+        at::Tensor gk_t = as_matrix(addbuf, ks, D);
+        at::mm_out(gk_t, dp.t(), qb);
+        gk[b][h].narrow(0, 0, ks).add_(gk_t);
       }
     }
   });

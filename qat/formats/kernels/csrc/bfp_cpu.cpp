@@ -103,13 +103,18 @@ void block_scalar(const float* x, float* out, const Bfp& f) {
 
 // blocks [n, B] float32 -> their BFP values.
 at::Tensor bfp_quantize(const at::Tensor& blocks_, int64_t m_bits, int64_t e_lo, int64_t e_hi) {
-  TORCH_CHECK(blocks_.scalar_type() == at::kFloat && blocks_.dim() == 2,
-              "qat_cpu_formats.bfp_quantize: float32 [blocks, B]");
+  TORCH_CHECK(blocks_.device().is_cpu() && blocks_.scalar_type() == at::kFloat &&
+                  blocks_.dim() == 2 && blocks_.size(1) > 0,
+              "qat_cpu_formats.bfp_quantize: blocks must be a float32 CPU tensor [blocks, B], "
+              "got ", blocks_.scalar_type(), " ", blocks_.sizes());
+  TORCH_CHECK(m_bits >= 1 && m_bits <= 23 && e_lo <= e_hi && e_lo >= -127 && e_hi <= 128,
+              "qat_cpu_formats.bfp_quantize: format out of range (m_bits ", m_bits,
+              ", exponents [", e_lo, ", ", e_hi, "])");
   const at::Tensor blocks = blocks_.contiguous();
   const int64_t n = blocks.size(0), B = blocks.size(1);
   at::Tensor out = at::empty_like(blocks);
-  const Bfp f{B, m_bits, e_lo, e_hi, static_cast<float>((int64_t{1} << m_bits) - 1),
-              static_cast<float>(int64_t{1} << m_bits)};
+  const float two_m = qat_cpu::mantissa_steps(m_bits);
+  const Bfp f{B, m_bits, e_lo, e_hi, two_m - 1.0f, two_m};
   const float* x = blocks.const_data_ptr<float>();
   float* o = out.data_ptr<float>();
   const bool vec = B % Vec::size() == 0;

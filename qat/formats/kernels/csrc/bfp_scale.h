@@ -34,6 +34,12 @@ inline float pow2(int64_t k) {
   return out;
 }
 
+// 2^M as a float: the number of mantissa steps of M bits (the largest magnitude is 2^M - 1),
+// exact for M <= 24; a 64-bit shift, so no M a format allows overflows it.
+inline float mantissa_steps(int64_t m_bits) {
+  return static_cast<float>(int64_t{1} << m_bits);
+}
+
 // *up = 2^-e and *down = 2^(e - m_bits) for a block whose largest magnitude is amax.
 inline void bfp_scales(float amax, int64_t m_bits, int64_t lo, int64_t hi, float* up,
                        float* down) {
