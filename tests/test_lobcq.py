@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -12,7 +13,15 @@ from safetensors.torch import save_file
 from qat.cli.fit_lobcq import main
 from qat.formats import FormatError, make_format
 from qat.formats.fit.lobcq import fit_lobcq, save_codebooks
-from qat.formats.lobcq import DEFAULT_CODEBOOKS, array_exponent, load_codebooks
+from qat.formats.lobcq import (
+    DEFAULT_CODEBOOKS,
+    array_exponent,
+    assign,
+    bins_of,
+    build_luts,
+    load_codebooks,
+    normalize,
+)
 
 CB0 = list(range(-8, 8))  # 16 consecutive integers
 CB1 = list(range(-30, 31, 4))  # -30, -26, ..., 30
@@ -40,6 +49,40 @@ def reference(x: list[float], books: list[list[int]], block_len: int, array_len:
                     best = (err, qs)
             out += [c * 2.0**e for c in best[1]]
     return out
+
+
+def per_codebook_assign(y, lut_values, valid=None):
+    """The reference before it was vectorised: one pass over ``y`` per codebook (torch's sum
+    over a last dim of 8 adds left to right), stacked, the first least error."""
+    bins = bins_of(y)
+    errs = []
+    for c in range(lut_values.shape[0]):
+        sq = (y - lut_values[c].take(bins)).square()
+        errs.append((sq if valid is None else sq * valid).sum(dim=-1))
+    stacked = torch.stack(errs)
+    choice = stacked.argmin(dim=0)
+    flat = choice.unsqueeze(-1) * lut_values.shape[1] + bins
+    return choice, lut_values.flatten().take(flat), stacked.gather(0, choice[None])[0]
+
+
+def float32_assign(y, books):
+    """numpy LO-BCQ assignment of blocks ``y`` ``[M, L_b]``: each scalar's nearest entry (ties
+    up), float32 squared errors added left to right, the first least error wins."""
+    y = y.numpy()
+    errs, vals = [], []
+    for book in books:
+        entries = np.array(sorted(book), dtype=np.float32)
+        dist = np.abs(y[..., None].astype(np.float64) - entries)
+        # the last of equal distances: the upper entry
+        v = entries[dist.shape[-1] - 1 - np.argmin(dist[..., ::-1], axis=-1)]
+        d = (y - v).astype(np.float32)
+        err = np.zeros(y.shape[0], dtype=np.float32)
+        for i in range(y.shape[1]):
+            err = (err + d[:, i] * d[:, i]).astype(np.float32)
+        errs.append(err)
+        vals.append(v)
+    choice = np.argmin(np.stack(errs), axis=0)
+    return choice.tolist(), np.stack(vals)[choice, np.arange(y.shape[0])].tolist()
 
 
 @pytest.fixture
@@ -260,3 +303,53 @@ def test_default_codebooks_reproduced_by_fit():
     data = torch.randn(8192, 64, generator=torch.Generator().manual_seed(0))
     cbs, _ = fit_lobcq(data, 16, 8, 64, iters=30, seed=0, warm_iters=60)
     assert tuple(tuple(int(v) for v in r) for r in cbs.tolist()) == DEFAULT_CODEBOOKS
+
+
+def _hostile(shape, gen):
+    """Heavy-tailed floats with all-zero arrays, exact midpoints and exact entries."""
+    x = torch.randn(*shape, generator=gen) * torch.exp(2 * torch.randn(*shape, generator=gen))
+    x.view(-1, shape[-1])[::7, :64] = 0  # all-zero arrays
+    mid = torch.randint(-62, 63, (shape[0], 64), generator=gen).float() / 2  # midpoints, entries
+    mid[:, 0] = 31  # scale 2^0: y is the value itself
+    x[:, 64:128] = mid
+    return x
+
+
+@pytest.mark.parametrize("shape", [(2048, 576), (576, 1536), (96, 2045)], ids=str)
+def test_vectorised_assign_equals_the_per_codebook_passes(shape):
+    """Bit for bit on real sizes (an activation, a weight, a ragged row), default codebooks."""
+    gen = torch.Generator().manual_seed(shape[1])
+    x = _hostile(shape, gen)
+    y, _, _, n = normalize(x, 8, 64)
+    _, lut = build_luts(torch.tensor(DEFAULT_CODEBOOKS, dtype=torch.float32))
+    valid = (torch.arange(y.shape[-3] * 64) < n).float().reshape(y.shape[-3:])
+    for v in (None, valid) if n % 64 else (None,):
+        got, want = assign(y, lut, v), per_codebook_assign(y, lut, v)
+        for g, w in zip(got, want):
+            assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("block_len", [5, 8, 16])
+def test_assign_adds_left_to_right_in_float32(block_len):
+    """Against numpy float32 on near-ties: codebooks A and B differ in one entry (3 vs 4), and
+    each block holds a scalar a few ulps off 3.5 beside large ones, so which error is smaller
+    depends on how the sum rounds; a duplicated codebook (the tie goes to the lower index)."""
+    gen = torch.Generator().manual_seed(block_len)
+    a = [-31, -24, -18, -13, -9, -6, -3, -1, 0, 1, 3, 6, 10, 15, 22, 31]
+    b = [4 if v == 3 else v for v in a]
+    books = [a, b, a, list(range(-8, 8))]
+    y = (torch.rand(20000, block_len, generator=gen) * 62 - 31).float()
+    ulps = torch.randint(-3, 4, (20000,), generator=gen).float()
+    y[:, 1] = 3.5 + ulps * 2.0**-22
+    _, lut = build_luts(torch.tensor(books, dtype=torch.float32))
+    choice, q, _ = assign(y, lut)
+    want_c, want_q = float32_assign(y, books)
+    assert choice.tolist() == want_c and q.tolist() == want_q
+    assert set(want_c) <= {0, 1, 3}  # the duplicate of codebook 0 never wins
+    # the order matters here: pairwise sums choose otherwise on some blocks
+    d = (y[..., None] - torch.stack([lut[c][bins_of(y)] for c in range(4)], -1)).square()
+    while d.shape[1] > 1:
+        d = torch.cat(
+            [d[:, 0::2][:, : d.shape[1] // 2] + d[:, 1::2], d[:, d.shape[1] // 2 * 2 :]], 1
+        )
+    assert (d[:, 0].argmin(-1) != choice).any()

@@ -121,24 +121,47 @@ def _cached_luts(
     return build_luts(torch.tensor(codebooks, dtype=torch.float32, device=device))
 
 
+# Blocks per pass of ``assign``: their candidates ([blocks, L_b, N_c] float32, 2 MiB at the
+# defaults) stay in cache between the ops of one pass.
+ASSIGN_CHUNK = 4096
+
+
 def assign(
     y: Tensor, lut_values: Tensor, valid: Tensor | None = None, res: int = 1
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Best codebook per block of ``y`` ``[..., L_b]``: ``(choice, dequantised y, sq. error)``.
 
-    Least squared error, ties to the lowest index; ``valid`` (broadcastable to ``y``) masks
+    A block's error is the float32 sum of its scalars' squared errors ``(y - entry)^2``, added
+    left to right (the kernels add in the same order, so near-ties resolve alike everywhere);
+    the least error wins, ties to the lowest index. ``valid`` (broadcastable to ``y``) masks
     padding out of the error.
     """
-    bins = bins_of(y, res)
-    errs = []
-    for c in range(lut_values.shape[0]):
-        sq = (y - lut_values[c].take(bins)).square()
-        errs.append((sq if valid is None else sq * valid).sum(dim=-1))
-    stacked = torch.stack(errs)
-    choice = stacked.argmin(dim=0)  # argmin: the first of equal minima
-    err = stacked.gather(0, choice.unsqueeze(0)).squeeze(0)
-    flat = choice.unsqueeze(-1) * lut_values.shape[1] + bins
-    return choice, lut_values.flatten().take(flat), err
+    lb = y.shape[-1]
+    yb = y.reshape(-1, lb)
+    vb = None if valid is None else valid.expand(y.shape).reshape(-1, lb)
+    table = lut_values.T.contiguous()  # [nbins, N_c]: a bin's nearest entry in every codebook
+    choices, values, errors = [], [], []
+    for start in range(0, max(yb.shape[0], 1), ASSIGN_CHUNK):  # one pass even for no blocks
+        yc = yb[start : start + ASSIGN_CHUNK]
+        # every scalar's nearest entry in every codebook: [blocks, L_b, N_c]
+        cand = table.index_select(0, bins_of(yc, res).flatten()).view(*yc.shape, -1)
+        sq = (yc.unsqueeze(-1) - cand).square_()
+        if vb is not None:
+            sq.mul_(vb[start : start + ASSIGN_CHUNK].unsqueeze(-1))
+        err = sq[:, 0]
+        for i in range(1, lb):  # left to right
+            err = err + sq[:, i]
+        choice = err.argmin(dim=-1)  # argmin: the first of equal minima
+        pick = choice[:, None, None].expand(-1, lb, 1)
+        choices.append(choice)
+        values.append(cand.gather(-1, pick).squeeze(-1))
+        errors.append(err.gather(-1, choice[:, None]).squeeze(-1))
+    shape = y.shape[:-1]
+    return (
+        torch.cat(choices).reshape(shape),
+        torch.cat(values).reshape(y.shape),
+        torch.cat(errors).reshape(shape),
+    )
 
 
 def round_codebooks(codebooks: Tensor, res: int = 1) -> Tensor:
