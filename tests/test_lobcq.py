@@ -124,6 +124,8 @@ def test_other_shapes_need_a_fitted_file_not_a_silent_fit():
 def test_array_exponent_hand_values():
     amax = torch.tensor([31.0, 31.5, 15.5, 1.0, 0.0, 62.0, 1e-40])
     assert array_exponent(amax).tolist() == [0, 1, -1, -4, -127, 1, -127]
+    # amax / 31 underflows to 0 (it was read as 2^0): still the smallest exponent
+    assert array_exponent(torch.tensor([1e-45, 2e-44, 3e-44])).tolist() == [-127] * 3
 
 
 def test_hand_computed_two_codebooks(two_books):

@@ -74,9 +74,10 @@ DEFAULT_CODEBOOKS: tuple[tuple[int, ...], ...] = (
 def array_exponent(amax: Tensor) -> Tensor:
     """Smallest ``e`` in [-127, 127] with ``amax <= 31 * 2^e`` (float tensor; zero -> -127)."""
     safe = torch.where(amax > 0, amax, torch.ones_like(amax))
-    e = ceil_log2(safe / ENTRY_MAX).float()
+    t = safe / ENTRY_MAX  # 0 for amax below 31 * 2^-150: e is then far below -127
+    e = ceil_log2(torch.where(t > 0, t, 1.0)).float()
     e = e + (safe > ENTRY_MAX * torch.exp2(e)).float()  # the division may have rounded down
-    return torch.where(amax > 0, e, torch.full_like(e, EMIN)).clamp(EMIN, EMAX)
+    return torch.where((amax > 0) & (t > 0), e, torch.full_like(e, EMIN)).clamp(EMIN, EMAX)
 
 
 def normalize(x: Tensor, block_len: int, array_len: int) -> tuple[Tensor, Tensor, Tensor, int]:
