@@ -37,6 +37,7 @@ from qat.formats.base import (
     FormatError,
     ceil_log2,
     check_int,
+    floor_log2,
     from_blocks,
     read_json_file,
     to_blocks,
@@ -122,9 +123,9 @@ def _cached_luts(
     return build_luts(torch.tensor(codebooks, dtype=torch.float32, device=device))
 
 
-# Blocks per pass of ``assign``: their candidates ([blocks, L_b, N_c] float32, 2 MiB at the
-# defaults) stay in cache between the ops of one pass.
-ASSIGN_CHUNK = 4096
+# Blocks per pass of ``assign``: it bounds the transient candidates ([blocks, L_b, N_c] float32,
+# 8 MiB at the defaults) and keeps the ops per pass large enough to be worth a thread each.
+ASSIGN_CHUNK = 16384
 
 
 def assign(
@@ -239,17 +240,49 @@ class LOBCQ(Format):
         return getattr(self, "_codebooks", DEFAULT_CODEBOOKS)
 
     @property
+    def prefix_block(self) -> int:
+        """Arrays are quantised on their own and an all-zero array stays zero."""
+        return self.array_len
+
+    @property
     def bits_per_element(self) -> float:
         selector = math.ceil(math.log2(self.num_codebooks)) if self.num_codebooks > 1 else 0
         return 4 + selector / self.block_len + SCALE_BITS / self.array_len
 
-    def _quantize_lastdim(self, x: Tensor) -> Tensor:
+    def _assigned(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, int]:
+        """``(y, scale, zero, choice, q)`` of ``normalize`` and ``assign`` on float32 ``x``
+        (padding of a ragged last block out of the choice), and the row length ``n``."""
         y, scale, zero, n = normalize(x, self.block_len, self.array_len)
         _, lut_values = _cached_luts(self.codebooks, x.device)
         total = y.shape[-3] * self.array_len
         valid = None
         if total != n:  # ragged: padding must not sway the codebook choice
             valid = (torch.arange(total, device=x.device) < n).float().reshape(y.shape[-3:])
-        _, q, _ = assign(y, lut_values, valid)
+        choice, q, _ = assign(y, lut_values, valid)
+        return y, scale, zero, choice, q, n
+
+    def _quantize_lastdim(self, x: Tensor) -> Tensor:
+        _, scale, zero, _, q, n = self._assigned(x)
         q = torch.where(zero, torch.zeros_like(q), q * scale)
         return from_blocks(q.reshape(*q.shape[:-2], self.array_len), n)
+
+    def _encode_lastdim(self, x: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """Codes ``[..., arrays, L_A]``: each scalar's entry index (0..15) in its block's
+        codebook; scales ``[..., arrays]``: the array exponents ``e`` (int32); extra
+        ``selectors`` ``[..., arrays, L_A / L_b]`` (each block's codebook) and ``zero``
+        ``[..., arrays]`` (all-zero arrays, which decode to 0 whatever the codebooks)."""
+        y, scale, zero, choice, _, _ = self._assigned(x)
+        lut_idx, _ = _cached_luts(self.codebooks, x.device)
+        codes = lut_idx[choice.unsqueeze(-1), bins_of(y)].to(torch.uint8)
+        e = floor_log2(scale[..., 0, 0])  # scale is 2^e exactly
+        extra = {"selectors": choice.to(torch.uint8), "zero": zero[..., 0, 0]}
+        return codes.reshape(*codes.shape[:-2], self.array_len), e, extra
+
+    def _decode_lastdim(
+        self, codes: Tensor, scales: Tensor, extra: dict[str, Tensor], n: int
+    ) -> Tensor:
+        books = torch.tensor(self.codebooks, dtype=torch.float32, device=codes.device)
+        sel = extra["selectors"].long().repeat_interleave(self.block_len, dim=-1)
+        q = books[sel, codes.long()] * torch.exp2(scales.float()).unsqueeze(-1)
+        q = torch.where(extra["zero"].unsqueeze(-1), torch.zeros_like(q), q)
+        return from_blocks(q, n)
