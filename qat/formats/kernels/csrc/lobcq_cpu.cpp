@@ -122,6 +122,86 @@ void quantize_array(const float* x, float* out, int64_t len, const Lobcq& f) {
   }
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int64_t kGroup = 8;  // blocks whose errors are summed side by side
+
+// kGroup blocks of L_b scalars from y (offsets into the table in idx): each block's codebook.
+// Eight independent sums hide the adds' latency; each is still its block's left-to-right sum.
+inline void choose_group16(const float* y, const int32_t* idx, int64_t lb, const float* table,
+                           int32_t* choice) {
+  __m512 acc[kGroup];
+  for (int64_t g = 0; g < kGroup; ++g) acc[g] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < lb; ++i) {
+    for (int64_t g = 0; g < kGroup; ++g) {
+      const int64_t k = g * lb + i;
+      const __m512 d = _mm512_sub_ps(_mm512_set1_ps(y[k]), _mm512_loadu_ps(table + idx[k]));
+      acc[g] = _mm512_add_ps(acc[g], _mm512_mul_ps(d, d));
+    }
+  }
+  for (int64_t g = 0; g < kGroup; ++g) {
+    const float m = _mm512_reduce_min_ps(acc[g]);
+    const __mmask16 eq = _mm512_cmp_ps_mask(acc[g], _mm512_set1_ps(m), _CMP_EQ_OQ);
+    choice[g] = __builtin_ctz(static_cast<unsigned>(eq));
+  }
+}
+
+// A whole array (L_A a multiple of 16, at most 1024) with at most 16 codebooks (one register
+// of errors): quantize_array's operations, 16 scalars at a time where they are per scalar.
+void array16_avx512(const float* x, float* out, const Lobcq& f) {
+  const int64_t L = f.array_len, lb = f.block_len, nb = L / lb;
+  const __m512 zero = _mm512_setzero_ps();
+  __m512 m = zero;
+  for (int64_t i = 0; i < L; i += 16) {
+    const __m512 v = _mm512_loadu_ps(x + i);
+    const __mmask16 fin = _mm512_cmp_ps_mask(_mm512_sub_ps(v, v), zero, _CMP_EQ_OQ);
+    m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_maskz_mov_ps(fin, v)));
+  }
+  const float amax = _mm512_reduce_max_ps(m);
+  if (amax == 0.f) {
+    for (int64_t i = 0; i < L; i += 16) {
+      const __m512 v = _mm512_loadu_ps(x + i);
+      const __mmask16 fin = _mm512_cmp_ps_mask(_mm512_sub_ps(v, v), zero, _CMP_EQ_OQ);
+      _mm512_storeu_ps(out + i, _mm512_mask_blend_ps(fin, v, zero));
+    }
+    return;
+  }
+  const int64_t e = array_exponent(amax);
+  const __m512 inv = _mm512_set1_ps(qat_cpu::pow2(-e)), scale = _mm512_set1_ps(qat_cpu::pow2(e));
+  const __m512 lo = _mm512_set1_ps(-kEntryMax), hi = _mm512_set1_ps(kEntryMax);
+  const __m512 top = _mm512_set1_ps(static_cast<float>(f.nbins - 1));
+  alignas(64) float y[1024];
+  alignas(64) int32_t idx[1024];  // each scalar's table row: bin * 16
+  for (int64_t i = 0; i < L; i += 16) {
+    const __m512 v = _mm512_loadu_ps(x + i);
+    const __mmask16 fin = _mm512_cmp_ps_mask(_mm512_sub_ps(v, v), zero, _CMP_EQ_OQ);
+    const __m512 yv = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(_mm512_maskz_mov_ps(fin, v), inv), lo), hi);
+    __m512 b = _mm512_roundscale_ps(_mm512_add_ps(yv, yv), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    b = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(b, _mm512_set1_ps(2.f * kEntryMax)), zero), top);
+    _mm512_store_ps(y + i, yv);
+    _mm512_store_si512(idx + i, _mm512_slli_epi32(_mm512_cvtps_epi32(b), 4));
+  }
+  alignas(64) int32_t choice[1024];
+  int64_t j = 0;
+  for (; j + kGroup <= nb; j += kGroup)
+    choose_group16(y + j * lb, idx + j * lb, lb, f.table, choice + j);
+  for (; j < nb; ++j) {
+    int64_t b[1024];
+    for (int64_t i = 0; i < lb; ++i) b[i] = idx[j * lb + i] / 16;
+    choice[j] = static_cast<int32_t>(choose(y + j * lb, b, lb, f));
+  }
+  for (int64_t k = 0; k < L; ++k) idx[k] += choice[k / lb];
+  const __m512 big = _mm512_set1_ps(FLT_MAX);
+  for (int64_t i = 0; i < L; i += 16) {
+    const __m512 v = _mm512_loadu_ps(x + i);
+    const __mmask16 fin = _mm512_cmp_ps_mask(_mm512_sub_ps(v, v), zero, _CMP_EQ_OQ);
+    const __m512 entry = _mm512_i32gather_ps(_mm512_load_si512(idx + i), f.table, 4);
+    __m512 q = _mm512_mul_ps(entry, scale);
+    q = _mm512_min_ps(_mm512_max_ps(q, _mm512_sub_ps(zero, big)), big);
+    _mm512_storeu_ps(out + i, _mm512_mask_blend_ps(fin, v, q));
+  }
+}
+#endif
+
 // rows [R, n] float32; lut_values [N_c, nbins] (the reference's build_luts values).
 at::Tensor lobcq_quantize(const at::Tensor& rows_, const at::Tensor& lut_values, int64_t block_len,
                           int64_t array_len) {
@@ -149,11 +229,20 @@ at::Tensor lobcq_quantize(const at::Tensor& rows_, const at::Tensor& lut_values,
   float* o = out.data_ptr<float>();
   const int64_t arrays = (n + array_len - 1) / array_len;
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / array_len);  // ~16 K scalars
+#if defined(CPU_CAPABILITY_AVX512)
+  const bool fast = lanes == 16 && array_len % 16 == 0 && array_len <= 1024;
+#endif
   at::parallel_for(0, R * arrays, grain, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t r = t / arrays, a = t % arrays;
-      const int64_t start = r * n + a * array_len;
-      quantize_array(x + start, o + start, std::min(array_len, n - a * array_len), f);
+      const int64_t start = r * n + a * array_len, len = std::min(array_len, n - a * array_len);
+#if defined(CPU_CAPABILITY_AVX512)
+      if (fast && len == array_len) {
+        array16_avx512(x + start, o + start, f);
+        continue;
+      }
+#endif
+      quantize_array(x + start, o + start, len, f);
     }
   });
   return out;
