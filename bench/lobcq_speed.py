@@ -1,7 +1,7 @@
 """How fast is LO-BCQ against BFP? Its quantisers on SmolLM2's shapes, and the every-role W4A4
 PTQ of SmolLM2, measured side by side in one run (issue #29, item 2).
 
-    python bench/lobcq_speed.py --part quantizers [--reps 7]
+    python bench/lobcq_speed.py --part quantizers [--reps 7] [--threads 1]
     QAT_WIKITEXT_DIR=../shared/data/wikitext-2-raw python bench/lobcq_speed.py --part ptq \\
         --rows bfp lobcq bfp lobcq lobcq_reference lobcq_before
 
@@ -220,11 +220,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--part", choices=["quantizers", "ptq"], required=True)
     p.add_argument("--out", type=Path, default=None, help="JSON (default: outputs/bench/...)")
     p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     p.add_argument("--recipe", default=str(REPO / "recipes" / "smollm2_wikitext_w4a4.yaml"))
     p.add_argument("--rows", nargs="+", choices=ROWS, default=["bfp", "lobcq", "bfp", "lobcq"])
     p.add_argument("--chunk_size", type=int, default=2048)
     p.add_argument("--test_chunks", type=int, default=2)
     a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     out = a.out or REPO / "outputs" / "bench" / f"lobcq_{a.part}.json"
     if a.part == "quantizers":
         bench_quantizers(a.reps, out)

@@ -131,3 +131,45 @@ def test_other_cases_run_the_reference(case, monkeypatch):
         monkeypatch.setattr(cpu_lobcq, "load", lambda: False)
     fmt = make_format({"format": "lobcq"})
     assert torch.equal(fake_quantize(x, fmt, -1, "compile"), fmt.quantize(x, -1))
+
+
+OTHER_ISA = r"""
+import json, sys
+import torch
+sys.path.insert(0, sys.argv[1])
+from test_cpu_lobcq import hostile
+import qat.formats.kernels.cpu_lobcq as k
+from qat.formats import make_format
+assert k.load()
+fmt = make_format({"format": "lobcq"})
+bad = 0
+for n in (576, 70, 5):
+    x = hostile(300, n, seed=n)
+    got, want = k.cpu_lobcq_quantize(x, fmt), fmt.quantize(x)
+    bad += int((got.view(torch.int32) != want.view(torch.int32)).sum())
+print(json.dumps({"capability": torch.backends.cpu.get_cpu_capability(), "mismatches": bad}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("isa", ["avx2", "default"])
+def test_other_vector_isas(isa):
+    """Built for AVX2 (8 lanes: two vectors of codebooks) and for no vector ISA, as on a CPU
+    without AVX512: the same bits (a new process, as ATen reads its ISA at start)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=isa)
+    tests = os.path.dirname(os.path.abspath(__file__))
+    res = subprocess.run(
+        [sys.executable, "-c", OTHER_ISA, tests],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got == {"capability": isa.upper(), "mismatches": 0}

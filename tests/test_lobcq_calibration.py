@@ -45,7 +45,7 @@ def _check(source: str, tmp_path) -> tuple[float, float]:
 
 def test_fitted_on_minilm_weights_beats_the_defaults(tmp_path):
     default, fitted = _check(MINILM, tmp_path)
-    assert fitted < 0.99 * default, (default, fitted)
+    assert fitted < 0.99 * default, (default, fitted)  # 0.00407 -> 0.00400
 
 
 @pytest.fixture(scope="module")
@@ -80,4 +80,4 @@ def activations(tmp_path_factory) -> str:
 
 def test_fitted_on_minilm_activations_beats_the_defaults(activations, tmp_path):
     default, fitted = _check(activations, tmp_path)
-    assert fitted < 0.99 * default, (default, fitted)
+    assert fitted < 0.95 * default, (default, fitted)  # 0.00621 -> 0.00567
