@@ -189,7 +189,8 @@ void array16_avx512(const float* x, float* out, const Lobcq& f) {
     for (int64_t i = 0; i < lb; ++i) b[i] = idx[j * lb + i] / 16;
     choice[j] = static_cast<int32_t>(choose(y + j * lb, b, lb, f));
   }
-  for (int64_t k = 0; k < L; ++k) idx[k] += choice[k / lb];
+  for (int64_t jb = 0; jb < nb; ++jb)
+    for (int64_t i = 0; i < lb; ++i) idx[jb * lb + i] += choice[jb];
   const __m512 big = _mm512_set1_ps(FLT_MAX);
   for (int64_t i = 0; i < L; i += 16) {
     const __m512 v = _mm512_loadu_ps(x + i);
