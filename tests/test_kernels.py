@@ -622,7 +622,6 @@ def test_gpu_build_is_exact_by_construction():
         {"format": "bof4", "outliers": "opq"},
         {"format": "nf4", "outliers": "opq"},
         {"format": "int", "width": 4},
-        {"format": "lobcq"},
         {"format": "block_minifloat"},
         {"format": "block_log"},
         {"format": "bfp", "block_size": 100000},

@@ -422,6 +422,48 @@ def test_key_stops_by_hand(monkeypatch):
     assert block.key_stops(k, 5, 7, 2, 1) is None  # no host read inside a compiled graph
 
 
+LOBCQ = {"format": "lobcq"}
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "additive"])
+@pytest.mark.parametrize("backend", ["reference", "compile"])
+def test_lobcq_p_takes_the_block_path_and_skips_whole_arrays(
+    mask_kind, backend, torch_blocks, monkeypatch
+):
+    """LO-BCQ quantises each row's arrays on their own (no independent blocks: padding is
+    ignored): P row by row is the eager path's, and a causal tail is skipped in whole arrays
+    of 64 keys. ``compile`` runs its C++ kernel on P."""
+    monkeypatch.setattr(block, "MIN_ROWS", TAIL_ROWS)
+    seq = 200
+    module = _Attn(LOBCQ)
+    for quantizer in module.qat_matmul.children():
+        quantizer.backend = backend
+    q, k, v = _qkv(seq, seed=1)
+    mask = _masks(seq)[mask_kind]
+    monkeypatch.setattr(attention, "LONG_SCORES", 1 << 60)
+    ref, ref_probs, ref_grads = _run(module, q, k, v, mask)
+    monkeypatch.setattr(attention, "LONG_SCORES", 0)
+    seen: list[torch.Tensor] = []
+    hook = _block_probs(module, seen)
+    try:
+        got, _, grads = _run(module, q, k, v, mask)
+    finally:
+        hook.remove()
+    assert len(torch_blocks) == 1
+    _assert_same(got, ref, "out")
+    for name, g, r in zip("qkv", grads, ref_grads):
+        _assert_same(g, r, name)
+    starts = range(0, seq, TAIL_ROWS)
+    for start, p in zip(starts, seen):
+        rows = ref_probs[..., start : start + TAIL_ROWS, :]
+        assert torch.equal(p, rows[..., : p.shape[-1]]) and not rows[..., p.shape[-1] :].any()
+    lengths = [p.shape[-1] for p in seen[: len(starts)]]
+    if mask_kind == "none":
+        assert lengths == [seq] * len(starts)
+    else:  # whole arrays: 64 (at least MIN_KEYS), 128, 192, then the row's 200
+        assert set(lengths) == {64, 128, 192, 200} and lengths == sorted(lengths)
+
+
 def test_p_block_size_follows_the_p_quantiser():
     mq = MatmulQuantizer(make_format({**W4, "block_size": 8}), backend="reference")
     assert block.p_block_size(mq.p) == 8
@@ -430,6 +472,8 @@ def test_p_block_size_follows_the_p_quantiser():
     assert block.p_block_size(mq.p) == 1
     row_scale = MatmulQuantizer(make_format({"format": "int", "width": 8}), backend="reference")
     assert block.p_block_size(row_scale.p) is None
+    lobcq = MatmulQuantizer(make_format({"format": "lobcq"}), backend="reference")
+    assert block.p_block_size(lobcq.p) == 64  # its arrays
 
 
 def test_cpu_block_path_reads_the_mask_once_per_forward(blocks, monkeypatch):

@@ -116,7 +116,34 @@ def _unpack_codebook(
     return q
 
 
-UNPACKERS = {"bfp": _unpack_bfp, "mx": _unpack_mx, "codebook": _unpack_codebook}
+def _unpack_lobcq(
+    c: dict[str, Any], t: dict[str, torch.Tensor], shape: tuple[int, int, int]
+) -> torch.Tensor:
+    rows, na, la = shape
+    block_len, sel_bits = int(c["block_len"]), int(c["selector_bits"])
+    books = torch.tensor(c["codebooks"], dtype=torch.float32)  # [N_c, 16] integer entries
+    if la % block_len or books.dim() != 2 or books.shape[1] != 16:
+        raise ValueError(f"lobcq codec: arrays of {la} in blocks of {block_len}, 16 entries")
+    code = unpack_bits(t["codes"], 4, rows * na * la).reshape(shape)
+    nsel = rows * na * (la // block_len)
+    sel = unpack_bits(t["selectors"], sel_bits, nsel) if sel_bits else torch.zeros(nsel).long()
+    if int(sel.max()) >= books.shape[0]:
+        raise ValueError(f"a codebook selector is past the {books.shape[0]} codebooks")
+    sel = sel.reshape(rows, na, -1).repeat_interleave(block_len, dim=-1)
+    e8m0 = unpack_bits(t["exponents"], 8, rows * na).reshape(rows, na, 1)
+    # 255 (E8M0's NaN) marks an all-zero array; else the scale is 2^(code - 127)
+    q = books[sel, code] * torch.exp2((e8m0 - 127).float())
+    q = torch.where(e8m0 == 255, torch.zeros(shape), q)
+    big = torch.finfo(torch.float32).max  # saturated, as the format does (31 * 2^124 > max)
+    return q.clamp(-big, big)
+
+
+UNPACKERS = {
+    "bfp": _unpack_bfp,
+    "mx": _unpack_mx,
+    "codebook": _unpack_codebook,
+    "lobcq": _unpack_lobcq,
+}
 
 
 def unpack_weight(

@@ -14,6 +14,10 @@ module only lays them out in bits), and unpacking repeats ``Format.decode``'s fl
 arithmetic, so the rebuilt weights are bit-identical to ``fmt.quantize(w)``. Loading without
 either fails with transformers' "pass trust_remote_code=True" error, never as a random model.
 
+LO-BCQ is stored as 4-bit entry indices, per-block codebook selectors (``ceil(log2 N_c)``
+bits) and per-array E8M0 exponents (255 marks an all-zero array); its codebooks are in the
+codec.
+
 The destination rules (new or empty, ``--overwrite`` replaces only an export, never the
 source) and the atomic write (a temporary folder, then a rename) are ``qat.export.run``'s.
 """
@@ -108,6 +112,22 @@ def _pack_codebook(fmt: Any, enc: Encoded) -> Packed:
     return out
 
 
+def _pack_lobcq(fmt: Any, enc: Encoded) -> Packed:
+    # 4-bit entry indices, ceil(log2 N_c)-bit codebook selectors, E8M0 array exponents
+    # (e + 127; 255, E8M0's NaN, marks an all-zero array); the codebooks go in the codec.
+    out: Packed = {"codes": pack_bits(enc.codes, 4)}
+    sel_bits = _selector_bits(fmt.num_codebooks)
+    if sel_bits:
+        out["selectors"] = pack_bits(enc.extra["selectors"], sel_bits)
+    e8m0 = torch.where(enc.extra["zero"], 255, enc.scales.to(torch.int64) + 127)
+    out["exponents"] = pack_bits(e8m0, 8)
+    return out
+
+
+def _selector_bits(num_codebooks: int) -> int:
+    return math.ceil(math.log2(num_codebooks)) if num_codebooks > 1 else 0
+
+
 def _bfp_codec(fmt: Any) -> dict[str, Any]:
     return {"family": "bfp", "width": fmt.width, "exponent_width": fmt.exponent_width}
 
@@ -120,15 +140,26 @@ def _codebook_codec(fmt: Any) -> dict[str, Any]:
     return {"family": "codebook", "levels": [float(v) for v in fmt.levels]}
 
 
+def _lobcq_codec(fmt: Any) -> dict[str, Any]:
+    return {
+        "family": "lobcq",
+        "block_len": fmt.block_len,
+        "selector_bits": _selector_bits(fmt.num_codebooks),
+        "codebooks": [list(row) for row in fmt.codebooks],
+    }
+
+
 def _families() -> tuple[tuple[type, Callable, Callable], ...]:
     from qat.formats.bfp import BFP
     from qat.formats.codebook import CodebookFormat
+    from qat.formats.lobcq import LOBCQ
     from qat.formats.mx import MXFormat
 
     return (
         (BFP, _pack_bfp, _bfp_codec),
         (MXFormat, _pack_mx, _mx_codec),
         (CodebookFormat, _pack_codebook, _codebook_codec),
+        (LOBCQ, _pack_lobcq, _lobcq_codec),
     )
 
 

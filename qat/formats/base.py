@@ -82,6 +82,16 @@ class Format:
         None for formats whose scale spans a row or tensor, or that count real elements."""
         return None
 
+    @property
+    def prefix_block(self) -> int | None:
+        """``B`` when rows along the blocking dim are quantised each on its own and a row's
+        first ``k * B`` elements quantise to the row's own values there, with a tail of zeros
+        after them quantised to zeros: block attention may then quantise P a few rows at a
+        time and skip a causal zero tail in whole multiples of ``B``. The block of formats of
+        independent blocks; LO-BCQ's array (not independent blocks: its padding is ignored);
+        None for scales spanning rows or tensors."""
+        return self.independent_block
+
     def _quantize_lastdim(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 

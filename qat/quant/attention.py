@@ -8,7 +8,7 @@ Long sequences (``q_len * k_len >= LONG_SCORES``) run the block path of
 ``qat.quant.block_attention`` instead: the same forward values (``Q(P) V`` is taken tile by
 tile over each tile's keys in both, see ``block_attention``) without keeping the ``L x L``
 score matrix for backward. It returns no attention weights, so it steps aside for dropout, for
-``output_attentions`` and for a P format whose scale spans more than one block.
+``output_attentions`` and for a P format whose scale spans more than one row.
 """
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ def _use_blocks(
     if dropout > 0 and training:  # dropout draws one mask for the whole P
         return False
     # P quantised row by row is the eager path's P only if no scale spans rows (a per-tensor
-    # scale would); formats of independent blocks are safe, others keep the eager path.
-    return mq is None or not mq.p.enabled or mq.p.fmt.independent_block is not None
+    # scale would); formats of row-local blocks are safe, others keep the eager path.
+    return mq is None or not mq.p.enabled or mq.p.fmt.prefix_block is not None
 
 
 def qat_attention_forward(

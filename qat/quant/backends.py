@@ -6,7 +6,8 @@
   on the CPU, Triton on a GPU), applied to a ``[rows, block]`` view so that one graph per format
   serves every shape. Formats without independent blocks (int, fixed, LO-BCQ, OPQ) run the
   reference. BFP (scale ``max``) on float32 CPU tensors runs the C++ kernel of
-  ``qat.formats.kernels.cpu`` instead (the same values, about 4x faster than the graph).
+  ``qat.formats.kernels.cpu`` instead (the same values, about 4x faster than the graph), and
+  LO-BCQ on float32 CPU tensors that of ``qat.formats.kernels.cpu_lobcq``.
 - ``reference``: the readable definition in ``qat.formats`` (eager PyTorch).
 - ``auto``: ``triton`` on CUDA where a kernel exists, else ``compile`` where a compiler works,
   else ``reference``. ``$QAT_BACKEND`` replaces what ``auto`` picks (the test suite sets it to
@@ -29,6 +30,7 @@ from torch import Tensor
 from qat.errors import ConfigError
 from qat.formats import Format
 from qat.formats.kernels.cpu import cpu_quantize_blocks, cpu_supports
+from qat.formats.kernels.cpu_lobcq import cpu_lobcq_quantize, cpu_lobcq_supports
 
 BACKENDS = ("auto", "triton", "compile", "reference")
 BACKEND_ENV = "QAT_BACKEND"
@@ -69,10 +71,18 @@ def _compiled_blocks(fmt: Format) -> Callable[[Tensor], Tensor]:
 @functools.cache
 def _compiled(fmt: Format, dim: int) -> Callable[[Tensor], Tensor]:
     """Compiled quantiser for block formats; others (row or tensor scales, LO-BCQ, OPQ) run
-    the reference, whose compiled form would need fully dynamic shapes."""
+    the reference, whose compiled form would need fully dynamic shapes, except LO-BCQ on
+    float32 CPU tensors: its C++ kernel."""
     block = fmt.independent_block
     if block is None:
-        return _reference(fmt, dim)
+        ref = _reference(fmt, dim)
+
+        def kernel_or_reference(x: Tensor) -> Tensor:
+            if cpu_lobcq_supports(fmt, x):  # LO-BCQ on float32 CPU tensors: the C++ kernel
+                return cpu_lobcq_quantize(x.detach(), fmt, dim)
+            return ref(x)
+
+        return kernel_or_reference
     fn = _compiled_blocks(fmt)
 
     def run(x: Tensor) -> Tensor:

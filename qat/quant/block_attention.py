@@ -106,7 +106,7 @@ def p_block_size(quantize_p: Callable[[Tensor], Tensor] | None) -> int | None:
         return None
     if not getattr(quantize_p, "enabled", True):
         return 1
-    return fmt.independent_block
+    return fmt.prefix_block
 
 
 def key_stops(

@@ -19,6 +19,7 @@ from qat.formats.base import Format
 from qat.formats.bfp import BFP
 from qat.formats.codebook import AF4, BOF4, BOF4S, NF4
 from qat.formats.ggml import GGMLQ4_0, GGMLQ8_0
+from qat.formats.lobcq import LOBCQ
 from qat.formats.mx import MXFP4, MXFP6E2M3, MXFP6E3M2, MXFP8E4M3, MXFP8E5M2, MXINT8
 from qat.formats.nvfp4 import NVFP4
 
@@ -26,6 +27,9 @@ __all__ = ["MAX_BLOCK_SIZE", "supports_triton", "triton_available", "triton_fake
 
 # A block lives in registers; beyond this it would spill (no format in use comes close).
 MAX_BLOCK_SIZE = 8192
+# LO-BCQ (qat.formats.kernels._lobcq_ops, not imported without triton): a block's scalars are
+# unrolled, an array is one tile.
+LOBCQ_MAX_BLOCK_LEN, LOBCQ_MAX_ARRAY_LEN = 128, 8192
 _MX_TYPES = (MXFP8E4M3, MXFP8E5M2, MXFP6E2M3, MXFP6E3M2, MXFP4, MXINT8)
 _CODEBOOK_TYPES = (NF4, AF4, BOF4, BOF4S)
 _GGML_TYPES = (GGMLQ4_0, GGMLQ8_0)
@@ -38,6 +42,7 @@ def _load_ops() -> bool:
         if importlib.util.find_spec("triton") is None:
             return False
         importlib.import_module("qat.formats.kernels._ops")
+        importlib.import_module("qat.formats.kernels._lobcq_ops")
     except Exception:  # ImportError, or a triton that fails on import: no kernels then
         return False
     return True
@@ -56,7 +61,13 @@ def triton_available() -> bool:
 
 def supports_triton(fmt: Format) -> bool:
     """Whether a fused kernel implements ``fmt`` (BFP, the six MX, either scale choice; 4-bit
-    codebooks w/o OPQ; llama.cpp's Q4_0 and Q8_0; NVFP4)."""
+    codebooks w/o OPQ; llama.cpp's Q4_0 and Q8_0; NVFP4; LO-BCQ, ``_lobcq_ops``' limits)."""
+    if type(fmt) is LOBCQ:
+        return (
+            fmt.block_len <= LOBCQ_MAX_BLOCK_LEN
+            and fmt.array_len <= LOBCQ_MAX_ARRAY_LEN
+            and fmt.num_codebooks <= 256
+        )
     block = getattr(fmt, "block_size", None)
     if not isinstance(block, int) or not 1 <= block <= MAX_BLOCK_SIZE:
         return False
@@ -90,6 +101,9 @@ def triton_fake_quantize(x: Tensor, fmt: Format, dim: int = -1) -> Tensor:
             f"(set TRITON_INTERPRET=1 before importing triton to interpret them)"
         )
     q = torch.ops.qat
+    if type(fmt) is LOBCQ:
+        flat = [v for row in fmt.codebooks for v in row]
+        return q.lobcq_fake_quantize(x, dim, fmt.block_len, fmt.array_len, flat)
     if type(fmt) is BFP:
         return q.bfp_fake_quantize(
             x, dim, fmt.width, fmt.exponent_width, fmt.block_size, fmt.scale == "mse"
