@@ -14,7 +14,8 @@ from test_export import _batch, _load_in_fresh_python, _logits, _sizes
 from tiny import REPO, tiny_recipe
 from transformers import AutoModelForSequenceClassification
 
-from qat.export.packed import export_model, pack_weight, unpack_weight
+from qat.export.packed import pack_weight, unpack_weight
+from qat.export.run import export_model
 from qat.formats import make_format
 from qat.formats.fit.lobcq import fit_lobcq, save_codebooks
 from qat.models import resolve_model_path
@@ -87,7 +88,7 @@ def test_hostile_rows_unpack_bit_for_bit():
 def test_weight_only_export_loads_without_qat_with_identical_logits(tmp_path):
     built = build_model(tiny_recipe(tmp_path), W_ONLY, num_labels=2)
     model, tok = built.model, built.tokenizer
-    out = export_model(model, tmp_path / "w-only", tok)
+    out = export_model(model, tmp_path / "w-only", tok).out
     codec = next(
         iter(json.loads((out / "config.json").read_text())["qat_packing"]["codecs"].values())
     )
@@ -102,7 +103,7 @@ def test_w4a4_export_with_qat_gives_identical_logits(tmp_path):
     every_role = ["--quant.weight", lobcq, "--quant.activation", lobcq, "--quant.matmul", lobcq]
     built = build_model(tiny_recipe(tmp_path), every_role, num_labels=2)
     model, tok = built.model, built.tokenizer
-    out = export_model(model, tmp_path / "w4a4", tok)
+    out = export_model(model, tmp_path / "w4a4", tok).out
     loaded = AutoModelForSequenceClassification.from_pretrained(out)
     with torch.no_grad():
         assert torch.equal(loaded(**_batch(tok)).logits, model(**_batch(tok)).logits)
@@ -113,7 +114,7 @@ def test_minilm_export_size_is_the_density_report(tmp_path):
     recipe = str(REPO / "recipes" / "minilm_sst2.yaml")
     built = build_model(recipe, W_ONLY, num_labels=2)
     model, tok = built.model, built.tokenizer
-    out = export_model(model, tmp_path / "minilm", tok)
+    out = export_model(model, tmp_path / "minilm", tok).out
     exp_packed, exp_file, written, size = _sizes(model, out / "qat_packed.safetensors")
     report = density_report(model)
     assert report.quantized_bits_per_element == 4.625
