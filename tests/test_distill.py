@@ -536,12 +536,14 @@ def gguf_student(tmp_path) -> dict[str, str]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from qat import QuantConfig, quantize_model
-    from qat.export.gguf import export_gguf
+    from qat.export.run import export_model
 
     src = make_tiny_causal_lm_dir(tmp_path / "src")
     model = AutoModelForCausalLM.from_pretrained(src)
     quantize_model(model, QuantConfig(weight={"format": "ggml_q8_0"}))
-    folder = export_gguf(model, tmp_path / "gguf", AutoTokenizer.from_pretrained(src))
+    folder = export_model(
+        model, tmp_path / "gguf", AutoTokenizer.from_pretrained(src), to="gguf"
+    ).out
     return {"model_name_or_path": str(folder), "gguf_file": "model.gguf"}
 
 
