@@ -433,7 +433,7 @@ def test_lobcq_p_takes_the_block_path_and_skips_whole_arrays(
     """LO-BCQ quantises each row's arrays on their own (no independent blocks: padding is
     ignored): P row by row is the eager path's, and a causal tail is skipped in whole arrays
     of 64 keys. ``compile`` runs its C++ kernel on P."""
-    monkeypatch.setattr(block, "MIN_ROWS", TAIL_ROWS)
+    monkeypatch.setattr(block, "TILE_ROWS", TAIL_ROWS)
     seq = 200
     module = _Attn(LOBCQ)
     for quantizer in module.qat_matmul.children():
@@ -453,13 +453,13 @@ def test_lobcq_p_takes_the_block_path_and_skips_whole_arrays(
     _assert_same(got, ref, "out")
     for name, g, r in zip("qkv", grads, ref_grads):
         _assert_same(g, r, name)
-    starts = range(0, seq, TAIL_ROWS)
-    for start, p in zip(starts, seen):
-        rows = ref_probs[..., start : start + TAIL_ROWS, :]
+    spans = block.spans(seq, TAIL_ROWS)  # the last block reaches back (see block.spans)
+    for (first, _, stop), p in zip(spans, seen):
+        rows = ref_probs[..., first:stop, :]
         assert torch.equal(p, rows[..., : p.shape[-1]]) and not rows[..., p.shape[-1] :].any()
-    lengths = [p.shape[-1] for p in seen[: len(starts)]]
+    lengths = [p.shape[-1] for p in seen[: len(spans)]]
     if mask_kind == "none":
-        assert lengths == [seq] * len(starts)
+        assert lengths == [seq] * len(spans)
     else:  # whole arrays: 64 (at least MIN_KEYS), 128, 192, then the row's 200
         assert set(lengths) == {64, 128, 192, 200} and lengths == sorted(lengths)
 
