@@ -172,3 +172,9 @@ def test_no_module_is_too_long_without_a_reason():
         if lines > MAX_LINES and "one module because" not in doc:
             long.append(f"{path.relative_to(ROOT.parent)} ({lines} lines)")
     assert not long, f"split these or say in the docstring why not: {long}"
+
+
+def test_no_module_cites_a_file_outside_the_repository():
+    """METHODS.md lives in ../shared, not in the repository: a module cites the paper itself."""
+    citing = [str(p.relative_to(ROOT)) for p in ROOT.rglob("*.py") if "METHODS.md" in p.read_text()]
+    assert citing == []

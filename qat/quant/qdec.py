@@ -1,4 +1,4 @@
-"""QDEC: dynamic error compensation of quantised linears at inference (METHODS.md section 3).
+"""QDEC: dynamic error compensation of quantised linears at inference (DecDEC, arXiv 2412.20185).
 
 For every ``QuantLinear`` (or GPT-2 ``QuantConv1D``) with a weight quantiser, the residual
 ``R = W - Q(W)`` is computed once with the model's own weight quantiser and quantised to
