@@ -25,6 +25,7 @@ LAYERS: list[set[str]] = [
     # other libraries given qat's behaviour (TRL, lm-eval); measuring a model or an export
     {"integrations", "evaluation"},
     {"cli"},
+    {"startup"},  # what ``import qat`` registers with transformers (by module name, lazily)
     {"__init__", "train"},  # the lazy package namespace and the accelerate launch script
 ]
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}
