@@ -391,3 +391,13 @@ def weight_block_arrays(path: str, array_len: int, max_arrays: int, seed: int) -
     if not out:
         raise ModelLoadError(f"no 2-D floating-point weights in {path!r}")
     return torch.cat(out)
+
+
+def base_model(model: Any) -> Any:
+    """The transformers model under a peft wrapper (the model itself when unwrapped)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def is_causal_lm(model: Any) -> bool:
+    """Whether ``model`` (or the model under its peft wrapper) is a ``...ForCausalLM``."""
+    return type(base_model(model)).__name__.endswith("ForCausalLM")

@@ -22,7 +22,8 @@ from qat import models
 from qat.errors import ExportError, UsageError, check_one_of
 from qat.export import compressed_tensors, gguf, packed
 from qat.export import modeling_qat_packed as mqp
-from qat.runs.build import Source, base_model, find_recipe_yaml, resolve
+from qat.models import base_model
+from qat.runs.build import Source, find_recipe_yaml, resolve
 from qat.runs.entry import Loaded, load_for_command
 from qat.runs.folders import check_destination, check_not_source, write_atomically
 

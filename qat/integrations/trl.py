@@ -30,6 +30,7 @@ import dataclasses
 from typing import Any
 
 from qat.errors import UsageError
+from qat.models import base_model
 
 try:
     from trl import SFTConfig, SFTTrainer
@@ -217,7 +218,7 @@ class QATSFTTrainer(QATTrainer, SFTTrainer):
 
 def _quantised_head(model: Any) -> bool:
     """The output projection (``lm_head``) carries an enabled weight or input quantiser."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     base = getattr(base, "module", base)  # DDP / FSDP wrappers
     get = getattr(base, "get_output_embeddings", None)
     head = get() if get is not None else None

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from qat.errors import ConfigError, UsageError, check_one_of
+from qat.models import base_model, is_causal_lm
 
 HEADS = ("sequence_classification", "causal_lm")
 RECIPE_SUFFIXES = (".yaml", ".yml")
@@ -46,7 +47,7 @@ class Source:
         """The head the source builds: a model in memory's own, else its recipe task's (None:
         a bare model name, which does not say)."""
         if self.model is not None:
-            return "causal_lm" if _is_causal_lm(self.model) else "sequence_classification"
+            return "causal_lm" if is_causal_lm(self.model) else "sequence_classification"
         task_name = getattr(self.args, "task_name", None)
         if task_name is None:
             return None
@@ -273,15 +274,6 @@ def resolve(
     if _is_model_name(path):
         return Source(None, None, "full", _model_args(path, overrides))
     return resolve_source(path, overrides)
-
-
-def base_model(model: Any) -> Any:
-    """The transformers model under a peft wrapper (the model itself when unwrapped)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def _is_causal_lm(model: Any) -> bool:
-    return type(base_model(model)).__name__.endswith("ForCausalLM")
 
 
 def _in_memory(model: Any, overrides: Any, tokenizer: Any) -> Source:

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from qat import models
-from qat.runs.build import Source, base_model, build_model, resolve
+from qat.models import base_model
+from qat.runs.build import Source, build_model, resolve
 from qat.tasks.language_modeling import check_causal
 
 

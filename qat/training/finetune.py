@@ -10,6 +10,7 @@ from torch import nn
 
 from qat.errors import ConfigError
 from qat.models import CLASSIFIER_HEADS as HEAD_NAMES
+from qat.models import is_causal_lm
 from qat.quant.lora import (
     check_lora_config,
     check_target_modules,
@@ -26,10 +27,6 @@ def head_names(model: nn.Module) -> list[str]:
             f"{type(model).__name__} has no classification head named {' or '.join(HEAD_NAMES)}"
         )
     return names
-
-
-def is_causal_lm(model: nn.Module) -> bool:
-    return type(model).__name__.endswith("ForCausalLM")
 
 
 def prepare_finetuning(model: nn.Module, mode: str, lora: object | None = None) -> nn.Module:

@@ -119,7 +119,7 @@ def make_teacher(distill: Any, model: nn.Module, finetune: str) -> Teacher:
     if distill.teacher != "self":
         # the recipe's checks for a teacher handed over from Python (QATTrainer(distill=...)):
         # architecture, vocabulary, whole weight files, before it loads
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = models.base_model(model)
         causal = type(base).__name__.endswith("ForCausalLM")
         labels = None if causal else base.config.num_labels
         check_distill(distill, base.config, causal=causal, num_labels=labels, finetune=finetune)
@@ -134,7 +134,7 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.floa
 
 def load_teacher(path: str, student: nn.Module) -> nn.Module:
     """The teacher at ``path``, loaded with the student's head kind and dtype."""
-    base = student.get_base_model() if hasattr(student, "get_base_model") else student
+    base = models.base_model(student)
     param = next(base.parameters())
     dtype = _DTYPE_NAMES.get(param.dtype)
     if type(base).__name__.endswith("ForCausalLM"):

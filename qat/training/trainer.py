@@ -17,13 +17,13 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import ExportableState
 
 from qat.errors import UsageError
+from qat.models import base_model, is_causal_lm
 from qat.quant.config import QuantConfig
 from qat.quant.quantize import is_quantized, quantization_summary, quantize_model
 from qat.runs.arguments import QATArguments
 from qat.runs.checkpoints import write_qat_config
 from qat.training.distill import distill_loss_sum
 from qat.training.finetune import (
-    is_causal_lm,
     lora_summary,
     prepare_finetuning,
     trainable_parameters,
@@ -165,7 +165,7 @@ class QATTrainer(Trainer):
         self.teacher = (
             None if self.distill is None else make_teacher(self.distill, model, self.finetune)
         )
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = base_model(model)
         self._distill_causal = is_causal_lm(base)
         self._distill_step: tuple[torch.Tensor, torch.Tensor] | None = None
         self._distill_sums: torch.Tensor | None = None  # task, distill since the last log
@@ -175,7 +175,7 @@ class QATTrainer(Trainer):
             args.dataloader_pin_memory = False
         super().__init__(model=model, args=args, **kwargs)
         base = self.accelerator.unwrap_model(self.model)
-        base = base.get_base_model() if hasattr(base, "get_base_model") else base
+        base = base_model(base)
         if type(base).__name__.endswith("ForSequenceClassification"):
             # Their loss is a mean over the local batch that ignores num_items_in_batch; left
             # True, Trainer would multiply it by the world size under DDP (2x the gradients).
@@ -390,7 +390,7 @@ class QATTrainer(Trainer):
         without a recipe.yaml beside it): the config's ``task_name`` or, for a causal LM, its
         task; the model name the trainer was given, else the one the model was loaded from."""
         out: dict[str, str] = {}
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        base = base_model(self.model)
         task = getattr(self.args, "task_name", None) or (
             "causal_lm" if is_causal_lm(base) else None
         )
