@@ -64,11 +64,20 @@ def _start(recipe: str, out: Path) -> subprocess.Popen:
     )
 
 
+def _parses(path: Path) -> bool:
+    try:
+        json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def _kill_after_checkpoint(proc: subprocess.Popen, out: Path, step: int) -> None:
-    """SIGKILL ``proc`` as soon as ``checkpoint-<step>`` is complete (trainer_state is last)."""
+    """SIGKILL ``proc`` as soon as ``checkpoint-<step>`` is complete (trainer_state is written
+    last, and not atomically: on a loaded machine the file exists a while before it parses)."""
     marker = out / f"checkpoint-{step}" / "trainer_state.json"
     deadline = time.monotonic() + 150
-    while not marker.is_file() and proc.poll() is None and time.monotonic() < deadline:
+    while not _parses(marker) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.002)
     if proc.poll() is None:
         os.kill(proc.pid, signal.SIGKILL)
