@@ -60,9 +60,42 @@ def grid() -> dict[str, tuple[str, dict[str, Any] | None]]:
             )
     rows["w4a4-mm8"] = ("W4A4 BFP, 8-bit matmuls", _quant(_bfp(4), _bfp(4), _bfp(8)))
     rows["w4a4-mmfloat"] = ("W4A4 BFP, float matmuls", _quant(_bfp(4), _bfp(4), None))
+    for key, (label, fused) in _fused_rows().items():
+        w4 = _quant(_bfp(4), _bfp(4), _bfp(4))
+        rows[f"w4a4-{key}"] = (f"W4A4 BFP + {label}", {**w4, "rotation": fused})
+    rows["float-fused"] = ("float + fused R1+R2", {"rotation": _fused_rows()["fused"][1]})
     rows["w4-only"] = ("W4 BFP weight-only", _quant(_bfp(4), None, None))
     rows["w4-only-rot16"] = ("W4 BFP weight-only + rotation 16", _quant(_bfp(4), None, None, 16))
     return rows
+
+
+def _fused_rows() -> dict[str, tuple[str, dict[str, Any]]]:
+    """Fused rotations (qat.quant.fuse): R1 on the residual stream, R2 per head, each a
+    Hadamard (576 = 36 x 16 for SmolLM2), with seeded signs, or random orthogonal; with online
+    blocks on the down projection's input and Q/K."""
+    had = {"residual": "hadamard", "heads": "hadamard"}
+    on16 = {"online": {"size": 16}}
+
+    def blocks(n: int) -> dict[str, Any]:
+        return {
+            "residual": {"kind": "hadamard", "size": n},
+            "heads": {"kind": "hadamard", "size": n},
+        }
+
+    return {
+        "fused-r1": ("fused R1", {"residual": "hadamard"}),
+        "fused": ("fused R1+R2", had),
+        "fused-signed": (
+            "fused R1+R2 signed",
+            {"residual": "random_hadamard", "heads": "random_hadamard"},
+        ),
+        "fused-random": ("fused R1+R2 random", {"residual": "random", "heads": "random"}),
+        "fused-online16": ("fused R1+R2 + online 16", {**had, **on16}),
+        "fused-b16": ("fused R1+R2 blocks of 16", blocks(16)),
+        "fused-b16-online16": ("fused R1+R2 blocks of 16 + online 16", {**blocks(16), **on16}),
+        "fused-b64-online16": ("fused R1+R2 blocks of 64 + online 16", {**blocks(64), **on16}),
+        "fused-onlinefull": ("fused R1+R2 + online full", {**had, "online": {"size": "full"}}),
+    }
 
 
 def score(model: Any, chunks: list[Any]) -> float:

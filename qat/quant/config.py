@@ -11,7 +11,7 @@ from typing import Any
 from qat.errors import QatError, check_one_of, did_you_mean
 from qat.formats import Format, FormatError, make_format
 from qat.models import HEAD_NAMES
-from qat.quant.rotation import check_rotation_spec
+from qat.quant.rotation import check_rotation_spec, has_online_rotation, is_fused
 
 ROLES = ("weight", "activation", "matmul")
 V_AXES = ("head_dim", "seq")
@@ -90,7 +90,9 @@ class QuantConfig:
     see ``qat.quant.backends``); every backend gives the same values. ``rotation``
     (``{kind: hadamard, size: 64 | block}``, null = off; ``qat.quant.rotation``) rotates both
     operands of every quantised linear along ``in_features``, and Q and K along head_dim; an
-    override may set its own (``{".*down_proj": {rotation: {size: 128}}}``, or ``null``).
+    override may set its own (``{".*down_proj": {rotation: {size: 128}}}``, or ``null``). The
+    fused form (``{residual: hadamard, heads: hadamard, online: {size: 16}}``,
+    ``qat.quant.fuse``) rotates the residual stream and the V/O head space in the weights.
 
     The fields are the specs as written (``to_dict`` gives them back, the JSON of
     ``qat_config.json``); a ``Format`` object may stand in for a spec. Building the config
@@ -173,7 +175,7 @@ class QuantConfig:
             for role, sub in partial.items():
                 if role == "rotation":
                     specs[pat][role] = check_rotation_spec(
-                        sub, f"quant.overrides[{pat!r}].rotation", QuantConfigError
+                        sub, f"quant.overrides[{pat!r}].rotation", QuantConfigError, fused=False
                     )
                     continue
                 if role not in ROLES:
@@ -214,11 +216,19 @@ class QuantConfig:
         return None if spec is None else dict(spec)
 
     def rotation_for(self, name: str) -> dict[str, Any] | None:
-        """The rotation spec (``{kind, size}``) of module ``name``, None when off or excluded."""
+        """The online block rotation spec (``{kind, size}``) of module ``name``: None when off,
+        excluded, or under a fused rotation (whose online parts ``quantize_model`` places)."""
         if self.is_excluded(name):
             return None
         spec = self._specs[self.override_for(name)]["rotation"]  # type: ignore[attr-defined]
-        return None if spec is None else dict(spec)
+        return None if spec is None or is_fused(spec) else dict(spec)
+
+    @property
+    def fused_rotation(self) -> dict[str, Any] | None:
+        """The normalised fused rotation spec (``{residual, heads, online, seed, learned}``,
+        ``qat.quant.fuse``), or None when ``rotation`` is off or the online block form."""
+        spec = self._specs[None]["rotation"]  # type: ignore[attr-defined]
+        return dict(spec) if is_fused(spec) else None
 
     def formats_for(self, name: str) -> ModuleFormats:
         """The formats of module ``name``: its override's, else the base ones; all None
@@ -233,8 +243,10 @@ class QuantConfig:
         return list(self._resolved.values())  # type: ignore[attr-defined]
 
     def is_rotated(self) -> bool:
-        """Whether any module may be rotated (``rotation``, its own or an override's)."""
-        return any(spec["rotation"] is not None for spec in self._specs.values())  # type: ignore[attr-defined]
+        """Whether any module may be rotated online (the block ``rotation``, a fused rotation's
+        ``online`` part, or an override's): what an engine would have to run itself. Rotations
+        fused into the weights are ordinary weights."""
+        return has_online_rotation(self)
 
     @property
     def base_formats(self) -> ModuleFormats:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -30,6 +32,8 @@ class _QuantizedOperands:
     activation_quantizer: FakeQuantizer | None
     rotation: Rotation | None  # set in __init__: a class default would shadow the submodule
     weight_dim: int = -1
+    # learned transforms (qat.quant.learned): the effective weight and bias before quantising
+    weight_transform: Any = None
 
     def set_rotation(self, rotation: Rotation | None) -> None:
         """Rotate both operands by ``rotation`` (registered here, referenced by the quantisers)."""
@@ -40,9 +44,15 @@ class _QuantizedOperands:
 
     def quantized_weight(self, weight: Tensor | None = None) -> Tensor:
         w = self.weight if weight is None else weight
+        if self.weight_transform is not None:
+            w = self.weight_transform.weight(w)
         if self.weight_quantizer is not None:
             return self.weight_quantizer(w)
         return w if self.rotation is None else self.rotation(w, self.weight_dim)
+
+    def effective_bias(self) -> Tensor | None:
+        b = self.bias
+        return b if self.weight_transform is None else self.weight_transform.bias(b)
 
     def quantized_input(self, x: Tensor) -> Tensor:
         if self.activation_quantizer is not None:
@@ -95,10 +105,12 @@ class QuantLinear(_QuantizedOperands, nn.Linear):
 
     def forward_with_weight(self, x: Tensor, weight: Tensor) -> Tensor:
         """Forward with an effective weight (LoRA's ``W + BA``) in place of ``self.weight``."""
-        return F.linear(self.quantized_input(x), self.quantized_weight(weight), self.bias)
+        return F.linear(
+            self.quantized_input(x), self.quantized_weight(weight), self.effective_bias()
+        )
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
+        return F.linear(self.quantized_input(x), self.quantized_weight(), self.effective_bias())
 
 
 class QuantConv1D(_QuantizedOperands, Conv1D):

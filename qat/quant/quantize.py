@@ -79,6 +79,7 @@ def quantize_model(model: nn.Module, config: QuantConfig | Mapping[str, Any] | N
         return model
     if is_quantized(model):
         raise UsageError("model is already quantised; quantize_model must run once")
+    online = _fuse(model, config.fused_rotation)
     used_overrides: set[str] = set()
     replacements: list[tuple[str, nn.Module]] = []
     uses_matmul = False
@@ -105,7 +106,7 @@ def quantize_model(model: nn.Module, config: QuantConfig | Mapping[str, Any] | N
                 new = QuantConv1D.from_conv1d(module, wq, aq)
             else:
                 new = QuantLinear.from_linear(module, wq, aq)
-            rot = config.rotation_for(name)
+            rot = config.rotation_for(name) or online.get(name)
             if rot is not None:
                 size = resolve_size(
                     rot,
@@ -121,7 +122,7 @@ def quantize_model(model: nn.Module, config: QuantConfig | Mapping[str, Any] | N
             if pat is not None:
                 used_overrides.add(pat)
             if formats.matmul is not None:
-                rot = config.rotation_for(name)
+                rot = config.rotation_for(name) or online.get(name)
                 rotation = None
                 if rot is not None:
                     size = resolve_size(
@@ -156,6 +157,7 @@ def quantize_model(model: nn.Module, config: QuantConfig | Mapping[str, Any] | N
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, new)
     share_sibling_inputs([(n, m) for n, m in replacements])
+    _attach_learned(model, config.fused_rotation)
     if uses_matmul:
         if not hasattr(model, "set_attn_implementation"):
             raise QuantConfigError(
@@ -182,6 +184,32 @@ def quantize_model(model: nn.Module, config: QuantConfig | Mapping[str, Any] | N
         setattr(model.config, CONFIG_ATTR, config.to_dict())
     model.qat_quant = config  # the QuantConfig itself (config.json holds its dict)
     return model
+
+
+def _fuse(model: nn.Module, spec: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """Fuse ``spec``'s rotations into ``model`` (``qat.quant.fuse``); returns the online block
+    rotation of each module that keeps one (the MLP's down projection, the attention's Q and
+    K: where a rotation cannot be fused)."""
+    if spec is None:
+        return {}
+    from qat.quant.fuse import fuse_rotation
+
+    layout = fuse_rotation(model, spec)
+    if spec["online"] is None:
+        return {}
+    names = {id(m): n for n, m in model.named_modules()}
+    targets = [m for b in layout.blocks for m in (b.mlp_writer, b.attention)]
+    return {names[id(m)]: spec["online"] for m in targets}
+
+
+def _attach_learned(model: nn.Module, spec: dict[str, Any] | None) -> None:
+    """Trainable transforms on the quantised, fused model (``qat.quant.learned``)."""
+    if spec is None or spec["learned"] is None or next(model.parameters()).is_meta:
+        return
+    from qat.quant.layout import model_layout
+    from qat.quant.learned import attach_learned
+
+    attach_learned(model, model_layout(model), spec["learned"])
 
 
 def _head_dim(attention: nn.Module, model: nn.Module) -> int:

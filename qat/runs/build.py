@@ -372,6 +372,8 @@ def build_model(
         _check_config(model.config, args, head, check)
     if args.quant is not None:
         quantize_model(model, args.quant)
+        if ckpt is not None:
+            _bake_learned(model, ckpt)
     if ckpt is not None and finetune == "lora":
         model = _attach_lora(model, ckpt)
     if device is not None:
@@ -396,6 +398,18 @@ def _check_config(config: Any, args: Any, head: str, check: Callable[[Any], None
         from qat.quant.quantize import check_quantizable
 
         check_quantizable(config, args.quant, head == "causal_lm")
+
+
+def _bake_learned(model: Any, ckpt: Path) -> None:
+    """A checkpoint of a run with learned transforms (``quant.rotation.learned``): read them
+    (``from_pretrained`` drops their keys) and bake them into the weights, so every command
+    sees the ordinary fused model that the trained one equals."""
+    from qat.quant.layout import model_layout
+    from qat.quant.learned import bake, has_learned, load_learned
+
+    if has_learned(model):
+        load_learned(model, ckpt)
+        bake(model, model_layout(model))
 
 
 def _attach_lora(model: Any, ckpt: Path) -> Any:

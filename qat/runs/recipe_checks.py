@@ -47,7 +47,24 @@ def check_qat_values(cfg: Any) -> None:
             f"{cfg.task_name} is a regression (one output, whose softmax "
             "is always 1): drop the distill section"
         )
+    check_quant_training(cfg)
     check_decoder_values(cfg)
+
+
+def check_quant_training(cfg: Any) -> None:
+    """Quant options that train alongside the weights need the weights to train."""
+    fused = None if cfg.quant is None else cfg.quant.fused_rotation
+    if fused and fused["learned"] and cfg.finetune != "full":
+        why = (
+            "only the classification head trains"
+            if cfg.finetune == "classifier"
+            else "the adapter holds only the LoRA weights"
+        )
+        raise RecipeError(
+            f"quant.rotation.learned trains rotations and smoothing scales, which finetune "
+            f"{cfg.finetune} cannot ({why}); use finetune: full, or drop "
+            "quant.rotation.learned"
+        )
 
 
 def check_decoder_values(cfg: Any) -> None:

@@ -26,6 +26,7 @@ def train_decoder(
     from transformers import set_seed
 
     from qat.models import load_config, load_tokenizer_for
+    from qat.quant.quantize import check_quantizable
     from qat.runs.build import build_model
     from qat.tasks.language_modeling import check_block_size, check_causal
     from qat.tasks.registry import get_task
@@ -42,6 +43,8 @@ def train_decoder(
         check_block_size(config, args.block_size, name)
     gguf = (name, args.gguf_file) if args.gguf_file else None
     check_distill(args.distill, config, causal=True, gguf=gguf)  # the teacher's, before weights
+    if config is not None:  # the quant config against the model's layers, before any data
+        check_quantizable(config, args.quant, causal_lm=True)
     tokenizer = load_tokenizer_for(args)
     task = get_task(args.task_name)
     train, evals, collator = task.data(args, tokenizer)  # bad data fails before weights

@@ -31,6 +31,13 @@ def head_names(model: nn.Module) -> list[str]:
 
 def prepare_finetuning(model: nn.Module, mode: str, lora: object | None = None) -> nn.Module:
     """Set ``requires_grad`` (or wrap with peft) for ``mode``; returns the model to train."""
+    from qat.quant.learned import learned_parameters
+
+    if mode != "full" and learned_parameters(model):
+        raise ConfigError(
+            f"quant.rotation.learned trains rotations and smoothing scales with the weights; "
+            f"finetune {mode} does not train them: use finetune full"
+        )
     if mode == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -107,3 +114,21 @@ def lora_summary(lora: Any) -> dict[str, Any] | None:
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters())
+
+
+def learned_group(optimizer: Any, model: nn.Module, quant: Any) -> None:
+    """Move the learned transforms' parameters (``qat.quant.learned``) out of ``optimizer``'s
+    groups into one of their own, at ``quant.rotation.learned.lr`` without weight decay (before
+    any step, so no optimiser state moves)."""
+    from qat.quant.learned import learned_parameters
+
+    params = [p for p in learned_parameters(model) if p.requires_grad]
+    spec = (
+        None if quant is None or quant.fused_rotation is None else quant.fused_rotation["learned"]
+    )
+    if not params or spec is None:
+        return
+    ids = {id(p) for p in params}
+    for group in optimizer.param_groups:
+        group["params"] = [p for p in group["params"] if id(p) not in ids]
+    optimizer.add_param_group({"params": params, "lr": spec["lr"], "weight_decay": 0.0})

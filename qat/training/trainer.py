@@ -24,6 +24,7 @@ from qat.runs.arguments import QATArguments
 from qat.runs.checkpoints import write_qat_config
 from qat.training.distill import distill_loss_sum
 from qat.training.finetune import (
+    learned_group,
     lora_summary,
     prepare_finetuning,
     trainable_parameters,
@@ -231,6 +232,15 @@ class QATTrainer(Trainer):
                 'model; qat_config.json and trainer_state.json record "float": true'
             )
         return model, adapter
+
+    def create_optimizer(self, model=None):
+        """Trainer's optimiser; learned rotations / smoothing scales (``quant.rotation.learned``)
+        get their own group at their own learning rate, without weight decay."""
+        ours = self.optimizer is None
+        optimizer = super().create_optimizer(model)
+        if ours:
+            learned_group(optimizer, self.model, self.quant_config)
+        return optimizer
 
     def _backend_summary(self) -> str:
         """Which quantiser implementation runs here, e.g. ``backend auto -> compile on cpu``."""
