@@ -95,6 +95,30 @@ class Format:
     def _quantize_lastdim(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
+    # --- a fixed scale, then one element at a time (GPTQ; qat.quant.gptq) ---------------
+
+    @property
+    def scale_block(self) -> int | None:
+        """The elements one scale covers along the blocking dim, for a family whose elements
+        can be rounded one at a time once their block's scale is fixed (``block_scales``,
+        ``round_with_scales``); None for the others."""
+        return None
+
+    def block_scales(self, xb: Tensor) -> Tensor:
+        """The scales ``quantize`` chooses for float32 blocks ``xb`` ``[..., nblocks, B]``
+        (``B = scale_block``): ``[..., nblocks]``, in the family's own terms."""
+        raise FormatError(
+            f"format {self.name!r} cannot round elements one at a time on a fixed block scale"
+        )
+
+    def round_with_scales(self, xb: Tensor, scales: Tensor) -> Tensor:
+        """Float32 elements ``xb`` ``[..., nblocks, k]`` (any ``k``: each on its own) rounded
+        on the grid that ``scales`` ``[..., nblocks]`` fix, so that
+        ``round_with_scales(xb, block_scales(xb))`` is ``quantize``'s output per block."""
+        raise FormatError(
+            f"format {self.name!r} cannot round elements one at a time on a fixed block scale"
+        )
+
     def _encode_lastdim(self, x: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """``(codes [..., nblocks, B], scales [..., nblocks], extra)`` of finite float32 ``x``."""
         raise FormatError(

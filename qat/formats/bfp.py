@@ -91,6 +91,24 @@ class BFP(Format):
     def independent_block(self) -> int:
         return self.block_size
 
+    @property
+    def scale_block(self) -> int:
+        return self.block_size
+
+    def block_scales(self, xb: Tensor) -> Tensor:
+        m_bits = self.width - 1
+        return block_scale_exponent(
+            xb,
+            *exponent_range(self.exponent_width),
+            ceil=True,
+            scale=self.scale,
+            values=lambda b, c: block_values(block_mantissas(b, c, m_bits), c, m_bits),
+        )
+
+    def round_with_scales(self, xb: Tensor, scales: Tensor) -> Tensor:
+        m_bits = self.width - 1
+        return block_values(block_mantissas(xb, scales, m_bits), scales, m_bits)
+
     def _values(self, mant: Tensor, e: Tensor, n: int) -> Tensor:
         return from_blocks(block_values(mant, e, self.width - 1), n)
 

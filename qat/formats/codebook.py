@@ -255,6 +255,22 @@ class CodebookFormat(Format):
         # OPQ's outlier threshold counts a ragged block's real elements: not padding-neutral.
         return self.block_size if self.outliers == "none" else None
 
+    @property
+    def scale_block(self) -> int | None:
+        return self.block_size if self.outliers == "none" else None
+
+    def block_scales(self, xb: Tensor) -> Tensor:
+        if self.outliers != "none":
+            return super().block_scales(xb)
+        return encode_blocks(xb, self.levels, self.normalization)[1].squeeze(-1)
+
+    def round_with_scales(self, xb: Tensor, scales: Tensor) -> Tensor:
+        s = scales.unsqueeze(-1)
+        _, mids = level_tensors(self.levels, xb.device)
+        safe = torch.where(s == 0, torch.ones_like(s), s)
+        code = torch.bucketize(xb / safe, mids, right=True, out_int32=True)
+        return decode_blocks(code, s, self.levels)
+
     def _quantize_lastdim(self, x: Tensor) -> Tensor:
         return self._decode_lastdim(*self._encode_lastdim(x), x.shape[-1])
 

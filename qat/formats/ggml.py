@@ -73,9 +73,26 @@ class GGMLFormat(Format):
     def independent_block(self) -> int:
         return GGML_BLOCK
 
+    @property
+    def scale_block(self) -> int:
+        return GGML_BLOCK
+
+    def block_scales(self, xb: Tensor) -> Tensor:
+        """The float32 ``d`` of each block (the codes use it; the values its fp16 rounding)."""
+        raise NotImplementedError
+
+    def _codes_with(self, xb: Tensor, d: Tensor) -> Tensor:
+        """float32 codes of ``xb`` with float32 scales ``d`` ``[..., nblocks, 1]``."""
+        raise NotImplementedError
+
+    def round_with_scales(self, xb: Tensor, scales: Tensor) -> Tensor:
+        d = scales.unsqueeze(-1)
+        return self._values(self._codes_with(xb, d), fp16_scale(scales))
+
     def _codes(self, xb: Tensor) -> tuple[Tensor, Tensor]:
         """(float32 codes, fp16 scale ``[..., nblocks]``) of blocked float32 ``xb``."""
-        raise NotImplementedError
+        d = self.block_scales(xb)
+        return self._codes_with(xb, d.unsqueeze(-1)), fp16_scale(d)
 
     def _values(self, codes: Tensor, d16: Tensor) -> Tensor:
         raise NotImplementedError
@@ -107,12 +124,15 @@ class GGMLQ8_0(GGMLFormat):
     def bits_per_element(self) -> float:
         return 8 + 16 / GGML_BLOCK
 
-    def _codes(self, xb: Tensor) -> tuple[Tensor, Tensor]:
-        d = xb.abs().amax(dim=-1, keepdim=True) / 127.0
+    def block_scales(self, xb: Tensor) -> Tensor:
+        return xb.abs().amax(dim=-1) / 127.0
+
+    def _codes_with(self, xb: Tensor, d: Tensor) -> Tensor:
         # nan_to_num only acts where 1/d overflows (amax < ~2^-121; llama.cpp's int8 cast of
         # +-inf or NaN is undefined there): fp16(d) is 0 and the block is zeros either way.
+        # The clamp only acts on an element past the block max (GPTQ's fixed scale).
         codes = roundf(_product(xb, _inverse(d))).nan_to_num(0.0, 127.0, -127.0)
-        return codes, fp16_scale(d.squeeze(-1))
+        return codes.clamp(-127.0, 127.0)
 
     def _values(self, codes: Tensor, d16: Tensor) -> Tensor:
         return codes * d16.float().unsqueeze(-1)
@@ -129,14 +149,15 @@ class GGMLQ4_0(GGMLFormat):
     def bits_per_element(self) -> float:
         return 4 + 16 / GGML_BLOCK
 
-    def _codes(self, xb: Tensor) -> tuple[Tensor, Tensor]:
+    def block_scales(self, xb: Tensor) -> Tensor:
         # argmax returns the first of equal maxima, as the C loop's strict `<` keeps the first.
         signed_max = xb.gather(-1, xb.abs().argmax(dim=-1, keepdim=True))
-        d = signed_max / -8.0
+        return (signed_max / -8.0).squeeze(-1)
+
+    def _codes_with(self, xb: Tensor, d: Tensor) -> Tensor:
         # C adds 8.5 to the float32 product: a second rounding, kept apart (see _product).
         shifted = (_product(xb, _inverse(d)).double() + 8.5).float()
-        codes = torch.trunc(shifted).nan_to_num(8.0).clamp(0.0, 15.0)  # NaN: see Q8_0
-        return codes, fp16_scale(d.squeeze(-1))
+        return torch.trunc(shifted).nan_to_num(8.0).clamp(0.0, 15.0)  # NaN: see Q8_0
 
     def _values(self, codes: Tensor, d16: Tensor) -> Tensor:
         return (codes - 8.0) * d16.float().unsqueeze(-1)

@@ -30,6 +30,7 @@ from qat.formats.base import Format, check_choice, check_int, from_blocks, to_bl
 from qat.formats.registry import register_format
 
 GRANULARITIES = ("tensor", "channel", "group")
+CHANNEL = 1 << 62  # scale_block of a per-row scale: longer than any row
 
 
 def absmax_int(x: Tensor, amax: Tensor, width: int) -> Tensor:
@@ -59,6 +60,19 @@ class Int(Format):
         if self.granularity == "group":
             return self.width + 16 / self.group_size
         return float(self.width)
+
+    @property
+    def scale_block(self) -> int | None:
+        # a channel's scale covers its whole row: fixed once, before the first element
+        return {"group": self.group_size, "channel": CHANNEL}.get(self.granularity)
+
+    def block_scales(self, xb: Tensor) -> Tensor:
+        if self.granularity == "tensor":
+            return super().block_scales(xb)
+        return xb.abs().amax(dim=-1)
+
+    def round_with_scales(self, xb: Tensor, scales: Tensor) -> Tensor:
+        return absmax_int(xb, scales.unsqueeze(-1), self.width)
 
     def _quantize_lastdim(self, x: Tensor) -> Tensor:
         if self.granularity == "tensor":

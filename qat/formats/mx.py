@@ -99,15 +99,26 @@ class MXFormat(Format):
             codes = torch.arange(top + 1, dtype=torch.int32)
         return code_values(codes, self.mantissa_bits, self.emin)
 
-    def _blocks(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
-        """Scaled elements ``x / 2^e`` in blocks, ``e`` (int32), ``2^e`` and the row length."""
-        xb, n = to_blocks(x, self.block_size)
+    @property
+    def scale_block(self) -> int:
+        return self.block_size
+
+    def block_scales(self, xb: Tensor) -> Tensor:
         e = mx_scale_exponent(xb.abs().amax(dim=-1), self.emax)
         if self.scale == "mse":
             # Above 127 - emax a block's top element value would pass float32's range.
             e = best_exponent(
                 xb, e, E8M0_MIN, E8M0_MAX - self.emax, MSE_OFFSETS, self._block_values
             )
+        return e
+
+    def round_with_scales(self, xb: Tensor, scales: Tensor) -> Tensor:
+        return self._block_values(xb, scales)
+
+    def _blocks(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
+        """Scaled elements ``x / 2^e`` in blocks, ``e`` (int32), ``2^e`` and the row length."""
+        xb, n = to_blocks(x, self.block_size)
+        e = self.block_scales(xb)
         # 2^e for e in [-127, 127] is exact in float32 (2^-127 is a subnormal power of two),
         # and x / 2^e cannot overflow because e >= floor(log2 amax) - emax - 1.
         scale = torch.exp2(e.float()).unsqueeze(-1)
