@@ -36,6 +36,7 @@ def test_to_dict_is_the_specs_as_written_and_round_trips_through_json() -> None:
         "v_block_axis": "head_dim",
         "backend": "auto",
         "rotation": None,
+        "gptq": None,
     }
     again = QuantConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert again == cfg and again.to_dict() == cfg.to_dict()

@@ -93,6 +93,8 @@ class QuantConfig:
     override may set its own (``{".*down_proj": {rotation: {size: 128}}}``, or ``null``). The
     fused form (``{residual: hadamard, heads: hadamard, online: {size: 16}}``,
     ``qat.quant.fuse``) rotates the residual stream and the V/O head space in the weights.
+    ``gptq`` (``{samples: 128, damp: 0.01}``, ``qat.quant.gptq``) rounds the weights by GPTQ
+    on calibration rows when a model is built from a recipe (``qat.runs.build``).
 
     The fields are the specs as written (``to_dict`` gives them back, the JSON of
     ``qat_config.json``); a ``Format`` object may stand in for a spec. Building the config
@@ -109,6 +111,7 @@ class QuantConfig:
     v_block_axis: str = "head_dim"
     backend: str = "auto"
     rotation: dict[str, Any] | None = None
+    gptq: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         for role in ROLES:  # a Format given in place of its spec
@@ -196,9 +199,11 @@ class QuantConfig:
         check_one_of("quant.backend", self.backend, BACKENDS, QuantConfigError)
         check_one_of("quant.v_block_axis", self.v_block_axis, V_AXES, QuantConfigError)
         resolved = {pat: ModuleFormats(**roles) for pat, roles in formats.items()}
+        gptq = _check_gptq(self.gptq, resolved)
         # Plain attributes, not fields: to_dict, == and repr see only the specs.
         object.__setattr__(self, "_specs", specs)
         object.__setattr__(self, "_resolved", resolved)
+        object.__setattr__(self, "_gptq", gptq)
 
     def is_excluded(self, name: str) -> bool:
         return any(re.search(p, name) for p in self.exclude)
@@ -222,6 +227,11 @@ class QuantConfig:
             return None
         spec = self._specs[self.override_for(name)]["rotation"]  # type: ignore[attr-defined]
         return None if spec is None or is_fused(spec) else dict(spec)
+
+    @property
+    def gptq_spec(self) -> dict[str, Any] | None:
+        """The normalised ``{samples, damp, batch}`` of ``gptq`` (``qat.quant.gptq``), or None."""
+        return self._gptq  # type: ignore[attr-defined]
 
     @property
     def fused_rotation(self) -> dict[str, Any] | None:
@@ -281,6 +291,22 @@ def _build(spec: Mapping[str, Any] | None, where: str, built: dict[str, Format])
         except (FormatError, TypeError) as e:
             raise QuantConfigError(f"{where}: {e}") from None
     return built[key]
+
+
+def _check_gptq(spec: Any, resolved: dict[str | None, ModuleFormats]) -> dict[str, Any] | None:
+    """``quant.gptq``: its keys, and weight formats it can round (one line otherwise)."""
+    from qat.quant.gptq import check_gptq_format, check_gptq_spec
+
+    gptq = check_gptq_spec(spec, "quant.gptq", QuantConfigError)
+    if gptq is None:
+        return None
+    weights = [(pat, f.weight) for pat, f in resolved.items() if f.weight is not None]
+    if not weights:
+        raise QuantConfigError("quant.gptq rounds quantised weights, and quant.weight is null")
+    for pat, fmt in weights:
+        where = "quant.weight" if pat is None else f"quant.overrides[{pat!r}].weight"
+        check_gptq_format(fmt, where, QuantConfigError)
+    return gptq
 
 
 def _compile(pat: Any, where: str) -> None:

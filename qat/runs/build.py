@@ -302,6 +302,7 @@ def build_model(
     num_labels: int | None = None,
     check: Callable[[Any], None] | None = None,
     tokenizer: Any = None,
+    round_gptq: bool = True,
 ) -> Built:
     """Load, quantise and (for a LoRA checkpoint) attach the adapter of ``source``: a Hub id,
     model folder or ``pkg://`` path, a recipe file or ``Recipe``, a run / checkpoint
@@ -324,7 +325,10 @@ def build_model(
     whose class names go into the config) or ``causal_lm``. ``device``: a ``torch.device``
     to move the model to; None leaves it where it loaded (the CPU), for a Trainer to place.
     The model comes back in eval mode. ``tokenizer``: one the caller already loaded (the train
-    loop reads its data before the weights), used instead of loading it again.
+    loop reads its data before the weights), used instead of loading it again. A recipe whose
+    quant config has ``gptq`` gets its weights rounded by GPTQ on the task's train rows
+    (``qat.quant.gptq``), unless ``round_gptq`` is False (a resumed run loads its own) or the
+    source is a checkpoint (whose weights already went through it).
     """
     import qat.quant.attention  # noqa: F401 - registers the "qat" attention a saved run may name
     from qat import models
@@ -355,8 +359,15 @@ def build_model(
     config = models.load_config(args.model_name_or_path, args.gguf_file)
     if config is not None:  # GGUF: its config is known only once loaded (below)
         _check_config(config, args, head, check)
+    gptq = args.quant.gptq_spec if args.quant is not None and ckpt is None and round_gptq else None
+    if gptq is not None:  # the calibration rows, read before the tokenizer and the weights
+        from qat.runs.calibration import calibration_batches, calibration_source
+
+        source = calibration_source(args, gptq["samples"])
     if tokenizer is None:
         tokenizer = models.load_tokenizer_for(args, ckpt)
+    if gptq is not None:
+        calibration = calibration_batches(source, args, tokenizer, gptq["samples"])
     if head == "causal_lm":
         model = models.load_causal_lm(args.model_name_or_path, args.gguf_file, args.torch_dtype)
     else:
@@ -378,6 +389,8 @@ def build_model(
         model = _attach_lora(model, ckpt)
     if device is not None:
         model = model.to(device)
+    if gptq is not None:
+        _gptq(model, calibration, gptq)
     # eval mode throughout: quantize_model's new modules start in train mode (a Trainer puts
     # the model back into train mode itself)
     return Built(model.eval(), tokenizer, recipe, ckpt, finetune, args)
@@ -398,6 +411,18 @@ def _check_config(config: Any, args: Any, head: str, check: Callable[[Any], None
         from qat.quant.quantize import check_quantizable
 
         check_quantizable(config, args.quant, head == "causal_lm")
+
+
+def _gptq(model: Any, batches: list[dict[str, Any]], spec: dict[str, Any]) -> None:
+    import logging
+
+    from qat.quant.gptq import apply_gptq
+
+    device = next(model.parameters()).device
+    batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+    n = apply_gptq(model, batches, spec)
+    rows = sum(len(b["input_ids"]) for b in batches)
+    logging.getLogger(__name__).info("qat: GPTQ rounded %d layers on %d calibration rows", n, rows)
 
 
 def _bake_learned(model: Any, ckpt: Path) -> None:

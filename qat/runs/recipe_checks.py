@@ -52,7 +52,16 @@ def check_qat_values(cfg: Any) -> None:
 
 
 def check_quant_training(cfg: Any) -> None:
-    """Quant options that train alongside the weights need the weights to train."""
+    """Quant options that need the weights to train, or the task's train rows."""
+    from qat.tasks.glue import GLUE_TASKS
+
+    gptq = None if cfg.quant is None else cfg.quant.gptq_spec
+    if gptq is not None and cfg.task_name not in ("causal_lm", *GLUE_TASKS):
+        named = "names none" if cfg.task_name is None else f"is {cfg.task_name!r}"
+        raise RecipeError(
+            f"quant.gptq calibrates on the train split of task_name causal_lm or a GLUE task; "
+            f"task_name {named}"
+        )
     fused = None if cfg.quant is None else cfg.quant.fused_rotation
     if fused and fused["learned"] and cfg.finetune != "full":
         why = (

@@ -55,6 +55,7 @@ def train_decoder(
         head="causal_lm",
         tokenizer=tokenizer,
         check=lambda c: check_block_size(c, args.block_size, name),
+        round_gptq=checkpoint is None,  # a resumed run loads its own weights
     ).model
     if model.config.pad_token_id is None:  # generate() and padding agree with the tokenizer
         model.config.pad_token_id = tokenizer.pad_token_id

@@ -50,7 +50,9 @@ def train_classifier(recipe: Any, checkpoint: str | None) -> dict:
     )
     # quantised here (QATTrainer leaves a quantised model as it is); on resume the Trainer
     # restores the weights and the adapter, the recipe already holds the checkpoint's settings
-    built = build_model(recipe, num_labels=task.num_labels)  # GGUF: checked before tokenising
+    built = build_model(  # GGUF: checked before tokenising; a resumed run needs no GPTQ
+        recipe, num_labels=task.num_labels, round_gptq=checkpoint is None
+    )
     model, tokenizer = built.model, built.tokenizer
     with args.main_process_first(desc="tokenising"):
         data = raw.tokenize(tokenizer, args.max_length)
