@@ -1,5 +1,6 @@
 """What each accuracy lever buys a decoder after post-training quantisation: block rotations,
-least-error scales, 8-bit attention matmuls, per format (W6A6 / W4A4 BFP, MXFP4 W4A4).
+least-error scales, 8-bit attention matmuls, fused rotations, GPTQ rounding, per format
+(W6A6 / W4A4 BFP, MXFP4 W4A4, Q4_0 weights with Q8_0 inputs).
 
     QAT_WIKITEXT_DIR=../shared/data/wikitext-2-raw python bench/decoder_levers.py \\
         --out outputs/bench_levers [--rows w4a4 w4a4-rot64 ...] [--test_chunks 2] \\
@@ -42,6 +43,7 @@ def grid() -> dict[str, tuple[str, dict[str, Any] | None]]:
     """Row id -> (display name, quant config); ``None`` is the float model."""
     rows: dict[str, tuple[str, dict[str, Any] | None]] = {"float": ("float", None)}
     mx4 = {"format": "mxfp4"}
+    q4_0, q8_0 = {"format": "ggml_q4_0"}, {"format": "ggml_q8_0"}
     families = {
         "w6a6": ("W6A6 BFP", _bfp(6)),
         "w4a4": ("W4A4 BFP", _bfp(4)),
@@ -63,6 +65,21 @@ def grid() -> dict[str, tuple[str, dict[str, Any] | None]]:
     for key, (label, fused) in _fused_rows().items():
         w4 = _quant(_bfp(4), _bfp(4), _bfp(4))
         rows[f"w4a4-{key}"] = (f"W4A4 BFP + {label}", {**w4, "rotation": fused})
+    # what llama.cpp runs: Q4_0 weights, Q8_0 inputs to the linears, float attention
+    rows["q4_0"] = ("Q4_0 weights, Q8_0 inputs", _quant(q4_0, q8_0, None))
+    gptq = {"samples": 16}
+    for key in (
+        "w4a4",
+        "w4a4-rot16",
+        "w4a4-fused",
+        "w4a4-fused-b16-online16",
+        "w4a4-fused-b64-online16",
+        "w6a6",
+        "w6a6-rot16",
+        "q4_0",
+    ):
+        label, quant = rows[key]
+        rows[f"{key}-gptq"] = (f"{label} + GPTQ", {**quant, "gptq": gptq})
     rows["float-fused"] = ("float + fused R1+R2", {"rotation": _fused_rows()["fused"][1]})
     rows["w4-only"] = ("W4 BFP weight-only", _quant(_bfp(4), None, None))
     rows["w4-only-rot16"] = ("W4 BFP weight-only + rotation 16", _quant(_bfp(4), None, None, 16))
@@ -98,6 +115,22 @@ def _fused_rows() -> dict[str, tuple[str, dict[str, Any]]]:
     }
 
 
+def _commit() -> str | None:
+    """The measured commit: git's, or QAT_COMMIT for a snapshot without .git."""
+    import os
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True
+        )
+    except OSError:
+        out = None
+    if out is not None and out.returncode == 0:
+        return out.stdout.strip()
+    return os.environ.get("QAT_COMMIT")
+
+
 def score(model: Any, chunks: list[Any]) -> float:
     from qat.tasks.language_modeling import perplexity
 
@@ -105,6 +138,8 @@ def score(model: Any, chunks: list[Any]) -> float:
 
 
 def run(a: argparse.Namespace) -> None:
+    import torch
+
     from qat.quant.quantize import quantize_model
     from qat.runs.build import build_model
     from qat.tasks.language_modeling import chunk_ids, load_wikitext
@@ -119,6 +154,10 @@ def run(a: argparse.Namespace) -> None:
     for split, n in (("test", a.test_chunks), ("validation", a.val_chunks)):
         ids = tok(load_wikitext(split), return_tensors="pt", verbose=False)["input_ids"][0]
         chunks[split] = chunk_ids(ids, a.chunk_size, n)
+    # GPTQ calibrates on validation text after the chunks that choose settings (the recipe's
+    # train split; WikiText-2's train split is not offline), never on the test chunks
+    skip = a.val_chunks * a.chunk_size
+    calib = chunk_ids(ids[skip:], a.calib_len, a.calib_rows)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
@@ -131,6 +170,13 @@ def run(a: argparse.Namespace) -> None:
         t0 = time.time()
         try:
             model = base if quant is None else quantize_model(copy.deepcopy(base), quant)
+            if quant is not None and quant.get("gptq"):
+                from qat.quant.gptq import apply_gptq
+
+                batches = [
+                    {"input_ids": torch.stack(calib[i : i + 4])} for i in range(0, len(calib), 4)
+                ]
+                apply_gptq(model, batches, model.qat_quant.gptq_spec)
         except Exception as e:  # noqa: BLE001 - a row the model cannot take is reported
             print(f"{row_id}: skipped: {e}", flush=True)
             done.append({"id": row_id, "name": name, "quant": quant, "skipped": str(e)})
@@ -152,10 +198,15 @@ def run(a: argparse.Namespace) -> None:
         path.write_text(
             json.dumps(
                 {
+                    "command": " ".join(["python", "bench/decoder_levers.py", *sys.argv[1:]]),
+                    "commit": _commit(),
+                    "threads": torch.get_num_threads(),
                     "recipe": a.recipe,
                     "chunk_size": a.chunk_size,
                     "test_chunks": a.test_chunks,
                     "val_chunks": a.val_chunks,
+                    "gptq_calibration": f"{a.calib_rows} x {a.calib_len} validation tokens "
+                    f"after the first {a.val_chunks * a.chunk_size}",
                     "results": done,
                 },
                 indent=2,
@@ -241,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk_size", type=int, default=2048)
     p.add_argument("--test_chunks", type=int, default=2)
     p.add_argument("--val_chunks", type=int, default=1)
+    p.add_argument("--calib_rows", type=int, default=16, help="GPTQ rows (validation, after val)")
+    p.add_argument("--calib_len", type=int, default=512, help="tokens per GPTQ row")
     p.add_argument("--table", nargs="+", type=Path, default=None, metavar="RESULTS_JSON")
     p.add_argument("--plot", type=Path, default=None, metavar="PNG")
     a = p.parse_args(argv)
