@@ -258,6 +258,28 @@ def test_fused_model_exports_to_gguf_as_an_ordinary_model(tmp_path):
     assert (tensors["blk.0.attn_norm.weight"] == 1).all()
 
 
+@pytest.mark.filterwarnings("ignore:You passed `quantization_config`:UserWarning")
+def test_fused_model_exports_to_compressed_tensors_and_decompresses_to_the_same_logits(tmp_path):
+    """The vLLM export of a fused MXFP4 model, loaded back through transformers'
+    compressed-tensors quantizer, computes qat's weight-quantised fused model."""
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    from qat.export.compressed_tensors import export_compressed_tensors
+
+    model = _lm("llama", hidden=64, ffn=128)
+    quantize_model(model, {"weight": {"format": "mxfp4"}, "rotation": R1R2})
+    out = export_compressed_tensors(model, tmp_path / "ct")
+    loaded = AutoModelForCausalLM.from_pretrained(
+        out, quantization_config=CompressedTensorsConfig(run_compressed=False)
+    ).eval()
+    ids = torch.randint(2, 60, (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want, got = model.eval()(ids).logits, loaded(ids).logits
+    assert _rel(got, want) < 1e-5
+    assert not loaded.config.tie_word_embeddings
+
+
 @pytest.mark.parametrize("target", ["gguf", "compressed-tensors"])
 def test_online_parts_are_refused_by_engine_exports_before_loading(
     tmp_path, capsys, no_model, target

