@@ -211,9 +211,15 @@ def test_glue_recipes_calibrate_on_their_train_rows(tmp_path):
     spec = {"format": "int", "width": 4, "granularity": "group", "group_size": 32}
     recipe = tiny_recipe(tmp_path, quant={"weight": spec, "gptq": {"samples": 16}})
     model = build_model(recipe).model
+    rtn = build_model(recipe, ["--quant.gptq", "null"]).model
     fmt = make_format(spec)
+    rounded = 0
     for name, m in gptq_layers(model):
-        assert torch.equal(fmt.quantize(m.weight.detach()), m.weight.detach()), name
+        w, w0 = m.weight.detach(), rtn.get_submodule(name).weight.detach()
+        gptq_rows = (w != w0).any(1)  # GPTQ's rows are on the grid; the others kept w0's
+        assert torch.equal(fmt.quantize(w)[gptq_rows], w[gptq_rows]), name
+        rounded += int(gptq_rows.sum())
+    assert rounded > 0
 
 
 # --- bad input: one line, exit 2, before loading -------------------------------------------
@@ -255,3 +261,27 @@ def test_gptq_without_calibration_rows_is_refused_before_loading(tmp_path, capsy
     assert train_main([recipe]) == 2
     err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("qat train")]
     assert len(err) == 1 and "task_name causal_lm or a GLUE task; task_name is 'chat'" in err[0]
+
+
+@pytest.mark.parametrize("given", ["model", "name"])
+def test_a_trainer_that_quantises_the_model_itself_refuses_gptq(tmp_path, given):
+    """GPTQ runs where a recipe builds the model; a trainer handed a float model (or a name)
+    and a quant config with gptq would train from round-to-nearest weights: one line, before
+    any step (and, for a name, before its weights load)."""
+    from tiny import QUIET_CPU_RUN, make_tiny_causal_lm_dir
+
+    import qat
+    from qat.errors import ConfigError
+
+    model_dir = make_tiny_causal_lm_dir(tmp_path)
+    model = model_dir if given == "name" else transformers_model(model_dir)
+    quant = {"weight": {"format": "mxfp4"}, "gptq": {"samples": 8}}
+    args = qat.QATConfig(str(tmp_path / "run"), quant=quant, **QUIET_CPU_RUN, max_steps=1)
+    with pytest.raises(ConfigError, match="quant.gptq rounds the weights when qat builds"):
+        qat.QATTrainer(model=model, args=args)
+
+
+def transformers_model(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path)

@@ -56,11 +56,11 @@ def check_quant_training(cfg: Any) -> None:
     from qat.tasks.glue import GLUE_TASKS
 
     gptq = None if cfg.quant is None else cfg.quant.gptq_spec
-    if gptq is not None and cfg.task_name not in ("causal_lm", *GLUE_TASKS):
-        named = "names none" if cfg.task_name is None else f"is {cfg.task_name!r}"
+    # no task_name: a trainer's config, whose model is handed over (QATTrainer decides)
+    if gptq is not None and cfg.task_name not in (None, "causal_lm", *GLUE_TASKS):
         raise RecipeError(
             f"quant.gptq calibrates on the train split of task_name causal_lm or a GLUE task; "
-            f"task_name {named}"
+            f"task_name is {cfg.task_name!r}"
         )
     fused = None if cfg.quant is None else cfg.quant.fused_rotation
     if fused and fused["learned"] and cfg.finetune != "full":

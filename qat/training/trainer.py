@@ -16,7 +16,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import ExportableState
 
-from qat.errors import UsageError
+from qat.errors import ConfigError, UsageError
 from qat.models import base_model, is_causal_lm
 from qat.quant.config import QuantConfig
 from qat.quant.quantize import is_quantized, quantization_summary, quantize_model
@@ -206,6 +206,15 @@ class QATTrainer(Trainer):
         base quantised unless it already is (then its quant config is the run's); a
         classifier's rows of raw text tokenised. One warning when it trains a float model."""
         self._model_name = model if isinstance(model, str) else None
+        gptq = None if self.quant_config is None else self.quant_config.gptq_spec
+        if gptq is not None and (isinstance(model, str) or not is_quantized(model)):
+            # GPTQ runs where a recipe builds the model (its task's train rows); quantised
+            # here, the model would silently train from round-to-nearest weights instead
+            raise ConfigError(
+                "quant.gptq rounds the weights when qat builds the model from a recipe (qat "
+                "train, qat.build_model); a trainer handed a float model or a name does not: "
+                "quantise and round it first (qat.quant.gptq.apply_gptq), or drop quant.gptq"
+            )
         if isinstance(model, str):
             if args is not None:  # as Trainer seeds before model_init (a new head's init)
                 set_seed(args.seed)
