@@ -361,7 +361,7 @@ def build_model(
         _check_config(config, args, head, check)
     gptq = args.quant.gptq_spec if args.quant is not None and ckpt is None and round_gptq else None
     if gptq is not None:  # the calibration rows, read before the tokenizer and the weights
-        from qat.runs.calibration import calibration_batches, calibration_source
+        from qat.runs.calibration import calibration_batches, calibration_source, gptq_on_rows
 
         source = calibration_source(args, gptq["samples"])
     if tokenizer is None:
@@ -390,7 +390,7 @@ def build_model(
     if device is not None:
         model = model.to(device)
     if gptq is not None:
-        _gptq(model, calibration, gptq)
+        gptq_on_rows(model, calibration, gptq)
     # eval mode throughout: quantize_model's new modules start in train mode (a Trainer puts
     # the model back into train mode itself)
     return Built(model.eval(), tokenizer, recipe, ckpt, finetune, args)
@@ -411,18 +411,6 @@ def _check_config(config: Any, args: Any, head: str, check: Callable[[Any], None
         from qat.quant.quantize import check_quantizable
 
         check_quantizable(config, args.quant, head == "causal_lm")
-
-
-def _gptq(model: Any, batches: list[dict[str, Any]], spec: dict[str, Any]) -> None:
-    import logging
-
-    from qat.quant.gptq import apply_gptq
-
-    device = next(model.parameters()).device
-    batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
-    n = apply_gptq(model, batches, spec)
-    rows = sum(len(b["input_ids"]) for b in batches)
-    logging.getLogger(__name__).info("qat: GPTQ rounded %d layers on %d calibration rows", n, rows)
 
 
 def _bake_learned(model: Any, ckpt: Path) -> None:

@@ -60,3 +60,17 @@ def calibration_batches(source: Any, args: Any, tokenizer: Any, rows: int) -> li
     collate = DataCollatorWithPadding(tokenizer)
     feats = [data[i] for i in range(len(data))]
     return [dict(collate(feats[i : i + BATCH])) for i in range(0, len(feats), BATCH)]
+
+
+def gptq_on_rows(model: Any, batches: list[dict[str, Any]], spec: dict[str, Any]) -> None:
+    """Round ``model``'s quantised weights by GPTQ (``qat.quant.gptq.apply_gptq``) on
+    ``batches`` (``calibration_batches``), moved to the model's device."""
+    import logging
+
+    from qat.quant.gptq import apply_gptq
+
+    device = next(model.parameters()).device
+    batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+    n = apply_gptq(model, batches, spec)
+    rows = sum(len(b["input_ids"]) for b in batches)
+    logging.getLogger(__name__).info("qat: GPTQ rounded %d layers on %d calibration rows", n, rows)
