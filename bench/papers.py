@@ -427,8 +427,12 @@ def run_ppl(lab: Lab, row: Row) -> dict[str, Any]:
     from qat.tasks.language_modeling import perplexity
 
     a = lab.a
-    base, _ = lab.lm(row.spec.get("base", "gguf"))
     q = row.spec.get("quant")
+    if q is None and "base" not in row.spec:  # the float model: measured once for every paper
+        stored = float_row(a, lab.paper)
+        if stored is not None:
+            return stored
+    base, _ = lab.lm(row.spec.get("base", "gguf"))
     model = base if q is None else quantize_model(copy.deepcopy(base), q)
     out: dict[str, Any] = {}
     if q is not None:
@@ -438,13 +442,31 @@ def run_ppl(lab: Lab, row: Row) -> dict[str, Any]:
     for split, n in (("validation", a.val_chunks), ("test", a.test_chunks)):
         if n:
             out[f"{split}_ppl"] = perplexity(model, lab.chunks(split, a.chunk_size, n))[0]
-    out["budget"] = {
-        "test": f"WikiText-2 test, first {a.test_chunks} x {a.chunk_size} tokens",
-        "validation": f"WikiText-2 validation, first {a.val_chunks} x {a.chunk_size} tokens",
-    }
+    out["budget"] = ppl_budget(a)
     out["seeds"] = [int(row.spec["base"][4:])] if "base" in row.spec else []
     del model
     return out
+
+
+def ppl_budget(a: argparse.Namespace) -> dict[str, str]:
+    return {
+        "test": f"WikiText-2 test, first {a.test_chunks} x {a.chunk_size} tokens",
+        "validation": f"WikiText-2 validation, first {a.val_chunks} x {a.chunk_size} tokens",
+    }
+
+
+def float_row(a: argparse.Namespace, paper: str) -> dict[str, Any] | None:
+    """The float model's perplexities as another paper's JSON in ``--out`` holds them, run
+    with the same options (model, chunks; ``reused_from`` says where), else None."""
+    for other in PAPERS:
+        if other == paper:
+            continue
+        for r in load_results(Path(a.out) / f"{other}.json"):
+            same = r["command"].split(f" --rows {r['id']}")[-1].strip() == options_of(a)
+            if r["kind"] == "ppl" and r["spec"] == {"quant": None} and same:
+                keep = ("validation_ppl", "test_ppl", "budget", "seeds")
+                return {**{k: r[k] for k in keep}, "reused_from": f"{other}.json#{r['id']}"}
+    return None
 
 
 def run_lm_train(lab: Lab, row: Row) -> dict[str, Any]:
@@ -1054,19 +1076,24 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def command_of(a: argparse.Namespace, paper: str, row: Row) -> str:
-    """The command that reruns ``row`` (options that differ from the defaults included)."""
-    p = parser()
+def options_of(a: argparse.Namespace) -> str:
+    """The options of ``a`` that differ from the defaults, as a command line."""
     skip = {"help", "paper", "rows", "list", "table", "plot"}
     extra = []
-    for act in p._actions:
+    for act in parser()._actions:
         if act.dest in skip or not act.option_strings:
             continue
         v = getattr(a, act.dest)
         if v != act.default:
             extra += [act.option_strings[0], str(v)]
+    return " ".join(extra)
+
+
+def command_of(a: argparse.Namespace, paper: str, row: Row) -> str:
+    """The command that reruns ``row`` (options that differ from the defaults included)."""
     env = [f"{k}={os.environ[k]}" for k in ("QAT_WIKITEXT_DIR", "QAT_DATA_DIR") if k in os.environ]
-    return " ".join([*env, "python bench/papers.py --paper", paper, "--rows", row.id, *extra])
+    cmd = [*env, "python bench/papers.py --paper", paper, "--rows", row.id, options_of(a)]
+    return " ".join(cmd).strip()
 
 
 def codebook_dir(a: argparse.Namespace) -> str:

@@ -62,6 +62,14 @@ def test_rows_run_once_and_a_rerun_skips_them(tmp_path, committed_wikitext):
     assert rows["smollm2-nf4"]["test_ppl"] == -1.0
     assert rows["smollm2-bof4s-mse-opq"]["weight_rel_mse"] < err / ref  # BOF4-S + OPQ < NF4
 
+    # another paper's float row, same model and chunks: the stored measurement, said so
+    assert bench.main(["--paper", "lobcq", "--rows", "float", *opts]) == 0
+    row = _rows(tmp_path / "out" / "lobcq.json")["float"]
+    assert row["reused_from"] == "bof4.json#smollm2-float"
+    assert row["test_ppl"] == rows["smollm2-float"]["test_ppl"]
+    assert bench.main(["--paper", "bfp", "--rows", "float", *opts, "--test_chunks", "1"]) == 0
+    assert "reused_from" not in _rows(tmp_path / "out" / "bfp.json")["float"]  # other chunks
+
 
 def test_a_failing_row_keeps_the_rows_before_it(tmp_path):
     bench = load_bench("papers")
