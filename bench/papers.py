@@ -865,33 +865,199 @@ def mean_sd(values: list[float]) -> str:
 
 
 def table(paper: str, out: Path) -> None:
-    """Print the markdown of one paper's JSON (the tables of docs/papers.md)."""
-    rows = load_results(out / f"{paper}.json")
+    """Print docs/papers.md's tables of one paper from its JSON (every row, then the raw list
+    of rows with their seconds); a cell whose row has not run yet reads "-"."""
+    rows = by_id(out / f"{paper}.json")
     if not rows:
         print(f"no rows in {out / f'{paper}.json'}")
         return
-    print(f"| id | name | {' | '.join(_cols(paper))} | seconds |")
-    print("| --- | --- |" + " ---: |" * (len(_cols(paper)) + 1))
-    for r in rows:
-        vals = [_fmt(r.get(c)) for c in _cols(paper)]
-        print(f"| {r['id']} | {r['name']} | {' | '.join(vals)} | {r['seconds']:.0f} |")
+    {"bfp": _md_bfp, "bof4": _md_bof4, "lobcq": _md_lobcq, "qdec": _md_qdec}[paper](rows)
+    print("\n| row | name | seconds |\n| --- | --- | ---: |")
+    for r in rows.values():
+        print(f"| {r['id']} | {r['name']} | {r['seconds']:.0f} |")
 
 
-def _cols(paper: str) -> list[str]:
-    return {
-        "bfp": ["validation_ppl", "test_ppl", "accuracy"],
-        "bof4": ["weight_rel_mse", "validation_ppl", "test_ppl", "accuracy"],
-        "lobcq": ["validation_ppl", "test_ppl", "perplexity", "train_loss"],
-        "qdec": ["perplexity", "decode_tps_plain", "decode_tps_qdec", "ratio"],
-    }[paper]
+def _ppl(r: dict | None, key: str = "test_ppl", ref: float | None = None) -> str:
+    if not r or key not in r:
+        return "-"
+    rel = "" if ref is None else f" ({r[key] / ref - 1:+.1%})"
+    return f"{r[key]:.2f}{rel}"
 
 
-def _fmt(v: Any) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return f"{v:.5f}" if abs(v) < 0.1 else f"{v:.4f}" if v < 2 else f"{v:.2f}"
-    return str(v)
+def _num(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+def _acc(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def _md_bfp(rows: dict[str, dict]) -> None:
+    ref = rows.get("float", {}).get("test_ppl")
+    vref = rows.get("float", {}).get("validation_ppl")
+    print(f"SmolLM2-135M, BFP PTQ of every role; test PPL (vs float {ref:.2f})\n" if ref else "")
+    blocks = (8, 16, 32, 64)
+    print("| format | " + " | ".join(f"B{b}" for b in blocks) + " |")
+    print("| --- |" + " ---: |" * len(blocks))
+    for w in (8, 6, 4):
+        for e in (8, 4):
+            cells = [_ppl(rows.get(f"w{w}a{w}-e{e}-b{b}"), ref=ref) for b in blocks]
+            print(f"| W{w}A{w} E{e} | " + " | ".join(cells) + " |")
+    print(f"\nthe same on validation (float {vref:.2f})\n" if vref else "")
+    print("| format | " + " | ".join(f"B{b}" for b in blocks) + " |")
+    print("| --- |" + " ---: |" * len(blocks))
+    for w in (8, 6, 4):
+        for e in (8, 4):
+            cells = [_ppl(rows.get(f"w{w}a{w}-e{e}-b{b}"), "validation_ppl", vref) for b in blocks]
+            print(f"| W{w}A{w} E{e} | " + " | ".join(cells) + " |")
+    print("\nmemory density of the quantised weights (qat.quant.density): bits, x fp32, x int8\n")
+    print("| format | " + " | ".join(f"B{b}" for b in blocks) + " |")
+    print("| --- |" + " ---: |" * len(blocks))
+    for w in (8, 6, 4):
+        for e in (8, 4):
+            cells = []
+            for b in blocks:
+                r = rows.get(f"w{w}a{w}-e{e}-b{b}")
+                if r and "bits" in r:
+                    q = r["bits"]["quantized_linears"]
+                    cells.append(
+                        f"{q['bits_per_element']:g} b, {q['density_vs_fp32']:.2f}x, "
+                        f"{q['density_vs_int8']:.2f}x"
+                    )
+                else:
+                    cells.append("-")
+            print(f"| W{w}A{w} E{e} | " + " | ".join(cells) + " |")
+    print("\nMiniLM on SST-2 (validation accuracy; seeds 42, 43)\n")
+    print("| mode | seed 42 | seed 43 | mean ± s.d. |\n| --- | ---: | ---: | ---: |")
+    for key, name in (
+        ("float", "float, full FT"),
+        ("w4a4-full", "W4A4 BFP B16, QAT full"),
+        ("w4a4-b8-full", "W4A4 BFP B8, QAT full"),
+        ("w4a4-lora", "W4A4 BFP B16, QAT LoRA"),
+        ("w4a4-classifier", "W4A4 BFP B16, QAT classifier-only"),
+        ("w4a4-ptq", "W4A4 BFP B16, PTQ of the float run"),
+    ):
+        vals = {s: rows.get(f"minilm-{key}-s{s}", {}).get("accuracy") for s in (42, 43)}
+        cells = [f"{v:.4f}" if v is not None else "-" for v in vals.values()]
+        mean = _acc([v for v in vals.values() if v is not None])
+        print(f"| {name} | {' | '.join(cells)} | {mean} |")
+
+
+def _md_bof4(rows: dict[str, dict]) -> None:
+    fmts = codebook_formats("")
+    f0 = rows.get("smollm2-float", {}).get("test_ppl")
+    f1 = rows.get("smollm2-ft-float-s42", {}).get("test_ppl")
+    m = {s: rows.get(f"minilm-float-s{s}", {}).get("accuracy") for s in (42, 43)}
+    print(
+        f"float: SmolLM2 {_num(f0)}, after float FT {_num(f1)}; MiniLM SST-2 "
+        f"{' / '.join(f'{v:.4f}' if v else '-' for v in m.values())} (seeds 42 / 43)\n"
+    )
+    print(
+        "| format | bits | SmolLM2 weight MSE | SmolLM2 test PPL | after FT: weight MSE | "
+        "after FT: test PPL | MiniLM weight MSE | MiniLM SST-2 acc (s42 / s43) |"
+    )
+    print("| --- |" + " ---: |" * 7)
+    for k, (name, _) in fmts.items():
+        a, b = rows.get(f"smollm2-{k}"), rows.get(f"smollm2-ft-{k}-s42")
+        c = {s: rows.get(f"minilm-{k}-s{s}") for s in (42, 43)}
+        r = a or b or c[42]
+        nbits = f"{r['bits']['quantized_linears']['bits_per_element']:.3f}" if r else "-"
+
+        def mse(x):
+            return f"{x['weight_rel_mse']:.5f}" if x else "-"
+
+        accs = " / ".join(f"{x['accuracy']:.4f}" if x else "-" for x in c.values())
+        print(
+            f"| {name} | {nbits} | {mse(a)} | {_ppl(a)} | {mse(b)} | {_ppl(b)} | "
+            f"{mse(c[42])} | {accs} |"
+        )
+    g = rows.get("smollm2-ft-grid-s42")
+    if g:
+        print(
+            f"\nQ4_1 grid after the float FT (seed 42): {g['off_grid_weights']:.2%} of the "
+            f"weights and {g['off_grid_blocks']:.2%} of the blocks of 32 off the grid; mean "
+            f"distance {g['mean_distance']:.4f} of a grid step (uniform: 0.25); relative "
+            f"change |W' - W| / |W| = {g['relative_change']:.5f}; before the FT the largest "
+            f"distance was {g['before_max_distance']:.1e}"
+        )
+
+
+def _md_lobcq(rows: dict[str, dict]) -> None:
+    fl = rows.get("float", {})
+    print(
+        f"SmolLM2-135M W4A4 PTQ, float {_ppl(fl, 'validation_ppl')} validation / {_ppl(fl)} test\n"
+    )
+    print(
+        "| format | bits (W) | W + A: validation | W + A: test | every role: validation "
+        "| every role: test |"
+    )
+    print("| --- |" + " ---: |" * 5)
+    names = {k: n for k, (n, _) in W4A4.items()} | {f"lobcq-{k}": n for k, (n, _) in FITTED.items()}
+    for k, name in names.items():
+        wa, al = rows.get(f"wa-{k}"), rows.get(f"all-{k}")
+        r = wa or al
+        nbits = f"{r['bits']['quantized_linears']['bits_per_element']:.3f}" if r else "-"
+        v0, v1 = fl.get("validation_ppl"), fl.get("test_ppl")
+        print(
+            f"| {name} | {nbits} | {_ppl(wa, 'validation_ppl', v0)} | {_ppl(wa, ref=v1)} | "
+            f"{_ppl(al, 'validation_ppl', v0)} | {_ppl(al, ref=v1)} |"
+        )
+    fit = rows.get("fit-codebooks")
+    if fit:
+        print("\ncalibration arrays: relative squared error, default vs fitted codebooks\n")
+        print("| role | arrays | default | fit_lobcq | Lloyd from default | kept |")
+        print("| --- | ---: | ---: | ---: | ---: | --- |")
+        for role, r in fit["roles"].items():
+            e = r["rel_mse_fitted"]
+            print(
+                f"| {role} | {r['arrays']} | {r['rel_mse_default']:.5f} | "
+                f"{e['fit_lobcq']:.5f} | {e['lloyd_from_default']:.5f} | {r['chosen']} |"
+            )
+    after = rows.get("qat-float-after-s42", {}).get("perplexity")
+    print("\nthe decoder QAT budget (test PPL, first 16 x 256 test tokens)\n")
+    print("| model | test PPL | vs float after FT | train loss |\n| --- | ---: | ---: | ---: |")
+    groups: dict[str, list[dict]] = {}
+    for i, r in rows.items():
+        if i.startswith("qat-"):
+            groups.setdefault(r["name"], []).append(r)
+    for name, rs in groups.items():
+        for r in rs:
+            seed = f", seed {r['seeds'][0]}" if r.get("seeds") else ""
+            rel = f"{r['perplexity'] / after - 1:+.1%}" if after else ""
+            tl = f"{r['train_loss']:.3f}" if r.get("train_loss") else ""
+            print(f"| {name}{seed} | {r['perplexity']:.2f} | {rel} | {tl} |")
+        if len(rs) > 1:
+            v = [r["perplexity"] for r in rs]
+            rel = f"{statistics.mean(v) / after - 1:+.1%}" if after else ""
+            print(
+                f"| **{name}, {len(v)} seeds, mean ± s.d.** | **{statistics.mean(v):.2f} ± "
+                f"{statistics.stdev(v):.2f}** | **{rel}** | |"
+            )
+
+
+def _md_qdec(rows: dict[str, dict]) -> None:
+    fl = rows.get("float", {}).get("perplexity")
+    print(f"SmolLM2-135M, weight-only, float {fl:.2f}\n" if fl else "")
+    print(
+        "| format | "
+        + " | ".join(f"k_chunk {k}" for k in QDEC_K)
+        + " | decode tok/s plain / QDEC 32 | ratio |"
+    )
+    print("| --- |" + " ---: |" * (len(QDEC_K) + 2))
+    for f in QDEC_FORMATS:
+        slug = f.lower().replace(" ", "-")
+        cells = [_ppl(rows.get(f"{slug}-k{k}"), "perplexity") for k in QDEC_K]
+        sp = rows.get(f"{slug}-speed")
+        speed = (
+            f"{sp['decode_tps_plain']:.1f} / {sp['decode_tps_qdec']:.1f} | {sp['ratio']:.3f}x"
+            if sp
+            else "- | -"
+        )
+        print(f"| {f} | " + " | ".join(cells) + f" | {speed} |")
 
 
 def plot_all(out: Path) -> None:
