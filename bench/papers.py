@@ -957,10 +957,11 @@ def _md_bof4(rows: dict[str, dict]) -> None:
         f"{' / '.join(f'{v:.4f}' if v else '-' for v in m.values())} (seeds 42 / 43)\n"
     )
     print(
-        "| format | bits | SmolLM2 weight MSE | SmolLM2 test PPL | after FT: weight MSE | "
-        "after FT: test PPL | MiniLM weight MSE | MiniLM SST-2 acc (s42 / s43) |"
+        "| format | bits | SmolLM2 weight MSE | SmolLM2 val PPL | SmolLM2 test PPL | "
+        "after FT: weight MSE | after FT: test PPL | MiniLM weight MSE | "
+        "MiniLM SST-2 acc (s42 / s43) |"
     )
-    print("| --- |" + " ---: |" * 7)
+    print("| --- |" + " ---: |" * 8)
     for k, (name, _) in fmts.items():
         a, b = rows.get(f"smollm2-{k}"), rows.get(f"smollm2-ft-{k}-s42")
         c = {s: rows.get(f"minilm-{k}-s{s}") for s in (42, 43)}
@@ -972,9 +973,22 @@ def _md_bof4(rows: dict[str, dict]) -> None:
 
         accs = " / ".join(f"{x['accuracy']:.4f}" if x else "-" for x in c.values())
         print(
-            f"| {name} | {nbits} | {mse(a)} | {_ppl(a)} | {mse(b)} | {_ppl(b)} | "
+            f"| {name} | {nbits} | {mse(a)} | {_ppl(a, 'validation_ppl')} | {_ppl(a)} | "
+            f"{mse(b)} | {_ppl(b)} | "
             f"{mse(c[42])} | {accs} |"
         )
+    print("\nSpearman rank correlation of weight MSE with the score, over the 12 codebooks:")
+    for pat, key in (
+        ("smollm2-{k}", "validation_ppl"),
+        ("smollm2-{k}", "test_ppl"),
+        ("smollm2-ft-{k}-s42", "test_ppl"),
+        ("minilm-{k}-s42", "accuracy"),
+        ("minilm-{k}-s43", "accuracy"),
+    ):
+        pts = [rows.get(pat.format(k=k)) for k in fmts if not k.startswith("bfp")]
+        pts = [(r["weight_rel_mse"], r[key]) for r in pts if r and key in r]
+        if len(pts) > 2:
+            print(f"- {pat.format(k='*')} {key}: {spearman(pts):+.2f} ({len(pts)} formats)")
     g = rows.get("smollm2-ft-grid-s42")
     if g:
         print(
@@ -984,6 +998,28 @@ def _md_bof4(rows: dict[str, dict]) -> None:
             f"change |W' - W| / |W| = {g['relative_change']:.5f}; before the FT the largest "
             f"distance was {g['before_max_distance']:.1e}"
         )
+
+
+def spearman(pts: list[tuple[float, float]]) -> float:
+    """Spearman's rank correlation of the pairs (average ranks for ties)."""
+
+    def ranks(v: list[float]) -> list[float]:
+        order = sorted(range(len(v)), key=v.__getitem__)
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(v):
+            j = i
+            while j + 1 < len(v) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
+        return r
+
+    x, y = ranks([p[0] for p in pts]), ranks([p[1] for p in pts])
+    mx, my = statistics.mean(x), statistics.mean(y)
+    cov = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    return cov / math.sqrt(sum((a - mx) ** 2 for a in x) * sum((b - my) ** 2 for b in y))
 
 
 def _md_lobcq(rows: dict[str, dict]) -> None:
