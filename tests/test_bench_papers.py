@@ -110,3 +110,11 @@ def test_q41_grid_distance():
     assert got["off_grid_blocks"] == pytest.approx(0.5)
     assert got["mean_distance"] == pytest.approx(0.3 / 64, rel=1e-4)
     assert got["n"] == 64
+
+
+def test_spearman_against_hand_ranks():
+    bench = load_bench("papers")
+    assert bench.spearman([(1, 10), (2, 20), (3, 30)]) == pytest.approx(1.0)
+    assert bench.spearman([(1, 30), (2, 20), (3, 10)]) == pytest.approx(-1.0)
+    # ranks x 1, 2, 3, 4 against y 1, 3, 2, 4: 1 - 6 * 2 / (4 * 15) = 0.8
+    assert bench.spearman([(0.1, 5), (0.2, 7), (0.3, 6), (0.4, 9)]) == pytest.approx(0.8)
