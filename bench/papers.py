@@ -640,8 +640,12 @@ def calibration_arrays(lab: Lab, per_tensor: int, seed: int) -> dict[str, Any]:
             x = x[torch.randperm(x.shape[0], generator=gen)[:per_tensor]]
         got[role].append(x)
 
+    last: list[Any] = [None]  # q, k, v (gate, up) read one input, one after the other
+
     def act_hook(mod, args):
-        take("activation", args[0])
+        if args[0] is not last[0]:
+            last[0] = args[0]
+            take("activation", args[0])
 
     last_q: dict[int, Any] = {}
 
@@ -662,17 +666,12 @@ def calibration_arrays(lab: Lab, per_tensor: int, seed: int) -> dict[str, Any]:
         return hook
 
     handles = []
-    shared: set[int] = set()  # q, k, v (gate, up) read one input: hook the first of them only
     for m in model.modules():
         if isinstance(m, FakeQuantizer):
             m.enabled = False
         if isinstance(m, QuantLinear):
             take("weight", m.weight)
-            aq = m.activation_quantizer
-            if aq.shared is None or id(aq.shared) not in shared:
-                if aq.shared is not None:
-                    shared.add(id(aq.shared))
-                handles.append(aq.register_forward_pre_hook(act_hook))
+            handles.append(m.activation_quantizer.register_forward_pre_hook(act_hook))
         if isinstance(m, MatmulQuantizer):
             for which in ("q", "k", "v"):
                 sub = getattr(m, which)
@@ -680,6 +679,7 @@ def calibration_arrays(lab: Lab, per_tensor: int, seed: int) -> dict[str, Any]:
     chunks = lab.chunks("validation", a.chunk_size, a.calib_chunks, skip=1)
     for chunk in chunks:
         perplexity(model, [chunk])
+    last[0] = None
     for h in handles:
         h.remove()
     del model
@@ -689,9 +689,10 @@ def calibration_arrays(lab: Lab, per_tensor: int, seed: int) -> dict[str, Any]:
 def run_fit_lobcq(lab: Lab, row: Row) -> dict[str, Any]:
     """Fit LO-BCQ codebooks per role on SmolLM2's calibration arrays and write the better of
     two fits to ``<out>/codebooks``: ``qat fit-lobcq``'s (``fit_lobcq``: quantile start, 1/16
-    grid warm-up, integer Lloyd) and the same integer Lloyd started from the default tables
-    (which can only lower their error). Records the relative error of default and fitted
-    tables on the calibration arrays (choices on calibration data, never the test chunks)."""
+    grid warm-up, integer Lloyd) and the same warm-up and Lloyd started from the default
+    tables (an integer Lloyd alone cannot leave them: every entry's cell mean rounds back to
+    it). Records the relative error of default and fitted tables on the calibration arrays
+    (choices on calibration data, never the test chunks)."""
     import torch
 
     from qat.formats import make_format
@@ -718,7 +719,8 @@ def run_fit_lobcq(lab: Lab, row: Row) -> dict[str, Any]:
         if y.shape[0] > 1 << 18:  # fit_lobcq's subsample, same seed
             y = y[torch.randperm(y.shape[0], generator=torch.Generator().manual_seed(seed))]
             y = y[: 1 << 18]
-        cbs, hist = lloyd(y, torch.tensor(DEFAULT_CODEBOOKS, dtype=torch.float32), 30)
+        cbs, _ = lloyd(y, torch.tensor(DEFAULT_CODEBOOKS, dtype=torch.float32), 20, res=16)
+        cbs, hist = lloyd(y, cbs, 30)
         fits["lloyd_from_default"] = (cbs.sort(dim=-1).values, hist)
         errors = {}
         for method, (cbs, hist) in fits.items():
