@@ -133,18 +133,20 @@ def rows_bfp(cb: str) -> list[Row]:
                         {"quant": quant(f, f, f), "width": width, "exponent_width": e,
                          "block_size": b})
                 )  # fmt: skip
-    for seed in SEEDS[:2]:
+    for seed in SEEDS[:2]:  # a MiniLM run takes ~1 h of the shared CPU: seed 43 for the
+        # float, QAT full and PTQ rows only
         rows.append(Row(f"minilm-float-s{seed}", "MiniLM float FT", "glue_float", {"seed": seed}))
-        for mode in ("qat-full", "qat-lora", "qat-classifier"):
+        for mode in ("qat-full", "qat-lora", "qat-classifier")[: 3 if seed == 42 else 1]:
             rows.append(
                 Row(f"minilm-w4a4-{mode[4:]}-s{seed}", f"W4A4 BFP B16 QAT {mode[4:]}",
                     "glue_train", {"seed": seed, "mode": mode})
             )  # fmt: skip
         f8 = bfp(4, 8, 8)
-        rows.append(
-            Row(f"minilm-w4a4-b8-full-s{seed}", "W4A4 BFP B8 QAT full", "glue_train",
-                {"seed": seed, "mode": "qat-full", "quant": quant(f8, f8, f8, EXCLUDE_GLUE)})
-        )  # fmt: skip
+        if seed == 42:
+            rows.append(
+                Row(f"minilm-w4a4-b8-full-s{seed}", "W4A4 BFP B8 QAT full", "glue_train",
+                    {"seed": seed, "mode": "qat-full", "quant": quant(f8, f8, f8, EXCLUDE_GLUE)})
+            )  # fmt: skip
         f = bfp(4)
         rows.append(
             Row(f"minilm-w4a4-ptq-s{seed}", "W4A4 BFP B16 PTQ of float", "glue_ptq",
