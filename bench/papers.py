@@ -254,9 +254,10 @@ def run_rows(
     execute: Callable[[Row], dict[str, Any]],
     command: Callable[[Row], str],
 ) -> list[dict[str, Any]]:
-    """Run each of ``rows`` not yet in ``path`` and write the file after every one; returns
-    every stored row. A row's record: its id, name, kind, spec, the command that reruns it,
-    what ``execute`` measured (budget and seeds among it) and the seconds it took."""
+    """Run each of ``rows`` not yet in ``path`` and write the file after every one (re-read
+    first, so rows another process wrote meanwhile stay); returns every stored row. A row's
+    record: its id, name, kind, spec, the command that reruns it, what ``execute`` measured
+    (budget and seeds among it) and the seconds it took."""
     done = load_results(path)
     have = {r["id"] for r in done}
     for row in rows:
@@ -276,8 +277,9 @@ def run_rows(
             "seconds": round(time.time() - t0, 1),
             "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
-        done.append(record)
-        have.add(row.id)
+        # another process may have written rows to the file since: keep them (re-read, add)
+        done = [r for r in load_results(path) if r["id"] != row.id] + [record]
+        have = {r["id"] for r in done}
         write_results(path, paper, done)
         shown = {k: v for k, v in measured.items() if isinstance(v, (int, float))}
         print(f"[{paper}] {row.id}: {shown} ({record['seconds']} s)", flush=True)

@@ -89,6 +89,25 @@ def test_a_failing_row_keeps_the_rows_before_it(tmp_path):
     assert stored["a"]["seeds"] == [42]
 
 
+def test_rows_another_process_wrote_meanwhile_are_kept(tmp_path):
+    # two runs of one paper side by side (e.g. QAT seeds in one, PTQ rows in another) share
+    # the JSON: each write adds to what is on disk instead of replacing it with its own list
+    bench = load_bench("papers")
+    path = tmp_path / "p.json"
+    other = {"id": "z", "name": "Z", "kind": "x", "value": 9.0}
+
+    def execute(row):
+        if row.id == "a":  # the other process finishes its row while "a" runs
+            bench.write_results(path, "p", [*bench.load_results(path), other])
+        return {"value": 1.0}
+
+    rows = [bench.Row("a", "A", "x"), bench.Row("b", "B", "x"), bench.Row("z", "Z", "x")]
+    bench.run_rows(path, "p", rows, execute, lambda r: f"cmd {r.id}")
+    stored = _rows(path)
+    assert list(stored) == ["z", "a", "b"]  # "z" kept, and not run again
+    assert stored["z"]["value"] == 9.0 and stored["b"]["value"] == 1.0
+
+
 def test_unknown_rows_are_refused(capsys):
     bench = load_bench("papers")
     with pytest.raises(SystemExit) as exc:
