@@ -137,3 +137,28 @@ def test_spearman_against_hand_ranks():
     assert bench.spearman([(1, 30), (2, 20), (3, 10)]) == pytest.approx(-1.0)
     # ranks x 1, 2, 3, 4 against y 1, 3, 2, 4: 1 - 6 * 2 / (4 * 15) = 0.8
     assert bench.spearman([(0.1, 5), (0.2, 7), (0.3, 6), (0.4, 9)]) == pytest.approx(0.8)
+
+
+def test_lobcq_qat_table_reads_seeds_against_the_committed_float_fine_tune(capsys):
+    # LO-BCQ QAT rows of three seeds; the float fine-tune and BFP QAT come from the README's
+    # committed rows (docs/decoder_qat): float 30.079, so the +25% bound is 37.60
+    bench = load_bench("papers")
+    rows = {
+        f"qat-lobcq-full-s{s}": {
+            "id": f"qat-lobcq-full-s{s}",
+            "name": "LO-BCQ W4A4 QAT full",
+            "seeds": [s],
+            "perplexity": p,
+            "train_loss": 3.9,
+        }
+        for s, p in ((42, 36.0), (43, 38.0), (44, 37.0))
+    }
+    bench._md_lobcq_qat(rows)
+    out = capsys.readouterr().out
+    assert "| float, after FT | 42 | 30.08 | +0.0% | 3.530 |" in out
+    assert "**BFP W4A4 QAT full, mean ± s.d.** | 3 seeds | **73.32 ± 1.48**" in out
+    row = "| LO-BCQ W4A4 QAT full | 43 | 38.00 | +26.3% | 3.900 | lobcq.json#qat-lobcq-full-s43 |"
+    assert row in out
+    assert "**LO-BCQ W4A4 QAT full, mean ± s.d.** | 3 seeds | **37.00 ± 1.00** | **+23.0%**" in out
+    assert "target: <= 37.60 (float after FT 30.08 + 25%)" in out
+    assert "2 of 3 seeds reach it (best 36.00, +19.7%)" in out
