@@ -1066,6 +1066,7 @@ def _md_lobcq(rows: dict[str, dict]) -> None:
 # float fine-tune and W4A4 BFP QAT the LO-BCQ QAT rows are read against, where this paper's
 # JSON has not run its own (``qat-float-after-s42``, ``qat-bfp-full-s42``).
 DECODER_QAT = {
+    ("float, before FT", None): ("docs/decoder_qat/results_40steps_a.json", "float-before"),
     ("float, after FT", 42): ("docs/decoder_qat/results_40steps_a.json", "float-after"),
     ("BFP W4A4 QAT full", 42): ("docs/decoder_qat/results_40steps_a.json", "qat-full"),
     ("BFP W4A4 QAT full", 43): ("docs/decoder_qat/results_40steps_seed43.json", "qat-full"),
@@ -1086,7 +1087,7 @@ def decoder_qat_rows(root: Path = REPO) -> list[dict[str, Any]]:
         out.append(
             {
                 "name": name,
-                "seeds": [seed],
+                "seeds": [] if seed is None else [seed],
                 "perplexity": r["perplexity"],
                 "train_loss": r.get("train_loss"),
                 "source": f"{file}#{rid}",

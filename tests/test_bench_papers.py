@@ -155,6 +155,7 @@ def test_lobcq_qat_table_reads_seeds_against_the_committed_float_fine_tune(capsy
     }
     bench._md_lobcq_qat(rows)
     out = capsys.readouterr().out
+    assert "| float, before FT |  | 38.62 | +28.4% |  |" in out
     assert "| float, after FT | 42 | 30.08 | +0.0% | 3.530 |" in out
     assert "**BFP W4A4 QAT full, mean ± s.d.** | 3 seeds | **73.32 ± 1.48**" in out
     row = "| LO-BCQ W4A4 QAT full | 43 | 38.00 | +26.3% | 3.900 | lobcq.json#qat-lobcq-full-s43 |"
