@@ -29,10 +29,12 @@ def test_every_shipped_recipe_parses(path):
     assert recipe.args.task_name == (
         "chat" if "chat" in path.name else "causal_lm" if decoder else "sst2"
     )
-    engine = {"q4_0": "ggml_q4_0", "mxfp4_gguf": "mxfp4", "bof4s": "bof4s"}
+    engine = {"q4_0": "ggml_q4_0", "mxfp4_gguf": "mxfp4", "bof4s": "bof4s", "lobcq": "lobcq"}
     fmt = next((f for key, f in engine.items() if key in path.name), "bfp")
     assert recipe.args.quant.weight["format"] == fmt
-    if fmt != "bfp" and fmt != "bof4s":  # an engine's recipe: its matmul input, float attention
+    if fmt == "lobcq":  # every role in LO-BCQ, attention matmuls included
+        assert recipe.args.quant.activation["format"] == recipe.args.quant.matmul["format"] == fmt
+    elif fmt not in ("bfp", "bof4s"):  # an engine's recipe: its matmul input, float attention
         assert recipe.args.quant.activation["format"] == "ggml_q8_0"
         assert recipe.args.quant.matmul is None
     if decoder:  # lm_head stays float in every decoder recipe
