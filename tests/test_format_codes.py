@@ -91,11 +91,16 @@ def test_decode_of_encode_is_quantize(
     assert_round_trip(make_format(spec), x.to(dtype), dim)
 
 
+def block_of(fmt: Format) -> int:
+    """Elements sharing one scale: a block, or LO-BCQ's array (its blocks share the array's)."""
+    return getattr(fmt, "block_size", None) or fmt.array_len
+
+
 def edge_rows(fmt: Format, n: int, dtype: torch.dtype) -> torch.Tensor:
     """[7, n]: ties on the format's grid, zero blocks with -0.0, subnormals, near dtype max,
     NaN/inf-laced, mixed block scales, plain normal."""
     g = torch.Generator().manual_seed(n)
-    b = fmt.block_size
+    b = block_of(fmt)
     fi = torch.finfo(dtype)
     sign = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
     if fmt.name == "bfp":
@@ -114,6 +119,9 @@ def edge_rows(fmt: Format, n: int, dtype: torch.dtype) -> torch.Tensor:
         ties[::b] = 6.0
     elif fmt.name.startswith("ggml"):  # half steps of d = 1/8 (Q4_0) and 1/127 (Q8_0)
         ties = (torch.randint(0, 8, (n,), generator=g) + 0.5) / 8
+        ties[::b] = 1.0
+    elif fmt.name == "lobcq":  # half steps between 6-bit integer entries at the array max 31
+        ties = (torch.randint(0, 31, (n,), generator=g) + 0.5) / 31
         ties[::b] = 1.0
     else:
         lv, mids = level_tensors(fmt.levels, torch.device("cpu"))
@@ -141,7 +149,8 @@ def edge_rows(fmt: Format, n: int, dtype: torch.dtype) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_edge_rows_ragged_and_every_dim(spec: dict, dtype: torch.dtype) -> None:
     fmt = make_format(spec)
-    for n in (1, fmt.block_size - 1, 3 * fmt.block_size + 5):
+    b = block_of(fmt)
+    for n in (1, b - 1, 3 * b + 5):
         if n < 1:
             continue
         x = edge_rows(fmt, n, dtype)

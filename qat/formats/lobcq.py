@@ -146,7 +146,7 @@ def assign(
     for start in range(0, max(yb.shape[0], 1), ASSIGN_CHUNK):  # one pass even for no blocks
         yc = yb[start : start + ASSIGN_CHUNK]
         # every scalar's nearest entry in every codebook: [blocks, L_b, N_c]
-        cand = table.index_select(0, bins_of(yc, res).flatten()).view(*yc.shape, -1)
+        cand = table.index_select(0, bins_of(yc, res).flatten()).view(*yc.shape, table.shape[1])
         sq = (yc.unsqueeze(-1) - cand).square_()
         if vb is not None:
             sq.mul_(vb[start : start + ASSIGN_CHUNK].unsqueeze(-1))
