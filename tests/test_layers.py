@@ -179,3 +179,34 @@ def test_no_module_cites_a_file_outside_the_repository():
     """METHODS.md lives in ../shared, not in the repository: a module cites the paper itself."""
     citing = [str(p.relative_to(ROOT)) for p in ROOT.rglob("*.py") if "METHODS.md" in p.read_text()]
     assert citing == []
+
+
+# A function past this many lines does several jobs; qat/quant's are split into named steps
+# (quantize_model is a list of them). Triton kernels are one body the compiler sees whole.
+MAX_FUNCTION_LINES = 60
+TRITON_KERNELS = {"flash_forward_kernel", "flash_backward_dq_kernel", "flash_backward_dkv_kernel"}
+
+
+def _functions(folder: Path):
+    for path in sorted(folder.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                yield path, node
+
+
+def test_no_quant_function_is_longer_than_60_lines():
+    long, kernels = [], set()
+    for path, fn in _functions(ROOT / "quant"):
+        if fn.name in TRITON_KERNELS and any(
+            "triton.jit" in ast.unparse(d) for d in fn.decorator_list
+        ):
+            kernels.add(fn.name)
+        elif fn.end_lineno - fn.lineno + 1 > MAX_FUNCTION_LINES:
+            long.append(f"{path.relative_to(ROOT.parent)}:{fn.lineno} {fn.name}")
+    assert not long, f"split these into named steps (<= {MAX_FUNCTION_LINES} lines): {long}"
+    assert kernels == TRITON_KERNELS, "the allow-list names Triton kernels that no longer exist"
+
+
+def test_quantize_model_is_a_short_list_of_steps():
+    (fn,) = [f for p, f in _functions(ROOT / "quant") if f.name == "quantize_model"]
+    assert fn.end_lineno - fn.lineno + 1 <= 40

@@ -36,11 +36,12 @@ class _QuantizedOperands:
     weight_transform: Any = None
 
     def set_rotation(self, rotation: Rotation | None) -> None:
-        """Rotate both operands by ``rotation`` (registered here, referenced by the quantisers)."""
+        """Rotate both operands by ``rotation``: registered here, the one owner; each quantiser
+        gets it as its pre-transform (a reference, ``qat.quant.ste.PreTransform``)."""
         self.rotation = rotation
         for q in (self.weight_quantizer, self.activation_quantizer):
             if q is not None:
-                object.__setattr__(q, "rotation", rotation)
+                q.rotation = rotation
 
     def quantized_weight(self, weight: Tensor | None = None) -> Tensor:
         w = self.weight if weight is None else weight

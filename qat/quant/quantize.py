@@ -80,110 +80,154 @@ def quantize_model(model: nn.Module, config: QuantConfig | Mapping[str, Any] | N
     if is_quantized(model):
         raise UsageError("model is already quantised; quantize_model must run once")
     online = _fuse(model, config.fused_rotation)
-    used_overrides: set[str] = set()
-    replacements: list[tuple[str, nn.Module]] = []
-    uses_matmul = False
-    names = []
+    names = [name for name, _ in model.named_modules() if name]
+    replacements, used_overrides, uses_matmul = _quantise_modules(model, config, online)
+    _check_matmul_has_attention(model, config, names)
+    _check_overrides_used(config, used_overrides, names)
+    _swap_modules(model, replacements)
+    share_sibling_inputs(replacements)
+    _attach_learned(model, config.fused_rotation)
+    if uses_matmul:
+        _use_qat_attention(model)
+    if hasattr(model, "config"):
+        setattr(model.config, CONFIG_ATTR, config.to_dict())
+    model.qat_quant = config  # the QuantConfig itself (config.json holds its dict)
+    return model
+
+
+def _quantise_modules(
+    model: nn.Module, config: QuantConfig, online: dict[str, dict[str, Any]]
+) -> tuple[list[tuple[str, nn.Module]], set[str], bool]:
+    """One pass over ``model``'s modules in order, so that the first bad module is the one
+    reported: the quantised replacement of each linear (swapped in later), the override
+    patterns that reached a linear or attention module, and whether any attention module got
+    a matmul quantiser (attached here)."""
     attention = dict(attention_modules(model))
-    for name, module in model.named_modules():
-        if not name:
+    replacements: list[tuple[str, nn.Module]] = []
+    used: set[str] = set()
+    uses_matmul = False
+    for name, module in list(model.named_modules()):  # a list: qat_matmul is added on the way
+        if not name or config.is_excluded(name):
             continue
-        names.append(name)
-        if config.is_excluded(name):
-            continue
-        pat = config.override_for(name)
-        formats = config.formats_for(name)
         if isinstance(module, (nn.Linear, Conv1D)):
-            if pat is not None:
-                used_overrides.add(pat)
-            wf, af = formats.weight, formats.activation
-            if wf is None and af is None:
-                continue
-            wdim = 0 if isinstance(module, Conv1D) else -1
-            wq = FakeQuantizer(wf, dim=wdim, backend=config.backend) if wf is not None else None
-            aq = FakeQuantizer(af, dim=-1, backend=config.backend) if af is not None else None
-            if isinstance(module, Conv1D):
-                new = QuantConv1D.from_conv1d(module, wq, aq)
-            else:
-                new = QuantLinear.from_linear(module, wq, aq)
-            rot = config.rotation_for(name) or online.get(name)
-            if rot is not None:
-                size = resolve_size(
-                    rot,
-                    [wf, af],
-                    module.weight.shape[wdim],
-                    name,
-                    "input features",
-                    QuantConfigError,
-                )
-                new.set_rotation(Rotation(size).to(module.weight.device))
-            replacements.append((name, new))
+            _note_override(config, name, used)
+            new = _quantised_linear(name, module, config, online.get(name))
+            replacements += [] if new is None else [(name, new)]
         elif name in attention:
-            if pat is not None:
-                used_overrides.add(pat)
-            if formats.matmul is not None:
-                rot = config.rotation_for(name) or online.get(name)
-                rotation = None
-                if rot is not None:
-                    size = resolve_size(
-                        rot,
-                        [formats.matmul],
-                        _head_dim(module, model),
-                        name,
-                        "head_dim of Q and K",
-                        QuantConfigError,
-                    )
-                    rotation = Rotation(size).to(_device_of(module))
-                module.qat_matmul = MatmulQuantizer(
-                    formats.matmul, config.v_block_axis, config.backend, rotation
-                )
-                uses_matmul = True
-    wants_matmul = any(config.formats_for(n).matmul is not None for n in names)
-    if wants_matmul and not attention:
+            _note_override(config, name, used)
+            uses_matmul |= _attach_matmul(name, module, model, config, online.get(name))
+    return replacements, used, uses_matmul
+
+
+def _note_override(config: QuantConfig, name: str, used: set[str]) -> None:
+    """Record which override pattern (if any) reaches the quantisable module ``name``."""
+    pat = config.override_for(name)
+    if pat is not None:
+        used.add(pat)
+
+
+def _quantised_linear(
+    name: str, module: nn.Module, config: QuantConfig, online: dict[str, Any] | None
+) -> nn.Module | None:
+    """``module`` (an ``nn.Linear`` or GPT-2's ``Conv1D``) as a quantised layer with the
+    weight and input formats ``config`` gives ``name``, rotated where ``config`` (or the fused
+    rotation's ``online`` part) says; None where both operands stay float."""
+    formats = config.formats_for(name)
+    wf, af = formats.weight, formats.activation
+    if wf is None and af is None:
+        return None
+    conv = isinstance(module, Conv1D)
+    wdim = 0 if conv else -1
+    wq = FakeQuantizer(wf, dim=wdim, backend=config.backend) if wf is not None else None
+    aq = FakeQuantizer(af, dim=-1, backend=config.backend) if af is not None else None
+    new = (
+        QuantConv1D.from_conv1d(module, wq, aq) if conv else QuantLinear.from_linear(module, wq, aq)
+    )
+    spec = config.rotation_for(name) or online
+    if spec is not None:
+        features = module.weight.shape[wdim]
+        size = resolve_size(spec, [wf, af], features, name, "input features", QuantConfigError)
+        new.set_rotation(Rotation(size).to(module.weight.device))
+    return new
+
+
+def _attach_matmul(
+    name: str,
+    module: nn.Module,
+    model: nn.Module,
+    config: QuantConfig,
+    online: dict[str, Any] | None,
+) -> bool:
+    """Give the attention module ``name`` a ``MatmulQuantizer`` (``module.qat_matmul``) where
+    ``config`` quantises its matmuls, with Q and K rotated where it says; whether it did."""
+    fmt = config.formats_for(name).matmul
+    if fmt is None:
+        return False
+    spec = config.rotation_for(name) or online
+    rotation = None
+    if spec is not None:
+        head_dim = _head_dim(module, model)
+        size = resolve_size(spec, [fmt], head_dim, name, "head_dim of Q and K", QuantConfigError)
+        rotation = Rotation(size).to(_device_of(module))
+    module.qat_matmul = MatmulQuantizer(fmt, config.v_block_axis, config.backend, rotation)
+    return True
+
+
+def _check_matmul_has_attention(model: nn.Module, config: QuantConfig, names: list[str]) -> None:
+    """A matmul format on a model without attention modules is a recipe error, not a no-op."""
+    if not any(config.formats_for(n).matmul is not None for n in names):
+        return
+    if next(attention_modules(model), None) is None:
         raise QuantConfigError(
             f"quant.matmul is set but {type(model).__name__} declares no "
             "attention modules (transformers' _can_record_outputs); set "
             "quant.matmul: null"
         )
-    unused = [p for p in config.overrides if p not in used_overrides]
+
+
+def _check_overrides_used(config: QuantConfig, used: set[str], names: list[str]) -> None:
+    """Every override pattern reaches a linear or attention module (a typo matches nothing)."""
+    unused = [p for p in config.overrides if p not in used]
     if unused:
         sample = ", ".join(names[:8])
         raise QuantConfigError(
             f"quant.overrides pattern {unused[0]!r} matches no linear or attention module; "
             f"module names look like: {sample}, ..."
         )
+
+
+def _swap_modules(model: nn.Module, replacements: list[tuple[str, nn.Module]]) -> None:
+    """Put each ``(name, new)`` in place of the module called ``name``."""
     for name, new in replacements:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, new)
-    share_sibling_inputs([(n, m) for n, m in replacements])
-    _attach_learned(model, config.fused_rotation)
-    if uses_matmul:
-        if not hasattr(model, "set_attn_implementation"):
-            raise QuantConfigError(
-                "quant.matmul needs a transformers PreTrainedModel; "
-                "set quant.matmul: null for other models"
-            )
-        impl = attention_impl.ATTN_IMPLEMENTATION
-        try:
-            model.set_attn_implementation(impl)
-        except ValueError as e:
-            raise QuantConfigError(
-                f"quant.matmul: {type(model).__name__} cannot run the qat "
-                f"attention ({str(e).splitlines()[0]}); set quant.matmul: "
-                "null"
-            ) from None
-        # transformers only warns when a model's attention bypasses its interface.
-        if getattr(model.config, "_attn_implementation", None) != impl:
-            raise QuantConfigError(
-                f"quant.matmul: {type(model).__name__}'s attention does not "
-                "go through transformers' attention interface; set "
-                "quant.matmul: null"
-            )
-    if hasattr(model, "config"):
-        setattr(model.config, CONFIG_ATTR, config.to_dict())
-    model.qat_quant = config  # the QuantConfig itself (config.json holds its dict)
-    return model
+
+
+def _use_qat_attention(model: nn.Module) -> None:
+    """Switch ``model`` to the ``"qat"`` attention implementation (what runs the matmul
+    quantisers), refusing models whose attention would bypass it."""
+    if not hasattr(model, "set_attn_implementation"):
+        raise QuantConfigError(
+            "quant.matmul needs a transformers PreTrainedModel; "
+            "set quant.matmul: null for other models"
+        )
+    impl = attention_impl.ATTN_IMPLEMENTATION
+    try:
+        model.set_attn_implementation(impl)
+    except ValueError as e:
+        raise QuantConfigError(
+            f"quant.matmul: {type(model).__name__} cannot run the qat "
+            f"attention ({str(e).splitlines()[0]}); set quant.matmul: "
+            "null"
+        ) from None
+    # transformers only warns when a model's attention bypasses its interface.
+    if getattr(model.config, "_attn_implementation", None) != impl:
+        raise QuantConfigError(
+            f"quant.matmul: {type(model).__name__}'s attention does not "
+            "go through transformers' attention interface; set "
+            "quant.matmul: null"
+        )
 
 
 def _fuse(model: nn.Module, spec: dict[str, Any] | None) -> dict[str, dict[str, Any]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import weakref
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -61,6 +62,22 @@ class SharedInput:
         self._out = out
 
 
+class PreTransform:
+    """What a quantiser applies to its input before quantising: ``transform(x, dim)`` (a
+    ``qat.quant.rotation.Rotation``), held by reference.
+
+    The transform has one owner, the layer (or ``MatmulQuantizer``) that registers it as its
+    submodule: it is moved by ``.to()``, listed by ``print(model)`` and saved once. This holder
+    is a plain object, not an ``nn.Module``, so the quantiser that holds it registers nothing.
+    """
+
+    def __init__(self, transform: nn.Module) -> None:
+        self.transform = transform
+
+    def __call__(self, x: Tensor, dim: int) -> Tensor:
+        return self.transform(x, dim)
+
+
 class FakeQuantizer(nn.Module):
     """A format bound to a blocking dim and a backend, as a module so it shows up in
     ``print(model)``.
@@ -69,10 +86,12 @@ class FakeQuantizer(nn.Module):
     the current weights. ``shared`` (set by ``quantize_model``) lets sibling input quantisers
     with the same format quantise a common input once.
 
-    ``rotation`` (a ``qat.quant.rotation.Rotation`` owned by the layer, held here as a plain
-    reference so it is registered once) rotates the input along ``dim`` before it is quantised,
-    inside the shared cache. ``enabled = False`` turns quantisation off but keeps the rotation:
-    the layer rotates both operands, so its float product is unchanged either way.
+    ``rotation`` (a ``qat.quant.rotation.Rotation`` owned by the layer) rotates the input along
+    ``dim`` before it is quantised, inside the shared cache: the quantiser holds it as its
+    ``pre`` transform (``PreTransform``), a reference, so the rotation stays the layer's
+    submodule alone. ``quantizer.rotation = r`` (or None) sets that reference.
+    ``enabled = False`` turns quantisation off but keeps the rotation: the layer rotates both
+    operands, so its float product is unchanged either way.
     """
 
     def __init__(
@@ -84,8 +103,20 @@ class FakeQuantizer(nn.Module):
         self.backend = backend
         self.enabled = True
         self.shared: SharedInput | None = None
-        object.__setattr__(self, "rotation", rotation)  # not a submodule: the layer owns it
+        self.pre = None if rotation is None else PreTransform(rotation)
         self._impl: dict[str, str] = {}  # device type -> resolved backend
+
+    @property
+    def rotation(self) -> nn.Module | None:
+        """The rotation applied before quantising (its owner's module), or None."""
+        return None if self.pre is None else self.pre.transform
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # The rotation is stored as a PreTransform: nn.Module would register a module value as
+        # a submodule, a second owner of the layer's rotation.
+        if name == "rotation":
+            name, value = "pre", None if value is None else PreTransform(value)
+        super().__setattr__(name, value)
 
     def _backend_for(self, x: Tensor) -> str:
         impl = self._impl.get(x.device.type)
@@ -115,7 +146,7 @@ class FakeQuantizer(nn.Module):
         return rx, self.fmt.quantize(rx, self.dim)
 
     def _rotated(self, x: Tensor) -> Tensor:
-        return x if self.rotation is None else self.rotation(x, self.dim)
+        return x if self.pre is None else self.pre(x, self.dim)
 
     def extra_repr(self) -> str:
         rot = "" if self.rotation is None else f", rotation={self.rotation.extra_repr()}"
