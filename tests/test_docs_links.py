@@ -124,13 +124,20 @@ def test_readme_stays_short():
     assert len((REPO / "README.md").read_text().splitlines()) <= 150
 
 
-def test_ci_runs_the_test_command_of_architecture_md():
-    """The test command lives in architecture.md's Tests section; .ci/run runs that command."""
+def test_ci_runs_the_test_command_of_the_readme():
+    """The README's quickstart gives the test command (its last ``python -m pytest`` line);
+    architecture.md's Tests section gives the same one, and .ci/run runs it (with extra
+    reporting flags only)."""
+    readme = (REPO / "README.md").read_text()
+    quick = readme.split("## Quickstart", 1)[1].split("\n## ", 1)[0]
+    (line,) = [ln for ln in quick.splitlines() if ln.startswith("python -m pytest")]
+    command = line.split("#", 1)[0].strip()
     text = (REPO / "docs" / "architecture.md").read_text()
     section = text.split("\n## Tests\n", 1)[1].split("\n## ", 1)[0]
-    (command,) = re.findall(r"```bash\n(.+?)\n```", section)
+    assert re.findall(r"```bash\n(.+?)\n```", section) == [command]
     ci = (REPO / ".ci" / "run").read_text().splitlines()
-    assert command in ci, f".ci/run does not run {command!r}"
+    runs = [ln for ln in ci if ln == command or ln.startswith(command + " --")]
+    assert runs, f".ci/run does not run the README's test command {command!r}"
 
 
 def test_extend_md_names_files_and_names_that_exist():
