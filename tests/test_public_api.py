@@ -60,13 +60,15 @@ def test_readme_python_example_runs(tmp_path):
 )
 def test_python_md_blocks_run_in_order(tmp_path):
     """docs/python.md's runnable blocks, as one script: QATSFTTrainer with peft_config on the
-    real SmolLM2-135M (two steps), then its perplexity and a packed export from memory."""
+    real SmolLM2-135M (two steps), then its perplexity and packed exports from memory and from
+    the saved LoRA run folder (whose base is a GGUF file: the folder must name it)."""
     blocks = _runnable_blocks((REPO / "docs" / "python.md").read_text())
     assert len(blocks) == 2, "docs/python.md: the trainer block and the after-training block"
     check = (
         "import math, pathlib\n"
         "assert math.isfinite(ppl) and ppl > 1, ppl\n"
-        "assert pathlib.Path('exported/smollm2_packed/qat_packed.safetensors').is_file()\n"
+        "for out in ('exported/smollm2_packed', 'exported/smollm2_sft'):\n"
+        "    assert pathlib.Path(out, 'qat_packed.safetensors').is_file(), out\n"
         "print('steps', trainer.state.global_step)\n"
     )
     script = tmp_path / "python_md.py"

@@ -184,6 +184,8 @@ def resolve_source(
     for key, saved in (("task_name", "task_name"), ("model_name_or_path", "base_model")):
         if not data.get(key) and state.get(saved):
             data[key] = state[saved]
+    if state.get("gguf_file") and data.get("model_name_or_path") == state.get("base_model"):
+        data.setdefault("gguf_file", state["gguf_file"])  # a base read from a GGUF file
     ckpt_keys = checkpoint_overrides(state, p)
     # the user's overrides win last
     for key, value in {**ckpt_keys, **_parsed(overrides)}.items():

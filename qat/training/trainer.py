@@ -420,6 +420,9 @@ class QATTrainer(Trainer):
         )
         if name:
             out["base_model"] = str(name)
+            gguf = getattr(self.args, "gguf_file", None)
+            if gguf:  # the base is that file in the folder: reloading it needs both
+                out["gguf_file"] = str(gguf)
         return out
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
