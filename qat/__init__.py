@@ -37,44 +37,28 @@ _LAZY = {
     "attach_qdec": ("qat.quant.qdec", "attach_qdec"),
     "QatError": ("qat.errors", "QatError"),
 }
-__all__ = [
-    "LoraArguments",
-    "QATConfig",
-    "QATSFTConfig",
-    "QATSFTTrainer",
-    "QATTrainer",
-    "QatError",
-    "QuantConfig",
-    "QuantConfigError",
-    "attach_qdec",
-    "build_model",
-    "evaluate",
-    "export_model",
-    "generate",
-    "load_recipe",
-    "make_format",
-    "perplexity",
-    "quantization_summary",
-    "quantize_model",
-    "train",
-]
+__all__ = sorted(_LAZY)
 
 if TYPE_CHECKING:
-    from qat.errors import QatError
-    from qat.evaluation.evaluate import evaluate
-    from qat.evaluation.generate import generate
-    from qat.evaluation.perplexity import perplexity
-    from qat.export.run import export_model
-    from qat.formats import make_format
-    from qat.integrations.trl import QATSFTConfig, QATSFTTrainer
-    from qat.quant.config import QuantConfig, QuantConfigError
-    from qat.quant.qdec import attach_qdec
-    from qat.quant.quantize import quantization_summary, quantize_model
-    from qat.runs.arguments import LoraArguments
-    from qat.runs.build import build_model
-    from qat.runs.recipe import QATConfig, load_recipe
-    from qat.training.run import train
-    from qat.training.trainer import QATTrainer
+    from qat.errors import QatError as QatError
+    from qat.evaluation.evaluate import evaluate as evaluate
+    from qat.evaluation.generate import generate as generate
+    from qat.evaluation.perplexity import perplexity as perplexity
+    from qat.export.run import export_model as export_model
+    from qat.formats import make_format as make_format
+    from qat.integrations.trl import QATSFTConfig as QATSFTConfig
+    from qat.integrations.trl import QATSFTTrainer as QATSFTTrainer
+    from qat.quant.config import QuantConfig as QuantConfig
+    from qat.quant.config import QuantConfigError as QuantConfigError
+    from qat.quant.qdec import attach_qdec as attach_qdec
+    from qat.quant.quantize import quantization_summary as quantization_summary
+    from qat.quant.quantize import quantize_model as quantize_model
+    from qat.runs.arguments import LoraArguments as LoraArguments
+    from qat.runs.build import build_model as build_model
+    from qat.runs.recipe import QATConfig as QATConfig
+    from qat.runs.recipe import load_recipe as load_recipe
+    from qat.training.run import train as train
+    from qat.training.trainer import QATTrainer as QATTrainer
 
 
 def __getattr__(name: str) -> Any:

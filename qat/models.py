@@ -69,8 +69,14 @@ def _find_package(dotted: str) -> Any:
     return spec
 
 
-def _looks_local(name: str) -> bool:
-    return name.startswith(("/", "./", "../", "~")) or os.path.sep in name and name.count("/") > 1
+def looks_local(name: str) -> bool:
+    """A path rather than a Hub id (``org/name``): a missing one is reported as missing."""
+    return (
+        name.startswith(("/", "./", "../", "~"))
+        or name.count("/") > 1
+        or os.path.sep != "/"
+        and os.path.sep in name
+    )
 
 
 def resolve_dtype(name: str | None) -> Any:
@@ -83,7 +89,7 @@ def resolve_dtype(name: str | None) -> Any:
 
 def _from_pretrained(loader, name: str, what: str, **kwargs):
     path = resolve_model_path(name)
-    if not os.path.exists(path) and _looks_local(path):
+    if not os.path.exists(path) and looks_local(path):
         raise ModelLoadError(f"model_name_or_path {name!r}: local path does not exist")
     try:
         return loader.from_pretrained(path, **kwargs)
@@ -283,12 +289,15 @@ def position_limit(config: Any) -> int | None:
     return None
 
 
-def check_max_length(config: Any, max_length: int, name: str) -> None:
+def fits_positions(config: Any, n: int, key: str, error: type[QatError], name: str) -> None:
+    """``n`` tokens (recipe key or option ``key``: ``max_length``, ``block_size``,
+    ``--chunk_size``) must fit the position limit of model ``name``; else ``error``, one line
+    (a longer input fails, or reads garbage, mid-run)."""
     limit = position_limit(config)
-    if limit is not None and max_length > limit:
-        raise ModelLoadError(
-            f"max_length {max_length} is beyond the position limit of model "
-            f"{name!r} ({limit} positions); set max_length <= {limit}"
+    if limit is not None and n > limit:
+        raise error(
+            f"{key} {n} is beyond the position limit of model "
+            f"{name!r} ({limit} positions); set {key} <= {limit}"
         )
 
 
@@ -318,7 +327,9 @@ def preflight(args: Any) -> Any:
     folder that is not one, ``max_length`` beyond the position limit. Returns the config."""
     config = load_config(args.model_name_or_path, args.gguf_file)
     if config is not None:
-        check_max_length(config, args.max_length, args.model_name_or_path)
+        fits_positions(
+            config, args.max_length, "max_length", ModelLoadError, args.model_name_or_path
+        )
     return config
 
 

@@ -174,7 +174,7 @@ def test_block_size_beyond_the_context(tmp_path, capsys):
     err = lm_train_error(tmp_path, capsys, block_size=4096)
     model = make_tiny_causal_lm_dir(tmp_path)
     assert err == (
-        f"qat train: error: block_size 4096 is beyond the context of model "
+        f"qat train: error: block_size 4096 is beyond the position limit of model "
         f"{model!r} (128 positions); set block_size <= 128"
     )
 

@@ -20,15 +20,9 @@ from transformers import AutoModelForSequenceClassification
 
 import qat  # noqa: F401 - registers the qat_packed model type
 from qat.cli.export import main
-from qat.export.packed import (
-    ExportError,
-    _packers,
-    pack_bits,
-    pack_weight,
-    unpack_bits,
-    unpack_weight,
-    write_packed,
-)
+from qat.errors import ExportError
+from qat.export.modeling_qat_packed import unpack_bits
+from qat.export.packed import _packers, pack_bits, pack_weight, unpack_weight, write_packed
 from qat.formats import make_format
 from qat.quant.modules import QuantLinear
 from qat.runs.build import build_model

@@ -13,8 +13,8 @@ from safetensors import safe_open
 from tiny import lm_recipe, make_tiny_causal_lm_dir
 
 from qat import QuantConfig, export_model, quantize_model
+from qat.errors import ExportError
 from qat.export.compressed_tensors import write_compressed_tensors
-from qat.export.packed import ExportError
 from qat.formats import make_format
 from qat.quant.modules import QuantLinear
 

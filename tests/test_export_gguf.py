@@ -10,8 +10,8 @@ import torch
 from tiny import lm_recipe, make_tiny_causal_lm_dir, tiny_model
 
 from qat import QuantConfig, export_model, quantize_model
+from qat.errors import ExportError
 from qat.export.gguf import rope_permute, write_gguf
-from qat.export.packed import ExportError
 
 gguf = pytest.importorskip("gguf")
 from gguf import quants  # noqa: E402

@@ -3,11 +3,13 @@ and docs/python.md's runnable blocks run as written."""
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from tiny import REPO
@@ -91,8 +93,16 @@ def test_python_md_blocks_run_in_order(tmp_path):
     assert "steps 2" in done.stdout
 
 
-def test_all_lists_exactly_the_lazy_names():
-    assert sorted(qat.__all__) == sorted(qat._LAZY)
+def test_type_checking_imports_name_exactly_the_lazy_names():
+    """What a type checker sees (the ``TYPE_CHECKING`` imports) is what ``__getattr__`` loads."""
+    tree = ast.parse(Path(qat.__file__).read_text())
+    block = next(
+        n for n in tree.body if isinstance(n, ast.If) and "TYPE_CHECKING" in ast.unparse(n.test)
+    )
+    # ``import x as x``: the explicit re-export a type checker honours
+    seen = {a.asname: (n.module, a.name) for n in block.body for a in n.names}
+    assert seen == qat._LAZY
+    assert qat.__all__ == sorted(qat._LAZY)
 
 
 def _tiny_dataset():

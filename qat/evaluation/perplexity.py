@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from qat.errors import UsageError
+from qat.models import fits_positions
 from qat.quant.qdec import apply_qdec, check_quant_for_qdec, set_default_prefill
 from qat.runs.build import resolve
 from qat.runs.entry import load_for_command, write_results
@@ -73,7 +74,9 @@ def perplexity(
         src,
         device=device,
         head="causal_lm",
-        check=lambda config: lm.check_chunk_size(config, chunk_size, args.model_name_or_path),
+        check=lambda config: fits_positions(
+            config, chunk_size, "--chunk_size", UsageError, args.model_name_or_path
+        ),
     )
     if loaded.tokenizer is None:
         raise UsageError("a model in memory needs its tokenizer (tokenizer=...)")

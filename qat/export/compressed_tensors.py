@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from qat.errors import ExportError
-from qat.export.packed import refuse_rotation
+from qat.export.engines import refuse_rotation
 from qat.formats import Format
 from qat.quant.config import FLOAT
 

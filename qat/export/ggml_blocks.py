@@ -28,12 +28,14 @@ class GGMLTypeError(QatError):
     """A format or shape llama.cpp's block types cannot hold."""
 
 
-def ggml_type_name(fmt: Format) -> str:
-    """The GGML type that holds ``fmt`` exactly; GGMLTypeError naming the ones that exist."""
-    name = GGML_TYPES.get(fmt.name)
+def ggml_type_name(fmt: Format | None, what: str = "format") -> str:
+    """The GGML type that holds ``fmt`` (a ``what``: "format", "weight format") exactly;
+    GGMLTypeError naming the ones that exist."""
+    name = None if fmt is None else GGML_TYPES.get(fmt.name)
     if name is None or getattr(fmt, "block_size", 32) != 32:
+        got = f"no {what}" if fmt is None else f"{what} {fmt}"
         raise GGMLTypeError(
-            f"format {fmt} has no GGML type; formats with one: "
+            f"{got} has no GGML type; formats with one: "
             + ", ".join(f"{k} ({v})" for k, v in GGML_TYPES.items())
             + " (mxfp4 with block_size 32)"
         )

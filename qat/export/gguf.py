@@ -26,8 +26,8 @@ import numpy as np
 from torch import Tensor
 
 from qat.errors import ExportError
-from qat.export.ggml_blocks import GGML_TYPES, ggml_block_bytes
-from qat.export.packed import refuse_rotation
+from qat.export.engines import refuse_rotation
+from qat.export.ggml_blocks import GGMLTypeError, ggml_block_bytes, ggml_type_name
 from qat.formats import Format, make_format
 from qat.quant.config import FLOAT
 
@@ -81,16 +81,13 @@ def _check_rope(config: Any) -> None:
 
 def check_gguf_formats(weight: Format | None, activation: Format | None, matmul: bool) -> None:
     """Refuse formats llama.cpp cannot hold or run (before any heavy work)."""
-    if weight is None or weight.name not in GGML_TYPES or getattr(weight, "block_size", 32) != 32:
-        got = "no weight format" if weight is None else f"weight format {weight}"
-        raise ExportError(
-            f"--to gguf: {got} has no GGML type; formats with one: "
-            + ", ".join(f"{k} ({v})" for k, v in GGML_TYPES.items())
-            + " (mxfp4 with block_size 32)"
-        )
+    try:
+        kind = ggml_type_name(weight, "weight format")
+    except GGMLTypeError as e:
+        raise ExportError(f"--to gguf: {e}") from None
     if activation is not None and activation.name != "ggml_q8_0":
         raise ExportError(
-            f"--to gguf: llama.cpp quantises the input of a {GGML_TYPES[weight.name]}"
+            f"--to gguf: llama.cpp quantises the input of a {kind}"
             f" matmul to Q8_0 blocks, not activation format {activation}; set "
             "quant.activation to {format: ggml_q8_0} (to train with it) or null"
         )
@@ -157,7 +154,7 @@ def _tensor(module: Any, weight: Tensor, kind: str, what: str) -> tuple[np.ndarr
             "multiple of the GGML block (32)"
         )
     data = ggml_block_bytes(fmt, weight)
-    return data, getattr(gguf.GGMLQuantizationType, GGML_TYPES[fmt.name])
+    return data, getattr(gguf.GGMLQuantizationType, ggml_type_name(fmt))
 
 
 def _hparams(writer: Any, config: Any, n_tensors_type: int) -> None:
@@ -300,7 +297,7 @@ def write_gguf(
         m for m in model.modules() if isinstance(m, QuantLinear) and m.weight_quantizer is not None
     ]
     tensors = gguf_tensors(model, embeddings)  # shapes checked before anything is written
-    kinds = {GGML_TYPES[m.weight_quantizer.fmt.name] for m in quantised}
+    kinds = {ggml_type_name(m.weight_quantizer.fmt) for m in quantised}
     if not kinds:  # quant: null, every linear float
         kinds = {"F32" if embeddings == "f32" else "F16"}
     file_type = {

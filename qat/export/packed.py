@@ -34,23 +34,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from qat.errors import ExportError  # lives in qat.errors: qat.runs.folders raises it too
-from qat.export.modeling_qat_packed import unpack_bits  # noqa: F401 - the inverse of pack_bits
+from qat.errors import ExportError
 from qat.formats import Format
 from qat.formats.base import Encoded
 
 QUANT_METHOD = "qat"
-
-
-def refuse_rotation(target: str) -> None:
-    """An engine export (``gguf``, ``compressed-tensors``) of a model trained with
-    ``quant.rotation``: the engine would not rotate the inputs, so it is refused."""
-    engine = "llama.cpp" if target == "gguf" else "vLLM"
-    raise ExportError(
-        f"--to {target}: {engine} does not rotate a layer's input, so a model "
-        "trained with quant.rotation cannot run there as trained; train without "
-        "rotation for this engine, or export --to packed (which rotates)"
-    )
 
 
 # --- bit packing ----------------------------------------------------------------------------

@@ -127,9 +127,8 @@ def _triton_supports(fmt: Format) -> bool:
     return triton_available() and supports_triton(fmt)
 
 
-class BackendError(ConfigError, RuntimeError):
-    """``quant.backend`` (or ``$QAT_BACKEND``) cannot run here. A ``QatError`` (one line, exit
-    2), and still the ``RuntimeError`` / ``ValueError`` it used to be."""
+class BackendError(ConfigError):
+    """``quant.backend`` (or ``$QAT_BACKEND``) cannot run here (one line, exit code 2)."""
 
 
 def _interpreting() -> bool:

@@ -9,12 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from qat.formats import Format
-from qat.quant.backends import fake_quantize, resolve_backend, run_backend
-
-
-def ste_quantize(x: Tensor, fmt: Format, dim: int = -1, backend: str = "auto") -> Tensor:
-    """Fake-quantise ``x`` with ``fmt``; gradients pass through unchanged."""
-    return fake_quantize(x, fmt, dim, backend)
+from qat.quant.backends import resolve_backend, run_backend
 
 
 class SharedInput:

@@ -399,14 +399,16 @@ def build_model(
 
 
 def _check_config(config: Any, args: Any, head: str, check: Callable[[Any], None] | None) -> None:
-    from qat.models import check_max_length
+    from qat.models import ModelLoadError, fits_positions
 
     if head == "causal_lm":
         from qat.tasks.language_modeling import check_causal
 
         check_causal(config, args.model_name_or_path)
     elif args.max_length is not None:
-        check_max_length(config, args.max_length, args.model_name_or_path)
+        fits_positions(
+            config, args.max_length, "max_length", ModelLoadError, args.model_name_or_path
+        )
     if check is not None:
         check(config)
     if args.quant is not None and not args.gguf_file:

@@ -131,18 +131,6 @@ def perplexity(model: Any, chunks: list[Any]) -> tuple[float, float, int]:
     return math.exp(mean), mean, count
 
 
-def check_chunk_size(config: Any, chunk_size: int, name: str) -> None:
-    """A chunk longer than the model's positions would fail (or read garbage) mid-run."""
-    from qat.models import position_limit
-
-    limit = position_limit(config)
-    if limit is not None and chunk_size > limit:
-        raise UsageError(
-            f"--chunk_size {chunk_size} is beyond the position limit of model "
-            f"{name!r} ({limit} positions); pass --chunk_size {limit} or less"
-        )
-
-
 # --- text datasets for training (task_name: causal_lm) -----------------------------------------
 
 
@@ -293,16 +281,3 @@ def lm_splits(args: Any, tokenizer: Any) -> tuple[Any, Any, Any]:
             for w in ("train", "eval")
         )
     return train, evals, default_data_collator
-
-
-def check_block_size(config: Any, block_size: int, name: str) -> None:
-    """``block_size`` (tokens per training chunk) must fit the model's positions."""
-    from qat.errors import ConfigError
-    from qat.models import position_limit
-
-    limit = position_limit(config)
-    if limit is not None and block_size > limit:
-        raise ConfigError(
-            f"block_size {block_size} is beyond the context of model {name!r} "
-            f"({limit} positions); set block_size <= {limit}"
-        )

@@ -25,10 +25,11 @@ def train_decoder(
     ``QATTrainer``)."""
     from transformers import set_seed
 
-    from qat.models import load_config, load_tokenizer_for
+    from qat.errors import ConfigError
+    from qat.models import fits_positions, load_config, load_tokenizer_for
     from qat.quant.quantize import check_quantizable
     from qat.runs.build import build_model
-    from qat.tasks.language_modeling import check_block_size, check_causal
+    from qat.tasks.language_modeling import check_causal
     from qat.tasks.registry import get_task
     from qat.training.loop import train_and_evaluate
     from qat.training.teacher import check_distill
@@ -40,7 +41,7 @@ def train_decoder(
     config = load_config(name, args.gguf_file)  # cheap checks before any data or weights
     if config is not None:
         check_causal(config, name)
-        check_block_size(config, args.block_size, name)
+        fits_positions(config, args.block_size, "block_size", ConfigError, name)
     gguf = (name, args.gguf_file) if args.gguf_file else None
     check_distill(args.distill, config, causal=True, gguf=gguf)  # the teacher's, before weights
     if config is not None:  # the quant config against the model's layers, before any data
@@ -54,7 +55,7 @@ def train_decoder(
         recipe,
         head="causal_lm",
         tokenizer=tokenizer,
-        check=lambda c: check_block_size(c, args.block_size, name),
+        check=lambda c: fits_positions(c, args.block_size, "block_size", ConfigError, name),
         round_gptq=checkpoint is None,  # a resumed run loads its own weights
     ).model
     if model.config.pad_token_id is None:  # generate() and padding agree with the tokenizer

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -149,16 +148,6 @@ def load_teacher(path: str, student: nn.Module) -> nn.Module:
     return teacher.to(param.device)
 
 
-def _looks_local(path: str) -> bool:
-    """A path rather than a Hub id (``org/name``): a missing one is reported as missing."""
-    return (
-        path.startswith(("/", "./", "../", "~"))
-        or path.count("/") > 1
-        or os.path.sep != "/"
-        and os.path.sep in path
-    )
-
-
 def has_trained_head(config: Any, num_labels: int) -> bool:
     """Whether the checkpoint ``config`` describes holds a sequence-classification head of
     ``num_labels`` outputs (otherwise loading it as a classifier initialises the head)."""
@@ -219,7 +208,7 @@ def check_distill(
         resolved = models.resolve_model_path(teacher)
     except QatError as e:
         raise ConfigError(f"distill.teacher: {e}") from None
-    if not Path(resolved).expanduser().exists() and _looks_local(resolved):
+    if not Path(resolved).expanduser().exists() and models.looks_local(resolved):
         raise ConfigError(
             f"distill.teacher {teacher!r} does not exist (expected a model folder, "
             "a Hub id, or self)"

@@ -13,9 +13,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from qat.analysis.search import study_file
 from qat.analysis.search.space import Space
 from qat.analysis.search.spec import SearchError, SearchSpec
+from qat.analysis.search.study_file import check_db_file
 
 STUDY_NAME = "qat-search"
 DB_FILE = "search.db"
@@ -58,7 +58,7 @@ def scores_key(recipe, spec: SearchSpec) -> dict[str, Any]:
 def check_study_file(out: Path, resume: bool, scores: dict[str, Any]) -> bool:
     """A new search never overwrites an old one; ``--resume`` needs one of ours to resume, scored
     the same way (``study_file``). Returns whether to resume."""
-    return study_file.check_study_file(out / DB_FILE, STUDY_NAME, resume, scores)
+    return check_db_file(out / DB_FILE, STUDY_NAME, resume, scores)
 
 
 def open_study(out: Path, spec: SearchSpec, space: Space, resume: bool, scores: dict[str, Any]):

@@ -72,7 +72,7 @@ def study_state(db: Path, study_name: str) -> tuple[str, dict[str, Any]]:
     return "study", attrs
 
 
-def check_study_file(db: Path, study_name: str, resume: bool, scores: dict[str, Any]) -> bool:
+def check_db_file(db: Path, study_name: str, resume: bool, scores: dict[str, Any]) -> bool:
     """Check ``db`` before any work; returns whether a stored study is to be resumed (a blank
     file is removed and the search starts afresh, with a warning)."""
     state, attrs = study_state(db, study_name)
