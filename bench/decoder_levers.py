@@ -87,7 +87,7 @@ def grid() -> dict[str, tuple[str, dict[str, Any] | None]]:
 
 
 def _fused_rows() -> dict[str, tuple[str, dict[str, Any]]]:
-    """Fused rotations (qat.quant.fuse): R1 on the residual stream, R2 per head, each a
+    """Fused rotations (qat.quant.transforms.fuse): R1 on the residual stream, R2 per head, each a
     Hadamard (576 = 36 x 16 for SmolLM2), with seeded signs, or random orthogonal; with online
     blocks on the down projection's input and Q/K."""
     had = {"residual": "hadamard", "heads": "hadamard"}
@@ -171,7 +171,7 @@ def run(a: argparse.Namespace) -> None:
         try:
             model = base if quant is None else quantize_model(copy.deepcopy(base), quant)
             if quant is not None and quant.get("gptq"):
-                from qat.quant.gptq import apply_gptq
+                from qat.quant.transforms.gptq import apply_gptq
 
                 batches = [
                     {"input_ids": torch.stack(calib[i : i + 4])} for i in range(0, len(calib), 4)

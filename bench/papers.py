@@ -778,7 +778,7 @@ def run_qdec_ppl(lab: Lab, row: Row) -> dict[str, Any]:
     if row.spec["format"] is None:
         base, _ = lab.lm()
         return {"perplexity": perplexity(base, chunks)[0], **out}
-    from qat.quant.qdec import set_k_chunk
+    from qat.quant.qdec.attach import set_k_chunk
 
     model = qdec_model(lab, row.spec["format"])
     set_k_chunk(model, row.spec["k_chunk"])
@@ -791,7 +791,7 @@ def qdec_model(lab: Lab, name: str) -> Any:
     if lab._qdec is None or lab._qdec[0] != name:
         from qdec import FORMATS, bake
 
-        from qat.quant.qdec import attach_qdec, set_default_prefill
+        from qat.quant.qdec.attach import attach_qdec, set_default_prefill
         from qat.quant.quantize import quantize_model
 
         lab._qdec = None
@@ -811,7 +811,7 @@ def run_qdec_speed(lab: Lab, row: Row) -> dict[str, Any]:
     import torch
     from qdec import decode_speed
 
-    from qat.quant.qdec import set_k_chunk
+    from qat.quant.qdec.attach import set_k_chunk
 
     a = lab.a
     model = qdec_model(lab, row.spec["format"])

@@ -51,7 +51,7 @@ def bake(model) -> None:
 
 def decode_speed(model, tok, n_tokens: int, repeats: int) -> tuple[float, float]:
     """Median tokens/s plain and with QDEC (alternated in one run)."""
-    from qat.quant.qdec import enable_qdec
+    from qat.quant.qdec.attach import enable_qdec
 
     enc = tok(PROMPT, return_tensors="pt")
     kw = dict(
@@ -96,7 +96,7 @@ def main() -> None:
         torch.set_num_threads(a.threads)
 
     from qat.models import load_causal_lm, load_tokenizer
-    from qat.quant.qdec import attach_qdec, set_default_prefill, set_k_chunk
+    from qat.quant.qdec.attach import attach_qdec, set_default_prefill, set_k_chunk
     from qat.quant.quantize import quantize_model
     from qat.tasks.language_modeling import chunk_ids, load_wikitext, perplexity
 

@@ -18,11 +18,11 @@ is the peak allocated on CUDA; on the CPU, the bytes autograd saves for backward
 memory, which is what the STE must not grow). bf16 autocast on a GPU, float32 on the CPU.
 
 Part (c), ``--part attention``: float SDPA vs the ``"qat"`` attention's eager path (P and Q(P)
-kept for backward) and its block path (``qat.quant.block_attention``: P recomputed; on CPU
-the fused C++ kernel of ``qat.quant.cpu_attention``, and beside it the PyTorch implementation,
+kept for backward) and its block path (``qat.quant.attention.block``: P recomputed; on CPU
+the fused C++ kernel of ``qat.quant.attention.cpu``, and beside it the PyTorch implementation,
 "W4A4 block, PyTorch") at each of ``--seqs``, for the attention alone and for a 2-layer
 OPT-350M-shaped model (batch 1); on CUDA the model also runs the Triton kernels
-(``qat.quant.flash_attention``, "W4A4 kernel").
+(``qat.quant.attention.flash``, "W4A4 kernel").
 
 ``--profile_attention`` profiles one W4A4 step of a 2-layer OPT-350M-shaped model at 2048
 tokens and prints the share of time spent in attention (issue #8, item 9).
@@ -45,7 +45,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from qat.models import HEAD_NAMES  # noqa: E402
+from qat.quant.config import HEAD_NAMES  # noqa: E402
 
 W4A4 = {
     "weight": {"format": "bfp", "width": 4, "exponent_width": 8, "block_size": 16},
@@ -284,9 +284,9 @@ def with_attention_path(step, path: str | None):
         return step
     import os
 
-    import qat.quant.attention as attention
-    import qat.quant.cpu_attention as cpu_attention
-    import qat.quant.flash_attention as flash
+    import qat.quant.attention.cpu as cpu_attention
+    import qat.quant.attention.flash as flash
+    import qat.quant.attention.interface as attention
 
     threshold = {"eager": 1 << 62, "block": 0, "block-torch": 0, "kernel": 0}[path]
     devices = flash.DEVICES if path == "kernel" else ()
@@ -371,7 +371,7 @@ class AttentionOnly(torch.nn.Module):
     def forward(self, **_):
         from types import SimpleNamespace
 
-        from qat.quant.attention import qat_attention_forward
+        from qat.quant.attention.interface import qat_attention_forward
 
         if self.quantized:
             out, _ = qat_attention_forward(self.attn, self.q, self.k, self.v, self.mask)
@@ -440,7 +440,7 @@ def profile_attention(device: torch.device, backend: str) -> dict:
     from torch.profiler import ProfilerActivity, profile, record_function
     from transformers import AttentionInterface
 
-    import qat.quant.attention as attention
+    import qat.quant.attention.interface as attention
 
     model = build_model("opt350m-2layer", W4A4, device, backend)
     data = {

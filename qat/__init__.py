@@ -34,7 +34,7 @@ _LAZY = {
     "perplexity": ("qat.evaluation.perplexity", "perplexity"),
     "generate": ("qat.evaluation.generate", "generate"),
     "export_model": ("qat.export.run", "export_model"),
-    "attach_qdec": ("qat.quant.qdec", "attach_qdec"),
+    "attach_qdec": ("qat.quant.qdec.attach", "attach_qdec"),
     "QatError": ("qat.errors", "QatError"),
 }
 __all__ = sorted(_LAZY)
@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from qat.integrations.trl import QATSFTTrainer as QATSFTTrainer
     from qat.quant.config import QuantConfig as QuantConfig
     from qat.quant.config import QuantConfigError as QuantConfigError
-    from qat.quant.qdec import attach_qdec as attach_qdec
+    from qat.quant.qdec.attach import attach_qdec as attach_qdec
     from qat.quant.quantize import quantization_summary as quantization_summary
     from qat.quant.quantize import quantize_model as quantize_model
     from qat.runs.arguments import LoraArguments as LoraArguments

@@ -7,7 +7,9 @@ Failures that are not the user's input (a bug, a diverged run) are other excepti
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import dataclasses
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 
 class QatError(ValueError):
@@ -74,6 +76,20 @@ def check_one_of(
             f"{key} must be one of {', '.join(names)}; got {value!r}"
             f"{did_you_mean(value, names) if hint else ''}"
         )
+
+
+def check_section(d: Any, cls: type, prefix: str, error: type[Exception]) -> None:
+    """A recipe section (``quant:``, ``qdec:``) must be a mapping whose keys are ``cls``'s
+    dataclass fields; else one ``error`` line naming the key, with a did-you-mean."""
+    if not isinstance(d, Mapping):
+        raise error(f"{prefix} must be a mapping or null, got {d!r}")
+    valid = [f.name for f in dataclasses.fields(cls)]
+    for key in d:
+        if key not in valid:
+            raise error(
+                f"unknown key {prefix}.{key}{did_you_mean(key, valid, prefix)}; "
+                f"valid keys: {', '.join(valid)}"
+            )
 
 
 def did_you_mean(word: object, choices: Iterable[str], section: str | None = None) -> str:

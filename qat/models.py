@@ -12,12 +12,6 @@ import torch
 from qat.errors import QatError
 
 PKG_SCHEME = "pkg://"
-# The task heads every supported architecture names its output layer with: classification
-# heads (sequence classifiers: BERT's ``classifier``, decoders' ``score``) and the LM head.
-# They are freshly initialised or tied to the embeddings, so quantisation leaves them float
-# (``QuantConfig.exclude``) and ``finetune: classifier`` / LoRA's ``modules_to_save`` train them.
-CLASSIFIER_HEADS = ("score", "classifier")
-HEAD_NAMES = (*CLASSIFIER_HEADS, "lm_head")
 _DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,

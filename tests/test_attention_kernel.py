@@ -1,5 +1,5 @@
-"""The Triton kernels of the quantised attention (qat.quant.flash_attention) against the PyTorch
-block path (qat.quant.block_attention), which gives the eager path's values.
+"""The Triton kernels of the quantised attention (qat.quant.attention.flash) against the PyTorch
+block path (qat.quant.attention.block), which gives the eager path's values.
 
 Without CUDA they run under Triton's interpreter (TRITON_INTERPRET=1, set in conftest.py) on
 CPU tensors; ``DEVICES`` is widened to "cpu" for that. Tolerances: the kernel sums the softmax
@@ -23,11 +23,11 @@ triton = pytest.importorskip("triton")
 
 from tiny import tiny_batch, tiny_model  # noqa: E402
 
-import qat.quant.attention as attention  # noqa: E402
-import qat.quant.flash_attention as flash  # noqa: E402
+import qat.quant.attention.flash as flash  # noqa: E402
+import qat.quant.attention.interface as attention  # noqa: E402
 from qat import QuantConfig, quantize_model  # noqa: E402
 from qat.formats import make_format  # noqa: E402
-from qat.quant.block_attention import block_attention  # noqa: E402
+from qat.quant.attention.block import block_attention  # noqa: E402
 from qat.quant.modules import MatmulQuantizer  # noqa: E402
 from qat.quant.ste import FakeQuantizer  # noqa: E402
 from tests.test_no_sync import no_host_sync  # noqa: E402
@@ -312,7 +312,7 @@ sys.path.insert(0, sys.argv[1])
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from qat.quant import flash_kernels
+from qat.quant.attention import flash_kernels
 
 out = []
 for name in ("flash_forward_kernel", "flash_backward_dq_kernel", "flash_backward_dkv_kernel"):

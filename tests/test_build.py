@@ -15,13 +15,8 @@ import torch
 from tiny import REPO, W4A4_BFP, make_tiny_model_dir, tiny_recipe
 
 from qat.errors import ConfigError, UsageError
-from qat.models import (
-    CLASSIFIER_HEADS,
-    HEAD_NAMES,
-    ModelLoadError,
-    tokenizer_source,
-)
-from qat.quant.config import QuantConfig
+from qat.models import ModelLoadError, tokenizer_source
+from qat.quant.config import CLASSIFIER_HEADS, HEAD_NAMES, QuantConfig
 from qat.quant.modules import QuantLinear
 from qat.runs.build import build_model, checkpoint_overrides
 from qat.runs.checkpoints import QAT_CONFIG_FILE

@@ -1,4 +1,4 @@
-"""The block path's fused CPU kernel (qat.quant.cpu_attention): Q(P) bit for bit against the
+"""The block path's fused CPU kernel (qat.quant.attention.cpu): Q(P) bit for bit against the
 format's reference quantiser of torch's softmax, outputs and gradients against the PyTorch
 block path, the key stops it is given, and where it steps aside."""
 
@@ -8,12 +8,12 @@ import pytest
 import torch
 from tiny import BFP4, tiny_batch, tiny_model
 
-import qat.quant.attention as attention
-import qat.quant.block_attention as block
-import qat.quant.cpu_attention as cpu
+import qat.quant.attention.block as block
+import qat.quant.attention.cpu as cpu
+import qat.quant.attention.interface as attention
 from qat import quantize_model
 from qat.formats import make_format
-from qat.quant.modules import FakeQuantizer
+from qat.quant.ste import FakeQuantizer
 
 LOWEST = torch.finfo(torch.float32).min
 
@@ -332,7 +332,7 @@ def test_a_kernel_that_differs_from_the_pytorch_path_is_not_used(recheck, monkey
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, 100, 16, generator=g) for _ in range(3))
     mask = torch.ones(1, 1, 100, 100, dtype=torch.bool).tril()
-    with caplog.at_level(logging.WARNING, logger="qat.quant.block_attention"):
+    with caplog.at_level(logging.WARNING, logger="qat.quant.attention.block"):
         got = block.block_attention(q, k, v, mask, 0.25, fmt)
         again = block.block_attention(q, k, v, mask, 0.25, fmt)
     want = block.BlockAttention.apply(q, k, v, mask, 0.25, fmt, block.TILE_ROWS)
@@ -349,7 +349,7 @@ def test_turning_the_kernel_off_by_its_variable_warns_once(monkeypatch, caplog):
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, 70, 16, generator=g) for _ in range(3))
     p = FakeQuantizer(make_format(BFP4))
-    with caplog.at_level(logging.WARNING, logger="qat.quant.cpu_attention"):
+    with caplog.at_level(logging.WARNING, logger="qat.quant.attention.cpu"):
         assert not cpu.applies(q, k, v, None, p)
         assert not cpu.applies(q, k, v, None, p)
     assert [r.message for r in caplog.records] == [

@@ -14,18 +14,18 @@ import torch
 import transformers
 from tiny import _copy_tokenizer, lm_recipe, tiny_model, tiny_recipe
 
-from qat.quant import fuse as fuse_mod
-from qat.quant.fuse import MARK, fuse_rotation
-from qat.quant.hadamard import (
+from qat.quant.modules import MatmulQuantizer, QuantLinear
+from qat.quant.quantize import quantize_model
+from qat.quant.ste import FakeQuantizer
+from qat.quant.transforms import fuse as fuse_mod
+from qat.quant.transforms.fuse import MARK, fuse_rotation
+from qat.quant.transforms.hadamard import (
     SUPPORTED_ORDERS_TEXT,
     hadamard_matrix,
     hadamard_order_supported,
     random_orthogonal,
 )
-from qat.quant.layout import FuseError
-from qat.quant.modules import MatmulQuantizer, QuantLinear
-from qat.quant.quantize import quantize_model
-from qat.quant.ste import FakeQuantizer
+from qat.quant.transforms.layout import FuseError
 
 W4 = {"format": "bfp", "width": 4, "exponent_width": 8, "block_size": 16}
 R1R2 = {"residual": "hadamard", "heads": "hadamard"}  # the recipe form

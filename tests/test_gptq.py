@@ -13,7 +13,7 @@ from tiny import GLUE_DIR, lm_recipe, tiny_recipe
 
 from qat.formats import make_format
 from qat.formats.base import from_blocks, to_blocks
-from qat.quant.gptq import collect_hessians, gptq_layers, gptq_weight
+from qat.quant.transforms.gptq import collect_hessians, gptq_layers, gptq_weight
 
 SUPPORTED = [
     {"format": "bfp", "width": 4, "exponent_width": 8, "block_size": 16},
@@ -143,7 +143,7 @@ def test_a_row_gptq_would_round_worse_is_rounded_to_nearest(n_in, n_rows):
     """GPTQ is greedy: on uncorrelated Gaussian inputs its raw rounding loses to
     round-to-nearest on some rows (BFP4, blocks of 16; narrow, and at SmolLM2's width). Those
     rows keep their float weights, so no row's output error passes round-to-nearest's."""
-    from qat.quant.gptq import _gptq, fixed_point
+    from qat.quant.transforms.gptq import _gptq, fixed_point
 
     fmt = make_format(SUPPORTED[0])
     g = torch.Generator().manual_seed(0)
@@ -190,7 +190,7 @@ def test_gptq_as_ptq_rounds_every_layer_on_the_train_rows(tmp_path, committed_wi
 
 
 def test_qat_starts_from_gptq_and_a_resume_does_not_round_again(tmp_path, monkeypatch):
-    import qat.quant.gptq as gptq_mod
+    import qat.quant.transforms.gptq as gptq_mod
     from qat.cli.train import main as train_main
 
     calls = []
@@ -250,7 +250,7 @@ def test_bad_gptq_specs_are_one_line_before_loading(tmp_path, capsys, no_model, 
 
 def test_gptq_without_calibration_rows_is_refused_before_loading(tmp_path, capsys, no_model):
     from qat.cli.train import main as train_main
-    from qat.quant.gptq import GPTQError
+    from qat.quant.transforms.gptq import GPTQError
     from qat.runs.build import build_model
 
     quant = {"weight": {"format": "mxfp4"}, "gptq": {}}

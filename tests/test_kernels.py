@@ -665,7 +665,7 @@ def test_kernel_constants_are_named_and_agree_with_the_launcher():
     from pathlib import Path
 
     from qat.formats.kernels import _plan, _triton_kernels
-    from qat.quant import flash_kernels
+    from qat.quant.attention import flash_kernels
 
     bare = re.compile(r"KIND == [0-9]|MASK_KIND == [0-9]|LAYOUT == [0-9]")
     found = [

@@ -230,6 +230,8 @@ def _sources() -> dict[str, str]:
         (r"def _?looks_local\(", "qat/models.py"),  # "is this a path, not a Hub id"
         (r"\bGGML_TYPES\b", "qat/export/ggml_blocks.py"),  # the one GGML type check
         (r"def refuse_rotation\(", "qat/export/engines.py"),
+        (r"def check_section\(", "qat/errors.py"),  # beside check_one_of
+        (r"\bHEAD_NAMES =", "qat/quant/config.py"),
     ],
 )
 def test_a_rule_lives_in_one_module(pattern: str, home: str):
@@ -253,3 +255,27 @@ def test_unused_import_waivers_are_side_effect_imports():
 def test_the_front_door_is_the_list_of_names():
     """``qat/__init__.py`` names the public API; what ``import qat`` registers is qat/startup.py."""
     assert (ROOT / "__init__.py").read_text().count("\n") <= 80
+
+
+# --- quant/ in three packages (docs/REVIEW.md change 4) ---------------------------------------
+
+
+def test_quant_holds_the_quantised_modules_and_three_packages():
+    """Quantised modules directly in quant/; attention, weight transforms and QDEC each a
+    package of their own (no ``qdec_*`` module)."""
+    quant = ROOT / "quant"
+    assert len(list(quant.glob("*.py"))) <= 11
+    packages = sorted(p.name for p in quant.iterdir() if (p / "__init__.py").is_file())
+    assert packages == ["attention", "qdec", "transforms"]
+    assert [p.name for p in ROOT.rglob("qdec_*.py")] == []
+    assert (quant / "attention" / "csrc" / "block_attention_cpu.cpp").is_file()
+
+
+def test_quant_does_not_import_the_model_loader():
+    loaders = [
+        f"{path.relative_to(ROOT.parent)}:{line}"
+        for path in (ROOT / "quant").rglob("*.py")
+        for line, target in _imports(path)
+        if target == "qat.models" or target.startswith("qat.models.")
+    ]
+    assert loaders == []

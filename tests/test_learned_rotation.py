@@ -13,9 +13,9 @@ import torch
 import transformers
 from tiny import lm_recipe, make_tiny_model_dir, tiny_recipe
 
-from qat.quant.layout import model_layout
-from qat.quant.learned import ATTR, bake, learned_parameters
 from qat.quant.ste import FakeQuantizer
+from qat.quant.transforms.layout import model_layout
+from qat.quant.transforms.learned import ATTR, bake, learned_parameters
 from qat.training.trainer import QATTrainer
 
 W4 = {"format": "bfp", "width": 4, "exponent_width": 8, "block_size": 16}

@@ -6,9 +6,9 @@ import torch
 from tiny import ARCHS, tiny_batch, tiny_model
 from tiny import BFP4 as W4
 
-import qat.quant.attention as attention
-import qat.quant.block_attention as block
-import qat.quant.cpu_attention as cpu_attention
+import qat.quant.attention.block as block
+import qat.quant.attention.cpu as cpu_attention
+import qat.quant.attention.interface as attention
 from qat import QuantConfig, quantize_model
 from qat.formats import make_format
 from qat.quant.modules import MatmulQuantizer
@@ -19,7 +19,7 @@ ROWS = 6  # query rows per block in these tests: 20- and 23-token sequences end 
 @pytest.fixture(params=["kernel", "torch"])
 def block_impl(request, monkeypatch: pytest.MonkeyPatch) -> str:
     """Which implementation of the block path runs on these float32 CPU tensors: the fused
-    C++ kernel (qat.quant.cpu_attention) or the PyTorch one ($QAT_CPU_ATTENTION=0)."""
+    C++ kernel (qat.quant.attention.cpu) or the PyTorch one ($QAT_CPU_ATTENTION=0)."""
     if request.param == "torch":
         monkeypatch.setenv(cpu_attention.ENV, "0")
     else:

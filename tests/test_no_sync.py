@@ -76,7 +76,8 @@ def test_quantised_model_step_without_sync(arch, monkeypatch):
     inside our quantised linears, quantisers and attention function, and for the whole
     backward pass. On a CPU the attention reads the mask's extent on the host on purpose (free
     there: its tiles' key stops); an accelerator's mask is never read, as emulated here."""
-    from qat.quant import attention, block_attention
+    from qat.quant.attention import block as block_attention
+    from qat.quant.attention import interface as attention
 
     monkeypatch.setattr(block_attention, "HOST_READ_DEVICES", frozenset())
 

@@ -16,20 +16,24 @@ from torch import nn
 
 from qat.cli.generate import main as generate_main
 from qat.cli.perplexity import main as perplexity_main
-from qat.quant import qdec as qdec_mod
-from qat.quant import qdec_attach
-from qat.quant.qdec import (
-    QDECConfig,
-    QDECError,
+from qat.quant.qdec import attach as qdec_attach
+from qat.quant.qdec.apply import apply_qdec
+from qat.quant.qdec.attach import (
     attach_qdec,
     detach_qdec,
     enable_qdec,
-    k_for,
-    load_qdec,
-    quantize_residual,
-    save_qdec,
-    select_channels,
     set_k_chunk,
+    weight_residual,
+)
+from qat.quant.qdec.config import QDECConfig, QDECError
+from qat.quant.qdec.files import load_qdec, save_qdec
+from qat.quant.qdec.residual import (
+    QDECState,
+    k_for,
+    pack_nibbles,
+    quantize_residual,
+    select_channels,
+    unpack_nibbles,
 )
 from qat.quant.quantize import quantize_model
 from qat.runs.recipe import RecipeError, load_recipe
@@ -114,11 +118,11 @@ def test_gpt2_conv1d_layers_are_compensated_and_saved_in_their_own_layout(tmp_pa
 
 def test_nibble_packing_round_trips_every_code():
     codes = torch.arange(-8, 8, dtype=torch.int8).repeat(3, 1)[:, :15]  # odd width
-    packed = qdec_mod.pack_nibbles(codes)
+    packed = pack_nibbles(codes)
     assert packed.dtype == torch.uint8 and packed.shape == (3, 8)
     # hand-computed: codes -8, -7 -> nibbles 0, 1 -> byte 0x10; the padded tail is code 0 (8)
     assert packed[0, 0].item() == 0x10 and packed[0, 7].item() == (6 + 8) | (8 << 4)
-    assert torch.equal(qdec_mod.unpack_nibbles(packed, 15), codes)
+    assert torch.equal(unpack_nibbles(packed, 15), codes)
 
 
 @pytest.mark.parametrize("bits, packed", [(2, True), (4, True), (5, False), (8, False)])
@@ -129,9 +133,7 @@ def test_residuals_of_at_most_4_bits_are_held_two_a_byte(bits, packed):
     assert state.packed is packed
     assert state.codes_t.shape == ((64, 12) if packed else (64, 23))
     # the same codes held unpacked compensate bit for bit as the packed ones
-    plain = qdec_mod.QDECState(
-        state.codes(), state.scale, state.k, QDECConfig(k_chunk=256, residual_bits=8)
-    )
+    plain = QDECState(state.codes(), state.scale, state.k, QDECConfig(k_chunk=256, residual_bits=8))
     assert not plain.packed
     x = torch.randn(3, 2, 64, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
@@ -480,7 +482,7 @@ def test_saved_residuals_of_another_quantiser_are_refused_and_recomputed(tmp_pat
     quantize_model(other, BFP4_W)  # same weights, W4 instead of W3
     with pytest.raises(QDECError, match="computed from other weights or another weight quantiser"):
         load_qdec(other, d)
-    cfg = qdec_mod.apply_qdec(other, None, d)  # the commands: recompute, with the saved settings
+    cfg = apply_qdec(other, None, d)  # the commands: recompute, with the saved settings
     assert cfg.k_chunk == 1024
     fresh = attach_qdec(_layer_w4(), {"k_chunk": 1024})
     assert torch.equal(other[0]._qdec.codes_t, fresh[0]._qdec.codes_t)
@@ -500,7 +502,7 @@ def test_saved_residuals_of_retrained_weights_are_recomputed(tmp_path):
         model[0].weight.add_(0.01)  # a retrained run in the same folder
     with pytest.raises(QDECError, match="other weights"):
         load_qdec(model, d)
-    qdec_mod.apply_qdec(model, None, d)
+    apply_qdec(model, None, d)
     r = weight_residual_of(model)
     assert (r - model[0]._qdec.residual()).abs().max() < 0.2 * r.abs().max()
     same = load_qdec(_layer(), d)  # the model it was computed from still loads
@@ -508,7 +510,7 @@ def test_saved_residuals_of_retrained_weights_are_recomputed(tmp_path):
 
 
 def weight_residual_of(model: nn.Sequential) -> torch.Tensor:
-    return qdec_mod.weight_residual(model[0])
+    return weight_residual(model[0])
 
 
 @pytest.mark.parametrize(

@@ -182,7 +182,7 @@ def test_export_of_a_rotated_model_gives_bit_equal_logits(tmp_path):
 
 
 def test_qdec_residual_is_taken_in_the_rotated_basis():
-    from qat.quant.qdec import weight_residual
+    from qat.quant.qdec.attach import weight_residual
 
     model = quantize_model(tiny_model("llama"), _config({"size": 8}))
     layer = model.model.layers[0].mlp.down_proj

@@ -189,7 +189,7 @@ def test_plain_training_arguments_take_the_keywords(tmp_path):
 
 
 def test_qdec_from_args_is_checked_and_recorded(tmp_path):
-    from qat.quant.qdec_config import QDECError
+    from qat.quant.qdec.config import QDECError
 
     with pytest.raises(QDECError, match="qdec needs quantised weights"):
         qat.QATTrainer(

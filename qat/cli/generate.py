@@ -4,8 +4,8 @@
 
 The model loads as in ``qat perplexity`` (recipe or run folder; quantised by its ``quant``
 section). With QDEC (``--qdec.*`` options, a recipe ``qdec:`` section, or residuals saved
-beside the model by ``qat.quant.qdec.save_qdec``) the prompt is generated twice, without and with
-QDEC, and both speeds are printed (tokens/s over the new tokens, prefill included).
+beside the model by ``qat.quant.qdec.files.save_qdec``) the prompt is generated twice, without
+and with QDEC, and both speeds are printed (tokens/s over the new tokens, prefill included).
 """
 
 from __future__ import annotations

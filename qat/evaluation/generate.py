@@ -1,6 +1,6 @@
 """``generate``: greedy generation from a (quantised) causal LM, optionally streamed, and its speed
 in tokens/s; with QDEC (a recipe ``qdec`` section, or residuals saved beside the model by
-``qat.quant.qdec.save_qdec``) the prompt is generated twice, without and with QDEC."""
+``qat.quant.qdec.files.save_qdec``) the prompt is generated twice, without and with QDEC."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from qat.errors import UsageError
-from qat.quant.qdec import apply_qdec, check_quant_for_qdec
+from qat.quant.qdec.apply import apply_qdec
+from qat.quant.qdec.attach import check_quant_for_qdec
 from qat.runs.build import resolve
 from qat.runs.entry import load_for_command
 

@@ -95,7 +95,7 @@ class Format:
     def _quantize_lastdim(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
-    # --- a fixed scale, then one element at a time (GPTQ; qat.quant.gptq) ---------------
+    # --- a fixed scale, then one element at a time (GPTQ; qat.quant.transforms.gptq) -------
 
     @property
     def scale_block(self) -> int | None:

@@ -8,11 +8,16 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from qat.errors import QatError, check_one_of, did_you_mean
+from qat.errors import QatError, check_one_of, check_section
 from qat.formats import Format, FormatError, make_format
-from qat.models import HEAD_NAMES
 from qat.quant.rotation import check_rotation_spec, has_online_rotation, is_fused
 
+# The task heads every supported architecture names its output layer with: classification
+# heads (sequence classifiers: BERT's ``classifier``, decoders' ``score``) and the LM head.
+# They are freshly initialised or tied to the embeddings, so quantisation leaves them float
+# (``QuantConfig.exclude``) and ``finetune: classifier`` / LoRA's ``modules_to_save`` train them.
+CLASSIFIER_HEADS = ("score", "classifier")
+HEAD_NAMES = (*CLASSIFIER_HEADS, "lm_head")
 ROLES = ("weight", "activation", "matmul")
 V_AXES = ("head_dim", "seq")
 
@@ -27,20 +32,6 @@ class QuantConfigError(QatError):
     qat.quant.config.QuantConfigError: quant.weight: bfp.width must be in [2, 24], got 0
     >>> issubclass(qat.QuantConfigError, qat.QatError)
     True"""
-
-
-def check_section(d: Any, cls: type, prefix: str, error: type[Exception]) -> None:
-    """A recipe section (``quant:``, ``qdec:``) must be a mapping whose keys are ``cls``'s
-    dataclass fields; else one ``error`` line naming the key, with a did-you-mean."""
-    if not isinstance(d, Mapping):
-        raise error(f"{prefix} must be a mapping or null, got {d!r}")
-    valid = [f.name for f in dataclasses.fields(cls)]
-    for key in d:
-        if key not in valid:
-            raise error(
-                f"unknown key {prefix}.{key}{did_you_mean(key, valid, prefix)}; "
-                f"valid keys: {', '.join(valid)}"
-            )
 
 
 def merge_spec(
@@ -92,9 +83,9 @@ class QuantConfig:
     operands of every quantised linear along ``in_features``, and Q and K along head_dim; an
     override may set its own (``{".*down_proj": {rotation: {size: 128}}}``, or ``null``). The
     fused form (``{residual: hadamard, heads: hadamard, online: {size: 16}}``,
-    ``qat.quant.fuse``) rotates the residual stream and the V/O head space in the weights.
-    ``gptq`` (``{samples: 128, damp: 0.01}``, ``qat.quant.gptq``) rounds the weights by GPTQ
-    on calibration rows when a model is built from a recipe (``qat.runs.build``).
+    ``qat.quant.transforms.fuse``) rotates the residual stream and the V/O head space in the
+    weights. ``gptq`` (``{samples: 128, damp: 0.01}``, ``qat.quant.transforms.gptq``) rounds the
+    weights by GPTQ on calibration rows when a model is built from a recipe (``qat.runs.build``).
 
     The fields are the specs as written (``to_dict`` gives them back, the JSON of
     ``qat_config.json``); a ``Format`` object may stand in for a spec. Building the config
@@ -230,13 +221,15 @@ class QuantConfig:
 
     @property
     def gptq_spec(self) -> dict[str, Any] | None:
-        """The normalised ``{samples, damp, batch}`` of ``gptq`` (``qat.quant.gptq``), or None."""
+        """The normalised ``{samples, damp, batch}`` of ``gptq`` (``qat.quant.transforms.gptq``),
+        or None."""
         return self._gptq  # type: ignore[attr-defined]
 
     @property
     def fused_rotation(self) -> dict[str, Any] | None:
         """The normalised fused rotation spec (``{residual, heads, online, seed, learned}``,
-        ``qat.quant.fuse``), or None when ``rotation`` is off or the online block form."""
+        ``qat.quant.transforms.fuse``), or None when ``rotation`` is off or the online block
+        form."""
         spec = self._specs[None]["rotation"]  # type: ignore[attr-defined]
         return dict(spec) if is_fused(spec) else None
 
@@ -295,7 +288,7 @@ def _build(spec: Mapping[str, Any] | None, where: str, built: dict[str, Format])
 
 def _check_gptq(spec: Any, resolved: dict[str | None, ModuleFormats]) -> dict[str, Any] | None:
     """``quant.gptq``: its keys, and weight formats it can round (one line otherwise)."""
-    from qat.quant.gptq import check_gptq_format, check_gptq_spec
+    from qat.quant.transforms.gptq import check_gptq_format, check_gptq_spec
 
     gptq = check_gptq_spec(spec, "quant.gptq", QuantConfigError)
     if gptq is None:

@@ -32,7 +32,7 @@ class _QuantizedOperands:
     activation_quantizer: FakeQuantizer | None
     rotation: Rotation | None  # set in __init__: a class default would shadow the submodule
     weight_dim: int = -1
-    # learned transforms (qat.quant.learned): the effective weight and bias before quantising
+    # learned transforms (qat.quant.transforms.learned): effective weight and bias before quantising
     weight_transform: Any = None
 
     def set_rotation(self, rotation: Rotation | None) -> None:

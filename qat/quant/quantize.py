@@ -9,7 +9,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from qat.errors import UsageError
-from qat.quant import attention as attention_impl
+from qat.quant.attention import interface as attention_impl
 from qat.quant.config import QuantConfig, QuantConfigError
 from qat.quant.modules import MatmulQuantizer, QuantConv1D, QuantLinear
 from qat.quant.rotation import Rotation, resolve_size
@@ -231,12 +231,12 @@ def _use_qat_attention(model: nn.Module) -> None:
 
 
 def _fuse(model: nn.Module, spec: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
-    """Fuse ``spec``'s rotations into ``model`` (``qat.quant.fuse``); returns the online block
-    rotation of each module that keeps one (the MLP's down projection, the attention's Q and
+    """Fuse ``spec``'s rotations into ``model`` (``qat.quant.transforms.fuse``); returns the online
+    block rotation of each module that keeps one (the MLP's down projection, the attention's Q and
     K: where a rotation cannot be fused)."""
     if spec is None:
         return {}
-    from qat.quant.fuse import fuse_rotation
+    from qat.quant.transforms.fuse import fuse_rotation
 
     layout = fuse_rotation(model, spec)
     if spec["online"] is None:
@@ -247,11 +247,11 @@ def _fuse(model: nn.Module, spec: dict[str, Any] | None) -> dict[str, dict[str, 
 
 
 def _attach_learned(model: nn.Module, spec: dict[str, Any] | None) -> None:
-    """Trainable transforms on the quantised, fused model (``qat.quant.learned``)."""
+    """Trainable transforms on the quantised, fused model (``qat.quant.transforms.learned``)."""
     if spec is None or spec["learned"] is None or next(model.parameters()).is_meta:
         return
-    from qat.quant.layout import model_layout
-    from qat.quant.learned import attach_learned
+    from qat.quant.transforms.layout import model_layout
+    from qat.quant.transforms.learned import attach_learned
 
     attach_learned(model, model_layout(model), spec["learned"])
 

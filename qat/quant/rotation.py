@@ -3,7 +3,7 @@
 ``x @ W^T == (x H) @ (W H)^T`` for any orthonormal ``H``, so rotating both operands of a matmul
 leaves its float result unchanged while spreading an outlier over its block: the block's
 shared scale then wastes fewer bits on it. ``H`` is block-diagonal (one ``size x size``
-Hadamard block repeated along the dim, ``qat.quant.hadamard``), so a rotation never mixes
+Hadamard block repeated along the dim, ``qat.quant.transforms.hadamard``), so a rotation never mixes
 values across the blocks a format scales separately when ``size`` divides (or equals) the
 format's block size.
 
@@ -13,9 +13,9 @@ Two recipe forms, validated by ``check_rotation_spec``:
   block size): ``Rotation`` applied online to both operands of every quantised linear and to
   Q and K;
 - ``{residual: hadamard, heads: hadamard, online: {size: 16}, seed: 0, learned: ...}``:
-  rotations fused into the weights (``qat.quant.fuse``), with online blocks only where a
+  rotations fused into the weights (``qat.quant.transforms.fuse``), with online blocks only where a
   rotation cannot be fused (the input of the MLP's down projection, Q and K) and optionally
-  learned in QAT (``qat.quant.learned``).
+  learned in QAT (``qat.quant.transforms.learned``).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from qat.errors import QatError, check_one_of, did_you_mean
-from qat.quant.hadamard import (
+from qat.quant.transforms.hadamard import (
     SUPPORTED_ORDERS_TEXT,
     hadamard_matrix,
     hadamard_order_supported,

@@ -121,7 +121,7 @@ class QATArguments:
             "exclude, overrides, backend; null: float"
         ),
     )
-    # A mapping in the recipe; QATConfig builds the QDECConfig (qat.quant.qdec).
+    # A mapping in the recipe; QATConfig builds the QDECConfig (qat.quant.qdec.apply).
     qdec: dict[str, Any] | None = dataclasses.field(
         default=None,
         metadata=_help(

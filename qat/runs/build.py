@@ -329,10 +329,10 @@ def build_model(
     The model comes back in eval mode. ``tokenizer``: one the caller already loaded (the train
     loop reads its data before the weights), used instead of loading it again. A recipe whose
     quant config has ``gptq`` gets its weights rounded by GPTQ on the task's train rows
-    (``qat.quant.gptq``), unless ``round_gptq`` is False (a resumed run loads its own) or the
-    source is a checkpoint (whose weights already went through it).
+    (``qat.quant.transforms.gptq``), unless ``round_gptq`` is False (a resumed run loads its own)
+    or the source is a checkpoint (whose weights already went through it).
     """
-    import qat.quant.attention  # noqa: F401 - registers the "qat" attention a saved run may name
+    import qat.quant.attention.interface  # noqa: F401 - registers the "qat" attention a saved run may name
     from qat import models
     from qat.quant.quantize import quantize_model
 
@@ -421,8 +421,8 @@ def _bake_learned(model: Any, ckpt: Path) -> None:
     """A checkpoint of a run with learned transforms (``quant.rotation.learned``): read them
     (``from_pretrained`` drops their keys) and bake them into the weights, so every command
     sees the ordinary fused model that the trained one equals."""
-    from qat.quant.layout import model_layout
-    from qat.quant.learned import bake, has_learned, load_learned
+    from qat.quant.transforms.layout import model_layout
+    from qat.quant.transforms.learned import bake, has_learned, load_learned
 
     if has_learned(model):
         load_learned(model, ckpt)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from qat.quant.gptq import GPTQError
+from qat.quant.transforms.gptq import GPTQError
 
 BATCH = 8  # rows per calibration forward
 
@@ -63,11 +63,11 @@ def calibration_batches(source: Any, args: Any, tokenizer: Any, rows: int) -> li
 
 
 def gptq_on_rows(model: Any, batches: list[dict[str, Any]], spec: dict[str, Any]) -> None:
-    """Round ``model``'s quantised weights by GPTQ (``qat.quant.gptq.apply_gptq``) on
+    """Round ``model``'s quantised weights by GPTQ (``qat.quant.transforms.gptq.apply_gptq``) on
     ``batches`` (``calibration_batches``), moved to the model's device."""
     import logging
 
-    from qat.quant.gptq import apply_gptq
+    from qat.quant.transforms.gptq import apply_gptq
 
     device = next(model.parameters()).device
     batches = [{k: v.to(device) for k, v in b.items()} for b in batches]

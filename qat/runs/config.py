@@ -12,7 +12,7 @@ from typing import Any
 from transformers import TrainingArguments
 
 from qat.quant.config import QuantConfig, QuantConfigError
-from qat.quant.qdec_config import QDECConfig
+from qat.quant.qdec.config import QDECConfig
 from qat.runs.arguments import QATArguments
 from qat.runs.recipe_checks import check_qat_values, check_training_values
 from qat.runs.recipe_sections import build_distill, build_lora

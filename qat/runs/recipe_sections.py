@@ -10,8 +10,7 @@ import logging
 import math
 from typing import Any
 
-from qat.errors import check_one_of
-from qat.quant.config import check_section
+from qat.errors import check_one_of, check_section
 from qat.runs.arguments import DISTILL_LOSSES, DistillArguments, LoraArguments
 from qat.runs.recipe_text import RecipeError
 from qat.runs.recipe_types import check_type, coerce, field_types

@@ -9,8 +9,8 @@ from peft import LoraConfig
 from torch import nn
 
 from qat.errors import ConfigError
-from qat.models import CLASSIFIER_HEADS as HEAD_NAMES
 from qat.models import is_causal_lm
+from qat.quant.config import CLASSIFIER_HEADS as HEAD_NAMES
 from qat.quant.lora import (
     check_lora_config,
     check_target_modules,
@@ -31,7 +31,7 @@ def head_names(model: nn.Module) -> list[str]:
 
 def prepare_finetuning(model: nn.Module, mode: str, lora: object | None = None) -> nn.Module:
     """Set ``requires_grad`` (or wrap with peft) for ``mode``; returns the model to train."""
-    from qat.quant.learned import learned_parameters
+    from qat.quant.transforms.learned import learned_parameters
 
     if mode != "full" and learned_parameters(model):
         raise ConfigError(
@@ -117,10 +117,10 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def learned_group(optimizer: Any, model: nn.Module, quant: Any) -> None:
-    """Move the learned transforms' parameters (``qat.quant.learned``) out of ``optimizer``'s
-    groups into one of their own, at ``quant.rotation.learned.lr`` without weight decay (before
-    any step, so no optimiser state moves)."""
-    from qat.quant.learned import learned_parameters
+    """Move the learned transforms' parameters (``qat.quant.transforms.learned``) out of
+    ``optimizer``'s groups into one of their own, at ``quant.rotation.learned.lr`` without weight
+    decay (before any step, so no optimiser state moves)."""
+    from qat.quant.transforms.learned import learned_parameters
 
     params = [p for p in learned_parameters(model) if p.requires_grad]
     spec = (

@@ -21,8 +21,8 @@ from peft import LoraConfig, PeftModel
 from qat.errors import UsageError, check_one_of
 from qat.quant.config import QuantConfig
 from qat.quant.lora import check_lora_config
-from qat.quant.qdec import check_quant_for_qdec
-from qat.quant.qdec_config import QDECConfig
+from qat.quant.qdec.attach import check_quant_for_qdec
+from qat.quant.qdec.config import QDECConfig
 from qat.runs.arguments import FINETUNE_MODES, QATArguments
 from qat.runs.recipe_sections import build_distill, build_lora
 from qat.training.nonfinite import check_policy

@@ -213,7 +213,8 @@ class QATTrainer(Trainer):
             raise ConfigError(
                 "quant.gptq rounds the weights when qat builds the model from a recipe (qat "
                 "train, qat.build_model); a trainer handed a float model or a name does not: "
-                "quantise and round it first (qat.quant.gptq.apply_gptq), or drop quant.gptq"
+                "quantise and round it first (qat.quant.transforms.gptq.apply_gptq), or drop "
+                "quant.gptq"
             )
         if isinstance(model, str):
             if args is not None:  # as Trainer seeds before model_init (a new head's init)

@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from qat.errors import QatError, check_one_of, did_you_mean
+from qat.errors import QatError, check_one_of, check_section, did_you_mean
 
 OBJECTIVES = ("accuracy", "bits")
 SAMPLERS = ("tpe", "nsga2", "random")
@@ -61,8 +61,6 @@ def parse_spec(d: Any) -> SearchSpec:
         )
     if not isinstance(d, dict):
         raise SearchError(f"search must be a mapping, got {d!r}")
-    from qat.quant.config import check_section  # here: it imports torch, --help must not
-
     check_section(d, SearchSpec, "search", SearchError)  # unknown keys, as quant: and qdec:
     space = d.get("space")
     if not space:

@@ -14,8 +14,8 @@ KIND_BFP, KIND_MX, KIND_CODEBOOK, KIND_GGML, KIND_NVFP4 = 0, 1, 2, 3, 4
 # Its tile layouts (LAYOUT, see ``plan``): whole blocks in a row; one block position times a
 # run of contiguous columns; (position, column) pairs of a few columns.
 LAYOUT_BLOCKS, LAYOUT_WIDE, LAYOUT_NARROW = 0, 1, 2
-# The masks of the attention kernels (qat/quant/flash_kernels.py, MASK_KIND): none, boolean
-# (keep where true), additive (float, added to the scores).
+# The masks of the attention kernels (qat/quant/attention/flash_kernels.py, MASK_KIND): none,
+# boolean (keep where true), additive (float, added to the scores).
 MASK_NONE, MASK_BOOL, MASK_ADDITIVE = 0, 1, 2
 # Elements per program of the NVFP4 global-amax pass.
 ABSMAX_CHUNK = 4096

@@ -35,9 +35,9 @@ QDEC is inference-only: a forward under grad mode raises ``QDECError`` (run unde
 ``torch.no_grad()`` / ``torch.inference_mode()``, as ``generate`` and evaluation do, or
 ``detach_qdec`` first), so it can never leak into training.
 
-This module is the entry: ``apply_qdec`` (what the commands call) and every QDEC name, defined
-one job per module: ``qdec_config`` (the ``qdec:`` section), ``qdec_residual`` (the residual's
-maths and storage), ``qdec_attach`` (hooks on a model) and ``qdec_files`` (save and load).
+This module is the entry the commands call, ``apply_qdec``; the rest is one job per module of
+``qat.quant.qdec``: ``config`` (the ``qdec:`` section), ``residual`` (the residual's maths and
+storage), ``attach`` (hooks on a model) and ``files`` (save and load).
 """
 
 from __future__ import annotations
@@ -47,69 +47,9 @@ from pathlib import Path
 
 from torch import nn
 
-from qat.quant.qdec_attach import (
-    QuantLayer,
-    attach_qdec,
-    check_quant_for_qdec,
-    detach_qdec,
-    enable_qdec,
-    layer_shape,
-    qdec_layers,
-    set_default_prefill,
-    set_k_chunk,
-    weight_residual,
-)
-from qat.quant.qdec_config import PREFILL_RULES, RESIDUAL_DEVICES, QDECConfig, QDECError
-from qat.quant.qdec_files import (
-    QDEC_CONFIG,
-    QDEC_WEIGHTS,
-    has_saved_qdec,
-    load_qdec,
-    qdec_fingerprint,
-    read_qdec_meta,
-    save_qdec,
-)
-from qat.quant.qdec_residual import (
-    SCALE_FRACTIONS,
-    QDECState,
-    k_for,
-    pack_nibbles,
-    quantize_residual,
-    select_channels,
-    unpack_nibbles,
-)
-
-__all__ = [
-    "PREFILL_RULES",
-    "QDEC_CONFIG",
-    "QDEC_WEIGHTS",
-    "RESIDUAL_DEVICES",
-    "SCALE_FRACTIONS",
-    "QDECConfig",
-    "QDECError",
-    "QDECState",
-    "QuantLayer",
-    "apply_qdec",
-    "attach_qdec",
-    "check_quant_for_qdec",
-    "detach_qdec",
-    "enable_qdec",
-    "has_saved_qdec",
-    "k_for",
-    "layer_shape",
-    "load_qdec",
-    "pack_nibbles",
-    "qdec_fingerprint",
-    "qdec_layers",
-    "quantize_residual",
-    "read_qdec_meta",
-    "save_qdec",
-    "select_channels",
-    "set_default_prefill",
-    "set_k_chunk",
-    "unpack_nibbles",
-    "weight_residual",
-]
+from qat.quant.qdec.attach import attach_qdec
+from qat.quant.qdec.config import QDECConfig
+from qat.quant.qdec.files import has_saved_qdec, load_qdec, qdec_fingerprint, read_qdec_meta
 
 logger = logging.getLogger(__name__)
 

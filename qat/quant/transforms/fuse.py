@@ -19,7 +19,7 @@ All of it in float64, cast back to each weight's dtype: the fused float model eq
 original to float rounding. Each of ``residual`` and ``heads`` is ``{kind, size}``: one
 matrix of the whole width (``size: full``) or one of ``size`` repeated down the diagonal (a
 block rotation, as ``quant.rotation: {kind: hadamard, size: N}`` applies online, but fused).
-Kinds: ``hadamard`` (``qat.quant.hadamard``; the order needs a matrix listed there),
+Kinds: ``hadamard`` (``qat.quant.transforms.hadamard``; the order needs a matrix listed there),
 ``random_hadamard`` (the same with seeded random signs on the columns), ``random`` (a seeded
 random orthogonal matrix; any order). The model's config records what was
 fused (``qat_fused_rotation``, saved in ``config.json``): a checkpoint of a fused model is
@@ -34,14 +34,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from qat.quant.hadamard import (
+from qat.quant.transforms.hadamard import (
     SUPPORTED_ORDERS_TEXT,
     hadamard_matrix,
     hadamard_order_supported,
     random_orthogonal,
     random_signs,
 )
-from qat.quant.layout import (
+from qat.quant.transforms.layout import (
     LAYERNORM_FAMILY,
     LLAMA_FAMILY,
     FuseError,

@@ -1,11 +1,11 @@
 """Quantised attention in fused Triton kernels (CUDA): no ``L x L`` tensor, forward or backward.
 
-The same maths as ``qat.quant.block_attention`` (``softmax(Q K^T * scaling + mask)`` in float32,
+The same maths as ``qat.quant.attention.block`` (``softmax(Q K^T * scaling + mask)`` in float32,
 rounded to the inputs' dtype, P quantised along the keys, ``Q(P) V``), flash-attention style
-(``qat.quant.flash_kernels``): pass 1 over key tiles gives each query row's max and normaliser,
-pass 2 recomputes every P tile exactly normalised, quantises it in registers with the P format
-and accumulates ``Q(P) V``. Saved for backward: Q, K, V (quantised), the mask, the row max and
-normaliser. The backward recomputes P tiles; the quantisers are straight-through, so
+(``qat.quant.attention.flash_kernels``): pass 1 over key tiles gives each query row's max and
+normaliser, pass 2 recomputes every P tile exactly normalised, quantises it in registers with the P
+format and accumulates ``Q(P) V``. Saved for backward: Q, K, V (quantised), the mask, the row max
+and normaliser. The backward recomputes P tiles; the quantisers are straight-through, so
 ``dP = dO V^T``, ``dS = P * (dP - rowsum(dP * P))`` (not ``rowsum(dO * O)``: O is made of
 ``Q(P)``), ``dQ = dS K * scaling``, ``dK = dS^T Q * scaling``, ``dV = Q(P)^T dO``.
 
@@ -26,7 +26,7 @@ from torch import Tensor
 from qat.formats.bfp import BFP
 from qat.formats.kernels._plan import MASK_ADDITIVE, MASK_BOOL, MASK_NONE, bfp_params
 from qat.formats.scale import fixed_point_bits
-from qat.quant.block_attention import p_block_size
+from qat.quant.attention.block import p_block_size
 from qat.quant.ste import FakeQuantizer
 
 # Key tiles hold whole P blocks: a P block must divide the key tile (powers of two do).
@@ -162,7 +162,7 @@ class FlashQuantAttention(torch.autograd.Function):
         p_fmt: BFP | None,
         tiles: tuple[int, int],
     ) -> Tensor:  # noqa: D102
-        from qat.quant.flash_kernels import flash_forward_kernel
+        from qat.quant.attention.flash_kernels import flash_forward_kernel
 
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         b, h, lq, _ = q.shape
@@ -181,7 +181,10 @@ class FlashQuantAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # noqa: D102
-        from qat.quant.flash_kernels import flash_backward_dkv_kernel, flash_backward_dq_kernel
+        from qat.quant.attention.flash_kernels import (
+            flash_backward_dkv_kernel,
+            flash_backward_dq_kernel,
+        )
 
         q, k, v, mask, m, norm = ctx.saved_tensors
         do = grad_out.to(q.dtype).contiguous()
@@ -226,7 +229,7 @@ def flash_attention(
 ) -> Tensor:
     """Quantised attention ``[batch, heads, q_len, dv]`` in Triton kernels (module doc).
 
-    Takes what ``qat.quant.block_attention.block_attention`` takes (quantised q, k, v with K and
+    Takes what ``qat.quant.attention.block.block_attention`` takes (quantised q, k, v with K and
     V repeated for GQA; the P quantiser, a ``FakeQuantizer`` or None); call it where
     ``flash_applies`` says True. ``tile`` (a power of two, at least 16) sets the query rows
     and keys per tile; a key tile grows to a larger P block.

@@ -39,7 +39,7 @@ over all rows differs from both by rounding). Elsewhere (no kernel to agree with
 per block takes each sum.
 
 On float32 CPU tensors ``block_attention`` hands the same work (same tiles, same key tails) to
-the fused C++ kernel of ``qat.quant.cpu_attention`` where it applies and its first-use check
+the fused C++ kernel of ``qat.quant.attention.cpu`` where it applies and its first-use check
 (``kernel_agrees``) saw the same numbers as ``BlockAttention``, the implementation for every
 other case and the kernel's reference.
 """
@@ -54,7 +54,7 @@ import torch
 from torch import Tensor
 
 from qat.formats.bfp import BFP
-from qat.quant import cpu_attention
+from qat.quant.attention import cpu as cpu_attention
 from qat.quant.ste import FakeQuantizer
 
 logger = logging.getLogger(__name__)
@@ -203,8 +203,8 @@ def _probs_of_scores(
     in_place: bool,
 ) -> Tensor:
     """``Q(softmax(scores * scaling + mask))`` in ``dtype`` (q's: the same ops, in the same
-    order, as ``qat.quant.attention.qat_attention_forward`` without dropout); ``in_place``: the
-    scores may be overwritten (not while autograd needs them)."""
+    order, as ``qat.quant.attention.interface.qat_attention_forward`` without dropout);
+    ``in_place``: the scores may be overwritten (not while autograd needs them)."""
     if scaling != 1.0:  # OPT scales q itself and passes 1.0: x * 1.0 == x, so skip the pass
         scores = scores.mul_(scaling) if in_place else scores * scaling
     if mask is not None:

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from qat.quant.qdec_attach import install_residual, layer_shape, layers_to_serve, qdec_layers
-from qat.quant.qdec_config import QDECConfig, QDECError
+from qat.quant.qdec.attach import install_residual, layer_shape, layers_to_serve, qdec_layers
+from qat.quant.qdec.config import QDECConfig, QDECError
 
 QDEC_WEIGHTS = "qdec.safetensors"
 QDEC_CONFIG = "qdec_config.json"

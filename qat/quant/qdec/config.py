@@ -1,6 +1,6 @@
 """QDEC's settings: the ``qdec:`` recipe section as ``QDECConfig``, and ``QDECError``.
 
-The method itself is described in ``qat.quant.qdec``.
+The method itself is described in ``qat.quant.qdec.apply``.
 """
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from qat.errors import check_one_of
-from qat.quant.config import QuantConfigError, check_section
+from qat.errors import check_one_of, check_section
+from qat.quant.config import QuantConfigError
 
 RESIDUAL_DEVICES = ("cpu", "same")
 PREFILL_RULES = ("step", "token")

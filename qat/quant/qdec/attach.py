@@ -16,8 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from qat.quant.modules import QuantConv1D, QuantLinear
-from qat.quant.qdec_config import QDECConfig, QDECError
-from qat.quant.qdec_residual import QDECState, k_for, quantize_residual
+from qat.quant.qdec.config import QDECConfig, QDECError
+from qat.quant.qdec.residual import QDECState, k_for, quantize_residual
 
 QuantLayer = QuantLinear | QuantConv1D
 

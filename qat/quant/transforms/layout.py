@@ -6,7 +6,7 @@ folded into its output side and every module that reads it has ``R^T`` folded in
 side. Reads go through a norm first, so the norm must commute with ``R``: RMSNorm without its
 weight does (``||x R|| = ||x||``); its weight is folded into the next linears. LayerNorm also
 subtracts the mean, which commutes with ``R`` when ``R`` maps the ones vector to itself
-(``qat.quant.fuse`` composes a reflection into ``R`` that makes it so).
+(``qat.quant.transforms.fuse`` composes a reflection into ``R`` that makes it so).
 
 ``model_layout`` reads the modules of the architectures known here: Llama-family decoders
 (``llama``, ``mistral``, ``qwen2``: pre-norm RMSNorm) and OPT with ``do_layer_norm_before``

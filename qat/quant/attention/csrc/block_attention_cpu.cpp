@@ -1,5 +1,5 @@
-// Quantised attention on the CPU in linear memory (qat.quant.cpu_attention): the block path of
-// qat/quant/block_attention.py fused per (batch, head, block of query rows).
+// Quantised attention on the CPU in linear memory (qat.quant.attention.cpu): the block path of
+// qat/quant/attention/block.py fused per (batch, head, block of query rows).
 //
 // A task holds one tile of R query rows of one head and its whole rows of scores (R x keys,
 // in cache), so the softmax and the P quantiser see exactly the rows the eager path gives
@@ -33,7 +33,7 @@ namespace {
 using Vec = at::vec::Vectorized<float>;
 
 // P blocks of at most this many keys: one block is staged on the stack
-// (qat.quant.cpu_attention.MAX_BLOCK).
+// (qat.quant.attention.cpu.MAX_BLOCK).
 constexpr int64_t kMaxBlock = 256;
 
 // The P format: BFP with m_bits mantissa bits, exponents clamped to [e_lo, e_hi], blocks of
@@ -229,7 +229,7 @@ at::Tensor as_matrix(at::Tensor& buf, int64_t rows, int64_t cols) {
   return buf.narrow(0, 0, rows * cols).view({rows, cols});
 }
 
-// Block blk of `rows` query rows (qat.quant.block_attention.spans): it owns rows
+// Block blk of `rows` query rows (qat.quant.attention.block.spans): it owns rows
 // [first + off, first + n) and computes rows [first, first + n): the last block reaches back
 // into the one before so that every block's GEMMs have `rows` rows (all Lq when Lq < rows).
 struct Span {

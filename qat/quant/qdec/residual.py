@@ -2,7 +2,7 @@
 quantisation (``quantize_residual``), which channels (``select_channels``), nibble packing, and
 ``QDECState``, one layer's residual with its gather and compensation ``R_hat[:, S] @ x[S]``.
 
-Pure tensors in, tensors out: nothing here touches a model (``qat.quant.qdec_attach`` does).
+Pure tensors in, tensors out: nothing here touches a model (``qat.quant.qdec.attach`` does).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from qat.quant.qdec_config import QDECConfig
+from qat.quant.qdec.config import QDECConfig
 
 # Fractions of max|R| tried as the clipping point of the residual's scale; 1.0 (plain max-abs)
 # is included, so the search never does worse than max-abs.

@@ -5,7 +5,7 @@ module and switches the model to the ``"qat"`` implementation; modules without o
 same math in float. This is eager attention with the four matmul operands fake-quantised.
 
 Long sequences (``q_len * k_len >= LONG_SCORES``) run the block path of
-``qat.quant.block_attention`` instead: the same forward values (``Q(P) V`` is taken tile by
+``qat.quant.attention.block`` instead: the same forward values (``Q(P) V`` is taken tile by
 tile over each tile's keys in both, see ``block_attention``) without keeping the ``L x L``
 score matrix for backward. It returns no attention weights, so it steps aside for dropout, for
 ``output_attentions`` and for a P format whose scale spans more than one row.
@@ -18,8 +18,8 @@ from torch import Tensor, nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from qat.quant.block_attention import block_attention, tile_stops, tiled_values
-from qat.quant.flash_attention import flash_applies, flash_attention
+from qat.quant.attention.block import block_attention, tile_stops, tiled_values
+from qat.quant.attention.flash import flash_applies, flash_attention
 
 ATTN_IMPLEMENTATION = "qat"
 # Score-matrix elements per (batch, head) from which the block path runs: 1024 x 1024. Below

@@ -1,7 +1,7 @@
 """Learned rotations and smoothing scales for QAT (``quant.rotation.learned``), baked into the
 weights afterwards.
 
-On top of a fused rotation (``qat.quant.fuse``), training may learn
+On top of a fused rotation (``qat.quant.transforms.fuse``), training may learn
 
 - ``rotation``: an orthogonal ``Q1`` of the residual stream and, per layer, ``Q2`` of the V/O
   head space (shared by the heads). Each is the Cayley transform of a skew-symmetric matrix,
@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from qat.quant.layout import Layout
+from qat.quant.transforms.layout import Layout
 
 ATTR = "qat_learned"  # the model attribute (and state-dict prefix) of the learned parameters
 

@@ -2,7 +2,7 @@
 
 One program takes a tile of query rows (forward, dQ) or of keys (dK, dV) of one (batch, head)
 and walks over the other side in tiles; no ``L x L`` tensor is ever written. Each score tile
-repeats the reference's roundings (``qat.quant.block_attention._scores_to_out``): the matmul,
+repeats the reference's roundings (``qat.quant.attention.block._scores_to_out``): the matmul,
 the scaling and an additive mask of the inputs' dtype are rounded to that dtype, a boolean mask
 fills the dtype's minimum, the softmax is float32 and P is rounded to the dtype before the P
 format quantises it (``_bfp`` of the format kernels, on blocks of ``PB`` consecutive keys).
