@@ -24,7 +24,7 @@ _LAZY = {
     "quantize_model": ("qat.quant.quantize", "quantize_model"),
     "QATTrainer": ("qat.training.trainer", "QATTrainer"),
     "QATSFTTrainer": ("qat.integrations.trl", "QATSFTTrainer"),
-    "QATConfig": ("qat.runs.recipe", "QATConfig"),
+    "QATConfig": ("qat.runs.config", "QATConfig"),
     "QATSFTConfig": ("qat.integrations.trl", "QATSFTConfig"),
     "LoraArguments": ("qat.runs.arguments", "LoraArguments"),
     "load_recipe": ("qat.runs.recipe", "load_recipe"),
@@ -55,7 +55,7 @@ if TYPE_CHECKING:
     from qat.quant.quantize import quantize_model as quantize_model
     from qat.runs.arguments import LoraArguments as LoraArguments
     from qat.runs.build import build_model as build_model
-    from qat.runs.recipe import QATConfig as QATConfig
+    from qat.runs.config import QATConfig as QATConfig
     from qat.runs.recipe import load_recipe as load_recipe
     from qat.training.run import train as train
     from qat.training.trainer import QATTrainer as QATTrainer

@@ -39,7 +39,7 @@ class ConfigError(QatError):
 
 class ExportError(QatError):
     """A model or format that cannot be written in an export, or an ``--out`` it may not
-    write (here so ``qat.runs.folders`` can raise it for the export's destination rules)."""
+    write (here so ``qat.files`` can raise it for the export's destination rules)."""
 
 
 def decode_utf8(

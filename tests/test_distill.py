@@ -19,7 +19,7 @@ from tiny import (
     tiny_recipe,
 )
 
-from qat.runs.recipe import DistillArguments
+from qat.runs.arguments import DistillArguments
 from qat.training.distill import distill_loss_sum, divergence
 
 W4 = {
@@ -130,7 +130,7 @@ def _trainer(
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, TrainingArguments
 
-    from qat.runs.recipe import LoraArguments
+    from qat.runs.arguments import LoraArguments
     from qat.training.trainer import QATTrainer
 
     path = make_tiny_causal_lm_dir(tmp_path)
@@ -479,7 +479,8 @@ def test_distill_on_a_regression_task_is_refused(tmp_path, no_model, capsys):
 
 
 def test_null_distill_section_says_how_to_set_it(tmp_path):
-    from qat.runs.recipe import RecipeError, load_recipe
+    from qat.runs.recipe import load_recipe
+    from qat.runs.recipe_text import RecipeError
 
     recipe = lm_recipe(tmp_path, distill=None)
     with pytest.raises(RecipeError, match=r"--distill '\{teacher: self\}'"):

@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent / "qat"
 # lowest first; a module may import its own layer's package or any lower layer
 LAYERS: list[set[str]] = [
     {"errors"},
+    {"files"},  # the rules of what qat writes: output files and folders, atomic writes
     {"formats"},
     {"models"},
     {"quant"},
@@ -279,3 +280,62 @@ def test_quant_does_not_import_the_model_loader():
         if target == "qat.models" or target.startswith("qat.models.")
     ]
     assert loaders == []
+
+
+# --- every name imported from the module that defines it (docs/REVIEW.md changes 4, 5) ------
+
+
+def _borrowed(tree: ast.Module) -> set[str]:
+    """Names a module binds only by importing them from another qat module (not defining them)."""
+    defined, borrowed = set(), set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            defined.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            defined |= {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("qat."):
+            borrowed |= {a.asname or a.name for a in node.names}
+    return borrowed - defined
+
+
+def test_every_name_is_imported_from_the_module_that_defines_it():
+    """No façade: ``from qat.a.b import n`` where ``qat.a.b`` only imports ``n`` itself names
+    the wrong module (a package's ``__init__`` is its namespace, and may)."""
+    modules = {_name(p): p for p in _modules() if p.name != "__init__.py"}
+    borrowed = {m: _borrowed(ast.parse(p.read_text())) for m, p in modules.items()}
+    files = [
+        *_modules(),
+        *(ROOT.parent / "tests").glob("*.py"),
+        *(ROOT.parent / "bench").glob("*.py"),
+    ]
+    bad = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module in borrowed:
+                names = [a.name for a in node.names if a.name in borrowed[node.module]]
+                bad += [f"{path.relative_to(ROOT.parent)}:{node.lineno}: {n}" for n in names]
+    assert bad == []
+
+
+# --- file rules on the ground floor (docs/REVIEW.md change 5) ---------------------------------
+
+# export/run.py, the export's one door, resolves and loads its source as every entry point
+# does (qat.runs.build, qat.runs.entry); no other export module reaches into runs/
+EXPORT_ENTRY_USES_OF_RUNS = {"qat.runs.build", "qat.runs.entry", "qat.runs.recipe_text"}
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "export").glob("*.py")), ids=lambda p: p.name)
+def test_export_does_not_import_runs(path: Path):
+    allowed = EXPORT_ENTRY_USES_OF_RUNS if path.name == "run.py" else set()
+    runs = [f"line {line}: {t}" for line, t in _imports(path) if t.startswith("qat.runs")]
+    assert [r for r in runs if r.split(": ")[1] not in allowed] == []
+
+
+def test_the_file_rules_live_on_the_ground_floor():
+    """Output files and folders, export destinations and atomic writes: qat/files.py, which
+    imports nothing of qat but its errors."""
+    assert {t for _, t in _imports(ROOT / "files.py")} == {"qat.errors"}
+    folders = (ROOT / "runs" / "folders.py").read_text()
+    assert "def write_atomically" not in folders and "def check_destination" not in folders
+    assert folders.count("\n") <= 300

@@ -6,7 +6,8 @@ import pytest
 import yaml
 from tiny import REPO
 
-from qat.runs.recipe import RecipeError, load_recipe, parse_overrides
+from qat.runs.recipe import load_recipe
+from qat.runs.recipe_text import RecipeError, parse_overrides
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 
@@ -262,7 +263,7 @@ def test_values_that_would_fail_later(tmp_path, override, message):
 def test_recipe_args_is_one_training_arguments_config():
     from transformers import TrainingArguments
 
-    from qat.runs.recipe import QATConfig
+    from qat.runs.config import QATConfig
 
     r = load_recipe(REPO / "recipes/minilm_sst2.yaml", ["--max_steps", "7"])
     assert isinstance(r.args, QATConfig) and isinstance(r.args, TrainingArguments)
@@ -288,7 +289,7 @@ def test_config_to_dict_is_plain_data():
 
 def test_config_built_in_python_is_checked_too():
     from qat.quant.config import QuantConfig
-    from qat.runs.recipe import QATConfig
+    from qat.runs.config import QATConfig
 
     c = QATConfig(
         model_name_or_path="x",
@@ -371,7 +372,7 @@ def test_every_qat_key_has_help_and_is_listed_by_train_help(capsys):
 
     from qat.cli.train import main
     from qat.runs.arguments import LoraArguments, QATArguments
-    from qat.runs.recipe import QATConfig
+    from qat.runs.config import QATConfig
 
     assert main(["--help"]) == 0
     out = " ".join(capsys.readouterr().out.split())  # help text wraps

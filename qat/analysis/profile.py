@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qat.errors import UsageError
+from qat.files import check_output_folder
 from qat.runs.build import resolve
 from qat.runs.entry import load_for_command
-from qat.runs.folders import check_output_folder
 from qat.tasks.glue import get_task, glue_splits
 
 if TYPE_CHECKING:  # torch loads on use

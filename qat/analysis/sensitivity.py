@@ -28,7 +28,8 @@ def run(
     """Measure every unit's drop; returns the rows, most sensitive first."""
     from tqdm.auto import tqdm
 
-    from qat.runs.folders import check_output_dir, check_output_folder
+    from qat.files import check_output_folder
+    from qat.runs.folders import check_output_dir
 
     if output_dir is not None:
         check_output_folder(output_dir)

@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from qat.errors import UsageError
+from qat.files import check_output_file
 from qat.runs.build import resolve
 from qat.runs.entry import load_for_command, write_results
-from qat.runs.folders import check_output_file
 from qat.tasks.glue import evaluate_split, get_task, glue_splits
 
 

@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from qat.errors import UsageError
+from qat.files import check_output_file
 from qat.models import fits_positions
 from qat.quant.qdec.apply import apply_qdec
 from qat.quant.qdec.attach import check_quant_for_qdec, set_default_prefill
 from qat.runs.build import resolve
 from qat.runs.entry import load_for_command, write_results
-from qat.runs.folders import check_output_file
 from qat.tasks import language_modeling as lm
 
 

@@ -22,10 +22,10 @@ from qat import models
 from qat.errors import ExportError, UsageError, check_one_of
 from qat.export import compressed_tensors, gguf, packed
 from qat.export import modeling_qat_packed as mqp
+from qat.files import check_destination, check_not_source, write_atomically
 from qat.models import base_model
 from qat.runs.build import Source, find_recipe_yaml, resolve
 from qat.runs.entry import Loaded, load_for_command
-from qat.runs.folders import check_destination, check_not_source, write_atomically
 
 TARGETS = {"packed": packed, "compressed-tensors": compressed_tensors, "gguf": gguf}
 EXPORT_INFO = "qat_export.json"  # every target's: the target, its weight file, quant, density
@@ -240,7 +240,7 @@ def source_gguf(src: Source) -> Path | None:
     ``gguf_file``, or for a trained run (whose folder replaces the model path) the one its
     ``recipe.yaml`` started from, so llama.cpp tokenises as in training (a tokenizer rebuilt
     from the Hugging Face files lacks llama.cpp's pre-tokenizer name)."""
-    from qat.runs.recipe import load_recipe_dict
+    from qat.runs.recipe_text import load_recipe_dict
 
     args = src.args
     if args.gguf_file:

@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from qat.errors import UsageError
+from qat.files import check_output_file
 from qat.runs.build import resolve
 from qat.runs.entry import load_for_command, write_results
-from qat.runs.folders import check_output_file
 
 # HFLM arguments this wrapper sets itself: passing them again would load another model
 _OWN_ARGS = ("pretrained", "tokenizer", "backend")

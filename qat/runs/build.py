@@ -126,7 +126,7 @@ def find_recipe_yaml(ckpt: Path) -> Path | None:
 
 
 def _parsed(overrides: Sequence[str] | Mapping[str, Any]) -> dict[str, Any]:
-    from qat.runs.recipe import parse_overrides
+    from qat.runs.recipe_text import parse_overrides
 
     if isinstance(overrides, Mapping):
         return dict(overrides)
@@ -152,7 +152,8 @@ def resolve_source(
 ) -> Source:
     """A recipe file, or a run/checkpoint directory with ``qat_config.json``."""
     from qat.runs.checkpoints import QAT_CONFIG_FILE, check_weights, read_qat_config
-    from qat.runs.recipe import apply_override, build_recipe, load_recipe, load_recipe_dict
+    from qat.runs.recipe import build_recipe, load_recipe
+    from qat.runs.recipe_text import apply_override, load_recipe_dict
 
     path = str(path)
     p = Path(path).expanduser()
@@ -227,7 +228,7 @@ _MODEL_KEYS = {f.name for f in dataclasses.fields(ModelArgs)} - {"finetune", "lo
 def _model_args(name: str, overrides: Sequence[str] | Mapping[str, Any]) -> ModelArgs:
     """A bare model name plus model-key overrides (``--quant.weight.width 6``, ...)."""
     from qat.quant.config import QuantConfig, QuantConfigError
-    from qat.runs.recipe import apply_override
+    from qat.runs.recipe_text import apply_override
 
     data: dict[str, Any] = {"model_name_or_path": name}
     for key, value in _parsed(overrides).items():
@@ -252,7 +253,8 @@ def resolve(
     memory with its ``tokenizer``), overrides applied and checked; nothing heavy is loaded."""
     import torch
 
-    from qat.runs.recipe import Recipe, apply_override, build_recipe
+    from qat.runs.recipe import Recipe, build_recipe
+    from qat.runs.recipe_text import apply_override
 
     if isinstance(source, torch.nn.Module):
         return _in_memory(source, overrides, tokenizer)

@@ -61,7 +61,7 @@ def check_qat_config(path: str | os.PathLike) -> dict[str, Any]:
     """``qat_config.json`` parsed and validated (quant config, finetune mode, LoRA keys)."""
     from qat.formats import FormatError
     from qat.quant.config import QuantConfig, QuantConfigError
-    from qat.runs.recipe import FINETUNE_MODES, LoraArguments
+    from qat.runs.arguments import FINETUNE_MODES, LoraArguments
 
     state = read_json(path)
     for key in ("quant", "finetune"):

@@ -20,7 +20,7 @@ overrides join the recipe mapping first and ``HfArgumentParser`` parses the resu
 config file (TRL's ``TrlParser`` route for ``--config``). Every message names the key and value.
 
 This module is the entry (``load_recipe``, ``build_recipe``, ``Recipe``, ``QATParser``); every
-name the recipe modules define stays importable from here.
+other recipe name is imported from the module that defines it.
 
 ``Recipe.args`` *is* the ``QATConfig`` (qat's keys and Trainer's in one object), the one handed
 to ``Trainer`` as ``args=``.
@@ -39,39 +39,15 @@ import yaml
 from transformers import HfArgumentParser
 
 from qat.errors import did_you_mean
-from qat.runs.arguments import FINETUNE_MODES, DistillArguments, LoraArguments, QATArguments
 from qat.runs.config import QATConfig
 from qat.runs.recipe_checks import check_recipe_required
-from qat.runs.recipe_sections import build_distill, build_lora
 from qat.runs.recipe_text import (
-    MAX_RECIPE_BYTES,
     RecipeError,
     apply_override,
     load_recipe_dict,
     parse_overrides,
-    parse_value,
 )
 from qat.runs.recipe_types import check_type, coerce, field_types
-
-__all__ = [
-    "FINETUNE_MODES",
-    "MAX_RECIPE_BYTES",
-    "DistillArguments",
-    "LoraArguments",
-    "QATArguments",
-    "QATConfig",
-    "QATParser",
-    "Recipe",
-    "RecipeError",
-    "apply_override",
-    "build_distill",
-    "build_lora",
-    "build_recipe",
-    "load_recipe",
-    "load_recipe_dict",
-    "parse_overrides",
-    "parse_value",
-]
 
 
 @dataclasses.dataclass

@@ -10,7 +10,7 @@ from torch import nn
 
 from qat.errors import ConfigError
 from qat.models import is_causal_lm
-from qat.quant.config import CLASSIFIER_HEADS as HEAD_NAMES
+from qat.quant.config import CLASSIFIER_HEADS
 from qat.quant.lora import (
     check_lora_config,
     check_target_modules,
@@ -21,10 +21,11 @@ from qat.quant.lora import (
 
 def head_names(model: nn.Module) -> list[str]:
     """Names of the classification head modules (newly initialised, kept float)."""
-    names = [n for n, _ in model.named_children() if n in HEAD_NAMES]
+    names = [n for n, _ in model.named_children() if n in CLASSIFIER_HEADS]
     if not names:
         raise ConfigError(
-            f"{type(model).__name__} has no classification head named {' or '.join(HEAD_NAMES)}"
+            f"{type(model).__name__} has no classification head named "
+            f"{' or '.join(CLASSIFIER_HEADS)}"
         )
     return names
 

@@ -39,9 +39,9 @@ def apply_checkpoint_state(recipe, checkpoint: str) -> None:
     quant config, mode and LoRA settings) wins over the recipe, with a warning when they differ.
     The weights stay the Trainer's to restore."""
     from qat.quant.config import QuantConfig
+    from qat.runs.arguments import LoraArguments
     from qat.runs.build import checkpoint_overrides
     from qat.runs.checkpoints import read_qat_config
-    from qat.runs.recipe import LoraArguments
 
     keys = checkpoint_overrides(read_qat_config(checkpoint))
     args = recipe.args

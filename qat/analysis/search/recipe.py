@@ -11,7 +11,8 @@ from qat.analysis.search.spec import SearchError, parse_spec
 
 def read_recipe_and_spec(path: str, overrides: list[str]):
     """The recipe (overrides applied, ``search`` taken out) and its parsed search spec."""
-    from qat.runs.recipe import apply_override, build_recipe, load_recipe_dict, parse_overrides
+    from qat.runs.recipe import build_recipe
+    from qat.runs.recipe_text import apply_override, load_recipe_dict, parse_overrides
 
     data = load_recipe_dict(path)
     search = data.pop("search", None)
