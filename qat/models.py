@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from qat.errors import QatError
+from qat.formats.base import to_blocks
 
 PKG_SCHEME = "pkg://"
 _DTYPES = {
@@ -353,8 +354,6 @@ def weight_block_arrays(path: str, array_len: int, max_arrays: int, seed: int) -
 
     import torch
     from safetensors import safe_open
-
-    from qat.formats.base import to_blocks
 
     if path.startswith("pkg://"):
         path = resolve_model_path(path)

@@ -608,14 +608,14 @@ def test_a_damaged_teacher_weight_file_is_one_line_before_loading(
 
 
 def test_weight_zero_builds_and_runs_no_teacher(tmp_path, monkeypatch):
-    import qat.training.teacher as teacher_module
+    import qat.training.trainer as trainer_module  # where the trainer builds its teacher
     from qat.runs.recipe import load_recipe
     from qat.runs.recipe_sections import build_distill
 
     def no_teacher(*args, **kwargs):
         raise AssertionError("a teacher was built for distill.weight 0")
 
-    monkeypatch.setattr(teacher_module, "make_teacher", no_teacher)
+    monkeypatch.setattr(trainer_module, "make_teacher", no_teacher)
     assert build_distill({"teacher": "self", "weight": 0}) is None
     recipe = lm_recipe(tmp_path, distill={"teacher": "self", "weight": 1.0})
     assert load_recipe(recipe, ["--distill.weight", "0"]).args.distill is None

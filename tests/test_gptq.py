@@ -190,12 +190,12 @@ def test_gptq_as_ptq_rounds_every_layer_on_the_train_rows(tmp_path, committed_wi
 
 
 def test_qat_starts_from_gptq_and_a_resume_does_not_round_again(tmp_path, monkeypatch):
-    import qat.quant.transforms.gptq as gptq_mod
+    import qat.runs.calibration as calibration  # where the build calls GPTQ
     from qat.cli.train import main as train_main
 
     calls = []
-    real = gptq_mod.apply_gptq
-    monkeypatch.setattr(gptq_mod, "apply_gptq", lambda *a: calls.append(1) or real(*a))
+    real = calibration.apply_gptq
+    monkeypatch.setattr(calibration, "apply_gptq", lambda *a: calls.append(1) or real(*a))
     quant = {**Q4_0, "exclude": ["lm_head"], "gptq": {"samples": 8}}
     recipe = lm_recipe(tmp_path, quant=quant, max_steps=2, save_strategy="steps", save_steps=1)
     assert train_main([recipe]) == 0 and calls == [1]

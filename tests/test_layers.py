@@ -339,3 +339,54 @@ def test_the_file_rules_live_on_the_ground_floor():
     folders = (ROOT / "runs" / "folders.py").read_text()
     assert "def write_atomically" not in folders and "def check_destination" not in folders
     assert folders.count("\n") <= 300
+
+
+# --- dependencies in the header (docs/REVIEW.md change 3) -------------------------------------
+
+# Where a library module may still import qat inside a function, and why. Commands (qat/cli)
+# import inside main() so that --help stays torch-free; qat/__init__.py loads names lazily.
+IN_FUNCTION_FILES = {
+    # run by qat.startup's hook inside transformers' own import (quantizers, modeling_utils):
+    # qat's model code (torch, the quantised modules) loads only when a packed model does
+    "export/hf_quantizer.py",
+    # copied into every packed export, where it must load without qat installed
+    "export/modeling_qat_packed.py",
+}
+IN_FUNCTION_TARGETS = {
+    "qat.formats.kernels",  # imports triton and registers its ops (an optional extra)
+    "qat.quant.attention.flash_kernels",  # Triton kernels: imports triton
+}
+
+
+def _in_function_imports(path: Path) -> list[tuple[int, str]]:
+    found = []
+    for fn in ast.walk(ast.parse(path.read_text())):
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for node in ast.walk(fn):
+                if isinstance(node, ast.Import):
+                    found += [(node.lineno, a.name) for a in node.names if a.name.startswith("qat")]
+                elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("qat"):
+                    found.append((node.lineno, node.module))
+    return sorted(set(found))
+
+
+@pytest.mark.parametrize(
+    "path",
+    [p for p in _modules() if p.relative_to(ROOT).parts[0] not in ("cli", "__init__.py")],
+    ids=lambda p: str(p.relative_to(ROOT)),
+)
+def test_library_modules_import_qat_in_their_header(path: Path):
+    """A library module's qat dependencies are at its top, where a reader (and the layer and
+    circle checks above) see them; the graph is acyclic, so no import needs to hide."""
+    if str(path.relative_to(ROOT)) in IN_FUNCTION_FILES:
+        return
+    hidden = [
+        f"line {n}: {t}" for n, t in _in_function_imports(path) if t not in IN_FUNCTION_TARGETS
+    ]
+    assert hidden == [], f"{path.relative_to(ROOT.parent)}: move to the header: {hidden}"
+
+
+def test_the_in_function_check_sees_an_import_in_a_function(tmp_path: Path):
+    f = tmp_path / "m.py"
+    f.write_text("import qat.errors\n\ndef g():\n    from qat.models import x\n    return x\n")
+    assert _in_function_imports(f) == [(4, "qat.models")]

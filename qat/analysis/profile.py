@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 from qat.errors import UsageError
 from qat.files import check_output_folder
+from qat.quant.sqnr import error_sums, sqnr_db_value
+from qat.quant.ste import FakeQuantizer
 from qat.runs.build import resolve
 from qat.runs.entry import load_for_command
 from qat.tasks.glue import get_task, glue_splits
@@ -66,8 +68,6 @@ class Moments:
         m = x64.abs().max()
         self.abs_max = m if isinstance(self.abs_max, float) else self.abs_max.maximum(m)
         if q is not None:
-            from qat.quant.sqnr import error_sums
-
             self.err = self.err + error_sums(x64, q.reshape(-1))[1]
 
     def row(self, with_sqnr: bool) -> dict[str, float]:
@@ -80,8 +80,6 @@ class Moments:
         kurt = c4 / var**2 if var > 0 else float("nan")
         sqnr = float("nan")
         if with_sqnr:
-            from qat.quant.sqnr import sqnr_db_value
-
             sqnr = sqnr_db_value(self.s[1], self.err)
         return {
             "numel": self.n,
@@ -107,7 +105,6 @@ def _linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def _set_quantizers(model: nn.Module, enabled: bool) -> None:
-    from qat.quant.ste import FakeQuantizer
 
     for m in model.modules():
         if isinstance(m, FakeQuantizer):

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from qat.analysis.search import Scorer, SearchError, read_recipe_and_spec
+from qat.files import check_output_folder
+from qat.runs.folders import check_output_dir
 
 COLUMNS = ["rank", "unit", "modules", "accuracy", "drop", "bits", "lowered"]
 
@@ -27,9 +29,6 @@ def run(
 ) -> list[dict[str, Any]]:
     """Measure every unit's drop; returns the rows, most sensitive first."""
     from tqdm.auto import tqdm
-
-    from qat.files import check_output_folder
-    from qat.runs.folders import check_output_dir
 
     if output_dir is not None:
         check_output_folder(output_dir)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from qat.errors import UsageError
+from qat.export.llama_cpp import LlamaCppModel, llama_cpp_perplexity, require_llama_cpp
 from qat.files import check_output_file
 from qat.models import fits_positions
 from qat.quant.qdec.apply import apply_qdec
@@ -131,8 +132,6 @@ def _gguf_perplexity(
 ) -> dict[str, Any]:
     """A GGUF file scored by llama.cpp: its own tokeniser and logits, qat's chunks and formula."""
     import torch
-
-    from qat.export.llama_cpp import LlamaCppModel, llama_cpp_perplexity, require_llama_cpp
 
     if overrides:
         first = next(iter(overrides))

@@ -36,6 +36,7 @@ from qat.errors import ExportError
 from qat.export.engines import refuse_rotation
 from qat.formats import Format
 from qat.quant.config import FLOAT
+from qat.quant.modules import QuantConv1D, QuantLinear
 
 CT_FORMATS = {"nvfp4": "nvfp4-pack-quantized", "mxfp4": "mxfp4-pack-quantized"}
 CT_BLOCKS = {"nvfp4": 16, "mxfp4": 32}  # the block each scheme stores a scale for
@@ -136,7 +137,6 @@ def needs_calibration(activation: Format | None) -> bool:
 
 def _quantised_linears(model: torch.nn.Module) -> tuple[list[tuple[str, Any]], list[str]]:
     """(quantised QuantLinears, names of the other Linear-like modules: the ignore list)."""
-    from qat.quant.modules import QuantConv1D, QuantLinear
 
     quantised, ignore = [], []
     for name, m in model.named_modules():

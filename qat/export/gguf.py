@@ -30,6 +30,7 @@ from qat.export.engines import refuse_rotation
 from qat.export.ggml_blocks import GGMLTypeError, ggml_block_bytes, ggml_type_name
 from qat.formats import Format, make_format
 from qat.quant.config import FLOAT
+from qat.quant.modules import QuantLinear
 
 GGUF_ARCHS = {"LlamaForCausalLM": "llama"}
 EMBEDDING_TYPES = ("f16", "q8_0", "f32")
@@ -287,8 +288,6 @@ def write_gguf(
     linears are F16 (F32 with ``embeddings="f32"``). ``qat.export_model`` gives a temporary
     folder and renames it once written."""
     import gguf
-
-    from qat.quant.modules import QuantLinear
 
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()

@@ -35,8 +35,15 @@ import torch
 from torch import Tensor
 
 from qat.errors import ExportError
-from qat.formats import Format
+from qat.export import modeling_qat_packed as mqp
+from qat.export.modeling_qat_packed import unpack_weight as unpack
+from qat.formats import FORMATS, Format, make_format
 from qat.formats.base import Encoded
+from qat.formats.bfp import BFP
+from qat.formats.codebook import CodebookFormat
+from qat.formats.lobcq import LOBCQ
+from qat.formats.mx import E8M0_MIN, MXFormat
+from qat.quant.modules import QuantConv1D, QuantLinear
 
 QUANT_METHOD = "qat"
 
@@ -71,7 +78,6 @@ def _pack_bfp(fmt: Any, enc: Encoded) -> Packed:
 
 
 def _pack_mx(fmt: Any, enc: Encoded) -> Packed:
-    from qat.formats.mx import E8M0_MIN
 
     # Exports hold one code for zero: a negative zero is written as +0.
     half = 1 << (fmt.elem_bits - 1)
@@ -138,10 +144,6 @@ def _lobcq_codec(fmt: Any) -> dict[str, Any]:
 
 
 def _families() -> tuple[tuple[type, Callable, Callable], ...]:
-    from qat.formats.bfp import BFP
-    from qat.formats.codebook import CodebookFormat
-    from qat.formats.lobcq import LOBCQ
-    from qat.formats.mx import MXFormat
 
     return (
         (BFP, _pack_bfp, _bfp_codec),
@@ -153,7 +155,6 @@ def _families() -> tuple[tuple[type, Callable, Callable], ...]:
 
 def _packers() -> dict[str, tuple[Callable, Callable]]:
     """Format name -> (packer, codec) for every registered format export can pack."""
-    from qat.formats import FORMATS
 
     return {
         name: (pack, codec)
@@ -206,8 +207,6 @@ def unpack_weight(
 
     ``meta["codec"]`` is the codec itself or its key in ``codecs``; version-1 exports have
     none, and the codec is derived from ``meta["format"]``."""
-    from qat.export.modeling_qat_packed import unpack_weight as unpack
-    from qat.formats import make_format
 
     codec = meta.get("codec")
     if isinstance(codec, str):
@@ -227,8 +226,6 @@ def packed_state_dict(
     """The model's state dict with every quantised weight replaced by its packed tensors, the
     per-layer metadata, and the codec table the metadata refers to."""
     from tqdm.auto import tqdm
-
-    from qat.quant.modules import QuantConv1D, QuantLinear
 
     state = model.state_dict()
     packed: dict[str, Any] = {}
@@ -265,7 +262,6 @@ def packed_state_dict(
 
 
 def _with_checksum(packing: dict[str, Any]) -> dict[str, Any]:
-    from qat.export import modeling_qat_packed as mqp
 
     # as config.json will hold it (tuples become lists), so the loader computes the same hash
     packing = json.loads(json.dumps(packing))
@@ -297,8 +293,6 @@ def write_packed(
     import shutil
 
     from safetensors.torch import save_file
-
-    from qat.export import modeling_qat_packed as mqp
 
     if hasattr(model, "merge_and_unload"):  # LoRA: W + BA is what the quantiser sees
         model = model.merge_and_unload()

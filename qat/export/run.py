@@ -26,6 +26,8 @@ from qat.files import check_destination, check_not_source, write_atomically
 from qat.models import base_model
 from qat.runs.build import Source, find_recipe_yaml, resolve
 from qat.runs.entry import Loaded, load_for_command
+from qat.runs.recipe_text import load_recipe_dict
+from qat.tasks.registry import get_task
 
 TARGETS = {"packed": packed, "compressed-tensors": compressed_tensors, "gguf": gguf}
 EXPORT_INFO = "qat_export.json"  # every target's: the target, its weight file, quant, density
@@ -219,7 +221,6 @@ def _write(
 
 def _calibration_batches(loaded: Loaded, n: int) -> list[dict[str, Any]]:
     """Up to ``n`` training chunks of the decoder recipe, as batches of 8 on the model's device."""
-    from qat.tasks.registry import get_task
 
     if loaded.source.recipe is None:
         raise ExportError(
@@ -240,7 +241,6 @@ def source_gguf(src: Source) -> Path | None:
     ``gguf_file``, or for a trained run (whose folder replaces the model path) the one its
     ``recipe.yaml`` started from, so llama.cpp tokenises as in training (a tokenizer rebuilt
     from the Hugging Face files lacks llama.cpp's pre-tokenizer name)."""
-    from qat.runs.recipe_text import load_recipe_dict
 
     args = src.args
     if args.gguf_file:

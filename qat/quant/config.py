@@ -10,7 +10,9 @@ from typing import Any
 
 from qat.errors import QatError, check_one_of, check_section
 from qat.formats import Format, FormatError, make_format
+from qat.quant.backends import BACKENDS
 from qat.quant.rotation import check_rotation_spec, has_online_rotation, is_fused
+from qat.quant.transforms.gptq import check_gptq_format, check_gptq_spec
 
 # The task heads every supported architecture names its output layer with: classification
 # heads (sequence classifiers: BERT's ``classifier``, decoders' ``score``) and the LM head.
@@ -185,7 +187,6 @@ class QuantConfig:
                 formats[pat][role] = _build(
                     specs[pat][role], f"quant.overrides[{pat!r}].{role}", built
                 )
-        from qat.quant.backends import BACKENDS
 
         check_one_of("quant.backend", self.backend, BACKENDS, QuantConfigError)
         check_one_of("quant.v_block_axis", self.v_block_axis, V_AXES, QuantConfigError)
@@ -288,7 +289,6 @@ def _build(spec: Mapping[str, Any] | None, where: str, built: dict[str, Format])
 
 def _check_gptq(spec: Any, resolved: dict[str | None, ModuleFormats]) -> dict[str, Any] | None:
     """``quant.gptq``: its keys, and weight formats it can round (one line otherwise)."""
-    from qat.quant.transforms.gptq import check_gptq_format, check_gptq_spec
 
     gptq = check_gptq_spec(spec, "quant.gptq", QuantConfigError)
     if gptq is None:

@@ -14,6 +14,9 @@ from qat.quant.config import QuantConfig, QuantConfigError
 from qat.quant.modules import MatmulQuantizer, QuantConv1D, QuantLinear
 from qat.quant.rotation import Rotation, resolve_size
 from qat.quant.ste import FakeQuantizer, SharedInput
+from qat.quant.transforms.fuse import fuse_rotation
+from qat.quant.transforms.layout import model_layout
+from qat.quant.transforms.learned import attach_learned
 
 CONFIG_ATTR = "qat_quant"  # config.json key of the quant config (the recipe's `quant` section)
 
@@ -236,7 +239,6 @@ def _fuse(model: nn.Module, spec: dict[str, Any] | None) -> dict[str, dict[str, 
     K: where a rotation cannot be fused)."""
     if spec is None:
         return {}
-    from qat.quant.transforms.fuse import fuse_rotation
 
     layout = fuse_rotation(model, spec)
     if spec["online"] is None:
@@ -250,8 +252,6 @@ def _attach_learned(model: nn.Module, spec: dict[str, Any] | None) -> None:
     """Trainable transforms on the quantised, fused model (``qat.quant.transforms.learned``)."""
     if spec is None or spec["learned"] is None or next(model.parameters()).is_meta:
         return
-    from qat.quant.transforms.layout import model_layout
-    from qat.quant.transforms.learned import attach_learned
 
     attach_learned(model, model_layout(model), spec["learned"])
 

@@ -18,8 +18,22 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import qat.quant.attention.interface  # noqa: F401 - registers the "qat" attention a saved run may name
+from qat import models
 from qat.errors import ConfigError, UsageError, check_one_of
-from qat.models import base_model, is_causal_lm
+from qat.models import PKG_SCHEME, ModelLoadError, base_model, fits_positions, is_causal_lm
+from qat.quant.config import QuantConfig, QuantConfigError
+from qat.quant.lora import use_quant_lora
+from qat.quant.quantize import check_quantizable, quantize_model
+from qat.quant.transforms.layout import model_layout
+from qat.quant.transforms.learned import bake, has_learned, load_learned
+from qat.runs.calibration import calibration_batches, calibration_source, gptq_on_rows
+from qat.runs.checkpoints import QAT_CONFIG_FILE, check_weights, read_qat_config
+from qat.runs.recipe import Recipe, build_recipe, load_recipe
+from qat.runs.recipe_text import apply_override, load_recipe_dict, parse_overrides
+from qat.tasks.glue import get_task as get_glue_task
+from qat.tasks.language_modeling import check_causal, check_not_export
+from qat.tasks.registry import get_task
 
 HEADS = ("sequence_classification", "causal_lm")
 RECIPE_SUFFIXES = (".yaml", ".yml")
@@ -51,8 +65,6 @@ class Source:
         task_name = getattr(self.args, "task_name", None)
         if task_name is None:
             return None
-        from qat.tasks.registry import get_task
-
         return get_task(task_name).head
 
     def require_head(self) -> str:
@@ -126,7 +138,6 @@ def find_recipe_yaml(ckpt: Path) -> Path | None:
 
 
 def _parsed(overrides: Sequence[str] | Mapping[str, Any]) -> dict[str, Any]:
-    from qat.runs.recipe_text import parse_overrides
 
     if isinstance(overrides, Mapping):
         return dict(overrides)
@@ -136,8 +147,6 @@ def _parsed(overrides: Sequence[str] | Mapping[str, Any]) -> dict[str, Any]:
 def _refuse_export(folder: Path, path: str) -> None:
     """A ``qat export`` folder given to a command: say what exports are for."""
     import json
-
-    from qat.tasks.language_modeling import check_not_export
 
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
@@ -151,9 +160,6 @@ def resolve_source(
     path: str | os.PathLike, overrides: Sequence[str] | Mapping[str, Any] = ()
 ) -> Source:
     """A recipe file, or a run/checkpoint directory with ``qat_config.json``."""
-    from qat.runs.checkpoints import QAT_CONFIG_FILE, check_weights, read_qat_config
-    from qat.runs.recipe import build_recipe, load_recipe
-    from qat.runs.recipe_text import apply_override, load_recipe_dict
 
     path = str(path)
     p = Path(path).expanduser()
@@ -206,8 +212,6 @@ def resolve_source(
 
 def _is_model_name(path: str) -> bool:
     """A Hub id, ``pkg://`` path or model folder, rather than a recipe or a checkpoint."""
-    from qat.models import PKG_SCHEME
-    from qat.runs.checkpoints import QAT_CONFIG_FILE
 
     if path.startswith(PKG_SCHEME):
         return True
@@ -227,8 +231,6 @@ _MODEL_KEYS = {f.name for f in dataclasses.fields(ModelArgs)} - {"finetune", "lo
 
 def _model_args(name: str, overrides: Sequence[str] | Mapping[str, Any]) -> ModelArgs:
     """A bare model name plus model-key overrides (``--quant.weight.width 6``, ...)."""
-    from qat.quant.config import QuantConfig, QuantConfigError
-    from qat.runs.recipe_text import apply_override
 
     data: dict[str, Any] = {"model_name_or_path": name}
     for key, value in _parsed(overrides).items():
@@ -252,9 +254,6 @@ def resolve(
     checkpoint directory, a Hub id / model folder / ``pkg://`` path, or a transformers model in
     memory with its ``tokenizer``), overrides applied and checked; nothing heavy is loaded."""
     import torch
-
-    from qat.runs.recipe import Recipe, build_recipe
-    from qat.runs.recipe_text import apply_override
 
     if isinstance(source, torch.nn.Module):
         return _in_memory(source, overrides, tokenizer)
@@ -334,9 +333,6 @@ def build_model(
     (``qat.quant.transforms.gptq``), unless ``round_gptq`` is False (a resumed run loads its own)
     or the source is a checkpoint (whose weights already went through it).
     """
-    import qat.quant.attention.interface  # noqa: F401 - registers the "qat" attention a saved run may name
-    from qat import models
-    from qat.quant.quantize import quantize_model
 
     check_one_of("head", head, HEADS, UsageError)
     src = resolve(source, overrides)
@@ -350,9 +346,7 @@ def build_model(
     if head == "sequence_classification":
         task_name = getattr(args, "task_name", None)
         if task_name is not None:
-            from qat.tasks.glue import get_task
-
-            task = get_task(task_name)
+            task = get_glue_task(task_name)
             if num_labels in (None, task.num_labels):
                 num_labels, id2label = task.num_labels, task.id2label
         if num_labels is None:
@@ -365,8 +359,6 @@ def build_model(
         _check_config(config, args, head, check)
     gptq = args.quant.gptq_spec if args.quant is not None and ckpt is None and round_gptq else None
     if gptq is not None:  # the calibration rows, read before the tokenizer and the weights
-        from qat.runs.calibration import calibration_batches, calibration_source, gptq_on_rows
-
         source = calibration_source(args, gptq["samples"])
     if tokenizer is None:
         tokenizer = models.load_tokenizer_for(args, ckpt)
@@ -401,11 +393,8 @@ def build_model(
 
 
 def _check_config(config: Any, args: Any, head: str, check: Callable[[Any], None] | None) -> None:
-    from qat.models import ModelLoadError, fits_positions
 
     if head == "causal_lm":
-        from qat.tasks.language_modeling import check_causal
-
         check_causal(config, args.model_name_or_path)
     elif args.max_length is not None:
         fits_positions(
@@ -414,8 +403,6 @@ def _check_config(config: Any, args: Any, head: str, check: Callable[[Any], None
     if check is not None:
         check(config)
     if args.quant is not None and not args.gguf_file:
-        from qat.quant.quantize import check_quantizable
-
         check_quantizable(config, args.quant, head == "causal_lm")
 
 
@@ -423,8 +410,6 @@ def _bake_learned(model: Any, ckpt: Path) -> None:
     """A checkpoint of a run with learned transforms (``quant.rotation.learned``): read them
     (``from_pretrained`` drops their keys) and bake them into the weights, so every command
     sees the ordinary fused model that the trained one equals."""
-    from qat.quant.transforms.layout import model_layout
-    from qat.quant.transforms.learned import bake, has_learned, load_learned
 
     if has_learned(model):
         load_learned(model, ckpt)
@@ -434,8 +419,6 @@ def _bake_learned(model: Any, ckpt: Path) -> None:
 def _attach_lora(model: Any, ckpt: Path) -> Any:
     """Load a saved adapter onto the quantised base with ``QuantLoraLinear`` layers."""
     from peft import LoraConfig, PeftModel
-
-    from qat.quant.lora import use_quant_lora
 
     if not (ckpt / "adapter_config.json").is_file():
         raise UsageError(f"{str(ckpt)!r} is a LoRA run but holds no adapter_config.json")

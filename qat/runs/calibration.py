@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from qat.quant.transforms.gptq import GPTQError
+from qat.quant.transforms.gptq import GPTQError, apply_gptq
+from qat.tasks.glue import GLUE_TASKS, get_task, glue_splits
+from qat.tasks.language_modeling import lm_dataset, lm_text
 
 BATCH = 8  # rows per calibration forward
 
@@ -18,8 +20,6 @@ BATCH = 8  # rows per calibration forward
 def calibration_source(args: Any, rows: int) -> Any:
     """The raw calibration data of the recipe ``args`` (its task's train split, read now);
     GPTQError for a source without one."""
-    from qat.tasks.glue import GLUE_TASKS, get_task, glue_splits
-    from qat.tasks.language_modeling import lm_text
 
     task = getattr(args, "task_name", None)
     if task is None:
@@ -44,8 +44,6 @@ def calibration_batches(source: Any, args: Any, tokenizer: Any, rows: int) -> li
     (CPU tensors: ``input_ids``, ``attention_mask``)."""
     import torch
 
-    from qat.tasks.language_modeling import lm_dataset
-
     if isinstance(source, tuple):  # a decoder's text and where it came from
         ids = torch.tensor(
             lm_dataset(source[0], tokenizer, args.block_size, rows, source[1])["input_ids"]
@@ -66,8 +64,6 @@ def gptq_on_rows(model: Any, batches: list[dict[str, Any]], spec: dict[str, Any]
     """Round ``model``'s quantised weights by GPTQ (``qat.quant.transforms.gptq.apply_gptq``) on
     ``batches`` (``calibration_batches``), moved to the model's device."""
     import logging
-
-    from qat.quant.transforms.gptq import apply_gptq
 
     device = next(model.parameters()).device
     batches = [{k: v.to(device) for k, v in b.items()} for b in batches]

@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from qat.errors import QatError
+from qat.formats import FormatError
+from qat.quant.config import QuantConfig, QuantConfigError
+from qat.runs.arguments import FINETUNE_MODES, LoraArguments
 
 QAT_CONFIG_FILE = "qat_config.json"
 
@@ -59,9 +62,6 @@ def read_json(path: str | os.PathLike, kind: type = dict) -> Any:
 
 def check_qat_config(path: str | os.PathLike) -> dict[str, Any]:
     """``qat_config.json`` parsed and validated (quant config, finetune mode, LoRA keys)."""
-    from qat.formats import FormatError
-    from qat.quant.config import QuantConfig, QuantConfigError
-    from qat.runs.arguments import FINETUNE_MODES, LoraArguments
 
     state = read_json(path)
     for key in ("quant", "finetune"):

@@ -18,6 +18,7 @@ from typing import Any
 
 from qat import models
 from qat.models import base_model
+from qat.quant.density import density_report
 from qat.runs.build import Source, build_model, resolve
 from qat.tasks.language_modeling import check_causal
 
@@ -40,7 +41,6 @@ class Loaded:
 
     def density(self) -> Any:
         """The model's ``qat.quant.density.DensityReport`` (bits per element, per layer)."""
-        from qat.quant.density import density_report
 
         return density_report(self.model)
 

@@ -15,6 +15,7 @@ from transformers import TrainingArguments
 from qat.errors import check_one_of
 from qat.runs.arguments import FINETUNE_MODES, ON_NONFINITE
 from qat.runs.recipe_text import RecipeError
+from qat.tasks.glue import GLUE_TASKS
 from qat.tasks.registry import DECODER_TASKS, get_task
 
 # What a recipe must name: the model and the task (a trainer handed its model and data in
@@ -53,7 +54,6 @@ def check_qat_values(cfg: Any) -> None:
 
 def check_quant_training(cfg: Any) -> None:
     """Quant options that need the weights to train, or the task's train rows."""
-    from qat.tasks.glue import GLUE_TASKS
 
     gptq = None if cfg.quant is None else cfg.quant.gptq_spec
     # no task_name: a trainer's config, whose model is handed over (QATTrainer decides)

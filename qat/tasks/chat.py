@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from qat.errors import DataError
+from qat.tasks.language_modeling import load_rows
 
 logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100  # labels the loss skips (transformers' cross-entropy ignore_index)
@@ -192,7 +193,6 @@ def chat_collator(tokenizer: Any):
 def chat_splits(args: Any, tokenizer: Any) -> tuple[Any, Any, Any]:
     """``(train, eval, collator)`` of a ``chat`` recipe: its rows formatted with the chat
     template, every row of both splits read and checked before any is tokenised."""
-    from qat.tasks.language_modeling import load_rows
 
     check_chat_template(tokenizer, args.tokenizer_name_or_path or args.model_name_or_path)
     out = []

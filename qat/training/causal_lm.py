@@ -14,6 +14,16 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from qat.errors import ConfigError
+from qat.models import fits_positions, load_config, load_tokenizer_for
+from qat.quant.quantize import check_quantizable
+from qat.runs.build import build_model
+from qat.tasks.language_modeling import check_causal
+from qat.tasks.registry import get_task
+from qat.training.loop import train_and_evaluate
+from qat.training.teacher import check_distill
+from qat.training.trainer import QATTrainer
+
 logger = logging.getLogger(__name__)
 
 
@@ -24,16 +34,6 @@ def train_decoder(
     (the recipe's ``trainer:``, ``qat.training.trainers.trainer_class``; default
     ``QATTrainer``)."""
     from transformers import set_seed
-
-    from qat.errors import ConfigError
-    from qat.models import fits_positions, load_config, load_tokenizer_for
-    from qat.quant.quantize import check_quantizable
-    from qat.runs.build import build_model
-    from qat.tasks.language_modeling import check_causal
-    from qat.tasks.registry import get_task
-    from qat.training.loop import train_and_evaluate
-    from qat.training.teacher import check_distill
-    from qat.training.trainer import QATTrainer
 
     args = recipe.args
     set_seed(args.seed)

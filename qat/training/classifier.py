@@ -10,20 +10,19 @@ from __future__ import annotations
 
 from typing import Any
 
+from qat.models import linear_module_names, preflight
+from qat.quant.lora import check_target_modules
+from qat.runs.build import build_model
+from qat.tasks.glue import get_task, glue_splits
 from qat.training.loop import train_and_evaluate
+from qat.training.teacher import check_distill
+from qat.training.trainer import QATTrainer
 
 
 def train_classifier(recipe: Any, checkpoint: str | None) -> dict:
     """Train and evaluate a sequence classifier on the recipe's GLUE task; returns the
     metrics."""
     from transformers import DataCollatorWithPadding, set_seed
-
-    from qat.models import linear_module_names, preflight
-    from qat.quant.lora import check_target_modules
-    from qat.runs.build import build_model
-    from qat.tasks.glue import get_task, glue_splits
-    from qat.training.teacher import check_distill
-    from qat.training.trainer import QATTrainer
 
     args = recipe.args
     set_seed(args.seed)

@@ -17,6 +17,7 @@ from qat.quant.lora import (
     make_lora_config,
     use_quant_lora,
 )
+from qat.quant.transforms.learned import learned_parameters
 
 
 def head_names(model: nn.Module) -> list[str]:
@@ -32,7 +33,6 @@ def head_names(model: nn.Module) -> list[str]:
 
 def prepare_finetuning(model: nn.Module, mode: str, lora: object | None = None) -> nn.Module:
     """Set ``requires_grad`` (or wrap with peft) for ``mode``; returns the model to train."""
-    from qat.quant.transforms.learned import learned_parameters
 
     if mode != "full" and learned_parameters(model):
         raise ConfigError(
@@ -121,7 +121,6 @@ def learned_group(optimizer: Any, model: nn.Module, quant: Any) -> None:
     """Move the learned transforms' parameters (``qat.quant.transforms.learned``) out of
     ``optimizer``'s groups into one of their own, at ``quant.rotation.learned.lr`` without weight
     decay (before any step, so no optimiser state moves)."""
-    from qat.quant.transforms.learned import learned_parameters
 
     params = [p for p in learned_parameters(model) if p.requires_grad]
     spec = (

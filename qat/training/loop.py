@@ -9,13 +9,15 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+from qat.runs.checkpoints import write_checksums
+from qat.runs.folders import CHECKPOINT_PREFIX, clear_run
+
 logger = logging.getLogger(__name__)
 
 
 def clear_old_run(recipe, checkpoint: str | None) -> None:
     """``overwrite_output_dir``: remove the old run, only once the model and data of the new
     one have loaded (bad input found before this leaves the old run as it was)."""
-    from qat.runs.folders import clear_run
 
     args = recipe.args
     if checkpoint or not args.overwrite_output_dir or args.process_index != 0:
@@ -29,9 +31,6 @@ def checksum_callback():
     """A ``TrainerCallback`` that records every saved checkpoint's checksums once the whole
     checkpoint is written (``qat.runs.checkpoints.write_checksums``; verified on resume)."""
     from transformers import TrainerCallback
-
-    from qat.runs.checkpoints import write_checksums
-    from qat.runs.folders import CHECKPOINT_PREFIX
 
     class ChecksumOnSave(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from qat.errors import ConfigError, check_one_of
+from qat.quant.ste import FakeQuantizer
 
 POLICIES = ("stop", "skip")
 
@@ -88,7 +89,6 @@ def _counts(obj: Any) -> tuple[int, int]:
 
 
 def _kind(module: nn.Module) -> str:
-    from qat.quant.ste import FakeQuantizer
 
     return "quantiser" if isinstance(module, FakeQuantizer) else type(module).__name__
 

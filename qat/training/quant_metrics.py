@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 from transformers import TrainerCallback
 
+from qat.quant.density import density_report
 from qat.quant.modules import QuantConv1D, QuantLinear
 from qat.quant.sqnr import error_sums, sqnr_from_sums
 
@@ -218,7 +219,6 @@ class QuantMetricsCallback(TrainerCallback):
         self._active = bool(self.layers)
         if not self._active:
             return
-        from qat.quant.density import density_report
 
         d = density_report(model).to_dict()
         summary = {

@@ -13,7 +13,19 @@ from pathlib import Path
 from typing import Any
 
 from qat.errors import UsageError
-from qat.runs.folders import check_output_dir
+from qat.quant.config import QuantConfig
+from qat.runs.arguments import LoraArguments
+from qat.runs.build import checkpoint_overrides
+from qat.runs.checkpoints import read_qat_config, verify_checkpoint
+from qat.runs.folders import (
+    RunLock,
+    check_output_dir,
+    checkpoints,
+    holds_run,
+    last_good_checkpoint,
+    remove_stale_temps,
+)
+from qat.runs.recipe import Recipe, load_recipe
 from qat.runs.recipe_checks import check_recipe_required
 from qat.tasks.registry import get_task
 from qat.training.causal_lm import train_decoder
@@ -38,10 +50,6 @@ def apply_checkpoint_state(recipe, checkpoint: str) -> None:
     """On resume, what the checkpoint overrides (``qat.runs.build.checkpoint_overrides``: its
     quant config, mode and LoRA settings) wins over the recipe, with a warning when they differ.
     The weights stay the Trainer's to restore."""
-    from qat.quant.config import QuantConfig
-    from qat.runs.arguments import LoraArguments
-    from qat.runs.build import checkpoint_overrides
-    from qat.runs.checkpoints import read_qat_config
 
     keys = checkpoint_overrides(read_qat_config(checkpoint))
     args = recipe.args
@@ -63,7 +71,6 @@ def last_complete_checkpoint(output_dir: str) -> str | None:
     """The newest ``checkpoint-N`` in ``output_dir`` whose every file a resume needs exists and
     reads (``qat.runs.checkpoints.verify_checkpoint``); newer damaged ones are skipped with a
     warning naming the file and what is wrong with it."""
-    from qat.runs.folders import last_good_checkpoint
 
     return last_good_checkpoint(output_dir)
 
@@ -74,8 +81,6 @@ def _wants_resume(recipe) -> bool:
 
 def resolve_resume(recipe) -> str | None:
     """``resume_from_checkpoint``: a path, or true/"last" for the newest good checkpoint."""
-    from qat.runs.checkpoints import verify_checkpoint
-    from qat.runs.folders import checkpoints, holds_run
 
     value = recipe.args.resume_from_checkpoint
     if not _wants_resume(recipe):
@@ -111,7 +116,6 @@ def check_run_folder(recipe, checkpoint: str | None) -> None:
     """Trainer's old ``overwrite_output_dir`` convention: a new run into a folder that holds a
     run is refused (say how to resume or overwrite); resuming a checkpoint of that folder is
     not a new run. Checked on every rank before anything is written."""
-    from qat.runs.folders import holds_run
 
     out = recipe.args.output_dir
     check_model_outside(recipe)
@@ -176,7 +180,6 @@ def run(recipe, trainer_cls=None) -> dict:
 
 def _remove_stale_temps(args) -> None:
     """What saves killed half-way left (we hold the lock: no save of ours is running)."""
-    from qat.runs.folders import remove_stale_temps
 
     if args.process_index == 0:
         removed = remove_stale_temps(args.output_dir)
@@ -191,7 +194,6 @@ def _remove_stale_temps(args) -> None:
 @contextlib.contextmanager
 def _run_lock(recipe) -> Iterator[None]:
     """Hold ``output_dir``'s lock file (process 0 only) for the whole run."""
-    from qat.runs.folders import RunLock
 
     args = recipe.args
     if args.process_index != 0:
@@ -238,7 +240,6 @@ def train(recipe: Any, overrides: list[str] | dict[str, Any] | None = None) -> d
     >>> sorted(os.listdir(os.path.join(tmp, "run")))  # doctest: +ELLIPSIS
     [...'model.safetensors'...'recipe.yaml'...]
     """
-    from qat.runs.recipe import Recipe, load_recipe
 
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)

@@ -18,8 +18,10 @@ from transformers.trainer_callback import ExportableState
 
 from qat.errors import ConfigError, UsageError
 from qat.models import base_model, is_causal_lm
+from qat.quant.backends import resolve_backend
 from qat.quant.config import QuantConfig
 from qat.quant.quantize import is_quantized, quantization_summary, quantize_model
+from qat.quant.ste import FakeQuantizer
 from qat.runs.arguments import QATArguments
 from qat.runs.checkpoints import write_qat_config
 from qat.training.distill import distill_loss_sum
@@ -39,6 +41,7 @@ from qat.training.inputs import (
 from qat.training.nonfinite import NonFiniteError, find_first_nonfinite, is_finite
 from qat.training.quant_metrics import QuantMetricsCallback
 from qat.training.settings import TrainerSettings, adopt_model_quant, resolve_settings
+from qat.training.teacher import make_teacher
 from qat.training.trainers import register_trainer
 
 logger = logging.getLogger(__name__)
@@ -136,7 +139,6 @@ class QATTrainer(Trainer):
         peft_config: Any = None,
         **kwargs: Any,
     ) -> None:
-        from qat.training.teacher import make_teacher
 
         settings = resolve_settings(
             model,
@@ -256,8 +258,6 @@ class QATTrainer(Trainer):
         """Which quantiser implementation runs here, e.g. ``backend auto -> compile on cpu``."""
         if self.quant_config is None:
             return "float"
-        from qat.quant.backends import resolve_backend
-        from qat.quant.ste import FakeQuantizer
 
         fq = next((m for m in self.model.modules() if isinstance(m, FakeQuantizer)), None)
         if fq is None:

@@ -7,12 +7,12 @@ import copy
 
 from qat.analysis.search.space import space_combos
 from qat.analysis.search.spec import SearchError, parse_spec
+from qat.runs.recipe import build_recipe
+from qat.runs.recipe_text import apply_override, load_recipe_dict, parse_overrides
 
 
 def read_recipe_and_spec(path: str, overrides: list[str]):
     """The recipe (overrides applied, ``search`` taken out) and its parsed search spec."""
-    from qat.runs.recipe import build_recipe
-    from qat.runs.recipe_text import apply_override, load_recipe_dict, parse_overrides
 
     data = load_recipe_dict(path)
     search = data.pop("search", None)

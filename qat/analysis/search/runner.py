@@ -14,6 +14,9 @@ from qat.analysis.search.score import Scorer, average_bits
 from qat.analysis.search.seeds import seed_mixes
 from qat.analysis.search.spec import ROLES, SearchError, SearchSpec
 from qat.analysis.search.study import check_study_file, open_study, scores_key, trial_rows
+from qat.formats import FormatError
+from qat.quant.config import QuantConfigError
+from qat.runs.folders import check_output_dir
 
 
 def _wandb_run(recipe, spec: SearchSpec, out: Path):
@@ -38,8 +41,6 @@ def run(path: str, argv: list[str], resume: bool = False) -> dict[str, Any]:
     from optuna.distributions import CategoricalDistribution
     from optuna.trial import TrialState
     from tqdm.auto import tqdm
-
-    from qat.runs.folders import check_output_dir
 
     recipe, spec, data = read_recipe_and_spec(path, argv)
     out = Path(recipe.args.output_dir)
@@ -118,8 +119,6 @@ def _key(params: dict[str, Any]) -> str:
 def _uniform(study, scorer: Scorer, spec: SearchSpec) -> list[dict[str, Any]]:
     """The uniform W3/W4/... references (every quantised role at one width), held-out and
     validation; kept in the study so ``--resume`` does not recompute them."""
-    from qat.formats import FormatError
-    from qat.quant.config import QuantConfigError
 
     cached = study.user_attrs.get("uniform")
     if cached is not None:

@@ -16,6 +16,12 @@ from typing import Any
 
 from qat.analysis.search.space import Space
 from qat.analysis.search.spec import SearchSpec
+from qat.quant.density import density_report
+from qat.quant.modules import MatmulQuantizer, QuantConv1D, QuantLinear
+from qat.quant.quantize import quantize_model
+from qat.runs.build import build_model
+from qat.tasks.glue import evaluate_split as evaluate
+from qat.tasks.glue import get_task, glue_splits
 
 
 class Scorer:
@@ -23,9 +29,6 @@ class Scorer:
 
     def __init__(self, recipe, spec: SearchSpec) -> None:
         import torch
-
-        from qat.runs.build import build_model
-        from qat.tasks.glue import get_task
 
         self.recipe, self.spec = recipe, spec
         self.task = get_task(recipe.args.task_name)
@@ -38,7 +41,6 @@ class Scorer:
 
     def split(self, which: str):
         """The held-out slice of the train split, or the validation split."""
-        from qat.tasks.glue import glue_splits
 
         args = self.recipe.args
         if which == "held_out":
@@ -59,14 +61,12 @@ class Scorer:
         return next(iter(raw.tokenize(self.tokenizer, args.max_length).values()))
 
     def quantized(self, quant: dict[str, Any]):
-        from qat.quant.quantize import quantize_model
 
         model = copy.deepcopy(self.model)
         return quantize_model(model, quant).to(self.device).eval()
 
     def score(self, quant: dict[str, Any], which: str = "held_out") -> dict[str, float]:
         """``{metric, bits, weight_bits, activation_bits, matmul_bits}`` of one config."""
-        from qat.tasks.glue import evaluate_split as evaluate
 
         if which not in self._data:
             self._data[which] = self.split(which)
@@ -80,8 +80,6 @@ class Scorer:
 
 def average_bits(model, seq_len: int) -> dict[str, float]:
     """Element-weighted bits per element over the quantised tensors (see the module doc)."""
-    from qat.quant.density import density_report
-    from qat.quant.modules import MatmulQuantizer, QuantConv1D, QuantLinear
 
     rep = density_report(model)
     parts = {

@@ -8,11 +8,14 @@ import itertools
 import re
 from typing import Any
 
+from qat.analysis.profile import layer_depth
 from qat.analysis.search.spec import ROLES, SearchError, SearchSpec
+from qat.formats import FormatError, make_format
+from qat.quant.config import merge_spec
+from qat.quant.quantize import attention_modules
 
 
 def _format(spec: dict[str, Any] | None, where: str):
-    from qat.formats import FormatError, make_format
 
     try:
         return make_format(spec)
@@ -23,7 +26,6 @@ def _format(spec: dict[str, Any] | None, where: str):
 def space_combos(spec: SearchSpec, base) -> dict[str, list[dict[str, Any]]]:
     """Check every choice against the recipe's base formats (before the model loads) and
     return, per role, every combination of its field choices (each a valid format)."""
-    from qat.quant.config import merge_spec
 
     out = {}
     for role, fields in spec.space.items():
@@ -62,9 +64,6 @@ class Space:
     def __init__(self, model, recipe, spec: SearchSpec) -> None:
         from torch import nn
         from transformers.pytorch_utils import Conv1D
-
-        from qat.analysis.profile import layer_depth
-        from qat.quant.quantize import attention_modules
 
         self.spec, self.base = spec, recipe.args.quant
         self.max_length = recipe.args.max_length
@@ -107,7 +106,6 @@ class Space:
         }
 
     def bits_of(self, role: str, name: str, choice: dict[str, Any]) -> float:
-        from qat.quant.config import merge_spec
 
         return _format(merge_spec(self.base.spec_for(role, name), choice), role).bits_per_element
 
@@ -149,7 +147,6 @@ class Space:
     ) -> dict[str, Any]:
         """The recipe's quant section with one exact-name override per module whose resolved
         spec differs from the recipe's; ``fields_override`` sets fields for every module."""
-        from qat.quant.config import merge_spec
 
         params = params or {}
         module_roles: dict[str, dict[str, Any]] = {}

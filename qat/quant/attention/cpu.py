@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from qat.formats.bfp import BFP, exponent_range
 from qat.formats.kernels.cpu_build import build
 
 logger = logging.getLogger(__name__)
@@ -70,7 +71,6 @@ def p_params(quantize_p: Callable[[Tensor], Tensor] | None) -> tuple[int, int, i
     or None where it does not (another format or scale rule, a rotation, another dim)."""
     if quantize_p is None:
         return (0, 0, 0, 0)
-    from qat.formats.bfp import BFP, exponent_range
 
     fmt = getattr(quantize_p, "fmt", None)
     if getattr(quantize_p, "rotation", None) is not None or getattr(quantize_p, "dim", 0) != -1:

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from qat.errors import QatError, did_you_mean
 from qat.formats import Format
 from qat.formats.base import to_blocks
+from qat.quant.modules import QuantLinear
 
 GPTQ_KEYS = ("samples", "damp", "batch")
 SUPPORTED_TEXT = (
@@ -179,7 +180,6 @@ def fixed_point(fmt: Format, q: Tensor, tries: int = 8) -> Tensor:
 
 def gptq_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The quantised linears whose weights GPTQ rounds (a weight quantiser, enabled)."""
-    from qat.quant.modules import QuantLinear
 
     return [
         (n, m)

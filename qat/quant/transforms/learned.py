@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from qat.errors import QatError
 from qat.quant.transforms.layout import Layout
 
 ATTR = "qat_learned"  # the model attribute (and state-dict prefix) of the learned parameters
@@ -273,8 +274,6 @@ def load_learned(model: nn.Module, folder: str | os.PathLike) -> None:
     """Read the ``qat_learned.*`` tensors of a checkpoint folder (safetensors, sharded or not)
     into ``model``'s learned transforms (``from_pretrained`` drops keys its class lacks)."""
     from safetensors import safe_open
-
-    from qat.errors import QatError
 
     owner = getattr(model, ATTR)
     want = {f"{ATTR}.{k}": v for k, v in owner.state_dict().items()}
