@@ -11,7 +11,7 @@
 // or float P.
 //
 // Built at run time by torch.utils.cpp_extension with the ISA flags of the machine (see
-// cpu_attention.py); the ops are registered as torch.ops.qat_cpu.*.
+// qat/quant/attention/cpu.py); the ops are registered as torch.ops.qat_cpu.*.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
