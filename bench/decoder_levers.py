@@ -80,9 +80,46 @@ def grid() -> dict[str, tuple[str, dict[str, Any] | None]]:
     ):
         label, quant = rows[key]
         rows[f"{key}-gptq"] = (f"{label} + GPTQ", {**quant, "gptq": gptq})
+    rows.update(_w4a4_families())
     rows["float-fused"] = ("float + fused R1+R2", {"rotation": _fused_rows()["fused"][1]})
     rows["w4-only"] = ("W4 BFP weight-only", _quant(_bfp(4), None, None))
     rows["w4-only-rot16"] = ("W4 BFP weight-only + rotation 16", _quant(_bfp(4), None, None, 16))
+    return rows
+
+
+LOBCQ_CODEBOOKS = "docs/papers/codebooks"  # fitted on SmolLM2 by bench/papers.py (fit-codebooks)
+
+
+def _w4a4_families() -> dict[str, tuple[str, dict[str, Any]]]:
+    """The other ~4.5-bit W4A4 formats under the rotations that work for BFP: NVFP4, MXFP4,
+    LO-BCQ (default codebooks, and with the activation and matmul codebooks fitted on SmolLM2's
+    validation chunks 1-2), and llama.cpp's Q4_0 weights with Q8_0 linear inputs."""
+    fused = _fused_rows()
+    lobcq = {"format": "lobcq"}
+    fit = {role: {**lobcq, "codebook_file": f"{LOBCQ_CODEBOOKS}/smollm2_lobcq_{role}.json"}
+           for role in ("activation", "matmul")}  # fmt: skip
+    every = {
+        "nvfp4": ("NVFP4 W4A4", _quant(*[{"format": "nvfp4"}] * 3)),
+        "mxfp4": ("MXFP4 W4A4", _quant(*[{"format": "mxfp4"}] * 3)),
+        "lobcq": ("LO-BCQ W4A4", _quant(lobcq, lobcq, lobcq)),
+        "lobcq-fit": ("LO-BCQ W4A4, fitted A + matmul",
+                      _quant(lobcq, fit["activation"], fit["matmul"])),
+    }  # fmt: skip
+    rows: dict[str, tuple[str, dict[str, Any]]] = {}
+    for key, (label, quant) in every.items():
+        if key != "mxfp4":
+            rows[key] = (label, quant)
+            rows[f"{key}-rot16"] = (
+                f"{label} + rotation 16",
+                {**quant, "rotation": {"kind": "hadamard", "size": 16}},
+            )
+        for lever in ("fused", "fused-b64-online16"):
+            name, rot = fused[lever]
+            rows[f"{key}-{lever}"] = (f"{label} + {name}", {**quant, "rotation": rot})
+    q4 = _quant({"format": "ggml_q4_0"}, {"format": "ggml_q8_0"}, None)
+    for lever in ("fused", "fused-b64-online16"):
+        name, rot = fused[lever]
+        rows[f"q4_0-{lever}"] = (f"Q4_0 weights, Q8_0 inputs + {name}", {**q4, "rotation": rot})
     return rows
 
 
