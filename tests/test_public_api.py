@@ -39,18 +39,10 @@ def _runnable_blocks(text: str) -> list[str]:
 def test_readme_python_example_runs(tmp_path):
     blocks = _runnable_blocks((REPO / "README.md").read_text())
     assert blocks, "README has no runnable Python block"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
     for block in blocks:
         script = tmp_path / "example.py"
         script.write_text(block + "\nprint('final loss', trainer.state.log_history[-1])\n")
-        done = subprocess.run(
-            [sys.executable, str(script)],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        done = _run_script(script, timeout=600)
         assert done.returncode == 0, done.stderr[-2000:]
         assert "train_loss" in done.stdout
         assert (tmp_path / "outputs" / "py_qat").is_dir()
@@ -75,22 +67,23 @@ def test_python_md_blocks_run_in_order(tmp_path):
     )
     script = tmp_path / "python_md.py"
     script.write_text("\n".join(blocks) + check)
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(REPO),
-        "CUDA_VISIBLE_DEVICES": "",
-        "QAT_WIKITEXT_DIR": str(REPO / "data" / "fixtures" / "wikitext-2-raw"),
-    }
-    done = subprocess.run(
+    wikitext = str(REPO / "data" / "fixtures" / "wikitext-2-raw")
+    done = _run_script(script, timeout=900, QAT_WIKITEXT_DIR=wikitext)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "steps 2" in done.stdout
+
+
+def _run_script(script, timeout: int, **env: str) -> subprocess.CompletedProcess:
+    """A docs page's code as a fresh user's script: its own folder, this checkout, no GPU."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "", **env}
+    return subprocess.run(
         [sys.executable, str(script)],
-        cwd=tmp_path,
+        cwd=script.parent,
         env=env,
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=timeout,
     )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "steps 2" in done.stdout
 
 
 def test_type_checking_imports_name_exactly_the_lazy_names():
