@@ -98,21 +98,18 @@ def _w4a4_families() -> dict[str, tuple[str, dict[str, Any]]]:
     lobcq = {"format": "lobcq"}
     fit = {role: {**lobcq, "codebook_file": f"{LOBCQ_CODEBOOKS}/smollm2_lobcq_{role}.json"}
            for role in ("activation", "matmul")}  # fmt: skip
-    every = {
-        "nvfp4": ("NVFP4 W4A4", _quant(*[{"format": "nvfp4"}] * 3)),
-        "mxfp4": ("MXFP4 W4A4", _quant(*[{"format": "mxfp4"}] * 3)),
-        "lobcq": ("LO-BCQ W4A4", _quant(lobcq, lobcq, lobcq)),
-        "lobcq-fit": ("LO-BCQ W4A4, fitted A + matmul",
-                      _quant(lobcq, fit["activation"], fit["matmul"])),
-    }  # fmt: skip
+    every = {  # id -> (label, weight, activation, matmul formats)
+        "nvfp4": ("NVFP4 W4A4", *[{"format": "nvfp4"}] * 3),
+        "mxfp4": ("MXFP4 W4A4", *[{"format": "mxfp4"}] * 3),
+        "lobcq": ("LO-BCQ W4A4", lobcq, lobcq, lobcq),
+        "lobcq-fit": ("LO-BCQ W4A4, fitted A + matmul", lobcq, fit["activation"], fit["matmul"]),
+    }
     rows: dict[str, tuple[str, dict[str, Any]]] = {}
-    for key, (label, quant) in every.items():
+    for key, (label, *roles) in every.items():
+        quant = _quant(*roles)
         if key != "mxfp4":
             rows[key] = (label, quant)
-            rows[f"{key}-rot16"] = (
-                f"{label} + rotation 16",
-                {**quant, "rotation": {"kind": "hadamard", "size": 16}},
-            )
+            rows[f"{key}-rot16"] = (f"{label} + rotation 16", _quant(*roles, 16))
         for lever in ("fused", "fused-b64-online16"):
             name, rot = fused[lever]
             rows[f"{key}-{lever}"] = (f"{label} + {name}", {**quant, "rotation": rot})
