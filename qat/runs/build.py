@@ -45,7 +45,7 @@ class Source:
     memory, whose keys are ``args``), for a checkpoint its directory, and for a model in
     memory the model and its tokenizer."""
 
-    recipe: Any  # qat.runs.recipe.Recipe | None
+    recipe: Any  # qat.runs.recipe.load.Recipe | None
     checkpoint: Path | None = None
     finetune: str = "full"
     args: Any = None  # recipe.args, or ModelArgs
