@@ -98,14 +98,33 @@ def _grads(fn, q, k, v, seed: int = 1):
     return out.detach(), qq.grad, kk.grad, vv.grad
 
 
+def _sums_of_abs_terms(q, k, v, mask, scaling, fmt) -> tuple[torch.Tensor, ...]:
+    """For the output and each gradient of ``_grads``' loss, the sum of its terms' absolute
+    values (``|P| @ |V|``, ``|dS| @ |K|``, ``|dS|^T @ |Q|``, ``|P|^T @ |dO|``), P and dS from
+    the eager path's autograd (the format's quantiser of P as a straight-through estimator)."""
+    scores = torch.matmul(q, k.transpose(-1, -2)).requires_grad_()
+    s = scores * scaling
+    if mask is not None:
+        s = s.masked_fill(~mask, LOWEST) if mask.dtype == torch.bool else s + mask
+    p = torch.softmax(s, dim=-1)
+    if fmt is not None:
+        p = p + (fmt.quantize(p.detach(), -1) - p).detach()
+    out = torch.matmul(p, v)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    (out * g).sum().backward()
+    ds, p = scores.grad.abs(), p.detach().abs()
+    t = (-1, -2)
+    return p @ v.abs(), ds @ k.abs(), ds.transpose(*t) @ q.abs(), p.transpose(*t) @ g.abs()
+
+
 @pytest.mark.parametrize("mask_kind", ["none", "causal", "padded", "additive"])
 @pytest.mark.parametrize("fmt_name", ["bfp4_b16", "bfp3_e3_b8", "float"])
 @pytest.mark.parametrize("scaling", [0.125, 1.0])
-def test_outputs_and_gradients_equal_the_pytorch_block_path(
+def test_outputs_and_gradients_are_the_pytorch_block_paths_up_to_summation_order(
     mask_kind, fmt_name, scaling, monkeypatch
 ):
-    # bit for bit: the kernel takes every sum in the PyTorch path's shapes (tiles of 16 rows
-    # here, the PyTorch path in blocks of two tiles; 70 rows end on a tile that reaches back)
+    # the kernel takes every sum in the PyTorch path's shapes (tiles of 16 rows here, the
+    # PyTorch path in blocks of two tiles; 70 rows end on a tile that reaches back)
     monkeypatch.setattr(block, "TILE_ROWS", 16)
     fmt = None if FORMATS[fmt_name] is None else make_format(FORMATS[fmt_name])
     quantize_p = None if fmt is None else FakeQuantizer(fmt)
@@ -121,8 +140,16 @@ def test_outputs_and_gradients_equal_the_pytorch_block_path(
         return block.BlockAttention.apply(q, k, v, mask, scaling, quantize_p, 32)
 
     got, want = _grads(kernel, q, k, v), _grads(torch_path, q, k, v)
-    for name, a, b in zip(("out", "q", "k", "v"), got, want):
-        assert torch.equal(a, b), (name, float((a - b).abs().max()))
+    # The kernel takes one 2-D GEMM per head and tile, the PyTorch path a batched matmul of
+    # the same shapes over the same terms, and BLAS picks its summation order by thread count
+    # (with one thread some sums differ in the last bit). Two orders of the same n = 70 terms
+    # differ by at most 2 * n * eps * (sum of the terms' |values|); those sums come from a
+    # float32 recomputation on the eager path (a factor of 2 to spare).
+    eps = torch.finfo(torch.float32).eps
+    bounds = _sums_of_abs_terms(q, k, v, mask, scaling, fmt)
+    for name, a, b, bound in zip(("out", "q", "k", "v"), got, want, bounds):
+        diff = (a - b).abs()
+        assert (diff <= 4 * 70 * eps * bound).all(), (name, float(diff.max()))
     if mask_kind == "padded":  # the row that sees no key passes no gradient to q
         assert not got[1][-1, :, 1].any()
 
