@@ -1,6 +1,7 @@
 """Test-wide settings (offline Hub, offline W&B, local GLUE data) and the shared fixtures:
-environment (``committed_wikitext``, ``wikitext_dir``, ``one_thread``), run folders (``run``)
-and the bad-input guard (``no_model``). Tiny models and recipes live in ``tiny.py``."""
+environment (``committed_wikitext``, ``wikitext_dir``, ``one_thread``), the session's finished
+tiny run (``finished_run``, and ``run``: a copy per test) and the bad-input guard
+(``no_model``). Tiny models and recipes live in ``tiny.py``."""
 
 import os
 import shutil
@@ -12,10 +13,17 @@ import pytest
 
 # tiny.py's helpers assert (exit codes, one error line): rewrite them as pytest does in tests.
 pytest.register_assert_rewrite("tiny")
-from tiny import REPO, WIKITEXT_DIR  # noqa: E402
+from tiny import REPO, WIKITEXT_DIR, train_tiny_run  # noqa: E402
 
 SHARED_GLUE = REPO.parent / "shared" / "data" / "glue"
 SHARED_WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2-raw"
+
+# Under pytest-xdist (-n 2) each worker is a process of its own: one torch thread each (and in
+# the subprocesses they start), so two workers on two cores do not oversubscribe them.
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if XDIST_WORKER:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 # Triton kernels run on CPU tensors only under the interpreter, which triton reads when a
 # kernel is defined: set it before anything imports triton, unless a GPU is there to use.
@@ -23,6 +31,8 @@ try:
     import torch
 
     _cuda = torch.cuda.is_available()
+    if XDIST_WORKER:
+        torch.set_num_threads(1)
 except ImportError:
     _cuda = False
 if not _cuda:
@@ -93,9 +103,19 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(n)
 
 
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's one finished tiny ``qat train`` run: 3 steps, ``checkpoint-1..3`` (each:
+    weights, optimizer, scheduler, trainer state, checksums). Read it, never change it: a test
+    that damages a run takes its own copy, ``run``."""
+    return train_tiny_run(
+        tmp_path_factory.mktemp("finished"), max_steps=3, save_strategy="steps", save_steps=1
+    )
+
+
 @pytest.fixture()
-def run(run_dir: Path, tmp_path: Path) -> Path:
-    """A private copy of the module's ``run_dir`` fixture (a finished run) to damage."""
+def run(finished_run: Path, tmp_path: Path) -> Path:
+    """A private copy of ``finished_run`` to damage."""
     dst = tmp_path / "run"
-    shutil.copytree(run_dir, dst)
+    shutil.copytree(finished_run, dst)
     return dst

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from tiny import REPO, error_lines, tiny_recipe, train_tiny_run, tree_hashes
+from tiny import REPO, error_lines, tiny_recipe, tree_hashes
 from transformers import AutoModelForSequenceClassification
 
 import qat  # noqa: F401 - registers the qat_packed model type
@@ -263,44 +263,38 @@ def test_export_without_qat_loads_exactly_or_refuses(tmp_path):
 # --- destinations: never overwritten unasked, never the source, written atomically ------------
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory) -> Path:
-    """A finished tiny ``qat train`` run (model.safetensors, qat_config.json, recipe.yaml)."""
-    return train_tiny_run(tmp_path_factory.mktemp("run"), "--max_steps", "2")
-
-
-def test_self_export_is_refused_and_the_run_survives(trained_run, capsys, tmp_path):
+def test_self_export_is_refused_and_the_run_survives(finished_run, capsys, tmp_path):
     from qat.cli.eval import main as eval_main
 
-    before = tree_hashes(trained_run)
+    before = tree_hashes(finished_run)
     cases = [
-        (str(trained_run), "is the source checkpoint"),
-        (str(trained_run / "exported"), "lies inside the source checkpoint"),
-        (str(trained_run.parent), "contains the source checkpoint"),
+        (str(finished_run), "is the source checkpoint"),
+        (str(finished_run / "exported"), "lies inside the source checkpoint"),
+        (str(finished_run.parent), "contains the source checkpoint"),
     ]
     for out, what in cases:
         for extra in ([], ["--overwrite"]):
             capsys.readouterr()
-            assert main([str(trained_run), "--out", out, *extra]) == 2
+            assert main([str(finished_run), "--out", out, *extra]) == 2
             err = error_lines(capsys)
             assert len(err) == 1 and what in err[0], err
-            assert tree_hashes(trained_run) == before
-    assert not (trained_run / "exported").exists()
+            assert tree_hashes(finished_run) == before
+    assert not (finished_run / "exported").exists()
     link = tmp_path / "link"
-    link.symlink_to(trained_run)  # a symlink to the source is the source
-    assert main([str(trained_run), "--out", str(link), "--overwrite"]) == 2
+    link.symlink_to(finished_run)  # a symlink to the source is the source
+    assert main([str(finished_run), "--out", str(link), "--overwrite"]) == 2
     assert "is the source checkpoint" in error_lines(capsys)[0]
-    assert tree_hashes(trained_run) == before
-    assert eval_main([str(trained_run), "--output", str(tmp_path / "eval.json")]) == 0
+    assert tree_hashes(finished_run) == before
+    assert eval_main([str(finished_run), "--output", str(tmp_path / "eval.json")]) == 0
 
 
 def test_non_empty_out_needs_overwrite_and_is_replaced_atomically(
-    trained_run, capsys, tmp_path, monkeypatch
+    finished_run, capsys, tmp_path, monkeypatch
 ):
     out = tmp_path / "export"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    assert main([str(trained_run), "--out", str(out)]) == 2
+    assert main([str(finished_run), "--out", str(out)]) == 2
     err = error_lines(capsys)
     assert err == [
         f"qat export: error: --out {str(out)!r} is not empty (1 entries); pass "
@@ -309,10 +303,10 @@ def test_non_empty_out_needs_overwrite_and_is_replaced_atomically(
     assert (out / "notes.txt").read_text() == "mine"
     # --overwrite replaces only an export: a folder of notes, or another run, stays (#21)
     other_run = tmp_path / "other_run"
-    shutil.copytree(trained_run, other_run)
+    shutil.copytree(finished_run, other_run)
     for folder in (out, other_run):
         before = tree_hashes(folder)
-        assert main([str(trained_run), "--out", str(folder), "--overwrite"]) == 2
+        assert main([str(finished_run), "--out", str(folder), "--overwrite"]) == 2
         assert error_lines(capsys) == [
             f"qat export: error: --out {str(folder)!r} is not empty and holds no qat export "
             "(qat_export.json beside its weights); --overwrite replaces "
@@ -321,7 +315,7 @@ def test_non_empty_out_needs_overwrite_and_is_replaced_atomically(
         assert tree_hashes(folder) == before
     shutil.rmtree(other_run)
     (out / "notes.txt").unlink()
-    assert main([str(trained_run), "--out", str(out)]) == 0  # an export, then a note in it
+    assert main([str(finished_run), "--out", str(out)]) == 0  # an export, then a note in it
     (out / "notes.txt").write_text("mine")
     before = tree_hashes(out)
     # A failure while writing leaves the old folder untouched and no temporary folder behind.
@@ -332,20 +326,20 @@ def test_non_empty_out_needs_overwrite_and_is_replaced_atomically(
 
     monkeypatch.setattr(safetensors.torch, "save_file", broken)
     with pytest.raises(OSError, match="No space left"):
-        main([str(trained_run), "--out", str(out), "--overwrite"])
+        main([str(finished_run), "--out", str(out), "--overwrite"])
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
     assert tree_hashes(out) == before
-    assert main([str(trained_run), "--out", str(out), "--overwrite"]) == 0
+    assert main([str(finished_run), "--out", str(out), "--overwrite"]) == 0
     assert not (out / "notes.txt").exists() and (out / "qat_packed.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
     info = json.loads((out / "qat_export.json").read_text())
     assert info["weight_file_bytes"] == (out / "qat_packed.safetensors").stat().st_size
     # an empty folder is fine without --overwrite; a file is not a folder
     (tmp_path / "empty").mkdir()
-    assert main([str(trained_run), "--out", str(tmp_path / "empty")]) == 0
+    assert main([str(finished_run), "--out", str(tmp_path / "empty")]) == 0
     (tmp_path / "file").write_text("x")
-    assert main([str(trained_run), "--out", str(tmp_path / "file"), "--overwrite"]) == 2
+    assert main([str(finished_run), "--out", str(tmp_path / "file"), "--overwrite"]) == 2
     assert error_lines(capsys) == [
         f"qat export: error: --out {str(tmp_path / 'file')!r} exists and is not a directory"
     ]

@@ -14,17 +14,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from tiny import error_lines, tiny_recipe, train_tiny_run, tree_hashes
+from tiny import error_lines, tiny_recipe, tree_hashes
 
 from qat.cli.train import main as train_main
 from qat.runs.folders import LOCK_FILE
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    return train_tiny_run(
-        tmp_path_factory.mktemp("lost"), max_steps=2, save_strategy="steps", save_steps=1
-    )
 
 
 @pytest.mark.parametrize(
@@ -47,7 +40,7 @@ def test_overwrite_keeps_the_old_run_when_the_new_input_is_bad(run, tmp_path, ca
 def test_overwrite_refuses_to_delete_the_model_it_fine_tunes(run, tmp_path, capsys):
     before = tree_hashes(run)
     recipe = tiny_recipe(tmp_path, "new.yaml")
-    for model in (run, run / "checkpoint-2"):
+    for model in (run, run / "checkpoint-3"):
         capsys.readouterr()
         assert (
             train_main(
@@ -203,7 +196,7 @@ def test_rotted_checkpoint_is_skipped_for_the_previous_good_one(run, caplog, nam
     from qat.runs.checkpoints import CheckpointError, verify_checkpoint
     from qat.runs.folders import last_good_checkpoint
 
-    ckpt = run / "checkpoint-2"
+    ckpt = run / "checkpoint-3"
     record = json.loads((ckpt / "qat_checksums.json").read_text())
     assert (
         record["files"]["model.safetensors"]["sha256"]
@@ -217,5 +210,5 @@ def test_rotted_checkpoint_is_skipped_for_the_previous_good_one(run, caplog, nam
     with pytest.raises(CheckpointError, match="changed since it was saved"):
         verify_checkpoint(ckpt)
     with caplog.at_level(logging.WARNING):
-        assert last_good_checkpoint(run) == str(run / "checkpoint-1")
+        assert last_good_checkpoint(run) == str(run / "checkpoint-2")
     assert f"skipping checkpoint {ckpt}: {ckpt / name}: changed since it was saved" in caplog.text

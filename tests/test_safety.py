@@ -13,22 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
-from tiny import error_lines, tiny_recipe, train_tiny_run, tree_hashes
+from tiny import error_lines, tiny_recipe, tree_hashes
 
 from qat.cli.eval import main as eval_main
 from qat.cli.export import main as export_main
 from qat.cli.train import main as train_main
 from qat.runs.checkpoints import CheckpointError, verify_checkpoint
 from qat.runs.folders import LOCK_FILE, last_good_checkpoint
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    """A finished tiny run with checkpoint-1..3 (each: weights, optimizer, scheduler, ...)."""
-    return train_tiny_run(
-        tmp_path_factory.mktemp("safety"), max_steps=3, save_strategy="steps", save_steps=1
-    )
-
 
 # --- reused output_dir ----------------------------------------------------------------------
 
