@@ -72,7 +72,7 @@ def _engine_side(gguf: Path, text: str, chunks: list[list[int]], gen: int) -> di
         "llama_cpp_ppl": ppl,
         "same_tokens": own == [t for c in chunks for t in c],
         "gguf": str(gguf),
-        **speed(gguf, chunks[0][:512], gen),
+        **(speed(gguf, chunks[0][:512], gen) if gen else {}),  # gen=0: no speed figures
     }
 
 
@@ -86,7 +86,8 @@ def judge(
     overrides: list[str] | None = None,
 ) -> dict[str, Any]:
     """Export ``recipe`` (a recipe or run folder; recipe keys ``overrides``) to
-    ``out_dir``/model.gguf and score it both ways on the first ``chunks`` test chunks."""
+    ``out_dir``/model.gguf and score it both ways on the first ``chunks`` test chunks (and
+    llama.cpp's speed, ``gen`` tokens decoded; 0: no speed)."""
     overrides = list(overrides or [])
     if wikitext_dir is not None:
         os.environ["QAT_WIKITEXT_DIR"] = str(wikitext_dir)

@@ -95,6 +95,7 @@ def test_real_smollm2_q4_0_perplexity_matches_qat_within_1_percent(tmp_path):
         chunks=1,
         chunk_size=512,
         wikitext_dir=wt,
+        gen=0,  # perplexity only: the speed figures are bench/'s
     )
     assert row["same_tokens"]
     assert abs(row["llama_cpp_ppl"] / row["qat_ppl"] - 1) < 0.01, row
@@ -161,6 +162,7 @@ def test_real_smollm2_fused_rotation_q4_0_perplexity_matches_qat_within_1_percen
         chunks=1,
         chunk_size=512,
         wikitext_dir=wt,
+        gen=0,  # perplexity only: the speed figures are bench/'s
         overrides=["--quant.rotation", json.dumps(FUSED)],
     )
     assert row["same_tokens"]
