@@ -13,7 +13,8 @@ no unit test reads a path outside the repository.
 - recipes: ``tiny_recipe`` (sst2 classifier), ``lm_recipe`` (causal_lm / chat), ``write_recipe``,
   with the quant sections ``BFP4`` / ``W4A4_BFP`` and the run keys ``QUIET_CPU_RUN``;
 - runs: ``train_tiny_run`` (a finished run folder), ``lm_train_error`` (a refused one);
-- checks: ``tree_hashes``, ``error_lines``, ``one_error_line``; ``load_bench`` for bench/.
+- checks: ``tree_hashes``, ``error_lines``, ``one_error_line``; ``wandb_records`` /
+  ``wait_for_wandb_exit`` for an offline W&B log; ``load_bench`` for bench/.
 
 Fixtures (environment, run-folder copies) live in ``conftest.py``.
 """
@@ -25,6 +26,7 @@ import importlib.util
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent  # the repository root
@@ -422,3 +424,38 @@ def one_error_line(err: str, command: str) -> str:
     lines = [x for x in err.splitlines() if x.startswith(f"qat {command}: error:")]
     assert len(lines) == 1, err[-3000:]
     return lines[0]
+
+
+def wandb_records(path: Path):
+    """Records of a W&B transaction log (.wandb): a 7-byte header, then LevelDB-style log
+    blocks of 32 KiB holding chunks (crc32, length, type: full/first/middle/last)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    raw, pos, buf, block = path.read_bytes(), 7, b"", 32768
+    assert raw[:4] == b":W&B"
+    while pos + 7 <= len(raw):
+        left = block - pos % block
+        _, length, kind = struct.unpack("<IHB", raw[pos : pos + 7]) if left >= 7 else (0, 0, 0)
+        if left < 7 or (kind == 0 and length == 0):
+            pos += left
+            continue
+        data, pos = raw[pos + 7 : pos + 7 + length], pos + 7 + length
+        buf = data if kind in (1, 2) else buf + data
+        if kind in (1, 4):
+            rec = wandb_internal_pb2.Record()
+            rec.ParseFromString(buf)
+            yield rec
+
+
+def wait_for_wandb_exit(log) -> None:
+    """wandb-core, a process of its own, may still be writing when the training process has
+    exited: return once the log holds the run's closing "exit" record (bounded wait)."""
+    for _ in range(120):
+        try:
+            if any(r.WhichOneof("record_type") == "exit" for r in wandb_records(log)):
+                return
+        except Exception:  # noqa: BLE001 - a record still being written; look again
+            pass
+        time.sleep(0.5)

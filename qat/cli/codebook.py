@@ -7,7 +7,7 @@ import argparse
 import sys
 
 # The library's constants, spelled here so --help and bad options need no torch import
-# (tests/test_cli_help.py checks they agree).
+# (tests/unit/cli/test_cli_help.py checks they agree).
 KINDS = ("bof4", "bof4s")
 METRICS = ("mse", "mae")
 METHODS = ("integral", "mc")

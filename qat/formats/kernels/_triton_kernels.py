@@ -16,7 +16,7 @@ import triton.language as tl
 
 # The format families (KIND) and tile layouts (LAYOUT) of fake_quantize_kernel: the values of
 # _plan.KIND_* / LAYOUT_*, as triton constants (this file is also compiled on its own, without
-# the package; tests/test_kernels.py checks that the two agree).
+# the package; tests/unit/formats/test_kernels.py checks that the two agree).
 KIND_BFP = tl.constexpr(0)
 KIND_MX = tl.constexpr(1)
 KIND_CODEBOOK = tl.constexpr(2)
