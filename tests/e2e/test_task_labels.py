@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from tiny import make_tiny_glue_dir, tiny_recipe
@@ -43,31 +42,32 @@ print(json.dumps(clf(["a gripping, funny film", "flat and dull"], top_k=None)))
 """
 
 
-def _labels(model_dir: Path) -> list[set[str]]:
-    out = subprocess.run(
-        [sys.executable, "-c", PIPE, str(model_dir)], capture_output=True, text=True, check=True
-    ).stdout
+def _labels(out: str) -> list[set[str]]:
     return [{d["label"] for d in row} for row in json.loads(out.strip().splitlines()[-1])]
 
 
-def test_trained_run_and_its_export_print_label_names(tmp_path):
-    from qat.cli.export import main as export_main
-    from qat.cli.train import main as train_main
+def test_trained_run_and_its_export_print_label_names(finished_run, tmp_path):
+    from transformers import pipeline
 
-    run_dir = tmp_path / "out"
-    assert train_main([tiny_recipe(tmp_path, max_steps=2)]) == 0
-    config = json.loads((run_dir / "config.json").read_text())
+    from qat.cli.export import main as export_main
+
+    config = json.loads((finished_run / "config.json").read_text())
     assert config["id2label"] == {"0": "negative", "1": "positive"}
     assert config["label2id"] == {"negative": 0, "positive": 1}
-    assert _labels(run_dir) == [{"negative", "positive"}] * 2
+    clf = pipeline("text-classification", model=str(finished_run), device="cpu")
+    got = clf(["a gripping, funny film", "flat and dull"], top_k=None)
+    assert _labels(json.dumps(got)) == [{"negative", "positive"}] * 2
 
     export_dir = tmp_path / "export"
-    assert export_main([str(run_dir), "--out", str(export_dir)]) == 0
+    assert export_main([str(finished_run), "--out", str(export_dir)]) == 0
     # A packed export keeps the trained model's config under base_config (model_type qat_packed)
     exported = json.loads((export_dir / "config.json").read_text())
     assert exported["model_type"] == "qat_packed"
     assert exported["base_config"]["id2label"] == {"0": "negative", "1": "positive"}
-    assert _labels(export_dir) == [{"negative", "positive"}] * 2
+    fresh = subprocess.run(
+        [sys.executable, "-c", PIPE, str(export_dir)], capture_output=True, text=True, check=True
+    )
+    assert _labels(fresh.stdout) == [{"negative", "positive"}] * 2
 
 
 @pytest.mark.parametrize("task", ["rte"])

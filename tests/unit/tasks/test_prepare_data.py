@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import importlib.util
-import subprocess
 import sys
 from pathlib import Path
 
@@ -199,8 +198,11 @@ def test_a_hub_split_without_the_expected_column_is_named(tmp_path, monkeypatch,
     assert not list(tmp_path.rglob("*.tsv*"))  # nothing half-written
 
 
-def test_help_answers_without_downloading():
-    r = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True)
-    assert r.returncode == 0 and r.stderr == ""
-    assert r.stdout.startswith("usage: prepare.py [-h] --out OUT [--tasks TASK [TASK ...]]")
-    assert "--overwrite" in r.stdout
+def test_help_answers_without_downloading(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT)])  # argparse names the program from argv[0]
+    with pytest.raises(SystemExit) as done:
+        _prepare().main(["--help"])
+    out = capsys.readouterr()
+    assert done.value.code == 0 and out.err == ""
+    assert out.out.startswith("usage: prepare.py [-h] --out OUT [--tasks TASK [TASK ...]]")
+    assert "--overwrite" in out.out
