@@ -136,7 +136,9 @@ def _run(module, q, k, v, mask, **kwargs):
 
 @pytest.mark.parametrize("mask_kind", ["none", "bool", "additive", "broadcast_row"])
 @pytest.mark.parametrize("kv_heads", [4, 2])
-def test_function_equals_eager_under_masks_and_gqa(mask_kind, kv_heads, blocks, monkeypatch):
+def test_function_equals_eager_under_masks_and_gqa(
+    mask_kind, kv_heads, blocks, block_impl, monkeypatch
+):
     seq = 23
     module = _Attn({**W4, "block_size": 8}, groups=4 // kv_heads)
     q, k, v = _qkv(seq, kv_heads=kv_heads)
@@ -147,7 +149,10 @@ def test_function_equals_eager_under_masks_and_gqa(mask_kind, kv_heads, blocks, 
     got, probs, grads = _run(module, q, k, v, mask)
     assert ref_probs is not None and probs is None and len(blocks) == 1
     assert torch.equal(got, ref)
-    assert torch.equal(grads[0], ref_grads[0])  # dQ: each block's own rows, no cross-block sum
+    if block_impl == "torch":  # dQ: each block's own rows, no cross-block sum
+        assert torch.equal(grads[0], ref_grads[0])
+    else:  # the kernel's one GEMM per head, whose summation order BLAS picks by thread count
+        _assert_same(grads[0], ref_grads[0], "q")
     for name, g, r in zip("kv", grads[1:], ref_grads[1:]):
         _assert_same(g, r, name)
 
