@@ -9,7 +9,10 @@ import pytest
 import yaml
 from tiny import REPO, wait_for_wandb_exit, wandb_records
 
-pytestmark = pytest.mark.skipif(not os.environ.get("QAT_DATA_DIR"), reason="needs GLUE data")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not os.environ.get("QAT_DATA_DIR"), reason="needs GLUE data"),
+]
 
 
 @pytest.fixture(scope="module")

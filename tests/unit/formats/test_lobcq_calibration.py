@@ -43,6 +43,7 @@ def _check(source: str, tmp_path) -> tuple[float, float]:
     return default, fitted
 
 
+@pytest.mark.slow
 def test_fitted_on_minilm_weights_beats_the_defaults(tmp_path):
     default, fitted = _check(MINILM, tmp_path)
     assert fitted < 0.99 * default, (default, fitted)  # 0.00407 -> 0.00400
@@ -78,6 +79,7 @@ def activations(tmp_path_factory) -> str:
     return str(out)
 
 
+@pytest.mark.slow
 def test_fitted_on_minilm_activations_beats_the_defaults(activations, tmp_path):
     default, fitted = _check(activations, tmp_path)
     assert fitted < 0.95 * default, (default, fitted)  # 0.00621 -> 0.00567

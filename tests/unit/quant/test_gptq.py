@@ -99,6 +99,7 @@ def _output_error(x: torch.Tensor, w: torch.Tensor, q: torch.Tensor) -> float:
     return ((x.double() @ (q - w).double().T) ** 2).sum().item()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "spec",
     [SUPPORTED[0], SUPPORTED[2], SUPPORTED[6], SUPPORTED[9]],
