@@ -980,6 +980,7 @@ def _md_bfp(rows: dict[str, dict]) -> None:
         ("w4a4-b8-full", "W4A4 BFP B8, QAT full"),
         ("w4a4-lora", "W4A4 BFP B16, QAT LoRA"),
         ("w4a4-classifier", "W4A4 BFP B16, QAT classifier-only"),
+        ("float-classifier", "float, classifier-only"),
         ("w4a4-ptq", "W4A4 BFP B16, PTQ of the float run"),
     ):
         vals = {s: rows.get(f"minilm-{key}-s{s}", {}).get("accuracy") for s in (42, 43)}
