@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from qat_vs_ptq import quant_label  # noqa: E402
 
-from qat.runs.recipe import load_recipe  # noqa: E402
+from qat.runs.recipe.load import load_recipe  # noqa: E402
 
 EVAL_ONLY = ["--do_train", "false", "--do_eval", "true"]
 

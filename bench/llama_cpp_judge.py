@@ -90,7 +90,7 @@ def judge(
     overrides = list(overrides or [])
     if wikitext_dir is not None:
         os.environ["QAT_WIKITEXT_DIR"] = str(wikitext_dir)
-    from qat.export.run import export_model
+    from qat.exporting import export_model
     from qat.tasks.language_modeling import load_wikitext
 
     t = time.perf_counter()

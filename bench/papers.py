@@ -415,7 +415,7 @@ class Lab:
         """The float SmolLM2 fine-tuned under the QAT budget (trained here if absent)."""
         out = self.work / f"smollm2-float-ft-s{seed}"
         if not (out / "model.safetensors").is_file():
-            from qat.runs.recipe import load_recipe
+            from qat.runs.recipe.load import load_recipe
             from qat.training.run import run
 
             over = [*self.lm_budget(seed), "--quant", "null", "--output_dir", str(out)]
@@ -446,7 +446,7 @@ class Lab:
     def glue_float_dir(self, seed: int) -> Path:
         out = self.work / f"minilm-float-s{seed}"
         if not (out / "model.safetensors").is_file():
-            from qat.runs.recipe import load_recipe
+            from qat.runs.recipe.load import load_recipe
             from qat.training.run import run
 
             over = [*self.glue_common(seed), "--quant", "null", "--output_dir", str(out)]
@@ -506,7 +506,7 @@ def float_row(a: argparse.Namespace, paper: str) -> dict[str, Any] | None:
 def run_lm_train(lab: Lab, row: Row) -> dict[str, Any]:
     """A row of the decoder QAT budget: train (or only evaluate) a recipe, score the test
     chunks the recipe's evaluation scores (``eval_perplexity``)."""
-    from qat.runs.recipe import load_recipe
+    from qat.runs.recipe.load import load_recipe
     from qat.training.run import run
 
     s = row.spec
@@ -543,7 +543,7 @@ def run_glue_train(lab: Lab, row: Row) -> dict[str, Any]:
     """QAT of MiniLM on SST-2 in one fine-tuning mode (``qat_vs_ptq.MODES``: learning rates)."""
     from qat_vs_ptq import MODES
 
-    from qat.runs.recipe import load_recipe
+    from qat.runs.recipe.load import load_recipe
     from qat.training.run import run
 
     s = row.spec

@@ -25,7 +25,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from qat.runs.recipe import load_recipe  # noqa: E402
+from qat.runs.recipe.load import load_recipe  # noqa: E402
 
 # mode -> (display name; {q} is the recipe's quant label, overrides on top of the recipe);
 # learning rates follow each mode's usual range

@@ -24,16 +24,16 @@ _LAZY = {
     "quantize_model": ("qat.quant.quantize", "quantize_model"),
     "QATTrainer": ("qat.training.trainer", "QATTrainer"),
     "QATSFTTrainer": ("qat.integrations.trl", "QATSFTTrainer"),
-    "QATConfig": ("qat.runs.config", "QATConfig"),
+    "QATConfig": ("qat.runs.recipe.config", "QATConfig"),
     "QATSFTConfig": ("qat.integrations.trl", "QATSFTConfig"),
-    "LoraArguments": ("qat.runs.arguments", "LoraArguments"),
-    "load_recipe": ("qat.runs.recipe", "load_recipe"),
+    "LoraArguments": ("qat.runs.recipe.arguments", "LoraArguments"),
+    "load_recipe": ("qat.runs.recipe.load", "load_recipe"),
     "build_model": ("qat.runs.build", "build_model"),
     "train": ("qat.training.run", "train"),
     "evaluate": ("qat.evaluation.evaluate", "evaluate"),
     "perplexity": ("qat.evaluation.perplexity", "perplexity"),
     "generate": ("qat.evaluation.generate", "generate"),
-    "export_model": ("qat.export.run", "export_model"),
+    "export_model": ("qat.exporting", "export_model"),
     "attach_qdec": ("qat.quant.qdec.attach", "attach_qdec"),
     "QatError": ("qat.errors", "QatError"),
 }
@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from qat.evaluation.evaluate import evaluate as evaluate
     from qat.evaluation.generate import generate as generate
     from qat.evaluation.perplexity import perplexity as perplexity
-    from qat.export.run import export_model as export_model
+    from qat.exporting import export_model as export_model
     from qat.formats import make_format as make_format
     from qat.integrations.trl import QATSFTConfig as QATSFTConfig
     from qat.integrations.trl import QATSFTTrainer as QATSFTTrainer
@@ -53,10 +53,10 @@ if TYPE_CHECKING:
     from qat.quant.qdec.attach import attach_qdec as attach_qdec
     from qat.quant.quantize import quantization_summary as quantization_summary
     from qat.quant.quantize import quantize_model as quantize_model
-    from qat.runs.arguments import LoraArguments as LoraArguments
     from qat.runs.build import build_model as build_model
-    from qat.runs.config import QATConfig as QATConfig
-    from qat.runs.recipe import load_recipe as load_recipe
+    from qat.runs.recipe.arguments import LoraArguments as LoraArguments
+    from qat.runs.recipe.config import QATConfig as QATConfig
+    from qat.runs.recipe.load import load_recipe as load_recipe
     from qat.training.run import train as train
     from qat.training.trainer import QATTrainer as QATTrainer
 

@@ -20,7 +20,7 @@ from qat.quant.config import CLASSIFIER_HEADS, HEAD_NAMES, QuantConfig
 from qat.quant.modules import QuantLinear
 from qat.runs.build import build_model, checkpoint_overrides
 from qat.runs.checkpoints import QAT_CONFIG_FILE
-from qat.runs.recipe import load_recipe
+from qat.runs.recipe.load import load_recipe
 
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": None}
 

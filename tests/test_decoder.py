@@ -186,8 +186,8 @@ def test_chat_needs_a_chat_template(tmp_path, capsys):
 
 
 def test_decoder_recipe_keys_are_checked(tmp_path):
-    from qat.runs.recipe import load_recipe
-    from qat.runs.recipe_text import RecipeError
+    from qat.runs.recipe.load import load_recipe
+    from qat.runs.recipe.text import RecipeError
 
     recipe = lm_recipe(tmp_path)
     cases = {

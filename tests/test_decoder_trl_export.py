@@ -43,7 +43,7 @@ def test_qat_sft_trainer_wraps_trl(tmp_path):
     from qat.models import load_tokenizer
     from qat.quant.lora import QuantLoraLinear
     from qat.quant.modules import QuantLinear
-    from qat.runs.arguments import LoraArguments
+    from qat.runs.recipe.arguments import LoraArguments
 
     path = make_tiny_causal_lm_dir(tmp_path)
     model = AutoModelForCausalLM.from_pretrained(path)

@@ -19,7 +19,7 @@ from tiny import make_tiny_glue_dir, make_tiny_model_dir, one_error_line, tiny_r
 import qat.analysis.profile
 import qat.evaluation.evaluate
 import qat.evaluation.perplexity
-import qat.export.run
+import qat.exporting
 import qat.models
 import qat.runs.build
 import qat.runs.entry
@@ -176,7 +176,7 @@ def test_export_loads_on_the_resolved_device(tmp_path, monkeypatch) -> None:
 
     monkeypatch.setattr(qat.runs.entry, "build_model", build_model)
     with pytest.raises(_Seen):
-        qat.export.run.export_model(tiny_recipe(tmp_path), tmp_path / "packed", device="cpu")
+        qat.exporting.export_model(tiny_recipe(tmp_path), tmp_path / "packed", device="cpu")
     assert seen["device"] == torch.device("meta")
     assert not Path(tmp_path / "packed").exists()
 

@@ -19,7 +19,7 @@ from tiny import (
     tiny_recipe,
 )
 
-from qat.runs.arguments import DistillArguments
+from qat.runs.recipe.arguments import DistillArguments
 from qat.training.distill import distill_loss_sum, divergence
 
 W4 = {
@@ -130,7 +130,7 @@ def _trainer(
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, TrainingArguments
 
-    from qat.runs.arguments import LoraArguments
+    from qat.runs.recipe.arguments import LoraArguments
     from qat.training.trainer import QATTrainer
 
     path = make_tiny_causal_lm_dir(tmp_path)
@@ -372,7 +372,7 @@ def test_sft_recipe_with_distillation_logs_distill_loss(tmp_path):
 
 
 def test_distill_section_from_the_command_line(tmp_path):
-    from qat.runs.recipe import load_recipe
+    from qat.runs.recipe.load import load_recipe
 
     recipe = lm_recipe(tmp_path)
     r = load_recipe(recipe, ["--distill.weight", "0.5", "--distill.loss", "jsd"])
@@ -479,8 +479,8 @@ def test_distill_on_a_regression_task_is_refused(tmp_path, no_model, capsys):
 
 
 def test_null_distill_section_says_how_to_set_it(tmp_path):
-    from qat.runs.recipe import load_recipe
-    from qat.runs.recipe_text import RecipeError
+    from qat.runs.recipe.load import load_recipe
+    from qat.runs.recipe.text import RecipeError
 
     recipe = lm_recipe(tmp_path, distill=None)
     with pytest.raises(RecipeError, match=r"--distill '\{teacher: self\}'"):
@@ -537,7 +537,7 @@ def gguf_student(tmp_path) -> dict[str, str]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from qat import QuantConfig, quantize_model
-    from qat.export.run import export_model
+    from qat.exporting import export_model
 
     src = make_tiny_causal_lm_dir(tmp_path / "src")
     model = AutoModelForCausalLM.from_pretrained(src)
@@ -609,8 +609,8 @@ def test_a_damaged_teacher_weight_file_is_one_line_before_loading(
 
 def test_weight_zero_builds_and_runs_no_teacher(tmp_path, monkeypatch):
     import qat.training.trainer as trainer_module  # where the trainer builds its teacher
-    from qat.runs.recipe import load_recipe
-    from qat.runs.recipe_sections import build_distill
+    from qat.runs.recipe.load import load_recipe
+    from qat.runs.recipe.sections import build_distill
 
     def no_teacher(*args, **kwargs):
         raise AssertionError("a teacher was built for distill.weight 0")

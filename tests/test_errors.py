@@ -110,7 +110,7 @@ def test_qat_train_refuses_overrides_for_a_resolved_recipe(tmp_path):
 
     import qat
     from qat.errors import UsageError
-    from qat.runs.recipe import load_recipe
+    from qat.runs.recipe.load import load_recipe
 
     recipe = load_recipe(tiny_recipe(tmp_path))
     with pytest.raises(UsageError, match="overrides apply to a recipe file"):

@@ -15,7 +15,7 @@ from qat.cli.eval import main
 from qat.quant.modules import QuantLinear
 from qat.runs.build import build_model, resolve_source
 from qat.runs.checkpoints import QAT_CONFIG_FILE
-from qat.runs.recipe import load_recipe
+from qat.runs.recipe.load import load_recipe
 
 
 def test_split_options_separates_own_options_from_overrides():

@@ -206,7 +206,7 @@ def test_a_trained_runs_export_takes_the_tokenizer_of_the_gguf_it_started_from(t
     export copies. A recipe's own gguf_file wins; a base that moved falls back to None."""
     from types import SimpleNamespace
 
-    from qat.export.run import source_gguf
+    from qat.exporting import source_gguf
 
     base = tmp_path / "base"
     base.mkdir()

@@ -15,7 +15,7 @@ from tiny import REPO, tiny_recipe
 from transformers import AutoModelForSequenceClassification
 
 from qat.export.packed import pack_weight, unpack_weight
-from qat.export.run import export_model
+from qat.exporting import export_model
 from qat.formats import make_format
 from qat.formats.fit.lobcq import fit_lobcq, save_codebooks
 from qat.models import resolve_model_path

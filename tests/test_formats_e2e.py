@@ -59,7 +59,7 @@ def test_format_trains_end_to_end(tmp_path, name):
 
 def test_lobcq_from_fitted_codebook_file_in_a_recipe(tmp_path):
     from qat.formats.fit.lobcq import fit_lobcq, save_codebooks
-    from qat.runs.recipe import load_recipe
+    from qat.runs.recipe.load import load_recipe
 
     torch.manual_seed(0)
     codebooks, history = fit_lobcq(torch.randn(64 * 256), num_codebooks=4, iters=3)

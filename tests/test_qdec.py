@@ -36,8 +36,8 @@ from qat.quant.qdec.residual import (
     unpack_nibbles,
 )
 from qat.quant.quantize import quantize_model
-from qat.runs.recipe import load_recipe
-from qat.runs.recipe_text import RecipeError
+from qat.runs.recipe.load import load_recipe
+from qat.runs.recipe.text import RecipeError
 
 BFP3 = {"format": "bfp", "width": 3, "exponent_width": 8, "block_size": 16}
 

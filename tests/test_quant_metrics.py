@@ -110,7 +110,7 @@ def test_sampling_hooks_copy_strided_rows_without_host_sync():
 
 
 def test_lora_layers_report_the_effective_weight():
-    from qat.runs.arguments import LoraArguments
+    from qat.runs.recipe.arguments import LoraArguments
     from qat.training.finetune import prepare_finetuning
 
     model = prepare_finetuning(_quantised(), "lora", LoraArguments(r=2))

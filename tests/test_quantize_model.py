@@ -8,7 +8,7 @@ from tiny import BFP4 as W4
 from qat import QuantConfig, QuantConfigError, quantization_summary, quantize_model
 from qat.errors import UsageError
 from qat.quant.modules import MatmulQuantizer, QuantConv1D, QuantLinear
-from qat.runs.arguments import LoraArguments
+from qat.runs.recipe.arguments import LoraArguments
 from qat.training.finetune import prepare_finetuning
 
 
@@ -160,8 +160,8 @@ def test_lora_quantises_effective_weight_and_merges_exactly(arch):
 
 
 def test_lora_dropout_is_rejected():
-    from qat.runs.recipe_sections import build_lora
-    from qat.runs.recipe_text import RecipeError
+    from qat.runs.recipe.sections import build_lora
+    from qat.runs.recipe.text import RecipeError
 
     with pytest.raises(RecipeError, match="lora.dropout"):
         build_lora({"dropout": 0.1})

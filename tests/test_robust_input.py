@@ -96,7 +96,7 @@ def test_command_line_value_that_is_not_yaml(tmp_path, capsys):
 
 
 def test_quoted_value_is_the_string(tmp_path):
-    from qat.runs.recipe_text import parse_overrides
+    from qat.runs.recipe.text import parse_overrides
 
     assert parse_overrides(["--run_name", "'a: b: c'"]) == {"run_name": "a: b: c"}
 

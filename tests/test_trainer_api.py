@@ -126,8 +126,8 @@ def test_a_quantised_run_says_so_in_trainer_state(tmp_path):
 def test_python_config_needs_no_recipe_keys(tmp_path):
     """A QATConfig for a trainer handed its model and data names no model or task; a recipe
     still must, with the same message."""
-    from qat.runs.recipe import build_recipe
-    from qat.runs.recipe_text import RecipeError
+    from qat.runs.recipe.load import build_recipe
+    from qat.runs.recipe.text import RecipeError
 
     args = qat.QATConfig(str(tmp_path / "o"), quant=W4A4)
     assert args.model_name_or_path is None and args.task_name is None
@@ -141,8 +141,8 @@ def test_python_config_needs_no_recipe_keys(tmp_path):
 
 def test_run_refuses_a_recipe_without_its_keys(tmp_path):
     """qat.train() given a Recipe built by hand (not by the parser) checks them too."""
-    from qat.runs.recipe import Recipe
-    from qat.runs.recipe_text import RecipeError
+    from qat.runs.recipe.load import Recipe
+    from qat.runs.recipe.text import RecipeError
 
     recipe = Recipe(qat.QATConfig(str(tmp_path / "o")), {})
     with pytest.raises(RecipeError, match="recipe key 'model_name_or_path' is required"):
@@ -351,8 +351,8 @@ def test_peft_config_trains_the_same_quantised_lora_as_lora(tmp_path, kind):
     from peft import LoraConfig
 
     from qat.quant.lora import QuantLoraLinear
-    from qat.runs.arguments import LoraArguments
     from qat.runs.checkpoints import read_qat_config
+    from qat.runs.recipe.arguments import LoraArguments
 
     if kind == "classifier":
         cls, rows, build = qat.QATTrainer, _cls_rows(), lambda: tiny_model("llama")

@@ -655,7 +655,7 @@ def test_eval_subsets_before_tokenising(tmp_path, monkeypatch) -> None:
 
 def test_valid_values_still_pass(tmp_path) -> None:
     """The boundaries that stay legal: lr 0, seed 0, epochs with max_steps -1, 1 sample."""
-    from qat.runs.recipe import load_recipe
+    from qat.runs.recipe.load import load_recipe
 
     r = load_recipe(
         tiny_recipe(

@@ -1,6 +1,6 @@
 """``qat export``: write a quantised model in its packed form, or for an engine: ``--to
 compressed-tensors`` (vLLM) or ``--to gguf`` (llama.cpp). The work is ``qat.export_model``
-(``qat.export.run``); this module parses the options and prints.
+(``qat.exporting``); this module parses the options and prints.
 
     qat export recipes/minilm_sst2.yaml --out exported/minilm_w4
     qat export outputs/minilm_sst2 --out exported/minilm_qat
@@ -35,7 +35,7 @@ or empty; --overwrite replaces only an earlier qat export (of any target), never
 else, and DIR can never be, lie inside or contain the source.
 --device D  where the model is loaded: cpu, cuda, cuda:N or auto (default)
 Recipe keys override the recipe (or the checkpoint's recipe.yaml), e.g. --quant.weight.width 6.
-The library function: qat.export_model (qat.export.run)."""
+The library function: qat.export_model (qat.exporting)."""
 
 
 OPTIONS: dict[str, type] = {
@@ -50,7 +50,7 @@ OPTIONS: dict[str, type] = {
 
 def main(argv: list[str] | None = None) -> int:
     def body(argv: list[str]) -> None:
-        from qat.export.run import export_model
+        from qat.exporting import export_model
 
         opts, overrides = split_options(argv[1:], OPTIONS)
         if not opts.get("out"):

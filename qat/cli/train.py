@@ -41,7 +41,7 @@ def launch(config: str, argv: list[str]) -> int:
     import tempfile
 
     from qat.runs.folders import check_output_dir
-    from qat.runs.recipe import load_recipe
+    from qat.runs.recipe.load import load_recipe
     from qat.training.run import check_run_folder, resolve_resume
 
     if not Path(config).is_file():
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
-        from qat.runs.arguments import keys_help  # torch-free: the fields' help metadata
+        from qat.runs.recipe.arguments import keys_help  # torch-free: the fields' help metadata
 
         print(f"{USAGE}\n\nqat's recipe keys:\n{keys_help()}")
         return 0

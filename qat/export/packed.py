@@ -19,7 +19,8 @@ bits) and per-array E8M0 exponents (255 marks an all-zero array); its codebooks 
 codec.
 
 The destination rules (new or empty, ``--overwrite`` replaces only an export, never the
-source) and the atomic write (a temporary folder, then a rename) are ``qat.export.run``'s.
+source) and the atomic write (a temporary folder, then a rename) are
+``qat.export.targets.write_export``'s.
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ except ImportError:  # an optional extra: say how to get it, in one line
     ) from None
 from transformers import Trainer, TrainingArguments
 
-from qat.runs.config import QATConfig
+from qat.runs.recipe.config import QATConfig
 from qat.training.trainer import QATTrainer
 from qat.training.trainers import register_trainer
 

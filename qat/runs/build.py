@@ -29,8 +29,8 @@ from qat.quant.transforms.layout import model_layout
 from qat.quant.transforms.learned import bake, has_learned, load_learned
 from qat.runs.calibration import calibration_batches, calibration_source, gptq_on_rows
 from qat.runs.checkpoints import QAT_CONFIG_FILE, check_weights, read_qat_config
-from qat.runs.recipe import Recipe, build_recipe, load_recipe
-from qat.runs.recipe_text import apply_override, load_recipe_dict, parse_overrides
+from qat.runs.recipe.load import Recipe, build_recipe, load_recipe
+from qat.runs.recipe.text import apply_override, load_recipe_dict, parse_overrides
 from qat.tasks.glue import get_task as get_glue_task
 from qat.tasks.language_modeling import check_causal, check_not_export
 from qat.tasks.registry import get_task

@@ -20,7 +20,7 @@ from typing import Any
 from qat.errors import QatError
 from qat.formats import FormatError
 from qat.quant.config import QuantConfig, QuantConfigError
-from qat.runs.arguments import FINETUNE_MODES, LoraArguments
+from qat.runs.recipe.arguments import FINETUNE_MODES, LoraArguments
 
 QAT_CONFIG_FILE = "qat_config.json"
 

@@ -14,7 +14,6 @@ from typing import Any
 
 from qat.errors import UsageError
 from qat.quant.config import QuantConfig
-from qat.runs.arguments import LoraArguments
 from qat.runs.build import checkpoint_overrides
 from qat.runs.checkpoints import read_qat_config, verify_checkpoint
 from qat.runs.folders import (
@@ -25,8 +24,9 @@ from qat.runs.folders import (
     last_good_checkpoint,
     remove_stale_temps,
 )
-from qat.runs.recipe import Recipe, load_recipe
-from qat.runs.recipe_checks import check_recipe_required
+from qat.runs.recipe.arguments import LoraArguments
+from qat.runs.recipe.checks import check_recipe_required
+from qat.runs.recipe.load import Recipe, load_recipe
 from qat.tasks.registry import get_task
 from qat.training.causal_lm import train_decoder
 from qat.training.classifier import train_classifier

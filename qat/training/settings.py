@@ -23,8 +23,8 @@ from qat.quant.config import QuantConfig
 from qat.quant.lora import check_lora_config
 from qat.quant.qdec.attach import check_quant_for_qdec
 from qat.quant.qdec.config import QDECConfig
-from qat.runs.arguments import FINETUNE_MODES, QATArguments
-from qat.runs.recipe_sections import build_distill, build_lora
+from qat.runs.recipe.arguments import FINETUNE_MODES, QATArguments
+from qat.runs.recipe.sections import build_distill, build_lora
 from qat.training.nonfinite import check_policy
 
 # setting -> the trainer keyword that also sets it

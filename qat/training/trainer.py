@@ -22,8 +22,8 @@ from qat.quant.backends import resolve_backend
 from qat.quant.config import QuantConfig
 from qat.quant.quantize import is_quantized, quantization_summary, quantize_model
 from qat.quant.ste import FakeQuantizer
-from qat.runs.arguments import QATArguments
 from qat.runs.checkpoints import write_qat_config
+from qat.runs.recipe.arguments import QATArguments
 from qat.training.distill import distill_loss_sum
 from qat.training.finetune import (
     learned_group,

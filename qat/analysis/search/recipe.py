@@ -7,8 +7,8 @@ import copy
 
 from qat.analysis.search.space import space_combos
 from qat.analysis.search.spec import SearchError, parse_spec
-from qat.runs.recipe import build_recipe
-from qat.runs.recipe_text import apply_override, load_recipe_dict, parse_overrides
+from qat.runs.recipe.load import build_recipe
+from qat.runs.recipe.text import apply_override, load_recipe_dict, parse_overrides
 
 
 def read_recipe_and_spec(path: str, overrides: list[str]):

@@ -11,9 +11,9 @@ import math
 from typing import Any
 
 from qat.errors import check_one_of, check_section
-from qat.runs.arguments import DISTILL_LOSSES, DistillArguments, LoraArguments
-from qat.runs.recipe_text import RecipeError
-from qat.runs.recipe_types import check_type, coerce, field_types
+from qat.runs.recipe.arguments import DISTILL_LOSSES, DistillArguments, LoraArguments
+from qat.runs.recipe.text import RecipeError
+from qat.runs.recipe.types import check_type, coerce, field_types
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """``QATConfig``: every recipe key in one dataclass, ``transformers.TrainingArguments`` plus
 qat's own keys (``QATArguments``), the way TRL's ``SFTConfig`` extends it. Its sections are
 built by their own modules (``quant`` / ``qdec`` in ``qat.quant``, ``lora`` / ``distill`` in
-``recipe_sections``) and its values checked by ``recipe_checks``.
+``sections``) and its values checked by ``checks``.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from transformers import TrainingArguments
 
 from qat.quant.config import QuantConfig, QuantConfigError
 from qat.quant.qdec.config import QDECConfig
-from qat.runs.arguments import QATArguments
-from qat.runs.recipe_checks import check_qat_values, check_training_values
-from qat.runs.recipe_sections import build_distill, build_lora
-from qat.runs.recipe_text import RecipeError
+from qat.runs.recipe.arguments import QATArguments
+from qat.runs.recipe.checks import check_qat_values, check_training_values
+from qat.runs.recipe.sections import build_distill, build_lora
+from qat.runs.recipe.text import RecipeError
 
 
 @dataclasses.dataclass

@@ -13,8 +13,8 @@ from typing import Any
 from transformers import TrainingArguments
 
 from qat.errors import check_one_of
-from qat.runs.arguments import FINETUNE_MODES, ON_NONFINITE
-from qat.runs.recipe_text import RecipeError
+from qat.runs.recipe.arguments import FINETUNE_MODES, ON_NONFINITE
+from qat.runs.recipe.text import RecipeError
 from qat.tasks.glue import GLUE_TASKS
 from qat.tasks.registry import DECODER_TASKS, get_task
 

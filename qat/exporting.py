@@ -1,57 +1,30 @@
 """``export_model``: a recipe, run folder, model name or model in memory, written for one target.
 
-Targets: ``packed`` (``qat.export.packed``: the formats' own codes, loaded back by
-``from_pretrained``), ``compressed-tensors`` (vLLM) and ``gguf`` (llama.cpp). The order is the
-same for every target: the options and ``out`` are checked, then the target's own
-``check_target(quant, config, head)`` (the quant config and the model's config, before any
-weights load), then the model is built and the target's writer writes it atomically, with a
-``qat_export.json`` that lets a later ``overwrite`` recognise it. Each target module owns its
-check; its writer does not repeat it.
+The order is the same for every target (``qat.export.targets``): the options and ``out`` are
+checked, then the target's own ``check_target(quant, config, head)`` (the quant config and the
+model's config, before any weights load), then the source is resolved and loaded as every entry
+point loads it (``qat.runs``) and ``write_export`` writes it atomically, with a
+``qat_export.json`` that lets a later ``overwrite`` recognise it. This module sits above
+``qat.export`` so that the writers never reach into run folders and recipes.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from qat import models
-from qat.errors import ExportError, UsageError, check_one_of
-from qat.export import compressed_tensors, gguf, packed
-from qat.export import modeling_qat_packed as mqp
-from qat.files import check_destination, check_not_source, write_atomically
+from qat.errors import ExportError
+from qat.export import gguf
+from qat.export.targets import TARGETS, Exported, check_options, holds_export, write_export
+from qat.files import check_destination, check_not_source
 from qat.models import base_model
 from qat.runs.build import Source, find_recipe_yaml, resolve
 from qat.runs.entry import Loaded, load_for_command
-from qat.runs.recipe_text import load_recipe_dict
+from qat.runs.recipe.text import load_recipe_dict
 from qat.tasks.registry import get_task
-
-TARGETS = {"packed": packed, "compressed-tensors": compressed_tensors, "gguf": gguf}
-EXPORT_INFO = "qat_export.json"  # every target's: the target, its weight file, quant, density
-WEIGHTS = {
-    "packed": mqp.WEIGHTS_NAME,
-    "compressed-tensors": compressed_tensors.WEIGHTS_NAME,
-    "gguf": gguf.GGUF_NAME,
-}
-CALIBRATION_SAMPLES = 32  # training chunks whose inputs set nvfp4's input global scale
-
-
-@dataclasses.dataclass
-class Exported:
-    """What ``export_model`` wrote: the folder, the target, its weight file and the model's
-    density report (``qat.quant.density.DensityReport``)."""
-
-    out: Path
-    to: str
-    weights: Path
-    density: Any = dataclasses.field(repr=False)  # one entry per layer: too long to print
-
-    @property
-    def weight_file_bytes(self) -> int:
-        return self.weights.stat().st_size
 
 
 def export_model(
@@ -87,56 +60,27 @@ def export_model(
     ``gguf_embeddings`` (gguf: ``f16``, ``q8_0`` or ``f32`` for ``token_embd`` and an
     unquantised ``output``; default f16) belong to their target alone.
     """
-    check_one_of("--to", to, tuple(TARGETS), UsageError)
-    options = _check_options(to, calibration_samples, gguf_embeddings)
+    options = check_options(to, calibration_samples, gguf_embeddings)
     src = resolve(source, overrides, tokenizer)
     check_not_source(Path(out), *_protected(src))  # before the slow part
     out = check_destination(out, overwrite, holds_export)
     head = src.require_head()
     TARGETS[to].check_target(src.args.quant, _config(src, to), head)
     loaded = load_for_command(src, device=device, head=head)
-    return _write(loaded, out, to, overwrite, options)
-
-
-def holds_export(folder: Path) -> bool:
-    """``folder`` holds a qat export of any target (what ``overwrite`` may replace): its
-    ``qat_export.json`` names a target and that target's weight file is there; or, written
-    without one (before it existed, or by ``write_packed`` alone), a packed export's
-    config.json and weights. Anything else (a run, notes, another tool's files) is kept."""
-    info = _read_json(folder / EXPORT_INFO)
-    if isinstance(info, dict) and info.get("to") in TARGETS:
-        weights = WEIGHTS[info["to"]]
-        return info.get("weights") == weights and (folder / weights).is_file()
-    config = _read_json(folder / "config.json")
-    return (
-        isinstance(config, dict)
-        and config.get("model_type") == mqp.MODEL_TYPE
-        and (folder / mqp.WEIGHTS_NAME).is_file()
+    args = loaded.args
+    return write_export(
+        loaded.model,
+        loaded.tokenizer,
+        out,
+        to,
+        quant=args.quant,
+        density=loaded.density(),
+        overwrite=overwrite,
+        options=options,
+        calibration=lambda n: _calibration_batches(loaded, n),
+        source_gguf=source_gguf(loaded.source) if to == "gguf" else None,
+        name=Path(args.gguf_file or args.model_name_or_path).stem,
     )
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
-        return None
-
-
-def _check_options(to: str, samples: int | None, embeddings: str | None) -> dict[str, Any]:
-    """The target's own options, checked before anything loads; an option of another target
-    is refused rather than silently ignored, and no value stands for its default."""
-    if samples is not None and to != "compressed-tensors":
-        raise UsageError(f"--calibration_samples applies to --to compressed-tensors, not {to}")
-    if embeddings is not None and to != "gguf":
-        raise UsageError(f"--gguf_embeddings applies to --to gguf, not {to}")
-    if samples is not None and (isinstance(samples, bool) or samples < 1):
-        raise UsageError(f"--calibration_samples must be >= 1, got {samples!r}")
-    embeddings = "f16" if embeddings is None else embeddings
-    check_one_of("--gguf_embeddings", embeddings, gguf.EMBEDDING_TYPES, UsageError)
-    return {
-        "samples": CALIBRATION_SAMPLES if samples is None else samples,
-        "embeddings": embeddings,
-    }
 
 
 def _config(src: Source, to: str) -> Any:
@@ -174,49 +118,6 @@ def _protected(src: Source) -> tuple[dict[str, Path], dict[str, Path]]:
     if getattr(args, "data_dir", None):
         keep["data folder"] = Path(args.data_dir)
     return sources, keep
-
-
-def _write(
-    loaded: Loaded, out: Path, to: str, overwrite: bool, options: dict[str, Any]
-) -> Exported:
-    """The target's files and ``qat_export.json``, into a temporary folder renamed to ``out``
-    once complete (``--overwrite``: replacing only an export)."""
-    model, tokenizer, args = loaded.model, loaded.tokenizer, loaded.args
-    density = loaded.density()
-    quant = args.quant
-    amax = None
-    if to == "compressed-tensors" and any(
-        compressed_tensors.needs_calibration(f.activation) for f in quant.all_formats()
-    ):
-        amax = compressed_tensors.record_input_amax(
-            model, _calibration_batches(loaded, options["samples"])
-        )
-
-    def write(tmp: Path) -> None:
-        if to == "gguf":
-            gguf.write_gguf(
-                model,
-                tmp,
-                tokenizer,
-                source_gguf=source_gguf(loaded.source),
-                embeddings=options["embeddings"],
-                name=Path(args.gguf_file or args.model_name_or_path).stem,
-            )
-        elif to == "compressed-tensors":
-            compressed_tensors.write_compressed_tensors(model, tmp, tokenizer, input_amax=amax)
-        else:
-            packed.write_packed(model, tmp, tokenizer)
-        info = {
-            "to": to,
-            "weights": WEIGHTS[to],
-            "weight_file_bytes": (tmp / WEIGHTS[to]).stat().st_size,
-            "quant": None if quant is None else quant.to_dict(),
-            "density": density.to_dict(),
-        }
-        (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2))
-
-    write_atomically(out, write, overwrite, holds_export)
-    return Exported(out, to, out / WEIGHTS[to], density)
 
 
 def _calibration_batches(loaded: Loaded, n: int) -> list[dict[str, Any]]:

@@ -1,6 +1,6 @@
 """qat's own recipe keys, one dataclass field each, with their help (no torch, no transformers).
 
-``QATArguments`` is the mixin half of ``qat.runs.config.QATConfig`` (which adds
+``QATArguments`` is the mixin half of ``qat.runs.recipe.config.QATConfig`` (which adds
 ``transformers.TrainingArguments``); it lives here, apart, so that ``qat train --help`` can list
 these keys from the field metadata without importing torch. A new recipe key is one field
 below (type, default, ``metadata={"help": ...}``); value checks that need more than the type go

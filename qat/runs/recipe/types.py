@@ -9,7 +9,7 @@ import types
 import typing
 from typing import Any
 
-from qat.runs.recipe_text import RecipeError
+from qat.runs.recipe.text import RecipeError
 
 
 @functools.cache

@@ -1,18 +1,19 @@
 """Recipes: flat YAML (TRL / alignment-handbook style) + command-line overrides -> ``QATConfig``.
 
-``QATConfig`` is ``transformers.TrainingArguments`` plus qat's own keys (``QATArguments`` in
-``qat.runs.arguments``), the way TRL's ``SFTConfig`` extends it, so ``learning_rate: 2e-5`` in a
+``QATConfig`` is ``transformers.TrainingArguments`` plus qat's own keys (``QATArguments``
+in ``qat.runs.recipe.arguments``), the way TRL's ``SFTConfig`` extends it, so
+``learning_rate: 2e-5`` in a
 file and ``--learning_rate 2e-5`` on the command line are the same thing. A recipe becomes one:
 
-1. ``load_recipe_dict`` (``recipe_text``): safe YAML, no aliases, no duplicate keys, bounded
+1. ``load_recipe_dict`` (``text``): safe YAML, no aliases, no duplicate keys, bounded
    size, UTF-8.
-2. ``parse_overrides`` + ``apply_override`` (``recipe_text``): command-line values are read as
+2. ``parse_overrides`` + ``apply_override`` (``text``): command-line values are read as
    YAML and merged in the order given; nested keys take dots (``--quant.weight.width 6``).
 3. ``QATParser`` (here, an ``HfArgumentParser``): unknown keys (with "did you mean"), then the
-   given values against ``typing.get_type_hints(QATConfig)`` (``recipe_types``), then
-   ``parse_dict`` -> ``QATConfig`` (``qat.runs.config``), whose ``__post_init__`` builds
-   ``quant`` / ``lora`` / ``distill`` (``recipe_sections``) and checks values before Trainer's
-   own (``recipe_checks``).
+   given values against ``typing.get_type_hints(QATConfig)`` (``types``), then
+   ``parse_dict`` -> ``QATConfig`` (``qat.runs.recipe.config``), whose ``__post_init__`` builds
+   ``quant`` / ``lora`` / ``distill`` (``sections``) and checks values before Trainer's
+   own (``checks``).
 
 The command line does not go through argparse: its one converter per option cannot read
 ``--quant null``, ``--max_train_samples null`` or a mapping value, and knows no dotted keys, so
@@ -39,15 +40,15 @@ import yaml
 from transformers import HfArgumentParser
 
 from qat.errors import did_you_mean
-from qat.runs.config import QATConfig
-from qat.runs.recipe_checks import check_recipe_required
-from qat.runs.recipe_text import (
+from qat.runs.recipe.checks import check_recipe_required
+from qat.runs.recipe.config import QATConfig
+from qat.runs.recipe.text import (
     RecipeError,
     apply_override,
     load_recipe_dict,
     parse_overrides,
 )
-from qat.runs.recipe_types import check_type, coerce, field_types
+from qat.runs.recipe.types import check_type, coerce, field_types
 
 
 @dataclasses.dataclass
@@ -148,7 +149,7 @@ def load_recipe(
     >>> qat.load_recipe(path, {"learning_rat": 1e-4})  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    qat.runs.recipe_text.RecipeError: unknown option --learning_rat...
+    qat.runs.recipe.text.RecipeError: unknown option --learning_rat...
     """
     data = load_recipe_dict(path)
     if isinstance(overrides, list):
