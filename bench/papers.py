@@ -114,6 +114,8 @@ FITTED = {  # which roles take fitted LO-BCQ codebooks
 }
 SEEDS = (42, 43, 44)
 LOBCQ_RECIPE = "recipes/smollm2_wikitext_lobcq_w4a4.yaml"
+# LO-BCQ every role behind block rotation 16: the best W4A4 PTQ on validation (issue #30)
+BEST_RECIPE = "recipes/smollm2_wikitext_w4a4_best.yaml"
 
 
 def fitted_quant(fitted: tuple[str, ...], cb: str, matmul: bool = True) -> dict:
@@ -145,7 +147,11 @@ def rows_bfp(cb: str) -> list[Row]:
                     "glue_train", {"seed": seed, "mode": mode})
             )  # fmt: skip
         f8 = bfp(4, 8, 8)
-        if seed == 42:
+        if seed == 42:  # the classifier-only row's float reference: the same head, float body
+            rows.append(
+                Row(f"minilm-float-classifier-s{seed}", "MiniLM float, classifier only",
+                    "glue_train", {"seed": seed, "mode": "qat-classifier", "float": True})
+            )  # fmt: skip
             rows.append(
                 Row(f"minilm-w4a4-b8-full-s{seed}", "W4A4 BFP B8 QAT full", "glue_train",
                     {"seed": seed, "mode": "qat-full", "quant": quant(f8, f8, f8, EXCLUDE_GLUE)})
@@ -219,6 +225,15 @@ def rows_lobcq(cb: str) -> list[Row]:
         budget_rows.append(
             (f"qat-lobcq-fit-full-s{seed}", "LO-BCQ W4A4 (fitted A + matmul) QAT full",
              {"recipe": LOBCQ_RECIPE, "train": True, "seed": seed})
+        )  # fmt: skip
+    budget_rows.append(
+        ("qat-lobcq-rot16-ptq", "LO-BCQ W4A4 + rotation 16 PTQ",
+         {"recipe": BEST_RECIPE, "train": False})
+    )  # fmt: skip
+    for seed in SEEDS:
+        budget_rows.append(
+            (f"qat-lobcq-rot16-full-s{seed}", "LO-BCQ W4A4 + rotation 16 QAT full",
+             {"recipe": BEST_RECIPE, "train": True, "seed": seed})
         )  # fmt: skip
     budget_rows.append(
         ("qat-bfp-full-s42", "BFP W4A4 QAT full", {"train": True, "seed": 42})
@@ -535,6 +550,8 @@ def run_glue_train(lab: Lab, row: Row) -> dict[str, Any]:
     over = [*lab.glue_common(s["seed"]), *MODES[s["mode"]][1]]
     if s.get("quant"):
         over += ["--quant", json.dumps(s["quant"])]
+    if s.get("float"):
+        over += ["--quant", "null"]
     over += ["--output_dir", str(lab.work / lab.paper / row.id)]
     metrics = run(load_recipe(lab.a.glue_recipe, over))
     return {"accuracy": metrics["eval_accuracy"], **lab.glue_budget_record(s["seed"])}
@@ -963,6 +980,7 @@ def _md_bfp(rows: dict[str, dict]) -> None:
         ("w4a4-b8-full", "W4A4 BFP B8, QAT full"),
         ("w4a4-lora", "W4A4 BFP B16, QAT LoRA"),
         ("w4a4-classifier", "W4A4 BFP B16, QAT classifier-only"),
+        ("float-classifier", "float, classifier-only"),
         ("w4a4-ptq", "W4A4 BFP B16, PTQ of the float run"),
     ):
         vals = {s: rows.get(f"minilm-{key}-s{s}", {}).get("accuracy") for s in (42, 43)}
