@@ -57,6 +57,20 @@ def test_llama_cpp_logits_are_the_emulated_models(tmp_path, weight):
     assert np.abs(default - emulated).max() < 1e-2 * scale
 
 
+def test_llama_cpp_greedy_decoding_follows_its_own_logits(tmp_path):
+    """The engine's one-token-per-call decoding (its K/V cache, as a server generates) picks, at
+    every step, the argmax of the logits the engine computes for the whole sequence at once."""
+    recipe = lm_recipe(tmp_path, quant=EMULATE)
+    out = tmp_path / "gguf"
+    assert export_main([recipe, "--to", "gguf", "--out", str(out), "--gguf_embeddings", "f32"]) == 0
+    prompt = list(range(1000, 1016))
+    with LlamaCppModel(out / "model.gguf", n_ctx=64, exact_attention=True) as engine:
+        tokens = engine.greedy(prompt, 8)
+        assert len(tokens) == 8
+        for i, token in enumerate(tokens):
+            assert token == int(engine.logits(prompt + tokens[:i])[-1].argmax())
+
+
 def test_gguf_perplexity_command_and_bad_input(tmp_path, capsys, committed_wikitext):
     recipe = lm_recipe(tmp_path, quant=EMULATE)
     out = tmp_path / "gguf"
