@@ -1163,15 +1163,18 @@ def _md_lobcq_qat(rows: dict[str, dict]) -> None:
                 f"| **{name}, mean ± s.d.** | {len(v)} seeds | **{statistics.mean(v):.2f} ± "
                 f"{statistics.stdev(v):.2f}** | **{rel}** | | |"
             )
-    lob = [r["perplexity"] for r in groups.get("LO-BCQ W4A4 QAT full", [])]
-    if after and lob:
-        bound = TARGET * after
-        hit = [p for p in lob if p <= bound]
-        print(
-            f"\ntarget: <= {bound:.2f} (float after FT {after:.2f} + {TARGET - 1:.0%}); "
-            f"LO-BCQ W4A4 QAT full: {len(hit)} of {len(lob)} seeds reach it "
-            f"(best {min(lob):.2f}, {min(lob) / after - 1:+.1%})"
-        )
+    if not after:
+        return
+    bound = TARGET * after
+    print(f"\ntarget: <= {bound:.2f} (float after FT {after:.2f} + {TARGET - 1:.0%})")
+    for name in ("LO-BCQ W4A4 QAT full", "LO-BCQ W4A4 + rotation 16 QAT full"):
+        ppl = [r["perplexity"] for r in groups.get(name, [])]
+        if ppl:
+            hit = sum(p <= bound for p in ppl)
+            print(
+                f"- {name}: {hit} of {len(ppl)} seeds reach it "
+                f"(best {min(ppl):.2f}, {min(ppl) / after - 1:+.1%})"
+            )
 
 
 def _md_qdec(rows: dict[str, dict]) -> None:
